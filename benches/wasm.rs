@@ -1,0 +1,62 @@
+//! Per-message decision cost inside the `.wasm` under wasmtime, through the message
+//! ABI (buffer write, call, JSON result read): what a host pays. Same workloads as
+//! benches/native.rs; docs/performance.md records the ratio.
+
+#[path = "../tests/common/module.rs"]
+mod module;
+mod common;
+
+use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use trunkguard_host::{KvBackend, MemoryKv, Policy, Transport};
+
+fn policy(trunks: usize, acl: usize) -> Policy {
+    let mut kv = MemoryKv::default();
+    let _ = kv.set(trunkguard::store::keys::NONCE_SECRET, common::SECRET_HEX.as_bytes());
+    let mut p = match Policy::new(&module::module(), Box::new(kv)) {
+        Ok(p) => p,
+        Err(e) => unreachable!("instantiate: {e}"),
+    };
+    match p.configure(common::config(trunks, acl).as_bytes()) {
+        Ok(Ok(_)) => p,
+        other => unreachable!("bench config: {other:?}"),
+    }
+}
+
+fn messages(c: &mut Criterion) {
+    let mut p = policy(10, 1);
+    let mut g = c.benchmark_group("wasm/message");
+    for (name, msg) in [
+        ("options", common::options()),
+        ("in_dialog_bye", common::in_dialog_bye()),
+        ("digest_invite", common::digest_invite()),
+        ("digest_register", common::digest_register()),
+    ] {
+        g.bench_function(name, |b| b.iter(|| p.judge(&msg, common::source(), Transport::Udp, common::NOW_MS).map(|j| j.verdict.code)));
+    }
+    g.finish();
+}
+
+fn scaling(c: &mut Criterion) {
+    let msg = common::digest_invite();
+    let mut g = c.benchmark_group("wasm/digest_invite");
+    g.sample_size(30);
+    for (trunks, acl) in [(10, 1), (10_000, 1), (100_000, 1), (10, 1_000), (10, 100_000)] {
+        let mut p = policy(trunks, acl);
+        g.bench_function(BenchmarkId::from_parameter(format!("trunks={trunks},acl={acl}")), |b| {
+            b.iter(|| p.judge(&msg, common::source(), Transport::Udp, common::NOW_MS).map(|j| j.verdict.code))
+        });
+    }
+    g.finish();
+}
+
+fn config_load(c: &mut Criterion) {
+    let json = common::config(100_000, 1);
+    let mut p = policy(10, 1);
+    let mut g = c.benchmark_group("wasm/config_load");
+    g.sample_size(10);
+    g.bench_function("trunks=100000", |b| b.iter(|| p.configure(json.as_bytes()).map(|r| r.is_ok())));
+    g.finish();
+}
+
+criterion_group!(benches, messages, scaling, config_load);
+criterion_main!(benches);

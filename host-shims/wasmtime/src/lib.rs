@@ -1,0 +1,474 @@
+//! The reference wasmtime host for trunkguard's message ABI (docs/abi.md).
+//!
+//! One [`PolicyModule`] is compiled once per process; each worker owns a [`Policy`]
+//! (one instance). Instances share state through a [`KvBackend`], so a REGISTER judged
+//! by one worker is seen by an INVITE judged by another, and a trap or a reload that
+//! replaces an instance loses no binding.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use wasmtime::{Caller, Config, Engine, Instance, Linker, Memory, Module, Store, TypedFunc};
+
+pub mod kv;
+pub mod replay;
+
+pub use kv::{KvBackend, MemoryKv};
+
+/// The ABI version this host speaks.
+pub const ABI_VERSION: u32 = 1;
+
+/// Transport codes of the ABI.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Udp = 0,
+    Tcp = 1,
+    Tls = 2,
+    Ws = 3,
+    Wss = 4,
+    Sctp = 5,
+}
+
+impl std::str::FromStr for Transport {
+    type Err = HostError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s.to_ascii_lowercase().as_str() {
+            "udp" => Transport::Udp,
+            "tcp" => Transport::Tcp,
+            "tls" => Transport::Tls,
+            "ws" => Transport::Ws,
+            "wss" => Transport::Wss,
+            "sctp" => Transport::Sctp,
+            _ => return Err(HostError::BadInput(format!("unknown transport {s:?}"))),
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    #[error("cannot read module {path}: {source}")]
+    ModuleFile { path: PathBuf, source: std::io::Error },
+    #[error("cannot load module: {0}")]
+    Load(String),
+    #[error("module speaks ABI version {found}, this host speaks {ABI_VERSION}")]
+    AbiVersion { found: u32 },
+    /// The module trapped. The instance is replaced on the next call; state in the
+    /// store and the last good configuration are kept.
+    #[error("module trapped: {0}")]
+    Trap(String),
+    #[error("module answered an error: {0}")]
+    Module(String),
+    #[error("bad input: {0}")]
+    BadInput(String),
+}
+
+/// A refused configuration push.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{path}: {reason}")]
+pub struct ConfigRefused {
+    pub path: String,
+    pub reason: String,
+}
+
+/// A verdict as the module reports it (the `verdict` object of the contract).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct Verdict {
+    pub action: String,
+    #[serde(default)]
+    pub code: Option<u16>,
+    #[serde(default)]
+    pub reason: Option<String>,
+    #[serde(default)]
+    pub cause: Option<String>,
+    #[serde(default)]
+    pub trunk_group: Option<String>,
+    #[serde(default)]
+    pub target: Option<String>,
+    #[serde(default)]
+    pub next_hop: Option<String>,
+    #[serde(default)]
+    pub headers: Vec<(String, String)>,
+}
+
+/// One judged message: the verdict, its raw JSON line, and the alerts it raised.
+#[derive(Debug, Clone)]
+pub struct Judged {
+    pub verdict: Verdict,
+    /// `{"verdict":{…}}` exactly as the module wrote it.
+    pub raw: String,
+    /// Alert events (JSON) raised while judging, in order.
+    pub alerts: Vec<String>,
+}
+
+/// Where the default build puts the message-ABI module, relative to the target dir.
+pub const MODULE_RELATIVE_PATH: &str = "wasm32-unknown-unknown/wasm/trunkguard.wasm";
+
+/// Finds the module `scripts/build` produced: `$TRUNKGUARD_MODULE`, else beside the
+/// running executable's target directory, else `target/` under the current directory.
+pub fn default_module_path() -> PathBuf {
+    if let Some(p) = std::env::var_os("TRUNKGUARD_MODULE") {
+        return PathBuf::from(p);
+    }
+    if let Ok(exe) = std::env::current_exe() {
+        // target/release/trunkguard or target/release/deps/test-binary
+        for dir in exe.ancestors().skip(1).take(3) {
+            let candidate = dir.join(MODULE_RELATIVE_PATH);
+            if candidate.exists() {
+                return candidate;
+            }
+        }
+    }
+    Path::new("target").join(MODULE_RELATIVE_PATH)
+}
+
+/// A compiled module, shared by every instance of a process.
+#[derive(Clone)]
+pub struct PolicyModule {
+    engine: Engine,
+    module: Module,
+}
+
+impl PolicyModule {
+    pub fn from_file(path: &Path) -> Result<PolicyModule, HostError> {
+        let bytes = std::fs::read(path).map_err(|source| HostError::ModuleFile {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        PolicyModule::from_bytes(&bytes)
+    }
+
+    pub fn from_bytes(bytes: &[u8]) -> Result<PolicyModule, HostError> {
+        let mut config = Config::new();
+        // Compiling on the calling thread keeps forking hosts (Kamailio) safe.
+        config.parallel_compilation(false);
+        config.cranelift_opt_level(wasmtime::OptLevel::Speed);
+        let engine = Engine::new(&config).map_err(|e| HostError::Load(e.to_string()))?;
+        let module = Module::new(&engine, bytes).map_err(|e| HostError::Load(format!("{e:#}")))?;
+        Ok(PolicyModule { engine, module })
+    }
+}
+
+/// What the module's imports reach.
+pub struct HostState {
+    kv: Box<dyn KvBackend>,
+    alerts: Vec<String>,
+    rng: rand_core_fallback::Rng,
+    /// Turns every kv_get into a failure: lets tests prove the module fails closed.
+    pub fail_store: bool,
+}
+
+mod rand_core_fallback {
+    /// Random bytes from the OS; the module only needs them for the nonce secret and
+    /// alert ids, so a failure to read them is reported as zeros plus a counter,
+    /// never a crash.
+    pub struct Rng(u64);
+
+    impl Rng {
+        pub fn new() -> Rng {
+            Rng(0)
+        }
+
+        pub fn fill(&mut self, buf: &mut [u8]) {
+            if getrandom::fill(buf).is_err() {
+                self.0 += 1;
+                for (i, b) in buf.iter_mut().enumerate() {
+                    *b = (self.0.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> ((i % 8) * 8)) as u8;
+                }
+            }
+        }
+    }
+}
+
+struct Exports {
+    memory: Memory,
+    buffer: TypedFunc<u32, u32>,
+    configure: TypedFunc<u32, u64>,
+    judge: TypedFunc<(u32, u32, u32, u64), u64>,
+    tick: TypedFunc<u64, u64>,
+}
+
+/// One policy instance (one per worker thread).
+pub struct Policy {
+    module: PolicyModule,
+    store: Store<HostState>,
+    exports: Option<Exports>,
+    /// The last configuration the module accepted, re-pushed after a trap.
+    last_good: Option<Vec<u8>>,
+}
+
+impl Policy {
+    pub fn new(module: &PolicyModule, kv: Box<dyn KvBackend>) -> Result<Policy, HostError> {
+        let store = Store::new(
+            &module.engine,
+            HostState {
+                kv,
+                alerts: Vec::new(),
+                rng: rand_core_fallback::Rng::new(),
+                fail_store: false,
+            },
+        );
+        let mut policy = Policy {
+            module: module.clone(),
+            store,
+            exports: None,
+            last_good: None,
+        };
+        policy.instantiate()?;
+        Ok(policy)
+    }
+
+    pub fn state_mut(&mut self) -> &mut HostState {
+        self.store.data_mut()
+    }
+
+    fn instantiate(&mut self) -> Result<(), HostError> {
+        let mut linker: Linker<HostState> = Linker::new(&self.module.engine);
+        link_imports(&mut linker).map_err(|e| HostError::Load(e.to_string()))?;
+        // A fresh store per instance: a trapped instance's memory is dropped whole.
+        let data = std::mem::replace(
+            self.store.data_mut(),
+            HostState {
+                kv: Box::new(MemoryKv::default()),
+                alerts: Vec::new(),
+                rng: rand_core_fallback::Rng::new(),
+                fail_store: false,
+            },
+        );
+        self.store = Store::new(&self.module.engine, data);
+        let instance = linker
+            .instantiate(&mut self.store, &self.module.module)
+            .map_err(|e| HostError::Load(format!("{e:#}")))?;
+        let version: TypedFunc<(), u32> = typed(&instance, &mut self.store, "tg_abi_version")?;
+        let found = version.call(&mut self.store, ()).map_err(trap)?;
+        if found != ABI_VERSION {
+            return Err(HostError::AbiVersion { found });
+        }
+        let memory = instance
+            .get_memory(&mut self.store, "memory")
+            .ok_or_else(|| HostError::Load("module exports no memory".into()))?;
+        self.exports = Some(Exports {
+            memory,
+            buffer: typed(&instance, &mut self.store, "tg_buffer")?,
+            configure: typed(&instance, &mut self.store, "tg_configure")?,
+            judge: typed(&instance, &mut self.store, "tg_judge")?,
+            tick: typed(&instance, &mut self.store, "tg_tick")?,
+        });
+        if let Some(cfg) = self.last_good.clone() {
+            self.push(&cfg).map_err(|e| match e {
+                Ok(refused) => HostError::Module(format!("last good config refused after reload: {refused}")),
+                Err(e) => e,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Runs `f` against live exports; after a trap the instance is dropped so the next
+    /// call gets a fresh one (with the last good configuration re-pushed).
+    fn call<T>(&mut self, f: impl FnOnce(&Exports, &mut Store<HostState>) -> Result<T, HostError>) -> Result<T, HostError> {
+        if self.exports.is_none() {
+            self.instantiate()?;
+        }
+        let exports = self
+            .exports
+            .as_ref()
+            .ok_or_else(|| HostError::Load("no instance".into()))?;
+        let out = f(exports, &mut self.store);
+        if let Err(HostError::Trap(_)) = &out {
+            self.exports = None;
+        }
+        out
+    }
+
+    /// Replaces the instance by a fresh one (as after a trap or a new `.wasm`): the
+    /// last good configuration is pushed again; the store keeps all state.
+    pub fn reload(&mut self) -> Result<(), HostError> {
+        self.exports = None;
+        self.instantiate()
+    }
+
+    /// Pushes a configuration. Outer error: the host failed; inner: the module refused
+    /// it (the previous configuration stays in force).
+    pub fn configure(&mut self, json: &[u8]) -> Result<Result<u64, ConfigRefused>, HostError> {
+        let out = self.push(json)?;
+        if out.is_ok() {
+            self.last_good = Some(json.to_vec());
+        }
+        Ok(out)
+    }
+
+    fn push(&mut self, json: &[u8]) -> Result<Result<u64, ConfigRefused>, HostError> {
+        let raw = self.call(|ex, store| {
+            let len = len32(json.len())?;
+            let ptr = ex.buffer.call(&mut *store, len).map_err(trap)?;
+            write(ex.memory, store, ptr, json)?;
+            let packed = ex.configure.call(&mut *store, len).map_err(trap)?;
+            read_result(ex.memory, store, packed)
+        })?;
+        #[derive(Deserialize)]
+        struct Outcome {
+            ok: bool,
+            #[serde(default)]
+            generation: u64,
+            #[serde(default)]
+            path: String,
+            #[serde(default)]
+            reason: String,
+        }
+        let o: Outcome = serde_json::from_str(&raw).map_err(|e| HostError::Module(format!("{e}: {raw}")))?;
+        Ok(if o.ok {
+            Ok(o.generation)
+        } else {
+            Err(ConfigRefused { path: o.path, reason: o.reason })
+        })
+    }
+
+    /// Judges one message. An error means no verdict: the caller must refuse the
+    /// message (fail closed), never let it through.
+    pub fn judge(&mut self, message: &[u8], source: SocketAddr, transport: Transport, now_ms: u64) -> Result<Judged, HostError> {
+        let src = source.to_string();
+        let raw = self.call(|ex, store| {
+            let msg_len = len32(message.len())?;
+            let src_len = len32(src.len())?;
+            let ptr = ex.buffer.call(&mut *store, msg_len.saturating_add(src_len)).map_err(trap)?;
+            write(ex.memory, store, ptr, message)?;
+            write(ex.memory, store, ptr.saturating_add(msg_len), src.as_bytes())?;
+            let packed = ex
+                .judge
+                .call(&mut *store, (msg_len, src_len, transport as u32, now_ms))
+                .map_err(trap)?;
+            read_result(ex.memory, store, packed)
+        });
+        let alerts = std::mem::take(&mut self.store.data_mut().alerts);
+        let raw = raw?;
+        #[derive(Deserialize)]
+        struct Out {
+            verdict: Option<Verdict>,
+            error: Option<String>,
+        }
+        let out: Out = serde_json::from_str(&raw).map_err(|e| HostError::Module(format!("{e}: {raw}")))?;
+        match (out.verdict, out.error) {
+            (Some(verdict), _) => Ok(Judged { verdict, raw, alerts }),
+            (None, Some(e)) => Err(HostError::Module(e)),
+            (None, None) => Err(HostError::Module(format!("no verdict in {raw}"))),
+        }
+    }
+
+    /// Closes expired alert windows; returns the summary alerts (JSON).
+    pub fn tick(&mut self, now_ms: u64) -> Result<Vec<String>, HostError> {
+        let raw = self.call(|ex, store| {
+            let packed = ex.tick.call(&mut *store, now_ms).map_err(trap)?;
+            read_result(ex.memory, store, packed)
+        });
+        let alerts = std::mem::take(&mut self.store.data_mut().alerts);
+        let raw = raw?;
+        if raw.contains("\"error\"") {
+            return Err(HostError::Module(raw));
+        }
+        Ok(alerts)
+    }
+}
+
+fn typed<P: wasmtime::WasmParams, R: wasmtime::WasmResults>(
+    instance: &Instance,
+    store: &mut Store<HostState>,
+    name: &str,
+) -> Result<TypedFunc<P, R>, HostError> {
+    instance
+        .get_typed_func::<P, R>(&mut *store, name)
+        .map_err(|e| HostError::Load(format!("export {name}: {e}")))
+}
+
+fn trap(e: wasmtime::Error) -> HostError {
+    HostError::Trap(format!("{e:#}"))
+}
+
+fn len32(n: usize) -> Result<u32, HostError> {
+    u32::try_from(n).map_err(|_| HostError::BadInput(format!("{n} bytes is too large")))
+}
+
+fn write(memory: Memory, store: &mut Store<HostState>, ptr: u32, bytes: &[u8]) -> Result<(), HostError> {
+    memory
+        .write(&mut *store, ptr as usize, bytes)
+        .map_err(|e| HostError::Module(format!("buffer out of bounds: {e}")))
+}
+
+fn read_result(memory: Memory, store: &mut Store<HostState>, packed: u64) -> Result<String, HostError> {
+    if packed == 0 {
+        return Err(HostError::Module("module was busy (re-entrant call)".into()));
+    }
+    let ptr = (packed >> 32) as usize;
+    let len = (packed & 0xffff_ffff) as usize;
+    let data = memory.data(&*store);
+    let bytes = data
+        .get(ptr..ptr.saturating_add(len))
+        .ok_or_else(|| HostError::Module("result out of bounds".into()))?;
+    String::from_utf8(bytes.to_vec()).map_err(|_| HostError::Module("result is not UTF-8".into()))
+}
+
+/// Reads guest memory `[ptr, ptr+len)` inside an import.
+fn guest_bytes(caller: &mut Caller<'_, HostState>, ptr: u32, len: u32) -> Option<Vec<u8>> {
+    let memory = caller.get_export("memory")?.into_memory()?;
+    memory
+        .data(&*caller)
+        .get(ptr as usize..(ptr as usize).checked_add(len as usize)?)
+        .map(<[u8]>::to_vec)
+}
+
+fn link_imports(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
+    const M: &str = "trunkguard_host";
+    linker.func_wrap(M, "kv_get", |mut caller: Caller<'_, HostState>, kp: u32, kl: u32, out: u32, cap: u32| -> i64 {
+        let Some(key) = guest_bytes(&mut caller, kp, kl).and_then(|k| String::from_utf8(k).ok()) else {
+            return -2;
+        };
+        if caller.data().fail_store {
+            return -2;
+        }
+        let value = match caller.data_mut().kv.get(&key) {
+            Ok(Some(v)) => v,
+            Ok(None) => return -1,
+            Err(_) => return -2,
+        };
+        if value.len() <= cap as usize {
+            let Some(memory) = caller.get_export("memory").and_then(|e| e.into_memory()) else {
+                return -2;
+            };
+            if memory.write(&mut caller, out as usize, &value).is_err() {
+                return -2;
+            }
+        }
+        i64::try_from(value.len()).unwrap_or(-2)
+    })?;
+    linker.func_wrap(M, "kv_set", |mut caller: Caller<'_, HostState>, kp: u32, kl: u32, vp: u32, vl: u32| -> i32 {
+        let (Some(key), Some(value)) = (guest_bytes(&mut caller, kp, kl), guest_bytes(&mut caller, vp, vl)) else {
+            return 1;
+        };
+        let Ok(key) = String::from_utf8(key) else { return 1 };
+        match caller.data_mut().kv.set(&key, &value) {
+            Ok(()) => 0,
+            Err(_) => 1,
+        }
+    })?;
+    linker.func_wrap(M, "kv_delete", |mut caller: Caller<'_, HostState>, kp: u32, kl: u32| -> i32 {
+        let Some(key) = guest_bytes(&mut caller, kp, kl).and_then(|k| String::from_utf8(k).ok()) else {
+            return 1;
+        };
+        match caller.data_mut().kv.delete(&key) {
+            Ok(()) => 0,
+            Err(_) => 1,
+        }
+    })?;
+    linker.func_wrap(M, "alert", |mut caller: Caller<'_, HostState>, p: u32, l: u32| {
+        if let Some(text) = guest_bytes(&mut caller, p, l).and_then(|b| String::from_utf8(b).ok()) {
+            caller.data_mut().alerts.push(text);
+        }
+    })?;
+    linker.func_wrap(M, "random", |mut caller: Caller<'_, HostState>, p: u32, l: u32| {
+        let mut buf = vec![0u8; l as usize];
+        caller.data_mut().rng.fill(&mut buf);
+        if let Some(memory) = caller.get_export("memory").and_then(|e| e.into_memory()) {
+            let _ = memory.write(&mut caller, p as usize, &buf);
+        }
+    })?;
+    Ok(())
+}

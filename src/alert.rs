@@ -1,0 +1,300 @@
+//! Alert events and their throttle.
+//!
+//! One attack must not become ten thousand e-mails: the first occurrence of a
+//! (trunk group, kind, source IP) is sent at once, later ones inside the window are
+//! only counted, and when the window closes a single summary carries the count.
+
+use serde::{Deserialize, Serialize};
+
+use crate::store::{Store, StoreError, keys};
+use crate::verdict::Cause;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AlertKind {
+    /// An authenticated call was refused (seed: "Alert Blocked Calls").
+    BlockedCall,
+    /// The registration IP differs from the last successful one ("Alert Reg IP Change").
+    RegIpChange,
+    /// An authenticated REGISTER came from outside the ACL: the credentials work from
+    /// somewhere they should not. Sent under the `blocked_calls` switch.
+    BlockedRegistration,
+}
+
+impl AlertKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AlertKind::BlockedCall => "blocked_call",
+            AlertKind::RegIpChange => "reg_ip_change",
+            AlertKind::BlockedRegistration => "blocked_registration",
+        }
+    }
+}
+
+/// One alert event, handed to the host's alert callback as JSON (docs/alerts.md).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Alert {
+    /// Unique per event, so a relay can drop duplicates from host retries.
+    pub id: String,
+    pub kind: AlertKind,
+    pub location: String,
+    pub trunk_group: String,
+    pub recipients: Vec<String>,
+    /// Milliseconds since the Unix epoch, and the same instant in RFC 3339 UTC.
+    pub at_ms: u64,
+    pub time: String,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub cause: Option<Cause>,
+    /// Words for the cause, for people reading the alert.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub description: Option<String>,
+    /// `ip:port` the refused message came from.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub source: Option<String>,
+    /// `ip:port` of the current registration, for `not_registered_address`.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub registered: Option<String>,
+    /// The trunk group's ACL, for `not_in_access_list`.
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub acl: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub old_ip: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub new_ip: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub method: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub call_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub from: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub to: Option<String>,
+    /// How many occurrences this event stands for: 1 for a first alert, the number of
+    /// folded repeats for a summary.
+    pub count: u64,
+    /// True for the end-of-window summary of repeats that were counted, not sent.
+    #[serde(skip_serializing_if = "std::ops::Not::not", default)]
+    pub summary: bool,
+    /// For a summary: when the repeats were first and last seen.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub first_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub last_ms: Option<u64>,
+}
+
+impl Alert {
+    pub fn throttle_key(&self) -> String {
+        let source_ip = self
+            .source
+            .as_deref()
+            .and_then(|s| s.parse::<std::net::SocketAddr>().ok())
+            .map(|s| s.ip().to_string())
+            .or_else(|| self.new_ip.clone())
+            .unwrap_or_default();
+        keys::throttle(&self.trunk_group, self.kind.as_str(), &source_ip)
+    }
+}
+
+/// RFC 3339 UTC with milliseconds, from Unix milliseconds.
+pub fn rfc3339(ms: u64) -> String {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms);
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Window {
+    until_ms: u64,
+    repeats: u64,
+    first_repeat_ms: u64,
+    last_repeat_ms: u64,
+    first: Alert,
+}
+
+/// Passes `alert` through the throttle: returns the events to deliver now (the alert
+/// itself when its window is new, preceded by the summary of an expired window).
+pub fn throttle(
+    store: &mut dyn Store,
+    alert: Alert,
+    window_ms: u64,
+) -> Result<Vec<Alert>, StoreError> {
+    if window_ms == 0 {
+        return Ok(vec![alert]);
+    }
+    let key = alert.throttle_key();
+    let mut out = Vec::new();
+    if let Some(mut w) = load(store, &key)? {
+        if alert.at_ms < w.until_ms {
+            if w.repeats == 0 {
+                w.first_repeat_ms = alert.at_ms;
+            }
+            w.repeats += 1;
+            w.last_repeat_ms = alert.at_ms;
+            save(store, &key, &w)?;
+            return Ok(out);
+        }
+        out.extend(summary(&w, alert.at_ms));
+    }
+    let w = Window {
+        until_ms: alert.at_ms.saturating_add(window_ms),
+        repeats: 0,
+        first_repeat_ms: 0,
+        last_repeat_ms: 0,
+        first: alert.clone(),
+    };
+    save(store, &key, &w)?;
+    add_open(store, &key)?;
+    out.push(alert);
+    Ok(out)
+}
+
+/// Closes every window that ended by `now_ms`, returning the summaries to deliver.
+pub fn flush(store: &mut dyn Store, now_ms: u64) -> Result<Vec<Alert>, StoreError> {
+    let open = open_keys(store)?;
+    if open.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut still_open = Vec::with_capacity(open.len());
+    let mut out = Vec::new();
+    for key in open {
+        match load(store, &key)? {
+            Some(w) if w.until_ms > now_ms => still_open.push(key),
+            Some(w) => {
+                out.extend(summary(&w, now_ms.min(w.until_ms)));
+                store.delete(&key)?;
+            }
+            None => {}
+        }
+    }
+    store.set(
+        keys::OPEN_THROTTLES,
+        &serde_json::to_vec(&still_open).map_err(|e| StoreError(e.to_string()))?,
+    )?;
+    Ok(out)
+}
+
+fn summary(w: &Window, at_ms: u64) -> Option<Alert> {
+    // Derived from the window's first alert, so a summary re-sent by a host retry
+    // keeps its id and the relay can drop the duplicate.
+    (w.repeats > 0).then(|| Alert {
+        id: format!("{}-summary", w.first.id),
+        at_ms,
+        time: rfc3339(at_ms),
+        count: w.repeats,
+        summary: true,
+        first_ms: Some(w.first_repeat_ms),
+        last_ms: Some(w.last_repeat_ms),
+        ..w.first.clone()
+    })
+}
+
+fn load(store: &mut dyn Store, key: &str) -> Result<Option<Window>, StoreError> {
+    Ok(store
+        .get(key)?
+        .and_then(|raw| serde_json::from_slice(&raw).ok()))
+}
+
+fn save(store: &mut dyn Store, key: &str, w: &Window) -> Result<(), StoreError> {
+    let raw = serde_json::to_vec(w).map_err(|e| StoreError(e.to_string()))?;
+    store.set(key, &raw)
+}
+
+fn open_keys(store: &mut dyn Store) -> Result<Vec<String>, StoreError> {
+    Ok(store
+        .get(keys::OPEN_THROTTLES)?
+        .and_then(|raw| serde_json::from_slice(&raw).ok())
+        .unwrap_or_default())
+}
+
+fn add_open(store: &mut dyn Store, key: &str) -> Result<(), StoreError> {
+    let mut open = open_keys(store)?;
+    if !open.iter().any(|k| k == key) {
+        open.push(key.to_string());
+        store.set(
+            keys::OPEN_THROTTLES,
+            &serde_json::to_vec(&open).map_err(|e| StoreError(e.to_string()))?,
+        )?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::MemoryStore;
+
+    fn alert(at_ms: u64, source: &str) -> Alert {
+        Alert {
+            id: format!("a{at_ms}"),
+            kind: AlertKind::BlockedCall,
+            location: "hq".into(),
+            trunk_group: "hq-pbx1".into(),
+            recipients: vec!["noc@example.com".into()],
+            at_ms,
+            time: rfc3339(at_ms),
+            cause: Some(Cause::NotRegisteredAddress),
+            description: None,
+            source: Some(source.into()),
+            registered: None,
+            acl: vec![],
+            old_ip: None,
+            new_ip: None,
+            method: None,
+            call_id: None,
+            from: None,
+            to: None,
+            count: 1,
+            summary: false,
+            first_ms: None,
+            last_ms: None,
+        }
+    }
+
+    #[test]
+    fn repeats_inside_the_window_are_counted_then_summarised_once() {
+        let mut store = MemoryStore::default();
+        let sent = throttle(&mut store, alert(1_000, "198.51.100.9:5060"), 60_000).unwrap();
+        assert_eq!(sent.len(), 1);
+        for t in 2..=10 {
+            // Another port from the same IP is the same source.
+            let a = alert(t * 1_000, &format!("198.51.100.9:{}", 5000 + t));
+            assert!(throttle(&mut store, a, 60_000).unwrap().is_empty());
+        }
+        // A different source IP is alerted on its own.
+        assert_eq!(throttle(&mut store, alert(11_000, "198.51.100.10:5060"), 60_000).unwrap().len(), 1);
+        assert!(flush(&mut store, 60_000).unwrap().is_empty(), "window still open");
+        let summaries = flush(&mut store, 61_000).unwrap();
+        assert_eq!(summaries.len(), 1);
+        let s = &summaries[0];
+        assert!(s.summary);
+        assert_eq!(s.count, 9);
+        assert_eq!((s.first_ms, s.last_ms), (Some(2_000), Some(10_000)));
+        assert_eq!(s.at_ms, 61_000);
+        // The other source's window had no repeats: closing it says nothing.
+        assert!(flush(&mut store, 100_000).unwrap().is_empty());
+        assert!(store.entries.keys().all(|k| !k.starts_with("tg/throttle/")));
+    }
+
+    #[test]
+    fn occurrence_after_the_window_sends_summary_then_new_alert() {
+        let mut store = MemoryStore::default();
+        throttle(&mut store, alert(0, "198.51.100.9:5060"), 10_000).unwrap();
+        throttle(&mut store, alert(5_000, "198.51.100.9:5060"), 10_000).unwrap();
+        let sent = throttle(&mut store, alert(20_000, "198.51.100.9:5060"), 10_000).unwrap();
+        assert_eq!(sent.len(), 2);
+        assert!(sent[0].summary && sent[0].count == 1);
+        assert!(!sent[1].summary && sent[1].at_ms == 20_000);
+    }
+
+    #[test]
+    fn zero_window_sends_everything() {
+        let mut store = MemoryStore::default();
+        for t in 0..3 {
+            assert_eq!(throttle(&mut store, alert(t, "198.51.100.9:5060"), 0).unwrap().len(), 1);
+        }
+    }
+
+    #[test]
+    fn time_is_rfc3339_utc() {
+        assert_eq!(rfc3339(1_700_000_000_123), "2023-11-14T22:13:20.123Z");
+    }
+}

@@ -1,0 +1,76 @@
+//! A trunk group's current registration, as kept in the host store.
+
+use std::net::{IpAddr, SocketAddr};
+
+use serde::{Deserialize, Serialize};
+
+use crate::index::Trunk;
+use crate::store::{Store, StoreError, keys};
+
+/// The registration of one trunk group; at most one, a newer REGISTER replaces it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Binding {
+    /// Transport peer address the REGISTER came from (never a header's claim).
+    pub source: SocketAddr,
+    pub transport: String,
+    /// The Contact URI the PBX registered.
+    pub contact: String,
+    pub expires_at_ms: u64,
+    pub registered_at_ms: u64,
+    pub call_id: String,
+}
+
+impl Binding {
+    pub fn ip(&self) -> IpAddr {
+        crate::acl::canonical_ip(self.source.ip())
+    }
+
+    /// `sip:ip:port;transport=x`: where inbound calls for this binding are sent.
+    pub fn next_hop(&self) -> String {
+        format!("sip:{};transport={}", self.source, self.transport)
+    }
+
+    pub fn remaining_s(&self, now_ms: u64) -> u64 {
+        self.expires_at_ms.saturating_sub(now_ms).div_ceil(1000)
+    }
+}
+
+/// Reads the trunk group's binding if it is current: unexpired, and its address still
+/// passes the trunk group's ACL (a configuration push may have narrowed it). A
+/// record that fails either test is removed so it cannot come back.
+pub fn current(store: &mut dyn Store, trunk: &Trunk, now_ms: u64) -> Result<Option<Binding>, StoreError> {
+    let key = keys::binding(&trunk.id);
+    let Some(raw) = store.get(&key)? else {
+        return Ok(None);
+    };
+    match serde_json::from_slice::<Binding>(&raw) {
+        Ok(b) if b.expires_at_ms > now_ms && trunk.acl.admits(b.ip()) => Ok(Some(b)),
+        // Expired, outside the ACL, or unreadable (written by an incompatible
+        // version): all mean "not registered".
+        _ => {
+            store.delete(&key)?;
+            Ok(None)
+        }
+    }
+}
+
+pub fn save(store: &mut dyn Store, trunk: &str, binding: &Binding) -> Result<(), StoreError> {
+    let raw = serde_json::to_vec(binding).map_err(|e| StoreError(e.to_string()))?;
+    store.set(&keys::binding(trunk), &raw)
+}
+
+pub fn remove(store: &mut dyn Store, trunk: &str) -> Result<(), StoreError> {
+    store.delete(&keys::binding(trunk))
+}
+
+/// The IP of the trunk group's last successful registration, kept after the binding
+/// expires so a PBX coming back from elsewhere is still noticed.
+pub fn last_reg_ip(store: &mut dyn Store, trunk: &str) -> Result<Option<IpAddr>, StoreError> {
+    Ok(store
+        .get(&keys::last_reg_ip(trunk))?
+        .and_then(|raw| std::str::from_utf8(&raw).ok()?.parse().ok()))
+}
+
+pub fn set_last_reg_ip(store: &mut dyn Store, trunk: &str, ip: IpAddr) -> Result<(), StoreError> {
+    store.set(&keys::last_reg_ip(trunk), ip.to_string().as_bytes())
+}

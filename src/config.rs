@@ -1,0 +1,212 @@
+//! The configuration document as pushed by the host (JSON), before validation.
+//!
+//! These types mirror the JSON one to one and refuse unknown fields, so a typo in a
+//! push is an error instead of a silently ignored setting. Validation that needs more
+//! than the shape of the document (CIDR syntax, duplicates, hash lengths) happens when
+//! the document is compiled into an [`crate::index::Index`].
+
+use serde::Deserialize;
+
+#[cfg(feature = "schema")]
+use schemars::JsonSchema;
+
+/// Whole configuration document.
+#[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Digest realm offered in challenges and expected in credentials.
+    pub realm: String,
+    /// Sources inside these networks are the carrier core: their INVITEs are inbound
+    /// calls routed by DID, and they are never challenged.
+    #[serde(default)]
+    pub core_networks: Vec<String>,
+    #[serde(default)]
+    pub registration: Registration,
+    #[serde(default)]
+    pub digest: DigestSettings,
+    #[serde(default)]
+    pub alerts: AlertSettings,
+    pub locations: Vec<Location>,
+}
+
+/// Limits applied to REGISTER expiry.
+#[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct Registration {
+    /// Shorter non-zero expiries are refused with 423 and Min-Expires.
+    #[serde(default = "default_min_expires")]
+    pub min_expires: u32,
+    /// Longer expiries are shortened to this.
+    #[serde(default = "default_max_expires")]
+    pub max_expires: u32,
+    /// Expiry when the REGISTER names none (RFC 3261 §10.2.1.1 suggests 3600).
+    #[serde(default = "default_default_expires")]
+    pub default_expires: u32,
+}
+
+impl Default for Registration {
+    fn default() -> Self {
+        Registration {
+            min_expires: default_min_expires(),
+            max_expires: default_max_expires(),
+            default_expires: default_default_expires(),
+        }
+    }
+}
+
+fn default_min_expires() -> u32 {
+    60
+}
+fn default_max_expires() -> u32 {
+    3600
+}
+fn default_default_expires() -> u32 {
+    3600
+}
+
+/// Digest authentication settings (extension of the SPEC shape, all optional).
+#[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct DigestSettings {
+    /// Seconds a nonce stays valid; an older nonce with a correct response gets
+    /// `stale=true` so the PBX retries without asking its user for a password.
+    #[serde(default = "default_nonce_ttl")]
+    pub nonce_ttl_s: u32,
+}
+
+impl Default for DigestSettings {
+    fn default() -> Self {
+        DigestSettings {
+            nonce_ttl_s: default_nonce_ttl(),
+        }
+    }
+}
+
+fn default_nonce_ttl() -> u32 {
+    300
+}
+
+/// Alert throttling (extension of the SPEC shape, optional).
+#[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct AlertSettings {
+    /// Repeats of the same (trunk group, kind, source IP) inside this many seconds
+    /// are counted instead of re-sent.
+    #[serde(default = "default_alert_window")]
+    pub window_s: u32,
+}
+
+impl Default for AlertSettings {
+    fn default() -> Self {
+        AlertSettings {
+            window_s: default_alert_window(),
+        }
+    }
+}
+
+fn default_alert_window() -> u32 {
+    300
+}
+
+/// A customer site.
+#[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct Location {
+    pub id: String,
+    /// E-mail addresses that receive this location's alerts.
+    #[serde(default)]
+    pub contacts: Vec<String>,
+    pub trunk_groups: Vec<TrunkGroup>,
+}
+
+/// One physical PBX.
+#[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct TrunkGroup {
+    pub id: String,
+    /// Digest username, unique across the whole configuration.
+    pub username: String,
+    /// Plain password; enables both MD5 and SHA-256.
+    #[serde(default)]
+    pub password: Option<String>,
+    /// Hex MD5 of `username:realm:password`.
+    #[serde(default)]
+    pub ha1: Option<String>,
+    /// Hex SHA-256 of `username:realm:password`.
+    #[serde(default)]
+    pub ha1_sha256: Option<String>,
+    /// Calls need a current registration and come only from its IP (the default).
+    /// `false` is peer-to-peer mode.
+    #[serde(default = "default_true")]
+    pub require_registration: bool,
+    /// CIDR entries (a bare address is /32 or /128); empty means any address.
+    #[serde(default)]
+    pub acl: Vec<String>,
+    #[serde(default)]
+    pub alerts: AlertSwitches,
+    /// Numbers routed to this trunk group, E.164 (`+15551230000`).
+    #[serde(default)]
+    pub dids: Vec<String>,
+    /// Where inbound calls go while the trunk group has no registration.
+    #[serde(default)]
+    pub failover: Option<String>,
+}
+
+/// The two notification switches of the seed's Access/Notifications page.
+#[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct AlertSwitches {
+    #[serde(default = "default_true")]
+    pub blocked_calls: bool,
+    #[serde(default = "default_true")]
+    pub reg_ip_change: bool,
+}
+
+impl Default for AlertSwitches {
+    fn default() -> Self {
+        AlertSwitches {
+            blocked_calls: true,
+            reg_ip_change: true,
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// A refused configuration push: where in the document, and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{path}: {reason}")]
+pub struct ConfigError {
+    /// JSON path such as `locations[0].trunk_groups[1].acl[2]`, or `.` for the root.
+    pub path: String,
+    pub reason: String,
+}
+
+impl ConfigError {
+    pub fn new(path: impl Into<String>, reason: impl Into<String>) -> Self {
+        ConfigError {
+            path: path.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Parses the JSON document, reporting the path of the first offending element.
+pub fn parse(json: &[u8]) -> Result<Config, ConfigError> {
+    let de = &mut serde_json::Deserializer::from_slice(json);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        // serde_json appends " at line L column C"; keep it, it helps with big files.
+        ConfigError::new(if path.is_empty() { ".".into() } else { path }, inner.to_string())
+    })
+}

@@ -1,0 +1,465 @@
+//! HTTP Digest for SIP (RFC 3261 §22, RFC 7616, RFC 8760): MD5 and SHA-256, qop=auth.
+//!
+//! Nonces are stateless: `hex(issued_ms ‖ HMAC-SHA-256(secret, issued_ms ‖ source IP ‖
+//! realm)[..16])`. Any worker (or any node sharing the secret through the host store)
+//! can verify a nonce another one issued, without a nonce table to replicate, and a
+//! nonce captured on the wire is useless from another IP address.
+
+use std::net::IpAddr;
+
+use hmac::{Hmac, KeyInit, Mac};
+use md5::Md5;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+/// Digest algorithms offered and accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Algorithm {
+    Md5,
+    Sha256,
+}
+
+impl Algorithm {
+    pub fn name(self) -> &'static str {
+        match self {
+            Algorithm::Md5 => "MD5",
+            Algorithm::Sha256 => "SHA-256",
+        }
+    }
+
+    /// Absent means MD5 (RFC 2617 §3.2.1); `-sess` variants are not offered.
+    pub fn from_param(param: Option<&str>) -> Option<Algorithm> {
+        match param {
+            None => Some(Algorithm::Md5),
+            Some(a) if a.eq_ignore_ascii_case("MD5") => Some(Algorithm::Md5),
+            Some(a) if a.eq_ignore_ascii_case("SHA-256") => Some(Algorithm::Sha256),
+            Some(_) => None,
+        }
+    }
+
+    fn hash_hex(self, parts: &[&[u8]]) -> String {
+        match self {
+            Algorithm::Md5 => {
+                let mut h = Md5::new();
+                for p in parts {
+                    h.update(p);
+                }
+                hex(&h.finalize())
+            }
+            Algorithm::Sha256 => {
+                let mut h = Sha256::new();
+                for p in parts {
+                    h.update(p);
+                }
+                hex(&h.finalize())
+            }
+        }
+    }
+}
+
+/// The HA1 values a trunk group can be verified with (lowercase hex).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Ha1Set {
+    md5: Option<String>,
+    sha256: Option<String>,
+}
+
+impl std::fmt::Debug for Ha1Set {
+    // HA1 is password-equivalent: never let it reach a log line.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ha1Set")
+            .field("md5", &self.md5.as_ref().map(|_| "<redacted>"))
+            .field("sha256", &self.sha256.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+impl Ha1Set {
+    /// Builds the set from the configuration fields. The error is (path suffix,
+    /// reason), the suffix being appended to the trunk group's JSON path.
+    pub fn from_config(
+        username: &str,
+        realm: &str,
+        password: Option<&str>,
+        ha1: Option<&str>,
+        ha1_sha256: Option<&str>,
+    ) -> Result<Ha1Set, (String, String)> {
+        match (password, ha1, ha1_sha256) {
+            (None, None, None) => Err((
+                String::new(),
+                "needs one of password, ha1 or ha1_sha256".into(),
+            )),
+            (Some(_), Some(_), _) | (Some(_), _, Some(_)) => Err((
+                ".password".into(),
+                "give either password or pre-hashed ha1/ha1_sha256, not both".into(),
+            )),
+            (Some(pw), None, None) => {
+                let parts: [&[u8]; 5] = [
+                    username.as_bytes(),
+                    b":",
+                    realm.as_bytes(),
+                    b":",
+                    pw.as_bytes(),
+                ];
+                Ok(Ha1Set {
+                    md5: Some(Algorithm::Md5.hash_hex(&parts)),
+                    sha256: Some(Algorithm::Sha256.hash_hex(&parts)),
+                })
+            }
+            (None, md5, sha) => Ok(Ha1Set {
+                md5: md5.map(|h| checked_hex(h, 32, ".ha1")).transpose()?,
+                sha256: sha.map(|h| checked_hex(h, 64, ".ha1_sha256")).transpose()?,
+            }),
+        }
+    }
+
+    /// Algorithms this trunk group can answer, strongest first (RFC 8760 §2.4:
+    /// challenges are listed in order of preference).
+    pub fn algorithms(&self) -> impl Iterator<Item = Algorithm> + '_ {
+        [
+            self.sha256.as_ref().map(|_| Algorithm::Sha256),
+            self.md5.as_ref().map(|_| Algorithm::Md5),
+        ]
+        .into_iter()
+        .flatten()
+    }
+
+    fn get(&self, alg: Algorithm) -> Option<&str> {
+        match alg {
+            Algorithm::Md5 => self.md5.as_deref(),
+            Algorithm::Sha256 => self.sha256.as_deref(),
+        }
+    }
+}
+
+fn checked_hex(text: &str, len: usize, field: &str) -> Result<String, (String, String)> {
+    if text.len() == len && text.bytes().all(|b| b.is_ascii_hexdigit()) {
+        Ok(text.to_ascii_lowercase())
+    } else {
+        Err((
+            field.to_string(),
+            format!("must be {len} hexadecimal digits"),
+        ))
+    }
+}
+
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for &b in bytes {
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 0xf)]));
+    }
+    out
+}
+
+pub(crate) fn unhex<const N: usize>(text: &str) -> Option<[u8; N]> {
+    let bytes = text.as_bytes();
+    if bytes.len() != N * 2 {
+        return None;
+    }
+    let mut out = [0u8; N];
+    for (o, pair) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+        let hi = char::from(pair[0]).to_digit(16)?;
+        let lo = char::from(pair[1]).to_digit(16)?;
+        *o = u8::try_from(hi * 16 + lo).ok()?;
+    }
+    Some(out)
+}
+
+/// Server secret that keys nonces; shared by every worker through the host store.
+pub type NonceSecret = [u8; 32];
+
+/// How a nonce presented in credentials fares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NonceState {
+    Fresh,
+    /// Ours, but older than the TTL: a correct response earns `stale=true`.
+    Stale,
+    /// Not issued by us for this source (forged, from another IP, garbled, future).
+    Invalid,
+}
+
+const NONCE_MAC_LEN: usize = 16;
+
+fn nonce_mac(secret: &NonceSecret, issued: [u8; 8], source: IpAddr, realm: &str) -> [u8; 16] {
+    let mut out = [0u8; NONCE_MAC_LEN];
+    // HMAC accepts keys of any length, so this cannot fail; fall back to zeros keeps
+    // the function total without a panic path (a zero MAC never verifies anyway).
+    if let Ok(mut mac) = <Hmac<Sha256> as KeyInit>::new_from_slice(secret) {
+        mac.update(&issued);
+        match crate::acl::canonical_ip(source) {
+            IpAddr::V4(v4) => mac.update(&v4.octets()),
+            IpAddr::V6(v6) => mac.update(&v6.octets()),
+        }
+        mac.update(realm.as_bytes());
+        let tag = mac.finalize().into_bytes();
+        for (o, t) in out.iter_mut().zip(tag.iter()) {
+            *o = *t;
+        }
+    }
+    out
+}
+
+/// Issues a nonce for `source` at `now_ms`.
+pub fn make_nonce(secret: &NonceSecret, now_ms: u64, source: IpAddr, realm: &str) -> String {
+    let issued = now_ms.to_be_bytes();
+    let mac = nonce_mac(secret, issued, source, realm);
+    let mut raw = [0u8; 8 + NONCE_MAC_LEN];
+    raw[..8].copy_from_slice(&issued);
+    raw[8..].copy_from_slice(&mac);
+    hex(&raw)
+}
+
+/// Clock skew tolerated between workers (a nonce "from the future").
+const FUTURE_SKEW_MS: u64 = 5_000;
+
+pub fn check_nonce(
+    secret: &NonceSecret,
+    nonce: &str,
+    now_ms: u64,
+    source: IpAddr,
+    realm: &str,
+    ttl_ms: u64,
+) -> NonceState {
+    let Some(raw) = unhex::<{ 8 + NONCE_MAC_LEN }>(nonce) else {
+        return NonceState::Invalid;
+    };
+    let mut issued = [0u8; 8];
+    issued.copy_from_slice(&raw[..8]);
+    let expected = nonce_mac(secret, issued, source, realm);
+    if !bool::from(expected.ct_eq(&raw[8..])) {
+        return NonceState::Invalid;
+    }
+    let issued_ms = u64::from_be_bytes(issued);
+    if issued_ms > now_ms.saturating_add(FUTURE_SKEW_MS) {
+        NonceState::Invalid
+    } else if now_ms.saturating_sub(issued_ms) > ttl_ms {
+        NonceState::Stale
+    } else {
+        NonceState::Fresh
+    }
+}
+
+/// One challenge header value per algorithm the trunk groups can use.
+pub fn challenge_values(
+    realm: &str,
+    nonce: &str,
+    stale: bool,
+    algorithms: &[Algorithm],
+) -> Vec<String> {
+    algorithms
+        .iter()
+        .map(|alg| {
+            format!(
+                "Digest realm=\"{realm}\", nonce=\"{nonce}\", algorithm={}, qop=\"auth\"{}",
+                alg.name(),
+                if stale { ", stale=true" } else { "" }
+            )
+        })
+        .collect()
+}
+
+/// What the policy needs from a parsed Authorization header.
+#[derive(Debug, Clone, Copy)]
+pub struct Response<'a> {
+    pub username: &'a str,
+    pub uri: &'a str,
+    pub nonce: &'a str,
+    pub response: &'a str,
+    pub algorithm: Algorithm,
+    pub qop: Option<&'a str>,
+    pub nc: Option<&'a str>,
+    pub cnonce: Option<&'a str>,
+}
+
+/// Whether `resp` proves knowledge of the trunk group's password, in constant time.
+/// `false` too when the trunk group has no HA1 for the algorithm or qop is unusable.
+pub fn verify(ha1s: &Ha1Set, method: &str, resp: &Response<'_>) -> bool {
+    let Some(ha1) = ha1s.get(resp.algorithm) else {
+        return false;
+    };
+    let alg = resp.algorithm;
+    let ha2 = alg.hash_hex(&[method.as_bytes(), b":", resp.uri.as_bytes()]);
+    let expected = match resp.qop {
+        Some(qop) if qop.eq_ignore_ascii_case("auth") => {
+            let (Some(nc), Some(cnonce)) = (resp.nc, resp.cnonce) else {
+                return false;
+            };
+            alg.hash_hex(&[
+                ha1.as_bytes(),
+                b":",
+                resp.nonce.as_bytes(),
+                b":",
+                nc.as_bytes(),
+                b":",
+                cnonce.as_bytes(),
+                b":",
+                qop.as_bytes(),
+                b":",
+                ha2.as_bytes(),
+            ])
+        }
+        // RFC 2069 compatibility, which RFC 3261 §22.4 requires servers to keep.
+        None => alg.hash_hex(&[
+            ha1.as_bytes(),
+            b":",
+            resp.nonce.as_bytes(),
+            b":",
+            ha2.as_bytes(),
+        ]),
+        Some(_) => return false,
+    };
+    let given = resp.response.to_ascii_lowercase();
+    given.len() == expected.len() && bool::from(given.as_bytes().ct_eq(expected.as_bytes()))
+}
+
+/// Computes a client's response, as a PBX would: used by tests, the replay tool's
+/// examples and anything that has to answer a challenge.
+#[allow(clippy::too_many_arguments)]
+pub fn client_response(
+    alg: Algorithm,
+    username: &str,
+    realm: &str,
+    password: &str,
+    method: &str,
+    uri: &str,
+    nonce: &str,
+    nc: &str,
+    cnonce: &str,
+) -> String {
+    let ha1 = alg.hash_hex(&[
+        username.as_bytes(),
+        b":",
+        realm.as_bytes(),
+        b":",
+        password.as_bytes(),
+    ]);
+    let ha2 = alg.hash_hex(&[method.as_bytes(), b":", uri.as_bytes()]);
+    alg.hash_hex(&[
+        ha1.as_bytes(),
+        b":",
+        nonce.as_bytes(),
+        b":",
+        nc.as_bytes(),
+        b":",
+        cnonce.as_bytes(),
+        b":auth:",
+        ha2.as_bytes(),
+    ])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECRET: NonceSecret = [7u8; 32];
+    const REALM: &str = "trunks.example.net";
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn rfc_2617_md5_example_verifies() {
+        // RFC 2617 §3.5 (Mufasa), adapted: the same arithmetic with method GET.
+        let ha1 = Ha1Set::from_config("Mufasa", "testrealm@host.com", Some("Circle Of Life"), None, None)
+            .unwrap();
+        let resp = Response {
+            username: "Mufasa",
+            uri: "/dir/index.html",
+            nonce: "dcd98b7102dd2f0e8b11d0f600bfb0c093",
+            response: "6629fae49393a05397450978507c4ef1",
+            algorithm: Algorithm::Md5,
+            qop: Some("auth"),
+            nc: Some("00000001"),
+            cnonce: Some("0a4f113b"),
+        };
+        assert!(verify(&ha1, "GET", &resp));
+        assert!(!verify(&ha1, "POST", &resp));
+    }
+
+    #[test]
+    fn rfc_7616_sha256_example_verifies() {
+        // RFC 7616 §3.9.1.
+        let ha1 = Ha1Set::from_config("Mufasa", "http-auth@example.org", Some("Circle of Life"), None, None)
+            .unwrap();
+        let resp = Response {
+            username: "Mufasa",
+            uri: "/dir/index.html",
+            nonce: "7ypf/xlj9XXwfDPEoM4URrv/xwf94BcCAzFZH4GiTo0v",
+            response: "753927fa0e85d155564e2e272a28d1802ca10daf4496794697cf8db5856cb6c1",
+            algorithm: Algorithm::Sha256,
+            qop: Some("auth"),
+            nc: Some("00000001"),
+            cnonce: Some("f2/wE4q74E6zIJEtWaHKaf5wv/H5QzzpXusqGemxURZJ"),
+        };
+        assert!(verify(&ha1, "GET", &resp));
+    }
+
+    #[test]
+    fn client_and_server_agree_for_both_algorithms() {
+        let ha1 = Ha1Set::from_config("hq1", REALM, Some("pw"), None, None).unwrap();
+        for alg in [Algorithm::Md5, Algorithm::Sha256] {
+            let nonce = make_nonce(&SECRET, 1000, ip("203.0.113.7"), REALM);
+            let r = client_response(alg, "hq1", REALM, "pw", "INVITE", "sip:x@y", &nonce, "00000001", "abc");
+            let resp = Response {
+                username: "hq1",
+                uri: "sip:x@y",
+                nonce: &nonce,
+                response: &r.to_ascii_uppercase(),
+                algorithm: alg,
+                qop: Some("auth"),
+                nc: Some("00000001"),
+                cnonce: Some("abc"),
+            };
+            assert!(verify(&ha1, "INVITE", &resp), "{alg:?}");
+            let wrong = client_response(alg, "hq1", REALM, "pw2", "INVITE", "sip:x@y", &nonce, "00000001", "abc");
+            assert!(!verify(&ha1, "INVITE", &Response { response: &wrong, ..resp }), "{alg:?}");
+        }
+    }
+
+    #[test]
+    fn prehashed_ha1_only_answers_its_algorithm() {
+        let md5_only = Ha1Set::from_config("u", REALM, None, Some(&"A".repeat(32)), None).unwrap();
+        assert_eq!(md5_only.algorithms().collect::<Vec<_>>(), vec![Algorithm::Md5]);
+        let both = Ha1Set::from_config("u", REALM, Some("p"), None, None).unwrap();
+        assert_eq!(both.algorithms().collect::<Vec<_>>(), vec![Algorithm::Sha256, Algorithm::Md5]);
+    }
+
+    #[test]
+    fn nonce_lifecycle() {
+        let src = ip("203.0.113.7");
+        let nonce = make_nonce(&SECRET, 10_000, src, REALM);
+        let cases: &[(&str, u64, IpAddr, &[u8; 32], NonceState)] = &[
+            ("fresh at issue", 10_000, src, &SECRET, NonceState::Fresh),
+            ("fresh at ttl", 310_000, src, &SECRET, NonceState::Fresh),
+            ("stale after ttl", 310_001, src, &SECRET, NonceState::Stale),
+            ("other source ip", 10_000, ip("203.0.113.8"), &SECRET, NonceState::Invalid),
+            ("mapped v4 is the same source", 10_000, ip("::ffff:203.0.113.7"), &SECRET, NonceState::Fresh),
+            ("other secret", 10_000, src, &[8u8; 32], NonceState::Invalid),
+            ("from the future", 0, src, &SECRET, NonceState::Invalid),
+        ];
+        for (what, now, source, secret, want) in cases {
+            assert_eq!(check_nonce(secret, &nonce, *now, *source, REALM, 300_000), *want, "{what}");
+        }
+        for garbage in ["", "zz", &nonce[..46], &format!("{nonce}00")] {
+            assert_eq!(check_nonce(&SECRET, garbage, 10_000, src, REALM, 300_000), NonceState::Invalid);
+        }
+    }
+
+    #[test]
+    fn challenge_lists_strongest_first_and_marks_stale() {
+        let values = challenge_values(REALM, "abc", true, &[Algorithm::Sha256, Algorithm::Md5]);
+        assert_eq!(values.len(), 2);
+        assert!(values[0].contains("algorithm=SHA-256") && values[0].ends_with("stale=true"));
+        assert!(values[1].contains("algorithm=MD5"));
+        assert!(values[1].contains("qop=\"auth\""));
+    }
+
+    #[test]
+    fn debug_output_redacts_ha1() {
+        let ha1 = Ha1Set::from_config("u", REALM, Some("p"), None, None).unwrap();
+        assert!(!format!("{ha1:?}").contains(&ha1.md5.clone().unwrap()));
+    }
+}

@@ -1,0 +1,403 @@
+//! The configuration compiled once per push into lookup tables: username → trunk
+//! group, DID → trunk group, trunk-group id → trunk group, one ACL per trunk group.
+//! Every check that can refuse a push lives here, so a compiled [`Index`] is always
+//! internally consistent and the per-message path never re-validates anything.
+
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+
+use crate::acl::{self, Acl};
+use crate::config::{AlertSwitches, Config, ConfigError, Registration};
+use crate::digest::{self, Algorithm, Ha1Set};
+
+/// A customer site, as the alerts need it.
+#[derive(Debug, Clone)]
+pub struct LocationInfo {
+    pub id: String,
+    pub contacts: Vec<String>,
+}
+
+/// A validated trunk group.
+#[derive(Debug, Clone)]
+pub struct Trunk {
+    pub id: String,
+    pub location: usize,
+    pub username: String,
+    pub ha1: Ha1Set,
+    pub require_registration: bool,
+    pub acl: Acl,
+    pub alerts: AlertSwitches,
+    pub failover: Option<String>,
+}
+
+/// A compiled configuration.
+#[derive(Debug, Clone)]
+pub struct Index {
+    pub realm: String,
+    pub core_networks: Acl,
+    pub registration: Registration,
+    pub nonce_ttl_ms: u64,
+    pub alert_window_ms: u64,
+    pub locations: Vec<LocationInfo>,
+    pub trunks: Vec<Trunk>,
+    /// Algorithms any trunk group can answer, strongest first: what challenges offer.
+    algorithms: Vec<Algorithm>,
+    by_username: HashMap<String, usize>,
+    by_did: HashMap<String, usize>,
+    by_id: HashMap<String, usize>,
+}
+
+impl Index {
+    /// Parses and compiles a JSON document.
+    pub fn from_json(json: &[u8]) -> Result<Index, ConfigError> {
+        Index::compile(crate::config::parse(json)?)
+    }
+
+    pub fn compile(config: Config) -> Result<Index, ConfigError> {
+        let realm = config.realm.trim().to_string();
+        if realm.is_empty() || realm.contains(['"', '\\', '\r', '\n']) {
+            return Err(ConfigError::new(
+                "realm",
+                "must be non-empty and contain no quote, backslash or line break",
+            ));
+        }
+        let core_networks = compile_acl(&config.core_networks, "core_networks")?;
+        let reg = &config.registration;
+        if reg.min_expires == 0 {
+            return Err(ConfigError::new(
+                "registration.min_expires",
+                "must be at least 1 second",
+            ));
+        }
+        if reg.min_expires > reg.max_expires {
+            return Err(ConfigError::new(
+                "registration.min_expires",
+                format!(
+                    "{} is above max_expires {}",
+                    reg.min_expires, reg.max_expires
+                ),
+            ));
+        }
+        if config.digest.nonce_ttl_s == 0 {
+            return Err(ConfigError::new(
+                "digest.nonce_ttl_s",
+                "must be at least 1 second",
+            ));
+        }
+
+        let mut index = Index {
+            realm,
+            core_networks,
+            registration: config.registration.clone(),
+            nonce_ttl_ms: u64::from(config.digest.nonce_ttl_s) * 1000,
+            alert_window_ms: u64::from(config.alerts.window_s) * 1000,
+            locations: Vec::with_capacity(config.locations.len()),
+            trunks: Vec::new(),
+            algorithms: Vec::new(),
+            by_username: HashMap::new(),
+            by_did: HashMap::new(),
+            by_id: HashMap::new(),
+        };
+        let mut location_ids: HashMap<&str, usize> = HashMap::new();
+
+        for (li, location) in config.locations.iter().enumerate() {
+            let lpath = format!("locations[{li}]");
+            check_id(&location.id, &format!("{lpath}.id"))?;
+            if let Some(first) = location_ids.insert(&location.id, li) {
+                return Err(ConfigError::new(
+                    format!("{lpath}.id"),
+                    format!(
+                        "duplicate location id {:?} (also locations[{first}])",
+                        location.id
+                    ),
+                ));
+            }
+            for (ci, contact) in location.contacts.iter().enumerate() {
+                check_email(contact, &format!("{lpath}.contacts[{ci}]"))?;
+            }
+            index.locations.push(LocationInfo {
+                id: location.id.clone(),
+                contacts: location.contacts.clone(),
+            });
+            for (ti, tg) in location.trunk_groups.iter().enumerate() {
+                let tpath = format!("{lpath}.trunk_groups[{ti}]");
+                let trunk_no = index.trunks.len();
+                check_id(&tg.id, &format!("{tpath}.id"))?;
+                claim(&mut index.by_id, &tg.id, trunk_no, &format!("{tpath}.id"), "trunk group id", &index.trunks)?;
+                if tg.username.is_empty()
+                    || tg.username.contains(['"', '\\', ':', '\r', '\n'])
+                {
+                    return Err(ConfigError::new(
+                        format!("{tpath}.username"),
+                        "must be non-empty and contain no quote, backslash, colon or line break",
+                    ));
+                }
+                claim(
+                    &mut index.by_username,
+                    &tg.username,
+                    trunk_no,
+                    &format!("{tpath}.username"),
+                    "username",
+                    &index.trunks,
+                )?;
+                let ha1 = digest::Ha1Set::from_config(
+                    &tg.username,
+                    &index.realm,
+                    tg.password.as_deref(),
+                    tg.ha1.as_deref(),
+                    tg.ha1_sha256.as_deref(),
+                )
+                .map_err(|(field, reason)| ConfigError::new(format!("{tpath}{field}"), reason))?;
+                let acl = compile_acl(&tg.acl, &format!("{tpath}.acl"))?;
+                for (di, did) in tg.dids.iter().enumerate() {
+                    let dpath = format!("{tpath}.dids[{di}]");
+                    let Some(norm) = normalize_did(did) else {
+                        return Err(ConfigError::new(
+                            dpath,
+                            format!("{did:?} is not a phone number (digits, optional leading +)"),
+                        ));
+                    };
+                    claim(&mut index.by_did, &norm, trunk_no, &dpath, "DID", &index.trunks)?;
+                }
+                if let Some(failover) = &tg.failover {
+                    check_sip_uri(failover, &format!("{tpath}.failover"))?;
+                }
+                index.trunks.push(Trunk {
+                    id: tg.id.clone(),
+                    location: li,
+                    username: tg.username.clone(),
+                    ha1,
+                    require_registration: tg.require_registration,
+                    acl,
+                    alerts: tg.alerts.clone(),
+                    failover: tg.failover.clone(),
+                });
+            }
+        }
+        for alg in [Algorithm::Sha256, Algorithm::Md5] {
+            if index.trunks.iter().any(|t| t.ha1.algorithms().any(|a| a == alg)) {
+                index.algorithms.push(alg);
+            }
+        }
+        Ok(index)
+    }
+
+    pub fn algorithms(&self) -> &[Algorithm] {
+        &self.algorithms
+    }
+
+    pub fn trunk_by_username(&self, username: &str) -> Option<&Trunk> {
+        self.by_username.get(username).and_then(|&i| self.trunks.get(i))
+    }
+
+    pub fn trunk_by_id(&self, id: &str) -> Option<&Trunk> {
+        self.by_id.get(id).and_then(|&i| self.trunks.get(i))
+    }
+
+    /// The trunk group a dialled number belongs to. `user` is a Request-URI user part,
+    /// possibly with user parameters (`+15551230000;npdi`) or visual separators.
+    pub fn trunk_by_did(&self, user: &str) -> Option<&Trunk> {
+        let number = user.split(';').next().unwrap_or(user);
+        let plain = number.strip_prefix('+').unwrap_or(number);
+        // Fast path without allocating: the usual carrier form is already plain digits.
+        let hit = if !plain.is_empty() && plain.bytes().all(|b| b.is_ascii_digit()) {
+            self.by_did.get(plain)
+        } else {
+            normalize_did(number).and_then(|n| self.by_did.get(&n))
+        };
+        hit.and_then(|&i| self.trunks.get(i))
+    }
+
+    pub fn location_of(&self, trunk: &Trunk) -> Option<&LocationInfo> {
+        self.locations.get(trunk.location)
+    }
+
+    pub fn is_core(&self, ip: std::net::IpAddr) -> bool {
+        self.core_networks.contains(ip)
+    }
+}
+
+fn claim(
+    map: &mut HashMap<String, usize>,
+    key: &str,
+    trunk_no: usize,
+    path: &str,
+    what: &str,
+    trunks: &[Trunk],
+) -> Result<(), ConfigError> {
+    match map.entry(key.to_string()) {
+        Entry::Occupied(e) => {
+            let other = trunks.get(*e.get()).map(|t| t.id.as_str()).unwrap_or("?");
+            Err(ConfigError::new(
+                path,
+                format!("duplicate {what} {key:?} (already used by trunk group {other:?})"),
+            ))
+        }
+        Entry::Vacant(e) => {
+            e.insert(trunk_no);
+            Ok(())
+        }
+    }
+}
+
+fn compile_acl(entries: &[String], path: &str) -> Result<Acl, ConfigError> {
+    let mut nets = Vec::with_capacity(entries.len());
+    for (i, entry) in entries.iter().enumerate() {
+        nets.push(
+            acl::parse_entry(entry)
+                .map_err(|e| ConfigError::new(format!("{path}[{i}]"), e.to_string()))?,
+        );
+    }
+    Ok(Acl::new(nets))
+}
+
+fn check_id(id: &str, path: &str) -> Result<(), ConfigError> {
+    let ok = !id.is_empty()
+        && id.len() <= 128
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if ok {
+        Ok(())
+    } else {
+        // Ids end up in store keys, alert subjects and log lines: keep them plain.
+        Err(ConfigError::new(
+            path,
+            format!("{id:?} must be 1-128 characters of letters, digits, '-', '_' or '.'"),
+        ))
+    }
+}
+
+fn check_email(addr: &str, path: &str) -> Result<(), ConfigError> {
+    let ok = match addr.split_once('@') {
+        Some((local, domain)) => {
+            !local.is_empty()
+                && domain.contains('.')
+                && !domain.starts_with('.')
+                && !domain.ends_with('.')
+                && !addr.contains(|c: char| c.is_whitespace() || matches!(c, '<' | '>' | ',' | '"'))
+                && !domain.contains('@')
+        }
+        None => false,
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::new(path, format!("{addr:?} is not an e-mail address")))
+    }
+}
+
+fn check_sip_uri(uri: &str, path: &str) -> Result<(), ConfigError> {
+    let rest = uri
+        .strip_prefix("sip:")
+        .or_else(|| uri.strip_prefix("sips:"));
+    let host = rest.map(|r| {
+        let after_user = r.rsplit_once('@').map_or(r, |(_, h)| h);
+        after_user.split([';', '?']).next().unwrap_or("")
+    });
+    let ok = matches!(host, Some(h) if !h.is_empty() && !h.starts_with(':'))
+        && !uri.contains(|c: char| c.is_whitespace() || matches!(c, '<' | '>' | '"'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::new(path, format!("{uri:?} is not a sip: or sips: URI with a host")))
+    }
+}
+
+/// `+1 (555) 123-0000` → `15551230000`; `None` when it is not a phone number.
+pub fn normalize_did(text: &str) -> Option<String> {
+    let text = text.trim();
+    let body = text.strip_prefix('+').unwrap_or(text);
+    let mut digits = String::with_capacity(body.len());
+    for c in body.chars() {
+        match c {
+            '0'..='9' => digits.push(c),
+            // RFC 3966 visual separators.
+            '-' | '.' | '(' | ')' | ' ' => {}
+            _ => return None,
+        }
+    }
+    (!digits.is_empty() && digits.len() <= 20).then_some(digits)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#"{
+      "realm": "trunks.example.net",
+      "core_networks": ["10.0.0.0/8"],
+      "locations": [{
+        "id": "hq", "contacts": ["noc@example.com"],
+        "trunk_groups": [
+          {"id": "hq-pbx1", "username": "hq1", "password": "s3cret",
+           "acl": ["203.0.113.7/32", "2001:db8:7::/48"], "dids": ["+15551230000"],
+           "failover": "sip:+15551230000@198.51.100.20:5060"},
+          {"id": "hq-pbx2", "username": "hq2", "ha1": "0123456789abcdef0123456789abcdef",
+           "require_registration": false, "dids": ["+1 (555) 123-0001"]}
+        ]
+      }]
+    }"#;
+
+    #[test]
+    fn compiles_lookup_tables() {
+        let index = Index::from_json(BASE.as_bytes()).unwrap();
+        assert_eq!(index.trunk_by_username("hq1").unwrap().id, "hq-pbx1");
+        assert_eq!(index.trunk_by_did("+15551230000").unwrap().id, "hq-pbx1");
+        assert_eq!(index.trunk_by_did("15551230001").unwrap().id, "hq-pbx2");
+        assert_eq!(index.trunk_by_did("+1-555-123-0001;npdi").unwrap().id, "hq-pbx2");
+        assert!(index.trunk_by_did("15559999999").is_none());
+        assert!(index.trunk_by_username("nobody").is_none());
+        assert!(!index.trunk_by_id("hq-pbx2").unwrap().require_registration);
+        assert!(index.is_core("10.1.2.3".parse().unwrap()));
+        assert!(!index.is_core("203.0.113.7".parse().unwrap()));
+    }
+
+    #[test]
+    fn refused_pushes_name_the_path_and_reason() {
+        let cases: &[(&str, &str, &str, &str)] = &[
+            ("bad CIDR", "\"203.0.113.7/32\"", "\"203.0.113.300/32\"", "locations[0].trunk_groups[0].acl[0]"),
+            ("duplicate username", "\"username\": \"hq2\"", "\"username\": \"hq1\"", "locations[0].trunk_groups[1].username"),
+            ("duplicate DID", "\"+1 (555) 123-0001\"", "\"15551230000\"", "locations[0].trunk_groups[1].dids[0]"),
+            ("unknown field", "\"require_registration\": false", "\"require_registraton\": false", "locations[0].trunk_groups[1].require_registraton"),
+            ("wrong type", "\"require_registration\": false", "\"require_registration\": \"no\"", "locations[0].trunk_groups[1].require_registration"),
+            ("short ha1", "0123456789abcdef0123456789abcdef", "0123", "locations[0].trunk_groups[1].ha1"),
+            ("bad failover", "sip:+15551230000@198.51.100.20:5060", "http://x", "locations[0].trunk_groups[0].failover"),
+            ("bad core network", "10.0.0.0/8", "10.0.0.0/88", "core_networks[0]"),
+            ("bad contact", "noc@example.com", "noc", "locations[0].contacts[0]"),
+            ("bad DID", "+15551230000", "+1555CALLME", "locations[0].trunk_groups[0].dids[0]"),
+        ];
+        for (what, from, to, path) in cases {
+            let json = BASE.replacen(from, to, 1);
+            assert_ne!(json, BASE, "{what}: replacement did not apply");
+            let err = Index::from_json(json.as_bytes()).unwrap_err();
+            assert_eq!(err.path, *path, "{what}: {err}");
+            assert!(!err.reason.is_empty(), "{what}");
+        }
+    }
+
+    #[test]
+    fn trunk_without_credentials_is_refused() {
+        let json = BASE.replacen("\"password\": \"s3cret\",", "", 1);
+        let err = Index::from_json(json.as_bytes()).unwrap_err();
+        assert_eq!(err.path, "locations[0].trunk_groups[0]");
+        assert!(err.reason.contains("password"), "{err}");
+    }
+
+    #[test]
+    fn syntax_error_is_refused_at_root() {
+        let err = Index::from_json(b"{\"realm\": ").unwrap_err();
+        assert!(err.reason.contains("EOF"), "{err}");
+    }
+
+    #[test]
+    fn min_expires_above_max_is_refused() {
+        let json = BASE.replacen(
+            "\"core_networks\"",
+            "\"registration\": {\"min_expires\": 600, \"max_expires\": 60}, \"core_networks\"",
+            1,
+        );
+        let err = Index::from_json(json.as_bytes()).unwrap_err();
+        assert_eq!(err.path, "registration.min_expires");
+    }
+}

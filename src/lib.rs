@@ -1,0 +1,25 @@
+//! trunkguard: a SIP-trunk access policy for proxies at a carrier's edge.
+//!
+//! The core (everything but the `front_*` modules) is host-agnostic: it parses SIP,
+//! compiles the pushed configuration, verifies digest credentials and decides what
+//! to do with each message. Hosts reach it through one of the fronts, each behind a
+//! cargo feature.
+
+pub mod acl;
+pub mod alert;
+pub mod binding;
+pub mod config;
+pub mod digest;
+pub mod engine;
+pub mod index;
+pub mod policy;
+pub mod sip;
+pub mod store;
+pub mod verdict;
+
+#[cfg(all(feature = "abi", target_arch = "wasm32"))]
+pub mod abi;
+
+pub use engine::{Engine, Host};
+pub use policy::Input;
+pub use verdict::{Action, Cause, Verdict};

@@ -1,0 +1,427 @@
+//! The decisions of SPEC.md as one pure function of (message, source, transport,
+//! time, state) → verdict and alert events. Nothing here knows which host runs it.
+
+use std::net::{IpAddr, SocketAddr};
+
+use crate::acl::canonical_ip;
+use crate::alert::{Alert, AlertKind, rfc3339};
+use crate::binding::{self, Binding};
+use crate::digest::{self, Algorithm, NonceSecret, NonceState};
+use crate::index::{Index, Trunk};
+use crate::sip::{self, AuthHeader, Contacts, Message, Method, ParseError, Transport};
+use crate::store::{Store, StoreError};
+use crate::verdict::{Action, Cause, Verdict};
+
+/// One message as the host hands it over.
+#[derive(Debug, Clone, Copy)]
+pub struct Input<'a> {
+    pub message: &'a [u8],
+    /// The transport's peer address: the only source the policy trusts.
+    pub source: SocketAddr,
+    pub transport: Transport,
+    pub now_ms: u64,
+}
+
+/// A verdict plus the alert events it raised (before throttling; ids are assigned
+/// by the engine).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    pub verdict: Verdict,
+    pub alerts: Vec<Alert>,
+}
+
+impl From<Verdict> for Decision {
+    fn from(verdict: Verdict) -> Self {
+        Decision {
+            verdict,
+            alerts: Vec::new(),
+        }
+    }
+}
+
+/// Judges one message.
+pub fn decide(
+    index: &Index,
+    input: &Input<'_>,
+    store: &mut dyn Store,
+    secret: &NonceSecret,
+) -> Result<Decision, StoreError> {
+    let msg = match sip::parse(input.message, input.transport.framing()) {
+        Ok(msg) => msg,
+        Err(e) => return Ok(malformed(&e).into()),
+    };
+    // Responses belong to transactions the proxy already judged.
+    if !msg.is_request() {
+        return Ok(Verdict::allow().into());
+    }
+    if let Err(e) = msg.validate() {
+        return Ok(malformed(&e).into());
+    }
+    let Some(method) = msg.method() else {
+        return Ok(Verdict::allow().into());
+    };
+    if let Ok(Some(0)) = msg.max_forwards() {
+        if method != Method::Ack {
+            let mut v = Verdict::reject(483, "Too Many Hops", Cause::TooManyHops);
+            if method == Method::Options {
+                // Max-Forwards 0 on OPTIONS is a probe of this hop (RFC 3261 §11).
+                v = Verdict::allow();
+            }
+            return Ok(v.into());
+        }
+    }
+    let source_ip = canonical_ip(input.source.ip());
+    let req = Request {
+        index,
+        msg: &msg,
+        method,
+        input,
+        source_ip,
+        secret,
+    };
+    if index.is_core(source_ip) {
+        return req.core_side(store);
+    }
+    req.access_side(store)
+}
+
+fn malformed(e: &ParseError) -> Verdict {
+    let reason = match e {
+        ParseError::Incomplete => "Bad Request (incomplete message)".to_string(),
+        other => format!("Bad Request ({other})"),
+    };
+    Verdict::reject(400, reason, Cause::Malformed)
+}
+
+struct Request<'r, 'a> {
+    index: &'r Index,
+    msg: &'r Message<'a>,
+    method: Method<'a>,
+    input: &'r Input<'r>,
+    source_ip: IpAddr,
+    secret: &'r NonceSecret,
+}
+
+/// Methods that pass without credentials: keep-alives, and the two that RFC 3261
+/// forbids challenging (ACK for a non-2xx is hop-by-hop; CANCEL cannot be challenged
+/// and only ends a transaction that was itself judged).
+fn passes_untouched(method: Method<'_>) -> bool {
+    matches!(method, Method::Options | Method::Ack | Method::Cancel)
+}
+
+impl<'r, 'a> Request<'r, 'a> {
+    fn in_dialog(&self) -> bool {
+        self.msg.to().is_ok_and(|to| to.tag.is_some())
+    }
+
+    fn core_side(&self, store: &mut dyn Store) -> Result<Decision, StoreError> {
+        if self.method != Method::Invite || self.in_dialog() {
+            return Ok(Verdict::allow().into());
+        }
+        let user = self
+            .msg
+            .request_uri()
+            .and_then(|u| u.user)
+            .unwrap_or_default();
+        let Some(trunk) = self.index.trunk_by_did(user) else {
+            return Ok(Verdict::reject(404, "Not Found", Cause::UnknownDid).into());
+        };
+        if let Some(b) = binding::current(store, trunk, self.input.now_ms)? {
+            return Ok(Verdict {
+                action: Action::Route,
+                cause: Some(Cause::RegisteredContact),
+                target: Some(b.contact.clone()),
+                next_hop: Some(b.next_hop()),
+                ..Verdict::allow()
+            }
+            .with_trunk(&trunk.id)
+            .into());
+        }
+        if let Some(failover) = &trunk.failover {
+            return Ok(Verdict {
+                action: Action::Route,
+                cause: Some(Cause::Failover),
+                target: Some(failover.clone()),
+                ..Verdict::allow()
+            }
+            .with_trunk(&trunk.id)
+            .into());
+        }
+        Ok(
+            Verdict::reject(480, "Temporarily Unavailable", Cause::TrunkUnavailable)
+                .with_trunk(&trunk.id)
+                .into(),
+        )
+    }
+
+    fn access_side(&self, store: &mut dyn Store) -> Result<Decision, StoreError> {
+        if passes_untouched(self.method) || self.in_dialog() {
+            return Ok(Verdict::allow().into());
+        }
+        let trunk = match self.authenticate() {
+            Ok(trunk) => trunk,
+            Err(verdict) => return Ok(verdict.into()),
+        };
+        if self.method == Method::Register {
+            self.register(trunk, store)
+        } else {
+            self.call(trunk, store)
+        }
+    }
+
+    /// RFC 3261 §22: REGISTER is authenticated by the registrar (401), everything else
+    /// by the proxy (407).
+    fn challenge(&self, stale: bool) -> Verdict {
+        let nonce = digest::make_nonce(
+            self.secret,
+            self.input.now_ms,
+            self.source_ip,
+            &self.index.realm,
+        );
+        let (code, reason, header) = if self.method == Method::Register {
+            (401, "Unauthorized", "WWW-Authenticate")
+        } else {
+            (407, "Proxy Authentication Required", "Proxy-Authenticate")
+        };
+        let mut v = Verdict {
+            action: Action::Challenge,
+            code: Some(code),
+            reason: Some(reason.into()),
+            cause: Some(if stale {
+                Cause::StaleNonce
+            } else {
+                Cause::AuthRequired
+            }),
+            ..Verdict::allow()
+        };
+        for value in digest::challenge_values(
+            &self.index.realm,
+            &nonce,
+            stale,
+            self.index.algorithms(),
+        ) {
+            v = v.with_header(header, value);
+        }
+        v
+    }
+
+
+    /// Finds the trunk group whose credentials the request proves, or the verdict
+    /// that answers it (challenge, 403, 400).
+    fn authenticate(&self) -> Result<&'r Trunk, Verdict> {
+        // PBXs answer a 407 with Proxy-Authorization and a 401 with Authorization,
+        // and some send either: take the first credentials for our realm from both.
+        let preferred = if self.method == Method::Register {
+            [AuthHeader::Authorization, AuthHeader::ProxyAuthorization]
+        } else {
+            [AuthHeader::ProxyAuthorization, AuthHeader::Authorization]
+        };
+        let mut found = None;
+        for kind in preferred {
+            for creds in self.msg.credentials(kind) {
+                let creds = creds.map_err(|e| malformed(&e))?;
+                if creds.realm == self.index.realm {
+                    found = Some(creds);
+                    break;
+                }
+            }
+            if found.is_some() {
+                break;
+            }
+        }
+        let Some(creds) = found else {
+            return Err(self.challenge(false));
+        };
+        // Unknown user, unknown algorithm and wrong response all get this same answer,
+        // so the 403 tells a scanner nothing about which usernames exist.
+        let forbidden = || Verdict::reject(403, "Forbidden", Cause::BadCredentials);
+        let Some(algorithm) = Algorithm::from_param(creds.algorithm) else {
+            return Err(forbidden());
+        };
+        let nonce_state = digest::check_nonce(
+            self.secret,
+            &creds.nonce,
+            self.input.now_ms,
+            self.source_ip,
+            &self.index.realm,
+            self.index.nonce_ttl_ms,
+        );
+        if nonce_state == NonceState::Invalid {
+            // Not a nonce we issued to this address (another IP, a restart with a
+            // new secret, a forgery): ask again rather than judge the password.
+            return Err(self.challenge(false));
+        }
+        let trunk = self
+            .index
+            .trunk_by_username(&creds.username)
+            .ok_or_else(forbidden)?;
+        let response = digest::Response {
+            username: &creds.username,
+            uri: &creds.uri,
+            nonce: &creds.nonce,
+            response: &creds.response,
+            algorithm,
+            qop: creds.qop,
+            nc: creds.nc,
+            cnonce: creds.cnonce.as_deref(),
+        };
+        if !digest::verify(&trunk.ha1, self.method.as_str(), &response) {
+            return Err(forbidden());
+        }
+        if nonce_state == NonceState::Stale {
+            return Err(self.challenge(true));
+        }
+        Ok(trunk)
+    }
+
+    fn register(&self, trunk: &Trunk, store: &mut dyn Store) -> Result<Decision, StoreError> {
+        let now = self.input.now_ms;
+        if !trunk.acl.admits(self.source_ip) {
+            let verdict = Verdict::reject(403, "Forbidden (address not in access list)", Cause::NotInAccessList)
+                .with_trunk(&trunk.id);
+            let alerts = if trunk.alerts.blocked_calls {
+                vec![self.alert(trunk, AlertKind::BlockedRegistration, Some(Cause::NotInAccessList), None)]
+            } else {
+                Vec::new()
+            };
+            return Ok(Decision { verdict, alerts });
+        }
+        let reg = &self.index.registration;
+        let header_expires = match self.msg.expires() {
+            Ok(e) => e,
+            Err(e) => return Ok(malformed(&e).into()),
+        };
+        let contacts = match self.msg.contacts() {
+            Ok(c) => c,
+            Err(e) => return Ok(malformed(&e).into()),
+        };
+        let contact = match contacts {
+            Contacts::Star => {
+                // RFC 3261 §10.3 step 6: "*" is only valid with Expires: 0.
+                if header_expires != Some(0) {
+                    return Ok(Verdict::reject(400, "Bad Request (Contact * needs Expires: 0)", Cause::Malformed).into());
+                }
+                binding::remove(store, &trunk.id)?;
+                return Ok(accepted(trunk, Cause::Unregistered, None));
+            }
+            Contacts::List(list) => list.into_iter().next(),
+        };
+        let Some(contact) = contact else {
+            // A REGISTER without Contact asks for the current bindings (§10.2.3).
+            let current = binding::current(store, trunk, now)?;
+            let header = current
+                .as_ref()
+                .map(|b| format!("<{}>;expires={}", b.contact, b.remaining_s(now)));
+            return Ok(accepted(trunk, Cause::Registered, header));
+        };
+        let requested = contact
+            .expires
+            .or(header_expires)
+            .unwrap_or(reg.default_expires);
+        if requested == 0 {
+            binding::remove(store, &trunk.id)?;
+            return Ok(accepted(trunk, Cause::Unregistered, None));
+        }
+        if requested < reg.min_expires {
+            return Ok(Verdict::reject(423, "Interval Too Brief", Cause::IntervalTooBrief)
+                .with_trunk(&trunk.id)
+                .with_header("Min-Expires", reg.min_expires.to_string())
+                .into());
+        }
+        let expires = requested.min(reg.max_expires);
+        let b = Binding {
+            source: self.input.source,
+            transport: self.input.transport.as_str().to_string(),
+            contact: contact.addr.uri.raw.to_string(),
+            expires_at_ms: now.saturating_add(u64::from(expires) * 1000),
+            registered_at_ms: now,
+            call_id: self.msg.call_id().unwrap_or_default().to_string(),
+        };
+        binding::save(store, &trunk.id, &b)?;
+        let mut alerts = Vec::new();
+        let previous = binding::last_reg_ip(store, &trunk.id)?;
+        if previous != Some(self.source_ip) {
+            binding::set_last_reg_ip(store, &trunk.id, self.source_ip)?;
+            if let (Some(old), true) = (previous, trunk.alerts.reg_ip_change) {
+                alerts.push(self.alert(trunk, AlertKind::RegIpChange, None, Some(old)));
+            }
+        }
+        let header = format!("<{}>;expires={expires}", b.contact);
+        let mut d = accepted(trunk, Cause::Registered, Some(header));
+        d.alerts = alerts;
+        Ok(d)
+    }
+
+    fn call(&self, trunk: &Trunk, store: &mut dyn Store) -> Result<Decision, StoreError> {
+        let current = binding::current(store, trunk, self.input.now_ms)?;
+        let blocked = match &current {
+            // "In all cases, when a trunk has a registration, only calls from that
+            // registered address are allowed to pass."
+            Some(b) if b.ip() != self.source_ip => Some(Cause::NotRegisteredAddress),
+            None if trunk.require_registration => Some(Cause::RegistrationRequired),
+            _ if !trunk.acl.admits(self.source_ip) => Some(Cause::NotInAccessList),
+            _ => None,
+        };
+        let Some(cause) = blocked else {
+            return Ok(Verdict::allow().with_trunk(&trunk.id).into());
+        };
+        let verdict = Verdict::reject(403, format!("Forbidden ({})", cause.as_str()), cause)
+            .with_trunk(&trunk.id);
+        let mut alerts = Vec::new();
+        if trunk.alerts.blocked_calls {
+            let mut a = self.alert(trunk, AlertKind::BlockedCall, Some(cause), None);
+            a.registered = current.map(|b| b.source.to_string());
+            alerts.push(a);
+        }
+        Ok(Decision { verdict, alerts })
+    }
+
+    fn alert(&self, trunk: &Trunk, kind: AlertKind, cause: Option<Cause>, old_ip: Option<IpAddr>) -> Alert {
+        let location = self.index.location_of(trunk);
+        let now = self.input.now_ms;
+        let header = |name: Result<sip::NameAddr<'_>, ParseError>| name.ok().map(|n| n.raw.to_string());
+        Alert {
+            id: String::new(),
+            kind,
+            location: location.map(|l| l.id.clone()).unwrap_or_default(),
+            trunk_group: trunk.id.clone(),
+            recipients: location.map(|l| l.contacts.clone()).unwrap_or_default(),
+            at_ms: now,
+            time: rfc3339(now),
+            cause,
+            description: cause.map(|c| c.describe().to_string()),
+            source: Some(self.input.source.to_string()),
+            registered: None,
+            acl: if cause == Some(Cause::NotInAccessList) {
+                trunk.acl.entries().iter().map(|n| n.to_string()).collect()
+            } else {
+                Vec::new()
+            },
+            old_ip: old_ip.map(|ip| ip.to_string()),
+            new_ip: old_ip.map(|_| self.source_ip.to_string()),
+            method: Some(self.method.as_str().to_string()),
+            call_id: self.msg.call_id().map(str::to_string),
+            from: header(self.msg.from()),
+            to: header(self.msg.to()),
+            count: 1,
+            summary: false,
+            first_ms: None,
+            last_ms: None,
+        }
+    }
+}
+
+fn accepted(trunk: &Trunk, cause: Cause, contact: Option<String>) -> Decision {
+    let mut v = Verdict {
+        action: Action::Accept,
+        code: Some(200),
+        reason: Some("OK".into()),
+        cause: Some(cause),
+        ..Verdict::allow()
+    }
+    .with_trunk(&trunk.id);
+    if let Some(c) = contact {
+        v = v.with_header("Contact", c);
+    }
+    v.into()
+}

@@ -1,0 +1,442 @@
+//! Header names (long and compact forms) and the splitting of list-valued headers.
+
+use std::borrow::Cow;
+
+use super::lex::{self, Split};
+
+/// A header field name. Known names match their long and compact forms
+/// case-insensitively; `Other` matches any other name case-insensitively (and is
+/// normalised to the known variant when it spells one, so `Other("l")` finds
+/// Content-Length).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum HeaderName {
+    Via,
+    From,
+    To,
+    CallId,
+    CSeq,
+    Contact,
+    Expires,
+    MinExpires,
+    MaxForwards,
+    ContentLength,
+    ContentType,
+    ContentEncoding,
+    Authorization,
+    ProxyAuthorization,
+    WwwAuthenticate,
+    ProxyAuthenticate,
+    Route,
+    RecordRoute,
+    Allow,
+    Supported,
+    Unsupported,
+    Require,
+    ProxyRequire,
+    Accept,
+    UserAgent,
+    Server,
+    Subject,
+    Date,
+    Event,
+    AllowEvents,
+    ReferTo,
+    ReferredBy,
+    SessionExpires,
+    AcceptContact,
+    RejectContact,
+    RequestDisposition,
+    Identity,
+    IdentityInfo,
+    Other(&'static str),
+}
+
+use HeaderName as H;
+
+/// Every known name, for tests and for callers that want to enumerate them.
+pub const KNOWN_HEADERS: &[HeaderName] = &[
+    H::Via,
+    H::From,
+    H::To,
+    H::CallId,
+    H::CSeq,
+    H::Contact,
+    H::Expires,
+    H::MinExpires,
+    H::MaxForwards,
+    H::ContentLength,
+    H::ContentType,
+    H::ContentEncoding,
+    H::Authorization,
+    H::ProxyAuthorization,
+    H::WwwAuthenticate,
+    H::ProxyAuthenticate,
+    H::Route,
+    H::RecordRoute,
+    H::Allow,
+    H::Supported,
+    H::Unsupported,
+    H::Require,
+    H::ProxyRequire,
+    H::Accept,
+    H::UserAgent,
+    H::Server,
+    H::Subject,
+    H::Date,
+    H::Event,
+    H::AllowEvents,
+    H::ReferTo,
+    H::ReferredBy,
+    H::SessionExpires,
+    H::AcceptContact,
+    H::RejectContact,
+    H::RequestDisposition,
+    H::Identity,
+    H::IdentityInfo,
+];
+
+/// Unknown-to-the-enum headers whose grammar is a comma-separated list.
+const OTHER_LIST_HEADERS: &[&str] = &[
+    "Accept-Encoding",
+    "Accept-Language",
+    "Content-Language",
+    "In-Reply-To",
+    "Alert-Info",
+    "Call-Info",
+    "Error-Info",
+    "Warning",
+    "Path",
+    "Service-Route",
+    "Reason",
+    "Security-Client",
+    "Security-Server",
+    "Security-Verify",
+    "P-Associated-URI",
+    "P-Asserted-Identity",
+    "P-Preferred-Identity",
+    "History-Info",
+];
+
+impl HeaderName {
+    /// The canonical long name.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            H::Via => "Via",
+            H::From => "From",
+            H::To => "To",
+            H::CallId => "Call-ID",
+            H::CSeq => "CSeq",
+            H::Contact => "Contact",
+            H::Expires => "Expires",
+            H::MinExpires => "Min-Expires",
+            H::MaxForwards => "Max-Forwards",
+            H::ContentLength => "Content-Length",
+            H::ContentType => "Content-Type",
+            H::ContentEncoding => "Content-Encoding",
+            H::Authorization => "Authorization",
+            H::ProxyAuthorization => "Proxy-Authorization",
+            H::WwwAuthenticate => "WWW-Authenticate",
+            H::ProxyAuthenticate => "Proxy-Authenticate",
+            H::Route => "Route",
+            H::RecordRoute => "Record-Route",
+            H::Allow => "Allow",
+            H::Supported => "Supported",
+            H::Unsupported => "Unsupported",
+            H::Require => "Require",
+            H::ProxyRequire => "Proxy-Require",
+            H::Accept => "Accept",
+            H::UserAgent => "User-Agent",
+            H::Server => "Server",
+            H::Subject => "Subject",
+            H::Date => "Date",
+            H::Event => "Event",
+            H::AllowEvents => "Allow-Events",
+            H::ReferTo => "Refer-To",
+            H::ReferredBy => "Referred-By",
+            H::SessionExpires => "Session-Expires",
+            H::AcceptContact => "Accept-Contact",
+            H::RejectContact => "Reject-Contact",
+            H::RequestDisposition => "Request-Disposition",
+            H::Identity => "Identity",
+            H::IdentityInfo => "Identity-Info",
+            H::Other(name) => name,
+        }
+    }
+
+    /// The compact form (RFC 3261 §7.3.3 and the extensions that define one).
+    pub fn compact(&self) -> Option<char> {
+        Some(match self {
+            H::AcceptContact => 'a',
+            H::ReferredBy => 'b',
+            H::ContentType => 'c',
+            H::RequestDisposition => 'd',
+            H::ContentEncoding => 'e',
+            H::From => 'f',
+            H::CallId => 'i',
+            H::RejectContact => 'j',
+            H::Supported => 'k',
+            H::ContentLength => 'l',
+            H::Contact => 'm',
+            H::IdentityInfo => 'n',
+            H::Event => 'o',
+            H::ReferTo => 'r',
+            H::Subject => 's',
+            H::To => 't',
+            H::AllowEvents => 'u',
+            H::Via => 'v',
+            H::SessionExpires => 'x',
+            H::Identity => 'y',
+            _ => return None,
+        })
+    }
+
+    /// Classifies a name as received (long or compact, any case); `None` if unknown.
+    pub fn from_name(name: &str) -> Option<HeaderName> {
+        if let [c] = name.as_bytes() {
+            return from_compact(c.to_ascii_lowercase());
+        }
+        // Bucketing by length keeps this to one or a few comparisons per header.
+        let candidates: &[HeaderName] = match name.len() {
+            2 => &[H::To],
+            3 => &[H::Via],
+            4 => &[H::From, H::CSeq, H::Date],
+            5 => &[H::Route, H::Allow, H::Event],
+            6 => &[H::Accept, H::Server],
+            7 => &[H::CallId, H::Contact, H::Expires, H::Require, H::Subject],
+            8 => &[H::Identity, H::ReferTo],
+            9 => &[H::Supported],
+            10 => &[H::UserAgent],
+            11 => &[H::MinExpires, H::Unsupported, H::ReferredBy],
+            12 => &[H::MaxForwards, H::ContentType, H::RecordRoute, H::AllowEvents],
+            13 => &[H::Authorization, H::ProxyRequire, H::IdentityInfo],
+            14 => &[H::ContentLength, H::AcceptContact, H::RejectContact],
+            15 => &[H::SessionExpires],
+            16 => &[H::WwwAuthenticate, H::ContentEncoding],
+            18 => &[H::ProxyAuthenticate],
+            19 => &[H::ProxyAuthorization, H::RequestDisposition],
+            _ => &[],
+        };
+        candidates
+            .iter()
+            .copied()
+            .find(|h| h.as_str().eq_ignore_ascii_case(name))
+    }
+
+    /// `Other` spelling a known name becomes that name.
+    pub(crate) fn canonical(self) -> HeaderName {
+        match self {
+            H::Other(name) => HeaderName::from_name(name).unwrap_or(self),
+            known => known,
+        }
+    }
+
+    /// Whether the header's grammar is a comma-separated list (RFC 3261 §7.3.1).
+    pub fn is_list(&self) -> bool {
+        match self {
+            H::Via
+            | H::Contact
+            | H::Route
+            | H::RecordRoute
+            | H::Allow
+            | H::Supported
+            | H::Unsupported
+            | H::Require
+            | H::ProxyRequire
+            | H::Accept
+            | H::ContentEncoding
+            | H::AllowEvents
+            | H::AcceptContact
+            | H::RejectContact
+            | H::RequestDisposition => true,
+            H::Other(name) => OTHER_LIST_HEADERS
+                .iter()
+                .any(|l| l.eq_ignore_ascii_case(name)),
+            _ => false,
+        }
+    }
+
+    /// Does a received header with this classification and name match `self`
+    /// (which must be canonical)?
+    pub(crate) fn matches(self, header: &Header<'_>) -> bool {
+        match self {
+            H::Other(name) => header.known.is_none() && header.name.eq_ignore_ascii_case(name),
+            known => header.known == Some(known),
+        }
+    }
+}
+
+fn from_compact(c: u8) -> Option<HeaderName> {
+    Some(match c {
+        b'a' => H::AcceptContact,
+        b'b' => H::ReferredBy,
+        b'c' => H::ContentType,
+        b'd' => H::RequestDisposition,
+        b'e' => H::ContentEncoding,
+        b'f' => H::From,
+        b'i' => H::CallId,
+        b'j' => H::RejectContact,
+        b'k' => H::Supported,
+        b'l' => H::ContentLength,
+        b'm' => H::Contact,
+        b'n' => H::IdentityInfo,
+        b'o' => H::Event,
+        b'r' => H::ReferTo,
+        b's' => H::Subject,
+        b't' => H::To,
+        b'u' => H::AllowEvents,
+        b'v' => H::Via,
+        b'x' => H::SessionExpires,
+        b'y' => H::Identity,
+        _ => return None,
+    })
+}
+
+impl std::fmt::Display for HeaderName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One header field as received: `name` as spelled on the wire (trailing whitespace
+/// before the colon removed) and `value` with surrounding linear whitespace removed.
+/// A folded value keeps its inner CRLF+WS; see [`unfold`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header<'a> {
+    pub name: &'a str,
+    pub value: &'a str,
+    /// Line of the message where the field starts (the start line is line 1).
+    pub line: usize,
+    pub(crate) known: Option<HeaderName>,
+}
+
+impl<'a> Header<'a> {
+    /// The known name this field carries, if any.
+    pub fn known(&self) -> Option<HeaderName> {
+        self.known
+    }
+}
+
+/// The elements of one header value: the whole value for a single-valued header, or
+/// the non-empty trimmed comma-separated elements of a list header.
+#[derive(Debug, Clone)]
+pub(crate) enum Elements<'a> {
+    One(Option<&'a str>),
+    List(Split<'a>),
+}
+
+impl<'a> Elements<'a> {
+    pub(crate) fn new(value: &'a str, list: bool) -> Self {
+        if list {
+            Elements::List(Split::new(value, b','))
+        } else {
+            Elements::One(Some(value))
+        }
+    }
+}
+
+impl<'a> Iterator for Elements<'a> {
+    type Item = &'a str;
+
+    fn next(&mut self) -> Option<&'a str> {
+        match self {
+            Elements::One(v) => v.take(),
+            Elements::List(split) => split.by_ref().map(lex::trim_lws).find(|e| !e.is_empty()),
+        }
+    }
+}
+
+/// Replaces each fold (CRLF followed by whitespace) with a single space, borrowing
+/// when the value was not folded.
+pub fn unfold(value: &str) -> Cow<'_, str> {
+    if !value.contains(['\r', '\n']) {
+        return Cow::Borrowed(value);
+    }
+    let mut out = String::with_capacity(value.len());
+    let mut in_fold = false;
+    for c in value.chars() {
+        if matches!(c, '\r' | '\n') {
+            if !in_fold {
+                // Whitespace already emitted before the CRLF belongs to the fold.
+                let kept = out.trim_end_matches([' ', '\t']).len();
+                out.truncate(kept);
+                out.push(' ');
+            }
+            in_fold = true;
+        } else if in_fold && matches!(c, ' ' | '\t') {
+        } else {
+            in_fold = false;
+            out.push(c);
+        }
+    }
+    Cow::Owned(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_known_name_round_trips_in_any_case_and_compact_form() {
+        for &h in KNOWN_HEADERS {
+            assert_eq!(HeaderName::from_name(h.as_str()), Some(h), "{h:?}");
+            assert_eq!(
+                HeaderName::from_name(&h.as_str().to_ascii_uppercase()),
+                Some(h)
+            );
+            if let Some(c) = h.compact() {
+                assert_eq!(HeaderName::from_name(&c.to_string()), Some(h));
+                assert_eq!(
+                    HeaderName::from_name(&c.to_ascii_uppercase().to_string()),
+                    Some(h)
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn unknown_names_are_not_classified() {
+        for name in ["", "C%6Fntact", "Vias", "z", "Content-Lengths", "X-Foo"] {
+            assert_eq!(HeaderName::from_name(name), None, "{name:?}");
+        }
+    }
+
+    #[test]
+    fn other_spelling_a_known_name_is_canonicalised() {
+        let cases = [
+            (H::Other("l"), H::ContentLength),
+            (H::Other("call-id"), H::CallId),
+            (H::Other("X-Custom"), H::Other("X-Custom")),
+        ];
+        for (input, want) in cases {
+            assert_eq!(input.canonical(), want);
+        }
+    }
+
+    #[test]
+    fn list_elements_skip_empties_and_trim() {
+        let cases: &[(&str, bool, &[&str])] = &[
+            (" a , b ,,c ", true, &["a", "b", "c"]),
+            ("Fri, 01 Jan 2010", false, &["Fri, 01 Jan 2010"]),
+            ("", false, &[""]),
+            ("", true, &[]),
+            ("\"x, y\" <sip:a@b>, <sip:c@d>", true, &["\"x, y\" <sip:a@b>", "<sip:c@d>"]),
+        ];
+        for (input, list, want) in cases {
+            let got: Vec<&str> = Elements::new(input, *list).collect();
+            assert_eq!(&got, want, "input {input:?}");
+        }
+    }
+
+    #[test]
+    fn unfold_joins_continuation_lines() {
+        let cases = [
+            ("plain", "plain"),
+            ("a,\r\n        b", "a, b"),
+            ("SIP  /   2.0\r\n /UDP", "SIP  /   2.0 /UDP"),
+            ("x  \r\n\ty", "x y"),
+        ];
+        for (input, want) in cases {
+            assert_eq!(unfold(input), want, "input {input:?}");
+        }
+    }
+}

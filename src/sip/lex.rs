@@ -1,0 +1,351 @@
+//! Byte classes and small scanners shared by the header parsers.
+//!
+//! Header values reach these helpers after the header splitter has checked that every
+//! CR or LF inside them belongs to a CRLF followed by SP/HT (a fold), so CR and LF can
+//! be treated as plain linear whitespace here.
+
+use std::borrow::Cow;
+
+/// RFC 3261 `token` characters.
+pub(crate) fn is_token_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric()
+        || matches!(
+            b,
+            b'-' | b'.' | b'!' | b'%' | b'*' | b'_' | b'+' | b'`' | b'\'' | b'~'
+        )
+}
+
+pub(crate) fn is_token(s: &str) -> bool {
+    !s.is_empty() && s.bytes().all(is_token_byte)
+}
+
+pub(crate) fn is_lws(b: u8) -> bool {
+    matches!(b, b' ' | b'\t' | b'\r' | b'\n')
+}
+
+pub(crate) fn trim_lws(s: &str) -> &str {
+    s.trim_matches([' ', '\t', '\r', '\n'])
+}
+
+pub(crate) fn trim_lws_start(s: &str) -> &str {
+    s.trim_start_matches([' ', '\t', '\r', '\n'])
+}
+
+/// Index of the `"` closing the quoted-string that opens at `open` (which must be a
+/// `"`), honouring quoted-pairs. `None` when the quote is never closed.
+pub(crate) fn quoted_end(s: &str, open: usize) -> Option<usize> {
+    let bytes = s.as_bytes();
+    if bytes.get(open) != Some(&b'"') {
+        return None;
+    }
+    let mut escaped = false;
+    for (i, &b) in bytes.iter().enumerate().skip(open + 1) {
+        if escaped {
+            escaped = false;
+        } else if b == b'\\' {
+            escaped = true;
+        } else if b == b'"' {
+            return Some(i);
+        }
+    }
+    None
+}
+
+/// If `s` is exactly one quoted-string, its content (still escaped).
+pub(crate) fn quoted_inner(s: &str) -> Option<&str> {
+    let end = quoted_end(s, 0)?;
+    if end + 1 != s.len() {
+        return None;
+    }
+    s.get(1..end)
+}
+
+/// Resolves the quoted-pairs of a quoted-string's content; borrows when there are none.
+pub(crate) fn unescape_quoted(inner: &str) -> Cow<'_, str> {
+    if !inner.contains('\\') {
+        return Cow::Borrowed(inner);
+    }
+    let mut out = String::with_capacity(inner.len());
+    let mut escaped = false;
+    for c in inner.chars() {
+        if escaped {
+            out.push(c);
+            escaped = false;
+        } else if c == '\\' {
+            escaped = true;
+        } else {
+            out.push(c);
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// Splits on `sep` outside quoted-strings and `<...>`, yielding untrimmed pieces.
+///
+/// An unterminated quote or angle bracket swallows the rest of the input into one
+/// piece, so the structured parser that receives it reports the imbalance.
+#[derive(Debug, Clone)]
+pub(crate) struct Split<'a> {
+    rest: Option<&'a str>,
+    sep: u8,
+}
+
+impl<'a> Split<'a> {
+    pub(crate) fn new(s: &'a str, sep: u8) -> Self {
+        Split { rest: Some(s), sep }
+    }
+}
+
+impl<'a> Iterator for Split<'a> {
+    type Item = &'a str;
+
+    fn next(&mut self) -> Option<&'a str> {
+        let rest = self.rest?;
+        let mut in_quotes = false;
+        let mut escaped = false;
+        let mut in_angle = false;
+        for (i, &b) in rest.as_bytes().iter().enumerate() {
+            if in_quotes {
+                if escaped {
+                    escaped = false;
+                } else if b == b'\\' {
+                    escaped = true;
+                } else if b == b'"' {
+                    in_quotes = false;
+                }
+                continue;
+            }
+            match b {
+                b'"' => in_quotes = true,
+                b'<' => in_angle = true,
+                b'>' => in_angle = false,
+                _ if b == self.sep && !in_angle => {
+                    let (piece, after) = split_around(rest, i);
+                    self.rest = Some(after);
+                    return Some(piece);
+                }
+                _ => {}
+            }
+        }
+        self.rest = None;
+        Some(rest)
+    }
+}
+
+/// `(s[..i], s[i + 1..])` for the index of an ASCII byte; never panics.
+pub(crate) fn split_around(s: &str, i: usize) -> (&str, &str) {
+    (s.get(..i).unwrap_or(s), s.get(i + 1..).unwrap_or(""))
+}
+
+/// A forward-only reader over a header value.
+#[derive(Debug, Clone)]
+pub(crate) struct Cursor<'a> {
+    s: &'a str,
+    pos: usize,
+}
+
+impl<'a> Cursor<'a> {
+    pub(crate) fn new(s: &'a str) -> Self {
+        Cursor { s, pos: 0 }
+    }
+
+    pub(crate) fn rest(&self) -> &'a str {
+        self.s.get(self.pos..).unwrap_or("")
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.pos >= self.s.len()
+    }
+
+    pub(crate) fn peek(&self) -> Option<u8> {
+        self.s.as_bytes().get(self.pos).copied()
+    }
+
+    /// Skips linear whitespace; tells whether there was any.
+    pub(crate) fn skip_lws(&mut self) -> bool {
+        let start = self.pos;
+        while self.peek().is_some_and(is_lws) {
+            self.pos += 1;
+        }
+        self.pos > start
+    }
+
+    pub(crate) fn eat(&mut self, b: u8) -> bool {
+        if self.peek() == Some(b) {
+            self.pos += 1;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Takes the longest run of bytes accepted by `f`. Predicates must treat every
+    /// byte >= 0x80 alike so the run always ends on a character boundary.
+    pub(crate) fn take_while(&mut self, f: impl Fn(u8) -> bool) -> &'a str {
+        let start = self.pos;
+        while self.peek().is_some_and(&f) {
+            self.pos += 1;
+        }
+        self.s.get(start..self.pos).unwrap_or("")
+    }
+
+    /// Takes everything up to (not including) the next `b`, or `None` if absent.
+    pub(crate) fn take_until(&mut self, b: u8) -> Option<&'a str> {
+        let rest = self.rest();
+        let i = rest.as_bytes().iter().position(|&c| c == b)?;
+        self.pos += i;
+        rest.get(..i)
+    }
+}
+
+/// A decimal number of at most 20 digits, `None` on anything else or overflow.
+pub(crate) fn parse_u64(s: &str) -> Option<u64> {
+    if s.is_empty() {
+        return None;
+    }
+    let mut n: u64 = 0;
+    for b in s.bytes() {
+        if !b.is_ascii_digit() {
+            return None;
+        }
+        n = n.checked_mul(10)?.checked_add(u64::from(b - b'0'))?;
+    }
+    Some(n)
+}
+
+/// RFC 3261 delta-seconds: values above 2^32-1 are taken as 2^32-1 (§20.19).
+pub(crate) fn parse_delta_seconds(s: &str) -> Option<u32> {
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some(parse_u64(s).map_or(u32::MAX, |n| u32::try_from(n).unwrap_or(u32::MAX)))
+}
+
+pub(crate) fn is_hex(b: u8) -> bool {
+    b.is_ascii_hexdigit()
+}
+
+fn hex_val(b: u8) -> u8 {
+    match b {
+        b'0'..=b'9' => b - b'0',
+        b'a'..=b'f' => b - b'a' + 10,
+        b'A'..=b'F' => b - b'A' + 10,
+        _ => 0,
+    }
+}
+
+/// True when every `%` starts a valid `%HH` escape.
+pub(crate) fn escapes_valid(s: &str) -> bool {
+    let b = s.as_bytes();
+    let mut i = 0;
+    while let Some(off) = b.get(i..).and_then(|r| r.iter().position(|&c| c == b'%')) {
+        let p = i + off;
+        match (b.get(p + 1), b.get(p + 2)) {
+            (Some(&h), Some(&l)) if is_hex(h) && is_hex(l) => i = p + 3,
+            _ => return false,
+        }
+    }
+    true
+}
+
+/// %-decodes; invalid escapes are kept literally (callers validate beforehand).
+pub(crate) fn percent_decode(s: &str) -> Cow<'_, [u8]> {
+    if !s.contains('%') {
+        return Cow::Borrowed(s.as_bytes());
+    }
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while let Some(&c) = b.get(i) {
+        if c == b'%' {
+            if let (Some(&h), Some(&l)) = (b.get(i + 1), b.get(i + 2)) {
+                if is_hex(h) && is_hex(l) {
+                    out.push(hex_val(h) << 4 | hex_val(l));
+                    i += 3;
+                    continue;
+                }
+            }
+        }
+        out.push(c);
+        i += 1;
+    }
+    Cow::Owned(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_respects_quotes_angles_and_escapes() {
+        let cases: &[(&str, &[&str])] = &[
+            ("a,b", &["a", "b"]),
+            ("\"x,y\" <sip:a,b>,c", &["\"x,y\" <sip:a,b>", "c"]),
+            ("\"a\\\",b\",c", &["\"a\\\",b\"", "c"]),
+            ("\"open,never,closed", &["\"open,never,closed"]),
+            ("", &[""]),
+            (",", &["", ""]),
+        ];
+        for (input, want) in cases {
+            let got: Vec<&str> = Split::new(input, b',').collect();
+            assert_eq!(&got, want, "input {input:?}");
+        }
+    }
+
+    #[test]
+    fn quoted_end_handles_escapes_and_unterminated() {
+        let cases: &[(&str, Option<usize>)] = &[
+            ("\"abc\"", Some(4)),
+            ("\"a\\\"b\"", Some(5)),
+            ("\"a\\\\\"x", Some(4)),
+            ("\"abc", None),
+            ("\"abc\\\"", None),
+            ("abc", None),
+        ];
+        for (input, want) in cases {
+            assert_eq!(quoted_end(input, 0), *want, "input {input:?}");
+        }
+    }
+
+    #[test]
+    fn unescape_borrows_without_backslash() {
+        assert!(matches!(unescape_quoted("plain"), Cow::Borrowed("plain")));
+        assert_eq!(unescape_quoted("J Rosenberg \\\\\\\""), "J Rosenberg \\\"");
+    }
+
+    #[test]
+    fn numbers_parse_and_saturate() {
+        let cases: &[(&str, Option<u64>)] = &[
+            ("0", Some(0)),
+            ("0068", Some(68)),
+            ("18446744073709551615", Some(u64::MAX)),
+            ("18446744073709551616", None),
+            ("", None),
+            ("-1", None),
+            ("1 ", None),
+        ];
+        for (input, want) in cases {
+            assert_eq!(parse_u64(input), *want, "input {input:?}");
+        }
+        assert_eq!(parse_delta_seconds("4294967296"), Some(u32::MAX));
+        assert_eq!(parse_delta_seconds(&"9".repeat(100)), Some(u32::MAX));
+        assert_eq!(parse_delta_seconds("3600"), Some(3600));
+        assert_eq!(parse_delta_seconds("x"), None);
+    }
+
+    #[test]
+    fn escapes_are_checked_and_decoded() {
+        let cases: &[(&str, bool)] = &[
+            ("abc", true),
+            ("%41%62", true),
+            ("%4", false),
+            ("%ZZ", false),
+            ("a%", false),
+        ];
+        for (input, want) in cases {
+            assert_eq!(escapes_valid(input), *want, "input {input:?}");
+        }
+        assert_eq!(&*percent_decode("%75se%72"), b"user");
+        assert_eq!(&*percent_decode("null-%00-null"), b"null-\0-null");
+    }
+}

@@ -1,0 +1,754 @@
+//! A parsed message: start line, header fields in order, body; typed accessors for
+//! the headers the policy reads, and [`Message::validate`] for RFC 3261 §8.1.1.
+
+use super::auth::{self, AuthHeader, DigestCredentials};
+use super::framing::{self, Fields, MAX_HEADERS};
+use super::header::{Elements, Header, HeaderName};
+use super::lex::{self, Cursor, Split};
+use super::method::Method;
+use super::name_addr::{self, Contacts, NameAddr};
+use super::uri::Uri;
+use super::via::Via;
+use super::{Framing, ParseError};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartLine<'a> {
+    Request {
+        method: Method<'a>,
+        uri: Uri<'a>,
+        raw_uri: &'a str,
+    },
+    Response {
+        code: u16,
+        reason: &'a str,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CSeq<'a> {
+    /// At most 2^31-1 (RFC 3261 §8.1.1.5).
+    pub seq: u32,
+    pub method: Method<'a>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message<'a> {
+    start: StartLine<'a>,
+    headers: Vec<Header<'a>>,
+    body: &'a [u8],
+    content_length: Option<usize>,
+    framing: Framing,
+    wire_len: usize,
+}
+
+/// Parses exactly one message occupying `buf`. Leading CRLFs (keep-alives) are
+/// skipped.
+///
+/// - Datagram: Content-Length is optional (the body then runs to the end of `buf`);
+///   one larger than the body is an error; bytes past it are ignored (RFC 3261
+///   §18.3). With several Content-Length headers the first one frames the body and
+///   [`Message::validate`] refuses the duplicate.
+/// - Stream: Content-Length is required and must not be contradicted by another;
+///   a header block without its empty line, or a body shorter than announced, is
+///   [`ParseError::Incomplete`]. Bytes after the body other than CR/LF are refused
+///   ([`ParseError::TrailingData`]) so a second message cannot ride along unjudged;
+///   split streams with [`frame_stream`](super::frame_stream) first.
+///
+/// The start line (including the Request-URI) and the header field structure are
+/// checked here; the header values are checked lazily by the accessors and all
+/// together by [`Message::validate`].
+pub fn parse(buf: &[u8], framing: Framing) -> Result<Message<'_>, ParseError> {
+    let start = framing::keepalive_len(buf);
+    let layout = framing::locate(buf, start, framing)?;
+    let head_bytes = buf
+        .get(layout.start..layout.head_end)
+        .ok_or(ParseError::BadStartLine)?;
+    let head = std::str::from_utf8(head_bytes).map_err(|_| ParseError::NotUtf8)?;
+    let (line_end, first_field) = framing::start_line_end(head_bytes)?;
+    let start_line = parse_start_line(head.get(..line_end).unwrap_or(""))?;
+
+    let mut headers = Vec::with_capacity(16);
+    for field in Fields::new(head_bytes, first_field, 2) {
+        let field = field?;
+        let bad = ParseError::BadHeader { line: field.line };
+        if headers.len() == MAX_HEADERS {
+            return Err(ParseError::TooManyHeaders);
+        }
+        let text = head.get(field.start..field.end).ok_or(bad)?;
+        let (name, value) = text.split_once(':').ok_or(bad)?;
+        let name = name.trim_end_matches([' ', '\t']);
+        if !lex::is_token(name) {
+            return Err(bad);
+        }
+        headers.push(Header {
+            name,
+            value: lex::trim_lws(value),
+            line: field.line,
+            known: HeaderName::from_name(name),
+        });
+    }
+
+    let mut content_length = None;
+    let mut conflicting = false;
+    for h in headers
+        .iter()
+        .filter(|h| h.known == Some(HeaderName::ContentLength))
+    {
+        let n = framing::content_length_value(h.value.as_bytes())?;
+        match content_length {
+            None => content_length = Some(n),
+            Some(m) if m != n => conflicting = true,
+            Some(_) => {}
+        }
+    }
+    let available = buf.get(layout.body_start..).unwrap_or(&[]);
+    let body = match framing {
+        Framing::Datagram => match content_length {
+            Some(n) => available
+                .get(..n)
+                .ok_or(ParseError::BodyShorterThanContentLength)?,
+            None => available,
+        },
+        Framing::Stream => {
+            if conflicting {
+                return Err(ParseError::BadContentLength);
+            }
+            let n = content_length.ok_or(ParseError::MissingHeader("Content-Length"))?;
+            let body = available.get(..n).ok_or(ParseError::Incomplete)?;
+            let after = available.get(n..).unwrap_or(&[]);
+            if !after.iter().all(|&b| b == b'\r' || b == b'\n') {
+                return Err(ParseError::TrailingData);
+            }
+            body
+        }
+    };
+    Ok(Message {
+        start: start_line,
+        headers,
+        body,
+        content_length,
+        framing,
+        wire_len: layout.body_start + body.len(),
+    })
+}
+
+fn starts_with_ignore_case(s: &str, prefix: &str) -> bool {
+    s.as_bytes()
+        .get(..prefix.len())
+        .is_some_and(|p| p.eq_ignore_ascii_case(prefix.as_bytes()))
+}
+
+fn parse_start_line(line: &str) -> Result<StartLine<'_>, ParseError> {
+    if starts_with_ignore_case(line, "SIP/") {
+        let (version, rest) = line.split_once(' ').ok_or(ParseError::BadStartLine)?;
+        if !version.eq_ignore_ascii_case("SIP/2.0") {
+            return Err(ParseError::BadVersion);
+        }
+        let (code, reason) = rest.split_once(' ').unwrap_or((rest, ""));
+        // Status-Code is exactly three digits; refusing longer ones early keeps
+        // `4294967301` (bigcode) from wrapping into a valid code.
+        if code.len() != 3 || !code.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(ParseError::BadStatusCode);
+        }
+        let code: u16 = code.parse().map_err(|_| ParseError::BadStatusCode)?;
+        if !(100..=699).contains(&code) {
+            return Err(ParseError::BadStatusCode);
+        }
+        return Ok(StartLine::Response { code, reason });
+    }
+    // Trailing whitespace after SIP-Version is tolerated (RFC 4475 §3.1.2.6 trws).
+    let line = line.trim_end_matches([' ', '\t']);
+    let (method, rest) = line.split_once(' ').ok_or(ParseError::BadStartLine)?;
+    if !lex::is_token(method) {
+        return Err(ParseError::BadStartLine);
+    }
+    let (raw_uri, version) = rest.rsplit_once(' ').ok_or(ParseError::BadStartLine)?;
+    if !version.eq_ignore_ascii_case("SIP/2.0") {
+        return Err(if starts_with_ignore_case(version, "SIP/") {
+            ParseError::BadVersion
+        } else {
+            ParseError::BadStartLine
+        });
+    }
+    // Exactly one SP between the elements (RFC 4475 lwsstart, lwsruri).
+    if raw_uri.is_empty() || raw_uri.contains([' ', '\t']) {
+        return Err(ParseError::BadStartLine);
+    }
+    Ok(StartLine::Request {
+        method: Method::from_token(method),
+        uri: Uri::parse_request_uri(raw_uri)?,
+        raw_uri,
+    })
+}
+
+fn parse_cseq(v: &str) -> Result<CSeq<'_>, &'static str> {
+    let mut c = Cursor::new(v);
+    let digits = c.take_while(|b| b.is_ascii_digit());
+    if digits.is_empty() {
+        return Err("bad sequence number");
+    }
+    let seq = lex::parse_u64(digits)
+        .and_then(|n| u32::try_from(n).ok())
+        .filter(|&n| n <= 0x7fff_ffff)
+        .ok_or("sequence number out of range")?;
+    if !c.skip_lws() {
+        return Err("missing method");
+    }
+    let method = c.take_while(lex::is_token_byte);
+    if method.is_empty() {
+        return Err("missing method");
+    }
+    c.skip_lws();
+    if !c.is_empty() {
+        return Err("unexpected text after method");
+    }
+    Ok(CSeq {
+        seq,
+        method: Method::from_token(method),
+    })
+}
+
+/// Headers that may appear at most once (RFC 3261 §7.3.1: only list headers repeat).
+const SINGLE_HEADERS: &[HeaderName] = &[
+    HeaderName::CallId,
+    HeaderName::CSeq,
+    HeaderName::From,
+    HeaderName::To,
+    HeaderName::MaxForwards,
+    HeaderName::ContentLength,
+    HeaderName::ContentType,
+    HeaderName::Expires,
+    HeaderName::MinExpires,
+    HeaderName::Date,
+];
+
+/// Headers every request and response carries (RFC 3261 §8.1.1); Max-Forwards is
+/// left out because RFC 2543 peers omit it and a proxy inserts it (§16.6).
+const REQUIRED_HEADERS: &[HeaderName] = &[
+    HeaderName::To,
+    HeaderName::From,
+    HeaderName::CSeq,
+    HeaderName::CallId,
+    HeaderName::Via,
+];
+
+fn bad_value(header: HeaderName) -> impl Fn(&'static str) -> ParseError {
+    move |reason| ParseError::BadHeaderValue {
+        header: header.as_str(),
+        reason,
+    }
+}
+
+impl<'a> Message<'a> {
+    pub fn start(&self) -> &StartLine<'a> {
+        &self.start
+    }
+
+    pub fn is_request(&self) -> bool {
+        matches!(self.start, StartLine::Request { .. })
+    }
+
+    pub fn method(&self) -> Option<Method<'a>> {
+        match self.start {
+            StartLine::Request { method, .. } => Some(method),
+            StartLine::Response { .. } => None,
+        }
+    }
+
+    pub fn request_uri(&self) -> Option<&Uri<'a>> {
+        match &self.start {
+            StartLine::Request { uri, .. } => Some(uri),
+            StartLine::Response { .. } => None,
+        }
+    }
+
+    pub fn status_code(&self) -> Option<u16> {
+        match self.start {
+            StartLine::Response { code, .. } => Some(code),
+            StartLine::Request { .. } => None,
+        }
+    }
+
+    pub fn reason_phrase(&self) -> Option<&'a str> {
+        match self.start {
+            StartLine::Response { reason, .. } => Some(reason),
+            StartLine::Request { .. } => None,
+        }
+    }
+
+    /// Every header field in order as (name as received, trimmed value). A folded
+    /// value keeps its inner CRLF+WS; [`unfold`](super::unfold) joins it.
+    pub fn headers(&self) -> impl Iterator<Item = (&'a str, &'a str)> {
+        self.headers.iter().map(|h| (h.name, h.value))
+    }
+
+    /// The header fields with their line numbers and classification.
+    pub fn header_fields(&self) -> &[Header<'a>] {
+        &self.headers
+    }
+
+    /// The fields named `name` (long or compact form, any case), unsplit.
+    pub fn fields(&self, name: HeaderName) -> impl Iterator<Item = &Header<'a>> {
+        let name = name.canonical();
+        self.headers.iter().filter(move |h| name.matches(h))
+    }
+
+    /// Every value of a header: list headers are split at commas outside quotes and
+    /// `<>` (empty elements skipped); each value is trimmed.
+    pub fn header_values(&self, name: HeaderName) -> impl Iterator<Item = &'a str> {
+        let list = name.canonical().is_list();
+        self.fields(name)
+            .flat_map(move |h| Elements::new(h.value, list))
+    }
+
+    /// The first value of a header.
+    pub fn header(&self, name: HeaderName) -> Option<&'a str> {
+        self.header_values(name).next()
+    }
+
+    pub fn has_header(&self, name: HeaderName) -> bool {
+        self.fields(name).next().is_some()
+    }
+
+    pub fn call_id(&self) -> Option<&'a str> {
+        self.header(HeaderName::CallId)
+    }
+
+    pub fn cseq(&self) -> Result<CSeq<'a>, ParseError> {
+        let v = self
+            .header(HeaderName::CSeq)
+            .ok_or(ParseError::MissingHeader("CSeq"))?;
+        parse_cseq(v).map_err(bad_value(HeaderName::CSeq))
+    }
+
+    fn name_addr(&self, name: HeaderName) -> Result<NameAddr<'a>, ParseError> {
+        let v = self
+            .header(name)
+            .ok_or(ParseError::MissingHeader(name.as_str()))?;
+        NameAddr::parse(v).map_err(bad_value(name))
+    }
+
+    pub fn from(&self) -> Result<NameAddr<'a>, ParseError> {
+        self.name_addr(HeaderName::From)
+    }
+
+    pub fn to(&self) -> Result<NameAddr<'a>, ParseError> {
+        self.name_addr(HeaderName::To)
+    }
+
+    /// Every Via element, top first, across all Via fields; empty elements are
+    /// errors.
+    pub fn vias(&self) -> impl Iterator<Item = Result<Via<'a>, ParseError>> {
+        self.fields(HeaderName::Via)
+            .flat_map(|h| Split::new(h.value, b','))
+            .map(|element| Via::parse(element).map_err(bad_value(HeaderName::Via)))
+    }
+
+    pub fn top_via(&self) -> Result<Via<'a>, ParseError> {
+        self.vias()
+            .next()
+            .unwrap_or(Err(ParseError::MissingHeader("Via")))
+    }
+
+    /// All Contact values; an absent Contact is an empty list.
+    pub fn contacts(&self) -> Result<Contacts<'a>, ParseError> {
+        name_addr::parse_contacts(self.fields(HeaderName::Contact).map(|h| h.value))
+            .map_err(bad_value(HeaderName::Contact))
+    }
+
+    /// Route or Record-Route entries, in order.
+    pub fn name_addrs(
+        &self,
+        name: HeaderName,
+    ) -> impl Iterator<Item = Result<NameAddr<'a>, ParseError>> {
+        let canonical = name.canonical();
+        self.fields(name)
+            .flat_map(|h| name_addr::parse_list(h.value))
+            .map(move |r| r.map_err(bad_value(canonical)))
+    }
+
+    /// The Expires header in delta-seconds; values over 2^32-1 are taken as
+    /// 2^32-1 (RFC 3261 §20.19).
+    pub fn expires(&self) -> Result<Option<u32>, ParseError> {
+        self.header(HeaderName::Expires)
+            .map(|v| lex::parse_delta_seconds(v).ok_or("not delta-seconds"))
+            .transpose()
+            .map_err(bad_value(HeaderName::Expires))
+    }
+
+    /// Max-Forwards, 0..=255.
+    pub fn max_forwards(&self) -> Result<Option<u32>, ParseError> {
+        self.header(HeaderName::MaxForwards)
+            .map(|v| {
+                lex::parse_u64(v)
+                    .filter(|&n| n <= 255)
+                    .map(|n| n as u32)
+                    .ok_or("not a number in 0..=255")
+            })
+            .transpose()
+            .map_err(bad_value(HeaderName::MaxForwards))
+    }
+
+    /// The Content-Length that framed the body (the first one), if any.
+    pub fn content_length(&self) -> Option<usize> {
+        self.content_length
+    }
+
+    pub fn body(&self) -> &'a [u8] {
+        self.body
+    }
+
+    pub fn framing(&self) -> Framing {
+        self.framing
+    }
+
+    /// Bytes of the buffer this message occupied, keep-alive CRLFs before it
+    /// included, bytes ignored after the body excluded.
+    pub fn wire_len(&self) -> usize {
+        self.wire_len
+    }
+
+    /// Digest credentials of every Authorization or Proxy-Authorization field.
+    /// Fields with another well-formed scheme are skipped (so the policy challenges
+    /// as if there were none); malformed fields yield an error.
+    pub fn credentials(
+        &self,
+        kind: AuthHeader,
+    ) -> impl Iterator<Item = Result<DigestCredentials<'a>, ParseError>> {
+        let name = kind.header_name();
+        self.fields(name)
+            .filter_map(move |h| auth::parse(h.value).map_err(bad_value(name)).transpose())
+    }
+
+    /// Checks what RFC 3261 §8.1.1 requires of every request (and, except for the
+    /// method, of every response): the mandatory headers present (Max-Forwards may
+    /// be missing), single-valued headers not repeated, and the syntax of every
+    /// header this crate understands, with the CSeq method equal to the request
+    /// method.
+    pub fn validate(&self) -> Result<(), ParseError> {
+        for &name in REQUIRED_HEADERS {
+            if !self.has_header(name) {
+                return Err(ParseError::MissingHeader(name.as_str()));
+            }
+        }
+        for &name in SINGLE_HEADERS {
+            if self.fields(name).nth(1).is_some() {
+                return Err(ParseError::DuplicateHeader(name.as_str()));
+            }
+        }
+        let call_id = self.call_id().unwrap_or("");
+        if call_id.is_empty() || !call_id.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(bad_value(HeaderName::CallId)("not a word[@word]"));
+        }
+        self.from()?;
+        self.to()?;
+        let cseq = self.cseq()?;
+        if self.method().is_some_and(|m| m != cseq.method) {
+            return Err(ParseError::CSeqMismatch);
+        }
+        for via in self.vias() {
+            via?;
+        }
+        self.max_forwards()?;
+        self.expires()?;
+        self.contacts()?;
+        for name in [HeaderName::Route, HeaderName::RecordRoute] {
+            for entry in self.name_addrs(name) {
+                entry?;
+            }
+        }
+        if let Some(date) = self.header(HeaderName::Date) {
+            // rfc1123-date always ends in GMT (RFC 3261 §20.17); the rest is not
+            // worth a calendar parser here.
+            if !date.ends_with("GMT") {
+                return Err(bad_value(HeaderName::Date)("not in GMT"));
+            }
+        }
+        for kind in [AuthHeader::Authorization, AuthHeader::ProxyAuthorization] {
+            for creds in self.credentials(kind) {
+                creds?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sip::{Contacts, Host, Transport};
+
+    fn msg(lines: &[&str], body: &str) -> Vec<u8> {
+        let mut s = lines.join("\r\n");
+        s.push_str("\r\n\r\n");
+        s.push_str(body);
+        s.into_bytes()
+    }
+
+    fn register() -> Vec<u8> {
+        msg(
+            &[
+                "REGISTER sip:trunks.example.net SIP/2.0",
+                "Via: SIP/2.0/UDP 203.0.113.7:5060;branch=z9hG4bK776asdhds;rport",
+                "Max-Forwards: 70",
+                "To: <sip:hq1@trunks.example.net>",
+                "From: \"HQ\" <sip:hq1@trunks.example.net>;tag=1928301774",
+                "Call-ID: a84b4c76e66710@pbx.example.com",
+                "CSeq: 314159 REGISTER",
+                "Contact: <sip:hq1@203.0.113.7:5060;transport=udp>;expires=3600",
+                "Authorization: Digest username=\"hq1\", realm=\"trunks.example.net\", nonce=\"n\", uri=\"sip:trunks.example.net\", response=\"r\"",
+                "Expires: 7200",
+                "Content-Length: 0",
+            ],
+            "",
+        )
+    }
+
+    #[test]
+    fn register_exposes_typed_headers() {
+        let buf = register();
+        let m = parse(&buf, Framing::Stream).unwrap_or_else(|e| panic!("{e}"));
+        assert!(m.is_request());
+        assert_eq!(m.method(), Some(Method::Register));
+        assert_eq!(m.request_uri().map(|u| u.host), Some(Host::Name("trunks.example.net")));
+        assert_eq!(m.call_id(), Some("a84b4c76e66710@pbx.example.com"));
+        assert_eq!(m.cseq(), Ok(CSeq { seq: 314159, method: Method::Register }));
+        assert_eq!(m.from().map(|f| f.tag), Ok(Some("1928301774")));
+        assert_eq!(m.to().map(|t| t.tag), Ok(None));
+        let via = m.top_via().unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(via.transport, Some(Transport::Udp));
+        assert_eq!(via.rport, Some(None));
+        assert_eq!(m.expires(), Ok(Some(7200)));
+        assert_eq!(m.max_forwards(), Ok(Some(70)));
+        assert_eq!(m.content_length(), Some(0));
+        let Ok(Contacts::List(contacts)) = m.contacts() else {
+            panic!("contacts");
+        };
+        assert_eq!(contacts[0].expires, Some(3600));
+        assert_eq!(contacts[0].addr.uri.transport_param(), Some("udp"));
+        let creds: Vec<_> = m.credentials(AuthHeader::Authorization).collect();
+        assert_eq!(creds.len(), 1);
+        assert!(matches!(&creds[0], Ok(c) if c.username == "hq1"));
+        assert_eq!(m.credentials(AuthHeader::ProxyAuthorization).count(), 0);
+        assert_eq!(m.validate(), Ok(()));
+        assert_eq!(m.wire_len(), buf.len());
+    }
+
+    #[test]
+    fn start_lines_parse_or_are_refused() {
+        let cases: &[(&str, Result<(), ParseError>)] = &[
+            ("OPTIONS sip:a@b SIP/2.0", Ok(())),
+            ("OPTIONS sip:a@b sip/2.0", Ok(())),
+            ("OPTIONS sip:a@b SIP/2.0  ", Ok(())),
+            ("SIP/2.0 200 OK", Ok(())),
+            ("SIP/2.0 100 ", Ok(())),
+            ("SIP/2.0 180", Ok(())),
+            ("SIP/2.0 699 x", Ok(())),
+            ("SIP/2.0 4294967301 better not break the receiver", Err(ParseError::BadStatusCode)),
+            ("SIP/2.0 099 x", Err(ParseError::BadStatusCode)),
+            ("SIP/2.0 700 x", Err(ParseError::BadStatusCode)),
+            ("SIP/2.0 20 x", Err(ParseError::BadStatusCode)),
+            ("SIP/2.0  200 OK", Err(ParseError::BadStatusCode)),
+            ("SIP/7.0 200 OK", Err(ParseError::BadVersion)),
+            ("SIP/2.0", Err(ParseError::BadStartLine)),
+            ("OPTIONS sip:t.watson@example.org SIP/7.0", Err(ParseError::BadVersion)),
+            ("OPTIONS sip:a@b HTTP/1.1", Err(ParseError::BadStartLine)),
+            ("INVITE  sip:user@example.com  SIP/2.0", Err(ParseError::BadStartLine)),
+            (" INVITE sip:user@example.com SIP/2.0", Err(ParseError::BadStartLine)),
+            ("INVITE sip:user@example.com; lr SIP/2.0", Err(ParseError::BadStartLine)),
+            ("INVITE sip:a@b", Err(ParseError::BadStartLine)),
+            ("INVITE", Err(ParseError::BadStartLine)),
+            ("INV\"ITE sip:a@b SIP/2.0", Err(ParseError::BadStartLine)),
+            ("INVITE <sip:user@example.com> SIP/2.0", Err(ParseError::BadUri { reason: "bad scheme" })),
+            ("INVITE sip:2001:db8::10 SIP/2.0", Err(ParseError::BadUri { reason: "bad IPv4 address" })),
+            (
+                "INVITE sip:user@example.com?Route=%3Csip:example.com%3E SIP/2.0",
+                Err(ParseError::BadUri { reason: "headers not allowed in Request-URI" }),
+            ),
+        ];
+        for (line, want) in cases {
+            assert_eq!(parse_start_line(line).map(|_| ()), *want, "{line:?}");
+        }
+    }
+
+    #[test]
+    fn cseq_values_parse_or_are_refused() {
+        let cases: &[(&str, Result<(u32, Method), &str>)] = &[
+            ("1 INVITE", Ok((1, Method::Invite))),
+            ("0009\r\n  INVITE", Ok((9, Method::Invite))),
+            ("2147483647 ACK", Ok((2_147_483_647, Method::Ack))),
+            ("2147483648 ACK", Err("sequence number out of range")),
+            ("36893488147419103232 REGISTER", Err("sequence number out of range")),
+            ("-1 INVITE", Err("bad sequence number")),
+            ("1INVITE", Err("missing method")),
+            ("1 ", Err("missing method")),
+            ("1 INVITE x", Err("unexpected text after method")),
+        ];
+        for (input, want) in cases {
+            let got = parse_cseq(input).map(|c| (c.seq, c.method));
+            assert_eq!(got, *want, "{input:?}");
+        }
+    }
+
+    #[test]
+    fn datagram_and_stream_framing_rules() {
+        let base = ["OPTIONS sip:a@b SIP/2.0", "Via: SIP/2.0/UDP h;branch=z9hG4bK1"];
+        let with = |extra: &[&str], body: &str| {
+            let mut lines = base.to_vec();
+            lines.extend_from_slice(extra);
+            msg(&lines, body)
+        };
+        let cases: Vec<(&str, Vec<u8>, Framing, Result<&[u8], ParseError>)> = vec![
+            ("no CL over datagram takes the rest", with(&[], "abc"), Framing::Datagram, Ok(b"abc")),
+            ("no CL over stream is refused", with(&[], ""), Framing::Stream, Err(ParseError::MissingHeader("Content-Length"))),
+            ("short CL over datagram ignores extra", with(&["l: 1"], "abc"), Framing::Datagram, Ok(b"a")),
+            ("long CL over datagram is an error", with(&["l: 9"], "abc"), Framing::Datagram, Err(ParseError::BodyShorterThanContentLength)),
+            ("long CL over stream is incomplete", with(&["l: 9"], "abc"), Framing::Stream, Err(ParseError::Incomplete)),
+            ("extra bytes over stream are refused", with(&["l: 1"], "abc"), Framing::Stream, Err(ParseError::TrailingData)),
+            ("trailing CRLF over stream is fine", with(&["l: 1"], "a\r\n"), Framing::Stream, Ok(b"a")),
+            ("negative CL", with(&["Content-Length: -999"], ""), Framing::Datagram, Err(ParseError::BadContentLength)),
+            ("conflicting CL over stream", with(&["l: 1", "l: 2"], "ab"), Framing::Stream, Err(ParseError::BadContentLength)),
+            ("conflicting CL over datagram uses the first", with(&["l: 1", "l: 2"], "ab"), Framing::Datagram, Ok(b"a")),
+            ("leading keep-alives are skipped", [b"\r\n\r\n".as_slice(), &with(&["l: 0"], "")].concat(), Framing::Stream, Ok(b"")),
+        ];
+        for (name, buf, framing, want) in cases {
+            assert_eq!(parse(&buf, framing).map(|m| m.body()), want, "{name}");
+        }
+    }
+
+    #[test]
+    fn head_limits_and_structure_are_enforced() {
+        let many: Vec<String> = (0..=MAX_HEADERS).map(|i| format!("X-{i}: v")).collect();
+        let mut lines = vec!["OPTIONS sip:a@b SIP/2.0".to_string()];
+        lines.extend(many);
+        let too_many = msg(&lines.iter().map(String::as_str).collect::<Vec<_>>(), "");
+        let huge = msg(&["OPTIONS sip:a@b SIP/2.0", &format!("X: {}", "a".repeat(70_000))], "");
+        let cases: Vec<(&str, Vec<u8>, ParseError)> = vec![
+            ("too many headers", too_many, ParseError::TooManyHeaders),
+            ("head too large", huge, ParseError::TooLarge),
+            ("not utf-8", msg(&["OPTIONS sip:a@b SIP/2.0", "X: \u{ff}"], "").into_iter().map(|b| if b == 0xc3 { 0xff } else { b }).collect(), ParseError::NotUtf8),
+            ("no colon", msg(&["OPTIONS sip:a@b SIP/2.0", "Via SIP/2.0/UDP h"], ""), ParseError::BadHeader { line: 2 }),
+            ("empty name", msg(&["OPTIONS sip:a@b SIP/2.0", "a: b", ": b"], ""), ParseError::BadHeader { line: 3 }),
+            ("space in name", msg(&["OPTIONS sip:a@b SIP/2.0", "X Y: b"], ""), ParseError::BadHeader { line: 2 }),
+            ("first header folded", msg(&["OPTIONS sip:a@b SIP/2.0", " X: b"], ""), ParseError::BadHeader { line: 2 }),
+            ("bare LF", b"OPTIONS sip:a@b SIP/2.0\r\nA: b\nC: d\r\n\r\n".to_vec(), ParseError::BadHeader { line: 2 }),
+            ("unterminated datagram", b"OPTIONS sip:a@b SIP/2.0\r\nA: b\r\n".to_vec(), ParseError::UnterminatedHeaders),
+            ("only keep-alives", b"\r\n\r\n".to_vec(), ParseError::Empty),
+        ];
+        for (name, buf, want) in cases {
+            assert_eq!(parse(&buf, Framing::Datagram).map(|_| ()), Err(want), "{name}");
+        }
+    }
+
+    #[test]
+    fn header_values_split_lists_and_match_compact_names() {
+        let buf = msg(
+            &[
+                "OPTIONS sip:a@b SIP/2.0",
+                "v: SIP/2.0/UDP a;branch=z9hG4bK1, SIP/2.0/UDP b;branch=z9hG4bK2",
+                "Via: SIP/2.0/TCP c",
+                "Supported: timer,\r\n 100rel, ,path",
+                "Date: Sat, 15 Oct 2005 04:44:56 GMT",
+                "m: \"a, b\" <sip:a@b>, <sip:c@d;x=1,2>",
+                "X-Custom: one, two",
+                "l: 0",
+            ],
+            "",
+        );
+        let m = parse(&buf, Framing::Datagram).unwrap_or_else(|e| panic!("{e}"));
+        let vias: Vec<_> = m.header_values(HeaderName::Via).collect();
+        assert_eq!(vias, ["SIP/2.0/UDP a;branch=z9hG4bK1", "SIP/2.0/UDP b;branch=z9hG4bK2", "SIP/2.0/TCP c"]);
+        let supported: Vec<_> = m.header_values(HeaderName::Supported).collect();
+        assert_eq!(supported, ["timer", "100rel", "path"]);
+        assert_eq!(m.header(HeaderName::Date), Some("Sat, 15 Oct 2005 04:44:56 GMT"));
+        let contacts: Vec<_> = m.header_values(HeaderName::Other("Contact")).collect();
+        assert_eq!(contacts, ["\"a, b\" <sip:a@b>", "<sip:c@d;x=1,2>"]);
+        assert_eq!(m.header(HeaderName::Other("x-custom")), Some("one, two"));
+        assert_eq!(m.header(HeaderName::Other("l")), Some("0"));
+        assert_eq!(m.header(HeaderName::CallId), None);
+        assert_eq!(m.vias().count(), 3);
+        let names: Vec<_> = m.headers().map(|(n, _)| n).collect();
+        assert_eq!(names, ["v", "Via", "Supported", "Date", "m", "X-Custom", "l"]);
+    }
+
+    #[test]
+    fn validate_refuses_what_rfc3261_forbids() {
+        let good = [
+            "INVITE sip:u@example.com SIP/2.0",
+            "Via: SIP/2.0/UDP h;branch=z9hG4bK1",
+            "To: <sip:u@example.com>",
+            "From: <sip:c@example.net>;tag=1",
+            "Call-ID: abc@h",
+            "CSeq: 1 INVITE",
+            "Content-Length: 0",
+        ];
+        let with = |replace: Option<(usize, &str)>, extra: &[&str]| {
+            let mut lines = good.to_vec();
+            if let Some((i, line)) = replace {
+                lines[i] = line;
+            }
+            lines.extend_from_slice(extra);
+            msg(&lines, "")
+        };
+        let bad = |header, reason| ParseError::BadHeaderValue { header, reason };
+        let cases: Vec<(&str, Vec<u8>, Result<(), ParseError>)> = vec![
+            ("minimal request", with(None, &[]), Ok(())),
+            ("missing To", with(Some((2, "X: y")), &[]), Err(ParseError::MissingHeader("To"))),
+            ("missing Via", with(Some((1, "X: y")), &[]), Err(ParseError::MissingHeader("Via"))),
+            ("duplicate Call-ID", with(None, &["i: other@h"]), Err(ParseError::DuplicateHeader("Call-ID"))),
+            ("duplicate Max-Forwards", with(None, &["Max-Forwards: 1", "Max-Forwards: 2"]), Err(ParseError::DuplicateHeader("Max-Forwards"))),
+            ("CSeq method mismatch", with(Some((5, "CSeq: 1 OPTIONS")), &[]), Err(ParseError::CSeqMismatch)),
+            ("Max-Forwards over 255", with(None, &["Max-Forwards: 300"]), Err(bad("Max-Forwards", "not a number in 0..=255"))),
+            ("Expires garbage", with(None, &["Expires: soon"]), Err(bad("Expires", "not delta-seconds"))),
+            ("Expires huge saturates", with(None, &["Expires: 99999999999999999999999"]), Ok(())),
+            ("Date not GMT", with(None, &["Date: Fri, 01 Jan 2010 16:00:00 EST"]), Err(bad("Date", "not in GMT"))),
+            ("bad second Via", with(None, &["Via: SIP/2.0/UDP h;;"]), Err(bad("Via", "empty parameter"))),
+            ("empty Via element", with(Some((1, "Via: SIP/2.0/UDP h,")), &[]), Err(bad("Via", "empty element"))),
+            ("bad Contact", with(None, &["Contact: sip:a@b?x=y"]), Err(bad("Contact", "URI with , ? or quotes must be in <>"))),
+            ("bad Route", with(None, &["Route: <sip:a@b>, junk junk"]), Err(bad("Route", "missing scheme"))),
+            ("Call-ID with space", with(Some((4, "Call-ID: a b")), &[]), Err(bad("Call-ID", "not a word[@word]"))),
+            ("bad digest", with(None, &["Proxy-Authorization: Digest username=\"a\""]), Err(bad("Proxy-Authorization", "missing realm"))),
+            ("other auth scheme is fine", with(None, &["Authorization: Foo bar=baz"]), Ok(())),
+        ];
+        for (name, buf, want) in cases {
+            let m = parse(&buf, Framing::Stream).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!(m.validate(), want, "{name}");
+        }
+    }
+
+    #[test]
+    fn responses_do_not_need_a_method_match() {
+        let buf = msg(
+            &[
+                "SIP/2.0 200 OK",
+                "Via: SIP/2.0/UDP h;branch=z9hG4bK1",
+                "To: <sip:u@example.com>;tag=2",
+                "From: <sip:c@example.net>;tag=1",
+                "Call-ID: abc@h",
+                "CSeq: 1 INVITE",
+                "Content-Length: 0",
+            ],
+            "",
+        );
+        let m = parse(&buf, Framing::Stream).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(m.status_code(), Some(200));
+        assert_eq!(m.reason_phrase(), Some("OK"));
+        assert_eq!(m.method(), None);
+        assert_eq!(m.request_uri(), None);
+        assert_eq!(m.validate(), Ok(()));
+    }
+
+    #[test]
+    fn error_texts_are_single_line_ascii() {
+        let errors = [
+            ParseError::BadHeader { line: 7 },
+            ParseError::MissingHeader("Call-ID"),
+            ParseError::BadUri { reason: "bad host" },
+            ParseError::BadHeaderValue { header: "Via", reason: "bad branch" },
+        ];
+        for e in errors {
+            let text = e.to_string();
+            assert!(text.is_ascii() && !text.contains(['\r', '\n']), "{text:?}");
+        }
+    }
+}

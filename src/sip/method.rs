@@ -1,0 +1,94 @@
+//! Request methods. Method names are case-sensitive (RFC 3261 §7.1): `invite` is an
+//! extension method, not INVITE.
+
+use std::fmt;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Method<'a> {
+    Invite,
+    Ack,
+    Bye,
+    Cancel,
+    Register,
+    Options,
+    Info,
+    Update,
+    Prack,
+    Subscribe,
+    Notify,
+    Refer,
+    Message,
+    Publish,
+    /// Any other token; never spells one of the names above.
+    Other(&'a str),
+}
+
+impl<'a> Method<'a> {
+    /// Classifies a method token (the caller has checked it is a token).
+    pub fn from_token(token: &'a str) -> Method<'a> {
+        match token {
+            "INVITE" => Method::Invite,
+            "ACK" => Method::Ack,
+            "BYE" => Method::Bye,
+            "CANCEL" => Method::Cancel,
+            "REGISTER" => Method::Register,
+            "OPTIONS" => Method::Options,
+            "INFO" => Method::Info,
+            "UPDATE" => Method::Update,
+            "PRACK" => Method::Prack,
+            "SUBSCRIBE" => Method::Subscribe,
+            "NOTIFY" => Method::Notify,
+            "REFER" => Method::Refer,
+            "MESSAGE" => Method::Message,
+            "PUBLISH" => Method::Publish,
+            other => Method::Other(other),
+        }
+    }
+
+    pub fn as_str(&self) -> &'a str {
+        match self {
+            Method::Invite => "INVITE",
+            Method::Ack => "ACK",
+            Method::Bye => "BYE",
+            Method::Cancel => "CANCEL",
+            Method::Register => "REGISTER",
+            Method::Options => "OPTIONS",
+            Method::Info => "INFO",
+            Method::Update => "UPDATE",
+            Method::Prack => "PRACK",
+            Method::Subscribe => "SUBSCRIBE",
+            Method::Notify => "NOTIFY",
+            Method::Refer => "REFER",
+            Method::Message => "MESSAGE",
+            Method::Publish => "PUBLISH",
+            Method::Other(token) => token,
+        }
+    }
+}
+
+impl fmt::Display for Method<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn methods_are_case_sensitive_and_round_trip() {
+        let cases = [
+            ("INVITE", Method::Invite),
+            ("REGISTER", Method::Register),
+            ("invite", Method::Other("invite")),
+            ("RE%47IST%45R", Method::Other("RE%47IST%45R")),
+            ("NEWMETHOD", Method::Other("NEWMETHOD")),
+        ];
+        for (token, want) in cases {
+            let m = Method::from_token(token);
+            assert_eq!(m, want);
+            assert_eq!(m.as_str(), token);
+        }
+    }
+}

@@ -1,0 +1,148 @@
+//! Header parameters (`;name=value` after a name-addr or Via sent-by), where linear
+//! whitespace may surround `;` and `=` and values may be quoted-strings.
+
+use super::lex::{self, Split};
+
+/// Iterates the parameters of a header's parameter section (the text after its
+/// first `;`). Each item is `(name, value)` with the value as written (a quoted
+/// value keeps its quotes).
+#[derive(Debug, Clone)]
+pub(crate) struct Params<'a> {
+    split: Option<Split<'a>>,
+}
+
+impl<'a> Params<'a> {
+    /// `section` is what follows the first `;`; `None` means there are no parameters.
+    pub(crate) fn new(section: Option<&'a str>) -> Self {
+        Params {
+            split: section.map(|s| Split::new(s, b';')),
+        }
+    }
+}
+
+/// Unquoted values: tokens, plus `[`, `]` and `:` so that IPv6 addresses fit
+/// (RFC 5118 §4.5 asks for `received=` with and without brackets).
+fn is_value_byte(b: u8) -> bool {
+    lex::is_token_byte(b) || matches!(b, b'[' | b']' | b':')
+}
+
+impl<'a> Iterator for Params<'a> {
+    type Item = Result<(&'a str, Option<&'a str>), &'static str>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let piece = lex::trim_lws(self.split.as_mut()?.next()?);
+        let item = parse_one(piece);
+        if item.is_err() {
+            self.split = None;
+        }
+        Some(item)
+    }
+}
+
+fn parse_one(piece: &str) -> Result<(&str, Option<&str>), &'static str> {
+    if piece.is_empty() {
+        return Err("empty parameter");
+    }
+    let (name, value) = match piece.split_once('=') {
+        Some((n, v)) => (lex::trim_lws(n), Some(lex::trim_lws(v))),
+        None => (piece, None),
+    };
+    if !lex::is_token(name) {
+        return Err("bad parameter name");
+    }
+    if let Some(v) = value {
+        let ok = if v.starts_with('"') {
+            lex::quoted_inner(v).is_some()
+        } else {
+            !v.is_empty() && v.bytes().all(is_value_byte)
+        };
+        if !ok {
+            return Err("bad parameter value");
+        }
+    }
+    Ok((name, value))
+}
+
+/// Checks every parameter and returns the value of the first one named `name`.
+pub(crate) fn validate_and_find<'a>(
+    section: Option<&'a str>,
+    name: &str,
+) -> Result<Option<Option<&'a str>>, &'static str> {
+    let mut found = None;
+    for p in Params::new(section) {
+        let (n, v) = p?;
+        if found.is_none() && n.eq_ignore_ascii_case(name) {
+            found = Some(v);
+        }
+    }
+    Ok(found)
+}
+
+/// The first parameter named `name`, skipping malformed ones.
+pub(crate) fn find<'a>(section: &'a str, name: &str) -> Option<Option<&'a str>> {
+    Params::new(Some(section))
+        .map_while(Result::ok)
+        .find(|(n, _)| n.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    type Items<'a> = Vec<(&'a str, Option<&'a str>)>;
+
+    #[test]
+    fn params_allow_lws_and_quoted_values() {
+        let cases: &[(&str, Items)] = &[
+            ("tag=1", vec![("tag", Some("1"))]),
+            (
+                "   tag    = 1918181833n",
+                vec![("tag", Some("1918181833n"))],
+            ),
+            (
+                " newparam =\r\n      newvalue ;\r\n  secondparam ; q = 0.33",
+                vec![
+                    ("newparam", Some("newvalue")),
+                    ("secondparam", None),
+                    ("q", Some("0.33")),
+                ],
+            ),
+            (
+                "x=\"a;b\";lr",
+                vec![("x", Some("\"a;b\"")), ("lr", None)],
+            ),
+            (
+                "received=2001:db8::9:255;branch=z9hG4bKas3",
+                vec![
+                    ("received", Some("2001:db8::9:255")),
+                    ("branch", Some("z9hG4bKas3")),
+                ],
+            ),
+        ];
+        for (input, want) in cases {
+            let got: Result<Items, _> = Params::new(Some(input)).collect();
+            assert_eq!(got.as_ref(), Ok(want), "input {input:?}");
+        }
+    }
+
+    #[test]
+    fn malformed_params_are_reported() {
+        let cases = [";", "a;;b", "=x", "a=", "a=\"open", "a=\"x\"y", "a b=c", "a=<x>"];
+        for input in cases {
+            let got: Result<Items, _> = Params::new(Some(input)).collect();
+            assert!(got.is_err(), "input {input:?} gave {got:?}");
+        }
+    }
+
+    #[test]
+    fn lookup_is_case_insensitive() {
+        assert_eq!(
+            validate_and_find(Some("Tag=abc;x"), "tag"),
+            Ok(Some(Some("abc")))
+        );
+        assert_eq!(validate_and_find(Some("x"), "tag"), Ok(None));
+        assert_eq!(validate_and_find(None, "tag"), Ok(None));
+        assert_eq!(find("lr;TTL=5", "ttl"), Some(Some("5")));
+    }
+}

@@ -1,0 +1,515 @@
+//! SIP, SIPS and tel URIs (RFC 3261 §19.1, RFC 3966), other schemes kept opaque.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use super::ParseError;
+use super::lex;
+
+/// A host as written in a URI or Via.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Host<'a> {
+    /// A domain name, as received (compare case-insensitively).
+    Name(&'a str),
+    V4(Ipv4Addr),
+    /// Written as `[...]` on the wire.
+    V6(Ipv6Addr),
+    /// The URI scheme has no host (tel:, unknown schemes).
+    Absent,
+}
+
+impl Host<'_> {
+    pub fn ip(&self) -> Option<IpAddr> {
+        match *self {
+            Host::V4(ip) => Some(IpAddr::V4(ip)),
+            Host::V6(ip) => Some(IpAddr::V6(ip)),
+            Host::Name(_) | Host::Absent => None,
+        }
+    }
+}
+
+impl fmt::Display for Host<'_> {
+    /// The wire form: IPv6 in brackets, nothing for `Absent`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Host::Name(name) => f.write_str(name),
+            Host::V4(ip) => write!(f, "{ip}"),
+            Host::V6(ip) => write!(f, "[{ip}]"),
+            Host::Absent => Ok(()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Scheme {
+    Sip,
+    Sips,
+    Tel,
+    Other,
+}
+
+/// A URI as slices of the message. For sip/sips every part is filled in; for tel the
+/// subscriber number is `user` and `host` is `Absent`; for other schemes only
+/// `scheme`, `opaque` and `raw` carry data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Uri<'a> {
+    pub scheme: &'a str,
+    /// Still %-escaped; see [`Uri::user_unescaped`].
+    pub user: Option<&'a str>,
+    pub password: Option<&'a str>,
+    pub host: Host<'a>,
+    pub port: Option<u16>,
+    /// The `;`-separated parameters without the leading `;` (empty if none).
+    pub params: &'a str,
+    /// The `&`-separated headers without the leading `?` (empty if none).
+    pub headers: &'a str,
+    /// The whole URI.
+    pub raw: &'a str,
+    /// Everything after `scheme:`.
+    pub opaque: &'a str,
+}
+
+/// Bytes a URI may contain unescaped (RFC 3261 §25.1 reserved, unreserved, `%`, and
+/// the brackets of IPv6 references). Anything else (space, `<`, `>`, `"`, controls,
+/// non-ASCII) means the URI is malformed.
+fn is_uri_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric()
+        || matches!(
+            b,
+            b'-' | b'_'
+                | b'.'
+                | b'!'
+                | b'~'
+                | b'*'
+                | b'\''
+                | b'('
+                | b')'
+                | b';'
+                | b'/'
+                | b'?'
+                | b':'
+                | b'@'
+                | b'&'
+                | b'='
+                | b'+'
+                | b'$'
+                | b','
+                | b'%'
+                | b'['
+                | b']'
+        )
+}
+
+fn is_unreserved(b: u8) -> bool {
+    b.is_ascii_alphanumeric()
+        || matches!(b, b'-' | b'_' | b'.' | b'!' | b'~' | b'*' | b'\'' | b'(' | b')')
+}
+
+fn is_password_byte(b: u8) -> bool {
+    is_unreserved(b) || matches!(b, b'%' | b'&' | b'=' | b'+' | b'$' | b',')
+}
+
+fn is_paramchar(b: u8) -> bool {
+    is_unreserved(b) || matches!(b, b'%' | b'[' | b']' | b'/' | b':' | b'&' | b'+' | b'$')
+}
+
+fn is_hnvchar(b: u8) -> bool {
+    is_unreserved(b) || matches!(b, b'%' | b'[' | b']' | b'/' | b'?' | b':' | b'+' | b'$')
+}
+
+/// Hostnames: RFC 3261 allows letters, digits, `-` and `.`; `_` is tolerated because
+/// PBXs put Windows-style host names into Contact.
+fn is_hostname_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_')
+}
+
+impl<'a> Uri<'a> {
+    /// Parses any URI; sip/sips/tel are checked against their grammar.
+    pub fn parse(s: &'a str) -> Result<Uri<'a>, ParseError> {
+        parse(s).map_err(|reason| ParseError::BadUri { reason })
+    }
+
+    /// A Request-URI: additionally, sip/sips URIs may not carry headers (RFC 3261
+    /// §19.1.1 table 1).
+    pub fn parse_request_uri(s: &'a str) -> Result<Uri<'a>, ParseError> {
+        let uri = Uri::parse(s)?;
+        if uri.is_sip() && !uri.headers.is_empty() {
+            return Err(ParseError::BadUri {
+                reason: "headers not allowed in Request-URI",
+            });
+        }
+        Ok(uri)
+    }
+
+    pub fn kind(&self) -> Scheme {
+        scheme_kind(self.scheme)
+    }
+
+    /// sip: or sips:
+    pub fn is_sip(&self) -> bool {
+        matches!(self.kind(), Scheme::Sip | Scheme::Sips)
+    }
+
+    /// The user part %-decoded (empty when there is none). Decoded bytes that are not
+    /// UTF-8 are replaced with U+FFFD.
+    pub fn user_unescaped(&self) -> Cow<'a, str> {
+        let user = self.user.unwrap_or("");
+        match lex::percent_decode(user) {
+            Cow::Borrowed(_) => Cow::Borrowed(user),
+            Cow::Owned(bytes) => match String::from_utf8(bytes) {
+                Ok(s) => Cow::Owned(s),
+                Err(e) => Cow::Owned(String::from_utf8_lossy(e.as_bytes()).into_owned()),
+            },
+        }
+    }
+
+    /// URI parameters as (name, value); names are still %-escaped.
+    pub fn params(&self) -> impl Iterator<Item = (&'a str, Option<&'a str>)> + use<'a> {
+        self.params
+            .split(';')
+            .filter(|p| !p.is_empty())
+            .map(|p| match p.split_once('=') {
+                Some((name, value)) => (name, Some(value)),
+                None => (p, None),
+            })
+    }
+
+    /// `Some(None)` for a parameter without value; names compare case-insensitively.
+    pub fn param(&self, name: &str) -> Option<Option<&'a str>> {
+        self.params()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v)
+    }
+
+    /// The `transport` parameter, lower-case comparison left to the caller.
+    pub fn transport_param(&self) -> Option<&'a str> {
+        self.param("transport").flatten()
+    }
+}
+
+impl fmt::Display for Uri<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.raw)
+    }
+}
+
+fn scheme_kind(scheme: &str) -> Scheme {
+    if scheme.eq_ignore_ascii_case("sip") {
+        Scheme::Sip
+    } else if scheme.eq_ignore_ascii_case("sips") {
+        Scheme::Sips
+    } else if scheme.eq_ignore_ascii_case("tel") {
+        Scheme::Tel
+    } else {
+        Scheme::Other
+    }
+}
+
+pub(crate) fn parse(s: &str) -> Result<Uri<'_>, &'static str> {
+    let (scheme, rest) = s.split_once(':').ok_or("missing scheme")?;
+    let mut sb = scheme.bytes();
+    if !sb.next().is_some_and(|b| b.is_ascii_alphabetic())
+        || !sb.all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.'))
+    {
+        return Err("bad scheme");
+    }
+    if rest.is_empty() {
+        return Err("empty URI");
+    }
+    if !rest.bytes().all(is_uri_byte) {
+        return Err("invalid character");
+    }
+    if !lex::escapes_valid(rest) {
+        return Err("invalid escape");
+    }
+    let opaque = Uri {
+        scheme,
+        user: None,
+        password: None,
+        host: Host::Absent,
+        port: None,
+        params: "",
+        headers: "",
+        raw: s,
+        opaque: rest,
+    };
+    match scheme_kind(scheme) {
+        Scheme::Sip | Scheme::Sips => parse_sip(opaque),
+        Scheme::Tel => parse_tel(opaque),
+        Scheme::Other => Ok(opaque),
+    }
+}
+
+fn parse_sip(mut uri: Uri<'_>) -> Result<Uri<'_>, &'static str> {
+    let rest = uri.opaque;
+    // The user part may contain `;`, `?` and `/`, but never an unescaped `@`, and no
+    // later part may contain `@` either: the first `@` ends the userinfo.
+    let hostpart = match rest.split_once('@') {
+        Some((userinfo, hostpart)) => {
+            let (user, password) = match userinfo.split_once(':') {
+                Some((u, p)) => (u, Some(p)),
+                None => (userinfo, None),
+            };
+            if user.is_empty() {
+                return Err("empty user");
+            }
+            if user.bytes().any(|b| matches!(b, b'[' | b']')) {
+                return Err("invalid character in user");
+            }
+            if password.is_some_and(|p| !p.bytes().all(is_password_byte)) {
+                return Err("invalid character in password");
+            }
+            uri.user = Some(user);
+            uri.password = password;
+            hostpart
+        }
+        None => rest,
+    };
+    let hp_end = hostpart.find([';', '?']).unwrap_or(hostpart.len());
+    let (hostport, tail) = hostpart.split_at_checked(hp_end).ok_or("bad host")?;
+    let (host, port) = parse_hostport(hostport)?;
+    uri.host = host;
+    uri.port = port;
+    let (params, headers) = match tail.split_once('?') {
+        Some((p, h)) => (p, Some(h)),
+        None => (tail, None),
+    };
+    if let Some(p) = params.strip_prefix(';') {
+        check_uri_params(p)?;
+        uri.params = p;
+    }
+    if let Some(h) = headers {
+        check_uri_headers(h)?;
+        uri.headers = h;
+    }
+    Ok(uri)
+}
+
+fn parse_tel(mut uri: Uri<'_>) -> Result<Uri<'_>, &'static str> {
+    let rest = uri.opaque;
+    let (number, params) = match rest.split_once(';') {
+        Some((n, p)) => (n, Some(p)),
+        None => (rest, None),
+    };
+    if number.is_empty() || !number.bytes().all(is_paramchar) {
+        return Err("bad telephone number");
+    }
+    uri.user = Some(number);
+    if let Some(p) = params {
+        check_uri_params(p)?;
+        uri.params = p;
+    }
+    Ok(uri)
+}
+
+fn check_uri_params(params: &str) -> Result<(), &'static str> {
+    for p in params.split(';') {
+        let (name, value) = match p.split_once('=') {
+            Some((n, v)) => (n, Some(v)),
+            None => (p, None),
+        };
+        if name.is_empty() || !name.bytes().all(is_paramchar) {
+            return Err("bad parameter");
+        }
+        if value.is_some_and(|v| v.is_empty() || !v.bytes().all(is_paramchar)) {
+            return Err("bad parameter value");
+        }
+    }
+    Ok(())
+}
+
+fn check_uri_headers(headers: &str) -> Result<(), &'static str> {
+    for h in headers.split('&') {
+        let (name, value) = h.split_once('=').ok_or("bad header")?;
+        if name.is_empty() || !name.bytes().all(is_hnvchar) || !value.bytes().all(is_hnvchar) {
+            return Err("bad header");
+        }
+    }
+    Ok(())
+}
+
+pub(crate) fn parse_hostport(hp: &str) -> Result<(Host<'_>, Option<u16>), &'static str> {
+    if let Some(after_bracket) = hp.strip_prefix('[') {
+        let (inner, after) = after_bracket
+            .split_once(']')
+            .ok_or("unterminated IPv6 reference")?;
+        let ip = inner.parse::<Ipv6Addr>().map_err(|_| "bad IPv6 address")?;
+        let port = match after {
+            "" => None,
+            _ => Some(parse_port(after.strip_prefix(':').ok_or("bad port")?)?),
+        };
+        return Ok((Host::V6(ip), port));
+    }
+    let (host, port) = match hp.split_once(':') {
+        Some((h, p)) => (h, Some(parse_port(p)?)),
+        None => (hp, None),
+    };
+    Ok((parse_host_name(host)?, port))
+}
+
+/// A hostname or IPv4 address (not an IPv6 reference).
+pub(crate) fn parse_host_name(host: &str) -> Result<Host<'_>, &'static str> {
+    if host.is_empty() {
+        return Err("empty host");
+    }
+    // A name's top label starts with a letter, so digits and dots alone must be an
+    // IPv4 address: this is what refuses `sip:2001:db8::10` (RFC 5118 §4.2).
+    if host.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+        return host
+            .parse::<Ipv4Addr>()
+            .map(Host::V4)
+            .map_err(|_| "bad IPv4 address");
+    }
+    if !host.bytes().all(is_hostname_byte) {
+        return Err("bad host");
+    }
+    Ok(Host::Name(host))
+}
+
+pub(crate) fn parse_port(p: &str) -> Result<u16, &'static str> {
+    if p.is_empty() || p.len() > 5 || !p.bytes().all(|b| b.is_ascii_digit()) {
+        return Err("bad port");
+    }
+    p.parse::<u16>().map_err(|_| "bad port")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v6(s: &str) -> Host<'static> {
+        Host::V6(s.parse().unwrap_or(Ipv6Addr::UNSPECIFIED))
+    }
+
+    #[test]
+    fn sip_uris_split_into_parts() {
+        // (uri, user, password, host, port, params, headers)
+        type Row<'a> = (
+            &'a str,
+            Option<&'a str>,
+            Option<&'a str>,
+            Host<'a>,
+            Option<u16>,
+            &'a str,
+            &'a str,
+        );
+        let cases: &[Row] = &[
+            ("sip:user@example.com", Some("user"), None, Host::Name("example.com"), None, "", ""),
+            ("SIP:a:pw@10.0.0.1:5070;lr", Some("a"), Some("pw"), Host::V4(Ipv4Addr::new(10, 0, 0, 1)), Some(5070), "lr", ""),
+            ("sips:[2001:db8::10]:5070", None, None, v6("2001:db8::10"), Some(5070), "", ""),
+            ("sip:[2001:db8::10:5070]", None, None, v6("2001:db8::10:5070"), None, "", ""),
+            ("sip:user;par=u%40example.net@example.com", Some("user;par=u%40example.net"), None, Host::Name("example.com"), None, "", ""),
+            (
+                "sip:1_unusual.URI~(to-be!sure)&isn't+it$/crazy?,/;;*:&it+has=1,weird!*pas$wo~d_too.(doesn't-it)@example.com",
+                Some("1_unusual.URI~(to-be!sure)&isn't+it$/crazy?,/;;*"),
+                Some("&it+has=1,weird!*pas$wo~d_too.(doesn't-it)"),
+                Host::Name("example.com"),
+                None,
+                "",
+                "",
+            ),
+            ("sip:user@example.com?Route=%3Csip:sip.example.com%3E", Some("user"), None, Host::Name("example.com"), None, "", "Route=%3Csip:sip.example.com%3E"),
+            ("sip:cal%6Cer@host5.example.net;%6C%72;n%61me=v%61lue%25%34%31", Some("cal%6Cer"), None, Host::Name("host5.example.net"), None, "%6C%72;n%61me=v%61lue%25%34%31", ""),
+            ("sip:pbx_1.local", None, None, Host::Name("pbx_1.local"), None, "", ""),
+        ];
+        for &(input, user, password, host, port, params, headers) in cases {
+            let uri = Uri::parse(input).unwrap_or_else(|e| panic!("{input}: {e}"));
+            assert_eq!(uri.user, user, "{input}");
+            assert_eq!(uri.password, password, "{input}");
+            assert_eq!(uri.host, host, "{input}");
+            assert_eq!(uri.port, port, "{input}");
+            assert_eq!(uri.params, params, "{input}");
+            assert_eq!(uri.headers, headers, "{input}");
+            assert_eq!(uri.raw, input);
+        }
+    }
+
+    #[test]
+    fn malformed_uris_are_refused() {
+        let cases = [
+            "<sip:user@example.com>",
+            " sip:t.watson@example.org ",
+            "sip:user@example.com; lr",
+            "sip:2001:db8::10",
+            "sip:user@[2001:db8:::192.0.2.1]",
+            "sip:user@[2001:db8::1",
+            "sip:@example.com",
+            "sip:user@",
+            "sip:user@host:99999",
+            "sip:user@host:",
+            "sip:user@host;;lr",
+            "sip:user@host;=x",
+            "sip:user@host;a=",
+            "sip:user@host?",
+            "sip:user@host?noequals",
+            "sip:user@host;x=a@b",
+            "sip:us%4er@host",
+            "sip:user@999.1.1.1",
+            "sip:user@exa mple.com",
+            "sip:",
+            ":opaque",
+            "1abc:x",
+            "tel:",
+            "sip:us\u{e9}r@host",
+            "sip:user@host\"",
+        ];
+        for input in cases {
+            assert!(Uri::parse(input).is_err(), "{input:?} should be refused");
+        }
+    }
+
+    #[test]
+    fn other_schemes_stay_opaque() {
+        let cases = [
+            ("nobodyKnowsThisScheme:totallyopaquecontent", "totallyopaquecontent"),
+            ("soap.beep://192.0.2.103:3002", "//192.0.2.103:3002"),
+            ("http://www.example.com", "//www.example.com"),
+            ("isbn:2983792873", "2983792873"),
+        ];
+        for (input, opaque) in cases {
+            let uri = Uri::parse(input).unwrap_or_else(|e| panic!("{input}: {e}"));
+            assert_eq!(uri.kind(), Scheme::Other);
+            assert_eq!(uri.opaque, opaque);
+            assert_eq!(uri.host, Host::Absent);
+        }
+    }
+
+    #[test]
+    fn tel_uris_keep_the_number_as_user() {
+        let uri = Uri::parse("tel:+1-201-555-0123;phone-context=example.com").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(uri.kind(), Scheme::Tel);
+        assert_eq!(uri.user, Some("+1-201-555-0123"));
+        assert_eq!(uri.param("phone-context"), Some(Some("example.com")));
+    }
+
+    #[test]
+    fn request_uri_refuses_headers_only_for_sip() {
+        assert!(Uri::parse_request_uri("sip:user@example.com?Route=%3Csip:example.com%3E").is_err());
+        assert!(Uri::parse_request_uri("sip:user@example.com;lr").is_ok());
+        assert!(Uri::parse_request_uri("http://example.com/?q=1").is_ok());
+    }
+
+    #[test]
+    fn params_and_unescaping() {
+        let uri = Uri::parse("sip:%75se%72@example.com;Transport=TCP;lr;maddr=10.0.0.1").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(uri.user_unescaped(), "user");
+        assert_eq!(uri.param("transport"), Some(Some("TCP")));
+        assert_eq!(uri.transport_param(), Some("TCP"));
+        assert_eq!(uri.param("lr"), Some(None));
+        assert_eq!(uri.param("ttl"), None);
+        let plain = Uri::parse("sip:+15551230000@example.com").unwrap_or_else(|e| panic!("{e}"));
+        assert!(matches!(plain.user_unescaped(), Cow::Borrowed("+15551230000")));
+        let bad_utf8 = Uri::parse("sip:%ff@example.com").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(bad_utf8.user_unescaped(), "\u{fffd}");
+        let nul = Uri::parse("sip:null-%00-null@example.com").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(nul.user_unescaped(), "null-\0-null");
+    }
+
+    #[test]
+    fn host_display_brackets_ipv6() {
+        assert_eq!(v6("2001:db8::1").to_string(), "[2001:db8::1]");
+        assert_eq!(Host::V4(Ipv4Addr::LOCALHOST).to_string(), "127.0.0.1");
+        assert_eq!(Host::Name("a.example").to_string(), "a.example");
+    }
+}

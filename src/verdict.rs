@@ -1,0 +1,162 @@
+//! What the host is told to do with one message.
+
+use serde::{Deserialize, Serialize};
+
+/// The five actions of the SPEC. Names are part of the host contract.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    /// Let the message continue unchanged.
+    Allow,
+    /// Answer 401/407 with the challenge headers.
+    Challenge,
+    /// Answer the given 4xx/5xx code.
+    Reject,
+    /// A REGISTER the plugin took: answer 200 with the given headers.
+    Accept,
+    /// An inbound call: relay it to `target`.
+    Route,
+}
+
+/// Machine-readable reason for any verdict that is not a plain allow. The first
+/// eight names are fixed by the SPEC; the rest extend it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Cause {
+    Malformed,
+    BadCredentials,
+    NotInAccessList,
+    NotRegisteredAddress,
+    RegistrationRequired,
+    IntervalTooBrief,
+    UnknownDid,
+    TrunkUnavailable,
+    /// First challenge: the request carried no usable credentials.
+    AuthRequired,
+    /// Correct response on an expired nonce: challenged again with stale=true.
+    StaleNonce,
+    /// REGISTER stored (or queried).
+    Registered,
+    /// REGISTER with expiry 0 removed the binding.
+    Unregistered,
+    /// Inbound call relayed to the trunk group's registered Contact.
+    RegisteredContact,
+    /// Inbound call relayed to the trunk group's failover destination.
+    Failover,
+    /// Max-Forwards reached 0.
+    TooManyHops,
+    /// No configuration has been pushed yet: fail closed.
+    NotConfigured,
+    /// The host's state store failed: fail closed.
+    StoreUnavailable,
+}
+
+impl Cause {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Cause::Malformed => "malformed",
+            Cause::BadCredentials => "bad_credentials",
+            Cause::NotInAccessList => "not_in_access_list",
+            Cause::NotRegisteredAddress => "not_registered_address",
+            Cause::RegistrationRequired => "registration_required",
+            Cause::IntervalTooBrief => "interval_too_brief",
+            Cause::UnknownDid => "unknown_did",
+            Cause::TrunkUnavailable => "trunk_unavailable",
+            Cause::AuthRequired => "auth_required",
+            Cause::StaleNonce => "stale_nonce",
+            Cause::Registered => "registered",
+            Cause::Unregistered => "unregistered",
+            Cause::RegisteredContact => "registered_contact",
+            Cause::Failover => "failover",
+            Cause::TooManyHops => "too_many_hops",
+            Cause::NotConfigured => "not_configured",
+            Cause::StoreUnavailable => "store_unavailable",
+        }
+    }
+
+    /// Plain words for people (alert e-mails, summaries).
+    pub fn describe(self) -> &'static str {
+        match self {
+            Cause::Malformed => "the message could not be parsed",
+            Cause::BadCredentials => "wrong username or password",
+            Cause::NotInAccessList => "the source address is not in the trunk group's access list",
+            Cause::NotRegisteredAddress => {
+                "the call came from an address other than the one currently registered"
+            }
+            Cause::RegistrationRequired => {
+                "the trunk group requires a registration and none is current"
+            }
+            Cause::IntervalTooBrief => "the registration interval is below the minimum",
+            Cause::UnknownDid => "the dialled number belongs to no trunk group",
+            Cause::TrunkUnavailable => "the trunk group is not registered and has no failover",
+            Cause::AuthRequired => "credentials are required",
+            Cause::StaleNonce => "the nonce expired",
+            Cause::Registered => "registered",
+            Cause::Unregistered => "unregistered",
+            Cause::RegisteredContact => "routed to the registered PBX",
+            Cause::Failover => "routed to the failover destination",
+            Cause::TooManyHops => "Max-Forwards reached zero",
+            Cause::NotConfigured => "no configuration loaded",
+            Cause::StoreUnavailable => "the shared state store failed",
+        }
+    }
+}
+
+/// One verdict, serialised as the `verdict` object of the host contract.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Verdict {
+    pub action: Action,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub code: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cause: Option<Cause>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trunk_group: Option<String>,
+    /// Request-URI for a `route` verdict.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    /// Where to send a routed call (`sip:ip:port;transport=x`): the address the
+    /// registration came from, which is reachable through the PBX's NAT.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_hop: Option<String>,
+    /// Headers to add to the answer, in order.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<(String, String)>,
+}
+
+impl Verdict {
+    pub fn allow() -> Verdict {
+        Verdict {
+            action: Action::Allow,
+            code: None,
+            reason: None,
+            cause: None,
+            trunk_group: None,
+            target: None,
+            next_hop: None,
+            headers: Vec::new(),
+        }
+    }
+
+    pub fn reject(code: u16, reason: impl Into<String>, cause: Cause) -> Verdict {
+        Verdict {
+            action: Action::Reject,
+            code: Some(code),
+            reason: Some(reason.into()),
+            cause: Some(cause),
+            ..Verdict::allow()
+        }
+    }
+
+    pub fn with_trunk(mut self, trunk: &str) -> Verdict {
+        self.trunk_group = Some(trunk.to_string());
+        self
+    }
+
+    pub fn with_header(mut self, name: &str, value: impl Into<String>) -> Verdict {
+        self.headers.push((name.to_string(), value.into()));
+        self
+    }
+}

@@ -1,0 +1,58 @@
+//! The scenario table inside the compiled `.wasm`, under wasmtime, through the same
+//! message ABI the Kamailio shim and the `trunkguard` command use.
+
+#[path = "common/module.rs"]
+mod common;
+#[path = "scenario/harness.rs"]
+mod harness;
+
+use std::net::SocketAddr;
+
+use harness::Subject;
+use serde_json::Value;
+use trunkguard_host::{MemoryKv, Policy};
+
+struct Wasm {
+    workers: Vec<Policy>,
+}
+
+impl Subject for Wasm {
+    fn configure(&mut self, json: &str) -> Result<(), (String, String)> {
+        for w in &mut self.workers {
+            w.configure(json.as_bytes()).expect("host error").map_err(|r| (r.path, r.reason))?;
+        }
+        Ok(())
+    }
+
+    fn judge(&mut self, worker: usize, message: &[u8], source: SocketAddr, transport: &str, now_ms: u64) -> (Value, Vec<Value>) {
+        let judged = self.workers[worker]
+            .judge(message, source, transport.parse().expect("transport"), now_ms)
+            .expect("judge");
+        let raw: Value = serde_json::from_str(&judged.raw).expect("verdict JSON");
+        let alerts = judged.alerts.iter().map(|a| serde_json::from_str(a).expect("alert JSON")).collect();
+        (raw["verdict"].clone(), alerts)
+    }
+
+    fn tick(&mut self, worker: usize, now_ms: u64) -> Vec<Value> {
+        self.workers[worker]
+            .tick(now_ms)
+            .expect("tick")
+            .iter()
+            .map(|a| serde_json::from_str(a).expect("alert JSON"))
+            .collect()
+    }
+
+    fn reload(&mut self, worker: usize) {
+        self.workers[worker].reload().expect("reload");
+    }
+}
+
+#[test]
+fn scenario_table_passes_inside_the_wasm_module() {
+    let module = common::module();
+    harness::run_all(&mut || {
+        let kv = MemoryKv::default();
+        let workers = (0..2).map(|_| Policy::new(&module, Box::new(kv.clone())).expect("instantiate")).collect();
+        Box::new(Wasm { workers })
+    });
+}
