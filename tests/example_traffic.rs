@@ -14,6 +14,8 @@ use trunkguard::digest::make_nonce;
 
 pub const DEMO_SECRET_HEX: &str = "7472756e6b67756172642d64656d6f2d6e6f6e63652d7365637265742d303031";
 const REALM: &str = "trunks.example.net";
+/// 2026-11-26T12:00:00Z: the story's clock starts here.
+const START_MS: u64 = 1_795_694_400_000;
 
 fn secret() -> [u8; 32] {
     let mut s = [0u8; 32];
@@ -65,7 +67,8 @@ fn story() -> Vec<(u64, Value, bool)> {
 
 fn generate() -> String {
     let mut out = String::new();
-    for (at, send, with_auth) in story() {
+    for (offset, send, with_auth) in story() {
+        let at = START_MS + offset;
         let source: SocketAddr = send["source"].as_str().unwrap().parse().unwrap();
         let transport = send["transport"].as_str().unwrap_or("udp");
         let nonce = with_auth.then(|| make_nonce(&secret(), at, source.ip(), REALM));

@@ -84,8 +84,17 @@ struct Fields<'a> {
 impl<'a> Fields<'a> {
     fn slot(&mut self, name: &str) -> Option<&mut Option<Value<'a>>> {
         const NAMES: [&str; 11] = [
-            "username", "realm", "nonce", "uri", "response", "algorithm", "cnonce", "opaque",
-            "qop", "nc", "userhash",
+            "username",
+            "realm",
+            "nonce",
+            "uri",
+            "response",
+            "algorithm",
+            "cnonce",
+            "opaque",
+            "qop",
+            "nc",
+            "userhash",
         ];
         let i = NAMES.iter().position(|n| n.eq_ignore_ascii_case(name))?;
         Some(match i {
@@ -143,9 +152,10 @@ pub(crate) fn parse<'a>(value: &'a str) -> Result<Option<DigestCredentials<'a>>,
         }
     }
     let required = |v: Option<Value<'a>>, missing: &'static str| v.ok_or(missing);
-    let token = |v: Option<Value<'a>>, bad: &'static str| -> Result<Option<&'a str>, &'static str> {
-        v.map(|v| v.token().ok_or(bad)).transpose()
-    };
+    let token =
+        |v: Option<Value<'a>>, bad: &'static str| -> Result<Option<&'a str>, &'static str> {
+            v.map(|v| v.token().ok_or(bad)).transpose()
+        };
     let creds = DigestCredentials {
         username: required(f.username, "missing username")?.text(),
         realm: required(f.realm, "missing realm")?.text(),
@@ -178,6 +188,7 @@ pub(crate) fn parse<'a>(value: &'a str) -> Result<Option<DigestCredentials<'a>>,
 }
 
 #[cfg(test)]
+#[allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 
@@ -210,7 +221,11 @@ mod tests {
             "Digest username=\"a\", realm=\"r\", nonce=\"n\", uri=\"sip:r\", response=\"x\", unknown=\"ignored\", userhash=TRUE",
         ];
         for input in cases {
-            assert!(matches!(parse(input), Ok(Some(_))), "{input:?}: {:?}", parse(input));
+            assert!(
+                matches!(parse(input), Ok(Some(_))),
+                "{input:?}: {:?}",
+                parse(input)
+            );
         }
     }
 
@@ -225,20 +240,53 @@ mod tests {
         let cases = [
             ("", "missing scheme"),
             ("Digest", "missing parameters"),
-            ("Digest realm=\"r\", nonce=\"n\", uri=\"u\", response=\"x\"", "missing username"),
-            ("Digest username=\"a\", nonce=\"n\", uri=\"u\", response=\"x\"", "missing realm"),
-            ("Digest username=\"a\", realm=\"r\", uri=\"u\", response=\"x\"", "missing nonce"),
-            ("Digest username=\"a\", realm=\"r\", nonce=\"n\", response=\"x\"", "missing uri"),
-            ("Digest username=\"a\", realm=\"r\", nonce=\"n\", uri=\"u\"", "missing response"),
-            ("Digest username=\"a\", username=\"b\", realm=\"r\", nonce=\"n\", uri=\"u\", response=\"x\"", "duplicate parameter"),
+            (
+                "Digest realm=\"r\", nonce=\"n\", uri=\"u\", response=\"x\"",
+                "missing username",
+            ),
+            (
+                "Digest username=\"a\", nonce=\"n\", uri=\"u\", response=\"x\"",
+                "missing realm",
+            ),
+            (
+                "Digest username=\"a\", realm=\"r\", uri=\"u\", response=\"x\"",
+                "missing nonce",
+            ),
+            (
+                "Digest username=\"a\", realm=\"r\", nonce=\"n\", response=\"x\"",
+                "missing uri",
+            ),
+            (
+                "Digest username=\"a\", realm=\"r\", nonce=\"n\", uri=\"u\"",
+                "missing response",
+            ),
+            (
+                "Digest username=\"a\", username=\"b\", realm=\"r\", nonce=\"n\", uri=\"u\", response=\"x\"",
+                "duplicate parameter",
+            ),
             ("Digest username=\"a, realm=\"r\"", "bad quoted value"),
             ("Digest username", "bad parameter"),
             ("Digest username=\"a\",, realm=\"r\"", "bad parameter"),
-            ("Digest username=\"a\" junk, realm=\"r\"", "bad quoted value"),
-            ("Digest username=\"a\", realm=\"r\", nonce=\"n\", uri=\"u\", response=\"x\", nc=1", "bad nc"),
-            ("Digest username=\"a\", realm=\"r\", nonce=\"n\", uri=\"u\", response=\"x\", qop=auth", "qop without cnonce or nc"),
-            ("Digest username=\"a\", realm=\"r\", nonce=\"n\", uri=\"u\", response=\"x\", userhash=maybe", "bad userhash"),
-            ("Digest username=\"a\", realm=\"r\", nonce=\"n\", uri=\"u\", response=\"x\", algorithm=\"MD\\5\"", "bad algorithm"),
+            (
+                "Digest username=\"a\" junk, realm=\"r\"",
+                "bad quoted value",
+            ),
+            (
+                "Digest username=\"a\", realm=\"r\", nonce=\"n\", uri=\"u\", response=\"x\", nc=1",
+                "bad nc",
+            ),
+            (
+                "Digest username=\"a\", realm=\"r\", nonce=\"n\", uri=\"u\", response=\"x\", qop=auth",
+                "qop without cnonce or nc",
+            ),
+            (
+                "Digest username=\"a\", realm=\"r\", nonce=\"n\", uri=\"u\", response=\"x\", userhash=maybe",
+                "bad userhash",
+            ),
+            (
+                "Digest username=\"a\", realm=\"r\", nonce=\"n\", uri=\"u\", response=\"x\", algorithm=\"MD\\5\"",
+                "bad algorithm",
+            ),
         ];
         for (input, reason) in cases {
             assert_eq!(parse(input), Err(reason), "{input:?}");

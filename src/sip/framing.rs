@@ -2,7 +2,7 @@
 //! block, Content-Length, and the limits that keep a peer from making us buffer
 //! without end.
 
-use super::{Framing, ParseError};
+use super::ParseError;
 
 /// Largest header block (start line and headers, with the empty line) accepted.
 pub const MAX_HEAD_LEN: usize = 64 * 1024;
@@ -29,74 +29,36 @@ pub(crate) fn keepalive_len(buf: &[u8]) -> usize {
     buf.chunks_exact(2).take_while(|c| *c == b"\r\n").count() * 2
 }
 
-/// Offsets of one message's parts in the buffer.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Layout {
-    /// First byte of the start line (after keep-alive CRLFs).
-    pub start: usize,
-    /// End of the header block: just after the last header's CRLF.
-    pub head_end: usize,
-    /// First byte after the empty line.
-    pub body_start: usize,
-}
-
-/// Finds the empty line ending the header block of the message that starts at
-/// `start`. `Incomplete` for stream framing when it is not there yet.
-pub(crate) fn locate(buf: &[u8], start: usize, framing: Framing) -> Result<Layout, ParseError> {
-    let rest = buf.get(start..).unwrap_or(&[]);
-    let Some(crlfcrlf) = find_crlfcrlf(rest) else {
-        return Err(if rest.len() > MAX_HEAD_LEN {
-            ParseError::TooLarge
-        } else if rest.is_empty() {
-            match framing {
-                Framing::Stream => ParseError::Incomplete,
-                Framing::Datagram => ParseError::Empty,
+/// Index of the first CR or LF in `b`.
+///
+/// Every header byte goes through here, so it looks at eight bytes per step: a
+/// byte equal to CR or LF becomes zero after the XOR, and the classic has-zero-byte
+/// test flags it (the lowest flag is always a true match).
+pub(crate) fn find_cr_or_lf(b: &[u8]) -> Option<usize> {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGHS: u64 = 0x8080_8080_8080_8080;
+    let mut chunks = b.chunks_exact(8);
+    let mut offset = 0;
+    for chunk in &mut chunks {
+        if let Ok(word) = <[u8; 8]>::try_from(chunk) {
+            let x = u64::from_le_bytes(word);
+            let cr = x ^ (ONES * u64::from(b'\r'));
+            let lf = x ^ (ONES * u64::from(b'\n'));
+            let found = ((cr.wrapping_sub(ONES) & !cr) | (lf.wrapping_sub(ONES) & !lf)) & HIGHS;
+            if found != 0 {
+                return Some(offset + (found.trailing_zeros() / 8) as usize);
             }
-        } else {
-            match framing {
-                Framing::Stream => ParseError::Incomplete,
-                Framing::Datagram => ParseError::UnterminatedHeaders,
-            }
-        });
-    };
-    if crlfcrlf + 4 > MAX_HEAD_LEN {
-        return Err(ParseError::TooLarge);
-    }
-    Ok(Layout {
-        start,
-        head_end: start + crlfcrlf + 2,
-        body_start: start + crlfcrlf + 4,
-    })
-}
-
-/// Index of the first CRLFCRLF.
-fn find_crlfcrlf(b: &[u8]) -> Option<usize> {
-    let mut from = 0;
-    // Scanning for LF only keeps the inner loop on one comparison per byte.
-    while let Some(off) = b.get(from..)?.iter().position(|&c| c == b'\n') {
-        let lf = from + off;
-        if lf >= 3 && b.get(lf - 3..=lf) == Some(b"\r\n\r\n") {
-            return Some(lf - 3);
         }
-        from = lf + 1;
+        offset += 8;
     }
-    None
-}
-
-/// Splits the header block `head` (start line first, every line ending in CRLF) at
-/// the end of the start line: returns (start line end, first header byte).
-pub(crate) fn start_line_end(head: &[u8]) -> Result<(usize, usize), ParseError> {
-    let i = head
+    chunks
+        .remainder()
         .iter()
-        .position(|&b| b == b'\r' || b == b'\n')
-        .ok_or(ParseError::BadStartLine)?;
-    if head.get(i..i + 2) != Some(b"\r\n") {
-        return Err(ParseError::BadStartLine);
-    }
-    Ok((i, i + 2))
+        .position(|&c| c == b'\r' || c == b'\n')
+        .map(|i| offset + i)
 }
 
-/// One logical header field: `head[start..end]`, continuation lines included,
+/// One logical header field: `buf[start..end]`, continuation lines included,
 /// final CRLF excluded.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Field {
@@ -105,59 +67,117 @@ pub(crate) struct Field {
     pub line: usize,
 }
 
-/// Iterates the logical header fields of `head[from..]`, joining folded lines and
-/// refusing bare CR or LF (which other parsers may read as line ends, the start of
-/// header injection).
-pub(crate) struct Fields<'a> {
-    head: &'a [u8],
+/// Why a line could not be read.
+enum LineError {
+    /// The buffer ends inside the line.
+    Short,
+    /// A CR not followed by LF, or an LF not preceded by CR: other parsers may read
+    /// either as a line end, which is how header injection starts.
+    Bare,
+    TooLarge,
+}
+
+/// Walks the header block of the message starting at `start` in one pass: the start
+/// line, then each logical field (folded lines joined), then the empty line.
+///
+/// Errors are [`ParseError::Incomplete`] when the buffer ends before the empty line
+/// (the caller turns that into an error for datagrams), [`ParseError::TooLarge`]
+/// past [`MAX_HEAD_LEN`], or a malformed line.
+pub(crate) struct Scanner<'a> {
+    buf: &'a [u8],
+    start: usize,
     pos: usize,
     line: usize,
+    /// Lines are only searched for up to here.
+    limit: usize,
 }
 
-impl<'a> Fields<'a> {
-    /// `first_line` numbers the line at `from` (the start line is line 1).
-    pub(crate) fn new(head: &'a [u8], from: usize, first_line: usize) -> Self {
-        Fields {
-            head,
-            pos: from,
-            line: first_line,
+impl<'a> Scanner<'a> {
+    pub(crate) fn new(buf: &'a [u8], start: usize) -> Self {
+        Scanner {
+            buf,
+            start,
+            pos: start,
+            line: 1,
+            limit: buf.len().min(start.saturating_add(MAX_HEAD_LEN)),
         }
     }
-}
 
-impl Iterator for Fields<'_> {
-    type Item = Result<Field, ParseError>;
-
-    fn next(&mut self) -> Option<Self::Item> {
-        if self.pos >= self.head.len() {
-            return None;
+    /// Index of the CR ending the line that starts at `from`.
+    fn line_end(&self, from: usize) -> Result<usize, LineError> {
+        let window = self.buf.get(from..self.limit).unwrap_or(&[]);
+        let Some(off) = find_cr_or_lf(window) else {
+            return Err(if self.limit < self.buf.len() {
+                LineError::TooLarge
+            } else {
+                LineError::Short
+            });
+        };
+        let i = from + off;
+        match (self.buf.get(i), self.buf.get(i + 1)) {
+            (Some(b'\r'), Some(b'\n')) => Ok(i),
+            (Some(b'\r'), None) => Err(LineError::Short),
+            _ => Err(LineError::Bare),
         }
+    }
+
+    fn error(&self, e: LineError, bad: ParseError) -> ParseError {
+        match e {
+            LineError::Short => ParseError::Incomplete,
+            LineError::Bare => bad,
+            LineError::TooLarge => ParseError::TooLarge,
+        }
+    }
+
+    /// The start line as `buf[start..end]`.
+    pub(crate) fn start_line(&mut self) -> Result<(usize, usize), ParseError> {
+        let eol = self
+            .line_end(self.pos)
+            .map_err(|e| self.error(e, ParseError::BadStartLine))?;
+        let start = self.pos;
+        self.pos = eol + 2;
+        self.line = 2;
+        Ok((start, eol))
+    }
+
+    /// The next field, or `None` at the empty line ending the header block (then
+    /// [`Scanner::body_start`] is known).
+    pub(crate) fn next_field(&mut self) -> Result<Option<Field>, ParseError> {
         let start = self.pos;
         let line = self.line;
+        let bad = ParseError::BadHeader { line };
         let mut cur = start;
         loop {
-            let found = self
-                .head
-                .get(cur..)
-                .and_then(|r| r.iter().position(|&b| b == b'\r' || b == b'\n'));
-            let eol = match found {
-                Some(off) if self.head.get(cur + off..cur + off + 2) == Some(b"\r\n") => cur + off,
-                _ => {
-                    self.pos = self.head.len();
-                    return Some(Err(ParseError::BadHeader { line: self.line }));
-                }
-            };
+            let eol = self.line_end(cur).map_err(|e| self.error(e, bad))?;
             self.line += 1;
+            if eol == start {
+                self.pos = eol + 2;
+                if self.pos - self.start > MAX_HEAD_LEN {
+                    return Err(ParseError::TooLarge);
+                }
+                return Ok(None);
+            }
             cur = eol + 2;
-            if !matches!(self.head.get(cur), Some(b' ' | b'\t')) {
-                self.pos = cur;
-                return Some(Ok(Field {
-                    start,
-                    end: eol,
-                    line,
-                }));
+            match self.buf.get(cur) {
+                // A line starting with whitespace continues the field (RFC 3261 §7.3.1).
+                Some(b' ' | b'\t') => {}
+                Some(_) => {
+                    self.pos = cur;
+                    return Ok(Some(Field {
+                        start,
+                        end: eol,
+                        line,
+                    }));
+                }
+                // Whether the next line continues this field is not known yet.
+                None => return Err(ParseError::Incomplete),
             }
         }
+    }
+
+    /// After `next_field` returned `None`: the first byte after the empty line.
+    pub(crate) fn body_start(&self) -> usize {
+        self.pos
     }
 }
 
@@ -220,17 +240,18 @@ pub fn frame_stream(buf: &[u8]) -> Result<Frame, ParseError> {
             Frame::KeepAlive(start)
         });
     }
-    let layout = match locate(buf, start, Framing::Stream) {
-        Ok(layout) => layout,
-        Err(ParseError::Incomplete) => return Ok(Frame::Incomplete),
-        Err(e) => return Err(e),
-    };
-    let head = buf.get(start..layout.head_end).unwrap_or(&[]);
-    let (_, first_field) = start_line_end(head)?;
+    match frame_message(buf, start) {
+        Err(ParseError::Incomplete) => Ok(Frame::Incomplete),
+        other => other,
+    }
+}
+
+fn frame_message(buf: &[u8], start: usize) -> Result<Frame, ParseError> {
+    let mut scanner = Scanner::new(buf, start);
+    scanner.start_line()?;
     let mut length = None;
-    for field in Fields::new(head, first_field, 2) {
-        let field = field?;
-        let text = head.get(field.start..field.end).unwrap_or(&[]);
+    while let Some(field) = scanner.next_field()? {
+        let text = buf.get(field.start..field.end).unwrap_or(&[]);
         let Some(colon) = text.iter().position(|&b| b == b':') else {
             continue;
         };
@@ -244,7 +265,7 @@ pub fn frame_stream(buf: &[u8]) -> Result<Frame, ParseError> {
         }
     }
     let length = length.ok_or(ParseError::MissingHeader("Content-Length"))?;
-    let end = layout.body_start + length;
+    let end = scanner.body_start() + length;
     Ok(if end > buf.len() {
         Frame::Incomplete
     } else {
@@ -253,6 +274,7 @@ pub fn frame_stream(buf: &[u8]) -> Result<Frame, ParseError> {
 }
 
 #[cfg(test)]
+#[allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 
@@ -274,29 +296,93 @@ mod tests {
             (&two, Frame::Message(OPTIONS.len())),
             (&with_ka, Frame::Message(with_ka.len())),
             (b"X x SIP/2.0\r\nl:0\r\n\r\nREST", Frame::Message(20)),
-            (b"X x SIP/2.0\r\nContent-Length:\r\n 2\r\n\r\nab", Frame::Message(37)),
+            (
+                b"X x SIP/2.0\r\nContent-Length:\r\n 2\r\n\r\nab",
+                Frame::Message(38),
+            ),
         ];
         for (input, want) in cases {
-            assert_eq!(frame_stream(input), Ok(want), "input {:?}", String::from_utf8_lossy(input));
+            assert_eq!(
+                frame_stream(input),
+                Ok(want),
+                "input {:?}",
+                String::from_utf8_lossy(input)
+            );
+        }
+    }
+
+    #[test]
+    fn cr_lf_search_agrees_with_a_naive_scan() {
+        let naive = |b: &[u8]| b.iter().position(|&c| c == b'\r' || c == b'\n');
+        let mut inputs: Vec<Vec<u8>> = vec![vec![], b"\r".to_vec(), b"abcdefgh\n".to_vec()];
+        // Every position of CR or LF in buffers around the 8-byte word size, with
+        // neighbours that differ from CR/LF by one bit or by a borrow.
+        for len in 0..20 {
+            for at in 0..len {
+                for (fill, hit) in [
+                    (b'a', b'\r'),
+                    (b'\x0c', b'\n'),
+                    (b'\x0e', b'\r'),
+                    (0xff, b'\n'),
+                    (0, b'\r'),
+                ] {
+                    let mut v = vec![fill; len];
+                    v[at] = hit;
+                    inputs.push(v);
+                }
+            }
+            inputs.push(vec![b'\x0b'; len]);
+        }
+        for input in inputs {
+            assert_eq!(find_cr_or_lf(&input), naive(&input), "{input:?}");
         }
     }
 
     #[test]
     fn unframeable_streams_are_errors() {
         let big_head = [b"X x SIP/2.0\r\nX: ".as_slice(), &vec![b'a'; MAX_HEAD_LEN]].concat();
+        let many_lines = [
+            b"X x SIP/2.0\r\n".as_slice(),
+            &b"a: b\r\n".repeat(MAX_HEAD_LEN / 6 + 1),
+        ]
+        .concat();
         let cases: Vec<(&[u8], ParseError)> = vec![
-            (b"X x SIP/2.0\r\nVia: x\r\n\r\n", ParseError::MissingHeader("Content-Length")),
-            (b"X x SIP/2.0\r\nl: -1\r\n\r\n", ParseError::BadContentLength),
-            (b"X x SIP/2.0\r\nl: 1\r\nl: 2\r\n\r\n", ParseError::BadContentLength),
-            (b"X x SIP/2.0\r\nl: 99999999999999999999999\r\n\r\n", ParseError::BadContentLength),
+            (
+                b"X x SIP/2.0\r\nVia: x\r\n\r\n",
+                ParseError::MissingHeader("Content-Length"),
+            ),
+            (
+                b"X x SIP/2.0\r\nl: -1\r\n\r\n",
+                ParseError::BadContentLength,
+            ),
+            (
+                b"X x SIP/2.0\r\nl: 1\r\nl: 2\r\n\r\n",
+                ParseError::BadContentLength,
+            ),
+            (
+                b"X x SIP/2.0\r\nl: 99999999999999999999999\r\n\r\n",
+                ParseError::BadContentLength,
+            ),
             (b"X x SIP/2.0\r\nl: 2000000\r\n\r\n", ParseError::TooLarge),
             (b"X x SIP/2.0\nl: 0\r\n\r\n", ParseError::BadStartLine),
-            (b"X x SIP/2.0\r\nA: b\nl: 0\r\n\r\n", ParseError::BadHeader { line: 2 }),
-            (b"X x SIP/2.0\r\nA: b\rl: 0\r\n\r\n", ParseError::BadHeader { line: 2 }),
+            (
+                b"X x SIP/2.0\r\nA: b\nl: 0\r\n\r\n",
+                ParseError::BadHeader { line: 2 },
+            ),
+            (
+                b"X x SIP/2.0\r\nA: b\rl: 0\r\n\r\n",
+                ParseError::BadHeader { line: 2 },
+            ),
             (&big_head, ParseError::TooLarge),
+            (&many_lines, ParseError::TooLarge),
         ];
         for (input, want) in cases {
-            assert_eq!(frame_stream(input), Err(want), "input {:?}", String::from_utf8_lossy(input));
+            assert_eq!(
+                frame_stream(input),
+                Err(want),
+                "input {:?}",
+                String::from_utf8_lossy(input)
+            );
         }
     }
 
@@ -304,7 +390,7 @@ mod tests {
     fn same_lengths_are_fine_and_lws_is_trimmed() {
         assert_eq!(
             frame_stream(b"X x SIP/2.0\r\nl: 1\r\nContent-Length : 1 \r\n\r\nab"),
-            Ok(Frame::Message(42))
+            Ok(Frame::Message(43))
         );
     }
 }

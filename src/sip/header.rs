@@ -192,34 +192,131 @@ impl HeaderName {
 
     /// Classifies a name as received (long or compact, any case); `None` if unknown.
     pub fn from_name(name: &str) -> Option<HeaderName> {
-        if let [c] = name.as_bytes() {
-            return from_compact(c.to_ascii_lowercase());
+        if !lex::is_token(name) {
+            return None;
         }
-        // Bucketing by length keeps this to one or a few comparisons per header.
-        let candidates: &[HeaderName] = match name.len() {
-            2 => &[H::To],
-            3 => &[H::Via],
-            4 => &[H::From, H::CSeq, H::Date],
-            5 => &[H::Route, H::Allow, H::Event],
-            6 => &[H::Accept, H::Server],
-            7 => &[H::CallId, H::Contact, H::Expires, H::Require, H::Subject],
-            8 => &[H::Identity, H::ReferTo],
-            9 => &[H::Supported],
-            10 => &[H::UserAgent],
-            11 => &[H::MinExpires, H::Unsupported, H::ReferredBy],
-            12 => &[H::MaxForwards, H::ContentType, H::RecordRoute, H::AllowEvents],
-            13 => &[H::Authorization, H::ProxyRequire, H::IdentityInfo],
-            14 => &[H::ContentLength, H::AcceptContact, H::RejectContact],
-            15 => &[H::SessionExpires],
-            16 => &[H::WwwAuthenticate, H::ContentEncoding],
-            18 => &[H::ProxyAuthenticate],
-            19 => &[H::ProxyAuthorization, H::RequestDisposition],
-            _ => &[],
-        };
-        candidates
-            .iter()
-            .copied()
-            .find(|h| h.as_str().eq_ignore_ascii_case(name))
+        HeaderName::from_token(name.as_bytes())
+    }
+
+    /// [`HeaderName::from_name`] for a name already known to be a token.
+    pub(crate) fn from_token(name: &[u8]) -> Option<HeaderName> {
+        // Setting bit 0x20 lower-cases letters. Known names hold only letters and
+        // `-`, and no other token byte maps onto a letter or `-` that way (only CR
+        // would reach `-`), so for a token the match below is exact.
+        let mut buf = [0u8; 19];
+        if name.len() > buf.len() {
+            return None;
+        }
+        for (d, &c) in buf.iter_mut().zip(name) {
+            *d = c | 0x20;
+        }
+        let lower = buf.get(..name.len())?;
+        Some(match lower {
+            b"a" => H::AcceptContact,
+            b"b" => H::ReferredBy,
+            b"c" => H::ContentType,
+            b"d" => H::RequestDisposition,
+            b"e" => H::ContentEncoding,
+            b"f" => H::From,
+            b"i" => H::CallId,
+            b"j" => H::RejectContact,
+            b"k" => H::Supported,
+            b"l" => H::ContentLength,
+            b"m" => H::Contact,
+            b"n" => H::IdentityInfo,
+            b"o" => H::Event,
+            b"r" => H::ReferTo,
+            b"s" => H::Subject,
+            b"t" => H::To,
+            b"u" => H::AllowEvents,
+            b"v" => H::Via,
+            b"x" => H::SessionExpires,
+            b"y" => H::Identity,
+            b"via" => H::Via,
+            b"from" => H::From,
+            b"to" => H::To,
+            b"call-id" => H::CallId,
+            b"cseq" => H::CSeq,
+            b"contact" => H::Contact,
+            b"expires" => H::Expires,
+            b"min-expires" => H::MinExpires,
+            b"max-forwards" => H::MaxForwards,
+            b"content-length" => H::ContentLength,
+            b"content-type" => H::ContentType,
+            b"content-encoding" => H::ContentEncoding,
+            b"authorization" => H::Authorization,
+            b"proxy-authorization" => H::ProxyAuthorization,
+            b"www-authenticate" => H::WwwAuthenticate,
+            b"proxy-authenticate" => H::ProxyAuthenticate,
+            b"route" => H::Route,
+            b"record-route" => H::RecordRoute,
+            b"allow" => H::Allow,
+            b"supported" => H::Supported,
+            b"unsupported" => H::Unsupported,
+            b"require" => H::Require,
+            b"proxy-require" => H::ProxyRequire,
+            b"accept" => H::Accept,
+            b"user-agent" => H::UserAgent,
+            b"server" => H::Server,
+            b"subject" => H::Subject,
+            b"date" => H::Date,
+            b"event" => H::Event,
+            b"allow-events" => H::AllowEvents,
+            b"refer-to" => H::ReferTo,
+            b"referred-by" => H::ReferredBy,
+            b"session-expires" => H::SessionExpires,
+            b"accept-contact" => H::AcceptContact,
+            b"reject-contact" => H::RejectContact,
+            b"request-disposition" => H::RequestDisposition,
+            b"identity" => H::Identity,
+            b"identity-info" => H::IdentityInfo,
+            _ => return None,
+        })
+    }
+
+    /// Position in [`KNOWN_HEADERS`]; `None` for `Other`.
+    pub(crate) fn id(self) -> Option<u8> {
+        Some(match self {
+            H::Via => 0,
+            H::From => 1,
+            H::To => 2,
+            H::CallId => 3,
+            H::CSeq => 4,
+            H::Contact => 5,
+            H::Expires => 6,
+            H::MinExpires => 7,
+            H::MaxForwards => 8,
+            H::ContentLength => 9,
+            H::ContentType => 10,
+            H::ContentEncoding => 11,
+            H::Authorization => 12,
+            H::ProxyAuthorization => 13,
+            H::WwwAuthenticate => 14,
+            H::ProxyAuthenticate => 15,
+            H::Route => 16,
+            H::RecordRoute => 17,
+            H::Allow => 18,
+            H::Supported => 19,
+            H::Unsupported => 20,
+            H::Require => 21,
+            H::ProxyRequire => 22,
+            H::Accept => 23,
+            H::UserAgent => 24,
+            H::Server => 25,
+            H::Subject => 26,
+            H::Date => 27,
+            H::Event => 28,
+            H::AllowEvents => 29,
+            H::ReferTo => 30,
+            H::ReferredBy => 31,
+            H::SessionExpires => 32,
+            H::AcceptContact => 33,
+            H::RejectContact => 34,
+            H::RequestDisposition => 35,
+            H::Identity => 36,
+            H::IdentityInfo => 37,
+            H::Other(_) => return None,
+        })
     }
 
     /// `Other` spelling a known name becomes that name.
@@ -255,40 +352,14 @@ impl HeaderName {
         }
     }
 
-    /// Does a received header with this classification and name match `self`
-    /// (which must be canonical)?
-    pub(crate) fn matches(self, header: &Header<'_>) -> bool {
+    /// Does a received field match `self` (which must be canonical)? `name` is only
+    /// read for `Other`.
+    pub(crate) fn matches<'a>(self, known: Option<u8>, name: impl FnOnce() -> &'a str) -> bool {
         match self {
-            H::Other(name) => header.known.is_none() && header.name.eq_ignore_ascii_case(name),
-            known => header.known == Some(known),
+            H::Other(other) => known.is_none() && name().eq_ignore_ascii_case(other),
+            h => known.is_some() && known == h.id(),
         }
     }
-}
-
-fn from_compact(c: u8) -> Option<HeaderName> {
-    Some(match c {
-        b'a' => H::AcceptContact,
-        b'b' => H::ReferredBy,
-        b'c' => H::ContentType,
-        b'd' => H::RequestDisposition,
-        b'e' => H::ContentEncoding,
-        b'f' => H::From,
-        b'i' => H::CallId,
-        b'j' => H::RejectContact,
-        b'k' => H::Supported,
-        b'l' => H::ContentLength,
-        b'm' => H::Contact,
-        b'n' => H::IdentityInfo,
-        b'o' => H::Event,
-        b'r' => H::ReferTo,
-        b's' => H::Subject,
-        b't' => H::To,
-        b'u' => H::AllowEvents,
-        b'v' => H::Via,
-        b'x' => H::SessionExpires,
-        b'y' => H::Identity,
-        _ => return None,
-    })
 }
 
 impl std::fmt::Display for HeaderName {
@@ -297,22 +368,41 @@ impl std::fmt::Display for HeaderName {
     }
 }
 
-/// One header field as received: `name` as spelled on the wire (trailing whitespace
-/// before the colon removed) and `value` with surrounding linear whitespace removed.
-/// A folded value keeps its inner CRLF+WS; see [`unfold`].
+/// One header field as received: `name` as spelled on the wire (whitespace before
+/// the colon removed) and `value` with surrounding linear whitespace removed. A
+/// folded value keeps its inner CRLF+WS; see [`unfold`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Header<'a> {
     pub name: &'a str,
     pub value: &'a str,
     /// Line of the message where the field starts (the start line is line 1).
     pub line: usize,
-    pub(crate) known: Option<HeaderName>,
+    /// The known name this field carries, if any.
+    pub known: Option<HeaderName>,
 }
 
-impl<'a> Header<'a> {
-    /// The known name this field carries, if any.
-    pub fn known(&self) -> Option<HeaderName> {
-        self.known
+/// A header field as stored in a message: offsets into its header text, so parsing
+/// validates UTF-8 once for the whole block instead of once per field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Entry {
+    pub name: (u32, u32),
+    pub value: (u32, u32),
+    pub line: u32,
+    /// [`HeaderName::id`] of the name, if known.
+    pub known: Option<u8>,
+}
+
+impl Entry {
+    pub(crate) fn header<'a>(&self, text: &'a str) -> Header<'a> {
+        let slice = |(a, b): (u32, u32)| text.get(a as usize..b as usize).unwrap_or("");
+        Header {
+            name: slice(self.name),
+            value: slice(self.value),
+            line: self.line as usize,
+            known: self
+                .known
+                .and_then(|id| KNOWN_HEADERS.get(usize::from(id)).copied()),
+        }
     }
 }
 
@@ -372,6 +462,7 @@ pub fn unfold(value: &str) -> Cow<'_, str> {
 }
 
 #[cfg(test)]
+#[allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 
@@ -394,8 +485,29 @@ mod tests {
     }
 
     #[test]
+    fn ids_index_known_headers() {
+        for (i, h) in KNOWN_HEADERS.iter().enumerate() {
+            assert_eq!(h.id().map(usize::from), Some(i), "{h:?}");
+        }
+        assert_eq!(H::Other("X").id(), None);
+    }
+
+    #[test]
     fn unknown_names_are_not_classified() {
-        for name in ["", "C%6Fntact", "Vias", "z", "Content-Lengths", "X-Foo"] {
+        for name in [
+            "",
+            "C%6Fntact",
+            "Vias",
+            "z",
+            "Content-Lengths",
+            "X-Foo",
+            "Content\rLength",
+            "Content\nLength",
+            "Content_Length",
+            "Content\x0dLength",
+            "Call-I\x04",
+            "To\r",
+        ] {
             assert_eq!(HeaderName::from_name(name), None, "{name:?}");
         }
     }
@@ -419,7 +531,11 @@ mod tests {
             ("Fri, 01 Jan 2010", false, &["Fri, 01 Jan 2010"]),
             ("", false, &[""]),
             ("", true, &[]),
-            ("\"x, y\" <sip:a@b>, <sip:c@d>", true, &["\"x, y\" <sip:a@b>", "<sip:c@d>"]),
+            (
+                "\"x, y\" <sip:a@b>, <sip:c@d>",
+                true,
+                &["\"x, y\" <sip:a@b>", "<sip:c@d>"],
+            ),
         ];
         for (input, list, want) in cases {
             let got: Vec<&str> = Elements::new(input, *list).collect();

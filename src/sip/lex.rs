@@ -6,29 +6,57 @@
 
 use std::borrow::Cow;
 
+const fn token_table() -> [bool; 256] {
+    let mut table = [false; 256];
+    let mut i = 0;
+    while i < 256 {
+        let b = i as u8;
+        table[i] = b.is_ascii_alphanumeric()
+            || matches!(
+                b,
+                b'-' | b'.' | b'!' | b'%' | b'*' | b'_' | b'+' | b'`' | b'\'' | b'~'
+            );
+        i += 1;
+    }
+    table
+}
+
+static TOKEN: [bool; 256] = token_table();
+
 /// RFC 3261 `token` characters.
+#[inline]
 pub(crate) fn is_token_byte(b: u8) -> bool {
-    b.is_ascii_alphanumeric()
-        || matches!(
-            b,
-            b'-' | b'.' | b'!' | b'%' | b'*' | b'_' | b'+' | b'`' | b'\'' | b'~'
-        )
+    TOKEN[usize::from(b)]
 }
 
 pub(crate) fn is_token(s: &str) -> bool {
     !s.is_empty() && s.bytes().all(is_token_byte)
 }
 
+#[inline]
 pub(crate) fn is_lws(b: u8) -> bool {
     matches!(b, b' ' | b'\t' | b'\r' | b'\n')
 }
 
+// Byte-wise trims: `str::trim_matches` with a char set costs a UTF-8 decode per step.
+
 pub(crate) fn trim_lws(s: &str) -> &str {
-    s.trim_matches([' ', '\t', '\r', '\n'])
+    trim_lws_end(trim_lws_start(s))
 }
 
 pub(crate) fn trim_lws_start(s: &str) -> &str {
-    s.trim_start_matches([' ', '\t', '\r', '\n'])
+    let b = s.as_bytes();
+    let start = b.iter().position(|&c| !is_lws(c)).unwrap_or(b.len());
+    s.get(start..).unwrap_or("")
+}
+
+pub(crate) fn trim_lws_end(s: &str) -> &str {
+    let end = s
+        .as_bytes()
+        .iter()
+        .rposition(|&c| !is_lws(c))
+        .map_or(0, |i| i + 1);
+    s.get(..end).unwrap_or("")
 }
 
 /// Index of the `"` closing the quoted-string that opens at `open` (which must be a
@@ -130,6 +158,13 @@ impl<'a> Iterator for Split<'a> {
         self.rest = None;
         Some(rest)
     }
+}
+
+/// `str::split_once` for an ASCII byte: a plain scan beats `memchr`'s set-up on the
+/// short strings of URIs and parameters.
+pub(crate) fn split_once_byte(s: &str, b: u8) -> Option<(&str, &str)> {
+    let i = s.bytes().position(|c| c == b)?;
+    Some(split_around(s, i))
 }
 
 /// `(s[..i], s[i + 1..])` for the index of an ASCII byte; never panics.
@@ -273,6 +308,7 @@ pub(crate) fn percent_decode(s: &str) -> Cow<'_, [u8]> {
 }
 
 #[cfg(test)]
+#[allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 

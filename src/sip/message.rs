@@ -2,8 +2,8 @@
 //! the headers the policy reads, and [`Message::validate`] for RFC 3261 §8.1.1.
 
 use super::auth::{self, AuthHeader, DigestCredentials};
-use super::framing::{self, Fields, MAX_HEADERS};
-use super::header::{Elements, Header, HeaderName};
+use super::framing::{self, MAX_HEADERS, Scanner};
+use super::header::{Elements, Entry, Header, HeaderName};
 use super::lex::{self, Cursor, Split};
 use super::method::Method;
 use super::name_addr::{self, Contacts, NameAddr};
@@ -34,7 +34,9 @@ pub struct CSeq<'a> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Message<'a> {
     start: StartLine<'a>,
-    headers: Vec<Header<'a>>,
+    /// The header fields' text (after the start line, through the empty line).
+    text: &'a str,
+    entries: Vec<Entry>,
     body: &'a [u8],
     content_length: Option<usize>,
     framing: Framing,
@@ -59,49 +61,70 @@ pub struct Message<'a> {
 /// together by [`Message::validate`].
 pub fn parse(buf: &[u8], framing: Framing) -> Result<Message<'_>, ParseError> {
     let start = framing::keepalive_len(buf);
-    let layout = framing::locate(buf, start, framing)?;
-    let head_bytes = buf
-        .get(layout.start..layout.head_end)
-        .ok_or(ParseError::BadStartLine)?;
-    let head = std::str::from_utf8(head_bytes).map_err(|_| ParseError::NotUtf8)?;
-    let (line_end, first_field) = framing::start_line_end(head_bytes)?;
-    let start_line = parse_start_line(head.get(..line_end).unwrap_or(""))?;
+    let unterminated = |e| match (e, framing) {
+        (ParseError::Incomplete, Framing::Datagram) if start == buf.len() => ParseError::Empty,
+        (ParseError::Incomplete, Framing::Datagram) => ParseError::UnterminatedHeaders,
+        (e, _) => e,
+    };
+    let mut scanner = Scanner::new(buf, start);
+    let (line_start, line_end) = scanner.start_line().map_err(unterminated)?;
+    let start_line = parse_start_line(utf8(buf, line_start, line_end)?)?;
 
-    let mut headers = Vec::with_capacity(16);
-    for field in Fields::new(head_bytes, first_field, 2) {
-        let field = field?;
-        let bad = ParseError::BadHeader { line: field.line };
-        if headers.len() == MAX_HEADERS {
-            return Err(ParseError::TooManyHeaders);
-        }
-        let text = head.get(field.start..field.end).ok_or(bad)?;
-        let (name, value) = text.split_once(':').ok_or(bad)?;
-        let name = name.trim_end_matches([' ', '\t']);
-        if !lex::is_token(name) {
-            return Err(bad);
-        }
-        headers.push(Header {
-            name,
-            value: lex::trim_lws(value),
-            line: field.line,
-            known: HeaderName::from_name(name),
-        });
-    }
+    let fields_start = line_end + 2;
+    let offset = |i: usize| u32::try_from(i - fields_start).map_err(|_| ParseError::TooLarge);
 
+    let mut entries = Vec::with_capacity(16);
     let mut content_length = None;
     let mut conflicting = false;
-    for h in headers
-        .iter()
-        .filter(|h| h.known == Some(HeaderName::ContentLength))
-    {
-        let n = framing::content_length_value(h.value.as_bytes())?;
-        match content_length {
-            None => content_length = Some(n),
-            Some(m) if m != n => conflicting = true,
-            Some(_) => {}
+    while let Some(field) = scanner.next_field().map_err(unterminated)? {
+        let bad = ParseError::BadHeader { line: field.line };
+        if entries.len() == MAX_HEADERS {
+            return Err(ParseError::TooManyHeaders);
         }
+        let bytes = buf.get(field.start..field.end).ok_or(bad)?;
+        // One pass over the name: a token, optional SP/HT, then the colon.
+        let name_len = bytes
+            .iter()
+            .position(|&b| !lex::is_token_byte(b))
+            .unwrap_or(bytes.len());
+        let colon = bytes
+            .get(name_len..)
+            .and_then(|rest| rest.iter().position(|&b| b != b' ' && b != b'\t'))
+            .map(|off| name_len + off)
+            .filter(|&i| name_len > 0 && bytes.get(i) == Some(&b':'))
+            .ok_or(bad)?;
+        let value = bytes.get(colon + 1..).unwrap_or(&[]);
+        let lead = value
+            .iter()
+            .position(|&b| !lex::is_lws(b))
+            .unwrap_or(value.len());
+        let trail = value
+            .iter()
+            .rev()
+            .position(|&b| !lex::is_lws(b))
+            .unwrap_or(0);
+        let value_start = field.start + colon + 1 + lead;
+        let value_end = (field.end - trail).max(value_start);
+        let known = HeaderName::from_token(bytes.get(..name_len).unwrap_or(&[]));
+        if known == Some(HeaderName::ContentLength) {
+            let n = framing::content_length_value(buf.get(value_start..value_end).unwrap_or(&[]))?;
+            match content_length {
+                None => content_length = Some(n),
+                Some(m) if m != n => conflicting = true,
+                Some(_) => {}
+            }
+        }
+        entries.push(Entry {
+            name: (offset(field.start)?, offset(field.start + name_len)?),
+            value: (offset(value_start)?, offset(value_end)?),
+            line: u32::try_from(field.line).map_err(|_| ParseError::TooLarge)?,
+            known: known.and_then(HeaderName::id),
+        });
     }
-    let available = buf.get(layout.body_start..).unwrap_or(&[]);
+    let body_start = scanner.body_start();
+    let text = utf8(buf, fields_start, body_start)?;
+
+    let available = buf.get(body_start..).unwrap_or(&[]);
     let body = match framing {
         Framing::Datagram => match content_length {
             Some(n) => available
@@ -124,12 +147,19 @@ pub fn parse(buf: &[u8], framing: Framing) -> Result<Message<'_>, ParseError> {
     };
     Ok(Message {
         start: start_line,
-        headers,
+        text,
+        entries,
         body,
         content_length,
         framing,
-        wire_len: layout.body_start + body.len(),
+        wire_len: body_start + body.len(),
     })
+}
+
+/// Header text is UTF-8 (RFC 3261 TEXT-UTF8); checked per line, as it is sliced.
+fn utf8(buf: &[u8], start: usize, end: usize) -> Result<&str, ParseError> {
+    let bytes = buf.get(start..end).ok_or(ParseError::BadStartLine)?;
+    std::str::from_utf8(bytes).map_err(|_| ParseError::NotUtf8)
 }
 
 fn starts_with_ignore_case(s: &str, prefix: &str) -> bool {
@@ -157,7 +187,11 @@ fn parse_start_line(line: &str) -> Result<StartLine<'_>, ParseError> {
         return Ok(StartLine::Response { code, reason });
     }
     // Trailing whitespace after SIP-Version is tolerated (RFC 4475 §3.1.2.6 trws).
-    let line = line.trim_end_matches([' ', '\t']);
+    let kept = line
+        .bytes()
+        .rposition(|b| b != b' ' && b != b'\t')
+        .map_or(0, |i| i + 1);
+    let line = line.get(..kept).unwrap_or("");
     let (method, rest) = line.split_once(' ').ok_or(ParseError::BadStartLine)?;
     if !lex::is_token(method) {
         return Err(ParseError::BadStartLine);
@@ -171,7 +205,7 @@ fn parse_start_line(line: &str) -> Result<StartLine<'_>, ParseError> {
         });
     }
     // Exactly one SP between the elements (RFC 4475 lwsstart, lwsruri).
-    if raw_uri.is_empty() || raw_uri.contains([' ', '\t']) {
+    if raw_uri.is_empty() || raw_uri.bytes().any(|b| b == b' ' || b == b'\t') {
         return Err(ParseError::BadStartLine);
     }
     Ok(StartLine::Request {
@@ -279,18 +313,23 @@ impl<'a> Message<'a> {
     /// Every header field in order as (name as received, trimmed value). A folded
     /// value keeps its inner CRLF+WS; [`unfold`](super::unfold) joins it.
     pub fn headers(&self) -> impl Iterator<Item = (&'a str, &'a str)> {
-        self.headers.iter().map(|h| (h.name, h.value))
+        self.header_fields().map(|h| (h.name, h.value))
     }
 
-    /// The header fields with their line numbers and classification.
-    pub fn header_fields(&self) -> &[Header<'a>] {
-        &self.headers
+    /// The header fields in order, with their line numbers and classification.
+    pub fn header_fields(&self) -> impl Iterator<Item = Header<'a>> {
+        let text = self.text;
+        self.entries.iter().map(move |e| e.header(text))
     }
 
     /// The fields named `name` (long or compact form, any case), unsplit.
-    pub fn fields(&self, name: HeaderName) -> impl Iterator<Item = &Header<'a>> {
+    pub fn fields(&self, name: HeaderName) -> impl Iterator<Item = Header<'a>> {
         let name = name.canonical();
-        self.headers.iter().filter(move |h| name.matches(h))
+        let text = self.text;
+        self.entries
+            .iter()
+            .filter(move |e| name.matches(e.known, || e.header(text).name))
+            .map(move |e| e.header(text))
     }
 
     /// Every value of a header: list headers are split at commas outside quotes and
@@ -474,6 +513,7 @@ impl<'a> Message<'a> {
 }
 
 #[cfg(test)]
+#[allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
     use crate::sip::{Contacts, Host, Transport};
@@ -510,9 +550,18 @@ mod tests {
         let m = parse(&buf, Framing::Stream).unwrap_or_else(|e| panic!("{e}"));
         assert!(m.is_request());
         assert_eq!(m.method(), Some(Method::Register));
-        assert_eq!(m.request_uri().map(|u| u.host), Some(Host::Name("trunks.example.net")));
+        assert_eq!(
+            m.request_uri().map(|u| u.host),
+            Some(Host::Name("trunks.example.net"))
+        );
         assert_eq!(m.call_id(), Some("a84b4c76e66710@pbx.example.com"));
-        assert_eq!(m.cseq(), Ok(CSeq { seq: 314159, method: Method::Register }));
+        assert_eq!(
+            m.cseq(),
+            Ok(CSeq {
+                seq: 314159,
+                method: Method::Register
+            })
+        );
         assert_eq!(m.from().map(|f| f.tag), Ok(Some("1928301774")));
         assert_eq!(m.to().map(|t| t.tag), Ok(None));
         let via = m.top_via().unwrap_or_else(|e| panic!("{e}"));
@@ -544,26 +593,51 @@ mod tests {
             ("SIP/2.0 100 ", Ok(())),
             ("SIP/2.0 180", Ok(())),
             ("SIP/2.0 699 x", Ok(())),
-            ("SIP/2.0 4294967301 better not break the receiver", Err(ParseError::BadStatusCode)),
+            (
+                "SIP/2.0 4294967301 better not break the receiver",
+                Err(ParseError::BadStatusCode),
+            ),
             ("SIP/2.0 099 x", Err(ParseError::BadStatusCode)),
             ("SIP/2.0 700 x", Err(ParseError::BadStatusCode)),
             ("SIP/2.0 20 x", Err(ParseError::BadStatusCode)),
             ("SIP/2.0  200 OK", Err(ParseError::BadStatusCode)),
             ("SIP/7.0 200 OK", Err(ParseError::BadVersion)),
             ("SIP/2.0", Err(ParseError::BadStartLine)),
-            ("OPTIONS sip:t.watson@example.org SIP/7.0", Err(ParseError::BadVersion)),
+            (
+                "OPTIONS sip:t.watson@example.org SIP/7.0",
+                Err(ParseError::BadVersion),
+            ),
             ("OPTIONS sip:a@b HTTP/1.1", Err(ParseError::BadStartLine)),
-            ("INVITE  sip:user@example.com  SIP/2.0", Err(ParseError::BadStartLine)),
-            (" INVITE sip:user@example.com SIP/2.0", Err(ParseError::BadStartLine)),
-            ("INVITE sip:user@example.com; lr SIP/2.0", Err(ParseError::BadStartLine)),
+            (
+                "INVITE  sip:user@example.com  SIP/2.0",
+                Err(ParseError::BadStartLine),
+            ),
+            (
+                " INVITE sip:user@example.com SIP/2.0",
+                Err(ParseError::BadStartLine),
+            ),
+            (
+                "INVITE sip:user@example.com; lr SIP/2.0",
+                Err(ParseError::BadStartLine),
+            ),
             ("INVITE sip:a@b", Err(ParseError::BadStartLine)),
             ("INVITE", Err(ParseError::BadStartLine)),
             ("INV\"ITE sip:a@b SIP/2.0", Err(ParseError::BadStartLine)),
-            ("INVITE <sip:user@example.com> SIP/2.0", Err(ParseError::BadUri { reason: "bad scheme" })),
-            ("INVITE sip:2001:db8::10 SIP/2.0", Err(ParseError::BadUri { reason: "bad IPv4 address" })),
+            (
+                "INVITE <sip:user@example.com> SIP/2.0",
+                Err(ParseError::BadUri {
+                    reason: "bad scheme",
+                }),
+            ),
+            (
+                "INVITE sip:2001:db8::10 SIP/2.0",
+                Err(ParseError::BadUri { reason: "bad port" }),
+            ),
             (
                 "INVITE sip:user@example.com?Route=%3Csip:example.com%3E SIP/2.0",
-                Err(ParseError::BadUri { reason: "headers not allowed in Request-URI" }),
+                Err(ParseError::BadUri {
+                    reason: "headers not allowed in Request-URI",
+                }),
             ),
         ];
         for (line, want) in cases {
@@ -573,12 +647,16 @@ mod tests {
 
     #[test]
     fn cseq_values_parse_or_are_refused() {
-        let cases: &[(&str, Result<(u32, Method), &str>)] = &[
+        type Row<'a> = (&'a str, Result<(u32, Method<'a>), &'a str>);
+        let cases: &[Row] = &[
             ("1 INVITE", Ok((1, Method::Invite))),
             ("0009\r\n  INVITE", Ok((9, Method::Invite))),
             ("2147483647 ACK", Ok((2_147_483_647, Method::Ack))),
             ("2147483648 ACK", Err("sequence number out of range")),
-            ("36893488147419103232 REGISTER", Err("sequence number out of range")),
+            (
+                "36893488147419103232 REGISTER",
+                Err("sequence number out of range"),
+            ),
             ("-1 INVITE", Err("bad sequence number")),
             ("1INVITE", Err("missing method")),
             ("1 ", Err("missing method")),
@@ -592,24 +670,83 @@ mod tests {
 
     #[test]
     fn datagram_and_stream_framing_rules() {
-        let base = ["OPTIONS sip:a@b SIP/2.0", "Via: SIP/2.0/UDP h;branch=z9hG4bK1"];
+        let base = [
+            "OPTIONS sip:a@b SIP/2.0",
+            "Via: SIP/2.0/UDP h;branch=z9hG4bK1",
+        ];
         let with = |extra: &[&str], body: &str| {
             let mut lines = base.to_vec();
             lines.extend_from_slice(extra);
             msg(&lines, body)
         };
-        let cases: Vec<(&str, Vec<u8>, Framing, Result<&[u8], ParseError>)> = vec![
-            ("no CL over datagram takes the rest", with(&[], "abc"), Framing::Datagram, Ok(b"abc")),
-            ("no CL over stream is refused", with(&[], ""), Framing::Stream, Err(ParseError::MissingHeader("Content-Length"))),
-            ("short CL over datagram ignores extra", with(&["l: 1"], "abc"), Framing::Datagram, Ok(b"a")),
-            ("long CL over datagram is an error", with(&["l: 9"], "abc"), Framing::Datagram, Err(ParseError::BodyShorterThanContentLength)),
-            ("long CL over stream is incomplete", with(&["l: 9"], "abc"), Framing::Stream, Err(ParseError::Incomplete)),
-            ("extra bytes over stream are refused", with(&["l: 1"], "abc"), Framing::Stream, Err(ParseError::TrailingData)),
-            ("trailing CRLF over stream is fine", with(&["l: 1"], "a\r\n"), Framing::Stream, Ok(b"a")),
-            ("negative CL", with(&["Content-Length: -999"], ""), Framing::Datagram, Err(ParseError::BadContentLength)),
-            ("conflicting CL over stream", with(&["l: 1", "l: 2"], "ab"), Framing::Stream, Err(ParseError::BadContentLength)),
-            ("conflicting CL over datagram uses the first", with(&["l: 1", "l: 2"], "ab"), Framing::Datagram, Ok(b"a")),
-            ("leading keep-alives are skipped", [b"\r\n\r\n".as_slice(), &with(&["l: 0"], "")].concat(), Framing::Stream, Ok(b"")),
+        type Row<'a> = (&'a str, Vec<u8>, Framing, Result<&'a [u8], ParseError>);
+        let cases: Vec<Row> = vec![
+            (
+                "no CL over datagram takes the rest",
+                with(&[], "abc"),
+                Framing::Datagram,
+                Ok(b"abc"),
+            ),
+            (
+                "no CL over stream is refused",
+                with(&[], ""),
+                Framing::Stream,
+                Err(ParseError::MissingHeader("Content-Length")),
+            ),
+            (
+                "short CL over datagram ignores extra",
+                with(&["l: 1"], "abc"),
+                Framing::Datagram,
+                Ok(b"a"),
+            ),
+            (
+                "long CL over datagram is an error",
+                with(&["l: 9"], "abc"),
+                Framing::Datagram,
+                Err(ParseError::BodyShorterThanContentLength),
+            ),
+            (
+                "long CL over stream is incomplete",
+                with(&["l: 9"], "abc"),
+                Framing::Stream,
+                Err(ParseError::Incomplete),
+            ),
+            (
+                "extra bytes over stream are refused",
+                with(&["l: 1"], "abc"),
+                Framing::Stream,
+                Err(ParseError::TrailingData),
+            ),
+            (
+                "trailing CRLF over stream is fine",
+                with(&["l: 1"], "a\r\n"),
+                Framing::Stream,
+                Ok(b"a"),
+            ),
+            (
+                "negative CL",
+                with(&["Content-Length: -999"], ""),
+                Framing::Datagram,
+                Err(ParseError::BadContentLength),
+            ),
+            (
+                "conflicting CL over stream",
+                with(&["l: 1", "l: 2"], "ab"),
+                Framing::Stream,
+                Err(ParseError::BadContentLength),
+            ),
+            (
+                "conflicting CL over datagram uses the first",
+                with(&["l: 1", "l: 2"], "ab"),
+                Framing::Datagram,
+                Ok(b"a"),
+            ),
+            (
+                "leading keep-alives are skipped",
+                [b"\r\n\r\n".as_slice(), &with(&["l: 0"], "")].concat(),
+                Framing::Stream,
+                Ok(b""),
+            ),
         ];
         for (name, buf, framing, want) in cases {
             assert_eq!(parse(&buf, framing).map(|m| m.body()), want, "{name}");
@@ -622,21 +759,62 @@ mod tests {
         let mut lines = vec!["OPTIONS sip:a@b SIP/2.0".to_string()];
         lines.extend(many);
         let too_many = msg(&lines.iter().map(String::as_str).collect::<Vec<_>>(), "");
-        let huge = msg(&["OPTIONS sip:a@b SIP/2.0", &format!("X: {}", "a".repeat(70_000))], "");
+        let huge = msg(
+            &[
+                "OPTIONS sip:a@b SIP/2.0",
+                &format!("X: {}", "a".repeat(70_000)),
+            ],
+            "",
+        );
         let cases: Vec<(&str, Vec<u8>, ParseError)> = vec![
             ("too many headers", too_many, ParseError::TooManyHeaders),
             ("head too large", huge, ParseError::TooLarge),
-            ("not utf-8", msg(&["OPTIONS sip:a@b SIP/2.0", "X: \u{ff}"], "").into_iter().map(|b| if b == 0xc3 { 0xff } else { b }).collect(), ParseError::NotUtf8),
-            ("no colon", msg(&["OPTIONS sip:a@b SIP/2.0", "Via SIP/2.0/UDP h"], ""), ParseError::BadHeader { line: 2 }),
-            ("empty name", msg(&["OPTIONS sip:a@b SIP/2.0", "a: b", ": b"], ""), ParseError::BadHeader { line: 3 }),
-            ("space in name", msg(&["OPTIONS sip:a@b SIP/2.0", "X Y: b"], ""), ParseError::BadHeader { line: 2 }),
-            ("first header folded", msg(&["OPTIONS sip:a@b SIP/2.0", " X: b"], ""), ParseError::BadHeader { line: 2 }),
-            ("bare LF", b"OPTIONS sip:a@b SIP/2.0\r\nA: b\nC: d\r\n\r\n".to_vec(), ParseError::BadHeader { line: 2 }),
-            ("unterminated datagram", b"OPTIONS sip:a@b SIP/2.0\r\nA: b\r\n".to_vec(), ParseError::UnterminatedHeaders),
+            (
+                "not utf-8",
+                msg(&["OPTIONS sip:a@b SIP/2.0", "X: \u{ff}"], "")
+                    .into_iter()
+                    .map(|b| if b == 0xc3 { 0xff } else { b })
+                    .collect(),
+                ParseError::NotUtf8,
+            ),
+            (
+                "no colon",
+                msg(&["OPTIONS sip:a@b SIP/2.0", "Via SIP/2.0/UDP h"], ""),
+                ParseError::BadHeader { line: 2 },
+            ),
+            (
+                "empty name",
+                msg(&["OPTIONS sip:a@b SIP/2.0", "a: b", ": b"], ""),
+                ParseError::BadHeader { line: 3 },
+            ),
+            (
+                "space in name",
+                msg(&["OPTIONS sip:a@b SIP/2.0", "X Y: b"], ""),
+                ParseError::BadHeader { line: 2 },
+            ),
+            (
+                "first header folded",
+                msg(&["OPTIONS sip:a@b SIP/2.0", " X: b"], ""),
+                ParseError::BadHeader { line: 2 },
+            ),
+            (
+                "bare LF",
+                b"OPTIONS sip:a@b SIP/2.0\r\nA: b\nC: d\r\n\r\n".to_vec(),
+                ParseError::BadHeader { line: 2 },
+            ),
+            (
+                "unterminated datagram",
+                b"OPTIONS sip:a@b SIP/2.0\r\nA: b\r\n".to_vec(),
+                ParseError::UnterminatedHeaders,
+            ),
             ("only keep-alives", b"\r\n\r\n".to_vec(), ParseError::Empty),
         ];
         for (name, buf, want) in cases {
-            assert_eq!(parse(&buf, Framing::Datagram).map(|_| ()), Err(want), "{name}");
+            assert_eq!(
+                parse(&buf, Framing::Datagram).map(|_| ()),
+                Err(want),
+                "{name}"
+            );
         }
     }
 
@@ -657,10 +835,20 @@ mod tests {
         );
         let m = parse(&buf, Framing::Datagram).unwrap_or_else(|e| panic!("{e}"));
         let vias: Vec<_> = m.header_values(HeaderName::Via).collect();
-        assert_eq!(vias, ["SIP/2.0/UDP a;branch=z9hG4bK1", "SIP/2.0/UDP b;branch=z9hG4bK2", "SIP/2.0/TCP c"]);
+        assert_eq!(
+            vias,
+            [
+                "SIP/2.0/UDP a;branch=z9hG4bK1",
+                "SIP/2.0/UDP b;branch=z9hG4bK2",
+                "SIP/2.0/TCP c"
+            ]
+        );
         let supported: Vec<_> = m.header_values(HeaderName::Supported).collect();
         assert_eq!(supported, ["timer", "100rel", "path"]);
-        assert_eq!(m.header(HeaderName::Date), Some("Sat, 15 Oct 2005 04:44:56 GMT"));
+        assert_eq!(
+            m.header(HeaderName::Date),
+            Some("Sat, 15 Oct 2005 04:44:56 GMT")
+        );
         let contacts: Vec<_> = m.header_values(HeaderName::Other("Contact")).collect();
         assert_eq!(contacts, ["\"a, b\" <sip:a@b>", "<sip:c@d;x=1,2>"]);
         assert_eq!(m.header(HeaderName::Other("x-custom")), Some("one, two"));
@@ -668,7 +856,10 @@ mod tests {
         assert_eq!(m.header(HeaderName::CallId), None);
         assert_eq!(m.vias().count(), 3);
         let names: Vec<_> = m.headers().map(|(n, _)| n).collect();
-        assert_eq!(names, ["v", "Via", "Supported", "Date", "m", "X-Custom", "l"]);
+        assert_eq!(
+            names,
+            ["v", "Via", "Supported", "Date", "m", "X-Custom", "l"]
+        );
     }
 
     #[test]
@@ -693,22 +884,86 @@ mod tests {
         let bad = |header, reason| ParseError::BadHeaderValue { header, reason };
         let cases: Vec<(&str, Vec<u8>, Result<(), ParseError>)> = vec![
             ("minimal request", with(None, &[]), Ok(())),
-            ("missing To", with(Some((2, "X: y")), &[]), Err(ParseError::MissingHeader("To"))),
-            ("missing Via", with(Some((1, "X: y")), &[]), Err(ParseError::MissingHeader("Via"))),
-            ("duplicate Call-ID", with(None, &["i: other@h"]), Err(ParseError::DuplicateHeader("Call-ID"))),
-            ("duplicate Max-Forwards", with(None, &["Max-Forwards: 1", "Max-Forwards: 2"]), Err(ParseError::DuplicateHeader("Max-Forwards"))),
-            ("CSeq method mismatch", with(Some((5, "CSeq: 1 OPTIONS")), &[]), Err(ParseError::CSeqMismatch)),
-            ("Max-Forwards over 255", with(None, &["Max-Forwards: 300"]), Err(bad("Max-Forwards", "not a number in 0..=255"))),
-            ("Expires garbage", with(None, &["Expires: soon"]), Err(bad("Expires", "not delta-seconds"))),
-            ("Expires huge saturates", with(None, &["Expires: 99999999999999999999999"]), Ok(())),
-            ("Date not GMT", with(None, &["Date: Fri, 01 Jan 2010 16:00:00 EST"]), Err(bad("Date", "not in GMT"))),
-            ("bad second Via", with(None, &["Via: SIP/2.0/UDP h;;"]), Err(bad("Via", "empty parameter"))),
-            ("empty Via element", with(Some((1, "Via: SIP/2.0/UDP h,")), &[]), Err(bad("Via", "empty element"))),
-            ("bad Contact", with(None, &["Contact: sip:a@b?x=y"]), Err(bad("Contact", "URI with , ? or quotes must be in <>"))),
-            ("bad Route", with(None, &["Route: <sip:a@b>, junk junk"]), Err(bad("Route", "missing scheme"))),
-            ("Call-ID with space", with(Some((4, "Call-ID: a b")), &[]), Err(bad("Call-ID", "not a word[@word]"))),
-            ("bad digest", with(None, &["Proxy-Authorization: Digest username=\"a\""]), Err(bad("Proxy-Authorization", "missing realm"))),
-            ("other auth scheme is fine", with(None, &["Authorization: Foo bar=baz"]), Ok(())),
+            (
+                "missing To",
+                with(Some((2, "X: y")), &[]),
+                Err(ParseError::MissingHeader("To")),
+            ),
+            (
+                "missing Via",
+                with(Some((1, "X: y")), &[]),
+                Err(ParseError::MissingHeader("Via")),
+            ),
+            (
+                "duplicate Call-ID",
+                with(None, &["i: other@h"]),
+                Err(ParseError::DuplicateHeader("Call-ID")),
+            ),
+            (
+                "duplicate Max-Forwards",
+                with(None, &["Max-Forwards: 1", "Max-Forwards: 2"]),
+                Err(ParseError::DuplicateHeader("Max-Forwards")),
+            ),
+            (
+                "CSeq method mismatch",
+                with(Some((5, "CSeq: 1 OPTIONS")), &[]),
+                Err(ParseError::CSeqMismatch),
+            ),
+            (
+                "Max-Forwards over 255",
+                with(None, &["Max-Forwards: 300"]),
+                Err(bad("Max-Forwards", "not a number in 0..=255")),
+            ),
+            (
+                "Expires garbage",
+                with(None, &["Expires: soon"]),
+                Err(bad("Expires", "not delta-seconds")),
+            ),
+            (
+                "Expires huge saturates",
+                with(None, &["Expires: 99999999999999999999999"]),
+                Ok(()),
+            ),
+            (
+                "Date not GMT",
+                with(None, &["Date: Fri, 01 Jan 2010 16:00:00 EST"]),
+                Err(bad("Date", "not in GMT")),
+            ),
+            (
+                "bad second Via",
+                with(None, &["Via: SIP/2.0/UDP h;;"]),
+                Err(bad("Via", "empty parameter")),
+            ),
+            (
+                "empty Via element",
+                with(Some((1, "Via: SIP/2.0/UDP h,")), &[]),
+                Err(bad("Via", "empty element")),
+            ),
+            (
+                "bad Contact",
+                with(None, &["Contact: sip:a@b?x=y"]),
+                Err(bad("Contact", "URI with , ? or quotes must be in <>")),
+            ),
+            (
+                "bad Route",
+                with(None, &["Route: <sip:a@b>, junk junk"]),
+                Err(bad("Route", "missing scheme")),
+            ),
+            (
+                "Call-ID with space",
+                with(Some((4, "Call-ID: a b")), &[]),
+                Err(bad("Call-ID", "not a word[@word]")),
+            ),
+            (
+                "bad digest",
+                with(None, &["Proxy-Authorization: Digest username=\"a\""]),
+                Err(bad("Proxy-Authorization", "missing realm")),
+            ),
+            (
+                "other auth scheme is fine",
+                with(None, &["Authorization: Foo bar=baz"]),
+                Ok(()),
+            ),
         ];
         for (name, buf, want) in cases {
             let m = parse(&buf, Framing::Stream).unwrap_or_else(|e| panic!("{name}: {e}"));
@@ -744,7 +999,10 @@ mod tests {
             ParseError::BadHeader { line: 7 },
             ParseError::MissingHeader("Call-ID"),
             ParseError::BadUri { reason: "bad host" },
-            ParseError::BadHeaderValue { header: "Via", reason: "bad branch" },
+            ParseError::BadHeaderValue {
+                header: "Via",
+                reason: "bad branch",
+            },
         ];
         for e in errors {
             let text = e.to_string();

@@ -61,11 +61,19 @@ fn parse(s: &str) -> Result<NameAddr<'_>, &'static str> {
         let (before, _) = lex::split_around(raw, lt);
         let display = lex::trim_lws(before);
         // An unquoted display name is a run of tokens separated by LWS.
-        if !display.bytes().all(|b| lex::is_token_byte(b) || lex::is_lws(b)) {
+        if !display
+            .bytes()
+            .all(|b| lex::is_token_byte(b) || lex::is_lws(b))
+        {
             return Err("bad display name");
         }
         let (uri_str, after) = angle(raw.get(lt..).unwrap_or(""))?;
-        ((!display.is_empty()).then_some(display), false, uri_str, after)
+        (
+            (!display.is_empty()).then_some(display),
+            false,
+            uri_str,
+            after,
+        )
     } else {
         // addr-spec: the URI ends at the first `;` (those are header parameters),
         // which is why URIs with `;`, `,` or `?` must be enclosed in `<>`.
@@ -133,7 +141,14 @@ fn is_qvalue(q: &str) -> bool {
         None => (q, None),
     };
     let frac_ok = |f: &str, only_zero: bool| {
-        f.len() <= 3 && f.bytes().all(|b| if only_zero { b == b'0' } else { b.is_ascii_digit() })
+        f.len() <= 3
+            && f.bytes().all(|b| {
+                if only_zero {
+                    b == b'0'
+                } else {
+                    b.is_ascii_digit()
+                }
+            })
     };
     match int {
         "0" => frac.is_none_or(|f| frac_ok(f, false)),
@@ -192,7 +207,9 @@ pub(crate) fn parse_contacts<'a>(
 }
 
 /// Parses every element of a list of name-addrs (Route, Record-Route).
-pub(crate) fn parse_list<'a>(value: &'a str) -> impl Iterator<Item = Result<NameAddr<'a>, &'static str>> {
+pub(crate) fn parse_list<'a>(
+    value: &'a str,
+) -> impl Iterator<Item = Result<NameAddr<'a>, &'static str>> {
     Split::new(value, b',').map(|element| {
         let element = lex::trim_lws(element);
         if element.is_empty() {
@@ -204,6 +221,7 @@ pub(crate) fn parse_list<'a>(value: &'a str) -> impl Iterator<Item = Result<Name
 }
 
 #[cfg(test)]
+#[allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
     use crate::sip::uri::Host;
@@ -211,9 +229,21 @@ mod tests {
     #[test]
     fn name_addr_forms_parse() {
         // (input, display, display unescaped, uri, tag)
-        type Row<'a> = (&'a str, Option<&'a str>, Option<&'a str>, &'a str, Option<&'a str>);
+        type Row<'a> = (
+            &'a str,
+            Option<&'a str>,
+            Option<&'a str>,
+            &'a str,
+            Option<&'a str>,
+        );
         let cases: &[Row] = &[
-            ("sip:user@example.com", None, None, "sip:user@example.com", None),
+            (
+                "sip:user@example.com",
+                None,
+                None,
+                "sip:user@example.com",
+                None,
+            ),
             (
                 "\"Bell, Alexander\" <sip:a.g.bell@example.com>;tag=433423",
                 Some("Bell, Alexander"),
@@ -235,7 +265,13 @@ mod tests {
                 "sip:jdrosen@example.com",
                 Some("98asjd8"),
             ),
-            ("caller<sip:caller@example.com>;tag=323", Some("caller"), Some("caller"), "sip:caller@example.com", Some("323")),
+            (
+                "caller<sip:caller@example.com>;tag=323",
+                Some("caller"),
+                Some("caller"),
+                "sip:caller@example.com",
+                Some("323"),
+            ),
             (
                 "token1~` token2'+_ token3*%!.- <sip:mundane@example.com>;fromParam''~+*_!.-%=\"\u{440}\";tag=_token~1'+`*%!-.",
                 Some("token1~` token2'+_ token3*%!.-"),
@@ -244,9 +280,21 @@ mod tests {
                 Some("_token~1'+`*%!-."),
             ),
             ("<sip:a@b>", None, None, "sip:a@b", None),
-            ("sip:+19725552222@gw1.example.net;unknownparam", None, None, "sip:+19725552222@gw1.example.net", None),
+            (
+                "sip:+19725552222@gw1.example.net;unknownparam",
+                None,
+                None,
+                "sip:+19725552222@gw1.example.net",
+                None,
+            ),
             ("isbn:2983792873", None, None, "isbn:2983792873", None),
-            ("<http://www.example.com>;tag=3234233", None, None, "http://www.example.com", Some("3234233")),
+            (
+                "<http://www.example.com>;tag=3234233",
+                None,
+                None,
+                "http://www.example.com",
+                Some("3234233"),
+            ),
             ("\"\" <sip:a@b>", Some(""), Some(""), "sip:a@b", None),
         ];
         for &(input, display, unescaped, uri, tag) in cases {
@@ -274,7 +322,10 @@ mod tests {
             "<sip:a@b>;tag",
         ];
         for input in cases {
-            assert!(NameAddr::parse(input).is_err(), "{input:?} should be refused");
+            assert!(
+                NameAddr::parse(input).is_err(),
+                "{input:?} should be refused"
+            );
         }
     }
 
@@ -305,10 +356,21 @@ mod tests {
 
     #[test]
     fn contact_params_are_checked() {
-        for bad in ["<sip:a@b>;expires=soon", "<sip:a@b>;q=2", "<sip:a@b>;q=0.1234", "<sip:a@b>;q=1.5", "<sip:a@b>;expires"] {
+        for bad in [
+            "<sip:a@b>;expires=soon",
+            "<sip:a@b>;q=2",
+            "<sip:a@b>;q=0.1234",
+            "<sip:a@b>;q=1.5",
+            "<sip:a@b>;expires",
+        ] {
             assert!(parse_contact(bad).is_err(), "{bad:?}");
         }
-        for good in ["<sip:a@b>;q=1", "<sip:a@b>;q=1.000", "<sip:a@b>;q=0", "<sip:a@b>;q=0.5"] {
+        for good in [
+            "<sip:a@b>;q=1",
+            "<sip:a@b>;q=1.000",
+            "<sip:a@b>;q=0",
+            "<sip:a@b>;q=0.5",
+        ] {
             assert!(parse_contact(good).is_ok(), "{good:?}");
         }
     }

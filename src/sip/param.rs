@@ -87,6 +87,7 @@ pub(crate) fn find<'a>(section: &'a str, name: &str) -> Option<Option<&'a str>> 
 }
 
 #[cfg(test)]
+#[allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 
@@ -108,10 +109,7 @@ mod tests {
                     ("q", Some("0.33")),
                 ],
             ),
-            (
-                "x=\"a;b\";lr",
-                vec![("x", Some("\"a;b\"")), ("lr", None)],
-            ),
+            ("x=\"a;b\";lr", vec![("x", Some("\"a;b\"")), ("lr", None)]),
             (
                 "received=2001:db8::9:255;branch=z9hG4bKas3",
                 vec![
@@ -128,7 +126,9 @@ mod tests {
 
     #[test]
     fn malformed_params_are_reported() {
-        let cases = [";", "a;;b", "=x", "a=", "a=\"open", "a=\"x\"y", "a b=c", "a=<x>"];
+        let cases = [
+            ";", "a;;b", "=x", "a=", "a=\"open", "a=\"x\"y", "a b=c", "a=<x>",
+        ];
         for input in cases {
             let got: Result<Items, _> = Params::new(Some(input)).collect();
             assert!(got.is_err(), "input {input:?} gave {got:?}");

@@ -70,40 +70,52 @@ pub struct Uri<'a> {
     pub opaque: &'a str,
 }
 
+const fn uri_table() -> [bool; 256] {
+    let mut table = [false; 256];
+    let mut i = 0;
+    while i < 256 {
+        let b = i as u8;
+        table[i] = b.is_ascii_alphanumeric()
+            || matches!(
+                b,
+                b'-' | b'_'
+                    | b'.'
+                    | b'!'
+                    | b'~'
+                    | b'*'
+                    | b'\''
+                    | b'('
+                    | b')'
+                    | b';'
+                    | b'/'
+                    | b'?'
+                    | b':'
+                    | b'@'
+                    | b'&'
+                    | b'='
+                    | b'+'
+                    | b'$'
+                    | b','
+                    | b'%'
+                    | b'['
+                    | b']'
+            );
+        i += 1;
+    }
+    table
+}
+
 /// Bytes a URI may contain unescaped (RFC 3261 §25.1 reserved, unreserved, `%`, and
 /// the brackets of IPv6 references). Anything else (space, `<`, `>`, `"`, controls,
 /// non-ASCII) means the URI is malformed.
-fn is_uri_byte(b: u8) -> bool {
-    b.is_ascii_alphanumeric()
-        || matches!(
-            b,
-            b'-' | b'_'
-                | b'.'
-                | b'!'
-                | b'~'
-                | b'*'
-                | b'\''
-                | b'('
-                | b')'
-                | b';'
-                | b'/'
-                | b'?'
-                | b':'
-                | b'@'
-                | b'&'
-                | b'='
-                | b'+'
-                | b'$'
-                | b','
-                | b'%'
-                | b'['
-                | b']'
-        )
-}
+static URI_BYTE: [bool; 256] = uri_table();
 
 fn is_unreserved(b: u8) -> bool {
     b.is_ascii_alphanumeric()
-        || matches!(b, b'-' | b'_' | b'.' | b'!' | b'~' | b'*' | b'\'' | b'(' | b')')
+        || matches!(
+            b,
+            b'-' | b'_' | b'.' | b'!' | b'~' | b'*' | b'\'' | b'(' | b')'
+        )
 }
 
 fn is_password_byte(b: u8) -> bool {
@@ -207,7 +219,7 @@ fn scheme_kind(scheme: &str) -> Scheme {
 }
 
 pub(crate) fn parse(s: &str) -> Result<Uri<'_>, &'static str> {
-    let (scheme, rest) = s.split_once(':').ok_or("missing scheme")?;
+    let (scheme, rest) = lex::split_once_byte(s, b':').ok_or("missing scheme")?;
     let mut sb = scheme.bytes();
     if !sb.next().is_some_and(|b| b.is_ascii_alphabetic())
         || !sb.all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.'))
@@ -217,10 +229,20 @@ pub(crate) fn parse(s: &str) -> Result<Uri<'_>, &'static str> {
     if rest.is_empty() {
         return Err("empty URI");
     }
-    if !rest.bytes().all(is_uri_byte) {
-        return Err("invalid character");
+    // One pass checks every byte and notes what the structure needs.
+    let mut first_at = None;
+    let mut escaped = false;
+    for (i, &b) in rest.as_bytes().iter().enumerate() {
+        if !URI_BYTE[usize::from(b)] {
+            return Err("invalid character");
+        }
+        match b {
+            b'@' if first_at.is_none() => first_at = Some(i),
+            b'%' => escaped = true,
+            _ => {}
+        }
     }
-    if !lex::escapes_valid(rest) {
+    if escaped && !lex::escapes_valid(rest) {
         return Err("invalid escape");
     }
     let opaque = Uri {
@@ -235,19 +257,19 @@ pub(crate) fn parse(s: &str) -> Result<Uri<'_>, &'static str> {
         opaque: rest,
     };
     match scheme_kind(scheme) {
-        Scheme::Sip | Scheme::Sips => parse_sip(opaque),
+        Scheme::Sip | Scheme::Sips => parse_sip(opaque, first_at),
         Scheme::Tel => parse_tel(opaque),
         Scheme::Other => Ok(opaque),
     }
 }
 
-fn parse_sip(mut uri: Uri<'_>) -> Result<Uri<'_>, &'static str> {
+fn parse_sip(mut uri: Uri<'_>, first_at: Option<usize>) -> Result<Uri<'_>, &'static str> {
     let rest = uri.opaque;
     // The user part may contain `;`, `?` and `/`, but never an unescaped `@`, and no
     // later part may contain `@` either: the first `@` ends the userinfo.
-    let hostpart = match rest.split_once('@') {
+    let hostpart = match first_at.map(|i| lex::split_around(rest, i)) {
         Some((userinfo, hostpart)) => {
-            let (user, password) = match userinfo.split_once(':') {
+            let (user, password) = match lex::split_once_byte(userinfo, b':') {
                 Some((u, p)) => (u, Some(p)),
                 None => (userinfo, None),
             };
@@ -266,12 +288,15 @@ fn parse_sip(mut uri: Uri<'_>) -> Result<Uri<'_>, &'static str> {
         }
         None => rest,
     };
-    let hp_end = hostpart.find([';', '?']).unwrap_or(hostpart.len());
+    let hp_end = hostpart
+        .bytes()
+        .position(|b| b == b';' || b == b'?')
+        .unwrap_or(hostpart.len());
     let (hostport, tail) = hostpart.split_at_checked(hp_end).ok_or("bad host")?;
     let (host, port) = parse_hostport(hostport)?;
     uri.host = host;
     uri.port = port;
-    let (params, headers) = match tail.split_once('?') {
+    let (params, headers) = match lex::split_once_byte(tail, b'?') {
         Some((p, h)) => (p, Some(h)),
         None => (tail, None),
     };
@@ -331,9 +356,8 @@ fn check_uri_headers(headers: &str) -> Result<(), &'static str> {
 
 pub(crate) fn parse_hostport(hp: &str) -> Result<(Host<'_>, Option<u16>), &'static str> {
     if let Some(after_bracket) = hp.strip_prefix('[') {
-        let (inner, after) = after_bracket
-            .split_once(']')
-            .ok_or("unterminated IPv6 reference")?;
+        let (inner, after) =
+            lex::split_once_byte(after_bracket, b']').ok_or("unterminated IPv6 reference")?;
         let ip = inner.parse::<Ipv6Addr>().map_err(|_| "bad IPv6 address")?;
         let port = match after {
             "" => None,
@@ -341,7 +365,7 @@ pub(crate) fn parse_hostport(hp: &str) -> Result<(Host<'_>, Option<u16>), &'stat
         };
         return Ok((Host::V6(ip), port));
     }
-    let (host, port) = match hp.split_once(':') {
+    let (host, port) = match lex::split_once_byte(hp, b':') {
         Some((h, p)) => (h, Some(parse_port(p)?)),
         None => (hp, None),
     };
@@ -375,6 +399,7 @@ pub(crate) fn parse_port(p: &str) -> Result<u16, &'static str> {
 }
 
 #[cfg(test)]
+#[allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 
@@ -395,11 +420,51 @@ mod tests {
             &'a str,
         );
         let cases: &[Row] = &[
-            ("sip:user@example.com", Some("user"), None, Host::Name("example.com"), None, "", ""),
-            ("SIP:a:pw@10.0.0.1:5070;lr", Some("a"), Some("pw"), Host::V4(Ipv4Addr::new(10, 0, 0, 1)), Some(5070), "lr", ""),
-            ("sips:[2001:db8::10]:5070", None, None, v6("2001:db8::10"), Some(5070), "", ""),
-            ("sip:[2001:db8::10:5070]", None, None, v6("2001:db8::10:5070"), None, "", ""),
-            ("sip:user;par=u%40example.net@example.com", Some("user;par=u%40example.net"), None, Host::Name("example.com"), None, "", ""),
+            (
+                "sip:user@example.com",
+                Some("user"),
+                None,
+                Host::Name("example.com"),
+                None,
+                "",
+                "",
+            ),
+            (
+                "SIP:a:pw@10.0.0.1:5070;lr",
+                Some("a"),
+                Some("pw"),
+                Host::V4(Ipv4Addr::new(10, 0, 0, 1)),
+                Some(5070),
+                "lr",
+                "",
+            ),
+            (
+                "sips:[2001:db8::10]:5070",
+                None,
+                None,
+                v6("2001:db8::10"),
+                Some(5070),
+                "",
+                "",
+            ),
+            (
+                "sip:[2001:db8::10:5070]",
+                None,
+                None,
+                v6("2001:db8::10:5070"),
+                None,
+                "",
+                "",
+            ),
+            (
+                "sip:user;par=u%40example.net@example.com",
+                Some("user;par=u%40example.net"),
+                None,
+                Host::Name("example.com"),
+                None,
+                "",
+                "",
+            ),
             (
                 "sip:1_unusual.URI~(to-be!sure)&isn't+it$/crazy?,/;;*:&it+has=1,weird!*pas$wo~d_too.(doesn't-it)@example.com",
                 Some("1_unusual.URI~(to-be!sure)&isn't+it$/crazy?,/;;*"),
@@ -409,9 +474,33 @@ mod tests {
                 "",
                 "",
             ),
-            ("sip:user@example.com?Route=%3Csip:sip.example.com%3E", Some("user"), None, Host::Name("example.com"), None, "", "Route=%3Csip:sip.example.com%3E"),
-            ("sip:cal%6Cer@host5.example.net;%6C%72;n%61me=v%61lue%25%34%31", Some("cal%6Cer"), None, Host::Name("host5.example.net"), None, "%6C%72;n%61me=v%61lue%25%34%31", ""),
-            ("sip:pbx_1.local", None, None, Host::Name("pbx_1.local"), None, "", ""),
+            (
+                "sip:user@example.com?Route=%3Csip:sip.example.com%3E",
+                Some("user"),
+                None,
+                Host::Name("example.com"),
+                None,
+                "",
+                "Route=%3Csip:sip.example.com%3E",
+            ),
+            (
+                "sip:cal%6Cer@host5.example.net;%6C%72;n%61me=v%61lue%25%34%31",
+                Some("cal%6Cer"),
+                None,
+                Host::Name("host5.example.net"),
+                None,
+                "%6C%72;n%61me=v%61lue%25%34%31",
+                "",
+            ),
+            (
+                "sip:pbx_1.local",
+                None,
+                None,
+                Host::Name("pbx_1.local"),
+                None,
+                "",
+                "",
+            ),
         ];
         for &(input, user, password, host, port, params, headers) in cases {
             let uri = Uri::parse(input).unwrap_or_else(|e| panic!("{input}: {e}"));
@@ -444,7 +533,7 @@ mod tests {
             "sip:user@host?",
             "sip:user@host?noequals",
             "sip:user@host;x=a@b",
-            "sip:us%4er@host",
+            "sip:us%4gr@host",
             "sip:user@999.1.1.1",
             "sip:user@exa mple.com",
             "sip:",
@@ -462,7 +551,10 @@ mod tests {
     #[test]
     fn other_schemes_stay_opaque() {
         let cases = [
-            ("nobodyKnowsThisScheme:totallyopaquecontent", "totallyopaquecontent"),
+            (
+                "nobodyKnowsThisScheme:totallyopaquecontent",
+                "totallyopaquecontent",
+            ),
             ("soap.beep://192.0.2.103:3002", "//192.0.2.103:3002"),
             ("http://www.example.com", "//www.example.com"),
             ("isbn:2983792873", "2983792873"),
@@ -477,7 +569,8 @@ mod tests {
 
     #[test]
     fn tel_uris_keep_the_number_as_user() {
-        let uri = Uri::parse("tel:+1-201-555-0123;phone-context=example.com").unwrap_or_else(|e| panic!("{e}"));
+        let uri = Uri::parse("tel:+1-201-555-0123;phone-context=example.com")
+            .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(uri.kind(), Scheme::Tel);
         assert_eq!(uri.user, Some("+1-201-555-0123"));
         assert_eq!(uri.param("phone-context"), Some(Some("example.com")));
@@ -485,21 +578,27 @@ mod tests {
 
     #[test]
     fn request_uri_refuses_headers_only_for_sip() {
-        assert!(Uri::parse_request_uri("sip:user@example.com?Route=%3Csip:example.com%3E").is_err());
+        assert!(
+            Uri::parse_request_uri("sip:user@example.com?Route=%3Csip:example.com%3E").is_err()
+        );
         assert!(Uri::parse_request_uri("sip:user@example.com;lr").is_ok());
         assert!(Uri::parse_request_uri("http://example.com/?q=1").is_ok());
     }
 
     #[test]
     fn params_and_unescaping() {
-        let uri = Uri::parse("sip:%75se%72@example.com;Transport=TCP;lr;maddr=10.0.0.1").unwrap_or_else(|e| panic!("{e}"));
+        let uri = Uri::parse("sip:%75se%72@example.com;Transport=TCP;lr;maddr=10.0.0.1")
+            .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(uri.user_unescaped(), "user");
         assert_eq!(uri.param("transport"), Some(Some("TCP")));
         assert_eq!(uri.transport_param(), Some("TCP"));
         assert_eq!(uri.param("lr"), Some(None));
         assert_eq!(uri.param("ttl"), None);
         let plain = Uri::parse("sip:+15551230000@example.com").unwrap_or_else(|e| panic!("{e}"));
-        assert!(matches!(plain.user_unescaped(), Cow::Borrowed("+15551230000")));
+        assert!(matches!(
+            plain.user_unescaped(),
+            Cow::Borrowed("+15551230000")
+        ));
         let bad_utf8 = Uri::parse("sip:%ff@example.com").unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(bad_utf8.user_unescaped(), "\u{fffd}");
         let nul = Uri::parse("sip:null-%00-null@example.com").unwrap_or_else(|e| panic!("{e}"));

@@ -93,7 +93,9 @@ fn parse(s: &str) -> Result<Via<'_>, &'static str> {
             .map_err(|_| "bad IPv6 address")?;
         Host::V6(ip)
     } else {
-        uri::parse_host_name(c.take_while(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_')))?
+        uri::parse_host_name(
+            c.take_while(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_')),
+        )?
     };
     c.skip_lws();
     let port = if c.eat(b':') {
@@ -128,7 +130,11 @@ fn parse(s: &str) -> Result<Via<'_>, &'static str> {
         if name.eq_ignore_ascii_case("branch") {
             via.branch = Some(value.filter(|v| lex::is_token(v)).ok_or("bad branch")?);
         } else if name.eq_ignore_ascii_case("received") {
-            via.received = Some(value.filter(|v| parse_received(v).is_some()).ok_or("bad received")?);
+            via.received = Some(
+                value
+                    .filter(|v| parse_received(v).is_some())
+                    .ok_or("bad received")?,
+            );
         } else if name.eq_ignore_ascii_case("rport") {
             via.rport = Some(match value {
                 None => None,
@@ -144,6 +150,7 @@ fn parse(s: &str) -> Result<Via<'_>, &'static str> {
 }
 
 #[cfg(test)]
+#[allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
     use std::net::Ipv4Addr;
@@ -161,16 +168,96 @@ mod tests {
             Option<Option<u16>>,
         );
         let cases: &[Row] = &[
-            ("SIP/2.0/UDP host4.example.com:5060;branch=z9hG4bKkdju43234", Some(Transport::Udp), "host4.example.com", Some(5060), Some("z9hG4bKkdju43234"), None, None),
-            ("SIP  /   2.0\r\n /UDP\r\n    192.0.2.2;branch=390skdjuw", Some(Transport::Udp), "192.0.2.2", None, Some("390skdjuw"), None, None),
-            ("SIP  / 2.0  / TCP     spindle.example.com   ;\r\n  branch  =   z9hG4bK9ikj8", Some(Transport::Tcp), "spindle.example.com", None, Some("z9hG4bK9ikj8"), None, None),
-            ("SIP/2.0/UNKNOWN t4.example.com;branch=z9hG4bKasd0f3en", None, "t4.example.com", None, Some("z9hG4bKasd0f3en"), None, None),
-            ("SIP/2.0/UDP [::ffff:192.0.2.10]:19823;branch=z9hG4bKbh19", Some(Transport::Udp), "[::ffff:192.0.2.10]", Some(19823), Some("z9hG4bKbh19"), None, None),
-            ("SIP/2.0/UDP [2001:db8::9:1];received=2001:db8::9:255;branch=z9hG4bKas3", Some(Transport::Udp), "[2001:db8::9:1]", None, Some("z9hG4bKas3"), Some("2001:db8::9:255"), None),
-            ("SIP/2.0/UDP [2001:db8::9:1];received=[2001:db8::9:255];branch=z9hG4bKas3-111", Some(Transport::Udp), "[2001:db8::9:1]", None, Some("z9hG4bKas3-111"), Some("[2001:db8::9:255]"), None),
-            ("SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bK-d87543;rport", Some(Transport::Udp), "127.0.0.1", Some(5070), Some("z9hG4bK-d87543"), None, Some(None)),
-            ("sip/2.0/tls h : 5061 ; rport=5061", Some(Transport::Tls), "h", Some(5061), None, None, Some(Some(5061))),
-            ("SIP/2.0/UDP iftgw.example.com", Some(Transport::Udp), "iftgw.example.com", None, None, None, None),
+            (
+                "SIP/2.0/UDP host4.example.com:5060;branch=z9hG4bKkdju43234",
+                Some(Transport::Udp),
+                "host4.example.com",
+                Some(5060),
+                Some("z9hG4bKkdju43234"),
+                None,
+                None,
+            ),
+            (
+                "SIP  /   2.0\r\n /UDP\r\n    192.0.2.2;branch=390skdjuw",
+                Some(Transport::Udp),
+                "192.0.2.2",
+                None,
+                Some("390skdjuw"),
+                None,
+                None,
+            ),
+            (
+                "SIP  / 2.0  / TCP     spindle.example.com   ;\r\n  branch  =   z9hG4bK9ikj8",
+                Some(Transport::Tcp),
+                "spindle.example.com",
+                None,
+                Some("z9hG4bK9ikj8"),
+                None,
+                None,
+            ),
+            (
+                "SIP/2.0/UNKNOWN t4.example.com;branch=z9hG4bKasd0f3en",
+                None,
+                "t4.example.com",
+                None,
+                Some("z9hG4bKasd0f3en"),
+                None,
+                None,
+            ),
+            (
+                "SIP/2.0/UDP [::ffff:192.0.2.10]:19823;branch=z9hG4bKbh19",
+                Some(Transport::Udp),
+                "[::ffff:192.0.2.10]",
+                Some(19823),
+                Some("z9hG4bKbh19"),
+                None,
+                None,
+            ),
+            (
+                "SIP/2.0/UDP [2001:db8::9:1];received=2001:db8::9:255;branch=z9hG4bKas3",
+                Some(Transport::Udp),
+                "[2001:db8::9:1]",
+                None,
+                Some("z9hG4bKas3"),
+                Some("2001:db8::9:255"),
+                None,
+            ),
+            (
+                "SIP/2.0/UDP [2001:db8::9:1];received=[2001:db8::9:255];branch=z9hG4bKas3-111",
+                Some(Transport::Udp),
+                "[2001:db8::9:1]",
+                None,
+                Some("z9hG4bKas3-111"),
+                Some("[2001:db8::9:255]"),
+                None,
+            ),
+            (
+                "SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bK-d87543;rport",
+                Some(Transport::Udp),
+                "127.0.0.1",
+                Some(5070),
+                Some("z9hG4bK-d87543"),
+                None,
+                Some(None),
+            ),
+            (
+                "sip/2.0/tls h : 5061 ; rport=5061",
+                Some(Transport::Tls),
+                "h",
+                Some(5061),
+                None,
+                None,
+                Some(Some(5061)),
+            ),
+            (
+                "SIP/2.0/UDP iftgw.example.com",
+                Some(Transport::Udp),
+                "iftgw.example.com",
+                None,
+                None,
+                None,
+                None,
+            ),
         ];
         for &(input, transport, host, port, branch, received, rport) in cases {
             let via = Via::parse(input).unwrap_or_else(|e| panic!("{input:?}: {e}"));
@@ -210,9 +297,18 @@ mod tests {
     #[test]
     fn received_ip_accepts_both_ipv6_spellings() {
         let cases = [
-            ("SIP/2.0/UDP h;received=192.0.2.1", Some(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)))),
-            ("SIP/2.0/UDP h;received=[2001:db8::1]", "2001:db8::1".parse().ok()),
-            ("SIP/2.0/UDP h;received=2001:db8::1", "2001:db8::1".parse().ok()),
+            (
+                "SIP/2.0/UDP h;received=192.0.2.1",
+                Some(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1))),
+            ),
+            (
+                "SIP/2.0/UDP h;received=[2001:db8::1]",
+                "2001:db8::1".parse().ok(),
+            ),
+            (
+                "SIP/2.0/UDP h;received=2001:db8::1",
+                "2001:db8::1".parse().ok(),
+            ),
             ("SIP/2.0/UDP h", None),
         ];
         for (input, want) in cases {

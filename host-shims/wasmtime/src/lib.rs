@@ -140,8 +140,8 @@ impl PolicyModule {
 
     pub fn from_bytes(bytes: &[u8]) -> Result<PolicyModule, HostError> {
         let mut config = Config::new();
-        // Compiling on the calling thread keeps forking hosts (Kamailio) safe.
-        config.parallel_compilation(false);
+        // The `parallel-compilation` feature is off: compiling on the calling thread
+        // keeps forking hosts (Kamailio) safe.
         config.cranelift_opt_level(wasmtime::OptLevel::Speed);
         let engine = Engine::new(&config).map_err(|e| HostError::Load(e.to_string()))?;
         let module = Module::new(&engine, bytes).map_err(|e| HostError::Load(format!("{e:#}")))?;
@@ -255,10 +255,9 @@ impl Policy {
             tick: typed(&instance, &mut self.store, "tg_tick")?,
         });
         if let Some(cfg) = self.last_good.clone() {
-            self.push(&cfg).map_err(|e| match e {
-                Ok(refused) => HostError::Module(format!("last good config refused after reload: {refused}")),
-                Err(e) => e,
-            })?;
+            if let Err(refused) = self.push(&cfg)? {
+                return Err(HostError::Module(format!("last good config refused after reload: {refused}")));
+            }
         }
         Ok(())
     }
