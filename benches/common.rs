@@ -30,7 +30,11 @@ pub fn config(trunks: usize, acl: usize) -> String {
             Vec::new()
         };
         let ha1 = format!("{:032x}", i as u128 * 0x9e37_79b9_7f4a_7c15);
-        let password = if i == 0 { "\"password\": \"bench-pass\"".to_string() } else { format!("\"ha1\": \"{ha1}\"") };
+        let password = if i == 0 {
+            "\"password\": \"bench-pass\"".to_string()
+        } else {
+            format!("\"ha1\": \"{ha1}\"")
+        };
         tgs.push(format!(
             "{{\"id\": \"tg{i}\", \"username\": \"user{i}\", {password}, \"require_registration\": false, \"acl\": [{}], \"dids\": [\"+1555{i:07}\"]}}",
             acl_entries.join(",")
@@ -43,7 +47,9 @@ pub fn config(trunks: usize, acl: usize) -> String {
 }
 
 pub fn source() -> SocketAddr {
-    "203.0.113.7:5060".parse().unwrap_or_else(|_| unreachable!())
+    "203.0.113.7:5060"
+        .parse()
+        .unwrap_or_else(|_| unreachable!())
 }
 
 pub fn options() -> Vec<u8> {
@@ -56,7 +62,17 @@ pub fn in_dialog_bye() -> Vec<u8> {
 
 fn authorized(method: &str, ruri: &str, header: &str, extra: &str) -> Vec<u8> {
     let nonce = make_nonce(&SECRET, NOW_MS, source().ip(), REALM);
-    let response = client_response(Algorithm::Md5, "user0", REALM, "bench-pass", method, ruri, &nonce, "00000001", "0a4f113b");
+    let response = client_response(
+        Algorithm::Md5,
+        "user0",
+        REALM,
+        "bench-pass",
+        method,
+        ruri,
+        &nonce,
+        "00000001",
+        "0a4f113b",
+    );
     format!(
         "{method} {ruri} SIP/2.0\r\nVia: SIP/2.0/UDP 203.0.113.7:5060;branch=z9hG4bK-{method}\r\nMax-Forwards: 70\r\nFrom: <sip:user0@{REALM}>;tag=from-1\r\nTo: <{ruri}>\r\nCall-ID: {method}-1@pbx\r\nCSeq: 2 {method}\r\n{extra}{header}: Digest username=\"user0\", realm=\"{REALM}\", nonce=\"{nonce}\", uri=\"{ruri}\", response=\"{response}\", algorithm=MD5, qop=auth, nc=00000001, cnonce=\"0a4f113b\"\r\nContent-Length: 0\r\n\r\n"
     )
@@ -64,9 +80,19 @@ fn authorized(method: &str, ruri: &str, header: &str, extra: &str) -> Vec<u8> {
 }
 
 pub fn digest_invite() -> Vec<u8> {
-    authorized("INVITE", "sip:+15559876543@trunks.example.net", "Proxy-Authorization", "Contact: <sip:user0@203.0.113.7:5060>\r\n")
+    authorized(
+        "INVITE",
+        "sip:+15559876543@trunks.example.net",
+        "Proxy-Authorization",
+        "Contact: <sip:user0@203.0.113.7:5060>\r\n",
+    )
 }
 
 pub fn digest_register() -> Vec<u8> {
-    authorized("REGISTER", "sip:trunks.example.net", "Authorization", "Contact: <sip:user0@203.0.113.7:5060>\r\nExpires: 600\r\n")
+    authorized(
+        "REGISTER",
+        "sip:trunks.example.net",
+        "Authorization",
+        "Contact: <sip:user0@203.0.113.7:5060>\r\nExpires: 600\r\n",
+    )
 }

@@ -1,6 +1,8 @@
 //! Per-message decision cost of the core, natively (the baseline of the wasm/native
 //! ratio; see docs/performance.md).
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code fails loudly
+
 mod common;
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
@@ -35,7 +37,9 @@ fn engine(trunks: usize, acl: usize) -> (Engine, BenchHost) {
     let mut host = BenchHost::default();
     let _ = host.set(keys::NONCE_SECRET, common::SECRET_HEX.as_bytes());
     let mut e = Engine::new();
-    if e.configure(common::config(trunks, acl).as_bytes(), &mut host).is_err() {
+    if e.configure(common::config(trunks, acl).as_bytes(), &mut host)
+        .is_err()
+    {
         unreachable!("bench config refused");
     }
     (e, host)
@@ -52,7 +56,12 @@ fn messages(c: &mut Criterion) {
     ] {
         g.bench_function(name, |b| {
             b.iter(|| {
-                let input = Input { message: &msg, source: common::source(), transport: Transport::Udp, now_ms: common::NOW_MS };
+                let input = Input {
+                    message: &msg,
+                    source: common::source(),
+                    transport: Transport::Udp,
+                    now_ms: common::NOW_MS,
+                };
                 e.judge(&input, &mut host)
             })
         });
@@ -64,14 +73,28 @@ fn scaling(c: &mut Criterion) {
     let msg = common::digest_invite();
     let mut g = c.benchmark_group("native/digest_invite");
     g.sample_size(30);
-    for (trunks, acl) in [(10, 1), (10_000, 1), (100_000, 1), (10, 1_000), (10, 100_000)] {
+    for (trunks, acl) in [
+        (10, 1),
+        (10_000, 1),
+        (100_000, 1),
+        (10, 1_000),
+        (10, 100_000),
+    ] {
         let (mut e, mut host) = engine(trunks, acl);
-        g.bench_function(BenchmarkId::from_parameter(format!("trunks={trunks},acl={acl}")), |b| {
-            b.iter(|| {
-                let input = Input { message: &msg, source: common::source(), transport: Transport::Udp, now_ms: common::NOW_MS };
-                e.judge(&input, &mut host)
-            })
-        });
+        g.bench_function(
+            BenchmarkId::from_parameter(format!("trunks={trunks},acl={acl}")),
+            |b| {
+                b.iter(|| {
+                    let input = Input {
+                        message: &msg,
+                        source: common::source(),
+                        transport: Transport::Udp,
+                        now_ms: common::NOW_MS,
+                    };
+                    e.judge(&input, &mut host)
+                })
+            },
+        );
     }
     g.finish();
 }
@@ -83,7 +106,9 @@ fn config_load(c: &mut Criterion) {
     g.bench_function("trunks=100000", |b| {
         b.iter(|| {
             let mut host = BenchHost::default();
-            Engine::new().configure(json.as_bytes(), &mut host).map(|_| ())
+            Engine::new()
+                .configure(json.as_bytes(), &mut host)
+                .map(|_| ())
         })
     });
     g.finish();

@@ -2,16 +2,21 @@
 //! ABI (buffer write, call, JSON result read): what a host pays. Same workloads as
 //! benches/native.rs; docs/performance.md records the ratio.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code fails loudly
+
+mod common;
 #[path = "../tests/common/module.rs"]
 mod module;
-mod common;
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use trunkguard_host::{KvBackend, MemoryKv, Policy, Transport};
 
 fn policy(trunks: usize, acl: usize) -> Policy {
     let mut kv = MemoryKv::default();
-    let _ = kv.set(trunkguard::store::keys::NONCE_SECRET, common::SECRET_HEX.as_bytes());
+    let _ = kv.set(
+        trunkguard::store::keys::NONCE_SECRET,
+        common::SECRET_HEX.as_bytes(),
+    );
     let mut p = match Policy::new(&module::module(), Box::new(kv)) {
         Ok(p) => p,
         Err(e) => unreachable!("instantiate: {e}"),
@@ -31,7 +36,12 @@ fn messages(c: &mut Criterion) {
         ("digest_invite", common::digest_invite()),
         ("digest_register", common::digest_register()),
     ] {
-        g.bench_function(name, |b| b.iter(|| p.judge(&msg, common::source(), Transport::Udp, common::NOW_MS).map(|j| j.verdict.code)));
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                p.judge(&msg, common::source(), Transport::Udp, common::NOW_MS)
+                    .map(|j| j.verdict.code)
+            })
+        });
     }
     g.finish();
 }
@@ -40,11 +50,23 @@ fn scaling(c: &mut Criterion) {
     let msg = common::digest_invite();
     let mut g = c.benchmark_group("wasm/digest_invite");
     g.sample_size(30);
-    for (trunks, acl) in [(10, 1), (10_000, 1), (100_000, 1), (10, 1_000), (10, 100_000)] {
+    for (trunks, acl) in [
+        (10, 1),
+        (10_000, 1),
+        (100_000, 1),
+        (10, 1_000),
+        (10, 100_000),
+    ] {
         let mut p = policy(trunks, acl);
-        g.bench_function(BenchmarkId::from_parameter(format!("trunks={trunks},acl={acl}")), |b| {
-            b.iter(|| p.judge(&msg, common::source(), Transport::Udp, common::NOW_MS).map(|j| j.verdict.code))
-        });
+        g.bench_function(
+            BenchmarkId::from_parameter(format!("trunks={trunks},acl={acl}")),
+            |b| {
+                b.iter(|| {
+                    p.judge(&msg, common::source(), Transport::Udp, common::NOW_MS)
+                        .map(|j| j.verdict.code)
+                })
+            },
+        );
     }
     g.finish();
 }
@@ -54,7 +76,9 @@ fn config_load(c: &mut Criterion) {
     let mut p = policy(10, 1);
     let mut g = c.benchmark_group("wasm/config_load");
     g.sample_size(10);
-    g.bench_function("trunks=100000", |b| b.iter(|| p.configure(json.as_bytes()).map(|r| r.is_ok())));
+    g.bench_function("trunks=100000", |b| {
+        b.iter(|| p.configure(json.as_bytes()).map(|r| r.is_ok()))
+    });
     g.finish();
 }
 

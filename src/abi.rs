@@ -63,14 +63,29 @@ impl Store for AbiHost {
 
     fn set(&mut self, key: &str, value: &[u8]) -> Result<(), StoreError> {
         // SAFETY: pointers and lengths describe live slices.
-        let rc = unsafe { kv_set(key.as_ptr(), len32(key.as_bytes()), value.as_ptr(), len32(value)) };
-        if rc == 0 { Ok(()) } else { Err(StoreError(format!("kv_set({key}) failed"))) }
+        let rc = unsafe {
+            kv_set(
+                key.as_ptr(),
+                len32(key.as_bytes()),
+                value.as_ptr(),
+                len32(value),
+            )
+        };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(StoreError(format!("kv_set({key}) failed")))
+        }
     }
 
     fn delete(&mut self, key: &str) -> Result<(), StoreError> {
         // SAFETY: pointer and length describe a live slice.
         let rc = unsafe { kv_delete(key.as_ptr(), len32(key.as_bytes())) };
-        if rc == 0 { Ok(()) } else { Err(StoreError(format!("kv_delete({key}) failed"))) }
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(StoreError(format!("kv_delete({key}) failed")))
+        }
     }
 }
 
@@ -185,23 +200,44 @@ pub extern "C" fn tg_configure(len: u32) -> u64 {
 #[unsafe(no_mangle)]
 pub extern "C" fn tg_judge(msg_len: u32, src_len: u32, transport: u32, now_ms: u64) -> u64 {
     with_state(|st| {
-        let State { engine, input, output } = st;
+        let State {
+            engine,
+            input,
+            output,
+        } = st;
         let msg_len = msg_len as usize;
         let end = msg_len.saturating_add(src_len as usize);
         let (Some(message), Some(source)) = (input.get(..msg_len), input.get(msg_len..end)) else {
-            return result(output, &serde_json::json!({"error": "lengths exceed the buffer"}));
+            return result(
+                output,
+                &serde_json::json!({"error": "lengths exceed the buffer"}),
+            );
         };
-        let source = match std::str::from_utf8(source).ok().and_then(|s| s.parse::<SocketAddr>().ok()) {
+        let source = match std::str::from_utf8(source)
+            .ok()
+            .and_then(|s| s.parse::<SocketAddr>().ok())
+        {
             Some(s) => s,
             None => {
                 let text = String::from_utf8_lossy(source).into_owned();
-                return result(output, &serde_json::json!({"error": format!("bad source address {text:?}")}));
+                return result(
+                    output,
+                    &serde_json::json!({"error": format!("bad source address {text:?}")}),
+                );
             }
         };
         let Some(transport) = transport_from_code(transport) else {
-            return result(output, &serde_json::json!({"error": format!("bad transport code {transport}")}));
+            return result(
+                output,
+                &serde_json::json!({"error": format!("bad transport code {transport}")}),
+            );
         };
-        let input = Input { message, source, transport, now_ms };
+        let input = Input {
+            message,
+            source,
+            transport,
+            now_ms,
+        };
         let verdict = engine.judge(&input, &mut AbiHost);
         result(output, &VerdictResult { verdict: &verdict })
     })

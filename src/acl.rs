@@ -182,7 +182,13 @@ mod tests {
 
     #[test]
     fn matches_by_longest_prefix_for_v4_and_v6() {
-        let list = acl(&["10.0.0.0/8", "10.1.0.0/16", "203.0.113.7", "2001:db8:7::/48", "::/0"]);
+        let list = acl(&[
+            "10.0.0.0/8",
+            "10.1.0.0/16",
+            "203.0.113.7",
+            "2001:db8:7::/48",
+            "::/0",
+        ]);
         let cases: &[(&str, Option<u8>)] = &[
             ("10.2.3.4", Some(8)),
             ("10.1.3.4", Some(16)),
@@ -206,16 +212,34 @@ mod tests {
 
     #[test]
     fn bare_address_is_a_host_route() {
-        assert_eq!(parse_entry("203.0.113.7").unwrap().to_string(), "203.0.113.7/32");
-        assert_eq!(parse_entry("2001:db8::1").unwrap().to_string(), "2001:db8::1/128");
-        assert_eq!(parse_entry("::ffff:192.0.2.1").unwrap().to_string(), "192.0.2.1/32");
+        assert_eq!(
+            parse_entry("203.0.113.7").unwrap().to_string(),
+            "203.0.113.7/32"
+        );
+        assert_eq!(
+            parse_entry("2001:db8::1").unwrap().to_string(),
+            "2001:db8::1/128"
+        );
+        assert_eq!(
+            parse_entry("::ffff:192.0.2.1").unwrap().to_string(),
+            "192.0.2.1/32"
+        );
     }
 
     #[test]
     fn refuses_garbage_and_host_bits() {
-        assert!(matches!(parse_entry("203.0.113.300"), Err(AclError::Invalid(_))));
-        assert!(matches!(parse_entry("10.0.0.1/33"), Err(AclError::Invalid(_))));
-        assert!(matches!(parse_entry("10.0.0.1/8"), Err(AclError::HostBits(..))));
+        assert!(matches!(
+            parse_entry("203.0.113.300"),
+            Err(AclError::Invalid(_))
+        ));
+        assert!(matches!(
+            parse_entry("10.0.0.1/33"),
+            Err(AclError::Invalid(_))
+        ));
+        assert!(matches!(
+            parse_entry("10.0.0.1/8"),
+            Err(AclError::HostBits(..))
+        ));
         assert!(matches!(parse_entry(""), Err(AclError::Invalid(_))));
     }
 

@@ -260,8 +260,16 @@ mod tests {
             assert!(throttle(&mut store, a, 60_000).unwrap().is_empty());
         }
         // A different source IP is alerted on its own.
-        assert_eq!(throttle(&mut store, alert(11_000, "198.51.100.10:5060"), 60_000).unwrap().len(), 1);
-        assert!(flush(&mut store, 60_000).unwrap().is_empty(), "window still open");
+        assert_eq!(
+            throttle(&mut store, alert(11_000, "198.51.100.10:5060"), 60_000)
+                .unwrap()
+                .len(),
+            1
+        );
+        assert!(
+            flush(&mut store, 60_000).unwrap().is_empty(),
+            "window still open"
+        );
         let summaries = flush(&mut store, 61_000).unwrap();
         assert_eq!(summaries.len(), 1);
         let s = &summaries[0];
@@ -289,7 +297,12 @@ mod tests {
     fn zero_window_sends_everything() {
         let mut store = MemoryStore::default();
         for t in 0..3 {
-            assert_eq!(throttle(&mut store, alert(t, "198.51.100.9:5060"), 0).unwrap().len(), 1);
+            assert_eq!(
+                throttle(&mut store, alert(t, "198.51.100.9:5060"), 0)
+                    .unwrap()
+                    .len(),
+                1
+            );
         }
     }
 

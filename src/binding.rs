@@ -38,7 +38,11 @@ impl Binding {
 /// Reads the trunk group's binding if it is current: unexpired, and its address still
 /// passes the trunk group's ACL (a configuration push may have narrowed it). A
 /// record that fails either test is removed so it cannot come back.
-pub fn current(store: &mut dyn Store, trunk: &Trunk, now_ms: u64) -> Result<Option<Binding>, StoreError> {
+pub fn current(
+    store: &mut dyn Store,
+    trunk: &Trunk,
+    now_ms: u64,
+) -> Result<Option<Binding>, StoreError> {
     let key = keys::binding(&trunk.id);
     let Some(raw) = store.get(&key)? else {
         return Ok(None);

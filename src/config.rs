@@ -207,6 +207,9 @@ pub fn parse(json: &[u8]) -> Result<Config, ConfigError> {
         let path = e.path().to_string();
         let inner = e.into_inner();
         // serde_json appends " at line L column C"; keep it, it helps with big files.
-        ConfigError::new(if path.is_empty() { ".".into() } else { path }, inner.to_string())
+        ConfigError::new(
+            if path.is_empty() { ".".into() } else { path },
+            inner.to_string(),
+        )
     })
 }

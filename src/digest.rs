@@ -363,8 +363,14 @@ mod tests {
     #[test]
     fn rfc_2617_md5_example_verifies() {
         // RFC 2617 §3.5 (Mufasa), adapted: the same arithmetic with method GET.
-        let ha1 = Ha1Set::from_config("Mufasa", "testrealm@host.com", Some("Circle Of Life"), None, None)
-            .unwrap();
+        let ha1 = Ha1Set::from_config(
+            "Mufasa",
+            "testrealm@host.com",
+            Some("Circle Of Life"),
+            None,
+            None,
+        )
+        .unwrap();
         let resp = Response {
             username: "Mufasa",
             uri: "/dir/index.html",
@@ -382,8 +388,14 @@ mod tests {
     #[test]
     fn rfc_7616_sha256_example_verifies() {
         // RFC 7616 §3.9.1.
-        let ha1 = Ha1Set::from_config("Mufasa", "http-auth@example.org", Some("Circle of Life"), None, None)
-            .unwrap();
+        let ha1 = Ha1Set::from_config(
+            "Mufasa",
+            "http-auth@example.org",
+            Some("Circle of Life"),
+            None,
+            None,
+        )
+        .unwrap();
         let resp = Response {
             username: "Mufasa",
             uri: "/dir/index.html",
@@ -402,7 +414,9 @@ mod tests {
         let ha1 = Ha1Set::from_config("hq1", REALM, Some("pw"), None, None).unwrap();
         for alg in [Algorithm::Md5, Algorithm::Sha256] {
             let nonce = make_nonce(&SECRET, 1000, ip("203.0.113.7"), REALM);
-            let r = client_response(alg, "hq1", REALM, "pw", "INVITE", "sip:x@y", &nonce, "00000001", "abc");
+            let r = client_response(
+                alg, "hq1", REALM, "pw", "INVITE", "sip:x@y", &nonce, "00000001", "abc",
+            );
             let resp = Response {
                 username: "hq1",
                 uri: "sip:x@y",
@@ -414,17 +428,35 @@ mod tests {
                 cnonce: Some("abc"),
             };
             assert!(verify(&ha1, "INVITE", &resp), "{alg:?}");
-            let wrong = client_response(alg, "hq1", REALM, "pw2", "INVITE", "sip:x@y", &nonce, "00000001", "abc");
-            assert!(!verify(&ha1, "INVITE", &Response { response: &wrong, ..resp }), "{alg:?}");
+            let wrong = client_response(
+                alg, "hq1", REALM, "pw2", "INVITE", "sip:x@y", &nonce, "00000001", "abc",
+            );
+            assert!(
+                !verify(
+                    &ha1,
+                    "INVITE",
+                    &Response {
+                        response: &wrong,
+                        ..resp
+                    }
+                ),
+                "{alg:?}"
+            );
         }
     }
 
     #[test]
     fn prehashed_ha1_only_answers_its_algorithm() {
         let md5_only = Ha1Set::from_config("u", REALM, None, Some(&"A".repeat(32)), None).unwrap();
-        assert_eq!(md5_only.algorithms().collect::<Vec<_>>(), vec![Algorithm::Md5]);
+        assert_eq!(
+            md5_only.algorithms().collect::<Vec<_>>(),
+            vec![Algorithm::Md5]
+        );
         let both = Ha1Set::from_config("u", REALM, Some("p"), None, None).unwrap();
-        assert_eq!(both.algorithms().collect::<Vec<_>>(), vec![Algorithm::Sha256, Algorithm::Md5]);
+        assert_eq!(
+            both.algorithms().collect::<Vec<_>>(),
+            vec![Algorithm::Sha256, Algorithm::Md5]
+        );
     }
 
     #[test]
@@ -435,16 +467,35 @@ mod tests {
             ("fresh at issue", 10_000, src, &SECRET, NonceState::Fresh),
             ("fresh at ttl", 310_000, src, &SECRET, NonceState::Fresh),
             ("stale after ttl", 310_001, src, &SECRET, NonceState::Stale),
-            ("other source ip", 10_000, ip("203.0.113.8"), &SECRET, NonceState::Invalid),
-            ("mapped v4 is the same source", 10_000, ip("::ffff:203.0.113.7"), &SECRET, NonceState::Fresh),
+            (
+                "other source ip",
+                10_000,
+                ip("203.0.113.8"),
+                &SECRET,
+                NonceState::Invalid,
+            ),
+            (
+                "mapped v4 is the same source",
+                10_000,
+                ip("::ffff:203.0.113.7"),
+                &SECRET,
+                NonceState::Fresh,
+            ),
             ("other secret", 10_000, src, &[8u8; 32], NonceState::Invalid),
             ("from the future", 0, src, &SECRET, NonceState::Invalid),
         ];
         for (what, now, source, secret, want) in cases {
-            assert_eq!(check_nonce(secret, &nonce, *now, *source, REALM, 300_000), *want, "{what}");
+            assert_eq!(
+                check_nonce(secret, &nonce, *now, *source, REALM, 300_000),
+                *want,
+                "{what}"
+            );
         }
         for garbage in ["", "zz", &nonce[..46], &format!("{nonce}00")] {
-            assert_eq!(check_nonce(&SECRET, garbage, 10_000, src, REALM, 300_000), NonceState::Invalid);
+            assert_eq!(
+                check_nonce(&SECRET, garbage, 10_000, src, REALM, 300_000),
+                NonceState::Invalid
+            );
         }
     }
 

@@ -68,14 +68,22 @@ impl Engine {
             Err(e) => {
                 // Without state the policy cannot tell a registered PBX from a
                 // fraudster: fail closed, but as a server error the PBX will retry.
-                Verdict::reject(500, format!("Server Internal Error ({e})"), Cause::StoreUnavailable)
+                Verdict::reject(
+                    500,
+                    format!("Server Internal Error ({e})"),
+                    Cause::StoreUnavailable,
+                )
             }
         }
     }
 
     fn try_judge(&mut self, input: &Input<'_>, host: &mut dyn Host) -> Result<Verdict, StoreError> {
         let Some(index) = &self.index else {
-            return Ok(Verdict::reject(503, "Service Unavailable (not configured)", Cause::NotConfigured));
+            return Ok(Verdict::reject(
+                503,
+                "Service Unavailable (not configured)",
+                Cause::NotConfigured,
+            ));
         };
         let secret = match self.secret {
             Some(s) => s,

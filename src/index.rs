@@ -123,10 +123,15 @@ impl Index {
                 let tpath = format!("{lpath}.trunk_groups[{ti}]");
                 let trunk_no = index.trunks.len();
                 check_id(&tg.id, &format!("{tpath}.id"))?;
-                claim(&mut index.by_id, &tg.id, trunk_no, &format!("{tpath}.id"), "trunk group id", &index.trunks)?;
-                if tg.username.is_empty()
-                    || tg.username.contains(['"', '\\', ':', '\r', '\n'])
-                {
+                claim(
+                    &mut index.by_id,
+                    &tg.id,
+                    trunk_no,
+                    &format!("{tpath}.id"),
+                    "trunk group id",
+                    &index.trunks,
+                )?;
+                if tg.username.is_empty() || tg.username.contains(['"', '\\', ':', '\r', '\n']) {
                     return Err(ConfigError::new(
                         format!("{tpath}.username"),
                         "must be non-empty and contain no quote, backslash, colon or line break",
@@ -157,7 +162,14 @@ impl Index {
                             format!("{did:?} is not a phone number (digits, optional leading +)"),
                         ));
                     };
-                    claim(&mut index.by_did, &norm, trunk_no, &dpath, "DID", &index.trunks)?;
+                    claim(
+                        &mut index.by_did,
+                        &norm,
+                        trunk_no,
+                        &dpath,
+                        "DID",
+                        &index.trunks,
+                    )?;
                 }
                 if let Some(failover) = &tg.failover {
                     check_sip_uri(failover, &format!("{tpath}.failover"))?;
@@ -175,7 +187,11 @@ impl Index {
             }
         }
         for alg in [Algorithm::Sha256, Algorithm::Md5] {
-            if index.trunks.iter().any(|t| t.ha1.algorithms().any(|a| a == alg)) {
+            if index
+                .trunks
+                .iter()
+                .any(|t| t.ha1.algorithms().any(|a| a == alg))
+            {
                 index.algorithms.push(alg);
             }
         }
@@ -187,7 +203,9 @@ impl Index {
     }
 
     pub fn trunk_by_username(&self, username: &str) -> Option<&Trunk> {
-        self.by_username.get(username).and_then(|&i| self.trunks.get(i))
+        self.by_username
+            .get(username)
+            .and_then(|&i| self.trunks.get(i))
     }
 
     pub fn trunk_by_id(&self, id: &str) -> Option<&Trunk> {
@@ -283,7 +301,10 @@ fn check_email(addr: &str, path: &str) -> Result<(), ConfigError> {
     if ok {
         Ok(())
     } else {
-        Err(ConfigError::new(path, format!("{addr:?} is not an e-mail address")))
+        Err(ConfigError::new(
+            path,
+            format!("{addr:?} is not an e-mail address"),
+        ))
     }
 }
 
@@ -300,7 +321,10 @@ fn check_sip_uri(uri: &str, path: &str) -> Result<(), ConfigError> {
     if ok {
         Ok(())
     } else {
-        Err(ConfigError::new(path, format!("{uri:?} is not a sip: or sips: URI with a host")))
+        Err(ConfigError::new(
+            path,
+            format!("{uri:?} is not a sip: or sips: URI with a host"),
+        ))
     }
 }
 
@@ -345,7 +369,10 @@ mod tests {
         assert_eq!(index.trunk_by_username("hq1").unwrap().id, "hq-pbx1");
         assert_eq!(index.trunk_by_did("+15551230000").unwrap().id, "hq-pbx1");
         assert_eq!(index.trunk_by_did("15551230001").unwrap().id, "hq-pbx2");
-        assert_eq!(index.trunk_by_did("+1-555-123-0001;npdi").unwrap().id, "hq-pbx2");
+        assert_eq!(
+            index.trunk_by_did("+1-555-123-0001;npdi").unwrap().id,
+            "hq-pbx2"
+        );
         assert!(index.trunk_by_did("15559999999").is_none());
         assert!(index.trunk_by_username("nobody").is_none());
         assert!(!index.trunk_by_id("hq-pbx2").unwrap().require_registration);
@@ -356,16 +383,66 @@ mod tests {
     #[test]
     fn refused_pushes_name_the_path_and_reason() {
         let cases: &[(&str, &str, &str, &str)] = &[
-            ("bad CIDR", "\"203.0.113.7/32\"", "\"203.0.113.300/32\"", "locations[0].trunk_groups[0].acl[0]"),
-            ("duplicate username", "\"username\": \"hq2\"", "\"username\": \"hq1\"", "locations[0].trunk_groups[1].username"),
-            ("duplicate DID", "\"+1 (555) 123-0001\"", "\"15551230000\"", "locations[0].trunk_groups[1].dids[0]"),
-            ("unknown field", "\"require_registration\": false", "\"require_registraton\": false", "locations[0].trunk_groups[1].require_registraton"),
-            ("wrong type", "\"require_registration\": false", "\"require_registration\": \"no\"", "locations[0].trunk_groups[1].require_registration"),
-            ("short ha1", "0123456789abcdef0123456789abcdef", "0123", "locations[0].trunk_groups[1].ha1"),
-            ("bad failover", "sip:+15551230000@198.51.100.20:5060", "http://x", "locations[0].trunk_groups[0].failover"),
-            ("bad core network", "10.0.0.0/8", "10.0.0.0/88", "core_networks[0]"),
-            ("bad contact", "noc@example.com", "noc", "locations[0].contacts[0]"),
-            ("bad DID", "+15551230000", "+1555CALLME", "locations[0].trunk_groups[0].dids[0]"),
+            (
+                "bad CIDR",
+                "\"203.0.113.7/32\"",
+                "\"203.0.113.300/32\"",
+                "locations[0].trunk_groups[0].acl[0]",
+            ),
+            (
+                "duplicate username",
+                "\"username\": \"hq2\"",
+                "\"username\": \"hq1\"",
+                "locations[0].trunk_groups[1].username",
+            ),
+            (
+                "duplicate DID",
+                "\"+1 (555) 123-0001\"",
+                "\"15551230000\"",
+                "locations[0].trunk_groups[1].dids[0]",
+            ),
+            (
+                "unknown field",
+                "\"require_registration\": false",
+                "\"require_registraton\": false",
+                "locations[0].trunk_groups[1].require_registraton",
+            ),
+            (
+                "wrong type",
+                "\"require_registration\": false",
+                "\"require_registration\": \"no\"",
+                "locations[0].trunk_groups[1].require_registration",
+            ),
+            (
+                "short ha1",
+                "0123456789abcdef0123456789abcdef",
+                "0123",
+                "locations[0].trunk_groups[1].ha1",
+            ),
+            (
+                "bad failover",
+                "sip:+15551230000@198.51.100.20:5060",
+                "http://x",
+                "locations[0].trunk_groups[0].failover",
+            ),
+            (
+                "bad core network",
+                "10.0.0.0/8",
+                "10.0.0.0/88",
+                "core_networks[0]",
+            ),
+            (
+                "bad contact",
+                "noc@example.com",
+                "noc",
+                "locations[0].contacts[0]",
+            ),
+            (
+                "bad DID",
+                "+15551230000",
+                "+1555CALLME",
+                "locations[0].trunk_groups[0].dids[0]",
+            ),
         ];
         for (what, from, to, path) in cases {
             let json = BASE.replacen(from, to, 1);

@@ -2,6 +2,8 @@
 //! interactive stdin client answering its own challenge), and replay of a pcap made
 //! from the project's own demo traffic.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code fails loudly
+
 #[path = "common/module.rs"]
 mod common;
 
@@ -20,33 +22,55 @@ fn root() -> PathBuf {
 
 fn trunkguard() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_trunkguard"));
-    c.arg("--module").arg(common::module_path()).current_dir(root());
+    c.arg("--module")
+        .arg(common::module_path())
+        .current_dir(root());
     c
 }
 
 fn lines(stdout: &[u8]) -> Vec<Value> {
-    String::from_utf8_lossy(stdout).lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"))).collect()
+    String::from_utf8_lossy(stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
 }
 
 #[test]
 fn check_accepts_the_example_and_names_the_path_of_a_bad_config() {
-    let ok = trunkguard().args(["check", "examples/config.json"]).output().unwrap();
-    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stdout));
+    let ok = trunkguard()
+        .args(["check", "examples/config.json"])
+        .output()
+        .unwrap();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stdout)
+    );
 
     let dir = tempdir();
     let bad = dir.join("bad.json");
-    let text = std::fs::read_to_string(root().join("examples/config.json")).unwrap().replace("192.0.2.0/28", "192.0.2.0/33");
+    let text = std::fs::read_to_string(root().join("examples/config.json"))
+        .unwrap()
+        .replace("192.0.2.0/28", "192.0.2.0/33");
     std::fs::write(&bad, text).unwrap();
     let out = trunkguard().arg("check").arg(&bad).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
     let said = String::from_utf8_lossy(&out.stdout);
-    assert!(said.contains("locations[1].trunk_groups[0].acl[0]"), "{said}");
+    assert!(
+        said.contains("locations[1].trunk_groups[0].acl[0]"),
+        "{said}"
+    );
 }
 
 #[test]
 fn missing_module_is_a_clear_error() {
     let out = Command::new(env!("CARGO_BIN_EXE_trunkguard"))
-        .args(["--module", "/nonexistent/trunkguard.wasm", "check", "examples/config.json"])
+        .args([
+            "--module",
+            "/nonexistent/trunkguard.wasm",
+            "check",
+            "examples/config.json",
+        ])
         .current_dir(root())
         .output()
         .unwrap();
@@ -56,12 +80,27 @@ fn missing_module_is_a_clear_error() {
 
 fn replay_demo() -> Vec<Value> {
     let out = trunkguard()
-        .args(["replay", "--config", "examples/config.json", "--summary", "--nonce-secret", DEMO_SECRET, "examples/traffic/demo.jsonl"])
+        .args([
+            "replay",
+            "--config",
+            "examples/config.json",
+            "--summary",
+            "--nonce-secret",
+            DEMO_SECRET,
+            "examples/traffic/demo.jsonl",
+        ])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let table = String::from_utf8_lossy(&out.stderr);
-    assert!(table.contains("not_registered_address [hq-pbx1]"), "summary table: {table}");
+    assert!(
+        table.contains("not_registered_address [hq-pbx1]"),
+        "summary table: {table}"
+    );
     lines(&out.stdout)
 }
 
@@ -73,30 +112,76 @@ fn replay_of_the_demo_shows_allowed_challenged_blocked_calls_and_alerts() {
         .filter(|l| l.get("verdict").is_some())
         .map(|l| {
             let v = &l["verdict"];
-            format!("{}{}", v["action"].as_str().unwrap(), v["cause"].as_str().map(|c| format!(":{c}")).unwrap_or_default())
+            format!(
+                "{}{}",
+                v["action"].as_str().unwrap(),
+                v["cause"]
+                    .as_str()
+                    .map(|c| format!(":{c}"))
+                    .unwrap_or_default()
+            )
         })
         .collect();
     assert_eq!(
         verdicts,
         [
-            "challenge:auth_required", "accept:registered", "allow", "challenge:auth_required", "allow", "allow",
-            "reject:not_registered_address", "reject:not_registered_address", "reject:not_registered_address",
-            "reject:not_registered_address", "reject:bad_credentials", "allow", "allow", "reject:not_in_access_list",
-            "route:registered_contact", "reject:trunk_unavailable", "reject:unknown_did", "accept:registered", "allow",
+            "challenge:auth_required",
+            "accept:registered",
+            "allow",
+            "challenge:auth_required",
+            "allow",
+            "allow",
+            "reject:not_registered_address",
+            "reject:not_registered_address",
+            "reject:not_registered_address",
+            "reject:not_registered_address",
+            "reject:bad_credentials",
+            "allow",
+            "allow",
+            "reject:not_in_access_list",
+            "route:registered_contact",
+            "reject:trunk_unavailable",
+            "reject:unknown_did",
+            "accept:registered",
+            "allow",
         ]
     );
     let alerts: Vec<&Value> = out.iter().filter_map(|l| l.get("alert")).collect();
     let kinds: Vec<String> = alerts
         .iter()
-        .map(|a| format!("{}{}", a["kind"].as_str().unwrap(), if a["summary"] == true { format!(" x{}", a["count"]) } else { String::new() }))
+        .map(|a| {
+            format!(
+                "{}{}",
+                a["kind"].as_str().unwrap(),
+                if a["summary"] == true {
+                    format!(" x{}", a["count"])
+                } else {
+                    String::new()
+                }
+            )
+        })
         .collect();
-    assert_eq!(kinds, ["blocked_call", "blocked_call", "reg_ip_change", "blocked_call x3"]);
-    assert_eq!(alerts[0]["recipients"], serde_json::json!(["noc@example.com"]));
+    assert_eq!(
+        kinds,
+        [
+            "blocked_call",
+            "blocked_call",
+            "reg_ip_change",
+            "blocked_call x3"
+        ]
+    );
+    assert_eq!(
+        alerts[0]["recipients"],
+        serde_json::json!(["noc@example.com"])
+    );
     assert_eq!(alerts[0]["registered"], "203.0.113.7:5060");
     assert_eq!(alerts[2]["old_ip"], "203.0.113.7");
     // Each alert line comes right before the verdict of the message that raised it.
     let first_alert = out.iter().position(|l| l.get("alert").is_some()).unwrap();
-    assert_eq!(out[first_alert + 1]["verdict"]["cause"], "not_registered_address");
+    assert_eq!(
+        out[first_alert + 1]["verdict"]["cause"],
+        "not_registered_address"
+    );
 }
 
 #[test]
@@ -127,10 +212,23 @@ fn replay_on_stdin_answers_before_reading_on_so_a_client_can_answer_a_challenge(
     assert_eq!(v["verdict"]["action"], "challenge");
     let header = v["verdict"]["headers"][1][1].as_str().unwrap();
     assert!(header.contains("algorithm=MD5"), "{header}");
-    let nonce = header.split("nonce=\"").nth(1).unwrap().split('"').next().unwrap();
+    let nonce = header
+        .split("nonce=\"")
+        .nth(1)
+        .unwrap()
+        .split('"')
+        .next()
+        .unwrap();
     let response = trunkguard::digest::client_response(
-        trunkguard::digest::Algorithm::Md5, "hq1", "trunks.example.net", "correct horse battery staple", "REGISTER",
-        "sip:trunks.example.net", nonce, "00000001", "c0ffee",
+        trunkguard::digest::Algorithm::Md5,
+        "hq1",
+        "trunks.example.net",
+        "correct horse battery staple",
+        "REGISTER",
+        "sip:trunks.example.net",
+        nonce,
+        "00000001",
+        "c0ffee",
     );
     let auth = format!(
         "Authorization: Digest username=\"hq1\", realm=\"trunks.example.net\", nonce=\"{nonce}\", uri=\"sip:trunks.example.net\", response=\"{response}\", qop=auth, nc=00000001, cnonce=\"c0ffee\"\r\n"
@@ -152,7 +250,14 @@ fn demo_pcap(path: &Path) {
     use pcap_file::pcap::{PcapHeader, PcapPacket, PcapWriter};
     let text = std::fs::read_to_string(root().join("examples/traffic/demo.jsonl")).unwrap();
     let file = std::fs::File::create(path).unwrap();
-    let mut w = PcapWriter::with_header(file, PcapHeader { datalink: pcap_file::DataLink::ETHERNET, ..Default::default() }).unwrap();
+    let mut w = PcapWriter::with_header(
+        file,
+        PcapHeader {
+            datalink: pcap_file::DataLink::ETHERNET,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let dst_v4 = [192, 0, 2, 254];
     let mut tcp_seq = 1000u32;
     let mut pending_tcp: Vec<u8> = Vec::new();
@@ -178,12 +283,21 @@ fn demo_pcap(path: &Path) {
         }
         for payload in frames {
             let builder = match src {
-                SocketAddr::V4(s) => PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]).ipv4(s.ip().octets(), dst_v4, 64),
-                SocketAddr::V6(s) => PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]).ipv6(
-                    s.ip().octets(),
-                    "2001:db8::fe".parse::<std::net::Ipv6Addr>().unwrap().octets(),
-                    64,
-                ),
+                SocketAddr::V4(s) => PacketBuilder::ethernet2(
+                    [2, 0, 0, 0, 0, 1],
+                    [2, 0, 0, 0, 0, 2],
+                )
+                .ipv4(s.ip().octets(), dst_v4, 64),
+                SocketAddr::V6(s) => {
+                    PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]).ipv6(
+                        s.ip().octets(),
+                        "2001:db8::fe"
+                            .parse::<std::net::Ipv6Addr>()
+                            .unwrap()
+                            .octets(),
+                        64,
+                    )
+                }
             };
             let mut frame = Vec::new();
             if tcp {
@@ -191,10 +305,14 @@ fn demo_pcap(path: &Path) {
                 tcp_seq = tcp_seq.wrapping_add(payload.len() as u32);
                 b.write(&mut frame, &payload).unwrap();
             } else {
-                builder.udp(src.port(), 5060).write(&mut frame, &payload).unwrap();
+                builder
+                    .udp(src.port(), 5060)
+                    .write(&mut frame, &payload)
+                    .unwrap();
             }
             let ts = std::time::Duration::from_millis(at);
-            w.write_packet(&PcapPacket::new(ts, frame.len() as u32, &frame)).unwrap();
+            w.write_packet(&PcapPacket::new(ts, frame.len() as u32, &frame))
+                .unwrap();
         }
     }
 }
@@ -205,11 +323,21 @@ fn replay_of_a_pcap_of_the_demo_traffic_gives_the_same_verdicts() {
     let pcap = dir.join("demo.pcap");
     demo_pcap(&pcap);
     let out = trunkguard()
-        .args(["replay", "--config", "examples/config.json", "--nonce-secret", DEMO_SECRET])
+        .args([
+            "replay",
+            "--config",
+            "examples/config.json",
+            "--nonce-secret",
+            DEMO_SECRET,
+        ])
         .arg(&pcap)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let from_pcap = lines(&out.stdout);
     let strip = |v: &[Value]| -> Vec<Value> {
         // Alert ids are random per run; everything else must match.
@@ -227,7 +355,11 @@ fn replay_of_a_pcap_of_the_demo_traffic_gives_the_same_verdicts() {
 }
 
 fn tempdir() -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("trunkguard-cli-{}-{:?}", std::process::id(), std::thread::current().id()));
+    let dir = std::env::temp_dir().join(format!(
+        "trunkguard-cli-{}-{:?}",
+        std::process::id(),
+        std::thread::current().id()
+    ));
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }

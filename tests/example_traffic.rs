@@ -4,6 +4,8 @@
 //! `trunkguard replay --nonce-secret`. Regenerate with `TRUNKGUARD_BLESS=1 cargo test
 //! --release --test example_traffic`.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code fails loudly
+
 #[path = "scenario/harness.rs"]
 mod harness;
 
@@ -12,7 +14,8 @@ use std::net::SocketAddr;
 use serde_json::{Value, json};
 use trunkguard::digest::make_nonce;
 
-pub const DEMO_SECRET_HEX: &str = "7472756e6b67756172642d64656d6f2d6e6f6e63652d7365637265742d303031";
+pub const DEMO_SECRET_HEX: &str =
+    "7472756e6b67756172642d64656d6f2d6e6f6e63652d7365637265742d303031";
 const REALM: &str = "trunks.example.net";
 /// 2026-11-26T12:00:00Z: the story's clock starts here.
 const START_MS: u64 = 1_795_694_400_000;
@@ -27,22 +30,51 @@ fn secret() -> [u8; 32] {
 
 /// (at_ms, send spec, answer the challenge with credentials?)
 fn story() -> Vec<(u64, Value, bool)> {
-    let hq = json!({"user": "hq1", "password": "correct horse battery staple", "algorithm": "SHA-256"});
+    let hq =
+        json!({"user": "hq1", "password": "correct horse battery staple", "algorithm": "SHA-256"});
     let branch = json!({"user": "branch1", "password": "branch-secret", "algorithm": "SHA-256"});
     let leaked = json!({"user": "hq1", "password": "correct horse battery staple"});
     let guess = json!({"user": "hq1", "password": "123456"});
     let pbx = "203.0.113.7:5060";
     let mut s = vec![
         // The HQ PBX registers: challenged, then accepted.
-        (1_000, json!({"method": "REGISTER", "source": pbx, "expires": 600, "call_id": "reg-1@hq", "from": "hq1"}), false),
-        (1_050, json!({"method": "REGISTER", "source": pbx, "expires": 600, "call_id": "reg-1@hq", "cseq": 2, "auth": hq}), true),
-        (2_000, json!({"method": "OPTIONS", "source": pbx, "ruri": "sip:trunks.example.net", "call_id": "ka-1@hq", "from": "hq1"}), false),
+        (
+            1_000,
+            json!({"method": "REGISTER", "source": pbx, "expires": 600, "call_id": "reg-1@hq", "from": "hq1"}),
+            false,
+        ),
+        (
+            1_050,
+            json!({"method": "REGISTER", "source": pbx, "expires": 600, "call_id": "reg-1@hq", "cseq": 2, "auth": hq}),
+            true,
+        ),
+        (
+            2_000,
+            json!({"method": "OPTIONS", "source": pbx, "ruri": "sip:trunks.example.net", "call_id": "ka-1@hq", "from": "hq1"}),
+            false,
+        ),
         // An outbound call from the registered PBX: challenged, then allowed.
-        (3_000, json!({"method": "INVITE", "source": pbx, "call_id": "call-1@hq", "from": "hq1"}), false),
-        (3_040, json!({"method": "INVITE", "source": pbx, "call_id": "call-1@hq", "cseq": 2, "auth": hq}), true),
-        (3_900, json!({"method": "BYE", "source": pbx, "call_id": "call-1@hq", "cseq": 3, "to_tag": "carrier-1", "from": "hq1"}), false),
+        (
+            3_000,
+            json!({"method": "INVITE", "source": pbx, "call_id": "call-1@hq", "from": "hq1"}),
+            false,
+        ),
+        (
+            3_040,
+            json!({"method": "INVITE", "source": pbx, "call_id": "call-1@hq", "cseq": 2, "auth": hq}),
+            true,
+        ),
+        (
+            3_900,
+            json!({"method": "BYE", "source": pbx, "call_id": "call-1@hq", "cseq": 3, "to_tag": "carrier-1", "from": "hq1"}),
+            false,
+        ),
         // Someone with hq1's leaked password calls from elsewhere: blocked, alerted.
-        (4_000, json!({"method": "INVITE", "source": "198.51.100.66:5060", "call_id": "fraud-1", "auth": leaked}), true),
+        (
+            4_000,
+            json!({"method": "INVITE", "source": "198.51.100.66:5060", "call_id": "fraud-1", "auth": leaked}),
+            true,
+        ),
     ];
     for i in 2..=4 {
         s.push((4_000 + i * 100, json!({"method": "INVITE", "source": "198.51.100.66:5060", "call_id": format!("fraud-{i}"), "auth": leaked}), true));
@@ -88,5 +120,9 @@ fn demo_traffic_file_is_up_to_date() {
         std::fs::write(&path, &fresh).unwrap();
     }
     let committed = std::fs::read_to_string(&path).unwrap_or_default();
-    assert!(committed == fresh, "{} is stale: run TRUNKGUARD_BLESS=1 cargo test --release --test example_traffic", path.display());
+    assert!(
+        committed == fresh,
+        "{} is stale: run TRUNKGUARD_BLESS=1 cargo test --release --test example_traffic",
+        path.display()
+    );
 }

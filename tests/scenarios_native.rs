@@ -1,5 +1,7 @@
 //! The scenario table against the core, natively (no Wasm involved).
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code fails loudly
+
 #[path = "scenario/harness.rs"]
 mod harness;
 
@@ -53,29 +55,55 @@ impl Host for SharedHost {
 impl Subject for Native {
     fn configure(&mut self, json: &str) -> Result<(), (String, String)> {
         for w in &mut self.workers {
-            w.configure(json.as_bytes(), &mut self.shared).map_err(|e| (e.path, e.reason))?;
+            w.configure(json.as_bytes(), &mut self.shared)
+                .map_err(|e| (e.path, e.reason))?;
         }
         self.last_good = Some(json.to_string());
         Ok(())
     }
 
-    fn judge(&mut self, worker: usize, message: &[u8], source: SocketAddr, transport: &str, now_ms: u64) -> (Value, Vec<Value>) {
+    fn judge(
+        &mut self,
+        worker: usize,
+        message: &[u8],
+        source: SocketAddr,
+        transport: &str,
+        now_ms: u64,
+    ) -> (Value, Vec<Value>) {
         let transport: Transport = transport.parse().expect("transport");
-        let input = Input { message, source, transport, now_ms };
+        let input = Input {
+            message,
+            source,
+            transport,
+            now_ms,
+        };
         let verdict = self.workers[worker].judge(&input, &mut self.shared);
-        let alerts = self.shared.alerts.drain(..).map(|a| serde_json::to_value(a).unwrap()).collect();
+        let alerts = self
+            .shared
+            .alerts
+            .drain(..)
+            .map(|a| serde_json::to_value(a).unwrap())
+            .collect();
         (serde_json::to_value(verdict).unwrap(), alerts)
     }
 
     fn tick(&mut self, worker: usize, now_ms: u64) -> Vec<Value> {
-        self.workers[worker].tick(now_ms, &mut self.shared).expect("tick");
-        self.shared.alerts.drain(..).map(|a| serde_json::to_value(a).unwrap()).collect()
+        self.workers[worker]
+            .tick(now_ms, &mut self.shared)
+            .expect("tick");
+        self.shared
+            .alerts
+            .drain(..)
+            .map(|a| serde_json::to_value(a).unwrap())
+            .collect()
     }
 
     fn reload(&mut self, worker: usize) {
         let mut fresh = Engine::new();
         if let Some(cfg) = &self.last_good {
-            fresh.configure(cfg.as_bytes(), &mut self.shared).expect("last good config");
+            fresh
+                .configure(cfg.as_bytes(), &mut self.shared)
+                .expect("last good config");
         }
         self.workers[worker] = fresh;
     }
@@ -84,6 +112,10 @@ impl Subject for Native {
 #[test]
 fn scenario_table_passes_natively() {
     harness::run_all(&mut || {
-        Box::new(Native { workers: vec![Engine::new(), Engine::new()], shared: SharedHost::default(), last_good: None })
+        Box::new(Native {
+            workers: vec![Engine::new(), Engine::new()],
+            shared: SharedHost::default(),
+            last_good: None,
+        })
     });
 }

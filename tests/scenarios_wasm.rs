@@ -1,6 +1,8 @@
 //! The scenario table inside the compiled `.wasm`, under wasmtime, through the same
 //! message ABI the Kamailio shim and the `trunkguard` command use.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code fails loudly
+
 #[path = "common/module.rs"]
 mod common;
 #[path = "scenario/harness.rs"]
@@ -19,17 +21,35 @@ struct Wasm {
 impl Subject for Wasm {
     fn configure(&mut self, json: &str) -> Result<(), (String, String)> {
         for w in &mut self.workers {
-            w.configure(json.as_bytes()).expect("host error").map_err(|r| (r.path, r.reason))?;
+            w.configure(json.as_bytes())
+                .expect("host error")
+                .map_err(|r| (r.path, r.reason))?;
         }
         Ok(())
     }
 
-    fn judge(&mut self, worker: usize, message: &[u8], source: SocketAddr, transport: &str, now_ms: u64) -> (Value, Vec<Value>) {
+    fn judge(
+        &mut self,
+        worker: usize,
+        message: &[u8],
+        source: SocketAddr,
+        transport: &str,
+        now_ms: u64,
+    ) -> (Value, Vec<Value>) {
         let judged = self.workers[worker]
-            .judge(message, source, transport.parse().expect("transport"), now_ms)
+            .judge(
+                message,
+                source,
+                transport.parse().expect("transport"),
+                now_ms,
+            )
             .expect("judge");
         let raw: Value = serde_json::from_str(&judged.raw).expect("verdict JSON");
-        let alerts = judged.alerts.iter().map(|a| serde_json::from_str(a).expect("alert JSON")).collect();
+        let alerts = judged
+            .alerts
+            .iter()
+            .map(|a| serde_json::from_str(a).expect("alert JSON"))
+            .collect();
         (raw["verdict"].clone(), alerts)
     }
 
@@ -52,7 +72,9 @@ fn scenario_table_passes_inside_the_wasm_module() {
     let module = common::module();
     harness::run_all(&mut || {
         let kv = MemoryKv::default();
-        let workers = (0..2).map(|_| Policy::new(&module, Box::new(kv.clone())).expect("instantiate")).collect();
+        let workers = (0..2)
+            .map(|_| Policy::new(&module, Box::new(kv.clone())).expect("instantiate"))
+            .collect();
         Box::new(Wasm { workers })
     });
 }

@@ -34,6 +34,7 @@ pub(crate) fn keepalive_len(buf: &[u8]) -> usize {
 /// Every header byte goes through here, so it looks at eight bytes per step: a
 /// byte equal to CR or LF becomes zero after the XOR, and the classic has-zero-byte
 /// test flags it (the lowest flag is always a true match).
+#[inline]
 pub(crate) fn find_cr_or_lf(b: &[u8]) -> Option<usize> {
     const ONES: u64 = 0x0101_0101_0101_0101;
     const HIGHS: u64 = 0x8080_8080_8080_8080;
@@ -104,6 +105,7 @@ impl<'a> Scanner<'a> {
     }
 
     /// Index of the CR ending the line that starts at `from`.
+    #[inline]
     fn line_end(&self, from: usize) -> Result<usize, LineError> {
         let window = self.buf.get(from..self.limit).unwrap_or(&[]);
         let Some(off) = find_cr_or_lf(window) else {

@@ -200,80 +200,97 @@ impl HeaderName {
 
     /// [`HeaderName::from_name`] for a name already known to be a token.
     pub(crate) fn from_token(name: &[u8]) -> Option<HeaderName> {
+        let (len, known) = HeaderName::scan(name);
+        if len == name.len() { known } else { None }
+    }
+
+    /// Reads the token that starts `field` and classifies it: (its length, the
+    /// known name it spells). One pass, as it runs on every header received.
+    pub(crate) fn scan(field: &[u8]) -> (usize, Option<HeaderName>) {
         // Setting bit 0x20 lower-cases letters. Known names hold only letters and
         // `-`, and no other token byte maps onto a letter or `-` that way (only CR
         // would reach `-`), so for a token the match below is exact.
-        let mut buf = [0u8; 19];
-        if name.len() > buf.len() {
-            return None;
+        let mut folded = [0u8; 19];
+        let mut len = 0;
+        for &b in field {
+            if !lex::is_token_byte(b) {
+                break;
+            }
+            if let Some(slot) = folded.get_mut(len) {
+                *slot = b | 0x20;
+            }
+            len += 1;
         }
-        for (d, &c) in buf.iter_mut().zip(name) {
-            *d = c | 0x20;
-        }
-        let lower = buf.get(..name.len())?;
-        Some(match lower {
-            b"a" => H::AcceptContact,
-            b"b" => H::ReferredBy,
-            b"c" => H::ContentType,
-            b"d" => H::RequestDisposition,
-            b"e" => H::ContentEncoding,
-            b"f" => H::From,
-            b"i" => H::CallId,
-            b"j" => H::RejectContact,
-            b"k" => H::Supported,
-            b"l" => H::ContentLength,
-            b"m" => H::Contact,
-            b"n" => H::IdentityInfo,
-            b"o" => H::Event,
-            b"r" => H::ReferTo,
-            b"s" => H::Subject,
-            b"t" => H::To,
-            b"u" => H::AllowEvents,
-            b"v" => H::Via,
-            b"x" => H::SessionExpires,
-            b"y" => H::Identity,
-            b"via" => H::Via,
-            b"from" => H::From,
-            b"to" => H::To,
-            b"call-id" => H::CallId,
-            b"cseq" => H::CSeq,
-            b"contact" => H::Contact,
-            b"expires" => H::Expires,
-            b"min-expires" => H::MinExpires,
-            b"max-forwards" => H::MaxForwards,
-            b"content-length" => H::ContentLength,
-            b"content-type" => H::ContentType,
-            b"content-encoding" => H::ContentEncoding,
-            b"authorization" => H::Authorization,
-            b"proxy-authorization" => H::ProxyAuthorization,
-            b"www-authenticate" => H::WwwAuthenticate,
-            b"proxy-authenticate" => H::ProxyAuthenticate,
-            b"route" => H::Route,
-            b"record-route" => H::RecordRoute,
-            b"allow" => H::Allow,
-            b"supported" => H::Supported,
-            b"unsupported" => H::Unsupported,
-            b"require" => H::Require,
-            b"proxy-require" => H::ProxyRequire,
-            b"accept" => H::Accept,
-            b"user-agent" => H::UserAgent,
-            b"server" => H::Server,
-            b"subject" => H::Subject,
-            b"date" => H::Date,
-            b"event" => H::Event,
-            b"allow-events" => H::AllowEvents,
-            b"refer-to" => H::ReferTo,
-            b"referred-by" => H::ReferredBy,
-            b"session-expires" => H::SessionExpires,
-            b"accept-contact" => H::AcceptContact,
-            b"reject-contact" => H::RejectContact,
-            b"request-disposition" => H::RequestDisposition,
-            b"identity" => H::Identity,
-            b"identity-info" => H::IdentityInfo,
-            _ => return None,
-        })
+        (len, folded.get(..len).and_then(classify))
     }
+}
 
+/// The known name a lower-cased token spells.
+fn classify(lower: &[u8]) -> Option<HeaderName> {
+    Some(match lower {
+        b"a" => H::AcceptContact,
+        b"b" => H::ReferredBy,
+        b"c" => H::ContentType,
+        b"d" => H::RequestDisposition,
+        b"e" => H::ContentEncoding,
+        b"f" => H::From,
+        b"i" => H::CallId,
+        b"j" => H::RejectContact,
+        b"k" => H::Supported,
+        b"l" => H::ContentLength,
+        b"m" => H::Contact,
+        b"n" => H::IdentityInfo,
+        b"o" => H::Event,
+        b"r" => H::ReferTo,
+        b"s" => H::Subject,
+        b"t" => H::To,
+        b"u" => H::AllowEvents,
+        b"v" => H::Via,
+        b"x" => H::SessionExpires,
+        b"y" => H::Identity,
+        b"via" => H::Via,
+        b"from" => H::From,
+        b"to" => H::To,
+        b"call-id" => H::CallId,
+        b"cseq" => H::CSeq,
+        b"contact" => H::Contact,
+        b"expires" => H::Expires,
+        b"min-expires" => H::MinExpires,
+        b"max-forwards" => H::MaxForwards,
+        b"content-length" => H::ContentLength,
+        b"content-type" => H::ContentType,
+        b"content-encoding" => H::ContentEncoding,
+        b"authorization" => H::Authorization,
+        b"proxy-authorization" => H::ProxyAuthorization,
+        b"www-authenticate" => H::WwwAuthenticate,
+        b"proxy-authenticate" => H::ProxyAuthenticate,
+        b"route" => H::Route,
+        b"record-route" => H::RecordRoute,
+        b"allow" => H::Allow,
+        b"supported" => H::Supported,
+        b"unsupported" => H::Unsupported,
+        b"require" => H::Require,
+        b"proxy-require" => H::ProxyRequire,
+        b"accept" => H::Accept,
+        b"user-agent" => H::UserAgent,
+        b"server" => H::Server,
+        b"subject" => H::Subject,
+        b"date" => H::Date,
+        b"event" => H::Event,
+        b"allow-events" => H::AllowEvents,
+        b"refer-to" => H::ReferTo,
+        b"referred-by" => H::ReferredBy,
+        b"session-expires" => H::SessionExpires,
+        b"accept-contact" => H::AcceptContact,
+        b"reject-contact" => H::RejectContact,
+        b"request-disposition" => H::RequestDisposition,
+        b"identity" => H::Identity,
+        b"identity-info" => H::IdentityInfo,
+        _ => return None,
+    })
+}
+
+impl HeaderName {
     /// Position in [`KNOWN_HEADERS`]; `None` for `Other`.
     pub(crate) fn id(self) -> Option<u8> {
         Some(match self {

@@ -68,10 +68,10 @@ pub fn parse(buf: &[u8], framing: Framing) -> Result<Message<'_>, ParseError> {
     };
     let mut scanner = Scanner::new(buf, start);
     let (line_start, line_end) = scanner.start_line().map_err(unterminated)?;
-    let start_line = parse_start_line(utf8(buf, line_start, line_end)?)?;
 
     let fields_start = line_end + 2;
-    let offset = |i: usize| u32::try_from(i - fields_start).map_err(|_| ParseError::TooLarge);
+    // The scanner keeps the header block within MAX_HEAD_LEN, so offsets fit u32.
+    let offset = |i: usize| (i - fields_start) as u32;
 
     let mut entries = Vec::with_capacity(16);
     let mut content_length = None;
@@ -83,10 +83,7 @@ pub fn parse(buf: &[u8], framing: Framing) -> Result<Message<'_>, ParseError> {
         }
         let bytes = buf.get(field.start..field.end).ok_or(bad)?;
         // One pass over the name: a token, optional SP/HT, then the colon.
-        let name_len = bytes
-            .iter()
-            .position(|&b| !lex::is_token_byte(b))
-            .unwrap_or(bytes.len());
+        let (name_len, known) = HeaderName::scan(bytes);
         let colon = bytes
             .get(name_len..)
             .and_then(|rest| rest.iter().position(|&b| b != b' ' && b != b'\t'))
@@ -105,7 +102,6 @@ pub fn parse(buf: &[u8], framing: Framing) -> Result<Message<'_>, ParseError> {
             .unwrap_or(0);
         let value_start = field.start + colon + 1 + lead;
         let value_end = (field.end - trail).max(value_start);
-        let known = HeaderName::from_token(bytes.get(..name_len).unwrap_or(&[]));
         if known == Some(HeaderName::ContentLength) {
             let n = framing::content_length_value(buf.get(value_start..value_end).unwrap_or(&[]))?;
             match content_length {
@@ -115,14 +111,18 @@ pub fn parse(buf: &[u8], framing: Framing) -> Result<Message<'_>, ParseError> {
             }
         }
         entries.push(Entry {
-            name: (offset(field.start)?, offset(field.start + name_len)?),
-            value: (offset(value_start)?, offset(value_end)?),
-            line: u32::try_from(field.line).map_err(|_| ParseError::TooLarge)?,
+            name: (offset(field.start), offset(field.start + name_len)),
+            value: (offset(value_start), offset(value_end)),
+            line: field.line as u32,
             known: known.and_then(HeaderName::id),
         });
     }
     let body_start = scanner.body_start();
-    let text = utf8(buf, fields_start, body_start)?;
+    // One UTF-8 check for the whole header block; every offset taken above sits next
+    // to an ASCII byte, so slicing the checked text at them cannot fail.
+    let head = utf8(buf, line_start, body_start)?;
+    let start_line = parse_start_line(head.get(..line_end - line_start).unwrap_or(""))?;
+    let text = head.get(fields_start - line_start..).unwrap_or("");
 
     let available = buf.get(body_start..).unwrap_or(&[]);
     let body = match framing {

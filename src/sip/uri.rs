@@ -70,6 +70,9 @@ pub struct Uri<'a> {
     pub opaque: &'a str,
 }
 
+/// Bytes a URI may contain unescaped (RFC 3261 §25.1 reserved, unreserved, `%`, and
+/// the brackets of IPv6 references). Anything else (space, `<`, `>`, `"`, controls,
+/// non-ASCII) means the URI is malformed.
 const fn uri_table() -> [bool; 256] {
     let mut table = [false; 256];
     let mut i = 0;
@@ -104,11 +107,6 @@ const fn uri_table() -> [bool; 256] {
     }
     table
 }
-
-/// Bytes a URI may contain unescaped (RFC 3261 §25.1 reserved, unreserved, `%`, and
-/// the brackets of IPv6 references). Anything else (space, `<`, `>`, `"`, controls,
-/// non-ASCII) means the URI is malformed.
-static URI_BYTE: [bool; 256] = uri_table();
 
 fn is_unreserved(b: u8) -> bool {
     b.is_ascii_alphanumeric()
@@ -229,23 +227,30 @@ pub(crate) fn parse(s: &str) -> Result<Uri<'_>, &'static str> {
     if rest.is_empty() {
         return Err("empty URI");
     }
-    // One pass checks every byte and notes what the structure needs.
-    let mut first_at = None;
-    let mut escaped = false;
+    // One pass checks every byte and notes where the parts of a sip URI split.
+    let mut marks = Marks::default();
     for (i, &b) in rest.as_bytes().iter().enumerate() {
-        if !URI_BYTE[usize::from(b)] {
-            return Err("invalid character");
-        }
-        match b {
-            b'@' if first_at.is_none() => first_at = Some(i),
-            b'%' => escaped = true,
-            _ => {}
+        match URI_CLASS[usize::from(b)] {
+            PLAIN => {}
+            INVALID => return Err("invalid character"),
+            AT => {
+                if marks.at.is_none() {
+                    marks.at = Some(i);
+                    marks.delim = None;
+                }
+            }
+            PERCENT => marks.escaped = true,
+            _ => {
+                if marks.delim.is_none() {
+                    marks.delim = Some(i);
+                }
+            }
         }
     }
-    if escaped && !lex::escapes_valid(rest) {
+    if marks.escaped && !lex::escapes_valid(rest) {
         return Err("invalid escape");
     }
-    let opaque = Uri {
+    let mut uri = Uri {
         scheme,
         user: None,
         password: None,
@@ -257,18 +262,56 @@ pub(crate) fn parse(s: &str) -> Result<Uri<'_>, &'static str> {
         opaque: rest,
     };
     match scheme_kind(scheme) {
-        Scheme::Sip | Scheme::Sips => parse_sip(opaque, first_at),
-        Scheme::Tel => parse_tel(opaque),
-        Scheme::Other => Ok(opaque),
+        Scheme::Sip | Scheme::Sips => parse_sip(&mut uri, &marks)?,
+        Scheme::Tel => parse_tel(&mut uri)?,
+        Scheme::Other => {}
     }
+    Ok(uri)
 }
 
-fn parse_sip(mut uri: Uri<'_>, first_at: Option<usize>) -> Result<Uri<'_>, &'static str> {
+const INVALID: u8 = 0;
+const PLAIN: u8 = 1;
+const AT: u8 = 2;
+const PERCENT: u8 = 3;
+/// `;` or `?`: where the host part ends.
+const DELIM: u8 = 4;
+
+const fn uri_class_table() -> [u8; 256] {
+    let valid = uri_table();
+    let mut table = [INVALID; 256];
+    let mut i = 0;
+    while i < 256 {
+        table[i] = match i as u8 {
+            b'@' => AT,
+            b'%' => PERCENT,
+            b';' | b'?' => DELIM,
+            _ if valid[i] => PLAIN,
+            _ => INVALID,
+        };
+        i += 1;
+    }
+    table
+}
+
+static URI_CLASS: [u8; 256] = uri_class_table();
+
+/// Offsets in a URI's text after the scheme.
+#[derive(Default)]
+struct Marks {
+    /// The first `@`: the userinfo ends there.
+    at: Option<usize>,
+    /// The first `;` or `?` after `at` (or anywhere, without `@`).
+    delim: Option<usize>,
+    escaped: bool,
+}
+
+fn parse_sip<'a>(uri: &mut Uri<'a>, marks: &Marks) -> Result<(), &'static str> {
     let rest = uri.opaque;
     // The user part may contain `;`, `?` and `/`, but never an unescaped `@`, and no
     // later part may contain `@` either: the first `@` ends the userinfo.
-    let hostpart = match first_at.map(|i| lex::split_around(rest, i)) {
-        Some((userinfo, hostpart)) => {
+    let host_start = match marks.at {
+        Some(at) => {
+            let userinfo = rest.get(..at).unwrap_or("");
             let (user, password) = match lex::split_once_byte(userinfo, b':') {
                 Some((u, p)) => (u, Some(p)),
                 None => (userinfo, None),
@@ -284,18 +327,14 @@ fn parse_sip(mut uri: Uri<'_>, first_at: Option<usize>) -> Result<Uri<'_>, &'sta
             }
             uri.user = Some(user);
             uri.password = password;
-            hostpart
+            at + 1
         }
-        None => rest,
+        None => 0,
     };
-    let hp_end = hostpart
-        .bytes()
-        .position(|b| b == b';' || b == b'?')
-        .unwrap_or(hostpart.len());
-    let (hostport, tail) = hostpart.split_at_checked(hp_end).ok_or("bad host")?;
-    let (host, port) = parse_hostport(hostport)?;
-    uri.host = host;
-    uri.port = port;
+    let host_end = marks.delim.unwrap_or(rest.len());
+    let hostport = rest.get(host_start..host_end).ok_or("bad host")?;
+    (uri.host, uri.port) = parse_hostport(hostport)?;
+    let tail = rest.get(host_end..).unwrap_or("");
     let (params, headers) = match lex::split_once_byte(tail, b'?') {
         Some((p, h)) => (p, Some(h)),
         None => (tail, None),
@@ -308,12 +347,12 @@ fn parse_sip(mut uri: Uri<'_>, first_at: Option<usize>) -> Result<Uri<'_>, &'sta
         check_uri_headers(h)?;
         uri.headers = h;
     }
-    Ok(uri)
+    Ok(())
 }
 
-fn parse_tel(mut uri: Uri<'_>) -> Result<Uri<'_>, &'static str> {
+fn parse_tel(uri: &mut Uri<'_>) -> Result<(), &'static str> {
     let rest = uri.opaque;
-    let (number, params) = match rest.split_once(';') {
+    let (number, params) = match lex::split_once_byte(rest, b';') {
         Some((n, p)) => (n, Some(p)),
         None => (rest, None),
     };
@@ -325,7 +364,7 @@ fn parse_tel(mut uri: Uri<'_>) -> Result<Uri<'_>, &'static str> {
         check_uri_params(p)?;
         uri.params = p;
     }
-    Ok(uri)
+    Ok(())
 }
 
 fn check_uri_params(params: &str) -> Result<(), &'static str> {
@@ -377,16 +416,20 @@ pub(crate) fn parse_host_name(host: &str) -> Result<Host<'_>, &'static str> {
     if host.is_empty() {
         return Err("empty host");
     }
+    let mut numeric = true;
+    for b in host.bytes() {
+        if !is_hostname_byte(b) {
+            return Err("bad host");
+        }
+        numeric &= b.is_ascii_digit() || b == b'.';
+    }
     // A name's top label starts with a letter, so digits and dots alone must be an
     // IPv4 address: this is what refuses `sip:2001:db8::10` (RFC 5118 §4.2).
-    if host.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+    if numeric {
         return host
             .parse::<Ipv4Addr>()
             .map(Host::V4)
             .map_err(|_| "bad IPv4 address");
-    }
-    if !host.bytes().all(is_hostname_byte) {
-        return Err("bad host");
     }
     Ok(Host::Name(host))
 }

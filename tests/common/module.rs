@@ -24,11 +24,24 @@ pub fn module_path() -> PathBuf {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let status = Command::new(cargo)
             .current_dir(&root)
-            .args(["build", "-p", "trunkguard", "--lib", "--target", "wasm32-unknown-unknown", "--profile", "wasm", "--features", "abi"])
+            .args([
+                "build",
+                "-p",
+                "trunkguard",
+                "--lib",
+                "--target",
+                "wasm32-unknown-unknown",
+                "--profile",
+                "wasm",
+                "--features",
+                "abi",
+            ])
             .status()
             .expect("run cargo to build the .wasm");
         assert!(status.success(), "building trunkguard.wasm failed");
-        let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target"));
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| root.join("target"));
         target.join(trunkguard_host::MODULE_RELATIVE_PATH)
     })
     .clone()
@@ -36,5 +49,7 @@ pub fn module_path() -> PathBuf {
 
 pub fn module() -> PolicyModule {
     static MODULE: OnceLock<PolicyModule> = OnceLock::new();
-    MODULE.get_or_init(|| PolicyModule::from_file(&module_path()).expect("load trunkguard.wasm")).clone()
+    MODULE
+        .get_or_init(|| PolicyModule::from_file(&module_path()).expect("load trunkguard.wasm"))
+        .clone()
 }

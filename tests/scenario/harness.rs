@@ -16,7 +16,14 @@ pub trait Subject {
     /// Pushes a configuration to every worker: Ok(()) or Err((path, reason)).
     fn configure(&mut self, json: &str) -> Result<(), (String, String)>;
     /// Judges on `worker`; returns the verdict object and the alert events raised.
-    fn judge(&mut self, worker: usize, message: &[u8], source: SocketAddr, transport: &str, now_ms: u64) -> (Value, Vec<Value>);
+    fn judge(
+        &mut self,
+        worker: usize,
+        message: &[u8],
+        source: SocketAddr,
+        transport: &str,
+        now_ms: u64,
+    ) -> (Value, Vec<Value>);
     /// Closes alert windows; returns the summaries.
     fn tick(&mut self, worker: usize, now_ms: u64) -> Vec<Value>;
     /// Replaces a worker by a fresh instance (a reload of the .wasm): it gets the
@@ -34,7 +41,11 @@ pub fn run_all(make: &mut dyn FnMut() -> Box<dyn Subject>) {
     let table = table();
     let configs = &table["configs"];
     let scenarios = table["scenarios"].as_array().expect("scenarios array");
-    assert!(scenarios.len() >= 30, "the table shrank to {}", scenarios.len());
+    assert!(
+        scenarios.len() >= 30,
+        "the table shrank to {}",
+        scenarios.len()
+    );
     let mut failures = Vec::new();
     for sc in scenarios {
         let name = sc["name"].as_str().unwrap_or("?");
@@ -43,7 +54,12 @@ pub fn run_all(make: &mut dyn FnMut() -> Box<dyn Subject>) {
             failures.push(format!("{name}: {e}"));
         }
     }
-    assert!(failures.is_empty(), "{} scenario(s) failed:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} scenario(s) failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }
 
 fn run_one(subject: &mut dyn Subject, configs: &Value, sc: &Value) -> Result<(), String> {
@@ -70,12 +86,15 @@ fn run_one(subject: &mut dyn Subject, configs: &Value, sc: &Value) -> Result<(),
                 (Value::Null, Err((p, r))) => return Err(ctx(format!("config refused: {p}: {r}"))),
                 (want, Err((p, r))) => {
                     if want["path"].as_str().is_some_and(|w| w != p) {
-                        return Err(ctx(format!("refused at {p} ({r}), expected path {}", want["path"])));
+                        return Err(ctx(format!(
+                            "refused at {p} ({r}), expected path {}",
+                            want["path"]
+                        )));
                     }
-                    if let Some(needle) = want["reason_contains"].as_str() {
-                        if !r.contains(needle) {
-                            return Err(ctx(format!("reason {r:?} lacks {needle:?}")));
-                        }
+                    if let Some(needle) = want["reason_contains"].as_str()
+                        && !r.contains(needle)
+                    {
+                        return Err(ctx(format!("reason {r:?} lacks {needle:?}")));
                     }
                 }
                 (_, Ok(())) => return Err(ctx("a bad config was accepted".into())),
@@ -111,11 +130,14 @@ fn run_one(subject: &mut dyn Subject, configs: &Value, sc: &Value) -> Result<(),
                     if v["action"] != "challenge" {
                         return Err(ctx(format!("first attempt was not challenged: {v}")));
                     }
-                    let n = nonce_from(&v, auth["algorithm"].as_str()).ok_or_else(|| ctx(format!("no nonce in {v}")))?;
+                    let n = nonce_from(&v, auth["algorithm"].as_str())
+                        .ok_or_else(|| ctx(format!("no nonce in {v}")))?;
                     last_nonce = Some(n.clone());
                     n
                 }
-                "previous" => last_nonce.clone().ok_or_else(|| ctx("no previous nonce".into()))?,
+                "previous" => last_nonce
+                    .clone()
+                    .ok_or_else(|| ctx("no previous nonce".into()))?,
                 literal => literal.to_string(),
             };
             credentials = Some(nonce);
@@ -126,10 +148,10 @@ fn run_one(subject: &mut dyn Subject, configs: &Value, sc: &Value) -> Result<(),
         };
         let (verdict, alerts) = subject.judge(worker, msg.as_bytes(), source, transport, at);
         alerts_seen.extend(alerts);
-        if verdict["action"] == "challenge" {
-            if let Some(n) = nonce_from(&verdict, auth["algorithm"].as_str()) {
-                last_nonce = Some(n);
-            }
+        if verdict["action"] == "challenge"
+            && let Some(n) = nonce_from(&verdict, auth["algorithm"].as_str())
+        {
+            last_nonce = Some(n);
         }
         check_verdict(&step["expect"], &verdict).map_err(ctx)?;
         check_alerts(step, &alerts_seen).map_err(ctx)?;
@@ -138,7 +160,9 @@ fn run_one(subject: &mut dyn Subject, configs: &Value, sc: &Value) -> Result<(),
 }
 
 fn config_json(configs: &Value, name: &str) -> Result<String, String> {
-    let c = configs.get(name).ok_or_else(|| format!("no config {name:?}"))?;
+    let c = configs
+        .get(name)
+        .ok_or_else(|| format!("no config {name:?}"))?;
     Ok(c.to_string())
 }
 
@@ -155,18 +179,43 @@ fn nonce_from(verdict: &Value, algorithm: Option<&str>) -> Option<String> {
 }
 
 /// Builds a request as a PBX (or the carrier core) would send it.
-pub fn build_message(send: &Value, source: SocketAddr, transport: &str, nonce: Option<&str>) -> String {
+pub fn build_message(
+    send: &Value,
+    source: SocketAddr,
+    transport: &str,
+    nonce: Option<&str>,
+) -> String {
     let method = send["method"].as_str().unwrap_or("INVITE");
     let register = method == "REGISTER";
-    let user = send["auth"]["user"].as_str().or(send["from"].as_str()).unwrap_or("pbx");
-    let ruri = send["ruri"].as_str().map(str::to_string).unwrap_or_else(|| {
-        if register { "sip:trunks.example.net".into() } else { "sip:+15559876543@trunks.example.net".into() }
-    });
+    let user = send["auth"]["user"]
+        .as_str()
+        .or(send["from"].as_str())
+        .unwrap_or("pbx");
+    let ruri = send["ruri"]
+        .as_str()
+        .map(str::to_string)
+        .unwrap_or_else(|| {
+            if register {
+                "sip:trunks.example.net".into()
+            } else {
+                "sip:+15559876543@trunks.example.net".into()
+            }
+        });
     let call_id = send["call_id"].as_str().unwrap_or("call-1@pbx");
     let cseq = send["cseq"].as_u64().unwrap_or(1);
-    let to = if register { format!("<sip:{user}@trunks.example.net>") } else { format!("<{ruri}>") };
-    let to_tag = send["to_tag"].as_str().map(|t| format!(";tag={t}")).unwrap_or_default();
-    let branch: String = call_id.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '-' }).collect();
+    let to = if register {
+        format!("<sip:{user}@trunks.example.net>")
+    } else {
+        format!("<{ruri}>")
+    };
+    let to_tag = send["to_tag"]
+        .as_str()
+        .map(|t| format!(";tag={t}"))
+        .unwrap_or_default();
+    let branch: String = call_id
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .collect();
     let mut m = format!(
         "{method} {ruri} SIP/2.0\r\nVia: SIP/2.0/{} {source};branch=z9hG4bK-{branch}-{cseq}\r\nMax-Forwards: {}\r\nFrom: <sip:{user}@trunks.example.net>;tag=from-{cseq}\r\nTo: {to}{to_tag}\r\nCall-ID: {call_id}\r\nCSeq: {cseq} {method}\r\n",
         transport.to_ascii_uppercase(),
@@ -174,8 +223,13 @@ pub fn build_message(send: &Value, source: SocketAddr, transport: &str, nonce: O
     );
     match &send["contact"] {
         Value::Null if register || method == "INVITE" => {
-            let exp = send["contact_expires"].as_u64().map(|e| format!(";expires={e}")).unwrap_or_default();
-            m.push_str(&format!("Contact: <sip:{user}@{source};transport={transport}>{exp}\r\n"));
+            let exp = send["contact_expires"]
+                .as_u64()
+                .map(|e| format!(";expires={e}"))
+                .unwrap_or_default();
+            m.push_str(&format!(
+                "Contact: <sip:{user}@{source};transport={transport}>{exp}\r\n"
+            ));
         }
         Value::String(c) if !c.is_empty() => m.push_str(&format!("Contact: {c}\r\n")),
         _ => {}
@@ -189,9 +243,19 @@ pub fn build_message(send: &Value, source: SocketAddr, transport: &str, nonce: O
         let password = auth["password"].as_str().unwrap_or("");
         let realm = auth["realm"].as_str().unwrap_or("trunks.example.net");
         let alg_name = auth["algorithm"].as_str().unwrap_or("MD5");
-        let alg = if alg_name == "SHA-256" { Algorithm::Sha256 } else { Algorithm::Md5 };
-        let response = client_response(alg, username, realm, password, method, &ruri, nonce, "00000001", "0a4f113b");
-        let header = if register || auth["header"] == "Authorization" { "Authorization" } else { "Proxy-Authorization" };
+        let alg = if alg_name == "SHA-256" {
+            Algorithm::Sha256
+        } else {
+            Algorithm::Md5
+        };
+        let response = client_response(
+            alg, username, realm, password, method, &ruri, nonce, "00000001", "0a4f113b",
+        );
+        let header = if register || auth["header"] == "Authorization" {
+            "Authorization"
+        } else {
+            "Proxy-Authorization"
+        };
         m.push_str(&format!(
             "{header}: Digest username=\"{username}\", realm=\"{realm}\", nonce=\"{nonce}\", uri=\"{ruri}\", response=\"{response}\", algorithm={alg_name}, qop=auth, nc=00000001, cnonce=\"0a4f113b\"\r\n"
         ));
@@ -208,7 +272,9 @@ fn check_verdict(want: &Value, got: &Value) -> Result<(), String> {
         match key.as_str() {
             "header" => {
                 let pair = w.as_array().ok_or("header: [name, value]")?;
-                let found = got["headers"].as_array().is_some_and(|hs| hs.iter().any(|h| h == &json!(pair)));
+                let found = got["headers"]
+                    .as_array()
+                    .is_some_and(|hs| hs.iter().any(|h| h == &json!(pair)));
                 if !found {
                     return Err(format!("header {w} missing from {got}"));
                 }
@@ -216,7 +282,13 @@ fn check_verdict(want: &Value, got: &Value) -> Result<(), String> {
             "header_contains" => {
                 let pair = w.as_array().ok_or("header_contains: [name, needle]")?;
                 let found = got["headers"].as_array().is_some_and(|hs| {
-                    hs.iter().any(|h| h[0] == pair[0] && h[1].as_str().zip(pair[1].as_str()).is_some_and(|(v, n)| v.contains(n)))
+                    hs.iter().any(|h| {
+                        h[0] == pair[0]
+                            && h[1]
+                                .as_str()
+                                .zip(pair[1].as_str())
+                                .is_some_and(|(v, n)| v.contains(n))
+                    })
                 });
                 if !found {
                     return Err(format!("no header {w} in {got}"));
@@ -224,7 +296,9 @@ fn check_verdict(want: &Value, got: &Value) -> Result<(), String> {
             }
             "headers_count" => {
                 for (name, n) in w.as_object().ok_or("headers_count: {name: n}")? {
-                    let count = got["headers"].as_array().map_or(0, |hs| hs.iter().filter(|h| h[0] == name.as_str()).count());
+                    let count = got["headers"]
+                        .as_array()
+                        .map_or(0, |hs| hs.iter().filter(|h| h[0] == name.as_str()).count());
                     if Some(count as u64) != n.as_u64() {
                         return Err(format!("{count} {name} headers, expected {n}: {got}"));
                     }
@@ -238,7 +312,10 @@ fn check_verdict(want: &Value, got: &Value) -> Result<(), String> {
             }
             _ => {
                 if &got[key] != w {
-                    return Err(format!("{key}: got {}, expected {w} (verdict {got})", got[key]));
+                    return Err(format!(
+                        "{key}: got {}, expected {w} (verdict {got})",
+                        got[key]
+                    ));
                 }
             }
         }
@@ -250,15 +327,31 @@ fn check_verdict(want: &Value, got: &Value) -> Result<(), String> {
 fn check_alerts(step: &Value, got: &[Value]) -> Result<(), String> {
     let want: &[Value] = step["alerts"].as_array().map_or(&[], Vec::as_slice);
     if want.len() != got.len() {
-        return Err(format!("{} alert(s), expected {}: {got:?}", got.len(), want.len()));
+        return Err(format!(
+            "{} alert(s), expected {}: {got:?}",
+            got.len(),
+            want.len()
+        ));
     }
     for (w, g) in want.iter().zip(got) {
         for (key, value) in w.as_object().ok_or("alert expectation must be an object")? {
             if &g[key] != value {
-                return Err(format!("alert {key}: got {}, expected {value} in {g}", g[key]));
+                return Err(format!(
+                    "alert {key}: got {}, expected {value} in {g}",
+                    g[key]
+                ));
             }
         }
-        for required in ["id", "kind", "location", "trunk_group", "recipients", "time", "at_ms", "count"] {
+        for required in [
+            "id",
+            "kind",
+            "location",
+            "trunk_group",
+            "recipients",
+            "time",
+            "at_ms",
+            "count",
+        ] {
             if g.get(required).is_none() {
                 return Err(format!("alert lacks {required}: {g}"));
             }

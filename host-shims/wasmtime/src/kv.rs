@@ -26,18 +26,27 @@ impl MemoryKv {
 
 impl KvBackend for MemoryKv {
     fn get(&mut self, key: &str) -> Result<Option<Vec<u8>>, String> {
-        let map = self.map.lock().map_err(|_| "store lock poisoned".to_string())?;
+        let map = self
+            .map
+            .lock()
+            .map_err(|_| "store lock poisoned".to_string())?;
         Ok(map.get(key).cloned())
     }
 
     fn set(&mut self, key: &str, value: &[u8]) -> Result<(), String> {
-        let mut map = self.map.lock().map_err(|_| "store lock poisoned".to_string())?;
+        let mut map = self
+            .map
+            .lock()
+            .map_err(|_| "store lock poisoned".to_string())?;
         map.insert(key.to_string(), value.to_vec());
         Ok(())
     }
 
     fn delete(&mut self, key: &str) -> Result<(), String> {
-        let mut map = self.map.lock().map_err(|_| "store lock poisoned".to_string())?;
+        let mut map = self
+            .map
+            .lock()
+            .map_err(|_| "store lock poisoned".to_string())?;
         map.remove(key);
         Ok(())
     }

@@ -48,7 +48,10 @@ impl std::str::FromStr for Transport {
 #[derive(Debug, thiserror::Error)]
 pub enum HostError {
     #[error("cannot read module {path}: {source}")]
-    ModuleFile { path: PathBuf, source: std::io::Error },
+    ModuleFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot load module: {0}")]
     Load(String),
     #[error("module speaks ABI version {found}, this host speaks {ABI_VERSION}")]
@@ -254,17 +257,22 @@ impl Policy {
             judge: typed(&instance, &mut self.store, "tg_judge")?,
             tick: typed(&instance, &mut self.store, "tg_tick")?,
         });
-        if let Some(cfg) = self.last_good.clone() {
-            if let Err(refused) = self.push(&cfg)? {
-                return Err(HostError::Module(format!("last good config refused after reload: {refused}")));
-            }
+        if let Some(cfg) = self.last_good.clone()
+            && let Err(refused) = self.push(&cfg)?
+        {
+            return Err(HostError::Module(format!(
+                "last good config refused after reload: {refused}"
+            )));
         }
         Ok(())
     }
 
     /// Runs `f` against live exports; after a trap the instance is dropped so the next
     /// call gets a fresh one (with the last good configuration re-pushed).
-    fn call<T>(&mut self, f: impl FnOnce(&Exports, &mut Store<HostState>) -> Result<T, HostError>) -> Result<T, HostError> {
+    fn call<T>(
+        &mut self,
+        f: impl FnOnce(&Exports, &mut Store<HostState>) -> Result<T, HostError>,
+    ) -> Result<T, HostError> {
         if self.exports.is_none() {
             self.instantiate()?;
         }
@@ -314,24 +322,42 @@ impl Policy {
             #[serde(default)]
             reason: String,
         }
-        let o: Outcome = serde_json::from_str(&raw).map_err(|e| HostError::Module(format!("{e}: {raw}")))?;
+        let o: Outcome =
+            serde_json::from_str(&raw).map_err(|e| HostError::Module(format!("{e}: {raw}")))?;
         Ok(if o.ok {
             Ok(o.generation)
         } else {
-            Err(ConfigRefused { path: o.path, reason: o.reason })
+            Err(ConfigRefused {
+                path: o.path,
+                reason: o.reason,
+            })
         })
     }
 
     /// Judges one message. An error means no verdict: the caller must refuse the
     /// message (fail closed), never let it through.
-    pub fn judge(&mut self, message: &[u8], source: SocketAddr, transport: Transport, now_ms: u64) -> Result<Judged, HostError> {
+    pub fn judge(
+        &mut self,
+        message: &[u8],
+        source: SocketAddr,
+        transport: Transport,
+        now_ms: u64,
+    ) -> Result<Judged, HostError> {
         let src = source.to_string();
         let raw = self.call(|ex, store| {
             let msg_len = len32(message.len())?;
             let src_len = len32(src.len())?;
-            let ptr = ex.buffer.call(&mut *store, msg_len.saturating_add(src_len)).map_err(trap)?;
+            let ptr = ex
+                .buffer
+                .call(&mut *store, msg_len.saturating_add(src_len))
+                .map_err(trap)?;
             write(ex.memory, store, ptr, message)?;
-            write(ex.memory, store, ptr.saturating_add(msg_len), src.as_bytes())?;
+            write(
+                ex.memory,
+                store,
+                ptr.saturating_add(msg_len),
+                src.as_bytes(),
+            )?;
             let packed = ex
                 .judge
                 .call(&mut *store, (msg_len, src_len, transport as u32, now_ms))
@@ -345,9 +371,14 @@ impl Policy {
             verdict: Option<Verdict>,
             error: Option<String>,
         }
-        let out: Out = serde_json::from_str(&raw).map_err(|e| HostError::Module(format!("{e}: {raw}")))?;
+        let out: Out =
+            serde_json::from_str(&raw).map_err(|e| HostError::Module(format!("{e}: {raw}")))?;
         match (out.verdict, out.error) {
-            (Some(verdict), _) => Ok(Judged { verdict, raw, alerts }),
+            (Some(verdict), _) => Ok(Judged {
+                verdict,
+                raw,
+                alerts,
+            }),
             (None, Some(e)) => Err(HostError::Module(e)),
             (None, None) => Err(HostError::Module(format!("no verdict in {raw}"))),
         }
@@ -386,15 +417,26 @@ fn len32(n: usize) -> Result<u32, HostError> {
     u32::try_from(n).map_err(|_| HostError::BadInput(format!("{n} bytes is too large")))
 }
 
-fn write(memory: Memory, store: &mut Store<HostState>, ptr: u32, bytes: &[u8]) -> Result<(), HostError> {
+fn write(
+    memory: Memory,
+    store: &mut Store<HostState>,
+    ptr: u32,
+    bytes: &[u8],
+) -> Result<(), HostError> {
     memory
         .write(&mut *store, ptr as usize, bytes)
         .map_err(|e| HostError::Module(format!("buffer out of bounds: {e}")))
 }
 
-fn read_result(memory: Memory, store: &mut Store<HostState>, packed: u64) -> Result<String, HostError> {
+fn read_result(
+    memory: Memory,
+    store: &mut Store<HostState>,
+    packed: u64,
+) -> Result<String, HostError> {
     if packed == 0 {
-        return Err(HostError::Module("module was busy (re-entrant call)".into()));
+        return Err(HostError::Module(
+            "module was busy (re-entrant call)".into(),
+        ));
     }
     let ptr = (packed >> 32) as usize;
     let len = (packed & 0xffff_ffff) as usize;
@@ -416,58 +458,89 @@ fn guest_bytes(caller: &mut Caller<'_, HostState>, ptr: u32, len: u32) -> Option
 
 fn link_imports(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
     const M: &str = "trunkguard_host";
-    linker.func_wrap(M, "kv_get", |mut caller: Caller<'_, HostState>, kp: u32, kl: u32, out: u32, cap: u32| -> i64 {
-        let Some(key) = guest_bytes(&mut caller, kp, kl).and_then(|k| String::from_utf8(k).ok()) else {
-            return -2;
-        };
-        if caller.data().fail_store {
-            return -2;
-        }
-        let value = match caller.data_mut().kv.get(&key) {
-            Ok(Some(v)) => v,
-            Ok(None) => return -1,
-            Err(_) => return -2,
-        };
-        if value.len() <= cap as usize {
-            let Some(memory) = caller.get_export("memory").and_then(|e| e.into_memory()) else {
+    linker.func_wrap(
+        M,
+        "kv_get",
+        |mut caller: Caller<'_, HostState>, kp: u32, kl: u32, out: u32, cap: u32| -> i64 {
+            let Some(key) =
+                guest_bytes(&mut caller, kp, kl).and_then(|k| String::from_utf8(k).ok())
+            else {
                 return -2;
             };
-            if memory.write(&mut caller, out as usize, &value).is_err() {
+            if caller.data().fail_store {
                 return -2;
             }
-        }
-        i64::try_from(value.len()).unwrap_or(-2)
-    })?;
-    linker.func_wrap(M, "kv_set", |mut caller: Caller<'_, HostState>, kp: u32, kl: u32, vp: u32, vl: u32| -> i32 {
-        let (Some(key), Some(value)) = (guest_bytes(&mut caller, kp, kl), guest_bytes(&mut caller, vp, vl)) else {
-            return 1;
-        };
-        let Ok(key) = String::from_utf8(key) else { return 1 };
-        match caller.data_mut().kv.set(&key, &value) {
-            Ok(()) => 0,
-            Err(_) => 1,
-        }
-    })?;
-    linker.func_wrap(M, "kv_delete", |mut caller: Caller<'_, HostState>, kp: u32, kl: u32| -> i32 {
-        let Some(key) = guest_bytes(&mut caller, kp, kl).and_then(|k| String::from_utf8(k).ok()) else {
-            return 1;
-        };
-        match caller.data_mut().kv.delete(&key) {
-            Ok(()) => 0,
-            Err(_) => 1,
-        }
-    })?;
-    linker.func_wrap(M, "alert", |mut caller: Caller<'_, HostState>, p: u32, l: u32| {
-        if let Some(text) = guest_bytes(&mut caller, p, l).and_then(|b| String::from_utf8(b).ok()) {
-            caller.data_mut().alerts.push(text);
-        }
-    })?;
-    linker.func_wrap(M, "random", |mut caller: Caller<'_, HostState>, p: u32, l: u32| {
-        let mut buf = vec![0u8; l as usize];
-        caller.data_mut().rng.fill(&mut buf);
-        if let Some(memory) = caller.get_export("memory").and_then(|e| e.into_memory()) {
-            let _ = memory.write(&mut caller, p as usize, &buf);
-        }
-    })?;
+            let value = match caller.data_mut().kv.get(&key) {
+                Ok(Some(v)) => v,
+                Ok(None) => return -1,
+                Err(_) => return -2,
+            };
+            if value.len() <= cap as usize {
+                let Some(memory) = caller.get_export("memory").and_then(|e| e.into_memory()) else {
+                    return -2;
+                };
+                if memory.write(&mut caller, out as usize, &value).is_err() {
+                    return -2;
+                }
+            }
+            i64::try_from(value.len()).unwrap_or(-2)
+        },
+    )?;
+    linker.func_wrap(
+        M,
+        "kv_set",
+        |mut caller: Caller<'_, HostState>, kp: u32, kl: u32, vp: u32, vl: u32| -> i32 {
+            let (Some(key), Some(value)) = (
+                guest_bytes(&mut caller, kp, kl),
+                guest_bytes(&mut caller, vp, vl),
+            ) else {
+                return 1;
+            };
+            let Ok(key) = String::from_utf8(key) else {
+                return 1;
+            };
+            match caller.data_mut().kv.set(&key, &value) {
+                Ok(()) => 0,
+                Err(_) => 1,
+            }
+        },
+    )?;
+    linker.func_wrap(
+        M,
+        "kv_delete",
+        |mut caller: Caller<'_, HostState>, kp: u32, kl: u32| -> i32 {
+            let Some(key) =
+                guest_bytes(&mut caller, kp, kl).and_then(|k| String::from_utf8(k).ok())
+            else {
+                return 1;
+            };
+            match caller.data_mut().kv.delete(&key) {
+                Ok(()) => 0,
+                Err(_) => 1,
+            }
+        },
+    )?;
+    linker.func_wrap(
+        M,
+        "alert",
+        |mut caller: Caller<'_, HostState>, p: u32, l: u32| {
+            if let Some(text) =
+                guest_bytes(&mut caller, p, l).and_then(|b| String::from_utf8(b).ok())
+            {
+                caller.data_mut().alerts.push(text);
+            }
+        },
+    )?;
+    linker.func_wrap(
+        M,
+        "random",
+        |mut caller: Caller<'_, HostState>, p: u32, l: u32| {
+            let mut buf = vec![0u8; l as usize];
+            caller.data_mut().rng.fill(&mut buf);
+            if let Some(memory) = caller.get_export("memory").and_then(|e| e.into_memory()) {
+                let _ = memory.write(&mut caller, p as usize, &buf);
+            }
+        },
+    )?;
     Ok(())
 }

@@ -10,7 +10,11 @@ use trunkguard_host::replay::{ReplayInput, is_capture, parse_line, read_capture}
 use trunkguard_host::{HostError, KvBackend, MemoryKv, Policy, PolicyModule, default_module_path};
 
 #[derive(Parser)]
-#[command(name = "trunkguard", version, about = "SIP-trunk access policy: reference wasmtime host")]
+#[command(
+    name = "trunkguard",
+    version,
+    about = "SIP-trunk access policy: reference wasmtime host"
+)]
 struct Cli {
     /// The message-ABI module (default: the one scripts/build produced).
     #[arg(long, global = true)]
@@ -44,9 +48,18 @@ fn main() -> ExitCode {
     let module_path = cli.module.clone().unwrap_or_else(default_module_path);
     let result = match cli.command {
         Command::Check { config } => check(&module_path, &config),
-        Command::Replay { config, input, summary, nonce_secret } => {
-            replay(&module_path, &config, input.as_deref(), summary, nonce_secret.as_deref())
-        }
+        Command::Replay {
+            config,
+            input,
+            summary,
+            nonce_secret,
+        } => replay(
+            &module_path,
+            &config,
+            input.as_deref(),
+            summary,
+            nonce_secret.as_deref(),
+        ),
     };
     match result {
         Ok(code) => code,
@@ -59,7 +72,9 @@ fn main() -> ExitCode {
 
 fn load(module_path: &std::path::Path, kv: MemoryKv) -> Result<Policy, String> {
     let module = PolicyModule::from_file(module_path).map_err(|e| match e {
-        HostError::ModuleFile { .. } => format!("{e} (build it with scripts/build, or pass --module PATH)"),
+        HostError::ModuleFile { .. } => {
+            format!("{e} (build it with scripts/build, or pass --module PATH)")
+        }
         other => other.to_string(),
     })?;
     Policy::new(&module, Box::new(kv)).map_err(|e| e.to_string())
@@ -93,14 +108,23 @@ struct Summary {
 
 impl Summary {
     fn add(&mut self, input: &ReplayInput, verdict: &trunkguard_host::Verdict) {
-        let first_line = input.message.split(|&b| b == b'\r' || b == b'\n').next().unwrap_or_default();
-        let word = String::from_utf8_lossy(first_line.split(|&b| b == b' ').next().unwrap_or_default()).into_owned();
+        let first_line = input
+            .message
+            .split(|&b| b == b'\r' || b == b'\n')
+            .next()
+            .unwrap_or_default();
+        let word =
+            String::from_utf8_lossy(first_line.split(|&b| b == b' ').next().unwrap_or_default())
+                .into_owned();
         let outcome = format!(
             "{} {}",
             verdict.action,
             verdict.cause.clone().unwrap_or_default()
         );
-        *self.by_outcome.entry(outcome.trim().to_string()).or_default() += 1;
+        *self
+            .by_outcome
+            .entry(outcome.trim().to_string())
+            .or_default() += 1;
         self.rows.push([
             (self.rows.len() + 1).to_string(),
             input.at_ms.to_string(),
@@ -111,13 +135,25 @@ impl Summary {
             format!(
                 "{} {}",
                 verdict.cause.clone().unwrap_or_default(),
-                verdict.trunk_group.clone().map(|t| format!("[{t}]")).unwrap_or_default()
+                verdict
+                    .trunk_group
+                    .clone()
+                    .map(|t| format!("[{t}]"))
+                    .unwrap_or_default()
             ),
         ]);
     }
 
     fn print(&self) {
-        let header = ["#", "at_ms", "source", "message", "action", "code", "cause [trunk group]"];
+        let header = [
+            "#",
+            "at_ms",
+            "source",
+            "message",
+            "action",
+            "code",
+            "cause [trunk group]",
+        ];
         let mut widths = header.map(str::len);
         for row in &self.rows {
             for (w, cell) in widths.iter_mut().zip(row) {
@@ -125,7 +161,11 @@ impl Summary {
             }
         }
         let line = |cells: &[&str]| {
-            let parts: Vec<String> = cells.iter().zip(widths).map(|(c, w)| format!("{c:<w$}")).collect();
+            let parts: Vec<String> = cells
+                .iter()
+                .zip(widths)
+                .map(|(c, w)| format!("{c:<w$}"))
+                .collect();
             eprintln!("{}", parts.join("  ").trim_end());
         };
         line(&header);
@@ -153,7 +193,10 @@ fn replay(
         if secret.len() != 64 || !secret.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err("--nonce-secret takes 64 hexadecimal digits".into());
         }
-        kv.set(trunkguard::store::keys::NONCE_SECRET, secret.to_ascii_lowercase().as_bytes())?;
+        kv.set(
+            trunkguard::store::keys::NONCE_SECRET,
+            secret.to_ascii_lowercase().as_bytes(),
+        )?;
     }
     let mut policy = load(module_path, kv)?;
     if let Err(refused) = policy.configure(&json).map_err(|e| e.to_string())? {
@@ -164,7 +207,9 @@ fn replay(
     let mut table = Summary::default();
     let mut failures = 0usize;
     // Returns whether the message got no verdict from the module.
-    let mut judge_one = |item: ReplayInput, out: &mut BufWriter<std::io::StdoutLock<'_>>| -> std::io::Result<bool> {
+    let mut judge_one = |item: ReplayInput,
+                         out: &mut BufWriter<std::io::StdoutLock<'_>>|
+     -> std::io::Result<bool> {
         let mut alerts = policy.tick(item.at_ms).unwrap_or_default();
         match policy.judge(&item.message, item.source, item.transport, item.at_ms) {
             Ok(judged) => {
@@ -193,14 +238,16 @@ fn replay(
     let io = |e: std::io::Error| format!("output: {e}");
     match input {
         Some(path) => {
-            let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            let bytes =
+                std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
             if is_capture(&bytes) {
                 for item in read_capture(&bytes).map_err(|e| format!("{}: {e}", path.display()))? {
                     failures += usize::from(judge_one(item, &mut out).map_err(io)?);
                 }
             } else {
                 for (n, line) in String::from_utf8_lossy(&bytes).lines().enumerate() {
-                    handle_line(n + 1, line, &mut out, &mut failures, &mut judge_one).map_err(io)?;
+                    handle_line(n + 1, line, &mut out, &mut failures, &mut judge_one)
+                        .map_err(io)?;
                 }
             }
         }
@@ -223,7 +270,11 @@ fn replay(
     if summary {
         table.print();
     }
-    Ok(if failures == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    Ok(if failures == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 fn handle_line(
@@ -231,7 +282,10 @@ fn handle_line(
     line: &str,
     out: &mut BufWriter<std::io::StdoutLock<'_>>,
     failures: &mut usize,
-    judge_one: &mut impl FnMut(ReplayInput, &mut BufWriter<std::io::StdoutLock<'_>>) -> std::io::Result<bool>,
+    judge_one: &mut impl FnMut(
+        ReplayInput,
+        &mut BufWriter<std::io::StdoutLock<'_>>,
+    ) -> std::io::Result<bool>,
 ) -> std::io::Result<()> {
     if line.trim().is_empty() {
         return Ok(());
@@ -243,7 +297,11 @@ fn handle_line(
         }
         Err(e) => {
             *failures += 1;
-            writeln!(out, "{}", serde_json::json!({"error": format!("input line {n}: {e}")}))?;
+            writeln!(
+                out,
+                "{}",
+                serde_json::json!({"error": format!("input line {n}: {e}")})
+            )?;
             out.flush()
         }
     }

@@ -44,7 +44,10 @@ pub fn parse_line(line: &str) -> Result<ReplayInput, String> {
         .source
         .parse()
         .map_err(|_| format!("source {:?} is not ip:port (IPv6 in brackets)", l.source))?;
-    let transport: Transport = l.transport.parse().map_err(|e: crate::HostError| e.to_string())?;
+    let transport: Transport = l
+        .transport
+        .parse()
+        .map_err(|e: crate::HostError| e.to_string())?;
     let message = match (l.message, l.message_b64) {
         (Some(m), None) => m.into_bytes(),
         (None, Some(b)) => base64::engine::general_purpose::STANDARD
@@ -52,14 +55,25 @@ pub fn parse_line(line: &str) -> Result<ReplayInput, String> {
             .map_err(|e| format!("message_b64: {e}"))?,
         _ => return Err("give exactly one of message or message_b64".into()),
     };
-    Ok(ReplayInput { at_ms: l.at_ms, source, transport, message })
+    Ok(ReplayInput {
+        at_ms: l.at_ms,
+        source,
+        transport,
+        message,
+    })
 }
 
 /// Whether `bytes` start like a capture file rather than JSON Lines.
 pub fn is_capture(bytes: &[u8]) -> bool {
     matches!(
         bytes.get(..4),
-        Some([0xa1, 0xb2, 0xc3, 0xd4] | [0xd4, 0xc3, 0xb2, 0xa1] | [0xa1, 0xb2, 0x3c, 0x4d] | [0x4d, 0x3c, 0xb2, 0xa1] | [0x0a, 0x0d, 0x0d, 0x0a])
+        Some(
+            [0xa1, 0xb2, 0xc3, 0xd4]
+                | [0xd4, 0xc3, 0xb2, 0xa1]
+                | [0xa1, 0xb2, 0x3c, 0x4d]
+                | [0x4d, 0x3c, 0xb2, 0xa1]
+                | [0x0a, 0x0d, 0x0d, 0x0a]
+        )
     )
 }
 
@@ -75,7 +89,10 @@ pub fn read_capture(bytes: &[u8]) -> Result<Vec<ReplayInput>, String> {
             match block.map_err(|e| e.to_string())? {
                 pcap_file::pcapng::Block::InterfaceDescription(i) => links.push(i.linktype),
                 pcap_file::pcapng::Block::EnhancedPacket(p) => {
-                    let link = links.get(p.interface_id as usize).copied().unwrap_or(DataLink::ETHERNET);
+                    let link = links
+                        .get(p.interface_id as usize)
+                        .copied()
+                        .unwrap_or(DataLink::ETHERNET);
                     packets.push((p.timestamp.as_millis() as u64, link, p.data.into_owned()));
                 }
                 _ => {}
@@ -97,13 +114,21 @@ pub fn read_capture(bytes: &[u8]) -> Result<Vec<ReplayInput>, String> {
             DataLink::LINUX_SLL => SlicedPacket::from_linux_sll(&data),
             DataLink::RAW | DataLink::IPV4 | DataLink::IPV6 => SlicedPacket::from_ip(&data),
             // BSD loopback: a 4-byte address family, then IP.
-            DataLink::NULL | DataLink::LOOP => SlicedPacket::from_ip(data.get(4..).unwrap_or_default()),
+            DataLink::NULL | DataLink::LOOP => {
+                SlicedPacket::from_ip(data.get(4..).unwrap_or_default())
+            }
             other => return Err(format!("unsupported link type {other:?}")),
         };
         let Ok(p) = sliced else { continue };
         let (src_ip, dst_ip): (IpAddr, IpAddr) = match &p.net {
-            Some(NetSlice::Ipv4(v4)) => (v4.header().source_addr().into(), v4.header().destination_addr().into()),
-            Some(NetSlice::Ipv6(v6)) => (v6.header().source_addr().into(), v6.header().destination_addr().into()),
+            Some(NetSlice::Ipv4(v4)) => (
+                v4.header().source_addr().into(),
+                v4.header().destination_addr().into(),
+            ),
+            Some(NetSlice::Ipv6(v6)) => (
+                v6.header().source_addr().into(),
+                v6.header().destination_addr().into(),
+            ),
             _ => continue,
         };
         match &p.transport {
@@ -127,7 +152,12 @@ pub fn read_capture(bytes: &[u8]) -> Result<Vec<ReplayInput>, String> {
                     match frame_stream(buf) {
                         Ok(Frame::Message(n)) => {
                             let msg: Vec<u8> = buf.drain(..n).collect();
-                            out.push(ReplayInput { at_ms, source: src, transport: Transport::Tcp, message: msg });
+                            out.push(ReplayInput {
+                                at_ms,
+                                source: src,
+                                transport: Transport::Tcp,
+                                message: msg,
+                            });
                         }
                         Ok(Frame::KeepAlive(n)) => {
                             buf.drain(..n);
@@ -137,7 +167,12 @@ pub fn read_capture(bytes: &[u8]) -> Result<Vec<ReplayInput>, String> {
                         // policy answers it (400), then forget this stream's bytes.
                         Err(_) => {
                             if looks_like_sip(buf) {
-                                out.push(ReplayInput { at_ms, source: src, transport: Transport::Tcp, message: std::mem::take(buf) });
+                                out.push(ReplayInput {
+                                    at_ms,
+                                    source: src,
+                                    transport: Transport::Tcp,
+                                    message: std::mem::take(buf),
+                                });
                             }
                             buf.clear();
                             break;
@@ -153,7 +188,10 @@ pub fn read_capture(bytes: &[u8]) -> Result<Vec<ReplayInput>, String> {
 
 /// A request line ending in SIP/2.0 or a status line starting with it.
 fn looks_like_sip(payload: &[u8]) -> bool {
-    let line_end = payload.iter().position(|&b| b == b'\r' || b == b'\n').unwrap_or(payload.len());
+    let line_end = payload
+        .iter()
+        .position(|&b| b == b'\r' || b == b'\n')
+        .unwrap_or(payload.len());
     let line = &payload[..line_end.min(payload.len())];
     line.starts_with(b"SIP/2.0 ") || line.ends_with(b" SIP/2.0")
 }
@@ -167,7 +205,8 @@ mod tests {
         let a = parse_line(r#"{"at_ms": 5, "source": "[2001:db8::1]:5060", "transport": "TCP", "message": "OPTIONS sip:x SIP/2.0\r\n\r\n"}"#).unwrap();
         assert_eq!(a.transport, Transport::Tcp);
         assert_eq!(a.source.port(), 5060);
-        let b = parse_line(r#"{"at_ms": 5, "source": "192.0.2.1:5060", "message_b64": "AAEC"}"#).unwrap();
+        let b = parse_line(r#"{"at_ms": 5, "source": "192.0.2.1:5060", "message_b64": "AAEC"}"#)
+            .unwrap();
         assert_eq!(b.message, vec![0, 1, 2]);
         assert_eq!(b.transport, Transport::Udp);
     }
@@ -175,10 +214,19 @@ mod tests {
     #[test]
     fn refuses_bad_lines_with_a_reason() {
         for (line, needle) in [
-            (r#"{"at_ms": 5, "source": "192.0.2.1", "message": "x"}"#, "ip:port"),
-            (r#"{"at_ms": 5, "source": "192.0.2.1:1", "transport": "carrier-pigeon", "message": "x"}"#, "transport"),
+            (
+                r#"{"at_ms": 5, "source": "192.0.2.1", "message": "x"}"#,
+                "ip:port",
+            ),
+            (
+                r#"{"at_ms": 5, "source": "192.0.2.1:1", "transport": "carrier-pigeon", "message": "x"}"#,
+                "transport",
+            ),
             (r#"{"at_ms": 5, "source": "192.0.2.1:1"}"#, "exactly one"),
-            (r#"{"at_ms": 5, "source": "192.0.2.1:1", "message": "x", "extra": 1}"#, "unknown field"),
+            (
+                r#"{"at_ms": 5, "source": "192.0.2.1:1", "message": "x", "extra": 1}"#,
+                "unknown field",
+            ),
             ("not json", "expected"),
         ] {
             let err = parse_line(line).unwrap_err();
