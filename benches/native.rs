@@ -114,5 +114,16 @@ fn config_load(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, messages, scaling, config_load);
+/// The parser alone, to tell parsing cost from decision cost.
+fn parse(c: &mut Criterion) {
+    let mut g = c.benchmark_group("native/parse");
+    for (name, msg) in [("options", common::options()), ("digest_invite", common::digest_invite())] {
+        g.bench_function(name, |b| {
+            b.iter(|| trunkguard::sip::parse(&msg, trunkguard::sip::Framing::Datagram).map(|m| m.validate().is_ok()))
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, parse, messages, scaling, config_load);
 criterion_main!(benches);

@@ -242,9 +242,8 @@ fn replay_on_stdin_answers_before_reading_on_so_a_client_can_answer_a_challenge(
     assert!(child.wait().unwrap().success());
 }
 
-/// Writes the demo traffic as a pcap: UDP datagrams as they are, TCP messages as one
-/// stream per source, with one message split across two segments and two messages
-/// pipelined in one segment, as a proxy sees them on the wire.
+/// Writes the demo traffic as a pcap: UDP datagrams as they are, and each TCP message
+/// split across two segments inside a header line, as a proxy may see it on the wire.
 fn demo_pcap(path: &Path) {
     use etherparse::PacketBuilder;
     use pcap_file::pcap::{PcapHeader, PcapPacket, PcapWriter};

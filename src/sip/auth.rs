@@ -188,7 +188,6 @@ pub(crate) fn parse<'a>(value: &'a str) -> Result<Option<DigestCredentials<'a>>,
 }
 
 #[cfg(test)]
-#[allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 

@@ -276,7 +276,6 @@ fn frame_message(buf: &[u8], start: usize) -> Result<Frame, ParseError> {
 }
 
 #[cfg(test)]
-#[allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 

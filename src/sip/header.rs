@@ -459,27 +459,19 @@ pub fn unfold(value: &str) -> Cow<'_, str> {
         return Cow::Borrowed(value);
     }
     let mut out = String::with_capacity(value.len());
-    let mut in_fold = false;
-    for c in value.chars() {
-        if matches!(c, '\r' | '\n') {
-            if !in_fold {
-                // Whitespace already emitted before the CRLF belongs to the fold.
-                let kept = out.trim_end_matches([' ', '\t']).len();
-                out.truncate(kept);
-                out.push(' ');
-            }
-            in_fold = true;
-        } else if in_fold && matches!(c, ' ' | '\t') {
+    // RFC 3261 §7.3.1: a fold (with the whitespace around it) means one SP.
+    for (i, piece) in value.split("\r\n").enumerate() {
+        if i == 0 {
+            out.push_str(piece.trim_end_matches([' ', '\t']));
         } else {
-            in_fold = false;
-            out.push(c);
+            out.push(' ');
+            out.push_str(piece.trim_matches([' ', '\t']));
         }
     }
     Cow::Owned(out)
 }
 
 #[cfg(test)]
-#[allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 

@@ -308,7 +308,6 @@ pub(crate) fn percent_decode(s: &str) -> Cow<'_, [u8]> {
 }
 
 #[cfg(test)]
-#[allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 

@@ -73,7 +73,6 @@ impl fmt::Display for Method<'_> {
 }
 
 #[cfg(test)]
-#[allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 

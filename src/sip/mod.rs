@@ -34,5 +34,4 @@ pub use uri::{Host, Scheme, Uri};
 pub use via::Via;
 
 #[cfg(test)]
-#[allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
 mod robustness;

@@ -22,7 +22,7 @@ pub struct NameAddr<'a> {
 }
 
 impl<'a> NameAddr<'a> {
-    pub fn parse(s: &'a str) -> Result<NameAddr<'a>, &'static str> {
+    pub(crate) fn parse(s: &'a str) -> Result<NameAddr<'a>, &'static str> {
         parse(s)
     }
 
@@ -185,7 +185,22 @@ pub(crate) fn parse_contacts<'a>(
     values: impl Iterator<Item = &'a str>,
 ) -> Result<Contacts<'a>, &'static str> {
     let mut list = Vec::new();
+    let star = visit_contacts(values, |c| list.push(c))?;
+    Ok(if star {
+        Contacts::Star
+    } else {
+        Contacts::List(list)
+    })
+}
+
+/// Parses every Contact element, handing each to `visit`; tells whether the value
+/// was `*`. Lets `validate` check Contact without allocating the list.
+pub(crate) fn visit_contacts<'a>(
+    values: impl Iterator<Item = &'a str>,
+    mut visit: impl FnMut(Contact<'a>),
+) -> Result<bool, &'static str> {
     let mut stars = 0usize;
+    let mut contacts = 0usize;
     for value in values {
         for element in Split::new(value, b',') {
             let element = lex::trim_lws(element);
@@ -195,13 +210,14 @@ pub(crate) fn parse_contacts<'a>(
             if element == "*" {
                 stars += 1;
             } else {
-                list.push(parse_contact(element)?);
+                visit(parse_contact(element)?);
+                contacts += 1;
             }
         }
     }
-    match stars {
-        0 => Ok(Contacts::List(list)),
-        1 if list.is_empty() => Ok(Contacts::Star),
+    match (stars, contacts) {
+        (0, _) => Ok(false),
+        (1, 0) => Ok(true),
         _ => Err("* mixed with other contacts"),
     }
 }
@@ -221,7 +237,6 @@ pub(crate) fn parse_list<'a>(
 }
 
 #[cfg(test)]
-#[allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
     use crate::sip::uri::Host;

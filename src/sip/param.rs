@@ -87,7 +87,6 @@ pub(crate) fn find<'a>(section: &'a str, name: &str) -> Option<Option<&'a str>> 
 }
 
 #[cfg(test)]
-#[allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 

@@ -442,7 +442,6 @@ pub(crate) fn parse_port(p: &str) -> Result<u16, &'static str> {
 }
 
 #[cfg(test)]
-#[allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 

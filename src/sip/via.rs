@@ -29,7 +29,7 @@ pub struct Via<'a> {
 }
 
 impl<'a> Via<'a> {
-    pub fn parse(s: &'a str) -> Result<Via<'a>, &'static str> {
+    pub(crate) fn parse(s: &'a str) -> Result<Via<'a>, &'static str> {
         parse(s)
     }
 
@@ -150,7 +150,6 @@ fn parse(s: &str) -> Result<Via<'_>, &'static str> {
 }
 
 #[cfg(test)]
-#[allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
     use std::net::Ipv4Addr;
