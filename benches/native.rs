@@ -117,9 +117,21 @@ fn config_load(c: &mut Criterion) {
 /// The parser alone, to tell parsing cost from decision cost.
 fn parse(c: &mut Criterion) {
     let mut g = c.benchmark_group("native/parse");
-    for (name, msg) in [("options", common::options()), ("digest_invite", common::digest_invite())] {
-        g.bench_function(name, |b| {
-            b.iter(|| trunkguard::sip::parse(&msg, trunkguard::sip::Framing::Datagram).map(|m| m.validate().is_ok()))
+    for (name, msg) in [
+        ("options", common::options()),
+        ("digest_invite", common::digest_invite()),
+    ] {
+        g.bench_function(format!("{name}/parse"), |b| {
+            b.iter(|| {
+                trunkguard::sip::parse(&msg, trunkguard::sip::Framing::Datagram)
+                    .map(|m| m.is_request())
+            })
+        });
+        g.bench_function(format!("{name}/parse+validate"), |b| {
+            b.iter(|| {
+                trunkguard::sip::parse(&msg, trunkguard::sip::Framing::Datagram)
+                    .map(|m| m.validate().is_ok())
+            })
         });
     }
     g.finish();

@@ -51,25 +51,9 @@ pub fn decide(
         Err(e) => return Ok(malformed(&e).into()),
     };
     // Responses belong to transactions the proxy already judged.
-    if !msg.is_request() {
-        return Ok(Verdict::allow().into());
-    }
-    if let Err(e) = msg.validate() {
-        return Ok(malformed(&e).into());
-    }
     let Some(method) = msg.method() else {
         return Ok(Verdict::allow().into());
     };
-    if let Ok(Some(0)) = msg.max_forwards() {
-        if method != Method::Ack {
-            let mut v = Verdict::reject(483, "Too Many Hops", Cause::TooManyHops);
-            if method == Method::Options {
-                // Max-Forwards 0 on OPTIONS is a probe of this hop (RFC 3261 §11).
-                v = Verdict::allow();
-            }
-            return Ok(v.into());
-        }
-    }
     let source_ip = canonical_ip(input.source.ip());
     let req = Request {
         index,
@@ -79,7 +63,27 @@ pub fn decide(
         source_ip,
         secret,
     };
-    if index.is_core(source_ip) {
+    let core = index.is_core(source_ip);
+    // Messages the policy lets through untouched get the structural parse above
+    // (start line, header framing, Content-Length) but not the full header
+    // validation: it is the most expensive step, it decides nothing for them, and
+    // the proxy's own parser still sees them. Everything the policy judges is
+    // validated first.
+    match req.in_dialog() {
+        Err(e) => return Ok(malformed(&e).into()),
+        Ok(true) => return Ok(Verdict::allow().into()),
+        Ok(false) => {}
+    }
+    if (core && method != Method::Invite) || (!core && passes_untouched(method)) {
+        return Ok(Verdict::allow().into());
+    }
+    if let Err(e) = msg.validate() {
+        return Ok(malformed(&e).into());
+    }
+    if let Ok(Some(0)) = msg.max_forwards() {
+        return Ok(Verdict::reject(483, "Too Many Hops", Cause::TooManyHops).into());
+    }
+    if core {
         return req.core_side(store);
     }
     req.access_side(store)
@@ -110,14 +114,12 @@ fn passes_untouched(method: Method<'_>) -> bool {
 }
 
 impl<'r, 'a> Request<'r, 'a> {
-    fn in_dialog(&self) -> bool {
-        self.msg.to().is_ok_and(|to| to.tag.is_some())
+    /// A To-tag marks a request inside an established dialog (RFC 3261 §12.2).
+    fn in_dialog(&self) -> Result<bool, ParseError> {
+        Ok(self.msg.to()?.tag.is_some())
     }
 
     fn core_side(&self, store: &mut dyn Store) -> Result<Decision, StoreError> {
-        if self.method != Method::Invite || self.in_dialog() {
-            return Ok(Verdict::allow().into());
-        }
         let user = self
             .msg
             .request_uri()
@@ -155,9 +157,6 @@ impl<'r, 'a> Request<'r, 'a> {
     }
 
     fn access_side(&self, store: &mut dyn Store) -> Result<Decision, StoreError> {
-        if passes_untouched(self.method) || self.in_dialog() {
-            return Ok(Verdict::allow().into());
-        }
         let trunk = match self.authenticate() {
             Ok(trunk) => trunk,
             Err(verdict) => return Ok(verdict.into()),

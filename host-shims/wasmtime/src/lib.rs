@@ -74,10 +74,33 @@ pub struct ConfigRefused {
     pub reason: String,
 }
 
+/// The five verdict actions (docs/abi.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    Allow,
+    Challenge,
+    Reject,
+    Accept,
+    Route,
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Allow => "allow",
+            Action::Challenge => "challenge",
+            Action::Reject => "reject",
+            Action::Accept => "accept",
+            Action::Route => "route",
+        }
+    }
+}
+
 /// A verdict as the module reports it (the `verdict` object of the contract).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 pub struct Verdict {
-    pub action: String,
+    pub action: Action,
     #[serde(default)]
     pub code: Option<u16>,
     #[serde(default)]
@@ -186,9 +209,27 @@ mod rand_core_fallback {
 struct Exports {
     memory: Memory,
     buffer: TypedFunc<u32, u32>,
+    /// The guest input buffer (address, capacity) from the last `tg_buffer` call: it
+    /// only moves when it has to grow, so most calls skip asking for it.
+    input: std::cell::Cell<(u32, u32)>,
     configure: TypedFunc<u32, u64>,
     judge: TypedFunc<(u32, u32, u32, u64), u64>,
     tick: TypedFunc<u64, u64>,
+}
+
+impl Exports {
+    fn input_buffer(&self, store: &mut Store<HostState>, len: u32) -> Result<u32, HostError> {
+        let (ptr, cap) = self.input.get();
+        if len <= cap && cap > 0 {
+            return Ok(ptr);
+        }
+        // Grow geometrically so a stream of slightly longer messages does not ask
+        // every time.
+        let want = len.max(cap.saturating_mul(2)).max(4096);
+        let ptr = self.buffer.call(&mut *store, want).map_err(trap)?;
+        self.input.set((ptr, want));
+        Ok(ptr)
+    }
 }
 
 /// One policy instance (one per worker thread).
@@ -253,6 +294,7 @@ impl Policy {
         self.exports = Some(Exports {
             memory,
             buffer: typed(&instance, &mut self.store, "tg_buffer")?,
+            input: std::cell::Cell::new((0, 0)),
             configure: typed(&instance, &mut self.store, "tg_configure")?,
             judge: typed(&instance, &mut self.store, "tg_judge")?,
             tick: typed(&instance, &mut self.store, "tg_tick")?,
@@ -307,7 +349,7 @@ impl Policy {
     fn push(&mut self, json: &[u8]) -> Result<Result<u64, ConfigRefused>, HostError> {
         let raw = self.call(|ex, store| {
             let len = len32(json.len())?;
-            let ptr = ex.buffer.call(&mut *store, len).map_err(trap)?;
+            let ptr = ex.input_buffer(store, len)?;
             write(ex.memory, store, ptr, json)?;
             let packed = ex.configure.call(&mut *store, len).map_err(trap)?;
             read_result(ex.memory, store, packed)
@@ -343,21 +385,21 @@ impl Policy {
         transport: Transport,
         now_ms: u64,
     ) -> Result<Judged, HostError> {
-        let src = source.to_string();
+        // Formatted on the stack: this runs for every message.
+        let mut src_buf = [0u8; 64];
+        let src_len_usize = {
+            let mut cursor = std::io::Cursor::new(&mut src_buf[..]);
+            std::io::Write::write_fmt(&mut cursor, format_args!("{source}"))
+                .map_err(|_| HostError::BadInput(format!("source {source} too long")))?;
+            cursor.position() as usize
+        };
+        let src = &src_buf[..src_len_usize];
         let raw = self.call(|ex, store| {
             let msg_len = len32(message.len())?;
             let src_len = len32(src.len())?;
-            let ptr = ex
-                .buffer
-                .call(&mut *store, msg_len.saturating_add(src_len))
-                .map_err(trap)?;
+            let ptr = ex.input_buffer(store, msg_len.saturating_add(src_len))?;
             write(ex.memory, store, ptr, message)?;
-            write(
-                ex.memory,
-                store,
-                ptr.saturating_add(msg_len),
-                src.as_bytes(),
-            )?;
+            write(ex.memory, store, ptr.saturating_add(msg_len), src)?;
             let packed = ex
                 .judge
                 .call(&mut *store, (msg_len, src_len, transport as u32, now_ms))

@@ -118,7 +118,7 @@ impl Summary {
                 .into_owned();
         let outcome = format!(
             "{} {}",
-            verdict.action,
+            verdict.action.as_str(),
             verdict.cause.clone().unwrap_or_default()
         );
         *self
@@ -130,7 +130,7 @@ impl Summary {
             input.at_ms.to_string(),
             input.source.to_string(),
             word,
-            verdict.action.clone(),
+            verdict.action.as_str().to_string(),
             verdict.code.map(|c| c.to_string()).unwrap_or_default(),
             format!(
                 "{} {}",
