@@ -175,13 +175,23 @@ impl PolicyModule {
     }
 }
 
+/// A fault the host injects into the module's store imports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Every kv_get reports a store failure (-2).
+    StoreFailure,
+    /// The next kv_get traps the instance (as a host bug or OOM would), then the
+    /// fault clears itself.
+    TrapOnce,
+}
+
 /// What the module's imports reach.
 pub struct HostState {
     kv: Box<dyn KvBackend>,
     alerts: Vec<String>,
     rng: rand_core_fallback::Rng,
-    /// Turns every kv_get into a failure: lets tests prove the module fails closed.
-    pub fail_store: bool,
+    /// Fault injection for tests and drills: proves the module fails closed.
+    pub fault: Option<Fault>,
 }
 
 mod rand_core_fallback {
@@ -249,7 +259,7 @@ impl Policy {
                 kv,
                 alerts: Vec::new(),
                 rng: rand_core_fallback::Rng::new(),
-                fail_store: false,
+                fault: None,
             },
         );
         let mut policy = Policy {
@@ -276,7 +286,7 @@ impl Policy {
                 kv: Box::new(MemoryKv::default()),
                 alerts: Vec::new(),
                 rng: rand_core_fallback::Rng::new(),
-                fail_store: false,
+                fault: None,
             },
         );
         self.store = Store::new(&self.module.engine, data);
@@ -503,29 +513,39 @@ fn link_imports(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
     linker.func_wrap(
         M,
         "kv_get",
-        |mut caller: Caller<'_, HostState>, kp: u32, kl: u32, out: u32, cap: u32| -> i64 {
+        |mut caller: Caller<'_, HostState>,
+         kp: u32,
+         kl: u32,
+         out: u32,
+         cap: u32|
+         -> wasmtime::Result<i64> {
+            match caller.data().fault {
+                Some(Fault::StoreFailure) => return Ok(-2),
+                Some(Fault::TrapOnce) => {
+                    caller.data_mut().fault = None;
+                    return Err(wasmtime::Error::msg("injected trap"));
+                }
+                None => {}
+            }
             let Some(key) =
                 guest_bytes(&mut caller, kp, kl).and_then(|k| String::from_utf8(k).ok())
             else {
-                return -2;
+                return Ok(-2);
             };
-            if caller.data().fail_store {
-                return -2;
-            }
             let value = match caller.data_mut().kv.get(&key) {
                 Ok(Some(v)) => v,
-                Ok(None) => return -1,
-                Err(_) => return -2,
+                Ok(None) => return Ok(-1),
+                Err(_) => return Ok(-2),
             };
             if value.len() <= cap as usize {
                 let Some(memory) = caller.get_export("memory").and_then(|e| e.into_memory()) else {
-                    return -2;
+                    return Ok(-2);
                 };
                 if memory.write(&mut caller, out as usize, &value).is_err() {
-                    return -2;
+                    return Ok(-2);
                 }
             }
-            i64::try_from(value.len()).unwrap_or(-2)
+            Ok(i64::try_from(value.len()).unwrap_or(-2))
         },
     )?;
     linker.func_wrap(

@@ -1,0 +1,125 @@
+//! Bad things inside or under the module: a failing store, a trap, a broken `.wasm`.
+//! None of them may turn into an allowed call, and none may lose the configuration
+//! or the bindings.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code fails loudly
+
+#[path = "common/module.rs"]
+mod common;
+
+use trunkguard_host::{Action, Fault, HostError, MemoryKv, Policy, PolicyModule, Transport};
+
+const CONFIG: &str = r#"{"realm": "trunks.example.net", "locations": [{"id": "hq", "contacts": ["noc@example.com"],
+  "trunk_groups": [{"id": "hq-pbx1", "username": "hq1", "password": "pw", "require_registration": false}]}]}"#;
+
+fn invite() -> Vec<u8> {
+    b"INVITE sip:+15559876543@trunks.example.net SIP/2.0\r\nVia: SIP/2.0/UDP 203.0.113.7:5060;branch=z9hG4bK-1\r\nMax-Forwards: 70\r\nFrom: <sip:hq1@trunks.example.net>;tag=a\r\nTo: <sip:+15559876543@trunks.example.net>\r\nCall-ID: c1\r\nCSeq: 1 INVITE\r\nContent-Length: 0\r\n\r\n".to_vec()
+}
+
+fn policy() -> (Policy, MemoryKv) {
+    let kv = MemoryKv::default();
+    let mut p = Policy::new(&common::module(), Box::new(kv.clone())).unwrap();
+    p.configure(CONFIG.as_bytes()).unwrap().unwrap();
+    (p, kv)
+}
+
+#[test]
+fn a_failing_store_refuses_with_500_never_allows() {
+    let (mut p, _) = policy();
+    p.state_mut().fault = Some(Fault::StoreFailure);
+    let j = p
+        .judge(
+            &invite(),
+            "203.0.113.7:5060".parse().unwrap(),
+            Transport::Udp,
+            1_000,
+        )
+        .unwrap();
+    assert_eq!(j.verdict.action, Action::Reject);
+    assert_eq!(j.verdict.code, Some(500));
+    assert_eq!(j.verdict.cause.as_deref(), Some("store_unavailable"));
+}
+
+#[test]
+fn a_trap_is_a_host_error_and_the_next_call_has_config_and_state_back() {
+    let (mut p, mut kv) = policy();
+    let src = "203.0.113.7:5060".parse().unwrap();
+    // State another worker wrote: it must survive this instance's trap.
+    trunkguard_host::KvBackend::set(&mut kv, "tg/last_reg_ip/hq-pbx1", b"203.0.113.7").unwrap();
+    // The first judged message reads the nonce secret from the store: trap there.
+    p.state_mut().fault = Some(Fault::TrapOnce);
+    match p.judge(&invite(), src, Transport::Udp, 1_000) {
+        Err(HostError::Trap(msg)) => assert!(msg.contains("injected trap"), "{msg}"),
+        other => panic!("expected a trap, got {other:?}"),
+    }
+    // A fresh instance answers, with the last good configuration and the same store.
+    let again = p.judge(&invite(), src, Transport::Udp, 2_000).unwrap();
+    assert_eq!(
+        again.verdict.action,
+        Action::Challenge,
+        "{:?}",
+        again.verdict
+    );
+    assert_eq!(
+        kv.snapshot()
+            .get("tg/last_reg_ip/hq-pbx1")
+            .map(Vec::as_slice),
+        Some(&b"203.0.113.7"[..])
+    );
+}
+
+#[test]
+fn a_refused_config_keeps_the_last_good_one() {
+    let (mut p, _) = policy();
+    let refused = p
+        .configure(br#"{"realm": "x", "locations": [], "oops": true}"#)
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(refused.path, "oops");
+    let j = p
+        .judge(
+            &invite(),
+            "203.0.113.7:5060".parse().unwrap(),
+            Transport::Udp,
+            1_000,
+        )
+        .unwrap();
+    assert_eq!(j.verdict.action, Action::Challenge, "still configured");
+}
+
+#[test]
+fn non_utf8_and_binary_messages_get_400_not_a_crash() {
+    let (mut p, _) = policy();
+    for msg in [
+        vec![0xff, 0xfe, 0x00, 0x01],
+        b"INVITE \xff SIP/2.0\r\n\r\n".to_vec(),
+        vec![0u8; 4096],
+    ] {
+        let j = p
+            .judge(
+                &msg,
+                "203.0.113.7:5060".parse().unwrap(),
+                Transport::Udp,
+                1_000,
+            )
+            .unwrap();
+        assert_eq!(
+            (j.verdict.action, j.verdict.code),
+            (Action::Reject, Some(400))
+        );
+    }
+}
+
+#[test]
+fn a_corrupt_or_foreign_module_is_a_clear_load_error() {
+    let err = PolicyModule::from_bytes(b"\0asm\x01\0\0\0garbage")
+        .err()
+        .expect("refused");
+    assert!(matches!(err, HostError::Load(_)), "{err}");
+    // A valid module that is not trunkguard (no exports, no ABI): refused at instantiation.
+    let empty = PolicyModule::from_bytes(b"\0asm\x01\0\0\0").unwrap();
+    let err = Policy::new(&empty, Box::new(MemoryKv::default()))
+        .err()
+        .expect("refused");
+    assert!(err.to_string().contains("tg_abi_version"), "{err}");
+}
