@@ -19,6 +19,8 @@ pub mod verdict;
 
 #[cfg(all(feature = "abi", target_arch = "wasm32"))]
 pub mod abi;
+#[cfg(all(feature = "js", target_arch = "wasm32"))]
+pub mod js;
 
 pub use engine::{Engine, Host};
 pub use policy::Input;

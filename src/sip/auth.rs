@@ -4,7 +4,7 @@
 use std::borrow::Cow;
 
 use super::header::HeaderName;
-use super::lex::{self, Cursor, Split};
+use super::lex::{self, Cursor};
 
 /// Which credentials header to read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -44,14 +44,16 @@ pub struct DigestCredentials<'a> {
 #[derive(Clone, Copy)]
 enum Value<'a> {
     Token(&'a str),
-    Quoted(&'a str),
+    /// The content, and whether it holds a quoted-pair (known from the scan that
+    /// found the closing quote, so clean values are never looked at again).
+    Quoted(&'a str, bool),
 }
 
 impl<'a> Value<'a> {
     fn text(self) -> Cow<'a, str> {
         match self {
-            Value::Token(t) => Cow::Borrowed(t),
-            Value::Quoted(q) => lex::unescape_quoted(q),
+            Value::Token(t) | Value::Quoted(t, false) => Cow::Borrowed(t),
+            Value::Quoted(q, true) => lex::unescape_quoted(q),
         }
     }
 
@@ -60,8 +62,8 @@ impl<'a> Value<'a> {
     fn token(self) -> Option<&'a str> {
         match self {
             Value::Token(t) => Some(t),
-            Value::Quoted(q) if !q.contains('\\') && lex::is_token(q) => Some(q),
-            Value::Quoted(_) => None,
+            Value::Quoted(q, false) if lex::is_token(q) => Some(q),
+            Value::Quoted(..) => None,
         }
     }
 }
@@ -82,34 +84,27 @@ struct Fields<'a> {
 }
 
 impl<'a> Fields<'a> {
+    /// The field a parameter name (a token, any case) fills, if it is one we read.
     fn slot(&mut self, name: &str) -> Option<&mut Option<Value<'a>>> {
-        const NAMES: [&str; 11] = [
-            "username",
-            "realm",
-            "nonce",
-            "uri",
-            "response",
-            "algorithm",
-            "cnonce",
-            "opaque",
-            "qop",
-            "nc",
-            "userhash",
-        ];
-        let i = NAMES.iter().position(|n| n.eq_ignore_ascii_case(name))?;
-        Some(match i {
-            0 => &mut self.username,
-            1 => &mut self.realm,
-            2 => &mut self.nonce,
-            3 => &mut self.uri,
-            4 => &mut self.response,
-            5 => &mut self.algorithm,
-            6 => &mut self.cnonce,
-            7 => &mut self.opaque,
-            8 => &mut self.qop,
-            9 => &mut self.nc,
-            _ => &mut self.userhash,
-        })
+        let b = name.as_bytes();
+        // Length and first letter leave at most one candidate to compare.
+        let (slot, want) = match (b.len(), b.first()? | 0x20) {
+            (8, b'u') if b.get(4).is_some_and(|c| c | 0x20 == b'n') => {
+                (&mut self.username, "username")
+            }
+            (8, b'u') => (&mut self.userhash, "userhash"),
+            (5, b'r') => (&mut self.realm, "realm"),
+            (5, b'n') => (&mut self.nonce, "nonce"),
+            (3, b'u') => (&mut self.uri, "uri"),
+            (8, b'r') => (&mut self.response, "response"),
+            (9, b'a') => (&mut self.algorithm, "algorithm"),
+            (6, b'c') => (&mut self.cnonce, "cnonce"),
+            (6, b'o') => (&mut self.opaque, "opaque"),
+            (3, b'q') => (&mut self.qop, "qop"),
+            (2, b'n') => (&mut self.nc, "nc"),
+            _ => return None,
+        };
+        name.eq_ignore_ascii_case(want).then_some(slot)
     }
 }
 
@@ -128,28 +123,28 @@ pub(crate) fn parse<'a>(value: &'a str) -> Result<Option<DigestCredentials<'a>>,
     if !c.skip_lws() {
         return Err("missing parameters");
     }
+    let params = c.rest();
     let mut f = Fields::default();
-    for piece in Split::new(c.rest(), b',') {
-        let (name, value) = lex::trim_lws(piece)
-            .split_once('=')
-            .ok_or("bad parameter")?;
-        let name = lex::trim_lws(name);
-        let value = lex::trim_lws(value);
-        if !lex::is_token(name) {
-            return Err("bad parameter name");
-        }
-        let value = if value.starts_with('"') {
-            Value::Quoted(lex::quoted_inner(value).ok_or("bad quoted value")?)
-        } else if !value.is_empty() && !value.bytes().any(|b| b == b'"' || lex::is_lws(b)) {
-            Value::Token(value)
-        } else {
-            return Err("bad parameter value");
+    let mut pos = Some(0);
+    while let Some(start) = pos {
+        let (name, value, next) = match well_formed(params, start) {
+            Some(param) => param,
+            None => {
+                // Anything unusual takes the general path: split off the piece as
+                // `,` separates it (outside quotes and `<>`), then read it.
+                let bytes = params.as_bytes();
+                let end = lex::piece_end(bytes, start, lex::COMMA);
+                let piece = params.get(start..end.unwrap_or(bytes.len())).unwrap_or("");
+                let (name, value) = parse_piece(piece)?;
+                (name, value, end.map(|sep| sep + 1))
+            }
         };
         if let Some(slot) = f.slot(name) {
             if slot.replace(value).is_some() {
                 return Err("duplicate parameter");
             }
         }
+        pos = next;
     }
     let required = |v: Option<Value<'a>>, missing: &'static str| v.ok_or(missing);
     let token =
@@ -185,6 +180,71 @@ pub(crate) fn parse<'a>(value: &'a str) -> Result<Option<DigestCredentials<'a>>,
         return Err("qop without cnonce or nc");
     }
     Ok(Some(creds))
+}
+
+/// A token value ends at LWS, a quote, the separator or an angle bracket (which
+/// would change where the general path splits).
+fn ends_token_value(b: u8) -> bool {
+    lex::class(b) & (lex::LWS | lex::QUOTE | lex::COMMA | lex::LT | lex::GT) != 0
+}
+
+/// The common shape, read in one pass: `LWS token LWS = LWS (value | quoted) LWS`
+/// then `,` or the end, giving the parameter and where the next one starts. `None`
+/// when the piece has any other shape, for [`parse_piece`] to judge: on this shape
+/// both read the same parameter.
+#[inline]
+fn well_formed(s: &str, start: usize) -> Option<(&str, Value<'_>, Option<usize>)> {
+    let b = s.as_bytes();
+    let name_start = lex::skip_lws(b, start);
+    let name_end = lex::skip_token(b, name_start);
+    if name_end == name_start {
+        return None;
+    }
+    let eq = lex::skip_lws(b, name_end);
+    if b.get(eq) != Some(&b'=') {
+        return None;
+    }
+    let value_start = lex::skip_lws(b, eq + 1);
+    let (value, value_end) = if b.get(value_start) == Some(&b'"') {
+        let (close, escaped) = lex::quoted_close(b, value_start)?;
+        (Value::Quoted(s.get(value_start + 1..close)?, escaped), close + 1)
+    } else {
+        let mut j = value_start;
+        while b.get(j).is_some_and(|&c| !ends_token_value(c)) {
+            j += 1;
+        }
+        if j == value_start {
+            return None;
+        }
+        (Value::Token(s.get(value_start..j)?), j)
+    };
+    let i = lex::skip_lws(b, value_end);
+    let next = match b.get(i) {
+        None => None,
+        Some(b',') => Some(i + 1),
+        Some(_) => return None,
+    };
+    Some((s.get(name_start..name_end)?, value, next))
+}
+
+/// One `name=value` piece of any shape.
+fn parse_piece(piece: &str) -> Result<(&str, Value<'_>), &'static str> {
+    let (name, value) =
+        lex::split_once_byte(lex::trim_lws(piece), b'=').ok_or("bad parameter")?;
+    let name = lex::trim_lws(name);
+    let value = lex::trim_lws(value);
+    if !lex::is_token(name) {
+        return Err("bad parameter name");
+    }
+    let value = if value.starts_with('"') {
+        let inner = lex::quoted_inner(value).ok_or("bad quoted value")?;
+        Value::Quoted(inner, inner.contains('\\'))
+    } else if !value.is_empty() && !value.bytes().any(|b| b == b'"' || lex::is_lws(b)) {
+        Value::Token(value)
+    } else {
+        return Err("bad parameter value");
+    };
+    Ok((name, value))
 }
 
 #[cfg(test)]

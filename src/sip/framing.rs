@@ -3,6 +3,7 @@
 //! without end.
 
 use super::ParseError;
+use super::lex;
 
 /// Largest header block (start line and headers, with the empty line) accepted.
 pub const MAX_HEAD_LEN: usize = 64 * 1024;
@@ -30,33 +31,9 @@ pub(crate) fn keepalive_len(buf: &[u8]) -> usize {
 }
 
 /// Index of the first CR or LF in `b`.
-///
-/// Every header byte goes through here, so it looks at eight bytes per step: a
-/// byte equal to CR or LF becomes zero after the XOR, and the classic has-zero-byte
-/// test flags it (the lowest flag is always a true match).
 #[inline]
 pub(crate) fn find_cr_or_lf(b: &[u8]) -> Option<usize> {
-    const ONES: u64 = 0x0101_0101_0101_0101;
-    const HIGHS: u64 = 0x8080_8080_8080_8080;
-    let mut chunks = b.chunks_exact(8);
-    let mut offset = 0;
-    for chunk in &mut chunks {
-        if let Ok(word) = <[u8; 8]>::try_from(chunk) {
-            let x = u64::from_le_bytes(word);
-            let cr = x ^ (ONES * u64::from(b'\r'));
-            let lf = x ^ (ONES * u64::from(b'\n'));
-            let found = ((cr.wrapping_sub(ONES) & !cr) | (lf.wrapping_sub(ONES) & !lf)) & HIGHS;
-            if found != 0 {
-                return Some(offset + (found.trailing_zeros() / 8) as usize);
-            }
-        }
-        offset += 8;
-    }
-    chunks
-        .remainder()
-        .iter()
-        .position(|&c| c == b'\r' || c == b'\n')
-        .map(|i| offset + i)
+    lex::find2(b, b'\r', b'\n')
 }
 
 /// One logical header field: `buf[start..end]`, continuation lines included,
@@ -144,6 +121,7 @@ impl<'a> Scanner<'a> {
 
     /// The next field, or `None` at the empty line ending the header block (then
     /// [`Scanner::body_start`] is known).
+    #[inline]
     pub(crate) fn next_field(&mut self) -> Result<Option<Field>, ParseError> {
         let start = self.pos;
         let line = self.line;

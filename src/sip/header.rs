@@ -120,6 +120,11 @@ const OTHER_LIST_HEADERS: &[&str] = &[
 impl HeaderName {
     /// The canonical long name.
     pub fn as_str(&self) -> &'static str {
+        self.long_name()
+    }
+
+    /// [`HeaderName::as_str`], usable in constants.
+    const fn long_name(self) -> &'static str {
         match self {
             H::Via => "Via",
             H::From => "From",
@@ -206,93 +211,161 @@ impl HeaderName {
 
     /// Reads the token that starts `field` and classifies it: (its length, the
     /// known name it spells). One pass, as it runs on every header received.
+    #[inline]
     pub(crate) fn scan(field: &[u8]) -> (usize, Option<HeaderName>) {
-        // Setting bit 0x20 lower-cases letters. Known names hold only letters and
-        // `-`, and no other token byte maps onto a letter or `-` that way (only CR
-        // would reach `-`), so for a token the match below is exact.
-        let mut folded = [0u8; 19];
-        let mut len = 0;
-        for &b in field {
-            if !lex::is_token_byte(b) {
-                break;
-            }
-            if let Some(slot) = folded.get_mut(len) {
-                *slot = b | 0x20;
-            }
-            len += 1;
-        }
-        (len, folded.get(..len).and_then(classify))
+        let len = lex::skip_token(field, 0);
+        (len, classify(field, len))
     }
 }
 
-/// The known name a lower-cased token spells.
-fn classify(lower: &[u8]) -> Option<HeaderName> {
+/// The known name that the token `field[..len]` spells (long or compact form, any
+/// case); bytes after the token may be read but do not count.
+#[inline]
+fn classify(field: &[u8], len: usize) -> Option<HeaderName> {
+    // Length and first letter leave at most one candidate (two for 7-letter `c`),
+    // so a name costs one comparison instead of a search. Setting bit 0x20 only
+    // turns upper-case letters into letters.
+    let first = field.first()? | 0x20;
+    let candidate = match (len, first) {
+        (1, _) => return compact(first),
+        (2, b't') => H::To,
+        (3, b'v') => H::Via,
+        (4, b'f') => H::From,
+        (4, b'c') => H::CSeq,
+        (4, b'd') => H::Date,
+        (5, b'r') => H::Route,
+        (5, b'a') => H::Allow,
+        (5, b'e') => H::Event,
+        (6, b'a') => H::Accept,
+        (6, b's') => H::Server,
+        (7, b'c') if field.get(6).is_some_and(|b| b | 0x20 == b'd') => H::CallId,
+        (7, b'c') => H::Contact,
+        (7, b'e') => H::Expires,
+        (7, b'r') => H::Require,
+        (7, b's') => H::Subject,
+        (8, b'r') => H::ReferTo,
+        (8, b'i') => H::Identity,
+        (9, b's') => H::Supported,
+        (10, b'u') => H::UserAgent,
+        (11, b'm') => H::MinExpires,
+        (11, b'u') => H::Unsupported,
+        (11, b'r') => H::ReferredBy,
+        (12, b'm') => H::MaxForwards,
+        (12, b'c') => H::ContentType,
+        (12, b'r') => H::RecordRoute,
+        (12, b'a') => H::AllowEvents,
+        (13, b'a') => H::Authorization,
+        (13, b'p') => H::ProxyRequire,
+        (13, b'i') => H::IdentityInfo,
+        (14, b'c') => H::ContentLength,
+        (14, b'a') => H::AcceptContact,
+        (14, b'r') => H::RejectContact,
+        (15, b's') => H::SessionExpires,
+        (16, b'c') => H::ContentEncoding,
+        (16, b'w') => H::WwwAuthenticate,
+        (18, b'p') => H::ProxyAuthenticate,
+        (19, b'p') => H::ProxyAuthorization,
+        (19, b'r') => H::RequestDisposition,
+        _ => return None,
+    };
+    let packed = PACKED.get(usize::from(candidate.id()?))?;
+    eq_packed(field, len, packed).then_some(candidate)
+}
+
+/// The long names lower-cased and packed little-endian into words, in
+/// [`KNOWN_HEADERS`] order, so a received name is compared eight bytes at a time.
+static PACKED: [[u64; 3]; KNOWN_HEADERS.len()] = {
+    let mut table = [[0u64; 3]; KNOWN_HEADERS.len()];
+    let mut h = 0;
+    while h < KNOWN_HEADERS.len() {
+        let name = KNOWN_HEADERS[h].long_name().as_bytes();
+        let mut i = 0;
+        while i < name.len() && i < 24 {
+            table[h][i / 8] |= (name[i].to_ascii_lowercase() as u64) << (8 * (i % 8));
+            i += 1;
+        }
+        h += 1;
+    }
+    table
+};
+
+// The longest known name must fit the packed words.
+const _: () = {
+    let mut h = 0;
+    while h < KNOWN_HEADERS.len() {
+        assert!(KNOWN_HEADERS[h].long_name().len() <= 24);
+        h += 1;
+    }
+};
+
+/// Eight bytes of `b` from `at`, little-endian, zero past the end.
+#[inline]
+fn load(b: &[u8], at: usize) -> u64 {
+    match b.get(at..at + 8).map(<[u8; 8]>::try_from) {
+        Some(Ok(word)) => u64::from_le_bytes(word),
+        _ => b
+            .iter()
+            .skip(at)
+            .take(8)
+            .enumerate()
+            .fold(0, |w, (i, &c)| w | u64::from(c) << (8 * i)),
+    }
+}
+
+/// Whether the token `field[..len]` is, in any case, the name `packed` holds (which
+/// has `len` bytes). For token bytes, setting bit 0x20 maps exactly the upper-case
+/// letters onto lower-case ones and leaves `-` alone (only CR, not a token byte,
+/// would also reach `-`), so one OR folds eight bytes.
+#[inline]
+fn eq_packed(field: &[u8], len: usize, packed: &[u64; 3]) -> bool {
+    const FOLD: u64 = 0x2020_2020_2020_2020;
+    let mut at = 0;
+    for &want in packed {
+        if at >= len {
+            break;
+        }
+        let keep = match len - at {
+            n if n >= 8 => u64::MAX,
+            n => (1u64 << (8 * n)) - 1,
+        };
+        if (load(field, at) | FOLD) & keep != want {
+            return false;
+        }
+        at += 8;
+    }
+    true
+}
+
+/// The known name a lower-cased one-letter name stands for.
+fn compact(lower: u8) -> Option<HeaderName> {
     Some(match lower {
-        b"a" => H::AcceptContact,
-        b"b" => H::ReferredBy,
-        b"c" => H::ContentType,
-        b"d" => H::RequestDisposition,
-        b"e" => H::ContentEncoding,
-        b"f" => H::From,
-        b"i" => H::CallId,
-        b"j" => H::RejectContact,
-        b"k" => H::Supported,
-        b"l" => H::ContentLength,
-        b"m" => H::Contact,
-        b"n" => H::IdentityInfo,
-        b"o" => H::Event,
-        b"r" => H::ReferTo,
-        b"s" => H::Subject,
-        b"t" => H::To,
-        b"u" => H::AllowEvents,
-        b"v" => H::Via,
-        b"x" => H::SessionExpires,
-        b"y" => H::Identity,
-        b"via" => H::Via,
-        b"from" => H::From,
-        b"to" => H::To,
-        b"call-id" => H::CallId,
-        b"cseq" => H::CSeq,
-        b"contact" => H::Contact,
-        b"expires" => H::Expires,
-        b"min-expires" => H::MinExpires,
-        b"max-forwards" => H::MaxForwards,
-        b"content-length" => H::ContentLength,
-        b"content-type" => H::ContentType,
-        b"content-encoding" => H::ContentEncoding,
-        b"authorization" => H::Authorization,
-        b"proxy-authorization" => H::ProxyAuthorization,
-        b"www-authenticate" => H::WwwAuthenticate,
-        b"proxy-authenticate" => H::ProxyAuthenticate,
-        b"route" => H::Route,
-        b"record-route" => H::RecordRoute,
-        b"allow" => H::Allow,
-        b"supported" => H::Supported,
-        b"unsupported" => H::Unsupported,
-        b"require" => H::Require,
-        b"proxy-require" => H::ProxyRequire,
-        b"accept" => H::Accept,
-        b"user-agent" => H::UserAgent,
-        b"server" => H::Server,
-        b"subject" => H::Subject,
-        b"date" => H::Date,
-        b"event" => H::Event,
-        b"allow-events" => H::AllowEvents,
-        b"refer-to" => H::ReferTo,
-        b"referred-by" => H::ReferredBy,
-        b"session-expires" => H::SessionExpires,
-        b"accept-contact" => H::AcceptContact,
-        b"reject-contact" => H::RejectContact,
-        b"request-disposition" => H::RequestDisposition,
-        b"identity" => H::Identity,
-        b"identity-info" => H::IdentityInfo,
+        b'a' => H::AcceptContact,
+        b'b' => H::ReferredBy,
+        b'c' => H::ContentType,
+        b'd' => H::RequestDisposition,
+        b'e' => H::ContentEncoding,
+        b'f' => H::From,
+        b'i' => H::CallId,
+        b'j' => H::RejectContact,
+        b'k' => H::Supported,
+        b'l' => H::ContentLength,
+        b'm' => H::Contact,
+        b'n' => H::IdentityInfo,
+        b'o' => H::Event,
+        b'r' => H::ReferTo,
+        b's' => H::Subject,
+        b't' => H::To,
+        b'u' => H::AllowEvents,
+        b'v' => H::Via,
+        b'x' => H::SessionExpires,
+        b'y' => H::Identity,
         _ => return None,
     })
 }
 
 impl HeaderName {
     /// Position in [`KNOWN_HEADERS`]; `None` for `Other`.
-    pub(crate) fn id(self) -> Option<u8> {
+    pub(crate) const fn id(self) -> Option<u8> {
         Some(match self {
             H::Via => 0,
             H::From => 1,
@@ -399,28 +472,39 @@ pub struct Header<'a> {
 }
 
 /// A header field as stored in a message: offsets into its header text, so parsing
-/// validates UTF-8 once for the whole block instead of once per field.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// validates UTF-8 once for the whole block instead of once per field. The header
+/// text is under [`MAX_HEAD_LEN`](super::MAX_HEAD_LEN) (64 KiB) long, so offsets and
+/// line numbers fit 16 bits, which keeps the table of a message small.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub(crate) struct Entry {
-    pub name: (u32, u32),
-    pub value: (u32, u32),
-    pub line: u32,
+    pub name: (u16, u16),
+    pub value: (u16, u16),
+    pub line: u16,
     /// [`HeaderName::id`] of the name, if known.
     pub known: Option<u8>,
 }
 
 impl Entry {
     pub(crate) fn header<'a>(&self, text: &'a str) -> Header<'a> {
-        let slice = |(a, b): (u32, u32)| text.get(a as usize..b as usize).unwrap_or("");
         Header {
-            name: slice(self.name),
-            value: slice(self.value),
-            line: self.line as usize,
+            name: slice(text, self.name),
+            value: self.value(text),
+            line: usize::from(self.line),
             known: self
                 .known
                 .and_then(|id| KNOWN_HEADERS.get(usize::from(id)).copied()),
         }
     }
+
+    #[inline]
+    pub(crate) fn value<'a>(&self, text: &'a str) -> &'a str {
+        slice(text, self.value)
+    }
+}
+
+#[inline]
+fn slice(text: &str, (a, b): (u16, u16)) -> &str {
+    text.get(usize::from(a)..usize::from(b)).unwrap_or("")
 }
 
 /// The elements of one header value: the whole value for a single-valued header, or
@@ -434,7 +518,7 @@ pub(crate) enum Elements<'a> {
 impl<'a> Elements<'a> {
     pub(crate) fn new(value: &'a str, list: bool) -> Self {
         if list {
-            Elements::List(Split::new(value, b','))
+            Elements::List(Split::commas(value))
         } else {
             Elements::One(Some(value))
         }

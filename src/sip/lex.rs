@@ -6,36 +6,119 @@
 
 use std::borrow::Cow;
 
-const fn token_table() -> [bool; 256] {
-    let mut table = [false; 256];
+/// RFC 3261 `token` characters.
+pub(crate) const TOKEN: u8 = 1;
+/// SP, HT, CR, LF.
+pub(crate) const LWS: u8 = 2;
+pub(crate) const QUOTE: u8 = 4;
+pub(crate) const LT: u8 = 8;
+pub(crate) const GT: u8 = 16;
+pub(crate) const COMMA: u8 = 32;
+pub(crate) const SEMI: u8 = 64;
+
+const fn class_table() -> [u8; 256] {
+    let mut table = [0u8; 256];
     let mut i = 0;
     while i < 256 {
         let b = i as u8;
-        table[i] = b.is_ascii_alphanumeric()
+        table[i] = if b.is_ascii_alphanumeric()
             || matches!(
                 b,
                 b'-' | b'.' | b'!' | b'%' | b'*' | b'_' | b'+' | b'`' | b'\'' | b'~'
-            );
+            ) {
+            TOKEN
+        } else {
+            match b {
+                b' ' | b'\t' | b'\r' | b'\n' => LWS,
+                b'"' => QUOTE,
+                b'<' => LT,
+                b'>' => GT,
+                b',' => COMMA,
+                b';' => SEMI,
+                _ => 0,
+            }
+        };
         i += 1;
     }
     table
 }
 
-static TOKEN: [bool; 256] = token_table();
+/// One lookup classifies a byte for every scanner here, instead of a chain of
+/// comparisons per byte.
+static CLASS: [u8; 256] = class_table();
 
-/// RFC 3261 `token` characters.
-#[inline]
+#[inline(always)]
+pub(crate) fn class(b: u8) -> u8 {
+    CLASS[usize::from(b)]
+}
+
+#[inline(always)]
 pub(crate) fn is_token_byte(b: u8) -> bool {
-    TOKEN[usize::from(b)]
+    class(b) & TOKEN != 0
 }
 
 pub(crate) fn is_token(s: &str) -> bool {
     !s.is_empty() && s.bytes().all(is_token_byte)
 }
 
-#[inline]
+#[inline(always)]
 pub(crate) fn is_lws(b: u8) -> bool {
-    matches!(b, b' ' | b'\t' | b'\r' | b'\n')
+    class(b) & LWS != 0
+}
+
+/// Index of the first byte of `b` at or after `from` that is not LWS (or `b.len()`).
+#[inline]
+pub(crate) fn skip_lws(b: &[u8], mut from: usize) -> usize {
+    while b.get(from).is_some_and(|&c| is_lws(c)) {
+        from += 1;
+    }
+    from
+}
+
+/// Index of the first byte of `b` at or after `from` that is not a token byte.
+#[inline]
+pub(crate) fn skip_token(b: &[u8], mut from: usize) -> usize {
+    while b.get(from).is_some_and(|&c| is_token_byte(c)) {
+        from += 1;
+    }
+    from
+}
+
+const ONES: u64 = 0x0101_0101_0101_0101;
+const HIGHS: u64 = 0x8080_8080_8080_8080;
+
+/// High bit set in every byte of `word` equal to `b`, and possibly in bytes above
+/// the first such byte (a borrow), never below it.
+#[inline(always)]
+fn bytes_equal(word: u64, b: u8) -> u64 {
+    let x = word ^ (ONES * u64::from(b));
+    x.wrapping_sub(ONES) & !x & HIGHS
+}
+
+/// Index of the first byte equal to `x` or `y`.
+///
+/// Header lines, long quoted values (nonces, responses) and whole header blocks go
+/// through here, so it looks at eight bytes per step: the lowest flag of either
+/// [`bytes_equal`] mask is always a true match, so is the lower of the two.
+#[inline(always)]
+pub(crate) fn find2(b: &[u8], x: u8, y: u8) -> Option<usize> {
+    let mut chunks = b.chunks_exact(8);
+    let mut offset = 0;
+    for chunk in &mut chunks {
+        if let Ok(word) = <[u8; 8]>::try_from(chunk) {
+            let word = u64::from_le_bytes(word);
+            let found = bytes_equal(word, x) | bytes_equal(word, y);
+            if found != 0 {
+                return Some(offset + (found.trailing_zeros() / 8) as usize);
+            }
+        }
+        offset += 8;
+    }
+    chunks
+        .remainder()
+        .iter()
+        .position(|&c| c == x || c == y)
+        .map(|i| offset + i)
 }
 
 // Byte-wise trims: `str::trim_matches` with a char set costs a UTF-8 decode per step.
@@ -45,9 +128,7 @@ pub(crate) fn trim_lws(s: &str) -> &str {
 }
 
 pub(crate) fn trim_lws_start(s: &str) -> &str {
-    let b = s.as_bytes();
-    let start = b.iter().position(|&c| !is_lws(c)).unwrap_or(b.len());
-    s.get(start..).unwrap_or("")
+    s.get(skip_lws(s.as_bytes(), 0)..).unwrap_or("")
 }
 
 pub(crate) fn trim_lws_end(s: &str) -> &str {
@@ -66,17 +147,24 @@ pub(crate) fn quoted_end(s: &str, open: usize) -> Option<usize> {
     if bytes.get(open) != Some(&b'"') {
         return None;
     }
+    quoted_close(bytes, open).map(|(end, _)| end)
+}
+
+/// [`quoted_end`] without the opening check, and whether a quoted-pair was seen
+/// (so callers know the content needs no unescaping without looking again).
+#[inline]
+pub(crate) fn quoted_close(b: &[u8], open: usize) -> Option<(usize, bool)> {
+    let mut i = open + 1;
     let mut escaped = false;
-    for (i, &b) in bytes.iter().enumerate().skip(open + 1) {
-        if escaped {
-            escaped = false;
-        } else if b == b'\\' {
-            escaped = true;
-        } else if b == b'"' {
-            return Some(i);
+    loop {
+        let j = i + find2(b.get(i..)?, b'"', b'\\')?;
+        if b.get(j) == Some(&b'"') {
+            return Some((j, escaped));
         }
+        escaped = true;
+        // A quoted-pair escapes whatever byte follows the backslash.
+        i = j + 2;
     }
-    None
 }
 
 /// If `s` is exactly one quoted-string, its content (still escaped).
@@ -90,7 +178,7 @@ pub(crate) fn quoted_inner(s: &str) -> Option<&str> {
 
 /// Resolves the quoted-pairs of a quoted-string's content; borrows when there are none.
 pub(crate) fn unescape_quoted(inner: &str) -> Cow<'_, str> {
-    if !inner.contains('\\') {
+    if !inner.as_bytes().contains(&b'\\') {
         return Cow::Borrowed(inner);
     }
     let mut out = String::with_capacity(inner.len());
@@ -108,66 +196,82 @@ pub(crate) fn unescape_quoted(inner: &str) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
-/// Splits on `sep` outside quoted-strings and `<...>`, yielding untrimmed pieces.
-///
-/// An unterminated quote or angle bracket swallows the rest of the input into one
-/// piece, so the structured parser that receives it reports the imbalance.
+/// Where the piece of `b` starting at `from` ends: the index of the first separator
+/// (a byte whose class is `sep`) outside quoted-strings and `<...>`, or `None` when
+/// the piece runs to the end. An unterminated quote or angle bracket swallows the
+/// rest of the input, so the structured parser that receives it reports the
+/// imbalance.
+#[inline]
+pub(crate) fn piece_end(b: &[u8], from: usize, sep: u8) -> Option<usize> {
+    let stop = sep | QUOTE | LT | GT;
+    let mut in_angle = false;
+    let mut i = from;
+    while let Some(&c) = b.get(i) {
+        let k = class(c);
+        if k & stop != 0 {
+            if k & QUOTE != 0 {
+                i = quoted_close(b, i)?.0;
+            } else if k & LT != 0 {
+                in_angle = true;
+            } else if k & GT != 0 {
+                in_angle = false;
+            } else if !in_angle {
+                return Some(i);
+            }
+        }
+        i += 1;
+    }
+    None
+}
+
+/// Splits on a separator outside quoted-strings and `<...>`, yielding untrimmed
+/// pieces (see [`piece_end`]).
 #[derive(Debug, Clone)]
 pub(crate) struct Split<'a> {
     rest: Option<&'a str>,
+    /// The separator's class bit.
     sep: u8,
 }
 
 impl<'a> Split<'a> {
-    pub(crate) fn new(s: &'a str, sep: u8) -> Self {
-        Split { rest: Some(s), sep }
+    pub(crate) fn commas(s: &'a str) -> Self {
+        Split {
+            rest: Some(s),
+            sep: COMMA,
+        }
     }
 }
 
 impl<'a> Iterator for Split<'a> {
     type Item = &'a str;
 
+    #[inline]
     fn next(&mut self) -> Option<&'a str> {
         let rest = self.rest?;
-        let mut in_quotes = false;
-        let mut escaped = false;
-        let mut in_angle = false;
-        for (i, &b) in rest.as_bytes().iter().enumerate() {
-            if in_quotes {
-                if escaped {
-                    escaped = false;
-                } else if b == b'\\' {
-                    escaped = true;
-                } else if b == b'"' {
-                    in_quotes = false;
-                }
-                continue;
+        match piece_end(rest.as_bytes(), 0, self.sep) {
+            Some(i) => {
+                let (piece, after) = split_around(rest, i);
+                self.rest = Some(after);
+                Some(piece)
             }
-            match b {
-                b'"' => in_quotes = true,
-                b'<' => in_angle = true,
-                b'>' => in_angle = false,
-                _ if b == self.sep && !in_angle => {
-                    let (piece, after) = split_around(rest, i);
-                    self.rest = Some(after);
-                    return Some(piece);
-                }
-                _ => {}
+            None => {
+                self.rest = None;
+                Some(rest)
             }
         }
-        self.rest = None;
-        Some(rest)
     }
 }
 
 /// `str::split_once` for an ASCII byte: a plain scan beats `memchr`'s set-up on the
 /// short strings of URIs and parameters.
+#[inline]
 pub(crate) fn split_once_byte(s: &str, b: u8) -> Option<(&str, &str)> {
     let i = s.bytes().position(|c| c == b)?;
     Some(split_around(s, i))
 }
 
 /// `(s[..i], s[i + 1..])` for the index of an ASCII byte; never panics.
+#[inline]
 pub(crate) fn split_around(s: &str, i: usize) -> (&str, &str) {
     (s.get(..i).unwrap_or(s), s.get(i + 1..).unwrap_or(""))
 }
@@ -322,7 +426,7 @@ mod tests {
             (",", &["", ""]),
         ];
         for (input, want) in cases {
-            let got: Vec<&str> = Split::new(input, b',').collect();
+            let got: Vec<&str> = Split::commas(input).collect();
             assert_eq!(&got, want, "input {input:?}");
         }
     }

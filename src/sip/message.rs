@@ -37,10 +37,64 @@ pub struct Message<'a> {
     /// The header fields' text (after the start line, through the empty line).
     text: &'a str,
     entries: Vec<Entry>,
+    index: Index,
     body: &'a [u8],
     content_length: Option<usize>,
     framing: Framing,
     wire_len: usize,
+}
+
+/// Where each known header first occurs, filled while the fields are split, so a
+/// lookup is one array access instead of a walk over every field, and whether it
+/// repeats, so single-valued headers are checked without counting.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Index {
+    /// Bit [`HeaderName::id`] set: the header is present.
+    present: u64,
+    /// Bit [`HeaderName::id`] set: the header occurs more than once.
+    repeated: u64,
+    /// Position in `entries` of the first field of each present known header
+    /// (fits: at most [`MAX_HEADERS`] fields).
+    first: [u8; KNOWN_HEADERS.len()],
+}
+
+// Bitsets over the known headers need one bit per known name.
+const _: () = assert!(KNOWN_HEADERS.len() <= 64);
+const _: () = assert!(MAX_HEADERS <= 256);
+
+impl Index {
+    fn new() -> Self {
+        Index {
+            present: 0,
+            repeated: 0,
+            first: [0; KNOWN_HEADERS.len()],
+        }
+    }
+
+    fn add(&mut self, id: u8, position: usize) {
+        let bit = 1u64 << (id & 63);
+        if self.present & bit != 0 {
+            self.repeated |= bit;
+        } else {
+            self.present |= bit;
+            if let Some(slot) = self.first.get_mut(usize::from(id)) {
+                *slot = position as u8;
+            }
+        }
+    }
+}
+
+/// The bitset of some known headers.
+const fn mask(names: &[HeaderName]) -> u64 {
+    let mut m = 0;
+    let mut i = 0;
+    while i < names.len() {
+        if let Some(id) = names[i].id() {
+            m |= 1 << id;
+        }
+        i += 1;
+    }
+    m
 }
 
 /// Parses exactly one message occupying `buf`. Leading CRLFs (keep-alives) are
@@ -70,10 +124,12 @@ pub fn parse(buf: &[u8], framing: Framing) -> Result<Message<'_>, ParseError> {
     let (line_start, line_end) = scanner.start_line().map_err(unterminated)?;
 
     let fields_start = line_end + 2;
-    // The scanner keeps the header block within MAX_HEAD_LEN, so offsets fit u32.
-    let offset = |i: usize| (i - fields_start) as u32;
+    // The scanner keeps the header block within MAX_HEAD_LEN (64 KiB), so offsets
+    // and line numbers fit u16; the error cannot happen.
+    let offset = |i: usize| u16::try_from(i - fields_start).map_err(|_| ParseError::TooLarge);
 
     let mut entries = Vec::with_capacity(16);
+    let mut index = Index::new();
     let mut content_length = None;
     let mut conflicting = false;
     while let Some(field) = scanner.next_field().map_err(unterminated)? {
@@ -82,39 +138,38 @@ pub fn parse(buf: &[u8], framing: Framing) -> Result<Message<'_>, ParseError> {
             return Err(ParseError::TooManyHeaders);
         }
         let bytes = buf.get(field.start..field.end).ok_or(bad)?;
-        // One pass over the name: a token, optional SP/HT, then the colon.
+        // The name is a token, then optional SP/HT, then the colon.
         let (name_len, known) = HeaderName::scan(bytes);
-        let colon = bytes
-            .get(name_len..)
-            .and_then(|rest| rest.iter().position(|&b| b != b' ' && b != b'\t'))
-            .map(|off| name_len + off)
-            .filter(|&i| name_len > 0 && bytes.get(i) == Some(&b':'))
-            .ok_or(bad)?;
-        let value = bytes.get(colon + 1..).unwrap_or(&[]);
-        let lead = value
-            .iter()
-            .position(|&b| !lex::is_lws(b))
-            .unwrap_or(value.len());
-        let trail = value
-            .iter()
-            .rev()
-            .position(|&b| !lex::is_lws(b))
-            .unwrap_or(0);
-        let value_start = field.start + colon + 1 + lead;
-        let value_end = (field.end - trail).max(value_start);
+        let mut colon = name_len;
+        while let Some(b' ' | b'\t') = bytes.get(colon) {
+            colon += 1;
+        }
+        if name_len == 0 || bytes.get(colon) != Some(&b':') {
+            return Err(bad);
+        }
+        let lead = lex::skip_lws(bytes, colon + 1);
+        let mut trail = bytes.len();
+        while trail > lead && bytes.get(trail - 1).is_some_and(|&b| lex::is_lws(b)) {
+            trail -= 1;
+        }
+        let (value_start, value_end) = (field.start + lead, field.start + trail);
+        let id = known.and_then(HeaderName::id);
         if known == Some(HeaderName::ContentLength) {
-            let n = framing::content_length_value(buf.get(value_start..value_end).unwrap_or(&[]))?;
+            let n = framing::content_length_value(bytes.get(lead..trail).unwrap_or(&[]))?;
             match content_length {
                 None => content_length = Some(n),
                 Some(m) if m != n => conflicting = true,
                 Some(_) => {}
             }
         }
+        if let Some(id) = id {
+            index.add(id, entries.len());
+        }
         entries.push(Entry {
-            name: (offset(field.start), offset(field.start + name_len)),
-            value: (offset(value_start), offset(value_end)),
-            line: field.line as u32,
-            known: known.and_then(HeaderName::id),
+            name: (offset(field.start)?, offset(field.start + name_len)?),
+            value: (offset(value_start)?, offset(value_end)?),
+            line: u16::try_from(field.line).map_err(|_| ParseError::TooLarge)?,
+            known: id,
         });
     }
     let body_start = scanner.body_start();
@@ -149,6 +204,7 @@ pub fn parse(buf: &[u8], framing: Framing) -> Result<Message<'_>, ParseError> {
         start: start_line,
         text,
         entries,
+        index,
         body,
         content_length,
         framing,
@@ -163,25 +219,32 @@ fn utf8(buf: &[u8], start: usize, end: usize) -> Result<&str, ParseError> {
     std::str::from_utf8(bytes).map_err(|_| ParseError::NotUtf8)
 }
 
-fn starts_with_ignore_case(s: &str, prefix: &str) -> bool {
+fn is_sip_2_0(version: &str) -> bool {
+    version.eq_ignore_ascii_case("SIP/2.0")
+}
+
+fn starts_with_sip(s: &str) -> bool {
     s.as_bytes()
-        .get(..prefix.len())
-        .is_some_and(|p| p.eq_ignore_ascii_case(prefix.as_bytes()))
+        .get(..4)
+        .is_some_and(|p| p.eq_ignore_ascii_case(b"SIP/"))
 }
 
 fn parse_start_line(line: &str) -> Result<StartLine<'_>, ParseError> {
-    if starts_with_ignore_case(line, "SIP/") {
-        let (version, rest) = line.split_once(' ').ok_or(ParseError::BadStartLine)?;
-        if !version.eq_ignore_ascii_case("SIP/2.0") {
+    if starts_with_sip(line) {
+        let (version, rest) =
+            lex::split_once_byte(line, b' ').ok_or(ParseError::BadStartLine)?;
+        if !is_sip_2_0(version) {
             return Err(ParseError::BadVersion);
         }
-        let (code, reason) = rest.split_once(' ').unwrap_or((rest, ""));
+        let (code, reason) = lex::split_once_byte(rest, b' ').unwrap_or((rest, ""));
         // Status-Code is exactly three digits; refusing longer ones early keeps
         // `4294967301` (bigcode) from wrapping into a valid code.
-        if code.len() != 3 || !code.bytes().all(|b| b.is_ascii_digit()) {
-            return Err(ParseError::BadStatusCode);
-        }
-        let code: u16 = code.parse().map_err(|_| ParseError::BadStatusCode)?;
+        let code = match code.as_bytes() {
+            &[a, b, c] if [a, b, c].iter().all(u8::is_ascii_digit) => {
+                u16::from(a - b'0') * 100 + u16::from(b - b'0') * 10 + u16::from(c - b'0')
+            }
+            _ => return Err(ParseError::BadStatusCode),
+        };
         if !(100..=699).contains(&code) {
             return Err(ParseError::BadStatusCode);
         }
@@ -193,25 +256,38 @@ fn parse_start_line(line: &str) -> Result<StartLine<'_>, ParseError> {
         .rposition(|b| b != b' ' && b != b'\t')
         .map_or(0, |i| i + 1);
     let line = line.get(..kept).unwrap_or("");
-    let (method, rest) = line.split_once(' ').ok_or(ParseError::BadStartLine)?;
-    if !lex::is_token(method) {
+    // The method is a token ending at the first SP: anything else before that SP,
+    // or no SP at all, is malformed.
+    let method_end = lex::skip_token(line.as_bytes(), 0);
+    if method_end == 0 || line.as_bytes().get(method_end) != Some(&b' ') {
         return Err(ParseError::BadStartLine);
     }
-    let (raw_uri, version) = rest.rsplit_once(' ').ok_or(ParseError::BadStartLine)?;
-    if !version.eq_ignore_ascii_case("SIP/2.0") {
-        return Err(if starts_with_ignore_case(version, "SIP/") {
+    let (method, rest) = lex::split_around(line, method_end);
+    let version_sp = rest
+        .bytes()
+        .rposition(|b| b == b' ')
+        .ok_or(ParseError::BadStartLine)?;
+    let (raw_uri, version) = lex::split_around(rest, version_sp);
+    if !is_sip_2_0(version) {
+        return Err(if starts_with_sip(version) {
             ParseError::BadVersion
         } else {
             ParseError::BadStartLine
         });
     }
-    // Exactly one SP between the elements (RFC 4475 lwsstart, lwsruri).
-    if raw_uri.is_empty() || raw_uri.bytes().any(|b| b == b' ' || b == b'\t') {
-        return Err(ParseError::BadStartLine);
-    }
+    let uri = Uri::parse_request_uri(raw_uri).map_err(|e| {
+        // Exactly one SP between the elements (RFC 4475 lwsstart, lwsruri). A URI
+        // never parses when empty or holding SP/HT, so this is only looked at once
+        // it failed, and takes precedence over what the URI parser says.
+        if raw_uri.is_empty() || raw_uri.bytes().any(|b| b == b' ' || b == b'\t') {
+            ParseError::BadStartLine
+        } else {
+            e
+        }
+    })?;
     Ok(StartLine::Request {
         method: Method::from_token(method),
-        uri: Uri::parse_request_uri(raw_uri)?,
+        uri,
         raw_uri,
     })
 }
@@ -266,6 +342,9 @@ const REQUIRED_HEADERS: &[HeaderName] = &[
     HeaderName::CallId,
     HeaderName::Via,
 ];
+
+const SINGLE_MASK: u64 = mask(SINGLE_HEADERS);
+const REQUIRED_MASK: u64 = mask(REQUIRED_HEADERS);
 
 fn bad_value(header: HeaderName) -> impl Fn(&'static str) -> ParseError {
     move |reason| ParseError::BadHeaderValue {
@@ -323,27 +402,73 @@ impl<'a> Message<'a> {
         self.entries.iter().map(move |e| e.header(text))
     }
 
-    /// The fields named `name` (long or compact form, any case), unsplit.
-    pub fn fields(&self, name: HeaderName) -> impl Iterator<Item = Header<'a>> {
-        let name = name.canonical();
+    /// The stored fields named `name` (canonical), in order. A known name starts at
+    /// its first occurrence and, unless it repeats, stops there.
+    fn entries_named(&self, name: HeaderName) -> impl Iterator<Item = &Entry> {
+        let (from, most) = match name.id() {
+            Some(id) => {
+                let bit = 1u64 << (id & 63);
+                if self.index.present & bit == 0 {
+                    (self.entries.len(), 0)
+                } else if self.index.repeated & bit == 0 {
+                    (self.first(id), 1)
+                } else {
+                    (self.first(id), usize::MAX)
+                }
+            }
+            None => (0, usize::MAX),
+        };
         let text = self.text;
         self.entries
+            .get(from..)
+            .unwrap_or(&[])
             .iter()
             .filter(move |e| name.matches(e.known, || e.header(text).name))
+            .take(most)
+    }
+
+    fn first(&self, id: u8) -> usize {
+        self.index
+            .first
+            .get(usize::from(id))
+            .map_or(self.entries.len(), |&i| usize::from(i))
+    }
+
+    fn has(&self, name: HeaderName) -> bool {
+        name.id()
+            .is_some_and(|id| self.index.present & (1u64 << (id & 63)) != 0)
+    }
+
+    /// The fields named `name` (long or compact form, any case), unsplit.
+    pub fn fields(&self, name: HeaderName) -> impl Iterator<Item = Header<'a>> {
+        let text = self.text;
+        self.entries_named(name.canonical())
             .map(move |e| e.header(text))
+    }
+
+    /// The values of the fields named `name` (canonical), unsplit.
+    fn field_values(&self, name: HeaderName) -> impl Iterator<Item = &'a str> {
+        let text = self.text;
+        self.entries_named(name).map(move |e| e.value(text))
     }
 
     /// Every value of a header: list headers are split at commas outside quotes and
     /// `<>` (empty elements skipped); each value is trimmed.
     pub fn header_values(&self, name: HeaderName) -> impl Iterator<Item = &'a str> {
-        let list = name.canonical().is_list();
-        self.fields(name)
-            .flat_map(move |h| Elements::new(h.value, list))
+        let name = name.canonical();
+        let list = name.is_list();
+        self.field_values(name)
+            .flat_map(move |v| Elements::new(v, list))
     }
 
     /// The first value of a header.
     pub fn header(&self, name: HeaderName) -> Option<&'a str> {
-        self.header_values(name).next()
+        let name = name.canonical();
+        if name.is_list() {
+            self.header_values(name).next()
+        } else {
+            self.field_values(name).next()
+        }
     }
 
     pub fn has_header(&self, name: HeaderName) -> bool {
@@ -379,8 +504,8 @@ impl<'a> Message<'a> {
     /// Every Via element, top first, across all Via fields; empty elements are
     /// errors.
     pub fn vias(&self) -> impl Iterator<Item = Result<Via<'a>, ParseError>> {
-        self.fields(HeaderName::Via)
-            .flat_map(|h| Split::new(h.value, b','))
+        self.field_values(HeaderName::Via)
+            .flat_map(Split::commas)
             .map(|element| Via::parse(element).map_err(bad_value(HeaderName::Via)))
     }
 
@@ -392,7 +517,7 @@ impl<'a> Message<'a> {
 
     /// All Contact values; an absent Contact is an empty list.
     pub fn contacts(&self) -> Result<Contacts<'a>, ParseError> {
-        name_addr::parse_contacts(self.fields(HeaderName::Contact).map(|h| h.value))
+        name_addr::parse_contacts(self.field_values(HeaderName::Contact))
             .map_err(bad_value(HeaderName::Contact))
     }
 
@@ -402,8 +527,8 @@ impl<'a> Message<'a> {
         name: HeaderName,
     ) -> impl Iterator<Item = Result<NameAddr<'a>, ParseError>> {
         let canonical = name.canonical();
-        self.fields(name)
-            .flat_map(|h| name_addr::parse_list(h.value))
+        self.field_values(canonical)
+            .flat_map(name_addr::parse_list)
             .map(move |r| r.map_err(bad_value(canonical)))
     }
 
@@ -456,8 +581,8 @@ impl<'a> Message<'a> {
         kind: AuthHeader,
     ) -> impl Iterator<Item = Result<DigestCredentials<'a>, ParseError>> {
         let name = kind.header_name();
-        self.fields(name)
-            .filter_map(move |h| auth::parse(h.value).map_err(bad_value(name)).transpose())
+        self.field_values(name)
+            .filter_map(move |v| auth::parse(v).map_err(bad_value(name)).transpose())
     }
 
     /// Checks what RFC 3261 §8.1.1 requires of every request (and, except for the
@@ -465,26 +590,21 @@ impl<'a> Message<'a> {
     /// be missing), single-valued headers not repeated, and the syntax of every
     /// header this crate understands, with the CSeq method equal to the request
     /// method.
+    ///
+    /// The checks run in a fixed order (the first failure is the one reported), each
+    /// reaching its header through the index.
     pub fn validate(&self) -> Result<(), ParseError> {
-        let mut counts = [0u16; KNOWN_HEADERS.len()];
-        for e in &self.entries {
-            if let Some(n) = e.known.and_then(|id| counts.get_mut(usize::from(id))) {
-                *n = n.saturating_add(1);
-            }
-        }
-        let count = |name: HeaderName| {
-            name.id()
-                .and_then(|id| counts.get(usize::from(id)))
-                .copied()
-                .unwrap_or(0)
-        };
-        for &name in REQUIRED_HEADERS {
-            if count(name) == 0 {
+        if self.index.present & REQUIRED_MASK != REQUIRED_MASK {
+            if let Some(name) = REQUIRED_HEADERS.iter().find(|&&h| !self.has(h)) {
                 return Err(ParseError::MissingHeader(name.as_str()));
             }
         }
-        for &name in SINGLE_HEADERS {
-            if count(name) > 1 {
+        if self.index.repeated & SINGLE_MASK != 0 {
+            let repeated = |h: HeaderName| {
+                h.id()
+                    .is_some_and(|id| self.index.repeated & (1u64 << (id & 63)) != 0)
+            };
+            if let Some(name) = SINGLE_HEADERS.iter().find(|&&h| repeated(h)) {
                 return Err(ParseError::DuplicateHeader(name.as_str()));
             }
         }
@@ -503,8 +623,10 @@ impl<'a> Message<'a> {
         }
         self.max_forwards()?;
         self.expires()?;
-        name_addr::visit_contacts(self.fields(HeaderName::Contact).map(|h| h.value), |_| {})
-            .map_err(bad_value(HeaderName::Contact))?;
+        if self.has(HeaderName::Contact) {
+            name_addr::visit_contacts(self.field_values(HeaderName::Contact), |_| {})
+                .map_err(bad_value(HeaderName::Contact))?;
+        }
         for name in [HeaderName::Route, HeaderName::RecordRoute] {
             for entry in self.name_addrs(name) {
                 entry?;

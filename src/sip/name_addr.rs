@@ -202,7 +202,7 @@ pub(crate) fn visit_contacts<'a>(
     let mut stars = 0usize;
     let mut contacts = 0usize;
     for value in values {
-        for element in Split::new(value, b',') {
+        for element in Split::commas(value) {
             let element = lex::trim_lws(element);
             if element.is_empty() {
                 return Err("empty element");
@@ -226,7 +226,7 @@ pub(crate) fn visit_contacts<'a>(
 pub(crate) fn parse_list<'a>(
     value: &'a str,
 ) -> impl Iterator<Item = Result<NameAddr<'a>, &'static str>> {
-    Split::new(value, b',').map(|element| {
+    Split::commas(value).map(|element| {
         let element = lex::trim_lws(element);
         if element.is_empty() {
             Err("empty element")

@@ -73,42 +73,35 @@ pub struct Uri<'a> {
 /// Bytes a URI may contain unescaped (RFC 3261 §25.1 reserved, unreserved, `%`, and
 /// the brackets of IPv6 references). Anything else (space, `<`, `>`, `"`, controls,
 /// non-ASCII) means the URI is malformed.
-const fn uri_table() -> [bool; 256] {
-    let mut table = [false; 256];
-    let mut i = 0;
-    while i < 256 {
-        let b = i as u8;
-        table[i] = b.is_ascii_alphanumeric()
-            || matches!(
-                b,
-                b'-' | b'_'
-                    | b'.'
-                    | b'!'
-                    | b'~'
-                    | b'*'
-                    | b'\''
-                    | b'('
-                    | b')'
-                    | b';'
-                    | b'/'
-                    | b'?'
-                    | b':'
-                    | b'@'
-                    | b'&'
-                    | b'='
-                    | b'+'
-                    | b'$'
-                    | b','
-                    | b'%'
-                    | b'['
-                    | b']'
-            );
-        i += 1;
-    }
-    table
+const fn is_uri_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric()
+        || matches!(
+            b,
+            b'-' | b'_'
+                | b'.'
+                | b'!'
+                | b'~'
+                | b'*'
+                | b'\''
+                | b'('
+                | b')'
+                | b';'
+                | b'/'
+                | b'?'
+                | b':'
+                | b'@'
+                | b'&'
+                | b'='
+                | b'+'
+                | b'$'
+                | b','
+                | b'%'
+                | b'['
+                | b']'
+        )
 }
 
-fn is_unreserved(b: u8) -> bool {
+const fn is_unreserved(b: u8) -> bool {
     b.is_ascii_alphanumeric()
         || matches!(
             b,
@@ -116,22 +109,55 @@ fn is_unreserved(b: u8) -> bool {
         )
 }
 
-fn is_password_byte(b: u8) -> bool {
-    is_unreserved(b) || matches!(b, b'%' | b'&' | b'=' | b'+' | b'$' | b',')
+// Bits of `CHARS`, one per character set of the URI grammar, so a run of bytes is
+// checked against a set by AND-ing their entries (no branch per byte).
+const PARAMCHAR: u8 = 1;
+const HNVCHAR: u8 = 2;
+const PASSWORD: u8 = 4;
+/// Hostnames: RFC 3261 allows letters, digits, `-` and `.`; `_` is tolerated because
+/// PBXs put Windows-style host names into Contact.
+const HOSTNAME: u8 = 8;
+/// Digits and `.`: a host made only of these must be an IPv4 address.
+const NUMERIC: u8 = 16;
+
+const fn chars_table() -> [u8; 256] {
+    let mut table = [0u8; 256];
+    let mut i = 0;
+    while i < 256 {
+        let b = i as u8;
+        let u = is_unreserved(b);
+        let mut bits = 0;
+        if u || matches!(b, b'%' | b'[' | b']' | b'/' | b':' | b'&' | b'+' | b'$') {
+            bits |= PARAMCHAR;
+        }
+        if u || matches!(b, b'%' | b'[' | b']' | b'/' | b'?' | b':' | b'+' | b'$') {
+            bits |= HNVCHAR;
+        }
+        if u || matches!(b, b'%' | b'&' | b'=' | b'+' | b'$' | b',') {
+            bits |= PASSWORD;
+        }
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_') {
+            bits |= HOSTNAME;
+        }
+        if b.is_ascii_digit() || b == b'.' {
+            bits |= NUMERIC;
+        }
+        table[i] = bits;
+        i += 1;
+    }
+    table
+}
+
+static CHARS: [u8; 256] = chars_table();
+
+/// The `CHARS` bits every byte of `s` has.
+#[inline]
+fn common_bits(s: &[u8]) -> u8 {
+    s.iter().fold(0xff, |acc, &b| acc & CHARS[usize::from(b)])
 }
 
 fn is_paramchar(b: u8) -> bool {
-    is_unreserved(b) || matches!(b, b'%' | b'[' | b']' | b'/' | b':' | b'&' | b'+' | b'$')
-}
-
-fn is_hnvchar(b: u8) -> bool {
-    is_unreserved(b) || matches!(b, b'%' | b'[' | b']' | b'/' | b'?' | b':' | b'+' | b'$')
-}
-
-/// Hostnames: RFC 3261 allows letters, digits, `-` and `.`; `_` is tolerated because
-/// PBXs put Windows-style host names into Contact.
-fn is_hostname_byte(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_')
+    CHARS[usize::from(b)] & PARAMCHAR != 0
 }
 
 impl<'a> Uri<'a> {
@@ -205,48 +231,41 @@ impl fmt::Display for Uri<'_> {
 }
 
 fn scheme_kind(scheme: &str) -> Scheme {
-    if scheme.eq_ignore_ascii_case("sip") {
-        Scheme::Sip
-    } else if scheme.eq_ignore_ascii_case("sips") {
-        Scheme::Sips
-    } else if scheme.eq_ignore_ascii_case("tel") {
-        Scheme::Tel
-    } else {
-        Scheme::Other
+    match scheme.as_bytes() {
+        [s, i, p] if [*s, *i, *p].eq_ignore_ascii_case(b"sip") => Scheme::Sip,
+        [s, i, p, s2] if [*s, *i, *p, *s2].eq_ignore_ascii_case(b"sips") => Scheme::Sips,
+        [t, e, l] if [*t, *e, *l].eq_ignore_ascii_case(b"tel") => Scheme::Tel,
+        _ => Scheme::Other,
     }
 }
 
+fn is_scheme_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.')
+}
+
 pub(crate) fn parse(s: &str) -> Result<Uri<'_>, &'static str> {
-    let (scheme, rest) = lex::split_once_byte(s, b':').ok_or("missing scheme")?;
-    let mut sb = scheme.bytes();
-    if !sb.next().is_some_and(|b| b.is_ascii_alphabetic())
-        || !sb.all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.'))
-    {
+    let b = s.as_bytes();
+    let mut colon = 0;
+    while b.get(colon).copied().is_some_and(is_scheme_byte) {
+        colon += 1;
+    }
+    if b.get(colon) != Some(&b':') {
+        // The scheme is what precedes the first `:`; if there is one, a byte before
+        // it stopped the scan.
+        return Err(if b.contains(&b':') {
+            "bad scheme"
+        } else {
+            "missing scheme"
+        });
+    }
+    if !b.first().is_some_and(u8::is_ascii_alphabetic) {
         return Err("bad scheme");
     }
+    let (scheme, rest) = lex::split_around(s, colon);
     if rest.is_empty() {
         return Err("empty URI");
     }
-    // One pass checks every byte and notes where the parts of a sip URI split.
-    let mut marks = Marks::default();
-    for (i, &b) in rest.as_bytes().iter().enumerate() {
-        match URI_CLASS[usize::from(b)] {
-            PLAIN => {}
-            INVALID => return Err("invalid character"),
-            AT => {
-                if marks.at.is_none() {
-                    marks.at = Some(i);
-                    marks.delim = None;
-                }
-            }
-            PERCENT => marks.escaped = true,
-            _ => {
-                if marks.delim.is_none() {
-                    marks.delim = Some(i);
-                }
-            }
-        }
-    }
+    let marks = Marks::scan(rest.as_bytes())?;
     if marks.escaped && !lex::escapes_valid(rest) {
         return Err("invalid escape");
     }
@@ -275,9 +294,10 @@ const AT: u8 = 2;
 const PERCENT: u8 = 3;
 /// `;` or `?`: where the host part ends.
 const DELIM: u8 = 4;
+const COLON: u8 = 5;
+const BRACKET: u8 = 6;
 
 const fn uri_class_table() -> [u8; 256] {
-    let valid = uri_table();
     let mut table = [INVALID; 256];
     let mut i = 0;
     while i < 256 {
@@ -285,7 +305,9 @@ const fn uri_class_table() -> [u8; 256] {
             b'@' => AT,
             b'%' => PERCENT,
             b';' | b'?' => DELIM,
-            _ if valid[i] => PLAIN,
+            b':' => COLON,
+            b'[' | b']' => BRACKET,
+            b if is_uri_byte(b) => PLAIN,
             _ => INVALID,
         };
         i += 1;
@@ -295,14 +317,65 @@ const fn uri_class_table() -> [u8; 256] {
 
 static URI_CLASS: [u8; 256] = uri_class_table();
 
-/// Offsets in a URI's text after the scheme.
-#[derive(Default)]
+/// Offsets in a URI's text after the scheme, found in the one pass that checks every
+/// byte, so the sip parts split without looking again.
 struct Marks {
     /// The first `@`: the userinfo ends there.
     at: Option<usize>,
     /// The first `;` or `?` after `at` (or anywhere, without `@`).
     delim: Option<usize>,
+    /// The first `?` after `at` (or anywhere, without `@`).
+    question: Option<usize>,
+    /// The first `:` anywhere (the password separator when before `at`).
+    colon: Option<usize>,
+    /// The first `:` after `at` (or anywhere, without `@`) and before `delim`.
+    port_colon: Option<usize>,
+    /// The first `[` or `]` anywhere.
+    bracket: Option<usize>,
     escaped: bool,
+}
+
+impl Marks {
+    fn scan(rest: &[u8]) -> Result<Marks, &'static str> {
+        let mut m = Marks {
+            at: None,
+            delim: None,
+            question: None,
+            colon: None,
+            port_colon: None,
+            bracket: None,
+            escaped: false,
+        };
+        for (i, &b) in rest.iter().enumerate() {
+            match URI_CLASS[usize::from(b)] {
+                PLAIN => {}
+                INVALID => return Err("invalid character"),
+                AT => {
+                    if m.at.is_none() {
+                        m.at = Some(i);
+                        m.delim = None;
+                        m.question = None;
+                        m.port_colon = None;
+                    }
+                }
+                PERCENT => m.escaped = true,
+                DELIM => {
+                    m.delim = m.delim.or(Some(i));
+                    if b == b'?' {
+                        m.question = m.question.or(Some(i));
+                    }
+                }
+                COLON => {
+                    m.colon = m.colon.or(Some(i));
+                    if m.delim.is_none() {
+                        m.port_colon = m.port_colon.or(Some(i));
+                    }
+                }
+                _ => m.bracket = m.bracket.or(Some(i)),
+            }
+        }
+        Ok(m)
+    }
 }
 
 fn parse_sip<'a>(uri: &mut Uri<'a>, marks: &Marks) -> Result<(), &'static str> {
@@ -311,18 +384,20 @@ fn parse_sip<'a>(uri: &mut Uri<'a>, marks: &Marks) -> Result<(), &'static str> {
     // later part may contain `@` either: the first `@` ends the userinfo.
     let host_start = match marks.at {
         Some(at) => {
-            let userinfo = rest.get(..at).unwrap_or("");
-            let (user, password) = match lex::split_once_byte(userinfo, b':') {
-                Some((u, p)) => (u, Some(p)),
-                None => (userinfo, None),
+            let (user, password) = match marks.colon {
+                Some(c) if c < at => (
+                    rest.get(..c).unwrap_or(""),
+                    Some(rest.get(c + 1..at).unwrap_or("")),
+                ),
+                _ => (rest.get(..at).unwrap_or(""), None),
             };
             if user.is_empty() {
                 return Err("empty user");
             }
-            if user.bytes().any(|b| matches!(b, b'[' | b']')) {
+            if marks.bracket.is_some_and(|i| i < user.len()) {
                 return Err("invalid character in user");
             }
-            if password.is_some_and(|p| !p.bytes().all(is_password_byte)) {
+            if password.is_some_and(|p| common_bits(p.as_bytes()) & PASSWORD == 0) {
                 return Err("invalid character in password");
             }
             uri.user = Some(user);
@@ -333,11 +408,24 @@ fn parse_sip<'a>(uri: &mut Uri<'a>, marks: &Marks) -> Result<(), &'static str> {
     };
     let host_end = marks.delim.unwrap_or(rest.len());
     let hostport = rest.get(host_start..host_end).ok_or("bad host")?;
-    (uri.host, uri.port) = parse_hostport(hostport)?;
-    let tail = rest.get(host_end..).unwrap_or("");
-    let (params, headers) = match lex::split_once_byte(tail, b'?') {
-        Some((p, h)) => (p, Some(h)),
-        None => (tail, None),
+    (uri.host, uri.port) = if hostport.starts_with('[') {
+        parse_hostport(hostport)?
+    } else {
+        match marks.port_colon {
+            Some(c) => {
+                let port = parse_port(rest.get(c + 1..host_end).unwrap_or(""))?;
+                let host = parse_host_name(rest.get(host_start..c).unwrap_or(""))?;
+                (host, Some(port))
+            }
+            None => (parse_host_name(hostport)?, None),
+        }
+    };
+    let (params, headers) = match marks.question {
+        Some(q) => (
+            rest.get(host_end..q).unwrap_or(""),
+            Some(rest.get(q + 1..).unwrap_or("")),
+        ),
+        None => (rest.get(host_end..).unwrap_or(""), None),
     };
     if let Some(p) = params.strip_prefix(';') {
         check_uri_params(p)?;
@@ -367,17 +455,40 @@ fn parse_tel(uri: &mut Uri<'_>) -> Result<(), &'static str> {
     Ok(())
 }
 
+/// `name[=value]` pairs separated by `;`, each part non-empty paramchars; the first
+/// bad pair decides the error, its name before its value.
 fn check_uri_params(params: &str) -> Result<(), &'static str> {
-    for p in params.split(';') {
-        let (name, value) = match p.split_once('=') {
-            Some((n, v)) => (n, Some(v)),
-            None => (p, None),
-        };
-        if name.is_empty() || !name.bytes().all(is_paramchar) {
-            return Err("bad parameter");
-        }
-        if value.is_some_and(|v| v.is_empty() || !v.bytes().all(is_paramchar)) {
-            return Err("bad parameter value");
+    let mut name = 0xff;
+    let mut name_len = 0usize;
+    // `Some` once the pair's first `=` is seen.
+    let mut value: Option<(u8, usize)> = None;
+    for &b in params.as_bytes().iter().chain(std::iter::once(&b';')) {
+        match (b, &mut value) {
+            (b';', _) => {
+                if name_len == 0 || name & PARAMCHAR == 0 {
+                    return Err("bad parameter");
+                }
+                if let Some((bits, len)) = value {
+                    if len == 0 || bits & PARAMCHAR == 0 {
+                        return Err("bad parameter value");
+                    }
+                }
+                (name, name_len, value) = (0xff, 0, None);
+            }
+            (b'=', None) => {
+                if name_len == 0 || name & PARAMCHAR == 0 {
+                    return Err("bad parameter");
+                }
+                value = Some((0xff, 0));
+            }
+            (_, None) => {
+                name &= CHARS[usize::from(b)];
+                name_len += 1;
+            }
+            (_, Some((bits, len))) => {
+                *bits &= CHARS[usize::from(b)];
+                *len += 1;
+            }
         }
     }
     Ok(())
@@ -385,8 +496,9 @@ fn check_uri_params(params: &str) -> Result<(), &'static str> {
 
 fn check_uri_headers(headers: &str) -> Result<(), &'static str> {
     for h in headers.split('&') {
-        let (name, value) = h.split_once('=').ok_or("bad header")?;
-        if name.is_empty() || !name.bytes().all(is_hnvchar) || !value.bytes().all(is_hnvchar) {
+        let (name, value) = lex::split_once_byte(h, b'=').ok_or("bad header")?;
+        if name.is_empty() || common_bits(name.as_bytes()) & common_bits(value.as_bytes()) & HNVCHAR == 0
+        {
             return Err("bad header");
         }
     }
@@ -416,29 +528,62 @@ pub(crate) fn parse_host_name(host: &str) -> Result<Host<'_>, &'static str> {
     if host.is_empty() {
         return Err("empty host");
     }
-    let mut numeric = true;
-    for b in host.bytes() {
-        if !is_hostname_byte(b) {
-            return Err("bad host");
-        }
-        numeric &= b.is_ascii_digit() || b == b'.';
+    let bits = common_bits(host.as_bytes());
+    if bits & HOSTNAME == 0 {
+        return Err("bad host");
     }
     // A name's top label starts with a letter, so digits and dots alone must be an
     // IPv4 address: this is what refuses `sip:2001:db8::10` (RFC 5118 §4.2).
-    if numeric {
-        return host
-            .parse::<Ipv4Addr>()
+    if bits & NUMERIC != 0 {
+        return parse_ipv4(host.as_bytes())
             .map(Host::V4)
-            .map_err(|_| "bad IPv4 address");
+            .ok_or("bad IPv4 address");
     }
     Ok(Host::Name(host))
 }
 
+/// Dotted-quad IPv4 as `Ipv4Addr::from_str` reads it (four decimal octets of one to
+/// three digits, no leading zero), without its generic parser machinery.
+pub(crate) fn parse_ipv4(s: &[u8]) -> Option<Ipv4Addr> {
+    let mut octets = [0u8; 4];
+    let mut i = 0;
+    for (n, octet) in octets.iter_mut().enumerate() {
+        if n > 0 {
+            if s.get(i) != Some(&b'.') {
+                return None;
+            }
+            i += 1;
+        }
+        let start = i;
+        let mut value = 0u32;
+        while i - start < 3 {
+            match s.get(i) {
+                Some(&d) if d.is_ascii_digit() => value = value * 10 + u32::from(d - b'0'),
+                _ => break,
+            }
+            i += 1;
+        }
+        let leading_zero = i - start > 1 && s.get(start) == Some(&b'0');
+        if i == start || leading_zero {
+            return None;
+        }
+        *octet = u8::try_from(value).ok()?;
+    }
+    (i == s.len()).then_some(Ipv4Addr::from(octets))
+}
+
 pub(crate) fn parse_port(p: &str) -> Result<u16, &'static str> {
-    if p.is_empty() || p.len() > 5 || !p.bytes().all(|b| b.is_ascii_digit()) {
+    if p.is_empty() || p.len() > 5 {
         return Err("bad port");
     }
-    p.parse::<u16>().map_err(|_| "bad port")
+    let mut n = 0u32;
+    for b in p.bytes() {
+        if !b.is_ascii_digit() {
+            return Err("bad port");
+        }
+        n = n * 10 + u32::from(b - b'0');
+    }
+    u16::try_from(n).map_err(|_| "bad port")
 }
 
 #[cfg(test)]

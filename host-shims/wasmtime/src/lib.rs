@@ -12,6 +12,7 @@ use serde::Deserialize;
 use wasmtime::{Caller, Config, Engine, Instance, Linker, Memory, Module, Store, TypedFunc};
 
 pub mod kv;
+pub mod relay;
 pub mod replay;
 
 pub use kv::{KvBackend, MemoryKv};

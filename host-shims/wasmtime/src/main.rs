@@ -41,6 +41,18 @@ enum Command {
         #[arg(long)]
         nonce_secret: Option<String>,
     },
+    /// The alert relay: receive alert events from hosts, mail them (docs/alerts.md).
+    Alerts {
+        #[command(subcommand)]
+        command: AlertsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum AlertsCommand {
+    /// Serve the loopback endpoint hosts post alert events to; deliver them by SMTP
+    /// and to webhooks, retrying until delivered.
+    Serve(trunkguard_host::relay::ServeArgs),
 }
 
 fn main() -> ExitCode {
@@ -60,6 +72,9 @@ fn main() -> ExitCode {
             summary,
             nonce_secret.as_deref(),
         ),
+        Command::Alerts {
+            command: AlertsCommand::Serve(args),
+        } => trunkguard_host::relay::serve(args),
     };
     match result {
         Ok(code) => code,

@@ -1,0 +1,195 @@
+//! The wasm-bindgen front (cargo feature `js`): a `TrunkPolicy` class for Node.js and
+//! browsers. The same engine as every other host; state lives in a JavaScript store
+//! object (a `Map` by default) so a Node.js host can share it between instances or
+//! back it with Redis.
+
+use std::net::SocketAddr;
+
+use js_sys::{Function, Reflect, Uint8Array};
+use wasm_bindgen::prelude::*;
+
+use crate::alert::Alert;
+use crate::engine::{Engine, Host};
+use crate::policy::Input;
+use crate::sip::Transport;
+use crate::store::{Store, StoreError};
+
+#[wasm_bindgen(typescript_custom_section)]
+const TS_TYPES: &'static str = r#"
+/** Where the policy keeps bindings, nonce secret and alert throttles. A `Map` works. */
+export interface TrunkStore {
+  get(key: string): string | undefined;
+  set(key: string, value: string): unknown;
+  delete(key: string): unknown;
+}
+/** A verdict (docs/abi.md). */
+export interface Verdict {
+  action: "allow" | "challenge" | "reject" | "accept" | "route";
+  code?: number; reason?: string; cause?: string; trunk_group?: string;
+  target?: string; next_hop?: string; headers?: [string, string][];
+}
+"#;
+
+/// The JavaScript side of the host: a store object, an optional alert callback.
+struct JsHost<'a> {
+    store: &'a JsValue,
+    on_alert: Option<&'a Function>,
+}
+
+fn call(target: &JsValue, method: &str, args: &[JsValue]) -> Result<JsValue, StoreError> {
+    let f: Function = Reflect::get(target, &JsValue::from_str(method))
+        .ok()
+        .and_then(|f| f.dyn_into().ok())
+        .ok_or_else(|| StoreError(format!("store has no {method}() method")))?;
+    let args: js_sys::Array = args.iter().collect();
+    f.apply(target, &args)
+        .map_err(|e| StoreError(format!("store.{method}() threw: {}", describe(&e))))
+}
+
+fn describe(e: &JsValue) -> String {
+    e.as_string()
+        .or_else(|| Reflect::get(e, &"message".into()).ok()?.as_string())
+        .unwrap_or_else(|| "an exception".into())
+}
+
+impl Store for JsHost<'_> {
+    fn get(&mut self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let v = call(self.store, "get", &[key.into()])?;
+        if v.is_undefined() || v.is_null() {
+            return Ok(None);
+        }
+        if let Some(s) = v.as_string() {
+            return Ok(Some(s.into_bytes()));
+        }
+        if let Some(bytes) = v.dyn_ref::<Uint8Array>() {
+            return Ok(Some(bytes.to_vec()));
+        }
+        Err(StoreError(format!("store.get({key}) returned neither a string nor bytes")))
+    }
+
+    fn set(&mut self, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        // Values are JSON or hex text: keep them strings so a Map stays readable.
+        let text = String::from_utf8_lossy(value);
+        call(self.store, "set", &[key.into(), JsValue::from_str(&text)]).map(|_| ())
+    }
+
+    fn delete(&mut self, key: &str) -> Result<(), StoreError> {
+        call(self.store, "delete", &[key.into()]).map(|_| ())
+    }
+}
+
+impl Host for JsHost<'_> {
+    fn alert(&mut self, alert: &Alert) {
+        if let (Some(f), Ok(json)) = (self.on_alert, serde_json::to_string(alert)) {
+            if let Ok(value) = js_sys::JSON::parse(&json) {
+                // An exception in the alert callback must not change the verdict.
+                let _ = f.call1(&JsValue::NULL, &value);
+            }
+        }
+    }
+
+    fn fill_random(&mut self, buf: &mut [u8]) {
+        // Web Crypto exists in browsers and in Node.js ≥ 19 as globalThis.crypto.
+        let filled = Reflect::get(&js_sys::global(), &"crypto".into())
+            .ok()
+            .and_then(|crypto| {
+                let f: Function = Reflect::get(&crypto, &"getRandomValues".into()).ok()?.dyn_into().ok()?;
+                let array = Uint8Array::new_with_length(u32::try_from(buf.len()).ok()?);
+                f.call1(&crypto, &array).ok()?;
+                array.copy_to(buf);
+                Some(())
+            });
+        if filled.is_none() {
+            for b in buf.iter_mut() {
+                *b = (js_sys::Math::random() * 256.0) as u8;
+            }
+        }
+    }
+}
+
+/// A trunk access policy instance.
+#[wasm_bindgen]
+pub struct TrunkPolicy {
+    engine: Engine,
+    store: JsValue,
+    on_alert: Option<Function>,
+}
+
+#[wasm_bindgen]
+impl TrunkPolicy {
+    /// `store`: an object with get/set/delete (default: a new `Map`). Share one store
+    /// between instances to share bindings.
+    #[wasm_bindgen(constructor)]
+    pub fn new(store: Option<js_sys::Object>) -> TrunkPolicy {
+        TrunkPolicy {
+            engine: Engine::new(),
+            store: store.map(JsValue::from).unwrap_or_else(|| js_sys::Map::new().into()),
+            on_alert: None,
+        }
+    }
+
+    /// Receives every alert event (an object, docs/alerts.md).
+    #[wasm_bindgen(js_name = onAlert)]
+    pub fn on_alert(&mut self, callback: Option<Function>) {
+        self.on_alert = callback;
+    }
+
+    /// Pushes a configuration (JSON text). Throws an Error whose message is
+    /// `path: reason` and which carries `path` and `reason` properties; the previous
+    /// configuration stays in force. Returns the new generation.
+    pub fn configure(&mut self, json: &str) -> Result<f64, JsValue> {
+        let mut host = JsHost { store: &self.store, on_alert: self.on_alert.as_ref() };
+        match self.engine.configure(json.as_bytes(), &mut host) {
+            Ok(generation) => Ok(generation as f64),
+            Err(e) => {
+                let err = js_sys::Error::new(&e.to_string());
+                let _ = Reflect::set(&err, &"path".into(), &JsValue::from_str(&e.path));
+                let _ = Reflect::set(&err, &"reason".into(), &JsValue::from_str(&e.reason));
+                Err(err.into())
+            }
+        }
+    }
+
+    /// The configuration generation in force (0: none yet).
+    #[wasm_bindgen(getter)]
+    pub fn generation(&self) -> f64 {
+        self.engine.generation() as f64
+    }
+
+    /// Judges one message (a string or bytes) from `source` (`ip:port`, IPv6 in
+    /// brackets) over `transport` (`udp`, `tcp`, …) at `nowMs`. Returns the verdict.
+    #[wasm_bindgen(unchecked_return_type = "Verdict")]
+    pub fn judge(&mut self, message: JsValue, source: &str, transport: &str, now_ms: f64) -> Result<JsValue, JsValue> {
+        let bytes = match message.as_string() {
+            Some(s) => s.into_bytes(),
+            None => message
+                .dyn_ref::<Uint8Array>()
+                .map(Uint8Array::to_vec)
+                .ok_or_else(|| js_sys::Error::new("message must be a string or a Uint8Array"))?,
+        };
+        let source: SocketAddr = source
+            .parse()
+            .map_err(|_| js_sys::Error::new(&format!("source {source:?} is not ip:port (IPv6 in brackets)")))?;
+        let transport: Transport = transport
+            .parse()
+            .map_err(|_| js_sys::Error::new(&format!("unknown transport {transport:?}")))?;
+        if !(now_ms.is_finite() && now_ms >= 0.0) {
+            return Err(js_sys::Error::new("nowMs must be a non-negative number").into());
+        }
+        let mut host = JsHost { store: &self.store, on_alert: self.on_alert.as_ref() };
+        let input = Input { message: &bytes, source, transport, now_ms: now_ms as u64 };
+        let verdict = self.engine.judge(&input, &mut host);
+        let json = serde_json::to_string(&verdict).map_err(|e| js_sys::Error::new(&e.to_string()))?;
+        js_sys::JSON::parse(&json)
+    }
+
+    /// Closes expired alert windows; their summaries go to the alert callback.
+    /// Returns how many were sent. Call it every few seconds.
+    pub fn tick(&mut self, now_ms: f64) -> Result<u32, JsValue> {
+        let mut host = JsHost { store: &self.store, on_alert: self.on_alert.as_ref() };
+        self.engine
+            .tick(now_ms as u64, &mut host)
+            .map(|n| u32::try_from(n).unwrap_or(u32::MAX))
+            .map_err(|e| js_sys::Error::new(&e.to_string()).into())
+    }
+}
