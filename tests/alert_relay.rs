@@ -337,6 +337,20 @@ fn ids_of(mails: &[Value]) -> BTreeMap<String, usize> {
     seen
 }
 
+/// How often each (event id, envelope recipient) was delivered.
+fn deliveries(mails: &[Value]) -> BTreeMap<(String, String), usize> {
+    let mut seen = BTreeMap::new();
+    for m in mails {
+        let id = ids_of(std::slice::from_ref(m)).into_keys().next().unwrap();
+        for rcpt in m["rcpt_tos"].as_array().unwrap() {
+            *seen
+                .entry((id.clone(), rcpt.as_str().unwrap().to_string()))
+                .or_default() += 1;
+        }
+    }
+    seen
+}
+
 fn files(dir: &Path) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(dir)
         .map(|d| {
@@ -479,6 +493,9 @@ fn a_duplicate_event_id_is_mailed_once() {
     );
 }
 
+/// (method, path, authorization, body, status, words in the reason)
+type BadCase<'a> = (&'a str, &'a str, Option<&'a str>, String, u16, &'a str);
+
 #[test]
 fn bad_input_gets_a_4xx_with_the_reason() {
     let scratch = Scratch::new("bad-input");
@@ -497,8 +514,7 @@ fn bad_input_gets_a_4xx_with_the_reason() {
     let mut huge = good.clone();
     huge["description"] = json!("x".repeat(5000));
 
-    // (method, path, authorization, body, status, words in the reason)
-    let cases: Vec<(&str, &str, Option<&str>, String, u16, &str)> = vec![
+    let cases: Vec<BadCase<'_>> = vec![
         (
             "POST",
             "/v1/alerts",
@@ -675,29 +691,32 @@ fn smtp_down_for_a_while_then_everything_is_delivered() {
 #[ignore = "needs aiosmtpd: run by scripts/test-alerts"]
 fn relay_restarted_mid_queue_loses_nothing_and_sends_nothing_twice() {
     let scratch = Scratch::new("restart");
-    let mut sink = Sink::start(&scratch, 0, &[]);
+    // The first server defers one recipient (451), so one event is half delivered
+    // when the relay dies.
+    let mut sink = Sink::start(&scratch, 0, &["--defer", "later"]);
     let port = sink.port;
     let mut relay = Relay::start(&scratch, "queue", port, &[]);
+    let post = |relay: &Relay, id: &str, rcpts: &[&str]| {
+        let (code, answer) = relay.post(&blocked_call(id, rcpts));
+        assert_eq!(code, 202, "{id}: {answer}");
+    };
     for n in 1..=3 {
-        assert_eq!(
-            relay
-                .post(&blocked_call(&format!("r-{n}"), &["noc@example.com"]))
-                .0,
-            202
-        );
+        post(&relay, &format!("r-{n}"), &["noc@example.com"]);
     }
-    sink.wait_for(3);
-    relay.wait_idle();
+    post(&relay, "r-8", &["noc@example.com", "later@example.com"]);
+    sink.wait_for(4);
+    poll("the deferred recipient to be retried", WAIT, || {
+        let record = std::fs::read_to_string(scratch.path("queue/pending/r-8.json")).ok()?;
+        let record: Value = serde_json::from_str(&record).ok()?;
+        (record["done"] == json!(["mail:noc@example.com"])
+            && record["retry"]["mail:later@example.com"]["attempts"].as_u64() >= Some(1))
+        .then_some(())
+    });
 
     // The server goes away; four more arrive; the relay dies with them queued.
     sink.stop();
     for n in 4..=7 {
-        assert_eq!(
-            relay
-                .post(&blocked_call(&format!("r-{n}"), &["noc@example.com"]))
-                .0,
-            202
-        );
+        post(&relay, &format!("r-{n}"), &["noc@example.com"]);
     }
     poll("a failed attempt", WAIT, || {
         (relay.health()["channels"]["smtp"]["state"] == "down").then_some(())
@@ -706,22 +725,26 @@ fn relay_restarted_mid_queue_loses_nothing_and_sends_nothing_twice() {
     let pending = files(&scratch.path("queue/pending"));
     assert_eq!(
         pending,
-        ["r-4.json", "r-5.json", "r-6.json", "r-7.json"],
+        ["r-4.json", "r-5.json", "r-6.json", "r-7.json", "r-8.json"],
         "{}",
         relay.log()
     );
 
     let sink = Sink::start(&scratch, port, &[]);
     let relay = Relay::start(&scratch, "queue", port, &[]);
-    sink.wait_for(7);
+    sink.wait_for(9);
     relay.wait_idle();
-    let want: BTreeMap<String, usize> = (1..=7).map(|n| (format!("r-{n}"), 1)).collect();
-    assert_eq!(ids_of(&sink.messages()), want, "{}", relay.log());
-    assert!(relay.log().contains(": 4 pending"), "{}", relay.log());
+    let mut want: BTreeMap<(String, String), usize> = (1..=7)
+        .map(|n| ((format!("r-{n}"), "noc@example.com".to_string()), 1))
+        .collect();
+    want.insert(("r-8".into(), "noc@example.com".into()), 1);
+    want.insert(("r-8".into(), "later@example.com".into()), 1);
+    assert_eq!(deliveries(&sink.messages()), want, "{}", relay.log());
+    assert!(relay.log().contains(": 5 pending"), "{}", relay.log());
     // The restarted relay still knows what it delivered before.
-    for n in [1, 5] {
-        let (code, _) = relay.post(&blocked_call(&format!("r-{n}"), &["noc@example.com"]));
-        assert_eq!(code, 200);
+    for id in ["r-1", "r-5", "r-8"] {
+        let (code, _) = relay.post(&blocked_call(id, &["noc@example.com"]));
+        assert_eq!(code, 200, "{id}");
     }
 }
 

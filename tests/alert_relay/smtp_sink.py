@@ -6,7 +6,8 @@ Prints "listening PORT" once the socket is bound (port 0 picks a free one).
 
 Options: --auth USER:PASS requires AUTH; --tls-ca-out PATH makes a CA and a
 certificate for 127.0.0.1 (trustme), writes the CA's PEM there and requires
-STARTTLS; --reject SUBSTR answers 550 to recipients containing SUBSTR.
+STARTTLS; --reject SUBSTR answers 550 to recipients containing SUBSTR, --defer
+SUBSTR 451.
 """
 
 import argparse
@@ -22,13 +23,16 @@ from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 
 
 class Sink:
-    def __init__(self, out_dir, reject):
+    def __init__(self, out_dir, reject, defer):
         self.out_dir = out_dir
         self.reject = reject
+        self.defer = defer
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
         if self.reject and self.reject in address:
             return "550 5.1.1 <%s>: mailbox unavailable" % address
+        if self.defer and self.defer in address:
+            return "451 4.3.0 <%s>: try again later" % address
         envelope.rcpt_tos.append(address)
         return "250 OK"
 
@@ -63,6 +67,7 @@ def main():
     ap.add_argument("--auth")
     ap.add_argument("--tls-ca-out")
     ap.add_argument("--reject")
+    ap.add_argument("--defer")
     args = ap.parse_args()
     os.makedirs(args.dir, exist_ok=True)
 
@@ -88,7 +93,7 @@ def main():
             )
             return AuthResult(success=ok, handled=False)
 
-    handler = Sink(args.dir, args.reject)
+    handler = Sink(args.dir, args.reject, args.defer)
 
     def factory():
         return SMTP(

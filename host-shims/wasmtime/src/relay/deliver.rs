@@ -58,6 +58,11 @@ impl Status {
         self.channels.lock().map(|c| c.clone()).unwrap_or_default()
     }
 
+    /// Lists a channel as "unknown" before its first attempt.
+    pub fn register(&self, channel: &str) {
+        self.with(channel, |_| {});
+    }
+
     fn with(&self, channel: &str, f: impl FnOnce(&mut ChannelState)) {
         if let Ok(mut c) = self.channels.lock() {
             let entry = c.entry(channel.to_string()).or_insert(ChannelState {
@@ -148,6 +153,10 @@ impl Deliverer {
 
     /// Runs for the life of the process; returns only if the queue breaks.
     pub fn run(self) -> Result<(), QueueError> {
+        self.status.register(SMTP);
+        for w in &self.webhooks {
+            self.status.register(&format!("webhook:{}", w.name));
+        }
         let mut last_prune: Option<Instant> = None;
         loop {
             if last_prune.is_none_or(|t| t.elapsed() > Duration::from_secs(3600)) {

@@ -243,6 +243,16 @@ mod tests {
         )
     }
 
+    /// (peer, method, path, authorization, content length, expected)
+    type Case<'a> = (
+        Option<IpAddr>,
+        &'a str,
+        &'a str,
+        Option<&'a str>,
+        Option<usize>,
+        Result<Route, u16>,
+    );
+
     #[test]
     fn routing_table() {
         let (ep, dir) = endpoint();
@@ -250,15 +260,7 @@ mod tests {
         let mapped: Option<IpAddr> = Some("::ffff:127.0.0.1".parse().unwrap());
         let other: Option<IpAddr> = Some("192.0.2.1".parse().unwrap());
         let good = Some("Bearer s3cret-token");
-        // (peer, method, path, authorization, content length, expected)
-        let cases: Vec<(
-            Option<IpAddr>,
-            &str,
-            &str,
-            Option<&str>,
-            Option<usize>,
-            Result<Route, u16>,
-        )> = vec![
+        let cases: Vec<Case<'_>> = vec![
             (local, "POST", "/v1/alerts", good, Some(10), Ok(Route::Post)),
             (mapped, "POST", "/v1/alerts", good, None, Ok(Route::Post)),
             (local, "GET", "/v1/health", None, None, Ok(Route::Health)),

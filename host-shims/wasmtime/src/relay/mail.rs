@@ -85,6 +85,8 @@ pub fn render(a: &Alert) -> Rendered {
         ),
     };
 
+    // In sentences; the module always sends `source`, this is only for hand-made events.
+    let from_ip = source_ip.as_deref().unwrap_or("the source address");
     let mut b = String::new();
     let headline = match (a.kind, a.summary) {
         (AlertKind::BlockedCall, false) => format!(
@@ -264,6 +266,16 @@ pub enum TlsMode {
     Starttls,
     /// TLS from the first byte (submissions, port 465).
     Tls,
+}
+
+impl TlsMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TlsMode::None => "plain",
+            TlsMode::Starttls => "STARTTLS",
+            TlsMode::Tls => "TLS",
+        }
+    }
 }
 
 #[derive(Debug, Clone)]

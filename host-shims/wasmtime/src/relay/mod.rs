@@ -85,6 +85,7 @@ pub struct ServeArgs {
     /// Sender of the e-mails, e.g. "trunkguard <alerts@example.net>".
     #[arg(long)]
     pub from: String,
+    /// SMTP server (a local MTA, or the provider's submission server).
     #[arg(long, default_value = "localhost")]
     pub smtp_host: String,
     /// Default: 25 with --smtp-tls none, 587 with starttls, 465 with tls.
@@ -105,6 +106,7 @@ pub struct ServeArgs {
     /// Name sent in EHLO (default: this machine's host name).
     #[arg(long)]
     pub smtp_hello: Option<String>,
+    /// Longest wait for the SMTP server at any step of a delivery.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     pub smtp_timeout: Duration,
     /// Address that gets a copy of every alert (a NOC); repeatable.
@@ -115,12 +117,14 @@ pub struct ServeArgs {
     /// /v1/health instead of the URL, which often holds a secret); repeatable.
     #[arg(long = "webhook")]
     pub webhooks: Vec<String>,
+    /// Longest wait for a webhook's answer.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub webhook_timeout: Duration,
 
     /// First retry delay after a failure; doubles up to --retry-max.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     pub retry_min: Duration,
+    /// Longest retry delay.
     #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
     pub retry_max: Duration,
 }
@@ -315,6 +319,7 @@ fn run(args: &ServeArgs) -> Result<ExitCode, RelayError> {
         .unwrap_or_else(|| args.listen.to_string());
     let server = Arc::new(server);
 
+    let n_webhooks = plan.webhooks.len();
     let deliverer = Deliverer {
         queue: queue.clone(),
         status: status.clone(),
@@ -358,11 +363,17 @@ fn run(args: &ServeArgs) -> Result<ExitCode, RelayError> {
     println!("listening on http://{bound}{}", http::ALERTS_PATH);
     let _ = std::io::stdout().flush();
     log(&format!(
-        "listening on http://{bound}{}; mail via {}:{} ({:?})",
+        "listening on http://{bound}{}; mail via {}:{} ({}{}), {} webhook(s)",
         http::ALERTS_PATH,
         plan.smtp.host,
         plan.smtp.port,
-        plan.smtp.tls
+        plan.smtp.tls.as_str(),
+        if plan.smtp.user.is_some() {
+            ", AUTH"
+        } else {
+            ""
+        },
+        n_webhooks
     ));
 
     // Delivery only stops when the queue itself fails (disk gone): then the relay
