@@ -64,7 +64,9 @@ impl Store for JsHost<'_> {
         if let Some(bytes) = v.dyn_ref::<Uint8Array>() {
             return Ok(Some(bytes.to_vec()));
         }
-        Err(StoreError(format!("store.get({key}) returned neither a string nor bytes")))
+        Err(StoreError(format!(
+            "store.get({key}) returned neither a string nor bytes"
+        )))
     }
 
     fn set(&mut self, key: &str, value: &[u8]) -> Result<(), StoreError> {
@@ -93,7 +95,10 @@ impl Host for JsHost<'_> {
         let filled = Reflect::get(&js_sys::global(), &"crypto".into())
             .ok()
             .and_then(|crypto| {
-                let f: Function = Reflect::get(&crypto, &"getRandomValues".into()).ok()?.dyn_into().ok()?;
+                let f: Function = Reflect::get(&crypto, &"getRandomValues".into())
+                    .ok()?
+                    .dyn_into()
+                    .ok()?;
                 let array = Uint8Array::new_with_length(u32::try_from(buf.len()).ok()?);
                 f.call1(&crypto, &array).ok()?;
                 array.copy_to(buf);
@@ -123,7 +128,9 @@ impl TrunkPolicy {
     pub fn new(store: Option<js_sys::Object>) -> TrunkPolicy {
         TrunkPolicy {
             engine: Engine::new(),
-            store: store.map(JsValue::from).unwrap_or_else(|| js_sys::Map::new().into()),
+            store: store
+                .map(JsValue::from)
+                .unwrap_or_else(|| js_sys::Map::new().into()),
             on_alert: None,
         }
     }
@@ -138,7 +145,10 @@ impl TrunkPolicy {
     /// `path: reason` and which carries `path` and `reason` properties; the previous
     /// configuration stays in force. Returns the new generation.
     pub fn configure(&mut self, json: &str) -> Result<f64, JsValue> {
-        let mut host = JsHost { store: &self.store, on_alert: self.on_alert.as_ref() };
+        let mut host = JsHost {
+            store: &self.store,
+            on_alert: self.on_alert.as_ref(),
+        };
         match self.engine.configure(json.as_bytes(), &mut host) {
             Ok(generation) => Ok(generation as f64),
             Err(e) => {
@@ -159,7 +169,13 @@ impl TrunkPolicy {
     /// Judges one message (a string or bytes) from `source` (`ip:port`, IPv6 in
     /// brackets) over `transport` (`udp`, `tcp`, …) at `nowMs`. Returns the verdict.
     #[wasm_bindgen(unchecked_return_type = "Verdict")]
-    pub fn judge(&mut self, message: JsValue, source: &str, transport: &str, now_ms: f64) -> Result<JsValue, JsValue> {
+    pub fn judge(
+        &mut self,
+        message: JsValue,
+        source: &str,
+        transport: &str,
+        now_ms: f64,
+    ) -> Result<JsValue, JsValue> {
         let bytes = match message.as_string() {
             Some(s) => s.into_bytes(),
             None => message
@@ -167,26 +183,40 @@ impl TrunkPolicy {
                 .map(Uint8Array::to_vec)
                 .ok_or_else(|| js_sys::Error::new("message must be a string or a Uint8Array"))?,
         };
-        let source: SocketAddr = source
-            .parse()
-            .map_err(|_| js_sys::Error::new(&format!("source {source:?} is not ip:port (IPv6 in brackets)")))?;
+        let source: SocketAddr = source.parse().map_err(|_| {
+            js_sys::Error::new(&format!(
+                "source {source:?} is not ip:port (IPv6 in brackets)"
+            ))
+        })?;
         let transport: Transport = transport
             .parse()
             .map_err(|_| js_sys::Error::new(&format!("unknown transport {transport:?}")))?;
         if !(now_ms.is_finite() && now_ms >= 0.0) {
             return Err(js_sys::Error::new("nowMs must be a non-negative number").into());
         }
-        let mut host = JsHost { store: &self.store, on_alert: self.on_alert.as_ref() };
-        let input = Input { message: &bytes, source, transport, now_ms: now_ms as u64 };
+        let mut host = JsHost {
+            store: &self.store,
+            on_alert: self.on_alert.as_ref(),
+        };
+        let input = Input {
+            message: &bytes,
+            source,
+            transport,
+            now_ms: now_ms as u64,
+        };
         let verdict = self.engine.judge(&input, &mut host);
-        let json = serde_json::to_string(&verdict).map_err(|e| js_sys::Error::new(&e.to_string()))?;
+        let json =
+            serde_json::to_string(&verdict).map_err(|e| js_sys::Error::new(&e.to_string()))?;
         js_sys::JSON::parse(&json)
     }
 
     /// Closes expired alert windows; their summaries go to the alert callback.
     /// Returns how many were sent. Call it every few seconds.
     pub fn tick(&mut self, now_ms: f64) -> Result<u32, JsValue> {
-        let mut host = JsHost { store: &self.store, on_alert: self.on_alert.as_ref() };
+        let mut host = JsHost {
+            store: &self.store,
+            on_alert: self.on_alert.as_ref(),
+        };
         self.engine
             .tick(now_ms as u64, &mut host)
             .map(|n| u32::try_from(n).unwrap_or(u32::MAX))

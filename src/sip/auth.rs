@@ -68,44 +68,46 @@ impl<'a> Value<'a> {
     }
 }
 
-#[derive(Default)]
-struct Fields<'a> {
-    username: Option<Value<'a>>,
-    realm: Option<Value<'a>>,
-    nonce: Option<Value<'a>>,
-    uri: Option<Value<'a>>,
-    response: Option<Value<'a>>,
-    algorithm: Option<Value<'a>>,
-    cnonce: Option<Value<'a>>,
-    opaque: Option<Value<'a>>,
-    qop: Option<Value<'a>>,
-    nc: Option<Value<'a>>,
-    userhash: Option<Value<'a>>,
-}
+// Where `parse` keeps each parameter it reads.
+const USERNAME: usize = 0;
+const REALM: usize = 1;
+const NONCE: usize = 2;
+const URI: usize = 3;
+const RESPONSE: usize = 4;
+const ALGORITHM: usize = 5;
+const CNONCE: usize = 6;
+const OPAQUE: usize = 7;
+const QOP: usize = 8;
+const NC: usize = 9;
+const USERHASH: usize = 10;
 
-impl<'a> Fields<'a> {
-    /// The field a parameter name (a token, any case) fills, if it is one we read.
-    fn slot(&mut self, name: &str) -> Option<&mut Option<Value<'a>>> {
-        let b = name.as_bytes();
-        // Length and first letter leave at most one candidate to compare.
-        let (slot, want) = match (b.len(), b.first()? | 0x20) {
-            (8, b'u') if b.get(4).is_some_and(|c| c | 0x20 == b'n') => {
-                (&mut self.username, "username")
-            }
-            (8, b'u') => (&mut self.userhash, "userhash"),
-            (5, b'r') => (&mut self.realm, "realm"),
-            (5, b'n') => (&mut self.nonce, "nonce"),
-            (3, b'u') => (&mut self.uri, "uri"),
-            (8, b'r') => (&mut self.response, "response"),
-            (9, b'a') => (&mut self.algorithm, "algorithm"),
-            (6, b'c') => (&mut self.cnonce, "cnonce"),
-            (6, b'o') => (&mut self.opaque, "opaque"),
-            (3, b'q') => (&mut self.qop, "qop"),
-            (2, b'n') => (&mut self.nc, "nc"),
-            _ => return None,
-        };
-        name.eq_ignore_ascii_case(want).then_some(slot)
+/// Which parameter a name (`b[at..at + len]`, any case) is, if it is one we read.
+#[inline]
+fn param_index(b: &[u8], at: usize, len: usize) -> Option<usize> {
+    const fn word(name: &str) -> u64 {
+        lex::pack_lower(name, 0)
     }
+    // Length and first letter leave at most two candidates; the names are letters,
+    // so one folded word compares them exactly (see `lex::FOLD`).
+    let w = (lex::load_word(b, at) | lex::FOLD) & lex::low_bytes(len);
+    let first = b.get(at)? | 0x20;
+    let (index, want) = match (len, first) {
+        (8, b'u') if w == word("userhash") => (USERHASH, w),
+        (8, b'u') => (USERNAME, word("username")),
+        (5, b'r') => (REALM, word("realm")),
+        (5, b'n') => (NONCE, word("nonce")),
+        (3, b'u') => (URI, word("uri")),
+        (8, b'r') => (RESPONSE, word("response")),
+        (9, b'a') if b.get(at + 8).is_some_and(|&c| c | 0x20 == b'm') => {
+            (ALGORITHM, word("algorith"))
+        }
+        (6, b'c') => (CNONCE, word("cnonce")),
+        (6, b'o') => (OPAQUE, word("opaque")),
+        (3, b'q') => (QOP, word("qop")),
+        (2, b'n') => (NC, word("nc")),
+        _ => return None,
+    };
+    (w == want).then_some(index)
 }
 
 /// Parses one credentials header value. `Ok(None)` for a well-formed scheme other
@@ -124,10 +126,10 @@ pub(crate) fn parse<'a>(value: &'a str) -> Result<Option<DigestCredentials<'a>>,
         return Err("missing parameters");
     }
     let params = c.rest();
-    let mut f = Fields::default();
+    let mut f: [Option<Value<'a>>; USERHASH + 1] = [None; USERHASH + 1];
     let mut pos = Some(0);
     while let Some(start) = pos {
-        let (name, value, next) = match well_formed(params, start) {
+        let (index, value, next) = match well_formed(params, start) {
             Some(param) => param,
             None => {
                 // Anything unusual takes the general path: split off the piece as
@@ -136,33 +138,34 @@ pub(crate) fn parse<'a>(value: &'a str) -> Result<Option<DigestCredentials<'a>>,
                 let end = lex::piece_end(bytes, start, lex::COMMA);
                 let piece = params.get(start..end.unwrap_or(bytes.len())).unwrap_or("");
                 let (name, value) = parse_piece(piece)?;
-                (name, value, end.map(|sep| sep + 1))
+                let index = param_index(name.as_bytes(), 0, name.len());
+                (index, value, end.map(|sep| sep + 1))
             }
         };
-        if let Some(slot) = f.slot(name) {
+        if let Some(slot) = index.and_then(|i| f.get_mut(i)) {
             if slot.replace(value).is_some() {
                 return Err("duplicate parameter");
             }
         }
         pos = next;
     }
-    let required = |v: Option<Value<'a>>, missing: &'static str| v.ok_or(missing);
-    let token =
-        |v: Option<Value<'a>>, bad: &'static str| -> Result<Option<&'a str>, &'static str> {
-            v.map(|v| v.token().ok_or(bad)).transpose()
-        };
+    let field = |i: usize| f.get(i).copied().flatten();
+    let required = |i: usize, missing: &'static str| field(i).ok_or(missing);
+    let token = |i: usize, bad: &'static str| -> Result<Option<&'a str>, &'static str> {
+        field(i).map(|v| v.token().ok_or(bad)).transpose()
+    };
     let creds = DigestCredentials {
-        username: required(f.username, "missing username")?.text(),
-        realm: required(f.realm, "missing realm")?.text(),
-        nonce: required(f.nonce, "missing nonce")?.text(),
-        uri: required(f.uri, "missing uri")?.text(),
-        response: required(f.response, "missing response")?.text(),
-        algorithm: token(f.algorithm, "bad algorithm")?,
-        cnonce: f.cnonce.map(Value::text),
-        opaque: f.opaque.map(Value::text),
-        qop: token(f.qop, "bad qop")?,
-        nc: token(f.nc, "bad nc")?,
-        userhash: match token(f.userhash, "bad userhash")? {
+        username: required(USERNAME, "missing username")?.text(),
+        realm: required(REALM, "missing realm")?.text(),
+        nonce: required(NONCE, "missing nonce")?.text(),
+        uri: required(URI, "missing uri")?.text(),
+        response: required(RESPONSE, "missing response")?.text(),
+        algorithm: token(ALGORITHM, "bad algorithm")?,
+        cnonce: field(CNONCE).map(Value::text),
+        opaque: field(OPAQUE).map(Value::text),
+        qop: token(QOP, "bad qop")?,
+        nc: token(NC, "bad nc")?,
+        userhash: match token(USERHASH, "bad userhash")? {
             None => false,
             Some(v) if v.eq_ignore_ascii_case("true") => true,
             Some(v) if v.eq_ignore_ascii_case("false") => false,
@@ -188,26 +191,35 @@ fn ends_token_value(b: u8) -> bool {
     lex::class(b) & (lex::LWS | lex::QUOTE | lex::COMMA | lex::LT | lex::GT) != 0
 }
 
+type Param<'a> = (Option<usize>, Value<'a>, Option<usize>);
+
 /// The common shape, read in one pass: `LWS token LWS = LWS (value | quoted) LWS`
-/// then `,` or the end, giving the parameter and where the next one starts. `None`
-/// when the piece has any other shape, for [`parse_piece`] to judge: on this shape
-/// both read the same parameter.
+/// then `,` or the end, giving the parameter's [`param_index`], its value and where
+/// the next one starts. `None` when the piece has any other shape, for
+/// [`parse_piece`] to judge: on this shape both read the same parameter.
 #[inline]
-fn well_formed(s: &str, start: usize) -> Option<(&str, Value<'_>, Option<usize>)> {
+fn well_formed(s: &str, start: usize) -> Option<Param<'_>> {
     let b = s.as_bytes();
     let name_start = lex::skip_lws(b, start);
-    let name_end = lex::skip_token(b, name_start);
-    if name_end == name_start {
-        return None;
+    // The name runs to the `=` (LWS before it aside); a name we read is letters
+    // only, so matching one proves it a token, and only others are checked.
+    let eq = name_start + lex::find1(b.get(name_start..)?, b'=')?;
+    let mut name_end = eq;
+    while name_end > name_start && b.get(name_end - 1).is_some_and(|&c| lex::is_lws(c)) {
+        name_end -= 1;
     }
-    let eq = lex::skip_lws(b, name_end);
-    if b.get(eq) != Some(&b'=') {
+    let len = name_end - name_start;
+    let index = param_index(b, name_start, len);
+    if index.is_none() && (len == 0 || lex::skip_token(b, name_start) != name_end) {
         return None;
     }
     let value_start = lex::skip_lws(b, eq + 1);
     let (value, value_end) = if b.get(value_start) == Some(&b'"') {
         let (close, escaped) = lex::quoted_close(b, value_start)?;
-        (Value::Quoted(s.get(value_start + 1..close)?, escaped), close + 1)
+        (
+            Value::Quoted(s.get(value_start + 1..close)?, escaped),
+            close + 1,
+        )
     } else {
         let mut j = value_start;
         while b.get(j).is_some_and(|&c| !ends_token_value(c)) {
@@ -224,13 +236,12 @@ fn well_formed(s: &str, start: usize) -> Option<(&str, Value<'_>, Option<usize>)
         Some(b',') => Some(i + 1),
         Some(_) => return None,
     };
-    Some((s.get(name_start..name_end)?, value, next))
+    Some((index, value, next))
 }
 
 /// One `name=value` piece of any shape.
 fn parse_piece(piece: &str) -> Result<(&str, Value<'_>), &'static str> {
-    let (name, value) =
-        lex::split_once_byte(lex::trim_lws(piece), b'=').ok_or("bad parameter")?;
+    let (name, value) = lex::split_once_byte(lex::trim_lws(piece), b'=').ok_or("bad parameter")?;
     let name = lex::trim_lws(name);
     let value = lex::trim_lws(value);
     if !lex::is_token(name) {

@@ -30,7 +30,7 @@ pub(crate) fn keepalive_len(buf: &[u8]) -> usize {
     buf.chunks_exact(2).take_while(|c| *c == b"\r\n").count() * 2
 }
 
-/// Index of the first CR or LF in `b`.
+/// Index of the first CR or LF in `b` (see [`lex::find2`]).
 #[inline]
 pub(crate) fn find_cr_or_lf(b: &[u8]) -> Option<usize> {
     lex::find2(b, b'\r', b'\n')
@@ -121,7 +121,6 @@ impl<'a> Scanner<'a> {
 
     /// The next field, or `None` at the empty line ending the header block (then
     /// [`Scanner::body_start`] is known).
-    #[inline]
     pub(crate) fn next_field(&mut self) -> Result<Option<Field>, ParseError> {
         let start = self.pos;
         let line = self.line;
@@ -153,6 +152,22 @@ impl<'a> Scanner<'a> {
                 None => return Err(ParseError::Incomplete),
             }
         }
+    }
+
+    /// Where the next line starts, and where line ends are searched up to.
+    pub(crate) fn window(&self) -> (usize, usize) {
+        (self.pos, self.limit)
+    }
+
+    /// Whether a header block ending at `body_start` (after its empty line) is
+    /// within [`MAX_HEAD_LEN`].
+    pub(crate) fn head_fits(&self, body_start: usize) -> bool {
+        body_start - self.start <= MAX_HEAD_LEN
+    }
+
+    /// Records that the caller read the header fields itself, up to `body_start`.
+    pub(crate) fn finish(&mut self, body_start: usize) {
+        self.pos = body_start;
     }
 
     /// After `next_field` returned `None`: the first byte after the empty line.

@@ -205,71 +205,90 @@ impl HeaderName {
 
     /// [`HeaderName::from_name`] for a name already known to be a token.
     pub(crate) fn from_token(name: &[u8]) -> Option<HeaderName> {
-        let (len, known) = HeaderName::scan(name);
-        if len == name.len() { known } else { None }
-    }
-
-    /// Reads the token that starts `field` and classifies it: (its length, the
-    /// known name it spells). One pass, as it runs on every header received.
-    #[inline]
-    pub(crate) fn scan(field: &[u8]) -> (usize, Option<HeaderName>) {
-        let len = lex::skip_token(field, 0);
-        (len, classify(field, len))
+        let (len, id) = scan(name);
+        if len == name.len() { known(id?) } else { None }
     }
 }
 
-/// The known name that the token `field[..len]` spells (long or compact form, any
-/// case); bytes after the token may be read but do not count.
+/// The known header with [`HeaderName::id`] `id`.
 #[inline]
-fn classify(field: &[u8], len: usize) -> Option<HeaderName> {
+pub(crate) fn known(id: u8) -> Option<HeaderName> {
+    KNOWN_HEADERS.get(usize::from(id)).copied()
+}
+
+/// Reads the token that starts `field` and classifies it: (its length, the
+/// [`HeaderName::id`] of the known name it spells). One pass, as it runs on every
+/// header received.
+#[inline]
+pub(crate) fn scan(field: &[u8]) -> (usize, Option<u8>) {
+    let len = lex::skip_token(field, 0);
+    (len, classify(field, len))
+}
+
+/// Where the first `:` of `field` is, if within the length of a known name: the
+/// name's length when the colon follows it directly (found eight bytes a step).
+/// The bytes before it are not checked: only a match with a known name makes them
+/// a name.
+#[inline]
+pub(crate) fn colon_in_name(field: &[u8]) -> Option<usize> {
+    (0..3).find_map(|i| {
+        let hit = lex::first_equal(lex::load_word(field, 8 * i), b':')?;
+        Some(8 * i + hit).filter(|&len| len > 0 && len < field.len())
+    })
+}
+
+/// The [`HeaderName::id`] of the known name that `field[..len]` spells (long or
+/// compact form, any case); bytes after it may be read but do not count. Exact for
+/// any bytes, so callers may classify before checking that the name is a token.
+#[inline(always)]
+pub(crate) fn classify(field: &[u8], len: usize) -> Option<u8> {
     // Length and first letter leave at most one candidate (two for 7-letter `c`),
     // so a name costs one comparison instead of a search. Setting bit 0x20 only
     // turns upper-case letters into letters.
     let first = field.first()? | 0x20;
-    let candidate = match (len, first) {
-        (1, _) => return compact(first),
-        (2, b't') => H::To,
-        (3, b'v') => H::Via,
-        (4, b'f') => H::From,
-        (4, b'c') => H::CSeq,
-        (4, b'd') => H::Date,
-        (5, b'r') => H::Route,
-        (5, b'a') => H::Allow,
-        (5, b'e') => H::Event,
-        (6, b'a') => H::Accept,
-        (6, b's') => H::Server,
-        (7, b'c') if field.get(6).is_some_and(|b| b | 0x20 == b'd') => H::CallId,
-        (7, b'c') => H::Contact,
-        (7, b'e') => H::Expires,
-        (7, b'r') => H::Require,
-        (7, b's') => H::Subject,
-        (8, b'r') => H::ReferTo,
-        (8, b'i') => H::Identity,
-        (9, b's') => H::Supported,
-        (10, b'u') => H::UserAgent,
-        (11, b'm') => H::MinExpires,
-        (11, b'u') => H::Unsupported,
-        (11, b'r') => H::ReferredBy,
-        (12, b'm') => H::MaxForwards,
-        (12, b'c') => H::ContentType,
-        (12, b'r') => H::RecordRoute,
-        (12, b'a') => H::AllowEvents,
-        (13, b'a') => H::Authorization,
-        (13, b'p') => H::ProxyRequire,
-        (13, b'i') => H::IdentityInfo,
-        (14, b'c') => H::ContentLength,
-        (14, b'a') => H::AcceptContact,
-        (14, b'r') => H::RejectContact,
-        (15, b's') => H::SessionExpires,
-        (16, b'c') => H::ContentEncoding,
-        (16, b'w') => H::WwwAuthenticate,
-        (18, b'p') => H::ProxyAuthenticate,
-        (19, b'p') => H::ProxyAuthorization,
-        (19, b'r') => H::RequestDisposition,
+    let id = match (len, first) {
+        (1, _) => return compact(first).and_then(HeaderName::id),
+        (2, b't') => const { id(H::To) },
+        (3, b'v') => const { id(H::Via) },
+        (4, b'f') => const { id(H::From) },
+        (4, b'c') => const { id(H::CSeq) },
+        (4, b'd') => const { id(H::Date) },
+        (5, b'r') => const { id(H::Route) },
+        (5, b'a') => const { id(H::Allow) },
+        (5, b'e') => const { id(H::Event) },
+        (6, b'a') => const { id(H::Accept) },
+        (6, b's') => const { id(H::Server) },
+        (7, b'c') if field.get(6).is_some_and(|b| b | 0x20 == b'd') => const { id(H::CallId) },
+        (7, b'c') => const { id(H::Contact) },
+        (7, b'e') => const { id(H::Expires) },
+        (7, b'r') => const { id(H::Require) },
+        (7, b's') => const { id(H::Subject) },
+        (8, b'r') => const { id(H::ReferTo) },
+        (8, b'i') => const { id(H::Identity) },
+        (9, b's') => const { id(H::Supported) },
+        (10, b'u') => const { id(H::UserAgent) },
+        (11, b'm') => const { id(H::MinExpires) },
+        (11, b'u') => const { id(H::Unsupported) },
+        (11, b'r') => const { id(H::ReferredBy) },
+        (12, b'm') => const { id(H::MaxForwards) },
+        (12, b'c') => const { id(H::ContentType) },
+        (12, b'r') => const { id(H::RecordRoute) },
+        (12, b'a') => const { id(H::AllowEvents) },
+        (13, b'a') => const { id(H::Authorization) },
+        (13, b'p') => const { id(H::ProxyRequire) },
+        (13, b'i') => const { id(H::IdentityInfo) },
+        (14, b'c') => const { id(H::ContentLength) },
+        (14, b'a') => const { id(H::AcceptContact) },
+        (14, b'r') => const { id(H::RejectContact) },
+        (15, b's') => const { id(H::SessionExpires) },
+        (16, b'c') => const { id(H::ContentEncoding) },
+        (16, b'w') => const { id(H::WwwAuthenticate) },
+        (18, b'p') => const { id(H::ProxyAuthenticate) },
+        (19, b'p') => const { id(H::ProxyAuthorization) },
+        (19, b'r') => const { id(H::RequestDisposition) },
         _ => return None,
     };
-    let packed = PACKED.get(usize::from(candidate.id()?))?;
-    eq_packed(field, len, packed).then_some(candidate)
+    eq_packed(field, len, id).then_some(id)
 }
 
 /// The long names lower-cased and packed little-endian into words, in
@@ -278,11 +297,11 @@ static PACKED: [[u64; 3]; KNOWN_HEADERS.len()] = {
     let mut table = [[0u64; 3]; KNOWN_HEADERS.len()];
     let mut h = 0;
     while h < KNOWN_HEADERS.len() {
-        let name = KNOWN_HEADERS[h].long_name().as_bytes();
-        let mut i = 0;
-        while i < name.len() && i < 24 {
-            table[h][i / 8] |= (name[i].to_ascii_lowercase() as u64) << (8 * (i % 8));
-            i += 1;
+        let name = KNOWN_HEADERS[h].long_name();
+        let mut w = 0;
+        while w < 3 {
+            table[h][w] = lex::pack_lower(name, 8 * w);
+            w += 1;
         }
         h += 1;
     }
@@ -298,42 +317,64 @@ const _: () = {
     }
 };
 
-/// Eight bytes of `b` from `at`, little-endian, zero past the end.
-#[inline]
-fn load(b: &[u8], at: usize) -> u64 {
-    match b.get(at..at + 8).map(<[u8; 8]>::try_from) {
-        Some(Ok(word)) => u64::from_le_bytes(word),
-        _ => b
-            .iter()
-            .skip(at)
-            .take(8)
-            .enumerate()
-            .fold(0, |w, (i, &c)| w | u64::from(c) << (8 * i)),
+/// For each name length, the bytes of the three packed words that belong to it.
+static KEEP: [[u64; 3]; 25] = {
+    let mut table = [[0u64; 3]; 25];
+    let mut len = 0;
+    while len <= 24 {
+        let mut i = 0;
+        while i < len {
+            table[len][i / 8] |= 0xff << (8 * (i % 8));
+            i += 1;
+        }
+        len += 1;
     }
+    table
+};
+
+/// The bytes of each packed name that are `-`.
+static DASHES: [[u64; 3]; KNOWN_HEADERS.len()] = {
+    let mut table = [[0u64; 3]; KNOWN_HEADERS.len()];
+    let mut h = 0;
+    while h < KNOWN_HEADERS.len() {
+        let name = KNOWN_HEADERS[h].long_name().as_bytes();
+        let mut i = 0;
+        while i < name.len() {
+            if name[i] == b'-' {
+                table[h][i / 8] |= 0xff << (8 * (i % 8));
+            }
+            i += 1;
+        }
+        h += 1;
+    }
+    table
+};
+
+/// Whether `field[..len]` is, in any case, the name with id `id` (which has `len`
+/// bytes). Folding with [`lex::FOLD`] matches letters exactly; a `-` must be one
+/// exactly (CR would fold onto it).
+#[inline]
+fn eq_packed(field: &[u8], len: usize, id: u8) -> bool {
+    let (Some(keep), Some(packed), Some(dashes)) = (
+        KEEP.get(len),
+        PACKED.get(usize::from(id)),
+        DASHES.get(usize::from(id)),
+    ) else {
+        return false;
+    };
+    let same = |i: usize| {
+        let word = lex::load_word(field, 8 * i);
+        (word | lex::FOLD) & keep[i] == packed[i] && word & dashes[i] == packed[i] & dashes[i]
+    };
+    same(0) && (len <= 8 || (same(1) && (len <= 16 || same(2))))
 }
 
-/// Whether the token `field[..len]` is, in any case, the name `packed` holds (which
-/// has `len` bytes). For token bytes, setting bit 0x20 maps exactly the upper-case
-/// letters onto lower-case ones and leaves `-` alone (only CR, not a token byte,
-/// would also reach `-`), so one OR folds eight bytes.
-#[inline]
-fn eq_packed(field: &[u8], len: usize, packed: &[u64; 3]) -> bool {
-    const FOLD: u64 = 0x2020_2020_2020_2020;
-    let mut at = 0;
-    for &want in packed {
-        if at >= len {
-            break;
-        }
-        let keep = match len - at {
-            n if n >= 8 => u64::MAX,
-            n => (1u64 << (8 * n)) - 1,
-        };
-        if (load(field, at) | FOLD) & keep != want {
-            return false;
-        }
-        at += 8;
+/// [`HeaderName::id`] of a known name, for constants.
+const fn id(h: HeaderName) -> u8 {
+    match h.id() {
+        Some(id) => id,
+        None => u8::MAX,
     }
-    true
 }
 
 /// The known name a lower-cased one-letter name stands for.
@@ -478,6 +519,7 @@ pub struct Header<'a> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub(crate) struct Entry {
     pub name: (u16, u16),
+    /// From after the colon to the end of the field, untrimmed.
     pub value: (u16, u16),
     pub line: u16,
     /// [`HeaderName::id`] of the name, if known.
@@ -490,15 +532,15 @@ impl Entry {
             name: slice(text, self.name),
             value: self.value(text),
             line: usize::from(self.line),
-            known: self
-                .known
-                .and_then(|id| KNOWN_HEADERS.get(usize::from(id)).copied()),
+            known: self.known.and_then(known),
         }
     }
 
+    /// The value, without the linear whitespace around it: parsing stores the
+    /// span after the colon as is, since most values are never looked at.
     #[inline]
     pub(crate) fn value<'a>(&self, text: &'a str) -> &'a str {
-        slice(text, self.value)
+        lex::trim_lws(slice(text, self.value))
     }
 }
 
@@ -573,6 +615,45 @@ mod tests {
                     HeaderName::from_name(&c.to_ascii_uppercase().to_string()),
                     Some(h)
                 );
+            }
+        }
+    }
+
+    #[test]
+    fn names_are_classified_exactly_from_any_position() {
+        for &h in KNOWN_HEADERS {
+            let long = h.as_str();
+            let id = h.id();
+            for name in [
+                long.to_string(),
+                long.to_ascii_uppercase(),
+                long.to_ascii_lowercase(),
+            ] {
+                // Followed by the colon and a value, as in a message, or alone.
+                let field = format!("{name}: value");
+                assert_eq!(classify(field.as_bytes(), name.len()), id, "{field:?}");
+                assert_eq!(classify(name.as_bytes(), name.len()), id, "{name:?}");
+                assert_eq!(
+                    colon_in_name(field.as_bytes()),
+                    Some(name.len()),
+                    "{field:?}"
+                );
+                // One byte changed anywhere is another name (CR would fold onto `-`).
+                for i in 0..name.len() {
+                    for c in [b'\r', b'\n', b'_', b'@', 0x80] {
+                        let mut bytes = field.clone().into_bytes();
+                        bytes[i] = c;
+                        assert_eq!(classify(&bytes, name.len()), None, "{bytes:?}");
+                    }
+                }
+                // A prefix is no name (but `T` is To's compact form).
+                if name.len() > 2 {
+                    assert_eq!(
+                        classify(field.as_bytes(), name.len() - 1),
+                        None,
+                        "{field:?}"
+                    );
+                }
             }
         }
     }

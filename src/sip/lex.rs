@@ -15,6 +15,8 @@ pub(crate) const LT: u8 = 8;
 pub(crate) const GT: u8 = 16;
 pub(crate) const COMMA: u8 = 32;
 pub(crate) const SEMI: u8 = 64;
+/// `[`, `]` and `:`, which unquoted header parameter values add to tokens.
+pub(crate) const PARAM_EXTRA: u8 = 128;
 
 const fn class_table() -> [u8; 256] {
     let mut table = [0u8; 256];
@@ -35,6 +37,7 @@ const fn class_table() -> [u8; 256] {
                 b'>' => GT,
                 b',' => COMMA,
                 b';' => SEMI,
+                b'[' | b']' | b':' => PARAM_EXTRA,
                 _ => 0,
             }
         };
@@ -95,19 +98,24 @@ fn bytes_equal(word: u64, b: u8) -> u64 {
     x.wrapping_sub(ONES) & !x & HIGHS
 }
 
-/// Index of the first byte equal to `x` or `y`.
-///
-/// Header lines, long quoted values (nonces, responses) and whole header blocks go
-/// through here, so it looks at eight bytes per step: the lowest flag of either
-/// [`bytes_equal`] mask is always a true match, so is the lower of the two.
+/// Position of the first byte of `word` (little-endian) equal to `b`.
 #[inline(always)]
-pub(crate) fn find2(b: &[u8], x: u8, y: u8) -> Option<usize> {
+pub(crate) fn first_equal(word: u64, b: u8) -> Option<usize> {
+    let found = bytes_equal(word, b);
+    (found != 0).then(|| (found.trailing_zeros() / 8) as usize)
+}
+
+/// Index of the first byte of `b` that `hit` accepts, eight bytes per step:
+/// `flags` must set the high bit of every byte of a word that `hit` accepts, and may
+/// set it in bytes above such a byte but never below it (the has-zero-byte trick of
+/// [`bytes_equal`]), so the lowest flag is always a true match.
+#[inline(always)]
+fn find_with(b: &[u8], flags: impl Fn(u64) -> u64, hit: impl Fn(u8) -> bool) -> Option<usize> {
     let mut chunks = b.chunks_exact(8);
     let mut offset = 0;
     for chunk in &mut chunks {
         if let Ok(word) = <[u8; 8]>::try_from(chunk) {
-            let word = u64::from_le_bytes(word);
-            let found = bytes_equal(word, x) | bytes_equal(word, y);
+            let found = flags(u64::from_le_bytes(word));
             if found != 0 {
                 return Some(offset + (found.trailing_zeros() / 8) as usize);
             }
@@ -117,8 +125,87 @@ pub(crate) fn find2(b: &[u8], x: u8, y: u8) -> Option<usize> {
     chunks
         .remainder()
         .iter()
-        .position(|&c| c == x || c == y)
+        .position(|&c| hit(c))
         .map(|i| offset + i)
+}
+
+/// Index of the first byte equal to `x` or `y`. Header lines, long quoted values
+/// (nonces, responses) and whole header blocks go through here.
+#[inline(always)]
+pub(crate) fn find2(b: &[u8], x: u8, y: u8) -> Option<usize> {
+    find_with(
+        b,
+        |w| bytes_equal(w, x) | bytes_equal(w, y),
+        |c| c == x || c == y,
+    )
+}
+
+/// Index of the first `"`, `<`, `>` or `sep`: what can end or nest a list piece.
+#[inline(always)]
+fn find_piece_stop(b: &[u8], sep: u8) -> Option<usize> {
+    find_with(
+        b,
+        |w| {
+            bytes_equal(w, b'"') | bytes_equal(w, b'<') | bytes_equal(w, b'>') | bytes_equal(w, sep)
+        },
+        |c| matches!(c, b'"' | b'<' | b'>') || c == sep,
+    )
+}
+
+/// Index of the first byte equal to `x` (see [`find2`]).
+#[inline(always)]
+pub(crate) fn find1(b: &[u8], x: u8) -> Option<usize> {
+    find2(b, x, x)
+}
+
+/// Eight bytes of `b` from `at`, little-endian, zero past the end.
+#[inline]
+pub(crate) fn load_word(b: &[u8], at: usize) -> u64 {
+    match b.get(at..at + 8).map(<[u8; 8]>::try_from) {
+        Some(Ok(word)) => u64::from_le_bytes(word),
+        _ => b
+            .iter()
+            .skip(at)
+            .take(8)
+            .enumerate()
+            .fold(0, |w, (i, &c)| w | u64::from(c) << (8 * i)),
+    }
+}
+
+/// Up to eight bytes of `s` from `at`, lower-cased and packed like [`load_word`],
+/// to compare names a word at a time.
+pub(crate) const fn pack_lower(s: &str, at: usize) -> u64 {
+    let b = s.as_bytes();
+    let mut w = 0u64;
+    let mut i = 0;
+    while i < 8 && at + i < b.len() {
+        w |= (b[at + i].to_ascii_lowercase() as u64) << (8 * i);
+        i += 1;
+    }
+    w
+}
+
+/// The low `len` bytes of a word (all of it from eight on).
+#[inline]
+pub(crate) const fn low_bytes(len: usize) -> u64 {
+    if len >= 8 {
+        u64::MAX
+    } else {
+        (1u64 << (8 * len)) - 1
+    }
+}
+
+/// Setting bit 0x20 in every byte lower-cases the letters of eight bytes at once.
+/// Only `A` and `a` become `a` that way (likewise for each letter), so comparing a
+/// folded word with lower-case letters is exact for any bytes; for `-` it is exact
+/// on token bytes (only CR, not a token byte, also becomes `-`).
+pub(crate) const FOLD: u64 = 0x2020_2020_2020_2020;
+
+/// `s` equals `lower` (lower-case letters only) in any case. Only `A` and `a` have
+/// bit 0x20 set to give `a` (likewise for each letter), so this is exact for any `s`.
+#[inline]
+pub(crate) fn eq_letters(s: &str, lower: &str) -> bool {
+    s.len() == lower.len() && s.bytes().zip(lower.bytes()).all(|(a, b)| a | 0x20 == b)
 }
 
 // Byte-wise trims: `str::trim_matches` with a char set costs a UTF-8 decode per step.
@@ -203,25 +290,20 @@ pub(crate) fn unescape_quoted(inner: &str) -> Cow<'_, str> {
 /// imbalance.
 #[inline]
 pub(crate) fn piece_end(b: &[u8], from: usize, sep: u8) -> Option<usize> {
-    let stop = sep | QUOTE | LT | GT;
+    let sep = if sep == SEMI { b';' } else { b',' };
     let mut in_angle = false;
     let mut i = from;
-    while let Some(&c) = b.get(i) {
-        let k = class(c);
-        if k & stop != 0 {
-            if k & QUOTE != 0 {
-                i = quoted_close(b, i)?.0;
-            } else if k & LT != 0 {
-                in_angle = true;
-            } else if k & GT != 0 {
-                in_angle = false;
-            } else if !in_angle {
-                return Some(i);
-            }
+    loop {
+        i += find_piece_stop(b.get(i..)?, sep)?;
+        match b.get(i) {
+            Some(b'"') => i = quoted_close(b, i)?.0,
+            Some(b'<') => in_angle = true,
+            Some(b'>') => in_angle = false,
+            _ if !in_angle => return Some(i),
+            _ => {}
         }
         i += 1;
     }
-    None
 }
 
 /// Splits on a separator outside quoted-strings and `<...>`, yielding untrimmed
@@ -248,6 +330,12 @@ impl<'a> Iterator for Split<'a> {
     #[inline]
     fn next(&mut self) -> Option<&'a str> {
         let rest = self.rest?;
+        // Most values hold no separator at all, which one plain search settles.
+        let sep = if self.sep == SEMI { b';' } else { b',' };
+        if find1(rest.as_bytes(), sep).is_none() {
+            self.rest = None;
+            return Some(rest);
+        }
         match piece_end(rest.as_bytes(), 0, self.sep) {
             Some(i) => {
                 let (piece, after) = split_around(rest, i);
@@ -292,10 +380,6 @@ impl<'a> Cursor<'a> {
         self.s.get(self.pos..).unwrap_or("")
     }
 
-    pub(crate) fn is_empty(&self) -> bool {
-        self.pos >= self.s.len()
-    }
-
     pub(crate) fn peek(&self) -> Option<u8> {
         self.s.as_bytes().get(self.pos).copied()
     }
@@ -309,15 +393,6 @@ impl<'a> Cursor<'a> {
         self.pos > start
     }
 
-    pub(crate) fn eat(&mut self, b: u8) -> bool {
-        if self.peek() == Some(b) {
-            self.pos += 1;
-            true
-        } else {
-            false
-        }
-    }
-
     /// Takes the longest run of bytes accepted by `f`. Predicates must treat every
     /// byte >= 0x80 alike so the run always ends on a character boundary.
     pub(crate) fn take_while(&mut self, f: impl Fn(u8) -> bool) -> &'a str {
@@ -326,14 +401,6 @@ impl<'a> Cursor<'a> {
             self.pos += 1;
         }
         self.s.get(start..self.pos).unwrap_or("")
-    }
-
-    /// Takes everything up to (not including) the next `b`, or `None` if absent.
-    pub(crate) fn take_until(&mut self, b: u8) -> Option<&'a str> {
-        let rest = self.rest();
-        let i = rest.as_bytes().iter().position(|&c| c == b)?;
-        self.pos += i;
-        rest.get(..i)
     }
 }
 

@@ -3,8 +3,8 @@
 
 use super::auth::{self, AuthHeader, DigestCredentials};
 use super::framing::{self, MAX_HEADERS, Scanner};
-use super::header::{Elements, Entry, Header, HeaderName, KNOWN_HEADERS};
-use super::lex::{self, Cursor, Split};
+use super::header::{self, Elements, Entry, Header, HeaderName, KNOWN_HEADERS};
+use super::lex::{self, Split};
 use super::method::Method;
 use super::name_addr::{self, Contacts, NameAddr};
 use super::uri::Uri;
@@ -36,12 +36,105 @@ pub struct Message<'a> {
     start: StartLine<'a>,
     /// The header fields' text (after the start line, through the empty line).
     text: &'a str,
-    entries: Vec<Entry>,
+    entries: Entries,
     index: Index,
     body: &'a [u8],
     content_length: Option<usize>,
     framing: Framing,
     wire_len: usize,
+}
+
+/// The stored fields: typical messages fit in place, so parsing allocates nothing;
+/// longer ones continue on the heap.
+#[derive(Clone)]
+struct Entries {
+    first: [Entry; INLINE],
+    len: usize,
+    rest: Vec<Entry>,
+}
+
+/// Enough for usual messages (a PBX's INVITE carries 10 to 20 header fields)
+/// without making every `Message` large to move.
+const INLINE: usize = 20;
+
+impl Entries {
+    fn new() -> Self {
+        Entries {
+            first: [Entry::default(); INLINE],
+            len: 0,
+            rest: Vec::new(),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    #[inline]
+    fn push(&mut self, entry: Entry) {
+        match self.first.get_mut(self.len) {
+            Some(slot) => *slot = entry,
+            None => self.rest.push(entry),
+        }
+        self.len += 1;
+    }
+
+    #[inline]
+    fn get(&self, i: usize) -> Option<&Entry> {
+        if i < INLINE {
+            self.first.get(i).filter(|_| i < self.len)
+        } else {
+            self.rest.get(i - INLINE)
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &Entry> {
+        (0..self.len).filter_map(|i| self.get(i))
+    }
+}
+
+/// The stored fields with one name, in order (see [`Message::entries_named`]).
+struct Named<'m> {
+    entries: &'m Entries,
+    text: &'m str,
+    /// Canonical.
+    name: HeaderName,
+    pos: usize,
+    /// Where the search ends (exclusive).
+    end: usize,
+}
+
+impl<'m> Iterator for Named<'m> {
+    type Item = &'m Entry;
+
+    #[inline]
+    fn next(&mut self) -> Option<&'m Entry> {
+        while self.pos < self.end {
+            let entry = self.entries.get(self.pos)?;
+            self.pos += 1;
+            if self
+                .name
+                .matches(entry.known, || entry.header(self.text).name)
+            {
+                return Some(entry);
+            }
+        }
+        None
+    }
+}
+
+impl PartialEq for Entries {
+    fn eq(&self, other: &Self) -> bool {
+        self.len == other.len && self.iter().eq(other.iter())
+    }
+}
+
+impl Eq for Entries {}
+
+impl std::fmt::Debug for Entries {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.iter()).finish()
+    }
 }
 
 /// Where each known header first occurs, filled while the fields are split, so a
@@ -114,6 +207,17 @@ const fn mask(names: &[HeaderName]) -> u64 {
 /// checked here; the header values are checked lazily by the accessors and all
 /// together by [`Message::validate`].
 pub fn parse(buf: &[u8], framing: Framing) -> Result<Message<'_>, ParseError> {
+    parse_with(buf, framing, true)
+}
+
+/// [`parse`], optionally without the fast path for the header fields (tests check
+/// that both give the same result).
+#[inline(always)]
+pub(crate) fn parse_with(
+    buf: &[u8],
+    framing: Framing,
+    fast: bool,
+) -> Result<Message<'_>, ParseError> {
     let start = framing::keepalive_len(buf);
     let unterminated = |e| match (e, framing) {
         (ParseError::Incomplete, Framing::Datagram) if start == buf.len() => ParseError::Empty,
@@ -124,54 +228,26 @@ pub fn parse(buf: &[u8], framing: Framing) -> Result<Message<'_>, ParseError> {
     let (line_start, line_end) = scanner.start_line().map_err(unterminated)?;
 
     let fields_start = line_end + 2;
-    // The scanner keeps the header block within MAX_HEAD_LEN (64 KiB), so offsets
-    // and line numbers fit u16; the error cannot happen.
-    let offset = |i: usize| u16::try_from(i - fields_start).map_err(|_| ParseError::TooLarge);
-
-    let mut entries = Vec::with_capacity(16);
+    let mut entries = Entries::new();
     let mut index = Index::new();
-    let mut content_length = None;
-    let mut conflicting = false;
-    while let Some(field) = scanner.next_field().map_err(unterminated)? {
-        let bad = ParseError::BadHeader { line: field.line };
-        if entries.len() == MAX_HEADERS {
-            return Err(ParseError::TooManyHeaders);
+    let fast = if fast {
+        read_fields_fast(buf, &scanner, fields_start, &mut entries, &mut index)
+    } else {
+        None
+    };
+    let (content_length, conflicting) = match fast {
+        Some((body_start, content_length, conflicting)) => {
+            scanner.finish(body_start);
+            (content_length, conflicting)
         }
-        let bytes = buf.get(field.start..field.end).ok_or(bad)?;
-        // The name is a token, then optional SP/HT, then the colon.
-        let (name_len, known) = HeaderName::scan(bytes);
-        let mut colon = name_len;
-        while let Some(b' ' | b'\t') = bytes.get(colon) {
-            colon += 1;
+        None => {
+            // Start over on the exact path, which also finds the right error.
+            entries = Entries::new();
+            index = Index::new();
+            read_fields(buf, &mut scanner, fields_start, &mut entries, &mut index)
+                .map_err(unterminated)?
         }
-        if name_len == 0 || bytes.get(colon) != Some(&b':') {
-            return Err(bad);
-        }
-        let lead = lex::skip_lws(bytes, colon + 1);
-        let mut trail = bytes.len();
-        while trail > lead && bytes.get(trail - 1).is_some_and(|&b| lex::is_lws(b)) {
-            trail -= 1;
-        }
-        let (value_start, value_end) = (field.start + lead, field.start + trail);
-        let id = known.and_then(HeaderName::id);
-        if known == Some(HeaderName::ContentLength) {
-            let n = framing::content_length_value(bytes.get(lead..trail).unwrap_or(&[]))?;
-            match content_length {
-                None => content_length = Some(n),
-                Some(m) if m != n => conflicting = true,
-                Some(_) => {}
-            }
-        }
-        if let Some(id) = id {
-            index.add(id, entries.len());
-        }
-        entries.push(Entry {
-            name: (offset(field.start)?, offset(field.start + name_len)?),
-            value: (offset(value_start)?, offset(value_end)?),
-            line: u16::try_from(field.line).map_err(|_| ParseError::TooLarge)?,
-            known: id,
-        });
-    }
+    };
     let body_start = scanner.body_start();
     // One UTF-8 check for the whole header block; every offset taken above sits next
     // to an ASCII byte, so slicing the checked text at them cannot fail.
@@ -212,6 +288,141 @@ pub fn parse(buf: &[u8], framing: Framing) -> Result<Message<'_>, ParseError> {
     })
 }
 
+/// [`read_fields`] for the usual shape of a header block, in one lean pass: every
+/// line `name ":" value CRLF` with no folding, the limits not reached, every
+/// Content-Length well-formed. Gives where the body starts, or `None` as soon as
+/// anything else shows up (the caller then starts over on the exact path). On the
+/// shape it accepts it stores exactly what [`read_fields`] stores. Kept out of line
+/// so its loop gets the registers to itself.
+#[inline(never)]
+fn read_fields_fast(
+    buf: &[u8],
+    scanner: &Scanner<'_>,
+    fields_start: usize,
+    entries: &mut Entries,
+    index: &mut Index,
+) -> Option<(usize, Option<usize>, bool)> {
+    let (mut pos, limit) = scanner.window();
+    let mut content_length = None;
+    let mut conflicting = false;
+    loop {
+        if pos >= limit {
+            return None;
+        }
+        if buf.get(pos..pos + 2)? == b"\r\n" {
+            let body_start = pos + 2;
+            return scanner.head_fits(body_start).then_some((
+                body_start,
+                content_length,
+                conflicting,
+            ));
+        }
+        if entries.len() == MAX_HEADERS {
+            return None;
+        }
+        // A known name followed directly by the colon is recognised from the colon's
+        // position alone; anything else is read as a token first.
+        let rest = buf.get(pos..)?;
+        let (name_end, colon, id) = match header::colon_in_name(rest)
+            .and_then(|len| Some((len, header::classify(rest, len)?)))
+        {
+            Some((len, id)) => (pos + len, pos + len, Some(id)),
+            None => {
+                let name_end = lex::skip_token(buf, pos);
+                let mut colon = name_end;
+                while let Some(b' ' | b'\t') = buf.get(colon) {
+                    colon += 1;
+                }
+                if name_end == pos || buf.get(colon) != Some(&b':') {
+                    return None;
+                }
+                (name_end, colon, header::classify(rest, name_end - pos))
+            }
+        };
+        let eol = colon + 1 + framing::find_cr_or_lf(buf.get(colon + 1..limit)?)?;
+        if buf.get(eol..eol + 2)? != b"\r\n" {
+            return None;
+        }
+        // A continuation line, or not knowing yet whether one follows.
+        if matches!(buf.get(eol + 2), None | Some(b' ' | b'\t')) {
+            return None;
+        }
+        if id == CONTENT_LENGTH {
+            let n = framing::content_length_value(buf.get(colon + 1..eol)?).ok()?;
+            match content_length {
+                None => content_length = Some(n),
+                Some(m) if m != n => conflicting = true,
+                Some(_) => {}
+            }
+        }
+        if let Some(id) = id {
+            index.add(id, entries.len());
+        }
+        let at = |i: usize| i.wrapping_sub(fields_start) as u16;
+        // Without folding, field n sits on line n + 2 (the start line is line 1).
+        let line = entries.len() as u16 + 2;
+        entries.push(Entry {
+            name: (at(pos), at(name_end)),
+            value: (at(colon + 1), at(eol)),
+            line,
+            known: id,
+        });
+        pos = eol + 2;
+    }
+}
+
+/// Reads the header fields into `entries` and `index`; gives the first
+/// Content-Length and whether another one contradicts it. Judges every shape and
+/// reports the first error, so it is what [`read_fields_fast`] falls back to.
+#[inline(never)]
+fn read_fields(
+    buf: &[u8],
+    scanner: &mut Scanner<'_>,
+    fields_start: usize,
+    entries: &mut Entries,
+    index: &mut Index,
+) -> Result<(Option<usize>, bool), ParseError> {
+    let mut content_length = None;
+    let mut conflicting = false;
+    while let Some(field) = scanner.next_field()? {
+        let bad = ParseError::BadHeader { line: field.line };
+        if entries.len() == MAX_HEADERS {
+            return Err(ParseError::TooManyHeaders);
+        }
+        let bytes = buf.get(field.start..field.end).ok_or(bad)?;
+        // The name is a token, then optional SP/HT, then the colon.
+        let (name_len, id) = header::scan(bytes);
+        let mut colon = name_len;
+        while let Some(b' ' | b'\t') = bytes.get(colon) {
+            colon += 1;
+        }
+        if name_len == 0 || bytes.get(colon) != Some(&b':') {
+            return Err(bad);
+        }
+        if id == CONTENT_LENGTH {
+            let n = framing::content_length_value(bytes.get(colon + 1..).unwrap_or(&[]))?;
+            match content_length {
+                None => content_length = Some(n),
+                Some(m) if m != n => conflicting = true,
+                Some(_) => {}
+            }
+        }
+        if let Some(id) = id {
+            index.add(id, entries.len());
+        }
+        // The scanner keeps the header block within MAX_HEAD_LEN (64 KiB), so
+        // offsets and line numbers fit u16.
+        let at = |i: usize| i.wrapping_sub(fields_start) as u16;
+        entries.push(Entry {
+            name: (at(field.start), at(field.start + name_len)),
+            value: (at(field.start + colon + 1), at(field.end)),
+            line: field.line as u16,
+            known: id,
+        });
+    }
+    Ok((content_length, conflicting))
+}
+
 /// Header text is UTF-8 (RFC 3261 TEXT-UTF8); anything else is refused rather than
 /// decoded lossily, so no two different byte strings read as the same header.
 fn utf8(buf: &[u8], start: usize, end: usize) -> Result<&str, ParseError> {
@@ -219,20 +430,22 @@ fn utf8(buf: &[u8], start: usize, end: usize) -> Result<&str, ParseError> {
     std::str::from_utf8(bytes).map_err(|_| ParseError::NotUtf8)
 }
 
+/// `SIP` in any case then `/2.0`, compared as one word: only the letters are
+/// folded (see [`lex::FOLD`]), the rest must match exactly.
 fn is_sip_2_0(version: &str) -> bool {
-    version.eq_ignore_ascii_case("SIP/2.0")
+    version.len() == 7
+        && lex::load_word(version.as_bytes(), 0) | 0x20_2020 == lex::pack_lower("SIP/2.0", 0)
 }
 
+/// `SIP/` in any case.
 fn starts_with_sip(s: &str) -> bool {
-    s.as_bytes()
-        .get(..4)
-        .is_some_and(|p| p.eq_ignore_ascii_case(b"SIP/"))
+    let prefix = lex::load_word(s.as_bytes(), 0) & lex::low_bytes(4);
+    s.len() >= 4 && prefix | 0x20_2020 == lex::pack_lower("SIP/", 0)
 }
 
 fn parse_start_line(line: &str) -> Result<StartLine<'_>, ParseError> {
     if starts_with_sip(line) {
-        let (version, rest) =
-            lex::split_once_byte(line, b' ').ok_or(ParseError::BadStartLine)?;
+        let (version, rest) = lex::split_once_byte(line, b' ').ok_or(ParseError::BadStartLine)?;
         if !is_sip_2_0(version) {
             return Err(ParseError::BadVersion);
         }
@@ -293,29 +506,30 @@ fn parse_start_line(line: &str) -> Result<StartLine<'_>, ParseError> {
 }
 
 fn parse_cseq(v: &str) -> Result<CSeq<'_>, &'static str> {
-    let mut c = Cursor::new(v);
-    let digits = c.take_while(|b| b.is_ascii_digit());
-    if digits.is_empty() {
+    let b = v.as_bytes();
+    let digits = b.iter().take_while(|d| d.is_ascii_digit()).count();
+    if digits == 0 {
         return Err("bad sequence number");
     }
-    let seq = lex::parse_u64(digits)
-        .and_then(|n| u32::try_from(n).ok())
+    // Saturating keeps any number too long for u64 above the limit as well.
+    let seq = b.iter().take(digits).fold(0u64, |n, d| {
+        n.saturating_mul(10).saturating_add(u64::from(d - b'0'))
+    });
+    let seq = u32::try_from(seq)
+        .ok()
         .filter(|&n| n <= 0x7fff_ffff)
         .ok_or("sequence number out of range")?;
-    if !c.skip_lws() {
+    let method_start = lex::skip_lws(b, digits);
+    let method_end = lex::skip_token(b, method_start);
+    if method_start == digits || method_end == method_start {
         return Err("missing method");
     }
-    let method = c.take_while(lex::is_token_byte);
-    if method.is_empty() {
-        return Err("missing method");
-    }
-    c.skip_lws();
-    if !c.is_empty() {
+    if lex::skip_lws(b, method_end) != b.len() {
         return Err("unexpected text after method");
     }
     Ok(CSeq {
         seq,
-        method: Method::from_token(method),
+        method: Method::from_token(v.get(method_start..method_end).unwrap_or("")),
     })
 }
 
@@ -343,6 +557,7 @@ const REQUIRED_HEADERS: &[HeaderName] = &[
     HeaderName::Via,
 ];
 
+const CONTENT_LENGTH: Option<u8> = HeaderName::ContentLength.id();
 const SINGLE_MASK: u64 = mask(SINGLE_HEADERS);
 const REQUIRED_MASK: u64 = mask(REQUIRED_HEADERS);
 
@@ -404,27 +619,28 @@ impl<'a> Message<'a> {
 
     /// The stored fields named `name` (canonical), in order. A known name starts at
     /// its first occurrence and, unless it repeats, stops there.
-    fn entries_named(&self, name: HeaderName) -> impl Iterator<Item = &Entry> {
-        let (from, most) = match name.id() {
+    fn entries_named(&self, name: HeaderName) -> Named<'_> {
+        let (pos, end) = match name.id() {
             Some(id) => {
                 let bit = 1u64 << (id & 63);
+                let first = self.first(id);
                 if self.index.present & bit == 0 {
-                    (self.entries.len(), 0)
+                    (0, 0)
                 } else if self.index.repeated & bit == 0 {
-                    (self.first(id), 1)
+                    (first, first + 1)
                 } else {
-                    (self.first(id), usize::MAX)
+                    (first, self.entries.len())
                 }
             }
-            None => (0, usize::MAX),
+            None => (0, self.entries.len()),
         };
-        let text = self.text;
-        self.entries
-            .get(from..)
-            .unwrap_or(&[])
-            .iter()
-            .filter(move |e| name.matches(e.known, || e.header(text).name))
-            .take(most)
+        Named {
+            entries: &self.entries,
+            text: self.text,
+            name,
+            pos,
+            end,
+        }
     }
 
     fn first(&self, id: u8) -> usize {
@@ -432,6 +648,14 @@ impl<'a> Message<'a> {
             .first
             .get(usize::from(id))
             .map_or(self.entries.len(), |&i| usize::from(i))
+    }
+
+    /// The first field of a known header.
+    fn first_entry(&self, id: u8) -> Option<&Entry> {
+        if self.index.present & (1u64 << (id & 63)) == 0 {
+            return None;
+        }
+        self.entries.get(self.first(id))
     }
 
     fn has(&self, name: HeaderName) -> bool {
@@ -462,12 +686,12 @@ impl<'a> Message<'a> {
     }
 
     /// The first value of a header.
+    #[inline]
     pub fn header(&self, name: HeaderName) -> Option<&'a str> {
         let name = name.canonical();
-        if name.is_list() {
-            self.header_values(name).next()
-        } else {
-            self.field_values(name).next()
+        match name.id() {
+            Some(id) if !name.is_list() => self.first_entry(id).map(|e| e.value(self.text)),
+            _ => self.header_values(name).next(),
         }
     }
 

@@ -48,52 +48,57 @@ impl<'a> NameAddr<'a> {
 
 fn parse(s: &str) -> Result<NameAddr<'_>, &'static str> {
     let raw = lex::trim_lws(s);
-    if raw.is_empty() {
-        return Err("empty value");
-    }
-    let (display, display_quoted, uri_str, after) = if raw.starts_with('"') {
-        let close = lex::quoted_end(raw, 0).ok_or("unbalanced quotes")?;
-        let display = raw.get(1..close).unwrap_or("");
-        let rest = lex::trim_lws_start(raw.get(close + 1..).unwrap_or(""));
-        let (uri_str, after) = angle(rest)?;
-        (Some(display), true, uri_str, after)
-    } else if let Some(lt) = raw.find('<') {
-        let (before, _) = lex::split_around(raw, lt);
-        let display = lex::trim_lws(before);
-        // An unquoted display name is a run of tokens separated by LWS.
-        if !display
-            .bytes()
-            .all(|b| lex::is_token_byte(b) || lex::is_lws(b))
-        {
-            return Err("bad display name");
+    let b = raw.as_bytes();
+    let (display, display_quoted, uri_str, after) = match b.first() {
+        None => return Err("empty value"),
+        Some(b'"') => {
+            let (close, _) = lex::quoted_close(b, 0).ok_or("unbalanced quotes")?;
+            let display = raw.get(1..close).unwrap_or("");
+            let (uri_str, after) = angle(raw, lex::skip_lws(b, close + 1))?;
+            (Some(display), true, uri_str, after)
         }
-        let (uri_str, after) = angle(raw.get(lt..).unwrap_or(""))?;
-        (
-            (!display.is_empty()).then_some(display),
-            false,
-            uri_str,
-            after,
-        )
-    } else {
-        // addr-spec: the URI ends at the first `;` (those are header parameters),
-        // which is why URIs with `;`, `,` or `?` must be enclosed in `<>`.
-        let (uri_str, after) = match raw.find(';') {
-            Some(i) => {
-                let (u, _) = lex::split_around(raw, i);
-                (lex::trim_lws(u), raw.get(i..).unwrap_or(""))
+        Some(_) => match lex::find1(b, b'<') {
+            Some(lt) => {
+                let display = lex::trim_lws(raw.get(..lt).unwrap_or(""));
+                // An unquoted display name is a run of tokens separated by LWS.
+                if !display
+                    .bytes()
+                    .all(|c| lex::class(c) & (lex::TOKEN | lex::LWS) != 0)
+                {
+                    return Err("bad display name");
+                }
+                let (uri_str, after) = angle(raw, lt)?;
+                (
+                    (!display.is_empty()).then_some(display),
+                    false,
+                    uri_str,
+                    after,
+                )
             }
-            None => (raw, ""),
-        };
-        if uri_str.contains([',', '?', '"']) {
-            return Err("URI with , ? or quotes must be in <>");
-        }
-        (None, false, uri_str, after)
+            None => {
+                // addr-spec: the URI ends at the first `;` (those are header
+                // parameters), which is why URIs with `;`, `,` or `?` must be
+                // enclosed in `<>`.
+                let (uri_str, after) = match lex::find1(b, b';') {
+                    Some(i) => (
+                        lex::trim_lws(raw.get(..i).unwrap_or("")),
+                        raw.get(i..).unwrap_or(""),
+                    ),
+                    None => (raw, ""),
+                };
+                if uri_str.bytes().any(|c| matches!(c, b',' | b'?' | b'"')) {
+                    return Err("URI with , ? or quotes must be in <>");
+                }
+                (None, false, uri_str, after)
+            }
+        },
     };
     let uri = uri::parse(uri_str)?;
     let after = lex::trim_lws_start(after);
-    let section = match after {
-        "" => None,
-        _ => Some(after.strip_prefix(';').ok_or("unexpected text after URI")?),
+    let section = match after.as_bytes().first() {
+        None => None,
+        Some(b';') => after.get(1..),
+        Some(_) => return Err("unexpected text after URI"),
     };
     let tag = match param::validate_and_find(section, "tag")? {
         Some(Some(tag)) if lex::is_token(tag) => Some(tag),
@@ -110,10 +115,18 @@ fn parse(s: &str) -> Result<NameAddr<'_>, &'static str> {
     })
 }
 
-/// `<uri>rest` → (uri, rest). Whitespace inside the brackets is an error of the URI.
-fn angle(s: &str) -> Result<(&str, &str), &'static str> {
-    let inner = s.strip_prefix('<').ok_or("expected <")?;
-    inner.split_once('>').ok_or("unterminated <")
+/// `<uri>rest` starting at `s[at]` → (uri, rest). Whitespace inside the brackets is
+/// an error of the URI.
+fn angle(s: &str, at: usize) -> Result<(&str, &str), &'static str> {
+    let b = s.as_bytes();
+    if b.get(at) != Some(&b'<') {
+        return Err("expected <");
+    }
+    let gt = at + 1 + lex::find1(b.get(at + 1..).unwrap_or(&[]), b'>').ok_or("unterminated <")?;
+    Ok((
+        s.get(at + 1..gt).unwrap_or(""),
+        s.get(gt + 1..).unwrap_or(""),
+    ))
 }
 
 /// The value of the Contact header(s) of a message.

@@ -26,7 +26,7 @@ impl<'a> Params<'a> {
 /// Unquoted values: tokens, plus `[`, `]` and `:` so that IPv6 addresses fit
 /// (RFC 5118 §4.5 asks for `received=` with and without brackets).
 fn is_value_byte(b: u8) -> bool {
-    lex::is_token_byte(b) || matches!(b, b'[' | b']' | b':')
+    lex::class(b) & (lex::TOKEN | lex::PARAM_EXTRA) != 0
 }
 
 type Param<'a> = (&'a str, Option<&'a str>);

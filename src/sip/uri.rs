@@ -109,7 +109,7 @@ const fn is_unreserved(b: u8) -> bool {
         )
 }
 
-// Bits of `CHARS`, one per character set of the URI grammar, so a run of bytes is
+// Character-set bits of `URI_BYTES`, one per set of the URI grammar, so a run of bytes is
 // checked against a set by AND-ing their entries (no branch per byte).
 const PARAMCHAR: u8 = 1;
 const HNVCHAR: u8 = 2;
@@ -148,26 +148,49 @@ const fn chars_table() -> [u8; 256] {
     table
 }
 
-static CHARS: [u8; 256] = chars_table();
+/// Per byte: its class (`uri_class_table`) in the top three bits, its character
+/// sets below, so the scan of a URI reads one table per byte.
+static URI_BYTES: [u8; 256] = {
+    let sets = chars_table();
+    let class = uri_class_table();
+    let mut table = [0u8; 256];
+    let mut i = 0;
+    while i < 256 {
+        table[i] = class[i] << CLASS_SHIFT | sets[i];
+        i += 1;
+    }
+    table
+};
 
-/// The `CHARS` bits every byte of `s` has.
+const CLASS_SHIFT: u32 = 5;
+const SETS: u8 = (1 << CLASS_SHIFT) - 1;
+
+/// The character sets `b` belongs to.
+#[inline(always)]
+fn sets(b: u8) -> u8 {
+    URI_BYTES[usize::from(b)] & SETS
+}
+
+/// The character sets every byte of `s` belongs to.
 #[inline]
 fn common_bits(s: &[u8]) -> u8 {
-    s.iter().fold(0xff, |acc, &b| acc & CHARS[usize::from(b)])
+    s.iter().fold(SETS, |acc, &b| acc & sets(b))
 }
 
 fn is_paramchar(b: u8) -> bool {
-    CHARS[usize::from(b)] & PARAMCHAR != 0
+    sets(b) & PARAMCHAR != 0
 }
 
 impl<'a> Uri<'a> {
     /// Parses any URI; sip/sips/tel are checked against their grammar.
+    #[inline]
     pub fn parse(s: &'a str) -> Result<Uri<'a>, ParseError> {
         parse(s).map_err(|reason| ParseError::BadUri { reason })
     }
 
     /// A Request-URI: additionally, sip/sips URIs may not carry headers (RFC 3261
     /// §19.1.1 table 1).
+    #[inline]
     pub fn parse_request_uri(s: &'a str) -> Result<Uri<'a>, ParseError> {
         let uri = Uri::parse(s)?;
         if uri.is_sip() && !uri.headers.is_empty() {
@@ -231,10 +254,20 @@ impl fmt::Display for Uri<'_> {
 }
 
 fn scheme_kind(scheme: &str) -> Scheme {
+    // Only `S` and `s` become `s` when bit 0x20 is set (likewise for every letter),
+    // so this folding compare is exact for any bytes.
+    let fold = |b: &[u8]| {
+        b.iter()
+            .rev()
+            .fold(0u32, |w, &c| w << 8 | u32::from(c | 0x20))
+    };
     match scheme.as_bytes() {
-        [s, i, p] if [*s, *i, *p].eq_ignore_ascii_case(b"sip") => Scheme::Sip,
-        [s, i, p, s2] if [*s, *i, *p, *s2].eq_ignore_ascii_case(b"sips") => Scheme::Sips,
-        [t, e, l] if [*t, *e, *l].eq_ignore_ascii_case(b"tel") => Scheme::Tel,
+        b @ [_, _, _] => match fold(b) {
+            0x0070_6973 => Scheme::Sip,
+            0x006c_6574 => Scheme::Tel,
+            _ => Scheme::Other,
+        },
+        b @ [_, _, _, _] if fold(b) == 0x7370_6973 => Scheme::Sips,
         _ => Scheme::Other,
     }
 }
@@ -243,9 +276,19 @@ fn is_scheme_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.')
 }
 
+#[inline]
 pub(crate) fn parse(s: &str) -> Result<Uri<'_>, &'static str> {
     let b = s.as_bytes();
-    let mut colon = 0;
+    // `sip:` and `sips:` in any case are recognised in one word compare (only the
+    // letters folded, see `lex::FOLD`); any other scheme is scanned.
+    let head = lex::load_word(b, 0);
+    let mut colon = if head & lex::low_bytes(4) | 0x20_2020 == lex::pack_lower("sip:", 0) {
+        3
+    } else if head & lex::low_bytes(5) | 0x2020_2020 == lex::pack_lower("sips:", 0) {
+        4
+    } else {
+        0
+    };
     while b.get(colon).copied().is_some_and(is_scheme_byte) {
         colon += 1;
     }
@@ -288,8 +331,9 @@ pub(crate) fn parse(s: &str) -> Result<Uri<'_>, &'static str> {
     Ok(uri)
 }
 
-const INVALID: u8 = 0;
-const PLAIN: u8 = 1;
+/// Zero, so a plain byte's table entry is below `1 << CLASS_SHIFT`.
+const PLAIN: u8 = 0;
+const INVALID: u8 = 1;
 const AT: u8 = 2;
 const PERCENT: u8 = 3;
 /// `;` or `?`: where the host part ends.
@@ -315,8 +359,6 @@ const fn uri_class_table() -> [u8; 256] {
     table
 }
 
-static URI_CLASS: [u8; 256] = uri_class_table();
-
 /// Offsets in a URI's text after the scheme, found in the one pass that checks every
 /// byte, so the sip parts split without looking again.
 struct Marks {
@@ -332,10 +374,14 @@ struct Marks {
     port_colon: Option<usize>,
     /// The first `[` or `]` anywhere.
     bracket: Option<usize>,
+    /// The character sets common to the bytes of the host (from after `at`, or the
+    /// start, to `port_colon` or `delim`, or the end).
+    host_sets: u8,
     escaped: bool,
 }
 
 impl Marks {
+    #[inline]
     fn scan(rest: &[u8]) -> Result<Marks, &'static str> {
         let mut m = Marks {
             at: None,
@@ -344,40 +390,67 @@ impl Marks {
             colon: None,
             port_colon: None,
             bracket: None,
+            host_sets: SETS,
             escaped: false,
         };
-        for (i, &b) in rest.iter().enumerate() {
-            match URI_CLASS[usize::from(b)] {
-                PLAIN => {}
+        let mut host_sets = None;
+        let mut sets = SETS;
+        let mut i = 0;
+        loop {
+            // Most bytes are plain: a tight loop takes them.
+            let mut entry = 0;
+            while let Some(&b) = rest.get(i) {
+                entry = URI_BYTES[usize::from(b)];
+                if entry >= 1 << CLASS_SHIFT {
+                    break;
+                }
+                sets &= entry;
+                i += 1;
+            }
+            let Some(&b) = rest.get(i) else {
+                break;
+            };
+            match entry >> CLASS_SHIFT {
                 INVALID => return Err("invalid character"),
-                AT => {
-                    if m.at.is_none() {
-                        m.at = Some(i);
-                        m.delim = None;
-                        m.question = None;
-                        m.port_colon = None;
-                    }
+                AT if m.at.is_none() => {
+                    m.at = Some(i);
+                    m.delim = None;
+                    m.question = None;
+                    m.port_colon = None;
+                    host_sets = None;
+                    sets = SETS;
+                    i += 1;
+                    continue;
                 }
                 PERCENT => m.escaped = true,
                 DELIM => {
-                    m.delim = m.delim.or(Some(i));
+                    if m.delim.is_none() {
+                        m.delim = Some(i);
+                        host_sets = host_sets.or(Some(sets));
+                    }
                     if b == b'?' {
                         m.question = m.question.or(Some(i));
                     }
                 }
                 COLON => {
                     m.colon = m.colon.or(Some(i));
-                    if m.delim.is_none() {
-                        m.port_colon = m.port_colon.or(Some(i));
+                    if m.delim.is_none() && m.port_colon.is_none() {
+                        m.port_colon = Some(i);
+                        host_sets = host_sets.or(Some(sets));
                     }
                 }
-                _ => m.bracket = m.bracket.or(Some(i)),
+                BRACKET => m.bracket = m.bracket.or(Some(i)),
+                _ => {}
             }
+            sets &= entry;
+            i += 1;
         }
+        m.host_sets = host_sets.unwrap_or(sets);
         Ok(m)
     }
 }
 
+#[inline]
 fn parse_sip<'a>(uri: &mut Uri<'a>, marks: &Marks) -> Result<(), &'static str> {
     let rest = uri.opaque;
     // The user part may contain `;`, `?` and `/`, but never an unescaped `@`, and no
@@ -414,10 +487,10 @@ fn parse_sip<'a>(uri: &mut Uri<'a>, marks: &Marks) -> Result<(), &'static str> {
         match marks.port_colon {
             Some(c) => {
                 let port = parse_port(rest.get(c + 1..host_end).unwrap_or(""))?;
-                let host = parse_host_name(rest.get(host_start..c).unwrap_or(""))?;
+                let host = host_name(rest.get(host_start..c).unwrap_or(""), marks.host_sets)?;
                 (host, Some(port))
             }
-            None => (parse_host_name(hostport)?, None),
+            None => (host_name(hostport, marks.host_sets)?, None),
         }
     };
     let (params, headers) = match marks.question {
@@ -458,7 +531,7 @@ fn parse_tel(uri: &mut Uri<'_>) -> Result<(), &'static str> {
 /// `name[=value]` pairs separated by `;`, each part non-empty paramchars; the first
 /// bad pair decides the error, its name before its value.
 fn check_uri_params(params: &str) -> Result<(), &'static str> {
-    let mut name = 0xff;
+    let mut name = SETS;
     let mut name_len = 0usize;
     // `Some` once the pair's first `=` is seen.
     let mut value: Option<(u8, usize)> = None;
@@ -473,20 +546,20 @@ fn check_uri_params(params: &str) -> Result<(), &'static str> {
                         return Err("bad parameter value");
                     }
                 }
-                (name, name_len, value) = (0xff, 0, None);
+                (name, name_len, value) = (SETS, 0, None);
             }
             (b'=', None) => {
                 if name_len == 0 || name & PARAMCHAR == 0 {
                     return Err("bad parameter");
                 }
-                value = Some((0xff, 0));
+                value = Some((SETS, 0));
             }
             (_, None) => {
-                name &= CHARS[usize::from(b)];
+                name &= sets(b);
                 name_len += 1;
             }
             (_, Some((bits, len))) => {
-                *bits &= CHARS[usize::from(b)];
+                *bits &= sets(b);
                 *len += 1;
             }
         }
@@ -497,7 +570,8 @@ fn check_uri_params(params: &str) -> Result<(), &'static str> {
 fn check_uri_headers(headers: &str) -> Result<(), &'static str> {
     for h in headers.split('&') {
         let (name, value) = lex::split_once_byte(h, b'=').ok_or("bad header")?;
-        if name.is_empty() || common_bits(name.as_bytes()) & common_bits(value.as_bytes()) & HNVCHAR == 0
+        if name.is_empty()
+            || common_bits(name.as_bytes()) & common_bits(value.as_bytes()) & HNVCHAR == 0
         {
             return Err("bad header");
         }
@@ -525,10 +599,31 @@ pub(crate) fn parse_hostport(hp: &str) -> Result<(Host<'_>, Option<u16>), &'stat
 
 /// A hostname or IPv4 address (not an IPv6 reference).
 pub(crate) fn parse_host_name(host: &str) -> Result<Host<'_>, &'static str> {
+    host_name(host, common_bits(host.as_bytes()))
+}
+
+/// The hostname or IPv4 address that starts at `s[from]` and runs while the bytes
+/// are hostname bytes: (where it ends, the host).
+pub(crate) fn host_run(s: &str, from: usize) -> Result<(usize, Host<'_>), &'static str> {
+    let b = s.as_bytes();
+    let mut end = from;
+    let mut bits = SETS;
+    while let Some(&c) = b.get(end) {
+        let e = sets(c);
+        if e & HOSTNAME == 0 {
+            break;
+        }
+        bits &= e;
+        end += 1;
+    }
+    Ok((end, host_name(s.get(from..end).unwrap_or(""), bits)?))
+}
+
+/// [`parse_host_name`] for a host whose bytes' common character sets are known.
+fn host_name(host: &str, bits: u8) -> Result<Host<'_>, &'static str> {
     if host.is_empty() {
         return Err("empty host");
     }
-    let bits = common_bits(host.as_bytes());
     if bits & HOSTNAME == 0 {
         return Err("bad host");
     }
@@ -543,33 +638,38 @@ pub(crate) fn parse_host_name(host: &str) -> Result<Host<'_>, &'static str> {
 }
 
 /// Dotted-quad IPv4 as `Ipv4Addr::from_str` reads it (four decimal octets of one to
-/// three digits, no leading zero), without its generic parser machinery.
+/// three digits, no leading zero), in one pass without its generic parser.
 pub(crate) fn parse_ipv4(s: &[u8]) -> Option<Ipv4Addr> {
     let mut octets = [0u8; 4];
-    let mut i = 0;
-    for (n, octet) in octets.iter_mut().enumerate() {
-        if n > 0 {
-            if s.get(i) != Some(&b'.') {
+    let mut n = 0;
+    let mut value = 0u32;
+    let mut digits = 0;
+    for &c in s {
+        if c == b'.' {
+            if digits == 0 {
                 return None;
             }
-            i += 1;
-        }
-        let start = i;
-        let mut value = 0u32;
-        while i - start < 3 {
-            match s.get(i) {
-                Some(&d) if d.is_ascii_digit() => value = value * 10 + u32::from(d - b'0'),
-                _ => break,
+            *octets.get_mut(n)? = value as u8;
+            n += 1;
+            (value, digits) = (0, 0);
+        } else {
+            let d = c.wrapping_sub(b'0');
+            // A second digit after a leading 0 is refused, as std does.
+            if d > 9 || (digits > 0 && value == 0) {
+                return None;
             }
-            i += 1;
+            value = value * 10 + u32::from(d);
+            digits += 1;
+            if value > 255 {
+                return None;
+            }
         }
-        let leading_zero = i - start > 1 && s.get(start) == Some(&b'0');
-        if i == start || leading_zero {
-            return None;
-        }
-        *octet = u8::try_from(value).ok()?;
     }
-    (i == s.len()).then_some(Ipv4Addr::from(octets))
+    if n != 3 || digits == 0 {
+        return None;
+    }
+    *octets.get_mut(3)? = value as u8;
+    Some(Ipv4Addr::from(octets))
 }
 
 pub(crate) fn parse_port(p: &str) -> Result<u16, &'static str> {
@@ -790,6 +890,58 @@ mod tests {
         assert_eq!(bad_utf8.user_unescaped(), "\u{fffd}");
         let nul = Uri::parse("sip:null-%00-null@example.com").unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(nul.user_unescaped(), "null-\0-null");
+    }
+
+    #[test]
+    fn ipv4_reading_agrees_with_std() {
+        let mut inputs: Vec<String> = [
+            "1.2.3.4",
+            "255.255.255.255",
+            "0.0.0.0",
+            "256.1.1.1",
+            "01.2.3.4",
+            "1.2.3",
+            "1.2.3.4.5",
+            "1..2.3",
+            ".1.2.3",
+            "1.2.3.",
+            "1000.1.1.1",
+            "0001.1.1.1",
+            "1.2.3.04",
+            "",
+            ".",
+            "...",
+            "12.34.56.789",
+            "99.99.99.99",
+            "1.2.3.4a",
+            "1.2.3.+4",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        // Every string of digits and dots up to six bytes, from a small alphabet.
+        let alphabet = ['0', '1', '2', '5', '9', '.'];
+        let mut frontier = vec![String::new()];
+        for _ in 0..6 {
+            let mut next = Vec::new();
+            for s in &frontier {
+                for c in alphabet {
+                    next.push(format!("{s}{c}"));
+                }
+            }
+            inputs.extend(next.iter().cloned());
+            frontier = next;
+        }
+        for octet in ["0", "00", "7", "07", "25", "255", "256", "300"] {
+            inputs.push(format!("{octet}.{octet}.{octet}.{octet}"));
+        }
+        for input in inputs {
+            assert_eq!(
+                parse_ipv4(input.as_bytes()),
+                input.parse::<Ipv4Addr>().ok(),
+                "{input:?}"
+            );
+        }
     }
 
     #[test]

@@ -2,7 +2,7 @@
 
 use std::net::IpAddr;
 
-use super::lex::{self, Cursor};
+use super::lex;
 use super::param::Params;
 use super::transport::Transport;
 use super::uri::{self, Host};
@@ -58,59 +58,69 @@ fn parse(s: &str) -> Result<Via<'_>, &'static str> {
     if raw.is_empty() {
         return Err("empty element");
     }
-    let mut c = Cursor::new(raw);
+    let b = raw.as_bytes();
+    let slice = |from: usize, to: usize| raw.get(from..to).unwrap_or("");
     // SLASH and COLON admit LWS on both sides (RFC 3261 §25.1), hence the skips.
-    if !c.take_while(lex::is_token_byte).eq_ignore_ascii_case("SIP") {
+    let protocol_end = lex::skip_token(b, 0);
+    if !lex::eq_letters(slice(0, protocol_end), "sip") {
         return Err("protocol is not SIP");
     }
-    c.skip_lws();
-    if !c.eat(b'/') {
+    let mut i = lex::skip_lws(b, protocol_end);
+    if b.get(i) != Some(&b'/') {
         return Err("bad sent-protocol");
     }
-    c.skip_lws();
-    if c.take_while(lex::is_token_byte) != "2.0" {
+    i = lex::skip_lws(b, i + 1);
+    let version_end = lex::skip_token(b, i);
+    if slice(i, version_end) != "2.0" {
         return Err("unsupported SIP version");
     }
-    c.skip_lws();
-    if !c.eat(b'/') {
+    i = lex::skip_lws(b, version_end);
+    if b.get(i) != Some(&b'/') {
         return Err("bad sent-protocol");
     }
-    c.skip_lws();
-    let transport_raw = c.take_while(lex::is_token_byte);
+    i = lex::skip_lws(b, i + 1);
+    let transport_end = lex::skip_token(b, i);
+    let transport_raw = slice(i, transport_end);
     if transport_raw.is_empty() {
         return Err("missing transport");
     }
-    if !c.skip_lws() {
+    i = lex::skip_lws(b, transport_end);
+    if i == transport_end {
         return Err("missing sent-by");
     }
-    let host = if c.peek() == Some(b'[') {
-        let reference = c.take_until(b']').ok_or("unterminated IPv6 reference")?;
-        c.eat(b']');
-        let ip = reference
-            .get(1..)
-            .unwrap_or("")
+    let host = if b.get(i) == Some(&b'[') {
+        let close =
+            i + lex::find1(b.get(i..).unwrap_or(&[]), b']').ok_or("unterminated IPv6 reference")?;
+        let ip = slice(i + 1, close)
             .parse()
             .map_err(|_| "bad IPv6 address")?;
+        i = close + 1;
         Host::V6(ip)
     } else {
-        uri::parse_host_name(
-            c.take_while(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_')),
-        )?
+        let (end, host) = uri::host_run(raw, i)?;
+        i = end;
+        host
     };
-    c.skip_lws();
-    let port = if c.eat(b':') {
-        c.skip_lws();
-        Some(uri::parse_port(c.take_while(|b| b.is_ascii_digit()))?)
+    i = lex::skip_lws(b, i);
+    let port = if b.get(i) == Some(&b':') {
+        i = lex::skip_lws(b, i + 1);
+        let digits_end = i + b
+            .get(i..)
+            .unwrap_or(&[])
+            .iter()
+            .take_while(|c| c.is_ascii_digit())
+            .count();
+        let port = uri::parse_port(slice(i, digits_end))?;
+        i = digits_end;
+        Some(port)
     } else {
         None
     };
-    c.skip_lws();
-    let section = if c.is_empty() {
-        None
-    } else if c.eat(b';') {
-        Some(c.rest())
-    } else {
-        return Err("unexpected text after sent-by");
+    i = lex::skip_lws(b, i);
+    let section = match b.get(i) {
+        None => None,
+        Some(b';') => raw.get(i + 1..),
+        Some(_) => return Err("unexpected text after sent-by"),
     };
     let mut via = Via {
         transport: transport_raw.parse().ok(),
@@ -127,23 +137,30 @@ fn parse(s: &str) -> Result<Via<'_>, &'static str> {
     };
     for p in Params::new(section) {
         let (name, value) = p?;
-        if name.eq_ignore_ascii_case("branch") {
-            via.branch = Some(value.filter(|v| lex::is_token(v)).ok_or("bad branch")?);
-        } else if name.eq_ignore_ascii_case("received") {
-            via.received = Some(
-                value
-                    .filter(|v| parse_received(v).is_some())
-                    .ok_or("bad received")?,
-            );
-        } else if name.eq_ignore_ascii_case("rport") {
-            via.rport = Some(match value {
-                None => None,
-                Some(v) => Some(uri::parse_port(v).map_err(|_| "bad rport")?),
-            });
-        } else if name.eq_ignore_ascii_case("maddr") {
-            via.maddr = Some(value.ok_or("bad maddr")?);
-        } else if name.eq_ignore_ascii_case("ttl") {
-            via.ttl = Some(value.and_then(|v| v.parse().ok()).ok_or("bad ttl")?);
+        match name.len() {
+            6 if lex::eq_letters(name, "branch") => {
+                via.branch = Some(value.filter(|v| lex::is_token(v)).ok_or("bad branch")?);
+            }
+            8 if lex::eq_letters(name, "received") => {
+                via.received = Some(
+                    value
+                        .filter(|v| parse_received(v).is_some())
+                        .ok_or("bad received")?,
+                );
+            }
+            5 if lex::eq_letters(name, "rport") => {
+                via.rport = Some(match value {
+                    None => None,
+                    Some(v) => Some(uri::parse_port(v).map_err(|_| "bad rport")?),
+                });
+            }
+            5 if lex::eq_letters(name, "maddr") => {
+                via.maddr = Some(value.ok_or("bad maddr")?);
+            }
+            3 if lex::eq_letters(name, "ttl") => {
+                via.ttl = Some(value.and_then(|v| v.parse().ok()).ok_or("bad ttl")?);
+            }
+            _ => {}
         }
     }
     Ok(via)
