@@ -7,6 +7,7 @@
 
 pub mod acl;
 pub mod alert;
+pub mod answer;
 pub mod binding;
 pub mod config;
 pub mod digest;
@@ -19,6 +20,8 @@ pub mod verdict;
 
 #[cfg(all(feature = "abi", target_arch = "wasm32"))]
 pub mod abi;
+#[cfg(feature = "envoy")]
+pub mod envoy;
 #[cfg(all(feature = "js", target_arch = "wasm32"))]
 pub mod js;
 

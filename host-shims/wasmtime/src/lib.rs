@@ -166,13 +166,63 @@ impl PolicyModule {
     }
 
     pub fn from_bytes(bytes: &[u8]) -> Result<PolicyModule, HostError> {
-        let mut config = Config::new();
-        // The `parallel-compilation` feature is off: compiling on the calling thread
-        // keeps forking hosts (Kamailio) safe.
-        config.cranelift_opt_level(wasmtime::OptLevel::Speed);
-        let engine = Engine::new(&config).map_err(|e| HostError::Load(e.to_string()))?;
+        let engine = new_engine()?;
         let module = Module::new(&engine, bytes).map_err(|e| HostError::Load(format!("{e:#}")))?;
         Ok(PolicyModule { engine, module })
+    }
+
+    /// Like [`PolicyModule::from_file`], through a cache of the compiled code beside
+    /// the module (`<path>.cwasm`): a host with many processes (Kamailio's workers)
+    /// compiles once, the others map the cache in milliseconds instead of compiling
+    /// for a second each. The cache is used only when it is newer than the module and
+    /// wasmtime accepts it as built by this same version and configuration; otherwise
+    /// the module is compiled and the cache rewritten (atomically; a failure to write
+    /// it only costs the next process a compile).
+    pub fn from_file_cached(path: &Path) -> Result<PolicyModule, HostError> {
+        let cache = cache_path(path);
+        let engine = new_engine()?;
+        if is_fresh(&cache, path) {
+            // SAFETY: the cache is written only by this function (below), next to a
+            // module the operator published; wasmtime refuses files of another version
+            // or configuration. It is as trusted as the .wasm beside it.
+            if let Ok(module) = unsafe { Module::deserialize_file(&engine, &cache) } {
+                return Ok(PolicyModule { engine, module });
+            }
+        }
+        let bytes = std::fs::read(path).map_err(|source| HostError::ModuleFile {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let module = Module::new(&engine, &bytes).map_err(|e| HostError::Load(format!("{e:#}")))?;
+        if let Ok(code) = module.serialize() {
+            let tmp = cache.with_extension(format!("cwasm.{}.tmp", std::process::id()));
+            if std::fs::write(&tmp, code).is_ok() && std::fs::rename(&tmp, &cache).is_err() {
+                let _ = std::fs::remove_file(&tmp);
+            }
+        }
+        Ok(PolicyModule { engine, module })
+    }
+}
+
+fn new_engine() -> Result<Engine, HostError> {
+    let mut config = Config::new();
+    // The `parallel-compilation` feature is off: compiling on the calling thread
+    // keeps forking hosts (Kamailio) safe.
+    config.cranelift_opt_level(wasmtime::OptLevel::Speed);
+    Engine::new(&config).map_err(|e| HostError::Load(e.to_string()))
+}
+
+fn cache_path(module: &Path) -> PathBuf {
+    let mut name = module.as_os_str().to_owned();
+    name.push(".cwasm");
+    PathBuf::from(name)
+}
+
+fn is_fresh(cache: &Path, module: &Path) -> bool {
+    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    match (modified(cache), modified(module)) {
+        (Some(c), Some(m)) => c >= m,
+        _ => false,
     }
 }
 
@@ -347,6 +397,25 @@ impl Policy {
         self.instantiate()
     }
 
+    /// Runs another compiled module (a new `.wasm`) with the last good configuration
+    /// and the same store. If the new module cannot be instantiated or refuses that
+    /// configuration, the previous module is put back and the error returned.
+    pub fn replace_module(&mut self, module: &PolicyModule) -> Result<(), HostError> {
+        let previous = std::mem::replace(&mut self.module, module.clone());
+        self.exports = None;
+        match self.instantiate() {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                self.module = previous;
+                self.exports = None;
+                // The previous module ran this configuration a moment ago; if even that
+                // fails now, the next call retries and reports it.
+                let _ = self.instantiate();
+                Err(e)
+            }
+        }
+    }
+
     /// Pushes a configuration. Outer error: the host failed; inner: the module refused
     /// it (the previous configuration stays in force).
     pub fn configure(&mut self, json: &[u8]) -> Result<Result<u64, ConfigRefused>, HostError> {
@@ -396,14 +465,8 @@ impl Policy {
         transport: Transport,
         now_ms: u64,
     ) -> Result<Judged, HostError> {
-        // Formatted on the stack: this runs for every message.
         let mut src_buf = [0u8; 64];
-        let src_len_usize = {
-            let mut cursor = std::io::Cursor::new(&mut src_buf[..]);
-            std::io::Write::write_fmt(&mut cursor, format_args!("{source}"))
-                .map_err(|_| HostError::BadInput(format!("source {source} too long")))?;
-            cursor.position() as usize
-        };
+        let src_len_usize = format_source(source, &mut src_buf)?;
         let src = &src_buf[..src_len_usize];
         let raw = self.call(|ex, store| {
             let msg_len = len32(message.len())?;
@@ -449,6 +512,47 @@ impl Policy {
             return Err(HostError::Module(raw));
         }
         Ok(alerts)
+    }
+}
+
+/// Writes `ip:port` (IPv6 in brackets) into `buf`, returning the length. Runs for every
+/// message: the IPv4 case by hand costs a tenth of `core::fmt` (callgrind,
+/// scripts/bench-instructions).
+fn format_source(source: SocketAddr, buf: &mut [u8; 64]) -> Result<usize, HostError> {
+    fn decimal(mut n: u32, out: &mut [u8], at: usize) -> usize {
+        let mut digits = [0u8; 10];
+        let mut i = digits.len();
+        loop {
+            i -= 1;
+            digits[i] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        let len = digits.len() - i;
+        out[at..at + len].copy_from_slice(&digits[i..]);
+        at + len
+    }
+    match source {
+        SocketAddr::V4(v4) => {
+            let mut at = 0;
+            for (i, octet) in v4.ip().octets().into_iter().enumerate() {
+                if i > 0 {
+                    buf[at] = b'.';
+                    at += 1;
+                }
+                at = decimal(u32::from(octet), buf, at);
+            }
+            buf[at] = b':';
+            Ok(decimal(u32::from(v4.port()), buf, at + 1))
+        }
+        SocketAddr::V6(_) => {
+            let mut cursor = std::io::Cursor::new(&mut buf[..]);
+            std::io::Write::write_fmt(&mut cursor, format_args!("{source}"))
+                .map_err(|_| HostError::BadInput(format!("source {source} too long")))?;
+            Ok(cursor.position() as usize)
+        }
     }
 }
 
@@ -606,4 +710,26 @@ fn link_imports(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
         },
     )?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sources_are_formatted_as_the_module_parses_them() {
+        for text in [
+            "0.0.0.0:0",
+            "203.0.113.7:5060",
+            "255.255.255.255:65535",
+            "10.1.20.3:7",
+            "[2001:db8::7]:5061",
+            "[::ffff:192.0.2.1]:5060",
+        ] {
+            let addr: SocketAddr = text.parse().unwrap();
+            let mut buf = [0u8; 64];
+            let len = format_source(addr, &mut buf).unwrap();
+            assert_eq!(std::str::from_utf8(&buf[..len]).unwrap(), text);
+        }
+    }
 }

@@ -1,0 +1,457 @@
+# trunkguard for Kamailio: the KEMI routing script (app_python3).
+#
+# Every request goes through the policy's verdict:
+#   allow     -> routed on (in-dialog by its Route set, new calls to the carrier)
+#   challenge -> 401/407 with the module's WWW-/Proxy-Authenticate headers
+#   reject    -> the module's code and reason (403 names the cause)
+#   accept    -> REGISTER answered 200 with the binding's Contact and expiry
+#   route     -> an inbound call from the core relayed to the registered PBX/failover
+# When the module gives no verdict (trap, missing .wasm, store failure) the request is
+# refused with 503 and the reason is logged: fail closed, never an open trunk.
+#
+# Settings come from the environment of the Kamailio process (host-shims/kamailio/run
+# sets them; see docs/kamailio.md):
+#   TRUNKGUARD_PYTHONPATH  where the trunkguard_kamailio extension is installed
+#   TRUNKGUARD_STATE_DIR   holds the alert spool (spool/) and published configs
+#   TRUNKGUARD_MODULE      the .wasm to start with
+#   TRUNKGUARD_CONFIG      the trunk configuration to start with
+#   TRUNKGUARD_CARRIER     SIP URI allowed calls from PBXs are relayed to
+#   TRUNKGUARD_ALERT_URL   where alerts are POSTed (the relay's /v1/alerts or a webhook)
+#   TRUNKGUARD_ALERT_TOKEN_FILE  bearer token for that URL (optional)
+#   TRUNKGUARD_DMQ         1 when kamailio.cfg replicates the htables with DMQ
+#
+# Shared state lives in htables (kamailio.cfg): `tg` holds what the module stores
+# (bindings, last registration IPs, nonce secret, alert throttles), `tgctl` the published
+# config/module and their status, `tgstats` counters. Every UDP and TCP worker and the
+# timer process see the same tables, and they outlive `app_python.reload`.
+
+import fcntl
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import KSR
+
+_ext = os.environ.get("TRUNKGUARD_PYTHONPATH")
+if _ext and _ext not in sys.path:
+    sys.path.insert(0, _ext)
+
+import trunkguard_kamailio as tg  # noqa: E402
+
+STATE_DIR = os.environ.get("TRUNKGUARD_STATE_DIR", "/var/lib/trunkguard/kamailio")
+SPOOL_DIR = os.path.join(STATE_DIR, "spool")
+CARRIER = os.environ.get("TRUNKGUARD_CARRIER", "")
+ALERT_URL = os.environ.get("TRUNKGUARD_ALERT_URL", "")
+ALERT_TOKEN_FILE = os.environ.get("TRUNKGUARD_ALERT_TOKEN_FILE", "")
+DMQ = os.environ.get("TRUNKGUARD_DMQ", "") == "1"
+# Measurement only (run --baseline, scripts/bench-kamailio): the same routing with
+# Kamailio's own digest authentication and registrar instead of the policy.
+BASELINE = os.environ.get("TRUNKGUARD_BASELINE", "") == "1"
+
+KV_TABLE = "tg"
+CTL_TABLE = "tgctl"
+STATS_TABLE = "tgstats"
+
+# How long the timer process keeps trying one delivery before moving to the next
+# file: short, so one dead receiver cannot hold the spool for long.
+DELIVERY_TIMEOUT_S = 2.0
+# Backoff after a failed delivery, doubling up to the cap; the spool keeps the events.
+RETRY_MIN_S = 1.0
+RETRY_MAX_S = 60.0
+
+
+# How often a worker looks for a new publication (one htable read). A push is in
+# force everywhere within this, and `publish` waits for the timer process's answer.
+PUBLICATION_CHECK_S = 0.2
+
+
+def _now_ms():
+    return int(time.time() * 1000)
+
+
+def _source():
+    ip = KSR.pv.get("$si")
+    port = KSR.pv.get("$sp")
+    if ":" in ip:
+        return "[%s]:%s" % (ip, port)
+    return "%s:%s" % (ip, port)
+
+
+def _message_bytes():
+    # $mb decodes as UTF-8 and raises on anything else; the hex form keeps every byte
+    # (NULs included), so binary bodies and garbage reach the parser as received.
+    try:
+        return KSR.pv.get("$mb").encode("utf-8")
+    except UnicodeDecodeError:
+        return bytes.fromhex(KSR.pv.get("$(mb{s.encode.hexa})"))
+
+
+def _published():
+    """(config path, module path) published in tgctl, falling back to the
+    environment before anything was published."""
+    config = KSR.htable.sht_get(CTL_TABLE, "config") or os.environ.get("TRUNKGUARD_CONFIG", "")
+    module = KSR.htable.sht_get(CTL_TABLE, "module") or os.environ.get("TRUNKGUARD_MODULE", "")
+    return config, module
+
+
+class Counters:
+    """Counts kept in the process and written to `tgstats` at most once a second, as
+    `<name>@<pid>` items that only this process writes (htable has no atomic add-by-n,
+    and one htable write per message costs more than the counting). `tgctl` sums
+    them. A name seen for the first time is written at once."""
+
+    FLUSH_S = 1.0
+
+    def __init__(self):
+        self.totals = {}
+        self.dirty = set()
+        self.next_flush = 0.0
+        self.suffix = "@%d" % os.getpid()
+
+    def add(self, name):
+        total = self.totals.get(name)
+        if total is None:
+            # After app_python.reload this process's item may hold earlier counts.
+            total = KSR.htable.sht_get(STATS_TABLE, name + self.suffix) or 0
+            self.totals[name] = total + 1
+            KSR.htable.sht_seti(STATS_TABLE, name + self.suffix, total + 1)
+            return
+        self.totals[name] = total + 1
+        self.dirty.add(name)
+
+    def flush(self, now):
+        if now < self.next_flush:
+            return
+        self.next_flush = now + self.FLUSH_S
+        for name in self.dirty:
+            KSR.htable.sht_seti(STATS_TABLE, name + self.suffix, self.totals[name])
+        self.dirty.clear()
+
+
+COUNTERS = None
+
+
+def _count(name):
+    global COUNTERS
+    if COUNTERS is None:
+        COUNTERS = Counters()
+    COUNTERS.add(name)
+
+
+def _flush_counts():
+    if COUNTERS is not None:
+        COUNTERS.flush(time.monotonic())
+
+
+class Shim:
+    """One per Kamailio process. The policy (compiled module + instance) is created on
+    first use after the fork: wasmtime must not compile in the main process."""
+
+    def __init__(self):
+        self.policy = None
+        self.rev = None
+        self.config_path = None
+        self.module_path = None
+        self.alert_seq = 0
+        self.next_delivery = 0.0
+        self.backoff = RETRY_MIN_S
+        self.token = None
+        self.baseline_ha1 = None
+        self.next_check = 0.0
+
+    # --- KEMI callbacks ---------------------------------------------------------
+
+    def _baseline_route(self):
+        if self.baseline_ha1 is None:
+            self.baseline_ha1 = _ha1_by_username(os.environ.get("TRUNKGUARD_CONFIG", ""))
+        realm = self.baseline_ha1.get("", "")
+        if KSR.siputils.has_totag() > 0 or KSR.is_ACK() or KSR.is_CANCEL() or KSR.is_OPTIONS():
+            return self._route_allowed()
+        ha1 = self.baseline_ha1.get(KSR.pv.get("$fU") or "", "")
+        # pv_auth_check: Authorization for REGISTER, Proxy-Authorization otherwise;
+        # flags 1: the password given is HA1; checks 0: no From/To username match.
+        if KSR.auth.pv_auth_check(realm, ha1, 1, 0) < 0:
+            KSR.auth.auth_challenge(realm, 1)
+            return -255
+        if KSR.is_REGISTER():
+            KSR.auth.consume_credentials()
+            KSR.registrar.save("location", 0)
+            return -255
+        KSR.auth.consume_credentials()
+        return self._route_allowed()
+
+    def child_init(self, rank):
+        # Load the policy now rather than on the first message (a compile takes about a
+        # second). The lock makes one process compile and write the compiled-code cache
+        # while the others wait, then map it in milliseconds. Ranks 0 (main), -2 (RPC)
+        # and -4 (TCP main) never judge a message.
+        if rank in (0, -2, -4):
+            return 0
+        try:
+            with open(os.path.join(STATE_DIR, "compile.lock"), "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                self._sync()
+        except Exception as e:
+            # Not fatal: the first message retries, and is refused 503 if it fails.
+            KSR.err("trunkguard: cannot load the policy: %s\n" % (e,))
+        return 0
+
+    def ksr_request_route(self, msg):
+        if DMQ and KSR.pv.get("$rm") == "KDMQ":
+            # htable replication between nodes (docs/kamailio.md), not SIP traffic.
+            KSR.dmq.handle_message()
+            return -255
+        if BASELINE:
+            return self._baseline_route()
+        try:
+            self._sync()
+            judged = self.policy.judge(
+                _message_bytes(), _source(), KSR.pv.get("$pr"), _now_ms()
+            )
+        except Exception as e:  # PolicyError, a broken .wasm, an htable failure
+            return self._fail_closed(e)
+        action, code, reason, cause, group, target, next_hop, headers, alerts = judged
+        _count("cause." + (cause or action))
+        _flush_counts()
+        if alerts:
+            self._spool(alerts)
+        if action == "allow":
+            return self._route_allowed()
+        if action == "route":
+            return self._route_inbound(target, next_hop)
+        # challenge, reject, accept: the module's answer, as it wrote it.
+        if KSR.is_ACK():
+            return -255
+        for name, value in headers:
+            KSR.hdr.append_to_reply("%s: %s\r\n" % (name, value))
+        KSR.sl.sl_send_reply(code, reason)
+        return -255
+
+    def ksr_reply_route(self, msg):
+        return 1
+
+    def ksr_onsend_route(self, msg):
+        return 1
+
+    # rtimer (kamailio.cfg): alert windows, alert delivery, applying publications.
+    def ksr_trunkguard_timer(self, msg, evname=None):
+        try:
+            self._sync(force=True)
+            summaries = self.policy.tick(_now_ms())
+            if summaries:
+                self._spool(summaries)
+        except Exception as e:
+            KSR.err("trunkguard: timer: %s\n" % (e,))
+        self._deliver()
+        _flush_counts()
+        return 1
+
+    # --- policy lifecycle ---------------------------------------------------------
+
+    def _sync(self, force=False):
+        """Creates the policy on first use and applies a new publication (config or
+        .wasm) when tgctl's `rev` changed. Looks at most every PUBLICATION_CHECK_S."""
+        now = time.monotonic()
+        if self.policy is not None and not force and now < self.next_check:
+            return
+        self.next_check = now + PUBLICATION_CHECK_S
+        rev = KSR.htable.sht_get(CTL_TABLE, "rev")
+        if self.policy is not None and rev == self.rev:
+            return
+        config, module = _published()
+        problems = []
+        if self.policy is None:
+            # Kamailio's own htable functions, called with the table name from Rust:
+            # no Python frame of ours per store access.
+            self.policy = tg.Policy(module, KSR.htable.sht_get, KSR.htable.sht_sets, KSR.htable.sht_rm, KV_TABLE)
+            self.module_path = module
+        elif module and module != self.module_path:
+            try:
+                self.policy.load_module(module)
+                self.module_path = module
+                KSR.info("trunkguard: module %s in force\n" % (module,))
+            except tg.PolicyError as e:
+                problems.append("module %s refused: %s" % (module, e))
+        if config and config != self.config_path:
+            try:
+                with open(config, "rb") as f:
+                    generation = self.policy.configure(f.read())
+                self.config_path = config
+                KSR.info("trunkguard: config %s in force (generation %d)\n" % (config, generation))
+            except tg.ConfigRefused as e:
+                path, reason = e.args
+                problems.append("config %s refused: %s: %s" % (config, path, reason))
+                _count("config.refused")
+            except OSError as e:
+                problems.append("config %s refused: cannot read it: %s" % (config, e))
+                _count("config.refused")
+        for problem in problems:
+            KSR.err("trunkguard: %s (the previous one stays in force)\n" % (problem,))
+        state = "config %s generation %d module %s" % (
+            self.config_path, self.policy.generation, self.module_path)
+        if problems:
+            self._status(rev, "refused: %s; in force: %s" % ("; ".join(problems), state))
+        else:
+            self._status(rev, "ok: " + state)
+        self.rev = rev
+
+    def _status(self, rev, text):
+        # Whichever process applies a publication first reports it; the others apply
+        # the same files and reach the same result. `publish` waits for its rev here.
+        KSR.htable.sht_sets(CTL_TABLE, "status", "%s|%s" % (rev or "", text))
+
+    def _fail_closed(self, e):
+        KSR.err("trunkguard: no verdict for %s from %s: %s\n" % (KSR.pv.get("$rm"), _source(), e))
+        _count("cause.policy_error")
+        if KSR.is_ACK():
+            return -255
+        KSR.sl.sl_send_reply(503, "Service Unavailable (policy error)")
+        return -255
+
+    # --- routing --------------------------------------------------------------------
+
+    def _route_allowed(self):
+        if KSR.siputils.has_totag() > 0:
+            # In-dialog: only by the Route set this proxy put there (docs/policy.md), or
+            # a forged To-tag would be a way around authentication.
+            if KSR.rr.loose_route() > 0:
+                return self._relay()
+            if KSR.is_ACK():
+                if KSR.tm.t_check_trans() > 0:
+                    return self._relay()
+                return -255
+            KSR.sl.sl_send_reply(404, "Not Here")
+            return -255
+        if KSR.is_CANCEL():
+            if KSR.tm.t_check_trans() > 0:
+                return self._relay()
+            return -255
+        if KSR.is_ACK():
+            if KSR.tm.t_check_trans() > 0:
+                return self._relay()
+            return -255
+        if KSR.is_OPTIONS() and KSR.is_myself_ruri() and KSR.pv.get("$rU") is None:
+            KSR.sl.sl_send_reply(200, "OK")
+            return -255
+        if KSR.is_REGISTER():
+            # The policy answers every REGISTER itself; an allowed one is a core-side
+            # REGISTER, which this edge does not serve.
+            KSR.sl.sl_send_reply(405, "Method Not Allowed")
+            return -255
+        KSR.rr.record_route()
+        if CARRIER and not KSR.is_myself_srcip():
+            KSR.pv.sets("$du", CARRIER)
+        return self._relay()
+
+    def _route_inbound(self, target, next_hop):
+        KSR.pv.sets("$ru", target)
+        if next_hop:
+            KSR.pv.sets("$du", next_hop)
+        KSR.rr.record_route()
+        return self._relay()
+
+    def _relay(self):
+        if KSR.tm.t_relay() < 0:
+            KSR.sl.sl_reply_error()
+        return -255
+
+    # --- alerts -------------------------------------------------------------------
+
+    def _spool(self, alerts):
+        """Writes each alert to the spool directory (a local rename, never a network
+        call in a SIP worker); the timer process delivers them."""
+        for alert in alerts:
+            self.alert_seq += 1
+            name = "%d-%d-%d.json" % (_now_ms(), os.getpid(), self.alert_seq)
+            tmp = os.path.join(SPOOL_DIR, "." + name)
+            try:
+                with open(tmp, "w", encoding="utf-8") as f:
+                    f.write(alert)
+                os.rename(tmp, os.path.join(SPOOL_DIR, name))
+                _count("alerts.spooled")
+            except OSError as e:
+                _count("alerts.dropped")
+                KSR.err("trunkguard: alert lost, cannot spool it: %s: %s\n" % (e, alert))
+
+    def _deliver(self):
+        if not ALERT_URL or time.monotonic() < self.next_delivery:
+            return
+        try:
+            names = sorted(n for n in os.listdir(SPOOL_DIR) if n.endswith(".json") and not n.startswith("."))
+        except OSError as e:
+            KSR.err("trunkguard: cannot read alert spool %s: %s\n" % (SPOOL_DIR, e))
+            return
+        for name in names[:100]:
+            path = os.path.join(SPOOL_DIR, name)
+            try:
+                with open(path, "rb") as f:
+                    body = f.read()
+            except OSError:
+                continue
+            if self._post(body):
+                os.unlink(path)
+                _count("alerts.sent")
+                self.backoff = RETRY_MIN_S
+            else:
+                # Keep it (and everything after it) for the next attempt.
+                _count("alerts.retried")
+                self.next_delivery = time.monotonic() + self.backoff
+                self.backoff = min(self.backoff * 2, RETRY_MAX_S)
+                return
+
+    def _post(self, body):
+        if self.token is None and ALERT_TOKEN_FILE:
+            try:
+                with open(ALERT_TOKEN_FILE, encoding="utf-8") as f:
+                    self.token = f.read().strip()
+            except OSError as e:
+                KSR.err("trunkguard: cannot read alert token %s: %s\n" % (ALERT_TOKEN_FILE, e))
+        request = urllib.request.Request(ALERT_URL, data=body, method="POST")
+        request.add_header("Content-Type", "application/json")
+        if self.token:
+            request.add_header("Authorization", "Bearer " + self.token)
+        try:
+            with urllib.request.urlopen(request, timeout=DELIVERY_TIMEOUT_S) as response:
+                return 200 <= response.status < 300
+        except urllib.error.HTTPError as e:
+            if 400 <= e.code < 500 and e.code not in (408, 429):
+                # The receiver will never take this one (malformed for it, bad token):
+                # keep it aside for the operator instead of retrying forever.
+                KSR.err("trunkguard: alert refused by %s with %d, kept in %s/rejected\n" % (ALERT_URL, e.code, SPOOL_DIR))
+                return self._set_aside(body)
+            KSR.warn("trunkguard: alert delivery to %s failed: %s\n" % (ALERT_URL, e))
+            return False
+        except (OSError, ValueError) as e:
+            KSR.warn("trunkguard: alert delivery to %s failed: %s\n" % (ALERT_URL, e))
+            return False
+
+    def _set_aside(self, body):
+        try:
+            os.makedirs(os.path.join(SPOOL_DIR, "rejected"), exist_ok=True)
+            self.alert_seq += 1
+            name = "%d-%d-%d.json" % (_now_ms(), os.getpid(), self.alert_seq)
+            with open(os.path.join(SPOOL_DIR, "rejected", name), "wb") as f:
+                f.write(body)
+            return True
+        except OSError:
+            return False
+
+
+def _ha1_by_username(config_path):
+    """{username: ha1} of a trunk config, and "" -> realm (baseline mode only)."""
+    import json
+
+    with open(config_path, encoding="utf-8") as f:
+        config = json.load(f)
+    out = {"": config["realm"]}
+    for location in config.get("locations", []):
+        for group in location.get("trunk_groups", []):
+            if "ha1" in group:
+                out[group["username"]] = group["ha1"]
+    return out
+
+
+def mod_init():
+    return Shim()

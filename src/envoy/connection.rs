@@ -1,0 +1,234 @@
+//! One client connection's stream context: hands the bytes Envoy passes in either
+//! direction to a [`Conn`], judging client messages with the root's engine, and
+//! applies the outcome to Envoy's buffers.
+
+use std::cell::RefCell;
+use std::net::SocketAddr;
+use std::rc::Rc;
+
+use proxy_wasm::traits::{Context, StreamContext};
+use proxy_wasm::types::{Action, PeerType};
+
+use super::conn::{Conn, Judge, OnRefusal, Outcome};
+use super::filter::Policy;
+use super::host::{self, Buffer, Level};
+use super::metrics;
+use super::shared::{self, EnvoyBackend};
+use super::txn;
+use crate::policy::Input;
+use crate::sip::Transport;
+use crate::verdict::{Action as VerdictAction, Cause, Verdict};
+
+/// The stream context of one client connection.
+pub(super) struct Connection {
+    policy: Rc<RefCell<Policy>>,
+    conn: Conn,
+    source: Option<SocketAddr>,
+    transport: Transport,
+    /// The filter closed the connection: nothing more passes.
+    closed: bool,
+}
+
+/// The policy judging one connection's messages.
+struct Judging<'a> {
+    policy: &'a mut Policy,
+    source: Option<SocketAddr>,
+    transport: Transport,
+    now_ms: Result<u64, host::HostError>,
+}
+
+impl Judge for Judging<'_> {
+    fn judge(&mut self, message: &[u8]) -> Verdict {
+        metrics::count("", "messages", 1);
+        let (Some(source), Ok(now_ms)) = (self.source, self.now_ms) else {
+            // Without the peer address or the time, no decision can be made: fail closed.
+            let v = Verdict::reject(
+                500,
+                "Server Internal Error (no source address or clock)",
+                Cause::StoreUnavailable,
+            );
+            count_verdict(&v);
+            return v;
+        };
+        let input = Input {
+            message,
+            source,
+            transport: self.transport,
+            now_ms,
+        };
+        let engine = &mut self.policy.engine;
+        let verdict = match txn::run(&mut EnvoyBackend, |t| engine.judge(&input, t)) {
+            Ok((verdict, alerts)) => {
+                self.policy.send_alerts(alerts);
+                verdict
+            }
+            Err(e) => {
+                metrics::count("store", "failures", 1);
+                Verdict::reject(
+                    500,
+                    format!("Server Internal Error ({e})"),
+                    Cause::StoreUnavailable,
+                )
+            }
+        };
+        count_verdict(&verdict);
+        if verdict.action != VerdictAction::Allow {
+            host::log(
+                Level::Debug,
+                &format!(
+                    "{source} {}: {:?} {} {}",
+                    first_word(message),
+                    verdict.action,
+                    verdict.code.unwrap_or_default(),
+                    verdict.cause.map(Cause::as_str).unwrap_or_default(),
+                ),
+            );
+        }
+        verdict
+    }
+
+    fn to_tag(&mut self) -> String {
+        shared::random_hex::<8>()
+    }
+}
+
+fn first_word(message: &[u8]) -> String {
+    let m = message.trim_ascii_start();
+    let end = m.iter().position(|b| *b == b' ').unwrap_or(0).min(32);
+    String::from_utf8_lossy(m.get(..end).unwrap_or_default()).into_owned()
+}
+
+fn count_verdict(v: &Verdict) {
+    let name = match v.cause {
+        Some(cause) => cause.as_str(),
+        None => "allow",
+    };
+    metrics::count("verdict", name, 1);
+}
+
+impl Connection {
+    pub(super) fn new(policy: Rc<RefCell<Policy>>, on_refusal: OnRefusal) -> Connection {
+        Connection {
+            policy,
+            conn: Conn::new(on_refusal),
+            source: None,
+            transport: Transport::Tcp,
+            closed: false,
+        }
+    }
+
+    /// Applies an outcome to the buffer Envoy handed over (`size` bytes).
+    fn apply(&mut self, buffer: Buffer, size: usize, o: Outcome) {
+        metrics::count("", "probes", o.probes);
+        metrics::count("", "answers", o.answers);
+        metrics::count("", "acks_absorbed", o.absorbed);
+        metrics::count("", "dropped", o.dropped);
+        if let Some(data) = o.data {
+            if let Err(e) = host::set_buffer(buffer, 0, size, &data) {
+                self.close(&format!("{e}"));
+                return;
+            }
+        }
+        if let Some(why) = o.close {
+            self.close(why);
+        }
+    }
+
+    fn close(&mut self, why: &str) {
+        if self.closed {
+            return;
+        }
+        self.closed = true;
+        metrics::count("", "connections_closed", 1);
+        let peer = self
+            .source
+            .map_or_else(|| "an unknown peer".to_owned(), |s| s.to_string());
+        host::log(
+            Level::Info,
+            &format!("closing the connection of {peer}: {why}"),
+        );
+        if let Err(e) = host::close_downstream() {
+            host::log(Level::Error, &format!("{e}"));
+        }
+    }
+
+    /// Drops a chunk unseen: after a close, or when it could not be read (then
+    /// closing too: nothing unjudged may pass).
+    fn drop_chunk(&mut self, buffer: Buffer, size: usize, why: Option<&str>) {
+        let _ = host::set_buffer(buffer, 0, size, &[]);
+        if let Some(why) = why {
+            self.close(why);
+        }
+    }
+
+    /// The chunk Envoy hands over (`size` bytes), or `None` when it is not to be
+    /// looked at: after a close, or when it cannot be read (then dropped, and the
+    /// connection closed: nothing unjudged may pass).
+    fn take(&mut self, buffer: Buffer, size: usize) -> Option<Vec<u8>> {
+        if self.closed {
+            self.drop_chunk(buffer, size, None);
+            return None;
+        }
+        match host::get_buffer(buffer, 0, size) {
+            Ok(chunk) => Some(chunk.unwrap_or_default()),
+            Err(e) => {
+                self.drop_chunk(buffer, size, Some(&e.to_string()));
+                None
+            }
+        }
+    }
+}
+
+impl Context for Connection {}
+
+impl StreamContext for Connection {
+    fn on_new_connection(&mut self) -> Action {
+        let address = host::get_property(&["source", "address"]).ok().flatten();
+        self.source = address
+            .and_then(|a| String::from_utf8(a).ok())
+            .and_then(|a| a.parse().ok());
+        let tls = host::get_property(&["connection", "tls_version"])
+            .ok()
+            .flatten()
+            .is_some_and(|v| !v.is_empty());
+        if tls {
+            self.transport = Transport::Tls;
+        }
+        Action::Continue
+    }
+
+    fn on_downstream_data(&mut self, size: usize, _end_of_stream: bool) -> Action {
+        let Some(chunk) = self.take(Buffer::DownstreamData, size) else {
+            return Action::Continue;
+        };
+        let policy = Rc::clone(&self.policy);
+        let Ok(mut policy) = policy.try_borrow_mut() else {
+            self.drop_chunk(Buffer::DownstreamData, size, Some("policy busy"));
+            return Action::Continue;
+        };
+        policy.follow();
+        let mut judging = Judging {
+            policy: &mut policy,
+            source: self.source,
+            transport: self.transport,
+            now_ms: host::now_ms(),
+        };
+        let outcome = self.conn.downstream(&chunk, &mut judging);
+        drop(policy);
+        self.apply(Buffer::DownstreamData, size, outcome);
+        Action::Continue
+    }
+
+    fn on_upstream_data(&mut self, size: usize, _end_of_stream: bool) -> Action {
+        let Some(chunk) = self.take(Buffer::UpstreamData, size) else {
+            return Action::Continue;
+        };
+        let outcome = self.conn.upstream(&chunk);
+        self.apply(Buffer::UpstreamData, size, outcome);
+        Action::Continue
+    }
+
+    fn on_downstream_close(&mut self, _peer: PeerType) {}
+
+    fn on_upstream_close(&mut self, _peer: PeerType) {}
+}

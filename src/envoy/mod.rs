@@ -1,0 +1,41 @@
+//! The proxy-wasm front for Envoy (cargo feature `envoy`): a network filter in front
+//! of `tcp_proxy` for SIP over TCP (and TLS terminated by Envoy), and an alert
+//! singleton (`envoy.bootstrap.wasm`). `docs/envoy.md` describes its deployment.
+//!
+//! - `stream`, `probe`, `conn`: reassembly of SIP messages from TCP chunks, and the
+//!   delivery of the policy's answers on the upstream's refusal of a probe.
+//! - `txn`: the core's store over Envoy shared data, with CAS and retries.
+//! - `outbox`: the singleton's alert delivery queue.
+//! - `host` (every `unsafe` and host call), `metrics`, `shared`, `filter` (root
+//!   contexts), `connection` (stream contexts), `singleton`: the glue, built for
+//!   wasm32 only.
+//!
+//! The pure modules build on any target so that `cargo test --features envoy` runs
+//! their tests natively.
+
+pub mod conn;
+pub mod outbox;
+pub mod probe;
+pub mod stream;
+pub mod txn;
+
+#[cfg(target_arch = "wasm32")]
+mod connection;
+#[cfg(target_arch = "wasm32")]
+mod filter;
+#[cfg(target_arch = "wasm32")]
+mod host;
+#[cfg(target_arch = "wasm32")]
+mod metrics;
+#[cfg(target_arch = "wasm32")]
+mod shared;
+#[cfg(target_arch = "wasm32")]
+mod singleton;
+
+/// Called by Envoy once the module is loaded: every root context (filter or alert
+/// singleton, told apart by their `root_id`) is a [`filter::Root`].
+#[cfg(target_arch = "wasm32")]
+#[unsafe(no_mangle)]
+pub extern "C" fn _initialize() {
+    proxy_wasm::set_root_context(|_| Box::new(filter::Root::new()));
+}

@@ -1,0 +1,172 @@
+//! What every VM of one `vm_id` shares through Envoy: the core's store (shared
+//! data), the alert queue to the singleton, and the configuration generation.
+
+use sha2::{Digest, Sha256};
+
+use super::host::{self, HostError};
+use super::txn::Backend;
+use crate::digest::hex;
+use crate::store::StoreError;
+
+/// The queue the workers put alerts on and the singleton delivers from.
+pub const ALERT_QUEUE: &str = "trunkguard.alerts";
+/// The `vm_id` of docs/envoy.md, when Envoy does not tell.
+pub const DEFAULT_VM_ID: &str = "trunkguard";
+
+fn store_error(e: HostError) -> StoreError {
+    StoreError(e.to_string())
+}
+
+/// Envoy's shared data as the transaction's backend.
+pub struct EnvoyBackend;
+
+impl Backend for EnvoyBackend {
+    fn get(&mut self, key: &str) -> Result<(Option<Vec<u8>>, u32), StoreError> {
+        host::shared_get(key).map_err(store_error)
+    }
+
+    fn set(&mut self, key: &str, value: &[u8], cas: u32) -> Result<bool, StoreError> {
+        host::shared_set(key, value, cas).map_err(store_error)
+    }
+
+    fn fill_random(&mut self, buf: &mut [u8]) {
+        random(buf);
+    }
+}
+
+/// Fills `buf` with unpredictable bytes: Envoy's CSPRNG (WASI `random_get`). Should
+/// that fail, a hash of the clock and a counter, logged, so that the policy still
+/// runs (the nonce secret is created once and then kept in shared data).
+pub fn random(buf: &mut [u8]) {
+    if host::random(buf).is_ok() {
+        return;
+    }
+    host::log(
+        host::Level::Error,
+        "random_get failed; using a clock-based fallback",
+    );
+    thread_local! {
+        static COUNTER: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+    }
+    let n = COUNTER.with(|c| {
+        c.set(c.get().wrapping_add(1));
+        c.get()
+    });
+    for (block, chunk) in (0u64..).zip(buf.chunks_mut(32)) {
+        let mut h = Sha256::new();
+        h.update(host::now_ms().unwrap_or_default().to_le_bytes());
+        h.update(n.to_le_bytes());
+        h.update(block.to_le_bytes());
+        h.update((chunk.as_ptr() as usize).to_le_bytes());
+        let out = h.finalize();
+        for (b, o) in chunk.iter_mut().zip(out.iter()) {
+            *b = *o;
+        }
+    }
+}
+
+/// A random hex string of `2 * n` digits (To-tags).
+pub fn random_hex<const N: usize>() -> String {
+    let mut b = [0u8; N];
+    random(&mut b);
+    hex(&b)
+}
+
+/// The configuration in force, so that every VM counts generations alike and a
+/// connection that started under an older configuration follows the new one: Envoy
+/// keeps a connection on the filter configuration it started with.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct InForce {
+    pub sha256: String,
+    pub generation: u64,
+    pub config: String,
+}
+
+/// The whole document ([`InForce`]).
+const CONFIG_KEY: &str = "tg/envoy/config";
+/// Only its generation (decimal), cheap enough to read for every chunk.
+const GENERATION_KEY: &str = "tg/envoy/generation";
+
+/// Records a configuration just accepted and returns its generation: the one in
+/// force if it is the same document, else the next one. Every VM accepting the same
+/// push agrees.
+pub fn record_config(config: &[u8]) -> Result<u64, HostError> {
+    let sha256 = hex(&Sha256::digest(config));
+    for _ in 0..8 {
+        let (raw, cas) = host::shared_get(CONFIG_KEY)?;
+        let current = raw.and_then(|r| serde_json::from_slice::<InForce>(&r).ok());
+        if let Some(c) = &current {
+            if c.sha256 == sha256 {
+                raise_generation(c.generation)?;
+                return Ok(c.generation);
+            }
+        }
+        let next = InForce {
+            sha256: sha256.clone(),
+            generation: current.map_or(1, |c| c.generation + 1),
+            config: String::from_utf8_lossy(config).into_owned(),
+        };
+        let json = serde_json::to_vec(&next).unwrap_or_default();
+        if host::shared_set(CONFIG_KEY, &json, cas)? {
+            raise_generation(next.generation)?;
+            return Ok(next.generation);
+        }
+    }
+    Err(HostError {
+        call: "set_shared_data (configuration)",
+        status: 8,
+    })
+}
+
+/// Sets the generation key to `generation` unless a racing VM already set a later one.
+fn raise_generation(generation: u64) -> Result<(), HostError> {
+    for _ in 0..8 {
+        let (raw, cas) = host::shared_get(GENERATION_KEY)?;
+        if parse_generation(raw.as_deref()) >= generation {
+            return Ok(());
+        }
+        if host::shared_set(GENERATION_KEY, generation.to_string().as_bytes(), cas)? {
+            return Ok(());
+        }
+    }
+    Err(HostError {
+        call: "set_shared_data (generation)",
+        status: 8,
+    })
+}
+
+fn parse_generation(raw: Option<&[u8]>) -> u64 {
+    raw.and_then(|r| std::str::from_utf8(r).ok()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The generation in force (0: none yet).
+pub fn generation() -> u64 {
+    parse_generation(
+        host::shared_get(GENERATION_KEY)
+            .ok()
+            .and_then(|(raw, _)| raw)
+            .as_deref(),
+    )
+}
+
+/// The configuration in force, when it is a later one than `known`.
+pub fn newer_config(known: u64) -> Option<InForce> {
+    if generation() == known {
+        return None;
+    }
+    let (raw, _) = host::shared_get(CONFIG_KEY).ok()?;
+    serde_json::from_slice::<InForce>(&raw?)
+        .ok()
+        .filter(|c| c.generation != known)
+}
+
+/// The `vm_id` this plugin runs under.
+pub fn vm_id() -> String {
+    host::get_property(&["plugin_vm_id"])
+        .ok()
+        .flatten()
+        .and_then(|v| String::from_utf8(v).ok())
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| DEFAULT_VM_ID.to_owned())
+}

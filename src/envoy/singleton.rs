@@ -1,0 +1,184 @@
+//! The alert singleton (`envoy.bootstrap.wasm`, same `vm_id` as the filters): owns
+//! the queue the workers put alerts on, posts them to the webhook cluster with
+//! `dispatch_http_call` (never on a worker, so SIP traffic never waits for it),
+//! retries with backoff, and runs the core's `tick` that closes alert windows.
+
+use super::host::{self, Level};
+use super::metrics;
+use super::outbox::{Limits, Outbox, Outcome};
+use super::shared::{ALERT_QUEUE, EnvoyBackend};
+use super::txn;
+use crate::engine::Engine;
+
+/// The singleton's plugin configuration.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlertsConfig {
+    /// The Envoy cluster of the webhook (the alert relay, docs/alerts.md).
+    cluster: String,
+    /// HTTP `:authority` (Host) of the posts.
+    authority: String,
+    #[serde(default = "default_path")]
+    path: String,
+    /// Sent as `Authorization: Bearer <token>` when set.
+    #[serde(default)]
+    token: Option<String>,
+    #[serde(default = "default_timeout_ms")]
+    timeout_ms: u64,
+    #[serde(default = "default_max_attempts")]
+    max_attempts: u32,
+    /// How often alert windows are closed (the core's `tick`).
+    #[serde(default = "default_tick_s")]
+    window_tick_s: u64,
+}
+
+fn default_path() -> String {
+    "/v1/alerts".into()
+}
+fn default_timeout_ms() -> u64 {
+    5_000
+}
+fn default_max_attempts() -> u32 {
+    8
+}
+fn default_tick_s() -> u64 {
+    5
+}
+
+/// How often the singleton wakes up: retries and window ticks are due on it.
+const TICK_MS: u32 = 500;
+/// Alerts taken off the shared queue per wake-up.
+const DRAIN_MAX: usize = 1_000;
+
+pub struct Singleton {
+    config: AlertsConfig,
+    queue: u32,
+    outbox: Outbox,
+    engine: Engine,
+    next_window_tick_ms: u64,
+}
+
+impl Singleton {
+    pub fn start(raw: &[u8]) -> Result<Singleton, String> {
+        let config: AlertsConfig = serde_json::from_slice(raw).map_err(|e| e.to_string())?;
+        let queue = host::register_queue(ALERT_QUEUE).map_err(|e| e.to_string())?;
+        host::set_tick_period_ms(TICK_MS).map_err(|e| e.to_string())?;
+        host::log(
+            Level::Info,
+            &format!(
+                "alert singleton posting to cluster {} {}",
+                config.cluster, config.path
+            ),
+        );
+        let outbox = Outbox::new(Limits {
+            max_attempts: config.max_attempts.max(1),
+            ..Limits::default()
+        });
+        Ok(Singleton {
+            config,
+            queue,
+            outbox,
+            engine: Engine::new(),
+            next_window_tick_ms: 0,
+        })
+    }
+
+    pub fn on_queue_ready(&mut self, queue: u32) {
+        if queue == self.queue {
+            self.drain();
+            self.dispatch();
+        }
+    }
+
+    pub fn on_tick(&mut self) {
+        let now = host::now_ms().unwrap_or_default();
+        if now >= self.next_window_tick_ms {
+            self.next_window_tick_ms = now + self.config.window_tick_s.max(1) * 1_000;
+            let engine = &mut self.engine;
+            match txn::run(&mut EnvoyBackend, |t| engine.tick(now, t)) {
+                Ok((_, summaries)) => {
+                    for s in summaries {
+                        self.push(s, now);
+                    }
+                }
+                Err(e) => host::log(Level::Warn, &format!("alert tick: {e}")),
+            }
+        }
+        // on_queue_ready can be missed while the VM is busy: poll too.
+        self.drain();
+        self.dispatch();
+    }
+
+    pub fn on_response(&mut self, token: u32) {
+        let status = host::http_call_response_header(":status")
+            .ok()
+            .flatten()
+            .and_then(|s| String::from_utf8(s).ok()?.parse::<u32>().ok());
+        let now = host::now_ms().unwrap_or_default();
+        match self.outbox.finished(token, status, now) {
+            Some(Outcome::Sent) => metrics::count("alerts", "sent", 1),
+            Some(Outcome::Retry) => metrics::count("alerts", "retried", 1),
+            Some(Outcome::Dropped) => {
+                metrics::count("alerts", "dropped", 1);
+                host::log(
+                    Level::Warn,
+                    &format!("alert dropped, the webhook answered {status:?}"),
+                );
+            }
+            None => {}
+        }
+        self.dispatch();
+    }
+
+    fn push(&mut self, alert: Vec<u8>, now: u64) {
+        if !self.outbox.push(alert, now) {
+            metrics::count("alerts", "dropped", 1);
+        }
+    }
+
+    fn drain(&mut self) {
+        let now = host::now_ms().unwrap_or_default();
+        for _ in 0..DRAIN_MAX {
+            match host::dequeue(self.queue) {
+                Ok(Some(alert)) => self.push(alert, now),
+                Ok(None) => break,
+                Err(e) => {
+                    host::log(Level::Warn, &format!("alert queue: {e}"));
+                    break;
+                }
+            }
+        }
+    }
+
+    fn dispatch(&mut self) {
+        let now = host::now_ms().unwrap_or_default();
+        let bearer = self.config.token.as_ref().map(|t| format!("Bearer {t}"));
+        while let Some(entry) = self.outbox.next_due(now) {
+            let mut headers = vec![
+                (":method", "POST"),
+                (":path", self.config.path.as_str()),
+                (":authority", self.config.authority.as_str()),
+                ("content-type", "application/json"),
+            ];
+            if let Some(b) = &bearer {
+                headers.push(("authorization", b.as_str()));
+            }
+            match host::http_call(
+                &self.config.cluster,
+                &headers,
+                &entry.body,
+                self.config.timeout_ms,
+            ) {
+                Ok(token) => self.outbox.dispatched(token, entry),
+                Err(e) => {
+                    host::log(Level::Warn, &format!("alert post: {e}"));
+                    if self.outbox.not_dispatched(entry, now) == Outcome::Dropped {
+                        metrics::count("alerts", "dropped", 1);
+                    }
+                    // The cluster is missing or Envoy refused: try the rest later.
+                    break;
+                }
+            }
+        }
+    }
+}

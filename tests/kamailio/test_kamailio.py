@@ -1,0 +1,553 @@
+"""End to end: Debian's Kamailio running host-shims/kamailio (kamailio.cfg, the KEMI
+script, the trunkguard_kamailio extension, the .wasm), driven by sipp and a small SIP
+client from distinct loopback sources:
+
+  127.0.0.2  the PBX of hq-pbx1 (registers) and of branch-p2p (access list)
+  127.0.0.3  an intruder with the right credentials
+  127.0.0.5  hq-pbx2's failover destination
+  127.0.0.6  exp-pbx (registers for two seconds)
+  127.0.0.9  the carrier core (core_networks)
+  127.0.0.1:5090  the carrier, a sipp UAS that calls allowed from PBXs reach
+
+Run by scripts/test-kamailio, which installs Kamailio, sipp and the extension first.
+The tests run in order (one Kamailio, one shared state), each bounded in time.
+"""
+
+import hashlib
+import http.server
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import unittest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+
+import sip_client as sip  # noqa: E402
+import trap_module  # noqa: E402
+
+TARGET = os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
+RUN = os.path.join(ROOT, "host-shims", "kamailio", "run")
+TGCTL = os.path.join(ROOT, "host-shims", "kamailio", "tgctl")
+SCENARIOS = os.path.join(ROOT, "tests", "node", "sipp")
+MODULE = os.path.join(TARGET, "wasm32-unknown-unknown", "wasm", "trunkguard.wasm")
+
+KAMAILIO = ("127.0.0.1", 5060)
+KAMAILIO_ADDR = "127.0.0.1:5060"
+CARRIER_PORT = 5090
+PBX, INTRUDER, FAILOVER, EXP_PBX, CORE = "127.0.0.2", "127.0.0.3", "127.0.0.5", "127.0.0.6", "127.0.0.9"
+PBX_PORT = 5082
+FAILOVER_PORT = 5094
+HQ = ("hq1", "s3cret")
+P2P = ("branch1", "p2p-s3cret")
+EXP = ("exp1", "exp-s3cret")
+CALLED = "+15559876543"
+ALERT_WINDOW_S = 3
+REALM = sip.REALM
+
+
+def ha1(user, password):
+    # sipp answers only MD5 and only the first challenge: `ha1` keeps SHA-256 out.
+    return hashlib.md5(("%s:%s:%s" % (user, REALM, password)).encode()).hexdigest()
+
+
+def trunk_config(acl="127.0.0.2/32", window_s=ALERT_WINDOW_S):
+    return {
+        "realm": REALM,
+        "core_networks": [CORE + "/32"],
+        "registration": {"min_expires": 1},
+        "alerts": {"window_s": window_s},
+        "locations": [
+            {"id": "hq", "contacts": ["noc@example.com"], "trunk_groups": [
+                {"id": "hq-pbx1", "username": HQ[0], "ha1": ha1(*HQ), "require_registration": True,
+                 "dids": ["+15551230000"]},
+                {"id": "hq-pbx2", "username": "hq2", "ha1": ha1("hq2", "other"), "require_registration": True,
+                 "dids": ["+15552220000"], "failover": "sip:+15552220000@%s:%d" % (FAILOVER, FAILOVER_PORT)},
+                {"id": "exp-pbx", "username": EXP[0], "ha1": ha1(*EXP), "require_registration": True,
+                 "dids": ["+15556660000"]},
+            ]},
+            {"id": "branch", "contacts": ["branch-it@example.com"], "trunk_groups": [
+                {"id": "branch-p2p", "username": P2P[0], "ha1": ha1(*P2P), "require_registration": False,
+                 "acl": [acl], "dids": ["+15557770000"]},
+            ]},
+        ],
+    }
+
+
+class Webhook(http.server.ThreadingHTTPServer):
+    """The alert receiver: keeps every posted event; answers 503 while `down`."""
+
+    def __init__(self):
+        super().__init__(("127.0.0.1", 0), WebhookHandler)
+        self.events = []
+        self.down = False
+        self.refused = 0
+        self.lock = threading.Lock()
+
+    @property
+    def url(self):
+        return "http://127.0.0.1:%d/v1/alerts" % self.server_address[1]
+
+    def snapshot(self):
+        with self.lock:
+            return list(self.events)
+
+
+class WebhookHandler(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        if self.server.down:
+            self.server.refused += 1
+            self.send_response(503)
+            self.end_headers()
+            return
+        with self.server.lock:
+            self.server.events.append(json.loads(body))
+        self.send_response(202)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def wait_for(what, check, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError("timed out waiting for " + what)
+
+
+class Sipp:
+    """One sipp run (a scenario of tests/node/sipp), with its message trace."""
+
+    def __init__(self, workdir, name, scenario, args, calls=1):
+        self.name = name
+        self.messages = os.path.join(workdir, name + ".messages.log")
+        self.errors = os.path.join(workdir, name + ".errors.log")
+        cmd = ["sipp", "-sf", os.path.join(SCENARIOS, scenario), "-m", str(calls), "-nostdin", "-bind_local",
+               "-timeout", "30s", "-timeout_error", "-trace_msg", "-message_file", self.messages,
+               "-trace_err", "-error_file", self.errors] + args
+        self.proc = subprocess.Popen(cmd, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+    def wait(self, timeout=40):
+        try:
+            out, _ = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            out, _ = self.proc.communicate()
+        self.screen = out.decode("latin-1")[-3000:]
+        return self.proc.returncode
+
+    def log(self):
+        return _read(self.messages)
+
+    def explain(self):
+        return "sipp %s exited %s\n--- errors:\n%s\n--- screen:\n%s" % (
+            self.name, self.proc.returncode, _read(self.errors)[-3000:], getattr(self, "screen", ""))
+
+
+def _read(path, mode="r"):
+    if not os.path.exists(path):
+        return ""
+    with open(path, mode, encoding=None if "b" in mode else "latin-1") as f:
+        return f.read()
+
+
+class KamailioEdge(unittest.TestCase):
+    workdir = None
+
+    @classmethod
+    def setUpClass(cls):
+        cls.workdir = tempfile.mkdtemp(prefix="tg-kamailio-")
+        cls.state = os.path.join(cls.workdir, "state")
+        cls.config = os.path.join(cls.workdir, "config.json")
+        cls.write_config(trunk_config())
+        cls.webhook = Webhook()
+        threading.Thread(target=cls.webhook.serve_forever, daemon=True).start()
+        out = subprocess.run(
+            [RUN, "--no-install", "--daemon", "--config", cls.config, "--listen", KAMAILIO_ADDR,
+             "--carrier", "sip:127.0.0.1:%d" % CARRIER_PORT, "--alert-url", cls.webhook.url,
+             "--state", cls.state, "--workers", "2"],
+            capture_output=True, text=True, timeout=60)
+        if out.returncode != 0:
+            raise RuntimeError("run --daemon failed:\n%s%s" % (out.stdout, out.stderr))
+
+    @classmethod
+    def tearDownClass(cls):
+        subprocess.run([RUN, "stop", "--state", cls.state], capture_output=True, timeout=30)
+        cls.webhook.shutdown()
+        cls.webhook.server_close()
+        if os.environ.get("KEEP_KAMAILIO_TEST_DIR") != "1":
+            shutil.rmtree(cls.workdir, ignore_errors=True)
+
+    @classmethod
+    def write_config(cls, config, path=None):
+        with open(path or cls.config, "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2)
+        return path or cls.config
+
+    # --- helpers ------------------------------------------------------------------
+
+    def kamailio_log(self):
+        with open(os.path.join(self.state, "kamailio.log"), encoding="latin-1") as f:
+            return f.read()
+
+    def assert_passed(self, *runs):
+        for run in runs:
+            code = run.wait()
+            self.assertEqual(code, 0, run.explain() + "\n--- kamailio log:\n" + self.kamailio_log()[-4000:])
+
+    def sipp(self, name, scenario, args, calls=1):
+        return Sipp(self.workdir, name, scenario, args, calls)
+
+    def uac(self, name, scenario, ip, creds, transport="u1", service=CALLED, calls=1, rate=None):
+        args = ["-i", ip, "-t", transport, "-s", service, "-key", "user", creds[0], "-au", creds[0],
+                "-ap", creds[1]]
+        if rate:
+            args += ["-r", str(rate)]
+        return self.sipp(name, scenario, args + [KAMAILIO_ADDR], calls)
+
+    def carrier(self, name, calls=1, transport="u1"):
+        run = self.sipp(name, "uas.xml", ["-i", "127.0.0.1", "-p", str(CARRIER_PORT), "-t", transport], calls)
+        time.sleep(0.3)
+        return run
+
+    def tgctl(self, *args):
+        return subprocess.run([TGCTL, "--state", self.state, *args], capture_output=True, text=True, timeout=30)
+
+    def binding(self, group):
+        out = self.tgctl("binding", group)
+        self.assertEqual(out.returncode, 0, out.stderr)
+        return json.loads(out.stdout)
+
+    def alerts(self, **match):
+        return [a for a in self.webhook.snapshot() if all(a.get(k) == v for k, v in match.items())]
+
+    def register_pbx(self, ip=PBX, name="register"):
+        run = self.sipp(name, "register.xml", ["-i", ip, "-p", str(PBX_PORT), "-s", HQ[0], "-au", HQ[0],
+                                              "-ap", HQ[1], KAMAILIO_ADDR])
+        self.assert_passed(run)
+        return run
+
+    def invite_from_core(self, did):
+        core = sip.Endpoint(CORE)
+        try:
+            return core.final(sip.request("INVITE", "sip:%s@%s" % (did, REALM), from_user="+15550001111",
+                                          to_user=did, via_ip=CORE, via_port=core.port))
+        finally:
+            core.close()
+
+    # --- the scenarios, in order ----------------------------------------------------
+
+    def test_01_pbx_registers_with_digest_over_udp(self):
+        run = self.register_pbx()
+        log = run.log()
+        self.assertRegex(log, r'SIP/2\.0 401 Unauthorized[\s\S]*WWW-Authenticate: Digest realm="trunks\.example\.net"')
+        self.assertRegex(log, r"SIP/2\.0 200 OK[\s\S]*Contact: <sip:hq1@127\.0\.0\.2:%d;transport=UDP>;expires=300" % PBX_PORT)
+        binding = self.binding("hq-pbx1")
+        self.assertEqual(binding["binding"]["source"], "%s:%d" % (PBX, PBX_PORT))
+        self.assertEqual(binding["last_reg_ip"], PBX)
+
+    def test_02_call_from_the_registered_ip_reaches_the_carrier(self):
+        carrier = self.carrier("carrier")
+        pbx = self.uac("call", "call.xml", PBX, HQ)
+        self.assert_passed(pbx, carrier)
+        self.assertIn("SIP/2.0 407 Proxy Authentication Required", pbx.log())
+        got = carrier.log()
+        self.assertRegex(got, r"INVITE sip:\+15559876543@trunks\.example\.net SIP/2\.0")
+        self.assertRegex(got, r"Record-Route: <sip:127\.0\.0\.1(:5060)?;lr")
+        self.assertRegex(got, r"(?m)^BYE ")
+        self.assertNotIn("CSeq: 1 INVITE", got, "the challenged INVITE never reaches the carrier")
+
+    def test_03_same_credentials_from_another_ip_are_refused_403_and_alerted(self):
+        intruder = self.uac("stolen", "call-refused.xml", INTRUDER, HQ)
+        self.assert_passed(intruder)
+        self.assertRegex(intruder.log(), r"SIP/2\.0 403 Forbidden \(not_registered_address\)|SIP/2\.0 403 ")
+        alert = wait_for("the blocked_call alert", lambda: self.alerts(kind="blocked_call", cause="not_registered_address"))[0]
+        self.assertEqual(alert["trunk_group"], "hq-pbx1")
+        self.assertTrue(alert["source"].startswith(INTRUDER + ":"), alert)
+        self.assertEqual(alert["registered"], "%s:%d" % (PBX, PBX_PORT))
+        self.assertEqual(alert["recipients"], ["noc@example.com"])
+
+    def test_04_p2p_trunk_calls_inside_its_access_list_over_udp_and_tcp(self):
+        for transport in ("u1", "t1"):
+            carrier = self.carrier("carrier-p2p-" + transport)
+            pbx = self.uac("p2p-" + transport, "call.xml", PBX, P2P, transport=transport)
+            self.assert_passed(pbx, carrier)
+            self.assertIn("Via: SIP/2.0/%s" % ("UDP" if transport == "u1" else "TCP"), pbx.log())
+
+    def test_05_p2p_trunk_outside_its_access_list_is_refused_over_udp_and_tcp(self):
+        for transport in ("u1", "t1"):
+            intruder = self.uac("p2p-refused-" + transport, "call-refused.xml", INTRUDER, P2P, transport=transport)
+            self.assert_passed(intruder)
+        alerts = wait_for("the not_in_access_list alert", lambda: self.alerts(cause="not_in_access_list"))
+        self.assertEqual(alerts[0]["trunk_group"], "branch-p2p")
+        self.assertEqual(alerts[0]["acl"], ["127.0.0.2/32"])
+
+    def test_06_inbound_calls_go_to_the_registration_the_failover_or_get_480_404(self):
+        pbx = self.sipp("pbx-uas", "uas.xml", ["-i", PBX, "-p", str(PBX_PORT)])
+        failover = self.sipp("failover-uas", "uas.xml", ["-i", FAILOVER, "-p", str(FAILOVER_PORT)])
+        time.sleep(0.3)
+        core = self.sipp("inbound", "inbound.xml", ["-i", CORE, "-s", "+15551230000", KAMAILIO_ADDR])
+        core2 = self.sipp("inbound-failover", "inbound.xml", ["-i", CORE, "-s", "+15552220000", KAMAILIO_ADDR])
+        self.assert_passed(core, pbx, core2, failover)
+        self.assertRegex(pbx.log(), r"(?m)^INVITE sip:hq1@127\.0\.0\.2:%d;transport=UDP SIP/2\.0" % PBX_PORT)
+        self.assertRegex(failover.log(), r"(?m)^INVITE sip:\+15552220000@127\.0\.0\.5:%d SIP/2\.0" % FAILOVER_PORT)
+        # branch-p2p has neither a registration nor a failover; the last DID is nobody's.
+        self.assertEqual(sip.status(self.invite_from_core("+15557770000")), 480)
+        self.assertEqual(sip.status(self.invite_from_core("+15550000000")), 404)
+
+    def test_07_registration_ip_change_is_alerted_once_with_the_repeat_count(self):
+        # A flapping registration: the intruder's and the PBX's turns alternate.
+        for i, ip in enumerate([INTRUDER, PBX, INTRUDER, PBX, INTRUDER, PBX]):
+            self.register_pbx(ip, name="flap-%d" % i)
+        changes = lambda **m: self.alerts(kind="reg_ip_change", trunk_group="hq-pbx1", **m)
+        first = wait_for("the first reg_ip_change", lambda: changes(new_ip=INTRUDER))
+        self.assertEqual(first[0]["old_ip"], PBX)
+        self.assertEqual(first[0]["count"], 1)
+        summary = wait_for("the end-of-window summary",
+                           lambda: changes(new_ip=INTRUDER, summary=True), timeout=ALERT_WINDOW_S + 10)
+        self.assertEqual(summary[0]["count"], 2, summary)
+        self.assertEqual(len(changes(new_ip=INTRUDER)), 2, "one alert, one summary: %s" % changes(new_ip=INTRUDER))
+        self.assertEqual(self.binding("hq-pbx1")["binding"]["source"], "%s:%d" % (PBX, PBX_PORT))
+
+    def test_08_config_pushed_while_calls_flow_fails_no_call(self):
+        calls = 30
+        carrier = self.carrier("carrier-load", calls=calls)
+        pbx = self.uac("load", "call.xml", PBX, P2P, calls=calls, rate=10)
+        alternate = self.write_config(trunk_config(window_s=ALERT_WINDOW_S + 1),
+                                      os.path.join(self.workdir, "config-b.json"))
+        broken = self.write_config(trunk_config(acl="127.0.0.300/32"), os.path.join(self.workdir, "broken.json"))
+        answers = []
+        for path in [alternate, broken, self.config, alternate, self.config]:
+            time.sleep(0.4)
+            out = self.tgctl("publish-config", path)
+            answers.append((out.returncode, out.stdout.strip()))
+        self.assert_passed(pbx, carrier)
+        self.assertEqual([a[0] for a in answers], [0, 1, 0, 0, 0], answers)
+        self.assertRegex(answers[1][1], r"^refused: locations\[1\]\.trunk_groups\[0\]\.acl\[0\]: ")
+        self.assertIn("generation", answers[-1][1])
+        # The refused one never reached the workers; the bindings outlived every push.
+        self.assertEqual(self.binding("hq-pbx1")["binding"]["source"], "%s:%d" % (PBX, PBX_PORT))
+
+    def test_09_a_config_the_workers_refuse_keeps_the_last_good_one(self):
+        # Bypasses tgctl's own check, as an operator poking the htable would.
+        broken = self.write_config(trunk_config(acl="not-a-cidr"), os.path.join(self.workdir, "broken-direct.json"))
+        ctl = "unix:" + os.path.join(self.state, "ctl.sock")
+        rev = "manual-%d" % time.time_ns()
+        subprocess.run(["kamcmd", "-s", ctl, "htable.sets", "tgctl", "config", broken], check=True, timeout=10, capture_output=True)
+        subprocess.run(["kamcmd", "-s", ctl, "htable.sets", "tgctl", "rev", rev], check=True, timeout=10, capture_output=True)
+        status = wait_for("the workers' verdict", lambda: rev in self._raw_status() and self._raw_status())
+        self.assertRegex(status, r"refused: config \S+ refused: locations\[1\]\.trunk_groups\[0\]\.acl\[0\]: ")
+        self.assertRegex(self.kamailio_log(), r"broken-direct\.json refused: locations\[1\]")
+        carrier = self.carrier("carrier-after-refusal")
+        self.assert_passed(self.uac("call-after-refusal", "call.xml", PBX, HQ), carrier)
+        self.assertEqual(self.tgctl("publish-config", self.config).returncode, 0)
+
+    def _raw_status(self):
+        out = subprocess.run(["kamcmd", "-s", "unix:" + os.path.join(self.state, "ctl.sock"), "htable.get",
+                              "tgctl", "status"], capture_output=True, text=True, timeout=10)
+        return out.stdout
+
+    def test_10_a_new_wasm_is_swapped_in_without_restart_and_keeps_bindings(self):
+        with open(MODULE, "rb") as f:
+            real = f.read()
+        rebuilt = os.path.join(self.workdir, "trunkguard-rebuilt.wasm")
+        with open(rebuilt, "wb") as f:
+            f.write(trap_module.with_custom_section(real, "rebuilt"))
+        out = self.tgctl("publish-module", rebuilt)
+        self.assertEqual(out.returncode, 0, out.stdout + out.stderr)
+        digest = hashlib.sha256(_read(rebuilt, "rb")).hexdigest()[:16]
+        self.assertIn("trunkguard-%s.wasm" % digest, out.stdout)
+        carrier = self.carrier("carrier-new-wasm")
+        self.assert_passed(self.uac("call-new-wasm", "call.xml", PBX, HQ), carrier)
+        corrupt = os.path.join(self.workdir, "corrupt.wasm")
+        with open(corrupt, "wb") as f:
+            f.write(real[: len(real) // 2])
+        out = self.tgctl("publish-module", corrupt)
+        self.assertEqual(out.returncode, 1, out.stdout)
+        self.assertRegex(out.stdout, r"^refused: module ")
+        self.assertEqual(self.binding("hq-pbx1")["binding"]["source"], "%s:%d" % (PBX, PBX_PORT))
+
+    def test_11_binary_and_malformed_messages_get_an_answer_and_harm_nothing(self):
+        udp = sip.Endpoint(PBX)
+        try:
+            # A body that is not UTF-8: judged on its bytes like any other INVITE.
+            invite = sip.request("INVITE", "sip:%s@%s" % (CALLED, REALM), from_user=HQ[0], to_user=CALLED,
+                                 via_ip=PBX, via_port=udp.port, extra=[("Content-Type", "application/octet-stream")],
+                                 body=b"\xff\xfe\x00\x01binary\x80")
+            self.assertEqual(sip.status(udp.final(invite)), 407)
+            # Headers that are not SIP: refused 400 with the reason.
+            garbled = invite.replace(b"CSeq: 1 INVITE", b"CSeq: one INVITE")
+            self.assertEqual(sip.status(udp.final(garbled)), 400)
+            # Noise that Kamailio's own parser drops before the script; nothing to answer.
+            udp.send(os.urandom(300))
+            udp.send(b"\x00" * 64)
+        finally:
+            udp.close()
+        tcp = sip.Endpoint(PBX, "tcp", KAMAILIO)
+        try:
+            tcp.send(b"INVITE sip:x@y SIP/2.0\r\n\xff\xff\r\n\r\n")
+            tcp.recv(1.0)
+        finally:
+            tcp.close()
+        # Still serving, every worker: the policy answers the next messages.
+        for _ in range(6):
+            probe = sip.Endpoint(PBX)
+            try:
+                options = sip.request("OPTIONS", "sip:%s:%d" % KAMAILIO, from_user="probe", via_ip=PBX, via_port=probe.port)
+                self.assertEqual(sip.status(probe.final(options)), 200)
+            finally:
+                probe.close()
+
+    def test_12_a_trap_in_the_module_refuses_503_and_the_good_module_recovers(self):
+        trap = os.path.join(self.workdir, "trap.wasm")
+        with open(trap, "wb") as f:
+            f.write(trap_module.trapping_module())
+        out = self.tgctl("publish-module", trap)
+        self.assertEqual(out.returncode, 0, out.stdout + out.stderr)
+        for transport in ("udp", "tcp"):
+            endpoint = sip.Endpoint(PBX, transport, KAMAILIO)
+            try:
+                invite = sip.request("INVITE", "sip:%s@%s" % (CALLED, REALM), from_user=HQ[0], to_user=CALLED,
+                                     via_ip=PBX, via_port=endpoint.port, transport=transport.upper())
+                answer = endpoint.final(invite)
+                self.assertEqual(sip.status(answer), 503, answer)
+                self.assertIn("policy error", answer)
+            finally:
+                endpoint.close()
+        self.assertRegex(self.kamailio_log(), r"trunkguard: no verdict for INVITE from 127\.0\.0\.2:\d+: module trapped")
+        # A module path that does not exist, set behind tgctl's back: workers keep the one they run.
+        ctl = "unix:" + os.path.join(self.state, "ctl.sock")
+        subprocess.run(["kamcmd", "-s", ctl, "htable.sets", "tgctl", "module", "/nonexistent/trunkguard.wasm"],
+                       check=True, timeout=10, capture_output=True)
+        subprocess.run(["kamcmd", "-s", ctl, "htable.sets", "tgctl", "rev", "missing-%d" % time.time_ns()],
+                       check=True, timeout=10, capture_output=True)
+        wait_for("the missing module to be refused", lambda: "/nonexistent/trunkguard.wasm refused" in self._raw_status())
+        out = self.tgctl("publish-module", MODULE)
+        self.assertEqual(out.returncode, 0, out.stdout + out.stderr)
+        carrier = self.carrier("carrier-after-trap")
+        self.assert_passed(self.uac("call-after-trap", "call.xml", PBX, HQ), carrier)
+        self.assertEqual(self.binding("hq-pbx1")["binding"]["source"], "%s:%d" % (PBX, PBX_PORT))
+
+    def test_13_alerts_wait_in_the_spool_while_the_receiver_is_down(self):
+        before = len(self.alerts(kind="blocked_call", cause="not_in_access_list"))
+        self.webhook.down = True
+        try:
+            # A new source IP (a new throttle key), so the alert is sent, not counted.
+            intruder = self.uac("p2p-while-down", "call-refused.xml", "127.0.0.7", P2P)
+            self.assert_passed(intruder)
+            wait_for("a refused delivery", lambda: self.webhook.refused > 0)
+            spool = os.path.join(self.state, "spool")
+            self.assertTrue([n for n in os.listdir(spool) if n.endswith(".json")], "the alert waits in the spool")
+        finally:
+            self.webhook.down = False
+        wait_for("the alert after the receiver is back",
+                 lambda: len(self.alerts(kind="blocked_call", cause="not_in_access_list")) > before, timeout=20)
+        stats = self.tgctl("stats").stdout
+        self.assertRegex(stats, r"alerts\.retried\s+[1-9]")
+
+    def test_14_registration_expires(self):
+        pbx = sip.Endpoint(EXP_PBX)
+        try:
+            answer = sip.register(pbx, *EXP, expires=2)
+            self.assertEqual(sip.status(answer), 200, answer)
+            self.assertRegex(sip.header(answer, "Contact"), r";expires=2$")
+            # While registered, the core's call for its DID goes to it.
+            pbx_listen = pbx
+            core = sip.Endpoint(CORE)
+            try:
+                core.send(sip.request("INVITE", "sip:+15556660000@%s" % REALM, from_user="+15550001111",
+                                      to_user="+15556660000", via_ip=CORE, via_port=core.port))
+                routed = pbx_listen.recv(3.0)
+                self.assertIsNotNone(routed, "the INVITE reaches the registered PBX")
+                self.assertTrue(routed.startswith("INVITE sip:exp1@127.0.0.6:%d" % pbx.port), routed)
+            finally:
+                core.close()
+        finally:
+            pbx.close()
+        time.sleep(2.5)
+        self.assertEqual(sip.status(self.invite_from_core("+15556660000")), 480)
+        self.assertIsNone(self.binding("exp-pbx")["binding"])
+
+    def test_15_app_python_reload_keeps_state(self):
+        ctl = "unix:" + os.path.join(self.state, "ctl.sock")
+        out = subprocess.run(["kamcmd", "-s", ctl, "app_python.reload"], capture_output=True, text=True, timeout=10)
+        self.assertEqual(out.returncode, 0, out.stdout + out.stderr)
+        carrier = self.carrier("carrier-after-reload")
+        self.assert_passed(self.uac("call-after-reload", "call.xml", PBX, HQ), carrier)
+        self.assertEqual(self.binding("hq-pbx1")["binding"]["source"], "%s:%d" % (PBX, PBX_PORT))
+        intruder = self.uac("stolen-after-reload", "call-refused.xml", INTRUDER, HQ)
+        self.assert_passed(intruder)
+
+    def test_16_operations_view(self):
+        out = self.tgctl("status")
+        self.assertEqual(out.returncode, 0, out.stderr)
+        self.assertRegex(out.stdout, r"status: ok: config \S+ generation \d+ module \S+")
+        for counter in ("cause.registered", "cause.not_registered_address", "cause.not_in_access_list",
+                        "cause.policy_error", "alerts.sent", "config.refused"):
+            self.assertRegex(out.stdout, r"(?m)^%s\s+[1-9]" % counter.replace(".", r"\."))
+
+
+class DmqPair(unittest.TestCase):
+    """Two Kamailio nodes replicating the `tg` htable with DMQ: a PBX registers with
+    node A and calls through node B; the intruder is refused by B."""
+
+    NODES = {"a": (5064, 5065, 5067), "b": (5066, 5067, 5065)}
+
+    @classmethod
+    def setUpClass(cls):
+        cls.workdir = tempfile.mkdtemp(prefix="tg-kamailio-dmq-")
+        cls.config = os.path.join(cls.workdir, "config.json")
+        KamailioEdge.write_config(trunk_config(), cls.config)
+        cls.started = []
+        for name, (sip_port, dmq_port, peer_port) in cls.NODES.items():
+            state = os.path.join(cls.workdir, name)
+            out = subprocess.run(
+                [RUN, "--no-install", "--daemon", "--config", cls.config, "--listen", "127.0.0.1:%d" % sip_port,
+                 "--dmq", "127.0.0.1:%d" % dmq_port, "--dmq-peer", "127.0.0.1:%d" % peer_port,
+                 "--carrier", "sip:127.0.0.1:%d" % CARRIER_PORT, "--state", state, "--workers", "2"],
+                capture_output=True, text=True, timeout=60)
+            if out.returncode != 0:
+                raise RuntimeError("node %s: %s%s" % (name, out.stdout, out.stderr))
+            cls.started.append(state)
+
+    @classmethod
+    def tearDownClass(cls):
+        for state in cls.started:
+            subprocess.run([RUN, "stop", "--state", state], capture_output=True, timeout=30)
+        if os.environ.get("KEEP_KAMAILIO_TEST_DIR") != "1":
+            shutil.rmtree(cls.workdir, ignore_errors=True)
+
+    def sipp(self, name, scenario, args):
+        return Sipp(self.workdir, name, scenario, args)
+
+    def passed(self, run):
+        self.assertEqual(run.wait(), 0, run.explain())
+
+    def test_registration_on_one_node_is_enforced_by_the_other(self):
+        node_a, node_b = "127.0.0.1:%d" % self.NODES["a"][0], "127.0.0.1:%d" % self.NODES["b"][0]
+        self.passed(self.sipp("register-a", "register.xml", ["-i", PBX, "-p", str(PBX_PORT), "-s", HQ[0], "-au", HQ[0],
+                                                             "-ap", HQ[1], node_a]))
+        out = lambda: subprocess.run([TGCTL, "--state", os.path.join(self.workdir, "b"), "binding", "hq-pbx1"],
+                                     capture_output=True, text=True, timeout=30).stdout
+        wait_for("the binding to reach node b", lambda: "127.0.0.2:%d" % PBX_PORT in out(), timeout=5)
+        carrier = self.sipp("carrier-b", "uas.xml", ["-i", "127.0.0.1", "-p", str(CARRIER_PORT)])
+        time.sleep(0.3)
+        user = ["-key", "user", HQ[0], "-au", HQ[0], "-ap", HQ[1], "-s", CALLED]
+        self.passed(self.sipp("call-b", "call.xml", ["-i", PBX] + user + [node_b]))
+        self.passed(carrier)
+        self.passed(self.sipp("stolen-b", "call-refused.xml", ["-i", INTRUDER] + user + [node_b]))
+
+
+if __name__ == "__main__":
+    unittest.main(verbosity=2)

@@ -1,0 +1,95 @@
+"""A minimal module that speaks the message ABI (docs/abi.md) well enough to be loaded
+and configured, and traps (`unreachable`) on every tg_judge: what a bug inside the
+policy looks like to the host. Written as raw wasm bytes so the test needs no
+toolchain beyond Python.
+"""
+
+CONFIGURED = b'{"ok":true,"generation":1}'
+TICKED = b'{"ok":true}'
+TICK_AT = 64
+
+
+def _uleb(n):
+    out = bytearray()
+    while True:
+        byte = n & 0x7F
+        n >>= 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _sleb(n):
+    out = bytearray()
+    while True:
+        byte = n & 0x7F
+        n >>= 7
+        done = (n == 0 and not byte & 0x40) or (n == -1 and byte & 0x40)
+        out.append(byte | (0 if done else 0x80))
+        if done:
+            return bytes(out)
+
+
+def _vec(items):
+    return _uleb(len(items)) + b"".join(items)
+
+
+def _section(code, payload):
+    return bytes([code]) + _uleb(len(payload)) + payload
+
+
+def _name(text):
+    return _uleb(len(text)) + text.encode()
+
+
+I32, I64 = 0x7F, 0x7E
+
+
+def _functype(params, results):
+    return b"\x60" + _vec([bytes([p]) for p in params]) + _vec([bytes([r]) for r in results])
+
+
+def _body(instructions):
+    code = b"\x00" + instructions + b"\x0b"  # no locals
+    return _uleb(len(code)) + code
+
+
+def trapping_module():
+    types = [
+        _functype([], [I32]),  # tg_abi_version
+        _functype([I32], [I32]),  # tg_buffer
+        _functype([I32], [I64]),  # tg_configure
+        _functype([I32, I32, I32, I64], [I64]),  # tg_judge
+        _functype([I64], [I64]),  # tg_tick
+    ]
+    exports = [(b"memory", 2, 0)] + [
+        (name.encode(), 0, i)
+        for i, name in enumerate(["tg_abi_version", "tg_buffer", "tg_configure", "tg_judge", "tg_tick"])
+    ]
+    bodies = [
+        b"\x41" + _sleb(1),  # i32.const 1: ABI version 1
+        b"\x41" + _sleb(1024),  # the input buffer lives at 1024
+        b"\x42" + _sleb(len(CONFIGURED)),  # (ptr 0 << 32) | len
+        b"\x00",  # unreachable
+        b"\x42" + _sleb((TICK_AT << 32) | len(TICKED)),
+    ]
+    data = [
+        b"\x00\x41" + _sleb(0) + b"\x0b" + _vec([bytes([b]) for b in CONFIGURED]),
+        b"\x00\x41" + _sleb(TICK_AT) + b"\x0b" + _vec([bytes([b]) for b in TICKED]),
+    ]
+    return b"".join([
+        b"\x00asm\x01\x00\x00\x00",
+        _section(1, _vec(types)),
+        _section(3, _vec([_uleb(i) for i in range(len(types))])),
+        _section(5, _vec([b"\x00" + _uleb(1)])),
+        _section(7, _vec([_name(n.decode()) + bytes([k]) + _uleb(i) for n, k, i in exports])),
+        _section(10, _vec([_body(b) for b in bodies])),
+        _section(11, _vec(data)),
+    ])
+
+
+def with_custom_section(module, label):
+    """The same module with a custom section appended: different bytes (a new
+    content hash, so a new published file), same behaviour."""
+    payload = _name("trunkguard-test") + label.encode()
+    return module + _section(0, payload)
