@@ -61,7 +61,12 @@ pub fn in_dialog_bye() -> Vec<u8> {
 }
 
 fn authorized(method: &str, ruri: &str, header: &str, extra: &str) -> Vec<u8> {
-    let nonce = make_nonce(&SECRET, NOW_MS, source().ip(), REALM);
+    let nonce = make_nonce(
+        &trunkguard::digest::NonceSecret::new(&SECRET),
+        NOW_MS,
+        source().ip(),
+        REALM,
+    );
     let response = client_response(
         Algorithm::Md5,
         "user0",

@@ -168,7 +168,29 @@ pub(crate) fn unhex<const N: usize>(text: &str) -> Option<[u8; N]> {
 }
 
 /// Server secret that keys nonces; shared by every worker through the host store.
-pub type NonceSecret = [u8; 32];
+///
+/// Kept with the HMAC already keyed: keying is two of the four SHA-256 compressions of
+/// every nonce MAC, and the secret changes only when the store loses it.
+#[derive(Clone)]
+pub struct NonceSecret {
+    /// `None` only if HMAC refused the key, which it never does for 32 bytes; a missing
+    /// key yields an all-zero MAC, which never verifies.
+    keyed: Option<Hmac<Sha256>>,
+}
+
+impl NonceSecret {
+    pub fn new(bytes: &[u8; 32]) -> NonceSecret {
+        NonceSecret {
+            keyed: <Hmac<Sha256> as KeyInit>::new_from_slice(bytes).ok(),
+        }
+    }
+}
+
+impl std::fmt::Debug for NonceSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("NonceSecret(..)")
+    }
+}
 
 /// How a nonce presented in credentials fares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -184,9 +206,7 @@ const NONCE_MAC_LEN: usize = 16;
 
 fn nonce_mac(secret: &NonceSecret, issued: [u8; 8], source: IpAddr, realm: &str) -> [u8; 16] {
     let mut out = [0u8; NONCE_MAC_LEN];
-    // HMAC accepts keys of any length, so this cannot fail; fall back to zeros keeps
-    // the function total without a panic path (a zero MAC never verifies anyway).
-    if let Ok(mut mac) = <Hmac<Sha256> as KeyInit>::new_from_slice(secret) {
+    if let Some(mut mac) = secret.keyed.clone() {
         mac.update(&issued);
         match crate::acl::canonical_ip(source) {
             IpAddr::V4(v4) => mac.update(&v4.octets()),
@@ -353,7 +373,9 @@ pub fn client_response(
 mod tests {
     use super::*;
 
-    const SECRET: NonceSecret = [7u8; 32];
+    fn secret() -> NonceSecret {
+        NonceSecret::new(&[7u8; 32])
+    }
     const REALM: &str = "trunks.example.net";
 
     fn ip(s: &str) -> IpAddr {
@@ -413,7 +435,7 @@ mod tests {
     fn client_and_server_agree_for_both_algorithms() {
         let ha1 = Ha1Set::from_config("hq1", REALM, Some("pw"), None, None).unwrap();
         for alg in [Algorithm::Md5, Algorithm::Sha256] {
-            let nonce = make_nonce(&SECRET, 1000, ip("203.0.113.7"), REALM);
+            let nonce = make_nonce(&secret(), 1000, ip("203.0.113.7"), REALM);
             let r = client_response(
                 alg, "hq1", REALM, "pw", "INVITE", "sip:x@y", &nonce, "00000001", "abc",
             );
@@ -462,27 +484,34 @@ mod tests {
     #[test]
     fn nonce_lifecycle() {
         let src = ip("203.0.113.7");
-        let nonce = make_nonce(&SECRET, 10_000, src, REALM);
-        let cases: &[(&str, u64, IpAddr, &[u8; 32], NonceState)] = &[
-            ("fresh at issue", 10_000, src, &SECRET, NonceState::Fresh),
-            ("fresh at ttl", 310_000, src, &SECRET, NonceState::Fresh),
-            ("stale after ttl", 310_001, src, &SECRET, NonceState::Stale),
+        let nonce = make_nonce(&secret(), 10_000, src, REALM);
+        let other = NonceSecret::new(&[8u8; 32]);
+        let cases: &[(&str, u64, IpAddr, &NonceSecret, NonceState)] = &[
+            ("fresh at issue", 10_000, src, &secret(), NonceState::Fresh),
+            ("fresh at ttl", 310_000, src, &secret(), NonceState::Fresh),
+            (
+                "stale after ttl",
+                310_001,
+                src,
+                &secret(),
+                NonceState::Stale,
+            ),
             (
                 "other source ip",
                 10_000,
                 ip("203.0.113.8"),
-                &SECRET,
+                &secret(),
                 NonceState::Invalid,
             ),
             (
                 "mapped v4 is the same source",
                 10_000,
                 ip("::ffff:203.0.113.7"),
-                &SECRET,
+                &secret(),
                 NonceState::Fresh,
             ),
-            ("other secret", 10_000, src, &[8u8; 32], NonceState::Invalid),
-            ("from the future", 0, src, &SECRET, NonceState::Invalid),
+            ("other secret", 10_000, src, &other, NonceState::Invalid),
+            ("from the future", 0, src, &secret(), NonceState::Invalid),
         ];
         for (what, now, source, secret, want) in cases {
             assert_eq!(
@@ -493,7 +522,7 @@ mod tests {
         }
         for garbage in ["", "zz", &nonce[..46], &format!("{nonce}00")] {
             assert_eq!(
-                check_nonce(&SECRET, garbage, 10_000, src, REALM, 300_000),
+                check_nonce(&secret(), garbage, 10_000, src, REALM, 300_000),
                 NonceState::Invalid
             );
         }

@@ -85,15 +85,11 @@ impl Engine {
                 Cause::NotConfigured,
             ));
         };
-        let secret = match self.secret {
-            Some(s) => s,
-            None => {
-                let s = load_or_create_secret(host)?;
-                self.secret = Some(s);
-                s
-            }
+        let secret = match &mut self.secret {
+            Some(s) => &*s,
+            empty => &*empty.insert(load_or_create_secret(host)?),
         };
-        let Decision { verdict, alerts } = policy::decide(index, input, host, &secret)?;
+        let Decision { verdict, alerts } = policy::decide(index, input, host, secret)?;
         let window = index.alert_window_ms;
         for mut a in alerts {
             a.id = new_alert_id(host, a.at_ms);
@@ -125,7 +121,7 @@ fn load_or_create_secret(host: &mut dyn Host) -> Result<NonceSecret, StoreError>
     let mut fresh = [0u8; 32];
     host.fill_random(&mut fresh);
     host.set(keys::NONCE_SECRET, hex(&fresh).as_bytes())?;
-    Ok(read_secret(host)?.unwrap_or(fresh))
+    Ok(read_secret(host)?.unwrap_or_else(|| NonceSecret::new(&fresh)))
 }
 
 fn read_secret(store: &mut dyn Store) -> Result<Option<NonceSecret>, StoreError> {
@@ -133,7 +129,7 @@ fn read_secret(store: &mut dyn Store) -> Result<Option<NonceSecret>, StoreError>
         return Ok(None);
     };
     let text = std::str::from_utf8(&raw).unwrap_or("");
-    Ok(crate::digest::unhex::<32>(text))
+    Ok(crate::digest::unhex::<32>(text).map(|bytes| NonceSecret::new(&bytes)))
 }
 
 fn new_alert_id(host: &mut dyn Host, at_ms: u64) -> String {

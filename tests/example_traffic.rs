@@ -20,12 +20,12 @@ const REALM: &str = "trunks.example.net";
 /// 2026-11-26T12:00:00Z: the story's clock starts here.
 const START_MS: u64 = 1_795_694_400_000;
 
-fn secret() -> [u8; 32] {
+fn secret() -> trunkguard::digest::NonceSecret {
     let mut s = [0u8; 32];
     for (i, b) in s.iter_mut().enumerate() {
         *b = u8::from_str_radix(&DEMO_SECRET_HEX[i * 2..i * 2 + 2], 16).unwrap();
     }
-    s
+    trunkguard::digest::NonceSecret::new(&s)
 }
 
 /// (at_ms, send spec, answer the challenge with credentials?)
