@@ -26,6 +26,9 @@
 # timer process see the same tables, and they outlive `app_python.reload`.
 
 import fcntl
+import hashlib
+import hmac
+import http.client
 import os
 import sys
 import time
@@ -96,6 +99,18 @@ def _published():
     return config, module
 
 
+NONCE_SECRET_KEY = "tg/nonce_secret"  # the module's key (src/store.rs), 32 bytes hex
+RR_SECRET_KEY = "tg/rr_secret"  # signs this proxy's Record-Route (_route_in_dialog)
+
+
+def _ensure_secret(key):
+    value = KSR.htable.sht_get(KV_TABLE, key)
+    if not value:
+        KSR.htable.sht_sets(KV_TABLE, key, os.urandom(32).hex())
+        value = KSR.htable.sht_get(KV_TABLE, key)
+    return value
+
+
 class Counters:
     """Counts kept in the process and written to `tgstats` at most once a second, as
     `<name>@<pid>` items that only this process writes (htable has no atomic add-by-n,
@@ -160,6 +175,7 @@ class Shim:
         self.token = None
         self.baseline_ha1 = None
         self.next_check = 0.0
+        self.rr_secret = None
 
     # --- KEMI callbacks ---------------------------------------------------------
 
@@ -168,7 +184,7 @@ class Shim:
             self.baseline_ha1 = _ha1_by_username(os.environ.get("TRUNKGUARD_CONFIG", ""))
         realm = self.baseline_ha1.get("", "")
         if KSR.siputils.has_totag() > 0 or KSR.is_ACK() or KSR.is_CANCEL() or KSR.is_OPTIONS():
-            return self._route_allowed()
+            return self._route_allowed(None)
         ha1 = self.baseline_ha1.get(KSR.pv.get("$fU") or "", "")
         # pv_auth_check: Authorization for REGISTER, Proxy-Authorization otherwise;
         # flags 1: the password given is HA1; checks 0: no From/To username match.
@@ -180,18 +196,23 @@ class Shim:
             KSR.registrar.save("location", 0)
             return -255
         KSR.auth.consume_credentials()
-        return self._route_allowed()
+        return self._route_allowed("baseline")
 
     def child_init(self, rank):
         # Load the policy now rather than on the first message (a compile takes about a
         # second). The lock makes one process compile and write the compiled-code cache
-        # while the others wait, then map it in milliseconds. Ranks 0 (main), -2 (RPC)
-        # and -4 (TCP main) never judge a message.
-        if rank in (0, -2, -4):
+        # while the others wait, then map it in milliseconds.
+        if rank <= 0:
+            # Main, timers (the rtimer loads the policy on its first tick), RPC, TCP
+            # main: they never judge a message.
             return 0
         try:
             with open(os.path.join(STATE_DIR, "compile.lock"), "w") as lock:
                 fcntl.flock(lock, fcntl.LOCK_EX)
+                # Secrets every worker must share, created by the first one under the
+                # lock: a worker that made its own would refuse the others' nonces.
+                _ensure_secret(NONCE_SECRET_KEY)
+                _ensure_secret(RR_SECRET_KEY)
                 self._sync()
         except Exception as e:
             # Not fatal: the first message retries, and is refused 503 if it fails.
@@ -199,37 +220,54 @@ class Shim:
         return 0
 
     def ksr_request_route(self, msg):
+        try:
+            return self._request_route()
+        except BaseException as e:  # noqa: B036 - a Rust panic arrives as a BaseException
+            try:
+                return self._fail_closed(e)
+            except BaseException:
+                return -255
+
+    def _request_route(self):
         if DMQ and KSR.pv.get("$rm") == "KDMQ":
-            # htable replication between nodes (docs/kamailio.md), not SIP traffic.
-            KSR.dmq.handle_message()
+            # htable replication between nodes (docs/kamailio.md), not SIP traffic:
+            # only from a node of the DMQ peer list, which can rewrite any binding.
+            if KSR.dmq.is_from_node() > 0:
+                KSR.dmq.handle_message()
+            else:
+                KSR.sl.sl_send_reply(403, "Forbidden")
             return -255
         if BASELINE:
             return self._baseline_route()
-        try:
-            self._sync()
-            judged = self.policy.judge(
-                _message_bytes(), _source(), KSR.pv.get("$pr"), _now_ms()
-            )
-        except Exception as e:  # PolicyError, a broken .wasm, an htable failure
-            return self._fail_closed(e)
+        # Any exception from here on (PolicyError: a trap, a broken .wasm, a store
+        # failure; or a bug) is answered by ksr_request_route's fail-closed 503.
+        self._sync()
+        judged = self.policy.judge(_message_bytes(), _source(), KSR.pv.get("$pr"), _now_ms())
         action, code, reason, cause, group, target, next_hop, headers, alerts = judged
         _count("cause." + (cause or action))
         _flush_counts()
         if alerts:
             self._spool(alerts)
         if action == "allow":
-            return self._route_allowed()
+            return self._route_allowed(group)
         if action == "route":
             return self._route_inbound(target, next_hop)
         # challenge, reject, accept: the module's answer, as it wrote it.
         if KSR.is_ACK():
             return -255
+        if not 300 <= code <= 699 and not (action == "accept" and 200 <= code <= 299):
+            raise RuntimeError("verdict %s without a usable status code (%r)" % (action, code))
         for name, value in headers:
             KSR.hdr.append_to_reply("%s: %s\r\n" % (name, value))
         KSR.sl.sl_send_reply(code, reason)
         return -255
 
     def ksr_reply_route(self, msg):
+        # A response that matches no transaction of this proxy is dropped, not
+        # forwarded by its Via: no reflection towards the carrier or a PBX.
+        if KSR.tm.t_check_trans() < 0:
+            KSR.set_drop()
+            return -255
         return 1
 
     def ksr_onsend_route(self, msg):
@@ -242,10 +280,13 @@ class Shim:
             summaries = self.policy.tick(_now_ms())
             if summaries:
                 self._spool(summaries)
-        except Exception as e:
+        except BaseException as e:  # noqa: B036 - a Rust panic arrives as a BaseException
             KSR.err("trunkguard: timer: %s\n" % (e,))
-        self._deliver()
-        _flush_counts()
+        try:
+            self._deliver()
+            _flush_counts()
+        except Exception as e:
+            KSR.err("trunkguard: timer: alert delivery: %s\n" % (e,))
         return 1
 
     # --- policy lifecycle ---------------------------------------------------------
@@ -312,47 +353,91 @@ class Shim:
 
     # --- routing --------------------------------------------------------------------
 
-    def _route_allowed(self):
+    def _route_allowed(self, group):
         if KSR.siputils.has_totag() > 0:
-            # In-dialog: only by the Route set this proxy put there (docs/policy.md), or
-            # a forged To-tag would be a way around authentication.
-            if KSR.rr.loose_route() > 0:
-                return self._relay()
-            if KSR.is_ACK():
-                if KSR.tm.t_check_trans() > 0:
-                    return self._relay()
-                return -255
-            KSR.sl.sl_send_reply(404, "Not Here")
-            return -255
-        if KSR.is_CANCEL():
+            return self._route_in_dialog()
+        if KSR.is_CANCEL() or KSR.is_ACK():
+            # Only within a transaction this proxy relayed (the ACK of a non-2xx
+            # answer, a CANCEL); anything else is dropped, never relayed.
             if KSR.tm.t_check_trans() > 0:
                 return self._relay()
-            return -255
-        if KSR.is_ACK():
-            if KSR.tm.t_check_trans() > 0:
-                return self._relay()
-            return -255
-        if KSR.is_OPTIONS() and KSR.is_myself_ruri() and KSR.pv.get("$rU") is None:
-            KSR.sl.sl_send_reply(200, "OK")
             return -255
         if KSR.is_REGISTER():
             # The policy answers every REGISTER itself; an allowed one is a core-side
             # REGISTER, which this edge does not serve.
             KSR.sl.sl_send_reply(405, "Method Not Allowed")
             return -255
-        KSR.rr.record_route()
-        if CARRIER and not KSR.is_myself_srcip():
-            KSR.pv.sets("$du", CARRIER)
+        if group is None:
+            if KSR.is_OPTIONS():
+                # Keepalives from anyone are answered here, never relayed: the policy
+                # lets OPTIONS through unauthenticated.
+                KSR.sl.sl_send_reply(200, "OK")
+                return -255
+            # A new request the policy allows without a trunk group comes from the
+            # core (core_networks): routed by its Request-URI.
+            self._record_route()
+            return self._relay()
+        # An authenticated trunk's call: to the carrier, nowhere else.
+        if not CARRIER:
+            KSR.err("trunkguard: TRUNKGUARD_CARRIER is not set; refusing %s\n" % (KSR.pv.get("$rm"),))
+            KSR.sl.sl_send_reply(503, "Service Unavailable (no carrier configured)")
+            return -255
+        self._record_route()
+        KSR.pv.sets("$du", CARRIER)
         return self._relay()
 
+    def _route_in_dialog(self):
+        """An in-dialog request passes the policy unauthenticated, so it is routed only
+        by a Route set this proxy recorded *and signed* for this Call-ID: a forged
+        To-tag with a Route of its own choosing (to this proxy or elsewhere) is refused,
+        and nothing reaches the carrier or a PBX that way."""
+        if KSR.rr.loose_route() > 0:
+            if KSR.rr.check_route_param("tg=" + self._dialog_mac()) > 0:
+                return self._relay()
+            KSR.warn("trunkguard: in-dialog %s from %s with a Route set this proxy did not sign\n"
+                     % (KSR.pv.get("$rm"), _source()))
+            _count("in_dialog.refused")
+            KSR.sl.sl_send_reply(404, "Not Here")
+            return -255
+        if KSR.is_ACK():
+            # The ACK of a non-2xx answer to a relayed INVITE goes hop by hop.
+            if KSR.tm.t_check_trans() > 0:
+                return self._relay()
+            return -255
+        _count("in_dialog.refused")
+        KSR.sl.sl_send_reply(404, "Not Here")
+        return -255
+
+    def _dialog_mac(self):
+        call_id = KSR.pv.get("$ci") or ""
+        return hmac.new(self._rr_secret(), call_id.encode("utf-8", "surrogateescape"),
+                        hashlib.sha256).hexdigest()[:16]
+
+    def _rr_secret(self):
+        if self.rr_secret is None:
+            self.rr_secret = bytes.fromhex(_ensure_secret(RR_SECRET_KEY))
+        return self.rr_secret
+
+    def _record_route(self):
+        # Signed with this deployment's secret over the Call-ID (see _route_in_dialog).
+        KSR.rr.record_route_params(";tg=" + self._dialog_mac())
+
     def _route_inbound(self, target, next_hop):
+        if not target:
+            KSR.sl.sl_send_reply(500, "Server Internal Error (route without target)")
+            return -255
         KSR.pv.sets("$ru", target)
         if next_hop:
             KSR.pv.sets("$du", next_hop)
-        KSR.rr.record_route()
+        self._record_route()
         return self._relay()
 
     def _relay(self):
+        # Kamailio leaves Max-Forwards alone unless told; the policy answers 483 when
+        # it arrives at 0, this keeps a loop through the edge from going round forever.
+        if KSR.maxfwd.process_maxfwd(70) < 0:
+            KSR.sl.sl_send_reply(483, "Too Many Hops")
+            return -255
         if KSR.tm.t_relay() < 0:
             KSR.sl.sl_reply_error()
         return -255
@@ -383,7 +468,12 @@ class Shim:
         except OSError as e:
             KSR.err("trunkguard: cannot read alert spool %s: %s\n" % (SPOOL_DIR, e))
             return
+        # Bounded per tick, so a slow receiver cannot hold the timer (which also
+        # applies publications) for long.
+        deadline = time.monotonic() + 2 * DELIVERY_TIMEOUT_S
         for name in names[:100]:
+            if time.monotonic() > deadline:
+                return
             path = os.path.join(SPOOL_DIR, name)
             try:
                 with open(path, "rb") as f:
@@ -391,7 +481,10 @@ class Shim:
             except OSError:
                 continue
             if self._post(body):
-                os.unlink(path)
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
                 _count("alerts.sent")
                 self.backoff = RETRY_MIN_S
             else:
@@ -423,7 +516,7 @@ class Shim:
                 return self._set_aside(body)
             KSR.warn("trunkguard: alert delivery to %s failed: %s\n" % (ALERT_URL, e))
             return False
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, http.client.HTTPException) as e:
             KSR.warn("trunkguard: alert delivery to %s failed: %s\n" % (ALERT_URL, e))
             return False
 

@@ -172,35 +172,52 @@ impl PolicyModule {
     }
 
     /// Like [`PolicyModule::from_file`], through a cache of the compiled code beside
-    /// the module (`<path>.cwasm`): a host with many processes (Kamailio's workers)
-    /// compiles once, the others map the cache in milliseconds instead of compiling
-    /// for a second each. The cache is used only when it is newer than the module and
-    /// wasmtime accepts it as built by this same version and configuration; otherwise
-    /// the module is compiled and the cache rewritten (atomically; a failure to write
-    /// it only costs the next process a compile).
+    /// the module (`<path>.<sha256 prefix>.cwasm`): a host with many processes
+    /// (Kamailio's workers) compiles once, the others map the cache in milliseconds
+    /// instead of compiling for a second each. The cache's name carries the hash of the
+    /// module bytes just read, so it is only ever used for exactly those bytes, and
+    /// wasmtime refuses one built by another version or configuration. Written through
+    /// a new temporary file and a rename; a failure to write it only costs the next
+    /// process a compile. Use it for modules in a directory only the host writes (the
+    /// published copies), since the cache is machine code the host runs.
     pub fn from_file_cached(path: &Path) -> Result<PolicyModule, HostError> {
-        let cache = cache_path(path);
-        let engine = new_engine()?;
-        if is_fresh(&cache, path) {
-            // SAFETY: the cache is written only by this function (below), next to a
-            // module the operator published; wasmtime refuses files of another version
-            // or configuration. It is as trusted as the .wasm beside it.
-            if let Ok(module) = unsafe { Module::deserialize_file(&engine, &cache) } {
-                return Ok(PolicyModule { engine, module });
-            }
-        }
         let bytes = std::fs::read(path).map_err(|source| HostError::ModuleFile {
             path: path.to_path_buf(),
             source,
         })?;
-        let module = Module::new(&engine, &bytes).map_err(|e| HostError::Load(format!("{e:#}")))?;
-        if let Ok(code) = module.serialize() {
-            let tmp = cache.with_extension(format!("cwasm.{}.tmp", std::process::id()));
-            if std::fs::write(&tmp, code).is_ok() && std::fs::rename(&tmp, &cache).is_err() {
-                let _ = std::fs::remove_file(&tmp);
+        let cache = cache_path(path, &bytes);
+        let engine = new_engine()?;
+        if cache.is_file() {
+            // SAFETY: the cache is written only by this function, under a name tied to
+            // the module's content, next to a module the operator published; it is as
+            // trusted as the .wasm beside it, and wasmtime checks its version and
+            // configuration header.
+            if let Ok(module) = unsafe { Module::deserialize_file(&engine, &cache) } {
+                return Ok(PolicyModule { engine, module });
             }
         }
+        let module = Module::new(&engine, &bytes).map_err(|e| HostError::Load(format!("{e:#}")))?;
+        if let Ok(code) = module.serialize() {
+            write_new_then_rename(&cache, &code);
+        }
         Ok(PolicyModule { engine, module })
+    }
+}
+
+/// Writes `data` to a temporary file that must not exist yet (no following a planted
+/// link) beside `dest`, then renames it over `dest`. Best effort.
+fn write_new_then_rename(dest: &Path, data: &[u8]) {
+    use std::io::Write as _;
+    let mut name = dest.as_os_str().to_owned();
+    name.push(format!(".{}.tmp", std::process::id()));
+    let tmp = PathBuf::from(name);
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .and_then(|mut f| f.write_all(data));
+    if written.is_err() || std::fs::rename(&tmp, dest).is_err() {
+        let _ = std::fs::remove_file(&tmp);
     }
 }
 
@@ -212,18 +229,16 @@ fn new_engine() -> Result<Engine, HostError> {
     Engine::new(&config).map_err(|e| HostError::Load(e.to_string()))
 }
 
-fn cache_path(module: &Path) -> PathBuf {
+fn cache_path(module: &Path, bytes: &[u8]) -> PathBuf {
+    use sha2::Digest as _;
+    let digest = sha2::Sha256::digest(bytes);
     let mut name = module.as_os_str().to_owned();
+    name.push(".");
+    for b in &digest[..8] {
+        name.push(format!("{b:02x}"));
+    }
     name.push(".cwasm");
     PathBuf::from(name)
-}
-
-fn is_fresh(cache: &Path, module: &Path) -> bool {
-    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-    match (modified(cache), modified(module)) {
-        (Some(c), Some(m)) => c >= m,
-        _ => false,
-    }
 }
 
 /// A fault the host injects into the module's store imports.

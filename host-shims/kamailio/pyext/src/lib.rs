@@ -100,12 +100,18 @@ impl KvBackend for PyKv {
     fn set(&mut self, key: &str, value: &[u8]) -> Result<(), String> {
         let text = PyKv::encode(value);
         Python::attach(|py| {
-            match &self.table {
+            let out = match &self.table {
                 Some(t) => self.set.call1(py, (t.clone_ref(py), key, text)),
                 None => self.set.call1(py, (key, text)),
             }
-            .map(drop)
-            .map_err(|e| e.to_string())
+            .map_err(|e| e.to_string())?;
+            // Kamailio's sht_sets answers a negative number instead of raising (out of
+            // shared memory, say): a binding that was not stored must not be reported
+            // as registered.
+            match out.extract::<i64>(py) {
+                Ok(code) if code < 0 => Err(format!("store refused {key} ({code})")),
+                _ => Ok(()),
+            }
         })
     }
 
