@@ -339,8 +339,9 @@ class Shim:
         self.rev = rev
 
     def _status(self, rev, text):
-        # Whichever process applies a publication first reports it; the others apply
-        # the same files and reach the same result. `publish` waits for its rev here.
+        # Every process that applies a publication reports it; they apply the same
+        # files with the same module and reach the same result. `publish` waits for
+        # its rev here.
         KSR.htable.sht_sets(CTL_TABLE, "status", "%s|%s" % (rev or "", text))
 
     def _fail_closed(self, e):
