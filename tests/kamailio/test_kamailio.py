@@ -130,6 +130,10 @@ def wait_for(what, check, timeout=10.0):
 class Sipp:
     """One sipp run (a scenario of tests/node/sipp), with its message trace."""
 
+    # Every run still going, so a test that fails half way does not leave a far end
+    # holding its port for the next test (tearDown ends them).
+    running = []
+
     def __init__(self, workdir, name, scenario, args, calls=1):
         self.name = name
         self.messages = os.path.join(workdir, name + ".messages.log")
@@ -138,6 +142,15 @@ class Sipp:
                "-timeout", "30s", "-timeout_error", "-trace_msg", "-message_file", self.messages,
                "-trace_err", "-error_file", self.errors] + args
         self.proc = subprocess.Popen(cmd, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        Sipp.running.append(self.proc)
+
+    @staticmethod
+    def end_all():
+        for proc in Sipp.running:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+        Sipp.running.clear()
 
     def wait(self, timeout=40):
         try:
@@ -195,6 +208,9 @@ class KamailioEdge(unittest.TestCase):
         with open(path or cls.config, "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2)
         return path or cls.config
+
+    def tearDown(self):
+        Sipp.end_all()
 
     # --- helpers ------------------------------------------------------------------
 
@@ -567,6 +583,9 @@ class DmqPair(unittest.TestCase):
             subprocess.run([RUN, "stop", "--state", state], capture_output=True, timeout=30)
         if os.environ.get("KEEP_KAMAILIO_TEST_DIR") != "1":
             shutil.rmtree(cls.workdir, ignore_errors=True)
+
+    def tearDown(self):
+        Sipp.end_all()
 
     def sipp(self, name, scenario, args):
         return Sipp(self.workdir, name, scenario, args)
