@@ -29,6 +29,7 @@ import fcntl
 import hashlib
 import hmac
 import http.client
+import json
 import os
 import sys
 import time
@@ -145,6 +146,8 @@ class Counters:
         self.dirty.clear()
 
 
+# Made on first use, in the process that counts: mod_init runs before Kamailio forks,
+# and the items are named after the counting process's pid.
 COUNTERS = None
 
 
@@ -173,19 +176,19 @@ class Shim:
         self.next_delivery = 0.0
         self.backoff = RETRY_MIN_S
         self.token = None
-        self.baseline_ha1 = None
+        self.baseline = None
         self.next_check = 0.0
         self.rr_secret = None
 
     # --- KEMI callbacks ---------------------------------------------------------
 
     def _baseline_route(self):
-        if self.baseline_ha1 is None:
-            self.baseline_ha1 = _ha1_by_username(os.environ.get("TRUNKGUARD_CONFIG", ""))
-        realm = self.baseline_ha1.get("", "")
+        if self.baseline is None:
+            self.baseline = _realm_and_ha1s(os.environ.get("TRUNKGUARD_CONFIG", ""))
+        realm, ha1s = self.baseline
         if KSR.siputils.has_totag() > 0 or KSR.is_ACK() or KSR.is_CANCEL() or KSR.is_OPTIONS():
             return self._route_allowed(None)
-        ha1 = self.baseline_ha1.get(KSR.pv.get("$fU") or "", "")
+        ha1 = ha1s.get(KSR.pv.get("$fU") or "", "")
         # pv_auth_check: Authorization for REGISTER, Proxy-Authorization otherwise;
         # flags 1: the password given is HA1; checks 0: no From/To username match.
         if KSR.auth.pv_auth_check(realm, ha1, 1, 0) < 0:
@@ -481,7 +484,12 @@ class Shim:
                     body = f.read()
             except OSError:
                 continue
-            if self._post(body):
+            outcome = self._post(body)
+            if outcome == "refused":
+                # The receiver will never take this one (malformed for it, bad token):
+                # kept aside for the operator instead of retried forever.
+                self._set_aside(name)
+            elif outcome == "sent":
                 try:
                     os.unlink(path)
                 except OSError:
@@ -496,6 +504,7 @@ class Shim:
                 return
 
     def _post(self, body):
+        """POSTs one event: "sent", "refused" (for good) or "retry"."""
         if self.token is None and ALERT_TOKEN_FILE:
             try:
                 with open(ALERT_TOKEN_FILE, encoding="utf-8") as f:
@@ -508,43 +517,35 @@ class Shim:
             request.add_header("Authorization", "Bearer " + self.token)
         try:
             with urllib.request.urlopen(request, timeout=DELIVERY_TIMEOUT_S) as response:
-                return 200 <= response.status < 300
+                return "sent" if 200 <= response.status < 300 else "retry"
         except urllib.error.HTTPError as e:
             if 400 <= e.code < 500 and e.code not in (408, 429):
-                # The receiver will never take this one (malformed for it, bad token):
-                # keep it aside for the operator instead of retrying forever.
                 KSR.err("trunkguard: alert refused by %s with %d, kept in %s/rejected\n" % (ALERT_URL, e.code, SPOOL_DIR))
-                return self._set_aside(body)
+                return "refused"
             KSR.warn("trunkguard: alert delivery to %s failed: %s\n" % (ALERT_URL, e))
-            return False
+            return "retry"
         except (OSError, ValueError, http.client.HTTPException) as e:
             KSR.warn("trunkguard: alert delivery to %s failed: %s\n" % (ALERT_URL, e))
-            return False
+            return "retry"
 
-    def _set_aside(self, body):
+    def _set_aside(self, name):
         try:
             os.makedirs(os.path.join(SPOOL_DIR, "rejected"), exist_ok=True)
-            self.alert_seq += 1
-            name = "%d-%d-%d.json" % (_now_ms(), os.getpid(), self.alert_seq)
-            with open(os.path.join(SPOOL_DIR, "rejected", name), "wb") as f:
-                f.write(body)
-            return True
-        except OSError:
-            return False
+            os.rename(os.path.join(SPOOL_DIR, name), os.path.join(SPOOL_DIR, "rejected", name))
+        except OSError as e:
+            KSR.err("trunkguard: cannot set alert %s aside: %s\n" % (name, e))
 
 
-def _ha1_by_username(config_path):
-    """{username: ha1} of a trunk config, and "" -> realm (baseline mode only)."""
-    import json
-
+def _realm_and_ha1s(config_path):
+    """(realm, {username: ha1}) of a trunk config (baseline mode only)."""
     with open(config_path, encoding="utf-8") as f:
         config = json.load(f)
-    out = {"": config["realm"]}
+    ha1s = {}
     for location in config.get("locations", []):
         for group in location.get("trunk_groups", []):
             if "ha1" in group:
-                out[group["username"]] = group["ha1"]
-    return out
+                ha1s[group["username"]] = group["ha1"]
+    return config["realm"], ha1s
 
 
 def mod_init():

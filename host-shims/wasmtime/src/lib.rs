@@ -158,10 +158,7 @@ pub struct PolicyModule {
 
 impl PolicyModule {
     pub fn from_file(path: &Path) -> Result<PolicyModule, HostError> {
-        let bytes = std::fs::read(path).map_err(|source| HostError::ModuleFile {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let bytes = read_module(path)?;
         PolicyModule::from_bytes(&bytes)
     }
 
@@ -181,10 +178,7 @@ impl PolicyModule {
     /// process a compile. Use it for modules in a directory only the host writes (the
     /// published copies), since the cache is machine code the host runs.
     pub fn from_file_cached(path: &Path) -> Result<PolicyModule, HostError> {
-        let bytes = std::fs::read(path).map_err(|source| HostError::ModuleFile {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let bytes = read_module(path)?;
         let cache = cache_path(path, &bytes);
         let engine = new_engine()?;
         if cache.is_file() {
@@ -219,6 +213,13 @@ fn write_new_then_rename(dest: &Path, data: &[u8]) {
     if written.is_err() || std::fs::rename(&tmp, dest).is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
+}
+
+fn read_module(path: &Path) -> Result<Vec<u8>, HostError> {
+    std::fs::read(path).map_err(|source| HostError::ModuleFile {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 fn new_engine() -> Result<Engine, HostError> {
