@@ -41,7 +41,7 @@ pub fn config(trunks: usize, acl: usize) -> String {
         ));
     }
     format!(
-        "{{\"realm\": \"{REALM}\", \"core_networks\": [\"10.0.0.0/8\"], \"locations\": [{{\"id\": \"loc\", \"contacts\": [\"noc@example.com\"], \"trunk_groups\": [{}]}}]}}",
+        "{{\"realm\": \"{REALM}\", \"core_networks\": [\"10.0.0.0/8\"], \"core_sockets\": [\"10.0.0.1:5060\"], \"locations\": [{{\"id\": \"loc\", \"contacts\": [\"noc@example.com\"], \"trunk_groups\": [{}]}}]}}",
         tgs.join(",")
     )
 }

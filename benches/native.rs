@@ -60,6 +60,7 @@ fn messages(c: &mut Criterion) {
                     message: &msg,
                     source: common::source(),
                     transport: Transport::Udp,
+                    local: None,
                     now_ms: common::NOW_MS,
                 };
                 e.judge(&input, &mut host)
@@ -89,6 +90,7 @@ fn scaling(c: &mut Criterion) {
                         message: &msg,
                         source: common::source(),
                         transport: Transport::Udp,
+                        local: None,
                         now_ms: common::NOW_MS,
                     };
                     e.judge(&input, &mut host)

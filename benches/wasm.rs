@@ -38,7 +38,7 @@ fn messages(c: &mut Criterion) {
     ] {
         g.bench_function(name, |b| {
             b.iter(|| {
-                p.judge(&msg, common::source(), Transport::Udp, common::NOW_MS)
+                p.judge(&msg, common::source(), None, Transport::Udp, common::NOW_MS)
                     .map(|j| j.verdict.code)
             })
         });
@@ -62,7 +62,7 @@ fn scaling(c: &mut Criterion) {
             BenchmarkId::from_parameter(format!("trunks={trunks},acl={acl}")),
             |b| {
                 b.iter(|| {
-                    p.judge(&msg, common::source(), Transport::Udp, common::NOW_MS)
+                    p.judge(&msg, common::source(), None, Transport::Udp, common::NOW_MS)
                         .map(|j| j.verdict.code)
                 })
             },

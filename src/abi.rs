@@ -16,7 +16,8 @@ use crate::policy::Input;
 use crate::sip::Transport;
 use crate::store::{Store, StoreError};
 
-pub const ABI_VERSION: u32 = 1;
+/// 2: `tg_judge` takes the receiving socket too (core trust, docs/abi.md).
+pub const ABI_VERSION: u32 = 2;
 
 #[link(wasm_import_module = "trunkguard_host")]
 unsafe extern "C" {
@@ -198,7 +199,13 @@ pub extern "C" fn tg_configure(len: u32) -> u64 {
 /// 2 tls, 3 ws, 4 wss, 5 sctp. Result: `{"verdict":{…}}` or `{"error":"…"}` (the host
 /// must then refuse the message: an error is never an allow).
 #[unsafe(no_mangle)]
-pub extern "C" fn tg_judge(msg_len: u32, src_len: u32, transport: u32, now_ms: u64) -> u64 {
+pub extern "C" fn tg_judge(
+    msg_len: u32,
+    src_len: u32,
+    local_len: u32,
+    transport: u32,
+    now_ms: u64,
+) -> u64 {
     with_state(|st| {
         let State {
             engine,
@@ -207,7 +214,12 @@ pub extern "C" fn tg_judge(msg_len: u32, src_len: u32, transport: u32, now_ms: u
         } = st;
         let msg_len = msg_len as usize;
         let end = msg_len.saturating_add(src_len as usize);
-        let (Some(message), Some(source)) = (input.get(..msg_len), input.get(msg_len..end)) else {
+        let local_end = end.saturating_add(local_len as usize);
+        let (Some(message), Some(source), Some(local)) = (
+            input.get(..msg_len),
+            input.get(msg_len..end),
+            input.get(end..local_end),
+        ) else {
             return result(
                 output,
                 &serde_json::json!({"error": "lengths exceed the buffer"}),
@@ -226,6 +238,24 @@ pub extern "C" fn tg_judge(msg_len: u32, src_len: u32, transport: u32, now_ms: u
                 );
             }
         };
+        // Empty: the host does not know the socket, and nothing is core traffic.
+        let local = if local.is_empty() {
+            None
+        } else {
+            match std::str::from_utf8(local)
+                .ok()
+                .and_then(|s| s.parse::<SocketAddr>().ok())
+            {
+                Some(l) => Some(l),
+                None => {
+                    let text = String::from_utf8_lossy(local).into_owned();
+                    return result(
+                        output,
+                        &serde_json::json!({"error": format!("bad local address {text:?}")}),
+                    );
+                }
+            }
+        };
         let Some(transport) = transport_from_code(transport) else {
             return result(
                 output,
@@ -236,6 +266,7 @@ pub extern "C" fn tg_judge(msg_len: u32, src_len: u32, transport: u32, now_ms: u
             message,
             source,
             transport,
+            local,
             now_ms,
         };
         let verdict = engine.judge(&input, &mut AbiHost);

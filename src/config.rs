@@ -21,6 +21,15 @@ pub struct Config {
     /// calls routed by DID, and they are never challenged.
     #[serde(default)]
     pub core_networks: Vec<String>,
+    /// The proxy's own listening sockets (`ip:port`, IPv6 in brackets) that face the
+    /// core. A source in `core_networks` is the core only when its message arrived on
+    /// one of these: a spoofed core address on the public listener is access side
+    /// (docs/policy.md, "Threat model"). Required when `core_networks` is not empty.
+    #[serde(default)]
+    pub core_sockets: Vec<String>,
+    /// What the edge asserts on the requests it relays to the carrier.
+    #[serde(default)]
+    pub relay: RelaySettings,
     #[serde(default)]
     pub registration: Registration,
     #[serde(default)]
@@ -28,6 +37,35 @@ pub struct Config {
     #[serde(default)]
     pub alerts: AlertSettings,
     pub locations: Vec<Location>,
+}
+
+/// Headers the edge writes on the requests it relays (docs/configuration.md).
+#[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct RelaySettings {
+    /// Header naming the authenticated trunk group on calls relayed to the carrier.
+    /// Any copy a sender supplied is removed from every relayed request, so the
+    /// carrier can trust it from the edge.
+    #[serde(default = "default_trunk_group_header")]
+    pub trunk_group_header: String,
+    /// Replace the PBX's P-Asserted-Identity with one the edge asserts: the caller's
+    /// number when it is one of the trunk group's DIDs, else the trunk's first DID.
+    #[serde(default = "default_true")]
+    pub asserted_identity: bool,
+}
+
+impl Default for RelaySettings {
+    fn default() -> Self {
+        RelaySettings {
+            trunk_group_header: default_trunk_group_header(),
+            asserted_identity: true,
+        }
+    }
+}
+
+fn default_trunk_group_header() -> String {
+    "X-Trunkguard-Trunk-Group".to_string()
 }
 
 /// Limits applied to REGISTER expiry.

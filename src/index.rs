@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
+use std::net::SocketAddr;
 
 use crate::acl::{self, Acl};
 use crate::config::{AlertSwitches, Config, ConfigError, Registration};
@@ -28,6 +29,9 @@ pub struct Trunk {
     pub acl: Acl,
     pub alerts: AlertSwitches,
     pub failover: Option<String>,
+    /// The trunk group's numbers, normalised (digits, leading `+` kept as written
+    /// first): the identities the edge may assert for its calls.
+    pub dids: Vec<String>,
 }
 
 /// A compiled configuration.
@@ -35,6 +39,11 @@ pub struct Trunk {
 pub struct Index {
     pub realm: String,
     pub core_networks: Acl,
+    /// The proxy sockets that face the core (config `core_sockets`).
+    pub core_sockets: Vec<SocketAddr>,
+    /// Header naming the trunk group on relayed calls (config `relay`).
+    pub trunk_group_header: String,
+    pub asserted_identity: bool,
     pub registration: Registration,
     pub nonce_ttl_ms: u64,
     pub alert_window_ms: u64,
@@ -62,6 +71,22 @@ impl Index {
             ));
         }
         let core_networks = compile_acl(&config.core_networks, "core_networks")?;
+        let core_sockets = compile_sockets(&config.core_sockets)?;
+        if core_sockets.is_empty() && !config.core_networks.is_empty() {
+            // Source addresses alone are spoofable over UDP: without a core-facing
+            // socket to tie them to, core trust would be open to anyone.
+            return Err(ConfigError::new(
+                "core_sockets",
+                "core_networks needs core_sockets: the proxy's listening sockets (ip:port) that face the core",
+            ));
+        }
+        let trunk_group_header = config.relay.trunk_group_header.trim().to_string();
+        if trunk_group_header.is_empty() || !crate::sip::is_token(&trunk_group_header) {
+            return Err(ConfigError::new(
+                "relay.trunk_group_header",
+                "must be a header name (a SIP token)",
+            ));
+        }
         let reg = &config.registration;
         if reg.min_expires == 0 {
             return Err(ConfigError::new(
@@ -88,6 +113,9 @@ impl Index {
         let mut index = Index {
             realm,
             core_networks,
+            core_sockets,
+            trunk_group_header,
+            asserted_identity: config.relay.asserted_identity,
             registration: config.registration.clone(),
             nonce_ttl_ms: u64::from(config.digest.nonce_ttl_s) * 1000,
             alert_window_ms: u64::from(config.alerts.window_s) * 1000,
@@ -154,6 +182,7 @@ impl Index {
                 )
                 .map_err(|(field, reason)| ConfigError::new(format!("{tpath}{field}"), reason))?;
                 let acl = compile_acl(&tg.acl, &format!("{tpath}.acl"))?;
+                let mut dids = Vec::with_capacity(tg.dids.len());
                 for (di, did) in tg.dids.iter().enumerate() {
                     let dpath = format!("{tpath}.dids[{di}]");
                     let Some(norm) = normalize_did(did) else {
@@ -170,6 +199,11 @@ impl Index {
                         "DID",
                         &index.trunks,
                     )?;
+                    dids.push(if did.trim_start().starts_with('+') {
+                        format!("+{norm}")
+                    } else {
+                        norm
+                    });
                 }
                 if let Some(failover) = &tg.failover {
                     check_sip_uri(failover, &format!("{tpath}.failover"))?;
@@ -183,6 +217,7 @@ impl Index {
                     acl,
                     alerts: tg.alerts.clone(),
                     failover: tg.failover.clone(),
+                    dids,
                 });
             }
         }
@@ -230,9 +265,40 @@ impl Index {
         self.locations.get(trunk.location)
     }
 
-    pub fn is_core(&self, ip: std::net::IpAddr) -> bool {
-        self.core_networks.contains(ip)
+    /// Core traffic: a core source on a core-facing socket. Either alone is not
+    /// enough (a UDP source is spoofable; a core socket may be reachable from
+    /// outside).
+    pub fn is_core(&self, ip: std::net::IpAddr, local: Option<SocketAddr>) -> bool {
+        local.is_some_and(|l| self.core_sockets.iter().any(|s| same_socket(*s, l)))
+            && self.core_networks.contains(ip)
     }
+
+    /// Whether `number` (a From user part) is one of `trunk`'s DIDs.
+    pub fn is_did_of(&self, trunk: &Trunk, number: &str) -> bool {
+        self.trunk_by_did(number)
+            .is_some_and(|t| std::ptr::eq(t, trunk))
+    }
+}
+
+/// IPv4-mapped IPv6 and plain IPv4 name the same socket (dual-stack listeners
+/// report either form).
+fn same_socket(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() == b.port() && acl::canonical_ip(a.ip()) == acl::canonical_ip(b.ip())
+}
+
+fn compile_sockets(entries: &[String]) -> Result<Vec<SocketAddr>, ConfigError> {
+    entries
+        .iter()
+        .enumerate()
+        .map(|(i, e)| {
+            e.trim().parse::<SocketAddr>().map_err(|_| {
+                ConfigError::new(
+                    format!("core_sockets[{i}]"),
+                    format!("{e:?} is not ip:port (IPv6 in brackets)"),
+                )
+            })
+        })
+        .collect()
 }
 
 fn claim(
@@ -351,6 +417,7 @@ mod tests {
     const BASE: &str = r#"{
       "realm": "trunks.example.net",
       "core_networks": ["10.0.0.0/8"],
+      "core_sockets": ["10.0.0.1:5060"],
       "locations": [{
         "id": "hq", "contacts": ["noc@example.com"],
         "trunk_groups": [
@@ -376,8 +443,19 @@ mod tests {
         assert!(index.trunk_by_did("15559999999").is_none());
         assert!(index.trunk_by_username("nobody").is_none());
         assert!(!index.trunk_by_id("hq-pbx2").unwrap().require_registration);
-        assert!(index.is_core("10.1.2.3".parse().unwrap()));
-        assert!(!index.is_core("203.0.113.7".parse().unwrap()));
+        let core_socket = Some("10.0.0.1:5060".parse().unwrap());
+        let public_socket = Some("192.0.2.1:5060".parse().unwrap());
+        assert!(index.is_core("10.1.2.3".parse().unwrap(), core_socket));
+        assert!(!index.is_core("203.0.113.7".parse().unwrap(), core_socket));
+        // A core source address on the public listener (spoofed over UDP) or on an
+        // unknown socket is not the core.
+        assert!(!index.is_core("10.1.2.3".parse().unwrap(), public_socket));
+        assert!(!index.is_core("10.1.2.3".parse().unwrap(), None));
+        // A dual-stack listener reports the v4-mapped form.
+        assert!(index.is_core(
+            "10.1.2.3".parse().unwrap(),
+            Some("[::ffff:10.0.0.1]:5060".parse().unwrap())
+        ));
     }
 
     #[test]

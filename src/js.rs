@@ -175,7 +175,16 @@ impl TrunkPolicy {
         source: &str,
         transport: &str,
         now_ms: f64,
+        local: Option<String>,
     ) -> Result<JsValue, JsValue> {
+        // The socket the message arrived on: only a core-facing one (config
+        // `core_sockets`) makes a core source the core. Absent: never core.
+        let local = match local.as_deref() {
+            None | Some("") => None,
+            Some(l) => Some(l.parse::<SocketAddr>().map_err(|_| {
+                js_sys::Error::new(&format!("local {l:?} is not ip:port (IPv6 in brackets)"))
+            })?),
+        };
         let bytes = match message.as_string() {
             Some(s) => s.into_bytes(),
             None => message
@@ -202,6 +211,7 @@ impl TrunkPolicy {
             message: &bytes,
             source,
             transport,
+            local,
             now_ms: now_ms as u64,
         };
         let verdict = self.engine.judge(&input, &mut host);

@@ -19,6 +19,9 @@ pub struct Input<'a> {
     /// The transport's peer address: the only source the policy trusts.
     pub source: SocketAddr,
     pub transport: Transport,
+    /// The proxy socket the message arrived on, when the host knows it: core trust
+    /// needs a core-facing one (config `core_sockets`).
+    pub local: Option<SocketAddr>,
     pub now_ms: u64,
 }
 
@@ -52,7 +55,7 @@ pub fn decide(
     };
     // Responses belong to transactions the proxy already judged.
     let Some(method) = msg.method() else {
-        return Ok(Verdict::allow().into());
+        return Ok(Verdict::allow_as(Cause::Response).into());
     };
     let source_ip = canonical_ip(input.source.ip());
     let req = Request {
@@ -63,19 +66,24 @@ pub fn decide(
         source_ip,
         secret,
     };
-    let core = index.is_core(source_ip);
+    let core = index.is_core(source_ip, input.local);
     // Messages the policy lets through untouched get the structural parse above
     // (start line, header framing, Content-Length) but not the full header
     // validation: it is the most expensive step, it decides nothing for them, and
     // the proxy's own parser still sees them. Everything the policy judges is
     // validated first.
-    match req.in_dialog() {
+    // The dialog identifiers are checked before anything else: whether a request
+    // is "in dialog" must read the same in the policy and in the proxy.
+    match msg.dialog_to_tag() {
         Err(e) => return Ok(malformed(&e).into()),
-        Ok(true) => return Ok(Verdict::allow().into()),
-        Ok(false) => {}
+        Ok(Some(_)) => return Ok(req.allow(Cause::InDialog).into()),
+        Ok(None) => {}
     }
-    if (core && method != Method::Invite) || (!core && passes_untouched(method)) {
-        return Ok(Verdict::allow().into());
+    if core && method != Method::Invite {
+        return Ok(req.allow(Cause::Core).into());
+    }
+    if !core && passes_untouched(method) {
+        return Ok(req.allow(Cause::PassThrough).into());
     }
     if let Err(e) = msg.validate() {
         return Ok(malformed(&e).into());
@@ -114,9 +122,45 @@ fn passes_untouched(method: Method<'_>) -> bool {
 }
 
 impl<'r, 'a> Request<'r, 'a> {
-    /// A To-tag marks a request inside an established dialog (RFC 3261 §12.2).
-    fn in_dialog(&self) -> Result<bool, ParseError> {
-        Ok(self.msg.to()?.tag.is_some())
+    /// An allow for `cause`. Whatever the sender wrote in the trunk-group header is
+    /// removed from every relayed request, so the carrier can trust the one the
+    /// edge writes on trunk calls.
+    fn allow(&self, cause: Cause) -> Verdict {
+        let mut v = Verdict::allow_as(cause);
+        v.strip.push(self.index.trunk_group_header.clone());
+        v
+    }
+
+    /// An authenticated trunk group's request, as it leaves for the carrier: the
+    /// PBX's credentials for this edge, its Route set and its own asserted identity
+    /// stop here, and the edge names the trunk group and asserts the identity.
+    fn allow_trunk(&self, trunk: &Trunk) -> Verdict {
+        let mut v = self.allow(Cause::Trunk).with_trunk(&trunk.id);
+        for name in [
+            "Authorization",
+            "Proxy-Authorization",
+            "Route",
+            "P-Asserted-Identity",
+            "P-Preferred-Identity",
+        ] {
+            v.strip.push(name.to_string());
+        }
+        if self.index.asserted_identity {
+            let caller = self.msg.from().ok().and_then(|f| f.uri.user);
+            let number = match caller {
+                Some(user) if self.index.is_did_of(trunk, user) => Some(user),
+                _ => trunk.dids.first().map(String::as_str),
+            };
+            if let Some(number) = number {
+                v.insert.push((
+                    "P-Asserted-Identity".to_string(),
+                    format!("<sip:{number}@{}>", self.index.realm),
+                ));
+            }
+        }
+        v.insert
+            .push((self.index.trunk_group_header.clone(), trunk.id.clone()));
+        v
     }
 
     fn core_side(&self, store: &mut dyn Store) -> Result<Decision, StoreError> {
@@ -134,7 +178,7 @@ impl<'r, 'a> Request<'r, 'a> {
                 cause: Some(Cause::RegisteredContact),
                 target: Some(b.contact.clone()),
                 next_hop: Some(b.next_hop()),
-                ..Verdict::allow()
+                ..self.allow(Cause::RegisteredContact)
             }
             .with_trunk(&trunk.id)
             .into());
@@ -144,7 +188,7 @@ impl<'r, 'a> Request<'r, 'a> {
                 action: Action::Route,
                 cause: Some(Cause::Failover),
                 target: Some(failover.clone()),
-                ..Verdict::allow()
+                ..self.allow(Cause::Failover)
             }
             .with_trunk(&trunk.id)
             .into());
@@ -229,6 +273,18 @@ impl<'r, 'a> Request<'r, 'a> {
         let Some(creds) = found else {
             return Err(self.challenge(false));
         };
+        // RFC 7616 §3.4.6: the digest covers `uri`, so credentials computed for one
+        // Request-URI must not carry a request to another (a captured answer
+        // replayed towards a premium number). Judged before the password, so the
+        // answer says nothing about it.
+        let ruri = self.msg.request_uri().map_or("", |u| u.raw);
+        if creds.uri != ruri {
+            return Err(Verdict::reject(
+                400,
+                "Bad Request (digest uri does not match the Request-URI)",
+                Cause::Malformed,
+            ));
+        }
         // Unknown user, unknown algorithm and wrong response all get this same answer,
         // so the 403 tells a scanner nothing about which usernames exist.
         let forbidden = || Verdict::reject(403, "Forbidden", Cause::BadCredentials);
@@ -274,12 +330,11 @@ impl<'r, 'a> Request<'r, 'a> {
     fn register(&self, trunk: &Trunk, store: &mut dyn Store) -> Result<Decision, StoreError> {
         let now = self.input.now_ms;
         if !trunk.acl.admits(self.source_ip) {
-            let verdict = Verdict::reject(
-                403,
-                "Forbidden (address not in access list)",
-                Cause::NotInAccessList,
-            )
-            .with_trunk(&trunk.id);
+            // Every refusal of a request with good credentials reads like a wrong
+            // password on the wire: the cause is for logs and alerts, never a hint
+            // to a guesser that the password was right.
+            let verdict =
+                Verdict::reject(403, "Forbidden", Cause::NotInAccessList).with_trunk(&trunk.id);
             let alerts = if trunk.alerts.blocked_calls {
                 vec![self.alert(
                     trunk,
@@ -376,10 +431,10 @@ impl<'r, 'a> Request<'r, 'a> {
             _ => None,
         };
         let Some(cause) = blocked else {
-            return Ok(Verdict::allow().with_trunk(&trunk.id).into());
+            return Ok(self.allow_trunk(trunk).into());
         };
-        let verdict = Verdict::reject(403, format!("Forbidden ({})", cause.as_str()), cause)
-            .with_trunk(&trunk.id);
+        // The same status line as a wrong password (see register).
+        let verdict = Verdict::reject(403, "Forbidden", cause).with_trunk(&trunk.id);
         let mut alerts = Vec::new();
         if trunk.alerts.blocked_calls {
             let mut a = self.alert(trunk, AlertKind::BlockedCall, Some(cause), None);

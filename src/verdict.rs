@@ -18,8 +18,9 @@ pub enum Action {
     Route,
 }
 
-/// Machine-readable reason for any verdict that is not a plain allow. The first
-/// eight names are fixed by the SPEC; the rest extend it.
+/// Machine-readable reason for every verdict: for an allow it says why, and hosts
+/// route by that alone (docs/policy.md, "Threat model"). The first eight names are
+/// fixed by the SPEC; the rest extend it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Cause {
@@ -49,6 +50,19 @@ pub enum Cause {
     NotConfigured,
     /// The host's state store failed: fail closed.
     StoreUnavailable,
+    /// Allowed because it carries a To tag: the host relays it only inside a dialog
+    /// it created, to that dialog's recorded next hop.
+    InDialog,
+    /// Allowed as core traffic (core source on a core-facing socket): routed by the
+    /// Request-URI, never to the edge itself.
+    Core,
+    /// Allowed as an authenticated trunk group's request: to the carrier only.
+    Trunk,
+    /// OPTIONS, ACK or CANCEL outside a dialog from the access side: OPTIONS is
+    /// answered by the host, ACK and CANCEL go only within a transaction it relayed.
+    PassThrough,
+    /// A response: relayed only within a transaction of the host.
+    Response,
 }
 
 impl Cause {
@@ -71,6 +85,11 @@ impl Cause {
             Cause::TooManyHops => "too_many_hops",
             Cause::NotConfigured => "not_configured",
             Cause::StoreUnavailable => "store_unavailable",
+            Cause::InDialog => "in_dialog",
+            Cause::Core => "core",
+            Cause::Trunk => "trunk",
+            Cause::PassThrough => "pass_through",
+            Cause::Response => "response",
         }
     }
 
@@ -98,6 +117,11 @@ impl Cause {
             Cause::TooManyHops => "Max-Forwards reached zero",
             Cause::NotConfigured => "no configuration loaded",
             Cause::StoreUnavailable => "the shared state store failed",
+            Cause::InDialog => "inside a dialog",
+            Cause::Core => "from the carrier core",
+            Cause::Trunk => "an authenticated trunk group's request",
+            Cause::PassThrough => "a keep-alive, ACK or CANCEL",
+            Cause::Response => "a response",
         }
     }
 }
@@ -124,6 +148,13 @@ pub struct Verdict {
     /// Headers to add to the answer, in order.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub headers: Vec<(String, String)>,
+    /// Header names the host removes from the request (every field of that name,
+    /// compact forms too) before relaying it.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub strip: Vec<String>,
+    /// Headers the host appends to the request, after `strip`, before relaying it.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub insert: Vec<(String, String)>,
 }
 
 impl Verdict {
@@ -137,6 +168,16 @@ impl Verdict {
             target: None,
             next_hop: None,
             headers: Vec::new(),
+            strip: Vec::new(),
+            insert: Vec::new(),
+        }
+    }
+
+    /// An allow that says why (the host routes by `cause`).
+    pub fn allow_as(cause: Cause) -> Verdict {
+        Verdict {
+            cause: Some(cause),
+            ..Verdict::allow()
         }
     }
 

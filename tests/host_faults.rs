@@ -31,6 +31,7 @@ fn a_failing_store_refuses_with_500_never_allows() {
         .judge(
             &invite(),
             "203.0.113.7:5060".parse().unwrap(),
+            None,
             Transport::Udp,
             1_000,
         )
@@ -48,12 +49,12 @@ fn a_trap_is_a_host_error_and_the_next_call_has_config_and_state_back() {
     trunkguard_host::KvBackend::set(&mut kv, "tg/last_reg_ip/hq-pbx1", b"203.0.113.7").unwrap();
     // The first judged message reads the nonce secret from the store: trap there.
     p.state_mut().fault = Some(Fault::TrapOnce);
-    match p.judge(&invite(), src, Transport::Udp, 1_000) {
+    match p.judge(&invite(), src, None, Transport::Udp, 1_000) {
         Err(HostError::Trap(msg)) => assert!(msg.contains("injected trap"), "{msg}"),
         other => panic!("expected a trap, got {other:?}"),
     }
     // A fresh instance answers, with the last good configuration and the same store.
-    let again = p.judge(&invite(), src, Transport::Udp, 2_000).unwrap();
+    let again = p.judge(&invite(), src, None, Transport::Udp, 2_000).unwrap();
     assert_eq!(
         again.verdict.action,
         Action::Challenge,
@@ -80,6 +81,7 @@ fn a_refused_config_keeps_the_last_good_one() {
         .judge(
             &invite(),
             "203.0.113.7:5060".parse().unwrap(),
+            None,
             Transport::Udp,
             1_000,
         )
@@ -99,6 +101,7 @@ fn non_utf8_and_binary_messages_get_400_not_a_crash() {
             .judge(
                 &msg,
                 "203.0.113.7:5060".parse().unwrap(),
+                None,
                 Transport::Udp,
                 1_000,
             )

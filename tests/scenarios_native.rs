@@ -67,6 +67,7 @@ impl Subject for Native {
         worker: usize,
         message: &[u8],
         source: SocketAddr,
+        local: Option<SocketAddr>,
         transport: &str,
         now_ms: u64,
     ) -> (Value, Vec<Value>) {
@@ -75,6 +76,7 @@ impl Subject for Native {
             message,
             source,
             transport,
+            local,
             now_ms,
         };
         let verdict = self.workers[worker].judge(&input, &mut self.shared);

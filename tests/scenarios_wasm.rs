@@ -33,6 +33,7 @@ impl Subject for Wasm {
         worker: usize,
         message: &[u8],
         source: SocketAddr,
+        local: Option<SocketAddr>,
         transport: &str,
         now_ms: u64,
     ) -> (Value, Vec<Value>) {
@@ -40,6 +41,7 @@ impl Subject for Wasm {
             .judge(
                 message,
                 source,
+                local,
                 transport.parse().expect("transport"),
                 now_ms,
             )

@@ -64,6 +64,7 @@ const SCENARIOS = {
 const EXAMPLE_CONFIG = {
   realm: 'trunks.example.net',
   core_networks: ['10.0.0.0/8'],
+  core_sockets: ['10.0.0.1:5060'],
   locations: [
     { id: 'hq', contacts: ['noc@example.com'], trunk_groups: [
       { id: 'hq-pbx1', username: 'hq1', password: 'correct horse battery staple', dids: ['+15551230000'],

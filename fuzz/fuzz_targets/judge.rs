@@ -28,7 +28,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     }
     for (source, transport) in [("203.0.113.7:5060", Transport::Udp), ("10.0.0.5:5060", Transport::Tcp)] {
-        let input = Input { message: data, source: source.parse().unwrap_or_else(|_| unreachable!()), transport, now_ms: 1_000 };
+        let input = Input { message: data, source: source.parse().unwrap_or_else(|_| unreachable!()), transport, local: None, now_ms: 1_000 };
         let _ = engine.judge(&input, &mut host);
     }
 });

@@ -14,11 +14,17 @@ const { parseArgs } = require('node:util');
 const { TrunkPolicy } = require(process.env.TRUNKGUARD_JS ?? path.join(__dirname, '../../target/js/node/trunkguard.js'));
 
 const USAGE = `usage: node edge.js --config FILE --listen IP:PORT --upstream HOST:PORT
-         [--core-listen IP:PORT] [--alerts-url URL [--alerts-token-file FILE]] [--verbose]`;
+         [--core-listen IP:PORT] [--dialog-ttl SECONDS] [--alerts-url URL [--alerts-token-file FILE]] [--verbose]`;
 
 // ---------------------------------------------------------------- SIP text
 
-const COMPACT = { v: 'via', f: 'from', t: 'to', i: 'call-id', m: 'contact', l: 'content-length' };
+// Compact header names (RFC 3261 §7.3.3 and the RFCs that added the later ones), so
+// that a header the verdict says to strip goes in either form.
+const COMPACT = {
+  a: 'accept-contact', b: 'referred-by', c: 'content-type', d: 'request-disposition', e: 'content-encoding',
+  f: 'from', i: 'call-id', j: 'reject-contact', k: 'supported', l: 'content-length', m: 'contact', n: 'identity-info',
+  o: 'event', r: 'refer-to', s: 'subject', t: 'to', u: 'allow-events', v: 'via', x: 'session-expires', y: 'identity',
+};
 const canon = (name) => COMPACT[name.toLowerCase()] ?? name.toLowerCase();
 // Reasons and header values from elsewhere never get to start a new header line.
 const oneLine = (s) => String(s).replace(/[\r\n]+/g, ' ');
@@ -112,29 +118,112 @@ function uriHostPort(uri) {
   return { host: m[1].replace(/^\[|\]$/g, ''), port: m[2] ? Number(m[2]) : 5060 };
 }
 
-const toHasTag = (to) => /;\s*tag\s*=/i.test(to.includes('>') ? to.slice(to.lastIndexOf('>')) : to);
+// The header parameters of a name-addr (after its '>'); of an addr-spec, everything
+// (RFC 3261 §20.10: without angle brackets, the parameters are the header's).
+const headerParams = (value) => (value.includes('>') ? value.slice(value.lastIndexOf('>')) : value);
+const toHasTag = (to) => /;\s*tag\s*=/i.test(headerParams(to));
+// The tag of a To or From value. The policy has already refused (400) any request
+// whose To or From has more than one tag, an empty or non-token one, or that has more
+// than one To, From or Call-ID (docs/policy.md), so the first match is the only one.
+const tagOf = (value) => /;\s*tag\s*=\s*([^;,\s]+)/i.exec(headerParams(value ?? ''))?.[1];
+const TOKEN = /^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$/;
 
 // ---------------------------------------------------------------- the edge
 
 const TXN_MAX = 10000;
 // An INVITE may ring for minutes before its CANCEL; answered requests need 32 s.
 const TXN_TTL_MS = 5 * 60 * 1000;
+// Dialogs this edge set up: at most this many (the least recently used go first), an
+// unanswered one kept as long as an INVITE may ring, an answered one --dialog-ttl
+// after its last in-dialog request.
+const DIALOG_MAX = 50000;
+const EARLY_TTL_MS = TXN_TTL_MS;
+const DIALOG_TTL_S = 12 * 3600;
 const sha256 = (data) => crypto.createHash('sha256').update(data).digest('hex');
-const realmOf = (credentials) => /realm\s*=\s*"([^"]*)"/i.exec(credentials)?.[1];
+
+// The dialogs this edge created, keyed by Call-ID and the caller's tag (the From tag of
+// the initial INVITE). Each records both parties: the socket that faces it and the
+// address its requests are relayed to. The callee's tag is learnt from the responses
+// to the initial INVITE. In-dialog requests are relayed only within these dialogs
+// and only to the other party (issue 10: a To tag alone is no authorisation).
+class Dialogs {
+  constructor(ttlMs, max = DIALOG_MAX) {
+    Object.assign(this, { ttlMs, max, map: new Map() });
+  }
+
+  static key(callId, tag) { return `${callId}\n${tag}`; }
+
+  get(callId, tag) {
+    const key = Dialogs.key(callId, tag);
+    const entry = this.map.get(key);
+    if (entry && entry.expires <= Date.now()) this.map.delete(key);
+    else return entry;
+    return undefined;
+  }
+
+  touch(entry, ttlMs) {
+    const key = Dialogs.key(entry.callId, entry.callerTag);
+    entry.expires = Date.now() + ttlMs;
+    this.map.delete(key);
+    this.map.set(key, entry);
+    if (this.map.size > this.max) this.map.delete(this.map.keys().next().value);
+  }
+
+  // When the initial INVITE is relayed. Its retransmissions keep what was learnt.
+  create(callId, callerTag, cseq, caller, callee) {
+    const known = this.get(callId, callerTag);
+    if (known && known.cseq === cseq) return this.touch(known, known.confirmed ? this.ttlMs : EARLY_TTL_MS);
+    this.touch({ callId, callerTag, cseq, caller, callee, early: new Set(), calleeTag: undefined, confirmed: false, bye: undefined }, EARLY_TTL_MS);
+  }
+
+  // The dialog a request belongs to, and which party sent it.
+  find(callId, fromTag, toTag) {
+    if (!callId || !fromTag || !toTag) return undefined;
+    const matches = (entry, tag) => entry && (entry.confirmed ? entry.calleeTag === tag : entry.early.has(tag));
+    let entry = this.get(callId, fromTag);
+    if (matches(entry, toTag)) return { entry, sender: entry.caller, peer: entry.callee };
+    entry = this.get(callId, toTag);
+    if (matches(entry, fromTag)) return { entry, sender: entry.callee, peer: entry.caller };
+    return undefined;
+  }
+
+  // Responses this edge relays (their branch verified): the callee's tag from the
+  // answers to the initial INVITE (early dialogs from 1xx, the dialog from the 2xx,
+  // RFC 3261 §12.1), no dialog after a failure, and the end of it with the final
+  // answer to a BYE.
+  learn(msg) {
+    const status = Number(msg.start.split(' ')[1]);
+    const [cseq, method] = (header(msg, 'cseq') ?? '').trim().split(/\s+/);
+    const callId = header(msg, 'call-id');
+    const fromTag = tagOf(header(msg, 'from'));
+    const toTag = tagOf(header(msg, 'to'));
+    if (method === 'BYE' && status >= 200) {
+      const found = this.find(callId, fromTag, toTag);
+      if (found) this.map.delete(Dialogs.key(found.entry.callId, found.entry.callerTag));
+      return;
+    }
+    const entry = method === 'INVITE' && this.get(callId, fromTag);
+    if (!entry || entry.confirmed || entry.cseq !== cseq) return;
+    if (status >= 300) this.map.delete(Dialogs.key(callId, fromTag));
+    else if (status >= 200 && toTag) {
+      Object.assign(entry, { calleeTag: toTag, confirmed: true });
+      this.touch(entry, this.ttlMs);
+    } else if (status > 100 && toTag) entry.early.add(toTag);
+  }
+}
 
 class Edge {
-  constructor({ policy, access, core, upstream, verbose }) {
+  constructor({ policy, access, core, upstream, verbose, dialogTtlMs = DIALOG_TTL_S * 1000 }) {
     Object.assign(this, { policy, access, core, upstream, verbose });
     this.sides = access === core ? [access] : [access, core];
-    // Keys the edge's Via branches and Record-Route entries. Only responses to
-    // requests this edge forwarded are relayed (else anyone could bounce datagrams
-    // off it), and an in-dialog request is forwarded only along a route set the
-    // edge made (docs/policy.md: otherwise a forged To-tag would skip authentication).
+    // Keys the edge's Via branches: only responses to requests this edge forwarded
+    // are relayed, else anyone could bounce datagrams off it.
     this.secret = crypto.randomBytes(32);
     // Requests this edge answered (to absorb their ACK/CANCEL and answer
     // retransmissions) and INVITEs it forwarded (so their CANCEL and non-2xx ACK take
     // the same path). Bounded: the oldest entries go first.
     this.txns = new Map();
+    this.dialogs = new Dialogs(dialogTtlMs);
     for (const side of this.sides) side.sock.on('message', (buf, rinfo) => this.receive(side, buf, rinfo));
   }
 
@@ -143,11 +232,8 @@ class Edge {
 
   // Pushes the configuration file; a refused one leaves the last good one in force.
   load(file) {
-    let text;
     try {
-      text = fs.readFileSync(file, 'utf8');
-      const generation = this.policy.configure(text);
-      this.realm = JSON.parse(text).realm;
+      const generation = this.policy.configure(fs.readFileSync(file, 'utf8'));
       this.log(`config ${file}: generation ${generation} in force`);
       return true;
     } catch (e) {
@@ -194,10 +280,10 @@ class Edge {
       setList(msg, 'via', 'Via', vias);
 
       req.callId = header(msg, 'call-id') ?? '';
-      const cseq = (header(msg, 'cseq') ?? '').split(/\s+/)[0];
+      req.cseq = (header(msg, 'cseq') ?? '').trim().split(/\s+/)[0];
       const clientBranch = param(top, 'branch') ?? '';
-      req.key = `${req.callId}\n${cseq}\n${clientBranch}`;
-      req.branch = this.branch(side.letter, viaDestination(top), req.callId, cseq, clientBranch);
+      req.key = `${req.callId}\n${req.cseq}\n${clientBranch}`;
+      req.branch = this.branch(side.letter, viaDestination(top), req.callId, req.cseq, clientBranch);
       req.digest = sha256(buf);
 
       const known = this.lookup(req.key);
@@ -210,8 +296,11 @@ class Edge {
         }
       }
 
-      const verdict = this.policy.judge(buf, source, 'udp', Date.now());
-      this.trace(`${source} ${method} ${req.callId}: ${verdict.action} ${verdict.code ?? ''} ${verdict.cause ?? ''} ${verdict.trunk_group ?? ''}`);
+      // The socket it came in on goes along: the policy trusts core_networks sources
+      // only on the sockets its configuration lists in core_sockets (issue 10), so a
+      // spoofed core address on the access socket is just another stranger.
+      const verdict = this.policy.judge(buf, source, 'udp', Date.now(), side.hostport);
+      this.trace(`${source} ${method} ${req.callId}: ${verdict.action} ${verdict.code ?? ''} ${verdict.cause ?? ''} ${verdict.trunk_group ?? ''} (on ${side.hostport})`);
       switch (verdict.action) {
         case 'challenge':
         case 'reject':
@@ -219,7 +308,7 @@ class Edge {
         case 'accept':
           return this.reply(req, verdict.code ?? 200, verdict.reason ?? 'OK', verdict.headers ?? []);
         case 'route':
-          return this.forward(req, this.access, uriHostPort(verdict.next_hop ?? verdict.target), { ruri: verdict.target, recordRoute: true });
+          return this.inbound(req, verdict);
         case 'allow':
           return this.allow(req, verdict, known);
         default:
@@ -232,41 +321,114 @@ class Edge {
     }
   }
 
+  // An allow says why (its cause), and that alone decides where the request may go
+  // (docs/policy.md). A cause this edge does not know is refused: it fails closed.
   allow(req, verdict, known) {
-    const { msg, method, callId } = req;
-    if ((method === 'ACK' || method === 'CANCEL') && known?.forward) {
-      const { dest, ruri, out } = known.forward;
-      return this.forward(req, out, dest, { ruri });
+    switch (verdict.cause) {
+      case 'trunk': return this.toCarrier(req, verdict);
+      case 'in_dialog': return this.inDialog(req, verdict, known);
+      case 'core': return this.fromCore(req, verdict);
+      case 'pass_through': return this.passThrough(req, verdict, known);
+      default: throw new Error(`allow with cause ${JSON.stringify(verdict.cause ?? null)}, which this edge does not relay`);
     }
-    const routes = list(msg, 'route');
-    if (verdict.trunk_group) {
-      // Authenticated, so out of dialog: upstream. A PBX's outbound-proxy Route naming
-      // this edge and its credentials for this realm end here.
-      while (this.ourRoute(routes[0])) routes.shift();
-      setList(msg, 'route', 'Route', routes);
-      msg.headers = msg.headers.filter((h) => !(['proxy-authorization', 'authorization'].includes(canon(h.name)) && realmOf(h.value) === this.realm));
-      return this.forward(req, this.core, this.upstream, { recordRoute: true });
-    }
-    if (this.ourRoute(routes[0])) {
-      // Pop our entries (two when the dialog crosses sockets); the last one names the
-      // socket facing the next hop.
-      let out;
-      while (this.ourRoute(routes[0])) {
-        if (routeTag(routes[0]) !== this.tag(callId)) return this.refuse(req, 404, 'Not Found (route set not issued by this edge)', []);
-        out = this.ourRoute(routes.shift());
-      }
-      setList(msg, 'route', 'Route', routes);
-      return this.forward(req, out, uriHostPort(routes[0] ?? msg.start.split(' ')[1]), {});
-    }
-    if (method === 'ACK' || method === 'CANCEL' || method === 'OPTIONS') {
-      return this.forward(req, this.core, this.upstream, {});
-    }
-    // The policy let it through without credentials because it claims to be in a
-    // dialog, but it does not follow a route set this edge made.
-    return this.refuse(req, 404, 'Not Found (no route set)', []);
   }
 
-  tag(callId) { return crypto.createHmac('sha256', this.secret).update(callId).digest('hex').slice(0, 16); }
+  // An authenticated trunk's request: to the carrier only, never where its
+  // Request-URI or Route points.
+  toCarrier(req, verdict) {
+    if (!verdict.trunk_group) throw new Error('allow for a trunk without trunk_group');
+    this.popOurRoutes(req.msg);
+    const opts = { recordRoute: req.method === 'INVITE', verdict };
+    if (req.method === 'INVITE') {
+      opts.dialog = { caller: this.party(req.side, req.rinfo, true), callee: this.party(this.core, this.upstream, false) };
+    }
+    return this.forward(req, this.core, this.upstream, opts);
+  }
+
+  // The core's call to a DID: to the registered PBX (next_hop) or the failover (target).
+  inbound(req, verdict) {
+    const dest = uriHostPort(verdict.next_hop ?? verdict.target);
+    this.popOurRoutes(req.msg);
+    const opts = { ruri: verdict.target, recordRoute: true, verdict };
+    if (req.method === 'INVITE') {
+      opts.dialog = { caller: this.party(req.side, req.rinfo, false), callee: this.party(this.access, dest, true) };
+    }
+    return this.forward(req, this.access, dest, opts);
+  }
+
+  // A request with a To tag. The policy passed it without credentials; it is relayed
+  // only inside a dialog this edge created, from one of its parties, on the socket
+  // that faces that party, and only to the other party's recorded address: neither
+  // its Request-URI nor its Route set choose where it goes.
+  inDialog(req, verdict, known) {
+    const { msg, method, source, rinfo } = req;
+    // The ACK of a non-2xx answer, and a CANCEL, of an INVITE this edge relayed
+    // (same branch, RFC 3261 §17.1.1.3 and §9.1) follow that INVITE.
+    if ((method === 'ACK' || method === 'CANCEL') && this.sameSender(known, req)) return this.alongTransaction(req, verdict, known);
+    const found = this.dialogs.find(req.callId, tagOf(header(msg, 'from')), tagOf(header(msg, 'to')));
+    const { entry, sender, peer } = found ?? {};
+    let why;
+    if (!found) why = 'no such dialog';
+    else if (sender.side !== req.side) why = `dialog party on ${sender.side.hostport}, not ${req.side.hostport}`;
+    // A customer, and anyone when one socket faces both sides, is also held to its address.
+    else if ((sender.customer || this.access === this.core) && sender.hop.host !== rinfo.address) why = `dialog party at ${sender.hop.host}`;
+    // After the BYE, only that BYE again (its retransmission).
+    else if (entry.bye !== undefined && entry.bye !== req.key) why = 'dialog ended';
+    if (why) {
+      if (method === 'ACK') return this.trace(`${source} ACK dropped: ${why}`);
+      return this.refuse(req, 404, 'Not Found', [], `${why}`);
+    }
+    if (method === 'BYE') entry.bye = req.key;
+    this.dialogs.touch(entry, entry.confirmed ? this.dialogs.ttlMs : EARLY_TTL_MS);
+    this.popOurRoutes(msg);
+    return this.forward(req, peer.side, peer.hop, { verdict });
+  }
+
+  // An out-of-dialog request from the core (other than an INVITE to a DID, which is a
+  // route): by its Request-URI, out of the other socket, never back to this edge.
+  fromCore(req, verdict) {
+    const { msg, method } = req;
+    if (method === 'REGISTER') return this.refuse(req, 405, 'Method Not Allowed', [['Allow', 'INVITE, ACK, CANCEL, BYE, OPTIONS']]);
+    this.popOurRoutes(msg);
+    const dest = uriHostPort(msg.start.split(' ')[1]);
+    const out = req.side === this.core ? this.access : this.core;
+    return this.forward(req, out, dest, { verdict });
+  }
+
+  // OPTIONS, ACK and CANCEL out of dialog from the access side: nothing the policy
+  // authenticated, so nothing of it reaches the carrier. OPTIONS (a keep-alive) is
+  // answered here; an ACK or CANCEL goes on only within an INVITE transaction this
+  // edge relayed, else the ACK is dropped and the CANCEL answered 481 (RFC 3261 §9.2).
+  passThrough(req, verdict, known) {
+    const { method, source } = req;
+    if (method === 'OPTIONS') return this.reply(req, 200, 'OK', [['Allow', 'INVITE, ACK, CANCEL, BYE, OPTIONS']]);
+    if (method !== 'ACK' && method !== 'CANCEL') throw new Error(`pass_through for ${method}`);
+    if (this.sameSender(known, req)) return this.alongTransaction(req, verdict, known);
+    if (method === 'ACK') return this.trace(`${source} ACK dropped: no transaction of ours`);
+    return this.refuse(req, 481, 'Call/Transaction Does Not Exist', []);
+  }
+
+  // An ACK or CANCEL matching an INVITE this edge relayed, from where that INVITE came.
+  sameSender(known, { side, rinfo }) {
+    const f = known?.forward;
+    return Boolean(f && f.from.side === side && f.from.host === rinfo.address && f.from.port === rinfo.port);
+  }
+
+  alongTransaction(req, verdict, known) {
+    const { dest, ruri, out } = known.forward;
+    return this.forward(req, out, dest, { ruri, verdict });
+  }
+
+  party(side, hop, customer) { return { side, hop: { host: hop.host ?? hop.address, port: hop.port }, customer }; }
+
+  // A preloaded Route or a route set entry naming this edge ends here (RFC 3261 §16.4);
+  // two entries when the dialog crosses sockets.
+  popOurRoutes(msg) {
+    const routes = list(msg, 'route');
+    if (!this.ourRoute(routes[0])) return;
+    while (this.ourRoute(routes[0])) routes.shift();
+    setList(msg, 'route', 'Route', routes);
+  }
 
   // The side whose address a Route entry names, if it names one of ours.
   ourRoute(route) {
@@ -275,12 +437,23 @@ class Edge {
     return this.sides.find((s) => s.host === host && s.port === port);
   }
 
-  forward(req, out, dest, { ruri, recordRoute }) {
+  forward(req, out, dest, { ruri, recordRoute, verdict, dialog }) {
     const { side, msg, method, rinfo } = req;
-    if (dest.host === rinfo.address && dest.port === rinfo.port) return this.refuse(req, 482, 'Loop Detected', []);
+    // Never back where it came from, nor to this edge itself (it would loop until 483).
+    if ((dest.host === rinfo.address && dest.port === rinfo.port) || this.sides.some((s) => s.host === dest.host && s.port === dest.port)) {
+      return this.refuse(req, 482, 'Loop Detected', []);
+    }
     const mf = header(msg, 'max-forwards');
     // The policy answers 483 itself, except for ACK and OPTIONS (RFC 3261 §16.3).
     if (mf !== undefined && !(Number(mf) > 0)) return this.refuse(req, 483, 'Too Many Hops', []);
+    // What the verdict says leaves with it: headers removed (every instance, either
+    // form of the name), then headers added (docs/policy.md, issue 10).
+    const strip = new Set((verdict?.strip ?? []).map((name) => canon(String(name))));
+    msg.headers = msg.headers.filter((h) => !strip.has(canon(h.name)));
+    for (const [name, value] of verdict?.insert ?? []) {
+      if (!TOKEN.test(name)) throw new Error(`verdict inserts a header named ${JSON.stringify(name)}`);
+      msg.headers.push({ name, value: oneLine(value) });
+    }
     const hops = String(mf === undefined ? 70 : Number(mf) - 1);
     const mfHeader = msg.headers.find((h) => canon(h.name) === 'max-forwards');
     if (mfHeader) mfHeader.value = hops;
@@ -289,16 +462,20 @@ class Edge {
     if (recordRoute) {
       // Two entries when the request crosses from one socket to the other (RFC 5658),
       // so each side's in-dialog requests come back to the socket facing it.
-      const rr = [...new Set([out, side])].map((s) => `<sip:${s.hostport};lr;tg=${this.tag(req.callId)}>`);
+      const rr = [...new Set([out, side])].map((s) => `<sip:${s.hostport};lr>`);
       setList(msg, 'record-route', 'Record-Route', [...rr, ...list(msg, 'record-route')]);
     }
     setList(msg, 'via', 'Via', [`SIP/2.0/UDP ${out.hostport};branch=${req.branch};rport`, ...list(msg, 'via')]);
-    if (method === 'INVITE') this.remember(req.key, { method, forward: { dest, ruri, out } });
+    if (method === 'INVITE') {
+      this.remember(req.key, { method, forward: { dest, ruri, out, from: { side, host: rinfo.address, port: rinfo.port } } });
+    }
+    if (dialog) this.dialogs.create(req.callId, tagOf(header(msg, 'from')), req.cseq, dialog.caller, dialog.callee);
     this.send(out, serialize(msg), dest);
   }
 
   // Answers a request, except an ACK, which is never answered (RFC 3261 §17.2.3).
-  refuse(req, code, reason, headers) {
+  refuse(req, code, reason, headers, why) {
+    if (why) this.trace(`${req.source} ${req.method} refused ${code}: ${why}`);
     if (req.method !== 'ACK') this.reply(req, code, reason, headers);
   }
 
@@ -326,10 +503,11 @@ class Edge {
     // Sent from one socket (the Via's), answered out of the one the request came in on (the branch's).
     const side = this.sides.find((s) => s.letter === branch[7]);
     const dest = next && viaDestination(next);
-    const cseq = (header(msg, 'cseq') ?? '').split(/\s+/)[0];
+    const cseq = (header(msg, 'cseq') ?? '').trim().split(/\s+/)[0];
     if (!side || !this.sides.some((s) => s.hostport === ours.sentBy) || branch !== this.branch(side.letter, dest, header(msg, 'call-id') ?? '', cseq, param(next, 'branch') ?? '')) {
       return this.trace(`dropped a response that is not for us: ${msg.start} (top Via ${vias[0] ?? 'none'})`);
     }
+    this.dialogs.learn(msg);
     setList(msg, 'via', 'Via', vias.slice(1));
     this.send(side, serialize(msg), dest);
   }
@@ -349,8 +527,6 @@ class Edge {
     return entry && Date.now() - entry.at < TXN_TTL_MS ? entry : undefined;
   }
 }
-
-const routeTag = (route) => /;tg=([0-9a-f]+)/i.exec(route)?.[1];
 
 // ---------------------------------------------------------------- alerts
 
@@ -396,7 +572,7 @@ async function main() {
   const { values: opt } = parseArgs({
     options: {
       config: { type: 'string' }, listen: { type: 'string' }, upstream: { type: 'string' },
-      'core-listen': { type: 'string' }, 'alerts-url': { type: 'string' }, 'alerts-token-file': { type: 'string' },
+      'core-listen': { type: 'string' }, 'dialog-ttl': { type: 'string' }, 'alerts-url': { type: 'string' }, 'alerts-token-file': { type: 'string' },
       verbose: { type: 'boolean', short: 'v' }, help: { type: 'boolean', short: 'h' },
     },
   });
@@ -405,6 +581,11 @@ async function main() {
     process.exit(opt.help ? 0 : 2);
   }
   const log = (line) => process.stderr.write(`${new Date().toISOString()} ${line}\n`);
+  const dialogTtl = Number(opt['dialog-ttl'] ?? DIALOG_TTL_S);
+  if (!(dialogTtl > 0)) {
+    process.stderr.write(`--dialog-ttl: give a number of seconds\n${USAGE}\n`);
+    process.exit(2);
+  }
 
   const policy = new TrunkPolicy(new Map());
   policy.onAlert(alertSink(opt['alerts-url'], opt['alerts-token-file'], log));
@@ -412,7 +593,7 @@ async function main() {
   upstream.port ??= 5060;
   const access = await bind(opt.listen, 'a');
   const core = opt['core-listen'] ? await bind(opt['core-listen'], 'c') : access;
-  const edge = new Edge({ policy, access, core, upstream, verbose: opt.verbose });
+  const edge = new Edge({ policy, access, core, upstream, verbose: opt.verbose, dialogTtlMs: dialogTtl * 1000 });
   // Synchronous, so no datagram is judged before the first configuration is in force.
   if (!edge.load(opt.config)) process.exit(1);
   process.on('SIGHUP', () => edge.load(opt.config));

@@ -24,6 +24,8 @@ pub(super) struct Connection {
     policy: Rc<RefCell<Policy>>,
     conn: Conn,
     source: Option<SocketAddr>,
+    /// The Envoy listener's address: core trust needs a core-facing one.
+    local: Option<SocketAddr>,
     transport: Transport,
     /// The filter closed the connection: nothing more passes.
     closed: bool,
@@ -33,6 +35,7 @@ pub(super) struct Connection {
 struct Judging<'a> {
     policy: &'a mut Policy,
     source: Option<SocketAddr>,
+    local: Option<SocketAddr>,
     transport: Transport,
     now_ms: Result<u64, host::HostError>,
 }
@@ -54,6 +57,7 @@ impl Judge for Judging<'_> {
             message,
             source,
             transport: self.transport,
+            local: self.local,
             now_ms,
         };
         let engine = &mut self.policy.engine;
@@ -112,6 +116,7 @@ impl Connection {
             policy,
             conn: Conn::new(on_refusal),
             source: None,
+            local: None,
             transport: Transport::Tcp,
             closed: false,
         }
@@ -183,10 +188,15 @@ impl Context for Connection {}
 
 impl StreamContext for Connection {
     fn on_new_connection(&mut self) -> Action {
-        let address = host::get_property(&["source", "address"]).ok().flatten();
-        self.source = address
-            .and_then(|a| String::from_utf8(a).ok())
-            .and_then(|a| a.parse().ok());
+        let address = |path: &[&str]| {
+            host::get_property(path)
+                .ok()
+                .flatten()
+                .and_then(|a| String::from_utf8(a).ok())
+                .and_then(|a| a.parse().ok())
+        };
+        self.source = address(&["source", "address"]);
+        self.local = address(&["destination", "address"]);
         let tls = host::get_property(&["connection", "tls_version"])
             .ok()
             .flatten()
@@ -210,6 +220,7 @@ impl StreamContext for Connection {
         let mut judging = Judging {
             policy: &mut policy,
             source: self.source,
+            local: self.local,
             transport: self.transport,
             now_ms: host::now_ms(),
         };

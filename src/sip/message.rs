@@ -717,6 +717,29 @@ impl<'a> Message<'a> {
         NameAddr::parse(v).map_err(bad_value(name))
     }
 
+    fn repeated(&self, name: HeaderName) -> bool {
+        name.id()
+            .is_some_and(|id| self.index.repeated & (1u64 << (id & 63)) != 0)
+    }
+
+    /// The To tag, after checking that the dialog identifiers (RFC 3261 §12) can be
+    /// read only one way: one To, one From and one Call-ID field (long and compact
+    /// forms count together), each tag at most once, never empty. A proxy that keeps
+    /// the first of two tags and another that keeps the last would disagree on
+    /// whether a request is inside a dialog (docs/policy.md, "Threat model").
+    pub fn dialog_to_tag(&self) -> Result<Option<&'a str>, ParseError> {
+        for name in [HeaderName::To, HeaderName::From, HeaderName::CallId] {
+            if self.repeated(name) {
+                return Err(ParseError::DuplicateHeader(name.as_str()));
+            }
+        }
+        if self.call_id().is_none_or(str::is_empty) {
+            return Err(ParseError::MissingHeader(HeaderName::CallId.as_str()));
+        }
+        self.from()?;
+        Ok(self.to()?.tag)
+    }
+
     pub fn from(&self) -> Result<NameAddr<'a>, ParseError> {
         self.name_addr(HeaderName::From)
     }
@@ -824,11 +847,7 @@ impl<'a> Message<'a> {
             }
         }
         if self.index.repeated & SINGLE_MASK != 0 {
-            let repeated = |h: HeaderName| {
-                h.id()
-                    .is_some_and(|id| self.index.repeated & (1u64 << (id & 63)) != 0)
-            };
-            if let Some(name) = SINGLE_HEADERS.iter().find(|&&h| repeated(h)) {
+            if let Some(name) = SINGLE_HEADERS.iter().find(|&&h| self.repeated(h)) {
                 return Err(ParseError::DuplicateHeader(name.as_str()));
             }
         }

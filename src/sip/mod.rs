@@ -33,5 +33,10 @@ pub use transport::{Framing, Transport};
 pub use uri::{Host, Scheme, Uri};
 pub use via::Via;
 
+/// Whether `s` is a SIP token (RFC 3261 §25.1): header names, tags, methods.
+pub fn is_token(s: &str) -> bool {
+    lex::is_token(s)
+}
+
 #[cfg(test)]
 mod robustness;

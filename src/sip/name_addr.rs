@@ -100,11 +100,7 @@ fn parse(s: &str) -> Result<NameAddr<'_>, &'static str> {
         Some(b';') => after.get(1..),
         Some(_) => return Err("unexpected text after URI"),
     };
-    let tag = match param::validate_and_find(section, "tag")? {
-        Some(Some(tag)) if lex::is_token(tag) => Some(tag),
-        Some(_) => return Err("bad tag"),
-        None => None,
-    };
+    let tag = dialog_tag(section)?;
     Ok(NameAddr {
         display,
         uri,
@@ -113,6 +109,27 @@ fn parse(s: &str) -> Result<NameAddr<'_>, &'static str> {
         raw,
         display_quoted,
     })
+}
+
+/// The `tag` parameter, read so that no proxy can read it another way: a second
+/// `tag` (in any letter case), an empty one or one that is not a token is an error,
+/// not "the first one wins" (Kamailio keeps the last; docs/policy.md, "Threat model").
+fn dialog_tag(section: Option<&str>) -> Result<Option<&str>, &'static str> {
+    let mut tag = None;
+    for p in param::Params::new(section) {
+        let (name, value) = p?;
+        if !name.eq_ignore_ascii_case("tag") {
+            continue;
+        }
+        if tag.is_some() {
+            return Err("more than one tag");
+        }
+        match value {
+            Some(v) if !v.is_empty() && lex::is_token(v) => tag = Some(v),
+            _ => return Err("empty or bad tag"),
+        }
+    }
+    Ok(tag)
 }
 
 /// `<uri>rest` starting at `s[at]` → (uri, rest). Whitespace inside the brackets is

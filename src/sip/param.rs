@@ -122,21 +122,6 @@ fn parse_one(piece: &str) -> Result<Param<'_>, &'static str> {
     Ok((name, value))
 }
 
-/// Checks every parameter and returns the value of the first one named `name`.
-pub(crate) fn validate_and_find<'a>(
-    section: Option<&'a str>,
-    name: &str,
-) -> Result<Option<Option<&'a str>>, &'static str> {
-    let mut found = None;
-    for p in Params::new(section) {
-        let (n, v) = p?;
-        if found.is_none() && n.eq_ignore_ascii_case(name) {
-            found = Some(v);
-        }
-    }
-    Ok(found)
-}
-
 /// The first parameter named `name`, skipping malformed ones.
 pub(crate) fn find<'a>(section: &'a str, name: &str) -> Option<Option<&'a str>> {
     Params::new(Some(section))
@@ -195,12 +180,6 @@ mod tests {
 
     #[test]
     fn lookup_is_case_insensitive() {
-        assert_eq!(
-            validate_and_find(Some("Tag=abc;x"), "tag"),
-            Ok(Some(Some("abc")))
-        );
-        assert_eq!(validate_and_find(Some("x"), "tag"), Ok(None));
-        assert_eq!(validate_and_find(None, "tag"), Ok(None));
         assert_eq!(find("lr;TTL=5", "ttl"), Some(Some("5")));
     }
 }

@@ -8,6 +8,7 @@ import hashlib
 import os
 import re
 import socket
+import threading
 import time
 
 REALM = "trunks.example.net"
@@ -142,3 +143,274 @@ def register(endpoint, user, password, expires, contact_port=None):
     auth = authorization(header(first, "WWW-Authenticate"), "REGISTER", uri, user, password, "Authorization")
     return endpoint.final(request("REGISTER", uri, call_id=call_id, cseq=2,
                                   extra=[contact, ("Expires", str(expires)), auth], **base))
+
+
+# --- dialogs: both ends of a real call, for in-dialog flows and the attacks on them ---
+
+def headers(message, name, compact=None):
+    """Every value of header `name` (and its compact form), in order."""
+    names = {name.lower()} | ({compact.lower()} if compact else set())
+    head = (message or "").split("\r\n\r\n", 1)[0].split("\r\n")[1:]
+    out = []
+    for line in head:
+        key, sep, value = line.partition(":")
+        if sep and key.strip().lower() in names:
+            out.append(value.strip())
+    return out
+
+
+def method(message):
+    m = re.match(r"([A-Z]+) \S+ SIP/2\.0\r\n", message or "")
+    return m.group(1) if m else None
+
+
+def uri_addr(uri):
+    """(host, port) of a SIP URI, with or without <>; port 5060 by default."""
+    m = re.search(r"sips?:(?:[^@;>]*@)?([0-9.]+|\[[^\]]+\])(?::(\d+))?", uri)
+    return m.group(1), int(m.group(2) or 5060)
+
+
+def tag_of(value):
+    m = re.search(r";\s*tag=([^;>\s]+)", value or "")
+    return m.group(1) if m else None
+
+
+def response(req, code, reason, *, to_tag=None, contact=None, extra=(), body=b""):
+    """A response to `req` (text) as a UAS writes it (RFC 3261 §8.2.6): Via, From, To
+    (with our tag), Call-ID, CSeq copied; Record-Route copied into a 2xx/1xx of a
+    dialog-creating request (§12.1.1)."""
+    lines = ["SIP/2.0 %d %s" % (code, reason)]
+    lines += ["Via: " + v for v in headers(req, "Via", "v")]
+    lines.append("From: " + headers(req, "From", "f")[0])
+    to = headers(req, "To", "t")[0]
+    if to_tag and not tag_of(to):
+        to += ";tag=" + to_tag
+    lines.append("To: " + to)
+    lines.append("Call-ID: " + headers(req, "Call-ID", "i")[0])
+    lines.append("CSeq: " + headers(req, "CSeq")[0])
+    if 100 < code < 300:
+        lines += ["Record-Route: " + r for r in headers(req, "Record-Route")]
+    if contact:
+        lines.append("Contact: " + contact)
+    lines += ["%s: %s" % h for h in extra]
+    lines.append("Content-Length: %d" % len(body))
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+class Party:
+    """A UDP SIP party on (ip, port) that talks to whoever it is told to and answers
+    its requests at their source (RFC 3581: the edge asks for rport)."""
+
+    def __init__(self, ip, port=0):
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((ip, port))
+        self.ip, self.port = self.sock.getsockname()
+        self.seen = []  # every message received, in order
+
+    def close(self):
+        self.sock.close()
+
+    def send(self, data, addr):
+        self.sock.sendto(data, addr)
+
+    def recv(self, timeout=3.0, want=None):
+        """(message, source) of the next message for which `want(message)` is true
+        (default: anything but a 100 Trying), or (None, None)."""
+        want = want or (lambda m: status(m) != 100)
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None, None
+            self.sock.settimeout(left)
+            try:
+                data, addr = self.sock.recvfrom(65535)
+            except (socket.timeout, ConnectionResetError):
+                return None, None
+            message = data.decode("latin-1")
+            self.seen.append(message)
+            if want(message):
+                return message, addr
+
+    def request(self, name, timeout=3.0):
+        return self.recv(timeout, lambda m: method(m) == name)
+
+    def final(self, timeout=3.0):
+        return self.recv(timeout, lambda m: status(m) >= 200)
+
+
+class Dialog:
+    """One side of a dialog (RFC 3261 §12): builds its in-dialog requests and sends
+    them to the first hop of its route set (loose routing, §16.12)."""
+
+    def __init__(self, party, call_id, local_uri, local_tag, remote_uri, remote_tag, route, target, cseq):
+        self.party, self.call_id = party, call_id
+        self.local_uri, self.local_tag = local_uri, local_tag
+        self.remote_uri, self.remote_tag = remote_uri, remote_tag
+        self.route, self.target, self.cseq = list(route), target, cseq
+
+    def build(self, name, cseq=None, extra=(), body=b""):
+        if cseq is None:
+            self.cseq += 1
+            cseq = self.cseq
+        lines = [
+            "%s %s SIP/2.0" % (name, self.target),
+            "Via: SIP/2.0/UDP %s:%d;branch=z9hG4bK%s;rport" % (self.party.ip, self.party.port, os.urandom(8).hex()),
+            "Max-Forwards: 70",
+            "From: <%s>;tag=%s" % (self.local_uri, self.local_tag),
+            "To: <%s>;tag=%s" % (self.remote_uri, self.remote_tag),
+            "Call-ID: " + self.call_id,
+            "CSeq: %d %s" % (cseq, name),
+        ]
+        lines += ["Route: " + r for r in self.route]
+        lines.append("Contact: <sip:%s:%d>" % (self.party.ip, self.party.port))
+        lines += ["%s: %s" % h for h in extra]
+        lines.append("Content-Length: %d" % len(body))
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+    def next_hop(self):
+        return uri_addr(self.route[0] if self.route else self.target)
+
+    def send(self, name, cseq=None, extra=()):
+        data = self.build(name, cseq, extra)
+        self.party.send(data, self.next_hop())
+        return data
+
+
+def place_call(pbx, carrier, edge, creds, called, extra=(), timeout=3.0):
+    """A PBX's call through the edge to the carrier, both ends played here: INVITE,
+    407, ACK, INVITE with credentials, the carrier's 200 (its Contact, the edge's
+    Record-Route), the PBX's ACK. Returns (pbx dialog, carrier dialog, the INVITE as
+    the carrier got it)."""
+    call_id = "call-%s@%s" % (os.urandom(6).hex(), pbx.ip)
+    ftag = os.urandom(4).hex()
+    ruri = "sip:%s@%s" % (called, REALM)
+    local_uri = "sip:%s@%s" % (creds[0], REALM)
+    branch = "z9hG4bK" + os.urandom(8).hex()
+
+    def invite(cseq, auth=()):
+        lines = [
+            "INVITE %s SIP/2.0" % ruri,
+            "Via: SIP/2.0/UDP %s:%d;branch=%s-%d;rport" % (pbx.ip, pbx.port, branch, cseq),
+            "Max-Forwards: 70",
+            "From: <%s>;tag=%s" % (local_uri, ftag),
+            "To: <%s>" % ruri,
+            "Call-ID: " + call_id,
+            "CSeq: %d INVITE" % cseq,
+            "Contact: <sip:%s@%s:%d>" % (creds[0], pbx.ip, pbx.port),
+        ]
+        lines += ["%s: %s" % h for h in list(extra) + list(auth)]
+        lines.append("Content-Length: 0")
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+    pbx.send(invite(1), edge)
+    challenge, _ = pbx.final(timeout)
+    if status(challenge) != 407:
+        raise AssertionError("expected 407, got %r" % challenge)
+    ack = ("ACK %s SIP/2.0\r\nVia: SIP/2.0/UDP %s:%d;branch=%s-1;rport\r\nMax-Forwards: 70\r\n"
+           "From: <%s>;tag=%s\r\nTo: %s\r\nCall-ID: %s\r\nCSeq: 1 ACK\r\nContent-Length: 0\r\n\r\n"
+           % (ruri, pbx.ip, pbx.port, branch, local_uri, ftag, headers(challenge, "To")[0], call_id))
+    pbx.send(ack.encode("latin-1"), edge)
+    auth = authorization(headers(challenge, "Proxy-Authenticate")[-1], "INVITE", ruri, creds[0], creds[1],
+                         "Proxy-Authorization")
+    pbx.send(invite(2, [auth]), edge)
+    got, hop = carrier.request("INVITE", timeout)
+    if got is None:
+        raise AssertionError("the authenticated INVITE never reached the carrier")
+    carrier_tag = os.urandom(4).hex()
+    carrier_contact = "<sip:%s@%s:%d>" % (called, carrier.ip, carrier.port)
+    carrier.send(response(got, 200, "OK", to_tag=carrier_tag, contact=carrier_contact), hop)
+    ok, _ = pbx.final(timeout)
+    if status(ok) != 200:
+        raise AssertionError("expected 200 at the PBX, got %r" % ok)
+    rr = headers(ok, "Record-Route")
+    pbx_side = Dialog(pbx, call_id, local_uri, ftag, ruri, tag_of(headers(ok, "To")[0]),
+                      list(reversed(rr)), re.sub(r"^<|>$", "", headers(ok, "Contact")[0]), 2)
+    carrier_side = Dialog(carrier, call_id, ruri, carrier_tag, local_uri, ftag, headers(got, "Record-Route"),
+                          re.sub(r"^<|>.*$", "", headers(got, "Contact")[0]), 0)
+    pbx_side.send("ACK", cseq=2)
+    if carrier.request("ACK", timeout)[0] is None:
+        raise AssertionError("the ACK of the 200 never reached the carrier")
+    return pbx_side, carrier_side, got
+
+
+def in_dialog_round(sender, receiver, name, timeout=3.0):
+    """`sender` sends `name` within its dialog; `receiver` must get it and answer 200,
+    which must come back to `sender` (ACKed when it answers an INVITE). Returns the
+    request as `receiver` got it."""
+    sender.send(name)
+    got, hop = receiver.party.request(name, timeout)
+    if got is None:
+        raise AssertionError("%s from %s:%d never arrived" % (name, sender.party.ip, sender.party.port))
+    receiver.party.send(response(got, 200, "OK", contact="<sip:%s:%d>" % (receiver.party.ip, receiver.party.port)), hop)
+    ok, _ = sender.party.final(timeout)
+    if status(ok) != 200:
+        raise AssertionError("%s: expected 200 back, got %r" % (name, ok))
+    if name == "INVITE":
+        sender.send("ACK", cseq=sender.cseq)
+        if receiver.party.request("ACK", timeout)[0] is None:
+            raise AssertionError("the ACK of the re-INVITE never arrived")
+    return got
+
+
+class FarEnd:
+    """A listener on UDP and TCP (ip, port) standing for the carrier or another far
+    end during an attack: it answers nothing and records every byte that arrives."""
+
+    def __init__(self, ip="127.0.0.1", port=5090):
+        self.got = []
+        self.lock = threading.Lock()
+        self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.udp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.udp.bind((ip, port))
+        self.tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.tcp.bind((ip, port))
+        self.tcp.listen(16)
+        self.closed = False
+        for target in (self._udp, self._tcp):
+            threading.Thread(target=target, daemon=True).start()
+
+    def _udp(self):
+        while not self.closed:
+            try:
+                data, _ = self.udp.recvfrom(65535)
+            except OSError:
+                return
+            with self.lock:
+                self.got.append(data.decode("latin-1"))
+
+    def _tcp(self):
+        while not self.closed:
+            try:
+                conn, _ = self.tcp.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._stream, args=(conn,), daemon=True).start()
+
+    def _stream(self, conn):
+        with conn:
+            while True:
+                try:
+                    data = conn.recv(65535)
+                except OSError:
+                    return
+                if not data:
+                    return
+                with self.lock:
+                    self.got.append(data.decode("latin-1"))
+
+    def received(self, settle=0.5):
+        time.sleep(settle)
+        with self.lock:
+            return list(self.got)
+
+    def close(self):
+        self.closed = True
+        for s in (self.udp, self.tcp):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()

@@ -41,6 +41,10 @@ MODULE = os.path.join(TARGET, "wasm32-unknown-unknown", "wasm", "trunkguard.wasm
 
 KAMAILIO = ("127.0.0.1", 5060)
 KAMAILIO_ADDR = "127.0.0.1:5060"
+# The core-facing listener (core_sockets): the only socket on which core_networks
+# sources are trusted as the core.
+CORE_SOCKET = ("127.0.0.1", 5080)
+CORE_SOCKET_ADDR = "127.0.0.1:5080"
 CARRIER_PORT = 5090
 PBX, INTRUDER, FAILOVER, EXP_PBX, CORE = "127.0.0.2", "127.0.0.3", "127.0.0.5", "127.0.0.6", "127.0.0.9"
 PBX_PORT = 5082
@@ -61,7 +65,10 @@ def ha1(user, password):
 def trunk_config(acl="127.0.0.2/32", window_s=ALERT_WINDOW_S):
     return {
         "realm": REALM,
-        "core_networks": [CORE + "/32"],
+        # 127.0.0.1 too: the carrier is part of the core, and a request the edge sent
+        # to itself must not be trusted as the core's (test_22).
+        "core_networks": [CORE + "/32", "127.0.0.1/32"],
+        "core_sockets": [CORE_SOCKET_ADDR],
         "registration": {"min_expires": 1},
         "alerts": {"window_s": window_s},
         "locations": [
@@ -189,6 +196,7 @@ class KamailioEdge(unittest.TestCase):
         threading.Thread(target=cls.webhook.serve_forever, daemon=True).start()
         out = subprocess.run(
             [RUN, "--no-install", "--daemon", "--config", cls.config, "--listen", KAMAILIO_ADDR,
+             "--core-listen", CORE_SOCKET_ADDR,
              "--carrier", "sip:127.0.0.1:%d" % CARRIER_PORT, "--alert-url", cls.webhook.url,
              "--state", cls.state, "--workers", "2"],
             capture_output=True, text=True, timeout=60)
@@ -256,7 +264,7 @@ class KamailioEdge(unittest.TestCase):
         return run
 
     def invite_from_core(self, did):
-        core = sip.Endpoint(CORE)
+        core = sip.Endpoint(CORE, server=CORE_SOCKET)
         try:
             return core.final(sip.request("INVITE", "sip:%s@%s" % (did, REALM), from_user="+15550001111",
                                           to_user=did, via_ip=CORE, via_port=core.port))
@@ -315,8 +323,8 @@ class KamailioEdge(unittest.TestCase):
         pbx = self.sipp("pbx-uas", "uas.xml", ["-i", PBX, "-p", str(PBX_PORT)])
         failover = self.sipp("failover-uas", "uas.xml", ["-i", FAILOVER, "-p", str(FAILOVER_PORT)])
         time.sleep(0.3)
-        core = self.sipp("inbound", "inbound.xml", ["-i", CORE, "-s", "+15551230000", KAMAILIO_ADDR])
-        core2 = self.sipp("inbound-failover", "inbound.xml", ["-i", CORE, "-s", "+15552220000", KAMAILIO_ADDR])
+        core = self.sipp("inbound", "inbound.xml", ["-i", CORE, "-s", "+15551230000", CORE_SOCKET_ADDR])
+        core2 = self.sipp("inbound-failover", "inbound.xml", ["-i", CORE, "-s", "+15552220000", CORE_SOCKET_ADDR])
         self.assert_passed(core, pbx, core2, failover)
         self.assertRegex(pbx.log(), r"(?m)^INVITE sip:hq1@127\.0\.0\.2:%d;transport=UDP SIP/2\.0" % PBX_PORT)
         self.assertRegex(failover.log(), r"(?m)^INVITE sip:\+15552220000@127\.0\.0\.5:%d SIP/2\.0" % FAILOVER_PORT)
@@ -485,7 +493,7 @@ class KamailioEdge(unittest.TestCase):
             self.assertRegex(sip.header(answer, "Contact"), r";expires=2$")
             # While registered, the core's call for its DID goes to it.
             pbx_listen = pbx
-            core = sip.Endpoint(CORE)
+            core = sip.Endpoint(CORE, server=CORE_SOCKET)
             try:
                 core.send(sip.request("INVITE", "sip:+15556660000@%s" % REALM, from_user="+15550001111",
                                       to_user="+15556660000", via_ip=CORE, via_port=core.port))
@@ -552,6 +560,183 @@ class KamailioEdge(unittest.TestCase):
                         "cause.policy_error", "alerts.sent", "config.refused"):
             self.assertRegex(out.stdout, r"(?m)^%s\s+[1-9]" % counter.replace(".", r"\."))
 
+    # --- issue 10: routing integrity. Each attack with a far end listening where the
+    # attacker aims, which must receive nothing. -------------------------------------
+
+    def far_end(self, ip="127.0.0.1", port=CARRIER_PORT):
+        far = sip.FarEnd(ip, port)
+        self.addCleanup(far.close)
+        return far
+
+    def party(self, ip, port=0):
+        party = sip.Party(ip, port)
+        self.addCleanup(party.close)
+        return party
+
+    def assert_nothing_reached(self, far, what):
+        got = far.received()
+        self.assertEqual(got, [], "%s reached the far end:\n%s" % (what, "\n".join(g[:300] for g in got)))
+
+    AMBIGUOUS_TO = [
+        ("empty second tag", "To: <sip:+19005550100@carrier.example.net>;tag=a;tag"),
+        ("quoted empty second tag", 'To: <sip:+19005550100@carrier.example.net>;tag=a;tag=""'),
+        ("second tag in other case", "To: <sip:+19005550100@carrier.example.net>;tag=a;TAG=b"),
+        ("compact t: with the tag after an untagged To",
+         "To: <sip:+19005550100@carrier.example.net>\r\nt: <sip:+19005550100@carrier.example.net>;tag=a"),
+        ("compact t: after a tagged To",
+         "To: <sip:+19005550100@carrier.example.net>;tag=a\r\nt: <sip:+19005550100@carrier.example.net>"),
+        ("addr-spec without <>", "To: sip:+19005550100@carrier.example.net;tag=a;tag"),
+        ("folded continuation line", "To: <sip:+19005550100@carrier.example.net>;tag=a\r\n ;tag"),
+    ]
+
+    def test_18_ambiguous_to_tags_get_400_and_reach_nobody_over_udp_and_tcp(self):
+        far = self.far_end()
+        outcomes = []
+        for transport in ("udp", "tcp"):
+            for name, to in self.AMBIGUOUS_TO:
+                intruder = sip.Endpoint(INTRUDER, transport, KAMAILIO)
+                try:
+                    invite = ("INVITE sip:+19005550100@127.0.0.1:%d SIP/2.0\r\n"
+                              "Via: SIP/2.0/%s %s:%d;branch=z9hG4bK%s;rport\r\n"
+                              "Max-Forwards: 70\r\n"
+                              "From: <sip:intruder@%s>;tag=%s\r\n"
+                              "%s\r\n"
+                              "Call-ID: ambiguous-%s@%s\r\n"
+                              "CSeq: 1 INVITE\r\n"
+                              "Contact: <sip:intruder@%s:%d>\r\n"
+                              "Content-Length: 0\r\n\r\n"
+                              % (CARRIER_PORT, transport.upper(), INTRUDER, intruder.port, os.urandom(8).hex(),
+                                 REALM, os.urandom(4).hex(), to, os.urandom(6).hex(), INTRUDER, INTRUDER,
+                                 intruder.port))
+                    answer = intruder.final(invite.encode(), timeout=2.0)
+                    outcomes.append((transport, name, sip.status(answer)))
+                finally:
+                    intruder.close()
+        self.assertEqual([o for o in outcomes if o[2] != 400], [], "every ambiguous To answered 400")
+        self.assert_nothing_reached(far, "an INVITE with an ambiguous To tag")
+
+    def test_19_an_allow_with_a_cause_the_host_does_not_know_fails_closed(self):
+        far = self.far_end()
+        try:
+            for verdict in ({"action": "allow", "cause": "teleport"}, {"action": "allow"},
+                            {"action": "allow", "cause": "response"}):
+                module = os.path.join(self.workdir, "verdict-%s.wasm" % verdict.get("cause", "none"))
+                with open(module, "wb") as f:
+                    f.write(trap_module.fixed_verdict_module(verdict))
+                out = self.tgctl("publish-module", module)
+                self.assertEqual(out.returncode, 0, out.stdout + out.stderr)
+                intruder = sip.Endpoint(INTRUDER)
+                try:
+                    for to_tag in (None, "t1"):
+                        invite = sip.request("INVITE", "sip:+19005550100@127.0.0.1:%d" % CARRIER_PORT,
+                                             from_user="x", to_user="+19005550100", via_ip=INTRUDER,
+                                             via_port=intruder.port, to_tag=to_tag)
+                        answer = intruder.final(invite, timeout=2.0)
+                        self.assertEqual(sip.status(answer), 503, (verdict, to_tag, answer))
+                    ack = sip.request("ACK", "sip:+19005550100@127.0.0.1:%d" % CARRIER_PORT, from_user="x",
+                                      to_user="+19005550100", via_ip=INTRUDER, via_port=intruder.port, to_tag="t1")
+                    self.assertIsNone(intruder.final(ack, timeout=1.0), "an ACK is dropped, never answered")
+                finally:
+                    intruder.close()
+        finally:
+            out = self.tgctl("publish-module", MODULE)
+            self.assertEqual(out.returncode, 0, out.stdout + out.stderr)
+        self.assert_nothing_reached(far, "a request allowed for an unknown cause")
+
+    # A PBX's own identity claims, a preloaded Route and a trunk-group header of its
+    # choosing: none of them may leave the edge (issue 10, item 6).
+    PBX_CLAIMS = [("P-Asserted-Identity", "<sip:+19005550100@evil.example>"),
+                  ("P-Preferred-Identity", "<sip:+19005550101@evil.example>"),
+                  ("Route", "<sip:127.0.0.4:5099;lr>"),
+                  ("X-Trunkguard-Trunk-Group", "branch-p2p")]
+
+    def test_20_a_real_call_leaves_the_edge_clean_and_works_in_both_directions(self):
+        pbx, carrier = self.party(PBX), self.party("127.0.0.1", CARRIER_PORT)
+        pbx_side, carrier_side, got = sip.place_call(pbx, carrier, KAMAILIO, HQ, CALLED, self.PBX_CLAIMS)
+        self.assertEqual(sip.headers(got, "Proxy-Authorization"), [], got)
+        self.assertEqual(sip.headers(got, "Route"), [], got)
+        self.assertEqual(sip.headers(got, "P-Preferred-Identity"), [], got)
+        # hq1 is none of hq-pbx1's DIDs: the edge asserts the trunk's first DID.
+        self.assertEqual(sip.headers(got, "P-Asserted-Identity"), ["<sip:+15551230000@%s>" % REALM], got)
+        self.assertEqual(sip.headers(got, "X-Trunkguard-Trunk-Group"), ["hq-pbx1"], got)
+        # re-INVITE both ways, then the carrier hangs up.
+        reinvite = sip.in_dialog_round(pbx_side, carrier_side, "INVITE")
+        self.assertEqual(sip.headers(reinvite, "X-Trunkguard-Trunk-Group"), [], reinvite)
+        sip.in_dialog_round(carrier_side, pbx_side, "INVITE")
+        sip.in_dialog_round(carrier_side, pbx_side, "BYE")
+        # A second call, hung up by the PBX.
+        pbx_side, carrier_side, _ = sip.place_call(pbx, carrier, KAMAILIO, HQ, CALLED)
+        sip.in_dialog_round(pbx_side, carrier_side, "BYE")
+
+    def test_21_a_lifted_record_route_relays_nothing(self):
+        pbx, carrier = self.party(PBX), self.party("127.0.0.1", CARRIER_PORT)
+        live, _, _ = sip.place_call(pbx, carrier, KAMAILIO, HQ, CALLED)
+        ended, ended_carrier, _ = sip.place_call(pbx, carrier, KAMAILIO, HQ, CALLED)
+        sip.in_dialog_round(ended, ended_carrier, "BYE")
+        carrier.close()
+        far = self.far_end()
+        intruder = self.party(INTRUDER)
+        target = "sip:+19005550100@127.0.0.1:%d" % CARRIER_PORT
+
+        def forged(dialog, party, **changes):
+            d = sip.Dialog(party, dialog.call_id, dialog.local_uri, dialog.local_tag, dialog.remote_uri,
+                           dialog.remote_tag, dialog.route, target, dialog.cseq + 10)
+            for k, v in changes.items():
+                setattr(d, k, v)
+            return d
+
+        attempts = [
+            ("the ended call's own dialog, from the PBX", forged(ended, pbx)),
+            ("the ended call's own dialog, from elsewhere", forged(ended, intruder)),
+            ("the live call's Call-ID with new tags", forged(live, intruder, local_tag="new1", remote_tag="new2")),
+            ("the live call's Route set, a new Call-ID", forged(live, intruder, call_id="lifted-%s" % os.urandom(4).hex())),
+            ("the ended call's Route set, a new Call-ID",
+             forged(ended, pbx, call_id="lifted-%s" % os.urandom(4).hex(), local_tag="x1", remote_tag="x2")),
+        ]
+        outcomes = []
+        for name, dialog in attempts:
+            for method in ("INVITE", "BYE"):
+                dialog.send(method)
+                answer, _ = dialog.party.final(2.0)
+                outcomes.append((name, method, sip.status(answer)))
+        self.assertEqual([o for o in outcomes if o[2] != 404], [], "every lifted route refused 404")
+        self.assert_nothing_reached(far, "a request on a lifted Record-Route")
+
+    def test_22_a_request_for_the_edge_itself_is_refused_not_looped(self):
+        core = sip.Endpoint(CORE, server=CORE_SOCKET)
+        try:
+            for ruri in ("sip:+15550001111@127.0.0.1:5060", "sip:+15550001111@127.0.0.1:5080",
+                         "sip:+15550001111@127.0.0.1"):
+                message = sip.request("MESSAGE", ruri, from_user="+15550002222", to_user="+15550001111",
+                                      via_ip=CORE, via_port=core.port)
+                started = time.monotonic()
+                answer = core.final(message, timeout=3.0)
+                self.assertIn(sip.status(answer), (404, 482), (ruri, answer))
+                self.assertLess(time.monotonic() - started, 1.0, ruri)
+                self.assertEqual(len(sip.headers(answer, "Via")), 1, answer)
+        finally:
+            core.close()
+
+    def test_23_a_core_address_on_the_public_listener_is_access_side(self):
+        # Registered hq-pbx1 (127.0.0.2:5082): the core's INVITE for its DID would be
+        # routed there; from the public listener it is a stranger's and challenged.
+        pbx = self.far_end(PBX, PBX_PORT)
+        far = self.far_end()
+        outcomes = []
+        for transport in ("udp", "tcp"):
+            for method, ruri in (("INVITE", "sip:+15551230000@%s" % REALM),
+                                 ("MESSAGE", "sip:+19005550100@127.0.0.1:%d" % CARRIER_PORT)):
+                core = sip.Endpoint(CORE, transport, KAMAILIO)
+                try:
+                    request = sip.request(method, ruri, from_user="+15550001111", to_user="+15551230000",
+                                          via_ip=CORE, via_port=core.port, transport=transport.upper())
+                    outcomes.append((transport, method, sip.status(core.final(request, timeout=2.0))))
+                finally:
+                    core.close()
+        self.assertEqual([o for o in outcomes if o[2] != 407], [], outcomes)
+        self.assert_nothing_reached(pbx, "the core's request on the public listener")
+        self.assert_nothing_reached(far, "the core's request on the public listener")
+
 
 class DmqPair(unittest.TestCase):
     """Two Kamailio nodes replicating the `tg` htable with DMQ: a PBX registers with
@@ -606,6 +791,32 @@ class DmqPair(unittest.TestCase):
         self.passed(self.sipp("call-b", "call.xml", ["-i", PBX] + user + [node_b]))
         self.passed(carrier)
         self.passed(self.sipp("stolen-b", "call-refused.xml", ["-i", INTRUDER] + user + [node_b]))
+
+    def _htable_get(self, node, key):
+        ctl = "unix:" + os.path.join(self.workdir, node, "ctl.sock")
+        out = subprocess.run(["kamcmd", "-s", ctl, "htable.get", "tg", key], capture_output=True, text=True, timeout=10)
+        return out.stdout
+
+    def test_kdmq_on_a_sip_listener_is_refused(self):
+        # From a DMQ peer's address (127.0.0.1), but to node A's public SIP listener:
+        # replication is taken only on the DMQ socket.
+        key = "tg/binding/hq-pbx1"
+        before = self._htable_get("a", key)
+        body = json.dumps({"action": 1, "htname": "tg", "cname": key, "type": 2, "mode": 0,
+                           "strval": json.dumps({"source": "127.0.0.3:5060", "transport": "udp",
+                                                 "contact": "sip:hq1@127.0.0.3:5060", "expires_at_ms": 1 << 50})})
+        for transport in ("udp", "tcp"):
+            peer = sip.Endpoint("127.0.0.1", transport, ("127.0.0.1", self.NODES["a"][0]))
+            try:
+                kdmq = sip.request("KDMQ", "sip:htable@127.0.0.1:%d" % self.NODES["a"][0], from_user="htable",
+                                   via_ip="127.0.0.1", via_port=peer.port, transport=transport.upper(),
+                                   extra=[("Content-Type", "application/json")], body=body.encode())
+                answer = peer.final(kdmq, timeout=2.0)
+                self.assertNotEqual(sip.status(answer), 200, answer)
+            finally:
+                peer.close()
+        time.sleep(0.3)
+        self.assertEqual(self._htable_get("a", key), before, "the forged replication changed nothing")
 
 
 if __name__ == "__main__":

@@ -59,7 +59,7 @@ def trapping_module():
         _functype([], [I32]),  # tg_abi_version
         _functype([I32], [I32]),  # tg_buffer
         _functype([I32], [I64]),  # tg_configure
-        _functype([I32, I32, I32, I64], [I64]),  # tg_judge
+        _functype([I32, I32, I32, I32, I64], [I64]),  # tg_judge (ABI 2: with the local socket)
         _functype([I64], [I64]),  # tg_tick
     ]
     exports = [(b"memory", 2, 0)] + [
@@ -67,7 +67,7 @@ def trapping_module():
         for i, name in enumerate(["tg_abi_version", "tg_buffer", "tg_configure", "tg_judge", "tg_tick"])
     ]
     bodies = [
-        b"\x41" + _sleb(1),  # i32.const 1: ABI version 1
+        b"\x41" + _sleb(2),  # i32.const 2: ABI version 2 (docs/abi.md)
         b"\x41" + _sleb(1024),  # the input buffer lives at 1024
         b"\x42" + _sleb(len(CONFIGURED)),  # (ptr 0 << 32) | len
         b"\x00",  # unreachable

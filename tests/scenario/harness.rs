@@ -21,6 +21,7 @@ pub trait Subject {
         worker: usize,
         message: &[u8],
         source: SocketAddr,
+        local: Option<SocketAddr>,
         transport: &str,
         now_ms: u64,
     ) -> (Value, Vec<Value>);
@@ -117,6 +118,7 @@ fn run_one(subject: &mut dyn Subject, configs: &Value, sc: &Value) -> Result<(),
             .parse()
             .map_err(|e| ctx(format!("source: {e}")))?;
         let transport = send["transport"].as_str().unwrap_or("udp");
+        let local = local_socket(send, source).map_err(ctx)?;
         let auth = &send["auth"];
         let mut credentials = None;
         let mut alerts_seen = Vec::new();
@@ -125,7 +127,7 @@ fn run_one(subject: &mut dyn Subject, configs: &Value, sc: &Value) -> Result<(),
                 "challenge" => {
                     // A real PBX's first attempt carries no credentials.
                     let bare = build_message(send, source, transport, None);
-                    let (v, alerts) = subject.judge(worker, bare.as_bytes(), source, transport, at);
+                    let (v, alerts) = subject.judge(worker, bare.as_bytes(), source, local, transport, at);
                     alerts_seen.extend(alerts);
                     if v["action"] != "challenge" {
                         return Err(ctx(format!("first attempt was not challenged: {v}")));
@@ -146,7 +148,7 @@ fn run_one(subject: &mut dyn Subject, configs: &Value, sc: &Value) -> Result<(),
             Some(raw) => raw.replace("\\r\\n", "\r\n"),
             None => build_message(send, source, transport, credentials.as_deref()),
         };
-        let (verdict, alerts) = subject.judge(worker, msg.as_bytes(), source, transport, at);
+        let (verdict, alerts) = subject.judge(worker, msg.as_bytes(), source, local, transport, at);
         alerts_seen.extend(alerts);
         if verdict["action"] == "challenge"
             && let Some(n) = nonce_from(&verdict, auth["algorithm"].as_str())
@@ -157,6 +159,28 @@ fn run_one(subject: &mut dyn Subject, configs: &Value, sc: &Value) -> Result<(),
         check_alerts(step, &alerts_seen).map_err(ctx)?;
     }
     Ok(())
+}
+
+/// The proxy socket a step's message arrives on: `send.local` ("none" for a host
+/// that does not know it), else the core-facing socket of the table's configs
+/// (10.0.0.1:5060) for a core source and the public one (192.0.2.1:5060) for the
+/// rest, as in a correctly wired proxy. Attack scenarios name the wrong one.
+fn local_socket(send: &Value, source: SocketAddr) -> Result<Option<SocketAddr>, String> {
+    match send["local"].as_str() {
+        Some("none") => Ok(None),
+        Some(l) => l
+            .parse()
+            .map(Some)
+            .map_err(|e| format!("send.local {l:?}: {e}")),
+        None => {
+            let core = match trunkguard::acl::canonical_ip(source.ip()) {
+                std::net::IpAddr::V4(v4) => v4.octets()[0] == 10,
+                std::net::IpAddr::V6(v6) => v6.segments()[0] == 0xfd00 && v6.segments()[1] == 0xc0,
+            };
+            let socket = if core { "10.0.0.1:5060" } else { "192.0.2.1:5060" };
+            socket.parse().map(Some).map_err(|e| format!("{e}"))
+        }
+    }
 }
 
 fn config_json(configs: &Value, name: &str) -> Result<String, String> {

@@ -18,7 +18,7 @@ pub mod replay;
 pub use kv::{KvBackend, MemoryKv};
 
 /// The ABI version this host speaks.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 
 /// Transport codes of the ABI.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -116,6 +116,10 @@ pub struct Verdict {
     pub next_hop: Option<String>,
     #[serde(default)]
     pub headers: Vec<(String, String)>,
+    #[serde(default)]
+    pub strip: Vec<String>,
+    #[serde(default)]
+    pub insert: Vec<(String, String)>,
 }
 
 /// One judged message: the verdict, its raw JSON line, and the alerts it raised.
@@ -290,7 +294,7 @@ struct Exports {
     /// only moves when it has to grow, so most calls skip asking for it.
     input: std::cell::Cell<(u32, u32)>,
     configure: TypedFunc<u32, u64>,
-    judge: TypedFunc<(u32, u32, u32, u64), u64>,
+    judge: TypedFunc<(u32, u32, u32, u32, u64), u64>,
     tick: TypedFunc<u64, u64>,
 }
 
@@ -478,21 +482,41 @@ impl Policy {
         &mut self,
         message: &[u8],
         source: SocketAddr,
+        local: Option<SocketAddr>,
         transport: Transport,
         now_ms: u64,
     ) -> Result<Judged, HostError> {
         let mut src_buf = [0u8; 64];
         let src_len_usize = format_source(source, &mut src_buf)?;
         let src = &src_buf[..src_len_usize];
+        let mut local_buf = [0u8; 64];
+        let local_len_usize = match local {
+            Some(l) => format_source(l, &mut local_buf)?,
+            None => 0,
+        };
+        let local = &local_buf[..local_len_usize];
         let raw = self.call(|ex, store| {
             let msg_len = len32(message.len())?;
             let src_len = len32(src.len())?;
-            let ptr = ex.input_buffer(store, msg_len.saturating_add(src_len))?;
+            let local_len = len32(local.len())?;
+            let ptr = ex.input_buffer(
+                store,
+                msg_len.saturating_add(src_len).saturating_add(local_len),
+            )?;
             write(ex.memory, store, ptr, message)?;
             write(ex.memory, store, ptr.saturating_add(msg_len), src)?;
+            write(
+                ex.memory,
+                store,
+                ptr.saturating_add(msg_len).saturating_add(src_len),
+                local,
+            )?;
             let packed = ex
                 .judge
-                .call(&mut *store, (msg_len, src_len, transport as u32, now_ms))
+                .call(
+                    &mut *store,
+                    (msg_len, src_len, local_len, transport as u32, now_ms),
+                )
                 .map_err(trap)?;
             read_result(ex.memory, store, packed)
         });

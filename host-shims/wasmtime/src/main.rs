@@ -227,7 +227,13 @@ fn replay(
                          out: &mut BufWriter<std::io::StdoutLock<'_>>|
      -> std::io::Result<bool> {
         let mut alerts = policy.tick(item.at_ms).unwrap_or_default();
-        match policy.judge(&item.message, item.source, item.transport, item.at_ms) {
+        match policy.judge(
+            &item.message,
+            item.source,
+            item.local,
+            item.transport,
+            item.at_ms,
+        ) {
             Ok(judged) => {
                 alerts.extend(judged.alerts);
                 table.alerts += alerts.len();

@@ -16,6 +16,8 @@ use crate::Transport;
 pub struct ReplayInput {
     pub at_ms: u64,
     pub source: SocketAddr,
+    /// The proxy socket the message arrived on (a capture's destination).
+    pub local: Option<SocketAddr>,
     pub transport: Transport,
     pub message: Vec<u8>,
 }
@@ -25,6 +27,9 @@ pub struct ReplayInput {
 struct Line {
     at_ms: u64,
     source: String,
+    /// The proxy socket it arrived on (core trust needs a core-facing one).
+    #[serde(default)]
+    local: Option<String>,
     #[serde(default = "udp")]
     transport: String,
     #[serde(default)]
@@ -44,6 +49,13 @@ pub fn parse_line(line: &str) -> Result<ReplayInput, String> {
         .source
         .parse()
         .map_err(|_| format!("source {:?} is not ip:port (IPv6 in brackets)", l.source))?;
+    let local = match &l.local {
+        None => None,
+        Some(text) => Some(
+            text.parse::<SocketAddr>()
+                .map_err(|_| format!("local {text:?} is not ip:port (IPv6 in brackets)"))?,
+        ),
+    };
     let transport: Transport = l
         .transport
         .parse()
@@ -58,6 +70,7 @@ pub fn parse_line(line: &str) -> Result<ReplayInput, String> {
     Ok(ReplayInput {
         at_ms: l.at_ms,
         source,
+        local,
         transport,
         message,
     })
@@ -138,6 +151,7 @@ pub fn read_capture(bytes: &[u8]) -> Result<Vec<ReplayInput>, String> {
                     out.push(ReplayInput {
                         at_ms,
                         source: SocketAddr::new(src_ip, udp.source_port()),
+                        local: Some(SocketAddr::new(dst_ip, udp.destination_port())),
                         transport: Transport::Udp,
                         message: payload.to_vec(),
                     });
@@ -155,6 +169,7 @@ pub fn read_capture(bytes: &[u8]) -> Result<Vec<ReplayInput>, String> {
                             out.push(ReplayInput {
                                 at_ms,
                                 source: src,
+                                local: Some(dst),
                                 transport: Transport::Tcp,
                                 message: msg,
                             });
@@ -170,6 +185,7 @@ pub fn read_capture(bytes: &[u8]) -> Result<Vec<ReplayInput>, String> {
                                 out.push(ReplayInput {
                                     at_ms,
                                     source: src,
+                                    local: Some(dst),
                                     transport: Transport::Tcp,
                                     message: std::mem::take(buf),
                                 });

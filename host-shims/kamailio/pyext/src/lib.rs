@@ -144,6 +144,8 @@ type VerdictTuple = (
     Option<String>,
     Vec<(String, String)>,
     Vec<String>,
+    Vec<(String, String)>,
+    Vec<String>,
 );
 
 /// A compiled module plus one instance: one per Kamailio process, created after the
@@ -197,23 +199,33 @@ impl Policy {
         }
     }
 
-    /// Judges one SIP message. `source` is `ip:port` (IPv6 in brackets), `transport`
+    /// Judges one SIP message. `source` is `ip:port` (IPv6 in brackets), `local` the
+    /// socket it arrived on (`$Ri:$Rp`; "" when unknown), `transport`
     /// Kamailio's `$pr` (udp, tcp, tls, ws, wss, sctp). Raises PolicyError when there is
     /// no verdict: the caller refuses the message.
     fn judge(
         &mut self,
         message: &[u8],
         source: &str,
+        local: &str,
         transport: &str,
         now_ms: u64,
     ) -> PyResult<VerdictTuple> {
         let source: SocketAddr = source
             .parse()
             .map_err(|_| PolicyError::new_err(format!("bad source address {source:?}")))?;
+        // The socket the message arrived on ("" when unknown: then nothing is core).
+        let local: Option<SocketAddr> = match local {
+            "" => None,
+            l => Some(
+                l.parse()
+                    .map_err(|_| PolicyError::new_err(format!("bad local address {l:?}")))?,
+            ),
+        };
         let transport: Transport = transport.parse().map_err(policy_error)?;
         let judged = self
             .inner
-            .judge(message, source, transport, now_ms)
+            .judge(message, source, local, transport, now_ms)
             .map_err(policy_error)?;
         let v = judged.verdict;
         Ok((
@@ -225,6 +237,8 @@ impl Policy {
             v.target,
             v.next_hop,
             v.headers,
+            v.strip,
+            v.insert,
             judged.alerts,
         ))
     }
