@@ -54,7 +54,9 @@ fn a_trap_is_a_host_error_and_the_next_call_has_config_and_state_back() {
         other => panic!("expected a trap, got {other:?}"),
     }
     // A fresh instance answers, with the last good configuration and the same store.
-    let again = p.judge(&invite(), src, None, Transport::Udp, 2_000).unwrap();
+    let again = p
+        .judge(&invite(), src, None, Transport::Udp, 2_000)
+        .unwrap();
     assert_eq!(
         again.verdict.action,
         Action::Challenge,

@@ -199,7 +199,7 @@ fn on_request(
     o.judged += 1;
     let verdict = judge.judge(raw);
     if answer::status(&verdict).is_none() {
-        return Step::Pass;
+        return relayed(raw, &verdict);
     }
     // RFC 3261 §17: a response or an ACK is never answered; refused, it just stops.
     if is_response(raw) || starts(raw, b"ACK ") {
@@ -248,6 +248,19 @@ fn answer_for(raw: &[u8], pending: &mut VecDeque<Pending>) -> Option<Option<Vec<
     Some(pending.remove(i).map(|p| p.answer))
 }
 
+/// An allowed message as it goes upstream: with the verdict's `strip`/`insert`
+/// applied (the PBX's credentials and asserted identity stop here, the trunk group
+/// is named), edited through the same parse the policy judged.
+fn relayed(raw: &[u8], verdict: &Verdict) -> Step {
+    if verdict.strip.is_empty() && verdict.insert.is_empty() {
+        return Step::Pass;
+    }
+    match parse(raw, Framing::Stream) {
+        Ok(m) => Step::Replace(m.edited(&verdict.strip, &verdict.insert)),
+        Err(_) => Step::Close("an allowed message that cannot be edited"),
+    }
+}
+
 fn starts(raw: &[u8], prefix: &[u8]) -> bool {
     let mut b = raw;
     while let [b'\r', b'\n', rest @ ..] = b {
@@ -256,8 +269,21 @@ fn starts(raw: &[u8], prefix: &[u8]) -> bool {
     b.starts_with(prefix)
 }
 
+/// Read as the policy reads it (a status line parses as a response whatever the
+/// letter case of `SIP/2.0`), so that a response is never mistaken for a request to
+/// answer, nor the other way round. Unparseable bytes count as a response when they
+/// start like one in any case, so they are dropped, never answered.
 fn is_response(raw: &[u8]) -> bool {
-    starts(raw, b"SIP/2.0 ")
+    match parse(raw, Framing::Stream) {
+        Ok(m) => m.method().is_none(),
+        Err(_) => {
+            let mut b = raw;
+            while let [b'\r', b'\n', rest @ ..] = b {
+                b = rest;
+            }
+            b.get(..4).is_some_and(|p| p.eq_ignore_ascii_case(b"SIP/"))
+        }
+    }
 }
 
 #[cfg(test)]
@@ -285,6 +311,12 @@ mod tests {
                     Verdict::reject(407, "Proxy Authentication Required", Cause::AuthRequired)
                         .with_header("Proxy-Authenticate", "Digest realm=\"r\", nonce=\"n\"");
                 v.action = Action::Challenge;
+                v
+            } else if t.contains("P-Asserted-Identity") {
+                // A trunk call as the real policy allows it: edited on the way.
+                let mut v = Verdict::allow_as(Cause::Trunk);
+                v.strip = vec!["Proxy-Authorization".into(), "P-Asserted-Identity".into()];
+                v.insert = vec![("X-Trunkguard-Trunk-Group".into(), "hq".into())];
                 v
             } else {
                 Verdict::allow()
@@ -476,6 +508,41 @@ From: <sip:hq1@t>;tag=f\r\nTo: <sip:+1555@t>;tag=tg1\r\nCall-ID: z9hG4bK-b@pbx\r
         let resp = b"SIP/2.0 200 OK\r\nFrom: <sip:intruder@t>\r\nContent-Length: 0\r\n\r\n";
         let o = c.downstream(resp, &mut j);
         assert_eq!((o.data, o.close, o.dropped), (Some(Vec::new()), None, 1));
+        // A status line in other letter case is still a response: dropped, never
+        // answered through a probe.
+        let resp = b"sip/2.0 200 OK\r\nFrom: <sip:intruder@t>\r\nContent-Length: 0\r\n\r\n";
+        let o = c.downstream(resp, &mut j);
+        assert_eq!(
+            (o.data, o.close, o.dropped, o.probes),
+            (Some(Vec::new()), None, 1, 0)
+        );
+        // The ACK of a refused request is never answered either.
+        let ack = b"ACK sip:+1555@t SIP/2.0\r\nVia: SIP/2.0/TCP 127.0.0.2:5060;branch=z9hG4bK-a\r\nFrom: <sip:intruder@t>;tag=f\r\nTo: <sip:+1555@t>;tag=x\r\nCall-ID: a@pbx\r\nCSeq: 1 ACK\r\nContent-Length: 0\r\n\r\n";
+        let o = c.downstream(ack, &mut j);
+        assert_eq!(
+            (o.data, o.close, o.dropped, o.probes),
+            (Some(Vec::new()), None, 1, 0)
+        );
+    }
+
+    #[test]
+    fn allowed_requests_leave_with_the_verdicts_strip_and_insert_applied() {
+        let mut c = Conn::new(OnRefusal::Answer);
+        let mut j = Fake(0);
+        let call = invite(
+            "hq1",
+            "z9hG4bK-s",
+            "Proxy-Authorization: Digest x\r\nP-Asserted-Identity: <sip:+19005550100@t>\r\n",
+        );
+        let o = c.downstream(call.as_bytes(), &mut j);
+        let out = text(&o.data);
+        assert!(!out.contains("Proxy-Authorization"), "{out}");
+        assert!(!out.contains("P-Asserted-Identity"), "{out}");
+        assert!(
+            out.contains("\r\nX-Trunkguard-Trunk-Group: hq\r\n\r\nsdp"),
+            "{out}"
+        );
+        assert_eq!(o.close, None);
     }
 
     #[test]

@@ -34,6 +34,8 @@ pub struct CSeq<'a> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Message<'a> {
     start: StartLine<'a>,
+    /// The start line as received, without its CRLF.
+    start_raw: &'a str,
     /// The header fields' text (after the start line, through the empty line).
     text: &'a str,
     entries: Entries,
@@ -278,6 +280,7 @@ pub(crate) fn parse_with(
     };
     Ok(Message {
         start: start_line,
+        start_raw: head.get(..line_end - line_start).unwrap_or(""),
         text,
         entries,
         index,
@@ -715,6 +718,59 @@ impl<'a> Message<'a> {
             .header(name)
             .ok_or(ParseError::MissingHeader(name.as_str()))?;
         NameAddr::parse(v).map_err(bad_value(name))
+    }
+
+    /// The message as it leaves the edge: every field named in `strip` removed (long
+    /// or compact form, any case), the `insert` fields added after the others, the
+    /// rest byte for byte as received. Hosts that relay bytes apply a verdict's
+    /// `strip`/`insert` with this, so they never re-parse the message their own way.
+    pub fn edited(&self, strip: &[String], insert: &[(String, String)]) -> Vec<u8> {
+        let stripped: Vec<(Option<u8>, &str)> = strip
+            .iter()
+            .map(|name| {
+                (
+                    HeaderName::from_name(name).and_then(|h| h.id()),
+                    name.as_str(),
+                )
+            })
+            .collect();
+        let drop = |e: &Entry| {
+            let name = e.header(self.text).name;
+            stripped.iter().any(|&(id, s)| match (id, e.known) {
+                (Some(a), Some(b)) => a == b,
+                _ => name.eq_ignore_ascii_case(s),
+            })
+        };
+        let mut out = Vec::with_capacity(self.wire_len + 64);
+        out.extend_from_slice(self.start_raw.as_bytes());
+        out.extend_from_slice(b"\r\n");
+        // A field runs from its name to the next field's name (its folded lines and
+        // CRLF included); the last one to the empty line.
+        let fields_end = self.text.len().saturating_sub(2);
+        let starts: Vec<usize> = self.entries.iter().map(|e| usize::from(e.name.0)).collect();
+        for (i, e) in self.entries.iter().enumerate() {
+            let end = starts.get(i + 1).copied().unwrap_or(fields_end);
+            if !drop(e) {
+                let field = self.text.get(usize::from(e.name.0)..end).unwrap_or("");
+                out.extend_from_slice(field.as_bytes());
+                if !field.ends_with("\r\n") {
+                    out.extend_from_slice(b"\r\n");
+                }
+            }
+        }
+        for (name, value) in insert {
+            // Values come from the configuration and the verdict; a line break in
+            // one must not start a header of its own.
+            let line = format!("{name}: {value}");
+            out.extend(
+                line.bytes()
+                    .map(|b| if matches!(b, b'\r' | b'\n') { b' ' } else { b }),
+            );
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(b"\r\n");
+        out.extend_from_slice(self.body);
+        out
     }
 
     fn repeated(&self, name: HeaderName) -> bool {
@@ -1386,5 +1442,36 @@ mod tests {
             let text = e.to_string();
             assert!(text.is_ascii() && !text.contains(['\r', '\n']), "{text:?}");
         }
+    }
+
+    #[test]
+    fn edited_strips_every_form_of_a_name_and_appends_inserts_keeping_the_rest() {
+        let raw = b"INVITE sip:+15551230000@t SIP/2.0\r\nVia: SIP/2.0/UDP p;branch=z9hG4bK1\r\nRoute: <sip:edge;lr>,\r\n <sip:evil;lr>\r\nFrom: <sip:a@t>;tag=1\r\nTo: <sip:b@t>\r\nproxy-authorization: Digest username=\"u\"\r\nCall-ID: c\r\nCSeq: 1 INVITE\r\nP-Asserted-Identity: <sip:+19005550100@t>\r\nx-trunkguard-trunk-group: forged\r\nContent-Length: 4\r\n\r\nbody";
+        let m = parse(raw, Framing::Datagram).unwrap();
+        let strip: Vec<String> = [
+            "Proxy-Authorization",
+            "Route",
+            "P-Asserted-Identity",
+            "X-Trunkguard-Trunk-Group",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let insert = vec![(
+            "X-Trunkguard-Trunk-Group".to_string(),
+            "hq\r\nEvil: 1".to_string(),
+        )];
+        let out = String::from_utf8(m.edited(&strip, &insert)).unwrap();
+        assert_eq!(
+            out,
+            "INVITE sip:+15551230000@t SIP/2.0\r\nVia: SIP/2.0/UDP p;branch=z9hG4bK1\r\nFrom: <sip:a@t>;tag=1\r\nTo: <sip:b@t>\r\nCall-ID: c\r\nCSeq: 1 INVITE\r\nContent-Length: 4\r\nX-Trunkguard-Trunk-Group: hq  Evil: 1\r\n\r\nbody"
+        );
+        // Compact forms are the same header: `i` is Call-ID.
+        let m = parse(raw, Framing::Datagram).unwrap();
+        let out = String::from_utf8(m.edited(&["i".to_string()], &[])).unwrap();
+        assert!(!out.contains("Call-ID"), "{out}");
+        // Nothing to do: the same bytes.
+        let m = parse(raw, Framing::Datagram).unwrap();
+        assert_eq!(m.edited(&[], &[]), raw.to_vec());
     }
 }

@@ -127,7 +127,8 @@ fn run_one(subject: &mut dyn Subject, configs: &Value, sc: &Value) -> Result<(),
                 "challenge" => {
                     // A real PBX's first attempt carries no credentials.
                     let bare = build_message(send, source, transport, None);
-                    let (v, alerts) = subject.judge(worker, bare.as_bytes(), source, local, transport, at);
+                    let (v, alerts) =
+                        subject.judge(worker, bare.as_bytes(), source, local, transport, at);
                     alerts_seen.extend(alerts);
                     if v["action"] != "challenge" {
                         return Err(ctx(format!("first attempt was not challenged: {v}")));
@@ -177,7 +178,11 @@ fn local_socket(send: &Value, source: SocketAddr) -> Result<Option<SocketAddr>, 
                 std::net::IpAddr::V4(v4) => v4.octets()[0] == 10,
                 std::net::IpAddr::V6(v6) => v6.segments()[0] == 0xfd00 && v6.segments()[1] == 0xc0,
             };
-            let socket = if core { "10.0.0.1:5060" } else { "192.0.2.1:5060" };
+            let socket = if core {
+                "10.0.0.1:5060"
+            } else {
+                "192.0.2.1:5060"
+            };
             socket.parse().map(Some).map_err(|e| format!("{e}"))
         }
     }
@@ -272,8 +277,11 @@ pub fn build_message(
         } else {
             Algorithm::Md5
         };
+        // `auth.uri`: credentials computed for another Request-URI (a captured
+        // answer replayed towards another number).
+        let digest_uri = auth["uri"].as_str().unwrap_or(&ruri);
         let response = client_response(
-            alg, username, realm, password, method, &ruri, nonce, "00000001", "0a4f113b",
+            alg, username, realm, password, method, digest_uri, nonce, "00000001", "0a4f113b",
         );
         let header = if register || auth["header"] == "Authorization" {
             "Authorization"
@@ -281,7 +289,7 @@ pub fn build_message(
             "Proxy-Authorization"
         };
         m.push_str(&format!(
-            "{header}: Digest username=\"{username}\", realm=\"{realm}\", nonce=\"{nonce}\", uri=\"{ruri}\", response=\"{response}\", algorithm={alg_name}, qop=auth, nc=00000001, cnonce=\"0a4f113b\"\r\n"
+            "{header}: Digest username=\"{username}\", realm=\"{realm}\", nonce=\"{nonce}\", uri=\"{digest_uri}\", response=\"{response}\", algorithm={alg_name}, qop=auth, nc=00000001, cnonce=\"0a4f113b\"\r\n"
         ));
     }
     m.push_str("Content-Length: 0\r\n\r\n");
