@@ -127,23 +127,23 @@ fn replay_of_the_demo_shows_allowed_challenged_blocked_calls_and_alerts() {
         [
             "challenge:auth_required",
             "accept:registered",
-            "allow",
+            "allow:pass_through",
             "challenge:auth_required",
-            "allow",
-            "allow",
+            "allow:trunk",
+            "allow:in_dialog",
             "reject:not_registered_address",
             "reject:not_registered_address",
             "reject:not_registered_address",
             "reject:not_registered_address",
             "reject:bad_credentials",
-            "allow",
-            "allow",
+            "allow:trunk",
+            "allow:trunk",
             "reject:not_in_access_list",
             "route:registered_contact",
             "reject:trunk_unavailable",
             "reject:unknown_did",
             "accept:registered",
-            "allow",
+            "allow:trunk",
         ]
     );
     let alerts: Vec<&Value> = out.iter().filter_map(|l| l.get("alert")).collect();
@@ -257,18 +257,26 @@ fn demo_pcap(path: &Path) {
         },
     )
     .unwrap();
-    let dst_v4 = [192, 0, 2, 254];
+    // The PBXs' packets go to the public listener; the carrier core's to the
+    // core-facing one the line names (config `core_sockets`), as a capture taken on
+    // the edge would show them.
+    let public_v4 = [192, 0, 2, 254];
     let mut tcp_seq = 1000u32;
     let mut pending_tcp: Vec<u8> = Vec::new();
-    let mut segments: Vec<(u64, SocketAddr, Vec<u8>, bool)> = Vec::new();
+    let mut segments: Vec<(u64, SocketAddr, Vec<u8>, bool, Option<SocketAddr>)> = Vec::new();
     for line in text.lines() {
         let v: Value = serde_json::from_str(line).unwrap();
         let at = v["at_ms"].as_u64().unwrap();
         let src: SocketAddr = v["source"].as_str().unwrap().parse().unwrap();
         let msg = v["message"].as_str().unwrap().as_bytes().to_vec();
-        segments.push((at, src, msg, v["transport"] == "tcp"));
+        let local = v["local"].as_str().map(|l| l.parse().unwrap());
+        segments.push((at, src, msg, v["transport"] == "tcp", local));
     }
-    for (at, src, msg, tcp) in segments {
+    for (at, src, msg, tcp, local) in segments {
+        let (dst_v4, dst_port) = match local {
+            Some(SocketAddr::V4(l)) => (l.ip().octets(), l.port()),
+            _ => (public_v4, 5060),
+        };
         let mut frames: Vec<Vec<u8>> = Vec::new();
         if tcp {
             // Split this message in two segments at an awkward place (inside a header).
@@ -300,12 +308,12 @@ fn demo_pcap(path: &Path) {
             };
             let mut frame = Vec::new();
             if tcp {
-                let b = builder.tcp(src.port(), 5060, tcp_seq, 65535);
+                let b = builder.tcp(src.port(), dst_port, tcp_seq, 65535);
                 tcp_seq = tcp_seq.wrapping_add(payload.len() as u32);
                 b.write(&mut frame, &payload).unwrap();
             } else {
                 builder
-                    .udp(src.port(), 5060)
+                    .udp(src.port(), dst_port)
                     .write(&mut frame, &payload)
                     .unwrap();
             }

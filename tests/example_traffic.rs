@@ -87,9 +87,9 @@ fn story() -> Vec<(u64, Value, bool)> {
         (6_500, json!({"method": "INVITE", "source": "[2001:db8:7::20]:5060", "transport": "tcp", "call_id": "br-2", "auth": branch}), true),
         (6_800, json!({"method": "INVITE", "source": "203.0.113.200:5060", "call_id": "br-3", "auth": branch}), true),
         // Inbound calls from the carrier core.
-        (7_000, json!({"method": "INVITE", "source": "10.0.0.5:5060", "ruri": "sip:+15551230000@edge.example.net", "call_id": "in-1@core", "from": "carrier"}), false),
-        (7_100, json!({"method": "INVITE", "source": "10.0.0.5:5060", "ruri": "sip:+15557770000@edge.example.net", "call_id": "in-2@core", "from": "carrier"}), false),
-        (7_200, json!({"method": "INVITE", "source": "10.0.0.5:5060", "ruri": "sip:+15550000000@edge.example.net", "call_id": "in-3@core", "from": "carrier"}), false),
+        (7_000, json!({"method": "INVITE", "source": "10.0.0.5:5060", "local": "10.0.0.1:5060", "ruri": "sip:+15551230000@edge.example.net", "call_id": "in-1@core", "from": "carrier"}), false),
+        (7_100, json!({"method": "INVITE", "source": "10.0.0.5:5060", "local": "10.0.0.1:5060", "ruri": "sip:+15557770000@edge.example.net", "call_id": "in-2@core", "from": "carrier"}), false),
+        (7_200, json!({"method": "INVITE", "source": "10.0.0.5:5060", "local": "10.0.0.1:5060", "ruri": "sip:+15550000000@edge.example.net", "call_id": "in-3@core", "from": "carrier"}), false),
         // The HQ PBX comes back from a new address (new ISP): accepted, alerted.
         (8_000, json!({"method": "REGISTER", "source": "203.0.113.9:5060", "expires": 600, "call_id": "reg-2@hq", "auth": hq}), true),
         (8_500, json!({"method": "INVITE", "source": "203.0.113.9:5060", "call_id": "call-2@hq", "auth": hq}), true),
@@ -105,7 +105,12 @@ fn generate() -> String {
         let transport = send["transport"].as_str().unwrap_or("udp");
         let nonce = with_auth.then(|| make_nonce(&secret(), at, source.ip(), REALM));
         let message = harness::build_message(&send, source, transport, nonce.as_deref());
-        let line = json!({"at_ms": at, "source": source.to_string(), "transport": transport, "message": message});
+        let mut line = json!({"at_ms": at, "source": source.to_string(), "transport": transport, "message": message});
+        // The carrier's calls arrive on the proxy's core-facing socket (config
+        // `core_sockets`); the PBXs' on the public one, which the input leaves out.
+        if let Some(local) = send["local"].as_str() {
+            line["local"] = json!(local);
+        }
         out.push_str(&line.to_string());
         out.push('\n');
     }

@@ -1,5 +1,5 @@
 //! The RFC 4475 and RFC 5118 torture messages, each judged as
-//! `shared/testdata/README.md` says. Every file in the directory must have a row in
+//! `tests/testdata/README.md` says. Every file in the directory must have a row in
 //! [`EXPECTED`], so a new file cannot be skipped silently.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -154,7 +154,7 @@ const EXPECTED: &[(&str, Expect)] = &[
 fn testdata_dir() -> PathBuf {
     let dir = std::env::var_os("TRUNKGUARD_TESTDATA")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/testdata"));
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/testdata"));
     assert!(
         dir.is_dir(),
         "torture test data not found at {} (set TRUNKGUARD_TESTDATA)",
