@@ -113,14 +113,39 @@ pub struct DigestSettings {
     /// `stale=true` so the PBX retries without asking its user for a password.
     #[serde(default = "default_nonce_ttl")]
     pub nonce_ttl_s: u32,
+    /// Algorithms offered in challenges, in this order (`MD5`, `SHA-256`). A UAC
+    /// answers the first one it supports (RFC 8760 §2.4), and many PBXs read only
+    /// the first challenge: MD5 first lets MD5-only PBXs in.
+    #[serde(default = "default_algorithms")]
+    pub algorithms: Vec<String>,
+    /// Accept RFC 2069 answers (no `qop`, no `nc`/`cnonce`): weaker, and their
+    /// replays cannot be told from a reused nonce's. Off unless a PBX needs it.
+    #[serde(default)]
+    pub allow_rfc2069: bool,
+    /// Slots of the replay set that accepts each (nonce, nc) once; each holds a few
+    /// nonces until they expire. Its store size is bounded by this, whatever the
+    /// traffic (docs/policy.md).
+    #[serde(default = "default_replay_slots")]
+    pub replay_slots: u32,
 }
 
 impl Default for DigestSettings {
     fn default() -> Self {
         DigestSettings {
             nonce_ttl_s: default_nonce_ttl(),
+            algorithms: default_algorithms(),
+            allow_rfc2069: false,
+            replay_slots: default_replay_slots(),
         }
     }
+}
+
+fn default_algorithms() -> Vec<String> {
+    vec!["MD5".to_string(), "SHA-256".to_string()]
+}
+
+fn default_replay_slots() -> u32 {
+    4096
 }
 
 fn default_nonce_ttl() -> u32 {
@@ -188,6 +213,10 @@ pub struct TrunkGroup {
     pub acl: Vec<String>,
     #[serde(default)]
     pub alerts: AlertSwitches,
+    /// Algorithms this trunk group's answers may use (default: every one of
+    /// `digest.algorithms` its credentials can verify); `["SHA-256"]` refuses MD5.
+    #[serde(default)]
+    pub algorithms: Option<Vec<String>>,
     /// Numbers routed to this trunk group, E.164 (`+15551230000`).
     #[serde(default)]
     pub dids: Vec<String>,

@@ -231,6 +231,14 @@ pub fn make_nonce(secret: &NonceSecret, now_ms: u64, source: IpAddr, realm: &str
     hex(&raw)
 }
 
+/// When a nonce of ours was issued (its first 8 bytes); check it first.
+pub fn nonce_issued_ms(nonce: &str) -> Option<u64> {
+    let raw = unhex::<{ 8 + NONCE_MAC_LEN }>(nonce)?;
+    let mut issued = [0u8; 8];
+    issued.copy_from_slice(raw.get(..8)?);
+    Some(u64::from_be_bytes(issued))
+}
+
 /// Clock skew tolerated between workers (a nonce "from the future").
 const FUTURE_SKEW_MS: u64 = 5_000;
 
@@ -332,6 +340,27 @@ pub fn verify(ha1s: &Ha1Set, method: &str, resp: &Response<'_>) -> bool {
     };
     let given = resp.response.to_ascii_lowercase();
     given.len() == expected.len() && bool::from(given.as_bytes().ct_eq(expected.as_bytes()))
+}
+
+/// An RFC 2069 answer (no qop), as old PBXs compute it: for tests.
+pub fn client_response_rfc2069(
+    alg: Algorithm,
+    username: &str,
+    realm: &str,
+    password: &str,
+    method: &str,
+    uri: &str,
+    nonce: &str,
+) -> String {
+    let ha1 = alg.hash_hex(&[
+        username.as_bytes(),
+        b":",
+        realm.as_bytes(),
+        b":",
+        password.as_bytes(),
+    ]);
+    let ha2 = alg.hash_hex(&[method.as_bytes(), b":", uri.as_bytes()]);
+    alg.hash_hex(&[ha1.as_bytes(), b":", nonce.as_bytes(), b":", ha2.as_bytes()])
 }
 
 /// Computes a client's response, as a PBX would: used by tests, the replay tool's

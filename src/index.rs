@@ -29,6 +29,9 @@ pub struct Trunk {
     pub acl: Acl,
     pub alerts: AlertSwitches,
     pub failover: Option<String>,
+    /// Algorithms its answers may use (config `algorithms`, within what its
+    /// credentials verify).
+    pub algorithms: Vec<Algorithm>,
     /// The trunk group's numbers, normalised (digits, leading `+` kept as written
     /// first): the identities the edge may assert for its calls.
     pub dids: Vec<String>,
@@ -46,6 +49,8 @@ pub struct Index {
     pub asserted_identity: bool,
     pub registration: Registration,
     pub nonce_ttl_ms: u64,
+    pub allow_rfc2069: bool,
+    pub replay_slots: u32,
     pub alert_window_ms: u64,
     pub locations: Vec<LocationInfo>,
     pub trunks: Vec<Trunk>,
@@ -103,6 +108,13 @@ impl Index {
                 ),
             ));
         }
+        let offered = compile_algorithms(&config.digest.algorithms, "digest.algorithms")?;
+        if config.digest.replay_slots == 0 {
+            return Err(ConfigError::new(
+                "digest.replay_slots",
+                "must be at least 1",
+            ));
+        }
         if config.digest.nonce_ttl_s == 0 {
             return Err(ConfigError::new(
                 "digest.nonce_ttl_s",
@@ -118,6 +130,8 @@ impl Index {
             asserted_identity: config.relay.asserted_identity,
             registration: config.registration.clone(),
             nonce_ttl_ms: u64::from(config.digest.nonce_ttl_s) * 1000,
+            allow_rfc2069: config.digest.allow_rfc2069,
+            replay_slots: config.digest.replay_slots,
             alert_window_ms: u64::from(config.alerts.window_s) * 1000,
             locations: Vec::with_capacity(config.locations.len()),
             trunks: Vec::new(),
@@ -205,6 +219,8 @@ impl Index {
                         norm
                     });
                 }
+                let algorithms = trunk_algorithms(&ha1, tg.algorithms.as_deref(), &offered)
+                    .map_err(|reason| ConfigError::new(format!("{tpath}.algorithms"), reason))?;
                 if let Some(failover) = &tg.failover {
                     check_sip_uri(failover, &format!("{tpath}.failover"))?;
                 }
@@ -217,16 +233,14 @@ impl Index {
                     acl,
                     alerts: tg.alerts.clone(),
                     failover: tg.failover.clone(),
+                    algorithms,
                     dids,
                 });
             }
         }
-        for alg in [Algorithm::Sha256, Algorithm::Md5] {
-            if index
-                .trunks
-                .iter()
-                .any(|t| t.ha1.algorithms().any(|a| a == alg))
-            {
+        // Offered in the configured order, each only if some trunk group accepts it.
+        for alg in offered {
+            if index.trunks.iter().any(|t| t.algorithms.contains(&alg)) {
                 index.algorithms.push(alg);
             }
         }
@@ -299,6 +313,62 @@ fn compile_sockets(entries: &[String]) -> Result<Vec<SocketAddr>, ConfigError> {
             })
         })
         .collect()
+}
+
+fn compile_algorithms(names: &[String], path: &str) -> Result<Vec<Algorithm>, ConfigError> {
+    let mut out = Vec::with_capacity(names.len());
+    for (i, name) in names.iter().enumerate() {
+        let alg = Algorithm::from_param(Some(name)).ok_or_else(|| {
+            ConfigError::new(
+                format!("{path}[{i}]"),
+                format!("{name:?} is not a digest algorithm (MD5, SHA-256)"),
+            )
+        })?;
+        if out.contains(&alg) {
+            return Err(ConfigError::new(
+                format!("{path}[{i}]"),
+                format!("{name:?} is listed twice"),
+            ));
+        }
+        out.push(alg);
+    }
+    if out.is_empty() {
+        return Err(ConfigError::new(path, "needs at least one algorithm"));
+    }
+    Ok(out)
+}
+
+/// What a trunk group's answers may use: its own list (each one offered and
+/// verifiable with its credentials) or, by default, every offered algorithm its
+/// credentials verify.
+fn trunk_algorithms(
+    ha1: &Ha1Set,
+    own: Option<&[String]>,
+    offered: &[Algorithm],
+) -> Result<Vec<Algorithm>, String> {
+    let verifiable = |alg: &Algorithm| ha1.algorithms().any(|a| a == *alg);
+    let list = match own {
+        None => offered.iter().copied().filter(verifiable).collect(),
+        Some(names) => {
+            let list = compile_algorithms(names, "algorithms").map_err(|e| e.reason)?;
+            if let Some(alg) = list.iter().find(|a| !verifiable(a)) {
+                return Err(format!(
+                    "{} cannot be verified with this trunk group's credentials",
+                    alg.name()
+                ));
+            }
+            if let Some(alg) = list.iter().find(|a| !offered.contains(a)) {
+                return Err(format!("{} is not in digest.algorithms", alg.name()));
+            }
+            list
+        }
+    };
+    if list.is_empty() {
+        return Err(
+            "none of digest.algorithms can be verified with this trunk group's credentials".into(),
+        );
+    }
+    Ok(list)
 }
 
 fn claim(

@@ -14,6 +14,7 @@ pub mod digest;
 pub mod engine;
 pub mod index;
 pub mod policy;
+pub mod replay;
 pub mod sip;
 pub mod store;
 pub mod verdict;

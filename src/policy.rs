@@ -201,7 +201,7 @@ impl<'r, 'a> Request<'r, 'a> {
     }
 
     fn access_side(&self, store: &mut dyn Store) -> Result<Decision, StoreError> {
-        let trunk = match self.authenticate() {
+        let trunk = match self.authenticate(store) {
             Ok(trunk) => trunk,
             Err(verdict) => return Ok(verdict.into()),
         };
@@ -215,6 +215,17 @@ impl<'r, 'a> Request<'r, 'a> {
     /// RFC 3261 §22: REGISTER is authenticated by the registrar (401), everything else
     /// by the proxy (407).
     fn challenge(&self, stale: bool) -> Verdict {
+        self.challenge_for(if stale {
+            Cause::StaleNonce
+        } else {
+            Cause::AuthRequired
+        })
+    }
+
+    /// A challenge; every cause but `AuthRequired` marks the nonce stale, so the PBX
+    /// retries on a fresh one without asking anyone for a password.
+    fn challenge_for(&self, cause: Cause) -> Verdict {
+        let stale = cause != Cause::AuthRequired;
         let nonce = digest::make_nonce(
             self.secret,
             self.input.now_ms,
@@ -230,11 +241,7 @@ impl<'r, 'a> Request<'r, 'a> {
             action: Action::Challenge,
             code: Some(code),
             reason: Some(reason.into()),
-            cause: Some(if stale {
-                Cause::StaleNonce
-            } else {
-                Cause::AuthRequired
-            }),
+            cause: Some(cause),
             ..Verdict::allow()
         };
         for value in
@@ -249,7 +256,7 @@ impl<'r, 'a> Request<'r, 'a> {
     /// that answers it (challenge, 403, 400). The large error is the common case on
     /// this path, not an exceptional one, so it is not boxed.
     #[allow(clippy::result_large_err)]
-    fn authenticate(&self) -> Result<&'r Trunk, Verdict> {
+    fn authenticate(&self, store: &mut dyn Store) -> Result<&'r Trunk, Verdict> {
         // PBXs answer a 407 with Proxy-Authorization and a 401 with Authorization,
         // and some send either: take the first credentials for our realm from both.
         let preferred = if self.method == Method::Register {
@@ -291,6 +298,13 @@ impl<'r, 'a> Request<'r, 'a> {
         let Some(algorithm) = Algorithm::from_param(creds.algorithm) else {
             return Err(forbidden());
         };
+        // RFC 2069 answers (no qop) carry no nc to tell a replay from a reuse.
+        if creds.qop.is_none() && !self.index.allow_rfc2069 {
+            return Err(forbidden());
+        }
+        let Some(nc) = crate::replay::nc_value(creds.nc) else {
+            return Err(forbidden());
+        };
         let nonce_state = digest::check_nonce(
             self.secret,
             &creds.nonce,
@@ -308,6 +322,9 @@ impl<'r, 'a> Request<'r, 'a> {
             .index
             .trunk_by_username(&creds.username)
             .ok_or_else(forbidden)?;
+        if !trunk.algorithms.contains(&algorithm) {
+            return Err(forbidden());
+        }
         let response = digest::Response {
             username: &creds.username,
             uri: &creds.uri,
@@ -323,6 +340,29 @@ impl<'r, 'a> Request<'r, 'a> {
         }
         if nonce_state == NonceState::Stale {
             return Err(self.challenge(true));
+        }
+        // A correct answer is accepted once per (nonce, nc): a captured one replayed
+        // (from the same IP's other port, a NAT neighbour, a spoofed UDP source) is
+        // asked to authenticate afresh, which it cannot.
+        let issued_ms = digest::nonce_issued_ms(&creds.nonce).unwrap_or(0);
+        let claim = crate::replay::claim(
+            store,
+            self.index.replay_slots,
+            &creds.nonce,
+            issued_ms,
+            nc,
+            self.input.now_ms,
+            self.index.nonce_ttl_ms,
+        )
+        .map_err(|e| {
+            Verdict::reject(
+                500,
+                format!("Server Internal Error ({e})"),
+                Cause::StoreUnavailable,
+            )
+        })?;
+        if claim != crate::replay::Claim::Fresh {
+            return Err(self.challenge_for(Cause::ReplayedNonce));
         }
         Ok(trunk)
     }
@@ -367,8 +407,7 @@ impl<'r, 'a> Request<'r, 'a> {
                     )
                     .into());
                 }
-                binding::remove(store, &trunk.id)?;
-                return Ok(accepted(trunk, Cause::Unregistered, None));
+                return self.unregister(trunk, None, store);
             }
             Contacts::List(list) => list.into_iter().next(),
         };
@@ -385,8 +424,7 @@ impl<'r, 'a> Request<'r, 'a> {
             .or(header_expires)
             .unwrap_or(reg.default_expires);
         if requested == 0 {
-            binding::remove(store, &trunk.id)?;
-            return Ok(accepted(trunk, Cause::Unregistered, None));
+            return self.unregister(trunk, Some(contact.addr.uri.raw), store);
         }
         if requested < reg.min_expires {
             return Ok(
@@ -418,6 +456,34 @@ impl<'r, 'a> Request<'r, 'a> {
         let mut d = accepted(trunk, Cause::Registered, Some(header));
         d.alerts = alerts;
         Ok(d)
+    }
+
+    /// Removes T's binding, but only for its own PBX: a request from the binding's
+    /// address, or one naming the binding's Contact (RFC 3261 §10.3). From anywhere
+    /// else it would be a silent outage, and on a peer-to-peer trunk it would lift
+    /// "only the registered address may call": refused and alerted instead.
+    fn unregister(
+        &self,
+        trunk: &Trunk,
+        contact: Option<&str>,
+        store: &mut dyn Store,
+    ) -> Result<Decision, StoreError> {
+        if let Some(b) = binding::current(store, trunk, self.input.now_ms)?
+            && b.ip() != self.source_ip
+            && contact != Some(b.contact.as_str())
+        {
+            let cause = Cause::NotRegisteredAddress;
+            let verdict = Verdict::reject(403, "Forbidden", cause).with_trunk(&trunk.id);
+            let mut alerts = Vec::new();
+            if trunk.alerts.blocked_calls {
+                let mut a = self.alert(trunk, AlertKind::BlockedRegistration, Some(cause), None);
+                a.registered = Some(b.source.to_string());
+                alerts.push(a);
+            }
+            return Ok(Decision { verdict, alerts });
+        }
+        binding::remove(store, &trunk.id)?;
+        Ok(accepted(trunk, Cause::Unregistered, None))
     }
 
     fn call(&self, trunk: &Trunk, store: &mut dyn Store) -> Result<Decision, StoreError> {

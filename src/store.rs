@@ -53,6 +53,11 @@ pub mod keys {
         format!("tg/last_reg_ip/{trunk}")
     }
 
+    /// One slot of the replay set (`src/replay.rs`).
+    pub fn replay_slot(slot: u32) -> String {
+        format!("tg/nc/{slot}")
+    }
+
     pub fn throttle(trunk: &str, kind: &str, source_ip: &str) -> String {
         format!("tg/throttle/{trunk}/{kind}/{source_ip}")
     }

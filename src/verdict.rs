@@ -36,6 +36,9 @@ pub enum Cause {
     AuthRequired,
     /// Correct response on an expired nonce: challenged again with stale=true.
     StaleNonce,
+    /// Correct response, but this (nonce, nc) was used before (a replay), or the
+    /// replay set has no room for the nonce: challenged again with stale=true.
+    ReplayedNonce,
     /// REGISTER stored (or queried).
     Registered,
     /// REGISTER with expiry 0 removed the binding.
@@ -78,6 +81,7 @@ impl Cause {
             Cause::TrunkUnavailable => "trunk_unavailable",
             Cause::AuthRequired => "auth_required",
             Cause::StaleNonce => "stale_nonce",
+            Cause::ReplayedNonce => "replayed_nonce",
             Cause::Registered => "registered",
             Cause::Unregistered => "unregistered",
             Cause::RegisteredContact => "registered_contact",
@@ -110,6 +114,7 @@ impl Cause {
             Cause::TrunkUnavailable => "the trunk group is not registered and has no failover",
             Cause::AuthRequired => "credentials are required",
             Cause::StaleNonce => "the nonce expired",
+            Cause::ReplayedNonce => "the nonce and nonce count were used before",
             Cause::Registered => "registered",
             Cause::Unregistered => "unregistered",
             Cause::RegisteredContact => "routed to the registered PBX",

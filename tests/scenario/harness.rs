@@ -280,17 +280,29 @@ pub fn build_message(
         // `auth.uri`: credentials computed for another Request-URI (a captured
         // answer replayed towards another number).
         let digest_uri = auth["uri"].as_str().unwrap_or(&ruri);
-        let response = client_response(
-            alg, username, realm, password, method, digest_uri, nonce, "00000001", "0a4f113b",
-        );
+        // `auth.nc`: the nonce count (8 hex digits); `auth.qop: "none"`: an RFC 2069
+        // answer, without qop, nc and cnonce.
+        let nc = auth["nc"].as_str().unwrap_or("00000001");
         let header = if register || auth["header"] == "Authorization" {
             "Authorization"
         } else {
             "Proxy-Authorization"
         };
-        m.push_str(&format!(
-            "{header}: Digest username=\"{username}\", realm=\"{realm}\", nonce=\"{nonce}\", uri=\"{digest_uri}\", response=\"{response}\", algorithm={alg_name}, qop=auth, nc=00000001, cnonce=\"0a4f113b\"\r\n"
-        ));
+        if auth["qop"] == "none" {
+            let response = trunkguard::digest::client_response_rfc2069(
+                alg, username, realm, password, method, digest_uri, nonce,
+            );
+            m.push_str(&format!(
+                "{header}: Digest username=\"{username}\", realm=\"{realm}\", nonce=\"{nonce}\", uri=\"{digest_uri}\", response=\"{response}\", algorithm={alg_name}\r\n"
+            ));
+        } else {
+            let response = client_response(
+                alg, username, realm, password, method, digest_uri, nonce, nc, "0a4f113b",
+            );
+            m.push_str(&format!(
+                "{header}: Digest username=\"{username}\", realm=\"{realm}\", nonce=\"{nonce}\", uri=\"{digest_uri}\", response=\"{response}\", algorithm={alg_name}, qop=auth, nc={nc}, cnonce=\"0a4f113b\"\r\n"
+            ));
+        }
     }
     m.push_str("Content-Length: 0\r\n\r\n");
     m
@@ -334,6 +346,22 @@ fn check_verdict(want: &Value, got: &Value) -> Result<(), String> {
                     if Some(count as u64) != n.as_u64() {
                         return Err(format!("{count} {name} headers, expected {n}: {got}"));
                     }
+                }
+            }
+            "algorithms" => {
+                // The algorithm= of each challenge header, in order.
+                let got_algs: Vec<Value> = got["headers"]
+                    .as_array()
+                    .map(|hs| {
+                        hs.iter()
+                            .filter_map(|h| h[1].as_str())
+                            .filter_map(|v| v.split("algorithm=").nth(1))
+                            .map(|rest| json!(rest.split(',').next().unwrap_or("")))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                if &json!(got_algs) != w {
+                    return Err(format!("algorithms {got_algs:?}, expected {w}: {got}"));
                 }
             }
             "reason_contains" => {
