@@ -19,6 +19,10 @@ pub enum AlertKind {
     /// An authenticated REGISTER came from outside the ACL: the credentials work from
     /// somewhere they should not. Sent under the `blocked_calls` switch.
     BlockedRegistration,
+    /// Wrong passwords for this trunk group's username reached the lockout
+    /// threshold (config `digest.lockout`): somebody is guessing it. Under the
+    /// `blocked_calls` switch.
+    PasswordGuessing,
 }
 
 impl AlertKind {
@@ -27,6 +31,7 @@ impl AlertKind {
             AlertKind::BlockedCall => "blocked_call",
             AlertKind::RegIpChange => "reg_ip_change",
             AlertKind::BlockedRegistration => "blocked_registration",
+            AlertKind::PasswordGuessing => "password_guessing",
         }
     }
 }

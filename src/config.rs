@@ -127,6 +127,44 @@ pub struct DigestSettings {
     /// traffic (docs/policy.md).
     #[serde(default = "default_replay_slots")]
     pub replay_slots: u32,
+    /// Password guessing: sources refused for a while after too many wrong answers.
+    #[serde(default)]
+    pub lockout: Lockout,
+}
+
+/// `failures` wrong digest answers inside `window_s` from one source (an IPv6 source
+/// per /64) ban it for `ban_s`; the same count against one trunk group alerts its
+/// contacts. `failures: 0` turns it off.
+#[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct Lockout {
+    #[serde(default = "default_lockout_failures")]
+    pub failures: u32,
+    #[serde(default = "default_lockout_window")]
+    pub window_s: u32,
+    #[serde(default = "default_lockout_ban")]
+    pub ban_s: u32,
+}
+
+impl Default for Lockout {
+    fn default() -> Self {
+        Lockout {
+            failures: default_lockout_failures(),
+            window_s: default_lockout_window(),
+            ban_s: default_lockout_ban(),
+        }
+    }
+}
+
+fn default_lockout_failures() -> u32 {
+    10
+}
+fn default_lockout_window() -> u32 {
+    300
+}
+fn default_lockout_ban() -> u32 {
+    900
 }
 
 impl Default for DigestSettings {
@@ -136,6 +174,7 @@ impl Default for DigestSettings {
             algorithms: default_algorithms(),
             allow_rfc2069: false,
             replay_slots: default_replay_slots(),
+            lockout: Lockout::default(),
         }
     }
 }

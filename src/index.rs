@@ -51,6 +51,8 @@ pub struct Index {
     pub nonce_ttl_ms: u64,
     pub allow_rfc2069: bool,
     pub replay_slots: u32,
+    /// `None`: password-guessing lockout off.
+    pub lockout: Option<crate::lockout::Limits>,
     pub alert_window_ms: u64,
     pub locations: Vec<LocationInfo>,
     pub trunks: Vec<Trunk>,
@@ -131,6 +133,14 @@ impl Index {
             registration: config.registration.clone(),
             nonce_ttl_ms: u64::from(config.digest.nonce_ttl_s) * 1000,
             allow_rfc2069: config.digest.allow_rfc2069,
+            lockout: {
+                let l = &config.digest.lockout;
+                (l.failures > 0).then(|| crate::lockout::Limits {
+                    failures: l.failures,
+                    window_ms: u64::from(l.window_s) * 1000,
+                    ban_ms: u64::from(l.ban_s) * 1000,
+                })
+            },
             replay_slots: config.digest.replay_slots,
             alert_window_ms: u64::from(config.alerts.window_s) * 1000,
             locations: Vec::with_capacity(config.locations.len()),

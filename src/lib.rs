@@ -13,6 +13,7 @@ pub mod config;
 pub mod digest;
 pub mod engine;
 pub mod index;
+pub mod lockout;
 pub mod policy;
 pub mod replay;
 pub mod sip;

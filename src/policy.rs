@@ -8,6 +8,7 @@ use crate::alert::{Alert, AlertKind, rfc3339};
 use crate::binding::{self, Binding};
 use crate::digest::{self, Algorithm, NonceSecret, NonceState};
 use crate::index::{Index, Trunk};
+use crate::lockout;
 use crate::sip::{self, AuthHeader, Contacts, Message, Method, ParseError, Transport};
 use crate::store::{Store, StoreError};
 use crate::verdict::{Action, Cause, Verdict};
@@ -103,6 +104,22 @@ fn malformed(e: &ParseError) -> Verdict {
         other => format!("Bad Request ({other})"),
     };
     Verdict::reject(400, reason, Cause::Malformed)
+}
+
+/// Why `authenticate` did not find a trunk group.
+enum Refusal<'r> {
+    /// Answer with this (a challenge, a 400).
+    Answer(Verdict),
+    /// Unknown user, wrong or unusable answer: the 403 every guess gets, counted
+    /// against the source (and the trunk group, when the username named one).
+    BadCredentials(Option<&'r Trunk>),
+    Store(StoreError),
+}
+
+impl From<Verdict> for Refusal<'_> {
+    fn from(v: Verdict) -> Self {
+        Refusal::Answer(v)
+    }
 }
 
 struct Request<'r, 'a> {
@@ -201,9 +218,37 @@ impl<'r, 'a> Request<'r, 'a> {
     }
 
     fn access_side(&self, store: &mut dyn Store) -> Result<Decision, StoreError> {
+        let lockout = self.index.lockout;
+        let unit = lockout::source_unit(self.source_ip);
+        if lockout.is_some() && lockout::banned(store, &unit, self.input.now_ms)? {
+            // Refused without a look at its credentials; on the wire, the same 403 as
+            // a wrong password.
+            return Ok(Verdict::reject(403, "Forbidden", Cause::SourceBanned).into());
+        }
         let trunk = match self.authenticate(store) {
             Ok(trunk) => trunk,
-            Err(verdict) => return Ok(verdict.into()),
+            Err(Refusal::Answer(verdict)) => return Ok(verdict.into()),
+            Err(Refusal::Store(e)) => return Err(e),
+            Err(Refusal::BadCredentials(trunk)) => {
+                let verdict = Verdict::reject(403, "Forbidden", Cause::BadCredentials);
+                let mut alerts = Vec::new();
+                if let Some(limits) = lockout {
+                    let now = self.input.now_ms;
+                    lockout::source_failed(store, &unit, now, limits)?;
+                    if let Some(t) = trunk
+                        && lockout::trunk_failed(store, &t.id, now, limits)?
+                        && t.alerts.blocked_calls
+                    {
+                        alerts.push(self.alert(
+                            t,
+                            AlertKind::PasswordGuessing,
+                            Some(Cause::BadCredentials),
+                            None,
+                        ));
+                    }
+                }
+                return Ok(Decision { verdict, alerts });
+            }
         };
         if self.method == Method::Register {
             self.register(trunk, store)
@@ -256,7 +301,7 @@ impl<'r, 'a> Request<'r, 'a> {
     /// that answers it (challenge, 403, 400). The large error is the common case on
     /// this path, not an exceptional one, so it is not boxed.
     #[allow(clippy::result_large_err)]
-    fn authenticate(&self, store: &mut dyn Store) -> Result<&'r Trunk, Verdict> {
+    fn authenticate(&self, store: &mut dyn Store) -> Result<&'r Trunk, Refusal<'r>> {
         // PBXs answer a 407 with Proxy-Authorization and a 401 with Authorization,
         // and some send either: take the first credentials for our realm from both.
         let preferred = if self.method == Method::Register {
@@ -267,7 +312,7 @@ impl<'r, 'a> Request<'r, 'a> {
         let mut found = None;
         for kind in preferred {
             for creds in self.msg.credentials(kind) {
-                let creds = creds.map_err(|e| malformed(&e))?;
+                let creds = creds.map_err(|e| Refusal::Answer(malformed(&e)))?;
                 if creds.realm == self.index.realm {
                     found = Some(creds);
                     break;
@@ -278,7 +323,7 @@ impl<'r, 'a> Request<'r, 'a> {
             }
         }
         let Some(creds) = found else {
-            return Err(self.challenge(false));
+            return Err(self.challenge(false).into());
         };
         // RFC 7616 §3.4.6: the digest covers `uri`, so credentials computed for one
         // Request-URI must not carry a request to another (a captured answer
@@ -290,11 +335,12 @@ impl<'r, 'a> Request<'r, 'a> {
                 400,
                 "Bad Request (digest uri does not match the Request-URI)",
                 Cause::Malformed,
-            ));
+            )
+            .into());
         }
         // Unknown user, unknown algorithm and wrong response all get this same answer,
         // so the 403 tells a scanner nothing about which usernames exist.
-        let forbidden = || Verdict::reject(403, "Forbidden", Cause::BadCredentials);
+        let forbidden = || Refusal::BadCredentials(None);
         let Some(algorithm) = Algorithm::from_param(creds.algorithm) else {
             return Err(forbidden());
         };
@@ -316,14 +362,14 @@ impl<'r, 'a> Request<'r, 'a> {
         if nonce_state == NonceState::Invalid {
             // Not a nonce we issued to this address (another IP, a restart with a
             // new secret, a forgery): ask again rather than judge the password.
-            return Err(self.challenge(false));
+            return Err(self.challenge(false).into());
         }
         let trunk = self
             .index
             .trunk_by_username(&creds.username)
             .ok_or_else(forbidden)?;
         if !trunk.algorithms.contains(&algorithm) {
-            return Err(forbidden());
+            return Err(Refusal::BadCredentials(Some(trunk)));
         }
         let response = digest::Response {
             username: &creds.username,
@@ -336,10 +382,10 @@ impl<'r, 'a> Request<'r, 'a> {
             cnonce: creds.cnonce.as_deref(),
         };
         if !digest::verify(&trunk.ha1, self.method.as_str(), &response) {
-            return Err(forbidden());
+            return Err(Refusal::BadCredentials(Some(trunk)));
         }
         if nonce_state == NonceState::Stale {
-            return Err(self.challenge(true));
+            return Err(self.challenge(true).into());
         }
         // A correct answer is accepted once per (nonce, nc): a captured one replayed
         // (from the same IP's other port, a NAT neighbour, a spoofed UDP source) is
@@ -354,15 +400,9 @@ impl<'r, 'a> Request<'r, 'a> {
             self.input.now_ms,
             self.index.nonce_ttl_ms,
         )
-        .map_err(|e| {
-            Verdict::reject(
-                500,
-                format!("Server Internal Error ({e})"),
-                Cause::StoreUnavailable,
-            )
-        })?;
+        .map_err(Refusal::Store)?;
         if claim != crate::replay::Claim::Fresh {
-            return Err(self.challenge_for(Cause::ReplayedNonce));
+            return Err(self.challenge_for(Cause::ReplayedNonce).into());
         }
         Ok(trunk)
     }

@@ -53,6 +53,16 @@ pub mod keys {
         format!("tg/last_reg_ip/{trunk}")
     }
 
+    /// One slot of the password-guessing counts per source (`src/lockout.rs`).
+    pub fn lockout_source(slot: u32) -> String {
+        format!("tg/lockout/src/{slot}")
+    }
+
+    /// Failed answers against one trunk group's username.
+    pub fn lockout_trunk(trunk: &str) -> String {
+        format!("tg/lockout/tg/{trunk}")
+    }
+
     /// One slot of the replay set (`src/replay.rs`).
     pub fn replay_slot(slot: u32) -> String {
         format!("tg/nc/{slot}")

@@ -39,6 +39,9 @@ pub enum Cause {
     /// Correct response, but this (nonce, nc) was used before (a replay), or the
     /// replay set has no room for the nonce: challenged again with stale=true.
     ReplayedNonce,
+    /// The source guessed too many passwords: refused for a while without a look
+    /// at its credentials (config `digest.lockout`).
+    SourceBanned,
     /// REGISTER stored (or queried).
     Registered,
     /// REGISTER with expiry 0 removed the binding.
@@ -81,6 +84,7 @@ impl Cause {
             Cause::TrunkUnavailable => "trunk_unavailable",
             Cause::AuthRequired => "auth_required",
             Cause::StaleNonce => "stale_nonce",
+            Cause::SourceBanned => "source_banned",
             Cause::ReplayedNonce => "replayed_nonce",
             Cause::Registered => "registered",
             Cause::Unregistered => "unregistered",
@@ -114,6 +118,9 @@ impl Cause {
             Cause::TrunkUnavailable => "the trunk group is not registered and has no failover",
             Cause::AuthRequired => "credentials are required",
             Cause::StaleNonce => "the nonce expired",
+            Cause::SourceBanned => {
+                "the source sent too many wrong passwords and is refused for a while"
+            }
             Cause::ReplayedNonce => "the nonce and nonce count were used before",
             Cause::Registered => "registered",
             Cause::Unregistered => "unregistered",

@@ -41,6 +41,8 @@ async function buildMessage(step, nonce) {
 }
 
 const HQ = { user: 'hq1', password: 'correct horse battery staple' };
+// The example configuration's public listener; its core-facing one is 10.0.0.1:5060.
+const PUBLIC_SOCKET = '192.0.2.1:5060';
 const SCENARIOS = {
   'Registered PBX registers and calls': [
     { method: 'REGISTER', source: '203.0.113.7:5060', ...HQ, auth: true },
@@ -56,7 +58,7 @@ const SCENARIOS = {
   ],
   'Inbound call from the carrier core': [
     { method: 'REGISTER', source: '203.0.113.7:5060', ...HQ, auth: true },
-    { method: 'INVITE', source: '10.0.0.5:5060', user: 'carrier', ruri: 'sip:+15551230000@edge.example.net' },
+    { method: 'INVITE', source: '10.0.0.5:5060', local: '10.0.0.1:5060', user: 'carrier', ruri: 'sip:+15551230000@edge.example.net' },
   ],
   'Configuration error (ACL typo)': 'config-error',
 };
@@ -109,8 +111,10 @@ function applyConfig() {
   }
 }
 
-function show(message, source, transport, at) {
-  const verdict = policy.judge(message, source, transport, at);
+// `local`: the proxy socket the message arrived on; only a core-facing one
+// (config core_sockets) makes a core source the core.
+function show(message, source, transport, at, local) {
+  const verdict = policy.judge(message, source, transport, at, local);
   rows += 1;
   const tr = document.createElement('tr');
   const first = message.split('\r\n')[0];
@@ -143,13 +147,14 @@ async function runScenario(name) {
     let message = await buildMessage(step);
     $('message').value = message;
     $('source').value = step.source;
-    let verdict = show(message, step.source, transport, at);
+    $('local').value = step.local ?? PUBLIC_SOCKET;
+    let verdict = show(message, step.source, transport, at, $('local').value);
     if (step.auth && verdict.action === 'challenge') {
       const nonce = verdict.headers.map((h) => h[1]).find((v) => v.includes('SHA-256'))?.match(/nonce="([^"]*)"/)?.[1];
       message = await buildMessage(step, nonce);
       $('message').value = message;
       at += 50;
-      verdict = show(message, step.source, transport, at);
+      verdict = show(message, step.source, transport, at, $('local').value);
     }
     at += 1000;
   }
@@ -179,7 +184,7 @@ async function main() {
   };
   $('judge').onclick = () => {
     try {
-      show($('message').value.replace(/\r?\n/g, '\r\n'), $('source').value, $('transport').value, nowMs());
+      show($('message').value.replace(/\r?\n/g, '\r\n'), $('source').value, $('transport').value, nowMs(), $('local').value);
     } catch (e) {
       $('detail').textContent = `error: ${e.message ?? e}`;
     }

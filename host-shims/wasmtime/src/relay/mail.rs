@@ -60,6 +60,7 @@ pub fn render(a: &Alert) -> Rendered {
         AlertKind::BlockedCall => ("blocked call", "blocked calls"),
         AlertKind::BlockedRegistration => ("blocked registration", "blocked registrations"),
         AlertKind::RegIpChange => ("registration IP change", "registration IP changes"),
+        AlertKind::PasswordGuessing => ("password-guessing alert", "password-guessing alerts"),
     };
     let old_ip = a.old_ip.as_deref().unwrap_or("?");
     let new_ip = a.new_ip.as_deref().unwrap_or(from_ip);
@@ -99,6 +100,12 @@ pub fn render(a: &Alert) -> Rendered {
         ),
         (AlertKind::RegIpChange, false) => format!(
             "The PBX of trunk group {} (location {}) now registers from another IP address.",
+            a.trunk_group, a.location
+        ),
+        (AlertKind::PasswordGuessing, false) => format!(
+            "Somebody is guessing the password of trunk group {} (location {}): wrong \
+             passwords for its username reached the lockout threshold. Its own PBX keeps \
+             working; the guessing address is refused for a while.",
             a.trunk_group, a.location
         ),
         (_, true) => format!(

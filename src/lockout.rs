@@ -1,0 +1,257 @@
+//! Password guessing: failed digest answers are counted per source (an IPv6 source
+//! per /64, the unit one subscriber gets) and per trunk group; a source past
+//! `digest.lockout.failures` inside `window_s` is refused for `ban_s` without its
+//! credentials being checked, and a trunk group past the same threshold raises an
+//! alert to its contacts. A trunk group is never locked itself: its own PBX keeps
+//! working while somebody elsewhere guesses its password.
+//!
+//! Source records sit in a fixed number of slots ([`SLOTS`], [`PER_SLOT`] records
+//! each), so a guesser with many addresses cannot grow the store: a full slot
+//! forgets its oldest record that is not banned.
+
+use std::net::IpAddr;
+
+use crate::store::{Store, StoreError};
+
+pub const SLOTS: u32 = 4096;
+pub const PER_SLOT: usize = 4;
+
+/// The unit a source is counted as: an IPv4 address, or an IPv6 /64.
+pub fn source_unit(ip: IpAddr) -> String {
+    match crate::acl::canonical_ip(ip) {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+        }
+    }
+}
+
+/// The thresholds (config `digest.lockout`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub failures: u32,
+    pub window_ms: u64,
+    pub ban_ms: u64,
+}
+
+/// One record: `unit window_start_ms count banned_until_ms`; `;` between records.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Record {
+    unit: String,
+    window_start_ms: u64,
+    count: u32,
+    banned_until_ms: u64,
+}
+
+fn parse(text: &str) -> Vec<Record> {
+    text.split(';')
+        .filter_map(|r| {
+            let mut p = r.split(' ');
+            Some(Record {
+                unit: p.next()?.to_string(),
+                window_start_ms: p.next()?.parse().ok()?,
+                count: p.next()?.parse().ok()?,
+                banned_until_ms: p.next()?.parse().ok()?,
+            })
+        })
+        .collect()
+}
+
+fn render(records: &[Record]) -> String {
+    records
+        .iter()
+        .map(|r| {
+            format!(
+                "{} {} {} {}",
+                r.unit, r.window_start_ms, r.count, r.banned_until_ms
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(";")
+}
+
+/// FNV-1a: a stable spread of units over the slots (not a secret; collisions only
+/// share a slot's room, never a count).
+fn slot_of(unit: &str) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in unit.bytes() {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    h % SLOTS
+}
+
+/// Whether `unit` is banned at `now_ms`.
+pub fn banned(store: &mut dyn Store, unit: &str, now_ms: u64) -> Result<bool, StoreError> {
+    let key = crate::store::keys::lockout_source(slot_of(unit));
+    let Some(raw) = store.get(&key)? else {
+        return Ok(false);
+    };
+    Ok(parse(&String::from_utf8_lossy(&raw))
+        .iter()
+        .any(|r| r.unit == unit && r.banned_until_ms > now_ms))
+}
+
+/// Counts one failure of `unit` (a source) and says whether it is now banned.
+pub fn source_failed(
+    store: &mut dyn Store,
+    unit: &str,
+    now_ms: u64,
+    limits: Limits,
+) -> Result<bool, StoreError> {
+    let key = crate::store::keys::lockout_source(slot_of(unit));
+    let raw = store.get(&key)?.unwrap_or_default();
+    let mut records = parse(&String::from_utf8_lossy(&raw));
+    // Forget what no longer counts: windows that ended without a ban, bans served.
+    records.retain(|r| {
+        r.banned_until_ms > now_ms || now_ms.saturating_sub(r.window_start_ms) <= limits.window_ms
+    });
+    let i = match records.iter().position(|r| r.unit == unit) {
+        Some(i) => i,
+        None => {
+            if records.len() >= PER_SLOT {
+                // Room for the newcomer: the oldest record that is not banned.
+                let oldest = records
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, r)| r.banned_until_ms <= now_ms)
+                    .min_by_key(|(_, r)| r.window_start_ms)
+                    .map(|(i, _)| i);
+                match oldest {
+                    Some(i) => {
+                        records.remove(i);
+                    }
+                    // Every record is a ban in force: keep them, count nothing.
+                    None => return Ok(false),
+                }
+            }
+            records.push(Record {
+                unit: unit.to_string(),
+                window_start_ms: now_ms,
+                count: 0,
+                banned_until_ms: 0,
+            });
+            records.len() - 1
+        }
+    };
+    let Some(r) = records.get_mut(i) else {
+        return Ok(false);
+    };
+    r.count = r.count.saturating_add(1);
+    let now_banned = r.count >= limits.failures;
+    if now_banned {
+        r.banned_until_ms = now_ms.saturating_add(limits.ban_ms);
+        // The next window starts after the ban.
+        r.window_start_ms = r.banned_until_ms;
+        r.count = 0;
+    }
+    store.set(&key, render(&records).as_bytes())?;
+    Ok(now_banned)
+}
+
+/// Counts one failure against trunk group `trunk`; true when this one reaches the
+/// threshold (once per window: the moment to alert its contacts).
+pub fn trunk_failed(
+    store: &mut dyn Store,
+    trunk: &str,
+    now_ms: u64,
+    limits: Limits,
+) -> Result<bool, StoreError> {
+    let key = crate::store::keys::lockout_trunk(trunk);
+    let raw = store.get(&key)?.unwrap_or_default();
+    let text = String::from_utf8_lossy(&raw);
+    let mut parts = text.split(' ');
+    let (mut start, mut count) = match (
+        parts.next().and_then(|s| s.parse::<u64>().ok()),
+        parts.next().and_then(|s| s.parse::<u32>().ok()),
+    ) {
+        (Some(s), Some(c)) if now_ms.saturating_sub(s) <= limits.window_ms => (s, c),
+        _ => (now_ms, 0),
+    };
+    count = count.saturating_add(1);
+    let reached = count == limits.failures;
+    if count >= limits.failures.saturating_mul(2) {
+        // A long attack: a new window, so the contacts hear of it again.
+        start = now_ms;
+        count = 0;
+    }
+    store.set(&key, format!("{start} {count}").as_bytes())?;
+    Ok(reached)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::MemoryStore;
+
+    const LIMITS: Limits = Limits {
+        failures: 3,
+        window_ms: 60_000,
+        ban_ms: 600_000,
+    };
+
+    #[test]
+    fn a_source_is_banned_at_the_threshold_and_freed_after_the_ban() {
+        let mut s = MemoryStore::default();
+        assert_eq!(
+            source_failed(&mut s, "198.51.100.9", 1_000, LIMITS),
+            Ok(false)
+        );
+        assert_eq!(
+            source_failed(&mut s, "198.51.100.9", 2_000, LIMITS),
+            Ok(false)
+        );
+        assert_eq!(banned(&mut s, "198.51.100.9", 2_500), Ok(false));
+        assert_eq!(
+            source_failed(&mut s, "198.51.100.9", 3_000, LIMITS),
+            Ok(true)
+        );
+        assert_eq!(banned(&mut s, "198.51.100.9", 3_001), Ok(true));
+        assert_eq!(banned(&mut s, "198.51.100.10", 3_001), Ok(false));
+        assert_eq!(banned(&mut s, "198.51.100.9", 603_001), Ok(false));
+    }
+
+    #[test]
+    fn failures_spread_beyond_the_window_do_not_ban() {
+        let mut s = MemoryStore::default();
+        for i in 0..10u64 {
+            let banned = source_failed(&mut s, "198.51.100.9", i * 61_000, LIMITS);
+            assert_eq!(banned, Ok(false), "failure {i}");
+        }
+    }
+
+    #[test]
+    fn ipv6_sources_count_per_64() {
+        let a = source_unit("2001:db8:1:2:aaaa::1".parse().unwrap());
+        let b = source_unit("2001:db8:1:2:bbbb::9".parse().unwrap());
+        let c = source_unit("2001:db8:1:3::1".parse().unwrap());
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+        assert_eq!(
+            source_unit("::ffff:192.0.2.1".parse().unwrap()),
+            "192.0.2.1"
+        );
+    }
+
+    #[test]
+    fn the_store_stays_bounded_whatever_the_number_of_sources() {
+        let mut s = MemoryStore::default();
+        for i in 0..20_000u32 {
+            let unit = format!("10.{}.{}.{}", i >> 16, (i >> 8) & 255, i & 255);
+            source_failed(&mut s, &unit, 1_000, LIMITS).unwrap();
+        }
+        assert!(s.entries.len() <= SLOTS as usize);
+        let longest = s.entries.values().map(Vec::len).max().unwrap_or(0);
+        assert!(longest < 200, "a slot holds {longest} bytes");
+    }
+
+    #[test]
+    fn a_trunk_group_alert_fires_once_per_window() {
+        let mut s = MemoryStore::default();
+        let fired: Vec<bool> = (0..7u64)
+            .map(|i| trunk_failed(&mut s, "hq", 1_000 + i, LIMITS).unwrap())
+            .collect();
+        assert_eq!(fired, [false, false, true, false, false, false, false]);
+    }
+}
