@@ -1,7 +1,9 @@
 # trunkguard for Kamailio: the KEMI routing script (app_python3).
 #
 # Every request goes through the policy's verdict:
-#   allow     -> routed on (in-dialog by its Route set, new calls to the carrier)
+#   allow     -> routed by the verdict's `cause` and nothing else (in_dialog, core,
+#                trunk, pass_through; anything else is refused 503), with its `strip`
+#                and `insert` applied to what is relayed
 #   challenge -> 401/407 with the module's WWW-/Proxy-Authenticate headers
 #   reject    -> the module's code and reason (403 names the cause)
 #   accept    -> REGISTER answered 200 with the binding's Contact and expiry
@@ -18,7 +20,11 @@
 #   TRUNKGUARD_CARRIER     SIP URI allowed calls from PBXs are relayed to
 #   TRUNKGUARD_ALERT_URL   where alerts are POSTed (the relay's /v1/alerts or a webhook)
 #   TRUNKGUARD_ALERT_TOKEN_FILE  bearer token for that URL (optional)
-#   TRUNKGUARD_DMQ         1 when kamailio.cfg replicates the htables with DMQ
+#   TRUNKGUARD_DMQ         the DMQ listener (ip:port) when kamailio.cfg replicates the
+#                          htables with DMQ; KDMQ is taken on that socket only
+#   TRUNKGUARD_PUBLIC_SOCKETS / TRUNKGUARD_CORE_SOCKETS
+#                          the access-facing and core-facing listeners (ip:port, comma
+#                          separated): relayed requests leave by the side they go to
 #
 # Shared state lives in htables (kamailio.cfg): `tg` holds what the module stores
 # (bindings, last registration IPs, nonce secret, alert throttles), `tgctl` the published
@@ -26,11 +32,10 @@
 # timer process see the same tables, and they outlive `app_python.reload`.
 
 import fcntl
-import hashlib
-import hmac
 import http.client
 import json
 import os
+import re
 import sys
 import time
 import urllib.error
@@ -49,7 +54,16 @@ SPOOL_DIR = os.path.join(STATE_DIR, "spool")
 CARRIER = os.environ.get("TRUNKGUARD_CARRIER", "")
 ALERT_URL = os.environ.get("TRUNKGUARD_ALERT_URL", "")
 ALERT_TOKEN_FILE = os.environ.get("TRUNKGUARD_ALERT_TOKEN_FILE", "")
-DMQ = os.environ.get("TRUNKGUARD_DMQ", "") == "1"
+# The DMQ listener ("ip:port"); empty: no DMQ, KDMQ is an unknown method like any other.
+DMQ = os.environ.get("TRUNKGUARD_DMQ", "")
+
+
+def _sockets(name):
+    return [s.strip() for s in os.environ.get(name, "").split(",") if s.strip()]
+
+
+PUBLIC_SOCKETS = _sockets("TRUNKGUARD_PUBLIC_SOCKETS")
+CORE_SOCKETS = _sockets("TRUNKGUARD_CORE_SOCKETS")
 # Measurement only (run --baseline, scripts/bench-kamailio): the same routing with
 # Kamailio's own digest authentication and registrar instead of the policy.
 BASELINE = os.environ.get("TRUNKGUARD_BASELINE", "") == "1"
@@ -83,6 +97,15 @@ def _source():
     return "%s:%s" % (ip, port)
 
 
+def _local():
+    """The socket the message arrived on, as the policy's `core_sockets` names it."""
+    ip = KSR.pv.get("$Ri")
+    port = KSR.pv.get("$Rp")
+    if ":" in ip:
+        return "[%s]:%s" % (ip, port)
+    return "%s:%s" % (ip, port)
+
+
 def _message_bytes():
     # $mb decodes as UTF-8 and raises on anything else; the hex form keeps every byte
     # (NULs included), so binary bodies and garbage reach the parser as received.
@@ -101,7 +124,20 @@ def _published():
 
 
 NONCE_SECRET_KEY = "tg/nonce_secret"  # the module's key (src/store.rs), 32 bytes hex
-RR_SECRET_KEY = "tg/rr_secret"  # signs this proxy's Record-Route (_route_in_dialog)
+
+# Dialog variables (Kamailio `dialog` module) written when this edge relays a
+# dialog-creating INVITE: who is on either side, and by which socket to reach them.
+# An in-dialog request goes to the other party's recorded hop and nowhere else.
+DLG_FTAG = "tg_ftag"  # the caller's From tag: tells the direction of a later request
+DLG_CALLER, DLG_CALLER_SOCKET = "tg_caller", "tg_caller_sock"
+DLG_CALLEE, DLG_CALLEE_SOCKET = "tg_callee", "tg_callee_sock"
+DLG_BYE = "tg_bye"  # set when the dialog's BYE was relayed: nothing after it is
+# $dlg(state): 2 early, 3 confirmed (2xx not yet ACKed), 4 confirmed; 1 (no answer
+# yet) and 5 (ended) are not dialogs a request can be within.
+DLG_LIVE_STATES = (2, 3, 4, "2", "3", "4")
+
+# Header names and values the policy asks to insert must be one header line each.
+_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 
 
 def _ensure_secret(key):
@@ -178,7 +214,6 @@ class Shim:
         self.token = None
         self.baseline = None
         self.next_check = 0.0
-        self.rr_secret = None
 
     # --- KEMI callbacks ---------------------------------------------------------
 
@@ -186,8 +221,10 @@ class Shim:
         if self.baseline is None:
             self.baseline = _realm_and_ha1s(os.environ.get("TRUNKGUARD_CONFIG", ""))
         realm, ha1s = self.baseline
-        if KSR.siputils.has_totag() > 0 or KSR.is_ACK() or KSR.is_CANCEL() or KSR.is_OPTIONS():
-            return self._route_allowed(None)
+        if KSR.siputils.has_totag() > 0:
+            return self._route_allowed("in_dialog", None, [], [])
+        if KSR.is_ACK() or KSR.is_CANCEL() or KSR.is_OPTIONS():
+            return self._route_allowed("pass_through", None, [], [])
         ha1 = ha1s.get(KSR.pv.get("$fU") or "", "")
         # pv_auth_check: Authorization for REGISTER, Proxy-Authorization otherwise;
         # flags 1: the password given is HA1; checks 0: no From/To username match.
@@ -199,7 +236,7 @@ class Shim:
             KSR.registrar.save("location", 0)
             return -255
         KSR.auth.consume_credentials()
-        return self._route_allowed("baseline")
+        return self._route_allowed("trunk", "baseline", [], [])
 
     def child_init(self, rank):
         # Load the policy now rather than on the first message (a compile takes about a
@@ -215,7 +252,6 @@ class Shim:
                 # Secrets every worker must share, created by the first one under the
                 # lock: a worker that made its own would refuse the others' nonces.
                 _ensure_secret(NONCE_SECRET_KEY)
-                _ensure_secret(RR_SECRET_KEY)
                 self._sync()
         except Exception as e:
             # Not fatal: the first message retries, and is refused 503 if it fails.
@@ -232,10 +268,12 @@ class Shim:
                 return -255
 
     def _request_route(self):
-        if DMQ and KSR.pv.get("$rm") == "KDMQ":
-            # htable replication between nodes (docs/kamailio.md), not SIP traffic:
-            # only from a node of the DMQ peer list, which can rewrite any binding.
-            if KSR.dmq.is_from_node() > 0:
+        if DMQ and _local() == DMQ:
+            # The DMQ listener carries htable replication between nodes
+            # (docs/kamailio.md), and nothing else: KDMQ from a node of the peer list.
+            # A replicated write can rewrite any binding, so it is never taken on a
+            # SIP listener, whatever its source claims to be.
+            if KSR.pv.get("$rm") == "KDMQ" and KSR.dmq.is_from_node() > 0:
                 KSR.dmq.handle_message()
             else:
                 KSR.sl.sl_send_reply(403, "Forbidden")
@@ -245,16 +283,16 @@ class Shim:
         # Any exception from here on (PolicyError: a trap, a broken .wasm, a store
         # failure; or a bug) is answered by ksr_request_route's fail-closed 503.
         self._sync()
-        judged = self.policy.judge(_message_bytes(), _source(), KSR.pv.get("$pr"), _now_ms())
-        action, code, reason, cause, group, target, next_hop, headers, alerts = judged
+        judged = self.policy.judge(_message_bytes(), _source(), _local(), KSR.pv.get("$pr"), _now_ms())
+        action, code, reason, cause, group, target, next_hop, headers, strip, insert, alerts = judged
         _count("cause." + (cause or action))
         _flush_counts()
         if alerts:
             self._spool(alerts)
         if action == "allow":
-            return self._route_allowed(group)
+            return self._route_allowed(cause, group, strip, insert)
         if action == "route":
-            return self._route_inbound(target, next_hop)
+            return self._route_inbound(target, next_hop, strip, insert)
         # challenge, reject, accept: the module's answer, as it wrote it.
         if KSR.is_ACK():
             return -255
@@ -357,91 +395,178 @@ class Shim:
 
     # --- routing --------------------------------------------------------------------
 
-    def _route_allowed(self, group):
-        if KSR.siputils.has_totag() > 0:
-            return self._route_in_dialog()
-        if KSR.is_CANCEL() or KSR.is_ACK():
-            # Only within a transaction this proxy relayed (the ACK of a non-2xx
-            # answer, a CANCEL); anything else is dropped, never relayed.
-            if KSR.tm.t_check_trans() > 0:
-                return self._relay()
-            return -255
+    def _route_allowed(self, cause, group, strip, insert):
+        """An allowed request goes where the verdict's `cause` says (docs/abi.md) and
+        nowhere else; the host never works out on its own why the policy let it
+        through. A cause this script does not know is refused: fail closed."""
         if KSR.is_REGISTER():
-            # The policy answers every REGISTER itself; an allowed one is a core-side
-            # REGISTER, which this edge does not serve.
-            KSR.sl.sl_send_reply(405, "Method Not Allowed")
-            return -255
-        if group is None:
+            # The policy answers every REGISTER it serves itself; an allowed one is a
+            # core-side REGISTER, which this edge does not serve.
+            return self._refuse(405, "Method Not Allowed")
+        if cause == "in_dialog":
+            return self._route_in_dialog(strip, insert)
+        if cause == "pass_through":
             if KSR.is_OPTIONS():
-                # Keepalives from anyone are answered here, never relayed: the policy
-                # lets OPTIONS through unauthenticated.
-                KSR.sl.sl_send_reply(200, "OK")
+                # Keepalives from anyone are answered here, never relayed.
+                return self._refuse(200, "OK")
+            if KSR.is_CANCEL() or KSR.is_ACK():
+                # Only within a transaction this proxy relayed (the ACK of a non-2xx
+                # answer, a CANCEL); anything else is dropped, never relayed.
+                if KSR.tm.t_check_trans() > 0:
+                    return self._relay(strip, insert, within_transaction=True)
                 return -255
-            # A new request the policy allows without a trunk group comes from the
-            # core (core_networks): routed by its Request-URI.
-            self._record_route()
-            return self._relay()
-        # An authenticated trunk's call: to the carrier, nowhere else.
-        if not CARRIER:
-            KSR.err("trunkguard: TRUNKGUARD_CARRIER is not set; refusing %s\n" % (KSR.pv.get("$rm"),))
-            KSR.sl.sl_send_reply(503, "Service Unavailable (no carrier configured)")
-            return -255
-        self._record_route()
-        KSR.pv.sets("$du", CARRIER)
-        return self._relay()
+        elif cause == "core":
+            # The core's own request (core_networks, on a core socket): routed by its
+            # Request-URI, never back into this edge (_relay refuses that).
+            if KSR.is_INVITE():
+                # A call from the core is a `route` verdict; an INVITE allowed as
+                # `core` would open a dialog nobody recorded.
+                return self._unroutable(cause)
+            KSR.rr.record_route()
+            return self._relay(strip, insert)
+        elif cause == "trunk" and group:
+            # An authenticated trunk's request: to the carrier, whatever the
+            # Request-URI says.
+            if not CARRIER:
+                KSR.err("trunkguard: TRUNKGUARD_CARRIER is not set; refusing %s\n" % (KSR.pv.get("$rm"),))
+                return self._refuse(503, "Service Unavailable (no carrier configured)")
+            KSR.pv.sets("$du", CARRIER)
+            return self._relay_new(CARRIER, strip, insert)
+        return self._unroutable(cause)
 
-    def _route_in_dialog(self):
-        """An in-dialog request passes the policy unauthenticated, so it is routed only
-        by a Route set this proxy recorded *and signed* for this Call-ID: a forged
-        To-tag with a Route of its own choosing (to this proxy or elsewhere) is refused,
-        and nothing reaches the carrier or a PBX that way."""
-        if KSR.rr.loose_route() > 0:
-            if KSR.rr.check_route_param("tg=" + self._dialog_mac()) > 0:
-                return self._relay()
-            KSR.warn("trunkguard: in-dialog %s from %s with a Route set this proxy did not sign\n"
-                     % (KSR.pv.get("$rm"), _source()))
-            _count("in_dialog.refused")
-            KSR.sl.sl_send_reply(404, "Not Here")
-            return -255
+    def _unroutable(self, cause):
+        # `response` (never a request), an unknown cause, none at all: this script
+        # cannot honour it, so nothing is relayed.
+        KSR.err("trunkguard: %s from %s allowed with cause %r, which this host does not route; refused\n"
+                % (KSR.pv.get("$rm"), _source(), cause))
+        _count("allow.unroutable")
+        return self._refuse(503, "Service Unavailable (unroutable verdict)")
+
+    def _refuse(self, code, reason):
         if KSR.is_ACK():
-            # The ACK of a non-2xx answer to a relayed INVITE goes hop by hop.
-            if KSR.tm.t_check_trans() > 0:
-                return self._relay()
-            return -255
-        _count("in_dialog.refused")
-        KSR.sl.sl_send_reply(404, "Not Here")
+            return -255  # an ACK is never answered (RFC 3261 §17.2.3)
+        KSR.sl.sl_send_reply(code, reason)
         return -255
 
-    def _dialog_mac(self):
-        call_id = KSR.pv.get("$ci") or ""
-        return hmac.new(self._rr_secret(), call_id.encode("utf-8", "surrogateescape"),
-                        hashlib.sha256).hexdigest()[:16]
-
-    def _rr_secret(self):
-        if self.rr_secret is None:
-            self.rr_secret = bytes.fromhex(_ensure_secret(RR_SECRET_KEY))
-        return self.rr_secret
-
-    def _record_route(self):
-        # Signed with this deployment's secret over the Call-ID (see _route_in_dialog).
-        KSR.rr.record_route_params(";tg=" + self._dialog_mac())
-
-    def _route_inbound(self, target, next_hop):
-        if not target:
-            KSR.sl.sl_send_reply(500, "Server Internal Error (route without target)")
+    def _route_in_dialog(self, strip, insert):
+        """An in-dialog request passes the policy unauthenticated, so it is relayed
+        only within a dialog this edge created (Kamailio's `dialog` module matched it:
+        Call-ID, both tags and the edge's own Record-Route cookie, while the dialog
+        lives), and only to the other party's hop recorded when the dialog was
+        created. A lifted Record-Route, forged tags, a dialog that ended: 404."""
+        # loose_route() strips this edge's Route entries, and the dialog module
+        # (called back from it) matches the request to a dialog and applies it to
+        # the dialog's state.
+        routed = KSR.rr.loose_route() > 0
+        if routed and KSR.dialog.is_known_dlg() > 0 and self._dialog_lives():
+            ftag = KSR.pv.get("$dlg_var(%s)" % DLG_FTAG)
+            if ftag and KSR.pv.get("$ft") == ftag:
+                hop, sock = DLG_CALLEE, DLG_CALLEE_SOCKET
+            elif ftag and KSR.pv.get("$tt") == ftag:
+                hop, sock = DLG_CALLER, DLG_CALLER_SOCKET
+            else:
+                hop = sock = None
+            hop_uri = hop and KSR.pv.get("$dlg_var(%s)" % hop)
+            if hop_uri:
+                KSR.pv.sets("$du", hop_uri)
+                self._send_socket(KSR.pv.get("$dlg_var(%s)" % sock) or "")
+                return self._relay(strip, insert)
+        if KSR.is_ACK():
+            # The ACK of a non-2xx answer to a relayed INVITE goes hop by hop, within
+            # its transaction; any other is dropped.
+            if KSR.tm.t_check_trans() > 0:
+                return self._relay(strip, insert, within_transaction=True)
             return -255
+        KSR.warn("trunkguard: in-dialog %s from %s within no dialog of this edge\n" % (KSR.pv.get("$rm"), _source()))
+        _count("in_dialog.refused")
+        return self._refuse(404, "Not Here")
+
+    def _dialog_lives(self):
+        """Whether the matched dialog is one a request can be within. An ended dialog
+        (BYE, refused INVITE, timeout) lingers in the module until its last
+        transaction is freed, in state 5; the module has already moved a BYE's own
+        dialog there when the script sees the BYE, so the first BYE is let through
+        and marked, and every later request is refused."""
+        state = KSR.pv.get("$dlg(state)")
+        if state in DLG_LIVE_STATES:
+            return True
+        if KSR.is_BYE() and state in (5, "5") and not KSR.pv.get("$dlg_var(%s)" % DLG_BYE):
+            KSR.pv.sets("$dlg_var(%s)" % DLG_BYE, "1")
+            return True
+        return False
+
+    def _route_inbound(self, target, next_hop, strip, insert):
+        if not target:
+            return self._refuse(500, "Server Internal Error (route without target)")
         KSR.pv.sets("$ru", target)
         if next_hop:
             KSR.pv.sets("$du", next_hop)
-        self._record_route()
-        return self._relay()
+        return self._relay_new(next_hop or target, strip, insert)
 
-    def _relay(self):
+    def _relay_new(self, hop, strip, insert):
+        """A dialog-creating request to `hop` (the carrier, a PBX): record-routed,
+        and for an INVITE a dialog is created whose variables remember both parties'
+        hops, so that its in-dialog requests can be sent on (_route_in_dialog)."""
+        side = self._side_of(hop)
+        self._send_socket(self._socket_for(side, hop))
+        if KSR.is_INVITE():
+            if self._is_ours(hop):
+                # Checked before the dialog exists: a refused request leaves none.
+                return self._refuse(482, "Loop Detected")
+            KSR.dialog.dlg_manage()
+            KSR.pv.sets("$dlg_var(%s)" % DLG_FTAG, KSR.pv.get("$ft") or "")
+            KSR.pv.sets("$dlg_var(%s)" % DLG_CALLER, "sip:%s;transport=%s" % (_source(), KSR.pv.get("$pr")))
+            KSR.pv.sets("$dlg_var(%s)" % DLG_CALLER_SOCKET, "%s:%s" % (KSR.pv.get("$pr"), _local()))
+            KSR.pv.sets("$dlg_var(%s)" % DLG_CALLEE, hop)
+            KSR.pv.sets("$dlg_var(%s)" % DLG_CALLEE_SOCKET, KSR.pv.get("$fs") or "")
+        KSR.rr.record_route()
+        return self._relay(strip, insert)
+
+    def _side_of(self, hop):
+        # The carrier is the core side; a PBX (a registration, a failover) the access
+        # side.
+        return "core" if hop == CARRIER else "public"
+
+    def _socket_for(self, side, hop):
+        """The listener to send from, so that the far end's in-dialog requests come
+        back on the socket of its side (the Record-Route names it; rr's double
+        Record-Route when the two sides differ)."""
+        sockets = CORE_SOCKETS if side == "core" else PUBLIC_SOCKETS
+        if not sockets:
+            return ""
+        m = re.search(r";transport=(\w+)", hop, re.I)
+        proto = m.group(1).lower() if m else ("tls" if hop.lower().startswith("sips:") else "udp")
+        return "%s:%s" % (proto, sockets[0])
+
+    def _send_socket(self, sock):
+        if sock:
+            KSR.pv.sets("$fs", sock)
+
+    def _is_ours(self, uri):
+        return bool(uri) and KSR.is_myself(uri) > 0
+
+    def _rewrite(self, strip, insert):
+        """The verdict's edits to the relayed request: every instance of each
+        `strip` name removed (KSR.hdr.remove matches a known header by its type, so
+        the compact form too), each `insert` pair appended."""
+        for name in strip:
+            KSR.hdr.remove(name)
+        for name, value in insert:
+            if not _TOKEN.match(name) or "\r" in value or "\n" in value:
+                raise RuntimeError("verdict inserts a header that is not one line: %r" % ((name, value),))
+            KSR.hdr.append("%s: %s\r\n" % (name, value))
+
+    def _relay(self, strip=(), insert=(), within_transaction=False):
+        # Wherever it goes ($du, else the Request-URI), never back into this edge:
+        # a request addressed to the edge itself would loop until Max-Forwards ran out.
+        # (A CANCEL or hop-by-hop ACK follows its INVITE's transaction instead.)
+        if not within_transaction and self._is_ours(KSR.pv.get("$du") or KSR.pv.get("$ru")):
+            return self._refuse(482, "Loop Detected")
         # Kamailio leaves Max-Forwards alone unless told; the policy answers 483 when
         # it arrives at 0, this keeps a loop through the edge from going round forever.
         if KSR.maxfwd.process_maxfwd(70) < 0:
-            KSR.sl.sl_send_reply(483, "Too Many Hops")
-            return -255
+            return self._refuse(483, "Too Many Hops")
+        self._rewrite(strip, insert)
         if KSR.tm.t_relay() < 0:
             KSR.sl.sl_reply_error()
         return -255

@@ -6,6 +6,7 @@
 
 const crypto = require('node:crypto');
 const dgram = require('node:dgram');
+const dns = require('node:dns/promises');
 const fs = require('node:fs');
 const net = require('node:net');
 const path = require('node:path');
@@ -145,7 +146,8 @@ const sha256 = (data) => crypto.createHash('sha256').update(data).digest('hex');
 // the initial INVITE). Each records both parties: the socket that faces it and the
 // address its requests are relayed to. The callee's tag is learnt from the responses
 // to the initial INVITE. In-dialog requests are relayed only within these dialogs
-// and only to the other party (issue 10: a To tag alone is no authorisation).
+// and only to the other party: a To tag alone authorises nothing (docs/policy.md,
+// threat model).
 class Dialogs {
   constructor(ttlMs, max = DIALOG_MAX) {
     Object.assign(this, { ttlMs, max, map: new Map() });
@@ -297,8 +299,8 @@ class Edge {
       }
 
       // The socket it came in on goes along: the policy trusts core_networks sources
-      // only on the sockets its configuration lists in core_sockets (issue 10), so a
-      // spoofed core address on the access socket is just another stranger.
+      // only on the sockets its configuration lists in core_sockets (docs/policy.md,
+      // core traffic), so a spoofed core address on the access socket is a stranger.
       const verdict = this.policy.judge(buf, source, 'udp', Date.now(), side.hostport);
       this.trace(`${source} ${method} ${req.callId}: ${verdict.action} ${verdict.code ?? ''} ${verdict.cause ?? ''} ${verdict.trunk_group ?? ''} (on ${side.hostport})`);
       switch (verdict.action) {
@@ -447,7 +449,7 @@ class Edge {
     // The policy answers 483 itself, except for ACK and OPTIONS (RFC 3261 §16.3).
     if (mf !== undefined && !(Number(mf) > 0)) return this.refuse(req, 483, 'Too Many Hops', []);
     // What the verdict says leaves with it: headers removed (every instance, either
-    // form of the name), then headers added (docs/policy.md, issue 10).
+    // form of the name), then headers added (docs/policy.md, threat model).
     const strip = new Set((verdict?.strip ?? []).map((name) => canon(String(name))));
     msg.headers = msg.headers.filter((h) => !strip.has(canon(h.name)));
     for (const [name, value] of verdict?.insert ?? []) {
@@ -591,6 +593,8 @@ async function main() {
   policy.onAlert(alertSink(opt['alerts-url'], opt['alerts-token-file'], log));
   const upstream = hostPort(opt.upstream);
   upstream.port ??= 5060;
+  // Resolved once: the carrier's in-dialog requests are recognised by its address.
+  if (!net.isIP(upstream.host)) upstream.host = (await dns.lookup(upstream.host)).address;
   const access = await bind(opt.listen, 'a');
   const core = opt['core-listen'] ? await bind(opt['core-listen'], 'c') : access;
   const edge = new Edge({ policy, access, core, upstream, verbose: opt.verbose, dialogTtlMs: dialogTtl * 1000 });

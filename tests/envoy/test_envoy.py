@@ -6,6 +6,10 @@ behind Kamailio, and a webhook for the alerts.
     .2 PBX of trunk group hq-pbx1 (registers)    .3 an intruder with hq1's password
     .4 the same PBX after an IP change           .5 raw sockets (pipelining, garbage, TLS)
     .6 a fresh intruder for the webhook retry test
+    .7 an attacker without credentials (issue 10's relay attacks)
+
+The carrier behind Kamailio is a sipp far end for calls, and a bare UDP socket that
+records everything (FarEnd) for the attacks, which must never reach it.
 
 Run by scripts/test-envoy, which installs Envoy, Kamailio and sipp and builds the
 .wasm first. Ports 5160-5199 of 127.0.0.1 only.
@@ -59,6 +63,9 @@ def trunk_config(extra_trunks=0, acl="127.0.0.2/32"):
     config = {
         "realm": REALM,
         "core_networks": ["10.99.0.0/16"],
+        # No listener of this front faces the core (docs/envoy.md, Limits): nothing
+        # that reaches Envoy is the core, whatever its source address.
+        "core_sockets": ["10.99.0.1:5060"],
         "locations": [
             {"id": "hq", "contacts": ["noc@example.com"], "trunk_groups": [
                 {"id": "hq-pbx1", "username": HQ[0], "ha1": ha1(*HQ),
@@ -131,6 +138,7 @@ class Env:
     kamailio_log = None
     envoy_pid = None
     server = None
+    sipps = []  # the current test's sipp runs
 
 
 def start(cmd, log_path, **kw):
@@ -252,6 +260,7 @@ class Sipp:
                "-timeout", "30s", "-timeout_error", "-trace_msg", "-message_file", self.messages,
                "-trace_err", "-error_file", self.errors, *args]
         self.proc = start(cmd, self.screen, cwd=Env.dir)
+        Env.sipps.append(self)
 
     def result(self, timeout=40):
         try:
@@ -281,7 +290,9 @@ def far_end(name, calls=1):
 def pbx(name, scenario, ip, creds, calls=1, transport="t1", rate=None, service=CALLED, extra=()):
     args = ["-i", ip, "-s", service, "-m", str(calls)]
     if creds:
-        args += ["-key", "user", creds[0], "-au", creds[0], "-ap", creds[1]]
+        # sipp's digest uri is the address it sends to unless -auth_uri names the
+        # Request-URI, which the policy requires (RFC 2617 §3.2.2: digest-uri).
+        args += ["-key", "user", creds[0], "-au", creds[0], "-ap", creds[1], "-auth_uri", f"{service}@{REALM}"]
     if rate:
         args += ["-r", str(rate)]
     path = scenario if os.path.isabs(scenario) else os.path.join(NODE_SIPP, scenario)
@@ -290,7 +301,7 @@ def pbx(name, scenario, ip, creds, calls=1, transport="t1", rate=None, service=C
 
 def register(name, ip):
     return Sipp(name, os.path.join(NODE_SIPP, "register.xml"),
-                ["-i", ip, "-s", HQ[0], "-au", HQ[0], "-ap", HQ[1], "-m", "1",
+                ["-i", ip, "-s", HQ[0], "-au", HQ[0], "-ap", HQ[1], "-auth_uri", REALM, "-m", "1",
                  f"{LISTEN[0]}:{LISTEN[1]}"]).result()
 
 
@@ -309,8 +320,91 @@ def alert_where(**fields):
     return wait_for(f"an alert with {fields}", match)
 
 
+class FarEnd:
+    """The carrier stand-in for the attack tests: a UDP socket at FAR_END that records
+    every datagram, so a test can assert that nothing reached the carrier."""
+
+    def __init__(self):
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(FAR_END)
+        self.sock.settimeout(0.2)
+        self.got = []
+        self.running = True
+        self.thread = threading.Thread(target=self.loop, daemon=True)
+        self.thread.start()
+
+    def loop(self):
+        while self.running:
+            try:
+                data, _ = self.sock.recvfrom(65536)
+            except (socket.timeout, OSError):
+                continue
+            self.got.append(data.decode("latin-1"))
+
+    def close(self):
+        self.running = False
+        self.thread.join(2)
+        self.sock.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+ATTACKER = "127.0.0.7"
+
+
+def attack(message, source=ATTACKER, wait=1.5):
+    """Sends one message through Envoy from `source` and returns what came back."""
+    with socket.socket() as s:
+        s.bind((source, 0))
+        s.connect(LISTEN)
+        s.sendall(message.encode() if isinstance(message, str) else message)
+        s.settimeout(0.3)
+        data, until = b"", time.time() + wait
+        while time.time() < until:
+            try:
+                d = s.recv(65536)
+            except socket.timeout:
+                continue
+            if not d:
+                break
+            data += d
+    return data.decode("latin-1")
+
+
+def status_of(reply):
+    m = re.match(r"SIP/2\.0 (\d{3})", reply)
+    return int(m.group(1)) if m else None
+
+
+def forged(method, call_id, to, ruri="sip:+19005550100@carrier.example.net", extra="", from_tag="x1",
+           via_host=ATTACKER):
+    """A request without credentials, as an attacker writes it; `to` is the whole To
+    field (or fields), so that it can be ambiguous."""
+    return (f"{method} {ruri} SIP/2.0\r\n"
+            f"Via: SIP/2.0/TCP {via_host}:5060;branch=z9hG4bK-{call_id}-{method}\r\n"
+            f"Max-Forwards: 70\r\n{extra}"
+            f"From: <sip:attacker@{via_host}>;tag={from_tag}\r\n{to}"
+            f"Call-ID: {call_id}\r\nCSeq: 1 {method}\r\n"
+            f"Contact: <sip:attacker@{via_host}:5060;transport=tcp>\r\nContent-Length: 0\r\n\r\n")
+
+
+def header_values(message, name):
+    return re.findall(rf"(?im)^{name}:[ \t]*(.*?)\r?$", message)
+
+
 class EnvoyFront(unittest.TestCase):
     maxDiff = None
+
+    def tearDown(self):
+        # A failed test must not leave a sipp holding a port (the far end's) for the next.
+        for run in Env.sipps:
+            stop(run.proc)
+        Env.sipps = []
 
     def assertPassed(self, result, what):
         code, messages, errors = result
@@ -350,7 +444,9 @@ class EnvoyFront(unittest.TestCase):
     def test_03_call_from_another_address_is_refused_403_and_alerted(self):
         caller = pbx("call-stolen", "call-refused.xml", "127.0.0.3", HQ)
         messages = self.assertPassed(caller.result(), "refused call")
-        self.assertIn("SIP/2.0 403 Forbidden (not_registered_address)", messages)
+        # Credentials for our realm were given: the reason is only "Forbidden", the
+        # cause is for the operator (the alert, the counters).
+        self.assertRegex(messages, r"SIP/2\.0 403 Forbidden\r?\n")
         self.assertNeverRelayed(call_id_of(messages))
         alert = alert_where(kind="blocked_call", cause="not_registered_address",
                             source=lambda s: s and s.startswith("127.0.0.3:"))
@@ -366,7 +462,7 @@ class EnvoyFront(unittest.TestCase):
         self.assertPassed(far.result(), "far end")
         refused = pbx("p2p-refused", "call-refused.xml", "127.0.0.3", P2P)
         messages = self.assertPassed(refused.result(), "p2p refused")
-        self.assertIn("SIP/2.0 403 Forbidden (not_in_access_list)", messages)
+        self.assertRegex(messages, r"SIP/2\.0 403 Forbidden\r?\n")
         self.assertNeverRelayed(call_id_of(messages))
         alert = alert_where(kind="blocked_call", cause="not_in_access_list", trunk_group="branch-p2p")
         self.assertTrue(alert["source"].startswith("127.0.0.3:"), alert)
@@ -504,7 +600,8 @@ class EnvoyFront(unittest.TestCase):
         self.assertPassed(pbx("call-new-wasm", "call.xml", "127.0.0.2", HQ).result(), "call on the new .wasm")
         self.assertPassed(far.result(), "far end")
         messages = self.assertPassed(pbx("stolen-new-wasm", "call-refused.xml", "127.0.0.3", HQ).result(), "refused")
-        self.assertIn("403 Forbidden (not_registered_address)", messages)
+        self.assertRegex(messages, r"SIP/2\.0 403 Forbidden\r?\n")
+        self.assertGreaterEqual(stats().get("wasmcustom.trunkguard.verdict.not_registered_address", 0), 1)
 
     def test_10_alerts_are_retried_until_the_webhook_takes_them(self):
         retried = stats().get("wasmcustom.trunkguard.alerts.retried", 0)
@@ -596,8 +693,170 @@ class EnvoyFront(unittest.TestCase):
         got, _ = self.raw(self.request("REGISTER", "c3"))
         self.assertRegex(got, r"^SIP/2\.0 401 Unauthorized")
 
+    # Issue 10: what the upstream relays. Every attack below comes from an address with
+    # no binding and no credentials, and the carrier (FarEnd) must never see it.
+
+    def assertNothingReached(self, far, *call_ids, settle=1.0):
+        time.sleep(settle)
+        leaked = [m for m in far.got if not call_ids or any(c in m for c in call_ids)]
+        self.assertEqual(leaked, [], "reached the carrier")
+
+    def test_14_ambiguous_to_tag_is_answered_400_and_never_reaches_the_carrier(self):
+        # Kamailio reads the last tag parameter of the first To; trunkguard must not
+        # read "in dialog" where the proxy reads "new call" (issue 10, item 1).
+        forms = {
+            "empty-last": "To: <sip:+19005550100@carrier.example.net>;tag=a;tag\r\n",
+            "quoted-empty": 'To: <sip:+19005550100@carrier.example.net>;tag=a;tag=""\r\n',
+            "equals-empty": "To: <sip:+19005550100@carrier.example.net>;tag=a;tag=\r\n",
+            "other-case": "To: <sip:+19005550100@carrier.example.net>;tag=a;TAG=b\r\n",
+            "addr-spec": "To: sip:+19005550100@carrier.example.net;tag=a;tag\r\n",
+            "folded": "To: <sip:+19005550100@carrier.example.net>;tag=a\r\n ;tag\r\n",
+            "compact-second": "To: <sip:+19005550100@carrier.example.net>\r\nt: <sip:+19005550100@carrier.example.net>;tag=a\r\n",
+            "compact-first": "t: <sip:+19005550100@carrier.example.net>;tag=a\r\nTo: <sip:+19005550100@carrier.example.net>\r\n",
+        }
+        results = {}
+        with FarEnd() as far:
+            for name, to in forms.items():
+                reply = attack(forged("INVITE", f"amb-{name}", to))
+                results[name] = status_of(reply)
+            self.assertNothingReached(far, *(f"amb-{n}" for n in forms))
+        self.assertEqual(results, {name: 400 for name in forms})
+        # trunkguard answered them itself: the upstream saw probes only.
+        for name in forms:
+            self.assertNeverRelayed(f"amb-{name}")
+
+    def test_15_forged_in_dialog_request_never_reaches_the_carrier(self):
+        # A To tag and a Route set of the attacker's choosing: the upstream must not
+        # follow it, nor relay by Request-URI, outside a dialog it created (item 3).
+        far_uri = f"sip:{FAR_END[0]}:{FAR_END[1]};lr"
+        own_uri = f"sip:{UPSTREAM[0]}:{UPSTREAM[1]};transport=tcp;lr"
+        to = "To: <sip:+19005550100@carrier.example.net>;tag=forged\r\n"
+        cases = {
+            "route-far": forged("INVITE", "fdlg-route-far", to, extra=f"Route: <{far_uri}>\r\n"),
+            "route-self-far": forged("INVITE", "fdlg-route-self-far", to,
+                                     extra=f"Route: <{own_uri}>, <{far_uri}>\r\n"),
+            "ruri-far": forged("INVITE", "fdlg-ruri-far", to, ruri=f"sip:+19005550100@{FAR_END[0]}:{FAR_END[1]}"),
+            "bye-route-far": forged("BYE", "fdlg-bye-route-far", to, extra=f"Route: <{far_uri}>\r\n"),
+        }
+        results = {}
+        with FarEnd() as far:
+            for name, message in cases.items():
+                results[name] = status_of(attack(message))
+            self.assertNothingReached(far, "fdlg-")
+        self.assertEqual(results, {name: 404 for name in cases})
+
+    def legit_dialog(self, name):
+        """A registered PBX's call with re-INVITEs and the BYE from both sides
+        (tests/envoy/sipp/pbx-dialog.xml, uas-dialog.xml); returns what each saw."""
+        # Registered from .2 again: test_12 registered hq1 from .5.
+        self.assertPassed(register(f"{name}-register", "127.0.0.2"), "register from .2")
+        far = Sipp(f"{name}-far", os.path.join(ROOT, "tests", "envoy", "sipp", "uas-dialog.xml"),
+                   ["-i", FAR_END[0], "-p", str(FAR_END[1]), "-m", "1"], transport="u1")
+        time.sleep(0.3)
+        caller = pbx(name, os.path.join(ROOT, "tests", "envoy", "sipp", "pbx-dialog.xml"), "127.0.0.2", HQ)
+        pbx_saw = self.assertPassed(caller.result(), f"{name}: PBX")
+        far_saw = self.assertPassed(far.result(), f"{name}: carrier")
+        return pbx_saw, far_saw
+
+    def test_16_registered_call_with_reinvites_and_bye_from_both_sides(self):
+        pbx_saw, far_saw = self.legit_dialog("dialog")
+        # The carrier got the PBX's re-INVITE and ACKs; the PBX got the carrier's
+        # re-INVITE, its ACK and its BYE, over its own connection through Envoy.
+        self.assertRegex(far_saw, r"(?m)^CSeq: 3 INVITE")
+        self.assertRegex(far_saw, r"(?m)^CSeq: 3 ACK")
+        self.assertRegex(pbx_saw, r"(?m)^CSeq: 101 INVITE")
+        self.assertRegex(pbx_saw, r"(?m)^CSeq: 101 ACK")
+        self.assertRegex(pbx_saw, r"(?m)^CSeq: 102 BYE")
+
+    def test_17_what_leaves_the_edge(self):
+        # Item 6: the carrier gets neither the PBX's credentials, nor the identity it
+        # asserts or prefers, nor its preloaded Route, nor a trunk-group header of its
+        # making; it gets the edge's identity and trunk group instead.
+        _, far_saw = self.legit_dialog("leaves")
+        invite = re.search(r"(?s)INVITE sip:\S+ SIP/2\.0\r?\n.*?\r?\n\r?\n", far_saw).group(0)
+        for name in ("Proxy-Authorization", "Authorization", "P-Preferred-Identity", "Route"):
+            self.assertEqual(header_values(invite, name), [], f"{name} left the edge:\n{invite}")
+        # hq1 is not one of the trunk's DIDs: the edge asserts the trunk's first DID.
+        self.assertEqual(header_values(invite, "P-Asserted-Identity"), [f"<sip:+15551230000@{REALM}>"], invite)
+        self.assertEqual(header_values(invite, "X-Trunkguard-Trunk-Group"), ["hq-pbx1"], invite)
+        self.assertTrue(header_values(invite, "Record-Route"), invite)
+
+    def test_18_dialog_identifiers_reused_after_bye_are_refused(self):
+        self.assertPassed(register("register-reuse", "127.0.0.2"), "register from .2")
+        far = far_end("far-reuse")
+        messages = self.assertPassed(pbx("call-reuse", "call.xml", "127.0.0.2", HQ).result(), "call")
+        self.assertPassed(far.result(), "far end")
+        call_id = call_id_of(messages)
+        from_tag = re.search(r"(?m)^From: .*;tag=(\S+)", messages).group(1)
+        answer = re.search(r"(?s)SIP/2\.0 200 OK\r?\n.*?CSeq: 2 INVITE.*?\r?\n\r?\n", messages).group(0)
+        to = re.search(r"(?m)^To: (.*;tag=\S+)\r?$", answer).group(1)
+        contact = re.search(r"(?m)^Contact: <([^>]+)>", answer).group(1)
+        # The route set the PBX used (RFC 3261 §12.1.2: Record-Route reversed).
+        routes = ", ".join(reversed(header_values(answer, "Record-Route")))
+        results = {}
+        with FarEnd() as far:
+            # At once (the BYE's transaction still lives), from the intruder's address.
+            for method in ("INVITE", "BYE"):
+                message = forged(method, call_id, f"To: {to}\r\n", ruri=contact, from_tag=from_tag,
+                                 extra=f"Route: {routes}\r\n" if routes else "")
+                results[method] = status_of(attack(message))
+            self.assertNothingReached(far, call_id)
+        self.assertEqual(results, {"INVITE": 404, "BYE": 404})
+
+    def test_19_stray_replies_are_not_forwarded(self):
+        # Item 7: a reply that matches none of the upstream's transactions is dropped,
+        # not sent on to its second Via (here the carrier).
+        def reply(call_id, top):
+            return (f"SIP/2.0 200 OK\r\nVia: {top};branch=z9hG4bK-{call_id}-top\r\n"
+                    f"Via: SIP/2.0/UDP {FAR_END[0]}:{FAR_END[1]};branch=z9hG4bK-{call_id}-2nd\r\n"
+                    f"From: <sip:attacker@{ATTACKER}>;tag=x1\r\nTo: <sip:+19005550100@carrier.example.net>;tag=y\r\n"
+                    f"Call-ID: {call_id}\r\nCSeq: 1 INVITE\r\nContent-Length: 0\r\n\r\n")
+        with FarEnd() as far:
+            attack(reply("stray-envoy", f"SIP/2.0/TCP {UPSTREAM[0]}:{UPSTREAM[1]}"), wait=0.5)
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+                u.bind((ATTACKER, 0))
+                u.sendto(reply("stray-udp", f"SIP/2.0/UDP {UPSTREAM[0]}:{UPSTREAM[1]}").encode(), UPSTREAM)
+            self.assertNothingReached(far, "stray-", settle=1.5)
+
+    def test_20_request_to_the_proxy_itself_is_refused_not_looped(self):
+        # Item 7: a request whose Route and Request-URI name the upstream itself is
+        # refused once, not relayed to itself.
+        own = f"sip:{UPSTREAM[0]}:{UPSTREAM[1]}"
+        to = "To: <sip:+19005550100@carrier.example.net>;tag=self\r\n"
+        cases = {
+            "self-route": forged("BYE", "self-route", to, ruri=own, extra=f"Route: <{own};lr>\r\n"),
+            "self-ruri": forged("OPTIONS", "self-ruri", to, ruri=own),
+        }
+        results = {name: status_of(attack(message)) for name, message in cases.items()}
+        time.sleep(0.5)
+        seen = upstream_saw()[0]
+        for name in cases:
+            self.assertEqual(len([x for x in seen if x["call_id"] == name]), 1, f"{name} looped")
+        self.assertEqual(results, {name: 404 for name in cases})
+
+
+    def test_21_the_upstream_sends_the_carrier_only_calls_the_filter_marked(self):
+        # Item 2 for this front: the upstream learns the verdict's cause from the
+        # trunk-group header the filter puts on `trunk` requests only. An INVITE that
+        # reaches it without one (here straight to its socket) never goes to the carrier.
+        with FarEnd() as far:
+            with socket.socket() as s:
+                s.bind((ATTACKER, 0))
+                s.connect(UPSTREAM)
+                s.sendall(forged("INVITE", "unmarked", "To: <sip:+19005550100@carrier.example.net>\r\n").encode())
+                s.settimeout(3)
+                reply = s.recv(65536).decode("latin-1")
+            self.assertNothingReached(far, "unmarked")
+        self.assertEqual(status_of(reply), 403, reply)
+
+
 if __name__ == "__main__":
+    # Run without a selection, every test must have run: a module that fails to set
+    # up, or a renamed class, must not pass as "0 failed".
+    expected = len(unittest.TestLoader().getTestCaseNames(EnvoyFront)) if len(sys.argv) == 1 else 1
     result = unittest.main(exit=False, verbosity=2).result
     failed = len(result.failures) + len(result.errors)
     print(f"\nenvoy: {result.testsRun - failed - len(result.skipped)} passed, {failed} failed, {len(result.skipped)} skipped")
-    sys.exit(1 if failed or not result.wasSuccessful() else 0)
+    if result.testsRun < expected:
+        print(f"envoy: ran {result.testsRun} tests, expected {expected}")
+    sys.exit(1 if failed or not result.wasSuccessful() or result.testsRun < expected else 0)

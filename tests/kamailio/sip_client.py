@@ -317,7 +317,8 @@ def place_call(pbx, carrier, edge, creds, called, extra=(), timeout=3.0):
     pbx.send(invite(2, [auth]), edge)
     got, hop = carrier.request("INVITE", timeout)
     if got is None:
-        raise AssertionError("the authenticated INVITE never reached the carrier")
+        raise AssertionError("the authenticated INVITE never reached the carrier; the PBX got:\n%s"
+                             % "\n".join(m.split("\r\n", 1)[0] for m in pbx.seen[-6:]))
     carrier_tag = os.urandom(4).hex()
     carrier_contact = "<sip:%s@%s:%d>" % (called, carrier.ip, carrier.port)
     carrier.send(response(got, 200, "OK", to_tag=carrier_tag, contact=carrier_contact), hop)
@@ -414,3 +415,37 @@ class FarEnd:
             except OSError:
                 pass
             s.close()
+
+
+def place_inbound(core, pbx, edge, did, timeout=3.0):
+    """The core's call for `did` through the edge's core socket to the registered PBX
+    (`pbx` listening where it registered from), both ends played here: INVITE, the
+    PBX's 200, the core's ACK. Returns (core dialog, PBX dialog, the INVITE as the PBX
+    got it)."""
+    call_id = "inbound-%s@%s" % (os.urandom(6).hex(), core.ip)
+    ftag = os.urandom(4).hex()
+    ruri = "sip:%s@%s" % (did, REALM)
+    local_uri = "sip:+15550001111@carrier.example.net"
+    invite = ("INVITE %s SIP/2.0\r\nVia: SIP/2.0/UDP %s:%d;branch=z9hG4bK%s;rport\r\nMax-Forwards: 70\r\n"
+              "From: <%s>;tag=%s\r\nTo: <%s>\r\nCall-ID: %s\r\nCSeq: 1 INVITE\r\n"
+              "Contact: <sip:core@%s:%d>\r\nContent-Length: 0\r\n\r\n"
+              % (ruri, core.ip, core.port, os.urandom(8).hex(), local_uri, ftag, ruri, call_id, core.ip, core.port))
+    core.send(invite.encode("latin-1"), edge)
+    got, hop = pbx.request("INVITE", timeout)
+    if got is None:
+        raise AssertionError("the core's INVITE never reached the PBX")
+    pbx_tag = os.urandom(4).hex()
+    pbx.send(response(got, 200, "OK", to_tag=pbx_tag, contact="<sip:hq1@%s:%d>" % (pbx.ip, pbx.port)), hop)
+    ok, _ = core.final(timeout)
+    if status(ok) != 200:
+        raise AssertionError("expected 200 at the core, got %r" % ok)
+    core_side = Dialog(core, call_id, ruri, ftag, ruri, tag_of(headers(ok, "To")[0]),
+                       list(reversed(headers(ok, "Record-Route"))),
+                       re.sub(r"^<|>$", "", headers(ok, "Contact")[0]), 1)
+    pbx_side = Dialog(pbx, call_id, ruri, pbx_tag, local_uri, ftag, headers(got, "Record-Route"),
+                      re.sub(r"^<|>.*$", "", headers(got, "Contact")[0]), 0)
+    core_side.local_uri = local_uri
+    core_side.send("ACK", cseq=1)
+    if pbx.request("ACK", timeout)[0] is None:
+        raise AssertionError("the ACK of the 200 never reached the PBX")
+    return core_side, pbx_side, got

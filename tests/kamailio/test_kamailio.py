@@ -235,8 +235,10 @@ class KamailioEdge(unittest.TestCase):
         return Sipp(self.workdir, name, scenario, args, calls)
 
     def uac(self, name, scenario, ip, creds, transport="u1", service=CALLED, calls=1, rate=None):
+        # The digest uri must be the Request-URI (RFC 3261 §22.4); sipp's default is
+        # the remote address.
         args = ["-i", ip, "-t", transport, "-s", service, "-key", "user", creds[0], "-au", creds[0],
-                "-ap", creds[1]]
+                "-ap", creds[1], "-auth_uri", "%s@%s" % (service, REALM)]
         if rate:
             args += ["-r", str(rate)]
         return self.sipp(name, scenario, args + [KAMAILIO_ADDR], calls)
@@ -259,7 +261,7 @@ class KamailioEdge(unittest.TestCase):
 
     def register_pbx(self, ip=PBX, name="register"):
         run = self.sipp(name, "register.xml", ["-i", ip, "-p", str(PBX_PORT), "-s", HQ[0], "-au", HQ[0],
-                                              "-ap", HQ[1], KAMAILIO_ADDR])
+                                              "-ap", HQ[1], "-auth_uri", REALM, KAMAILIO_ADDR])
         self.assert_passed(run)
         return run
 
@@ -289,7 +291,8 @@ class KamailioEdge(unittest.TestCase):
         self.assertIn("SIP/2.0 407 Proxy Authentication Required", pbx.log())
         got = carrier.log()
         self.assertRegex(got, r"INVITE sip:\+15559876543@trunks\.example\.net SIP/2\.0")
-        self.assertRegex(got, r"Record-Route: <sip:127\.0\.0\.1(:5060)?;lr")
+        # Two Record-Routes: the carrier's side names the core-facing listener.
+        self.assertRegex(got, r"Record-Route: <sip:127\.0\.0\.1:5080;r2=on;lr")
         self.assertRegex(got, r"(?m)^BYE ")
         self.assertNotIn("CSeq: 1 INVITE", got, "the challenged INVITE never reaches the carrier")
 
@@ -525,8 +528,9 @@ class KamailioEdge(unittest.TestCase):
         intruder = sip.Endpoint(INTRUDER)
         try:
             # A To-tag makes the policy pass a request unauthenticated; the edge relays
-            # in-dialog requests only along a Route set it recorded and signed.
-            for route in [None, "<sip:127.0.0.1:5060;lr;tg=0123456789abcdef>",
+            # in-dialog requests only within a dialog it created (test_21 replays real
+            # ones). Here: no Route, a made-up dialog cookie, a Route to the carrier.
+            for route in [None, "<sip:127.0.0.1:5060;lr;did=123.456>",
                           "<sip:127.0.0.1:%d;lr>" % CARRIER_PORT]:
                 invite = sip.request("INVITE", "sip:%s@127.0.0.1:%d" % (CALLED, CARRIER_PORT), from_user=HQ[0],
                                      to_user=CALLED, via_ip=INTRUDER, via_port=intruder.port, to_tag="forged",
@@ -612,7 +616,12 @@ class KamailioEdge(unittest.TestCase):
                     outcomes.append((transport, name, sip.status(answer)))
                 finally:
                     intruder.close()
-        self.assertEqual([o for o in outcomes if o[2] != 400], [], "every ambiguous To answered 400")
+        # Kamailio's own parser drops a request with two To header fields before the
+        # script sees it ("duplicate To header field" in its log): no answer, which
+        # is as good as a 400 here. Every other form is the policy's 400.
+        dropped_by_kamailio = {name for name, to in self.AMBIGUOUS_TO if "\r\nt:" in to}
+        self.assertEqual([o for o in outcomes if o[2] != 400 and not (o[1] in dropped_by_kamailio and o[2] == 0)],
+                         [], "every ambiguous To answered 400")
         self.assert_nothing_reached(far, "an INVITE with an ambiguous To tag")
 
     def test_19_an_allow_with_a_cause_the_host_does_not_know_fails_closed(self):
@@ -737,10 +746,27 @@ class KamailioEdge(unittest.TestCase):
         self.assert_nothing_reached(pbx, "the core's request on the public listener")
         self.assert_nothing_reached(far, "the core's request on the public listener")
 
+    def test_24_an_inbound_call_from_the_core_works_in_both_directions(self):
+        # hq-pbx1 is registered from 127.0.0.2:5082 (test_01, test_07).
+        core, pbx = self.party(CORE), self.party(PBX, PBX_PORT)
+        core_side, pbx_side, got = sip.place_inbound(core, pbx, CORE_SOCKET, "+15551230000")
+        # The PBX's side of the Record-Route names the public listener, the core's
+        # the core-facing one.
+        self.assertRegex(sip.headers(got, "Record-Route")[0], r"^<sip:127\.0\.0\.1[;:]", got)
+        self.assertNotIn(":5080", sip.headers(got, "Record-Route")[0], got)
+        self.assertIn(":5080", core_side.route[0])
+        sip.in_dialog_round(pbx_side, core_side, "INVITE")
+        sip.in_dialog_round(core_side, pbx_side, "INVITE")
+        sip.in_dialog_round(pbx_side, core_side, "BYE")
+        # The core's call again, hung up by the core.
+        core_side, pbx_side, _ = sip.place_inbound(core, pbx, CORE_SOCKET, "+15551230000")
+        sip.in_dialog_round(core_side, pbx_side, "BYE")
+
 
 class DmqPair(unittest.TestCase):
-    """Two Kamailio nodes replicating the `tg` htable with DMQ: a PBX registers with
-    node A and calls through node B; the intruder is refused by B."""
+    """Two Kamailio nodes replicating the `tg` htable with DMQ over TCP: a PBX
+    registers with node A and calls through node B; the intruder is refused by B; a
+    KDMQ on a SIP listener changes nothing."""
 
     NODES = {"a": (5064, 5065, 5067), "b": (5066, 5067, 5065)}
 
@@ -755,6 +781,8 @@ class DmqPair(unittest.TestCase):
             out = subprocess.run(
                 [RUN, "--no-install", "--daemon", "--config", cls.config, "--listen", "127.0.0.1:%d" % sip_port,
                  "--dmq", "127.0.0.1:%d" % dmq_port, "--dmq-peer", "127.0.0.1:%d" % peer_port,
+                 # Over TCP, as docs/kamailio.md advises between nodes.
+                 "--dmq-transport", "tcp",
                  "--carrier", "sip:127.0.0.1:%d" % CARRIER_PORT, "--state", state, "--workers", "2"],
                 capture_output=True, text=True, timeout=60)
             cls.started.append(state)
@@ -781,13 +809,13 @@ class DmqPair(unittest.TestCase):
     def test_registration_on_one_node_is_enforced_by_the_other(self):
         node_a, node_b = "127.0.0.1:%d" % self.NODES["a"][0], "127.0.0.1:%d" % self.NODES["b"][0]
         self.passed(self.sipp("register-a", "register.xml", ["-i", PBX, "-p", str(PBX_PORT), "-s", HQ[0], "-au", HQ[0],
-                                                             "-ap", HQ[1], node_a]))
+                                                             "-ap", HQ[1], "-auth_uri", REALM, node_a]))
         out = lambda: subprocess.run([TGCTL, "--state", os.path.join(self.workdir, "b"), "binding", "hq-pbx1"],
                                      capture_output=True, text=True, timeout=30).stdout
         wait_for("the binding to reach node b", lambda: "127.0.0.2:%d" % PBX_PORT in out(), timeout=5)
         carrier = self.sipp("carrier-b", "uas.xml", ["-i", "127.0.0.1", "-p", str(CARRIER_PORT)])
         time.sleep(0.3)
-        user = ["-key", "user", HQ[0], "-au", HQ[0], "-ap", HQ[1], "-s", CALLED]
+        user = ["-key", "user", HQ[0], "-au", HQ[0], "-ap", HQ[1], "-s", CALLED, "-auth_uri", "%s@%s" % (CALLED, REALM)]
         self.passed(self.sipp("call-b", "call.xml", ["-i", PBX] + user + [node_b]))
         self.passed(carrier)
         self.passed(self.sipp("stolen-b", "call-refused.xml", ["-i", INTRUDER] + user + [node_b]))

@@ -55,6 +55,22 @@ def _body(instructions):
 
 
 def trapping_module():
+    return _module(b"\x00")  # unreachable
+
+
+def fixed_verdict_module(verdict):
+    """A module whose tg_judge answers `verdict` (a dict) to every message: a verdict
+    the real policy never gives, to see what the host does with it."""
+    import json
+
+    judged = json.dumps({"verdict": verdict}).encode()
+    return _module(b"\x42" + _sleb((JUDGED_AT << 32) | len(judged)), [(JUDGED_AT, judged)])
+
+
+JUDGED_AT = 128
+
+
+def _module(judge_body, extra_data=()):
     types = [
         _functype([], [I32]),  # tg_abi_version
         _functype([I32], [I32]),  # tg_buffer
@@ -70,13 +86,13 @@ def trapping_module():
         b"\x41" + _sleb(2),  # i32.const 2: ABI version 2 (docs/abi.md)
         b"\x41" + _sleb(1024),  # the input buffer lives at 1024
         b"\x42" + _sleb(len(CONFIGURED)),  # (ptr 0 << 32) | len
-        b"\x00",  # unreachable
+        judge_body,
         b"\x42" + _sleb((TICK_AT << 32) | len(TICKED)),
     ]
     data = [
         b"\x00\x41" + _sleb(0) + b"\x0b" + _vec([bytes([b]) for b in CONFIGURED]),
         b"\x00\x41" + _sleb(TICK_AT) + b"\x0b" + _vec([bytes([b]) for b in TICKED]),
-    ]
+    ] + [b"\x00\x41" + _sleb(at) + b"\x0b" + _vec([bytes([b]) for b in text]) for at, text in extra_data]
     return b"".join([
         b"\x00asm\x01\x00\x00\x00",
         _section(1, _vec(types)),

@@ -3,8 +3,14 @@
 // through it to a sipp carrier, stolen credentials and a peer-to-peer trunk outside
 // its access list are refused with alerts, the core's call is routed to the
 // registered PBX. Run once with one socket and once with a separate core socket.
-// 127.0.0.x addresses are distinct sources here: .2 the PBX, .3 an intruder, .9 the
-// carrier core.
+// 127.0.0.x addresses are distinct sources here: .2 the PBX, .3 an intruder, .4 a
+// third party an attacker would like to reach, .9 the carrier core.
+//
+// The attacks of docs/policy.md (threat model) are replayed through the real edge,
+// each with a listening far end standing for the carrier (or the PBX, or the third
+// party) that asserts nothing of the attack reached it. TG_EDGE_JS runs the suite
+// against another edge.js (for instance the previous one, to see the attacks succeed
+// there).
 
 import { test, describe, before, after } from 'node:test';
 import assert from 'node:assert/strict';
@@ -30,10 +36,14 @@ const TOKEN = 'edge-test-token';
 // policy offers SHA-256 first. `ha1` (MD5 only) keeps SHA-256 out of the challenges.
 const ha1 = ({ user, password }) => createHash('md5').update(`${user}:${REALM}:${password}`).digest('hex');
 
-function config({ broken = false } = {}) {
+const EDGE_JS = process.env.TG_EDGE_JS ?? join(root, 'host-shims/node/edge.js');
+
+// coreSockets: the socket the core sends to (the only one where 127.0.0.9 is the core).
+function config({ broken = false, coreSockets } = {}) {
   return {
     realm: REALM,
     core_networks: ['127.0.0.9/32'],
+    core_sockets: coreSockets,
     locations: [
       { id: 'hq', contacts: ['noc@example.com'], trunk_groups: [
         { id: 'hq-pbx1', username: HQ.user, ha1: ha1(HQ), require_registration: true, dids: ['+15551230000'] }] },
@@ -105,17 +115,22 @@ after(() => {
   alertServer?.close();
 });
 
-async function startEdge(coreListen, env = {}) {
+async function startEdge(coreListen, env = {}, extraArgs = []) {
   const dir = mkdtempSync(join(tmpdir(), 'tg-edge-'));
   const cfg = join(dir, 'config.json');
-  writeFileSync(cfg, JSON.stringify(config(), null, 2));
+  // The configuration names the core-facing socket, so its ports are chosen here.
+  const listenPort = await freePort('127.0.0.1');
+  const corePort = coreListen ? await freePort('127.0.0.1') : listenPort;
+  const coreSockets = [`127.0.0.1:${corePort}`];
+  writeFileSync(cfg, JSON.stringify(config({ coreSockets }), null, 2));
   writeFileSync(join(dir, 'token'), `${TOKEN}\n`);
   const upstreamPort = await freePort('127.0.0.1');
-  const args = [join(root, 'host-shims/node/edge.js'), '--config', cfg, '--listen', '127.0.0.1:0',
+  const args = [EDGE_JS, '--config', cfg, '--listen', `127.0.0.1:${listenPort}`,
     '--upstream', `127.0.0.1:${upstreamPort}`, '--alerts-url', alertsUrl, '--alerts-token-file', join(dir, 'token'), '--verbose'];
-  if (coreListen) args.push('--core-listen', '127.0.0.1:0');
+  if (coreListen) args.push('--core-listen', `127.0.0.1:${corePort}`);
+  args.push(...extraArgs);
   const proc = start(process.execPath, args, { env: { ...process.env, ...env } });
-  const edge = { proc, dir, cfg, upstreamPort, log: '', alerts: [] };
+  const edge = { proc, dir, cfg, coreSockets, upstreamPort, log: '', alerts: [] };
   let pending = '';
   proc.stdout.on('data', (d) => {
     const lines = (pending + d).split('\n');
@@ -176,24 +191,91 @@ function ended(far, caller) {
   return far.run;
 }
 
-// Records what reaches the upstream port while nothing else listens there.
-async function watchUpstream(edge) {
-  const sock = await udpSocket('127.0.0.1', edge.upstreamPort);
+// A far end that answers nothing and records what reaches it (the carrier's port,
+// the PBX's, a third party's) while nothing else listens there.
+async function watch(ip, port) {
+  const sock = await udpSocket(ip, port);
   const seen = [];
   sock.on('message', (m) => seen.push(m.toString('latin1')));
-  return { seen, close: () => new Promise((resolve) => sock.close(resolve)) };
+  return { sock, seen, port: sock.address().port, close: () => new Promise((resolve) => sock.close(resolve)) };
+}
+const watchUpstream = (edge) => watch('127.0.0.1', edge.upstreamPort);
+
+// Runs fn with far ends listening, then asserts none of them received anything (after
+// a grace period for late datagrams), and closes them whatever happened.
+async function nothingReaches(farEnds, fn) {
+  try {
+    await fn();
+    await new Promise((resolve) => setTimeout(resolve, 300));
+    for (const [name, far] of Object.entries(farEnds)) assert.deepEqual(far.seen, [], `something reached ${name}`);
+  } finally {
+    for (const far of Object.values(farEnds)) await far.close();
+  }
 }
 
+// sipp's digest uri is the address it sends to unless -auth_uri names another; the
+// policy wants the Request-URI's (RFC 3261 §22.4).
 function uac(edge, name, scenario, ip, { creds, service = CALLED, to = edge.address } = {}) {
   const args = ['-i', ip, '-s', service];
-  if (creds) args.push('-key', 'user', creds.user, '-au', creds.user, '-ap', creds.password);
+  if (creds) args.push('-key', 'user', creds.user, '-au', creds.user, '-ap', creds.password, '-auth_uri', `${service}@trunks.example.net`);
   return sipp(edge, name, scenario, [...args, to]);
 }
+
+// A call set up by hand, for attacks inside a live dialog: the PBX (a socket on
+// 127.0.0.2) calls with the peer-to-peer trunk's credentials, answering the 407; the
+// carrier (a socket on the upstream port) answers 200 with the edge's Record-Route
+// and records everything it gets. Resolves with the dialog as the PBX sees it.
+async function handCall(edge) {
+  const carrier = await watch('127.0.0.1', edge.upstreamPort);
+  carrier.sock.on('message', (m, rinfo) => {
+    const text = m.toString('latin1');
+    if (!/^INVITE /.test(text) || /^To:.*;tag=/mi.test(text)) return;
+    const keep = text.split('\r\n').filter((l) => /^(Via|From|Call-ID|CSeq|Record-Route):/i.test(l));
+    const to = /^To: (.*)$/mi.exec(text)[1];
+    const answer = ['SIP/2.0 200 OK', ...keep, `To: ${to};tag=carrier-tag`, `Contact: <sip:carrier@127.0.0.1:${edge.upstreamPort}>`, 'Content-Length: 0', '', ''];
+    carrier.sock.send(answer.join('\r\n'), rinfo.port, rinfo.address);
+  });
+  const pbx = await udpSocket('127.0.0.2');
+  const got = [];
+  pbx.on('message', (m) => got.push(m.toString('latin1')));
+  const [host, port] = edge.address.split(':');
+  const ruri = `sip:${CALLED}@trunks.example.net`;
+  const callId = `hand-${Date.now()}@127.0.0.2`;
+  const invite = (cseq, auth = '') => ['INVITE ' + ruri + ' SIP/2.0',
+    `Via: SIP/2.0/UDP 127.0.0.2:${pbx.address().port};branch=z9hG4bK-hand-${cseq};rport`, 'Max-Forwards: 70',
+    `From: <sip:${P2P.user}@trunks.example.net>;tag=pbx-tag`, `To: <${ruri}>`, `Call-ID: ${callId}`, `CSeq: ${cseq} INVITE`,
+    `Contact: <sip:${P2P.user}@127.0.0.2:${pbx.address().port}>`, ...(auth ? [auth] : []), 'Content-Length: 0', '', ''].join('\r\n');
+  pbx.send(invite(1), Number(port), host);
+  const challenge = await waitFor('the 407', () => got.find((m) => /^SIP\/2\.0 407 /.test(m)));
+  const nonce = /nonce="([^"]+)"/.exec(challenge)[1];
+  const md5 = (x) => createHash('md5').update(x).digest('hex');
+  const response = md5(`${ha1(P2P)}:${nonce}:00000001:0a4f113b:auth:${md5(`INVITE:${ruri}`)}`);
+  pbx.send(invite(2, `Proxy-Authorization: Digest username="${P2P.user}", realm="${REALM}", nonce="${nonce}", uri="${ruri}", response="${response}", algorithm=MD5, qop=auth, nc=00000001, cnonce="0a4f113b"`), Number(port), host);
+  const ok = await waitFor('the 200 through the edge', () => got.find((m) => /^SIP\/2\.0 200 /.test(m)));
+  const recordRoute = [...ok.matchAll(/^Record-Route: (.*?)\r?$/gmi)].flatMap((m) => m[1].split(/,\s*(?=<)/));
+  return {
+    carrier, pbx, callId,
+    from: `<sip:${P2P.user}@trunks.example.net>;tag=pbx-tag`, to: `<${ruri}>;tag=carrier-tag`,
+    routes: `Route: ${recordRoute.reverse().join(', ')}\n`,
+    close: async () => { pbx.close(); await carrier.close(); },
+  };
+}
+
+const inDialogRequest = (call, method, target, ip, n) => `${method} ${target} SIP/2.0
+Via: SIP/2.0/UDP ${ip}:5060;branch=z9hG4bK-live-${n};rport
+${call.routes}Max-Forwards: 70
+From: ${call.from}
+To: ${call.to}
+Call-ID: ${call.callId}
+CSeq: ${10 + n} ${method}
+Content-Length: 0
+
+`;
 
 const alertFor = (edge, cause) => waitFor(`an alert with cause ${cause}`, () => edge.alerts.find((a) => a.cause === cause));
 
 // Sends one datagram from ip and returns the first answer (or undefined).
-async function exchange(ip, to, text, ms = 1500) {
+async function exchange(ip, to, text, ms = 1000) {
   const sock = await udpSocket(ip);
   const [host, port] = to.split(':');
   const answer = new Promise((resolve) => {
@@ -225,7 +307,7 @@ for (const coreListen of [false, true]) {
 
     test('a PBX registers with digest: 401, then 200 with its Contact and expiry', TIMEOUT, async () => {
       const run = await sipp(edge, 'register', 'register.xml',
-        ['-i', '127.0.0.2', '-p', String(pbxPort), '-s', HQ.user, '-au', HQ.user, '-ap', HQ.password, edge.address]);
+        ['-i', '127.0.0.2', '-p', String(pbxPort), '-s', HQ.user, '-au', HQ.user, '-ap', HQ.password, '-auth_uri', 'trunks.example.net', edge.address]);
       assertPassed(edge, run);
       assert.match(run.messages, /SIP\/2\.0 401 Unauthorized[\s\S]*WWW-Authenticate: Digest realm="trunks\.example\.net"/);
       assert.match(edge.log, /REGISTER \S+: accept 200 registered hq-pbx1/);
@@ -242,11 +324,38 @@ for (const coreListen of [false, true]) {
       assert.match(got, /Max-Forwards: 69/);
       // One Record-Route per socket the call crossed, the one facing the carrier on top (RFC 5658).
       const invite = got.slice(0, got.indexOf('SIP/2.0 180'));
-      const recorded = [...invite.matchAll(/^Record-Route: <sip:([\d.:]+);lr;tg=[0-9a-f]{16}>/gm)].map((m) => m[1]);
+      const recorded = [...invite.matchAll(/^Record-Route: <sip:([\d.:]+);lr>/gm)].map((m) => m[1]);
       assert.deepEqual(recorded, coreListen ? [edge.coreAddress, edge.address] : [edge.address]);
-      assert.doesNotMatch(got, /Proxy-Authorization/, 'credentials for our realm are consumed by the edge');
       assert.match(got, /^BYE /m);
       assert.match(edge.log, /ACK absorbed \(it acknowledges our 407\)/);
+    });
+
+    // Threat model: the verdict's strip and insert are applied to what is relayed.
+    test('attack: what the PBX put in its call does not reach the carrier; the edge asserts identity and trunk group', TIMEOUT, async () => {
+      const carrier = await farEnd(edge, 'carrier-dressed', 'uas.xml', '127.0.0.1', edge.upstreamPort);
+      const pbx = await uac(edge, 'call-dressed', 'call.xml', '127.0.0.2', { creds: HQ });
+      const got = assertPassed(edge, pbx, await ended(carrier, pbx)).messages;
+      const invite = got.slice(0, got.indexOf('SIP/2.0 180'));
+      assert.match(invite, /^INVITE /m);
+      assert.doesNotMatch(invite, /^(Proxy-)?Authorization:/im, 'credentials for our realm end at the edge');
+      assert.doesNotMatch(invite, /^Route:/im, 'the PBX\'s preloaded Route set ends at the edge');
+      assert.doesNotMatch(invite, /pbx\.example\.com|someone-else/, 'the PBX\'s own identity and trunk-group claim are gone');
+      assert.match(invite, /^P-Asserted-Identity: <sip:\+15551230000@trunks\.example\.net>\r?$/im);
+      assert.match(invite, /^X-Trunkguard-Trunk-Group: hq-pbx1\r?$/im);
+      assert.equal((invite.match(/^P-Asserted-Identity:/gim) ?? []).length, 1);
+      const bye = got.slice(got.search(/^BYE /m));
+      assert.doesNotMatch(bye.slice(0, bye.indexOf('SIP/2.0 200')), /^X-Trunkguard-Trunk-Group:/im, 'nor in its BYE');
+    });
+
+    test('both parties re-INVITE the call, and the carrier ends it', TIMEOUT, async () => {
+      const carrier = await farEnd(edge, 'carrier-reinvite', 'uas-reinvite.xml', '127.0.0.1', edge.upstreamPort);
+      const pbx = await uac(edge, 'call-reinvite', 'call-reinvite.xml', '127.0.0.2', { creds: HQ });
+      assertPassed(edge, pbx, await ended(carrier, pbx));
+      // Each way, judged in_dialog and relayed within the dialog the edge recorded.
+      assert.match(edge.log, /127\.0\.0\.2:\d+ INVITE \S+: allow\s+in_dialog/);
+      for (const method of ['INVITE', 'ACK', 'BYE']) {
+        assert.match(edge.log, new RegExp(`127\\.0\\.0\\.1:${edge.upstreamPort} ${method} \\S+: allow\\s+in_dialog`));
+      }
     });
 
     test('a CANCEL and the ACK of the 487 follow the INVITE to the carrier', TIMEOUT, async () => {
@@ -280,7 +389,7 @@ for (const coreListen of [false, true]) {
       const carrier = await farEnd(edge, 'carrier-p2p', 'uas.xml', '127.0.0.1', edge.upstreamPort);
       const pbx = await uac(edge, 'p2p', 'call.xml', '127.0.0.2', { creds: P2P });
       assertPassed(edge, pbx, await ended(carrier, pbx));
-      assert.match(edge.log, /INVITE \S+: allow\s+branch-p2p/);
+      assert.match(edge.log, /INVITE \S+: allow\s+trunk branch-p2p/);
     });
 
     test('the peer-to-peer trunk from 127.0.0.3 is refused 403 not_in_access_list', TIMEOUT, async () => {
@@ -307,7 +416,7 @@ for (const coreListen of [false, true]) {
       assert.match(edge.log, /INVITE \S+: route\s+registered_contact hq-pbx1/);
     });
 
-    test('in-dialog requests off the edge\'s route sets are refused 404; stray responses are dropped', TIMEOUT, async () => {
+    test('in-dialog requests outside the edge\'s dialogs are refused 404; stray responses are dropped', TIMEOUT, async () => {
       const upstream = await watchUpstream(edge);
       try {
         const request = (method, extra) => `${method} sip:${CALLED}@trunks.example.net SIP/2.0
@@ -321,9 +430,9 @@ ${extra}Content-Length: 0
 
 `;
         // A To-tag makes the policy pass a request unauthenticated; the edge still refuses it.
-        assert.match(await exchange('127.0.0.3', edge.address, request('INVITE', '')), /^SIP\/2\.0 404 Not Found \(no route set\)/);
+        assert.match(await exchange('127.0.0.3', edge.address, request('INVITE', '')), /^SIP\/2\.0 404 Not Found/);
         const forgedRoute = `Route: <sip:${edge.address};lr;tg=0123456789abcdef>\n`;
-        assert.match(await exchange('127.0.0.3', edge.address, request('BYE', forgedRoute)), /^SIP\/2\.0 404 Not Found \(route set not issued/);
+        assert.match(await exchange('127.0.0.3', edge.address, request('BYE', forgedRoute)), /^SIP\/2\.0 404 Not Found/);
         const stray = `SIP/2.0 200 OK
 Via: SIP/2.0/UDP ${edge.address};branch=z9hG4bKa0123456789abcdef01234567;rport
 Via: SIP/2.0/UDP 127.0.0.1:${edge.upstreamPort};branch=z9hG4bK-victim
@@ -341,17 +450,183 @@ Content-Length: 0
       }
     });
 
+    // Threat model: a To tag the policy and a proxy could read differently.
+    test('attack: an uncredentialed INVITE with an ambiguous To tag is refused 400', TIMEOUT, async () => {
+      const upstream = await watchUpstream(edge);
+      const pbx = await watch('127.0.0.2', pbxPort);
+      await nothingReaches({ carrier: upstream, pbx }, async () => {
+        const to = '<sip:+19005550100@carrier.example.net>';
+        const forms = {
+          'a bare second tag': `To: ${to};tag=a;tag\n`,
+          'an empty quoted second tag': `To: ${to};tag=a;tag=""\n`,
+          'a second tag in other letter case': `To: ${to};tag=a;TAG=b\n`,
+          'the addr-spec form': 'To: sip:+19005550100@carrier.example.net;tag=a;tag\n',
+          'a second To header, compact': `To: ${to};tag=a\nt: ${to}\n`,
+          'a folded continuation line': `To: ${to};tag=a\n ;tag\n`,
+        };
+        for (const [form, toLines] of Object.entries(forms)) {
+          const n = Object.keys(forms).indexOf(form);
+          const invite = `INVITE sip:+19005550100@127.0.0.1:${edge.upstreamPort} SIP/2.0
+Via: SIP/2.0/UDP 127.0.0.3:5060;branch=z9hG4bK-ambiguous-${n};rport
+Max-Forwards: 70
+From: <sip:anyone@127.0.0.3>;tag=x${n}
+${toLines}Call-ID: ambiguous-${n}@127.0.0.3
+CSeq: 1 INVITE
+Contact: <sip:anyone@127.0.0.3:5060>
+Content-Length: 0
+
+`;
+          assert.match(await exchange('127.0.0.3', edge.address, invite) ?? 'no answer', /^SIP\/2\.0 400 /, form);
+        }
+      });
+    });
+
+    // Threat model: nothing unauthenticated from the access side goes upstream.
+    test('attack: out-of-dialog OPTIONS, ACK and CANCEL from anyone stay at the edge', TIMEOUT, async () => {
+      const upstream = await watchUpstream(edge);
+      await nothingReaches({ carrier: upstream }, async () => {
+        const request = (method) => `${method} sip:+19005550100@127.0.0.1:${edge.upstreamPort} SIP/2.0
+Via: SIP/2.0/UDP 127.0.0.3:5060;branch=z9hG4bK-stray-${method};rport
+Max-Forwards: 70
+From: <sip:anyone@127.0.0.3>;tag=s1
+To: <sip:+19005550100@carrier.example.net>
+Call-ID: stray-${method}@127.0.0.3
+CSeq: 1 ${method}
+Content-Length: 0
+
+`;
+        assert.match(await exchange('127.0.0.3', edge.address, request('OPTIONS')) ?? 'no answer', /^SIP\/2\.0 200 /, 'OPTIONS answered by the edge');
+        assert.equal(await exchange('127.0.0.3', edge.address, request('ACK'), 500), undefined, 'an ACK of nothing is dropped');
+        assert.match(await exchange('127.0.0.3', edge.address, request('CANCEL')) ?? 'no answer', /^SIP\/2\.0 481 /, 'a CANCEL of nothing');
+      });
+    });
+
+    // Threat model: what a customer learns from its own call opens nothing later.
+    test('attack: a finished call\'s route set and tags, replayed with its Call-ID or a new one, are refused 404', TIMEOUT, async () => {
+      const carrier = await farEnd(edge, 'carrier-reuse', 'uas.xml', '127.0.0.1', edge.upstreamPort);
+      const pbx = await uac(edge, 'call-reuse', 'call.xml', '127.0.0.2', { creds: HQ });
+      assertPassed(edge, pbx, await ended(carrier, pbx));
+      // What the PBX received in the 200 OK to its INVITE: the dialog's identifiers and route set.
+      const ok = pbx.messages.split(/^-{20,}.*$/m).find((m) => /message received/.test(m) && /^SIP\/2\.0 200 /m.test(m) && /^CSeq: 2 INVITE/m.test(m));
+      assert.ok(ok, pbx.messages);
+      const line = (name) => new RegExp(`^${name}: (.*?)\r?$`, 'mi').exec(ok)[1];
+      const recordRoute = [...ok.matchAll(/^Record-Route: (.*?)\r?$/gmi)].flatMap((m) => m[1].split(/,\s*(?=<)/));
+      const routes = `Route: ${recordRoute.reverse().join(', ')}\n`;
+      const [from, to, callId] = [line('From'), line('To'), line('Call-ID')];
+      const third = await watch('127.0.0.4', 0);
+      const upstream = await watchUpstream(edge);
+      await nothingReaches({ carrier: upstream, 'the third party': third }, async () => {
+        const attempts = [
+          ['the PBX, its call\'s Call-ID, after the BYE', '127.0.0.2', callId],
+          ['the PBX, a new Call-ID', '127.0.0.2', `reuse-new@127.0.0.2`],
+          ['an intruder, the call\'s Call-ID', '127.0.0.3', callId],
+        ];
+        for (const [who, ip, id] of attempts) {
+          for (const [method, target] of [['INVITE', `sip:+19005550100@127.0.0.4:${third.port}`], ['BYE', `sip:+19005550100@127.0.0.1:${edge.upstreamPort}`]]) {
+            const request = `${method} ${target} SIP/2.0
+Via: SIP/2.0/UDP ${ip}:5060;branch=z9hG4bK-reuse-${method}-${ip}-${id.length};rport
+${routes}Max-Forwards: 70
+From: ${from}
+To: ${to}
+Call-ID: ${id}
+CSeq: 10 ${method}
+Contact: <sip:hq1@${ip}:5060>
+Content-Length: 0
+
+`;
+            assert.match(await exchange(ip, edge.address, request) ?? 'no answer', /^SIP\/2\.0 404 /, `${method} from ${who}`);
+          }
+        }
+      });
+    });
+
+    // Threat model: the core is trusted only on the socket that faces it.
+    test('attack: a core address on the access socket is challenged, not routed to the PBX', TIMEOUT, async (t) => {
+      if (!coreListen) return t.skip('one socket faces both sides: the core is whatever comes from core_networks (filter spoofing upstream of it)');
+      const upstream = await watchUpstream(edge);
+      const pbx = await watch('127.0.0.2', pbxPort);
+      await nothingReaches({ carrier: upstream, pbx }, async () => {
+        const invite = `INVITE sip:+15551230000@trunks.example.net SIP/2.0
+Via: SIP/2.0/UDP 127.0.0.9:5060;branch=z9hG4bK-spoofed-core;rport
+Max-Forwards: 70
+From: <sip:+15550001111@carrier.example.net>;tag=c1
+To: <sip:+15551230000@trunks.example.net>
+Call-ID: spoofed-core@127.0.0.9
+CSeq: 1 INVITE
+Contact: <sip:core@127.0.0.9:5060>
+Content-Length: 0
+
+`;
+        assert.match(await exchange('127.0.0.9', edge.address, invite) ?? 'no answer', /^SIP\/2\.0 407 /);
+      });
+    });
+
+    // Threat model: the core's out-of-dialog requests go by Request-URI, but never
+    // to the edge itself (it would loop until Max-Forwards ran out).
+    test('the core\'s MESSAGE goes to the PBX by its Request-URI; one addressed to the edge is refused 482; REGISTER 405', TIMEOUT, async () => {
+      const upstream = await watchUpstream(edge);
+      const pbx = await watch('127.0.0.2', pbxPort);
+      try {
+        const request = (method, ruri, n) => `${method} ${ruri} SIP/2.0
+Via: SIP/2.0/UDP 127.0.0.9:5060;branch=z9hG4bK-core-${method}-${n};rport
+Max-Forwards: 70
+From: <sip:+15550001111@carrier.example.net>;tag=c${n}
+To: <sip:hq1@trunks.example.net>
+Call-ID: core-${method}-${n}@127.0.0.9
+CSeq: 1 ${method}
+Content-Length: 0
+
+`;
+        await exchange('127.0.0.9', edge.coreAddress, request('MESSAGE', `sip:hq1@127.0.0.2:${pbxPort}`, 1), 300);
+        await waitFor('the MESSAGE at the PBX', () => pbx.seen.length === 1);
+        assert.match(pbx.seen[0], /^MESSAGE sip:hq1@127\.0\.0\.2:\d+ SIP\/2\.0\r\nVia: SIP\/2\.0\/UDP /);
+        for (const [i, self] of [...new Set([edge.address, edge.coreAddress])].entries()) {
+          assert.match(await exchange('127.0.0.9', edge.coreAddress, request('MESSAGE', `sip:hq1@${self}`, 2 + i)) ?? 'no answer', /^SIP\/2\.0 482 /);
+        }
+        assert.match(await exchange('127.0.0.9', edge.coreAddress, request('REGISTER', `sip:trunks.example.net`, 9)) ?? 'no answer', /^SIP\/2\.0 405 /);
+        await new Promise((resolve) => setTimeout(resolve, 300));
+        assert.deepEqual(upstream.seen, []);
+        assert.equal(pbx.seen.length, 1, 'only the MESSAGE addressed to the PBX reached it');
+      } finally {
+        await upstream.close();
+        await pbx.close();
+      }
+    });
+
+    // Threat model: inside a live call, its Request-URI and Route set choose nothing.
+    test('attack: in a live call, an in-dialog request goes to the other party only, and only from a party', TIMEOUT, async () => {
+      const call = await handCall(edge);
+      const third = await watch('127.0.0.4', 0);
+      try {
+        const before = call.carrier.seen.length;
+        // The PBX's re-INVITE aimed at a third party reaches the carrier, and only it.
+        call.pbx.send(inDialogRequest(call, 'INVITE', `sip:+19005550100@127.0.0.4:${third.port}`, '127.0.0.2', 1).replaceAll('\n', '\r\n'),
+          Number(edge.address.split(':')[1]), '127.0.0.1');
+        await waitFor('the re-INVITE at the carrier', () => call.carrier.seen.length === before + 1);
+        assert.match(call.carrier.seen.at(-1), /^INVITE sip:\+19005550100@127\.0\.0\.4:\d+ SIP\/2\.0/);
+        // The same dialog's identifiers and route set from another address: refused.
+        const intruder = inDialogRequest(call, 'INVITE', `sip:+19005550100@127.0.0.4:${third.port}`, '127.0.0.3', 2);
+        assert.match(await exchange('127.0.0.3', edge.address, intruder) ?? 'no answer', /^SIP\/2\.0 404 /);
+        await new Promise((resolve) => setTimeout(resolve, 300));
+        assert.equal(call.carrier.seen.length, before + 1, 'the intruder\'s request did not reach the carrier');
+        assert.deepEqual(third.seen, [], 'nothing reached the third party');
+      } finally {
+        await call.close();
+        await third.close();
+      }
+    });
+
     test('a refused configuration is logged with its path and the last good one stays', TIMEOUT, async () => {
       const generation = (edge.log.match(/generation (\d+) in force/g) ?? []).length;
-      writeFileSync(edge.cfg, JSON.stringify(config({ broken: true }), null, 2));
+      writeFileSync(edge.cfg, JSON.stringify(config({ broken: true, coreSockets: edge.coreSockets }), null, 2));
       const refusal = /config \S+ refused at locations\[1\]\.trunk_groups\[0\]\.acl\[0\]: [^\n]*; generation 1 stays in force/g;
       await waitFor('the file change to be noticed', () => (edge.log.match(refusal) ?? []).length >= 1);
       edge.proc.kill('SIGHUP');
       await waitFor('SIGHUP to re-read it', () => (edge.log.match(refusal) ?? []).length >= 2);
       const again = await sipp(edge, 'register-again', 'register.xml',
-        ['-i', '127.0.0.2', '-p', String(pbxPort), '-s', HQ.user, '-au', HQ.user, '-ap', HQ.password, edge.address]);
+        ['-i', '127.0.0.2', '-p', String(pbxPort), '-s', HQ.user, '-au', HQ.user, '-ap', HQ.password, '-auth_uri', 'trunks.example.net', edge.address]);
       assertPassed(edge, again);
-      writeFileSync(edge.cfg, JSON.stringify(config(), null, 2));
+      writeFileSync(edge.cfg, JSON.stringify(config({ coreSockets: edge.coreSockets }), null, 2));
       await waitFor('the good file to be taken', () => (edge.log.match(/generation (\d+) in force/g) ?? []).length > generation);
       assert.match(edge.log, /generation 2 in force/);
     });
@@ -387,5 +662,76 @@ Content-Length: 0
     edge.proc.kill('SIGTERM');
     rmSync(edge.dir, { recursive: true, force: true });
     rmSync(stubDir, { recursive: true, force: true });
+  }
+});
+
+// Threat model: the edge routes by the verdict's cause, and by nothing else.
+test('attack: an allow whose cause the edge does not know is refused 500 and goes nowhere', TIMEOUT, async () => {
+  // A policy package whose verdicts the request itself dictates (X-Test-Verdict),
+  // loaded through TRUNKGUARD_JS.
+  const stubDir = mkdtempSync(join(tmpdir(), 'tg-stub-'));
+  const stub = join(stubDir, 'dictated.js');
+  writeFileSync(stub, `const real = require(${JSON.stringify(join(root, 'target/js/node/trunkguard.js'))});
+class TrunkPolicy extends real.TrunkPolicy {
+  judge(message, ...rest) {
+    const dictated = /^X-Test-Verdict: (.*?)\\r?$/mi.exec(Buffer.from(message).toString('latin1'));
+    return dictated ? JSON.parse(dictated[1]) : super.judge(message, ...rest);
+  }
+}
+module.exports = { TrunkPolicy };
+`);
+  const edge = await startEdge(false, { TRUNKGUARD_JS: stub });
+  const upstream = await watchUpstream(edge);
+  try {
+    await nothingReaches({ carrier: upstream }, async () => {
+      const cases = [
+        ['INVITE', { action: 'allow', cause: 'mystery', trunk_group: 'hq-pbx1' }, 500],
+        ['OPTIONS', { action: 'allow' }, 500],
+        ['INVITE', { action: 'allow', cause: 'trunk' }, 500],
+        ['INVITE', { action: 'allow', cause: 'response', trunk_group: 'hq-pbx1' }, 500],
+        ['ACK', { action: 'allow', cause: 'mystery', trunk_group: 'hq-pbx1' }, undefined],
+        // A cause names where the request may go, whatever else the verdict holds.
+        ['INVITE', { action: 'allow', cause: 'in_dialog', trunk_group: 'hq-pbx1' }, 404],
+      ];
+      for (const [i, [method, verdict, code]] of cases.entries()) {
+        const request = `${method} sip:+19005550100@127.0.0.1:${edge.upstreamPort} SIP/2.0
+Via: SIP/2.0/UDP 127.0.0.2:5060;branch=z9hG4bK-dictated-${i};rport
+Max-Forwards: 70
+From: <sip:${HQ.user}@trunks.example.net>;tag=a
+To: <sip:+19005550100@trunks.example.net>;tag=b
+Call-ID: dictated-${i}@127.0.0.2
+CSeq: 1 ${method}
+X-Test-Verdict: ${JSON.stringify(verdict)}
+Content-Length: 0
+
+`;
+        const answer = await exchange('127.0.0.2', edge.address, request, code ? 1000 : 500);
+        if (code) assert.match(answer ?? 'no answer', new RegExp(`^SIP/2\\.0 ${code} `), JSON.stringify(verdict));
+        else assert.equal(answer, undefined, `an ACK is never answered: ${JSON.stringify(verdict)}`);
+      }
+    });
+  } finally {
+    edge.proc.kill('SIGTERM');
+    rmSync(edge.dir, { recursive: true, force: true });
+    rmSync(stubDir, { recursive: true, force: true });
+  }
+});
+
+// Threat model: a dialog's entry expires (--dialog-ttl after its last request).
+test('attack: an in-dialog request after the dialog expired is refused 404', TIMEOUT, async () => {
+  const edge = await startEdge(false, {}, ['--dialog-ttl', '1']);
+  let call;
+  try {
+    call = await handCall(edge);
+    const before = call.carrier.seen.length;
+    await new Promise((resolve) => setTimeout(resolve, 1500));
+    const bye = inDialogRequest(call, 'BYE', `sip:carrier@127.0.0.1:${edge.upstreamPort}`, '127.0.0.2', 1);
+    assert.match(await exchange('127.0.0.2', edge.address, bye) ?? 'no answer', /^SIP\/2\.0 404 /);
+    await new Promise((resolve) => setTimeout(resolve, 300));
+    assert.equal(call.carrier.seen.length, before, 'nothing more reached the carrier');
+  } finally {
+    await call?.close();
+    edge.proc.kill('SIGTERM');
+    rmSync(edge.dir, { recursive: true, force: true });
   }
 });

@@ -17,6 +17,13 @@ export function clientResponse(alg, user, realm, password, method, uri, nonce, n
   return hash(alg, `${ha1}:${nonce}:${nc}:${cnonce}:auth:${ha2}`);
 }
 
+// An RFC 2069 answer (no qop): H(HA1:nonce:HA2).
+export function clientResponseRfc2069(alg, user, realm, password, method, uri, nonce) {
+  const ha1 = hash(alg, `${user}:${realm}:${password}`);
+  const ha2 = hash(alg, `${method}:${uri}`);
+  return hash(alg, `${ha1}:${nonce}:${ha2}`);
+}
+
 export function buildMessage(send, source, transport, nonce) {
   const method = send.method ?? 'INVITE';
   const register = method === 'REGISTER';
@@ -44,9 +51,20 @@ export function buildMessage(send, source, transport, nonce) {
     const username = auth.user ?? user;
     const realm = auth.realm ?? 'trunks.example.net';
     const alg = auth.algorithm ?? 'MD5';
-    const response = clientResponse(alg, username, realm, auth.password ?? '', method, ruri, nonce, '00000001', '0a4f113b');
+    // `auth.uri`: credentials computed for another Request-URI (a captured answer
+    // replayed towards another number).
+    const digestUri = auth.uri ?? ruri;
+    // `auth.nc`: the nonce count (8 hex digits); `auth.qop: "none"`: an RFC 2069
+    // answer, without qop, nc and cnonce.
+    const nc = auth.nc ?? '00000001';
     const header = register || auth.header === 'Authorization' ? 'Authorization' : 'Proxy-Authorization';
-    m += `${header}: Digest username="${username}", realm="${realm}", nonce="${nonce}", uri="${ruri}", response="${response}", algorithm=${alg}, qop=auth, nc=00000001, cnonce="0a4f113b"\r\n`;
+    if (auth.qop === 'none') {
+      const response = clientResponseRfc2069(alg, username, realm, auth.password ?? '', method, digestUri, nonce);
+      m += `${header}: Digest username="${username}", realm="${realm}", nonce="${nonce}", uri="${digestUri}", response="${response}", algorithm=${alg}\r\n`;
+    } else {
+      const response = clientResponse(alg, username, realm, auth.password ?? '', method, digestUri, nonce, nc, '0a4f113b');
+      m += `${header}: Digest username="${username}", realm="${realm}", nonce="${nonce}", uri="${digestUri}", response="${response}", algorithm=${alg}, qop=auth, nc=${nc}, cnonce="0a4f113b"\r\n`;
+    }
   }
   return m + 'Content-Length: 0\r\n\r\n';
 }
@@ -57,6 +75,34 @@ function nonceFrom(verdict, algorithm) {
 }
 
 const same = (a, b) => JSON.stringify(a) === JSON.stringify(b);
+
+// The eight groups of an IPv6 address, '::' expanded.
+function hextets(v6) {
+  const [head, tail] = v6.toLowerCase().split('::');
+  const h = head ? head.split(':') : [];
+  if (tail === undefined) return h;
+  const t = tail ? tail.split(':') : [];
+  return [...h, ...Array(8 - h.length - t.length).fill('0'), ...t];
+}
+
+// Whether an ip:port ([v6]:port) source is in the table's core networks, 10.0.0.0/8
+// or fd00:c0::/32 (an IPv4-mapped IPv6 address counts as its IPv4 one).
+function inCoreNetworks(source) {
+  const v6 = /^\[([^\]]+)\]:\d+$/.exec(source)?.[1];
+  const v4 = v6 ? /^::ffff:(\d+\.\d+\.\d+\.\d+)$/i.exec(v6)?.[1] : source.replace(/:\d+$/, '');
+  if (v4) return v4.split('.')[0] === '10';
+  const [a, b] = hextets(v6).map((g) => parseInt(g, 16));
+  return a === 0xfd00 && b === 0xc0;
+}
+
+// The proxy socket a step's message arrives on, as tests/scenario/harness.rs has it:
+// `send.local` ("none": the host does not know, so undefined), else the table's
+// core-facing socket for a core source and the public one for any other.
+export function localFor(send) {
+  if (send.local === 'none') return undefined;
+  if (send.local !== undefined) return send.local;
+  return inCoreNetworks(send.source) ? '10.0.0.1:5060' : '192.0.2.1:5060';
+}
 
 function checkVerdict(want, got) {
   if (!want) throw new Error('step has no expect');
@@ -71,6 +117,11 @@ function checkVerdict(want, got) {
         const count = headers.filter((h) => h[0] === name).length;
         if (count !== n) throw new Error(`${count} ${name} headers, expected ${n}: ${JSON.stringify(got)}`);
       }
+    } else if (key === 'algorithms') {
+      // The algorithm= of each challenge header, in order.
+      const algs = headers.map((h) => h[1]).filter((v) => typeof v === 'string' && v.includes('algorithm='))
+        .map((v) => v.split('algorithm=')[1].split(',')[0]);
+      if (!same(algs, w)) throw new Error(`algorithms ${JSON.stringify(algs)}, expected ${JSON.stringify(w)}: ${JSON.stringify(got)}`);
     } else if (key === 'reason_contains') {
       if (!(got.reason ?? '').includes(w)) throw new Error(`reason lacks ${w}: ${JSON.stringify(got)}`);
     } else if (!same(got[key] ?? null, w)) {
@@ -92,7 +143,7 @@ function checkAlerts(step, got) {
   });
 }
 
-/** Runs one scenario on a subject: {configure(json), judge(worker, msg, src, transport, at) -> [verdict, alerts], tick(worker, at) -> alerts, reload(worker)}. */
+/** Runs one scenario on a subject: {configure(json), judge(worker, msg, src, transport, at, local) -> [verdict, alerts], tick(worker, at) -> alerts, reload(worker)}. */
 export function runScenario(subject, configs, sc) {
   const configName = sc.config ?? 'base';
   if (configName !== 'none') subject.configure(JSON.stringify(configs[configName]));
@@ -120,12 +171,13 @@ export function runScenario(subject, configs, sc) {
       const send = step.send;
       const source = send.source;
       const transport = send.transport ?? 'udp';
+      const local = localFor(send);
       const alertsSeen = [];
       let nonce;
       if (send.auth) {
         const mode = send.auth.nonce ?? 'challenge';
         if (mode === 'challenge') {
-          const [v, alerts] = subject.judge(worker, buildMessage(send, source, transport), source, transport, at);
+          const [v, alerts] = subject.judge(worker, buildMessage(send, source, transport), source, transport, at, local);
           alertsSeen.push(...alerts);
           if (v.action !== 'challenge') throw new Error(`first attempt was not challenged: ${JSON.stringify(v)}`);
           nonce = nonceFrom(v, send.auth.algorithm);
@@ -137,7 +189,7 @@ export function runScenario(subject, configs, sc) {
         }
       }
       const msg = send.raw !== undefined ? send.raw.replaceAll('\\r\\n', '\r\n') : buildMessage(send, source, transport, nonce);
-      const [verdict, alerts] = subject.judge(worker, msg, source, transport, at);
+      const [verdict, alerts] = subject.judge(worker, msg, source, transport, at, local);
       alertsSeen.push(...alerts);
       if (verdict.action === 'challenge') {
         const n = nonceFrom(verdict, send.auth?.algorithm);
