@@ -11,13 +11,31 @@ mod module;
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use trunkguard_host::{KvBackend, MemoryKv, Policy, Transport};
 
+/// [`MemoryKv`] that does not keep the replay set (see common::FORGOTTEN).
+struct BenchKv(MemoryKv);
+
+impl KvBackend for BenchKv {
+    fn get(&mut self, key: &str) -> Result<Option<Vec<u8>>, String> {
+        self.0.get(key)
+    }
+    fn set(&mut self, key: &str, value: &[u8]) -> Result<(), String> {
+        if key.starts_with(common::FORGOTTEN) {
+            return Ok(());
+        }
+        self.0.set(key, value)
+    }
+    fn delete(&mut self, key: &str) -> Result<(), String> {
+        self.0.delete(key)
+    }
+}
+
 fn policy(trunks: usize, acl: usize) -> Policy {
     let mut kv = MemoryKv::default();
     let _ = kv.set(
         trunkguard::store::keys::NONCE_SECRET,
         common::SECRET_HEX.as_bytes(),
     );
-    let mut p = match Policy::new(&module::module(), Box::new(kv)) {
+    let mut p = match Policy::new(&module::module(), Box::new(BenchKv(kv))) {
         Ok(p) => p,
         Err(e) => unreachable!("instantiate: {e}"),
     };

@@ -87,16 +87,39 @@ pub struct Alert {
     pub last_ms: Option<u64>,
 }
 
+/// Windows one trunk group may hold open at once. Past this, alerts from further
+/// sources share one overflow window per kind, counted in its summary: the store a
+/// trunk group uses stays bounded however many addresses an attacker has.
+pub const MAX_OPEN_PER_TRUNK: usize = 64;
+
+/// Sender-written header text (Call-ID, From, To) copied into an alert, at most:
+/// enough to recognise a call, too little to fill the host's memory.
+pub const MAX_HEADER_TEXT: usize = 256;
+
+/// `text` cut to [`MAX_HEADER_TEXT`] bytes at a character boundary, marked when cut.
+pub fn bounded_text(text: &str) -> String {
+    if text.len() <= MAX_HEADER_TEXT {
+        return text.to_string();
+    }
+    let mut end = MAX_HEADER_TEXT;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", text.get(..end).unwrap_or(""))
+}
+
 impl Alert {
+    /// One window per (trunk group, kind, source), a source being an IPv4 address
+    /// or an IPv6 /64 (one subscriber's prefix, which it can fill with addresses).
     pub fn throttle_key(&self) -> String {
-        let source_ip = self
+        let source = self
             .source
             .as_deref()
             .and_then(|s| s.parse::<std::net::SocketAddr>().ok())
-            .map(|s| s.ip().to_string())
+            .map(|s| crate::lockout::source_unit(s.ip()))
             .or_else(|| self.new_ip.clone())
             .unwrap_or_default();
-        keys::throttle(&self.trunk_group, self.kind.as_str(), &source_ip)
+        keys::throttle(&self.trunk_group, self.kind.as_str(), &source)
     }
 }
 
@@ -117,6 +140,8 @@ struct Window {
 
 /// Passes `alert` through the throttle: returns the events to deliver now (the alert
 /// itself when its window is new, preceded by the summary of an expired window).
+/// Its cost does not grow with the number of open windows: it touches the window
+/// and, for a new one, its trunk group's list of at most [`MAX_OPEN_PER_TRUNK`].
 pub fn throttle(
     store: &mut dyn Store,
     alert: Alert,
@@ -125,8 +150,12 @@ pub fn throttle(
     if window_ms == 0 {
         return Ok(vec![alert]);
     }
-    let key = alert.throttle_key();
+    let mut key = alert.throttle_key();
     let mut out = Vec::new();
+    let mut open = load_list(store, &keys::open_throttles(&alert.trunk_group))?;
+    if !open.iter().any(|k| k == &key) && open.len() >= MAX_OPEN_PER_TRUNK {
+        key = keys::throttle(&alert.trunk_group, alert.kind.as_str(), "overflow");
+    }
     if let Some(mut w) = load(store, &key)? {
         if alert.at_ms < w.until_ms {
             if w.repeats == 0 {
@@ -147,33 +176,52 @@ pub fn throttle(
         first: alert.clone(),
     };
     save(store, &key, &w)?;
-    add_open(store, &key)?;
+    if !open.iter().any(|k| k == &key) {
+        if open.is_empty() {
+            // The trunk group's first open window: `tick` must look at it.
+            let mut trunks = load_list(store, keys::OPEN_THROTTLES)?;
+            if !trunks.iter().any(|t| t == &alert.trunk_group) {
+                trunks.push(alert.trunk_group.clone());
+                save_list(store, keys::OPEN_THROTTLES, &trunks)?;
+            }
+        }
+        open.push(key);
+        save_list(store, &keys::open_throttles(&alert.trunk_group), &open)?;
+    }
     out.push(alert);
     Ok(out)
 }
 
 /// Closes every window that ended by `now_ms`, returning the summaries to deliver.
 pub fn flush(store: &mut dyn Store, now_ms: u64) -> Result<Vec<Alert>, StoreError> {
-    let open = open_keys(store)?;
-    if open.is_empty() {
+    let trunks = load_list(store, keys::OPEN_THROTTLES)?;
+    if trunks.is_empty() {
         return Ok(Vec::new());
     }
-    let mut still_open = Vec::with_capacity(open.len());
     let mut out = Vec::new();
-    for key in open {
-        match load(store, &key)? {
-            Some(w) if w.until_ms > now_ms => still_open.push(key),
-            Some(w) => {
-                out.extend(summary(&w, now_ms.min(w.until_ms)));
-                store.delete(&key)?;
+    let mut still_trunks = Vec::with_capacity(trunks.len());
+    for trunk in trunks {
+        let list_key = keys::open_throttles(&trunk);
+        let open = load_list(store, &list_key)?;
+        let mut still_open = Vec::with_capacity(open.len());
+        for key in open {
+            match load(store, &key)? {
+                Some(w) if w.until_ms > now_ms => still_open.push(key),
+                Some(w) => {
+                    out.extend(summary(&w, now_ms.min(w.until_ms)));
+                    store.delete(&key)?;
+                }
+                None => {}
             }
-            None => {}
+        }
+        if still_open.is_empty() {
+            store.delete(&list_key)?;
+        } else {
+            save_list(store, &list_key, &still_open)?;
+            still_trunks.push(trunk);
         }
     }
-    store.set(
-        keys::OPEN_THROTTLES,
-        &serde_json::to_vec(&still_open).map_err(|e| StoreError(e.to_string()))?,
-    )?;
+    save_list(store, keys::OPEN_THROTTLES, &still_trunks)?;
     Ok(out)
 }
 
@@ -203,23 +251,16 @@ fn save(store: &mut dyn Store, key: &str, w: &Window) -> Result<(), StoreError> 
     store.set(key, &raw)
 }
 
-fn open_keys(store: &mut dyn Store) -> Result<Vec<String>, StoreError> {
+fn load_list(store: &mut dyn Store, key: &str) -> Result<Vec<String>, StoreError> {
     Ok(store
-        .get(keys::OPEN_THROTTLES)?
+        .get(key)?
         .and_then(|raw| serde_json::from_slice(&raw).ok())
         .unwrap_or_default())
 }
 
-fn add_open(store: &mut dyn Store, key: &str) -> Result<(), StoreError> {
-    let mut open = open_keys(store)?;
-    if !open.iter().any(|k| k == key) {
-        open.push(key.to_string());
-        store.set(
-            keys::OPEN_THROTTLES,
-            &serde_json::to_vec(&open).map_err(|e| StoreError(e.to_string()))?,
-        )?;
-    }
-    Ok(())
+fn save_list(store: &mut dyn Store, key: &str, list: &[String]) -> Result<(), StoreError> {
+    let raw = serde_json::to_vec(list).map_err(|e| StoreError(e.to_string()))?;
+    store.set(key, &raw)
 }
 
 #[cfg(test)]
@@ -296,6 +337,53 @@ mod tests {
         assert_eq!(sent.len(), 2);
         assert!(sent[0].summary && sent[0].count == 1);
         assert!(!sent[1].summary && sent[1].at_ms == 20_000);
+    }
+
+    #[test]
+    fn a_trunk_groups_open_windows_are_capped_and_the_rest_share_one_overflow_window() {
+        let mut store = MemoryStore::default();
+        let mut sent = 0;
+        for i in 0..1_000u64 {
+            let source = format!("198.51.{}.{}:5060", i / 250, i % 250);
+            sent += throttle(&mut store, alert(1_000 + i, &source), 60_000)
+                .unwrap()
+                .len();
+        }
+        // One alert per window: the capped ones plus the overflow window's first.
+        assert_eq!(sent, MAX_OPEN_PER_TRUNK + 1);
+        assert!(
+            store.entries.len() <= MAX_OPEN_PER_TRUNK + 4,
+            "{}",
+            store.entries.len()
+        );
+        let summaries = flush(&mut store, 100_000).unwrap();
+        assert_eq!(summaries.len(), 1);
+        assert_eq!(summaries[0].count, 1_000 - MAX_OPEN_PER_TRUNK as u64 - 1);
+        assert!(store.entries.keys().all(|k| k == keys::OPEN_THROTTLES));
+    }
+
+    #[test]
+    fn ipv6_sources_share_a_window_per_64() {
+        let mut store = MemoryStore::default();
+        let first = throttle(&mut store, alert(1_000, "[2001:db8:1:2::1]:5060"), 60_000).unwrap();
+        let same_64 = throttle(
+            &mut store,
+            alert(2_000, "[2001:db8:1:2::ffff]:5060"),
+            60_000,
+        )
+        .unwrap();
+        let other_64 =
+            throttle(&mut store, alert(3_000, "[2001:db8:1:3::1]:5060"), 60_000).unwrap();
+        assert_eq!((first.len(), same_64.len(), other_64.len()), (1, 0, 1));
+    }
+
+    #[test]
+    fn header_text_is_cut_at_a_character_boundary() {
+        let long = "é".repeat(400);
+        let cut = bounded_text(&long);
+        assert!(cut.len() <= MAX_HEADER_TEXT + "…".len());
+        assert!(cut.ends_with('…'));
+        assert_eq!(bounded_text("<sip:a@b>"), "<sip:a@b>");
     }
 
     #[test]

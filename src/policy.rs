@@ -559,8 +559,10 @@ impl<'r, 'a> Request<'r, 'a> {
     ) -> Alert {
         let location = self.index.location_of(trunk);
         let now = self.input.now_ms;
-        let header =
-            |name: Result<sip::NameAddr<'_>, ParseError>| name.ok().map(|n| n.raw.to_string());
+        // Sender-written text: bounded, so alerts cannot fill the host's memory.
+        let header = |name: Result<sip::NameAddr<'_>, ParseError>| {
+            name.ok().map(|n| crate::alert::bounded_text(n.raw))
+        };
         Alert {
             id: String::new(),
             kind,
@@ -581,7 +583,7 @@ impl<'r, 'a> Request<'r, 'a> {
             old_ip: old_ip.map(|ip| ip.to_string()),
             new_ip: old_ip.map(|_| self.source_ip.to_string()),
             method: Some(self.method.as_str().to_string()),
-            call_id: self.msg.call_id().map(str::to_string),
+            call_id: self.msg.call_id().map(crate::alert::bounded_text),
             from: header(self.msg.from()),
             to: header(self.msg.to()),
             count: 1,

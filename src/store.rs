@@ -43,7 +43,13 @@ impl Store for MemoryStore {
 /// Store keys, in one place so hosts and docs agree on them.
 pub mod keys {
     pub const NONCE_SECRET: &str = "tg/nonce_secret";
+    /// Trunk groups with open alert windows (`src/alert.rs`).
     pub const OPEN_THROTTLES: &str = "tg/throttles";
+
+    /// One trunk group's open alert windows.
+    pub fn open_throttles(trunk: &str) -> String {
+        format!("tg/throttles/{trunk}")
+    }
 
     pub fn binding(trunk: &str) -> String {
         format!("tg/binding/{trunk}")

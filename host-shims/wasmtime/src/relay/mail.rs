@@ -176,6 +176,13 @@ pub fn render(a: &Alert) -> Rendered {
     for (label, value) in &rows {
         let _ = writeln!(b, "{:<width$}{value}", format!("{label}:"));
     }
+    if a.call_id.is_some() || a.from.is_some() || a.to.is_some() {
+        // The sender wrote these: a fraudster can put anything there.
+        b.push_str(
+            "\nCall-ID, From and To are as the sender wrote them (cut at 256 bytes): \
+             do not trust them, and do not follow anything they say.\n",
+        );
+    }
 
     b.push_str("\nWhat to do\n");
     let leaked = "the trunk group's credentials have leaked: change its password now, \
