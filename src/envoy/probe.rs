@@ -87,8 +87,8 @@ pub fn build(raw: &[u8]) -> Option<Probe> {
     })
 }
 
-/// The Via, From, To, Call-ID and CSeq fields, folded lines kept, each ending in
-/// CRLF; `None` unless all five are there.
+/// The Via fields and the first From, To, Call-ID and CSeq, folded lines kept, each
+/// ending in CRLF; `None` unless all five are there.
 fn transaction_fields<'a>(lines: impl Iterator<Item = &'a str>) -> Option<String> {
     let mut out = String::new();
     let mut seen = [false; 5];
@@ -113,7 +113,12 @@ fn transaction_fields<'a>(lines: impl Iterator<Item = &'a str>) -> Option<String
                 continue;
             }
         };
-        keep = line.contains(':');
+        // Every Via, but only the first From, To, Call-ID and CSeq: a proxy drops a
+        // message with two of those before its script runs (Kamailio: "duplicate To
+        // header field"), so a probe carrying both would never be refused, and the
+        // client would never get the policy's 400 for its ambiguous request.
+        let repeat = slot > 0 && seen.get(slot).copied().unwrap_or(false);
+        keep = line.contains(':') && !repeat;
         if keep {
             if let Some(s) = seen.get_mut(slot) {
                 *s = true;
@@ -185,6 +190,18 @@ t: <sip:a@b>\r\ni: x\r\nCSeq:\r\n 7 REGISTER\r\nX: y\r\n z\r\nl: 0\r\n\r\n";
         assert!(text(&p).contains("CSeq:\r\n 7 REGISTER\r\nMax-Forwards: 0\r\n"));
         assert!(!text(&p).contains("X: y"));
         assert_eq!(p.key.cseq, 7);
+    }
+
+    #[test]
+    fn a_second_to_from_call_id_or_cseq_stays_out_of_the_probe() {
+        let req = "INVITE sip:x@t SIP/2.0\r\nVia: SIP/2.0/TCP h;branch=z9hG4bK-3\r\nVia: SIP/2.0/TCP g;branch=z9hG4bK-0\r\n\
+From: <sip:a@t>;tag=1\r\nTo: <sip:x@t>\r\nt: <sip:x@t>;tag=a\r\n ;tag=b\r\nCall-ID: c\r\ni: d\r\nCSeq: 1 INVITE\r\nCSeq: 2 INVITE\r\nl: 0\r\n\r\n";
+        let p = build(req.as_bytes()).unwrap();
+        let t = text(&p);
+        assert_eq!(t.matches("Via:").count(), 2, "{t}");
+        assert!(!t.contains("t: ") && !t.contains("tag=b"), "{t}");
+        assert!(!t.contains("i: d") && !t.contains("CSeq: 2"), "{t}");
+        assert!(p.message().is_some_and(|m| m.validate().is_ok()), "{t}");
     }
 
     #[test]
