@@ -483,11 +483,25 @@ impl<'r, 'a> Request<'r, 'a> {
             registered_at_ms: now,
             call_id: self.msg.call_id().unwrap_or_default().to_string(),
         };
+        // Two writes, one decision: a new binding and, from a new IP, the last
+        // registration IP that raises `reg_ip_change`. If the second fails, the first
+        // is undone, so a store failure never moves the call lock without the alert
+        // (the PBX's retry then does both).
+        let previous = binding::last_reg_ip(store, &trunk.id)?;
+        let binding_key = crate::store::keys::binding(&trunk.id);
+        let before = store.get(&binding_key)?;
         binding::save(store, &trunk.id, &b)?;
         let mut alerts = Vec::new();
-        let previous = binding::last_reg_ip(store, &trunk.id)?;
         if previous != Some(self.source_ip) {
-            binding::set_last_reg_ip(store, &trunk.id, self.source_ip)?;
+            if let Err(e) = binding::set_last_reg_ip(store, &trunk.id, self.source_ip) {
+                // Best effort: a store that refuses this too is down, and every
+                // later message fails closed until it is back.
+                let _ = match before {
+                    Some(raw) => store.set(&binding_key, &raw),
+                    None => store.delete(&binding_key),
+                };
+                return Err(e);
+            }
             if let (Some(old), true) = (previous, trunk.alerts.reg_ip_change) {
                 alerts.push(self.alert(trunk, AlertKind::RegIpChange, None, Some(old)));
             }

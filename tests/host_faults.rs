@@ -128,3 +128,98 @@ fn a_corrupt_or_foreign_module_is_a_clear_load_error() {
         .expect("refused");
     assert!(err.to_string().contains("tg_abi_version"), "{err}");
 }
+
+/// A REGISTER of hq-pbx1 (registered mode) from `source`, answering `nonce`.
+fn register(source: &str, nonce: Option<&str>) -> Vec<u8> {
+    let uri = "sip:trunks.example.net";
+    let mut m = format!(
+        "REGISTER {uri} SIP/2.0\r\nVia: SIP/2.0/UDP {source};branch=z9hG4bK-r\r\nMax-Forwards: 70\r\nFrom: <sip:hq2@trunks.example.net>;tag=a\r\nTo: <sip:hq2@trunks.example.net>\r\nCall-ID: r-{source}\r\nCSeq: 1 REGISTER\r\nContact: <sip:hq2@{source}>\r\nExpires: 600\r\n"
+    );
+    if let Some(nonce) = nonce {
+        let response = trunkguard::digest::client_response(
+            trunkguard::digest::Algorithm::Md5,
+            "hq2",
+            "trunks.example.net",
+            "pw2",
+            "REGISTER",
+            uri,
+            nonce,
+            "00000001",
+            "c0ffee",
+        );
+        m.push_str(&format!("Authorization: Digest username=\"hq2\", realm=\"trunks.example.net\", nonce=\"{nonce}\", uri=\"{uri}\", response=\"{response}\", algorithm=MD5, qop=auth, nc=00000001, cnonce=\"c0ffee\"\r\n"));
+    }
+    m.push_str("Content-Length: 0\r\n\r\n");
+    m.into_bytes()
+}
+
+/// Registers hq-pbx2 from `source` through a challenge, with `fault` set just before
+/// the answer is judged; returns that verdict and the alerts it raised.
+fn register_with(
+    p: &mut Policy,
+    source: &str,
+    at: u64,
+    fault: Option<Fault>,
+) -> (trunkguard_host::Verdict, Vec<String>) {
+    let src = source.parse().unwrap();
+    let challenge = p
+        .judge(&register(source, None), src, None, Transport::Udp, at)
+        .unwrap();
+    let header = &challenge.verdict.headers[0].1;
+    let nonce = header
+        .split("nonce=\"")
+        .nth(1)
+        .unwrap()
+        .split('"')
+        .next()
+        .unwrap()
+        .to_string();
+    p.state_mut().fault = fault;
+    let j = p
+        .judge(
+            &register(source, Some(&nonce)),
+            src,
+            None,
+            Transport::Udp,
+            at + 10,
+        )
+        .unwrap();
+    (j.verdict, j.alerts)
+}
+
+#[test]
+fn a_write_failing_inside_a_registration_leaves_nothing_half_registered() {
+    const TWO: &str = r#"{"realm": "trunks.example.net", "locations": [{"id": "hq", "contacts": ["noc@example.com"],
+      "trunk_groups": [{"id": "hq-pbx2", "username": "hq2", "password": "pw2"}]}]}"#;
+    // A registration from a new IP writes the replay record, the binding and the
+    // last registration IP: fail each one in turn.
+    for nth in 1..=3u32 {
+        let kv = MemoryKv::default();
+        let mut p = Policy::new(&common::module(), Box::new(kv.clone())).unwrap();
+        p.configure(TWO.as_bytes()).unwrap().unwrap();
+        let (v, _) = register_with(&mut p, "203.0.113.7:5060", 1_000, None);
+        assert_eq!(v.action, Action::Accept, "{v:?}");
+        let before = kv.snapshot();
+        let (v, alerts) = register_with(
+            &mut p,
+            "198.51.100.9:5060",
+            2_000,
+            Some(Fault::FailWrite(nth)),
+        );
+        assert_eq!(v.action, Action::Reject, "write {nth}: {v:?}");
+        assert_eq!(v.cause.as_deref(), Some("store_unavailable"), "write {nth}");
+        assert!(alerts.is_empty(), "write {nth}: {alerts:?}");
+        // The call lock and the last registration IP are where they were.
+        let after = kv.snapshot();
+        for key in ["tg/binding/hq-pbx2", "tg/last_reg_ip/hq-pbx2"] {
+            assert_eq!(after.get(key), before.get(key), "write {nth}: {key}");
+        }
+        // The PBX's retry registers, and the move is alerted.
+        let (v, alerts) = register_with(&mut p, "198.51.100.9:5060", 3_000, None);
+        assert_eq!(v.action, Action::Accept, "write {nth}: {v:?}");
+        assert!(
+            alerts.iter().any(|a| a.contains("\"reg_ip_change\"")),
+            "write {nth}: {alerts:?}"
+        );
+    }
+}

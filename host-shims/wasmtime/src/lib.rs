@@ -254,6 +254,9 @@ pub enum Fault {
     /// The next kv_get traps the instance (as a host bug or OOM would), then the
     /// fault clears itself.
     TrapOnce,
+    /// Only the n-th kv_set or kv_delete from now on fails (1: the next one): a
+    /// store that fails between two writes of one decision.
+    FailWrite(u32),
 }
 
 /// What the module's imports reach.
@@ -263,6 +266,24 @@ pub struct HostState {
     rng: rand_core_fallback::Rng,
     /// Fault injection for tests and drills: proves the module fails closed.
     pub fault: Option<Fault>,
+    /// Writes seen since `fault` was last checked for `FailWrite`.
+    writes: u32,
+}
+
+impl HostState {
+    /// Whether this write is the one `Fault::FailWrite` fails.
+    fn write_fails(&mut self) -> bool {
+        let Some(Fault::FailWrite(n)) = self.fault else {
+            return false;
+        };
+        self.writes += 1;
+        if self.writes >= n {
+            self.fault = None;
+            self.writes = 0;
+            return true;
+        }
+        false
+    }
 }
 
 mod rand_core_fallback {
@@ -331,6 +352,7 @@ impl Policy {
                 alerts: Vec::new(),
                 rng: rand_core_fallback::Rng::new(),
                 fault: None,
+                writes: 0,
             },
         );
         let mut policy = Policy {
@@ -358,6 +380,7 @@ impl Policy {
                 alerts: Vec::new(),
                 rng: rand_core_fallback::Rng::new(),
                 fault: None,
+                writes: 0,
             },
         );
         self.store = Store::new(&self.module.engine, data);
@@ -670,7 +693,7 @@ fn link_imports(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
                     caller.data_mut().fault = None;
                     return Err(wasmtime::Error::msg("injected trap"));
                 }
-                None => {}
+                Some(Fault::FailWrite(_)) | None => {}
             }
             let Some(key) =
                 guest_bytes(&mut caller, kp, kl).and_then(|k| String::from_utf8(k).ok())
@@ -706,6 +729,9 @@ fn link_imports(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
             let Ok(key) = String::from_utf8(key) else {
                 return 1;
             };
+            if caller.data_mut().write_fails() {
+                return 1;
+            }
             match caller.data_mut().kv.set(&key, &value) {
                 Ok(()) => 0,
                 Err(_) => 1,
@@ -721,6 +747,9 @@ fn link_imports(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
             else {
                 return 1;
             };
+            if caller.data_mut().write_fails() {
+                return 1;
+            }
             match caller.data_mut().kv.delete(&key) {
                 Ok(()) => 0,
                 Err(_) => 1,
