@@ -601,6 +601,88 @@ mod tests {
                 "+1555CALLME",
                 "locations[0].trunk_groups[0].dids[0]",
             ),
+            // Header injection into every challenge: a quote or a line break in the
+            // realm or a username would end up inside WWW-/Proxy-Authenticate.
+            (
+                "quote in realm",
+                "\"trunks.example.net\"",
+                "\"trunks\\\"x\"",
+                "realm",
+            ),
+            (
+                "line break in realm",
+                "\"trunks.example.net\"",
+                "\"trunks\\r\\nX-Evil: 1\"",
+                "realm",
+            ),
+            (
+                "quote in username",
+                "\"username\": \"hq2\"",
+                "\"username\": \"hq\\\"2\"",
+                "locations[0].trunk_groups[1].username",
+            ),
+            (
+                "line break in username",
+                "\"username\": \"hq2\"",
+                "\"username\": \"hq\\n2\"",
+                "locations[0].trunk_groups[1].username",
+            ),
+            // Bindings and throttles are keyed by trunk-group id: a duplicate would let
+            // one PBX's registration unlock the other's calls.
+            (
+                "duplicate trunk-group id",
+                "\"id\": \"hq-pbx2\"",
+                "\"id\": \"hq-pbx1\"",
+                "locations[0].trunk_groups[1].id",
+            ),
+            (
+                "password and a hash",
+                "\"password\": \"s3cret\",",
+                "\"password\": \"s3cret\", \"ha1\": \"0123456789abcdef0123456789abcdef\",",
+                "locations[0].trunk_groups[0].password",
+            ),
+            (
+                "min_expires 0",
+                "\"core_networks\"",
+                "\"registration\": {\"min_expires\": 0}, \"core_networks\"",
+                "registration.min_expires",
+            ),
+            (
+                "ha1_sha256 of the wrong length",
+                "\"ha1\": \"0123456789abcdef0123456789abcdef\"",
+                "\"ha1_sha256\": \"0123456789abcdef0123456789abcdef\"",
+                "locations[0].trunk_groups[1].ha1_sha256",
+            ),
+            (
+                "core networks without core sockets",
+                "\"core_sockets\": [\"10.0.0.1:5060\"],",
+                "",
+                "core_sockets",
+            ),
+            (
+                "bad core socket",
+                "\"10.0.0.1:5060\"",
+                "\"10.0.0.1\"",
+                "core_sockets[0]",
+            ),
+            (
+                "bad trunk-group header",
+                "\"core_sockets\"",
+                "\"relay\": {\"trunk_group_header\": \"X Bad: 1\"}, \"core_sockets\"",
+                "relay.trunk_group_header",
+            ),
+            (
+                "unknown digest algorithm",
+                "\"core_sockets\"",
+                "\"digest\": {\"algorithms\": [\"SHA-512\"]}, \"core_sockets\"",
+                "digest.algorithms[0]",
+            ),
+            (
+                "SHA-256 for a trunk group with only an MD5 hash",
+                "\"require_registration\": false,",
+                "\"require_registration\": false, \"algorithms\": [\"SHA-256\"],",
+                "locations[0].trunk_groups[1].algorithms",
+            ),
         ];
         for (what, from, to, path) in cases {
             let json = BASE.replacen(from, to, 1);
@@ -609,6 +691,17 @@ mod tests {
             assert_eq!(err.path, *path, "{what}: {err}");
             assert!(!err.reason.is_empty(), "{what}");
         }
+    }
+
+    #[test]
+    fn duplicate_location_ids_are_refused() {
+        let json = BASE.replacen(
+            "\"locations\": [{",
+            "\"locations\": [{\"id\": \"hq\", \"trunk_groups\": []}, {",
+            1,
+        );
+        let err = Index::from_json(json.as_bytes()).unwrap_err();
+        assert_eq!(err.path, "locations[1].id", "{err}");
     }
 
     #[test]
