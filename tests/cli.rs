@@ -265,7 +265,9 @@ fn demo_pcap(path: &Path) {
     let public_v4 = [192, 0, 2, 254];
     let mut tcp_seq = 1000u32;
     let mut pending_tcp: Vec<u8> = Vec::new();
-    let mut segments: Vec<(u64, SocketAddr, Vec<u8>, bool, Option<SocketAddr>)> = Vec::new();
+    /// (at, source, message, over TCP, the socket it arrived on)
+    type Segment = (u64, SocketAddr, Vec<u8>, bool, Option<SocketAddr>);
+    let mut segments: Vec<Segment> = Vec::new();
     for line in text.lines() {
         let v: Value = serde_json::from_str(line).unwrap();
         let at = v["at_ms"].as_u64().unwrap();

@@ -1,0 +1,65 @@
+#![no_main]
+//! The Envoy filter's connection logic (src/envoy/conn.rs) on arbitrary TCP bytes in
+//! both directions, cut into chunks of a fuzzer-chosen size, with the real policy
+//! judging each reassembled message: reassembly, probes, answers and edits must
+//! return, never panic, whatever the client or the upstream sends.
+
+use libfuzzer_sys::fuzz_target;
+use trunkguard::alert::Alert;
+use trunkguard::envoy::conn::{Conn, Judge, OnRefusal};
+use trunkguard::sip::Transport;
+use trunkguard::store::{MemoryStore, Store, StoreError};
+use trunkguard::{Engine, Host, Input, Verdict};
+
+#[derive(Default)]
+struct H(MemoryStore);
+impl Store for H {
+    fn get(&mut self, k: &str) -> Result<Option<Vec<u8>>, StoreError> { self.0.get(k) }
+    fn set(&mut self, k: &str, v: &[u8]) -> Result<(), StoreError> { self.0.set(k, v) }
+    fn delete(&mut self, k: &str) -> Result<(), StoreError> { self.0.delete(k) }
+}
+impl Host for H {
+    fn alert(&mut self, _: &Alert) {}
+    fn fill_random(&mut self, b: &mut [u8]) { b.fill(5) }
+}
+
+struct Policy {
+    engine: Engine,
+    host: H,
+    tags: u32,
+}
+
+impl Judge for Policy {
+    fn judge(&mut self, message: &[u8]) -> Verdict {
+        let input = Input {
+            message,
+            source: "203.0.113.7:40000".parse().unwrap_or_else(|_| unreachable!()),
+            transport: Transport::Tcp,
+            local: None,
+            now_ms: 1_000,
+        };
+        self.engine.judge(&input, &mut self.host)
+    }
+    fn to_tag(&mut self) -> String {
+        self.tags += 1;
+        format!("t{}", self.tags)
+    }
+}
+
+const CONFIG: &[u8] = include_bytes!("../../examples/config.json");
+
+fuzz_target!(|data: &[u8]| {
+    let Some((&first, rest)) = data.split_first() else { return };
+    let chunk = usize::from(first % 64) + 1;
+    let mut policy = Policy { engine: Engine::new(), host: H::default(), tags: 0 };
+    if policy.engine.configure(CONFIG, &mut policy.host).is_err() {
+        return;
+    }
+    for mode in [OnRefusal::Answer, OnRefusal::Close] {
+        let mut conn = Conn::new(mode);
+        for piece in rest.chunks(chunk) {
+            let _ = conn.downstream(piece, &mut policy);
+            let _ = conn.upstream(piece);
+        }
+    }
+});
