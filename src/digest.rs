@@ -558,7 +558,9 @@ mod tests {
     }
 
     #[test]
-    fn challenge_lists_strongest_first_and_marks_stale() {
+    fn challenge_values_keep_the_order_they_are_given_and_mark_stale() {
+        // The order itself is the configuration's (digest.algorithms, src/index.rs),
+        // pinned by the scenario table's `algorithms` expectations.
         let values = challenge_values(REALM, "abc", true, &[Algorithm::Sha256, Algorithm::Md5]);
         assert_eq!(values.len(), 2);
         assert!(values[0].contains("algorithm=SHA-256") && values[0].ends_with("stale=true"));

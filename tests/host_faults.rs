@@ -39,6 +39,48 @@ fn a_failing_store_refuses_with_500_never_allows() {
     assert_eq!(j.verdict.action, Action::Reject);
     assert_eq!(j.verdict.code, Some(500));
     assert_eq!(j.verdict.cause.as_deref(), Some("store_unavailable"));
+    // A call the policy would allow (peer-to-peer, no access list, the right
+    // password), answered on a nonce issued before the store failed: refused too.
+    p.state_mut().fault = None;
+    let src = "203.0.113.7:5060".parse().unwrap();
+    let challenge = p
+        .judge(&invite(), src, None, Transport::Udp, 2_000)
+        .unwrap();
+    let header = &challenge.verdict.headers[0].1;
+    let nonce = header
+        .split("nonce=\"")
+        .nth(1)
+        .unwrap()
+        .split('"')
+        .next()
+        .unwrap();
+    let uri = "sip:+15559876543@trunks.example.net";
+    let response = trunkguard::digest::client_response(
+        trunkguard::digest::Algorithm::Md5,
+        "hq1",
+        "trunks.example.net",
+        "pw",
+        "INVITE",
+        uri,
+        nonce,
+        "00000001",
+        "c0ffee",
+    );
+    let answered = String::from_utf8(invite()).unwrap().replace(
+        "Content-Length: 0",
+        &format!("Proxy-Authorization: Digest username=\"hq1\", realm=\"trunks.example.net\", nonce=\"{nonce}\", uri=\"{uri}\", response=\"{response}\", algorithm=MD5, qop=auth, nc=00000001, cnonce=\"c0ffee\"\r\nContent-Length: 0"),
+    );
+    p.state_mut().fault = Some(Fault::StoreFailure);
+    let j = p
+        .judge(answered.as_bytes(), src, None, Transport::Udp, 2_010)
+        .unwrap();
+    assert_eq!(j.verdict.code, Some(500), "{:?}", j.verdict);
+    // The same answer with the store back is allowed: the refusal was the store's.
+    p.state_mut().fault = None;
+    let j = p
+        .judge(answered.as_bytes(), src, None, Transport::Udp, 2_020)
+        .unwrap();
+    assert_eq!(j.verdict.action, Action::Allow, "{:?}", j.verdict);
 }
 
 #[test]
@@ -63,11 +105,21 @@ fn a_trap_is_a_host_error_and_the_next_call_has_config_and_state_back() {
         "{:?}",
         again.verdict
     );
-    assert_eq!(
-        kv.snapshot()
-            .get("tg/last_reg_ip/hq-pbx1")
-            .map(Vec::as_slice),
-        Some(&b"203.0.113.7"[..])
+    // The fresh instance reads that state: a registration from elsewhere is a move
+    // away from 203.0.113.7, alerted as such.
+    let (v, alerts) = register_with(
+        &mut p,
+        ("hq1", "pw", "hq-pbx1"),
+        "198.51.100.9:5060",
+        3_000,
+        None,
+    );
+    assert_eq!(v.action, Action::Accept, "{v:?}");
+    assert!(
+        alerts
+            .iter()
+            .any(|a| a.contains("\"reg_ip_change\"") && a.contains("\"old_ip\":\"203.0.113.7\"")),
+        "{alerts:?}"
     );
 }
 
@@ -129,41 +181,49 @@ fn a_corrupt_or_foreign_module_is_a_clear_load_error() {
     assert!(err.to_string().contains("tg_abi_version"), "{err}");
 }
 
-/// A REGISTER of hq-pbx1 (registered mode) from `source`, answering `nonce`.
-fn register(source: &str, nonce: Option<&str>) -> Vec<u8> {
+/// A REGISTER of `user` (password `password`) from `source`, answering `nonce`.
+fn register(user: &str, password: &str, source: &str, nonce: Option<&str>) -> Vec<u8> {
     let uri = "sip:trunks.example.net";
     let mut m = format!(
-        "REGISTER {uri} SIP/2.0\r\nVia: SIP/2.0/UDP {source};branch=z9hG4bK-r\r\nMax-Forwards: 70\r\nFrom: <sip:hq2@trunks.example.net>;tag=a\r\nTo: <sip:hq2@trunks.example.net>\r\nCall-ID: r-{source}\r\nCSeq: 1 REGISTER\r\nContact: <sip:hq2@{source}>\r\nExpires: 600\r\n"
+        "REGISTER {uri} SIP/2.0\r\nVia: SIP/2.0/UDP {source};branch=z9hG4bK-r\r\nMax-Forwards: 70\r\nFrom: <sip:{user}@trunks.example.net>;tag=a\r\nTo: <sip:{user}@trunks.example.net>\r\nCall-ID: r-{source}\r\nCSeq: 1 REGISTER\r\nContact: <sip:{user}@{source}>\r\nExpires: 600\r\n"
     );
     if let Some(nonce) = nonce {
         let response = trunkguard::digest::client_response(
             trunkguard::digest::Algorithm::Md5,
-            "hq2",
+            user,
             "trunks.example.net",
-            "pw2",
+            password,
             "REGISTER",
             uri,
             nonce,
             "00000001",
             "c0ffee",
         );
-        m.push_str(&format!("Authorization: Digest username=\"hq2\", realm=\"trunks.example.net\", nonce=\"{nonce}\", uri=\"{uri}\", response=\"{response}\", algorithm=MD5, qop=auth, nc=00000001, cnonce=\"c0ffee\"\r\n"));
+        m.push_str(&format!("Authorization: Digest username=\"{user}\", realm=\"trunks.example.net\", nonce=\"{nonce}\", uri=\"{uri}\", response=\"{response}\", algorithm=MD5, qop=auth, nc=00000001, cnonce=\"c0ffee\"\r\n"));
     }
     m.push_str("Content-Length: 0\r\n\r\n");
     m.into_bytes()
 }
 
-/// Registers hq-pbx2 from `source` through a challenge, with `fault` set just before
-/// the answer is judged; returns that verdict and the alerts it raised.
+/// Registers `(user, password, trunk group)` from `source` through a challenge, with
+/// `fault` set just before the answer is judged; returns that verdict and the alerts
+/// it raised.
 fn register_with(
     p: &mut Policy,
+    (user, password, _trunk): (&str, &str, &str),
     source: &str,
     at: u64,
     fault: Option<Fault>,
 ) -> (trunkguard_host::Verdict, Vec<String>) {
     let src = source.parse().unwrap();
     let challenge = p
-        .judge(&register(source, None), src, None, Transport::Udp, at)
+        .judge(
+            &register(user, password, source, None),
+            src,
+            None,
+            Transport::Udp,
+            at,
+        )
         .unwrap();
     let header = &challenge.verdict.headers[0].1;
     let nonce = header
@@ -177,7 +237,7 @@ fn register_with(
     p.state_mut().fault = fault;
     let j = p
         .judge(
-            &register(source, Some(&nonce)),
+            &register(user, password, source, Some(&nonce)),
             src,
             None,
             Transport::Udp,
@@ -186,6 +246,8 @@ fn register_with(
         .unwrap();
     (j.verdict, j.alerts)
 }
+
+const HQ2: (&str, &str, &str) = ("hq2", "pw2", "hq-pbx2");
 
 #[test]
 fn a_write_failing_inside_a_registration_leaves_nothing_half_registered() {
@@ -197,11 +259,12 @@ fn a_write_failing_inside_a_registration_leaves_nothing_half_registered() {
         let kv = MemoryKv::default();
         let mut p = Policy::new(&common::module(), Box::new(kv.clone())).unwrap();
         p.configure(TWO.as_bytes()).unwrap().unwrap();
-        let (v, _) = register_with(&mut p, "203.0.113.7:5060", 1_000, None);
+        let (v, _) = register_with(&mut p, HQ2, "203.0.113.7:5060", 1_000, None);
         assert_eq!(v.action, Action::Accept, "{v:?}");
         let before = kv.snapshot();
         let (v, alerts) = register_with(
             &mut p,
+            HQ2,
             "198.51.100.9:5060",
             2_000,
             Some(Fault::FailWrite(nth)),
@@ -215,7 +278,7 @@ fn a_write_failing_inside_a_registration_leaves_nothing_half_registered() {
             assert_eq!(after.get(key), before.get(key), "write {nth}: {key}");
         }
         // The PBX's retry registers, and the move is alerted.
-        let (v, alerts) = register_with(&mut p, "198.51.100.9:5060", 3_000, None);
+        let (v, alerts) = register_with(&mut p, HQ2, "198.51.100.9:5060", 3_000, None);
         assert_eq!(v.action, Action::Accept, "write {nth}: {v:?}");
         assert!(
             alerts.iter().any(|a| a.contains("\"reg_ip_change\"")),
