@@ -93,6 +93,34 @@ test('a configuration error is shown at its JSON path and the last good one stay
   assert.match(text, /^locations\[1\]\.trunk_groups\[0\]\.acl\[0\]\n/);
   assert.match(text, /192\.0\.2\.0\/33/);
   assert.match(await page.textContent('#config-status'), /refused; generation 1 still in force/);
+  // The last good configuration still judges: an inbound call to the branch's DID
+  // (in the example configuration, not in the refused one's place) from the core.
+  const invite = (source) => [
+    'INVITE sip:+15557770000@edge.example.net SIP/2.0',
+    `Via: SIP/2.0/UDP ${source};branch=z9hG4bK-pg1`,
+    'Max-Forwards: 70',
+    'From: <sip:carrier@core.example.net>;tag=c1',
+    'To: <sip:+15557770000@edge.example.net>',
+    'Call-ID: pg-1@core',
+    'CSeq: 1 INVITE',
+    'Content-Length: 0',
+    '', '',
+  ].join('\r\n');
+  const judge = async (local) => {
+    await page.fill('#message', invite('10.0.0.5:5060'));
+    await page.fill('#source', '10.0.0.5:5060');
+    await page.fill('#local', local);
+    const before = await page.$$eval('#results tbody tr', (trs) => trs.length);
+    await page.click('#judge');
+    await page.waitForFunction((n) => document.querySelectorAll('#results tbody tr').length > n, before);
+    const rows = await page.$$eval('#results tbody tr', (trs) => trs.map((tr) => [...tr.children].map((td) => td.textContent)));
+    return rows.at(-1);
+  };
+  const core = await judge('10.0.0.1:5060');
+  assert.deepEqual([core[3], core[4], core[5], core[6]], ['reject', '480', 'trunk_unavailable', 'branch-p2p'], `${core}`);
+  // The same call arriving on the public socket is not the core: challenged.
+  const spoofed = await judge('192.0.2.1:5060');
+  assert.deepEqual([spoofed[3], spoofed[4]], ['challenge', '407'], `${spoofed}`);
   assert.deepEqual(errors, []);
   await page.close();
 });
