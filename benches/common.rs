@@ -90,6 +90,7 @@ fn authorized_from(
     let nonce = make_nonce(
         &trunkguard::digest::NonceSecret::new(&SECRET),
         NOW_MS,
+        0,
         source.ip(),
         REALM,
     );

@@ -3,8 +3,9 @@
 that carry digest answers valid for the target's fixed nonce secret, clock and
 sources, so that the fuzzer starts on the authenticated paths (registration, the
 call lock, the access list, the replay set, un-REGISTER) instead of stopping at the
-nonce check. The nonce format is src/digest.rs's: hex(issued_ms, 8 bytes big
-endian || HMAC-SHA-256(secret, issued_ms || source IP octets || realm)[:16]).
+nonce check. The nonce format is src/digest.rs's: hex(issued || HMAC-SHA-256(secret,
+issued || source IP octets || realm)[:16]), issued being 8 bytes big endian: the
+milliseconds shifted left by 16, and a 16-bit counter.
 
   python3 fuzz/seeds.py     # rewrites fuzz/corpus/judge/
 """
@@ -22,7 +23,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def nonce(ip):
-    issued = NOW_MS.to_bytes(8, "big")
+    # 48 bits of milliseconds, 16 bits of counter (0 here).
+    issued = (NOW_MS << 16).to_bytes(8, "big")
     mac = hmac.new(SECRET, issued + ipaddress.ip_address(ip).packed + REALM.encode(), hashlib.sha256)
     return (issued + mac.digest()[:16]).hex()
 

@@ -1,7 +1,8 @@
 //! HTTP Digest for SIP (RFC 3261 §22, RFC 7616, RFC 8760): MD5 and SHA-256, qop=auth.
 //!
-//! Nonces are stateless: `hex(issued_ms ‖ HMAC-SHA-256(secret, issued_ms ‖ source IP ‖
-//! realm)[..16])`. Any worker (or any node sharing the secret through the host store)
+//! Nonces are stateless: `hex(issued ‖ HMAC-SHA-256(secret, issued ‖ source IP ‖
+//! realm)[..16])`, `issued` being 8 bytes: the time in milliseconds (48 bits) and a
+//! 16-bit counter that keeps two nonces of one millisecond apart. Any worker (or any node sharing the secret through the host store)
 //! can verify a nonce another one issued, without a nonce table to replicate, and a
 //! nonce captured on the wire is useless from another IP address.
 
@@ -221,9 +222,19 @@ fn nonce_mac(secret: &NonceSecret, issued: [u8; 8], source: IpAddr, realm: &str)
     out
 }
 
-/// Issues a nonce for `source` at `now_ms`.
-pub fn make_nonce(secret: &NonceSecret, now_ms: u64, source: IpAddr, realm: &str) -> String {
-    let issued = now_ms.to_be_bytes();
+/// Issues a nonce for `source` at `now_ms`. Its first 8 bytes are the time in
+/// milliseconds (48 bits) and `unique` (16 bits, a counter the engine seeds at
+/// random): two challenges to one address in the same millisecond must not share a
+/// nonce, or the replay set (src/replay.rs) would take the second answer for a
+/// replay of the first.
+pub fn make_nonce(
+    secret: &NonceSecret,
+    now_ms: u64,
+    unique: u16,
+    source: IpAddr,
+    realm: &str,
+) -> String {
+    let issued = ((now_ms << 16) | u64::from(unique)).to_be_bytes();
     let mac = nonce_mac(secret, issued, source, realm);
     let mut raw = [0u8; 8 + NONCE_MAC_LEN];
     raw[..8].copy_from_slice(&issued);
@@ -236,7 +247,7 @@ pub fn nonce_issued_ms(nonce: &str) -> Option<u64> {
     let raw = unhex::<{ 8 + NONCE_MAC_LEN }>(nonce)?;
     let mut issued = [0u8; 8];
     issued.copy_from_slice(raw.get(..8)?);
-    Some(u64::from_be_bytes(issued))
+    Some(u64::from_be_bytes(issued) >> 16)
 }
 
 /// Clock skew tolerated between workers (a nonce "from the future").
@@ -259,7 +270,7 @@ pub fn check_nonce(
     if !bool::from(expected.ct_eq(&raw[8..])) {
         return NonceState::Invalid;
     }
-    let issued_ms = u64::from_be_bytes(issued);
+    let issued_ms = u64::from_be_bytes(issued) >> 16;
     if issued_ms > now_ms.saturating_add(FUTURE_SKEW_MS) {
         NonceState::Invalid
     } else if now_ms.saturating_sub(issued_ms) > ttl_ms {
@@ -464,7 +475,7 @@ mod tests {
     fn client_and_server_agree_for_both_algorithms() {
         let ha1 = Ha1Set::from_config("hq1", REALM, Some("pw"), None, None).unwrap();
         for alg in [Algorithm::Md5, Algorithm::Sha256] {
-            let nonce = make_nonce(&secret(), 1000, ip("203.0.113.7"), REALM);
+            let nonce = make_nonce(&secret(), 1000, 0, ip("203.0.113.7"), REALM);
             let r = client_response(
                 alg, "hq1", REALM, "pw", "INVITE", "sip:x@y", &nonce, "00000001", "abc",
             );
@@ -513,7 +524,7 @@ mod tests {
     #[test]
     fn nonce_lifecycle() {
         let src = ip("203.0.113.7");
-        let nonce = make_nonce(&secret(), 10_000, src, REALM);
+        let nonce = make_nonce(&secret(), 10_000, 7, src, REALM);
         let other = NonceSecret::new(&[8u8; 32]);
         let cases: &[(&str, u64, IpAddr, &NonceSecret, NonceState)] = &[
             ("fresh at issue", 10_000, src, &secret(), NonceState::Fresh),

@@ -25,6 +25,9 @@ pub struct Engine {
     index: Option<Index>,
     generation: u64,
     secret: Option<NonceSecret>,
+    /// Counter mixed into each nonce (digest::make_nonce), seeded at random so two
+    /// workers do not count alike.
+    nonce_counter: Option<u16>,
 }
 
 impl Engine {
@@ -89,7 +92,18 @@ impl Engine {
             Some(s) => &*s,
             empty => &*empty.insert(load_or_create_secret(host)?),
         };
-        let Decision { verdict, alerts } = policy::decide(index, input, host, secret)?;
+        let unique = match &mut self.nonce_counter {
+            Some(n) => {
+                *n = n.wrapping_add(1);
+                *n
+            }
+            empty => {
+                let mut seed = [0u8; 2];
+                host.fill_random(&mut seed);
+                *empty.insert(u16::from_be_bytes(seed))
+            }
+        };
+        let Decision { verdict, alerts } = policy::decide(index, input, host, secret, unique)?;
         let window = index.alert_window_ms;
         for mut a in alerts {
             a.id = new_alert_id(host, a.at_ms);

@@ -49,6 +49,7 @@ pub fn decide(
     input: &Input<'_>,
     store: &mut dyn Store,
     secret: &NonceSecret,
+    nonce_unique: u16,
 ) -> Result<Decision, StoreError> {
     let msg = match sip::parse(input.message, input.transport.framing()) {
         Ok(msg) => msg,
@@ -66,6 +67,7 @@ pub fn decide(
         input,
         source_ip,
         secret,
+        nonce_unique,
     };
     let core = index.is_core(source_ip, input.local);
     // Messages the policy lets through untouched get the structural parse above
@@ -129,6 +131,8 @@ struct Request<'r, 'a> {
     input: &'r Input<'r>,
     source_ip: IpAddr,
     secret: &'r NonceSecret,
+    /// Keeps apart the nonces of challenges issued in one millisecond.
+    nonce_unique: u16,
 }
 
 /// Methods that pass without credentials: keep-alives, and the two that RFC 3261
@@ -274,6 +278,7 @@ impl<'r, 'a> Request<'r, 'a> {
         let nonce = digest::make_nonce(
             self.secret,
             self.input.now_ms,
+            self.nonce_unique,
             self.source_ip,
             &self.index.realm,
         );

@@ -103,7 +103,7 @@ fn generate() -> String {
         let at = START_MS + offset;
         let source: SocketAddr = send["source"].as_str().unwrap().parse().unwrap();
         let transport = send["transport"].as_str().unwrap_or("udp");
-        let nonce = with_auth.then(|| make_nonce(&secret(), at, source.ip(), REALM));
+        let nonce = with_auth.then(|| make_nonce(&secret(), at, 0, source.ip(), REALM));
         let message = harness::build_message(&send, source, transport, nonce.as_deref());
         let mut line = json!({"at_ms": at, "source": source.to_string(), "transport": transport, "message": message});
         // The carrier's calls arrive on the proxy's core-facing socket (config

@@ -148,6 +148,15 @@ def _ensure_secret(key):
     return value
 
 
+def _check_inserts(insert):
+    # Checked before anything is set up for the request: a header the policy would
+    # insert must be one well-formed line, or the request is refused (fail closed,
+    # ksr_request_route's 503).
+    for name, value in insert:
+        if not _TOKEN.match(name) or "\r" in value or "\n" in value:
+            raise RuntimeError("verdict inserts a header that is not one line: %r" % ((name, value),))
+
+
 class Counters:
     """Counts kept in the process and written to `tgstats` at most once a second, as
     `<name>@<pid>` items that only this process writes (htable has no atomic add-by-n,
@@ -399,6 +408,7 @@ class Shim:
         """An allowed request goes where the verdict's `cause` says (docs/abi.md) and
         nowhere else; the host never works out on its own why the policy let it
         through. A cause this script does not know is refused: fail closed."""
+        _check_inserts(insert)
         if KSR.is_REGISTER():
             # The policy answers every REGISTER it serves itself; an allowed one is a
             # core-side REGISTER, which this edge does not serve.
@@ -477,6 +487,11 @@ class Shim:
             if KSR.tm.t_check_trans() > 0:
                 return self._relay(strip, insert, within_transaction=True)
             return -255
+        if KSR.tm.t_check_trans() == 0:
+            # A retransmission of a request this edge relayed (the BYE it let through
+            # a moment ago): tm has answered it with the last reply, if any; it is
+            # not refused, and nothing is relayed again.
+            return -255
         KSR.warn("trunkguard: in-dialog %s from %s within no dialog of this edge\n" % (KSR.pv.get("$rm"), _source()))
         _count("in_dialog.refused")
         return self._refuse(404, "Not Here")
@@ -496,6 +511,7 @@ class Shim:
         return False
 
     def _route_inbound(self, target, next_hop, strip, insert):
+        _check_inserts(insert)
         if not target:
             return self._refuse(500, "Server Internal Error (route without target)")
         KSR.pv.sets("$ru", target)
@@ -552,8 +568,6 @@ class Shim:
         for name in strip:
             KSR.hdr.remove(name)
         for name, value in insert:
-            if not _TOKEN.match(name) or "\r" in value or "\n" in value:
-                raise RuntimeError("verdict inserts a header that is not one line: %r" % ((name, value),))
             KSR.hdr.append("%s: %s\r\n" % (name, value))
 
     def _relay(self, strip=(), insert=(), within_transaction=False):

@@ -116,12 +116,18 @@ def header(message, name):
     return m.group(1) if m else None
 
 
+# Requests sent with each nonce: a client counts them per nonce (RFC 7616 §3.4), and
+# the edge refuses a nonce count it has seen (replayed_nonce).
+_NONCE_COUNTS = {}
+
+
 def authorization(challenge, method, uri, user, password, header_name):
     """The Authorization/Proxy-Authorization header answering an MD5 challenge."""
     params = dict(re.findall(r'(\w+)="?([^",]*)"?', challenge.split(" ", 1)[1]))
     ha1 = hashlib.md5(("%s:%s:%s" % (user, params["realm"], password)).encode()).hexdigest()
     ha2 = hashlib.md5(("%s:%s" % (method, uri)).encode()).hexdigest()
-    cnonce, nc = os.urandom(4).hex(), "00000001"
+    _NONCE_COUNTS[params["nonce"]] = _NONCE_COUNTS.get(params["nonce"], 0) + 1
+    cnonce, nc = os.urandom(4).hex(), "%08x" % _NONCE_COUNTS[params["nonce"]]
     response = hashlib.md5(("%s:%s:%s:%s:auth:%s" % (ha1, params["nonce"], nc, cnonce, ha2)).encode()).hexdigest()
     value = ('Digest username="%s", realm="%s", nonce="%s", uri="%s", response="%s", algorithm=MD5, '
              'qop=auth, nc=%s, cnonce="%s"' % (user, params["realm"], params["nonce"], uri, response, nc, cnonce))
@@ -304,8 +310,9 @@ def place_call(pbx, carrier, edge, creds, called, extra=(), timeout=3.0):
         lines.append("Content-Length: 0")
         return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
+    ours = lambda m: (headers(m, "Call-ID", "i") or [None])[0] == call_id  # noqa: E731
     pbx.send(invite(1), edge)
-    challenge, _ = pbx.final(timeout)
+    challenge, _ = pbx.recv(timeout, lambda m: ours(m) and status(m) >= 200)
     if status(challenge) != 407:
         raise AssertionError("expected 407, got %r" % challenge)
     ack = ("ACK %s SIP/2.0\r\nVia: SIP/2.0/UDP %s:%d;branch=%s-1;rport\r\nMax-Forwards: 70\r\n"
@@ -315,14 +322,14 @@ def place_call(pbx, carrier, edge, creds, called, extra=(), timeout=3.0):
     auth = authorization(headers(challenge, "Proxy-Authenticate")[-1], "INVITE", ruri, creds[0], creds[1],
                          "Proxy-Authorization")
     pbx.send(invite(2, [auth]), edge)
-    got, hop = carrier.request("INVITE", timeout)
+    got, hop = carrier.recv(timeout, lambda m: ours(m) and method(m) == "INVITE")
     if got is None:
         raise AssertionError("the authenticated INVITE never reached the carrier; the PBX got:\n%s"
                              % "\n".join(m.split("\r\n", 1)[0] for m in pbx.seen[-6:]))
     carrier_tag = os.urandom(4).hex()
     carrier_contact = "<sip:%s@%s:%d>" % (called, carrier.ip, carrier.port)
     carrier.send(response(got, 200, "OK", to_tag=carrier_tag, contact=carrier_contact), hop)
-    ok, _ = pbx.final(timeout)
+    ok, _ = pbx.recv(timeout, lambda m: ours(m) and status(m) >= 200)
     if status(ok) != 200:
         raise AssertionError("expected 200 at the PBX, got %r" % ok)
     rr = headers(ok, "Record-Route")
@@ -331,26 +338,27 @@ def place_call(pbx, carrier, edge, creds, called, extra=(), timeout=3.0):
     carrier_side = Dialog(carrier, call_id, ruri, carrier_tag, local_uri, ftag, headers(got, "Record-Route"),
                           re.sub(r"^<|>.*$", "", headers(got, "Contact")[0]), 0)
     pbx_side.send("ACK", cseq=2)
-    if carrier.request("ACK", timeout)[0] is None:
+    if carrier.recv(timeout, lambda m: ours(m) and method(m) == "ACK")[0] is None:
         raise AssertionError("the ACK of the 200 never reached the carrier")
     return pbx_side, carrier_side, got
 
 
-def in_dialog_round(sender, receiver, name, timeout=3.0):
+def in_dialog_round(sender, receiver, name, timeout=3.0, extra=()):
     """`sender` sends `name` within its dialog; `receiver` must get it and answer 200,
     which must come back to `sender` (ACKed when it answers an INVITE). Returns the
     request as `receiver` got it."""
-    sender.send(name)
-    got, hop = receiver.party.request(name, timeout)
+    ours = lambda m: (headers(m, "Call-ID", "i") or [None])[0] == sender.call_id  # noqa: E731
+    sender.send(name, extra=extra)
+    got, hop = receiver.party.recv(timeout, lambda m: ours(m) and method(m) == name)
     if got is None:
         raise AssertionError("%s from %s:%d never arrived" % (name, sender.party.ip, sender.party.port))
     receiver.party.send(response(got, 200, "OK", contact="<sip:%s:%d>" % (receiver.party.ip, receiver.party.port)), hop)
-    ok, _ = sender.party.final(timeout)
+    ok, _ = sender.party.recv(timeout, lambda m: ours(m) and status(m) >= 200)
     if status(ok) != 200:
         raise AssertionError("%s: expected 200 back, got %r" % (name, ok))
     if name == "INVITE":
         sender.send("ACK", cseq=sender.cseq)
-        if receiver.party.request("ACK", timeout)[0] is None:
+        if receiver.party.recv(timeout, lambda m: ours(m) and method(m) == "ACK")[0] is None:
             raise AssertionError("the ACK of the re-INVITE never arrived")
     return got
 
@@ -430,13 +438,14 @@ def place_inbound(core, pbx, edge, did, timeout=3.0):
               "From: <%s>;tag=%s\r\nTo: <%s>\r\nCall-ID: %s\r\nCSeq: 1 INVITE\r\n"
               "Contact: <sip:core@%s:%d>\r\nContent-Length: 0\r\n\r\n"
               % (ruri, core.ip, core.port, os.urandom(8).hex(), local_uri, ftag, ruri, call_id, core.ip, core.port))
+    ours = lambda m: (headers(m, "Call-ID", "i") or [None])[0] == call_id  # noqa: E731
     core.send(invite.encode("latin-1"), edge)
-    got, hop = pbx.request("INVITE", timeout)
+    got, hop = pbx.recv(timeout, lambda m: ours(m) and method(m) == "INVITE")
     if got is None:
         raise AssertionError("the core's INVITE never reached the PBX")
     pbx_tag = os.urandom(4).hex()
     pbx.send(response(got, 200, "OK", to_tag=pbx_tag, contact="<sip:hq1@%s:%d>" % (pbx.ip, pbx.port)), hop)
-    ok, _ = core.final(timeout)
+    ok, _ = core.recv(timeout, lambda m: ours(m) and status(m) >= 200)
     if status(ok) != 200:
         raise AssertionError("expected 200 at the core, got %r" % ok)
     core_side = Dialog(core, call_id, ruri, ftag, ruri, tag_of(headers(ok, "To")[0]),
@@ -446,6 +455,6 @@ def place_inbound(core, pbx, edge, did, timeout=3.0):
                       re.sub(r"^<|>.*$", "", headers(got, "Contact")[0]), 0)
     core_side.local_uri = local_uri
     core_side.send("ACK", cseq=1)
-    if pbx.request("ACK", timeout)[0] is None:
+    if pbx.recv(timeout, lambda m: ours(m) and method(m) == "ACK")[0] is None:
         raise AssertionError("the ACK of the 200 never reached the PBX")
     return core_side, pbx_side, got

@@ -669,7 +669,8 @@ class KamailioEdge(unittest.TestCase):
         self.assertEqual(sip.headers(got, "P-Asserted-Identity"), ["<sip:+15551230000@%s>" % REALM], got)
         self.assertEqual(sip.headers(got, "X-Trunkguard-Trunk-Group"), ["hq-pbx1"], got)
         # re-INVITE both ways, then the carrier hangs up.
-        reinvite = sip.in_dialog_round(pbx_side, carrier_side, "INVITE")
+        reinvite = sip.in_dialog_round(pbx_side, carrier_side, "INVITE",
+                                       extra=[("X-Trunkguard-Trunk-Group", "branch-p2p")])
         self.assertEqual(sip.headers(reinvite, "X-Trunkguard-Trunk-Group"), [], reinvite)
         sip.in_dialog_round(carrier_side, pbx_side, "INVITE")
         sip.in_dialog_round(carrier_side, pbx_side, "BYE")
@@ -742,6 +743,15 @@ class KamailioEdge(unittest.TestCase):
                     outcomes.append((transport, method, sip.status(core.final(request, timeout=2.0))))
                 finally:
                     core.close()
+        # The core-facing socket alone makes nobody the core either.
+        stranger = sip.Endpoint(INTRUDER, "udp", CORE_SOCKET)
+        try:
+            request = sip.request("INVITE", "sip:+15551230000@%s" % REALM, from_user="+15550001111",
+                                  to_user="+15551230000", via_ip=INTRUDER, via_port=stranger.port)
+            outcomes.append(("udp", "INVITE on the core socket from elsewhere",
+                             sip.status(stranger.final(request, timeout=2.0))))
+        finally:
+            stranger.close()
         self.assertEqual([o for o in outcomes if o[2] != 407], [], outcomes)
         self.assert_nothing_reached(pbx, "the core's request on the public listener")
         self.assert_nothing_reached(far, "the core's request on the public listener")
@@ -789,6 +799,20 @@ class DmqPair(unittest.TestCase):
             if out.returncode != 0:
                 cls.tearDownClass()
                 raise RuntimeError("node %s: %s%s" % (name, out.stdout, out.stderr))
+        # Let the initial sync over TCP settle before the first challenge: until then
+        # a node's startup writes (its nonce secret) can still reach the other, and a
+        # challenge from before them would no longer verify (docs/kamailio.md: start
+        # the nodes one after the other).
+        try:
+            for name in cls.NODES:
+                ctl = "unix:" + os.path.join(cls.workdir, name, "ctl.sock")
+                wait_for("node %s to see its peer" % name, lambda: subprocess.run(
+                    ["kamcmd", "-s", ctl, "dmq.list_nodes"], capture_output=True, text=True,
+                    timeout=10).stdout.count("status: active") >= 2)
+        except AssertionError:
+            cls.tearDownClass()
+            raise
+        time.sleep(1.0)
 
     @classmethod
     def tearDownClass(cls):
