@@ -96,10 +96,27 @@ pub const MAX_OPEN_PER_TRUNK: usize = 64;
 /// enough to recognise a call, too little to fill the host's memory.
 pub const MAX_HEADER_TEXT: usize = 256;
 
-/// `text` cut to [`MAX_HEADER_TEXT`] bytes at a character boundary, marked when cut.
+/// `text` on one line (folding and control characters become a space, so a sender
+/// cannot add lines of its own to an alert e-mail), cut to [`MAX_HEADER_TEXT`] bytes
+/// at a character boundary, marked when cut.
 pub fn bounded_text(text: &str) -> String {
+    let text: String = text
+        .chars()
+        .map(|c| {
+            // Controls, and the bidirectional overrides that make text read in
+            // another order than it is written.
+            if c.is_control()
+                || ('\u{202a}'..='\u{202e}').contains(&c)
+                || ('\u{2066}'..='\u{2069}').contains(&c)
+            {
+                ' '
+            } else {
+                c
+            }
+        })
+        .collect();
     if text.len() <= MAX_HEADER_TEXT {
-        return text.to_string();
+        return text;
     }
     let mut end = MAX_HEADER_TEXT;
     while !text.is_char_boundary(end) {
@@ -384,6 +401,10 @@ mod tests {
         assert!(cut.len() <= MAX_HEADER_TEXT + "…".len());
         assert!(cut.ends_with('…'));
         assert_eq!(bounded_text("<sip:a@b>"), "<sip:a@b>");
+        assert_eq!(
+            bounded_text("\"x\r\n Dear customer\u{202e}\" <sip:a@b>"),
+            "\"x   Dear customer \" <sip:a@b>"
+        );
     }
 
     #[test]

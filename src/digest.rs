@@ -251,7 +251,7 @@ pub fn nonce_issued_ms(nonce: &str) -> Option<u64> {
 }
 
 /// Clock skew tolerated between workers (a nonce "from the future").
-const FUTURE_SKEW_MS: u64 = 5_000;
+pub const FUTURE_SKEW_MS: u64 = 5_000;
 
 pub fn check_nonce(
     secret: &NonceSecret,

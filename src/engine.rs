@@ -107,8 +107,12 @@ impl Engine {
         let window = index.alert_window_ms;
         for mut a in alerts {
             a.id = new_alert_id(host, a.at_ms);
-            for out in alert::throttle(host, a, window)? {
-                host.alert(&out);
+            // The decision is already in the store: a throttle that cannot write
+            // must not lose its alert (a retry would no longer raise it), so the
+            // alert goes out unthrottled instead.
+            match alert::throttle(host, a.clone(), window) {
+                Ok(out) => out.iter().for_each(|o| host.alert(o)),
+                Err(_) => host.alert(&a),
             }
         }
         Ok(verdict)

@@ -71,10 +71,16 @@ impl Index {
 
     pub fn compile(config: Config) -> Result<Index, ConfigError> {
         let realm = config.realm.trim().to_string();
-        if realm.is_empty() || realm.contains(['"', '\\', '\r', '\n']) {
+        // The realm goes into every challenge (a quoted string) and into the
+        // P-Asserted-Identity the edge writes (`<sip:NUMBER@realm>`): a host name.
+        if realm.is_empty()
+            || !realm
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
+        {
             return Err(ConfigError::new(
                 "realm",
-                "must be non-empty and contain no quote, backslash or line break",
+                "must be a host name: letters, digits, '.', '-', '_' (no quote, space, line break or '<>,;')",
             ));
         }
         let core_networks = compile_acl(&config.core_networks, "core_networks")?;
@@ -111,6 +117,13 @@ impl Index {
             ));
         }
         let offered = compile_algorithms(&config.digest.algorithms, "digest.algorithms")?;
+        let l = &config.digest.lockout;
+        if l.failures > 0 && (l.window_s == 0 || l.ban_s == 0) {
+            return Err(ConfigError::new(
+                "digest.lockout",
+                "window_s and ban_s must be at least 1 second (failures: 0 turns the lockout off)",
+            ));
+        }
         if config.digest.replay_slots == 0 {
             return Err(ConfigError::new(
                 "digest.replay_slots",
@@ -296,12 +309,6 @@ impl Index {
         local.is_some_and(|l| self.core_sockets.iter().any(|s| same_socket(*s, l)))
             && self.core_networks.contains(ip)
     }
-
-    /// Whether `number` (a From user part) is one of `trunk`'s DIDs.
-    pub fn is_did_of(&self, trunk: &Trunk, number: &str) -> bool {
-        self.trunk_by_did(number)
-            .is_some_and(|t| std::ptr::eq(t, trunk))
-    }
 }
 
 /// IPv4-mapped IPv6 and plain IPv4 name the same socket (dual-stack listeners
@@ -315,12 +322,20 @@ fn compile_sockets(entries: &[String]) -> Result<Vec<SocketAddr>, ConfigError> {
         .iter()
         .enumerate()
         .map(|(i, e)| {
-            e.trim().parse::<SocketAddr>().map_err(|_| {
-                ConfigError::new(
-                    format!("core_sockets[{i}]"),
-                    format!("{e:?} is not ip:port (IPv6 in brackets)"),
-                )
-            })
+            let path = format!("core_sockets[{i}]");
+            let socket = e.trim().parse::<SocketAddr>().map_err(|_| {
+                ConfigError::new(&path, format!("{e:?} is not ip:port (IPv6 in brackets)"))
+            })?;
+            // A proxy reports the address a message arrived on, never 0.0.0.0:
+            // a wildcard here would match nothing, or (in a host that reported the
+            // bind address) every socket.
+            if socket.ip().is_unspecified() || socket.port() == 0 {
+                return Err(ConfigError::new(
+                    path,
+                    format!("{e:?} is not one socket: name the address and port it listens on"),
+                ));
+            }
+            Ok(socket)
         })
         .collect()
 }

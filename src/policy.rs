@@ -167,11 +167,24 @@ impl<'r, 'a> Request<'r, 'a> {
             v.strip.push(name.to_string());
         }
         if self.index.asserted_identity {
-            let caller = self.msg.from().ok().and_then(|f| f.uri.user);
-            let number = match caller {
-                Some(user) if self.index.is_did_of(trunk, user) => Some(user),
-                _ => trunk.dids.first().map(String::as_str),
-            };
+            // The number comes from the configuration, never the sender's text: the
+            // From user only selects which of the trunk group's DIDs is asserted
+            // (its parameters, such as cpc= or oli=, are not carried over).
+            let caller = self
+                .msg
+                .from()
+                .ok()
+                .and_then(|f| f.uri.user)
+                .and_then(|u| crate::index::normalize_did(u.split(';').next().unwrap_or(u)));
+            let number = caller
+                .and_then(|c| {
+                    trunk
+                        .dids
+                        .iter()
+                        .find(|d| d.strip_prefix('+').unwrap_or(d) == c)
+                })
+                .or_else(|| trunk.dids.first())
+                .map(String::as_str);
             if let Some(number) = number {
                 v.insert.push((
                     "P-Asserted-Identity".to_string(),
@@ -343,19 +356,10 @@ impl<'r, 'a> Request<'r, 'a> {
             )
             .into());
         }
-        // Unknown user, unknown algorithm and wrong response all get this same answer,
-        // so the 403 tells a scanner nothing about which usernames exist.
-        let forbidden = || Refusal::BadCredentials(None);
-        let Some(algorithm) = Algorithm::from_param(creds.algorithm) else {
-            return Err(forbidden());
-        };
-        // RFC 2069 answers (no qop) carry no nc to tell a replay from a reuse.
-        if creds.qop.is_none() && !self.index.allow_rfc2069 {
-            return Err(forbidden());
-        }
-        let Some(nc) = crate::replay::nc_value(creds.nc) else {
-            return Err(forbidden());
-        };
+        // The nonce first: only an answer on a nonce this edge sent to this address
+        // proves that the source receives our packets. Anything before that could
+        // come from a spoofed UDP source, and counting it as a failed guess would
+        // let a spoofer get a PBX's own address banned.
         let nonce_state = digest::check_nonce(
             self.secret,
             &creds.nonce,
@@ -369,6 +373,26 @@ impl<'r, 'a> Request<'r, 'a> {
             // new secret, a forgery): ask again rather than judge the password.
             return Err(self.challenge(false).into());
         }
+        // Unknown user, unknown algorithm and wrong response all get this same answer,
+        // so the 403 tells a scanner nothing about which usernames exist.
+        let forbidden = || Refusal::BadCredentials(None);
+        let Some(algorithm) = Algorithm::from_param(creds.algorithm) else {
+            return Err(forbidden());
+        };
+        // RFC 2069 answers (no qop) carry no nc to tell a replay from a reuse.
+        if creds.qop.is_none() && !self.index.allow_rfc2069 {
+            return Err(forbidden());
+        }
+        // Without qop the response does not cover nc (RFC 2617 §3.2.2): whatever nc
+        // such an answer carries, it counts as the first, so it is accepted once.
+        let nc = if creds.qop.is_none() {
+            Some(1)
+        } else {
+            crate::replay::nc_value(creds.nc)
+        };
+        let Some(nc) = nc else {
+            return Err(forbidden());
+        };
         let trunk = self
             .index
             .trunk_by_username(&creds.username)
@@ -403,7 +427,12 @@ impl<'r, 'a> Request<'r, 'a> {
             issued_ms,
             nc,
             self.input.now_ms,
-            self.index.nonce_ttl_ms,
+            // Kept past the nonce's life by the clock skew a nonce is allowed, and
+            // a minute more: a worker whose clock runs late must not find a record
+            // gone that a worker running early has already dropped.
+            self.index
+                .nonce_ttl_ms
+                .saturating_add(digest::FUTURE_SKEW_MS + 60_000),
         )
         .map_err(Refusal::Store)?;
         if claim != crate::replay::Claim::Fresh {
@@ -458,7 +487,9 @@ impl<'r, 'a> Request<'r, 'a> {
         };
         let Some(contact) = contact else {
             // A REGISTER without Contact asks for the current bindings (§10.2.3).
-            let current = binding::current(store, trunk, now)?;
+            // Listed only to the binding's own address: elsewhere it would hand out
+            // the Contact that an un-REGISTER from anywhere may name (below).
+            let current = binding::current(store, trunk, now)?.filter(|b| b.ip() == self.source_ip);
             let header = current
                 .as_ref()
                 .map(|b| format!("<{}>;expires={}", b.contact, b.remaining_s(now)));

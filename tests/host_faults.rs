@@ -286,3 +286,31 @@ fn a_write_failing_inside_a_registration_leaves_nothing_half_registered() {
         );
     }
 }
+
+#[test]
+fn a_write_failing_in_the_alert_throttle_after_a_registration_still_sends_the_alert() {
+    const TWO: &str = r#"{"realm": "trunks.example.net", "locations": [{"id": "hq", "contacts": ["noc@example.com"],
+      "trunk_groups": [{"id": "hq-pbx2", "username": "hq2", "password": "pw2"}]}]}"#;
+    // Writes 4 to 6 of a move are the alert window and its lists: the binding has
+    // moved by then, so the alert must go out (unthrottled) rather than be lost.
+    for nth in 4..=6u32 {
+        let kv = MemoryKv::default();
+        let mut p = Policy::new(&common::module(), Box::new(kv.clone())).unwrap();
+        p.configure(TWO.as_bytes()).unwrap().unwrap();
+        let (v, _) = register_with(&mut p, HQ2, "203.0.113.7:5060", 1_000, None);
+        assert_eq!(v.action, Action::Accept, "{v:?}");
+        let (v, alerts) = register_with(
+            &mut p,
+            HQ2,
+            "198.51.100.9:5060",
+            2_000,
+            Some(Fault::FailWrite(nth)),
+        );
+        assert_eq!(v.action, Action::Accept, "write {nth}: {v:?}");
+        assert!(
+            alerts.iter().any(|a| a.contains("\"reg_ip_change\"")),
+            "write {nth}: {alerts:?}"
+        );
+        assert!(p.state_mut().fault.is_none(), "write {nth} was never made");
+    }
+}

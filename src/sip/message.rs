@@ -752,10 +752,21 @@ impl<'a> Message<'a> {
             let end = starts.get(i + 1).copied().unwrap_or(fields_end);
             if !drop(e) {
                 let field = self.text.get(usize::from(e.name.0)..end).unwrap_or("");
-                out.extend_from_slice(field.as_bytes());
-                if !field.ends_with("\r\n") {
-                    out.extend_from_slice(b"\r\n");
+                let field = field.strip_suffix("\r\n").unwrap_or(field);
+                // Unfolded (RFC 3261 §7.3.1 allows it): a continuation line kept as
+                // is could read as a header of its own to a parser that does not
+                // unfold, placing a forged trunk-group header or Route before ours.
+                let mut rest = field;
+                while let Some(i) = rest.find("\r\n") {
+                    out.extend_from_slice(rest.get(..i).unwrap_or("").as_bytes());
+                    out.push(b' ');
+                    rest = rest
+                        .get(i + 2..)
+                        .unwrap_or("")
+                        .trim_start_matches([' ', '\t']);
                 }
+                out.extend_from_slice(rest.as_bytes());
+                out.extend_from_slice(b"\r\n");
             }
         }
         for (name, value) in insert {
@@ -1470,8 +1481,20 @@ mod tests {
         let m = parse(raw, Framing::Datagram).unwrap();
         let out = String::from_utf8(m.edited(&["i".to_string()], &[])).unwrap();
         assert!(!out.contains("Call-ID"), "{out}");
-        // Nothing to do: the same bytes.
+        // Nothing to do: the same bytes, but for the unfolding.
         let m = parse(raw, Framing::Datagram).unwrap();
-        assert_eq!(m.edited(&[], &[]), raw.to_vec());
+        let unfolded = String::from_utf8(raw.to_vec())
+            .unwrap()
+            .replace(",\r\n <sip:evil", ", <sip:evil");
+        assert_eq!(m.edited(&[], &[]), unfolded.into_bytes());
+        // A kept field's continuation lines are unfolded, so nothing in them can
+        // read as a header line of its own further on.
+        let folded = b"INVITE sip:x@t SIP/2.0\r\nVia: SIP/2.0/UDP p;branch=z9hG4bK1\r\nSubject: hi\r\n X-Trunkguard-Trunk-Group: victim\r\nFrom: <sip:a@t>;tag=1\r\nTo: <sip:x@t>\r\nCall-ID: c\r\nCSeq: 1 INVITE\r\nContent-Length: 0\r\n\r\n";
+        let m = parse(folded, Framing::Datagram).unwrap();
+        let out = String::from_utf8(m.edited(&[], &[])).unwrap();
+        assert!(
+            out.contains("\r\nSubject: hi X-Trunkguard-Trunk-Group: victim\r\nFrom:"),
+            "{out}"
+        );
     }
 }

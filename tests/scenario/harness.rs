@@ -43,7 +43,7 @@ pub fn run_all(make: &mut dyn FnMut() -> Box<dyn Subject>) {
     let configs = &table["configs"];
     let scenarios = table["scenarios"].as_array().expect("scenarios array");
     assert!(
-        scenarios.len() >= 71,
+        scenarios.len() >= 74,
         "the table shrank to {}",
         scenarios.len()
     );
@@ -292,8 +292,13 @@ pub fn build_message(
             let response = trunkguard::digest::client_response_rfc2069(
                 alg, username, realm, password, method, digest_uri, nonce,
             );
+            // An `nc` here is not covered by the response: a replay attempt.
+            let nc = auth["nc"]
+                .as_str()
+                .map(|nc| format!(", nc={nc}"))
+                .unwrap_or_default();
             m.push_str(&format!(
-                "{header}: Digest username=\"{username}\", realm=\"{realm}\", nonce=\"{nonce}\", uri=\"{digest_uri}\", response=\"{response}\", algorithm={alg_name}\r\n"
+                "{header}: Digest username=\"{username}\", realm=\"{realm}\", nonce=\"{nonce}\", uri=\"{digest_uri}\", response=\"{response}\", algorithm={alg_name}{nc}\r\n"
             ));
         } else {
             let response = client_response(
