@@ -1,6 +1,6 @@
 //! `trunkguard_kamailio`: the reference wasmtime host (host-shims/wasmtime) as a Python
 //! extension, so Kamailio's KEMI script calls the policy directly instead of through
-//! wasmtime-py's generic call path (50–100 µs per call, HOSTS.md). Kamailio, the CLI and
+//! wasmtime-py's generic call path (50–100 µs per call, docs/kamailio.md). Kamailio, the CLI and
 //! the tests share one host implementation: trap recovery, last-good configuration and
 //! the store imports are the same code.
 //!
@@ -149,7 +149,7 @@ type VerdictTuple = (
 );
 
 /// A compiled module plus one instance: one per Kamailio process, created after the
-/// fork (wasmtime must not compile before Kamailio forks its workers, HOSTS.md).
+/// fork (wasmtime must not compile before Kamailio forks its workers, docs/kamailio.md).
 #[pyclass(unsendable, module = "trunkguard_kamailio")]
 struct Policy {
     module_path: PathBuf,
