@@ -353,6 +353,24 @@ pub fn verify(ha1s: &Ha1Set, method: &str, resp: &Response<'_>) -> bool {
     given.len() == expected.len() && bool::from(given.as_bytes().ct_eq(expected.as_bytes()))
 }
 
+/// HA1 and HA2 as a client computes them (RFC 7616 §3.4.2, §3.4.3).
+fn client_ha1_ha2(
+    alg: Algorithm,
+    (username, realm, password): (&str, &str, &str),
+    method: &str,
+    uri: &str,
+) -> (String, String) {
+    let ha1 = alg.hash_hex(&[
+        username.as_bytes(),
+        b":",
+        realm.as_bytes(),
+        b":",
+        password.as_bytes(),
+    ]);
+    let ha2 = alg.hash_hex(&[method.as_bytes(), b":", uri.as_bytes()]);
+    (ha1, ha2)
+}
+
 /// An RFC 2069 answer (no qop), as old PBXs compute it: for tests.
 pub fn client_response_rfc2069(
     alg: Algorithm,
@@ -363,14 +381,7 @@ pub fn client_response_rfc2069(
     uri: &str,
     nonce: &str,
 ) -> String {
-    let ha1 = alg.hash_hex(&[
-        username.as_bytes(),
-        b":",
-        realm.as_bytes(),
-        b":",
-        password.as_bytes(),
-    ]);
-    let ha2 = alg.hash_hex(&[method.as_bytes(), b":", uri.as_bytes()]);
+    let (ha1, ha2) = client_ha1_ha2(alg, (username, realm, password), method, uri);
     alg.hash_hex(&[ha1.as_bytes(), b":", nonce.as_bytes(), b":", ha2.as_bytes()])
 }
 
@@ -388,14 +399,7 @@ pub fn client_response(
     nc: &str,
     cnonce: &str,
 ) -> String {
-    let ha1 = alg.hash_hex(&[
-        username.as_bytes(),
-        b":",
-        realm.as_bytes(),
-        b":",
-        password.as_bytes(),
-    ]);
-    let ha2 = alg.hash_hex(&[method.as_bytes(), b":", uri.as_bytes()]);
+    let (ha1, ha2) = client_ha1_ha2(alg, (username, realm, password), method, uri);
     alg.hash_hex(&[
         ha1.as_bytes(),
         b":",

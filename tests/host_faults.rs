@@ -249,18 +249,25 @@ fn register_with(
 
 const HQ2: (&str, &str, &str) = ("hq2", "pw2", "hq-pbx2");
 
+/// A fresh instance with trunk group hq-pbx2 (registered mode) registered from
+/// 203.0.113.7, and its store.
+fn registered_hq2() -> (Policy, MemoryKv) {
+    const CONFIG: &str = r#"{"realm": "trunks.example.net", "locations": [{"id": "hq", "contacts": ["noc@example.com"],
+      "trunk_groups": [{"id": "hq-pbx2", "username": "hq2", "password": "pw2"}]}]}"#;
+    let kv = MemoryKv::default();
+    let mut p = Policy::new(&common::module(), Box::new(kv.clone())).unwrap();
+    p.configure(CONFIG.as_bytes()).unwrap().unwrap();
+    let (v, _) = register_with(&mut p, HQ2, "203.0.113.7:5060", 1_000, None);
+    assert_eq!(v.action, Action::Accept, "{v:?}");
+    (p, kv)
+}
+
 #[test]
 fn a_write_failing_inside_a_registration_leaves_nothing_half_registered() {
-    const TWO: &str = r#"{"realm": "trunks.example.net", "locations": [{"id": "hq", "contacts": ["noc@example.com"],
-      "trunk_groups": [{"id": "hq-pbx2", "username": "hq2", "password": "pw2"}]}]}"#;
     // A registration from a new IP writes the replay record, the binding and the
     // last registration IP: fail each one in turn.
     for nth in 1..=3u32 {
-        let kv = MemoryKv::default();
-        let mut p = Policy::new(&common::module(), Box::new(kv.clone())).unwrap();
-        p.configure(TWO.as_bytes()).unwrap().unwrap();
-        let (v, _) = register_with(&mut p, HQ2, "203.0.113.7:5060", 1_000, None);
-        assert_eq!(v.action, Action::Accept, "{v:?}");
+        let (mut p, kv) = registered_hq2();
         let before = kv.snapshot();
         let (v, alerts) = register_with(
             &mut p,
@@ -289,16 +296,10 @@ fn a_write_failing_inside_a_registration_leaves_nothing_half_registered() {
 
 #[test]
 fn a_write_failing_in_the_alert_throttle_after_a_registration_still_sends_the_alert() {
-    const TWO: &str = r#"{"realm": "trunks.example.net", "locations": [{"id": "hq", "contacts": ["noc@example.com"],
-      "trunk_groups": [{"id": "hq-pbx2", "username": "hq2", "password": "pw2"}]}]}"#;
     // Writes 4 to 6 of a move are the alert window and its lists: the binding has
     // moved by then, so the alert must go out (unthrottled) rather than be lost.
     for nth in 4..=6u32 {
-        let kv = MemoryKv::default();
-        let mut p = Policy::new(&common::module(), Box::new(kv.clone())).unwrap();
-        p.configure(TWO.as_bytes()).unwrap().unwrap();
-        let (v, _) = register_with(&mut p, HQ2, "203.0.113.7:5060", 1_000, None);
-        assert_eq!(v.action, Action::Accept, "{v:?}");
+        let (mut p, kv) = registered_hq2();
         let (v, alerts) = register_with(
             &mut p,
             HQ2,

@@ -5,23 +5,13 @@
 //! return, never panic, whatever the client or the upstream sends.
 
 use libfuzzer_sys::fuzz_target;
-use trunkguard::alert::Alert;
 use trunkguard::envoy::conn::{Conn, Judge, OnRefusal};
 use trunkguard::sip::Transport;
-use trunkguard::store::{MemoryStore, Store, StoreError};
-use trunkguard::{Engine, Host, Input, Verdict};
+use trunkguard::{Engine, Input, Verdict};
 
-#[derive(Default)]
-struct H(MemoryStore);
-impl Store for H {
-    fn get(&mut self, k: &str) -> Result<Option<Vec<u8>>, StoreError> { self.0.get(k) }
-    fn set(&mut self, k: &str, v: &[u8]) -> Result<(), StoreError> { self.0.set(k, v) }
-    fn delete(&mut self, k: &str) -> Result<(), StoreError> { self.0.delete(k) }
-}
-impl Host for H {
-    fn alert(&mut self, _: &Alert) {}
-    fn fill_random(&mut self, b: &mut [u8]) { b.fill(5) }
-}
+#[path = "host.rs"]
+mod host;
+use host::H;
 
 struct Policy {
     engine: Engine,

@@ -7,22 +7,13 @@
 //! second meets the replay set.
 
 use libfuzzer_sys::fuzz_target;
-use trunkguard::alert::Alert;
 use trunkguard::sip::Transport;
-use trunkguard::store::{MemoryStore, Store, StoreError, keys};
-use trunkguard::{Engine, Host, Input};
+use trunkguard::store::{Store, keys};
+use trunkguard::{Engine, Input};
 
-#[derive(Default)]
-struct H(MemoryStore);
-impl Store for H {
-    fn get(&mut self, k: &str) -> Result<Option<Vec<u8>>, StoreError> { self.0.get(k) }
-    fn set(&mut self, k: &str, v: &[u8]) -> Result<(), StoreError> { self.0.set(k, v) }
-    fn delete(&mut self, k: &str) -> Result<(), StoreError> { self.0.delete(k) }
-}
-impl Host for H {
-    fn alert(&mut self, _: &Alert) {}
-    fn fill_random(&mut self, b: &mut [u8]) { b.fill(3) }
-}
+#[path = "host.rs"]
+mod host;
+use host::H;
 
 const CONFIG: &[u8] = include_bytes!("../../examples/config.json");
 const REGISTER: &[u8] = include_bytes!("../corpus/judge/register-hq.sip");
