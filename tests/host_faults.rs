@@ -299,7 +299,7 @@ fn a_write_failing_in_the_alert_throttle_after_a_registration_still_sends_the_al
     // Writes 4 to 6 of a move are the alert window and its lists: the binding has
     // moved by then, so the alert must go out (unthrottled) rather than be lost.
     for nth in 4..=6u32 {
-        let (mut p, kv) = registered_hq2();
+        let (mut p, _) = registered_hq2();
         let (v, alerts) = register_with(
             &mut p,
             HQ2,
