@@ -6,9 +6,11 @@
 //! accepted for each nonce that has been used, until the nonce expires. The records
 //! sit in a fixed number of slots (`digest.replay_slots`), each holding at most
 //! [`PER_SLOT`] live nonces, so the store holds a bounded amount whatever the
-//! traffic. Only requests with a correct response reach this, so a stranger cannot
-//! fill it; a slot that is full of live nonces answers "try a fresh nonce", which a
-//! PBX does on its own (`stale=true`).
+//! traffic. A full slot forgets its oldest record and remembers only that every
+//! nonce of the slot issued up to then is spent (its watermark): an answer on such
+//! a nonce is asked to try a fresh one (`stale=true`, which a PBX does on its own),
+//! so nothing forgotten can be replayed, and a busy edge or a flood of valid
+//! answers costs others a re-challenge, never a lockout.
 
 use crate::store::{Store, StoreError};
 
@@ -22,19 +24,26 @@ pub enum Claim {
     Fresh,
     /// This nonce was already used with this nc or a higher one.
     Replayed,
-    /// The slot holds [`PER_SLOT`] other live nonces: ask for a fresh one.
-    Full,
+    /// The nonce is older than what its slot still remembers: ask for a fresh one.
+    Forgotten,
 }
 
-/// One record: `issued_ms nonce nc`, records separated by `;`.
+/// One record: `issued_ms nonce nc`, records separated by `;`, after the slot's
+/// watermark `w=<ms>` when it has one.
 struct Record<'a> {
     issued_ms: u64,
     nonce: &'a str,
     nc: u32,
 }
 
-fn parse(text: &str) -> Vec<Record<'_>> {
-    text.split(';')
+fn parse(text: &str) -> (u64, Vec<Record<'_>>) {
+    let watermark = text
+        .split(';')
+        .find_map(|r| r.strip_prefix("w=").and_then(|w| w.parse().ok()))
+        .unwrap_or(0);
+    let records = text
+        .split(';')
+        .filter(|r| !r.starts_with("w="))
         .filter_map(|r| {
             let mut parts = r.split(' ');
             let issued_ms = parts.next()?.parse().ok()?;
@@ -46,7 +55,8 @@ fn parse(text: &str) -> Vec<Record<'_>> {
                 nc,
             })
         })
-        .collect()
+        .collect();
+    (watermark, records)
 }
 
 /// The slot of a nonce: from its MAC, which an outsider cannot choose.
@@ -80,26 +90,57 @@ pub fn claim(
     let key = crate::store::keys::replay_slot(slot(nonce, slots));
     let raw = store.get(&key)?.unwrap_or_default();
     let text = String::from_utf8_lossy(&raw);
-    let mut records: Vec<Record<'_>> = parse(&text)
+    let (mut watermark, records) = parse(&text);
+    let mut records: Vec<Record<'_>> = records
         .into_iter()
         .filter(|r| now_ms.saturating_sub(r.issued_ms) <= ttl_ms)
         .collect();
+    if now_ms.saturating_sub(watermark) > ttl_ms {
+        // Every nonce it covers has expired anyway.
+        watermark = 0;
+    }
+    if watermark > 0 && issued_ms <= watermark {
+        return Ok(Claim::Forgotten);
+    }
     let live = records.len();
     match records.iter_mut().find(|r| r.nonce == nonce) {
         Some(r) if nc <= r.nc => return Ok(Claim::Replayed),
         Some(r) => r.nc = nc,
-        None if live >= PER_SLOT => return Ok(Claim::Full),
-        None => records.push(Record {
-            issued_ms,
-            nonce,
-            nc,
-        }),
+        None => {
+            if live >= PER_SLOT {
+                // Room for the newcomer: forget the oldest record, and with it every
+                // nonce of this slot issued up to then.
+                let Some((i, oldest)) = records
+                    .iter()
+                    .enumerate()
+                    .min_by_key(|(_, r)| r.issued_ms)
+                    .map(|(i, r)| (i, r.issued_ms))
+                else {
+                    return Ok(Claim::Forgotten);
+                };
+                if issued_ms <= oldest {
+                    return Ok(Claim::Forgotten);
+                }
+                records.remove(i);
+                watermark = watermark.max(oldest);
+            }
+            records.push(Record {
+                issued_ms,
+                nonce,
+                nc,
+            });
+        }
     }
-    let value = records
-        .iter()
-        .map(|r| format!("{} {} {}", r.issued_ms, r.nonce, r.nc))
-        .collect::<Vec<_>>()
-        .join(";");
+    let mut parts: Vec<String> = Vec::with_capacity(records.len() + 1);
+    if watermark > 0 {
+        parts.push(format!("w={watermark}"));
+    }
+    parts.extend(
+        records
+            .iter()
+            .map(|r| format!("{} {} {}", r.issued_ms, r.nonce, r.nc)),
+    );
+    let value = parts.join(";");
     store.set(&key, value.as_bytes())?;
     Ok(Claim::Fresh)
 }
@@ -123,20 +164,56 @@ mod tests {
     }
 
     #[test]
-    fn a_full_slot_asks_for_a_fresh_nonce_until_its_nonces_expire() {
+    fn a_full_slot_forgets_its_oldest_nonce_which_then_can_never_be_replayed() {
         let mut s = MemoryStore::default();
-        // One slot: every nonce lands in it.
-        for i in 0..PER_SLOT {
+        // One slot: every nonce lands in it, issued at 1, 2, 3, 4 ms.
+        for i in 1..=PER_SLOT as u64 {
             let n = format!("nonce{i}");
-            assert_eq!(claim(&mut s, 1, &n, 0, 1, 10, TTL), Ok(Claim::Fresh));
+            assert_eq!(claim(&mut s, 1, &n, i, 1, 10, TTL), Ok(Claim::Fresh));
         }
-        assert_eq!(claim(&mut s, 1, "late", 5, 1, 10, TTL), Ok(Claim::Full));
-        // Once the first ones are older than the TTL, their room is free again.
+        // A fifth, newer nonce is accepted: the oldest record goes...
+        assert_eq!(claim(&mut s, 1, "nonce5", 5, 1, 10, TTL), Ok(Claim::Fresh));
+        // ...and its nonce is spent, whatever nc: a fresh one is asked for.
         assert_eq!(
-            claim(&mut s, 1, "later", TTL, 1, TTL + 1, TTL),
+            claim(&mut s, 1, "nonce1", 1, 1, 11, TTL),
+            Ok(Claim::Forgotten)
+        );
+        assert_eq!(
+            claim(&mut s, 1, "nonce1", 1, 9, 11, TTL),
+            Ok(Claim::Forgotten)
+        );
+        // A nonce older than everything the full slot holds is spent too.
+        assert_eq!(
+            claim(&mut s, 1, "older", 1, 1, 12, TTL),
+            Ok(Claim::Forgotten)
+        );
+        // The ones still held keep their replay protection.
+        assert_eq!(
+            claim(&mut s, 1, "nonce3", 3, 1, 13, TTL),
+            Ok(Claim::Replayed)
+        );
+        assert_eq!(claim(&mut s, 1, "nonce3", 3, 2, 13, TTL), Ok(Claim::Fresh));
+        assert_eq!(s.entries.len(), 1, "one slot, one key");
+    }
+
+    #[test]
+    fn a_flood_of_valid_answers_never_locks_a_slot() {
+        let mut s = MemoryStore::default();
+        for i in 1..=10_000u64 {
+            let n = format!("nonce{i}");
+            assert_eq!(
+                claim(&mut s, 1, &n, i, 1, i, TTL),
+                Ok(Claim::Fresh),
+                "answer {i}"
+            );
+        }
+        let stored = s.entries.values().map(Vec::len).max().unwrap_or(0);
+        assert!(stored < 400, "the slot holds {stored} bytes");
+        // Once the watermark is older than the TTL it is dropped.
+        assert_eq!(
+            claim(&mut s, 1, "late", 2 * TTL, 1, 2 * TTL, TTL),
             Ok(Claim::Fresh)
         );
-        assert_eq!(s.entries.len(), 1, "one slot, one key");
     }
 
     #[test]

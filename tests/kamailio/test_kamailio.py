@@ -6,7 +6,9 @@ client from distinct loopback sources:
   127.0.0.3  an intruder with the right credentials
   127.0.0.5  hq-pbx2's failover destination
   127.0.0.6  exp-pbx (registers for two seconds)
+  127.0.0.8  pw-pbx, a PBX of a trunk group configured with a plain `password` (test_26)
   127.0.0.9  the carrier core (core_networks)
+  127.0.0.11 svcrack guessing hq1's password (test_25); 127.0.0.12 its control run
   127.0.0.1:5090  the carrier, a sipp UAS that calls allowed from PBXs reach
 
 Run by scripts/test-kamailio, which installs Kamailio, sipp and the extension first.
@@ -17,6 +19,7 @@ import hashlib
 import http.server
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -38,6 +41,25 @@ RUN = os.path.join(ROOT, "host-shims", "kamailio", "run")
 TGCTL = os.path.join(ROOT, "host-shims", "kamailio", "tgctl")
 SCENARIOS = os.path.join(ROOT, "tests", "node", "sipp")
 MODULE = os.path.join(TARGET, "wasm32-unknown-unknown", "wasm", "trunkguard.wasm")
+# The Python of the venv holding sipvicious (PyPI), installed by scripts/test-kamailio.
+SIPVICIOUS_PYTHON = (os.environ.get("TRUNKGUARD_SIPVICIOUS_PYTHON")
+                     or os.path.join(TARGET, "py-sipvicious", "bin", "python"))
+# svcrack as its console script runs it, except for one thing: sipvicious 0.3.8's
+# svcrack parses -b/--bindingip but never hands it to its cracker, which then sends
+# from 127.0.0.1 whatever -b says. The wrapper passes it on, so the guesses come
+# from the address the test names.
+SVCRACK_BOUND = """
+import sys
+from sipvicious import svcrack
+ip = sys.argv[sys.argv.index("-b") + 1]
+init = svcrack.ASipOfRedWine.__init__
+def bound(self, *args, **kwargs):
+    kwargs.setdefault("bindingip", ip)
+    init(self, *args, **kwargs)
+svcrack.ASipOfRedWine.__init__ = bound
+sys.argv[0] = "sipvicious_svcrack"
+svcrack.main()
+"""
 
 KAMAILIO = ("127.0.0.1", 5060)
 KAMAILIO_ADDR = "127.0.0.1:5060"
@@ -51,6 +73,9 @@ PBX_PORT = 5082
 FAILOVER_PORT = 5094
 HQ = ("hq1", "s3cret")
 P2P = ("branch1", "p2p-s3cret")
+PW_PBX = "127.0.0.8"
+PW = ("pw1", "pw-s3cret")
+GUESSER, GUESSER_CONTROL = "127.0.0.11", "127.0.0.12"
 EXP = ("exp1", "exp-s3cret")
 CALLED = "+15559876543"
 ALERT_WINDOW_S = 3
@@ -62,8 +87,8 @@ def ha1(user, password):
     return hashlib.md5(("%s:%s:%s" % (user, REALM, password)).encode()).hexdigest()
 
 
-def trunk_config(acl="127.0.0.2/32", window_s=ALERT_WINDOW_S):
-    return {
+def trunk_config(acl="127.0.0.2/32", window_s=ALERT_WINDOW_S, password_group=False):
+    config = {
         "realm": REALM,
         # 127.0.0.1 too: the carrier is part of the core, and a request the edge sent
         # to itself must not be trusted as the core's (test_22).
@@ -86,6 +111,13 @@ def trunk_config(acl="127.0.0.2/32", window_s=ALERT_WINDOW_S):
             ]},
         ],
     }
+    if password_group:
+        # A plain `password` verifies MD5 and SHA-256, so challenges offer both (MD5
+        # first, the default `digest.algorithms`).
+        config["locations"][0]["trunk_groups"].append(
+            {"id": "pw-pbx", "username": PW[0], "password": PW[1], "require_registration": True,
+             "dids": ["+15558880000"]})
+    return config
 
 
 class Webhook(http.server.ThreadingHTTPServer):
@@ -771,6 +803,127 @@ class KamailioEdge(unittest.TestCase):
         # The core's call again, hung up by the core.
         core_side, pbx_side, _ = sip.place_inbound(core, pbx, CORE_SOCKET, "+15551230000")
         sip.in_dialog_round(core_side, pbx_side, "BYE")
+
+    # --- issue 11: credentials. ------------------------------------------------------
+
+    def svcrack(self, name, ip, user, passwords, timeout=90):
+        """sipvicious's svcrack from `ip` against the edge's public listener over UDP,
+        with `passwords` as its dictionary, in order. `-n` guesses on the one nonce of
+        its first challenge (its fast mode: a source banned gets no new challenge, and
+        this way every entry is still tried); `-t 0.1` paces the guesses one at a time.
+        After its last guess it listens for 10 s for a late answer. Returns (exit
+        status, what it printed): 40 when it found a password."""
+        if subprocess.run([SIPVICIOUS_PYTHON, "-c", "import sipvicious.svcrack"], capture_output=True).returncode:
+            self.fail("no sipvicious for %s: scripts/test-kamailio installs it (PyPI sipvicious)" % SIPVICIOUS_PYTHON)
+        dictionary = os.path.join(self.workdir, name + ".dictionary")
+        with open(dictionary, "w", encoding="utf-8") as f:
+            f.write("\n".join(passwords) + "\n")
+        cmd = [SIPVICIOUS_PYTHON, "-c", SVCRACK_BOUND, "-u", user, "-d", dictionary, "-n", "-t", "0.1",
+               "--maximumtime", "5", "-b", ip, "-P", "5062", "--domain", REALM, "udp://%s" % KAMAILIO_ADDR]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=self.workdir,
+                             env=dict(os.environ, HOME=self.workdir))
+        return out.returncode, out.stdout + out.stderr
+
+    def counters(self):
+        out = self.tgctl("stats")
+        self.assertEqual(out.returncode, 0, out.stderr)
+        fields = (line.split() for line in out.stdout.splitlines())
+        return {f[0]: int(f[1]) for f in fields if len(f) == 2 and f[1].isdigit()}
+
+    def settled_counters(self, want=lambda c: True, timeout=15.0):
+        """The counters once `want(counters)` holds (or the last ones read, after
+        `timeout`). A worker writes its counts at most once a second, when it handles
+        a message: OPTIONS keepalives from the PBX make every worker write them."""
+        time.sleep(1.1)
+        deadline = time.monotonic() + timeout
+        while True:
+            for _ in range(4):
+                probe = sip.Endpoint(PBX)
+                try:
+                    probe.final(sip.request("OPTIONS", "sip:%s:%d" % KAMAILIO, from_user="probe", via_ip=PBX,
+                                            via_port=probe.port), timeout=1.0)
+                finally:
+                    probe.close()
+            counters = self.counters()
+            if want(counters) or time.monotonic() > deadline:
+                return counters
+            time.sleep(0.3)
+
+    def test_25_svcrack_never_learns_a_password_and_its_source_is_banned(self):
+        before = self.settled_counters()
+        # Control: the same svcrack command, given a dictionary whose second entry is
+        # right, finds it here (and registers exp-pbx, unused after test_14): its
+        # digest answers are good, so every refusal below is the lockout's doing.
+        code, out = self.svcrack("control", GUESSER_CONTROL, EXP[0], ["wrong-1", EXP[1]])
+        self.assertEqual(code, 40, "svcrack's control run should crack exp1:\n" + out)
+        self.assertIn(EXP[1], out)
+        self.assertEqual(self.binding("exp-pbx")["binding"]["source"], GUESSER_CONTROL + ":5062")
+        # 40 wrong passwords, the right one 16th: the source is banned after the 10th
+        # wrong answer (digest.lockout: 10 in 300 s), before the right one comes.
+        passwords = ["guess-%02d" % i for i in range(1, 16)] + [HQ[1]] + ["guess-%02d" % i for i in range(16, 41)]
+        started = time.monotonic()
+        code, out = self.svcrack("attack", GUESSER, HQ[0], passwords)
+        self.assertLess(time.monotonic() - started, 60, out)
+        self.assertNotEqual(code, 40, "svcrack cracked hq1:\n" + out)
+        self.assertIn("found nothing", out)
+        self.assertNotIn(HQ[1], out)
+        # Banned: even the right credentials get a plain 403, with no challenge first.
+        banned = sip.Endpoint(GUESSER)
+        try:
+            answer = banned.final(sip.request("INVITE", "sip:%s@%s" % (CALLED, REALM), from_user=HQ[0],
+                                              to_user=CALLED, via_ip=GUESSER, via_port=banned.port))
+            self.assertEqual((answer or "").split("\r\n", 1)[0], "SIP/2.0 403 Forbidden", answer)
+        finally:
+            banned.close()
+        alert = wait_for("the password_guessing alert",
+                         lambda: self.alerts(kind="password_guessing", trunk_group="hq-pbx1"))[0]
+        self.assertTrue(alert["source"].startswith(GUESSER + ":"), alert)
+        self.assertEqual(alert["recipients"], ["noc@example.com"])
+        self.assertEqual(alert.get("method"), "REGISTER", alert)
+        self.assertEqual(self.alerts(kind="password_guessing", trunk_group="exp-pbx"), [],
+                         "one wrong answer alerts nobody")
+        binding = self.binding("hq-pbx1")["binding"]
+        self.assertFalse(binding and binding["source"].startswith(GUESSER + ":"), binding)
+        # The trunk group itself is not locked: its PBX registers and calls.
+        self.register_pbx(name="register-after-guessing")
+        self.assertEqual(self.binding("hq-pbx1")["binding"]["source"], "%s:%d" % (PBX, PBX_PORT))
+        carrier = self.carrier("carrier-after-guessing")
+        self.assert_passed(self.uac("call-after-guessing", "call.xml", PBX, HQ), carrier)
+        # Counted: 1 wrong answer of the control and 10 of the attack; the attack's
+        # other 31 answers and the INVITE above refused as source_banned.
+        delta = lambda c, name: c.get(name, 0) - before.get(name, 0)  # noqa: E731
+        after = self.settled_counters(lambda c: delta(c, "cause.source_banned") >= 32
+                                      and delta(c, "cause.bad_credentials") >= 11)
+        self.assertEqual((delta(after, "cause.bad_credentials"), delta(after, "cause.source_banned")), (11, 32),
+                         (before, after))
+
+    def test_26_an_md5_only_pbx_answering_the_first_challenge_works_with_a_password_trunk(self):
+        # sipp 3.6 reads only the first challenge and knows only MD5. pw-pbx has a plain
+        # `password`, so challenges now offer MD5 and SHA-256, in the default order.
+        path = self.write_config(trunk_config(password_group=True), os.path.join(self.workdir, "config-password.json"))
+        out = self.tgctl("publish-config", path)
+        self.assertEqual(out.returncode, 0, out.stdout + out.stderr)
+        try:
+            run = self.sipp("register-pw", "register.xml", ["-i", PW_PBX, "-p", str(PBX_PORT), "-s", PW[0],
+                                                            "-au", PW[0], "-ap", PW[1], "-auth_uri", REALM,
+                                                            KAMAILIO_ADDR])
+            self.assert_passed(run)
+            log = run.log()
+            self.assertEqual(re.findall(r"(?m)^WWW-Authenticate: Digest [^\r\n]*algorithm=([\w-]+)", log),
+                             ["MD5", "SHA-256"], log)
+            self.assertRegex(log, r"(?m)^Authorization: Digest [^\r\n]*algorithm=MD5")
+            self.assertRegex(log, r"SIP/2\.0 200 OK[\s\S]*Contact: <sip:pw1@127\.0\.0\.8:%d;transport=UDP>;expires=300"
+                             % PBX_PORT)
+            self.assertEqual(self.binding("pw-pbx")["binding"]["source"], "%s:%d" % (PW_PBX, PBX_PORT))
+            carrier = self.carrier("carrier-pw")
+            pbx = self.uac("call-pw", "call.xml", PW_PBX, PW)
+            self.assert_passed(pbx, carrier)
+            self.assertEqual(re.findall(r"(?m)^Proxy-Authenticate: Digest [^\r\n]*algorithm=([\w-]+)", pbx.log()),
+                             ["MD5", "SHA-256"], pbx.log())
+            self.assertRegex(carrier.log(), r"(?m)^X-Trunkguard-Trunk-Group: pw-pbx\r?$")
+        finally:
+            out = self.tgctl("publish-config", self.config)
+            self.assertEqual(out.returncode, 0, out.stdout + out.stderr)
 
 
 class DmqPair(unittest.TestCase):
