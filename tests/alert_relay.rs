@@ -959,6 +959,49 @@ fn starttls_and_auth_are_used_and_checked() {
 
 #[test]
 #[ignore = "needs aiosmtpd: run by scripts/test-alerts"]
+fn starttls_required_but_not_offered_sends_nothing_in_clear() {
+    // A server that offers no STARTTLS (a downgrade by whoever sits on the path
+    // looks the same): the relay must keep the event queued rather than send the
+    // fraud details, and the SMTP password, in clear (docs/alerts.md).
+    let scratch = Scratch::new("no-starttls");
+    let sink = Sink::start(&scratch, 0, &[]);
+    let pw = scratch.path("pw");
+    std::fs::write(&pw, "secret\n").unwrap();
+    let relay = Relay::start(
+        &scratch,
+        "q",
+        sink.port,
+        &[
+            "--smtp-tls",
+            "starttls",
+            "--smtp-user",
+            "alerts",
+            "--smtp-password-file",
+            pw.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(
+        relay.post(&blocked_call("plain-1", &["noc@example.com"])).0,
+        202
+    );
+    let health = poll("a refused attempt", WAIT, || {
+        let h = relay.health();
+        (h["channels"]["smtp"]["state"] == "down").then_some(h)
+    });
+    let error = health["channels"]["smtp"]["last_error"]
+        .as_str()
+        .unwrap()
+        .to_ascii_lowercase();
+    assert!(
+        error.contains("starttls") || error.contains("tls"),
+        "{error}"
+    );
+    assert_eq!(health["pending"], 1);
+    assert!(sink.messages().is_empty(), "{:?}", sink.messages());
+}
+
+#[test]
+#[ignore = "needs aiosmtpd: run by scripts/test-alerts"]
 fn a_refused_recipient_does_not_hold_back_the_others() {
     let scratch = Scratch::new("refused");
     let sink = Sink::start(&scratch, 0, &["--reject", "nobody"]);

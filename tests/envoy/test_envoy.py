@@ -505,6 +505,7 @@ class EnvoyFront(unittest.TestCase):
                 f"Call-ID: {call_id}\r\nCSeq: {cseq} {method}\r\n{extra}Content-Length: 0\r\n\r\n").encode()
 
     def test_06_pipelined_split_and_malformed_messages(self):
+        self.vms_created = {k: v for k, v in stats().items() if k.startswith("wasm.") and k.endswith(".created")}
         reg1, opt, reg2 = self.request("REGISTER", "p1"), self.request("OPTIONS", "p2"), self.request("REGISTER", "p3")
         # Three messages: two in one write, the third split over several writes.
         wire = reg1 + opt + reg2
@@ -529,10 +530,15 @@ class EnvoyFront(unittest.TestCase):
             self.assertEqual(got, "")
             self.assertTrue(closed)
 
-        # The filter is still there (a REGISTER is challenged, not relayed) and never trapped.
+        # The filter is still there (a REGISTER is challenged, not relayed) and never
+        # trapped: a trap makes Envoy create a new VM (failure_policy FAIL_RELOAD),
+        # which the runtime's `created` counter shows. The counter must exist, or
+        # the check would pass whatever happened.
         got, _ = self.raw(self.request("REGISTER", "p6"))
         self.assertRegex(got, r"^SIP/2\.0 401 Unauthorized")
-        self.assertEqual(stats().get("wasm.trunkguard.vm_reload", 0), 0)
+        created = {k: v for k, v in stats().items() if k.startswith("wasm.") and k.endswith(".created")}
+        self.assertTrue(created, "no wasm VM `created` counter in /stats")
+        self.assertEqual(created, self.vms_created, "a VM was created during the test: the filter trapped")
         with open(f"/proc/{Env.envoy_pid}/status"):
             pass  # Envoy itself still runs
 
