@@ -70,18 +70,22 @@ pub fn decide(
         nonce_unique,
     };
     let core = index.is_core(source_ip, input.local);
+    // The dialog identifiers are checked before anything else: whether a request
+    // is "in dialog" must read the same in the policy and in the proxy. A REGISTER
+    // is never inside a dialog (RFC 3261 §10.2): with a To tag it is judged like
+    // any other, credentials and all.
+    match msg.dialog_to_tag() {
+        Err(e) => return Ok(malformed(&e).into()),
+        Ok(Some(_)) if method != Method::Register => {
+            return Ok(req.allow(Cause::InDialog).into());
+        }
+        Ok(_) => {}
+    }
     // Messages the policy lets through untouched get the structural parse above
     // (start line, header framing, Content-Length) but not the full header
     // validation: it is the most expensive step, it decides nothing for them, and
     // the proxy's own parser still sees them. Everything the policy judges is
     // validated first.
-    // The dialog identifiers are checked before anything else: whether a request
-    // is "in dialog" must read the same in the policy and in the proxy.
-    match msg.dialog_to_tag() {
-        Err(e) => return Ok(malformed(&e).into()),
-        Ok(Some(_)) => return Ok(req.allow(Cause::InDialog).into()),
-        Ok(None) => {}
-    }
     if core && method != Method::Invite {
         return Ok(req.allow(Cause::Core).into());
     }

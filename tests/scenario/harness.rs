@@ -43,7 +43,7 @@ pub fn run_all(make: &mut dyn FnMut() -> Box<dyn Subject>) {
     let configs = &table["configs"];
     let scenarios = table["scenarios"].as_array().expect("scenarios array");
     assert!(
-        scenarios.len() >= 74,
+        scenarios.len() >= 75,
         "the table shrank to {}",
         scenarios.len()
     );
