@@ -671,6 +671,7 @@ class Shim:
         try:
             os.makedirs(os.path.join(SPOOL_DIR, "rejected"), exist_ok=True)
             os.rename(os.path.join(SPOOL_DIR, name), os.path.join(SPOOL_DIR, "rejected", name))
+            _count("alerts.rejected")
         except OSError as e:
             KSR.err("trunkguard: cannot set alert %s aside: %s\n" % (name, e))
 

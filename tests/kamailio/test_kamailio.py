@@ -4,12 +4,17 @@ client from distinct loopback sources:
 
   127.0.0.2  the PBX of hq-pbx1 (registers) and of branch-p2p (access list)
   127.0.0.3  an intruder with the right credentials
+  127.0.0.13 the same intruder over TCP (test_05: its own source, so its own alert)
   127.0.0.5  hq-pbx2's failover destination
   127.0.0.6  exp-pbx (registers for two seconds)
   127.0.0.8  pw-pbx, a PBX of a trunk group configured with a plain `password` (test_26)
   127.0.0.9  the carrier core (core_networks)
   127.0.0.11 svcrack guessing hq1's password (test_25); 127.0.0.12 its control run
   127.0.0.1:5090  the carrier, a sipp UAS that calls allowed from PBXs reach
+
+AlertRelayChain runs a second Kamailio (127.0.0.1:5074) whose alerts go to the real
+relay (`trunkguard alerts serve`, with its bearer token) and on to an SMTP sink
+(aiosmtpd, tests/alert_relay/smtp_sink.py, from the venv scripts/test-kamailio makes).
 
 Run by scripts/test-kamailio, which installs Kamailio, sipp and the extension first.
 The tests run in order (one Kamailio, one shared state), each bounded in time.
@@ -28,6 +33,7 @@ import tempfile
 import threading
 import time
 import unittest
+import urllib.request
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -37,6 +43,12 @@ import sip_client as sip  # noqa: E402
 import trap_module  # noqa: E402
 
 TARGET = os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
+# The alert relay (built by host-shims/kamailio/install through scripts/build) and the
+# SMTP sink of tests/alert_relay.rs, run by a Python with aiosmtpd (scripts/test-kamailio
+# sets TRUNKGUARD_PYTHON to the venv scripts/test-alerts also uses).
+RELAY = os.path.join(TARGET, "release", "trunkguard")
+SMTP_SINK = os.path.join(ROOT, "tests", "alert_relay", "smtp_sink.py")
+SMTP_PYTHON = os.environ.get("TRUNKGUARD_PYTHON") or os.path.join(ROOT, "target", "py", "bin", "python")
 RUN = os.path.join(ROOT, "host-shims", "kamailio", "run")
 TGCTL = os.path.join(ROOT, "host-shims", "kamailio", "tgctl")
 SCENARIOS = os.path.join(ROOT, "tests", "node", "sipp")
@@ -69,6 +81,7 @@ CORE_SOCKET = ("127.0.0.1", 5080)
 CORE_SOCKET_ADDR = "127.0.0.1:5080"
 CARRIER_PORT = 5090
 PBX, INTRUDER, FAILOVER, EXP_PBX, CORE = "127.0.0.2", "127.0.0.3", "127.0.0.5", "127.0.0.6", "127.0.0.9"
+INTRUDER_TCP = "127.0.0.13"
 PBX_PORT = 5082
 FAILOVER_PORT = 5094
 HQ = ("hq1", "s3cret")
@@ -154,6 +167,31 @@ class WebhookHandler(http.server.BaseHTTPRequestHandler):
 
     def log_message(self, *args):
         pass
+
+
+def stream_outcome(sock, timeout):
+    """What a stream brings within `timeout`: the first whole SIP message, "closed"
+    (EOF or reset), or "silent"."""
+    deadline, data = time.monotonic() + timeout, b""
+    while True:
+        head, sep, rest = data.partition(b"\r\n\r\n")
+        if sep:
+            m = re.search(rb"(?im)^(?:content-length|l)\s*:\s*(\d+)", head)
+            if len(rest) >= (int(m.group(1)) if m else 0):
+                return data.decode("latin-1")
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return "silent"
+        sock.settimeout(left)
+        try:
+            chunk = sock.recv(65535)
+        except socket.timeout:
+            return "silent"
+        except ConnectionResetError:
+            return "closed"
+        if not chunk:
+            return "closed" if not data else data.decode("latin-1")
+        data += chunk
 
 
 def wait_for(what, check, timeout=10.0):
@@ -347,12 +385,28 @@ class KamailioEdge(unittest.TestCase):
             self.assertIn("Via: SIP/2.0/%s" % ("UDP" if transport == "u1" else "TCP"), pbx.log())
 
     def test_05_p2p_trunk_outside_its_access_list_is_refused_over_udp_and_tcp(self):
-        for transport in ("u1", "t1"):
-            intruder = self.uac("p2p-refused-" + transport, "call-refused.xml", INTRUDER, P2P, transport=transport)
+        # call-refused.xml takes any 403: the cause is checked apart, for each
+        # transport. Each comes from its own source IP, so each refusal raises its own
+        # alert (the throttle key is trunk group, kind and source IP) and a TCP-only
+        # regression (bad_credentials, say) cannot hide behind the UDP call's alert.
+        before = self.settled_counters()
+        for transport, ip in (("u1", INTRUDER), ("t1", INTRUDER_TCP)):
+            intruder = self.uac("p2p-refused-" + transport, "call-refused.xml", ip, P2P, transport=transport)
             self.assert_passed(intruder)
-        alerts = wait_for("the not_in_access_list alert", lambda: self.alerts(cause="not_in_access_list"))
-        self.assertEqual(alerts[0]["trunk_group"], "branch-p2p")
-        self.assertEqual(alerts[0]["acl"], ["127.0.0.2/32"])
+            self.assertRegex(intruder.log(), r"SIP/2\.0 403 Forbidden")
+            alerts = wait_for("the not_in_access_list alert for %s from %s" % (transport, ip), lambda: [
+                a for a in self.alerts(kind="blocked_call", cause="not_in_access_list")
+                if a["source"].startswith(ip + ":")])
+            self.assertEqual(len(alerts), 1, alerts)
+            self.assertEqual(alerts[0]["trunk_group"], "branch-p2p")
+            self.assertEqual(alerts[0]["acl"], ["127.0.0.2/32"])
+            self.assertEqual(alerts[0]["method"], "INVITE")
+        # Both refusals counted under their cause, none as bad credentials (the TCP
+        # workers' counts are brought in by settled_counters' TCP probes).
+        delta = lambda c, name: c.get(name, 0) - before.get(name, 0)  # noqa: E731
+        after = self.settled_counters(lambda c: delta(c, "cause.not_in_access_list") >= 2)
+        self.assertEqual((delta(after, "cause.not_in_access_list"), delta(after, "cause.bad_credentials")), (2, 0),
+                         (before, after))
 
     def test_06_inbound_calls_go_to_the_registration_the_failover_or_get_480_404(self):
         pbx = self.sipp("pbx-uas", "uas.xml", ["-i", PBX, "-p", str(PBX_PORT)])
@@ -450,18 +504,27 @@ class KamailioEdge(unittest.TestCase):
             # Headers that are not SIP: refused 400 with the reason.
             garbled = invite.replace(b"CSeq: 1 INVITE", b"CSeq: one INVITE")
             self.assertEqual(sip.status(udp.final(garbled)), 400)
-            # Noise that Kamailio's own parser drops before the script; nothing to answer.
+            # Noise that Kamailio's own parser drops before the script: nothing to
+            # answer, and no counter of the shim's sees it. Kamailio's core logs each
+            # one with its source (udp is protocol 1), so both are accounted for.
+            noise_from = "%s:%d/1" % (PBX, udp.port)
             udp.send(os.urandom(300))
             udp.send(b"\x00" * 64)
+            self.assertIsNone(udp.recv(0.5), "noise is not answered")
         finally:
             udp.close()
+        dropped = lambda: len(re.findall(r"core parsing of SIP message failed \(%s\)" % re.escape(noise_from),  # noqa: E731
+                                         self.kamailio_log()))
+        wait_for("both noise datagrams in the log", lambda: dropped() >= 2, timeout=5)
+        self.assertEqual(dropped(), 2, "one parse failure logged per datagram")
         tcp = sip.Endpoint(PBX, "tcp", KAMAILIO)
         try:
-            # Garbage on a stream: Kamailio's own parser refuses it (400) or drops the
-            # connection; either way no request comes of it.
+            # Garbage on a stream: Kamailio's own parser refuses it (400) or closes the
+            # connection; either way no request comes of it. Silence (the connection
+            # left open, unanswered) is neither and fails.
             tcp.send(b"INVITE sip:x@y SIP/2.0\r\n\xff\xff\r\n\r\n")
-            answer = tcp.recv(2.0)
-            self.assertTrue(answer is None or sip.status(answer) == 400, answer)
+            outcome = stream_outcome(tcp.sock, 3.0)
+            self.assertTrue(outcome == "closed" or sip.status(outcome) == 400, outcome)
         finally:
             tcp.close()
         # Still serving, every worker: the policy answers the next messages.
@@ -833,15 +896,17 @@ class KamailioEdge(unittest.TestCase):
     def settled_counters(self, want=lambda c: True, timeout=15.0):
         """The counters once `want(counters)` holds (or the last ones read, after
         `timeout`). A worker writes its counts at most once a second, when it handles
-        a message: OPTIONS keepalives from the PBX make every worker write them."""
+        a message: OPTIONS keepalives from the PBX, over UDP and TCP, make the workers
+        write them."""
         time.sleep(1.1)
         deadline = time.monotonic() + timeout
         while True:
-            for _ in range(4):
-                probe = sip.Endpoint(PBX)
+            # UDP and TCP (the TCP workers count their own), a new connection each.
+            for transport in ("udp", "tcp") * 4:
+                probe = sip.Endpoint(PBX, transport, KAMAILIO)
                 try:
                     probe.final(sip.request("OPTIONS", "sip:%s:%d" % KAMAILIO, from_user="probe", via_ip=PBX,
-                                            via_port=probe.port), timeout=1.0)
+                                            via_port=probe.port, transport=transport.upper()), timeout=1.0)
                 finally:
                     probe.close()
             counters = self.counters()
@@ -924,6 +989,219 @@ class KamailioEdge(unittest.TestCase):
         finally:
             out = self.tgctl("publish-config", self.config)
             self.assertEqual(out.returncode, 0, out.stdout + out.stderr)
+
+
+class AlertRelayChain(unittest.TestCase):
+    """The whole alert chain, nothing stood in: a blocked call at a Kamailio running the
+    shim, its alert spooled and POSTed with the bearer token to `trunkguard alerts
+    serve`, which mails it through a real SMTP server (aiosmtpd). Then the relay's
+    token rotated without the shim's: every post is refused 401, and the alert is set
+    aside in spool/rejected/, counted `alerts.rejected`, and mailed once the token is
+    right again and the file moved back into the spool (docs/kamailio.md, Alerts)."""
+
+    LISTEN = "127.0.0.1:5074"
+    CORE_LISTEN = "127.0.0.1:5078"
+    FROM = "trunkguard <alerts@relay.test>"
+    SUBJECT = "[trunkguard] Blocked call on branch-p2p (branch) from %s: outside the access list"
+
+    # The suite's helpers: tgctl, its counters, Kamailio's log.
+    tgctl = KamailioEdge.tgctl
+    counters = KamailioEdge.counters
+    kamailio_log = KamailioEdge.kamailio_log
+
+    @classmethod
+    def setUpClass(cls):
+        if not os.access(RELAY, os.X_OK):
+            raise RuntimeError("no relay at %s: host-shims/kamailio/install builds it (scripts/build)" % RELAY)
+        if subprocess.run([SMTP_PYTHON, "-c", "import aiosmtpd"], capture_output=True).returncode:
+            raise RuntimeError("no aiosmtpd for %s: scripts/test-kamailio installs it (target/py)" % SMTP_PYTHON)
+        cls.workdir = tempfile.mkdtemp(prefix="tg-kamailio-relay-")
+        cls.state = os.path.join(cls.workdir, "state")
+        cls.mail = os.path.join(cls.workdir, "mail")
+        cls.queue = os.path.join(cls.workdir, "queue")
+        cls.procs = {}
+        cls.kamailio = False
+        try:
+            line = cls.start("sink", [SMTP_PYTHON, SMTP_SINK, "--dir", cls.mail, "--port", "0"])
+            m = re.match(r"listening (\d+)$", line)
+            if not m:
+                raise RuntimeError("the SMTP sink said %r" % line)
+            cls.smtp_port = int(m.group(1))
+            # The relay's port is fixed, so that it can be restarted where the shim posts.
+            probe = socket.socket()
+            probe.bind(("127.0.0.1", 0))
+            cls.relay_port = probe.getsockname()[1]
+            probe.close()
+            cls.url = "http://127.0.0.1:%d/v1/alerts" % cls.relay_port
+            cls.token = cls.write_token("token", "kamailio-chain-" + os.urandom(12).hex())
+            cls.start_relay(cls.token)
+            config = trunk_config()
+            config["core_sockets"] = [cls.CORE_LISTEN]
+            path = KamailioEdge.write_config(config, os.path.join(cls.workdir, "config.json"))
+            out = subprocess.run(
+                [RUN, "--no-install", "--daemon", "--config", path, "--listen", cls.LISTEN,
+                 "--core-listen", cls.CORE_LISTEN, "--carrier", "sip:127.0.0.1:%d" % CARRIER_PORT,
+                 "--alert-url", cls.url, "--alert-token-file", cls.token, "--state", cls.state,
+                 "--workers", "2"], capture_output=True, text=True, timeout=60)
+            cls.kamailio = True
+            if out.returncode != 0:
+                raise RuntimeError("run --daemon failed:\n%s%s" % (out.stdout, out.stderr))
+        except BaseException:
+            cls.tearDownClass()
+            raise
+
+    @classmethod
+    def tearDownClass(cls):
+        if cls.kamailio:
+            subprocess.run([RUN, "stop", "--state", cls.state], capture_output=True, timeout=30)
+        for name in list(cls.procs):
+            cls.stop(name)
+        if os.environ.get("KEEP_KAMAILIO_TEST_DIR") != "1":
+            shutil.rmtree(cls.workdir, ignore_errors=True)
+
+    @classmethod
+    def write_token(cls, name, token):
+        path = os.path.join(cls.workdir, name)
+        with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+            f.write(token + "\n")
+        return path
+
+    @classmethod
+    def start(cls, name, cmd, env=None):
+        """Starts one of our processes; returns the first line it prints (within 20 s)."""
+        log = open(os.path.join(cls.workdir, name + ".log"), "ab")
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, env=env)
+        log.close()
+        cls.procs[name] = proc
+        lines = []
+        reader = threading.Thread(target=lambda: lines.append(proc.stdout.readline()), daemon=True)
+        reader.start()
+        reader.join(20)
+        if not lines or not lines[0]:
+            cls.stop(name)
+            raise RuntimeError("%s did not start:\n%s" % (name, _read(os.path.join(cls.workdir, name + ".log"))))
+        return lines[0].decode().strip()
+
+    @classmethod
+    def stop(cls, name):
+        proc = cls.procs.pop(name, None)
+        if proc is not None:
+            proc.kill()
+            proc.wait(timeout=10)
+            proc.stdout.close()
+
+    @classmethod
+    def start_relay(cls, token_file):
+        env = {k: v for k, v in os.environ.items() if k not in ("TRUNKGUARD_RELAY_TOKEN", "TRUNKGUARD_SMTP_PASSWORD")}
+        line = cls.start("relay", [
+            RELAY, "alerts", "serve", "--listen", "127.0.0.1:%d" % cls.relay_port, "--queue", cls.queue,
+            "--token-file", token_file, "--from", cls.FROM, "--smtp-host", "127.0.0.1",
+            "--smtp-port", str(cls.smtp_port), "--smtp-tls", "none", "--smtp-timeout", "5s",
+            "--retry-min", "100ms", "--retry-max", "400ms"], env=env)
+        if line != "listening on " + cls.url:
+            raise RuntimeError("the relay said %r" % line)
+
+    def tearDown(self):
+        Sipp.end_all()
+
+    def mails(self):
+        if not os.path.isdir(self.mail):
+            return []
+        out = []
+        for name in sorted(os.listdir(self.mail)):
+            if name.endswith(".json") and not name.startswith("."):
+                with open(os.path.join(self.mail, name), encoding="utf-8") as f:
+                    out.append(json.load(f))
+        return out
+
+    def spooled(self, sub=""):
+        path = os.path.join(self.state, "spool", sub)
+        if not os.path.isdir(path):
+            return []
+        return sorted(n for n in os.listdir(path) if n.endswith(".json") and not n.startswith("."))
+
+    def health(self):
+        with urllib.request.urlopen("http://127.0.0.1:%d/v1/health" % self.relay_port, timeout=5) as r:
+            return json.loads(r.read())
+
+    def blocked_call(self, ip, name):
+        """branch-p2p's right credentials from outside its access list: 403 and a
+        blocked_call alert (a new source IP each time: a new throttle key)."""
+        run = Sipp(self.workdir, name, "call-refused.xml",
+                   ["-i", ip, "-t", "u1", "-s", CALLED, "-key", "user", P2P[0], "-au", P2P[0], "-ap", P2P[1],
+                    "-auth_uri", "%s@%s" % (CALLED, REALM), self.LISTEN])
+        self.assertEqual(run.wait(), 0, run.explain() + "\n--- kamailio log:\n" + self.kamailio_log()[-4000:])
+        self.assertRegex(run.log(), r"SIP/2\.0 403 Forbidden")
+
+    def mail_from(self, ip):
+        return [m for m in self.mails() if m["subject"] == self.SUBJECT % ip]
+
+    def assert_mail(self, mail, ip):
+        self.assertEqual(mail["rcpt_tos"], ["branch-it@example.com"], mail)
+        self.assertEqual(mail["to"], "branch-it@example.com", mail)
+        self.assertEqual(mail["from"], self.FROM, mail)
+        for line in ("Trunk group:  branch-p2p", "Location:     branch", "Source:       %s:" % ip,
+                     "Method:       INVITE"):
+            self.assertIn(line, mail["body"], mail)
+
+    def test_1_a_blocked_call_is_mailed_through_the_real_relay(self):
+        self.blocked_call(INTRUDER, "relay-blocked")
+        mail = wait_for("the e-mail at the SMTP sink", lambda: self.mail_from(INTRUDER), timeout=20)
+        self.assertEqual(len(mail), 1, self.mails())
+        self.assert_mail(mail[0], INTRUDER)
+        # Posted with the right token (the relay takes nothing else), once, and gone
+        # from the spool; nothing set aside.
+        counters = wait_for("alerts.sent", lambda: (lambda c: c.get("alerts.sent") and c)(self.counters()))
+        self.assertEqual(counters.get("alerts.sent"), 1, counters)
+        self.assertEqual(counters.get("alerts.rejected", 0), 0, counters)
+        wait_for("an empty spool", lambda: not self.spooled())
+        self.assertEqual(self.spooled("rejected"), [])
+        health = wait_for("the relay idle", lambda: (lambda h: h["pending"] == 0 and h)(self.health()))
+        self.assertEqual(health["channels"]["smtp"]["delivered"], 1, health)
+        self.assertEqual(len(self.mails()), 1, self.mails())
+
+    def test_2_a_wrong_token_is_refused_set_aside_counted_and_nothing_lost(self):
+        mails_before = len(self.mails())
+        sent_before = self.counters().get("alerts.sent", 0)
+        # The relay's token rotated, the shim's not: the shim's is now wrong.
+        self.stop("relay")
+        self.start_relay(self.write_token("token-rotated", "rotated-" + os.urandom(12).hex()))
+        intruder = "127.0.0.7"
+        self.blocked_call(intruder, "relay-wrong-token")
+        rejected = wait_for("the alert in spool/rejected/", lambda: self.spooled("rejected"), timeout=20)
+        self.assertEqual(len(rejected), 1, rejected)
+        with open(os.path.join(self.state, "spool", "rejected", rejected[0]), encoding="utf-8") as f:
+            alert = json.load(f)
+        self.assertEqual((alert["kind"], alert["cause"], alert["trunk_group"]),
+                         ("blocked_call", "not_in_access_list", "branch-p2p"), alert)
+        self.assertTrue(alert["source"].startswith(intruder + ":"), alert)
+        self.assertRegex(self.kamailio_log(), r"trunkguard: alert refused by %s with 401, kept in \S+/spool/rejected"
+                         % re.escape(self.url))
+        counters = wait_for("alerts.rejected", lambda: (lambda c: c.get("alerts.rejected") and c)(self.counters()))
+        self.assertEqual(counters["alerts.rejected"], 1, counters)
+        # Set aside once, not retried: after a few timer ticks, the same one file, the
+        # same count, the spool empty, no e-mail, nothing queued at the relay.
+        time.sleep(2.5)
+        self.assertEqual(self.spooled("rejected"), rejected)
+        self.assertEqual(self.spooled(), [])
+        counters = self.counters()
+        self.assertEqual((counters.get("alerts.rejected"), counters.get("alerts.sent", 0)), (1, sent_before), counters)
+        self.assertEqual(len(self.mails()), mails_before, self.mails())
+        self.assertEqual(self.health()["pending"], 0)
+        # Nothing lost: with the token right again, the file moved back into the spool
+        # is delivered and mailed.
+        self.stop("relay")
+        self.start_relay(self.token)
+        os.rename(os.path.join(self.state, "spool", "rejected", rejected[0]),
+                  os.path.join(self.state, "spool", rejected[0]))
+        mail = wait_for("the set-aside alert mailed", lambda: self.mail_from(intruder), timeout=20)
+        self.assertEqual(len(mail), 1, self.mails())
+        self.assert_mail(mail[0], intruder)
+        self.assertIn(alert["call_id"], mail[0]["body"])
+        wait_for("an empty spool", lambda: not self.spooled())
+        counters = wait_for("alerts.sent", lambda: (lambda c: c.get("alerts.sent", 0) > sent_before and c)(
+            self.counters()))
+        self.assertEqual((counters["alerts.sent"], counters["alerts.rejected"]), (sent_before + 1, 1), counters)
 
 
 class DmqPair(unittest.TestCase):
