@@ -51,6 +51,17 @@ fn engine(trunks: usize, acl: usize) -> (Engine, BenchHost) {
     (e, host)
 }
 
+/// A message from `source` over UDP at the benchmarks' clock, on an unknown socket.
+fn input(message: &[u8], source: std::net::SocketAddr) -> Input<'_> {
+    Input {
+        message,
+        source,
+        transport: Transport::Udp,
+        local: None,
+        now_ms: common::NOW_MS,
+    }
+}
+
 fn messages(c: &mut Criterion) {
     let (mut e, mut host) = engine(10, 1);
     // Each workload is what its name says, on every iteration (not a challenge).
@@ -61,13 +72,7 @@ fn messages(c: &mut Criterion) {
         (common::digest_register(), "accept"),
     ] {
         for _ in 0..2 {
-            let input = Input {
-                message: &msg,
-                source: common::source(),
-                transport: Transport::Udp,
-                local: None,
-                now_ms: common::NOW_MS,
-            };
+            let input = input(&msg, common::source());
             let v = e.judge(&input, &mut host);
             assert_eq!(serde_json::to_value(v.action).unwrap(), want);
         }
@@ -81,13 +86,7 @@ fn messages(c: &mut Criterion) {
     ] {
         g.bench_function(name, |b| {
             b.iter(|| {
-                let input = Input {
-                    message: &msg,
-                    source: common::source(),
-                    transport: Transport::Udp,
-                    local: None,
-                    now_ms: common::NOW_MS,
-                };
+                let input = input(&msg, common::source());
                 e.judge(&input, &mut host)
             })
         });
@@ -111,13 +110,7 @@ fn scaling(c: &mut Criterion) {
             BenchmarkId::from_parameter(format!("trunks={trunks},acl={acl}")),
             |b| {
                 b.iter(|| {
-                    let input = Input {
-                        message: &msg,
-                        source: common::source(),
-                        transport: Transport::Udp,
-                        local: None,
-                        now_ms: common::NOW_MS,
-                    };
+                    let input = input(&msg, common::source());
                     e.judge(&input, &mut host)
                 })
             },
@@ -142,16 +135,7 @@ fn blocked_from_sources(c: &mut Criterion) {
             .collect();
         let (mut e, mut host) = engine(10, 1);
         let first = &calls[0];
-        let v = e.judge(
-            &Input {
-                message: &first.1,
-                source: first.0,
-                transport: Transport::Udp,
-                local: None,
-                now_ms: common::NOW_MS,
-            },
-            &mut host,
-        );
+        let v = e.judge(&input(&first.1, first.0), &mut host);
         assert_eq!(
             v.cause.map(|c| c.as_str()),
             Some("not_in_access_list"),
@@ -162,16 +146,7 @@ fn blocked_from_sources(c: &mut Criterion) {
                 || engine(10, 1),
                 |(mut e, mut host)| {
                     for (source, message) in &calls {
-                        e.judge(
-                            &Input {
-                                message,
-                                source: *source,
-                                transport: Transport::Udp,
-                                local: None,
-                                now_ms: common::NOW_MS,
-                            },
-                            &mut host,
-                        );
+                        e.judge(&input(message, *source), &mut host);
                     }
                     host.0.entries.len()
                 },

@@ -46,14 +46,7 @@ fn a_failing_store_refuses_with_500_never_allows() {
     let challenge = p
         .judge(&invite(), src, None, Transport::Udp, 2_000)
         .unwrap();
-    let header = &challenge.verdict.headers[0].1;
-    let nonce = header
-        .split("nonce=\"")
-        .nth(1)
-        .unwrap()
-        .split('"')
-        .next()
-        .unwrap();
+    let nonce = &nonce_of(&challenge.verdict);
     let uri = "sip:+15559876543@trunks.example.net";
     let response = trunkguard::digest::client_response(
         trunkguard::digest::Algorithm::Md5,
@@ -181,6 +174,14 @@ fn a_corrupt_or_foreign_module_is_a_clear_load_error() {
     assert!(err.to_string().contains("tg_abi_version"), "{err}");
 }
 
+/// The nonce of a challenge's first header.
+fn nonce_of(challenge: &trunkguard_host::Verdict) -> String {
+    let header = &challenge.headers[0].1;
+    let start = header.find("nonce=\"").unwrap() + 7;
+    let end = start + header[start..].find('"').unwrap();
+    header[start..end].to_string()
+}
+
 /// A REGISTER of `user` (password `password`) from `source`, answering `nonce`.
 fn register(user: &str, password: &str, source: &str, nonce: Option<&str>) -> Vec<u8> {
     let uri = "sip:trunks.example.net";
@@ -225,15 +226,7 @@ fn register_with(
             at,
         )
         .unwrap();
-    let header = &challenge.verdict.headers[0].1;
-    let nonce = header
-        .split("nonce=\"")
-        .nth(1)
-        .unwrap()
-        .split('"')
-        .next()
-        .unwrap()
-        .to_string();
+    let nonce = nonce_of(&challenge.verdict);
     p.state_mut().fault = fault;
     let j = p
         .judge(

@@ -89,21 +89,22 @@ def _now_ms():
     return int(time.time() * 1000)
 
 
-def _source():
-    ip = KSR.pv.get("$si")
-    port = KSR.pv.get("$sp")
+def _ip_port(ip_var, port_var):
+    """`ip:port` from two pseudo-variables, IPv6 in brackets, as the policy reads it."""
+    ip = KSR.pv.get(ip_var)
+    port = KSR.pv.get(port_var)
     if ":" in ip:
         return "[%s]:%s" % (ip, port)
     return "%s:%s" % (ip, port)
+
+
+def _source():
+    return _ip_port("$si", "$sp")
 
 
 def _local():
     """The socket the message arrived on, as the policy's `core_sockets` names it."""
-    ip = KSR.pv.get("$Ri")
-    port = KSR.pv.get("$Rp")
-    if ":" in ip:
-        return "[%s]:%s" % (ip, port)
-    return "%s:%s" % (ip, port)
+    return _ip_port("$Ri", "$Rp")
 
 
 def _message_bytes():

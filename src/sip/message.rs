@@ -747,9 +747,11 @@ impl<'a> Message<'a> {
         // A field runs from its name to the next field's name (its folded lines and
         // CRLF included); the last one to the empty line.
         let fields_end = self.text.len().saturating_sub(2);
-        let starts: Vec<usize> = self.entries.iter().map(|e| usize::from(e.name.0)).collect();
         for (i, e) in self.entries.iter().enumerate() {
-            let end = starts.get(i + 1).copied().unwrap_or(fields_end);
+            let end = self
+                .entries
+                .get(i + 1)
+                .map_or(fields_end, |next| usize::from(next.name.0));
             if !drop(e) {
                 let field = self.text.get(usize::from(e.name.0)..end).unwrap_or("");
                 let field = field.strip_suffix("\r\n").unwrap_or(field);
