@@ -58,6 +58,18 @@ impl Algorithm {
     }
 }
 
+/// HA1 = H(username ":" realm ":" password) in lowercase hex (RFC 7616 §3.4.2): what
+/// a configuration holds instead of the password (`trunkguard ha1`).
+pub fn ha1(algorithm: Algorithm, username: &str, realm: &str, password: &str) -> String {
+    algorithm.hash_hex(&[
+        username.as_bytes(),
+        b":",
+        realm.as_bytes(),
+        b":",
+        password.as_bytes(),
+    ])
+}
+
 /// The HA1 values a trunk group can be verified with (lowercase hex).
 #[derive(Clone, PartialEq, Eq)]
 pub struct Ha1Set {
@@ -94,19 +106,10 @@ impl Ha1Set {
                 ".password".into(),
                 "give either password or pre-hashed ha1/ha1_sha256, not both".into(),
             )),
-            (Some(pw), None, None) => {
-                let parts: [&[u8]; 5] = [
-                    username.as_bytes(),
-                    b":",
-                    realm.as_bytes(),
-                    b":",
-                    pw.as_bytes(),
-                ];
-                Ok(Ha1Set {
-                    md5: Some(Algorithm::Md5.hash_hex(&parts)),
-                    sha256: Some(Algorithm::Sha256.hash_hex(&parts)),
-                })
-            }
+            (Some(pw), None, None) => Ok(Ha1Set {
+                md5: Some(self::ha1(Algorithm::Md5, username, realm, pw)),
+                sha256: Some(self::ha1(Algorithm::Sha256, username, realm, pw)),
+            }),
             (None, md5, sha) => Ok(Ha1Set {
                 md5: md5.map(|h| checked_hex(h, 32, ".ha1")).transpose()?,
                 sha256: sha.map(|h| checked_hex(h, 64, ".ha1_sha256")).transpose()?,

@@ -11,6 +11,7 @@ use wasm_bindgen::prelude::*;
 use crate::alert::Alert;
 use crate::engine::{Engine, Host};
 use crate::policy::Input;
+use crate::refusal_log::{self, RefusalLog};
 use crate::sip::Transport;
 use crate::store::{Store, StoreError};
 
@@ -118,6 +119,8 @@ pub struct TrunkPolicy {
     engine: Engine,
     store: JsValue,
     on_alert: Option<Function>,
+    /// The refusal log and where its lines go (`onRefusalLog`).
+    refusals: Option<(RefusalLog, Function)>,
 }
 
 #[wasm_bindgen]
@@ -132,7 +135,21 @@ impl TrunkPolicy {
                 .map(JsValue::from)
                 .unwrap_or_else(|| js_sys::Map::new().into()),
             on_alert: None,
+            refusals: None,
         }
+    }
+
+    /// Receives the refusal log's lines (strings, docs/policy.md "The refusal log"):
+    /// one per refused request, at most `perSecond` a second (default 20), then a
+    /// summary line counting the rest; `tick` writes a pending summary too.
+    #[wasm_bindgen(js_name = onRefusalLog)]
+    pub fn on_refusal_log(&mut self, callback: Option<Function>, per_second: Option<u32>) {
+        self.refusals = callback.map(|f| {
+            (
+                RefusalLog::new(per_second.unwrap_or(refusal_log::DEFAULT_PER_SECOND)),
+                f,
+            )
+        });
     }
 
     /// Receives every alert event (an object, docs/alerts.md).
@@ -215,6 +232,11 @@ impl TrunkPolicy {
             now_ms: now_ms as u64,
         };
         let verdict = self.engine.judge(&input, &mut host);
+        if let Some((log, f)) = &mut self.refusals {
+            for line in log.record(&input, &verdict) {
+                let _ = f.call1(&JsValue::NULL, &JsValue::from_str(&line));
+            }
+        }
         let json =
             serde_json::to_string(&verdict).map_err(|e| js_sys::Error::new(&e.to_string()))?;
         js_sys::JSON::parse(&json)
@@ -223,6 +245,11 @@ impl TrunkPolicy {
     /// Closes expired alert windows; their summaries go to the alert callback.
     /// Returns how many were sent. Call it every few seconds.
     pub fn tick(&mut self, now_ms: f64) -> Result<u32, JsValue> {
+        if let Some((log, f)) = &mut self.refusals {
+            if let Some(summary) = log.flush(now_ms as u64) {
+                let _ = f.call1(&JsValue::NULL, &JsValue::from_str(&summary));
+            }
+        }
         let mut host = JsHost {
             store: &self.store,
             on_alert: self.on_alert.as_ref(),

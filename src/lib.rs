@@ -15,6 +15,7 @@ pub mod engine;
 pub mod index;
 pub mod lockout;
 pub mod policy;
+pub mod refusal_log;
 pub mod replay;
 pub mod sip;
 pub mod store;

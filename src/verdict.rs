@@ -20,7 +20,7 @@ pub enum Action {
 
 /// Machine-readable reason for every verdict: for an allow it says why, and hosts
 /// route by that alone (docs/policy.md, "Threat model"). The first eight names are
-/// fixed by the SPEC; the rest extend it.
+/// the product's original refusal causes; the rest extend them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Cause {
@@ -69,6 +69,15 @@ pub enum Cause {
     PassThrough,
     /// A response: relayed only within a transaction of the host.
     Response,
+}
+
+impl std::str::FromStr for Cause {
+    type Err = serde_json::Error;
+
+    /// The name [`Cause::as_str`] gives (hosts that hold a verdict as strings).
+    fn from_str(s: &str) -> Result<Cause, serde_json::Error> {
+        serde_json::from_value(serde_json::Value::String(s.to_owned()))
+    }
 }
 
 impl Cause {

@@ -389,3 +389,60 @@ fn tempdir() -> PathBuf {
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
+
+#[test]
+fn ha1_prints_the_digest_hashes_of_a_password_read_from_stdin() {
+    let run = |args: &[&str], stdin: &str| {
+        let mut child = trunkguard()
+            .arg("ha1")
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(stdin.as_bytes())
+            .unwrap();
+        child.wait_with_output().unwrap()
+    };
+    // RFC 2617 §3.5's user: HA1 = MD5("Mufasa:testrealm@host.com:Circle Of Life").
+    let out = run(
+        &["--username", "Mufasa", "--realm", "testrealm@host.com"],
+        "Circle Of Life\n",
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["ha1"], "939e7578ed9e3c518a452acee763bce9");
+    assert_eq!(v["ha1_sha256"].as_str().unwrap().len(), 64);
+    // What it prints is what the configuration accepts in place of the password.
+    let only = run(
+        &[
+            "--username",
+            "Mufasa",
+            "--realm",
+            "testrealm@host.com",
+            "--algorithm",
+            "SHA-256",
+        ],
+        "Circle Of Life",
+    );
+    let w: Value = serde_json::from_slice(&only.stdout).unwrap();
+    assert_eq!(w["ha1_sha256"], v["ha1_sha256"]);
+    assert!(w.get("ha1").is_none());
+    for (args, stdin) in [
+        (["--username", "a\"b", "--realm", "r"], "pw\n"),
+        (["--username", "a", "--realm", "r"], "\n"),
+    ] {
+        let bad = run(&args, stdin);
+        assert_eq!(bad.status.code(), Some(2), "{args:?}");
+        assert!(bad.stdout.is_empty());
+    }
+}

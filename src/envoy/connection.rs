@@ -16,8 +16,9 @@ use super::metrics;
 use super::shared::{self, EnvoyBackend};
 use super::txn;
 use crate::policy::Input;
+use crate::refusal_log::{self, RefusalLog};
 use crate::sip::Transport;
-use crate::verdict::{Action as VerdictAction, Cause, Verdict};
+use crate::verdict::{Cause, Verdict};
 
 /// The stream context of one client connection.
 pub(super) struct Connection {
@@ -60,6 +61,9 @@ impl Judge for Judging<'_> {
             local: self.local,
             now_ms,
         };
+        if shared::drill_traps_now() {
+            trap();
+        }
         let engine = &mut self.policy.engine;
         let verdict = match txn::run(&mut EnvoyBackend, |t| engine.judge(&input, t)) {
             Ok((verdict, alerts)) => {
@@ -76,18 +80,7 @@ impl Judge for Judging<'_> {
             }
         };
         count_verdict(&verdict);
-        if verdict.action != VerdictAction::Allow {
-            host::log(
-                Level::Debug,
-                &format!(
-                    "{source} {}: {:?} {} {}",
-                    first_word(message),
-                    verdict.action,
-                    verdict.code.unwrap_or_default(),
-                    verdict.cause.map(Cause::as_str).unwrap_or_default(),
-                ),
-            );
-        }
+        log_refusal(&input, &verdict);
         verdict
     }
 
@@ -96,10 +89,38 @@ impl Judge for Judging<'_> {
     }
 }
 
-fn first_word(message: &[u8]) -> String {
-    let m = message.trim_ascii_start();
-    let end = m.iter().position(|b| *b == b' ').unwrap_or(0).min(32);
-    String::from_utf8_lossy(m.get(..end).unwrap_or_default()).into_owned()
+/// The drill's trap: the VM stops as on a host bug, and Envoy's `failure_policy`
+/// decides what happens next (docs/envoy.md, "Drills").
+#[allow(clippy::panic)]
+fn trap() -> ! {
+    panic!("drill: trap_once")
+}
+
+thread_local! {
+    /// Each VM (one per worker thread) keeps its own share of the rate.
+    static REFUSALS: RefCell<RefusalLog> =
+        RefCell::new(RefusalLog::new(refusal_log::DEFAULT_PER_SECOND));
+}
+
+/// Writes the refusal log's lines for this verdict (docs/policy.md).
+fn log_refusal(input: &Input<'_>, verdict: &Verdict) {
+    REFUSALS.with(|r| {
+        if let Ok(mut r) = r.try_borrow_mut() {
+            for line in r.record(input, verdict) {
+                host::log(Level::Info, &line);
+            }
+        }
+    });
+}
+
+/// The summary of lines left out, once the flood's second is over (the filter
+/// root's tick).
+pub(super) fn flush_refusal_summary(now_ms: u64) {
+    REFUSALS.with(|r| {
+        if let Some(summary) = r.try_borrow_mut().ok().and_then(|mut r| r.flush(now_ms)) {
+            host::log(Level::Info, &summary);
+        }
+    });
 }
 
 fn count_verdict(v: &Verdict) {

@@ -28,6 +28,8 @@ pub const ALERTS_ROOT_ID: &str = "trunkguard_alerts";
 struct VmOptions {
     #[serde(default)]
     on_refusal: OnRefusal,
+    #[serde(default)]
+    drill: shared::Drill,
 }
 
 /// What a filter root shares with its connections.
@@ -193,6 +195,7 @@ impl RootContext for Root {
         match serde_json::from_str::<VmOptions>(&text) {
             Ok(options) => {
                 self.on_refusal = options.on_refusal;
+                shared::set_drill(options.drill);
                 true
             }
             Err(e) => {
@@ -220,13 +223,16 @@ impl RootContext for Root {
                 }
             }
         } else {
+            // Once a second: the refusal log's summary comes out when a flood stops.
+            let _ = host::set_tick_period_ms(1_000);
             self.configure_filter(&config)
         }
     }
 
     fn on_tick(&mut self) {
-        if let Some(s) = &mut self.singleton {
-            s.on_tick();
+        match &mut self.singleton {
+            Some(s) => s.on_tick(),
+            None => super::connection::flush_refusal_summary(host::now_ms().unwrap_or_default()),
         }
     }
 

@@ -14,13 +14,16 @@ pub struct Entry {
 }
 
 /// How a post ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     Sent,
     /// Will be posted again later.
     Retry,
     /// Given up: refused by the webhook (4xx) or out of tries.
     Dropped,
+    /// The relay refused our credentials (401, 403): a configuration fault that
+    /// no retry mends; the alert is handed back for the operator to re-deliver.
+    Rejected(Vec<u8>),
 }
 
 #[derive(Debug, Clone)]
@@ -107,6 +110,7 @@ impl Outbox {
         let entry = self.in_flight.remove(&token)?;
         Some(match status {
             Some(200..=299) => Outcome::Sent,
+            Some(401 | 403) => Outcome::Rejected(entry.body),
             // The webhook refuses this alert for good; trying again changes nothing.
             Some(s @ 400..=499) if s != 408 && s != 429 => Outcome::Dropped,
             _ => self.retry(entry, now_ms),
@@ -170,6 +174,14 @@ mod tests {
         let b = o.next_due(0).unwrap();
         o.dispatched(8, b);
         assert_eq!(o.finished(8, Some(400), 0), Some(Outcome::Dropped));
+        assert!(o.push(b"c".to_vec(), 0));
+        let c = o.next_due(0).unwrap();
+        o.dispatched(9, c);
+        assert_eq!(
+            o.finished(9, Some(401), 0),
+            Some(Outcome::Rejected(b"c".to_vec())),
+            "a refused token hands the alert back"
+        );
         assert_eq!(
             o.not_dispatched(
                 Entry {

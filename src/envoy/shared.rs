@@ -17,15 +17,86 @@ fn store_error(e: HostError) -> StoreError {
     StoreError(e.to_string())
 }
 
+/// Faults a VM injects into its own store and message path: for the test suites and
+/// for an operator's fire drill (docs/envoy.md, "Drills"). Set only through the VM
+/// configuration, which only the operator writes; all off by default.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Drill {
+    /// Every store read fails: the filter answers 500 `store_unavailable`.
+    #[serde(default)]
+    pub store_failure: bool,
+    /// The n-th store write of this VM from its start fails (1: the first), once.
+    #[serde(default)]
+    pub fail_write: Option<u32>,
+    /// The first message judged under this `vm_id` traps the VM, once (a shared-data
+    /// mark survives the reload that `failure_policy` makes).
+    #[serde(default)]
+    pub trap_once: bool,
+}
+
+thread_local! {
+    /// Each VM is one thread's: its drill and how many writes it has left to go.
+    static DRILL: std::cell::Cell<Drill> = const { std::cell::Cell::new(Drill {
+        store_failure: false,
+        fail_write: None,
+        trap_once: false,
+    }) };
+}
+
+pub fn set_drill(drill: Drill) {
+    if drill != Drill::default() {
+        host::log(host::Level::Warn, &format!("drill in force: {drill:?}"));
+    }
+    DRILL.with(|d| d.set(drill));
+}
+
+/// The mark `trap_once` leaves so that the reloaded VM runs normally.
+const TRAPPED_KEY: &str = "tg/envoy/drill_trapped";
+
+/// Whether this message is the one `trap_once` traps on (marks it first).
+pub fn drill_traps_now() -> bool {
+    if !DRILL.with(|d| d.get().trap_once) {
+        return false;
+    }
+    match host::shared_get(TRAPPED_KEY) {
+        Ok((Some(_), _)) => false,
+        Ok((None, cas)) => host::shared_set(TRAPPED_KEY, b"1", cas).unwrap_or(false),
+        Err(_) => false,
+    }
+}
+
+fn drill_fails_read() -> bool {
+    DRILL.with(|d| d.get().store_failure)
+}
+
+fn drill_fails_write() -> bool {
+    DRILL.with(|d| {
+        let mut drill = d.get();
+        let Some(n) = drill.fail_write else {
+            return false;
+        };
+        drill.fail_write = n.checked_sub(1).filter(|n| *n > 0);
+        d.set(drill);
+        n <= 1
+    })
+}
+
 /// Envoy's shared data as the transaction's backend.
 pub struct EnvoyBackend;
 
 impl Backend for EnvoyBackend {
     fn get(&mut self, key: &str) -> Result<(Option<Vec<u8>>, u32), StoreError> {
+        if drill_fails_read() {
+            return Err(StoreError("drill: store_failure".into()));
+        }
         host::shared_get(key).map_err(store_error)
     }
 
     fn set(&mut self, key: &str, value: &[u8], cas: u32) -> Result<bool, StoreError> {
+        if drill_fails_write() {
+            return Err(StoreError("drill: fail_write".into()));
+        }
         host::shared_set(key, value, cas).map_err(store_error)
     }
 

@@ -125,6 +125,21 @@ impl Singleton {
                     &format!("alert dropped, the webhook answered {status:?}"),
                 );
             }
+            Some(Outcome::Rejected(body)) => {
+                // The token is wrong: nothing to gain by retrying, and the alert must
+                // not be lost. Its whole JSON goes to the log, to be posted again
+                // by hand once the token is fixed (docs/alerts.md).
+                metrics::count("alerts", "rejected", 1);
+                host::log(
+                    Level::Error,
+                    &format!(
+                        "alert refused by the relay ({}, check the alert token); \
+                         re-deliver by hand: {}",
+                        status.unwrap_or_default(),
+                        String::from_utf8_lossy(&body)
+                    ),
+                );
+            }
             None => {}
         }
         self.dispatch();

@@ -59,22 +59,27 @@ impl<'b, B: Backend> Txn<'b, B> {
     }
 
     /// Writes the buffered values unless a key read has changed meanwhile.
-    /// `Ok(false)`: a conflict; nothing of this call should be kept.
+    /// `Ok(false)`: a conflict; nothing of this call is kept.
     ///
-    /// Every key is first checked, then written with its CAS. Shared data locks
-    /// per operation, so another worker can still slip in between two writes of one
-    /// commit; the CAS then refuses the second and the call runs again (the first
-    /// write of the two stays, and the rerun reads it).
+    /// Every key is first checked (and its value before the commit kept), then
+    /// written with its CAS. Shared data locks per operation, so another worker can
+    /// still slip in between two writes of one commit and the CAS then refuses the
+    /// second; and a store can fail between two writes. Either way the writes already
+    /// made are put back as they were, so that one decision is never half kept (a
+    /// registration's binding without its last registration IP, say): the call then
+    /// runs again on fresh state, or fails closed.
     pub fn commit(&mut self) -> Result<bool, StoreError> {
+        let mut before: Vec<(&str, Option<Vec<u8>>)> = Vec::with_capacity(self.writes.len());
         for key in self.writes.keys() {
+            let (value, now) = self.backend.get(key)?;
             if let Some((_, seen)) = self.reads.get(key) {
-                let (_, now) = self.backend.get(key)?;
                 if now != *seen {
                     return Ok(false);
                 }
             }
+            before.push((key, value));
         }
-        for (key, value) in &self.writes {
+        for (done, (key, value)) in self.writes.iter().enumerate() {
             let (existed, cas) = match self.reads.get(key) {
                 Some((v, cas)) => (v.is_some() || *cas != 0, *cas),
                 None => (true, 0),
@@ -83,8 +88,13 @@ impl<'b, B: Backend> Txn<'b, B> {
                 continue;
             }
             let value = value.as_deref().unwrap_or_default();
-            if !self.backend.set(key, value, cas)? {
-                return Ok(false);
+            let written = self.backend.set(key, value, cas);
+            if !matches!(written, Ok(true)) {
+                for (key, old) in &before[..done] {
+                    // Best effort: the store may be failing for these too.
+                    let _ = self.backend.set(key, old.as_deref().unwrap_or_default(), 0);
+                }
+                return written;
             }
         }
         Ok(true)
@@ -162,6 +172,8 @@ pub struct MemoryBackend {
     pub next_cas: u32,
     /// Called before every `set`: lets a test act as another worker.
     pub before_set: Option<fn(&mut Entries)>,
+    /// The `set` that fails as a broken store would (1: the next one).
+    pub fail_set: Option<u32>,
 }
 
 #[cfg(test)]
@@ -176,6 +188,12 @@ impl Backend for MemoryBackend {
     fn set(&mut self, key: &str, value: &[u8], cas: u32) -> Result<bool, StoreError> {
         if let Some(f) = self.before_set.take() {
             f(&mut self.entries);
+        }
+        if let Some(n) = self.fail_set {
+            self.fail_set = (n > 1).then(|| n - 1);
+            if n == 1 {
+                return Err(StoreError("injected".into()));
+            }
         }
         if let Some((_, current)) = self.entries.get(key) {
             if cas != 0 && cas != *current {
@@ -258,6 +276,57 @@ mod tests {
         })
         .unwrap();
         assert_eq!(b.entries.get("k").map(|e| e.0.clone()), Some(b"2".to_vec()));
+    }
+
+    fn two_writes(t: &mut Txn<'_, MemoryBackend>) {
+        t.get("a").unwrap();
+        t.get("b").unwrap();
+        t.set("a", b"new-a").unwrap();
+        t.set("b", b"new-b").unwrap();
+    }
+
+    fn values(b: &MemoryBackend) -> Vec<(String, Vec<u8>)> {
+        b.entries
+            .iter()
+            .map(|(k, (v, _))| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    #[test]
+    fn a_store_failing_between_two_writes_keeps_neither() {
+        let mut b = MemoryBackend::default();
+        b.entries.insert("a".into(), (b"old-a".to_vec(), 1));
+        b.next_cas = 1;
+        let before = values(&b);
+        b.fail_set = Some(2);
+        let r = run(&mut b, two_writes);
+        assert!(matches!(r, Err(TxnError::Store(_))), "{r:?}");
+        let after: Vec<_> = values(&b)
+            .into_iter()
+            .filter(|(_, v)| !v.is_empty())
+            .collect();
+        assert_eq!(after, before, "the first write was put back");
+        run(&mut b, two_writes).unwrap();
+        assert_eq!(b.entries["b"].0, b"new-b");
+    }
+
+    #[test]
+    fn a_conflict_between_two_writes_keeps_neither_before_the_rerun() {
+        let mut b = MemoryBackend::default();
+        b.entries.insert("a".into(), (b"old-a".to_vec(), 1));
+        b.entries.insert("b".into(), (b"old-b".to_vec(), 2));
+        b.next_cas = 2;
+        let mut t = Txn::new(&mut b);
+        two_writes(&mut t);
+        // Another worker writes b after our check, before our write of b.
+        t.backend.before_set = Some(|e| {
+            if let Some(b) = e.get_mut("b") {
+                b.1 = 77;
+            }
+        });
+        // before_set fires on the first set (a): b's CAS then no longer matches.
+        assert_eq!(t.commit(), Ok(false));
+        assert_eq!(b.entries["a"].0, b"old-a", "a was put back");
     }
 
     #[test]

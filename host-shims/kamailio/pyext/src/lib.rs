@@ -271,6 +271,67 @@ impl Policy {
     }
 }
 
+/// The refusal log (docs/policy.md, "The refusal log"): the core renders the lines
+/// and keeps the rate, so that the shim only writes them.
+#[pyclass(unsendable, module = "trunkguard_kamailio")]
+struct RefusalLog {
+    inner: trunkguard::refusal_log::RefusalLog,
+}
+
+#[pymethods]
+impl RefusalLog {
+    #[new]
+    #[pyo3(signature = (per_second = trunkguard::refusal_log::DEFAULT_PER_SECOND))]
+    fn new(per_second: u32) -> Self {
+        RefusalLog {
+            inner: trunkguard::refusal_log::RefusalLog::new(per_second),
+        }
+    }
+
+    /// The lines to write for a verdict as `Policy.judge` returned it (action, code,
+    /// cause, trunk group): none, one, or a pending summary and the line.
+    #[allow(clippy::too_many_arguments)]
+    fn record(
+        &mut self,
+        message: &[u8],
+        source: &str,
+        transport: &str,
+        now_ms: u64,
+        action: &str,
+        code: u16,
+        cause: Option<&str>,
+        trunk_group: Option<String>,
+    ) -> Vec<String> {
+        let (Ok(source), Ok(transport), Some(Ok(cause))) = (
+            source.parse::<SocketAddr>(),
+            transport.parse::<trunkguard::sip::Transport>(),
+            cause.map(str::parse::<trunkguard::Cause>),
+        ) else {
+            return Vec::new();
+        };
+        let mut verdict = if action == "allow" {
+            trunkguard::Verdict::allow_as(cause)
+        } else {
+            trunkguard::Verdict::reject(code, "", cause)
+        };
+        verdict.code = (code != 0).then_some(code);
+        verdict.trunk_group = trunk_group;
+        let input = trunkguard::Input {
+            message,
+            source,
+            transport,
+            local: None,
+            now_ms,
+        };
+        self.inner.record(&input, &verdict)
+    }
+
+    /// The summary of a past second's left-out lines, once (call it from a timer).
+    fn flush(&mut self, now_ms: u64) -> Option<String> {
+        self.inner.flush(now_ms)
+    }
+}
+
 /// Validates a publication before it goes out: compiles `module_path` (warming the
 /// compiled-code cache every Kamailio process then maps), instantiates it with a
 /// private in-memory store and pushes `config`. Returns the generation; raises
@@ -290,6 +351,7 @@ fn check(module_path: PathBuf, config: &[u8]) -> PyResult<u64> {
 #[pymodule]
 fn trunkguard_kamailio(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Policy>()?;
+    m.add_class::<RefusalLog>()?;
     m.add_function(wrap_pyfunction!(check, m)?)?;
     m.add("PolicyError", m.py().get_type::<PolicyError>())?;
     m.add("ConfigRefused", m.py().get_type::<ConfigRefused>())?;
