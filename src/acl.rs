@@ -143,8 +143,7 @@ impl Acl {
         acl
     }
 
-    /// An empty list admits everyone (the seed: "When nothing is provided, any
-    /// authenticated call will be allowed to pass").
+    /// An empty list admits any authenticated caller (docs/configuration.md, `acl`).
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }

@@ -12,9 +12,10 @@ use crate::verdict::Cause;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum AlertKind {
-    /// An authenticated call was refused (seed: "Alert Blocked Calls").
+    /// An authenticated call was refused (switch `alerts.blocked_calls`).
     BlockedCall,
-    /// The registration IP differs from the last successful one ("Alert Reg IP Change").
+    /// The registration IP differs from the last successful one (switch
+    /// `alerts.reg_ip_change`).
     RegIpChange,
     /// An authenticated REGISTER came from outside the ACL: the credentials work from
     /// somewhere they should not. Sent under the `blocked_calls` switch.

@@ -104,7 +104,7 @@ fn default_default_expires() -> u32 {
     3600
 }
 
-/// Digest authentication settings (extension of the SPEC shape, all optional).
+/// Digest authentication settings (all optional; docs/configuration.md).
 #[derive(Debug, Clone, Deserialize)]
 #[cfg_attr(feature = "schema", derive(JsonSchema))]
 #[serde(deny_unknown_fields)]
@@ -191,7 +191,7 @@ fn default_nonce_ttl() -> u32 {
     300
 }
 
-/// Alert throttling (extension of the SPEC shape, optional).
+/// Alert throttling (optional; docs/configuration.md).
 #[derive(Debug, Clone, Deserialize)]
 #[cfg_attr(feature = "schema", derive(JsonSchema))]
 #[serde(deny_unknown_fields)]
@@ -264,7 +264,7 @@ pub struct TrunkGroup {
     pub failover: Option<String>,
 }
 
-/// The two notification switches of the seed's Access/Notifications page.
+/// The trunk group's two alert switches (docs/configuration.md).
 #[derive(Debug, Clone, Deserialize)]
 #[cfg_attr(feature = "schema", derive(JsonSchema))]
 #[serde(deny_unknown_fields)]

@@ -1,4 +1,4 @@
-//! The decisions of SPEC.md as one pure function of (message, source, transport,
+//! The decisions of docs/policy.md as one pure function of (message, source, transport,
 //! time, state) → verdict and alert events. Nothing here knows which host runs it.
 
 use std::net::{IpAddr, SocketAddr};

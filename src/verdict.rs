@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-/// The five actions of the SPEC. Names are part of the host contract.
+/// The five actions of the host contract (docs/abi.md); their names are part of it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Action {

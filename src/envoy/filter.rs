@@ -53,7 +53,7 @@ impl Policy {
 
     /// Takes up a configuration accepted since this one: Envoy keeps a connection
     /// on the filter instance it started with, but a push must apply to the next
-    /// message on every connection (SPEC).
+    /// message on every connection (docs/envoy.md, "Publish a new configuration").
     pub(super) fn follow(&mut self) {
         let Some(newer) = shared::newer_config(self.generation) else {
             return;
