@@ -30,6 +30,8 @@ pub enum Outcome {
 pub struct Limits {
     pub max_queued: usize,
     pub max_in_flight: usize,
+    /// Tries before an alert is given up; 0: never, it waits in the queue (bounded by
+    /// `max_queued`) until the webhook takes it.
     pub max_attempts: u32,
     pub first_backoff_ms: u64,
     pub max_backoff_ms: u64,
@@ -40,7 +42,7 @@ impl Default for Limits {
         Limits {
             max_queued: 10_000,
             max_in_flight: 8,
-            max_attempts: 8,
+            max_attempts: 0,
             first_backoff_ms: 1_000,
             max_backoff_ms: 60_000,
         }
@@ -118,7 +120,7 @@ impl Outbox {
     }
 
     fn retry(&mut self, mut entry: Entry, now_ms: u64) -> Outcome {
-        if entry.attempts >= self.limits.max_attempts {
+        if self.limits.max_attempts != 0 && entry.attempts >= self.limits.max_attempts {
             return Outcome::Dropped;
         }
         let shift = entry.attempts.saturating_sub(1).min(16);
@@ -156,6 +158,24 @@ mod tests {
         o.dispatched(3, e);
         assert_eq!(o.finished(3, Some(500), 4_000), Some(Outcome::Dropped));
         assert_eq!(o.finished(3, Some(200), 4_000), None);
+    }
+
+    #[test]
+    fn by_default_an_outage_of_any_length_loses_nothing() {
+        let mut o = Outbox::default();
+        o.limits = Limits::default();
+        assert!(o.push(b"a".to_vec(), 0));
+        let mut now = 0;
+        // An hour of a relay that does not answer: retried every minute at most.
+        for token in 0..70 {
+            let e = o.next_due(now).expect("still queued");
+            o.dispatched(token, e);
+            assert_eq!(o.finished(token, None, now), Some(Outcome::Retry));
+            now += 60_000;
+        }
+        let e = o.next_due(now).unwrap();
+        o.dispatched(99, e);
+        assert_eq!(o.finished(99, Some(202), now), Some(Outcome::Sent));
     }
 
     #[test]

@@ -38,8 +38,10 @@ fn default_path() -> String {
 fn default_timeout_ms() -> u64 {
     5_000
 }
+/// Never give up: an alert waits out a relay outage of any length (bounded by the
+/// queue's size), as the relay and the Kamailio spool do.
 fn default_max_attempts() -> u32 {
-    8
+    0
 }
 fn default_tick_s() -> u64 {
     5
@@ -71,7 +73,7 @@ impl Singleton {
             ),
         );
         let outbox = Outbox::new(Limits {
-            max_attempts: config.max_attempts.max(1),
+            max_attempts: config.max_attempts,
             ..Limits::default()
         });
         Ok(Singleton {
