@@ -193,7 +193,9 @@ pub fn throttle(
         last_repeat_ms: 0,
         first: alert.clone(),
     };
-    save(store, &key, &w)?;
+    // The lists first, the window last: a store that fails between these writes
+    // leaves at worst a listed window that does not exist, which `flush` drops,
+    // never a window that no list names and no `tick` would ever close.
     if !open.iter().any(|k| k == &key) {
         if open.is_empty() {
             // The trunk group's first open window: `tick` must look at it.
@@ -203,9 +205,10 @@ pub fn throttle(
                 save_list(store, keys::OPEN_THROTTLES, &trunks)?;
             }
         }
-        open.push(key);
+        open.push(key.clone());
         save_list(store, &keys::open_throttles(&alert.trunk_group), &open)?;
     }
+    save(store, &key, &w)?;
     out.push(alert);
     Ok(out)
 }
@@ -239,7 +242,11 @@ pub fn flush(store: &mut dyn Store, now_ms: u64) -> Result<Vec<Alert>, StoreErro
             still_trunks.push(trunk);
         }
     }
-    save_list(store, keys::OPEN_THROTTLES, &still_trunks)?;
+    if still_trunks.is_empty() {
+        store.delete(keys::OPEN_THROTTLES)?;
+    } else {
+        save_list(store, keys::OPEN_THROTTLES, &still_trunks)?;
+    }
     Ok(out)
 }
 
@@ -310,6 +317,60 @@ mod tests {
             summary: false,
             first_ms: None,
             last_ms: None,
+        }
+    }
+
+    /// A store whose n-th write fails.
+    struct FailingWrite {
+        inner: MemoryStore,
+        writes_left: u32,
+    }
+
+    impl Store for FailingWrite {
+        fn get(&mut self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+            self.inner.get(key)
+        }
+        fn set(&mut self, key: &str, value: &[u8]) -> Result<(), StoreError> {
+            self.writes_left = self.writes_left.saturating_sub(1);
+            if self.writes_left == 0 {
+                return Err(StoreError("injected".into()));
+            }
+            self.inner.set(key, value)
+        }
+        fn delete(&mut self, key: &str) -> Result<(), StoreError> {
+            self.inner.delete(key)
+        }
+    }
+
+    #[test]
+    fn a_write_failing_anywhere_never_leaves_a_window_no_tick_would_close() {
+        for n in 1..=4 {
+            let mut store = FailingWrite {
+                inner: MemoryStore::default(),
+                writes_left: n,
+            };
+            let _ = throttle(&mut store, alert(1_000, "198.51.100.9:5060"), 60_000);
+            let lists = store.inner.clone();
+            let listed = |key: &str| {
+                let mut s = lists.clone();
+                load_list(&mut s, keys::OPEN_THROTTLES).unwrap() == ["hq-pbx1"]
+                    && load_list(&mut s, &keys::open_throttles("hq-pbx1"))
+                        .unwrap()
+                        .iter()
+                        .any(|k| k == key)
+            };
+            for key in store.inner.entries.keys() {
+                if key.starts_with("tg/throttle/") {
+                    assert!(listed(key), "write {n} failed: {key} is in no list");
+                }
+            }
+            // Whatever was left, the next tick leaves the store clean.
+            flush(&mut store.inner, 100_000).unwrap();
+            assert!(
+                store.inner.entries.is_empty(),
+                "write {n}: {:?}",
+                store.inner.entries.keys()
+            );
         }
     }
 
