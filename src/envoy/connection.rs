@@ -64,6 +64,16 @@ impl Judge for Judging<'_> {
         if shared::drill_traps_now() {
             trap();
         }
+        if shared::restoring() {
+            let v = Verdict::reject(
+                503,
+                "Service Unavailable (restoring state)",
+                Cause::StoreUnavailable,
+            )
+            .with_header("Retry-After", "1");
+            count_verdict(&v);
+            return v;
+        }
         let engine = &mut self.policy.engine;
         let verdict = match txn::run(&mut EnvoyBackend, |t| engine.judge(&input, t)) {
             Ok((verdict, alerts)) => {

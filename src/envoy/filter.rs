@@ -176,11 +176,11 @@ impl Context for Root {
         &mut self,
         token: u32,
         _headers: usize,
-        _body: usize,
+        body: usize,
         _trailers: usize,
     ) {
         if let Some(s) = &mut self.singleton {
-            s.on_response(token);
+            s.on_response(token, body);
         }
     }
 }

@@ -154,6 +154,7 @@ pub fn set_tick_period_ms(ms: u32) -> Result<(), HostError> {
 pub enum Buffer {
     DownstreamData = 2,
     UpstreamData = 3,
+    HttpCallResponseBody = 4,
     VmConfiguration = 6,
     PluginConfiguration = 7,
 }

@@ -5,7 +5,8 @@
 //! - `stream`, `probe`, `conn`: reassembly of SIP messages from TCP chunks, and the
 //!   delivery of the policy's answers on the upstream's refusal of a probe.
 //! - `txn`: the core's store over Envoy shared data, with CAS and retries.
-//! - `outbox`: the singleton's alert delivery queue.
+//! - `outbox`: the singleton's alert delivery queue; `keeper`: its keeping of the
+//!   state outside Envoy, so that a restart loses nothing.
 //! - `host` (every `unsafe` and host call), `metrics`, `shared`, `filter` (root
 //!   contexts), `connection` (stream contexts), `singleton`: the glue, built for
 //!   wasm32 only.
@@ -14,6 +15,7 @@
 //! their tests natively.
 
 pub mod conn;
+pub mod keeper;
 pub mod outbox;
 pub mod probe;
 pub mod stream;

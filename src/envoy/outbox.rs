@@ -162,8 +162,7 @@ mod tests {
 
     #[test]
     fn by_default_an_outage_of_any_length_loses_nothing() {
-        let mut o = Outbox::default();
-        o.limits = Limits::default();
+        let mut o = Outbox::new(Limits::default());
         assert!(o.push(b"a".to_vec(), 0));
         let mut now = 0;
         // An hour of a relay that does not answer: retried every minute at most.

@@ -10,6 +10,11 @@ use crate::store::StoreError;
 
 /// The queue the workers put alerts on and the singleton delivers from.
 pub const ALERT_QUEUE: &str = "trunkguard.alerts";
+/// The queue every store write goes on when the singleton keeps the state outside
+/// Envoy (docs/envoy.md, "Upgrade and restart"): `[key, value or null]`.
+pub const STATE_QUEUE: &str = "trunkguard.state";
+/// Written by the singleton once the kept state is back in shared data.
+pub const RESTORED_KEY: &str = "tg/envoy/restored";
 /// The `vm_id` of docs/envoy.md, when Envoy does not tell.
 pub const DEFAULT_VM_ID: &str = "trunkguard";
 
@@ -97,12 +102,75 @@ impl Backend for EnvoyBackend {
         if drill_fails_write() {
             return Err(StoreError("drill: fail_write".into()));
         }
-        host::shared_set(key, value, cas).map_err(store_error)
+        let written = host::shared_set(key, value, cas).map_err(store_error)?;
+        if written {
+            keep(key, value);
+        }
+        Ok(written)
     }
 
     fn fill_random(&mut self, buf: &mut [u8]) {
         random(buf);
     }
+}
+
+thread_local! {
+    /// The state queue (when the singleton keeps state) and when to look for it again.
+    static STATE: std::cell::Cell<(Option<u32>, u64)> = const { std::cell::Cell::new((None, 0)) };
+    /// Once the kept state is back, it stays back for this VM's life.
+    static RESTORED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// The singleton's state queue, if it keeps state. Looked up again at most once a
+/// second while absent: the singleton may start after a worker.
+fn state_queue() -> Option<u32> {
+    let (queue, next_ms) = STATE.with(|s| s.get());
+    if queue.is_some() {
+        return queue;
+    }
+    let now = host::now_ms().unwrap_or_default();
+    if now < next_ms {
+        return None;
+    }
+    let found = host::resolve_queue(&vm_id(), STATE_QUEUE).ok().flatten();
+    STATE.with(|s| s.set((found, now + 1_000)));
+    found
+}
+
+/// Hands one write to the singleton, which keeps it outside Envoy. An emptied key
+/// is a delete (shared data cannot remove one).
+fn keep(key: &str, value: &[u8]) {
+    let Some(queue) = state_queue() else {
+        return;
+    };
+    let value = match std::str::from_utf8(value) {
+        Ok("") => None,
+        Ok(text) => Some(text),
+        Err(_) => {
+            // The core stores JSON and hex only; anything else cannot be kept.
+            host::log(
+                host::Level::Warn,
+                &format!("state {key}: not UTF-8, not kept"),
+            );
+            return;
+        }
+    };
+    let item = serde_json::to_vec(&(key, value)).unwrap_or_default();
+    if host::enqueue(queue, &item).is_err() {
+        super::metrics::count("state", "lost", 1);
+    }
+}
+
+/// Whether the singleton keeps state and has not put it back yet since Envoy
+/// started: judging now would see no bindings, so messages are refused 503 and
+/// retried by the PBX.
+pub fn restoring() -> bool {
+    if RESTORED.with(|r| r.get()) || state_queue().is_none() {
+        return false;
+    }
+    let back = matches!(host::shared_get(RESTORED_KEY), Ok((Some(_), _)));
+    RESTORED.with(|r| r.set(back));
+    !back
 }
 
 /// Fills `buf` with unpredictable bytes: Envoy's CSPRNG (WASI `random_get`). Should

@@ -3,10 +3,11 @@
 //! `dispatch_http_call` (never on a worker, so SIP traffic never waits for it),
 //! retries with backoff, and runs the core's `tick` that closes alert windows.
 
-use super::host::{self, Level};
+use super::host::{self, Buffer, Level};
+use super::keeper::{self, Call, Ended, Keeper};
 use super::metrics;
 use super::outbox::{Limits, Outbox, Outcome};
-use super::shared::{ALERT_QUEUE, EnvoyBackend};
+use super::shared::{ALERT_QUEUE, EnvoyBackend, RESTORED_KEY, STATE_QUEUE};
 use super::txn;
 use crate::engine::Engine;
 
@@ -30,6 +31,19 @@ pub struct AlertsConfig {
     /// How often alert windows are closed (the core's `tick`).
     #[serde(default = "default_tick_s")]
     window_tick_s: u64,
+    /// The relay's state path (`/v1/state`, `trunkguard alerts serve --state`): when
+    /// set, every store write is kept there and read back when Envoy starts
+    /// (docs/envoy.md, "Upgrade and restart").
+    #[serde(default)]
+    state_path: Option<String>,
+    /// How long a starting Envoy refuses messages (503) while it cannot read the
+    /// kept state back, before it goes on without it.
+    #[serde(default = "default_restore_timeout_s")]
+    restore_timeout_s: u64,
+}
+
+fn default_restore_timeout_s() -> u64 {
+    30
 }
 
 fn default_path() -> String {
@@ -58,6 +72,8 @@ pub struct Singleton {
     outbox: Outbox,
     engine: Engine,
     next_window_tick_ms: u64,
+    /// The state keeper and the queue the workers' writes arrive on.
+    keeper: Option<(Keeper, u32)>,
 }
 
 impl Singleton {
@@ -76,12 +92,31 @@ impl Singleton {
             max_attempts: config.max_attempts,
             ..Limits::default()
         });
+        let keeper = match &config.state_path {
+            Some(path) => {
+                let queue = host::register_queue(STATE_QUEUE).map_err(|e| e.to_string())?;
+                let restored = matches!(host::shared_get(RESTORED_KEY), Ok((Some(_), _)));
+                host::log(
+                    Level::Info,
+                    &format!(
+                        "keeping state at cluster {} {path}{}",
+                        config.cluster,
+                        if restored { "" } else { "; reading it back" }
+                    ),
+                );
+                let now = host::now_ms().unwrap_or_default();
+                let timeout = config.restore_timeout_s.saturating_mul(1_000);
+                Some((Keeper::new(now, timeout, restored), queue))
+            }
+            None => None,
+        };
         Ok(Singleton {
             config,
             queue,
             outbox,
             engine: Engine::new(),
             next_window_tick_ms: 0,
+            keeper,
         })
     }
 
@@ -89,6 +124,8 @@ impl Singleton {
         if queue == self.queue {
             self.drain();
             self.dispatch();
+        } else if self.keeper.as_ref().is_some_and(|(_, q)| *q == queue) {
+            self.keep();
         }
     }
 
@@ -109,14 +146,28 @@ impl Singleton {
         // on_queue_ready can be missed while the VM is busy: poll too.
         self.drain();
         self.dispatch();
+        self.keep();
     }
 
-    pub fn on_response(&mut self, token: u32) {
+    pub fn on_response(&mut self, token: u32, body_size: usize) {
         let status = host::http_call_response_header(":status")
             .ok()
             .flatten()
             .and_then(|s| String::from_utf8(s).ok()?.parse::<u32>().ok());
         let now = host::now_ms().unwrap_or_default();
+        if let Some((keeper, _)) = &mut self.keeper
+            && keeper.owns(token)
+        {
+            let body = host::get_buffer(Buffer::HttpCallResponseBody, 0, body_size)
+                .ok()
+                .flatten()
+                .unwrap_or_default();
+            if let Some(ended) = keeper.finished(token, status, &body, now) {
+                self.kept(ended, status);
+            }
+            self.keep();
+            return;
+        }
         match self.outbox.finished(token, status, now) {
             Some(Outcome::Sent) => metrics::count("alerts", "sent", 1),
             Some(Outcome::Retry) => metrics::count("alerts", "retried", 1),
@@ -145,6 +196,102 @@ impl Singleton {
             None => {}
         }
         self.dispatch();
+    }
+
+    /// Takes the workers' writes off the state queue and makes the keeper's next call.
+    fn keep(&mut self) {
+        let Some((keeper, queue)) = &mut self.keeper else {
+            return;
+        };
+        for _ in 0..DRAIN_MAX * 10 {
+            match host::dequeue(*queue) {
+                Ok(Some(item)) => match serde_json::from_slice::<(String, Option<String>)>(&item) {
+                    Ok((key, value)) => keeper.changed(key, value),
+                    Err(e) => host::log(Level::Warn, &format!("state queue: {e}")),
+                },
+                Ok(None) => break,
+                Err(e) => {
+                    host::log(Level::Warn, &format!("state queue: {e}"));
+                    break;
+                }
+            }
+        }
+        let now = host::now_ms().unwrap_or_default();
+        let Some(call) = keeper.next(now) else {
+            return;
+        };
+        let Some(path) = self.config.state_path.as_deref() else {
+            return;
+        };
+        let bearer = self.config.token.as_ref().map(|t| format!("Bearer {t}"));
+        let (method, body) = match &call {
+            Call::Restore => ("GET", Vec::new()),
+            Call::Save(batch) => ("PUT", keeper::save_body(batch)),
+        };
+        let mut headers = vec![
+            (":method", method),
+            (":path", path),
+            (":authority", self.config.authority.as_str()),
+            ("content-type", "application/json"),
+        ];
+        if let Some(b) = &bearer {
+            headers.push(("authorization", b.as_str()));
+        }
+        match host::http_call(
+            &self.config.cluster,
+            &headers,
+            &body,
+            self.config.timeout_ms,
+        ) {
+            Ok(token) => keeper.dispatched(token, call),
+            Err(e) => {
+                host::log(Level::Warn, &format!("state call: {e}"));
+                let ended = keeper.not_dispatched(call, now);
+                self.kept(ended, None);
+            }
+        }
+    }
+
+    /// Counts and logs how a keeper call ended; puts restored state back.
+    fn kept(&mut self, ended: Ended, status: Option<u32>) {
+        match ended {
+            Ended::Restored(entries) => {
+                let mut put = 0u32;
+                for (key, value) in &entries {
+                    // A key a worker already wrote since the start is newer.
+                    if let Ok((None, cas)) = host::shared_get(key) {
+                        if host::shared_set(key, value.as_bytes(), cas).unwrap_or(false) {
+                            put += 1;
+                        }
+                    }
+                }
+                let _ = host::shared_set(RESTORED_KEY, b"1", 0);
+                metrics::count("state", "restored", put);
+                host::log(
+                    Level::Info,
+                    &format!("state read back: {put} of {} kept entries", entries.len()),
+                );
+            }
+            Ended::Saved(n) => {
+                metrics::count("state", "saved", u32::try_from(n).unwrap_or(u32::MAX))
+            }
+            Ended::Failed => {
+                metrics::count("state", "failed", 1);
+                host::log(
+                    Level::Warn,
+                    &format!("state call failed ({status:?}); retrying"),
+                );
+            }
+            Ended::GaveUpRestoring => {
+                let _ = host::shared_set(RESTORED_KEY, b"0", 0);
+                metrics::count("state", "restore_failed", 1);
+                host::log(
+                    Level::Error,
+                    "cannot read the kept state back: going on without it (registrations \
+                     are refused until the PBXs register again)",
+                );
+            }
+        }
     }
 
     fn push(&mut self, alert: Vec<u8>, now: u64) {

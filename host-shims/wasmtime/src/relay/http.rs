@@ -10,10 +10,15 @@ use serde_json::json;
 use super::deliver::Status;
 use super::event;
 use super::queue::{Enqueued, Queue, QueueError};
+use super::state::StateFile;
 use super::{log, now_ms};
 
 pub const ALERTS_PATH: &str = "/v1/alerts";
 pub const HEALTH_PATH: &str = "/v1/health";
+/// Envoy's state, kept across its restarts (`--state`, [`super::state`]).
+pub const STATE_PATH: &str = "/v1/state";
+/// A state batch carries many keys: its own, larger limit.
+const STATE_MAX_BODY: usize = 16 * 1024 * 1024;
 
 pub struct Endpoint {
     pub queue: Arc<Queue>,
@@ -21,6 +26,7 @@ pub struct Endpoint {
     pub token: String,
     pub allow: Vec<IpNet>,
     pub max_body: usize,
+    pub state: Option<Arc<StateFile>>,
 }
 
 /// An answer: status code and a JSON body (`{"status":…}` or `{"error":…}`).
@@ -52,6 +58,8 @@ pub struct Head<'a> {
 pub enum Route {
     Post,
     Health,
+    StateGet,
+    StatePut,
 }
 
 impl Endpoint {
@@ -74,8 +82,17 @@ impl Endpoint {
         let route = match (path, head.method) {
             (ALERTS_PATH, "POST") => Route::Post,
             (HEALTH_PATH, "GET") => return Ok(Route::Health),
+            (STATE_PATH, _) if self.state.is_none() => {
+                return Err(error(
+                    404,
+                    "no state kept here (start the relay with --state)",
+                ));
+            }
+            (STATE_PATH, "GET") => Route::StateGet,
+            (STATE_PATH, "PUT") => Route::StatePut,
             (ALERTS_PATH, _) => return Err(error(405, "use POST")),
             (HEALTH_PATH, _) => return Err(error(405, "use GET")),
+            (STATE_PATH, _) => return Err(error(405, "use GET or PUT")),
             _ => {
                 return Err(error(
                     404,
@@ -95,9 +112,9 @@ impl Endpoint {
             Some(_) => {}
         }
         if let Some(len) = head.content_length
-            && len > self.max_body
+            && len > self.body_limit(route)
         {
-            return Err(too_large(len, self.max_body));
+            return Err(too_large(len, self.body_limit(route)));
         }
         Ok(route)
     }
@@ -137,6 +154,51 @@ impl Endpoint {
         }
     }
 
+    fn body_limit(&self, route: Route) -> usize {
+        match route {
+            Route::StatePut => STATE_MAX_BODY,
+            _ => self.max_body,
+        }
+    }
+
+    /// Every state entry: `{"entries": {key: value}}`.
+    pub fn state_get(&self) -> Answer {
+        match &self.state {
+            Some(state) => Answer {
+                code: 200,
+                body: json!({ "entries": state.snapshot() }),
+            },
+            None => error(404, "no state kept here"),
+        }
+    }
+
+    /// Stores `{"changes": {key: value or null}}`; 200 only once it is on disk.
+    pub fn state_put(&self, body: &[u8]) -> Answer {
+        #[derive(serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Put {
+            changes: std::collections::BTreeMap<String, Option<String>>,
+        }
+        let Some(state) = &self.state else {
+            return error(404, "no state kept here");
+        };
+        let put: Put = match serde_json::from_slice(body) {
+            Ok(p) => p,
+            Err(e) => return error(400, e.to_string()),
+        };
+        let n = put.changes.len();
+        match state.apply(put.changes) {
+            Ok(()) => Answer {
+                code: 200,
+                body: json!({"status": "stored", "changes": n, "entries": state.len()}),
+            },
+            Err(e) => {
+                log(&format!("cannot store state: {e}"));
+                error(503, e.to_string())
+            }
+        }
+    }
+
     pub fn health(&self) -> Answer {
         match self.queue.counts() {
             Ok(counts) => Answer {
@@ -163,14 +225,18 @@ impl Endpoint {
         let answer = match self.route(&head) {
             Err(answer) => answer,
             Ok(Route::Health) => self.health(),
-            Ok(Route::Post) => {
+            Ok(Route::StateGet) => self.state_get(),
+            Ok(route @ (Route::Post | Route::StatePut)) => {
                 let mut body = Vec::new();
+                let limit = self.body_limit(route);
                 // One byte past the limit tells an oversized chunked body apart.
                 match req
                     .as_reader()
-                    .take(self.max_body as u64 + 1)
+                    .take(limit as u64 + 1)
                     .read_to_end(&mut body)
                 {
+                    Ok(_) if body.len() > limit => too_large(body.len(), limit),
+                    Ok(_) if route == Route::StatePut => self.state_put(&body),
                     Ok(_) => self.post(&body),
                     Err(e) => error(400, format!("cannot read the body: {e}")),
                 }
@@ -238,6 +304,7 @@ mod tests {
                 token: "s3cret-token".into(),
                 allow: vec!["127.0.0.1/32".parse().unwrap(), "::1/128".parse().unwrap()],
                 max_body: 1000,
+                state: None,
             },
             dir,
         )
@@ -299,6 +366,44 @@ mod tests {
             let got = ep.route(&head).map_err(|a| a.code);
             assert_eq!(got, want, "{method} {path} from {peer:?}");
         }
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn state_is_kept_only_with_a_state_file_and_the_token() {
+        let (mut ep, dir) = endpoint();
+        let local: Option<IpAddr> = Some("127.0.0.1".parse().unwrap());
+        let head = |method, authorization, content_length| Head {
+            peer: local,
+            method,
+            path: STATE_PATH,
+            authorization,
+            content_length,
+        };
+        let good = Some("Bearer s3cret-token");
+        assert_eq!(
+            ep.route(&head("GET", good, None)).map_err(|a| a.code),
+            Err(404)
+        );
+        ep.state = Some(Arc::new(StateFile::open(&dir.join("state.json")).unwrap()));
+        assert_eq!(
+            ep.route(&head("GET", None, None)).map_err(|a| a.code),
+            Err(401)
+        );
+        assert_eq!(
+            ep.route(&head("PUT", good, Some(5_000))),
+            Ok(Route::StatePut),
+            "a batch may exceed --max-body"
+        );
+        assert_eq!(
+            ep.route(&head("POST", good, None)).map_err(|a| a.code),
+            Err(405)
+        );
+        let put = ep.state_put(br#"{"changes":{"tg/binding/a":"x","tg/gone":null}}"#);
+        assert_eq!(put.code, 200, "{:?}", put.body);
+        assert_eq!(ep.state_put(b"{\"set\":{}}").code, 400);
+        let got = ep.state_get();
+        assert_eq!(got.body["entries"], json!({"tg/binding/a": "x"}));
         let _ = std::fs::remove_dir_all(dir);
     }
 

@@ -19,6 +19,7 @@ pub mod forward;
 pub mod http;
 pub mod mail;
 pub mod queue;
+pub mod state;
 
 use deliver::{Backoff, Deliverer, Status, Webhook};
 use mail::{Mailer, SmtpConfig, TlsMode};
@@ -71,6 +72,11 @@ pub struct ServeArgs {
     /// Peer addresses (IP or CIDR) allowed to post; repeatable.
     #[arg(long = "allow", default_values = ["127.0.0.1/32", "::1/128"])]
     pub allow: Vec<String>,
+    /// File keeping a proxy's state across its restarts (Envoy's shared data,
+    /// docs/envoy.md "Upgrade and restart"), served at /v1/state with the same token.
+    /// Without it, /v1/state answers 404.
+    #[arg(long)]
+    pub state: Option<PathBuf>,
     /// Largest accepted event, in bytes.
     #[arg(long, default_value_t = 64 * 1024)]
     pub max_body: usize,
@@ -338,12 +344,26 @@ fn run(args: &ServeArgs) -> Result<ExitCode, RelayError> {
         .spawn(move || deliverer.run())
         .map_err(|e| RelayError::Stopped(e.to_string()))?;
 
+    let state = match &args.state {
+        Some(path) => {
+            let state =
+                state::StateFile::open(path).map_err(|e| RelayError::Config(e.to_string()))?;
+            log(&format!(
+                "state {}: {} entries",
+                path.display(),
+                state.len()
+            ));
+            Some(Arc::new(state))
+        }
+        None => None,
+    };
     let endpoint = Arc::new(http::Endpoint {
         queue,
         status,
         token: plan.endpoint_token,
         allow: plan.allow,
         max_body: args.max_body,
+        state,
     });
     // Each worker blocks on its own request (fsync included); four keep one slow
     // client from holding up the others.
