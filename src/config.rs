@@ -32,6 +32,9 @@ pub struct Config {
     pub relay: RelaySettings,
     #[serde(default)]
     pub registration: Registration,
+    /// When an inbound call to a registered PBX goes to the trunk group's failover.
+    #[serde(default)]
+    pub inbound: InboundSettings,
     #[serde(default)]
     pub digest: DigestSettings,
     #[serde(default)]
@@ -66,6 +69,34 @@ impl Default for RelaySettings {
 
 fn default_trunk_group_header() -> String {
     "X-Trunkguard-Trunk-Group".to_string()
+}
+
+/// Failover of inbound calls whose registered PBX does not answer (docs/policy.md,
+/// "Inbound calls").
+#[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct InboundSettings {
+    /// Milliseconds without any response from the registered PBX after which the
+    /// call goes to the failover (a PBX that is ringing has answered).
+    #[serde(default = "default_no_answer_ms")]
+    pub no_answer_ms: u32,
+    /// Also fail over on a 6xx other than 600 Busy Everywhere and 603 Decline.
+    #[serde(default)]
+    pub failover_on_6xx: bool,
+}
+
+impl Default for InboundSettings {
+    fn default() -> Self {
+        InboundSettings {
+            no_answer_ms: default_no_answer_ms(),
+            failover_on_6xx: false,
+        }
+    }
+}
+
+fn default_no_answer_ms() -> u32 {
+    5_000
 }
 
 /// Limits applied to REGISTER expiry.

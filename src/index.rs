@@ -48,6 +48,7 @@ pub struct Index {
     pub trunk_group_header: String,
     pub asserted_identity: bool,
     pub registration: Registration,
+    pub inbound: crate::config::InboundSettings,
     pub nonce_ttl_ms: u64,
     pub allow_rfc2069: bool,
     pub replay_slots: u32,
@@ -116,6 +117,12 @@ impl Index {
                 ),
             ));
         }
+        if config.inbound.no_answer_ms == 0 {
+            return Err(ConfigError::new(
+                "inbound.no_answer_ms",
+                "must be at least 1 ms (a PBX needs time to answer)",
+            ));
+        }
         let offered = compile_algorithms(&config.digest.algorithms, "digest.algorithms")?;
         let l = &config.digest.lockout;
         if l.failures > 0 && (l.window_s == 0 || l.ban_s == 0) {
@@ -144,6 +151,7 @@ impl Index {
             trunk_group_header,
             asserted_identity: config.relay.asserted_identity,
             registration: config.registration.clone(),
+            inbound: config.inbound.clone(),
             nonce_ttl_ms: u64::from(config.digest.nonce_ttl_s) * 1000,
             allow_rfc2069: config.digest.allow_rfc2069,
             lockout: {

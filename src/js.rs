@@ -28,6 +28,10 @@ export interface Verdict {
   action: "allow" | "challenge" | "reject" | "accept" | "route";
   code?: number; reason?: string; cause?: string; trunk_group?: string;
   target?: string; next_hop?: string; headers?: [string, string][];
+  strip?: string[]; insert?: [string, string][];
+  /** On a call routed to a registered PBX: where it goes when the PBX does not
+   * answer within `failover_after_ms`, or answers a code `failsOver` accepts. */
+  failover?: string; failover_after_ms?: number; failover_on_6xx?: boolean;
 }
 "#;
 
@@ -111,6 +115,13 @@ impl Host for JsHost<'_> {
             }
         }
     }
+}
+
+/// Whether a final response `code` from a registered PBX sends an inbound call to
+/// the verdict's `failover` (docs/policy.md, "Inbound calls"): the core's rule.
+#[wasm_bindgen(js_name = failsOver)]
+pub fn fails_over(code: u16, retry_after: bool, on_6xx: bool) -> bool {
+    crate::verdict::fails_over(code, retry_after, on_6xx)
 }
 
 /// A trunk access policy instance.

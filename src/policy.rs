@@ -211,11 +211,16 @@ impl<'r, 'a> Request<'r, 'a> {
             return Ok(Verdict::reject(404, "Not Found", Cause::UnknownDid).into());
         };
         if let Some(b) = binding::current(store, trunk, self.input.now_ms)? {
+            let inbound = &self.index.inbound;
+            let has_failover = trunk.failover.is_some();
             return Ok(Verdict {
                 action: Action::Route,
                 cause: Some(Cause::RegisteredContact),
                 target: Some(b.contact.clone()),
                 next_hop: Some(b.next_hop()),
+                failover: trunk.failover.clone(),
+                failover_after_ms: has_failover.then_some(u64::from(inbound.no_answer_ms)),
+                failover_on_6xx: has_failover && inbound.failover_on_6xx,
                 ..self.allow(Cause::RegisteredContact)
             }
             .with_trunk(&trunk.id)

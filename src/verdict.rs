@@ -71,6 +71,23 @@ pub enum Cause {
     Response,
 }
 
+/// Whether a final response `code` from a registered PBX sends the call to its
+/// trunk group's failover (docs/policy.md, "Inbound calls"): a timeout (408, also
+/// what a host's own no-answer timer reports) or a server failure, but not a 503
+/// that says when to come back (`retry_after`: a deliberate, temporary refusal);
+/// a 6xx only when configured, and never 600 Busy Everywhere or 603 Decline. Busy
+/// (486), a decline and every other 4xx are the callee's answer and final.
+pub fn fails_over(code: u16, retry_after: bool, on_6xx: bool) -> bool {
+    match code {
+        408 => true,
+        503 => !retry_after,
+        500..=599 => true,
+        600 | 603 => false,
+        604..=699 => on_6xx,
+        _ => false,
+    }
+}
+
 impl std::str::FromStr for Cause {
     type Err = serde_json::Error;
 
@@ -169,6 +186,16 @@ pub struct Verdict {
     /// Headers to add to the answer, in order.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub headers: Vec<(String, String)>,
+    /// On a call routed to a registered PBX: where it goes when that PBX does not
+    /// answer (no response in `failover_after_ms`, or a final response for which
+    /// [`fails_over`] says so). Absent: the caller gets the PBX's answer.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failover: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failover_after_ms: Option<u64>,
+    /// Whether a 6xx (but 600 and 603) also fails over (config `inbound`).
+    #[serde(skip_serializing_if = "std::ops::Not::not", default)]
+    pub failover_on_6xx: bool,
     /// Header names the host removes from the request (every field of that name,
     /// compact forms too) before relaying it.
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -188,6 +215,9 @@ impl Verdict {
             trunk_group: None,
             target: None,
             next_hop: None,
+            failover: None,
+            failover_after_ms: None,
+            failover_on_6xx: false,
             headers: Vec::new(),
             strip: Vec::new(),
             insert: Vec::new(),
@@ -220,5 +250,35 @@ impl Verdict {
     pub fn with_header(mut self, name: &str, value: impl Into<String>) -> Verdict {
         self.headers.push((name.to_string(), value.into()));
         self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failover_follows_timeouts_and_server_failures_never_the_callees_answer() {
+        for (code, retry_after, on_6xx, want) in [
+            (408, false, false, true),
+            (500, false, false, true),
+            (502, true, false, true),
+            (503, false, false, true),
+            (503, true, false, false),
+            (486, false, true, false),
+            (404, false, true, false),
+            (480, false, false, false),
+            (603, false, true, false),
+            (600, false, true, false),
+            (604, false, false, false),
+            (604, false, true, true),
+            (200, false, true, false),
+        ] {
+            assert_eq!(
+                fails_over(code, retry_after, on_6xx),
+                want,
+                "{code} {retry_after} {on_6xx}"
+            );
+        }
     }
 }

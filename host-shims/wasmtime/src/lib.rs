@@ -114,6 +114,14 @@ pub struct Verdict {
     pub target: Option<String>,
     #[serde(default)]
     pub next_hop: Option<String>,
+    /// Where a call to a registered PBX goes when it does not answer
+    /// (`trunkguard::verdict::fails_over`), and after how long without a response.
+    #[serde(default)]
+    pub failover: Option<String>,
+    #[serde(default)]
+    pub failover_after_ms: Option<u64>,
+    #[serde(default)]
+    pub failover_on_6xx: bool,
     #[serde(default)]
     pub headers: Vec<(String, String)>,
     #[serde(default)]

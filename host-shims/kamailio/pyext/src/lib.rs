@@ -131,9 +131,14 @@ fn policy_error(e: HostError) -> PyErr {
     PolicyError::new_err(e.to_string())
 }
 
+/// What a routed call does when the PBX does not answer: (failover URI, ms without
+/// a response, whether a 6xx counts), or None.
+type Failover = Option<(String, u64, bool)>;
+
 /// One verdict as plain Python values: (action, code, reason, cause, trunk_group,
-/// target, next_hop, headers, alerts). A tuple, not an object, because the KEMI script
-/// unpacks it once per message and attribute lookups cost more than the call.
+/// target, next_hop, headers, strip, insert, alerts, failover). A tuple, not an
+/// object, because the KEMI script unpacks it once per message and attribute lookups
+/// cost more than the call.
 type VerdictTuple = (
     &'static str,
     u16,
@@ -146,6 +151,7 @@ type VerdictTuple = (
     Vec<String>,
     Vec<(String, String)>,
     Vec<String>,
+    Failover,
 );
 
 /// A compiled module plus one instance: one per Kamailio process, created after the
@@ -240,6 +246,8 @@ impl Policy {
             v.strip,
             v.insert,
             judged.alerts,
+            v.failover
+                .map(|uri| (uri, v.failover_after_ms.unwrap_or(0), v.failover_on_6xx)),
         ))
     }
 
@@ -332,6 +340,13 @@ impl RefusalLog {
     }
 }
 
+/// Whether a final response `code` from a registered PBX sends an inbound call to
+/// the verdict's failover (the core's rule, docs/policy.md "Inbound calls").
+#[pyfunction]
+fn fails_over(code: u16, retry_after: bool, on_6xx: bool) -> bool {
+    trunkguard::verdict::fails_over(code, retry_after, on_6xx)
+}
+
 /// Validates a publication before it goes out: compiles `module_path` (warming the
 /// compiled-code cache every Kamailio process then maps), instantiates it with a
 /// private in-memory store and pushes `config`. Returns the generation; raises
@@ -353,6 +368,7 @@ fn trunkguard_kamailio(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Policy>()?;
     m.add_class::<RefusalLog>()?;
     m.add_function(wrap_pyfunction!(check, m)?)?;
+    m.add_function(wrap_pyfunction!(fails_over, m)?)?;
     m.add("PolicyError", m.py().get_type::<PolicyError>())?;
     m.add("ConfigRefused", m.py().get_type::<ConfigRefused>())?;
     m.add("ABI_VERSION", trunkguard_host::ABI_VERSION)?;
