@@ -157,6 +157,13 @@ pub fn default_module_path() -> PathBuf {
                 return candidate;
             }
         }
+        // Installed: /usr/bin/trunkguard beside /usr/lib/trunkguard/trunkguard.wasm.
+        if let Some(prefix) = exe.parent().and_then(Path::parent) {
+            let candidate = prefix.join("lib/trunkguard/trunkguard.wasm");
+            if candidate.exists() {
+                return candidate;
+            }
+        }
     }
     Path::new("target").join(MODULE_RELATIVE_PATH)
 }
