@@ -214,40 +214,56 @@ pub fn throttle(
 }
 
 /// Closes every window that ended by `now_ms`, returning the summaries to deliver.
+///
+/// A window is deleted as its summary is made; should a later write of the same
+/// tick fail, the summaries already made are still handed out (their windows are
+/// gone), and what the failure left listed is closed by the next tick.
 pub fn flush(store: &mut dyn Store, now_ms: u64) -> Result<Vec<Alert>, StoreError> {
+    let mut out = Vec::new();
+    match flush_into(store, now_ms, &mut out) {
+        Ok(()) => Ok(out),
+        Err(_) if !out.is_empty() => Ok(out),
+        Err(e) => Err(e),
+    }
+}
+
+fn flush_into(store: &mut dyn Store, now_ms: u64, out: &mut Vec<Alert>) -> Result<(), StoreError> {
     let trunks = load_list(store, keys::OPEN_THROTTLES)?;
     if trunks.is_empty() {
-        return Ok(Vec::new());
+        return Ok(());
     }
-    let mut out = Vec::new();
     let mut still_trunks = Vec::with_capacity(trunks.len());
-    for trunk in trunks {
-        let list_key = keys::open_throttles(&trunk);
+    for trunk in &trunks {
+        let list_key = keys::open_throttles(trunk);
         let open = load_list(store, &list_key)?;
         let mut still_open = Vec::with_capacity(open.len());
-        for key in open {
-            match load(store, &key)? {
-                Some(w) if w.until_ms > now_ms => still_open.push(key),
+        for key in &open {
+            match load(store, key)? {
+                Some(w) if w.until_ms > now_ms => still_open.push(key.clone()),
                 Some(w) => {
                     out.extend(summary(&w, now_ms.min(w.until_ms)));
-                    store.delete(&key)?;
+                    store.delete(key)?;
                 }
                 None => {}
             }
         }
+        // Lists are written only when they changed: while a window stays open,
+        // a tick writes nothing (each write is replicated to every DMQ node).
         if still_open.is_empty() {
             store.delete(&list_key)?;
         } else {
-            save_list(store, &list_key, &still_open)?;
-            still_trunks.push(trunk);
+            if still_open != open {
+                save_list(store, &list_key, &still_open)?;
+            }
+            still_trunks.push(trunk.clone());
         }
     }
     if still_trunks.is_empty() {
         store.delete(keys::OPEN_THROTTLES)?;
-    } else {
+    } else if still_trunks != trunks {
         save_list(store, keys::OPEN_THROTTLES, &still_trunks)?;
     }
-    Ok(out)
+    Ok(())
 }
 
 fn summary(w: &Window, at_ms: u64) -> Option<Alert> {
@@ -372,6 +388,66 @@ mod tests {
                 store.inner.entries.keys()
             );
         }
+    }
+
+    /// Counts writes; the n-th delete or set fails when `fail_at` says so.
+    struct Counting {
+        inner: MemoryStore,
+        writes: u32,
+        fail_at: Option<u32>,
+    }
+
+    impl Counting {
+        fn write(&mut self) -> Result<(), StoreError> {
+            self.writes += 1;
+            if self.fail_at == Some(self.writes) {
+                return Err(StoreError("injected".into()));
+            }
+            Ok(())
+        }
+    }
+
+    impl Store for Counting {
+        fn get(&mut self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+            self.inner.get(key)
+        }
+        fn set(&mut self, key: &str, value: &[u8]) -> Result<(), StoreError> {
+            self.write()?;
+            self.inner.set(key, value)
+        }
+        fn delete(&mut self, key: &str) -> Result<(), StoreError> {
+            self.write()?;
+            self.inner.delete(key)
+        }
+    }
+
+    #[test]
+    fn a_tick_writes_nothing_while_windows_stay_open_and_keeps_summaries_made() {
+        let mut store = Counting {
+            inner: MemoryStore::default(),
+            writes: 0,
+            fail_at: None,
+        };
+        throttle(&mut store, alert(1_000, "198.51.100.9:5060"), 60_000).unwrap();
+        throttle(&mut store, alert(2_000, "198.51.100.9:5060"), 60_000).unwrap();
+        throttle(&mut store, alert(3_000, "198.51.100.10:5060"), 120_000).unwrap();
+        throttle(&mut store, alert(4_000, "198.51.100.10:5060"), 120_000).unwrap();
+        store.writes = 0;
+        assert!(flush(&mut store, 30_000).unwrap().is_empty());
+        assert_eq!(store.writes, 0, "nothing changed, nothing written");
+        // The first window ends; the write after its delete (its list) fails.
+        store.fail_at = Some(2);
+        let out = flush(&mut store, 70_000).unwrap();
+        assert_eq!(
+            out.len(),
+            1,
+            "the summary made before the failure is handed out"
+        );
+        assert!(out[0].summary);
+        store.fail_at = None;
+        assert!(flush(&mut store, 70_001).unwrap().is_empty(), "not twice");
+        assert_eq!(flush(&mut store, 200_000).unwrap().len(), 1);
+        assert!(store.inner.entries.is_empty());
     }
 
     #[test]

@@ -253,6 +253,36 @@ impl TrunkPolicy {
         js_sys::JSON::parse(&json)
     }
 
+    /// Writes a refusal the host makes itself after an allow (`no_dialog`, `loop`,
+    /// `policy_error`, …) to the refusal log, under the same rate as the policy's.
+    #[wasm_bindgen(js_name = logHostRefusal)]
+    pub fn log_host_refusal(
+        &mut self,
+        message: &[u8],
+        source: &str,
+        transport: &str,
+        now_ms: f64,
+        code: u16,
+        cause: &str,
+    ) {
+        let Some((log, f)) = &mut self.refusals else {
+            return;
+        };
+        let (Ok(source), Ok(transport)) = (source.parse(), transport.parse::<Transport>()) else {
+            return;
+        };
+        let input = Input {
+            message,
+            source,
+            transport,
+            local: None,
+            now_ms: now_ms as u64,
+        };
+        for line in log.record_host(&input, code, cause) {
+            let _ = f.call1(&JsValue::NULL, &JsValue::from_str(&line));
+        }
+    }
+
     /// Closes expired alert windows; their summaries go to the alert callback.
     /// Returns how many were sent. Call it every few seconds.
     pub fn tick(&mut self, now_ms: f64) -> Result<u32, JsValue> {

@@ -51,7 +51,7 @@ struct Line<'a> {
     method: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     code: Option<u16>,
-    cause: &'static str,
+    cause: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     trunk_group: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -74,7 +74,7 @@ pub fn line(input: &Input<'_>, verdict: &Verdict) -> Option<String> {
     render(
         input,
         verdict.code,
-        verdict.cause?,
+        verdict.cause?.as_str(),
         verdict.trunk_group.as_deref(),
     )
 }
@@ -83,7 +83,7 @@ pub fn line(input: &Input<'_>, verdict: &Verdict) -> Option<String> {
 fn render(
     input: &Input<'_>,
     code: Option<u16>,
-    cause: Cause,
+    cause: &str,
     trunk_group: Option<&str>,
 ) -> Option<String> {
     // The policy's own parse, so that the log names what the policy judged; a
@@ -106,11 +106,13 @@ fn render(
         .map(|c| bounded(c, CALL_ID_MAX));
     let line = Line {
         time: crate::alert::rfc3339(input.now_ms),
-        source: input.source.to_string(),
+        // An IPv4-mapped IPv6 peer is the IPv4 address, as the policy judges it.
+        source: std::net::SocketAddr::new(input.source.ip().to_canonical(), input.source.port())
+            .to_string(),
         transport: input.transport.as_str(),
         method,
         code,
-        cause: cause.as_str(),
+        cause,
         trunk_group,
         call_id,
     };
@@ -201,6 +203,19 @@ impl RefusalLog {
         out
     }
 
+    /// The lines for a refusal the host makes itself after the policy allowed the
+    /// request (an in-dialog request no dialog of the host knows: `no_dialog`; a
+    /// request for the edge itself: `loop`; no verdict at all: `policy_error`),
+    /// under the same rate and summary.
+    pub fn record_host(&mut self, input: &Input<'_>, code: u16, cause: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        out.extend(self.rate.summary(input.now_ms));
+        if self.rate.admit(input.now_ms) {
+            out.extend(render(input, Some(code), &bounded(cause, 32), None));
+        }
+        out
+    }
+
     /// The summary of a past second's left-out lines, once: hosts call it from a
     /// timer so that the count comes out when a flood stops.
     pub fn flush(&mut self, now_ms: u64) -> Option<String> {
@@ -243,6 +258,22 @@ mod tests {
         assert_eq!(value["call_id"], "abc\"def", "control bytes removed");
         assert_eq!(value["time"], "2025-11-30T10:53:20.123Z");
         assert!(!line.contains('\n'));
+    }
+
+    #[test]
+    fn host_refusals_share_the_format_and_the_rate_and_mapped_sources_read_as_ipv4() {
+        let mut log = RefusalLog::new(1);
+        let mut at = input(INVITE);
+        at.source = "[::ffff:192.0.2.9]:5060".parse().unwrap();
+        let lines = log.record_host(&at, 404, "no_dialog");
+        assert_eq!(lines.len(), 1);
+        assert!(
+            lines[0].contains("\"source\":\"192.0.2.9:5060\""),
+            "{lines:?}"
+        );
+        assert!(lines[0].contains("\"cause\":\"no_dialog\""), "{lines:?}");
+        let v = Verdict::reject(403, "Forbidden", Cause::BadCredentials);
+        assert!(log.record(&at, &v).is_empty(), "one rate for both");
     }
 
     #[test]

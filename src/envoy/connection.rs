@@ -112,6 +112,15 @@ thread_local! {
         RefCell::new(RefusalLog::new(refusal_log::DEFAULT_PER_SECOND));
 }
 
+/// The VM configuration's `refusal_log_per_second`.
+pub(super) fn set_refusal_rate(per_second: u32) {
+    REFUSALS.with(|r| {
+        if let Ok(mut r) = r.try_borrow_mut() {
+            *r = RefusalLog::new(per_second);
+        }
+    });
+}
+
 /// Writes the refusal log's lines for this verdict (docs/policy.md).
 fn log_refusal(input: &Input<'_>, verdict: &Verdict) {
     REFUSALS.with(|r| {

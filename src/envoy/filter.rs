@@ -30,6 +30,9 @@ struct VmOptions {
     on_refusal: OnRefusal,
     #[serde(default)]
     drill: shared::Drill,
+    /// Refusal log lines a second per worker VM (docs/envoy.md); 0: summaries only.
+    #[serde(default)]
+    refusal_log_per_second: Option<u32>,
 }
 
 /// What a filter root shares with its connections.
@@ -196,6 +199,9 @@ impl RootContext for Root {
             Ok(options) => {
                 self.on_refusal = options.on_refusal;
                 shared::set_drill(options.drill);
+                if let Some(n) = options.refusal_log_per_second {
+                    super::connection::set_refusal_rate(n);
+                }
                 true
             }
             Err(e) => {

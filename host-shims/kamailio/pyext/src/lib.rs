@@ -117,12 +117,18 @@ impl KvBackend for PyKv {
 
     fn delete(&mut self, key: &str) -> Result<(), String> {
         Python::attach(|py| {
-            match &self.table {
+            let out = match &self.table {
                 Some(t) => self.delete.call1(py, (t.clone_ref(py), key)),
                 None => self.delete.call1(py, (key,)),
             }
-            .map(drop)
-            .map_err(|e| e.to_string())
+            .map_err(|e| e.to_string())?;
+            // As for `set`: a delete Kamailio refuses (sht_rm answers -1; removing an
+            // absent key is not refused) must not be reported as done, or an
+            // un-REGISTER would answer 200 with the binding still in place.
+            match out.extract::<i64>(py) {
+                Ok(code) if code < 0 => Err(format!("store refused deleting {key} ({code})")),
+                _ => Ok(()),
+            }
         })
     }
 }
@@ -332,6 +338,33 @@ impl RefusalLog {
             now_ms,
         };
         self.inner.record(&input, &verdict)
+    }
+
+    /// The lines for a refusal the shim makes itself after an allow (`no_dialog`,
+    /// `loop`, `policy_error`, …), under the same rate.
+    fn record_host(
+        &mut self,
+        message: &[u8],
+        source: &str,
+        transport: &str,
+        now_ms: u64,
+        code: u16,
+        cause: &str,
+    ) -> Vec<String> {
+        let (Ok(source), Ok(transport)) = (
+            source.parse::<SocketAddr>(),
+            transport.parse::<trunkguard::sip::Transport>(),
+        ) else {
+            return Vec::new();
+        };
+        let input = trunkguard::Input {
+            message,
+            source,
+            transport,
+            local: None,
+            now_ms,
+        };
+        self.inner.record_host(&input, code, cause)
     }
 
     /// The summary of a past second's left-out lines, once (call it from a timer).
