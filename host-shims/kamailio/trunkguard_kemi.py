@@ -19,7 +19,13 @@
 #   TRUNKGUARD_CONFIG      the trunk configuration to start with
 #   TRUNKGUARD_CARRIER     SIP URI allowed calls from PBXs are relayed to
 #   TRUNKGUARD_ALERT_URL   where alerts are POSTed (the relay's /v1/alerts or a webhook)
-#   TRUNKGUARD_ALERT_TOKEN_FILE  bearer token for that URL (optional)
+#   TRUNKGUARD_ALERT_TOKEN_FILE  bearer token for that URL (optional; read again when
+#                          the file changes)
+#   TRUNKGUARD_NONCE_SECRET_FILE  the nonce secret, 64 hex digits, in a file only
+#                          Kamailio's user may read (optional; the same file on every
+#                          DMQ node, so a challenge from one is answered at another)
+#   TRUNKGUARD_DRILLS      1: store-write fault drills (tgctl `fail_write`; tests and
+#                          fire drills only, docs/kamailio.md "Drills")
 #   TRUNKGUARD_DMQ         the DMQ listener (ip:port) when kamailio.cfg replicates the
 #                          htables with DMQ; KDMQ is taken on that socket only
 #   TRUNKGUARD_PUBLIC_SOCKETS / TRUNKGUARD_CORE_SOCKETS
@@ -56,6 +62,12 @@ ALERT_URL = os.environ.get("TRUNKGUARD_ALERT_URL", "")
 ALERT_TOKEN_FILE = os.environ.get("TRUNKGUARD_ALERT_TOKEN_FILE", "")
 # The DMQ listener ("ip:port"); empty: no DMQ, KDMQ is an unknown method like any other.
 DMQ = os.environ.get("TRUNKGUARD_DMQ", "")
+# A nonce secret file shared by the nodes (read by mod_init; empty: each node makes one).
+NONCE_SECRET_FILE = os.environ.get("TRUNKGUARD_NONCE_SECRET_FILE", "")
+# Fire drills (docs/kamailio.md, "Drills"), read once when the script loads: without
+# TRUNKGUARD_DRILLS=1 the policy gets Kamailio's own htable functions and no drill
+# code runs on any path.
+DRILLS = os.environ.get("TRUNKGUARD_DRILLS", "") == "1"
 
 
 def _sockets(name):
@@ -141,12 +153,67 @@ DLG_LIVE_STATES = (2, 3, 4, "2", "3", "4")
 _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 
 
-def _ensure_secret(key):
+def _ensure_secret(key, configured=None):
+    """The secret at `key`: the configured one (TRUNKGUARD_NONCE_SECRET_FILE), written
+    only when the table holds another; else the table's, made at random when absent."""
     value = KSR.htable.sht_get(KV_TABLE, key)
+    if configured:
+        if value != configured:
+            KSR.htable.sht_sets(KV_TABLE, key, configured)
+        return configured
     if not value:
         KSR.htable.sht_sets(KV_TABLE, key, os.urandom(32).hex())
         value = KSR.htable.sht_get(KV_TABLE, key)
     return value
+
+
+def _read_nonce_secret(path):
+    """The nonce secret of TRUNKGUARD_NONCE_SECRET_FILE: 64 hex digits (32 bytes, the
+    form the module keeps at tg/nonce_secret, src/store.rs), in a file that neither
+    group nor others may read or write: whoever holds it can mint nonces for any
+    address, and a replaced file would hand every node the attacker's. Raises (and
+    Kamailio does not start) on anything else."""
+    try:
+        mode = os.stat(path).st_mode
+        with open(path, encoding="ascii") as f:
+            text = "".join(f.read().split())
+    except (OSError, UnicodeDecodeError) as e:
+        raise RuntimeError("trunkguard: cannot read the nonce secret file %s: %s" % (path, e)) from None
+    if mode & 0o077:
+        raise RuntimeError("trunkguard: the nonce secret file %s is open to group or others (mode %04o): "
+                           "chmod 600 it; not starting" % (path, mode & 0o7777))
+    if not re.fullmatch(r"[0-9a-fA-F]{64}", text):
+        raise RuntimeError("trunkguard: the nonce secret file %s must hold 64 hex digits (32 bytes, "
+                           "e.g. `openssl rand -hex 32`); not starting" % (path,))
+    return text.lower()
+
+
+# The tgctl item a drill counts down (kamcmd htable.seti tgctl fail_write N): the
+# policy's N-th store write from then on, in any process, is refused.
+DRILL_FAIL_WRITE = "fail_write"
+# What KSR.htable.sht_dec answers when the item holds no integer.
+_HT_NO_INT = -255
+
+
+def _drilled(write):
+    """`write` (Kamailio's sht_sets or sht_rm, as the policy calls them) refusing the
+    write that brings tgctl `fail_write` from 1 to 0, as Kamailio refuses one (-1,
+    nothing written). Only with TRUNKGUARD_DRILLS=1 (docs/kamailio.md, "Drills")."""
+
+    def drilled(table, key, *value):
+        left = KSR.htable.sht_get(CTL_TABLE, DRILL_FAIL_WRITE)
+        if isinstance(left, int) and left > 0:
+            # sht_dec is atomic across processes: of two writes racing for the last
+            # count, one gets 0 and is refused, the other a negative count (undone).
+            left = KSR.htable.sht_dec(CTL_TABLE, DRILL_FAIL_WRITE)
+            if left == 0:
+                KSR.warn("trunkguard: drill: refused the store write of %s (tgctl %s)\n" % (key, DRILL_FAIL_WRITE))
+                return -1
+            if _HT_NO_INT < left < 0:
+                KSR.htable.sht_seti(CTL_TABLE, DRILL_FAIL_WRITE, 0)
+        return write(table, key, *value)
+
+    return drilled
 
 
 def _check_inserts(insert):
@@ -209,6 +276,67 @@ def _flush_counts():
         COUNTERS.flush(time.monotonic())
 
 
+# The refusal log (docs/policy.md, "The refusal log"): the core decides which verdicts
+# get a `trunkguard-refusal {json}` line, renders it and keeps the rate (at most
+# TRUNKGUARD_REFUSAL_LOG_RATE lines a second per process, then a summary line counting
+# the rest); the script only writes what it is given, at NOTICE. A worker's pending
+# summary comes out before its next line, or with its next request of any kind (only
+# a worker sees its own count).
+REFUSAL_FLUSH_S = 1.0
+
+
+def _refusal_log_rate():
+    try:
+        return max(0, int(os.environ.get("TRUNKGUARD_REFUSAL_LOG_RATE", "20")))
+    except ValueError:
+        return 20
+
+
+class Refusals:
+    """The process's refusal log, made in the worker that uses it."""
+
+    def __init__(self):
+        self.log = tg.RefusalLog(_refusal_log_rate())
+        self.next_flush = 0.0
+        self.failed = False
+
+    def record(self, message, source, transport, now_ms, action, code, cause, group):
+        try:
+            lines = self.log.record(message, source, transport, now_ms, action, code or 0, cause, group)
+        except Exception as e:
+            return self._failed(e)
+        for line in lines:
+            KSR.notice(line + "\n")
+
+    def flush(self, now_ms):
+        now = time.monotonic()
+        if now < self.next_flush:
+            return
+        self.next_flush = now + REFUSAL_FLUSH_S
+        try:
+            line = self.log.flush(now_ms)
+        except Exception as e:
+            return self._failed(e)
+        if line:
+            KSR.notice(line + "\n")
+
+    def _failed(self, e):
+        # The log must not decide a request's fate: said once per process, then silent.
+        if not self.failed:
+            self.failed = True
+            KSR.err("trunkguard: refusal log: %s\n" % (e,))
+
+
+REFUSALS = None
+
+
+def _refusals():
+    global REFUSALS
+    if REFUSALS is None:
+        REFUSALS = Refusals()
+    return REFUSALS
+
+
 class Shim:
     """One per Kamailio process. The policy (compiled module + instance) is created on
     first use after the fork: wasmtime must not compile in the main process."""
@@ -222,6 +350,7 @@ class Shim:
         self.next_delivery = 0.0
         self.backoff = RETRY_MIN_S
         self.token = None
+        self.token_seen = None  # (inode, size, mtime) of the token file last read
         self.baseline = None
         self.next_check = 0.0
 
@@ -261,7 +390,7 @@ class Shim:
                 fcntl.flock(lock, fcntl.LOCK_EX)
                 # Secrets every worker must share, created by the first one under the
                 # lock: a worker that made its own would refuse the others' nonces.
-                _ensure_secret(NONCE_SECRET_KEY)
+                _ensure_secret(NONCE_SECRET_KEY, NONCE_SECRET)
                 self._sync()
         except Exception as e:
             # Not fatal: the first message retries, and is refused 503 if it fails.
@@ -293,10 +422,16 @@ class Shim:
         # Any exception from here on (PolicyError: a trap, a broken .wasm, a store
         # failure; or a bug) is answered by ksr_request_route's fail-closed 503.
         self._sync()
-        judged = self.policy.judge(_message_bytes(), _source(), _local(), KSR.pv.get("$pr"), _now_ms())
-        action, code, reason, cause, group, target, next_hop, headers, strip, insert, alerts = judged
+        message, source, transport, now_ms = _message_bytes(), _source(), KSR.pv.get("$pr"), _now_ms()
+        judged = self.policy.judge(message, source, _local(), transport, now_ms)
+        action, code, reason, cause, group, target, next_hop, headers, strip, insert, alerts, failover = judged
         _count("cause." + (cause or action))
         _flush_counts()
+        # Every verdict goes to the refusal log, which keeps the ones it logs (an ACK
+        # the policy refuses is dropped, never answered, and logged all the same).
+        refusals = _refusals()
+        refusals.record(message, source, transport, now_ms, action, code, cause, group)
+        refusals.flush(now_ms)
         if alerts:
             self._spool(alerts)
         if action == "allow":
@@ -357,7 +492,10 @@ class Shim:
         if self.policy is None:
             # Kamailio's own htable functions, called with the table name from Rust:
             # no Python frame of ours per store access.
-            self.policy = tg.Policy(module, KSR.htable.sht_get, KSR.htable.sht_sets, KSR.htable.sht_rm, KV_TABLE)
+            sets, rm = KSR.htable.sht_sets, KSR.htable.sht_rm
+            if DRILLS:
+                sets, rm = _drilled(sets), _drilled(rm)
+            self.policy = tg.Policy(module, KSR.htable.sht_get, sets, rm, KV_TABLE)
             self.module_path = module
         elif module and module != self.module_path:
             try:
@@ -645,12 +783,7 @@ class Shim:
 
     def _post(self, body):
         """POSTs one event: "sent", "refused" (for good) or "retry"."""
-        if self.token is None and ALERT_TOKEN_FILE:
-            try:
-                with open(ALERT_TOKEN_FILE, encoding="utf-8") as f:
-                    self.token = f.read().strip()
-            except OSError as e:
-                KSR.err("trunkguard: cannot read alert token %s: %s\n" % (ALERT_TOKEN_FILE, e))
+        self._read_token()
         request = urllib.request.Request(ALERT_URL, data=body, method="POST")
         request.add_header("Content-Type", "application/json")
         if self.token:
@@ -667,6 +800,31 @@ class Shim:
         except (OSError, ValueError, http.client.HTTPException) as e:
             KSR.warn("trunkguard: alert delivery to %s failed: %s\n" % (ALERT_URL, e))
             return "retry"
+
+    def _read_token(self):
+        """(Re)reads the token file when it changed since the last read (inode, size,
+        modification time: a rewrite in place or a new file renamed over it), so a
+        corrected token is used from the next delivery on, with no restart."""
+        if not ALERT_TOKEN_FILE:
+            return
+        try:
+            st = os.stat(ALERT_TOKEN_FILE)
+            seen = (st.st_ino, st.st_size, st.st_mtime_ns)
+            if seen == self.token_seen:
+                return
+            with open(ALERT_TOKEN_FILE, encoding="utf-8") as f:
+                token = f.read().strip()
+            if not token and self.token:
+                # Caught between the truncation and the write of an edit in place:
+                # the last token serves this delivery, the next one reads again.
+                return
+            self.token = token
+            if self.token_seen is not None:
+                KSR.info("trunkguard: alert token %s changed: read again\n" % (ALERT_TOKEN_FILE,))
+            self.token_seen = seen
+        except OSError as e:
+            # The last token read (if any) stays in use; tried again next delivery.
+            KSR.err("trunkguard: cannot read alert token %s: %s\n" % (ALERT_TOKEN_FILE, e))
 
     def _set_aside(self, name):
         try:
@@ -689,5 +847,18 @@ def _realm_and_ha1s(config_path):
     return config["realm"], ha1s
 
 
+# The configured nonce secret (TRUNKGUARD_NONCE_SECRET_FILE), read by mod_init in the
+# main process; the workers write it to the table in child_init.
+NONCE_SECRET = None
+
+
 def mod_init():
+    global NONCE_SECRET
+    if NONCE_SECRET_FILE:
+        # Raising here stops Kamailio before it forks: a node that would issue nonces
+        # its peers refuse (or that trusts a secret others can read) does not start.
+        NONCE_SECRET = _read_nonce_secret(NONCE_SECRET_FILE)
+    if DRILLS:
+        KSR.warn("trunkguard: drills enabled (TRUNKGUARD_DRILLS=1): tgctl %s refuses store writes\n"
+                 % (DRILL_FAIL_WRITE,))
     return Shim()

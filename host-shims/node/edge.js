@@ -15,7 +15,8 @@ const { parseArgs } = require('node:util');
 const { TrunkPolicy } = require(process.env.TRUNKGUARD_JS ?? path.join(__dirname, '../../target/js/node/trunkguard.js'));
 
 const USAGE = `usage: node edge.js --config FILE --listen IP:PORT --upstream HOST:PORT
-         [--core-listen IP:PORT] [--dialog-ttl SECONDS] [--alerts-url URL [--alerts-token-file FILE]] [--verbose]`;
+         [--core-listen IP:PORT] [--dialog-ttl SECONDS] [--alerts-url URL [--alerts-token-file FILE]]
+         [--refusal-log FILE] [--verbose]`;
 
 // ---------------------------------------------------------------- SIP text
 
@@ -128,6 +129,29 @@ const toHasTag = (to) => /;\s*tag\s*=/i.test(headerParams(to));
 // than one To, From or Call-ID (docs/policy.md), so the first match is the only one.
 const tagOf = (value) => /;\s*tag\s*=\s*([^;,\s]+)/i.exec(headerParams(value ?? ''))?.[1];
 const TOKEN = /^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$/;
+
+// ---------------------------------------------------------------- the refusal log
+
+// The policy decides which verdicts get a `trunkguard-refusal {json}` line, renders it
+// and keeps the rate (docs/policy.md, "The refusal log"): at most
+// TRUNKGUARD_REFUSAL_LOG_RATE lines a second (default 20), then a summary line a second
+// counting the rest (written by policy.tick). The edge only writes the lines, to
+// stderr or --refusal-log FILE, reopened on SIGHUP (after logrotate moved it).
+function refusalLogRate(env = process.env.TRUNKGUARD_REFUSAL_LOG_RATE) {
+  const rate = Number.parseInt(env ?? '', 10);
+  return Number.isNaN(rate) ? 20 : Math.max(0, rate);
+}
+
+function logWriter(file) {
+  const stamp = (line) => `${new Date().toISOString()} ${line}\n`;
+  if (!file) return { write: (line) => process.stderr.write(stamp(line)), reopen: () => {} };
+  let fd = fs.openSync(file, 'a');
+  return {
+    // A log that cannot be written (a full disk) loses the line, never the request.
+    write: (line) => { try { fs.writeSync(fd, stamp(line)); } catch { /* nothing better to do */ } },
+    reopen: () => { const old = fd; fd = fs.openSync(file, 'a'); fs.closeSync(old); },
+  };
+}
 
 // ---------------------------------------------------------------- the edge
 
@@ -575,6 +599,7 @@ async function main() {
     options: {
       config: { type: 'string' }, listen: { type: 'string' }, upstream: { type: 'string' },
       'core-listen': { type: 'string' }, 'dialog-ttl': { type: 'string' }, 'alerts-url': { type: 'string' }, 'alerts-token-file': { type: 'string' },
+      'refusal-log': { type: 'string' },
       verbose: { type: 'boolean', short: 'v' }, help: { type: 'boolean', short: 'h' },
     },
   });
@@ -591,6 +616,8 @@ async function main() {
 
   const policy = new TrunkPolicy(new Map());
   policy.onAlert(alertSink(opt['alerts-url'], opt['alerts-token-file'], log));
+  const refusalLog = logWriter(opt['refusal-log']);
+  policy.onRefusalLog((line) => refusalLog.write(line), refusalLogRate());
   const upstream = hostPort(opt.upstream);
   upstream.port ??= 5060;
   // Resolved once: the carrier's in-dialog requests are recognised by its address.
@@ -600,16 +627,21 @@ async function main() {
   const edge = new Edge({ policy, access, core, upstream, verbose: opt.verbose, dialogTtlMs: dialogTtl * 1000 });
   // Synchronous, so no datagram is judged before the first configuration is in force.
   if (!edge.load(opt.config)) process.exit(1);
-  process.on('SIGHUP', () => edge.load(opt.config));
+  process.on('SIGHUP', () => {
+    edge.load(opt.config);
+    try { refusalLog.reopen(); } catch (e) { log(`refusal log ${opt['refusal-log']}: ${e.message}`); }
+  });
   // Polling the file's stat survives editors that replace it by a rename.
   fs.watchFile(opt.config, { interval: 1000 }, (cur, prev) => {
     if (cur.mtimeMs !== prev.mtimeMs || cur.size !== prev.size || cur.ino !== prev.ino) edge.load(opt.config);
   });
   log(`listening on ${access.hostport}${core === access ? '' : `, core side on ${core.hostport}`}, upstream ${fmtHostPort(upstream.host, upstream.port)}`);
 
+  // Every second: closes alert windows, and writes the refusal log's summary of a
+  // second that left lines out.
   setInterval(() => {
     try { policy.tick(Date.now()); } catch (e) { log(`tick: ${e.message}`); }
-  }, 5000);
+  }, 1000);
   for (const signal of ['SIGINT', 'SIGTERM']) process.on(signal, () => process.exit(0));
 }
 

@@ -12,6 +12,10 @@ client from distinct loopback sources:
   127.0.0.11 svcrack guessing hq1's password (test_25); 127.0.0.12 its control run
   127.0.0.1:5090  the carrier, a sipp UAS that calls allowed from PBXs reach
 
+StoreWriteDrill runs its own Kamailio (127.0.0.1:5084, TRUNKGUARD_DRILLS=1): the PBX
+moves from 127.0.0.2 to 127.0.0.21, and to 127.0.0.31 on; refused calls from
+127.0.0.51 on. DmqPair starts two nodes (127.0.0.1:5064 and :5066) at once.
+
 AlertRelayChain runs a second Kamailio (127.0.0.1:5074) whose alerts go to the real
 relay (`trunkguard alerts serve`, with its bearer token) and on to an SMTP sink
 (aiosmtpd, tests/alert_relay/smtp_sink.py, from the venv scripts/test-kamailio makes).
@@ -659,8 +663,8 @@ class KamailioEdge(unittest.TestCase):
                         "cause.policy_error", "alerts.sent", "config.refused"):
             self.assertRegex(out.stdout, r"(?m)^%s\s+[1-9]" % counter.replace(".", r"\."))
 
-    # --- issue 10: routing integrity. Each attack with a far end listening where the
-    # attacker aims, which must receive nothing. -------------------------------------
+    # --- routing integrity (docs/kamailio.md, "Attacks the tests replay"). Each attack
+    # with a far end listening where the attacker aims, which must receive nothing. ---
 
     def far_end(self, ip="127.0.0.1", port=CARRIER_PORT):
         far = sip.FarEnd(ip, port)
@@ -748,7 +752,8 @@ class KamailioEdge(unittest.TestCase):
         self.assert_nothing_reached(far, "a request allowed for an unknown cause")
 
     # A PBX's own identity claims, a preloaded Route and a trunk-group header of its
-    # choosing: none of them may leave the edge (issue 10, item 6).
+    # choosing: none of them may leave the edge (RFC 3325 §5; docs/policy.md, "Threat
+    # model").
     PBX_CLAIMS = [("P-Asserted-Identity", "<sip:+19005550100@evil.example>"),
                   ("P-Preferred-Identity", "<sip:+19005550101@evil.example>"),
                   ("Route", "<sip:127.0.0.4:5099;lr>"),
@@ -867,7 +872,7 @@ class KamailioEdge(unittest.TestCase):
         core_side, pbx_side, _ = sip.place_inbound(core, pbx, CORE_SOCKET, "+15551230000")
         sip.in_dialog_round(core_side, pbx_side, "BYE")
 
-    # --- issue 11: credentials. ------------------------------------------------------
+    # --- credentials: password guessing (docs/policy.md). -----------------------------
 
     def svcrack(self, name, ip, user, passwords, timeout=90):
         """sipvicious's svcrack from `ip` against the edge's public listener over UDP,
@@ -996,8 +1001,9 @@ class AlertRelayChain(unittest.TestCase):
     shim, its alert spooled and POSTed with the bearer token to `trunkguard alerts
     serve`, which mails it through a real SMTP server (aiosmtpd). Then the relay's
     token rotated without the shim's: every post is refused 401, and the alert is set
-    aside in spool/rejected/, counted `alerts.rejected`, and mailed once the token is
-    right again and the file moved back into the spool (docs/kamailio.md, Alerts)."""
+    aside in spool/rejected/, counted `alerts.rejected`; once the shim's token file is
+    corrected, with no restart, new alerts are mailed, and the set-aside one is when
+    moved back into the spool (docs/kamailio.md, Alerts)."""
 
     LISTEN = "127.0.0.1:5074"
     CORE_LISTEN = "127.0.0.1:5078"
@@ -1165,7 +1171,8 @@ class AlertRelayChain(unittest.TestCase):
         sent_before = self.counters().get("alerts.sent", 0)
         # The relay's token rotated, the shim's not: the shim's is now wrong.
         self.stop("relay")
-        self.start_relay(self.write_token("token-rotated", "rotated-" + os.urandom(12).hex()))
+        rotated = "rotated-" + os.urandom(12).hex()
+        self.start_relay(self.write_token("token-rotated", rotated))
         intruder = "127.0.0.7"
         self.blocked_call(intruder, "relay-wrong-token")
         rejected = wait_for("the alert in spool/rejected/", lambda: self.spooled("rejected"), timeout=20)
@@ -1188,10 +1195,26 @@ class AlertRelayChain(unittest.TestCase):
         self.assertEqual((counters.get("alerts.rejected"), counters.get("alerts.sent", 0)), (1, sent_before), counters)
         self.assertEqual(len(self.mails()), mails_before, self.mails())
         self.assertEqual(self.health()["pending"], 0)
-        # Nothing lost: with the token right again, the file moved back into the spool
-        # is delivered and mailed.
-        self.stop("relay")
-        self.start_relay(self.token)
+        # The shim's token file corrected (replaced, as an operator's editor or
+        # config management does), Kamailio not restarted: the next delivery reads it
+        # again, and a new alert is mailed. The one set aside stays set aside.
+        tmp = self.token + ".new"
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+            f.write(rotated + "\n")
+        os.replace(tmp, self.token)
+        corrected = "127.0.0.10"
+        self.blocked_call(corrected, "relay-token-corrected")
+        mail = wait_for("the alert after the token file was corrected mailed", lambda: self.mail_from(corrected),
+                        timeout=20)
+        self.assertEqual(len(mail), 1, self.mails())
+        self.assert_mail(mail[0], corrected)
+        self.assertRegex(self.kamailio_log(), r"trunkguard: alert token %s changed: read again" % re.escape(self.token))
+        counters = wait_for("alerts.sent", lambda: (lambda c: c.get("alerts.sent", 0) > sent_before and c)(
+            self.counters()))
+        self.assertEqual((counters["alerts.sent"], counters["alerts.rejected"]), (sent_before + 1, 1), counters)
+        self.assertEqual(self.spooled("rejected"), rejected)
+        self.assertEqual(self.mail_from(intruder), [])
+        # Nothing lost: the file moved back into the spool is delivered and mailed.
         os.rename(os.path.join(self.state, "spool", "rejected", rejected[0]),
                   os.path.join(self.state, "spool", rejected[0]))
         mail = wait_for("the set-aside alert mailed", lambda: self.mail_from(intruder), timeout=20)
@@ -1199,15 +1222,303 @@ class AlertRelayChain(unittest.TestCase):
         self.assert_mail(mail[0], intruder)
         self.assertIn(alert["call_id"], mail[0]["body"])
         wait_for("an empty spool", lambda: not self.spooled())
-        counters = wait_for("alerts.sent", lambda: (lambda c: c.get("alerts.sent", 0) > sent_before and c)(
+        counters = wait_for("alerts.sent", lambda: (lambda c: c.get("alerts.sent", 0) > sent_before + 1 and c)(
             self.counters()))
-        self.assertEqual((counters["alerts.sent"], counters["alerts.rejected"]), (sent_before + 1, 1), counters)
+        self.assertEqual((counters["alerts.sent"], counters["alerts.rejected"]), (sent_before + 2, 1), counters)
+
+
+class StoreWriteDrill(unittest.TestCase):
+    """Store write failures, one at a time, at a Kamailio started with
+    TRUNKGUARD_DRILLS=1 (docs/kamailio.md, "Drills"): `kamcmd htable.seti tgctl
+    fail_write N` makes the policy's N-th store write from then on fail as Kamailio
+    fails one (-1, nothing written). docs/kamailio.md promises that an htable failure
+    answers 500 `store_unavailable` and that nothing is half-registered; the alert
+    throttle keeps an alert whose window cannot be written (src/engine.rs), and no
+    alert window may be left where the timer never closes it."""
+
+    LISTEN = ("127.0.0.1", 5084)
+    CORE_LISTEN = "127.0.0.1:5086"
+    CARRIER = ("127.0.0.1", 5088)
+    A, B = PBX, "127.0.0.21"  # the PBX's address, and the address it moves to
+    TRUNK = "hq-pbx1"
+    WINDOW_S = 1  # alert windows close quickly: each round starts with none open
+
+    kamailio_log = KamailioEdge.kamailio_log
+
+    @classmethod
+    def setUpClass(cls):
+        cls.workdir = tempfile.mkdtemp(prefix="tg-kamailio-drill-")
+        cls.state = os.path.join(cls.workdir, "state")
+        cls.carrier = sip.Party(*cls.CARRIER)
+        cls.webhook = Webhook()
+        threading.Thread(target=cls.webhook.serve_forever, daemon=True).start()
+        config = trunk_config(window_s=cls.WINDOW_S)
+        config["core_sockets"] = [cls.CORE_LISTEN]
+        path = KamailioEdge.write_config(config, os.path.join(cls.workdir, "config.json"))
+        out = subprocess.run(
+            [RUN, "--no-install", "--daemon", "--config", path, "--listen", "%s:%d" % cls.LISTEN,
+             "--core-listen", cls.CORE_LISTEN, "--carrier", "sip:%s:%d" % cls.CARRIER,
+             "--alert-url", cls.webhook.url, "--state", cls.state, "--workers", "2"],
+            capture_output=True, text=True, timeout=60, env=dict(os.environ, TRUNKGUARD_DRILLS="1"))
+        if out.returncode != 0:
+            cls.tearDownClass()
+            raise RuntimeError("run --daemon failed:\n%s%s" % (out.stdout, out.stderr))
+
+    @classmethod
+    def tearDownClass(cls):
+        subprocess.run([RUN, "stop", "--state", cls.state], capture_output=True, timeout=30)
+        cls.carrier.close()
+        cls.webhook.shutdown()
+        cls.webhook.server_close()
+        if os.environ.get("KEEP_KAMAILIO_TEST_DIR") != "1":
+            shutil.rmtree(cls.workdir, ignore_errors=True)
+
+    def tearDown(self):
+        # Whatever a failed round left, the next test starts without a fault pending.
+        subprocess.run(["kamcmd", "-s", "unix:" + os.path.join(self.state, "ctl.sock"), "htable.seti", "tgctl",
+                        "fail_write", "0"], capture_output=True, timeout=10)
+
+    # --- helpers ------------------------------------------------------------------
+
+    def kamcmd(self, *args):
+        out = subprocess.run(["kamcmd", "-s", "unix:" + os.path.join(self.state, "ctl.sock"), *args],
+                             capture_output=True, text=True, timeout=10)
+        self.assertEqual(out.returncode, 0, out.stdout + out.stderr)
+        return out.stdout
+
+    def fail_write(self, n=None):
+        """Sets tgctl `fail_write` to `n`; without `n`, what is left of it."""
+        if n is not None:
+            self.kamcmd("htable.seti", "tgctl", "fail_write", str(n))
+            return n
+        m = re.search(r"value:\s*(-?\d+)", self.kamcmd("htable.get", "tgctl", "fail_write"))
+        self.assertIsNotNone(m)
+        return int(m.group(1))
+
+    def store(self):
+        """`kamcmd htable.dump tg`, as {name: value}."""
+        items, name = {}, None
+        for line in self.kamcmd("htable.dump", "tg").splitlines():
+            line = line.strip()
+            if line.startswith("name:"):
+                name = line[len("name:"):].strip()
+            elif line.startswith("value:") and name is not None:
+                items[name] = line[len("value:"):].strip()
+                name = None
+        return items
+
+    def registered(self, items=None):
+        """(the binding's source IP, the last registration IP) of the trunk group."""
+        items = self.store() if items is None else items
+        binding = items.get("tg/binding/" + self.TRUNK)
+        return (json.loads(binding)["source"].rsplit(":", 1)[0] if binding else None,
+                items.get("tg/last_reg_ip/" + self.TRUNK))
+
+    def refused_writes(self, since):
+        """The keys whose writes the drill refused, in the log from offset `since`."""
+        return re.findall(r"trunkguard: drill: refused the store write of (\S+)", self.kamailio_log()[since:])
+
+    def drilled(self, n, action):
+        """Runs `action` with the policy's n-th store write refused; returns (what
+        `action` returned, the key refused or None when fewer than n writes came)."""
+        start = len(self.kamailio_log())
+        self.fail_write(n)
+        got = action()
+        left = self.fail_write()
+        if left:
+            self.fail_write(0)
+        keys = wait_for("the drill's log line", lambda: self.refused_writes(start), timeout=2) if not left else []
+        self.assertLessEqual(len(keys), 1, keys)
+        return got, (keys[0] if keys else None)
+
+    def register(self, ip):
+        endpoint = sip.Endpoint(ip, server=self.LISTEN)
+        try:
+            return sip.register(endpoint, *HQ, expires=300)
+        finally:
+            endpoint.close()
+
+    def register_ok(self, ip):
+        answer = self.register(ip)
+        self.assertEqual(sip.status(answer), 200, answer)
+
+    def changes(self, new_ip):
+        """reg_ip_change alerts to `new_ip` the receiver got (summaries apart)."""
+        return [a for a in self.webhook.snapshot() if a["kind"] == "reg_ip_change" and a.get("new_ip") == new_ip
+                and not a.get("summary")]
+
+    def assert_one_change(self, old_ip, new_ip):
+        alert = wait_for("the reg_ip_change alert to %s" % new_ip, lambda: self.changes(new_ip))[0]
+        self.assertEqual((alert["trunk_group"], alert["old_ip"]), (self.TRUNK, old_ip), alert)
+        time.sleep(1.5)  # later delivery rounds bring no second one
+        self.assertEqual(len(self.changes(new_ip)), 1, self.changes(new_ip))
+
+    def assert_call_allowed(self, ip):
+        """hq1's call from `ip` reaches the carrier and is ended (BYE) through the edge."""
+        pbx = sip.Party(ip)
+        try:
+            pbx_side, carrier_side, _ = sip.place_call(pbx, self.carrier, self.LISTEN, HQ, CALLED)
+            sip.in_dialog_round(pbx_side, carrier_side, "BYE")
+        finally:
+            pbx.close()
+
+    def assert_call_refused(self, ip):
+        """hq1's call from `ip`, right credentials: 403, and nothing reaches the carrier."""
+        endpoint = sip.Endpoint(ip, server=self.LISTEN)
+        ruri = "sip:%s@%s" % (CALLED, REALM)
+        call_id = "drill-%s@%s" % (os.urandom(6).hex(), ip)
+        base = dict(from_user=HQ[0], to_user=CALLED, via_ip=ip, via_port=endpoint.port, call_id=call_id)
+        try:
+            first = endpoint.final(sip.request("INVITE", ruri, **base))
+            self.assertEqual(sip.status(first), 407, first)
+            auth = sip.authorization(sip.header(first, "Proxy-Authenticate"), "INVITE", ruri, *HQ,
+                                     "Proxy-Authorization")
+            answer = endpoint.final(sip.request("INVITE", ruri, cseq=2, extra=[auth], **base))
+            self.assertEqual(sip.status(answer), 403, answer)
+        finally:
+            endpoint.close()
+        self.assertEqual(self.carrier.recv(0.3, lambda m: call_id in m), (None, None), "the carrier got it")
+
+    def settle(self):
+        """Waits until the timer has closed every alert window it knows of, so that
+        none of its own writes takes the drill's count."""
+        wait_for("every alert window closed", lambda: json.loads(self.store().get("tg/throttles") or "[]") == [],
+                 timeout=self.WINDOW_S + 10)
+
+    def assert_windows_whole(self, source=""):
+        """Every alert window in the store (of `source`'s alerts, when given) is one
+        the timer closes: listed under its trunk group (tg/throttles/<group>), itself
+        listed in tg/throttles (src/alert.rs). Right after settle(): no window."""
+        items = self.store()
+        groups = json.loads(items.get("tg/throttles") or "[]")
+        for key in sorted(k for k in items if k.startswith("tg/throttle/") and k.endswith("/" + source)):
+            group = key.split("/")[2]
+            listed = json.loads(items.get("tg/throttles/" + group) or "[]")
+            self.assertTrue(group in groups and key in listed,
+                            "alert window %s is left where the timer never closes it (repeats counted in it "
+                            "are never summarised; it stays in the table): tg/throttles=%s, tg/throttles/%s=%s"
+                            % (key, groups, group, listed))
+
+    # --- the drills -----------------------------------------------------------------
+
+    def test_1_no_refused_write_of_a_registration_half_registers(self):
+        # The registration's own writes (src/policy.rs `register`): the replay record
+        # of its nonce, the binding, then the last registration IP, whose failure puts
+        # the binding back. Each refused in turn: 500 store_unavailable, and the state
+        # is as before, with no alert and no alert window for a change that did not
+        # happen. A refused last-IP write is the last of them.
+        self.register_ok(self.A)
+        self.settle()
+        before = self.store()
+        self.assertEqual(self.registered(before), (self.A, self.A))
+        refused = []
+        for n in range(1, 8):
+            answer, key = self.drilled(n, lambda: self.register(self.B))
+            self.assertIsNotNone(key, "the REGISTER made fewer than %d writes: %s" % (n, answer))
+            refused.append(key)
+            self.assertEqual(sip.status(answer), 500, "write %d (%s) refused, and: %s" % (n, key, answer))
+            self.assertRegex(answer.split("\r\n", 1)[0], r"^SIP/2\.0 500 .*state store", answer)
+            items = self.store()
+            self.assertEqual(items.get("tg/binding/" + self.TRUNK), before["tg/binding/" + self.TRUNK],
+                             "write %d (%s) refused: the binding moved" % (n, key))
+            self.assertEqual(self.registered(items), (self.A, self.A), "write %d (%s) refused" % (n, key))
+            self.assertEqual([k for k in items if k.startswith(("tg/throttle/", "tg/throttles/"))], [], items)
+            time.sleep(1.2)  # a delivery round
+            self.assertEqual(self.changes(self.B), [], "write %d (%s) refused, yet alerted" % (n, key))
+            self.assert_call_allowed(self.A)
+            self.assert_call_refused(self.B)
+            self.settle()
+            if key == "tg/last_reg_ip/" + self.TRUNK:
+                break
+        self.assertEqual(refused[-2:], ["tg/binding/" + self.TRUNK, "tg/last_reg_ip/" + self.TRUNK], refused)
+        # No fault: the move goes through, alerted exactly once (no window left
+        # behind by the refused attempts swallows it).
+        self.register_ok(self.B)
+        self.assertEqual(self.registered(), (self.B, self.B))
+        self.assert_one_change(self.A, self.B)
+        self.assert_call_allowed(self.B)
+        self.assert_call_refused(self.A)
+        self.settle()
+        self.assert_windows_whole()
+
+    def test_2_a_refused_alert_window_write_registers_alerts_once_and_leaves_no_window(self):
+        # The writes after the registration's own are the reg_ip_change alert's
+        # window and the lists by which the timer finds it (src/alert.rs `throttle`).
+        # A refused one must not refuse the registration (already stored) nor lose
+        # the alert (sent unthrottled, src/engine.rs), and must leave no window
+        # behind that the timer never closes. Each round moves the PBX to a new
+        # address from A, with no alert window open (the trunk group's first).
+        throttle_writes = 0
+        for n in range(1, 12):
+            if self.registered()[0] != self.A:
+                self.register_ok(self.A)
+            self.settle()
+            new = "127.0.0.%d" % (30 + n)
+            answer, key = self.drilled(n, lambda: self.register(new))
+            if key is not None and not key.startswith("tg/throttle"):
+                # One of the registration's own writes (test_1).
+                self.assertEqual(sip.status(answer), 500, answer)
+                continue
+            self.assertEqual(sip.status(answer), 200, "write %d (%s) refused, and: %s" % (n, key, answer))
+            self.assertEqual(self.registered(), (new, new), "write %d (%s) refused" % (n, key))
+            self.assert_one_change(self.A, new)
+            self.settle()
+            self.assert_windows_whole(new)
+            if key is None:
+                break  # past the last write: the unfaulted round
+            throttle_writes += 1
+        self.assertIsNone(key, "still writing after %d writes" % n)
+        self.assertGreaterEqual(throttle_writes, 2, "the window and its list at least")
+
+    def test_3_a_refused_write_while_a_window_closes_loses_no_summary(self):
+        # Two refused calls from one address inside a window: the first is alerted,
+        # the second counted; the first timer tick after the window's end sends the
+        # summary with the count (src/alert.rs `flush`), deletes the window and
+        # updates the lists. Each of those writes refused in turn: the summary still
+        # arrives (one id), and no window is left behind. (The fault is set once the
+        # window has ended: the next writes are that tick's.)
+        self.register_ok(self.A)
+        n, tries, refused = 1, 0, []
+        while n < 8 and tries < 20:
+            tries += 1
+            self.settle()
+            caller = "127.0.0.%d" % (50 + tries)
+            window = "tg/throttle/%s/blocked_call/%s" % (self.TRUNK, caller)
+            self.assert_call_refused(caller)
+            self.assert_call_refused(caller)
+            until_ms = json.loads(self.store()[window])["until_ms"]
+            time.sleep(max(0.0, until_ms / 1000.0 - time.time()) + 0.005)
+            start = len(self.kamailio_log())
+            self.fail_write(n)
+            summary = lambda: [a for a in self.webhook.snapshot() if a.get("summary")  # noqa: E731
+                               and a["source"].startswith(caller + ":")]
+            got = wait_for("the summary of %s's window (write %d refused)" % (caller, n), summary,
+                           timeout=self.WINDOW_S + 8)
+            left = self.fail_write()
+            self.fail_write(0)
+            self.settle()
+            time.sleep(1.2)  # later ticks and delivery rounds
+            # One summary; sent again by a retry, it keeps its id, and the relay
+            # drops the duplicate (docs/alerts.md).
+            self.assertEqual(len({a["id"] for a in summary()}), 1, summary())
+            self.assertEqual(got[0]["count"], 1, got)
+            self.assert_windows_whole(caller)
+            if left == n:
+                continue  # a tick closed the window before the fault was set: again
+            if left:
+                break  # the window closed with fewer than n writes
+            refused += self.refused_writes(start)
+            n += 1
+        self.assertTrue(0 < left < n, "still writing after %d writes (%d tries)" % (n, tries))
+        self.assertEqual(len(refused), n - 1, refused)
 
 
 class DmqPair(unittest.TestCase):
-    """Two Kamailio nodes replicating the `tg` htable with DMQ over TCP: a PBX
-    registers with node A and calls through node B; the intruder is refused by B; a
-    KDMQ on a SIP listener changes nothing."""
+    """Two Kamailio nodes replicating the `tg` htable with DMQ over TCP, started at
+    the same moment with one nonce secret file (run --nonce-secret-file): a PBX
+    challenged by node A answers at node B; a PBX registers with node A and calls
+    through node B; the intruder is refused by B; a KDMQ on a SIP listener changes
+    nothing; a secret file others may read stops a node from starting."""
 
     NODES = {"a": (5064, 5065, 5067), "b": (5066, 5067, 5065)}
 
@@ -1216,34 +1527,58 @@ class DmqPair(unittest.TestCase):
         cls.workdir = tempfile.mkdtemp(prefix="tg-kamailio-dmq-")
         cls.config = os.path.join(cls.workdir, "config.json")
         KamailioEdge.write_config(trunk_config(), cls.config)
+        cls.secret = os.urandom(32).hex()
+        cls.secret_file = cls.write_secret("nonce-secret", cls.secret, 0o600)
         cls.started = []
+        # Both at once: without the shared file, each node makes its own nonce secret
+        # before the other's can arrive, and keeps it (docs/kamailio.md, DMQ).
+        runs = {}
         for name, (sip_port, dmq_port, peer_port) in cls.NODES.items():
             state = os.path.join(cls.workdir, name)
-            out = subprocess.run(
+            cls.started.append(state)
+            runs[name] = subprocess.Popen(
                 [RUN, "--no-install", "--daemon", "--config", cls.config, "--listen", "127.0.0.1:%d" % sip_port,
                  "--dmq", "127.0.0.1:%d" % dmq_port, "--dmq-peer", "127.0.0.1:%d" % peer_port,
                  # Over TCP, as docs/kamailio.md advises between nodes.
-                 "--dmq-transport", "tcp",
+                 "--dmq-transport", "tcp", "--nonce-secret-file", cls.secret_file,
                  "--carrier", "sip:127.0.0.1:%d" % CARRIER_PORT, "--state", state, "--workers", "2"],
-                capture_output=True, text=True, timeout=60)
-            cls.started.append(state)
-            if out.returncode != 0:
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for name, run in runs.items():
+            try:
+                out, _ = run.communicate(timeout=90)
+            except subprocess.TimeoutExpired:
+                run.kill()
+                out, _ = run.communicate()
+            if run.returncode != 0:
+                for other in runs.values():
+                    if other.poll() is None:
+                        other.kill()
+                        other.communicate()
                 cls.tearDownClass()
-                raise RuntimeError("node %s: %s%s" % (name, out.stdout, out.stderr))
-        # Let the initial sync over TCP settle before the first challenge: until then
-        # a node's startup writes (its nonce secret) can still reach the other, and a
-        # challenge from before them would no longer verify (docs/kamailio.md: start
-        # the nodes one after the other).
+                raise RuntimeError("node %s: %s" % (name, out))
+        # Kamailio 5.6's dmq marks a peer not active when the notification it sent
+        # while the peer was still down times out (tm fr_timer, 5 s in kamailio.cfg),
+        # even if the peer has announced itself since; it is active again at the next
+        # ping (dmq ping_interval, 10 s in kamailio.cfg), and writes replicate to
+        # active peers only. So: both peers seen active once that timeout is past.
+        time.sleep(6.0)
         try:
             for name in cls.NODES:
                 ctl = "unix:" + os.path.join(cls.workdir, name, "ctl.sock")
                 wait_for("node %s to see its peer" % name, lambda: subprocess.run(
                     ["kamcmd", "-s", ctl, "dmq.list_nodes"], capture_output=True, text=True,
-                    timeout=10).stdout.count("status: active") >= 2)
+                    timeout=10).stdout.count("status: active") >= 2, timeout=25)
         except AssertionError:
             cls.tearDownClass()
             raise
-        time.sleep(1.0)
+
+    @classmethod
+    def write_secret(cls, name, text, mode):
+        path = os.path.join(cls.workdir, name)
+        with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode), "w") as f:
+            f.write(text + "\n")
+        os.chmod(path, mode)  # whatever the umask
+        return path
 
     @classmethod
     def tearDownClass(cls):
@@ -1279,6 +1614,78 @@ class DmqPair(unittest.TestCase):
         ctl = "unix:" + os.path.join(self.workdir, node, "ctl.sock")
         out = subprocess.run(["kamcmd", "-s", ctl, "htable.get", "tg", key], capture_output=True, text=True, timeout=10)
         return out.stdout
+
+    def test_a_challenge_from_one_node_is_answered_at_the_other(self):
+        # Each node wrote the configured secret at startup, whatever the other's
+        # startup replicated: a nonce from A verifies at B.
+        for node in self.NODES:
+            self.assertIn("value: %s\n" % self.secret, self._htable_get(node, "tg/nonce_secret"), node)
+        node_a, node_b = (("127.0.0.1", self.NODES[n][0]) for n in "ab")
+        pbx = sip.Endpoint(PBX, server=node_a)
+        try:
+            uri = "sip:" + REALM
+            base = dict(from_user=HQ[0], via_ip=PBX, via_port=pbx.port,
+                        call_id="cross-%s@%s" % (os.urandom(6).hex(), PBX))
+            contact = ("Contact", "<sip:%s@%s:%d>" % (HQ[0], PBX, pbx.port))
+            challenge = pbx.final(sip.request("REGISTER", uri, extra=[contact], **base))
+            self.assertEqual(sip.status(challenge), 401, challenge)
+            auth = sip.authorization(sip.header(challenge, "WWW-Authenticate"), "REGISTER", uri, *HQ, "Authorization")
+            pbx.server = node_b
+            answer = pbx.final(sip.request("REGISTER", uri, cseq=2, extra=[contact, auth], **base))
+            self.assertEqual(sip.status(answer), 200, "A's challenge answered at B: %s" % answer)
+        finally:
+            pbx.close()
+        # The same for a call: the 407 from A, the answer to B, relayed to the carrier.
+        carrier = sip.Party("127.0.0.1", CARRIER_PORT)
+        caller = sip.Party(PBX)
+        try:
+            ruri = "sip:%s@%s" % (CALLED, REALM)
+            call_id = "cross-%s@%s" % (os.urandom(6).hex(), PBX)
+            ours = lambda m: call_id in m and sip.status(m) >= 200  # noqa: E731
+
+            def invite(cseq, auth=()):
+                return sip.request("INVITE", ruri, from_user=HQ[0], to_user=CALLED, call_id=call_id, cseq=cseq,
+                                   via_ip=PBX, via_port=caller.port,
+                                   extra=[("Contact", "<sip:%s@%s:%d>" % (HQ[0], PBX, caller.port))] + list(auth))
+
+            caller.send(invite(1), node_a)
+            challenge, _ = caller.recv(3.0, ours)
+            self.assertEqual(sip.status(challenge), 407, challenge)
+            auth = sip.authorization(sip.header(challenge, "Proxy-Authenticate"), "INVITE", ruri, *HQ,
+                                     "Proxy-Authorization")
+            answered = invite(2, [auth])
+            caller.send(answered, node_b)
+            got, hop = carrier.recv(3.0, lambda m: call_id in m and sip.method(m) == "INVITE")
+            self.assertIsNotNone(got, "A's challenge answered at B never reached the carrier; the PBX got: %s"
+                                 % [m.split("\r\n", 1)[0] for m in caller.seen])
+            carrier.send(sip.response(got, 486, "Busy Here", to_tag="busy"), hop)
+            busy, _ = caller.recv(3.0, ours)
+            self.assertEqual(sip.status(busy), 486, busy)
+            # The ACK of the relayed 486 (RFC 3261 §17.1.1.3), so B stops resending it.
+            sent = answered.decode("latin-1")
+            caller.send(("ACK %s SIP/2.0\r\nVia: %s\r\nMax-Forwards: 70\r\nFrom: %s\r\nTo: %s\r\nCall-ID: %s\r\n"
+                         "CSeq: 2 ACK\r\nContent-Length: 0\r\n\r\n"
+                         % (ruri, sip.headers(sent, "Via")[0], sip.headers(sent, "From")[0],
+                            sip.headers(busy, "To")[0], call_id)).encode("latin-1"), node_b)
+        finally:
+            caller.close()
+            carrier.close()
+
+    def test_a_nonce_secret_file_others_may_read_stops_the_node(self):
+        # Whoever reads the secret can mint nonces for any address; whoever can
+        # replace it hands every node theirs. Such a file: the node does not start,
+        # and says why.
+        loose = self.write_secret("nonce-secret-loose", os.urandom(32).hex(), 0o640)
+        state = os.path.join(self.workdir, "loose")
+        try:
+            out = subprocess.run([RUN, "--no-install", "--daemon", "--config", self.config, "--listen", "127.0.0.1:5068",
+                                  "--nonce-secret-file", loose, "--state", state, "--workers", "1"],
+                                 capture_output=True, text=True, timeout=90)
+        finally:
+            subprocess.run([RUN, "stop", "--state", state], capture_output=True, timeout=30)
+        self.assertNotEqual(out.returncode, 0, out.stdout + out.stderr)
+        self.assertRegex(out.stdout + out.stderr, r"the nonce secret file %s is open to group or others "
+                         r"\(mode 0640\): chmod 600 it" % re.escape(loose))
 
     def test_kdmq_on_a_sip_listener_is_refused(self):
         # From a DMQ peer's address (127.0.0.1), but to node A's public SIP listener:

@@ -735,3 +735,138 @@ test('attack: an in-dialog request after the dialog expired is refused 404', TIM
     rmSync(edge.dir, { recursive: true, force: true });
   }
 });
+
+// The refusal log (docs/policy.md, "The refusal log"): `--refusal-log FILE` gets one
+// `trunkguard-refusal {json}` line per refused or re-challenged request, at most
+// TRUNKGUARD_REFUSAL_LOG_RATE a second, and `trunkguard-refusal-summary` lines for the rest.
+const REFUSAL_RATE = 20;
+function refusalLines(file) {
+  if (!existsSync(file)) return [];
+  return readFileSync(file, 'latin1').split('\n').flatMap((line) => {
+    const m = /^(\S+) (trunkguard-refusal(?:-summary)?) (\{.*\})$/.exec(line);
+    return m ? [{ prefix: m[1], marker: m[2], text: m[3], obj: JSON.parse(m[3]) }] : [];
+  });
+}
+
+async function refusalEdge() {
+  const dir = mkdtempSync(join(tmpdir(), 'tg-refusals-'));
+  const file = join(dir, 'refusals.log');
+  const edge = await startEdge(false, { TRUNKGUARD_REFUSAL_LOG_RATE: String(REFUSAL_RATE) }, ['--refusal-log', file]);
+  return { edge, file, close: () => { edge.proc.kill('SIGTERM'); rmSync(edge.dir, { recursive: true, force: true }); rmSync(dir, { recursive: true, force: true }); } };
+}
+
+test('refusal log: one line per refusal and re-challenge, none for a first challenge', TIMEOUT, async () => {
+  const { edge, file, close } = await refusalEdge();
+  try {
+    const sock = await udpSocket('127.0.0.6');
+    const got = [];
+    sock.on('message', (m) => got.push(m.toString('latin1')));
+    const [host, port] = edge.address.split(':');
+    const send = (text) => sock.send(Buffer.from(text.replaceAll('\n', '\r\n'), 'latin1'), Number(port), host);
+    const answer = (n) => waitFor(`answer ${n}`, () => got[n - 1]);
+    const me = `127.0.0.6:${sock.address().port}`;
+    const register = (callId, cseq, auth = '') => `REGISTER sip:${REALM} SIP/2.0
+Via: SIP/2.0/UDP ${me};branch=z9hG4bK-reg-${cseq}-${callId.length};rport
+Max-Forwards: 70
+From: <sip:${HQ.user}@${REALM}>;tag=f
+To: <sip:${HQ.user}@${REALM}>
+Call-ID: ${callId}
+CSeq: ${cseq} REGISTER
+Contact: <sip:${HQ.user}@${me}>
+${auth}Content-Length: 0
+
+`;
+    // The sender's Call-ID (a quote, a backslash, a control byte, 80 more characters)
+    // comes out as printable ASCII, 64 characters at most, JSON-escaped (the policy
+    // refuses the control byte: 400).
+    send(register(`q"b\\n\x01-${'x'.repeat(80)}`, 1));
+    assert.match(await answer(1), /^SIP\/2\.0 400 /);
+    // A wrong password: its first challenge is no line, the 403 is one.
+    send(register('wrong@127.0.0.6', 2));
+    const challenge = await answer(2);
+    assert.match(challenge, /^SIP\/2\.0 401 /);
+    const nonce = /nonce="([^"]+)"/.exec(challenge)[1];
+    const md5 = (x) => createHash('md5').update(x).digest('hex');
+    const digest = (password) => {
+      const h1 = md5(`${HQ.user}:${REALM}:${password}`);
+      const response = md5(`${h1}:${nonce}:00000001:0a4f113b:auth:${md5(`REGISTER:sip:${REALM}`)}`);
+      return `Authorization: Digest username="${HQ.user}", realm="${REALM}", nonce="${nonce}", uri="sip:${REALM}", response="${response}", algorithm=MD5, qop=auth, nc=00000001, cnonce="0a4f113b"\n`;
+    };
+    send(register('wrong@127.0.0.6', 3, digest('not-it')));
+    assert.match(await answer(3), /^SIP\/2\.0 403 /);
+    // The right answer taken, then replayed (same nonce and nc): challenged again, a line.
+    send(register('right@127.0.0.6', 4, digest(HQ.password)));
+    assert.match(await answer(4), /^SIP\/2\.0 200 /);
+    send(register('right@127.0.0.6', 5, digest(HQ.password)));
+    assert.match(await answer(5), /^SIP\/2\.0 401 /);
+    sock.close();
+    const lines = await waitFor('three refusal lines', () => { const l = refusalLines(file); return l.length >= 3 && l; });
+    await new Promise((resolve) => setTimeout(resolve, 300));
+    assert.equal(refusalLines(file).length, 3, JSON.stringify(refusalLines(file)));
+    const [garbled, bad, replay] = lines;
+    for (const l of lines) {
+      assert.equal(l.marker, 'trunkguard-refusal');
+      assert.match(l.prefix, /^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$/);
+      assert.match(l.obj.time, /^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$/);
+    }
+    // Exactly this text: the fields in this order, none without a value (no trunk
+    // group here), as every host writes it (src/refusal_log.rs).
+    assert.equal(garbled.text, JSON.stringify({ time: garbled.obj.time, source: me, transport: 'udp', method: 'REGISTER',
+      code: 400, cause: 'malformed', call_id: `q"b\\n-${'x'.repeat(80)}`.slice(0, 64) }));
+    assert.deepEqual([bad.obj.code, bad.obj.cause, bad.obj.call_id, bad.obj.source], [403, 'bad_credentials', 'wrong@127.0.0.6', me]);
+    assert.deepEqual([replay.obj.code, replay.obj.cause, replay.obj.call_id], [401, 'replayed_nonce', 'right@127.0.0.6']);
+  } finally {
+    close();
+  }
+});
+
+test('refusal log: a flood gets at most the rate of lines a second, and summaries that add up', TIMEOUT, async () => {
+  const { edge, file, close } = await refusalEdge();
+  const FLOOD = 500;
+  try {
+    const sock = await udpSocket('127.0.0.4');
+    let answers = 0;
+    sock.on('message', (m) => { if (m.toString('latin1').startsWith('SIP/2.0 483 ')) answers++; });
+    const [host, port] = edge.address.split(':');
+    // 500 requests refused 483 (Max-Forwards 0), 50 every quarter of a second: the
+    // flood spans three seconds or more, so the limit is seen to start afresh.
+    const started = Date.now();
+    for (let burst = 0; burst < FLOOD / 50; burst++) {
+      for (let i = 0; i < 50; i++) {
+        const n = burst * 50 + i;
+        sock.send(`INVITE sip:${CALLED}@${REALM} SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.4:${sock.address().port};branch=z9hG4bK-flood-${n};rport\r\n`
+          + `Max-Forwards: 0\r\nFrom: <sip:f@${REALM}>;tag=f\r\nTo: <sip:${CALLED}@${REALM}>\r\nCall-ID: flood-${n}@127.0.0.4\r\n`
+          + 'CSeq: 1 INVITE\r\nContent-Length: 0\r\n\r\n', Number(port), host);
+      }
+      await new Promise((resolve) => setTimeout(resolve, Math.max(0, started + 250 * (burst + 1) - Date.now())));
+    }
+    await waitFor('every request of the flood answered 483', () => answers >= FLOOD);
+    const seconds = (Date.now() - started) / 1000;
+    sock.close();
+    const count = () => {
+      const lines = refusalLines(file);
+      const written = lines.filter((l) => l.marker === 'trunkguard-refusal');
+      const summaries = lines.filter((l) => l.marker === 'trunkguard-refusal-summary');
+      const leftOut = summaries.reduce((sum, l) => sum + l.obj.suppressed, 0);
+      return { written, summaries, leftOut };
+    };
+    const { written, summaries, leftOut } = await waitFor('the summaries to account for the whole flood',
+      () => { const c = count(); return c.written.length + c.leftOut >= FLOOD && c; }, 5000).catch((e) => {
+      const c = count();
+      throw new Error(`${e.message}: ${c.written.length} lines, summaries ${JSON.stringify(c.summaries.map((l) => l.obj))}`);
+    });
+    // Every refused request is a line or counted in a summary, exactly once.
+    assert.equal(written.length + leftOut, FLOOD);
+    assert.ok(written.every((l) => l.obj.cause === 'too_many_hops' && l.obj.code === 483));
+    const perSecond = {};
+    for (const l of written) perSecond[l.obj.time.slice(0, 19)] = (perSecond[l.obj.time.slice(0, 19)] ?? 0) + 1;
+    assert.ok(Math.max(...Object.values(perSecond)) <= REFUSAL_RATE, JSON.stringify(perSecond));
+    assert.ok(Object.values(perSecond).filter((n) => n === REFUSAL_RATE).length >= 2, JSON.stringify(perSecond));
+    assert.ok(written.length <= REFUSAL_RATE * (Math.floor(seconds) + 2), `${written.length} lines in ${seconds} s`);
+    // One summary a second at most.
+    const stamps = summaries.map((l) => l.obj.time.slice(0, 19));
+    assert.equal(new Set(stamps).size, stamps.length, JSON.stringify(stamps));
+  } finally {
+    close();
+  }
+});
