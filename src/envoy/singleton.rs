@@ -223,26 +223,11 @@ impl Singleton {
         let Some(path) = self.config.state_path.as_deref() else {
             return;
         };
-        let bearer = self.config.token.as_ref().map(|t| format!("Bearer {t}"));
         let (method, body) = match &call {
             Call::Restore => ("GET", Vec::new()),
             Call::Save(batch) => ("PUT", keeper::save_body(batch)),
         };
-        let mut headers = vec![
-            (":method", method),
-            (":path", path),
-            (":authority", self.config.authority.as_str()),
-            ("content-type", "application/json"),
-        ];
-        if let Some(b) = &bearer {
-            headers.push(("authorization", b.as_str()));
-        }
-        match host::http_call(
-            &self.config.cluster,
-            &headers,
-            &body,
-            self.config.timeout_ms,
-        ) {
+        match call_relay(&self.config, method, path, &body) {
             Ok(token) => keeper.dispatched(token, call),
             Err(e) => {
                 host::log(Level::Warn, &format!("state call: {e}"));
@@ -316,23 +301,8 @@ impl Singleton {
 
     fn dispatch(&mut self) {
         let now = host::now_ms().unwrap_or_default();
-        let bearer = self.config.token.as_ref().map(|t| format!("Bearer {t}"));
         while let Some(entry) = self.outbox.next_due(now) {
-            let mut headers = vec![
-                (":method", "POST"),
-                (":path", self.config.path.as_str()),
-                (":authority", self.config.authority.as_str()),
-                ("content-type", "application/json"),
-            ];
-            if let Some(b) = &bearer {
-                headers.push(("authorization", b.as_str()));
-            }
-            match host::http_call(
-                &self.config.cluster,
-                &headers,
-                &entry.body,
-                self.config.timeout_ms,
-            ) {
+            match call_relay(&self.config, "POST", &self.config.path, &entry.body) {
                 Ok(token) => self.outbox.dispatched(token, entry),
                 Err(e) => {
                     host::log(Level::Warn, &format!("alert post: {e}"));
@@ -345,4 +315,24 @@ impl Singleton {
             }
         }
     }
+}
+
+/// One HTTP call to the relay's cluster, with the token; returns the call's token.
+fn call_relay(
+    config: &AlertsConfig,
+    method: &str,
+    path: &str,
+    body: &[u8],
+) -> Result<u32, host::HostError> {
+    let bearer = config.token.as_ref().map(|t| format!("Bearer {t}"));
+    let mut headers = vec![
+        (":method", method),
+        (":path", path),
+        (":authority", config.authority.as_str()),
+        ("content-type", "application/json"),
+    ];
+    if let Some(b) = &bearer {
+        headers.push(("authorization", b.as_str()));
+    }
+    host::http_call(&config.cluster, &headers, body, config.timeout_ms)
 }

@@ -285,6 +285,24 @@ impl Policy {
     }
 }
 
+/// What the refusal log needs of a message, from the shim's strings; `None` for a
+/// source or transport that does not parse (the line is then left out, never the
+/// request refused for it).
+fn log_input<'m>(
+    message: &'m [u8],
+    source: &str,
+    transport: &str,
+    now_ms: u64,
+) -> Option<trunkguard::Input<'m>> {
+    Some(trunkguard::Input {
+        message,
+        source: source.parse().ok()?,
+        transport: transport.parse().ok()?,
+        local: None,
+        now_ms,
+    })
+}
+
 /// The refusal log (docs/policy.md, "The refusal log"): the core renders the lines
 /// and keeps the rate, so that the shim only writes them.
 #[pyclass(unsendable, module = "trunkguard_kamailio")]
@@ -316,9 +334,8 @@ impl RefusalLog {
         cause: Option<&str>,
         trunk_group: Option<String>,
     ) -> Vec<String> {
-        let (Ok(source), Ok(transport), Some(Ok(cause))) = (
-            source.parse::<SocketAddr>(),
-            transport.parse::<trunkguard::sip::Transport>(),
+        let (Some(input), Some(Ok(cause))) = (
+            log_input(message, source, transport, now_ms),
             cause.map(str::parse::<trunkguard::Cause>),
         ) else {
             return Vec::new();
@@ -330,13 +347,6 @@ impl RefusalLog {
         };
         verdict.code = (code != 0).then_some(code);
         verdict.trunk_group = trunk_group;
-        let input = trunkguard::Input {
-            message,
-            source,
-            transport,
-            local: None,
-            now_ms,
-        };
         self.inner.record(&input, &verdict)
     }
 
@@ -351,20 +361,10 @@ impl RefusalLog {
         code: u16,
         cause: &str,
     ) -> Vec<String> {
-        let (Ok(source), Ok(transport)) = (
-            source.parse::<SocketAddr>(),
-            transport.parse::<trunkguard::sip::Transport>(),
-        ) else {
-            return Vec::new();
-        };
-        let input = trunkguard::Input {
-            message,
-            source,
-            transport,
-            local: None,
-            now_ms,
-        };
-        self.inner.record_host(&input, code, cause)
+        match log_input(message, source, transport, now_ms) {
+            Some(input) => self.inner.record_host(&input, code, cause),
+            None => Vec::new(),
+        }
     }
 
     /// The summary of a past second's left-out lines, once (call it from a timer).
