@@ -8,12 +8,14 @@ behind Kamailio, and a webhook for the alerts.
     .6 a fresh intruder for the webhook retry test
     .7 an attacker without credentials (the relay attacks of docs/envoy.md, "Tests and benchmark")
     .8, .9 the PBX and its new address in the fault drills (EnvoyFaultDrills)
+    .10 … .16 the PBX, its new addresses and an intruder around restarts (EnvoyKeepsState)
 
-Two more Envoys of their own (their own shared data, so their own bindings) in front
+Three more Envoys of their own (their own shared data, so their own bindings) in front
 of the same Kamailio: EnvoyAlertRelay posts its alerts to the real alert relay
 (`trunkguard alerts serve`, target/release/trunkguard), which mails them to an SMTP
 sink (tests/alert_relay/smtp_sink.py, aiosmtpd in target/py); EnvoyFaultDrills runs
-one worker and publishes fault drills (host-shims/envoy/publish --drill).
+one worker and publishes fault drills (host-shims/envoy/publish --drill);
+EnvoyKeepsState runs with --keep-state, its relay with --state, and is restarted.
 
 The carrier behind Kamailio is a sipp far end for calls, and a bare UDP socket that
 records everything (FarEnd) for the attacks, which must never reach it.
@@ -1878,7 +1880,7 @@ if __name__ == "__main__":
     # Run without a selection, every test must have run, and at least MIN_TESTS: a
     # module that fails to set up, a renamed class or lost tests must not pass as
     # "0 failed". With a selection (test names as arguments), at least one.
-    MIN_TESTS = 28
+    MIN_TESTS = 32
     discovered = sum(len(unittest.TestLoader().getTestCaseNames(case))
                      for case in (EnvoyFront, EnvoyAlertRelay, EnvoyFaultDrills, EnvoyKeepsState))
     expected = max(MIN_TESTS, discovered) if len(sys.argv) == 1 else 1
