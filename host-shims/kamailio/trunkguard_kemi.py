@@ -26,6 +26,11 @@
 #                          DMQ node, so a challenge from one is answered at another)
 #   TRUNKGUARD_DRILLS      1: store-write fault drills (tgctl `fail_write`; tests and
 #                          fire drills only, docs/kamailio.md "Drills")
+#   TRUNKGUARD_STORE       where every write to `tg` goes through before it counts as
+#                          done, so a restart keeps it: sqlite:PATH (htable loads PATH at
+#                          start, kamailio.cfg TG_STATE_DB), redis://HOST:PORT/DB (loaded
+#                          by mod_init), memory or unset (nothing kept; docs/kamailio.md
+#                          "Upgrade and restart")
 #   TRUNKGUARD_DMQ         the DMQ listener (ip:port) when kamailio.cfg replicates the
 #                          htables with DMQ; KDMQ is taken on that socket only
 #   TRUNKGUARD_PUBLIC_SOCKETS / TRUNKGUARD_CORE_SOCKETS
@@ -42,6 +47,7 @@ import http.client
 import json
 import os
 import re
+import sqlite3
 import sys
 import time
 import urllib.error
@@ -68,6 +74,8 @@ NONCE_SECRET_FILE = os.environ.get("TRUNKGUARD_NONCE_SECRET_FILE", "")
 # TRUNKGUARD_DRILLS=1 the policy gets Kamailio's own htable functions and no drill
 # code runs on any path.
 DRILLS = os.environ.get("TRUNKGUARD_DRILLS", "") == "1"
+# The durable copy of `tg` (docs/kamailio.md, "Upgrade and restart"; run --store).
+STORE = os.environ.get("TRUNKGUARD_STORE", "") or "memory"
 
 
 def _sockets(name):
@@ -149,20 +157,27 @@ DLG_BYE = "tg_bye"  # set when the dialog's BYE was relayed: nothing after it is
 # yet) and 5 (ended) are not dialogs a request can be within.
 DLG_LIVE_STATES = (2, 3, 4, "2", "3", "4")
 
+# The xavp that carries an inbound call's failover through its transaction (uri,
+# on_6xx; after a failover, the PBX's code and reason): _arm_failover, _fail_over.
+FAILOVER_XAVP = "tg_failover"
+
 # Header names and values the policy asks to insert must be one header line each.
 _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 
 
 def _ensure_secret(key, configured=None):
     """The secret at `key`: the configured one (TRUNKGUARD_NONCE_SECRET_FILE), written
-    only when the table holds another; else the table's, made at random when absent."""
+    only when the table holds another; else the table's, made at random when absent.
+    Written through to the store like the policy's writes: a restart keeps the secret,
+    and the nonces issued before it."""
     value = KSR.htable.sht_get(KV_TABLE, key)
+    sets = _writers(drills=False)[0]
     if configured:
         if value != configured:
-            KSR.htable.sht_sets(KV_TABLE, key, configured)
+            sets(KV_TABLE, key, configured)
         return configured
     if not value:
-        KSR.htable.sht_sets(KV_TABLE, key, os.urandom(32).hex())
+        sets(KV_TABLE, key, os.urandom(32).hex())
         value = KSR.htable.sht_get(KV_TABLE, key)
     return value
 
@@ -214,6 +229,229 @@ def _drilled(write):
         return write(table, key, *value)
 
     return drilled
+
+
+# --- the durable copy of `tg` (docs/kamailio.md, "Upgrade and restart") -------------
+# htable is shared memory: a restart (upgrade, crash, kill -9) would forget every
+# binding, last registration IP, the nonce secret and the alert windows. Every write
+# the policy makes is written through to a store first, and counts as done only when
+# both have it: a store that fails refuses the write (-1, as Kamailio refuses one), so
+# the policy answers 500 store_unavailable and nothing is half-kept. Reads stay in
+# shared memory.
+
+
+def _store_refused(store, key, e):
+    KSR.err("trunkguard: store: cannot write %s to %s: %s; refused\n" % (key, store.describe(), e))
+    _count("store.refused")
+    return -1
+
+
+def _put_back(table, key, old):
+    """The table's item as it was before a write the store then failed to keep."""
+    if old is None:
+        KSR.htable.sht_rm(table, key)
+    else:
+        KSR.htable.sht_sets(table, key, old)
+
+
+class SqliteState:
+    """`tg` written through to SQLite (run --store sqlite, the default): the file
+    htable loads at start (kamailio.cfg TG_STATE_DB; Debian's htable schema, which run
+    gives a unique key_name). A write: BEGIN IMMEDIATE, one upsert (prepared once per
+    process, sqlite3's statement cache), Kamailio's own write, COMMIT. The write lock
+    held across both keeps the file and the table in one order when two processes
+    write the same key; Kamailio refusing its write rolls the row back, a failed COMMIT
+    puts the table's item back."""
+
+    UPSERT = ("INSERT INTO htable (key_name, key_type, value_type, key_value, expires) VALUES (?, 0, 0, ?, 0) "
+              "ON CONFLICT (key_name) DO UPDATE SET key_value = excluded.key_value")
+    DELETE = "DELETE FROM htable WHERE key_name = ?"
+    # How long a write waits for another process's (each holds the lock for tens of
+    # microseconds); past it the write is refused.
+    BUSY_S = 1.0
+
+    def __init__(self, path):
+        self.path = path
+        self.db = None
+        self.pid = None
+
+    def describe(self):
+        return "sqlite:" + self.path
+
+    def start(self):
+        """mod_init: the file is there with its unique key (run makes both), and how
+        many items htable loaded from it. Nothing stays open across the fork."""
+        db = sqlite3.connect("file:%s?mode=ro" % self.path, uri=True)
+        try:
+            if not db.execute("SELECT 1 FROM sqlite_master WHERE name = 'htable_key_name_idx'").fetchone():
+                raise RuntimeError("no unique index htable_key_name_idx (host-shims/kamailio/run makes it)")
+            return db.execute("SELECT count(*) FROM htable").fetchone()[0]
+        finally:
+            db.close()
+
+    def _conn(self):
+        # Opened in the process that writes: an SQLite connection must not cross a fork.
+        if self.db is None or self.pid != os.getpid():
+            db = sqlite3.connect(self.path, timeout=self.BUSY_S, isolation_level=None)
+            # WAL (run sets it) with synchronous=NORMAL: a commit is in the log, handed
+            # to the kernel, before it returns, so a killed Kamailio (even -9) loses
+            # none; only the machine itself going down can lose the commits since the
+            # last checkpoint. FULL would add an fsync to every write.
+            db.execute("PRAGMA synchronous=NORMAL")
+            self.db, self.pid = db, os.getpid()
+        return self.db
+
+    def write(self, table, key, value, kamailio_write):
+        """`value` None: a delete."""
+        try:
+            db = self._conn()
+            db.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as e:
+            return _store_refused(self, key, e)
+        done = False
+        try:
+            if value is None:
+                db.execute(self.DELETE, (key,))
+            else:
+                db.execute(self.UPSERT, (key, value))
+            old = KSR.htable.sht_get(table, key)
+            code = kamailio_write()
+            if isinstance(code, int) and code < 0:
+                return code  # rolled back below: neither has it
+            try:
+                db.execute("COMMIT")
+            except sqlite3.Error:
+                _put_back(table, key, old)
+                raise
+            done = True
+            return code
+        except sqlite3.Error as e:
+            return _store_refused(self, key, e)
+        finally:
+            if not done and db.in_transaction:
+                try:
+                    db.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+
+
+class RedisState:
+    """`tg` written through to a Redis that several nodes share (run --store
+    redis://HOST:PORT/DB, Debian's python3-redis): the hash `trunkguard:tg`, one field
+    per item. Redis first, then Kamailio's own write; Kamailio refusing puts Redis
+    back. A lock of this node (flock) around both keeps Redis and the table in one
+    order when two processes write the same key; between nodes the last write wins,
+    as with DMQ. mod_init loads the hash into the table."""
+
+    HASH = "trunkguard:tg"
+    # A SIP worker waits at most this for Redis; then the write is refused.
+    TIMEOUT_S = 1.0
+
+    def __init__(self, url):
+        self.url = url
+        self.client = None
+        self.lock = None
+        self.pid = None
+
+    def describe(self):
+        return re.sub(r"//[^@/]*@", "//", self.url)  # never a password in the log
+
+    def _client(self):
+        if self.client is None or self.pid != os.getpid():
+            import redis  # Debian's python3-redis; only with this store
+
+            self.client = redis.Redis.from_url(self.url, socket_timeout=self.TIMEOUT_S,
+                                               socket_connect_timeout=self.TIMEOUT_S)
+            self.lock = open(os.path.join(STATE_DIR, "store.lock"), "a")
+            self.pid = os.getpid()
+        return self.client
+
+    def start(self):
+        """mod_init, before Kamailio forks and before any message: every item of the
+        hash into the table. htable's DMQ replication has no active peer yet, so this
+        sends nothing; a node that starts with its peers up also gets their tables
+        (dmq_init_sync). Raises (Kamailio does not start) when Redis cannot be read."""
+        client = self._client()
+        try:
+            items = client.hgetall(self.HASH)
+            for key, value in items.items():
+                if KSR.htable.sht_sets(KV_TABLE, key.decode("utf-8"), value.decode("utf-8")) < 0:
+                    raise RuntimeError("the table refused %s" % (key,))
+            return len(items)
+        finally:
+            client.close()
+            self.lock.close()
+            self.client = self.lock = None
+
+    def write(self, table, key, value, kamailio_write):
+        try:
+            client = self._client()
+        except Exception as e:
+            return _store_refused(self, key, e)
+        fcntl.flock(self.lock, fcntl.LOCK_EX)
+        try:
+            try:
+                if value is None:
+                    client.hdel(self.HASH, key)
+                else:
+                    client.hset(self.HASH, key, value)
+            except Exception as e:  # redis.RedisError, OSError
+                return _store_refused(self, key, e)
+            code = kamailio_write()
+            if isinstance(code, int) and code < 0:
+                old = KSR.htable.sht_get(table, key)
+                try:
+                    if old is None:
+                        client.hdel(self.HASH, key)
+                    else:
+                        client.hset(self.HASH, key, old)
+                except Exception as e:
+                    KSR.err("trunkguard: store: %s keeps %s, which Kamailio refused: %s\n"
+                            % (self.describe(), key, e))
+            return code
+        finally:
+            fcntl.flock(self.lock, fcntl.LOCK_UN)
+
+
+def _state_store(spec):
+    if spec == "memory":
+        return None
+    if spec.startswith("sqlite:"):
+        return SqliteState(spec[len("sqlite:"):])
+    if spec.startswith(("redis://", "rediss://", "unix://")):
+        return RedisState(spec)
+    raise RuntimeError("trunkguard: TRUNKGUARD_STORE=%s: expected sqlite:PATH, redis://HOST:PORT/DB or memory; "
+                       "not starting" % (spec,))
+
+
+# The tgctl item mod_init sets once it has started the store (shared memory: gone with
+# the process, so every start of Kamailio loads the store once).
+STORE_STARTED = "store_started"
+
+# Made when the script loads (in the main process; connections open after the fork).
+try:
+    STATE = _state_store(STORE)
+except RuntimeError:
+    STATE = None  # mod_init raises it: Kamailio does not start
+
+
+def _writers(drills=DRILLS):
+    """sht_sets and sht_rm as the policy calls them (table first): Kamailio's own, with
+    the drill's fault in front when drills are on, written through to the store."""
+    sets, rm = KSR.htable.sht_sets, KSR.htable.sht_rm
+    if drills:
+        sets, rm = _drilled(sets), _drilled(rm)
+    if STATE is None:
+        return sets, rm
+    table_sets, table_rm = sets, rm
+
+    def durable_sets(table, key, value):
+        return STATE.write(table, key, value, lambda: table_sets(table, key, value))
+
+    def durable_rm(table, key):
+        return STATE.write(table, key, None, lambda: table_rm(table, key))
+
+    return durable_sets, durable_rm
 
 
 def _check_inserts(insert):
@@ -307,6 +545,19 @@ class Refusals:
             return self._failed(e)
         for line in lines:
             KSR.notice(line + "\n")
+
+    def host(self, code, cause):
+        """A refusal this script makes itself after the policy's allow, or when the
+        policy gave no verdict: the same line and the same rate as the policy's, so
+        a flood of forged in-dialog requests cannot fill the disk either."""
+        try:
+            lines = self.log.record_host(_message_bytes(), _source(), KSR.pv.get("$pr"), _now_ms(), code, cause)
+        except Exception as e:
+            self._failed(e)
+            return False
+        for line in lines:
+            KSR.notice(line + "\n")
+        return any(line.startswith("trunkguard-refusal ") for line in lines)
 
     def flush(self, now_ms):
         now = time.monotonic()
@@ -437,7 +688,7 @@ class Shim:
         if action == "allow":
             return self._route_allowed(cause, group, strip, insert)
         if action == "route":
-            return self._route_inbound(target, next_hop, strip, insert)
+            return self._route_inbound(target, next_hop, strip, insert, failover)
         # challenge, reject, accept: the module's answer, as it wrote it.
         if KSR.is_ACK():
             return -255
@@ -469,11 +720,21 @@ class Shim:
         except BaseException as e:  # noqa: B036 - a Rust panic arrives as a BaseException
             KSR.err("trunkguard: timer: %s\n" % (e,))
         try:
+            self._say_alert_delivery()
             self._deliver()
             _flush_counts()
         except Exception as e:
             KSR.err("trunkguard: timer: alert delivery: %s\n" % (e,))
         return 1
+
+    def _say_alert_delivery(self):
+        # tgctl `alerts`, for `tgctl status`: where alerts go, or that they only pile
+        # up in the spool. Written by the timer process, once.
+        if getattr(self, "alerts_said", False):
+            return
+        text = ("delivered to %s" % ALERT_URL) if ALERT_URL else ("no alert URL: kept in %s, delivered to nobody" % SPOOL_DIR)
+        if KSR.htable.sht_sets(CTL_TABLE, "alerts", text) >= 0:
+            self.alerts_said = True
 
     # --- policy lifecycle ---------------------------------------------------------
 
@@ -491,10 +752,8 @@ class Shim:
         problems = []
         if self.policy is None:
             # Kamailio's own htable functions, called with the table name from Rust:
-            # no Python frame of ours per store access.
-            sets, rm = KSR.htable.sht_sets, KSR.htable.sht_rm
-            if DRILLS:
-                sets, rm = _drilled(sets), _drilled(rm)
+            # no Python frame of ours per read; writes go through the store (_writers).
+            sets, rm = _writers()
             self.policy = tg.Policy(module, KSR.htable.sht_get, sets, rm, KV_TABLE)
             self.module_path = module
         elif module and module != self.module_path:
@@ -534,7 +793,14 @@ class Shim:
         KSR.htable.sht_sets(CTL_TABLE, "status", "%s|%s" % (rev or "", text))
 
     def _fail_closed(self, e):
-        KSR.err("trunkguard: no verdict for %s from %s: %s\n" % (KSR.pv.get("$rm"), _source(), e))
+        # A refusal line under the log's rate, and the reason with it: a broken module
+        # under a flood must not fill the disk with this line either.
+        try:
+            said = _refusals().host(503, "policy_error")
+        except Exception:  # the fail-closed path must not fail itself
+            said = True
+        if said:
+            KSR.err("trunkguard: no verdict for %s from %s: %s\n" % (KSR.pv.get("$rm"), _source(), e))
         _count("cause.policy_error")
         if KSR.is_ACK():
             return -255
@@ -631,7 +897,7 @@ class Shim:
             # a moment ago): tm has answered it with the last reply, if any; it is
             # not refused, and nothing is relayed again.
             return -255
-        KSR.warn("trunkguard: in-dialog %s from %s within no dialog of this edge\n" % (KSR.pv.get("$rm"), _source()))
+        _refusals().host(404, "no_dialog")
         _count("in_dialog.refused")
         return self._refuse(404, "Not Here")
 
@@ -649,14 +915,102 @@ class Shim:
             return True
         return False
 
-    def _route_inbound(self, target, next_hop, strip, insert):
+    def _route_inbound(self, target, next_hop, strip, insert, failover=None):
         _check_inserts(insert)
         if not target:
             return self._refuse(500, "Server Internal Error (route without target)")
         KSR.pv.sets("$ru", target)
         if next_hop:
             KSR.pv.sets("$du", next_hop)
+        if failover and KSR.is_INVITE():
+            self._arm_failover(*failover)
         return self._relay_new(next_hop or target, strip, insert)
+
+    # --- inbound failover (docs/policy.md, "Inbound calls") -------------------------
+
+    def _arm_failover(self, uri, after_ms, on_6xx):
+        """A registered PBX that does not answer sends the call to the verdict's
+        failover: tm's first-reply timer (fr_timer) is the verdict's
+        failover_after_ms, so silence that long ends the branch with tm's own 408,
+        while any provisional reply (100 Trying included) switches tm to fr_inv_timer:
+        a ringing PBX is alive. The failover's URI stays with the transaction (tm keeps
+        the xavps with it and gives them back in the failure route), never read back
+        from the message."""
+        KSR.pv.sets("$xavp(%s=>uri)" % FAILOVER_XAVP, uri)
+        KSR.pv.seti("$xavp(%s[0]=>on_6xx)" % FAILOVER_XAVP, 1 if on_6xx else 0)
+        KSR.tm.t_set_fr(0, max(1, int(after_ms)))
+        KSR.tm.t_on_failure("ksr_failure_failover")
+
+    def ksr_failure_failover(self, msg):
+        """tm's failure route of an inbound call with a failover: the PBX's branch
+        ended without a 2xx. Returning without a new branch leaves tm to relay the
+        PBX's answer."""
+        try:
+            self._fail_over()
+        except BaseException as e:  # noqa: B036 - a Rust panic arrives as a BaseException
+            KSR.err("trunkguard: inbound failover: %s; the caller gets the PBX's answer\n" % (e,))
+        return 1
+
+    def _fail_over(self):
+        uri = KSR.pv.get("$xavp(%s=>uri)" % FAILOVER_XAVP)
+        if not uri or KSR.tm.t_is_canceled() > 0:
+            return  # the caller gave up (CANCEL): nothing goes on
+        code = int(KSR.pv.get("$T_reply_code") or 0)
+        reason = KSR.pv.get("$T_reply_reason") or ""
+        if KSR.tm.t_branch_timeout() > 0:
+            if KSR.tm.t_branch_replied() > 0:
+                # It rang until fr_inv_timer: nobody picked up, the callee's business.
+                return
+            # Silent for failover_after_ms: tm's own 408 (no response at all).
+            code, reason, retry_after = 408, "Request Timeout", False
+        else:
+            retry_after = bool(KSR.pv.get("$T_rpl($hdr(Retry-After))"))
+        on_6xx = bool(KSR.pv.get("$xavp(%s=>on_6xx)" % FAILOVER_XAVP))
+        if not tg.fails_over(code, retry_after, on_6xx):
+            return  # busy, a decline, a 503 that says when to come back: final
+        if self._is_ours(uri):
+            KSR.err("trunkguard: inbound failover %s is this edge; the caller gets %d\n" % (uri, code))
+            return
+        KSR.info("trunkguard: inbound call %s: the PBX %s; relayed to the failover %s\n"
+                 % (KSR.pv.get("$ci"), "answered %d" % code if KSR.tm.t_branch_replied() > 0 else "is silent", uri))
+        # The same request as the PBX got (its strip/insert and Record-Route stay in
+        # the transaction's copy), to the failover's URI and nowhere else, from the
+        # listener of its side as _relay_new chooses.
+        KSR.pv.sets("$ru", uri)
+        KSR.resetdsturi()
+        self._send_socket(self._socket_for(self._side_of(uri), uri))
+        # The dialog's callee is the failover now: its in-dialog requests go there.
+        KSR.pv.sets("$dlg_var(%s)" % DLG_CALLEE, uri)
+        KSR.pv.sets("$dlg_var(%s)" % DLG_CALLEE_SOCKET, KSR.pv.get("$fs") or "")
+        # What the caller gets should the failover fail too (docs/policy.md).
+        KSR.pv.seti("$xavp(%s[0]=>code)" % FAILOVER_XAVP, code)
+        KSR.pv.sets("$xavp(%s[0]=>reason)" % FAILOVER_XAVP, reason or "Failed")
+        # The failover gets the ordinary timers, and one try only.
+        KSR.tm.t_reset_fr()
+        KSR.tm.t_on_failure("ksr_failure_failed_over")
+        if KSR.tm.t_relay() < 0:
+            KSR.err("trunkguard: inbound failover: cannot relay to %s; the caller gets %d\n" % (uri, code))
+            return
+        _count("inbound.failover")
+
+    def ksr_failure_failed_over(self, msg):
+        """The failover failed too: the caller gets the PBX's failure, as
+        docs/policy.md says, not the failover's."""
+        try:
+            if KSR.tm.t_is_canceled() > 0:
+                return 1
+            code = int(KSR.pv.get("$xavp(%s=>code)" % FAILOVER_XAVP) or 0)
+            reason = KSR.pv.get("$xavp(%s=>reason)" % FAILOVER_XAVP) or "Failed"
+            if code == 503:
+                # A proxy never passes on a 503 (RFC 3261 §16.7 step 6): its caller
+                # would take this edge for the unavailable one. tm maps a relayed 503
+                # the same way (remap_503_500).
+                code, reason = 500, "Server Internal Error"
+            if 300 <= code <= 699:
+                KSR.tm.t_reply(code, reason)
+        except BaseException as e:  # noqa: B036 - a Rust panic arrives as a BaseException
+            KSR.err("trunkguard: inbound failover: %s; the caller gets the failover's answer\n" % (e,))
+        return 1
 
     def _relay_new(self, hop, strip, insert):
         """A dialog-creating request to `hop` (the carrier, a PBX): record-routed,
@@ -861,4 +1215,23 @@ def mod_init():
     if DRILLS:
         KSR.warn("trunkguard: drills enabled (TRUNKGUARD_DRILLS=1): tgctl %s refuses store writes\n"
                  % (DRILL_FAIL_WRITE,))
+    store = _state_store(STORE)  # an unknown TRUNKGUARD_STORE raises: not starting
+    if store is None:
+        KSR.info("trunkguard: state store: memory (a restart forgets every registration)\n")
+    elif not KSR.htable.sht_get(CTL_TABLE, STORE_STARTED):
+        # Once, when Kamailio starts: app_python.reload calls mod_init again in every
+        # process, where loading Redis into the table would undo newer writes and, with
+        # DMQ, replicate every item.
+        try:
+            items = store.start()
+        except Exception as e:
+            raise RuntimeError("trunkguard: cannot read the state store %s: %s; not starting"
+                               % (store.describe(), e)) from None
+        KSR.htable.sht_seti(CTL_TABLE, STORE_STARTED, 1)
+        KSR.info("trunkguard: state store %s: %d items at start\n" % (store.describe(), items))
+    if not ALERT_URL:
+        # Alerts are still spooled (nothing is lost), but nobody hears of them until
+        # an alert URL is set: said once here, and by `tgctl status`.
+        KSR.warn("trunkguard: no alert URL (TRUNKGUARD_ALERT_URL, run --alert-url): alerts are kept in %s "
+                 "and delivered to nobody\n" % (SPOOL_DIR,))
     return Shim()

@@ -12,11 +12,15 @@ const net = require('node:net');
 const path = require('node:path');
 const { parseArgs } = require('node:util');
 
-const { TrunkPolicy } = require(process.env.TRUNKGUARD_JS ?? path.join(__dirname, '../../target/js/node/trunkguard.js'));
+const BUILT = path.join(__dirname, '../../target/js/node/trunkguard.js');
+const { TrunkPolicy } = require(process.env.TRUNKGUARD_JS ?? BUILT);
+// The core's rule for a PBX's final response (docs/policy.md, "Inbound calls"); a
+// TRUNKGUARD_JS package without it (a test's stub policy) lends the built one's.
+const failsOver = require(process.env.TRUNKGUARD_JS ?? BUILT).failsOver ?? require(BUILT).failsOver;
 
 const USAGE = `usage: node edge.js --config FILE --listen IP:PORT --upstream HOST:PORT
-         [--core-listen IP:PORT] [--dialog-ttl SECONDS] [--alerts-url URL [--alerts-token-file FILE]]
-         [--refusal-log FILE] [--verbose]`;
+         [--core-listen IP:PORT] [--state FILE] [--dialog-ttl SECONDS]
+         [--alerts-url URL [--alerts-token-file FILE]] [--refusal-log FILE] [--verbose]`;
 
 // ---------------------------------------------------------------- SIP text
 
@@ -51,6 +55,8 @@ function parse(buf) {
   }
   return { start, headers, body: text.slice(end.index + end[0].length) };
 }
+
+const copyMessage = (msg) => ({ start: msg.start, headers: msg.headers.map((h) => ({ ...h })), body: msg.body });
 
 function serialize(msg) {
   const head = msg.headers.map((h) => `${h.name}: ${h.value}\r\n`).join('');
@@ -187,8 +193,11 @@ class Dialogs {
     return undefined;
   }
 
+  // Every change sets `changed`: the edge writes the dialogs to its state file
+  // (--state) before it sends what the change came with.
   touch(entry, ttlMs) {
     const key = Dialogs.key(entry.callId, entry.callerTag);
+    this.changed = true;
     entry.expires = Date.now() + ttlMs;
     this.map.delete(key);
     this.map.set(key, entry);
@@ -200,6 +209,32 @@ class Dialogs {
     const known = this.get(callId, callerTag);
     if (known && known.cseq === cseq) return this.touch(known, known.confirmed ? this.ttlMs : EARLY_TTL_MS);
     this.touch({ callId, callerTag, cseq, caller, callee, early: new Set(), calleeTag: undefined, confirmed: false, bye: undefined }, EARLY_TTL_MS);
+  }
+
+  // An inbound call that went to its failover: the failover is the callee now, and
+  // nothing the PBX said before counts.
+  retarget(callId, callerTag, callee) {
+    const entry = this.get(callId, callerTag);
+    if (!entry || entry.confirmed) return;
+    Object.assign(entry, { callee, early: new Set() });
+    this.changed = true;
+  }
+
+  // The dialogs as the state file keeps them: sockets by their letter.
+  save() {
+    const now = Date.now();
+    const party = (p) => ({ side: p.side.letter, hop: p.hop, customer: p.customer });
+    return [...this.map.values()].filter((e) => e.expires > now)
+      .map((e) => ({ ...e, caller: party(e.caller), callee: party(e.callee), early: [...e.early] }));
+  }
+
+  load(entries, sideOf) {
+    const now = Date.now();
+    const party = (p) => ({ side: sideOf(p.side), hop: { host: p.hop.host, port: p.hop.port }, customer: Boolean(p.customer) });
+    for (const e of entries ?? []) {
+      if (!(e.expires > now)) continue;
+      this.map.set(Dialogs.key(e.callId, e.callerTag), { ...e, caller: party(e.caller), callee: party(e.callee), early: new Set(e.early ?? []) });
+    }
   }
 
   // The dialog a request belongs to, and which party sent it.
@@ -226,31 +261,67 @@ class Dialogs {
     if (method === 'BYE' && status >= 200) {
       const found = this.find(callId, fromTag, toTag);
       if (found) this.map.delete(Dialogs.key(found.entry.callId, found.entry.callerTag));
+      this.changed ||= Boolean(found);
       return;
     }
     const entry = method === 'INVITE' && this.get(callId, fromTag);
     if (!entry || entry.confirmed || entry.cseq !== cseq) return;
-    if (status >= 300) this.map.delete(Dialogs.key(callId, fromTag));
-    else if (status >= 200 && toTag) {
+    if (status >= 300) {
+      this.map.delete(Dialogs.key(callId, fromTag));
+      this.changed = true;
+    } else if (status >= 200 && toTag) {
       Object.assign(entry, { calleeTag: toTag, confirmed: true });
       this.touch(entry, this.ttlMs);
-    } else if (status > 100 && toTag) entry.early.add(toTag);
+    } else if (status > 100 && toTag && !entry.early.has(toTag)) {
+      entry.early.add(toTag);
+      this.changed = true;
+    }
   }
 }
 
 class Edge {
-  constructor({ policy, access, core, upstream, verbose, dialogTtlMs = DIALOG_TTL_S * 1000 }) {
-    Object.assign(this, { policy, access, core, upstream, verbose });
+  constructor({ policy, access, core, upstream, verbose, dialogTtlMs = DIALOG_TTL_S * 1000, state, saved, store }) {
+    Object.assign(this, { policy, access, core, upstream, verbose, state, store });
     this.sides = access === core ? [access] : [access, core];
     // Keys the edge's Via branches: only responses to requests this edge forwarded
-    // are relayed, else anyone could bounce datagrams off it.
-    this.secret = crypto.randomBytes(32);
+    // are relayed, else anyone could bounce datagrams off it. Kept in the state file,
+    // so the answers to what was relayed before a restart still find their way.
+    this.secret = saved?.branch_key ? Buffer.from(saved.branch_key, 'hex') : crypto.randomBytes(32);
+    // Inbound calls that may still go to their failover, by transaction (watch()).
+    this.failovers = new Map();
     // Requests this edge answered (to absorb their ACK/CANCEL and answer
     // retransmissions) and INVITEs it forwarded (so their CANCEL and non-2xx ACK take
     // the same path). Bounded: the oldest entries go first.
     this.txns = new Map();
     this.dialogs = new Dialogs(dialogTtlMs);
+    this.dialogs.load(saved?.dialogs, (letter) => this.sides.find((s) => s.letter === letter) ?? this.core);
     for (const side of this.sides) side.sock.on('message', (buf, rinfo) => this.receive(side, buf, rinfo));
+  }
+
+  // Writes the state file (--state): the policy's store, the dialogs, the branch key.
+  save() {
+    if (!this.state) return;
+    this.state.write({ version: 1, store: [...this.store.map], dialogs: this.dialogs.save(), branch_key: this.secret.toString('hex') });
+    this.dialogs.changed = false;
+  }
+
+  // Runs fn holding back what it sends until the dialogs it changed are in the state
+  // file: a dialog is on disk before the answer that made it leaves, so a kill -9 right
+  // after cannot lose it. (The policy's own writes are on disk before judge() returns,
+  // DurableStore.)
+  batch(fn) {
+    if (this.outbox) return fn();
+    this.outbox = [];
+    try {
+      return fn();
+    } finally {
+      const out = this.outbox;
+      this.outbox = undefined;
+      if (this.state && this.dialogs.changed) {
+        try { this.save(); } catch (e) { this.log(`state file ${this.state.file}: ${e.message}; the dialogs are not saved`); }
+      }
+      for (const [side, bytes, to] of out) this.sendNow(side, bytes, to);
+    }
   }
 
   log(line) { process.stderr.write(`${new Date().toISOString()} ${line}\n`); }
@@ -270,6 +341,10 @@ class Edge {
   }
 
   receive(side, buf, rinfo) {
+    this.batch(() => this.take(side, buf, rinfo));
+  }
+
+  take(side, buf, rinfo) {
     let msg;
     try {
       msg = parse(buf);
@@ -286,9 +361,12 @@ class Edge {
   // the CANCEL and non-2xx ACK of an INVITE, different for any other request. It
   // names the socket the request came in on (its responses go back out there) and
   // signs where they go.
-  branch(letter, back, callId, cseq, clientBranch) {
-    const mac = crypto.createHmac('sha256', this.secret)
-      .update([letter, fmtHostPort(back.host, back.port), callId, cseq, clientBranch].join('\n'));
+  // `attempt` 1: the failover's branch, a new client transaction (RFC 3261 §16.6)
+  // after the PBX's.
+  branch(letter, back, callId, cseq, clientBranch, attempt = 0) {
+    const parts = [letter, fmtHostPort(back.host, back.port), callId, cseq, clientBranch];
+    if (attempt) parts.push(`attempt ${attempt}`);
+    const mac = crypto.createHmac('sha256', this.secret).update(parts.join('\n'));
     return `z9hG4bK${letter}${mac.digest('hex').slice(0, 24)}`;
   }
 
@@ -309,7 +387,8 @@ class Edge {
       req.cseq = (header(msg, 'cseq') ?? '').trim().split(/\s+/)[0];
       const clientBranch = param(top, 'branch') ?? '';
       req.key = `${req.callId}\n${req.cseq}\n${clientBranch}`;
-      req.branch = this.branch(side.letter, viaDestination(top), req.callId, req.cseq, clientBranch);
+      Object.assign(req, { back: viaDestination(top), clientBranch });
+      req.branch = this.branch(side.letter, req.back, req.callId, req.cseq, clientBranch);
       req.digest = sha256(buf);
 
       const known = this.lookup(req.key);
@@ -353,7 +432,7 @@ class Edge {
     switch (verdict.cause) {
       case 'trunk': return this.toCarrier(req, verdict);
       case 'in_dialog': return this.inDialog(req, verdict, known);
-      case 'core': return this.fromCore(req, verdict);
+      case 'core': return this.fromCore(req, verdict, known);
       case 'pass_through': return this.passThrough(req, verdict, known);
       default: throw new Error(`allow with cause ${JSON.stringify(verdict.cause ?? null)}, which this edge does not relay`);
     }
@@ -378,8 +457,143 @@ class Edge {
     const opts = { ruri: verdict.target, recordRoute: true, verdict };
     if (req.method === 'INVITE') {
       opts.dialog = { caller: this.party(req.side, req.rinfo, false), callee: this.party(this.access, dest, true) };
+      if (verdict.failover) {
+        const call = this.failovers.get(req.key);
+        // The caller's retransmission goes where its call is now.
+        if (call?.state === 'failover') return this.toFailover(call);
+        if (!call) this.watch(req, verdict);
+      }
     }
     return this.forward(req, this.access, dest, opts);
+  }
+
+  // Inbound failover (docs/policy.md, "Inbound calls"): while the registered PBX has
+  // the call, the edge keeps its INVITE. No response at all within the verdict's
+  // failover_after_ms (any response, 100 Trying included, means the PBX is alive), or
+  // a final response the core's failsOver() accepts, sends it to the failover, once.
+  // States: pbx -> failover -> answered (the edge gave the caller the PBX's failure),
+  // or passed (a final answer went to the caller; the rest of its branch goes by as
+  // usual). Once failed over, nothing of the PBX's branch reaches the caller.
+  watch(req, verdict) {
+    const call = {
+      key: req.key, verdict, state: 'pbx', replied: false, cancelled: false, original: undefined,
+      req: { ...req, msg: copyMessage(req.msg) },
+      branches: [req.branch, this.branch(req.side.letter, req.back, req.callId, req.cseq, req.clientBranch, 1)],
+      dests: [uriHostPort(verdict.next_hop ?? verdict.target), uriHostPort(verdict.failover)],
+      ruris: [verdict.target, verdict.failover],
+    };
+    call.timer = setTimeout(() => this.batch(() => this.noAnswer(call)), verdict.failover_after_ms ?? 5000);
+    this.failovers.set(req.key, call);
+    setTimeout(() => { if (this.failovers.get(call.key) === call) this.failovers.delete(call.key); }, TXN_TTL_MS).unref();
+  }
+
+  noAnswer(call) {
+    if (call.state !== 'pbx' || call.replied || call.cancelled) return;
+    // Nothing to CANCEL yet: not before a provisional response (RFC 3261 §9.1); one
+    // that comes later is cancelled then (failoverResponse).
+    this.toFailover(call, `no response from the PBX in ${call.verdict.failover_after_ms} ms`);
+  }
+
+  // The INVITE as the PBX got it (strip, insert, Record-Route), to the failover's URI,
+  // on its own branch; its CANCEL and ACK follow it there (forward() remembers).
+  toFailover(call, why) {
+    const req = { ...call.req, msg: copyMessage(call.req.msg), branch: call.branches[1] };
+    const callee = this.party(this.access, call.dests[1], true);
+    if (call.state === 'pbx') {
+      clearTimeout(call.timer);
+      call.state = 'failover';
+      call.failedOver = true;
+      this.log(`inbound ${req.callId}: ${why}; to the failover ${call.verdict.failover}`);
+      this.dialogs.retarget(req.callId, tagOf(header(req.msg, 'from')), callee);
+    }
+    return this.forward(req, this.access, call.dests[1], {
+      ruri: call.verdict.failover, recordRoute: true, verdict: call.verdict,
+      dialog: { caller: this.party(req.side, req.rinfo, false), callee },
+    });
+  }
+
+  // A response to a watched INVITE transaction (either branch): true when the edge
+  // takes it instead of relaying it.
+  failoverResponse(call, msg, attempt) {
+    const status = Number(msg.start.split(' ')[1]);
+    const method = (header(msg, 'cseq') ?? '').trim().split(/\s+/)[1];
+    if (attempt === 0 && call.failedOver) {
+      // The PBX's branch, given up: nothing of it reaches the caller.
+      if (method !== 'INVITE') return true; // the answer to the edge's CANCEL
+      if (status < 200) {
+        if (!call.cancelSent) this.cancelPbx(call);
+      } else if (status >= 300) {
+        this.ack(call, msg, 0);
+      } else {
+        this.log(`inbound ${call.req.callId}: the PBX answered ${status} after the call went to the failover; dropped (unacknowledged, the PBX ends it, RFC 3261 §13.3.1.4)`);
+      }
+      return true;
+    }
+    if (call.state === 'passed') return false;
+    if (method !== 'INVITE') return false; // the answer to the caller's CANCEL
+    if (attempt === 0) {
+      clearTimeout(call.timer);
+      call.replied = true;
+      if (status < 200) return false;
+      const retryAfter = header(msg, 'retry-after') !== undefined;
+      if (status >= 300 && !call.cancelled && failsOver(status, retryAfter, Boolean(call.verdict.failover_on_6xx))) {
+        this.ack(call, msg, 0);
+        call.original = copyMessage(msg);
+        this.toFailover(call, `the PBX answered ${status}`);
+        return true;
+      }
+      call.state = 'passed';
+      return false;
+    }
+    if (call.state === 'answered') {
+      if (status >= 300) this.ack(call, msg, 1); // its retransmission: our ACK got lost
+      return true;
+    }
+    if (status < 300 || call.cancelled) {
+      if (status >= 200) call.state = 'passed';
+      return false;
+    }
+    // The failover failed too: the caller gets the PBX's failure (docs/policy.md).
+    this.ack(call, msg, 1);
+    this.dialogs.learn(msg);
+    call.state = 'answered';
+    this.answerOriginal(call);
+    return true;
+  }
+
+  // The ACK of a failure the edge takes itself (RFC 3261 §17.1.1.3): the INVITE's
+  // branch, Request-URI, From, Call-ID and Route, the response's To.
+  ack(call, response, attempt) {
+    this.toBranch(call, attempt, 'ACK', header(response, 'to'));
+  }
+
+  // A PBX that answers provisionally after the call went to the failover: cancelled
+  // (RFC 3261 §9.1), once.
+  cancelPbx(call) {
+    call.cancelSent = true;
+    this.toBranch(call, 0, 'CANCEL', header(call.req.msg, 'to'));
+  }
+
+  toBranch(call, attempt, method, to) {
+    const invite = call.req.msg;
+    const lines = [`${method} ${oneLine(call.ruris[attempt])} SIP/2.0`,
+      `Via: SIP/2.0/UDP ${this.access.hostport};branch=${call.branches[attempt]};rport`, 'Max-Forwards: 70',
+      `From: ${header(invite, 'from')}`, `To: ${to}`, `Call-ID: ${call.req.callId}`, `CSeq: ${call.req.cseq} ${method}`,
+      ...list(invite, 'route').map((r) => `Route: ${r}`), 'Content-Length: 0', '', ''];
+    this.send(this.access, Buffer.from(lines.join('\r\n'), 'latin1'), call.dests[attempt]);
+  }
+
+  // The PBX's failure (408 when it said nothing), answered by the edge and kept for
+  // the caller's retransmissions, CANCEL and ACK.
+  answerOriginal(call) {
+    const req = { ...call.req, msg: copyMessage(call.req.msg) };
+    if (!call.original) return this.reply(req, 408, 'Request Timeout', []);
+    const msg = copyMessage(call.original);
+    setList(msg, 'via', 'Via', list(msg, 'via').slice(1));
+    relayable(msg);
+    const bytes = serialize(msg);
+    this.remember(req.key, { method: 'INVITE', code: Number(msg.start.split(' ')[1]), answer: bytes, to: req.back, digest: req.digest });
+    this.send(req.side, bytes, req.back);
   }
 
   // A request with a To tag. The policy passed it without credentials; it is relayed
@@ -412,8 +626,11 @@ class Edge {
 
   // An out-of-dialog request from the core (other than an INVITE to a DID, which is a
   // route): by its Request-URI, out of the other socket, never back to this edge.
-  fromCore(req, verdict) {
+  fromCore(req, verdict, known) {
     const { msg, method } = req;
+    // The core's CANCEL of a call this edge relayed follows that INVITE (RFC 3261
+    // §9.1), wherever its Request-URI points.
+    if (method === 'CANCEL' && this.sameSender(known, req)) return this.alongTransaction(req, verdict, known);
     if (method === 'REGISTER') return this.refuse(req, 405, 'Method Not Allowed', [['Allow', 'INVITE, ACK, CANCEL, BYE, OPTIONS']]);
     this.popOurRoutes(msg);
     const dest = uriHostPort(msg.start.split(' ')[1]);
@@ -441,7 +658,15 @@ class Edge {
   }
 
   alongTransaction(req, verdict, known) {
-    const { dest, ruri, out } = known.forward;
+    const { dest, ruri, out, branch } = known.forward;
+    // After a failover, the failover's branch.
+    if (branch) req.branch = branch;
+    const call = req.method === 'CANCEL' && this.failovers.get(req.key);
+    if (call) {
+      // The caller gave up: no failover from now on.
+      call.cancelled = true;
+      clearTimeout(call.timer);
+    }
     return this.forward(req, out, dest, { ruri, verdict });
   }
 
@@ -493,7 +718,7 @@ class Edge {
     }
     setList(msg, 'via', 'Via', [`SIP/2.0/UDP ${out.hostport};branch=${req.branch};rport`, ...list(msg, 'via')]);
     if (method === 'INVITE') {
-      this.remember(req.key, { method, forward: { dest, ruri, out, from: { side, host: rinfo.address, port: rinfo.port } } });
+      this.remember(req.key, { method, forward: { dest, ruri, out, branch: req.branch, from: { side, host: rinfo.address, port: rinfo.port } } });
     }
     if (dialog) this.dialogs.create(req.callId, tagOf(header(msg, 'from')), req.cseq, dialog.caller, dialog.callee);
     this.send(out, serialize(msg), dest);
@@ -530,15 +755,27 @@ class Edge {
     const side = this.sides.find((s) => s.letter === branch[7]);
     const dest = next && viaDestination(next);
     const cseq = (header(msg, 'cseq') ?? '').trim().split(/\s+/)[0];
-    if (!side || !this.sides.some((s) => s.hostport === ours.sentBy) || branch !== this.branch(side.letter, dest, header(msg, 'call-id') ?? '', cseq, param(next, 'branch') ?? '')) {
+    const callId = header(msg, 'call-id') ?? '';
+    const clientBranch = (next && param(next, 'branch')) ?? '';
+    const attempt = side && this.sides.some((s) => s.hostport === ours.sentBy)
+      ? [0, 1].find((a) => branch === this.branch(side.letter, dest, callId, cseq, clientBranch, a)) : undefined;
+    if (attempt === undefined) {
       return this.trace(`dropped a response that is not for us: ${msg.start} (top Via ${vias[0] ?? 'none'})`);
     }
+    const call = this.failovers.get(`${callId}\n${cseq}\n${clientBranch}`);
+    if (call && this.failoverResponse(call, msg, attempt)) return;
     this.dialogs.learn(msg);
     setList(msg, 'via', 'Via', vias.slice(1));
+    relayable(msg);
     this.send(side, serialize(msg), dest);
   }
 
-  send(side, bytes, { host, port }) {
+  send(side, bytes, to) {
+    if (this.outbox) this.outbox.push([side, bytes, to]);
+    else this.sendNow(side, bytes, to);
+  }
+
+  sendNow(side, bytes, { host, port }) {
     side.sock.send(bytes, port, host, (e) => e && this.log(`send to ${fmtHostPort(host, port)} failed: ${e.message}`));
   }
 
@@ -551,6 +788,99 @@ class Edge {
   lookup(key) {
     const entry = this.txns.get(key);
     return entry && Date.now() - entry.at < TXN_TTL_MS ? entry : undefined;
+  }
+}
+
+// A proxy never passes on a 503 (RFC 3261 §16.7 step 6): whoever gets it would take
+// this edge for the unavailable one (a 503 with Retry-After from one PBX would stop
+// the carrier sending any call here). Kamailio's tm does the same (remap_503_500).
+function relayable(msg) {
+  if (/^SIP\/2\.0 503 /.test(msg.start)) msg.start = 'SIP/2.0 500 Server Internal Error';
+}
+
+// ---------------------------------------------------------------- durable state
+
+// --state FILE: the edge's state in one JSON file (README.md, "Upgrade and restart"):
+// the policy's store (bindings, last registration IPs, the nonce secret, alert
+// throttles, replay and lockout counts), the dialogs, the key of the Via branches.
+// Written whole and atomically: a file beside it, fsync, rename over, fsync of the
+// directory; mode 0600 (it holds the nonce secret and the branch key).
+class StateFile {
+  constructor(file) { this.file = path.resolve(file); }
+
+  // The saved state, undefined when there is no file yet; throws on one it cannot
+  // read (the edge does not start: it would forget every registration).
+  read() {
+    let text;
+    try {
+      text = fs.readFileSync(this.file, 'utf8');
+    } catch (e) {
+      if (e.code === 'ENOENT') return undefined;
+      throw e;
+    }
+    const state = JSON.parse(text);
+    if (state?.version !== 1 || !Array.isArray(state.store) || !Array.isArray(state.dialogs)) {
+      throw new Error('not a state file of this edge (version 1)');
+    }
+    return state;
+  }
+
+  write(state) {
+    const tmp = `${this.file}.${process.pid}.tmp`;
+    try {
+      const fd = fs.openSync(tmp, 'w', 0o600);
+      try {
+        fs.fchmodSync(fd, 0o600); // whatever the umask, or a leftover file's mode
+        fs.writeSync(fd, JSON.stringify(state));
+        fs.fsyncSync(fd);
+      } finally {
+        fs.closeSync(fd);
+      }
+      fs.renameSync(tmp, this.file);
+    } catch (e) {
+      try { fs.unlinkSync(tmp); } catch { /* it was never made */ }
+      throw e;
+    }
+    const dir = fs.openSync(path.dirname(this.file), 'r');
+    try { fs.fsyncSync(dir); } finally { fs.closeSync(dir); }
+  }
+}
+
+// The policy's store (a Map for TrunkPolicy) written through to the state file: every
+// change is on disk before the policy goes on, so before the edge answers the request
+// that made it (a 200 to a REGISTER leaves only once its binding is saved). A change
+// that cannot be saved is undone and reported to the policy, which refuses the request
+// 500 store_unavailable (docs/policy.md).
+class DurableStore {
+  constructor(entries, save) {
+    this.map = new Map(entries);
+    this.save = save;
+  }
+
+  get(key) { return this.map.get(key); }
+
+  set(key, value) {
+    if (this.map.get(key) === value) return this;
+    return this.change(key, () => this.map.set(key, value));
+  }
+
+  delete(key) {
+    if (!this.map.has(key)) return false;
+    return this.change(key, () => this.map.delete(key));
+  }
+
+  change(key, apply) {
+    const had = this.map.has(key);
+    const old = this.map.get(key);
+    apply();
+    try {
+      this.save();
+    } catch (e) {
+      if (had) this.map.set(key, old);
+      else this.map.delete(key);
+      throw new Error(`cannot save ${key} in the state file: ${e.message}`);
+    }
+    return true;
   }
 }
 
@@ -599,6 +929,7 @@ async function main() {
     options: {
       config: { type: 'string' }, listen: { type: 'string' }, upstream: { type: 'string' },
       'core-listen': { type: 'string' }, 'dialog-ttl': { type: 'string' }, 'alerts-url': { type: 'string' }, 'alerts-token-file': { type: 'string' },
+      state: { type: 'string' },
       'refusal-log': { type: 'string' },
       verbose: { type: 'boolean', short: 'v' }, help: { type: 'boolean', short: 'h' },
     },
@@ -614,7 +945,19 @@ async function main() {
     process.exit(2);
   }
 
-  const policy = new TrunkPolicy(new Map());
+  // --state: what the edge knows outlives a restart; without it, a restart forgets
+  // every registration and dialog.
+  const state = opt.state ? new StateFile(opt.state) : undefined;
+  let saved;
+  try {
+    saved = state?.read();
+  } catch (e) {
+    process.stderr.write(`edge: state file ${state.file}: ${e.message}; not starting (move it aside to start afresh)\n`);
+    process.exit(1);
+  }
+  let saveAll = () => {};
+  const store = state ? new DurableStore(saved?.store ?? [], () => saveAll()) : new Map();
+  const policy = new TrunkPolicy(store);
   policy.onAlert(alertSink(opt['alerts-url'], opt['alerts-token-file'], log));
   const refusalLog = logWriter(opt['refusal-log']);
   policy.onRefusalLog((line) => refusalLog.write(line), refusalLogRate());
@@ -624,7 +967,19 @@ async function main() {
   if (!net.isIP(upstream.host)) upstream.host = (await dns.lookup(upstream.host)).address;
   const access = await bind(opt.listen, 'a');
   const core = opt['core-listen'] ? await bind(opt['core-listen'], 'c') : access;
-  const edge = new Edge({ policy, access, core, upstream, verbose: opt.verbose, dialogTtlMs: dialogTtl * 1000 });
+  const edge = new Edge({ policy, access, core, upstream, verbose: opt.verbose, dialogTtlMs: dialogTtl * 1000, state, saved, store });
+  if (state) {
+    saveAll = () => edge.save();
+    // Written at once: a state file that cannot be written stops the edge here, not
+    // at the first registration.
+    try {
+      edge.save();
+    } catch (e) {
+      process.stderr.write(`edge: state file ${state.file}: ${e.message}; not starting\n`);
+      process.exit(1);
+    }
+    log(`state in ${state.file}: ${store.map.size} store entries, ${edge.dialogs.map.size} dialogs`);
+  }
   // Synchronous, so no datagram is judged before the first configuration is in force.
   if (!edge.load(opt.config)) process.exit(1);
   process.on('SIGHUP', () => {
@@ -642,7 +997,13 @@ async function main() {
   setInterval(() => {
     try { policy.tick(Date.now()); } catch (e) { log(`tick: ${e.message}`); }
   }, 1000);
-  for (const signal of ['SIGINT', 'SIGTERM']) process.on(signal, () => process.exit(0));
+  for (const signal of ['SIGINT', 'SIGTERM']) {
+    process.on(signal, () => {
+      // The dialogs' last expiry times (every other change is saved already).
+      try { edge.save(); } catch (e) { log(`state file: ${e.message}`); }
+      process.exit(0);
+    });
+  }
 }
 
 main().catch((e) => {

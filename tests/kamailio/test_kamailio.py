@@ -16,6 +16,11 @@ StoreWriteDrill runs its own Kamailio (127.0.0.1:5084, TRUNKGUARD_DRILLS=1): the
 moves from 127.0.0.2 to 127.0.0.21, and to 127.0.0.31 on; refused calls from
 127.0.0.51 on. DmqPair starts two nodes (127.0.0.1:5064 and :5066) at once.
 
+RestartKeepsState runs its own Kamailio (127.0.0.1:5140, the SQLite store, drills on)
+and restarts it, cleanly and with kill -9; its PBX moves to 127.0.0.4x. RedisRestart
+starts a redis-server on a free port and two nodes sharing it (127.0.0.1:5146 and
+:5148, DMQ between them) and kills them.
+
 AlertRelayChain runs a second Kamailio (127.0.0.1:5074) whose alerts go to the real
 relay (`trunkguard alerts serve`, with its bearer token) and on to an SMTP sink
 (aiosmtpd, tests/alert_relay/smtp_sink.py, from the venv scripts/test-kamailio makes).
@@ -30,7 +35,10 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
+import sqlite3
+import stat
 import subprocess
 import sys
 import tempfile
@@ -135,6 +143,15 @@ def trunk_config(acl="127.0.0.2/32", window_s=ALERT_WINDOW_S, password_group=Fal
             {"id": "pw-pbx", "username": PW[0], "password": PW[1], "require_registration": True,
              "dids": ["+15558880000"]})
     return config
+
+
+def _alive(pid):
+    """Whether `pid` runs (a zombie awaiting its reaper does not)."""
+    try:
+        with open("/proc/%d/stat" % pid, encoding="ascii") as f:
+            return f.read().split(") ", 1)[1][:1] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 class Webhook(http.server.ThreadingHTTPServer):
@@ -995,6 +1012,257 @@ class KamailioEdge(unittest.TestCase):
             out = self.tgctl("publish-config", self.config)
             self.assertEqual(out.returncode, 0, out.stdout + out.stderr)
 
+    def test_27_no_rpc_or_stats_output_shows_a_password_or_ha1_and_secret_files_are_0600(self):
+        # Kamailio's operations view is its RPC (kamcmd over the ctl socket): what it
+        # shows of the htables and statistics must name no secret of any trunk group.
+        config = trunk_config(password_group=True)
+        path = self.write_config(config, os.path.join(self.workdir, "config-secrets.json"))
+        out = self.tgctl("publish-config", path)
+        self.assertEqual(out.returncode, 0, out.stdout + out.stderr)
+        try:
+            secrets = {PW[1]}
+            for loc in config["locations"]:
+                for tg in loc["trunk_groups"]:
+                    secrets.update(v for k, v in tg.items() if k in ("ha1", "ha1_sha256", "password"))
+            text = "%s:%s:%s" % (PW[0], REALM, PW[1])
+            secrets.update({hashlib.md5(text.encode()).hexdigest(), hashlib.sha256(text.encode()).hexdigest()})
+            ctl = os.path.join(self.state, "ctl.sock")
+            self.assertEqual(stat.S_IMODE(os.stat(ctl).st_mode) & 0o077, 0, "the RPC socket is the owner's only")
+            shown = []
+            for args in (["htable.dump", "tg"], ["htable.dump", "tgctl"], ["htable.dump", "tgstats"],
+                         ["stats.get_statistics", "all"], ["core.ps"]):
+                run = subprocess.run(["kamcmd", "-s", "unix:" + ctl, *args], capture_output=True, text=True,
+                                     timeout=10)
+                self.assertEqual(run.returncode, 0, run.stdout + run.stderr)
+                shown.append(run.stdout)
+            shown.append(self.tgctl("status").stdout)
+            # The dumps ran and show the store and the publication (by path, never by content).
+            self.assertIn("tg/nonce_secret", "".join(shown))
+            self.assertRegex("".join(shown), r"published/config-[0-9a-f]+\.json")
+            for secret in secrets:
+                self.assertNotIn(secret, "".join(shown))
+            published = [os.path.join(d, f) for d, _, fs in os.walk(self.state) for f in fs if f.endswith(".json")]
+            self.assertTrue(published, "tgctl keeps the configurations it published")
+            for f in published:
+                with open(f, encoding="utf-8", errors="replace") as fh:
+                    if any(x in fh.read() for x in secrets):
+                        self.assertEqual(stat.S_IMODE(os.stat(f).st_mode), 0o600, f)
+        finally:
+            out = self.tgctl("publish-config", self.config)
+            self.assertEqual(out.returncode, 0, out.stdout + out.stderr)
+
+
+def sipp_times(log, direction, first_line):
+    """The times (epoch seconds) of the messages of a sipp message trace that went
+    `direction` ("sent" or "received") and whose first line matches `first_line`."""
+    times = []
+    for m in re.finditer(r"(?m)^-+ (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+)\r?\n\S+ message (sent|received)[^\n]*\n\s*\n(.*)",
+                         log):
+        if m.group(2) == direction and re.match(first_line, m.group(3)):
+            times.append(time.mktime(time.strptime(m.group(1).split(".")[0], "%Y-%m-%d %H:%M:%S"))
+                         + float("0." + m.group(1).split(".")[1]))
+    return times
+
+
+class InboundFailover(unittest.TestCase):
+    """Inbound failover (docs/policy.md, "Inbound calls"; docs/kamailio.md) at a
+    Kamailio of its own, started without an alert URL: 127.0.0.1:5110, core side
+    127.0.0.1:5112, inbound.no_answer_ms 1500. The core (127.0.0.9) calls fo-pbx's DID:
+    its PBX is registered from 127.0.0.61:5116, its failover is 127.0.0.62:5118.
+    nf-pbx (127.0.0.63:5116) has no failover. Each PBX is a sipp UAS or a socket that
+    answers nothing."""
+
+    LISTEN = ("127.0.0.1", 5110)
+    CORE_LISTEN = ("127.0.0.1", 5112)
+    PBX = ("127.0.0.61", 5116)
+    FAILOVER = ("127.0.0.62", 5118)
+    NF_PBX = ("127.0.0.63", 5116)
+    FO, NF = ("fo1", "fo-s3cret"), ("nf1", "nf-s3cret")
+    FO_DID, NF_DID = "+15553330000", "+15554440000"
+    NO_ANSWER_S = 1.5
+
+    kamailio_log = KamailioEdge.kamailio_log
+    assert_passed = KamailioEdge.assert_passed
+    sipp = KamailioEdge.sipp
+    assert_nothing_reached = KamailioEdge.assert_nothing_reached
+
+    @classmethod
+    def setUpClass(cls):
+        cls.workdir = tempfile.mkdtemp(prefix="tg-kamailio-failover-")
+        cls.state = os.path.join(cls.workdir, "state")
+        config = {
+            "realm": REALM,
+            "core_networks": [CORE + "/32"],
+            "core_sockets": ["%s:%d" % cls.CORE_LISTEN],
+            "registration": {"min_expires": 1},
+            "inbound": {"no_answer_ms": int(cls.NO_ANSWER_S * 1000)},
+            "locations": [{"id": "fo", "contacts": ["noc@example.com"], "trunk_groups": [
+                {"id": "fo-pbx", "username": cls.FO[0], "ha1": ha1(*cls.FO), "require_registration": True,
+                 "dids": [cls.FO_DID], "failover": "sip:%s@%s:%d" % ((cls.FO_DID,) + cls.FAILOVER)},
+                {"id": "nf-pbx", "username": cls.NF[0], "ha1": ha1(*cls.NF), "require_registration": True,
+                 "dids": [cls.NF_DID]},
+            ]}],
+        }
+        path = KamailioEdge.write_config(config, os.path.join(cls.workdir, "config.json"))
+        out = subprocess.run(
+            [RUN, "--no-install", "--daemon", "--config", path, "--listen", "%s:%d" % cls.LISTEN,
+             "--core-listen", "%s:%d" % cls.CORE_LISTEN, "--carrier", "sip:127.0.0.1:5119",
+             "--state", cls.state, "--workers", "2"],
+            capture_output=True, text=True, timeout=60)
+        if out.returncode != 0:
+            cls.tearDownClass()
+            raise RuntimeError("run --daemon failed:\n%s%s" % (out.stdout, out.stderr))
+        for (ip, port), creds in ((cls.PBX, cls.FO), (cls.NF_PBX, cls.NF)):
+            pbx = sip.Endpoint(ip, server=cls.LISTEN, port=port)
+            try:
+                answer = sip.register(pbx, creds[0], creds[1], 3600)
+            finally:
+                pbx.close()
+            if sip.status(answer) != 200:
+                cls.tearDownClass()
+                raise RuntimeError("%s did not register: %r" % (creds[0], answer))
+
+    @classmethod
+    def tearDownClass(cls):
+        subprocess.run([RUN, "stop", "--state", cls.state], capture_output=True, timeout=30)
+        if os.environ.get("KEEP_KAMAILIO_TEST_DIR") != "1":
+            shutil.rmtree(cls.workdir, ignore_errors=True)
+
+    def tearDown(self):
+        Sipp.end_all()
+
+    def silent(self, addr):
+        """A PBX that answers nothing (records what reaches it)."""
+        far = sip.FarEnd(*addr)
+        self.addCleanup(far.close)
+        return far
+
+    def uas(self, name, scenario, addr, *args):
+        run = self.sipp(name, scenario, ["-i", addr[0], "-p", str(addr[1])] + list(args))
+        time.sleep(0.3)
+        return run
+
+    def core_sipp_call(self, did, name):
+        """The core's whole call (inbound.xml: INVITE, 200, ACK, BYE) for `did`."""
+        return self.sipp(name, "inbound.xml", ["-i", CORE, "-s", did, "%s:%d" % self.CORE_LISTEN])
+
+    def core_invite(self, did, timeout=4.0, cancel_after=None):
+        """The core's INVITE for `did`: (its final response, seconds until it came),
+        the final ACKed when it is a failure. With `cancel_after`, the call is
+        cancelled that long after the first 180."""
+        core = sip.Party(CORE)
+        self.addCleanup(core.close)
+        call_id = "fo-%s@%s" % (os.urandom(6).hex(), CORE)
+        ruri = "sip:%s@%s" % (did, REALM)
+        via = "SIP/2.0/UDP %s:%d;branch=z9hG4bK%s;rport" % (core.ip, core.port, os.urandom(8).hex())
+        ftag = os.urandom(4).hex()
+
+        def request(method, to):
+            return ("%s %s SIP/2.0\r\nVia: %s\r\nMax-Forwards: 70\r\nFrom: <sip:+15550001111@carrier.example.net>;tag=%s"
+                    "\r\nTo: %s\r\nCall-ID: %s\r\nCSeq: 1 %s\r\nContact: <sip:core@%s:%d>\r\nContent-Length: 0\r\n\r\n"
+                    % (method, ruri, via, ftag, to, call_id, method, core.ip, core.port)).encode("latin-1")
+
+        ours = lambda m, cseq: (sip.headers(m, "Call-ID", "i") or [None])[0] == call_id and (  # noqa: E731
+            sip.headers(m, "CSeq") or [""])[0] == cseq
+        start = time.monotonic()
+        core.send(request("INVITE", "<%s>" % ruri), self.CORE_LISTEN)
+        if cancel_after is not None:
+            ringing, _ = core.recv(3.0, lambda m: ours(m, "1 INVITE") and sip.status(m) == 180)
+            self.assertIsNotNone(ringing, "the PBX's 180 never reached the core")
+            time.sleep(cancel_after)
+            core.send(request("CANCEL", "<%s>" % ruri), self.CORE_LISTEN)
+            ok, _ = core.recv(3.0, lambda m: ours(m, "1 CANCEL") and sip.status(m) >= 200)
+            self.assertEqual(sip.status(ok), 200, ok)
+        final, _ = core.recv(timeout, lambda m: ours(m, "1 INVITE") and sip.status(m) >= 200)
+        elapsed = time.monotonic() - start
+        if sip.status(final) >= 300:
+            # The ACK of a failure goes hop by hop, with the INVITE's branch (RFC 3261 §17.1.1.3).
+            core.send(request("ACK", sip.headers(final, "To", "t")[0]), self.CORE_LISTEN)
+        return final, elapsed
+
+    def test_1_a_silent_pbx_fails_over_after_no_answer_ms_and_the_call_completes(self):
+        pbx = self.silent(self.PBX)
+        failover = self.uas("failover-uas-1", "uas.xml", self.FAILOVER)
+        core = self.core_sipp_call(self.FO_DID, "core-1")
+        self.assert_passed(core, failover)
+        got = failover.log()
+        self.assertRegex(got, r"(?m)^INVITE sip:\+15553330000@127\.0\.0\.62:5118 SIP/2\.0")
+        # The BYE after the failover's 200 went to the failover: the dialog's callee.
+        self.assertRegex(got, r"(?m)^BYE ")
+        sent = sipp_times(core.log(), "sent", "INVITE ")
+        reached = sipp_times(got, "received", "INVITE ")
+        self.assertTrue(sent and reached, (sent, reached))
+        waited = reached[0] - sent[0]
+        self.assertGreaterEqual(waited, self.NO_ANSWER_S - 0.1, "failed over before no_answer_ms")
+        self.assertLess(waited, self.NO_ANSWER_S + 1.0, "failed over long after no_answer_ms")
+        seen = pbx.received()
+        self.assertTrue([m for m in seen if m.startswith("INVITE sip:fo1@127.0.0.61:5116")], seen)
+        # No CANCEL for a branch that never answered (RFC 3261 §9.1), no BYE either.
+        self.assertEqual([m.split("\r\n", 1)[0] for m in seen if not m.startswith("INVITE ")], [])
+
+    def test_2_a_503_without_retry_after_fails_over_at_once(self):
+        pbx = self.uas("pbx-503", "uas-503.xml", self.PBX, "-key", "extra", "Server: test-pbx")
+        failover = self.uas("failover-uas-2", "uas.xml", self.FAILOVER)
+        core = self.core_sipp_call(self.FO_DID, "core-2")
+        self.assert_passed(core, pbx, failover)
+        waited = sipp_times(failover.log(), "received", "INVITE ")[0] - sipp_times(core.log(), "sent", "INVITE ")[0]
+        self.assertLess(waited, self.NO_ANSWER_S, "the 503 should fail over, not the timer")
+        self.assertNotIn("503", "\n".join(l for l in core.log().splitlines() if l.startswith("SIP/2.0")))
+
+    def test_2b_when_the_failover_fails_too_the_core_gets_the_pbxs_failure(self):
+        pbx = self.uas("pbx-503-then", "uas-503.xml", self.PBX, "-key", "extra", "Server: test-pbx")
+        failover = self.uas("failover-486", "uas-486.xml", self.FAILOVER)
+        final, _ = self.core_invite(self.FO_DID)
+        # The PBX's 503 (as a proxy relays one: 500), not the failover's 486.
+        self.assertEqual(sip.status(final), 500, final)
+        self.assert_passed(pbx, failover)
+
+    def test_3_a_503_with_retry_after_reaches_the_core_and_not_the_failover(self):
+        pbx = self.uas("pbx-503-retry", "uas-503.xml", self.PBX, "-key", "extra", "Retry-After: 30")
+        failover = self.silent(self.FAILOVER)
+        final, _ = self.core_invite(self.FO_DID)
+        # The PBX's refusal, as a proxy relays a 503: 500 (RFC 3261 §16.7 step 6,
+        # tm's remap_503_500), so the core does not take the edge itself for
+        # unavailable for 30 s.
+        self.assertEqual(sip.status(final), 500, final)
+        self.assert_passed(pbx)
+        self.assert_nothing_reached(failover, "a 503 with Retry-After")
+
+    def test_4_busy_reaches_the_core_and_not_the_failover(self):
+        pbx = self.uas("pbx-486", "uas-486.xml", self.PBX)
+        failover = self.silent(self.FAILOVER)
+        final, _ = self.core_invite(self.FO_DID)
+        self.assertEqual(sip.status(final), 486, final)
+        self.assert_passed(pbx)
+        self.assert_nothing_reached(failover, "a 486")
+
+    def test_5_a_silent_pbx_without_failover_gets_the_timeout(self):
+        pbx = self.silent(self.NF_PBX)
+        final, elapsed = self.core_invite(self.NF_DID, timeout=10.0)
+        # tm's own 408 after its fr_timer (kamailio.cfg: 5 s): no_answer_ms is for
+        # trunk groups with a failover.
+        self.assertEqual(sip.status(final), 408, final)
+        self.assertGreater(elapsed, 4.0)
+        self.assertTrue([m for m in pbx.received() if m.startswith("INVITE ")])
+
+    def test_6_a_ringing_pbx_is_alive_past_no_answer_ms(self):
+        pbx = self.uas("pbx-ringing", "uas-cancel.xml", self.PBX)
+        failover = self.silent(self.FAILOVER)
+        final, _ = self.core_invite(self.FO_DID, cancel_after=self.NO_ANSWER_S + 1.0)
+        self.assertEqual(sip.status(final), 487, final)
+        self.assert_passed(pbx)
+        self.assert_nothing_reached(failover, "a call the PBX rang for")
+
+    def test_7_without_an_alert_url_the_spool_is_named_at_start_and_in_status(self):
+        spool = os.path.join(self.state, "spool")
+        lines = [l for l in self.kamailio_log().splitlines() if "no alert URL" in l]
+        self.assertEqual(len(lines), 1, lines)
+        self.assertIn(spool, lines[0])
+        out = subprocess.run([TGCTL, "--state", self.state, "status"], capture_output=True, text=True, timeout=30)
+        self.assertEqual(out.returncode, 0, out.stderr)
+        self.assertRegex(out.stdout, r"(?m)^alerts: no alert URL: kept in %s, delivered to nobody \(\d+ in the spool\)$"
+                         % re.escape(spool))
+
 
 class AlertRelayChain(unittest.TestCase):
     """The whole alert chain, nothing stood in: a blocked call at a Kamailio running the
@@ -1044,11 +1312,11 @@ class AlertRelayChain(unittest.TestCase):
             config = trunk_config()
             config["core_sockets"] = [cls.CORE_LISTEN]
             path = KamailioEdge.write_config(config, os.path.join(cls.workdir, "config.json"))
-            out = subprocess.run(
-                [RUN, "--no-install", "--daemon", "--config", path, "--listen", cls.LISTEN,
-                 "--core-listen", cls.CORE_LISTEN, "--carrier", "sip:127.0.0.1:%d" % CARRIER_PORT,
-                 "--alert-url", cls.url, "--alert-token-file", cls.token, "--state", cls.state,
-                 "--workers", "2"], capture_output=True, text=True, timeout=60)
+            cls.run_cmd = [RUN, "--no-install", "--daemon", "--config", path, "--listen", cls.LISTEN,
+                           "--core-listen", cls.CORE_LISTEN, "--carrier", "sip:127.0.0.1:%d" % CARRIER_PORT,
+                           "--alert-url", cls.url, "--alert-token-file", cls.token, "--state", cls.state,
+                           "--workers", "2"]
+            out = subprocess.run(cls.run_cmd, capture_output=True, text=True, timeout=60)
             cls.kamailio = True
             if out.returncode != 0:
                 raise RuntimeError("run --daemon failed:\n%s%s" % (out.stdout, out.stderr))
@@ -1225,6 +1493,34 @@ class AlertRelayChain(unittest.TestCase):
         counters = wait_for("alerts.sent", lambda: (lambda c: c.get("alerts.sent", 0) > sent_before + 1 and c)(
             self.counters()))
         self.assertEqual((counters["alerts.sent"], counters["alerts.rejected"]), (sent_before + 2, 1), counters)
+
+    def test_3_alerts_queued_while_the_relay_is_down_survive_kamailio_killed_and_arrive_once(self):
+        # The relay down; two blocked calls spool two alerts; Kamailio killed with -9
+        # and started again on the same state; the relay back: each alert mailed
+        # exactly once (the spool is on disk, the relay drops a re-posted id).
+        self.stop("relay")
+        first, second = "127.0.0.21", "127.0.0.22"
+        mails_before = len(self.mails())
+        self.blocked_call(first, "relay-down-1")
+        self.blocked_call(second, "relay-down-2")
+        queued = wait_for("two alerts in the spool", lambda: (lambda q: len(q) >= 2 and q)(self.spooled()),
+                          timeout=20)
+        self.assertEqual(len(queued), 2, queued)
+        with open(os.path.join(self.state, "kamailio.pid"), encoding="ascii") as f:
+            pid = int(f.read().strip())
+        os.killpg(pid, signal.SIGKILL)
+        wait_for("Kamailio gone", lambda: not _alive(pid), timeout=10)
+        self.assertEqual(self.spooled(), queued, "the spool outlives the process")
+        out = subprocess.run(self.run_cmd, capture_output=True, text=True, timeout=60)
+        self.assertEqual(out.returncode, 0, out.stdout + out.stderr)
+        self.start_relay(self.token)  # the shim's token file is the relay's since test_2
+        for ip in (first, second):
+            mail = wait_for("the alert for %s mailed" % ip, lambda ip=ip: self.mail_from(ip), timeout=30)
+            self.assert_mail(mail[0], ip)
+        wait_for("an empty spool", lambda: not self.spooled(), timeout=20)
+        time.sleep(2)  # a few more timer ticks: nothing is sent twice
+        self.assertEqual([len(self.mail_from(ip)) for ip in (first, second)], [1, 1], self.mails())
+        self.assertEqual(len(self.mails()), mails_before + 2, self.mails())
 
 
 class StoreWriteDrill(unittest.TestCase):
@@ -1707,6 +2003,303 @@ class DmqPair(unittest.TestCase):
                 peer.close()
         time.sleep(0.3)
         self.assertEqual(self._htable_get("a", key), before, "the forged replication changed nothing")
+
+
+def kill_9(state):
+    """kill -9 of the Kamailio of `state`, every process of it (run --daemon starts it
+    in a session of its own, so its pid is its process group's), as a crash or the
+    OOM killer would: nothing is flushed. Returns once the main process is gone."""
+    pid = int(_read(os.path.join(state, "kamailio.pid")).strip())
+    os.killpg(pid, signal.SIGKILL)
+
+    def gone():
+        # A zombie (killed, its parent gone, not reaped yet) holds no socket: gone.
+        try:
+            with open("/proc/%d/stat" % pid, encoding="latin-1") as f:
+                return f.read().rsplit(") ", 1)[1].startswith("Z")
+        except (OSError, IndexError):
+            return True
+
+    wait_for("kamailio %d to be gone after kill -9" % pid, gone, timeout=20)
+
+
+class RestartKeepsState(unittest.TestCase):
+    """A restart of Kamailio, clean (`run stop`, `run`) and by kill -9, with the
+    default store (`run` without --store: SQLite in the state dir, docs/kamailio.md
+    "Upgrade and restart"): the registered PBX calls on without registering again, a
+    call set up before the restart is ended through the edge, a challenge issued
+    before it is answered after it, and the first registration from a new address
+    raises its reg_ip_change alert. A write refused by the table or by the store is
+    not kept across a restart either. Each test fails with `--store memory`."""
+
+    LISTEN = ("127.0.0.1", 5140)
+    CORE_LISTEN = "127.0.0.1:5142"
+    CARRIER = ("127.0.0.1", 5144)
+    TRUNK = "hq-pbx1"
+    STORE = []  # run's default; ["--store", "memory"] must fail every test
+    WINDOW_S = 1
+
+    kamailio_log = KamailioEdge.kamailio_log
+    kamcmd = StoreWriteDrill.kamcmd
+    store = StoreWriteDrill.store
+    registered = StoreWriteDrill.registered
+    refused_writes = StoreWriteDrill.refused_writes
+    register = StoreWriteDrill.register
+    register_ok = StoreWriteDrill.register_ok
+    changes = StoreWriteDrill.changes
+    settle = StoreWriteDrill.settle
+
+    @classmethod
+    def setUpClass(cls):
+        cls.workdir = tempfile.mkdtemp(prefix="tg-kamailio-restart-")
+        cls.state = os.path.join(cls.workdir, "state")
+        cls.carrier = sip.Party(*cls.CARRIER)
+        cls.webhook = Webhook()
+        threading.Thread(target=cls.webhook.serve_forever, daemon=True).start()
+        config = trunk_config(window_s=cls.WINDOW_S)
+        config["core_sockets"] = [cls.CORE_LISTEN]
+        cls.config = KamailioEdge.write_config(config, os.path.join(cls.workdir, "config.json"))
+        try:
+            cls.start()
+        except Exception:
+            cls.tearDownClass()
+            raise
+
+    @classmethod
+    def start(cls):
+        # Drills on (docs/kamailio.md, "Drills"): test_3 refuses the table's writes.
+        out = subprocess.run(
+            [RUN, "--no-install", "--daemon", "--config", cls.config, "--listen", "%s:%d" % cls.LISTEN,
+             "--core-listen", cls.CORE_LISTEN, "--carrier", "sip:%s:%d" % cls.CARRIER,
+             "--alert-url", cls.webhook.url, "--state", cls.state, "--workers", "2"] + cls.STORE,
+            capture_output=True, text=True, timeout=60, env=dict(os.environ, TRUNKGUARD_DRILLS="1"))
+        if out.returncode != 0:
+            raise RuntimeError("run --daemon failed:\n%s%s" % (out.stdout, out.stderr))
+
+    @classmethod
+    def stop(cls):
+        subprocess.run([RUN, "stop", "--state", cls.state], capture_output=True, timeout=30)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.stop()
+        cls.carrier.close()
+        cls.webhook.shutdown()
+        cls.webhook.server_close()
+        if os.environ.get("KEEP_KAMAILIO_TEST_DIR") != "1":
+            shutil.rmtree(cls.workdir, ignore_errors=True)
+
+    def tearDown(self):
+        subprocess.run(["kamcmd", "-s", "unix:" + os.path.join(self.state, "ctl.sock"), "htable.seti", "tgctl",
+                        "fail_write", "0"], capture_output=True, timeout=10)
+
+    def restart(self, how):
+        if how == "kill -9":
+            kill_9(self.state)
+        else:
+            self.stop()
+        self.start()
+
+    def assert_restart_keeps_state(self, how, new_ip):
+        # Registered from PBX (an answered challenge, kept to be replayed), with a call
+        # up and another challenge not answered yet.
+        endpoint = sip.Endpoint(PBX, server=self.LISTEN)
+        self.addCleanup(endpoint.close)
+        uri = "sip:" + REALM
+        contact = ("Contact", "<sip:%s@%s:%d>" % (HQ[0], PBX, endpoint.port))
+
+        def challenged():
+            base = dict(from_user=HQ[0], via_ip=PBX, via_port=endpoint.port,
+                        call_id="restart-%s@%s" % (os.urandom(6).hex(), PBX))
+            challenge = endpoint.final(sip.request("REGISTER", uri, extra=[contact], **base))
+            self.assertEqual(sip.status(challenge), 401, challenge)
+            auth = sip.authorization(sip.header(challenge, "WWW-Authenticate"), "REGISTER", uri, *HQ,
+                                     "Authorization")
+            return sip.request("REGISTER", uri, cseq=2, extra=[contact, auth], **base)
+
+        answered = challenged()
+        self.assertEqual(sip.status(endpoint.final(answered)), 200)
+        pbx = sip.Party(PBX)
+        self.addCleanup(pbx.close)
+        before_pbx, before_carrier, _ = sip.place_call(pbx, self.carrier, self.LISTEN, HQ, CALLED)
+        pending = challenged()
+
+        self.restart(how)
+
+        # The call set up before the restart is ended through the edge (its dialog
+        # and the hops recorded in its variables were kept).
+        sip.in_dialog_round(before_pbx, before_carrier, "BYE")
+        # The PBX calls on without registering again.
+        pbx_side, carrier_side, _ = sip.place_call(pbx, self.carrier, self.LISTEN, HQ, CALLED)
+        sip.in_dialog_round(carrier_side, pbx_side, "BYE")
+        # The first registration after the restart, from a new address, is a change.
+        self.register_ok(new_ip)
+        alert = wait_for("the reg_ip_change alert to %s" % new_ip, lambda: self.changes(new_ip), timeout=10)[0]
+        self.assertEqual((alert["trunk_group"], alert["old_ip"]), (self.TRUNK, PBX), alert)
+        time.sleep(1.5)  # later delivery rounds bring no second one
+        self.assertEqual(len(self.changes(new_ip)), 1, self.changes(new_ip))
+        # The challenge from before the restart is answered (the nonce secret was
+        # kept), and the REGISTER answered before it cannot be replayed (so were the
+        # nonces' replay records).
+        answer = endpoint.final(pending)
+        self.assertEqual(sip.status(answer), 200, "a challenge from before the restart: %s" % answer)
+        replayed = endpoint.final(answered)
+        self.assertNotEqual(sip.status(replayed), 200, "a REGISTER from before the restart, replayed: %s" % replayed)
+
+    def test_1_a_clean_restart_keeps_registrations_calls_nonces_and_the_last_registration_ip(self):
+        self.assert_restart_keeps_state("stop", "127.0.0.41")
+
+    def test_2_kill_9_keeps_registrations_calls_nonces_and_the_last_registration_ip(self):
+        self.assert_restart_keeps_state("kill -9", "127.0.0.42")
+
+    def test_3_a_write_the_table_refuses_is_not_kept_across_a_restart(self):
+        # The drill refuses Kamailio's own write after the store has taken it: the
+        # store's copy must be rolled back, or the restart brings back a registration
+        # the PBX was refused (500). Each write of a REGISTER from a new address in
+        # turn, as StoreWriteDrill.test_1 does, then one restart.
+        self.register_ok(PBX)
+        self.assertEqual(self.registered(), (PBX, PBX))
+        new, refused = "127.0.0.43", []
+        for n in range(1, 8):
+            self.settle()  # no alert window for the timer to write: the count is the REGISTER's
+            start = len(self.kamailio_log())
+            self.kamcmd("htable.seti", "tgctl", "fail_write", str(n))
+            answer = self.register(new)
+            keys = wait_for("the drill's log line", lambda: self.refused_writes(start), timeout=3)
+            self.assertEqual(sip.status(answer), 500, "write %d (%s) refused, and: %s" % (n, keys, answer))
+            refused += keys
+            if keys[-1] == "tg/last_reg_ip/" + self.TRUNK:
+                break
+        self.assertIn("tg/binding/" + self.TRUNK, refused)
+        self.assertEqual(self.registered(), (PBX, PBX))
+        kill_9(self.state)
+        self.start()
+        self.assertEqual(self.registered(), (PBX, PBX), "after the restart; refused: %s" % refused)
+        self.assertEqual(self.changes(new), [], "refused, yet alerted")
+
+    def test_4_a_write_the_store_cannot_take_is_refused_and_not_kept(self):
+        # The SQLite file held locked by another writer for longer than the shim waits
+        # (SqliteState.BUSY_S): the REGISTER from a new address is refused 500
+        # store_unavailable (fail closed), the table keeps the binding as it was, and
+        # so does the file: the restart brings back the old binding.
+        self.register_ok(PBX)
+        locker = sqlite3.connect(os.path.join(self.state, "trunkguard.sqlite"), timeout=5, isolation_level=None)
+        try:
+            locker.execute("BEGIN IMMEDIATE")
+            answer = self.register("127.0.0.44")
+        finally:
+            locker.close()
+        self.assertEqual(sip.status(answer), 500, answer)
+        self.assertRegex(answer.split("\r\n", 1)[0], r"^SIP/2\.0 500 .*state store", answer)
+        self.assertRegex(self.kamailio_log(), r"trunkguard: store: cannot write tg/\S+ to sqlite:\S+: "
+                         r"database is locked; refused")
+        self.assertEqual(self.registered(), (PBX, PBX))
+        self.restart("stop")
+        self.assertEqual(self.registered(), (PBX, PBX))
+        self.register_ok("127.0.0.44")
+        self.assertEqual(self.registered(), ("127.0.0.44", "127.0.0.44"))
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RedisRestart(unittest.TestCase):
+    """Two nodes sharing one Redis (`run --store redis://…`, plus DMQ between them as
+    DmqPair): a PBX registers with node A; node B killed with -9 and started again
+    allows its call; then both killed (the whole site down) and B started alone, with
+    no peer to sync from: it has the binding back from Redis and allows the call, and
+    so does A started after it. The redis-server is the test's own (free port, a
+    temporary directory), Debian's `redis-server`."""
+
+    NODES = {"a": (5146, 5147, 5149), "b": (5148, 5149, 5147)}
+    CARRIER = ("127.0.0.1", 5150)
+
+    @classmethod
+    def setUpClass(cls):
+        cls.workdir = tempfile.mkdtemp(prefix="tg-kamailio-redis-")
+        cls.config = KamailioEdge.write_config(trunk_config(), os.path.join(cls.workdir, "config.json"))
+        cls.carrier = sip.Party(*cls.CARRIER)
+        cls.redis_port = _free_port()
+        cls.redis = subprocess.Popen(
+            ["redis-server", "--port", str(cls.redis_port), "--bind", "127.0.0.1", "--dir", cls.workdir,
+             "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_for("redis-server on %d" % cls.redis_port, cls.redis_ping, timeout=10)
+            for name in ("a", "b"):  # one after the other: B finds A's nonce secret in Redis
+                cls.start(name)
+        except Exception:
+            cls.tearDownClass()
+            raise
+
+    @classmethod
+    def redis_ping(cls):
+        try:
+            with socket.create_connection(("127.0.0.1", cls.redis_port), timeout=1) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(64).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    @classmethod
+    def state(cls, name):
+        return os.path.join(cls.workdir, name)
+
+    @classmethod
+    def store(cls):
+        return ["--store", "redis://127.0.0.1:%d/2" % cls.redis_port]  # ["--store", "memory"] must fail
+
+    @classmethod
+    def start(cls, name):
+        sip_port, dmq_port, peer_port = cls.NODES[name]
+        out = subprocess.run(
+            [RUN, "--no-install", "--daemon", "--config", cls.config, "--listen", "127.0.0.1:%d" % sip_port,
+             "--dmq", "127.0.0.1:%d" % dmq_port, "--dmq-peer", "127.0.0.1:%d" % peer_port, "--dmq-transport", "tcp",
+             "--carrier", "sip:%s:%d" % cls.CARRIER, "--state", cls.state(name), "--workers", "2"] + cls.store(),
+            capture_output=True, text=True, timeout=60)
+        if out.returncode != 0:
+            raise RuntimeError("node %s: %s%s" % (name, out.stdout, out.stderr))
+
+    @classmethod
+    def tearDownClass(cls):
+        for name in cls.NODES:
+            subprocess.run([RUN, "stop", "--state", cls.state(name)], capture_output=True, timeout=30)
+        cls.carrier.close()
+        cls.redis.kill()
+        cls.redis.wait(timeout=10)
+        if os.environ.get("KEEP_KAMAILIO_TEST_DIR") != "1":
+            shutil.rmtree(cls.workdir, ignore_errors=True)
+
+    def assert_call_allowed(self, name):
+        pbx = sip.Party(PBX)
+        try:
+            pbx_side, carrier_side, _ = sip.place_call(pbx, self.carrier, ("127.0.0.1", self.NODES[name][0]),
+                                                       HQ, CALLED)
+            sip.in_dialog_round(pbx_side, carrier_side, "BYE")
+        except AssertionError as e:
+            raise AssertionError("node %s: %s\n--- its log:\n%s" % (
+                name, e, _read(os.path.join(self.state(name), "kamailio.log"))[-3000:])) from None
+        finally:
+            pbx.close()
+
+    def test_a_node_killed_and_started_again_has_the_bindings_back_from_redis(self):
+        endpoint = sip.Endpoint(PBX, server=("127.0.0.1", self.NODES["a"][0]))
+        try:
+            self.assertEqual(sip.status(sip.register(endpoint, *HQ, expires=300)), 200)
+        finally:
+            endpoint.close()
+        kill_9(self.state("b"))
+        self.start("b")
+        self.assert_call_allowed("b")
+        # The whole site down: B comes back with no peer to sync from, only Redis.
+        kill_9(self.state("a"))
+        kill_9(self.state("b"))
+        self.start("b")
+        self.assert_call_allowed("b")
+        self.start("a")
+        self.assert_call_allowed("a")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import { spawn, spawnSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import dgram from 'node:dgram';
 import { createServer } from 'node:http';
-import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -115,22 +115,28 @@ after(() => {
   alertServer?.close();
 });
 
-async function startEdge(coreListen, env = {}, extraArgs = []) {
+async function startEdge(coreListen, env = {}, extraArgs = [], makeConfig = config) {
   const dir = mkdtempSync(join(tmpdir(), 'tg-edge-'));
   const cfg = join(dir, 'config.json');
   // The configuration names the core-facing socket, so its ports are chosen here.
   const listenPort = await freePort('127.0.0.1');
   const corePort = coreListen ? await freePort('127.0.0.1') : listenPort;
   const coreSockets = [`127.0.0.1:${corePort}`];
-  writeFileSync(cfg, JSON.stringify(config({ coreSockets }), null, 2));
+  writeFileSync(cfg, JSON.stringify(makeConfig({ coreSockets }), null, 2));
   writeFileSync(join(dir, 'token'), `${TOKEN}\n`);
   const upstreamPort = await freePort('127.0.0.1');
   const args = [EDGE_JS, '--config', cfg, '--listen', `127.0.0.1:${listenPort}`,
     '--upstream', `127.0.0.1:${upstreamPort}`, '--alerts-url', alertsUrl, '--alerts-token-file', join(dir, 'token'), '--verbose'];
   if (coreListen) args.push('--core-listen', `127.0.0.1:${corePort}`);
   args.push(...extraArgs);
-  const proc = start(process.execPath, args, { env: { ...process.env, ...env } });
-  const edge = { proc, dir, cfg, coreSockets, upstreamPort, log: '', alerts: [] };
+  return launch({ dir, cfg, coreSockets, upstreamPort, args, env: { ...process.env, ...env } });
+}
+
+// Starts the edge process of `edge` (again, after a restart: the same sockets,
+// configuration and arguments), with a fresh log and alert list.
+async function launch(edge) {
+  const proc = start(process.execPath, edge.args, { env: edge.env });
+  Object.assign(edge, { proc, log: '', alerts: [], exit: new Promise((resolve) => proc.once('exit', resolve)) });
   let pending = '';
   proc.stdout.on('data', (d) => {
     const lines = (pending + d).split('\n');
@@ -868,5 +874,321 @@ test('refusal log: a flood gets at most the rate of lines a second, and summarie
     assert.equal(new Set(stamps).size, stamps.length, JSON.stringify(stamps));
   } finally {
     close();
+  }
+});
+
+// ---------------------------------------------------------------- inbound failover
+// docs/policy.md, "Inbound calls": the core's call to a registered PBX goes to the
+// trunk group's failover when the PBX says nothing for inbound.no_answer_ms, or gives
+// a final answer the core's failsOver() accepts. fo-pbx registers from 127.0.0.61 and
+// fails over to 127.0.0.62; nf-pbx (127.0.0.63) has no failover.
+
+const FO = { user: 'fo1', password: 'fo-s3cret' };
+const NF = { user: 'nf1', password: 'nf-s3cret' };
+const FO_DID = '+15553330000';
+const NF_DID = '+15554440000';
+const FO_PBX = '127.0.0.61';
+const FAILOVER = '127.0.0.62';
+const NF_PBX = '127.0.0.63';
+const NO_ANSWER_MS = 1500;
+const pause = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+const failoverConfig = (failoverPort) => ({ coreSockets }) => ({
+  realm: REALM,
+  core_networks: ['127.0.0.9/32'],
+  core_sockets: coreSockets,
+  inbound: { no_answer_ms: NO_ANSWER_MS },
+  locations: [{ id: 'fo', contacts: ['noc@example.com'], trunk_groups: [
+    { id: 'fo-pbx', username: FO.user, ha1: ha1(FO), require_registration: true, dids: [FO_DID],
+      failover: `sip:${FO_DID}@${FAILOVER}:${failoverPort}` },
+    { id: 'nf-pbx', username: NF.user, ha1: ha1(NF), require_registration: true, dids: [NF_DID] }] }],
+});
+
+// The times (ms) of the messages of a sipp message trace that went `direction`
+// ('sent' or 'received') and begin with `first`.
+function sippTimes(log, direction, first) {
+  return [...log.matchAll(/^-+ (\d{4}-\d\d-\d\d) (\d\d:\d\d:\d\d\.\d{3})\d*\r?\n\S+ message (sent|received)[^\n]*\n\s*\n(.*)/gm)]
+    .filter((m) => m[3] === direction && m[4].startsWith(first))
+    .map((m) => Date.parse(`${m[1]}T${m[2]}`));
+}
+
+const firstLines = (messages) => messages.map((m) => m.split('\r\n', 1)[0]);
+
+// The core's INVITE for `did` from a socket on 127.0.0.9: resolves with its final
+// answer (ACKed when a failure), or undefined after `ms`. With `cancelAfter`, the call
+// is cancelled that long after the first 180.
+async function coreInvite(edge, did, { cancelAfter, ms = 5000 } = {}) {
+  const sock = await udpSocket('127.0.0.9');
+  const got = [];
+  sock.on('message', (m) => got.push(m.toString('latin1')));
+  const [host, port] = edge.coreAddress.split(':');
+  const me = `127.0.0.9:${sock.address().port}`;
+  const tag = `core-${Date.now()}`;
+  const request = (method, to) => [`${method} sip:${did}@${REALM} SIP/2.0`, `Via: SIP/2.0/UDP ${me};branch=z9hG4bK-${tag};rport`,
+    'Max-Forwards: 70', `From: <sip:+15550001111@carrier.example.net>;tag=${tag}`, `To: ${to}`, `Call-ID: ${tag}@127.0.0.9`,
+    `CSeq: 1 ${method}`, `Contact: <sip:core@${me}>`, 'Content-Length: 0', '', ''].join('\r\n');
+  const send = (text) => sock.send(text, Number(port), host);
+  const answer = (re) => got.find((m) => re.test(m));
+  try {
+    send(request('INVITE', `<sip:${did}@${REALM}>`));
+    if (cancelAfter !== undefined) {
+      await waitFor('the 180', () => answer(/^SIP\/2\.0 180 /));
+      await pause(cancelAfter);
+      send(request('CANCEL', `<sip:${did}@${REALM}>`));
+      await waitFor('the 200 to the CANCEL', () => answer(/^SIP\/2\.0 200 [^]*^CSeq: 1 CANCEL/m));
+    }
+    const final = await waitFor('the final answer', () => answer(/^SIP\/2\.0 [2-6]\d\d [^]*^CSeq: 1 INVITE/m), ms).catch(() => undefined);
+    if (final && !/^SIP\/2\.0 2/.test(final)) send(request('ACK', /^To: (.*?)\r?$/mi.exec(final)[1]));
+    await pause(100);
+    return final;
+  } finally {
+    sock.close();
+  }
+}
+
+describe('inbound failover', () => {
+  let edge;
+  let failoverPort;
+  let pbxPort;
+  let nfPort;
+
+  before(async () => {
+    failoverPort = await freePort(FAILOVER);
+    edge = await startEdge(true, {}, [], failoverConfig(failoverPort));
+    pbxPort = await freePort(FO_PBX);
+    nfPort = await freePort(NF_PBX);
+    for (const [ip, port, who] of [[FO_PBX, pbxPort, FO], [NF_PBX, nfPort, NF]]) {
+      assertPassed(edge, await sipp(edge, `register-${who.user}`, 'register.xml',
+        ['-i', ip, '-p', String(port), '-s', who.user, '-au', who.user, '-ap', who.password, '-auth_uri', 'trunks.example.net', edge.address]));
+    }
+  }, TIMEOUT);
+
+  after(() => {
+    if (edge) {
+      edge.proc.kill('SIGTERM');
+      rmSync(edge.dir, { recursive: true, force: true });
+    }
+  });
+
+  // A registered PBX played by sipp (scenario and its -key arguments), given a head start.
+  async function pbxUas(name, scenario, ...args) {
+    const run = sipp(edge, name, scenario, ['-i', FO_PBX, '-p', String(pbxPort), ...args]);
+    await pause(300);
+    return { run };
+  }
+
+  test('a PBX silent for no_answer_ms: the call goes to the failover, and completes there', TIMEOUT, async () => {
+    const pbx = await watch(FO_PBX, pbxPort);
+    try {
+      const failover = await farEnd(edge, 'failover-silent', 'uas.xml', FAILOVER, failoverPort);
+      const core = await uac(edge, 'core-silent', 'inbound.xml', '127.0.0.9', { service: FO_DID, to: edge.coreAddress });
+      const got = assertPassed(edge, core, await ended(failover, core)).messages;
+      assert.match(got, new RegExp(`^INVITE sip:\\${FO_DID}@${FAILOVER}:${failoverPort} SIP/2\\.0`, 'm'));
+      // The call's BYE went to the failover: the dialog's callee.
+      assert.match(got, /^BYE /m);
+      const waited = sippTimes(got, 'received', 'INVITE ')[0] - sippTimes(core.messages, 'sent', 'INVITE ')[0];
+      assert.ok(waited >= NO_ANSWER_MS - 100 && waited < NO_ANSWER_MS + 1000, `failed over after ${waited} ms`);
+      assert.ok(pbx.seen.some((m) => m.startsWith(`INVITE sip:${FO.user}@${FO_PBX}:${pbxPort}`)), firstLines(pbx.seen).join('\n'));
+      // No CANCEL to a PBX that never answered (RFC 3261 §9.1), nor anything else.
+      assert.deepEqual(firstLines(pbx.seen).filter((l) => !l.startsWith('INVITE ')), []);
+      assert.match(edge.log, /no response from the PBX in 1500 ms; to the failover/);
+    } finally {
+      await pbx.close();
+    }
+  });
+
+  test('a 503 without Retry-After goes to the failover at once', TIMEOUT, async () => {
+    const pbx = await pbxUas('pbx-503', 'uas-503.xml', '-key', 'extra', 'Server: test-pbx');
+    const failover = await farEnd(edge, 'failover-503', 'uas.xml', FAILOVER, failoverPort);
+    const core = await uac(edge, 'core-503', 'inbound.xml', '127.0.0.9', { service: FO_DID, to: edge.coreAddress });
+    const got = assertPassed(edge, core, await ended(pbx, core), await ended(failover, core)).messages;
+    const waited = sippTimes(got, 'received', 'INVITE ')[0] - sippTimes(core.messages, 'sent', 'INVITE ')[0];
+    assert.ok(waited < NO_ANSWER_MS, `the 503 should fail over, not the timer (${waited} ms)`);
+    assert.doesNotMatch(core.messages, /^SIP\/2\.0 (503|500) /m, 'the PBX\'s 503 never reaches the core');
+  });
+
+  test('when the failover fails too, the core gets the PBX\'s failure', TIMEOUT, async () => {
+    const pbx = await pbxUas('pbx-503-then', 'uas-503.xml', '-key', 'extra', 'Server: test-pbx');
+    const failover = await farEnd(edge, 'failover-486', 'uas-486.xml', FAILOVER, failoverPort);
+    try {
+      // The PBX's 503 (as a proxy relays one: 500), not the failover's 486.
+      assert.match(await coreInvite(edge, FO_DID) ?? 'no answer', /^SIP\/2\.0 500 /);
+      assertPassed(edge, await pbx.run, await failover.run);
+    } finally {
+      pbx.run.child.kill('SIGKILL');
+      failover.run.child.kill('SIGKILL');
+    }
+  });
+
+  test('a 503 with Retry-After reaches the core (as 500) and not the failover', TIMEOUT, async () => {
+    const pbx = await pbxUas('pbx-503-retry', 'uas-503.xml', '-key', 'extra', 'Retry-After: 30');
+    const failover = await watch(FAILOVER, failoverPort);
+    await nothingReaches({ failover }, async () => {
+      const final = await coreInvite(edge, FO_DID);
+      // A proxy relays a 503 as 500 (RFC 3261 §16.7 step 6), as Kamailio does.
+      assert.match(final ?? 'no answer', /^SIP\/2\.0 500 /);
+      assertPassed(edge, await ended(pbx, { code: 0 }));
+    }).finally(() => pbx.run.child.kill('SIGKILL'));
+  });
+
+  test('busy (486) reaches the core and not the failover', TIMEOUT, async () => {
+    const pbx = await pbxUas('pbx-486', 'uas-486.xml');
+    const failover = await watch(FAILOVER, failoverPort);
+    await nothingReaches({ failover }, async () => {
+      assert.match(await coreInvite(edge, FO_DID) ?? 'no answer', /^SIP\/2\.0 486 /);
+      assertPassed(edge, await ended(pbx, { code: 0 }));
+    }).finally(() => pbx.run.child.kill('SIGKILL'));
+  });
+
+  test('a ringing PBX is alive past no_answer_ms: no failover, and the core\'s CANCEL ends it', TIMEOUT, async () => {
+    const pbx = await pbxUas('pbx-ringing', 'uas-cancel.xml');
+    const failover = await watch(FAILOVER, failoverPort);
+    await nothingReaches({ failover }, async () => {
+      assert.match(await coreInvite(edge, FO_DID, { cancelAfter: NO_ANSWER_MS + 1000 }) ?? 'no answer', /^SIP\/2\.0 487 /);
+      assertPassed(edge, await ended(pbx, { code: 0 }));
+    }).finally(() => pbx.run.child.kill('SIGKILL'));
+  });
+
+  test('a PBX that rings only after the failover took the call is cancelled (RFC 3261 §9.1)', TIMEOUT, async () => {
+    const pbx = await udpSocket(FO_PBX, pbxPort);
+    const seen = [];
+    // A UAS answers a request from its own header lines (RFC 3261 §8.2.6).
+    const answer = (request, status) => [`SIP/2.0 ${status}`, ...request.split('\r\n').filter((l) => /^(Via|From|Call-ID|CSeq):/i.test(l)),
+      `To: ${/^To: (.*?)\r?$/mi.exec(request)[1]};tag=pbx-late`, 'Content-Length: 0', '', ''].join('\r\n');
+    let ringing;
+    pbx.on('message', (m, rinfo) => {
+      const text = m.toString('latin1');
+      seen.push(text);
+      const invite = seen.find((s) => /^INVITE /.test(s));
+      if (invite && !ringing) {
+        ringing = setTimeout(() => pbx.send(answer(invite, '180 Ringing'), rinfo.port, rinfo.address), NO_ANSWER_MS + 500);
+      } else if (/^CANCEL /.test(text)) {
+        pbx.send(answer(text, '200 OK'), rinfo.port, rinfo.address);
+        pbx.send(answer(invite, '487 Request Terminated'), rinfo.port, rinfo.address);
+      }
+    });
+    try {
+      const failover = await farEnd(edge, 'failover-late', 'uas.xml', FAILOVER, failoverPort);
+      const core = await uac(edge, 'core-late', 'inbound.xml', '127.0.0.9', { service: FO_DID, to: edge.coreAddress });
+      assertPassed(edge, core, await ended(failover, core));
+      const cancel = await waitFor('the CANCEL at the PBX', () => seen.find((m) => /^CANCEL /.test(m)));
+      const branchOf = (m) => /^Via: [^\r\n]*;branch=([^;\r\n]+)/mi.exec(m)[1];
+      assert.equal(branchOf(cancel), branchOf(seen.find((m) => /^INVITE /.test(m))), 'the CANCEL names the PBX\'s INVITE');
+      await waitFor('the ACK of the 487', () => seen.find((m) => /^ACK /.test(m)));
+      assert.doesNotMatch(core.messages, /pbx-late/, 'nothing of the PBX\'s branch reached the core');
+    } finally {
+      clearTimeout(ringing);
+      pbx.close();
+    }
+  });
+
+  test('without a failover, a silent PBX\'s call goes nowhere else', TIMEOUT, async () => {
+    const pbx = await watch(NF_PBX, nfPort);
+    const failover = await watch(FAILOVER, failoverPort);
+    try {
+      await nothingReaches({ failover }, async () => {
+        // The edge gives no answer of its own: the core's transaction times out.
+        assert.equal(await coreInvite(edge, NF_DID, { ms: NO_ANSWER_MS + 1000 }), undefined);
+      });
+      assert.ok(pbx.seen.some((m) => m.startsWith(`INVITE sip:${NF.user}@${NF_PBX}:${nfPort}`)));
+    } finally {
+      await pbx.close();
+    }
+  });
+});
+
+// ---------------------------------------------------------------- --state FILE
+
+// The core's call to hq-pbx1 answered by a PBX socket on 127.0.0.2:pbxPort, both ends
+// played here: INVITE, 200 with the edge's Record-Route, ACK along the route set.
+// Resolves with `bye()`, which hangs it up from the core and checks the PBX got it.
+async function inboundHandCall(edge, pbxPort, name) {
+  const core = await udpSocket('127.0.0.9');
+  const pbx = await udpSocket('127.0.0.2', pbxPort);
+  const atCore = [];
+  const atPbx = [];
+  core.on('message', (m) => atCore.push(m.toString('latin1')));
+  pbx.on('message', (m, rinfo) => {
+    const text = m.toString('latin1');
+    atPbx.push(text);
+    if (/^(ACK|SIP)/.test(text)) return;
+    const keep = text.split('\r\n').filter((l) => /^(Via|From|Call-ID|CSeq|Record-Route):/i.test(l));
+    const to = /^To: (.*?)\r?$/mi.exec(text)[1];
+    pbx.send([`SIP/2.0 200 OK`, ...keep, `To: ${to}${/tag=/.test(to) ? '' : ';tag=pbx-tag'}`,
+      `Contact: <sip:hq1@127.0.0.2:${pbxPort}>`, 'Content-Length: 0', '', ''].join('\r\n'), rinfo.port, rinfo.address);
+  });
+  const me = `127.0.0.9:${core.address().port}`;
+  const callId = `${name}@127.0.0.9`;
+  const [host, port] = edge.coreAddress.split(':');
+  const request = (method, ruri, cseq, to, routes = []) => [`${method} ${ruri} SIP/2.0`,
+    `Via: SIP/2.0/UDP ${me};branch=z9hG4bK-${name}-${method}-${cseq};rport`, ...routes.map((r) => `Route: ${r}`), 'Max-Forwards: 70',
+    'From: <sip:+15550001111@carrier.example.net>;tag=core', `To: ${to}`, `Call-ID: ${callId}`,
+    `CSeq: ${cseq} ${method}`, `Contact: <sip:core@${me}>`, 'Content-Length: 0', '', ''].join('\r\n');
+  core.send(request('INVITE', `sip:+15551230000@${REALM}`, 1, `<sip:+15551230000@${REALM}>`), Number(port), host);
+  const ok = await waitFor('the PBX\'s 200 at the core', () => atCore.find((m) => /^SIP\/2\.0 200 [^]*CSeq: 1 INVITE/m.test(m)));
+  const routes = [...ok.matchAll(/^Record-Route: (.*?)\r?$/gmi)].flatMap((m) => m[1].split(/,\s*(?=<)/)).reverse();
+  const to = /^To: (.*?)\r?$/mi.exec(ok)[1];
+  const contact = /^Contact: <([^>]+)>/mi.exec(ok)[1];
+  const sendRouted = (text) => {
+    const [h, p] = /<sip:([\d.]+:\d+)/.exec(routes[0])[1].split(':');
+    core.send(text, Number(p), h);
+  };
+  sendRouted(request('ACK', contact, 1, to, routes));
+  await waitFor('the ACK at the PBX', () => atPbx.find((m) => /^ACK /.test(m)));
+  return {
+    bye: async () => {
+      sendRouted(request('BYE', contact, 2, to, routes));
+      await waitFor('the BYE at the PBX', () => atPbx.find((m) => /^BYE /.test(m)));
+      await waitFor('the 200 to the BYE at the core', () => atCore.find((m) => /^SIP\/2\.0 200 [^]*CSeq: 2 BYE/m.test(m)));
+    },
+    close: () => { core.close(); pbx.close(); },
+  };
+}
+
+test('--state: a registration and live calls outlive restarts and kill -9; a move is alerted once', { timeout: 60_000 }, async () => {
+  const stateDir = mkdtempSync(join(tmpdir(), 'tg-edge-state-'));
+  const stateFile = join(stateDir, 'edge-state.json');
+  const edge = await startEdge(true, {}, ['--state', stateFile]);
+  const pbxPort = await freePort('127.0.0.2');
+  const restart = async (signal) => {
+    edge.proc.kill(signal);
+    await edge.exit;
+    await launch(edge);
+  };
+  const calls = [];
+  try {
+    assertPassed(edge, await sipp(edge, 'register', 'register.xml',
+      ['-i', '127.0.0.2', '-p', String(pbxPort), '-s', HQ.user, '-au', HQ.user, '-ap', HQ.password, '-auth_uri', 'trunks.example.net', edge.address]));
+    // Killed right after its 200 OK: the binding was on disk before the 200 left.
+    await restart('SIGKILL');
+    assert.equal(statSync(stateFile).mode & 0o777, 0o600);
+    assert.match(edge.log, /state in \S+: [1-9]\d* store entries/);
+    // The PBX's next call passes without registering again.
+    const carrier = await farEnd(edge, 'carrier-after-restart', 'uas.xml', '127.0.0.1', edge.upstreamPort);
+    const pbx = await uac(edge, 'call-after-restart', 'call.xml', '127.0.0.2', { creds: HQ });
+    assertPassed(edge, pbx, await ended(carrier, pbx));
+    assert.match(edge.log, /INVITE \S+: allow\s+trunk hq-pbx1/);
+    // Calls set up before a restart (SIGTERM) and before a kill -9 are hung up after it.
+    for (const signal of ['SIGTERM', 'SIGKILL']) {
+      const call = await inboundHandCall(edge, pbxPort, `live-${signal}`);
+      calls.push(call);
+      await restart(signal);
+      await call.bye();
+      call.close();
+      calls.pop();
+    }
+    // The registration moves: the last registration IP was kept, so the move is seen.
+    assertPassed(edge, await sipp(edge, 'register-moved', 'register.xml',
+      ['-i', '127.0.0.5', '-p', String(pbxPort), '-s', HQ.user, '-au', HQ.user, '-ap', HQ.password, '-auth_uri', 'trunks.example.net', edge.address]));
+    const moves = () => edge.alerts.filter((a) => a.kind === 'reg_ip_change');
+    await waitFor('the reg_ip_change alert', () => moves().length);
+    await pause(300);
+    assert.equal(moves().length, 1, JSON.stringify(moves()));
+    assert.deepEqual([moves()[0].old_ip, moves()[0].new_ip, moves()[0].trunk_group], ['127.0.0.2', '127.0.0.5', 'hq-pbx1']);
+  } finally {
+    for (const call of calls) call.close();
+    edge.proc.kill('SIGKILL');
+    rmSync(edge.dir, { recursive: true, force: true });
+    rmSync(stateDir, { recursive: true, force: true });
   }
 });
