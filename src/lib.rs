@@ -1,9 +1,9 @@
 //! trunkguard: a SIP-trunk access policy for proxies at a carrier's edge.
 //!
-//! The core (everything but the `front_*` modules) is host-agnostic: it parses SIP,
-//! compiles the pushed configuration, verifies digest credentials and decides what
-//! to do with each message. Hosts reach it through one of the fronts, each behind a
-//! cargo feature.
+//! The core (everything but the fronts `abi`, `js` and `envoy`) is host-agnostic: it
+//! parses SIP, compiles the pushed configuration, verifies digest credentials and
+//! decides what to do with each message. Hosts reach it through one of the fronts,
+//! each behind a cargo feature (docs/architecture.md).
 
 pub mod acl;
 pub mod alert;

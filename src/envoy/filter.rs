@@ -9,11 +9,11 @@ use proxy_wasm::traits::{Context, RootContext, StreamContext};
 use proxy_wasm::types::ContextType;
 
 use super::conn::OnRefusal;
-use super::connection::Connection;
 use super::host::{self, Buffer, Level};
 use super::metrics;
 use super::shared::{self, ALERT_QUEUE, EnvoyBackend};
 use super::singleton::Singleton;
+use super::stream_context::Connection;
 use super::txn::Txn;
 use crate::engine::Engine;
 
@@ -200,7 +200,7 @@ impl RootContext for Root {
                 self.on_refusal = options.on_refusal;
                 shared::set_drill(options.drill);
                 if let Some(n) = options.refusal_log_per_second {
-                    super::connection::set_refusal_rate(n);
+                    super::stream_context::set_refusal_rate(n);
                 }
                 true
             }
@@ -238,7 +238,9 @@ impl RootContext for Root {
     fn on_tick(&mut self) {
         match &mut self.singleton {
             Some(s) => s.on_tick(),
-            None => super::connection::flush_refusal_summary(host::now_ms().unwrap_or_default()),
+            None => {
+                super::stream_context::flush_refusal_summary(host::now_ms().unwrap_or_default())
+            }
         }
     }
 

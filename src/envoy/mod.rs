@@ -8,8 +8,8 @@
 //! - `outbox`: the singleton's alert delivery queue; `keeper`: its keeping of the
 //!   state outside Envoy, so that a restart loses nothing.
 //! - `host` (every `unsafe` and host call), `metrics`, `shared`, `filter` (root
-//!   contexts), `connection` (stream contexts), `singleton`: the glue, built for
-//!   wasm32 only.
+//!   contexts), `stream_context` (a connection's stream context), `singleton`: the
+//!   glue, built for wasm32 only.
 //!
 //! The pure modules build on any target so that `cargo test --features envoy` runs
 //! their tests natively.
@@ -22,8 +22,6 @@ pub mod stream;
 pub mod txn;
 
 #[cfg(target_arch = "wasm32")]
-mod connection;
-#[cfg(target_arch = "wasm32")]
 mod filter;
 #[cfg(target_arch = "wasm32")]
 mod host;
@@ -33,6 +31,8 @@ mod metrics;
 mod shared;
 #[cfg(target_arch = "wasm32")]
 mod singleton;
+#[cfg(target_arch = "wasm32")]
+mod stream_context;
 
 /// Called by Envoy once the module is loaded: every root context (filter or alert
 /// singleton, told apart by their `root_id`) is a [`filter::Root`].
