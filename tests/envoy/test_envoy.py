@@ -1188,23 +1188,34 @@ class EnvoyAlertRelay(OwnEnvoy, unittest.TestCase):
     SUBJECT = "[trunkguard] Blocked call on hq-pbx1 (hq) from %s: not the registered address"
 
     @classmethod
-    def setUpClass(cls):
+    def chain_dir(cls, name):
+        """The relay and the SMTP sink must exist; the class's own directory, mail
+        directory and process table (shared by the classes that chain to the relay)."""
         if not os.access(RELAY, os.X_OK):
             raise RuntimeError(f"no relay at {RELAY}: scripts/build builds it")
         if subprocess.run([SMTP_PYTHON, "-c", "import aiosmtpd"], capture_output=True).returncode:
             raise RuntimeError(f"no aiosmtpd for {SMTP_PYTHON}: scripts/test-envoy installs it (target/py)")
-        cls.dir = os.path.join(Env.dir, "relay-chain")
+        cls.dir = os.path.join(Env.dir, name)
         os.makedirs(cls.dir, exist_ok=True)
         cls.mail = os.path.join(cls.dir, "mail")
-        cls.queue = os.path.join(cls.dir, "queue")
         cls.procs = {}
         cls.state = None
+
+    @classmethod
+    def start_sink(cls):
+        """Starts the SMTP sink on a free port: `cls.smtp_port`."""
+        line = cls.start("sink", [SMTP_PYTHON, SMTP_SINK, "--dir", cls.mail, "--port", "0"])
+        m = re.match(r"listening (\d+)$", line)
+        if not m:
+            raise RuntimeError(f"the SMTP sink said {line!r}")
+        cls.smtp_port = int(m.group(1))
+
+    @classmethod
+    def setUpClass(cls):
+        cls.chain_dir("relay-chain")
+        cls.queue = os.path.join(cls.dir, "queue")
         try:
-            line = cls.start("sink", [SMTP_PYTHON, SMTP_SINK, "--dir", cls.mail, "--port", "0"])
-            m = re.match(r"listening (\d+)$", line)
-            if not m:
-                raise RuntimeError(f"the SMTP sink said {line!r}")
-            cls.smtp_port = int(m.group(1))
+            cls.start_sink()
             cls.url = f"http://{cls.RELAY_AT[0]}:{cls.RELAY_AT[1]}/v1/alerts"
             cls.token = "envoy-chain-" + os.urandom(12).hex()
             cls.start_relay(cls.token)
@@ -1670,25 +1681,18 @@ class EnvoyKeepsState(OwnEnvoy, unittest.TestCase):
     start = classmethod(EnvoyAlertRelay.start.__func__)
     stop = classmethod(EnvoyAlertRelay.stop.__func__)
     write_token = classmethod(EnvoyAlertRelay.write_token.__func__)
+    chain_dir = classmethod(EnvoyAlertRelay.chain_dir.__func__)
+    start_sink = classmethod(EnvoyAlertRelay.start_sink.__func__)
     mails = EnvoyAlertRelay.mails
     health = EnvoyAlertRelay.health
     relay_idle = EnvoyAlertRelay.relay_idle
 
     @classmethod
     def setUpClass(cls):
-        if not os.access(RELAY, os.X_OK):
-            raise RuntimeError(f"no relay at {RELAY}: scripts/build builds it")
-        if subprocess.run([SMTP_PYTHON, "-c", "import aiosmtpd"], capture_output=True).returncode:
-            raise RuntimeError(f"no aiosmtpd for {SMTP_PYTHON}: scripts/test-envoy installs it (target/py)")
-        cls.dir = os.path.join(Env.dir, "keep-state")
-        os.makedirs(cls.dir, exist_ok=True)
-        cls.mail = os.path.join(cls.dir, "mail")
+        cls.chain_dir("keep-state")
         cls.kept_file = os.path.join(cls.dir, "envoy-state.json")
-        cls.procs = {}
-        cls.state = None
         try:
-            line = cls.start("sink", [SMTP_PYTHON, SMTP_SINK, "--dir", cls.mail, "--port", "0"])
-            cls.smtp_port = int(re.match(r"listening (\d+)$", line).group(1))
+            cls.start_sink()
             cls.token = "keep-state-" + os.urandom(12).hex()
             cls.token_file = cls.write_token("token", cls.token)
             cls.start_relay()

@@ -334,10 +334,7 @@ impl RefusalLog {
         cause: Option<&str>,
         trunk_group: Option<String>,
     ) -> Vec<String> {
-        let (Some(input), Some(Ok(cause))) = (
-            log_input(message, source, transport, now_ms),
-            cause.map(str::parse::<trunkguard::Cause>),
-        ) else {
+        let Some(Ok(cause)) = cause.map(str::parse::<trunkguard::Cause>) else {
             return Vec::new();
         };
         let mut verdict = if action == "allow" {
@@ -345,9 +342,17 @@ impl RefusalLog {
         } else {
             trunkguard::Verdict::reject(code, "", cause)
         };
+        // Called for every message: the core's rule first, the strings parsed only
+        // for the few verdicts it logs.
+        if !trunkguard::refusal_log::is_logged(&verdict) {
+            return Vec::new();
+        }
         verdict.code = (code != 0).then_some(code);
         verdict.trunk_group = trunk_group;
-        self.inner.record(&input, &verdict)
+        match log_input(message, source, transport, now_ms) {
+            Some(input) => self.inner.record(&input, &verdict),
+            None => Vec::new(),
+        }
     }
 
     /// The lines for a refusal the shim makes itself after an allow (`no_dialog`,
