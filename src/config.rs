@@ -56,6 +56,12 @@ pub struct RelaySettings {
     /// number when it is one of the trunk group's DIDs, else the trunk's first DID.
     #[serde(default = "default_true")]
     pub asserted_identity: bool,
+    /// Header announcing a binding to the proxy behind an edge that answers
+    /// REGISTERs itself (Envoy: docs/envoy.md, "Inbound calls"), with its companions
+    /// `<name>-Contact` and `<name>-Failover`. Any copy a sender supplied is removed
+    /// from every relayed request, like the trunk-group header.
+    #[serde(default = "default_binding_header")]
+    pub binding_header: String,
 }
 
 impl Default for RelaySettings {
@@ -63,8 +69,13 @@ impl Default for RelaySettings {
         RelaySettings {
             trunk_group_header: default_trunk_group_header(),
             asserted_identity: true,
+            binding_header: default_binding_header(),
         }
     }
+}
+
+fn default_binding_header() -> String {
+    "X-Trunkguard-Binding".to_string()
 }
 
 fn default_trunk_group_header() -> String {

@@ -46,6 +46,9 @@ pub struct Index {
     pub core_sockets: Vec<SocketAddr>,
     /// Header naming the trunk group on relayed calls (config `relay`).
     pub trunk_group_header: String,
+    /// The binding announcement's headers: the binding, its Contact, its failover
+    /// (config `relay.binding_header`, docs/envoy.md "Inbound calls").
+    pub binding_headers: [String; 3],
     pub asserted_identity: bool,
     pub registration: Registration,
     pub inbound: crate::config::InboundSettings,
@@ -101,6 +104,18 @@ impl Index {
                 "must be a header name (a SIP token)",
             ));
         }
+        let binding_header = config.relay.binding_header.trim().to_string();
+        if binding_header.is_empty() || !crate::sip::is_token(&binding_header) {
+            return Err(ConfigError::new(
+                "relay.binding_header",
+                "must be a header name (a SIP token)",
+            ));
+        }
+        let binding_headers = [
+            binding_header.clone(),
+            format!("{binding_header}-Contact"),
+            format!("{binding_header}-Failover"),
+        ];
         let reg = &config.registration;
         if reg.min_expires == 0 {
             return Err(ConfigError::new(
@@ -149,6 +164,7 @@ impl Index {
             core_networks,
             core_sockets,
             trunk_group_header,
+            binding_headers,
             asserted_identity: config.relay.asserted_identity,
             registration: config.registration.clone(),
             inbound: config.inbound.clone(),

@@ -147,13 +147,53 @@ fn passes_untouched(method: Method<'_>) -> bool {
 }
 
 impl<'r, 'a> Request<'r, 'a> {
-    /// An allow for `cause`. Whatever the sender wrote in the trunk-group header is
-    /// removed from every relayed request, so the carrier can trust the one the
-    /// edge writes on trunk calls.
+    /// An allow for `cause`. Whatever the sender wrote in the trunk-group header or
+    /// the binding announcement's headers is removed from every relayed request, so
+    /// the carrier can trust the one the edge writes on trunk calls, and the proxy
+    /// behind an edge the announcements it makes (docs/envoy.md, "Inbound calls").
     fn allow(&self, cause: Cause) -> Verdict {
         let mut v = Verdict::allow_as(cause);
         v.strip.push(self.index.trunk_group_header.clone());
+        v.strip.extend(self.index.binding_headers.iter().cloned());
         v
+    }
+
+    /// The binding announcement for T's accepted (un-)REGISTER, as `insert` headers:
+    /// what a proxy behind an edge that answers REGISTERs itself needs to route T's
+    /// inbound calls as `core_side` would (docs/envoy.md, "Inbound calls"). Hosts
+    /// that route inbound calls themselves ignore it (an accept is not relayed).
+    /// Every value but the Contact comes from the configuration; the Contact, the
+    /// PBX's own text, travels alone in its header.
+    fn announce(
+        &self,
+        trunk: &Trunk,
+        expires: u32,
+        contact: Option<&str>,
+    ) -> Vec<(String, String)> {
+        let [binding, contact_header, failover_header] = &self.index.binding_headers;
+        let dids: Vec<String> = trunk
+            .dids
+            .iter()
+            .filter_map(|d| crate::index::normalize_did(d))
+            .collect();
+        let inbound = &self.index.inbound;
+        let mut out = vec![(
+            binding.clone(),
+            format!(
+                "{};expires={expires};dids={};no-answer-ms={};failover-6xx={}",
+                trunk.id,
+                dids.join(","),
+                inbound.no_answer_ms,
+                u8::from(inbound.failover_on_6xx)
+            ),
+        )];
+        if let Some(c) = contact {
+            out.push((contact_header.clone(), c.to_string()));
+        }
+        if let Some(f) = &trunk.failover {
+            out.push((failover_header.clone(), f.clone()));
+        }
+        out
     }
 
     /// An authenticated trunk group's request, as it leaves for the carrier: the
@@ -553,6 +593,7 @@ impl<'r, 'a> Request<'r, 'a> {
         }
         let header = format!("<{}>;expires={expires}", b.contact);
         let mut d = accepted(trunk, Cause::Registered, Some(header));
+        d.verdict.insert = self.announce(trunk, expires, Some(&b.contact));
         d.alerts = alerts;
         Ok(d)
     }
@@ -582,7 +623,9 @@ impl<'r, 'a> Request<'r, 'a> {
             return Ok(Decision { verdict, alerts });
         }
         binding::remove(store, &trunk.id)?;
-        Ok(accepted(trunk, Cause::Unregistered, None))
+        let mut d = accepted(trunk, Cause::Unregistered, None);
+        d.verdict.insert = self.announce(trunk, 0, None);
+        Ok(d)
     }
 
     fn call(&self, trunk: &Trunk, store: &mut dyn Store) -> Result<Decision, StoreError> {

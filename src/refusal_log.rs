@@ -24,23 +24,33 @@ const METHOD_MAX: usize = 32;
 /// challenge, a stale nonce (an honest client whose nonce expired), a route, an
 /// answer to a registration and an allow are ordinary traffic.
 pub fn is_logged(v: &Verdict) -> bool {
-    match v.cause {
-        None => false,
-        Some(
-            Cause::AuthRequired
-            | Cause::StaleNonce
-            | Cause::Registered
-            | Cause::Unregistered
-            | Cause::RegisteredContact
-            | Cause::Failover
-            | Cause::InDialog
-            | Cause::Core
-            | Cause::Trunk
-            | Cause::PassThrough
-            | Cause::Response,
-        ) => false,
-        Some(_) => v.action != Action::Allow,
+    v.cause
+        .is_some_and(|cause| logs(cause, v.action == Action::Allow))
+}
+
+/// [`is_logged`] for a verdict held as the message ABI reports it: whether a verdict
+/// with this cause (allowed or not) gets a line. Hosts ask it before they parse
+/// anything else of the message.
+pub fn logs(cause: Cause, allowed: bool) -> bool {
+    match cause {
+        Cause::AuthRequired
+        | Cause::StaleNonce
+        | Cause::Registered
+        | Cause::Unregistered
+        | Cause::RegisteredContact
+        | Cause::Failover
+        | Cause::InDialog
+        | Cause::Core
+        | Cause::Trunk
+        | Cause::PassThrough
+        | Cause::Response => false,
+        _ => !allowed,
     }
+}
+
+/// [`logs`] for a cause as its name (as hosts receive it); an unknown name is not logged.
+pub fn logs_reported(cause: &str, allowed: bool) -> bool {
+    cause.parse().is_ok_and(|c| logs(c, allowed))
 }
 
 #[derive(Serialize)]
@@ -201,6 +211,34 @@ impl RefusalLog {
             out.extend(line(input, verdict));
         }
         out
+    }
+
+    /// [`RefusalLog::record`] for a host that holds the verdict as the message ABI
+    /// reported it (action, code, cause, trunk group) rather than as a [`Verdict`]:
+    /// the Kamailio extension and module. An unknown cause is not logged. The core's
+    /// rule is asked before anything else, since every message passes here.
+    pub fn record_reported(
+        &mut self,
+        input: &Input<'_>,
+        allowed: bool,
+        code: u16,
+        cause: &str,
+        trunk_group: Option<&str>,
+    ) -> Vec<String> {
+        let Ok(cause) = cause.parse::<crate::Cause>() else {
+            return Vec::new();
+        };
+        if !logs(cause, allowed) {
+            return Vec::new();
+        }
+        let mut verdict = if allowed {
+            Verdict::allow_as(cause)
+        } else {
+            Verdict::reject(code, "", cause)
+        };
+        verdict.code = (code != 0).then_some(code);
+        verdict.trunk_group = trunk_group.map(str::to_owned);
+        self.record(input, &verdict)
     }
 
     /// The lines for a refusal the host makes itself after the policy allowed the

@@ -209,7 +209,9 @@ fn on_request(
     if mode == OnRefusal::Close {
         return Step::Close("a refused request (on_refusal: close)");
     }
-    let Some(probe) = probe::build(raw) else {
+    // An accepted REGISTER's verdict carries the binding announcement in `insert`
+    // (the only verdict answered here that has any): it goes upstream on the probe.
+    let Some(probe) = probe::build_with(raw, &verdict.insert) else {
         return Step::Close("a refused request without readable transaction headers");
     };
     let tag = judge.to_tag();
@@ -304,6 +306,19 @@ mod tests {
                     "Forbidden (not_in_access_list)",
                     Cause::NotInAccessList,
                 )
+            } else if t.starts_with("REGISTER") {
+                // Accepted, with the binding announcement the real policy makes.
+                let mut v = Verdict::reject(200, "OK", Cause::Registered)
+                    .with_header("Contact", "<sip:hq1@127.0.0.2:5060>;expires=60");
+                v.action = Action::Accept;
+                v.insert = vec![
+                    ("X-Trunkguard-Binding".into(), "hq;expires=60".into()),
+                    (
+                        "X-Trunkguard-Binding-Contact".into(),
+                        "sip:hq1@127.0.0.2:5060".into(),
+                    ),
+                ];
+                v
             } else if t.starts_with("garbage") {
                 Verdict::reject(400, "Bad Request", Cause::Malformed)
             } else if t.starts_with("INVITE") && !t.contains("Proxy-Authorization") {
@@ -327,6 +342,32 @@ mod tests {
             self.0 += 1;
             format!("tg{}", self.0)
         }
+    }
+
+    #[test]
+    fn an_accepted_register_announces_its_binding_upstream_but_not_to_the_pbx() {
+        let mut c = Conn::new(OnRefusal::Answer);
+        let reg = "REGISTER sip:t SIP/2.0\r\nVia: SIP/2.0/TCP 127.0.0.2:5060;branch=z9hG4bK-r\r\n\
+Max-Forwards: 70\r\nFrom: <sip:hq1@t>;tag=f\r\nTo: <sip:hq1@t>\r\nCall-ID: r@pbx\r\n\
+CSeq: 1 REGISTER\r\nContact: <sip:hq1@127.0.0.2:5060>\r\n\
+X-Trunkguard-Binding: forged;expires=9\r\nContent-Length: 0\r\n\r\n";
+        let o = c.downstream(reg.as_bytes(), &mut Fake(0));
+        let probe = text(&o.data);
+        assert!(
+            probe.contains(
+                "X-Trunkguard-Binding: hq;expires=60\r\n\
+X-Trunkguard-Binding-Contact: sip:hq1@127.0.0.2:5060\r\nMax-Forwards: 0\r\n"
+            ),
+            "{probe}"
+        );
+        assert!(
+            !probe.contains("forged"),
+            "the PBX's own copy never goes up: {probe}"
+        );
+        let answer = c.upstream(&refusal(probe.as_bytes(), "483 Too Many Hops"));
+        let answer = text(&answer.data);
+        assert!(answer.starts_with("SIP/2.0 200 OK\r\n"), "{answer}");
+        assert!(!answer.contains("X-Trunkguard"), "{answer}");
     }
 
     fn invite(from: &str, branch: &str, extra: &str) -> String {

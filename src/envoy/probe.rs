@@ -66,6 +66,15 @@ const FALLBACK_URI: &str = "sip:trunkguard.invalid";
 /// 400 when its transaction headers are readable. `None`: no usable request line or
 /// transaction headers (a response, garbage), so no answer can be delivered.
 pub fn build(raw: &[u8]) -> Option<Probe> {
+    build_with(raw, &[])
+}
+
+/// [`build`], carrying `announce` too: the verdict's `insert` of an accepted
+/// REGISTER, the binding the proxy behind needs to route the PBX's inbound calls
+/// (docs/envoy.md, "Inbound calls"). A header that would not be one line of its own
+/// (a name that is not a token, a value with a line break) is left out: the PBX's
+/// Contact is its own text.
+pub fn build_with(raw: &[u8], announce: &[(String, String)]) -> Option<Probe> {
     let text = std::str::from_utf8(raw).ok()?;
     let text = text.trim_start_matches("\r\n");
     let head = text.get(..text.find("\r\n\r\n")?)?;
@@ -77,9 +86,15 @@ pub fn build(raw: &[u8]) -> Option<Probe> {
         return None;
     }
     let fields = transaction_fields(lines)?;
+    let mut extra = String::new();
+    for (name, value) in announce {
+        if is_token(name) && !value.contains(['\r', '\n']) {
+            extra.push_str(&format!("{name}: {value}\r\n"));
+        }
+    }
     [uri, FALLBACK_URI].into_iter().find_map(|uri| {
         let bytes = format!(
-            "{method} {uri} SIP/2.0\r\n{fields}Max-Forwards: 0\r\nContent-Length: 0\r\n\r\n"
+            "{method} {uri} SIP/2.0\r\n{fields}{extra}Max-Forwards: 0\r\nContent-Length: 0\r\n\r\n"
         )
         .into_bytes();
         let key = Key::of(&parse(&bytes, Framing::Stream).ok()?)?;
@@ -153,6 +168,31 @@ Content-Length: 4\r\n\r\nbody";
 
     fn text(p: &Probe) -> &str {
         std::str::from_utf8(&p.bytes).unwrap()
+    }
+
+    #[test]
+    fn an_announcement_rides_on_the_probe_one_line_per_header() {
+        let announce = [
+            (
+                "X-Trunkguard-Binding".to_string(),
+                "hq;expires=60".to_string(),
+            ),
+            (
+                "X-Trunkguard-Binding-Contact".to_string(),
+                "sip:a@b\r\nX-Evil: 1".to_string(),
+            ),
+            ("Bad Name".to_string(), "x".to_string()),
+        ];
+        let p = build_with(INVITE.as_bytes(), &announce).unwrap();
+        let t = text(&p);
+        assert!(
+            t.contains(
+                "CSeq: 2 INVITE\r\nX-Trunkguard-Binding: hq;expires=60\r\nMax-Forwards: 0\r\n"
+            ),
+            "{t}"
+        );
+        assert!(!t.contains("X-Evil") && !t.contains("Bad Name"), "{t}");
+        assert_eq!(p.key, build(INVITE.as_bytes()).unwrap().key);
     }
 
     #[test]

@@ -334,23 +334,20 @@ impl RefusalLog {
         cause: Option<&str>,
         trunk_group: Option<String>,
     ) -> Vec<String> {
-        let Some(Ok(cause)) = cause.map(str::parse::<trunkguard::Cause>) else {
+        let Some(cause) = cause else {
             return Vec::new();
         };
-        let mut verdict = if action == "allow" {
-            trunkguard::Verdict::allow_as(cause)
-        } else {
-            trunkguard::Verdict::reject(code, "", cause)
-        };
-        // Called for every message: the core's rule first, the strings parsed only
-        // for the few verdicts it logs.
-        if !trunkguard::refusal_log::is_logged(&verdict) {
+        // Called for every message: the core's rule is asked first, the strings are
+        // parsed only for the few verdicts it logs.
+        let allowed = action == "allow";
+        if !trunkguard::refusal_log::logs_reported(cause, allowed) {
             return Vec::new();
         }
-        verdict.code = (code != 0).then_some(code);
-        verdict.trunk_group = trunk_group;
         match log_input(message, source, transport, now_ms) {
-            Some(input) => self.inner.record(&input, &verdict),
+            Some(input) => {
+                self.inner
+                    .record_reported(&input, allowed, code, cause, trunk_group.as_deref())
+            }
             None => Vec::new(),
         }
     }
