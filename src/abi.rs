@@ -13,11 +13,11 @@ use std::net::SocketAddr;
 use crate::alert::Alert;
 use crate::engine::{Engine, Host};
 use crate::policy::Input;
-use crate::sip::Transport;
 use crate::store::{Store, StoreError};
+use crate::verdict::Verdict;
 
-/// 2: `tg_judge` takes the receiving socket too (core trust, docs/abi.md).
-pub const ABI_VERSION: u32 = 2;
+pub use crate::wire::ABI_VERSION;
+use crate::wire::{Configured, Judgement, Ticked};
 
 #[link(wasm_import_module = "trunkguard_host")]
 unsafe extern "C" {
@@ -105,18 +105,6 @@ impl Host for AbiHost {
 }
 
 /// Transport codes of the ABI (docs/abi.md).
-fn transport_from_code(code: u32) -> Option<Transport> {
-    Some(match code {
-        0 => Transport::Udp,
-        1 => Transport::Tcp,
-        2 => Transport::Tls,
-        3 => Transport::Ws,
-        4 => Transport::Wss,
-        5 => Transport::Sctp,
-        _ => return None,
-    })
-}
-
 fn len32(b: &[u8]) -> u32 {
     u32::try_from(b.len()).unwrap_or(u32::MAX)
 }
@@ -142,9 +130,15 @@ fn result(output: &mut Vec<u8>, value: &impl serde::Serialize) -> u64 {
     ((output.as_ptr() as u64) << 32) | output.len() as u64
 }
 
-#[derive(serde::Serialize)]
-struct VerdictResult<'a> {
-    verdict: &'a crate::verdict::Verdict,
+/// `tg_judge`'s answer when there is no verdict: the host refuses the message.
+fn no_verdict(output: &mut Vec<u8>, error: String) -> u64 {
+    result(
+        output,
+        &Judgement::<&Verdict> {
+            verdict: None,
+            error: Some(error),
+        },
+    )
 }
 
 fn with_state(f: impl FnOnce(&mut State) -> u64) -> u64 {
@@ -184,11 +178,18 @@ pub extern "C" fn tg_configure(len: u32) -> u64 {
         let json = st.input.get(..len as usize).unwrap_or_default().to_vec();
         let outcome = st.engine.configure(&json, &mut AbiHost);
         let value = match outcome {
-            Ok(generation) => serde_json::json!({"ok": true, "generation": generation}),
-            Err(e) => serde_json::json!({
-                "ok": false, "path": e.path, "reason": e.reason,
-                "generation": st.engine.generation(),
-            }),
+            Ok(generation) => Configured {
+                ok: true,
+                generation,
+                path: None,
+                reason: None,
+            },
+            Err(e) => Configured {
+                ok: false,
+                generation: st.engine.generation(),
+                path: Some(e.path),
+                reason: Some(e.reason),
+            },
         };
         result(&mut st.output, &value)
     })
@@ -220,10 +221,7 @@ pub extern "C" fn tg_judge(
             input.get(msg_len..end),
             input.get(end..local_end),
         ) else {
-            return result(
-                output,
-                &serde_json::json!({"error": "lengths exceed the buffer"}),
-            );
+            return no_verdict(output, "lengths exceed the buffer".into());
         };
         let source = match std::str::from_utf8(source)
             .ok()
@@ -232,10 +230,7 @@ pub extern "C" fn tg_judge(
             Some(s) => s,
             None => {
                 let text = String::from_utf8_lossy(source).into_owned();
-                return result(
-                    output,
-                    &serde_json::json!({"error": format!("bad source address {text:?}")}),
-                );
+                return no_verdict(output, format!("bad source address {text:?}"));
             }
         };
         // Empty: the host does not know the socket, and nothing is core traffic.
@@ -249,18 +244,12 @@ pub extern "C" fn tg_judge(
                 Some(l) => Some(l),
                 None => {
                     let text = String::from_utf8_lossy(local).into_owned();
-                    return result(
-                        output,
-                        &serde_json::json!({"error": format!("bad local address {text:?}")}),
-                    );
+                    return no_verdict(output, format!("bad local address {text:?}"));
                 }
             }
         };
-        let Some(transport) = transport_from_code(transport) else {
-            return result(
-                output,
-                &serde_json::json!({"error": format!("bad transport code {transport}")}),
-            );
+        let Some(transport) = crate::wire::transport_of_code(transport) else {
+            return no_verdict(output, format!("bad transport code {transport}"));
         };
         let input = Input {
             message,
@@ -270,7 +259,13 @@ pub extern "C" fn tg_judge(
             now_ms,
         };
         let verdict = engine.judge(&input, &mut AbiHost);
-        result(output, &VerdictResult { verdict: &verdict })
+        result(
+            output,
+            &Judgement {
+                verdict: Some(&verdict),
+                error: None,
+            },
+        )
     })
 }
 
@@ -280,8 +275,14 @@ pub extern "C" fn tg_judge(
 pub extern "C" fn tg_tick(now_ms: u64) -> u64 {
     with_state(|st| {
         let value = match st.engine.tick(now_ms, &mut AbiHost) {
-            Ok(n) => serde_json::json!({ "summaries": n }),
-            Err(e) => serde_json::json!({ "error": e.to_string() }),
+            Ok(summaries) => Ticked {
+                summaries,
+                error: None,
+            },
+            Err(e) => Ticked {
+                summaries: 0,
+                error: Some(e.to_string()),
+            },
         };
         result(&mut st.output, &value)
     })

@@ -15,25 +15,10 @@ use crate::refusal_log::{self, RefusalLog};
 use crate::sip::Transport;
 use crate::store::{Store, StoreError};
 
+// The TypeScript types of the verdict, kept in one file that the core's tests check
+// against the Rust types (src/wire.rs).
 #[wasm_bindgen(typescript_custom_section)]
-const TS_TYPES: &'static str = r#"
-/** Where the policy keeps bindings, nonce secret and alert throttles. A `Map` works. */
-export interface TrunkStore {
-  get(key: string): string | undefined;
-  set(key: string, value: string): unknown;
-  delete(key: string): unknown;
-}
-/** A verdict (docs/abi.md). */
-export interface Verdict {
-  action: "allow" | "challenge" | "reject" | "accept" | "route";
-  code?: number; reason?: string; cause?: string; trunk_group?: string;
-  target?: string; next_hop?: string; headers?: [string, string][];
-  strip?: string[]; insert?: [string, string][];
-  /** On a call routed to a registered PBX: where it goes when the PBX does not
-   * answer within `failover_after_ms`, or answers a code `failsOver` accepts. */
-  failover?: string; failover_after_ms?: number; failover_on_6xx?: boolean;
-}
-"#;
+const TS_TYPES: &'static str = include_str!("verdict.d.ts");
 
 /// The JavaScript side of the host: a store object, an optional alert callback.
 struct JsHost<'a> {

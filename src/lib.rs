@@ -20,6 +20,7 @@ pub mod replay;
 pub mod sip;
 pub mod store;
 pub mod verdict;
+pub mod wire;
 
 #[cfg(all(feature = "abi", target_arch = "wasm32"))]
 pub mod abi;

@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 /// The five actions of the host contract (docs/abi.md); their names are part of it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Action {
     /// Let the message continue unchanged.
@@ -16,6 +16,27 @@ pub enum Action {
     Accept,
     /// An inbound call: relay it to `target`.
     Route,
+}
+
+impl Action {
+    pub const ALL: [Action; 5] = [
+        Action::Allow,
+        Action::Challenge,
+        Action::Reject,
+        Action::Accept,
+        Action::Route,
+    ];
+
+    /// The action's name in the host contract.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Allow => "allow",
+            Action::Challenge => "challenge",
+            Action::Reject => "reject",
+            Action::Accept => "accept",
+            Action::Route => "route",
+        }
+    }
 }
 
 /// Machine-readable reason for every verdict: for an allow it says why, and hosts
@@ -98,6 +119,35 @@ impl std::str::FromStr for Cause {
 }
 
 impl Cause {
+    /// Every cause, in declaration order: what the generated types of other languages
+    /// are checked against (`wire`'s tests). A new cause goes here too.
+    pub const ALL: [Cause; 24] = [
+        Cause::Malformed,
+        Cause::BadCredentials,
+        Cause::NotInAccessList,
+        Cause::NotRegisteredAddress,
+        Cause::RegistrationRequired,
+        Cause::IntervalTooBrief,
+        Cause::UnknownDid,
+        Cause::TrunkUnavailable,
+        Cause::AuthRequired,
+        Cause::StaleNonce,
+        Cause::ReplayedNonce,
+        Cause::SourceBanned,
+        Cause::Registered,
+        Cause::Unregistered,
+        Cause::RegisteredContact,
+        Cause::Failover,
+        Cause::TooManyHops,
+        Cause::NotConfigured,
+        Cause::StoreUnavailable,
+        Cause::InDialog,
+        Cause::Core,
+        Cause::Trunk,
+        Cause::PassThrough,
+        Cause::Response,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Cause::Malformed => "malformed",
@@ -164,8 +214,9 @@ impl Cause {
     }
 }
 
-/// One verdict, serialised as the `verdict` object of the host contract.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// One verdict, serialised as the `verdict` object of the host contract, and read
+/// back by hosts as the same type (`wire`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Verdict {
     pub action: Action,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -184,7 +235,7 @@ pub struct Verdict {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub next_hop: Option<String>,
     /// Headers to add to the answer, in order.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
     pub headers: Vec<(String, String)>,
     /// On a call routed to a registered PBX: where it goes when that PBX does not
     /// answer (no response in `failover_after_ms`, or a final response for which
@@ -198,10 +249,10 @@ pub struct Verdict {
     pub failover_on_6xx: bool,
     /// Header names the host removes from the request (every field of that name,
     /// compact forms too) before relaying it.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
     pub strip: Vec<String>,
     /// Headers the host appends to the request, after `strip`, before relaying it.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
     pub insert: Vec<(String, String)>,
 }
 

@@ -38,7 +38,7 @@ fn a_failing_store_refuses_with_500_never_allows() {
         .unwrap();
     assert_eq!(j.verdict.action, Action::Reject);
     assert_eq!(j.verdict.code, Some(500));
-    assert_eq!(j.verdict.cause.as_deref(), Some("store_unavailable"));
+    assert_eq!(j.verdict.cause, Some(trunkguard::Cause::StoreUnavailable));
     // A call the policy would allow (peer-to-peer, no access list, the right
     // password), answered on a nonce issued before the store failed: refused too.
     p.state_mut().fault = None;
@@ -270,7 +270,11 @@ fn a_write_failing_inside_a_registration_leaves_nothing_half_registered() {
             Some(Fault::FailWrite(nth)),
         );
         assert_eq!(v.action, Action::Reject, "write {nth}: {v:?}");
-        assert_eq!(v.cause.as_deref(), Some("store_unavailable"), "write {nth}");
+        assert_eq!(
+            v.cause,
+            Some(trunkguard::Cause::StoreUnavailable),
+            "write {nth}"
+        );
         assert!(alerts.is_empty(), "write {nth}: {alerts:?}");
         // The call lock and the last registration IP are where they were.
         let after = kv.snapshot();

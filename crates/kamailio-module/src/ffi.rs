@@ -220,10 +220,10 @@ fn parse_judge_input(
         None | Some("") => None,
         Some(l) => Some(l.parse().map_err(|_| format!("bad local address {l:?}"))?),
     };
+    let transport = transport.ok_or("no transport")?;
     let transport = transport
-        .ok_or("no transport")?
         .parse()
-        .map_err(|e: HostError| e.to_string())?;
+        .map_err(|_| format!("unknown transport {transport:?}"))?;
     Ok((source, local, transport))
 }
 

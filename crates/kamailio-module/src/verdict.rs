@@ -113,7 +113,7 @@ impl Held {
             action: action_code(v.action),
             code: v.code.unwrap_or(0),
             reason: TgStr::of_opt(v.reason.as_ref()),
-            cause: TgStr::of_opt(v.cause.as_ref()),
+            cause: v.cause.map_or(TgStr::EMPTY, |c| TgStr::of(c.as_str())),
             trunk_group: TgStr::of_opt(v.trunk_group.as_ref()),
             target: TgStr::of_opt(v.target.as_ref()),
             next_hop: TgStr::of_opt(v.next_hop.as_ref()),

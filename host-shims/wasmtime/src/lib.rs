@@ -8,7 +8,6 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
 use wasmtime::{Caller, Config, Engine, Instance, Linker, Memory, Module, Store, TypedFunc};
 
 pub mod kv;
@@ -17,34 +16,11 @@ pub mod replay;
 
 pub use kv::{KvBackend, MemoryKv};
 
-/// The ABI version this host speaks.
-pub const ABI_VERSION: u32 = 2;
-
-/// Transport codes of the ABI.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Transport {
-    Udp = 0,
-    Tcp = 1,
-    Tls = 2,
-    Ws = 3,
-    Wss = 4,
-    Sctp = 5,
-}
-
-impl std::str::FromStr for Transport {
-    type Err = HostError;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Ok(match s.to_ascii_lowercase().as_str() {
-            "udp" => Transport::Udp,
-            "tcp" => Transport::Tcp,
-            "tls" => Transport::Tls,
-            "ws" => Transport::Ws,
-            "wss" => Transport::Wss,
-            "sctp" => Transport::Sctp,
-            _ => return Err(HostError::BadInput(format!("unknown transport {s:?}"))),
-        })
-    }
-}
+// The wire types are the guest's own (`trunkguard::wire`): one definition on both
+// sides of the ABI.
+pub use trunkguard::sip::Transport;
+pub use trunkguard::wire::{ABI_VERSION, ConfigRefused};
+pub use trunkguard::{Action, Cause, Verdict};
 
 #[derive(Debug, thiserror::Error)]
 pub enum HostError {
@@ -65,69 +41,6 @@ pub enum HostError {
     Module(String),
     #[error("bad input: {0}")]
     BadInput(String),
-}
-
-/// A refused configuration push.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{path}: {reason}")]
-pub struct ConfigRefused {
-    pub path: String,
-    pub reason: String,
-}
-
-/// The five verdict actions (docs/abi.md).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Action {
-    Allow,
-    Challenge,
-    Reject,
-    Accept,
-    Route,
-}
-
-impl Action {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Action::Allow => "allow",
-            Action::Challenge => "challenge",
-            Action::Reject => "reject",
-            Action::Accept => "accept",
-            Action::Route => "route",
-        }
-    }
-}
-
-/// A verdict as the module reports it (the `verdict` object of the contract).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-pub struct Verdict {
-    pub action: Action,
-    #[serde(default)]
-    pub code: Option<u16>,
-    #[serde(default)]
-    pub reason: Option<String>,
-    #[serde(default)]
-    pub cause: Option<String>,
-    #[serde(default)]
-    pub trunk_group: Option<String>,
-    #[serde(default)]
-    pub target: Option<String>,
-    #[serde(default)]
-    pub next_hop: Option<String>,
-    /// Where a call to a registered PBX goes when it does not answer
-    /// (`trunkguard::verdict::fails_over`), and after how long without a response.
-    #[serde(default)]
-    pub failover: Option<String>,
-    #[serde(default)]
-    pub failover_after_ms: Option<u64>,
-    #[serde(default)]
-    pub failover_on_6xx: bool,
-    #[serde(default)]
-    pub headers: Vec<(String, String)>,
-    #[serde(default)]
-    pub strip: Vec<String>,
-    #[serde(default)]
-    pub insert: Vec<(String, String)>,
 }
 
 /// One judged message: the verdict, its raw JSON line, and the alerts it raised.
@@ -492,26 +405,9 @@ impl Policy {
             let packed = ex.configure.call(&mut *store, len).map_err(trap)?;
             read_result(ex.memory, store, packed)
         })?;
-        #[derive(Deserialize)]
-        struct Outcome {
-            ok: bool,
-            #[serde(default)]
-            generation: u64,
-            #[serde(default)]
-            path: String,
-            #[serde(default)]
-            reason: String,
-        }
-        let o: Outcome =
+        let o: trunkguard::wire::Configured =
             serde_json::from_str(&raw).map_err(|e| HostError::Module(format!("{e}: {raw}")))?;
-        Ok(if o.ok {
-            Ok(o.generation)
-        } else {
-            Err(ConfigRefused {
-                path: o.path,
-                reason: o.reason,
-            })
-        })
+        Ok(o.outcome())
     }
 
     /// Judges one message. An error means no verdict: the caller must refuse the
@@ -553,19 +449,20 @@ impl Policy {
                 .judge
                 .call(
                     &mut *store,
-                    (msg_len, src_len, local_len, transport as u32, now_ms),
+                    (
+                        msg_len,
+                        src_len,
+                        local_len,
+                        trunkguard::wire::transport_code(transport),
+                        now_ms,
+                    ),
                 )
                 .map_err(trap)?;
             read_result(ex.memory, store, packed)
         });
         let alerts = std::mem::take(&mut self.store.data_mut().alerts);
         let raw = raw?;
-        #[derive(Deserialize)]
-        struct Out {
-            verdict: Option<Verdict>,
-            error: Option<String>,
-        }
-        let out: Out =
+        let out: trunkguard::wire::Judgement =
             serde_json::from_str(&raw).map_err(|e| HostError::Module(format!("{e}: {raw}")))?;
         match (out.verdict, out.error) {
             (Some(verdict), _) => Ok(Judged {
@@ -586,10 +483,12 @@ impl Policy {
         });
         let alerts = std::mem::take(&mut self.store.data_mut().alerts);
         let raw = raw?;
-        if raw.contains("\"error\"") {
-            return Err(HostError::Module(raw));
+        let ticked: trunkguard::wire::Ticked =
+            serde_json::from_str(&raw).map_err(|e| HostError::Module(format!("{e}: {raw}")))?;
+        match ticked.error {
+            Some(e) => Err(HostError::Module(e)),
+            None => Ok(alerts),
         }
-        Ok(alerts)
     }
 }
 

@@ -196,11 +196,8 @@ impl Summary {
         let word =
             String::from_utf8_lossy(first_line.split(|&b| b == b' ').next().unwrap_or_default())
                 .into_owned();
-        let outcome = format!(
-            "{} {}",
-            verdict.action.as_str(),
-            verdict.cause.clone().unwrap_or_default()
-        );
+        let cause = verdict.cause.map(|c| c.as_str()).unwrap_or_default();
+        let outcome = format!("{} {cause}", verdict.action.as_str());
         *self
             .by_outcome
             .entry(outcome.trim().to_string())
@@ -213,8 +210,7 @@ impl Summary {
             verdict.action.as_str().to_string(),
             verdict.code.map(|c| c.to_string()).unwrap_or_default(),
             format!(
-                "{} {}",
-                verdict.cause.clone().unwrap_or_default(),
+                "{cause} {}",
                 verdict
                     .trunk_group
                     .clone()

@@ -59,7 +59,7 @@ pub fn parse_line(line: &str) -> Result<ReplayInput, String> {
     let transport: Transport = l
         .transport
         .parse()
-        .map_err(|e: crate::HostError| e.to_string())?;
+        .map_err(|_| format!("unknown transport {:?}", l.transport))?;
     let message = match (l.message, l.message_b64) {
         (Some(m), None) => m.into_bytes(),
         (None, Some(b)) => base64::engine::general_purpose::STANDARD

@@ -234,7 +234,9 @@ impl Policy {
                     .map_err(|_| PolicyError::new_err(format!("bad local address {l:?}")))?,
             ),
         };
-        let transport: Transport = transport.parse().map_err(policy_error)?;
+        let transport: Transport = transport
+            .parse()
+            .map_err(|_| PolicyError::new_err(format!("unknown transport {transport:?}")))?;
         let judged = self
             .inner
             .judge(message, source, local, transport, now_ms)
@@ -244,7 +246,7 @@ impl Policy {
             v.action.as_str(),
             v.code.unwrap_or(0),
             v.reason.unwrap_or_default(),
-            v.cause,
+            v.cause.map(|c| c.as_str().to_owned()),
             v.trunk_group,
             v.target,
             v.next_hop,
