@@ -304,9 +304,63 @@ fn save_list(store: &mut dyn Store, key: &str, list: &[String]) -> Result<(), St
     store.set(key, &raw)
 }
 
+/// What a host does with an alert after one POST to the relay (docs/alerts.md,
+/// "Posting from a host"), the same in every host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// Taken (`202 queued`, `200 duplicate`): forget it.
+    Sent,
+    /// No answer, a timeout, `408`, `429`, a `5xx` (or a redirect, which a fixed URL
+    /// mends): post the same body again later, with a growing delay; the relay
+    /// recognises the id, so a retry never becomes a second e-mail.
+    Retry,
+    /// Any other `4xx` (`401`/`403`: the token or the `--allow` list is wrong): no
+    /// retry mends it; keep the alert for the operator to re-deliver (never drop it).
+    Refused,
+}
+
+impl Delivery {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Delivery::Sent => "sent",
+            Delivery::Retry => "retry",
+            Delivery::Refused => "refused",
+        }
+    }
+}
+
+/// The delivery rule for the relay's answer `status` (`None`: no answer at all).
+pub fn delivery(status: Option<u16>) -> Delivery {
+    match status {
+        Some(200..=299) => Delivery::Sent,
+        Some(408 | 429) => Delivery::Retry,
+        Some(400..=499) => Delivery::Refused,
+        _ => Delivery::Retry,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn delivery_retries_what_time_mends_and_keeps_what_it_cannot() {
+        for (status, want) in [
+            (Some(202), Delivery::Sent),
+            (Some(200), Delivery::Sent),
+            (None, Delivery::Retry),
+            (Some(500), Delivery::Retry),
+            (Some(503), Delivery::Retry),
+            (Some(408), Delivery::Retry),
+            (Some(429), Delivery::Retry),
+            (Some(307), Delivery::Retry),
+            (Some(401), Delivery::Refused),
+            (Some(403), Delivery::Refused),
+            (Some(400), Delivery::Refused),
+        ] {
+            assert_eq!(delivery(status), want, "{status:?}");
+        }
+    }
     use crate::store::MemoryStore;
 
     fn alert(at_ms: u64, source: &str) -> Alert {

@@ -109,6 +109,14 @@ pub fn fails_over(code: u16, retry_after: bool, on_6xx: bool) -> bool {
     crate::verdict::fails_over(code, retry_after, on_6xx)
 }
 
+/// What to do with an alert after one POST to the relay that answered `status`
+/// (`undefined`: no answer): `"sent"`, `"retry"` or `"refused"` (keep it for the
+/// operator). The core's rule (docs/alerts.md, "Posting from a host").
+#[wasm_bindgen(js_name = alertDelivery)]
+pub fn alert_delivery(status: Option<u16>) -> String {
+    crate::alert::delivery(status).as_str().to_string()
+}
+
 /// A trunk access policy instance.
 #[wasm_bindgen]
 pub struct TrunkPolicy {

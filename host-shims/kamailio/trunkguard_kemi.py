@@ -1142,18 +1142,21 @@ class Shim:
         request.add_header("Content-Type", "application/json")
         if self.token:
             request.add_header("Authorization", "Bearer " + self.token)
+        # What the answer means is the core's rule, the same in every host
+        # (docs/alerts.md, "Posting from a host").
         try:
             with urllib.request.urlopen(request, timeout=DELIVERY_TIMEOUT_S) as response:
-                return "sent" if 200 <= response.status < 300 else "retry"
+                status, detail = response.status, ""
         except urllib.error.HTTPError as e:
-            if 400 <= e.code < 500 and e.code not in (408, 429):
-                KSR.err("trunkguard: alert refused by %s with %d, kept in %s/rejected\n" % (ALERT_URL, e.code, SPOOL_DIR))
-                return "refused"
-            KSR.warn("trunkguard: alert delivery to %s failed: %s\n" % (ALERT_URL, e))
-            return "retry"
+            status, detail = e.code, str(e)
         except (OSError, ValueError, http.client.HTTPException) as e:
-            KSR.warn("trunkguard: alert delivery to %s failed: %s\n" % (ALERT_URL, e))
-            return "retry"
+            status, detail = None, str(e)
+        outcome = tg.alert_delivery(status)
+        if outcome == "refused":
+            KSR.err("trunkguard: alert refused by %s with %d, kept in %s/rejected\n" % (ALERT_URL, status, SPOOL_DIR))
+        elif outcome == "retry":
+            KSR.warn("trunkguard: alert delivery to %s failed: %s\n" % (ALERT_URL, detail or status))
+        return outcome
 
     def _read_token(self):
         """(Re)reads the token file when it changed since the last read (inode, size,

@@ -17,6 +17,9 @@ const { TrunkPolicy } = require(process.env.TRUNKGUARD_JS ?? BUILT);
 // The core's rule for a PBX's final response (docs/policy.md, "Inbound calls"); a
 // TRUNKGUARD_JS package without it (a test's stub policy) lends the built one's.
 const failsOver = require(process.env.TRUNKGUARD_JS ?? BUILT).failsOver ?? require(BUILT).failsOver;
+// The core's rule for the relay's answer to an alert (docs/alerts.md, "Posting from
+// a host"), lent the same way.
+const alertDelivery = require(process.env.TRUNKGUARD_JS ?? BUILT).alertDelivery ?? require(BUILT).alertDelivery;
 
 const USAGE = `usage: node edge.js --config FILE --listen IP:PORT --upstream HOST:PORT
          [--core-listen IP:PORT] [--state FILE] [--dialog-ttl SECONDS]
@@ -886,26 +889,42 @@ class DurableStore {
 
 // ---------------------------------------------------------------- alerts
 
+// Alerts waiting for a retry at most (a relay down for long costs memory up to this,
+// then each further alert is written to the log whole, for re-delivery by hand).
+const ALERT_RETRY_MAX = 10000;
+
 function alertSink(url, tokenFile, log) {
   const token = tokenFile ? fs.readFileSync(tokenFile, 'utf8').split('\n')[0].trim() : process.env.TRUNKGUARD_RELAY_TOKEN;
+  let waiting = 0;
   return (alert) => {
     process.stdout.write(`${JSON.stringify({ alert })}\n`);
     if (!url) return;
     const body = JSON.stringify(alert);
     const headers = { 'content-type': 'application/json', ...(token ? { authorization: `Bearer ${token}` } : {}) };
-    // Off the SIP path; a retry repeats the same body (and id), so the relay
-    // (docs/alerts.md) recognises it and never mails twice. A 4xx is not retried.
+    // Off the SIP path. What an answer means is the core's rule, as in every host: a
+    // retry repeats the same body (and id), so the relay recognises it and never
+    // mails twice, and it goes on (1 s doubling to 60 s) until the relay takes it; a
+    // refusal is kept whole in the log for the operator, never dropped.
+    const settle = (status, detail, attempt) => {
+      const what = alertDelivery(status);
+      if (what === 'sent') return;
+      if (what === 'refused') {
+        return log(`alert ${alert.id}: ${url} refused it (${status} ${detail}); re-deliver by hand: ${body}`);
+      }
+      if (attempt === 0 && waiting >= ALERT_RETRY_MAX) {
+        return log(`alert ${alert.id}: ${waiting} alerts already wait for ${url}; re-deliver by hand: ${body}`);
+      }
+      if (attempt === 0) waiting += 1;
+      log(`alert ${alert.id}: post to ${url} failed (${detail}), retrying`);
+      setTimeout(() => post(attempt + 1), Math.min(60000, 1000 * 2 ** Math.min(attempt, 6))).unref();
+    };
     const post = (attempt) => fetch(url, { method: 'POST', headers, body, signal: AbortSignal.timeout(5000) })
       .then(async (res) => {
-        if (res.ok) return;
-        const text = (await res.text()).slice(0, 200);
-        if (res.status < 500) return log(`alert ${alert.id}: ${url} answered ${res.status} ${text}`);
-        throw new Error(`HTTP ${res.status} ${text}`);
+        const text = res.ok ? '' : (await res.text()).slice(0, 200);
+        if (attempt > 0 && alertDelivery(res.status) !== 'retry') waiting -= 1;
+        settle(res.status, text, attempt);
       })
-      .catch((e) => {
-        log(`alert ${alert.id}: post to ${url} failed (${e.message})${attempt < 5 ? ', retrying' : ', giving up'}`);
-        if (attempt < 5) setTimeout(() => post(attempt + 1), 1000 * 2 ** attempt).unref();
-      });
+      .catch((e) => settle(undefined, e.message, attempt));
     post(0);
   };
 }

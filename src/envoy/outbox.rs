@@ -4,6 +4,8 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
+use crate::alert::Delivery;
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
     pub body: Vec<u8>,
@@ -19,10 +21,11 @@ pub enum Outcome {
     Sent,
     /// Will be posted again later.
     Retry,
-    /// Given up: refused by the webhook (4xx) or out of tries.
+    /// Given up: out of tries (`max_attempts`).
     Dropped,
-    /// The relay refused our credentials (401, 403): a configuration fault that
-    /// no retry mends; the alert is handed back for the operator to re-deliver.
+    /// The relay refused it (a 4xx but 408 and 429: `401`/`403` a wrong token, the
+    /// core's `alert::delivery`): no retry mends it; the alert is handed back for the
+    /// operator to re-deliver.
     Rejected(Vec<u8>),
 }
 
@@ -110,12 +113,11 @@ impl Outbox {
     /// timeout or a reset). `None` when the token is not ours.
     pub fn finished(&mut self, token: u32, status: Option<u32>, now_ms: u64) -> Option<Outcome> {
         let entry = self.in_flight.remove(&token)?;
-        Some(match status {
-            Some(200..=299) => Outcome::Sent,
-            Some(401 | 403) => Outcome::Rejected(entry.body),
-            // The webhook refuses this alert for good; trying again changes nothing.
-            Some(s @ 400..=499) if s != 408 && s != 429 => Outcome::Dropped,
-            _ => self.retry(entry, now_ms),
+        let status = status.map(|s| u16::try_from(s).unwrap_or(u16::MAX));
+        Some(match crate::alert::delivery(status) {
+            Delivery::Sent => Outcome::Sent,
+            Delivery::Refused => Outcome::Rejected(entry.body),
+            Delivery::Retry => self.retry(entry, now_ms),
         })
     }
 
@@ -192,7 +194,11 @@ mod tests {
         assert_eq!(o.finished(7, Some(202), 0), Some(Outcome::Sent));
         let b = o.next_due(0).unwrap();
         o.dispatched(8, b);
-        assert_eq!(o.finished(8, Some(400), 0), Some(Outcome::Dropped));
+        assert_eq!(
+            o.finished(8, Some(400), 0),
+            Some(Outcome::Rejected(b"b".to_vec())),
+            "refused for good is kept for the operator, never dropped"
+        );
         assert!(o.push(b"c".to_vec(), 0));
         let c = o.next_due(0).unwrap();
         o.dispatched(9, c);

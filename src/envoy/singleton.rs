@@ -175,13 +175,13 @@ impl Singleton {
                 metrics::count("alerts", "dropped", 1);
                 host::log(
                     Level::Warn,
-                    &format!("alert dropped, the webhook answered {status:?}"),
+                    &format!("alert dropped after max_attempts tries ({status:?})"),
                 );
             }
             Some(Outcome::Rejected(body)) => {
-                // The token is wrong: nothing to gain by retrying, and the alert must
-                // not be lost. Its whole JSON goes to the log, to be posted again
-                // by hand once the token is fixed (docs/alerts.md).
+                // Refused for good (a wrong token, say): nothing to gain by retrying,
+                // and the alert must not be lost. Its whole JSON goes to the log, to
+                // be posted again by hand once the cause is fixed (docs/alerts.md).
                 metrics::count("alerts", "rejected", 1);
                 host::log(
                     Level::Error,

@@ -88,6 +88,8 @@ async function freePort(ip) {
 
 // The alert endpoint the edge posts to (--alerts-url).
 const posted = [];
+// Statuses the relay answers to the next posts, in order (then 202).
+const relayAnswers = [];
 let alertServer;
 let alertsUrl;
 
@@ -102,8 +104,9 @@ before(async () => {
     let body = '';
     req.on('data', (d) => { body += d; });
     req.on('end', () => {
-      posted.push({ authorization: req.headers.authorization, alert: JSON.parse(body) });
-      res.writeHead(202, { 'content-type': 'application/json' }).end('{"status":"queued"}');
+      const status = relayAnswers.shift() ?? 202;
+      posted.push({ authorization: req.headers.authorization, alert: JSON.parse(body), status });
+      res.writeHead(status, { 'content-type': 'application/json' }).end(status === 202 ? '{"status":"queued"}' : '{"error":"no"}');
     });
   });
   await new Promise((resolve) => alertServer.listen(0, '127.0.0.1', resolve));
@@ -737,6 +740,36 @@ test('attack: an in-dialog request after the dialog expired is refused 404', TIM
     assert.equal(call.carrier.seen.length, before, 'nothing more reached the carrier');
   } finally {
     await call?.close();
+    edge.proc.kill('SIGTERM');
+    rmSync(edge.dir, { recursive: true, force: true });
+  }
+});
+
+// Alert delivery follows the core's rule (docs/alerts.md, "Posting from a host"). A
+// peer-to-peer trunk called from outside its access list raises a blocked-call alert
+// at once; a one-second alert window lets the second call raise its own.
+test('an alert the relay fails is posted again, same body, until taken; one it refuses is logged whole, never retried', TIMEOUT, async () => {
+  const edge = await startEdge(false, {}, [], (opts) => ({ ...config(opts), alerts: { window_s: 1 } }));
+  try {
+    relayAnswers.push(503, 429);
+    assertPassed(edge, await uac(edge, 'outside-acl', 'call-refused.xml', '127.0.0.3', { creds: P2P }));
+    const retried = await alertFor(edge, 'not_in_access_list');
+    const tries = await waitFor('three posts of it', () => {
+      const p = posted.filter((x) => x.alert.id === retried.id);
+      return p.length >= 3 && p;
+    }, 15_000);
+    assert.deepEqual(tries.map((p) => p.status), [503, 429, 202]);
+    assert.ok(tries.every((p) => JSON.stringify(p.alert) === JSON.stringify(retried)), 'the same body each time');
+
+    await new Promise((resolve) => setTimeout(resolve, 1100));
+    relayAnswers.push(401);
+    assertPassed(edge, await uac(edge, 'outside-acl-2', 'call-refused.xml', '127.0.0.3', { creds: P2P }));
+    const refused = await waitFor('a second alert', () => edge.alerts.find((a) => a.cause === 'not_in_access_list' && a.id !== retried.id));
+    await waitFor('its refusal in the log', () => edge.log.includes(`re-deliver by hand: ${JSON.stringify(refused)}`));
+    await new Promise((resolve) => setTimeout(resolve, 2500));
+    assert.deepEqual(posted.filter((x) => x.alert.id === refused.id).map((p) => p.status), [401], 'never retried');
+  } finally {
+    relayAnswers.length = 0;
     edge.proc.kill('SIGTERM');
     rmSync(edge.dir, { recursive: true, force: true });
   }

@@ -129,6 +129,11 @@ int tg_fails_over(uint16_t code, int retry_after, int on_6xx);
 int tg_post_alert(const char *url, const char *token, const char *event, size_t len,
 		uint32_t timeout_ms, char *err, size_t err_len);
 
+/* The delivery rule for the relay's answer to tg_post_alert (pass -1 for none):
+ * 1 sent (unlink it), 0 retry later (same body), -1 refused (move it aside, log it,
+ * count it; never retry blindly, never drop). The core's rule, as in every host. */
+int tg_alert_delivery(int status);
+
 #ifdef __cplusplus
 }
 #endif

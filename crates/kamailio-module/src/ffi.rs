@@ -510,6 +510,18 @@ pub extern "C" fn tg_fails_over(code: u16, retry_after: c_int, on_6xx: c_int) ->
     ))
 }
 
+/// The delivery rule for the relay's answer (`status` -1: none): 1 sent, 0 retry,
+/// -1 refused (keep it for the operator). The core's `alert::delivery`.
+#[unsafe(no_mangle)]
+pub extern "C" fn tg_alert_delivery(status: c_int) -> c_int {
+    let status = u16::try_from(status).ok();
+    match trunkguard::alert::delivery(status) {
+        trunkguard::alert::Delivery::Sent => 1,
+        trunkguard::alert::Delivery::Retry => 0,
+        trunkguard::alert::Delivery::Refused => -1,
+    }
+}
+
 /// # Safety
 /// `url`, `token` NUL-terminated; `event` valid for `len`; `err` has `err_len` bytes.
 #[unsafe(no_mangle)]

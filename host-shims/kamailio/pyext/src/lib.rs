@@ -384,6 +384,15 @@ fn fails_over(code: u16, retry_after: bool, on_6xx: bool) -> bool {
     trunkguard::verdict::fails_over(code, retry_after, on_6xx)
 }
 
+/// What to do with an alert after one POST to the relay that answered `status`
+/// (None: no answer): "sent", "retry" or "refused" (set it aside for the operator).
+/// The core's rule (docs/alerts.md, "Posting from a host").
+#[pyfunction]
+#[pyo3(signature = (status = None))]
+fn alert_delivery(status: Option<u16>) -> &'static str {
+    trunkguard::alert::delivery(status).as_str()
+}
+
 /// Validates a publication before it goes out: compiles `module_path` (warming the
 /// compiled-code cache every Kamailio process then maps), instantiates it with a
 /// private in-memory store and pushes `config`. Returns the generation; raises
@@ -406,6 +415,7 @@ fn trunkguard_kamailio(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<RefusalLog>()?;
     m.add_function(wrap_pyfunction!(check, m)?)?;
     m.add_function(wrap_pyfunction!(fails_over, m)?)?;
+    m.add_function(wrap_pyfunction!(alert_delivery, m)?)?;
     m.add("PolicyError", m.py().get_type::<PolicyError>())?;
     m.add("ConfigRefused", m.py().get_type::<ConfigRefused>())?;
     m.add("ABI_VERSION", trunkguard_host::ABI_VERSION)?;
