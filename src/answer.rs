@@ -1,6 +1,6 @@
 //! A verdict as the SIP response a host sends back for it (RFC 3261 §8.2.6), for
 //! hosts that answer on the wire themselves rather than through a proxy's own reply
-//! function (the Envoy front).
+//! function (the Envoy front, the Node edge through `renderReply`).
 
 use crate::sip::{HeaderName, Message};
 use crate::verdict::{Action, Verdict};
@@ -29,6 +29,25 @@ pub fn status(verdict: &Verdict) -> Option<(u16, &str)> {
 /// when they quote the request (a 400's parse error).
 pub fn render(request: &Message<'_>, verdict: &Verdict, to_tag: &str) -> Option<Vec<u8>> {
     let (code, reason) = status(verdict)?;
+    Some(render_status(
+        request,
+        code,
+        reason,
+        &verdict.headers,
+        to_tag,
+    ))
+}
+
+/// [`render`] for an answer a host gives itself (a `200` to an OPTIONS or a
+/// CANCEL, a `408` for a PBX that said nothing): the same rendering, so every answer
+/// of a host leaves in one shape.
+pub fn render_status(
+    request: &Message<'_>,
+    code: u16,
+    reason: &str,
+    headers: &[(String, String)],
+    to_tag: &str,
+) -> Vec<u8> {
     let mut out = Vec::with_capacity(512);
     out.extend_from_slice(format!("SIP/2.0 {code} ").as_bytes());
     push_line(&mut out, reason);
@@ -52,13 +71,13 @@ pub fn render(request: &Message<'_>, verdict: &Verdict, to_tag: &str) -> Option<
             push_line(&mut out, h.value);
         }
     }
-    for (name, value) in &verdict.headers {
+    for (name, value) in headers {
         push_value(&mut out, name);
         out.extend_from_slice(b": ");
         push_line(&mut out, value);
     }
     out.extend_from_slice(b"Content-Length: 0\r\n\r\n");
-    Some(out)
+    out
 }
 
 fn has_tag(request: &Message<'_>) -> bool {

@@ -117,6 +117,26 @@ pub fn alert_delivery(status: Option<u16>) -> String {
     crate::alert::delivery(status).as_str().to_string()
 }
 
+/// The response to `request` (the request's bytes, as the host will have it
+/// answered: its top Via carrying `received`/`rport`) with `code`, `reason` and
+/// `headersJson` (a JSON array of `[name, value]` pairs), and `toTag` added to a To
+/// without one: the core's rendering (RFC 3261 §8.2.6), the one every host uses.
+/// `undefined` when the request does not parse or the headers are not such an array.
+#[wasm_bindgen(js_name = renderReply)]
+pub fn render_reply(
+    request: &[u8],
+    code: u16,
+    reason: &str,
+    headers_json: &str,
+    to_tag: &str,
+) -> Option<Vec<u8>> {
+    let headers: Vec<(String, String)> = serde_json::from_str(headers_json).ok()?;
+    let msg = crate::sip::parse(request, crate::sip::Framing::Datagram).ok()?;
+    Some(crate::answer::render_status(
+        &msg, code, reason, &headers, to_tag,
+    ))
+}
+
 /// A trunk access policy instance.
 #[wasm_bindgen]
 pub struct TrunkPolicy {

@@ -20,6 +20,8 @@ const failsOver = require(process.env.TRUNKGUARD_JS ?? BUILT).failsOver ?? requi
 // The core's rule for the relay's answer to an alert (docs/alerts.md, "Posting from
 // a host"), lent the same way.
 const alertDelivery = require(process.env.TRUNKGUARD_JS ?? BUILT).alertDelivery ?? require(BUILT).alertDelivery;
+// The core renders every answer the edge gives (RFC 3261 §8.2.6), lent the same way.
+const renderReply = require(process.env.TRUNKGUARD_JS ?? BUILT).renderReply ?? require(BUILT).renderReply;
 
 const USAGE = `usage: node edge.js --config FILE --listen IP:PORT --upstream HOST:PORT
          [--core-listen IP:PORT] [--state FILE] [--dialog-ttl SECONDS]
@@ -132,7 +134,6 @@ function uriHostPort(uri) {
 // The header parameters of a name-addr (after its '>'); of an addr-spec, everything
 // (RFC 3261 §20.10: without angle brackets, the parameters are the header's).
 const headerParams = (value) => (value.includes('>') ? value.slice(value.lastIndexOf('>')) : value);
-const toHasTag = (to) => /;\s*tag\s*=/i.test(headerParams(to));
 // The tag of a To or From value. The policy has already refused (400) any request
 // whose To or From has more than one tag, an empty or non-token one, or that has more
 // than one To, From or Call-ID (docs/policy.md), so the first match is the only one.
@@ -733,18 +734,14 @@ class Edge {
     if (req.method !== 'ACK') this.reply(req, code, reason, headers);
   }
 
-  // Builds the answer to a request from the request itself (RFC 3261 §8.2.6).
+  // Answers a request: the core renders the answer from the request as the edge has
+  // it (its top Via with received/rport) and the code, reason and headers.
   reply(req, code, reason, extra, remember = true) {
-    const out = { start: `SIP/2.0 ${Number(code)} ${oneLine(reason)}`, headers: [], body: '' };
-    for (const h of req.msg.headers) {
-      const name = canon(h.name);
-      if (name === 'to' && !toHasTag(h.value)) out.headers.push({ name: h.name, value: `${h.value};tag=${crypto.randomBytes(8).toString('hex')}` });
-      else if (['via', 'from', 'to', 'call-id', 'cseq'].includes(name)) out.headers.push({ ...h });
-    }
-    for (const [name, value] of extra) out.headers.push({ name: oneLine(name), value: oneLine(value) });
-    out.headers.push({ name: 'Content-Length', value: '0' });
+    const rendered = renderReply(serialize(req.msg), Number(code), String(reason),
+      JSON.stringify(extra), crypto.randomBytes(8).toString('hex'));
+    if (!rendered) return this.log(`cannot answer ${req.method} from ${req.source}: its headers do not parse`);
+    const bytes = Buffer.from(rendered);
     const to = viaDestination(parseVia(list(req.msg, 'via')[0]));
-    const bytes = serialize(out);
     if (remember && req.key !== undefined) this.remember(req.key, { method: req.method, code, answer: bytes, to, digest: req.digest });
     this.send(req.side, bytes, to);
   }
