@@ -17,7 +17,8 @@ pub mod lockout;
 pub mod policy;
 pub mod refusal_log;
 pub mod replay;
-pub mod sip;
+/// The SIP parser, its own crate (crates/sip) without `unsafe`.
+pub use trunkguard_sip as sip;
 pub mod store;
 pub mod verdict;
 pub mod wire;

@@ -8,6 +8,12 @@
 //!
 //! Conformance: the RFC 4475 and RFC 5118 torture messages, judged file by file in
 //! `tests/sip_torture.rs`.
+//!
+//! Its own crate, so that the one part of trunkguard that reads untrusted bytes first
+//! can promise it has no `unsafe` at all; the policy core re-exports it as
+//! `trunkguard::sip`.
+
+#![forbid(unsafe_code)]
 
 mod auth;
 mod error;

@@ -963,7 +963,7 @@ impl<'a> Message<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sip::{Contacts, Host, Transport};
+    use crate::{Contacts, Host, Transport};
 
     fn msg(lines: &[&str], body: &str) -> Vec<u8> {
         let mut s = lines.join("\r\n");

@@ -269,7 +269,7 @@ pub(crate) fn parse_list<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sip::uri::Host;
+    use crate::uri::Host;
 
     #[test]
     fn name_addr_forms_parse() {

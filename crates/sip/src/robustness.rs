@@ -9,7 +9,7 @@ use super::*;
 fn testdata_dir() -> PathBuf {
     let dir = std::env::var_os("TRUNKGUARD_TESTDATA")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/testdata"));
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/testdata"));
     assert!(
         dir.is_dir(),
         "torture test data not found at {} (set TRUNKGUARD_TESTDATA)",
