@@ -11,8 +11,6 @@ use std::path::{Path, PathBuf};
 use wasmtime::{Caller, Config, Engine, Instance, Linker, Memory, Module, Store, TypedFunc};
 
 pub mod kv;
-pub mod relay;
-pub mod replay;
 
 pub use kv::{KvBackend, MemoryKv};
 

@@ -12,9 +12,9 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use super::channel::Channel;
 use super::event;
-use super::forward::Forwarder;
-use super::mail::{Mailer, render};
+use super::mail::render;
 use super::queue::{Fate, GivenUp, Queue, QueueError, Record, Retry};
 use super::{Failure, log, now_ms};
 
@@ -82,80 +82,45 @@ impl Status {
     }
 }
 
-/// A webhook with the name it has in logs, target keys and `/v1/health` (the URL
-/// often carries a secret).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Webhook {
-    pub name: String,
-    pub url: String,
-}
-
 pub struct Deliverer {
     pub queue: Arc<Queue>,
     pub status: Arc<Status>,
-    pub mailer: Mailer,
-    pub forwarder: Forwarder,
-    pub webhooks: Vec<Webhook>,
-    pub copy_to: Vec<String>,
+    /// Where events go (`channel`): e-mail, then the webhooks.
+    pub channels: Vec<Box<dyn Channel>>,
     pub backoff: Backoff,
     pub keep: Duration,
-}
-
-const SMTP: &str = "smtp";
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Target {
-    Mail(String),
-    Webhook(usize),
 }
 
 struct Job {
     id: String,
     key: String,
-    target: Target,
+    channel: usize,
+    target: String,
     event: serde_json::Value,
 }
 
 impl Deliverer {
-    /// Every target of a record: its recipients and the --copy-to addresses (each
-    /// address once, whatever its case), then the webhooks.
-    fn targets(&self, record: &Record) -> Vec<(String, Target)> {
-        let mut seen: Vec<String> = Vec::new();
-        let mut out = Vec::new();
-        for addr in event::recipients(&record.event)
-            .into_iter()
-            .chain(self.copy_to.iter().cloned())
-        {
-            let folded = addr.to_ascii_lowercase();
-            if !seen.contains(&folded) {
-                seen.push(folded);
-                out.push((format!("mail:{addr}"), Target::Mail(addr)));
-            }
-        }
-        for (i, w) in self.webhooks.iter().enumerate() {
-            out.push((format!("webhook:{}", w.name), Target::Webhook(i)));
-        }
-        out
+    /// Every target of a record, channel by channel: (key, channel, target).
+    fn targets(&self, record: &Record) -> Vec<(String, usize, String)> {
+        self.channels
+            .iter()
+            .enumerate()
+            .flat_map(|(i, c)| {
+                c.targets(&record.event)
+                    .into_iter()
+                    .map(move |(key, target)| (key, i, target))
+            })
+            .collect()
     }
 
-    fn channel(&self, target: &Target) -> String {
-        match target {
-            Target::Mail(_) => SMTP.to_string(),
-            Target::Webhook(i) => format!(
-                "webhook:{}",
-                self.webhooks
-                    .get(*i)
-                    .map(|w| w.name.as_str())
-                    .unwrap_or("?")
-            ),
-        }
+    fn channel_name(&self, channel: usize) -> &str {
+        self.channels.get(channel).map_or("?", |c| c.name())
     }
 
     /// Runs for the life of the process; returns only if the queue breaks.
     pub fn run(self) -> Result<(), QueueError> {
-        self.status.register(SMTP);
-        for w in &self.webhooks {
-            self.status.register(&format!("webhook:{}", w.name));
+        for c in &self.channels {
+            self.status.register(c.name());
         }
         let mut last_prune: Option<Instant> = None;
         loop {
@@ -174,21 +139,22 @@ impl Deliverer {
                 let targets = self.targets(record);
                 let open: Vec<_> = targets
                     .into_iter()
-                    .filter(|(key, _)| !record.settled(key))
+                    .filter(|(key, _, _)| !record.settled(key))
                     .collect();
                 if open.is_empty() {
                     finished.push((record.id.clone(), fate_of(record)));
                     return None;
                 }
-                for (key, target) in open {
+                for (key, channel, target) in open {
                     let ready = self
                         .status
-                        .ready_at(&self.channel(&target))
+                        .ready_at(self.channel_name(channel))
                         .max(record.retry.get(&key).map_or(0, |r| r.next_ms));
                     if ready <= now {
                         return Some(Job {
                             id: record.id.clone(),
                             key,
+                            channel,
                             target,
                             event: record.event.clone(),
                         });
@@ -227,28 +193,19 @@ impl Deliverer {
     }
 
     fn deliver(&self, job: Job) -> Result<(), QueueError> {
-        let channel = self.channel(&job.target);
-        let result = match event::alert_of(&job.event) {
-            Err(e) => Err(Failure::Reject(format!("stored event is unreadable: {e}"))),
-            Ok(alert) => {
-                let rendered = render(&alert);
-                match &job.target {
-                    Target::Mail(rcpt) => {
-                        self.mailer
-                            .send(&job.id, rcpt, &alert.recipients, &rendered)
-                    }
-                    Target::Webhook(i) => match self.webhooks.get(*i) {
-                        Some(w) => self.forwarder.send(&w.url, &job.id, &job.event, &rendered),
-                        None => Err(Failure::Reject("webhook no longer configured".into())),
-                    },
-                }
+        let channel = self.channel_name(job.channel).to_string();
+        let result = match (event::alert_of(&job.event), self.channels.get(job.channel)) {
+            (Err(e), _) => Err(Failure::Reject(format!("stored event is unreadable: {e}"))),
+            (_, None) => Err(Failure::Reject("channel no longer configured".into())),
+            (Ok(alert), Some(c)) => {
+                c.send(&job.id, &job.target, &job.event, &alert, &render(&alert))
             }
         };
         let now = now_ms();
-        let what = match &job.target {
-            Target::Mail(rcpt) => format!("mail to {rcpt}"),
-            Target::Webhook(_) => channel.clone(),
-        };
+        let what = self
+            .channels
+            .get(job.channel)
+            .map_or_else(|| channel.clone(), |c| c.describe(&job.target));
         match &result {
             Ok(()) => {
                 let was_down = self.status.ready_at(&channel) > 0;
@@ -325,7 +282,7 @@ impl Deliverer {
                     entry.last_error = e;
                 }
             }
-            if targets_of(r).iter().all(|(key, _)| r.settled(key)) {
+            if targets_of(r).iter().all(|(key, _, _)| r.settled(key)) {
                 fate_of(r)
             } else {
                 Fate::Pending

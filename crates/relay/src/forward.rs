@@ -5,6 +5,7 @@ use std::time::Duration;
 use super::Failure;
 use super::mail::Rendered;
 
+#[derive(Clone)]
 pub struct Forwarder {
     agent: ureq::Agent,
 }
@@ -70,6 +71,52 @@ fn classify(status: u16) -> Result<(), Failure> {
         // Overloaded or down: the receiver as a whole, not this event.
         408 | 429 | 500..=599 => Err(Failure::Down(format!("HTTP {status}"))),
         _ => Err(Failure::Reject(format!("HTTP {status}"))),
+    }
+}
+
+/// A webhook with the name it has in logs, target keys and `/v1/health` (the URL
+/// often carries a secret).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Webhook {
+    pub name: String,
+    pub url: String,
+}
+
+/// One webhook as a delivery channel: every event, as posted, plus its text.
+pub struct WebhookChannel {
+    name: String,
+    hook: Webhook,
+    forwarder: Forwarder,
+}
+
+impl WebhookChannel {
+    pub fn new(hook: Webhook, forwarder: Forwarder) -> WebhookChannel {
+        WebhookChannel {
+            name: format!("webhook:{}", hook.name),
+            hook,
+            forwarder,
+        }
+    }
+}
+
+impl crate::channel::Channel for WebhookChannel {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn targets(&self, _event: &serde_json::Value) -> Vec<(String, String)> {
+        vec![(self.name.clone(), self.hook.url.clone())]
+    }
+
+    fn send(
+        &self,
+        id: &str,
+        target: &str,
+        event: &serde_json::Value,
+        _alert: &trunkguard::alert::Alert,
+        rendered: &Rendered,
+    ) -> Result<(), Failure> {
+        self.forwarder.send(target, id, event, rendered)
     }
 }
 

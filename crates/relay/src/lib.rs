@@ -13,6 +13,7 @@ use std::time::Duration;
 use ipnet::IpNet;
 use lettre::message::Mailbox;
 
+pub mod channel;
 pub mod deliver;
 pub mod event;
 pub mod forward;
@@ -21,7 +22,9 @@ pub mod mail;
 pub mod queue;
 pub mod state;
 
-use deliver::{Backoff, Deliverer, Status, Webhook};
+use channel::Channel;
+use deliver::{Backoff, Deliverer, Status};
+use forward::{Webhook, WebhookChannel};
 use mail::{Mailer, SmtpConfig, TlsMode};
 use queue::Queue;
 
@@ -326,13 +329,18 @@ fn run(args: &ServeArgs) -> Result<ExitCode, RelayError> {
     let server = Arc::new(server);
 
     let n_webhooks = plan.webhooks.len();
+    // The delivery channels (channel.rs): e-mail, then each webhook.
+    let mut channels: Vec<Box<dyn Channel>> = vec![Box::new(mail::MailChannel {
+        mailer,
+        copy_to: plan.copy_to,
+    })];
+    for hook in plan.webhooks {
+        channels.push(Box::new(WebhookChannel::new(hook, forwarder.clone())));
+    }
     let deliverer = Deliverer {
         queue: queue.clone(),
         status: status.clone(),
-        mailer,
-        forwarder,
-        webhooks: plan.webhooks,
-        copy_to: plan.copy_to,
+        channels,
         backoff: Backoff {
             min: args.retry_min,
             max: args.retry_max,

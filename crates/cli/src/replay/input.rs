@@ -9,7 +9,7 @@ use pcap_file::DataLink;
 use serde::Deserialize;
 use trunkguard::sip::{Frame, frame_stream};
 
-use crate::Transport;
+use trunkguard_host::Transport;
 
 /// One message to judge.
 #[derive(Debug, Clone, PartialEq, Eq)]

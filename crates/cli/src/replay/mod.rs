@@ -1,183 +1,17 @@
-//! `trunkguard`: the reference host's command line.
+//! `trunkguard replay`: judges messages from JSON Lines or a pcap/pcapng capture and
+//! prints one verdict line per message (README.md shows it on the example traffic).
+
+mod input;
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufWriter, Write};
-use std::path::PathBuf;
+use std::path::Path;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
-use trunkguard_host::replay::{ReplayInput, is_capture, parse_line, read_capture};
-use trunkguard_host::{HostError, KvBackend, MemoryKv, Policy, PolicyModule, default_module_path};
+use input::{ReplayInput, is_capture, parse_line, read_capture};
+use trunkguard_host::{KvBackend, MemoryKv};
 
-#[derive(Parser)]
-#[command(
-    name = "trunkguard",
-    version,
-    about = "SIP-trunk access policy: reference wasmtime host"
-)]
-struct Cli {
-    /// The message-ABI module (default: the one scripts/build produced).
-    #[arg(long, global = true)]
-    module: Option<PathBuf>,
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Validate a configuration file: exit 0, or exit 1 naming the JSON path and reason.
-    Check { config: PathBuf },
-    /// Judge messages from JSON Lines (stdin when INPUT is omitted) or a pcap/pcapng
-    /// capture; print one verdict line per message, preceded by the alerts it raised.
-    Replay {
-        #[arg(long)]
-        config: PathBuf,
-        input: Option<PathBuf>,
-        /// Print a human-readable table of the verdicts on stderr.
-        #[arg(long)]
-        summary: bool,
-        /// Hex nonce secret (64 digits), for reproducible challenges in scripted
-        /// traffic. Default: a random secret.
-        #[arg(long)]
-        nonce_secret: Option<String>,
-    },
-    /// Print the HA1 values of a password, to put in a configuration instead of the
-    /// password (docs/configuration.md). The password is read from standard input
-    /// (its first line), or asked for without echo when standard input is a terminal.
-    Ha1 {
-        #[arg(long)]
-        username: String,
-        #[arg(long)]
-        realm: String,
-        /// `MD5`, `SHA-256`, or both (the default).
-        #[arg(long)]
-        algorithm: Option<String>,
-    },
-    /// The alert relay: receive alert events from hosts, mail them (docs/alerts.md).
-    Alerts {
-        #[command(subcommand)]
-        command: AlertsCommand,
-    },
-}
-
-#[derive(Subcommand)]
-enum AlertsCommand {
-    /// Serve the loopback endpoint hosts post alert events to; deliver them by SMTP
-    /// and to webhooks, retrying until delivered.
-    // Boxed: the relay's flags outweigh every other command's (clippy large_enum_variant).
-    Serve(Box<trunkguard_host::relay::ServeArgs>),
-}
-
-fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let module_path = cli.module.clone().unwrap_or_else(default_module_path);
-    let result = match cli.command {
-        Command::Check { config } => check(&module_path, &config),
-        Command::Replay {
-            config,
-            input,
-            summary,
-            nonce_secret,
-        } => replay(
-            &module_path,
-            &config,
-            input.as_deref(),
-            summary,
-            nonce_secret.as_deref(),
-        ),
-        Command::Ha1 {
-            username,
-            realm,
-            algorithm,
-        } => ha1(&username, &realm, algorithm.as_deref()),
-        Command::Alerts {
-            command: AlertsCommand::Serve(args),
-        } => trunkguard_host::relay::serve(*args),
-    };
-    match result {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("trunkguard: {e}");
-            ExitCode::from(2)
-        }
-    }
-}
-
-fn ha1(username: &str, realm: &str, algorithm: Option<&str>) -> Result<ExitCode, String> {
-    use std::io::IsTerminal;
-    use trunkguard::digest::{Algorithm, ha1};
-    let algorithms = match algorithm {
-        None => vec![Algorithm::Md5, Algorithm::Sha256],
-        Some(name) => vec![
-            Algorithm::from_param(Some(name))
-                .ok_or_else(|| format!("unknown algorithm {name:?} (MD5 or SHA-256)"))?,
-        ],
-    };
-    // The challenge quotes both (RFC 7616 §3.3): the configuration refuses these too.
-    for (what, value) in [("username", username), ("realm", realm)] {
-        if value.is_empty()
-            || value
-                .chars()
-                .any(|c| c == '"' || c == '\\' || c.is_control())
-        {
-            return Err(format!(
-                "{what} must be non-empty, without quotes, backslashes or control characters"
-            ));
-        }
-    }
-    let password = if std::io::stdin().is_terminal() {
-        rpassword::prompt_password(format!("password for {username}@{realm}: "))
-            .map_err(|e| format!("cannot read the password: {e}"))?
-    } else {
-        let mut line = String::new();
-        std::io::stdin()
-            .read_line(&mut line)
-            .map_err(|e| format!("cannot read the password from stdin: {e}"))?;
-        line.trim_end_matches(['\r', '\n']).to_owned()
-    };
-    if password.is_empty() {
-        return Err("empty password".into());
-    }
-    let mut out = serde_json::Map::new();
-    for a in algorithms {
-        let field = match a {
-            Algorithm::Md5 => "ha1",
-            Algorithm::Sha256 => "ha1_sha256",
-        };
-        out.insert(field.into(), ha1(a, username, realm, &password).into());
-    }
-    println!("{}", serde_json::Value::Object(out));
-    Ok(ExitCode::SUCCESS)
-}
-
-fn load(module_path: &std::path::Path, kv: MemoryKv) -> Result<Policy, String> {
-    let module = PolicyModule::from_file(module_path).map_err(|e| match e {
-        HostError::ModuleFile { .. } => {
-            format!("{e} (build it with scripts/build, or pass --module PATH)")
-        }
-        other => other.to_string(),
-    })?;
-    Policy::new(&module, Box::new(kv)).map_err(|e| e.to_string())
-}
-
-fn read_config(path: &std::path::Path) -> Result<Vec<u8>, String> {
-    std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
-}
-
-fn check(module_path: &std::path::Path, config: &std::path::Path) -> Result<ExitCode, String> {
-    let json = read_config(config)?;
-    let mut policy = load(module_path, MemoryKv::default())?;
-    match policy.configure(&json).map_err(|e| e.to_string())? {
-        Ok(_) => {
-            println!("{}: ok", config.display());
-            Ok(ExitCode::SUCCESS)
-        }
-        Err(refused) => {
-            println!("{}: {refused}", config.display());
-            Ok(ExitCode::from(1))
-        }
-    }
-}
+use crate::{load, read_config};
 
 #[derive(Default)]
 struct Summary {
@@ -256,10 +90,10 @@ impl Summary {
     }
 }
 
-fn replay(
-    module_path: &std::path::Path,
-    config: &std::path::Path,
-    input: Option<&std::path::Path>,
+pub fn run(
+    module_path: &Path,
+    config: &Path,
+    input: Option<&Path>,
     summary: bool,
     nonce_secret: Option<&str>,
 ) -> Result<ExitCode, String> {

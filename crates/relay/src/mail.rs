@@ -418,6 +418,50 @@ fn classify(e: lettre::transport::smtp::Error) -> Failure {
     }
 }
 
+/// E-mail as a delivery channel: each event to its recipients and the `--copy-to`
+/// addresses (each address once, whatever its case).
+pub struct MailChannel {
+    pub mailer: Mailer,
+    pub copy_to: Vec<String>,
+}
+
+impl crate::channel::Channel for MailChannel {
+    fn name(&self) -> &str {
+        "smtp"
+    }
+
+    fn targets(&self, event: &serde_json::Value) -> Vec<(String, String)> {
+        let mut seen: Vec<String> = Vec::new();
+        let mut out = Vec::new();
+        for addr in crate::event::recipients(event)
+            .into_iter()
+            .chain(self.copy_to.iter().cloned())
+        {
+            let folded = addr.to_ascii_lowercase();
+            if !seen.contains(&folded) {
+                seen.push(folded);
+                out.push((format!("mail:{addr}"), addr));
+            }
+        }
+        out
+    }
+
+    fn send(
+        &self,
+        id: &str,
+        target: &str,
+        _event: &serde_json::Value,
+        alert: &Alert,
+        rendered: &Rendered,
+    ) -> Result<(), Failure> {
+        self.mailer.send(id, target, &alert.recipients, rendered)
+    }
+
+    fn describe(&self, target: &str) -> String {
+        format!("mail to {target}")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
