@@ -9,6 +9,8 @@ behind Kamailio, and a webhook for the alerts.
     .7 an attacker without credentials (the relay attacks of docs/envoy.md, "Tests and benchmark")
     .8, .9 the PBX and its new address in the fault drills (EnvoyFaultDrills)
     .10 … .16 the PBX, its new addresses and an intruder around restarts (EnvoyKeepsState)
+    .20, .21, .22 the PBXs of trunk groups in-a, in-b, in-c taking inbound calls (EnvoyInbound),
+        whose carrier (127.0.0.1:5178) and failovers (:5172, :5173) are UDP sockets
 
 Three more Envoys of their own (their own shared data, so their own bindings) in front
 of the same Kamailio: EnvoyAlertRelay posts its alerts to the real alert relay
@@ -68,6 +70,17 @@ P2P = ("branch1", "p2p-s3cret")
 # A trunk group configured with its password: publish hands Envoy its HA1s instead.
 VAULT = ("vault1", "v4ult-pw-7c1e5a")
 CALLED = "+15559876543"
+# Inbound calls (EnvoyInbound): three trunk groups of their own, whose PBXs register
+# through Envoy and take the carrier's calls over that connection; the failovers and
+# the carrier are UDP sockets beside the upstream.
+INBOUND_A = ("ina", "in-a-s3cret")  # failover FAILOVER_A
+INBOUND_B = ("inb", "in-b-s3cret")  # failover FAILOVER_B
+INBOUND_C = ("inc", "in-c-s3cret")  # no failover
+DID_A, DID_A2, DID_B, DID_C = "+15551240000", "+15551240001", "+15551250000", "+15551260000"
+FAILOVER_A = ("127.0.0.1", 5172)
+FAILOVER_B = ("127.0.0.1", 5173)
+CARRIER = ("127.0.0.1", 5178)
+NO_ANSWER_MS = 1500
 
 
 def ha1(user, password):
@@ -92,6 +105,13 @@ def trunk_config(extra_trunks=0, acl="127.0.0.2/32"):
                  "require_registration": False, "acl": [acl], "dids": ["+15557770000"]}]},
         ],
     }
+    config["inbound"] = {"no_answer_ms": NO_ANSWER_MS}
+    config["locations"].append({"id": "inbound", "contacts": [], "trunk_groups": [
+        {"id": "in-a", "username": INBOUND_A[0], "ha1": ha1(*INBOUND_A), "dids": [DID_A, DID_A2],
+         "failover": f"sip:{DID_A}@{FAILOVER_A[0]}:{FAILOVER_A[1]}"},
+        {"id": "in-b", "username": INBOUND_B[0], "ha1": ha1(*INBOUND_B), "dids": [DID_B],
+         "failover": f"sip:{DID_B}@{FAILOVER_B[0]}:{FAILOVER_B[1]}"},
+        {"id": "in-c", "username": INBOUND_C[0], "ha1": ha1(*INBOUND_C), "dids": [DID_C]}]})
     config["locations"].append({"id": "vault", "contacts": [], "trunk_groups": [
         # MD5 only, like the others (sipp, above): the challenges stay MD5 alone.
         {"id": "vault-pbx", "username": VAULT[0], "password": VAULT[1], "algorithms": ["MD5"]}]})
@@ -1880,13 +1900,495 @@ class EnvoyKeepsState(OwnEnvoy, unittest.TestCase):
         self.assertCallPasses(home, "keep-gone-call")
 
 
+class UdpParty:
+    """A party on the upstream's carrier side, over UDP: the carrier calling in, or a
+    trunk group's failover. Records every message with its arrival time; answers an
+    INVITE with `answer` (a status code; None stays silent), BYE and other requests
+    but ACK with 200."""
+
+    SDP = "v=0\r\no=udp 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio 40002 RTP/AVP 0\r\n"
+
+    def __init__(self, addr, answer=200):
+        self.addr, self.answer = addr, answer
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(addr)
+        self.sock.settimeout(0.1)
+        self.got = []
+        self.running = True
+        self.thread = threading.Thread(target=self.loop, daemon=True)
+        self.thread.start()
+
+    def loop(self):
+        while self.running:
+            try:
+                data, _ = self.sock.recvfrom(65536)
+            except (socket.timeout, OSError):
+                continue
+            text = data.decode("latin-1")
+            self.got.append((time.time(), text))
+            method = re.match(r"([A-Z]+) ", text)
+            if not method or method.group(1) == "ACK":
+                continue
+            if method.group(1) == "INVITE":
+                if self.answer is not None:
+                    self.send(reply_to(text, self.answer, tag="udp", contact=f"sip:udp@{self.addr[0]}:{self.addr[1]}",
+                                       body=self.SDP if self.answer == 200 else ""))
+            else:
+                self.send(reply_to(text, 200, tag="udp"))
+
+    def send(self, text, to=UPSTREAM):
+        self.sock.sendto(text.encode() if isinstance(text, str) else text, to)
+
+    def messages(self, start, call_id=None):
+        """What came in whose first line starts with `start` (a method, or "SIP/2.0 4")."""
+        return [(t, m) for t, m in self.got if m.startswith(start)
+                and (call_id is None or header_values(m, "Call-ID") == [call_id])]
+
+    def wait(self, start, call_id, timeout=5):
+        return wait_for(f"{start} of {call_id} at {self.addr}", lambda: self.messages(start, call_id), timeout)[0]
+
+    def final(self, call_id, timeout=8):
+        """The first final response to the INVITE of `call_id` (time, text)."""
+        def done():
+            for t, m in self.got:
+                if (status_of(m) or 0) >= 200 and header_values(m, "Call-ID") == [call_id] \
+                        and re.search(r"(?m)^CSeq: \d+ INVITE", m):
+                    return (t, m)
+            return None
+        return wait_for(f"a final response to {call_id}", done, timeout)
+
+    def close(self):
+        self.running = False
+        self.thread.join(2)
+        self.sock.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def reply_to(request, code, reason=None, tag="t", contact=None, extra="", body=""):
+    """A response to `request` (RFC 3261 §8.2.6): its Via fields, From, To (with `tag`
+    unless it has one), Call-ID and CSeq, and for a 2xx to an INVITE its Record-Route."""
+    reasons = {180: "Ringing", 200: "OK", 408: "Request Timeout", 486: "Busy Here", 500: "Server Internal Error",
+               503: "Service Unavailable", 603: "Decline", 606: "Not Acceptable"}
+    head = request.split("\r\n\r\n", 1)[0].split("\r\n")
+    keep = [h for h in head[1:] if re.match(r"(?i)(via|v|from|f|call-id|i|cseq)[ \t]*:", h)]
+    to = [h for h in head[1:] if re.match(r"(?i)(to|t)[ \t]*:", h)][0]
+    if not re.search(r";\s*tag=", to, re.I):
+        to += f";tag={tag}"
+    rr = [h for h in head[1:] if re.match(r"(?i)record-route[ \t]*:", h)] if 200 <= code < 300 else []
+    lines = [f"SIP/2.0 {code} {reason or reasons.get(code, 'Whatever')}", *keep, to, *rr]
+    if contact:
+        lines.append(f"Contact: <{contact}>")
+    text = "\r\n".join(lines) + "\r\n" + extra
+    if body:
+        text += "Content-Type: application/sdp\r\n"
+    return text + f"Content-Length: {len(body)}\r\n\r\n{body}"
+
+
+def carrier_invite(carrier, user, call_id):
+    """The carrier's INVITE to `user` (a DID as it dials it), straight to the
+    upstream's UDP socket; returns it."""
+    ruri = f"sip:{user}@{REALM}"
+    body = UdpParty.SDP
+    text = (f"INVITE {ruri} SIP/2.0\r\nVia: SIP/2.0/UDP {CARRIER[0]}:{CARRIER[1]};branch=z9hG4bK-{call_id}-1;rport\r\n"
+            f"Max-Forwards: 70\r\nFrom: <sip:+15550001111@carrier.example.net>;tag=c-{call_id}\r\n"
+            f"To: <{ruri}>\r\nCall-ID: {call_id}\r\nCSeq: 1 INVITE\r\n"
+            f"Contact: <sip:carrier@{CARRIER[0]}:{CARRIER[1]}>\r\nContent-Type: application/sdp\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n{body}")
+    carrier.send(text)
+    return text
+
+
+def carrier_in_dialog(carrier, invite, answer, method, cseq, branch):
+    """The carrier's ACK of a 2xx, or its BYE, within the dialog `answer` set up:
+    to the remote target along the route set (RFC 3261 §12.2.1.1)."""
+    call_id = header_values(invite, "Call-ID")[0]
+    target = re.search(r"<([^>]+)>", header_values(answer, "Contact")[0]).group(1)
+    rr = [v.strip() for h in header_values(answer, "Record-Route") for v in h.split(",")]
+    route = f"Route: {', '.join(reversed(rr))}\r\n" if rr else ""
+    text = (f"{method} {target} SIP/2.0\r\nVia: SIP/2.0/UDP {CARRIER[0]}:{CARRIER[1]};branch=z9hG4bK-{call_id}-{branch};rport\r\n"
+            f"{route}Max-Forwards: 70\r\n{header_values(invite, 'From')[0].join(['From: ', ''])}\r\n"
+            f"To: {header_values(answer, 'To')[0]}\r\nCall-ID: {call_id}\r\nCSeq: {cseq} {method}\r\n"
+            f"Content-Length: 0\r\n\r\n")
+    carrier.send(text)
+
+
+def carrier_ack_failure(carrier, invite, answer):
+    """The ACK of a non-2xx final answer (RFC 3261 §17.1.1.3): the INVITE's branch."""
+    call_id = header_values(invite, "Call-ID")[0]
+    ruri = invite.split(" ")[1]
+    carrier.send(f"ACK {ruri} SIP/2.0\r\nVia: SIP/2.0/UDP {CARRIER[0]}:{CARRIER[1]};branch=z9hG4bK-{call_id}-1;rport\r\n"
+                 f"Max-Forwards: 70\r\nFrom: {header_values(invite, 'From')[0]}\r\nTo: {header_values(answer, 'To')[0]}\r\n"
+                 f"Call-ID: {call_id}\r\nCSeq: 1 ACK\r\nContent-Length: 0\r\n\r\n")
+
+
+class InboundPbx(SipStream):
+    """A trunk group's PBX at `source`: registers with digest through Envoy (written by
+    hand, as digest_register) and keeps that connection, over which the upstream
+    sends it the carrier's calls; it answers them as each test says."""
+
+    def __init__(self, source, creds):
+        super().__init__(LISTEN, source)
+        self.source, self.creds = source, creds
+        self.contact = f"sip:{creds[0]}@{source}:5060;transport=tcp"
+
+    def register(self, expires=300, extra=""):
+        """REGISTER, 401, REGISTER with credentials (and `extra` headers in both);
+        returns the final answer and the Call-ID."""
+        user = self.creds[0]
+        call_id = f"reg-{user}-{os.urandom(4).hex()}"
+        head = f"Contact: <{self.contact}>\r\nExpires: {expires}\r\n{extra}"
+
+        def message(cseq, more=""):
+            return sip_request("REGISTER", call_id, self.source, cseq, head + more, user)
+
+        challenge = self.final(message(1))
+        assert status_of(challenge) == 401, challenge
+        nonce = re.search(r'nonce="([^"]+)"', challenge).group(1)
+        uri, cnonce = f"sip:{REALM}", os.urandom(4).hex()
+        response = md5_hex(f"{ha1(*self.creds)}:{nonce}:00000001:{cnonce}:auth:{md5_hex(f'REGISTER:{uri}')}")
+        auth = (f'Authorization: Digest username="{user}", realm="{REALM}", nonce="{nonce}", uri="{uri}", '
+                f'response="{response}", algorithm=MD5, qop=auth, nc=00000001, cnonce="{cnonce}"\r\n')
+        return self.final(message(2, auth)), call_id
+
+    def next_message(self, wait=5):
+        """The next whole message over the connection (a request or a response), or ""."""
+        until = time.time() + wait
+        while True:
+            head, sep, rest = self.buffer.partition(b"\r\n\r\n")
+            if sep:
+                m = re.search(rb"(?im)^(?:content-length|l)[ \t]*:[ \t]*(\d+)", head)
+                length = int(m.group(1)) if m else 0
+                if len(rest) >= length:
+                    self.buffer = rest[length:]
+                    return (head + sep + rest[:length]).decode("latin-1")
+            if time.time() > until:
+                return ""
+            try:
+                data = self.sock.recv(65536)
+            except socket.timeout:
+                continue
+            except ConnectionResetError:
+                data = b""
+            if not data:
+                return ""
+            self.buffer += data
+
+    def expect(self, method, wait=5):
+        """The next request `method` (others before it are skipped), or ""."""
+        until = time.time() + wait
+        while time.time() < until:
+            m = self.next_message(until - time.time())
+            if m.startswith(f"{method} "):
+                return m
+        return ""
+
+    def answer(self, request, code, extra=""):
+        self.send(reply_to(request, code, tag="pbx", contact=self.contact, extra=extra,
+                           body=UdpParty.SDP if code == 200 and request.startswith("INVITE") else "").encode())
+
+    def bye(self, invite, answer_tag="pbx"):
+        """The PBX's BYE of the call `invite` brought (it is the callee: the route set
+        is the INVITE's Record-Route in order, RFC 3261 §12.1.1)."""
+        call_id = header_values(invite, "Call-ID")[0]
+        target = re.search(r"<([^>]+)>", header_values(invite, "Contact")[0]).group(1)
+        rr = [v.strip() for h in header_values(invite, "Record-Route") for v in h.split(",")]
+        route = f"Route: {', '.join(rr)}\r\n" if rr else ""
+        to_ = header_values(invite, "To")[0] + f";tag={answer_tag}"
+        self.send((f"BYE {target} SIP/2.0\r\nVia: SIP/2.0/TCP {self.source}:5060;branch=z9hG4bK-{call_id}-pbx-bye\r\n"
+                   f"{route}Max-Forwards: 70\r\nFrom: {to_}\r\nTo: {header_values(invite, 'From')[0]}\r\n"
+                   f"Call-ID: {call_id}\r\nCSeq: 1 BYE\r\nContent-Length: 0\r\n\r\n").encode())
+
+
+def upstream_bindings():
+    """The bindings the upstream recorded (its trace): one dict per announcement."""
+    return [dict(zip(("group", "expires", "dids", "contact", "failover", "via", "call_id"), m.groups()))
+            for m in re.finditer(r"upstream: binding group=(\S+) expires=(\S+) dids=(\S*) contact=(\S*) "
+                                 r"failover=(\S*) via (\S+) call-id=(\S+)", read(Env.kamailio_log))]
+
+
+def binding_headers_seen(call_id):
+    """How many binding headers (base, -Contact, -Failover) each request of
+    `call_id` carried when it reached the upstream."""
+    return re.findall(rf"upstream: \S+ \S+ from \S+ call-id={re.escape(call_id)} .*binding-headers=(\S+)",
+                      read(Env.kamailio_log))
+
+
+class EnvoyInbound(unittest.TestCase):
+    """Inbound calls through the suite's Envoy (docs/envoy.md, "Inbound calls"): the
+    filter announces each accepted registration on its REGISTER probe; the upstream
+    routes the carrier's calls (UDP, straight to it) to the registered PBX over its
+    connection through Envoy, and fails over as the policy does. The PBXs of trunk
+    groups in-a, in-b and in-c register from 127.0.0.20, .21 and .22."""
+
+    maxDiff = None
+    A, B, C = "127.0.0.20", "127.0.0.21", "127.0.0.22"
+
+    def setUp(self):
+        self.closing = []
+
+    def tearDown(self):
+        for thing in self.closing:
+            thing.close()
+        for run in Env.sipps:
+            stop(run.proc)
+        Env.sipps = []
+
+    def party(self, addr, answer=200):
+        p = UdpParty(addr, answer)
+        self.closing.append(p)
+        return p
+
+    def registered(self, source, creds):
+        pbx = InboundPbx(source, creds)
+        self.closing.append(pbx)
+        answer, call_id = pbx.register()
+        self.assertEqual(status_of(answer), 200, answer)
+        wait_for(f"the binding of {creds[0]} at the upstream",
+                 lambda: [b for b in upstream_bindings() if b["call_id"] == call_id])
+        return pbx
+
+    def test_1_a_call_to_a_did_reaches_the_registered_pbx_over_its_connection(self):
+        pbx = self.registered(self.A, INBOUND_A)
+        (binding,) = [b for b in upstream_bindings() if b["contact"] == pbx.contact][-1:]
+        self.assertEqual((binding["group"], binding["expires"], binding["dids"]),
+                         ("in-a", "300", "15551240000,15551240001"), binding)
+        self.assertEqual(binding["failover"], f"sip:{DID_A}@{FAILOVER_A[0]}:{FAILOVER_A[1]}")
+        # The carrier is sipp (tests/node/sipp/inbound.xml): INVITE, 200, ACK, its BYE.
+        carrier = Sipp("inbound-carrier", os.path.join(NODE_SIPP, "inbound.xml"),
+                       ["-i", CARRIER[0], "-p", str(CARRIER[1]), "-s", DID_A2, "-m", "1",
+                        f"{UPSTREAM[0]}:{UPSTREAM[1]}"], transport="u1")
+        invite = pbx.expect("INVITE")
+        self.assertTrue(invite, "the PBX got no INVITE")
+        self.assertTrue(invite.startswith(f"INVITE {pbx.contact} SIP/2.0\r\n"), invite)
+        self.assertEqual(header_values(invite, "To"), [f"<sip:{DID_A2}@{REALM}>"], invite)
+        pbx.answer(invite, 200)
+        self.assertTrue(pbx.expect("ACK"), "the carrier's ACK did not reach the PBX")
+        bye = pbx.expect("BYE")
+        self.assertTrue(bye, "the carrier's BYE did not reach the PBX")
+        pbx.answer(bye, 200)
+        code, _, errors = carrier.result()
+        self.assertEqual(code, 0, f"sipp carrier exited {code}\n{errors}")
+
+    def test_2_the_pbx_ends_the_call_and_sides_are_kept(self):
+        pbx = self.registered(self.A, INBOUND_A)
+        carrier = self.party(CARRIER)
+        invite_sent = carrier_invite(carrier, DID_A, "in-bye-pbx")
+        invite = pbx.expect("INVITE")
+        self.assertTrue(invite, "the PBX got no INVITE")
+        pbx.answer(invite, 200)
+        _, answer = carrier.final("in-bye-pbx")
+        self.assertEqual(status_of(answer), 200, answer)
+        carrier_in_dialog(carrier, invite_sent, answer, "ACK", 1, "ack")
+        self.assertTrue(pbx.expect("ACK"))
+        # The carrier's side of this dialog is UDP: a BYE in its name through Envoy
+        # (the access side), with the dialog's tags, is refused and reaches nobody.
+        forged_bye = forged("BYE", "in-bye-pbx", f"To: {header_values(answer, 'To')[0]}\r\n",
+                            ruri=pbx.contact, from_tag="c-in-bye-pbx").replace(
+            "From: <sip:attacker@127.0.0.7>", "From: <sip:+15550001111@carrier.example.net>")
+        self.assertEqual(status_of(attack(forged_bye)), 404)
+        self.assertEqual(pbx.expect("BYE", wait=1), "", "a BYE in the carrier's name came over the access side")
+        # The PBX's BYE reaches the carrier, and the carrier's 200 the PBX.
+        pbx.bye(invite)
+        bye = carrier.wait("BYE", "in-bye-pbx")[1]
+        self.assertTrue(bye.startswith("BYE sip:carrier@"), bye)
+        reply = pbx.next_message()
+        self.assertRegex(reply, r"^SIP/2\.0 200 [\s\S]*CSeq: 1 BYE")
+
+    def test_3_a_silent_pbx_fails_over_after_no_answer_ms(self):
+        pbx = self.registered(self.A, INBOUND_A)
+        carrier, failover = self.party(CARRIER), self.party(FAILOVER_A)
+        invite_sent = carrier_invite(carrier, DID_A, "in-silent")
+        sent = time.time()
+        self.assertTrue(pbx.expect("INVITE"), "the PBX got no INVITE")
+        at, relayed = failover.wait("INVITE", "in-silent", timeout=NO_ANSWER_MS / 1000 + 3)
+        self.assertGreaterEqual(at - sent, NO_ANSWER_MS / 1000 - 0.1, "failed over before no_answer_ms")
+        self.assertLess(at - sent, NO_ANSWER_MS / 1000 + 1.0, "failed over long after no_answer_ms")
+        self.assertTrue(relayed.startswith(f"INVITE sip:{DID_A}@{FAILOVER_A[0]}:{FAILOVER_A[1]} SIP/2.0"), relayed)
+        _, answer = carrier.final("in-silent")
+        self.assertEqual(status_of(answer), 200, answer)
+        # The dialog is the failover's now: the carrier's ACK and BYE go there.
+        carrier_in_dialog(carrier, invite_sent, answer, "ACK", 1, "ack")
+        carrier_in_dialog(carrier, invite_sent, answer, "BYE", 2, "bye")
+        failover.wait("ACK", "in-silent")
+        failover.wait("BYE", "in-silent")
+        wait_for("the 200 to the carrier's BYE", lambda: [
+            m for _, m in carrier.messages("SIP/2.0 200", "in-silent") if re.search(r"(?m)^CSeq: 2 BYE", m)])
+        self.assertEqual(pbx.expect("BYE", wait=0.3), "", "the failed-over call's BYE reached the PBX")
+
+    def test_3b_when_the_failover_fails_too_the_caller_gets_the_pbx_failure(self):
+        pbx = self.registered(self.A, INBOUND_A)
+        carrier, failover = self.party(CARRIER), self.party(FAILOVER_A, answer=486)
+        invite_sent = carrier_invite(carrier, DID_A, "in-both-fail")
+        self.assertTrue(pbx.expect("INVITE"), "the PBX got no INVITE")
+        failover.wait("INVITE", "in-both-fail", timeout=NO_ANSWER_MS / 1000 + 3)
+        # The PBX's silence (408), not the failover's 486 (docs/policy.md "Inbound calls").
+        _, answer = carrier.final("in-both-fail")
+        self.assertEqual(status_of(answer), 408, answer)
+        carrier_ack_failure(carrier, invite_sent, answer)
+
+    def test_3c_a_call_the_carrier_cancels_does_not_fail_over(self):
+        pbx = self.registered(self.A, INBOUND_A)
+        carrier, failover = self.party(CARRIER), self.party(FAILOVER_A)
+        invite_sent = carrier_invite(carrier, DID_A, "in-cancel")
+        self.assertTrue(pbx.expect("INVITE"), "the PBX got no INVITE")
+        # The PBX stays silent; the carrier gives up before no_answer_ms (RFC 3261 §9.1:
+        # the CANCEL has the INVITE's branch).
+        cancel = re.sub(r"CSeq: 1 INVITE", "CSeq: 1 CANCEL", invite_sent.split("\r\nContent-Type")[0])
+        carrier.send(cancel.replace("INVITE ", "CANCEL ", 1) + "\r\nContent-Length: 0\r\n\r\n")
+        _, answer = carrier.final("in-cancel", timeout=NO_ANSWER_MS / 1000 + 5)
+        self.assertEqual(status_of(answer), 487, answer)
+        carrier_ack_failure(carrier, invite_sent, answer)
+        time.sleep(NO_ANSWER_MS / 1000 + 0.5)
+        self.assertEqual(failover.messages("INVITE", "in-cancel"), [], "a cancelled call was failed over")
+
+    def test_4_failures_of_the_pbx_fail_over_as_the_policy_says(self):
+        # (code, Retry-After, fails over): docs/policy.md "Inbound calls".
+        cases = [(503, False, True), (500, False, True), (408, False, True), (503, True, False),
+                 (486, False, False), (603, False, False), (606, False, False)]
+        pbx = self.registered(self.A, INBOUND_A)
+        carrier, failover = self.party(CARRIER), self.party(FAILOVER_A)
+        for code, retry_after, over in cases:
+            call_id = f"in-fail-{code}-{int(retry_after)}"
+            with self.subTest(code=code, retry_after=retry_after):
+                invite_sent = carrier_invite(carrier, DID_A, call_id)
+                invite = pbx.expect("INVITE")
+                self.assertTrue(invite, "the PBX got no INVITE")
+                pbx.answer(invite, code, extra="Retry-After: 30\r\n" if retry_after else "")
+                _, answer = carrier.final(call_id)
+                if over:
+                    self.assertEqual(status_of(answer), 200, answer)
+                    failover.wait("INVITE", call_id)
+                    carrier_in_dialog(carrier, invite_sent, answer, "ACK", 1, "ack")
+                    carrier_in_dialog(carrier, invite_sent, answer, "BYE", 2, "bye")
+                else:
+                    # tm passes a 503 on as 500 (RFC 3261 §16.7 step 6).
+                    self.assertEqual(status_of(answer), 500 if code == 503 else code, answer)
+                    carrier_ack_failure(carrier, invite_sent, answer)
+                    time.sleep(0.3)
+                    self.assertEqual(failover.messages("INVITE", call_id), [], "failed over")
+        # A ringing PBX is alive: no failover after no_answer_ms; its 486 is final.
+        invite_sent = carrier_invite(carrier, DID_A, "in-ringing")
+        invite = pbx.expect("INVITE")
+        pbx.answer(invite, 180)
+        time.sleep(NO_ANSWER_MS / 1000 + 1)
+        self.assertEqual(failover.messages("INVITE", "in-ringing"), [], "a ringing PBX was failed over")
+        pbx.answer(invite, 486)
+        _, answer = carrier.final("in-ringing")
+        self.assertEqual(status_of(answer), 486, answer)
+        carrier_ack_failure(carrier, invite_sent, answer)
+
+    def test_5_a_trunk_group_without_failover_passes_the_failure_on(self):
+        pbx = self.registered(self.C, INBOUND_C)
+        carrier = self.party(CARRIER)
+        invite_sent = carrier_invite(carrier, DID_C, "in-c-503")
+        invite = pbx.expect("INVITE")
+        self.assertTrue(invite, "the PBX got no INVITE")
+        pbx.answer(invite, 503)
+        _, answer = carrier.final("in-c-503")
+        self.assertEqual(status_of(answer), 500, answer)
+        carrier_ack_failure(carrier, invite_sent, answer)
+
+    def test_6_not_registered_goes_to_the_failover_else_480(self):
+        carrier, failover = self.party(CARRIER), self.party(FAILOVER_A)
+        for source, creds, did, name in ((self.A, INBOUND_A, DID_A, "in-a"), (self.C, INBOUND_C, DID_C, "in-c")):
+            pbx = self.registered(source, creds)
+            answer, call_id = pbx.register(expires=0)
+            self.assertEqual(status_of(answer), 200, answer)
+            (binding,) = wait_for("the un-REGISTER's binding", lambda: [
+                b for b in upstream_bindings() if b["call_id"] == call_id])
+            self.assertEqual((binding["group"], binding["expires"]), (name, "0"), binding)
+            self.assertIn(binding["contact"], ("", "<null>"), "an un-REGISTER announces no Contact")
+            carrier_invite(carrier, did, f"in-unreg-{name}")
+            sent = time.time()
+            at, answer = carrier.final(f"in-unreg-{name}")
+            self.assertEqual(pbx.expect("INVITE", wait=0.5), "", "an unregistered PBX got the call")
+            if name == "in-a":
+                self.assertEqual(status_of(answer), 200, answer)
+                got, _ = failover.wait("INVITE", f"in-unreg-{name}")
+                self.assertLess(got - sent, NO_ANSWER_MS / 1000, "not at once")
+            else:
+                self.assertEqual(status_of(answer), 480, answer)
+
+    def test_7_a_pbx_whose_connection_is_gone_fails_over_at_once(self):
+        pbx = self.registered(self.B, INBOUND_B)
+        pbx.close()
+        time.sleep(0.5)  # Envoy closes its upstream connection; the upstream sees it go
+        carrier, failover = self.party(CARRIER), self.party(FAILOVER_B)
+        carrier_invite(carrier, DID_B, "in-gone")
+        sent = time.time()
+        at, _ = failover.wait("INVITE", "in-gone", timeout=NO_ANSWER_MS / 1000 + 3)
+        self.assertLess(at - sent, NO_ANSWER_MS / 1000 - 0.5, "waited for no_answer_ms")
+        _, answer = carrier.final("in-gone")
+        self.assertEqual(status_of(answer), 200, answer)
+
+    def test_8_forged_binding_headers_never_reach_or_count(self):
+        b_pbx = self.registered(self.B, INBOUND_B)
+        # In-a's PBX names in-b's DID as its own in every way it can.
+        forged_headers = (f"X-Trunkguard-Binding: in-b;expires=3600;dids={DID_B[1:]};no-answer-ms=1;failover-6xx=1\r\n"
+                          f"X-Trunkguard-Binding-Contact: sip:ina@{self.A}:5060;transport=tcp\r\n"
+                          f"X-Trunkguard-Binding-Failover: sip:evil@{self.A}:5060\r\n")
+        a_pbx = InboundPbx(self.A, INBOUND_A)
+        self.closing.append(a_pbx)
+        answer, reg_call_id = a_pbx.register(extra=forged_headers)
+        self.assertEqual(status_of(answer), 200, answer)
+        for method in ("OPTIONS", "INVITE"):
+            a_pbx.final(sip_request(method, f"in-forged-{method}", self.A, 1, forged_headers, INBOUND_A[0]))
+        # And straight to the upstream's carrier side, as a probe would look.
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+            u.bind((ATTACKER, 0))
+            probe = sip_request("REGISTER", "in-forged-udp", ATTACKER, 1, forged_headers, INBOUND_B[0]).decode()
+            u.sendto(probe.replace("Max-Forwards: 70", "Max-Forwards: 0").replace("TCP", "UDP").encode(), UPSTREAM)
+        time.sleep(0.5)
+        # Only the filter's own announcements carried them, and none named in-b from .20.
+        self.assertEqual(set(binding_headers_seen("in-forged-OPTIONS") + binding_headers_seen("in-forged-INVITE")),
+                         {"0,0,0"})
+        self.assertEqual(set(binding_headers_seen(reg_call_id)), {"0,0,0", "1,1,1"})
+        mine = [b for b in upstream_bindings() if b["call_id"] == reg_call_id]
+        self.assertEqual({(b["group"], b["dids"]) for b in mine}, {("in-a", "15551240000,15551240001")}, mine)
+        self.assertEqual([b for b in upstream_bindings() if b["call_id"] == "in-forged-udp"], [])
+        # In-b's call still reaches in-b's PBX, never in-a's.
+        carrier = self.party(CARRIER)
+        carrier_invite(carrier, DID_B, "in-forged-call")
+        invite = b_pbx.expect("INVITE")
+        self.assertTrue(invite, "in-b's PBX did not get its call")
+        b_pbx.answer(invite, 486)
+        _, answer = carrier.final("in-forged-call")
+        self.assertEqual(status_of(answer), 486, answer)
+        self.assertEqual(a_pbx.expect("INVITE", wait=0.5), "", "in-a's PBX got in-b's call")
+
+    def test_9_numbers_the_policy_could_read_otherwise_are_not_routed(self):
+        pbx = self.registered(self.A, INBOUND_A)
+        carrier, failover = self.party(CARRIER), self.party(FAILOVER_A)
+        numbers = {"dashes": "+1-555-124-0000", "inner-plus": "1+5551240000", "two-plus": "++15551240000",
+                   "dots": "1.555.124.0000", "unknown": "15551249999"}
+        results = {}
+        for name, number in numbers.items():
+            carrier_invite(carrier, number, f"in-strict-{name}")
+            results[name] = status_of(carrier.final(f"in-strict-{name}")[1])
+        self.assertEqual(results, {name: 404 for name in numbers})
+        self.assertEqual(pbx.expect("INVITE", wait=0.5), "", "the PBX got a call")
+        self.assertEqual(failover.messages("INVITE"), [], "the failover got a call")
+        # The plain forms do reach it (the checks above can fail).
+        for name, number in {"plus": DID_A, "digits": DID_A[1:], "user-param": f"{DID_A};npdi"}.items():
+            invite_sent = carrier_invite(carrier, number, f"in-plain-{name}")
+            invite = pbx.expect("INVITE")
+            self.assertTrue(invite, f"{number} did not reach the PBX")
+            pbx.answer(invite, 486)
+            carrier_ack_failure(carrier, invite_sent, carrier.final(f"in-plain-{name}")[1])
+
+
 if __name__ == "__main__":
     # Run without a selection, every test must have run, and at least MIN_TESTS: a
     # module that fails to set up, a renamed class or lost tests must not pass as
     # "0 failed". With a selection (test names as arguments), at least one.
-    MIN_TESTS = 32
+    MIN_TESTS = 43
     discovered = sum(len(unittest.TestLoader().getTestCaseNames(case))
-                     for case in (EnvoyFront, EnvoyAlertRelay, EnvoyFaultDrills, EnvoyKeepsState))
+                     for case in (EnvoyFront, EnvoyAlertRelay, EnvoyFaultDrills, EnvoyKeepsState, EnvoyInbound))
     expected = max(MIN_TESTS, discovered) if len(sys.argv) == 1 else 1
     result = unittest.main(exit=False, verbosity=2).result
     failed = len(result.failures) + len(result.errors)
