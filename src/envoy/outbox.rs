@@ -21,6 +21,10 @@ pub enum Outcome {
     Sent,
     /// Will be posted again later.
     Retry,
+    /// Will be posted again later, and this was its first failure: the alert is
+    /// handed back once, so that it can be logged whole while it waits (it lives only
+    /// in this VM's memory until the relay takes it).
+    Deferred(Vec<u8>),
     /// Given up: out of tries (`max_attempts`).
     Dropped,
     /// The relay refused it (a 4xx but 408 and 429: `401`/`403` a wrong token, the
@@ -132,8 +136,12 @@ impl Outbox {
             .saturating_mul(1 << shift)
             .min(self.limits.max_backoff_ms);
         entry.due_ms = now_ms.saturating_add(backoff);
+        let first = (entry.attempts == 1).then(|| entry.body.clone());
         self.queue.push_back(entry);
-        Outcome::Retry
+        match first {
+            Some(body) => Outcome::Deferred(body),
+            None => Outcome::Retry,
+        }
     }
 }
 
@@ -150,7 +158,11 @@ mod tests {
         assert!(o.push(b"a".to_vec(), 0));
         let e = o.next_due(0).unwrap();
         o.dispatched(1, e);
-        assert_eq!(o.finished(1, Some(503), 10), Some(Outcome::Retry));
+        assert_eq!(
+            o.finished(1, Some(503), 10),
+            Some(Outcome::Deferred(b"a".to_vec())),
+            "the first failure hands the alert back, to be logged while it waits"
+        );
         assert_eq!(o.next_due(500), None, "backs off 1 s");
         let e = o.next_due(1_010).unwrap();
         o.dispatched(2, e);
@@ -171,7 +183,12 @@ mod tests {
         for token in 0..70 {
             let e = o.next_due(now).expect("still queued");
             o.dispatched(token, e);
-            assert_eq!(o.finished(token, None, now), Some(Outcome::Retry));
+            let want = if token == 0 {
+                Outcome::Deferred(b"a".to_vec())
+            } else {
+                Outcome::Retry
+            };
+            assert_eq!(o.finished(token, None, now), Some(want));
             now += 60_000;
         }
         let e = o.next_due(now).unwrap();
@@ -216,7 +233,7 @@ mod tests {
                 },
                 0
             ),
-            Outcome::Retry
+            Outcome::Deferred(vec![])
         );
     }
 }

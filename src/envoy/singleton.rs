@@ -171,6 +171,11 @@ impl Singleton {
         match self.outbox.finished(token, status, now) {
             Some(Outcome::Sent) => metrics::count("alerts", "sent", 1),
             Some(Outcome::Retry) => metrics::count("alerts", "retried", 1),
+            Some(Outcome::Deferred(body)) => {
+                metrics::count("alerts", "retried", 1);
+                let why = status.map_or_else(|| "no answer".to_string(), |s| format!("HTTP {s}"));
+                log_waiting(&why, &body);
+            }
             Some(Outcome::Dropped) => {
                 metrics::count("alerts", "dropped", 1);
                 host::log(
@@ -306,8 +311,10 @@ impl Singleton {
                 Ok(token) => self.outbox.dispatched(token, entry),
                 Err(e) => {
                     host::log(Level::Warn, &format!("alert post: {e}"));
-                    if self.outbox.not_dispatched(entry, now) == Outcome::Dropped {
-                        metrics::count("alerts", "dropped", 1);
+                    match self.outbox.not_dispatched(entry, now) {
+                        Outcome::Dropped => metrics::count("alerts", "dropped", 1),
+                        Outcome::Deferred(body) => log_waiting(&e.to_string(), &body),
+                        _ => {}
                     }
                     // The cluster is missing or Envoy refused: try the rest later.
                     break;
@@ -315,6 +322,21 @@ impl Singleton {
             }
         }
     }
+}
+
+/// Until the relay takes it, an alert lives only in this VM's memory (Envoy has no
+/// disk of its own): at its first failure it is logged whole, so that an Envoy
+/// stopped or killed meanwhile loses nothing that cannot be posted again by hand
+/// (docs/alerts.md).
+fn log_waiting(why: &str, body: &[u8]) {
+    host::log(
+        Level::Warn,
+        &format!(
+            "alert waits for the relay ({why}); if Envoy stops before it is taken, \
+             re-deliver by hand: {}",
+            String::from_utf8_lossy(body)
+        ),
+    );
 }
 
 /// One HTTP call to the relay's cluster, with the token; returns the call's token.

@@ -1394,6 +1394,42 @@ class EnvoyAlertRelay(OwnEnvoy, unittest.TestCase):
             self.stop("relay")
             self.start_relay(self.token)
 
+    def test_3_an_alert_waiting_for_the_relay_is_in_the_log_so_a_killed_envoy_loses_nothing(self):
+        """The singleton's queue is in memory (Envoy has no disk of its own): an alert
+        the relay has not taken is logged whole at its first failure, so that an Envoy
+        killed (or stopped) before the relay is back loses nothing that cannot be
+        posted again by hand."""
+        intruder = "127.0.0.17"
+        self.stop("relay")
+        try:
+            call_id = call_id_of(self.assertCallRefused(intruder, "relay-down-at-kill"))
+            waiting = re.compile(r"(?m)^\[[^\]]+\]\[warning\]\[wasm\] .*alert waits for the relay \([^)]*\); "
+                                 r"if Envoy stops before it is taken, re-deliver by hand: (\{.*\})$")
+            mine = lambda: [a for a in map(json.loads, waiting.findall(self.log())) if a.get("call_id") == call_id]
+            try:
+                logged = wait_for("the waiting alert in Envoy's log", mine, timeout=20)
+            except AssertionError:
+                self.fail(f"no waiting alert logged\n--- envoy log tail:\n{self.log()[-4000:]}")
+            # Logged once, however many retries follow.
+            time.sleep(2.5)
+            self.assertEqual(len(mine()), 1, mine())
+            self.assertTrue(logged[0]["source"].startswith(intruder + ":"), logged[0])
+            pid = int(read(os.path.join(self.state, "envoy.pid")))
+            os.kill(pid, signal.SIGKILL)
+            wait_for(f"Envoy {pid} gone", lambda: not can_connect(self.LISTEN), timeout=10)
+            # Posted by hand once the relay is back: mailed once.
+            self.start_relay(self.token)
+            request = urllib.request.Request(self.url, data=json.dumps(logged[0]).encode(), method="POST", headers={
+                "Authorization": f"Bearer {self.token}", "Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=5) as r:
+                self.assertEqual(r.status, 202)
+            wait_for("the re-delivered alert mailed", lambda: self.mails_from(intruder), timeout=20)
+            self.relay_idle()
+            self.assertEqual(len(self.mails_from(intruder)), 1, self.mails())
+        finally:
+            if "relay" not in type(self).procs:
+                self.start_relay(self.token)
+
 
 class DrillWebhook(Webhook):
     """The fault-drill Envoy's own alert stand-in."""
@@ -2386,7 +2422,7 @@ if __name__ == "__main__":
     # Run without a selection, every test must have run, and at least MIN_TESTS: a
     # module that fails to set up, a renamed class or lost tests must not pass as
     # "0 failed". With a selection (test names as arguments), at least one.
-    MIN_TESTS = 43
+    MIN_TESTS = 44
     discovered = sum(len(unittest.TestLoader().getTestCaseNames(case))
                      for case in (EnvoyFront, EnvoyAlertRelay, EnvoyFaultDrills, EnvoyKeepsState, EnvoyInbound))
     expected = max(MIN_TESTS, discovered) if len(sys.argv) == 1 else 1
