@@ -44,7 +44,6 @@
 
 import fcntl
 import http.client
-import json
 import os
 import re
 import sqlite3
@@ -84,9 +83,6 @@ def _sockets(name):
 
 PUBLIC_SOCKETS = _sockets("TRUNKGUARD_PUBLIC_SOCKETS")
 CORE_SOCKETS = _sockets("TRUNKGUARD_CORE_SOCKETS")
-# Measurement only (run --baseline, scripts/bench-kamailio): the same routing with
-# Kamailio's own digest authentication and registrar instead of the policy.
-BASELINE = os.environ.get("TRUNKGUARD_BASELINE", "") == "1"
 
 KV_TABLE = "tg"
 CTL_TABLE = "tgctl"
@@ -602,31 +598,9 @@ class Shim:
         self.backoff = RETRY_MIN_S
         self.token = None
         self.token_seen = None  # (inode, size, mtime) of the token file last read
-        self.baseline = None
         self.next_check = 0.0
 
     # --- KEMI callbacks ---------------------------------------------------------
-
-    def _baseline_route(self):
-        if self.baseline is None:
-            self.baseline = _realm_and_ha1s(os.environ.get("TRUNKGUARD_CONFIG", ""))
-        realm, ha1s = self.baseline
-        if KSR.siputils.has_totag() > 0:
-            return self._route_allowed("in_dialog", None, [], [])
-        if KSR.is_ACK() or KSR.is_CANCEL() or KSR.is_OPTIONS():
-            return self._route_allowed("pass_through", None, [], [])
-        ha1 = ha1s.get(KSR.pv.get("$fU") or "", "")
-        # pv_auth_check: Authorization for REGISTER, Proxy-Authorization otherwise;
-        # flags 1: the password given is HA1; checks 0: no From/To username match.
-        if KSR.auth.pv_auth_check(realm, ha1, 1, 0) < 0:
-            KSR.auth.auth_challenge(realm, 1)
-            return -255
-        if KSR.is_REGISTER():
-            KSR.auth.consume_credentials()
-            KSR.registrar.save("location", 0)
-            return -255
-        KSR.auth.consume_credentials()
-        return self._route_allowed("trunk", "baseline", [], [])
 
     def child_init(self, rank):
         # Load the policy now rather than on the first message (a compile takes about a
@@ -668,8 +642,6 @@ class Shim:
             else:
                 KSR.sl.sl_send_reply(403, "Forbidden")
             return -255
-        if BASELINE:
-            return self._baseline_route()
         # Any exception from here on (PolicyError: a trap, a broken .wasm, a store
         # failure; or a bug) is answered by ksr_request_route's fail-closed 503.
         self._sync()
@@ -1190,18 +1162,6 @@ class Shim:
             _count("alerts.rejected")
         except OSError as e:
             KSR.err("trunkguard: cannot set alert %s aside: %s\n" % (name, e))
-
-
-def _realm_and_ha1s(config_path):
-    """(realm, {username: ha1}) of a trunk config (baseline mode only)."""
-    with open(config_path, encoding="utf-8") as f:
-        config = json.load(f)
-    ha1s = {}
-    for location in config.get("locations", []):
-        for group in location.get("trunk_groups", []):
-            if "ha1" in group:
-                ha1s[group["username"]] = group["ha1"]
-    return config["realm"], ha1s
 
 
 # The configured nonce secret (TRUNKGUARD_NONCE_SECRET_FILE), read by mod_init in the

@@ -93,7 +93,7 @@ int tg_policy_judge(tg_policy *p, const char *msg, size_t msg_len, const char *s
 		const char *local, const char *transport, uint64_t now_ms, tg_verdict *out,
 		char *err, size_t err_len);
 
-/* Closes expired alert windows: *alerts/*n the summary alerts (JSON) to spool.
+/* Closes expired alert windows: *alerts and *n are the summary alerts (JSON) to spool.
  * 0 ok, -1 err. */
 int tg_policy_tick(tg_policy *p, uint64_t now_ms, const tg_str **alerts, size_t *n,
 		char *err, size_t err_len);

@@ -1,0 +1,650 @@
+/*
+ * trunkguard.so: the cfg and KEMI functions, and $tg(name).
+ *
+ *   trunkguard_judge()     judges the message: the action (enum tg_action), or -1
+ *                          when there is no verdict (the cfg refuses: fail closed)
+ *   trunkguard_reply()     sends the verdict's reply statelessly (sl)
+ *   trunkguard_apply()     the verdict's strip and insert on what is relayed
+ *   trunkguard_failover()  failure_route: the failover URI to $ru when the PBX's
+ *                          answer sends the call there (docs/policy.md "Inbound calls")
+ *
+ * The verdict is kept in this process for the message it was judged for; the
+ * failover URI goes with the transaction in the xavp tg_failover (the failure route
+ * runs later, in whichever process gets the reply or the timeout).
+ */
+#include <stdio.h>
+#include <string.h>
+
+#include "../../core/dprint.h"
+#include "../../core/mem/mem.h"
+#include "../../core/ut.h"
+#include "../../core/ip_addr.h"
+#include "../../core/data_lump.h"
+#include "../../core/data_lump_rpl.h"
+#include "../../core/dset.h"
+#include "../../core/xavp.h"
+#include "../../core/kemi.h"
+#include "../../core/mod_fix.h"
+#include "../../core/parser/parse_hname2.h"
+#include "../sl/sl.h"
+#include "../tm/tm_load.h"
+#include "../tm/h_table.h"
+
+#include "tg_mod.h"
+
+static sl_api_t tg_slb;
+static tm_api_t tg_tmb;
+static int tg_tm_ok = 0;
+
+static str tg_fo_xavp = str_init("tg_failover");
+static str tg_fo_uri = str_init("uri");
+static str tg_fo_on6xx = str_init("on_6xx");
+
+/* The verdict of the message being routed, valid for that message only. */
+static struct {
+	int valid;
+	unsigned int msg_id;
+	int msg_pid;
+	tg_verdict v;
+} tg_cur;
+
+int tg_functions_init(void)
+{
+	if(sl_load_api(&tg_slb) != 0) {
+		LM_ERR("the sl module must be loaded before trunkguard (replies)\n");
+		return -1;
+	}
+	/* tm is needed by trunkguard_failover() only. */
+	if(find_export("load_tm", NO_SCRIPT, 0) != NULL && tm_load_api(&tg_tmb) == 0)
+		tg_tm_ok = 1;
+	else
+		LM_INFO("tm is not loaded: inbound failover (trunkguard_failover) is off\n");
+	return 0;
+}
+
+static tg_verdict *tg_verdict_of(sip_msg_t *msg)
+{
+	if(!tg_cur.valid || tg_cur.msg_id != msg->id || tg_cur.msg_pid != msg->pid)
+		return NULL;
+	return &tg_cur.v;
+}
+
+/* "ip:port", IPv6 in brackets, as the policy reads addresses. */
+static void tg_addr(char *out, size_t len, struct ip_addr *ip, unsigned short port)
+{
+	char *a = ip_addr2a(ip);
+	if(ip->af == AF_INET6)
+		snprintf(out, len, "[%s]:%u", a, (unsigned)port);
+	else
+		snprintf(out, len, "%s:%u", a, (unsigned)port);
+}
+
+static const char *tg_transport(int proto)
+{
+	switch(proto) {
+		case PROTO_UDP:
+			return "udp";
+		case PROTO_TCP:
+			return "tcp";
+		case PROTO_TLS:
+			return "tls";
+		case PROTO_WS:
+			return "ws";
+		case PROTO_WSS:
+			return "wss";
+		case PROTO_SCTP:
+			return "sctp";
+	}
+	return "udp";
+}
+
+static int tg_str_is(const tg_str *s, const char *lit)
+{
+	size_t n = strlen(lit);
+	return s->len == n && memcmp(s->s, lit, n) == 0;
+}
+
+static void tg_count(const tg_verdict *v)
+{
+	switch(v->action) {
+		case TG_ALLOW:
+			update_stat(tg_st_allowed, 1);
+			return;
+		case TG_ROUTE:
+			update_stat(tg_st_routed, 1);
+			return;
+		case TG_CHALLENGE:
+			update_stat(tg_st_challenged, 1);
+			return;
+		case TG_ACCEPT:
+			update_stat(tg_st_accepted, 1);
+			return;
+	}
+	/* Refusals by the group of their cause (src/verdict.rs `Cause`). */
+	if(tg_str_is(&v->cause, "bad_credentials") || tg_str_is(&v->cause, "auth_required")
+			|| tg_str_is(&v->cause, "stale_nonce")
+			|| tg_str_is(&v->cause, "replayed_nonce"))
+		update_stat(tg_st_refused_auth, 1);
+	else if(tg_str_is(&v->cause, "not_in_access_list")
+			|| tg_str_is(&v->cause, "not_registered_address")
+			|| tg_str_is(&v->cause, "registration_required")
+			|| tg_str_is(&v->cause, "source_banned"))
+		update_stat(tg_st_refused_address, 1);
+	else
+		update_stat(tg_st_refused_other, 1);
+}
+
+static tg_refusal_log *tg_rlog(void)
+{
+	if(tg_proc.rlog == NULL)
+		tg_proc.rlog = tg_refusal_log_new((uint32_t)tg_refusal_log_rate);
+	return tg_proc.rlog;
+}
+
+/* The refusal log's lines (docs/policy.md "The refusal log"), written as the KEMI
+ * shim writes them: `trunkguard-refusal {json}` at NOTICE. 1: a refusal line was
+ * among them. */
+static int tg_log_lines(const tg_str *lines, size_t n)
+{
+	size_t i;
+	int refusal = 0;
+	for(i = 0; i < n; i++) {
+		LM_NOTICE("%.*s\n", (int)lines[i].len, lines[i].s);
+		if(lines[i].len >= 19 && memcmp(lines[i].s, "trunkguard-refusal ", 19) == 0)
+			refusal = 1;
+	}
+	return refusal;
+}
+
+/* A header name the policy asks to insert: an RFC 3261 token; its value one line. */
+static int tg_header_ok(const tg_header *h)
+{
+	size_t i;
+	if(h->name.len == 0)
+		return 0;
+	for(i = 0; i < h->name.len; i++) {
+		unsigned char c = (unsigned char)h->name.s[i];
+		if(!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9')
+				   || strchr("!#$%&'*+-.^_`|~", c) != NULL)
+				|| c == '\0')
+			return 0;
+	}
+	for(i = 0; i < h->value.len; i++)
+		if(h->value.s[i] == '\r' || h->value.s[i] == '\n' || h->value.s[i] == '\0')
+			return 0;
+	return 1;
+}
+
+/* Keeps the failover with the transaction about to be created (tm keeps the xavps
+ * with it and gives them back in the failure route), and makes tm's first-reply
+ * timer the verdict's failover_after_ms: silence that long ends the PBX's branch,
+ * while any provisional reply switches tm to fr_inv_timer (a ringing PBX is alive). */
+static void tg_arm_failover(sip_msg_t *msg, const tg_verdict *v)
+{
+	sr_xval_t val;
+	sr_xavp_t *root;
+	unsigned int after;
+
+	xavp_rm_by_name(&tg_fo_xavp, 1, NULL);
+	memset(&val, 0, sizeof(val));
+	val.type = SR_XTYPE_STR;
+	val.v.s.s = (char *)v->failover.s;
+	val.v.s.len = (int)v->failover.len;
+	root = xavp_add_xavp_value(&tg_fo_xavp, &tg_fo_uri, &val, NULL);
+	if(root == NULL) {
+		LM_ERR("cannot keep the failover %.*s with the transaction\n",
+				(int)v->failover.len, v->failover.s);
+		return;
+	}
+	memset(&val, 0, sizeof(val));
+	val.type = SR_XTYPE_INT;
+	val.v.i = v->failover_on_6xx ? 1 : 0;
+	xavp_add_value(&tg_fo_on6xx, &val, &root->val.v.xavp);
+	after = v->failover_after_ms > 0 ? (unsigned int)v->failover_after_ms : 1;
+	if(tg_tmb.set_fr(msg, 0, after) < 0)
+		LM_ERR("cannot set the failover timer (%u ms)\n", after);
+}
+
+static int tg_fail_closed(sip_msg_t *msg, const char *source, const char *transport,
+		uint64_t now, const char *why)
+{
+	const tg_str *lines = NULL;
+	size_t n;
+	int said = 1;
+
+	update_stat(tg_st_policy_errors, 1);
+	if(tg_rlog() != NULL) {
+		n = tg_refusal_log_record_host(tg_rlog(), msg->buf, msg->len, source,
+				transport, now, 500, "policy_error", &lines);
+		said = tg_log_lines(lines, n);
+	}
+	/* Under the log's rate, so a broken module under a flood cannot fill the disk. */
+	if(said && msg->first_line.type == SIP_REQUEST)
+		LM_ERR("no verdict for %.*s from %s: %s\n",
+				msg->first_line.u.request.method.len,
+				msg->first_line.u.request.method.s, source, why);
+	else if(said)
+		LM_ERR("no verdict for a response from %s: %s\n", source, why);
+	return -1;
+}
+
+static int ki_trunkguard_judge(sip_msg_t *msg)
+{
+	char source[80], local[80], err[TG_ERR_LEN];
+	const char *transport;
+	const tg_str *lines = NULL;
+	uint64_t now;
+	size_t i, n;
+	tg_verdict *v = &tg_cur.v;
+
+	tg_cur.valid = 0;
+	update_stat(tg_st_judged, 1);
+	tg_addr(source, sizeof(source), &msg->rcv.src_ip, msg->rcv.src_port);
+	tg_addr(local, sizeof(local), &msg->rcv.dst_ip, msg->rcv.dst_port);
+	transport = tg_transport(msg->rcv.proto);
+	now = tg_now_ms();
+	if(tg_sync() < 0)
+		return tg_fail_closed(msg, source, transport, now, "no policy loaded");
+	err[0] = '\0';
+	if(tg_policy_judge(tg_proc.policy, msg->buf, msg->len, source, local, transport,
+			   now, v, err, sizeof(err))
+			< 0)
+		return tg_fail_closed(msg, source, transport, now, err);
+	if(v->action < TG_ALLOW || v->action > TG_ROUTE)
+		return tg_fail_closed(msg, source, transport, now, "unknown action");
+	for(i = 0; i < v->insert_len; i++)
+		if(!tg_header_ok(&v->insert[i]))
+			return tg_fail_closed(
+					msg, source, transport, now, "the verdict inserts a header that is not one line");
+	tg_count(v);
+	/* Every verdict goes to the refusal log, which keeps the ones it logs; a
+	 * pending summary of a past second comes out with this process's next message. */
+	if(tg_rlog() != NULL) {
+		n = tg_refusal_log_record(tg_rlog(), msg->buf, msg->len, source, transport, now,
+				v, &lines);
+		tg_log_lines(lines, n);
+		n = tg_refusal_log_flush(tg_rlog(), now, &lines);
+		tg_log_lines(lines, n);
+	}
+	for(i = 0; i < v->alerts_len; i++)
+		tg_spool(&v->alerts[i]);
+	if(v->action == TG_ROUTE && v->failover.len > 0
+			&& msg->first_line.type == SIP_REQUEST
+			&& msg->first_line.u.request.method_value == METHOD_INVITE) {
+		if(tg_tm_ok)
+			tg_arm_failover(msg, v);
+		else
+			LM_WARN("inbound call with a failover, but tm is not loaded\n");
+	}
+	tg_cur.valid = 1;
+	tg_cur.msg_id = msg->id;
+	tg_cur.msg_pid = msg->pid;
+	return v->action;
+}
+
+static int ki_trunkguard_reply(sip_msg_t *msg)
+{
+	tg_verdict *v = tg_verdict_of(msg);
+	char *hdr;
+	size_t i, len;
+	str reason;
+
+	if(v == NULL || v->code == 0)
+		return -1;
+	if(!(v->code >= 300 && v->code <= 699)
+			&& !(v->action == TG_ACCEPT && v->code >= 200 && v->code <= 299))
+		return -1;
+	/* An ACK is never answered (RFC 3261 17.2.3). */
+	if(msg->first_line.type != SIP_REQUEST
+			|| msg->first_line.u.request.method_value == METHOD_ACK)
+		return -1;
+	for(i = 0; i < v->headers_len; i++) {
+		len = v->headers[i].name.len + 2 + v->headers[i].value.len + 2;
+		hdr = pkg_malloc(len);
+		if(hdr == NULL) {
+			PKG_MEM_ERROR;
+			return -1;
+		}
+		memcpy(hdr, v->headers[i].name.s, v->headers[i].name.len);
+		memcpy(hdr + v->headers[i].name.len, ": ", 2);
+		memcpy(hdr + v->headers[i].name.len + 2, v->headers[i].value.s,
+				v->headers[i].value.len);
+		memcpy(hdr + len - 2, "\r\n", 2);
+		/* add_lump_rpl copies it. */
+		if(add_lump_rpl(msg, hdr, (int)len, LUMP_RPL_HDR) == 0) {
+			pkg_free(hdr);
+			LM_ERR("cannot add a reply header\n");
+			return -1;
+		}
+		pkg_free(hdr);
+	}
+	reason.s = (char *)v->reason.s;
+	reason.len = (int)v->reason.len;
+	if(reason.len == 0) {
+		reason.s = "Refused";
+		reason.len = 7;
+	}
+	if(tg_slb.freply(msg, v->code, &reason) < 0) {
+		LM_ERR("cannot send the reply %u\n", v->code);
+		return -1;
+	}
+	return 1;
+}
+
+/* Removes every header called `name` (a known header by its type, so its compact
+ * form too, as textops remove_hf does). */
+static int tg_strip(sip_msg_t *msg, const tg_str *name)
+{
+	char buf[128];
+	str hname;
+	hdr_field_t hfm, *hf;
+
+	if(name->len == 0 || name->len >= sizeof(buf))
+		return 0;
+	memcpy(buf, name->s, name->len);
+	buf[name->len] = '\0';
+	hname.s = buf;
+	hname.len = (int)name->len;
+	memset(&hfm, 0, sizeof(hfm));
+	parse_hname2_str(&hname, &hfm);
+	for(hf = msg->headers; hf; hf = hf->next) {
+		if(hfm.type != HDR_OTHER_T && hfm.type != HDR_ERROR_T) {
+			if(hfm.type != hf->type)
+				continue;
+		} else {
+			if(hf->name.len != hname.len
+					|| strncasecmp(hf->name.s, hname.s, hname.len) != 0)
+				continue;
+		}
+		if(del_lump(msg, hf->name.s - msg->buf, hf->len, 0) == 0) {
+			LM_ERR("cannot remove %.*s\n", hname.len, hname.s);
+			return -1;
+		}
+	}
+	return 0;
+}
+
+static int ki_trunkguard_apply(sip_msg_t *msg)
+{
+	tg_verdict *v = tg_verdict_of(msg);
+	struct lump *anchor;
+	size_t i, len;
+	char *s;
+
+	if(v == NULL)
+		return -1;
+	if(parse_headers(msg, HDR_EOH_F, 0) < 0) {
+		LM_ERR("cannot parse the headers\n");
+		return -1;
+	}
+	for(i = 0; i < v->strip_len; i++)
+		if(tg_strip(msg, &v->strip[i]) < 0)
+			return -1;
+	for(i = 0; i < v->insert_len; i++) {
+		/* Before the body, after every header (textops append_hf). */
+		anchor = anchor_lump(msg, msg->unparsed - msg->buf, 0, 0);
+		if(anchor == NULL) {
+			LM_ERR("cannot get an anchor for the insert\n");
+			return -1;
+		}
+		len = v->insert[i].name.len + 2 + v->insert[i].value.len + 2;
+		s = pkg_malloc(len);
+		if(s == NULL) {
+			PKG_MEM_ERROR;
+			return -1;
+		}
+		memcpy(s, v->insert[i].name.s, v->insert[i].name.len);
+		memcpy(s + v->insert[i].name.len, ": ", 2);
+		memcpy(s + v->insert[i].name.len + 2, v->insert[i].value.s,
+				v->insert[i].value.len);
+		memcpy(s + len - 2, "\r\n", 2);
+		/* The lump owns s from here. */
+		if(insert_new_lump_before(anchor, s, (int)len, 0) == 0) {
+			pkg_free(s);
+			LM_ERR("cannot insert a header\n");
+			return -1;
+		}
+	}
+	return 1;
+}
+
+/* Whether a reply (tm's shm copy of it) carries a Retry-After header. */
+static int tg_has_retry_after(sip_msg_t *rpl)
+{
+	char *p, *end;
+	static const char name[] = "retry-after";
+
+	if(rpl == NULL || rpl == FAKED_REPLY || rpl->buf == NULL)
+		return 0;
+	p = rpl->buf;
+	end = rpl->buf + rpl->len;
+	/* Line by line until the blank line that ends the headers. */
+	while(p < end) {
+		char *eol = memchr(p, '\n', end - p);
+		char *q;
+		if(eol == NULL)
+			eol = end;
+		if(eol - p <= 1)
+			break;
+		if(eol - p > (long)sizeof(name) - 1
+				&& strncasecmp(p, name, sizeof(name) - 1) == 0) {
+			q = p + sizeof(name) - 1;
+			while(q < eol && (*q == ' ' || *q == '\t'))
+				q++;
+			if(q < eol && *q == ':')
+				return 1;
+		}
+		p = eol + 1;
+	}
+	return 0;
+}
+
+static int ki_trunkguard_failover(sip_msg_t *msg)
+{
+	sr_xavp_t *uri, *on6;
+	struct cell *t;
+	int branch, code, retry_after, on_6xx;
+	str ruri;
+
+	if(!tg_tm_ok || get_route_type() != FAILURE_ROUTE)
+		return -1;
+	uri = xavp_get_child_with_sval(&tg_fo_xavp, &tg_fo_uri);
+	if(uri == NULL || uri->val.v.s.len <= 0)
+		return -1;
+	t = tg_tmb.t_gett();
+	if(t == NULL || t == T_UNDEFINED)
+		return -1;
+	if(t->flags & T_CANCELED)
+		return -1; /* the caller gave up: nothing goes on */
+	branch = tg_tmb.t_get_picked_branch();
+	if(branch < 0)
+		return -1;
+	if(msg->msg_flags & FL_TIMEOUT) {
+		if(msg->msg_flags & FL_REPLIED)
+			return -1; /* it rang until fr_inv_timer: nobody picked up */
+		/* Silent for failover_after_ms: tm's own 408. */
+		code = 408;
+		retry_after = 0;
+	} else {
+		code = t->uac[branch].last_received;
+		retry_after = tg_has_retry_after(t->uac[branch].reply);
+	}
+	on6 = xavp_get_child_with_ival(&tg_fo_xavp, &tg_fo_on6xx);
+	on_6xx = on6 != NULL && on6->val.v.i != 0;
+	if(!tg_fails_over((uint16_t)code, retry_after, on_6xx))
+		return -1; /* busy, a decline, a 503 that says when to come back: final */
+	ruri = uri->val.v.s;
+	LM_INFO("inbound call: the PBX %s %d; relayed to the failover %.*s\n",
+			(msg->msg_flags & FL_TIMEOUT) ? "is silent," : "answered", code,
+			ruri.len, ruri.s);
+	if(rewrite_uri(msg, &ruri) < 0) {
+		LM_ERR("cannot set the failover URI %.*s\n", ruri.len, ruri.s);
+		return -1;
+	}
+	reset_dst_uri(msg);
+	/* One failover per call. */
+	xavp_rm_by_name(&tg_fo_xavp, 1, NULL);
+	return 1;
+}
+
+/* --- cfg wrappers -------------------------------------------------------------------- */
+
+static int w_trunkguard_judge(sip_msg_t *msg, char *p1, char *p2)
+{
+	return ki_trunkguard_judge(msg);
+}
+
+static int w_trunkguard_reply(sip_msg_t *msg, char *p1, char *p2)
+{
+	return ki_trunkguard_reply(msg);
+}
+
+static int w_trunkguard_apply(sip_msg_t *msg, char *p1, char *p2)
+{
+	return ki_trunkguard_apply(msg);
+}
+
+static int w_trunkguard_failover(sip_msg_t *msg, char *p1, char *p2)
+{
+	return ki_trunkguard_failover(msg);
+}
+
+cmd_export_t tg_cmds[] = {
+	{"trunkguard_judge", (cmd_function)w_trunkguard_judge, 0, 0, 0, REQUEST_ROUTE},
+	{"trunkguard_reply", (cmd_function)w_trunkguard_reply, 0, 0, 0, REQUEST_ROUTE},
+	{"trunkguard_apply", (cmd_function)w_trunkguard_apply, 0, 0, 0,
+			REQUEST_ROUTE | BRANCH_ROUTE},
+	{"trunkguard_failover", (cmd_function)w_trunkguard_failover, 0, 0, 0,
+			FAILURE_ROUTE},
+	{0, 0, 0, 0, 0, 0}
+};
+
+/* clang-format off */
+static sr_kemi_t sr_kemi_trunkguard_exports[] = {
+	{ str_init("trunkguard"), str_init("judge"),
+		SR_KEMIP_INT, ki_trunkguard_judge,
+		{ SR_KEMIP_NONE, SR_KEMIP_NONE, SR_KEMIP_NONE,
+			SR_KEMIP_NONE, SR_KEMIP_NONE, SR_KEMIP_NONE }
+	},
+	{ str_init("trunkguard"), str_init("reply"),
+		SR_KEMIP_INT, ki_trunkguard_reply,
+		{ SR_KEMIP_NONE, SR_KEMIP_NONE, SR_KEMIP_NONE,
+			SR_KEMIP_NONE, SR_KEMIP_NONE, SR_KEMIP_NONE }
+	},
+	{ str_init("trunkguard"), str_init("apply"),
+		SR_KEMIP_INT, ki_trunkguard_apply,
+		{ SR_KEMIP_NONE, SR_KEMIP_NONE, SR_KEMIP_NONE,
+			SR_KEMIP_NONE, SR_KEMIP_NONE, SR_KEMIP_NONE }
+	},
+	{ str_init("trunkguard"), str_init("failover"),
+		SR_KEMIP_INT, ki_trunkguard_failover,
+		{ SR_KEMIP_NONE, SR_KEMIP_NONE, SR_KEMIP_NONE,
+			SR_KEMIP_NONE, SR_KEMIP_NONE, SR_KEMIP_NONE }
+	},
+
+	{ {0, 0}, {0, 0}, 0, NULL, { 0, 0, 0, 0, 0, 0 } }
+};
+/* clang-format on */
+
+int tg_kemi_register(void)
+{
+	sr_kemi_modules_add(sr_kemi_trunkguard_exports);
+	return 0;
+}
+
+/* --- $tg(name) ------------------------------------------------------------------ */
+
+enum {
+	TG_PV_ACTION = 1,
+	TG_PV_CODE,
+	TG_PV_REASON,
+	TG_PV_CAUSE,
+	TG_PV_TRUNK_GROUP,
+	TG_PV_TARGET,
+	TG_PV_NEXT_HOP,
+	TG_PV_FAILOVER,
+	TG_PV_FAILOVER_AFTER_MS,
+	TG_PV_FAILOVER_ON_6XX
+};
+
+static const struct {
+	const char *name;
+	int id;
+} tg_pv_names[] = {
+	{"action", TG_PV_ACTION},
+	{"code", TG_PV_CODE},
+	{"reason", TG_PV_REASON},
+	{"cause", TG_PV_CAUSE},
+	{"trunk_group", TG_PV_TRUNK_GROUP},
+	{"target", TG_PV_TARGET},
+	{"next_hop", TG_PV_NEXT_HOP},
+	{"failover", TG_PV_FAILOVER},
+	{"failover_after_ms", TG_PV_FAILOVER_AFTER_MS},
+	{"failover_on_6xx", TG_PV_FAILOVER_ON_6XX},
+	{NULL, 0}
+};
+
+static int pv_parse_tg_name(pv_spec_p sp, str *in)
+{
+	int i;
+	if(sp == NULL || in == NULL || in->len <= 0)
+		return -1;
+	for(i = 0; tg_pv_names[i].name != NULL; i++) {
+		if(strlen(tg_pv_names[i].name) == (size_t)in->len
+				&& strncmp(tg_pv_names[i].name, in->s, in->len) == 0) {
+			sp->pvp.pvn.type = PV_NAME_INTSTR;
+			sp->pvp.pvn.u.isname.type = 0;
+			sp->pvp.pvn.u.isname.name.n = tg_pv_names[i].id;
+			return 0;
+		}
+	}
+	LM_ERR("unknown $tg(%.*s)\n", in->len, in->s);
+	return -1;
+}
+
+static int tg_pv_str(sip_msg_t *msg, pv_param_t *param, pv_value_t *res,
+		const tg_str *s)
+{
+	str v;
+	if(s->len == 0)
+		return pv_get_null(msg, param, res);
+	v.s = (char *)s->s;
+	v.len = (int)s->len;
+	return pv_get_strval(msg, param, res, &v);
+}
+
+static int pv_get_tg(sip_msg_t *msg, pv_param_t *param, pv_value_t *res)
+{
+	tg_verdict *v = tg_verdict_of(msg);
+
+	if(v == NULL || param == NULL)
+		return pv_get_null(msg, param, res);
+	switch(param->pvn.u.isname.name.n) {
+		case TG_PV_ACTION:
+			return pv_get_sintval(msg, param, res, v->action);
+		case TG_PV_CODE:
+			return pv_get_sintval(msg, param, res, v->code);
+		case TG_PV_REASON:
+			return tg_pv_str(msg, param, res, &v->reason);
+		case TG_PV_CAUSE:
+			return tg_pv_str(msg, param, res, &v->cause);
+		case TG_PV_TRUNK_GROUP:
+			return tg_pv_str(msg, param, res, &v->trunk_group);
+		case TG_PV_TARGET:
+			return tg_pv_str(msg, param, res, &v->target);
+		case TG_PV_NEXT_HOP:
+			return tg_pv_str(msg, param, res, &v->next_hop);
+		case TG_PV_FAILOVER:
+			return tg_pv_str(msg, param, res, &v->failover);
+		case TG_PV_FAILOVER_AFTER_MS:
+			return pv_get_sintval(msg, param, res, (long)v->failover_after_ms);
+		case TG_PV_FAILOVER_ON_6XX:
+			return pv_get_sintval(msg, param, res, v->failover_on_6xx ? 1 : 0);
+	}
+	return pv_get_null(msg, param, res);
+}
+
+pv_export_t tg_pvs[] = {
+	{{"tg", sizeof("tg") - 1}, PVT_OTHER, pv_get_tg, 0, pv_parse_tg_name, 0, 0, 0},
+	{{0, 0}, 0, 0, 0, 0, 0, 0, 0}
+};

@@ -1,0 +1,87 @@
+/*
+ * trunkguard.so: what the module's files share. One job per file:
+ *   trunkguard_mod.c  module exports, parameters, init, the per-process policy,
+ *                     the store (htable API) and applying publications
+ *   tg_functions.c    the cfg/KEMI functions and $tg(name)
+ *   tg_rpc.c          the RPC commands (kamcmd trunkguard.*)
+ *   tg_timer.c        the timer process: alert windows, the alert spool, delivery
+ */
+#ifndef TG_MOD_H
+#define TG_MOD_H
+
+#include <limits.h>
+#include <stdint.h>
+
+#include "../../core/sr_module.h"
+#include "../../core/str.h"
+#include "../../core/locking.h"
+#include "../../core/counters.h"
+#include "../../core/rpc.h"
+#include "../../core/pvar.h"
+#include "../../core/parser/msg_parser.h"
+
+#include "trunkguard.h"
+
+#define TG_ERR_LEN 512
+
+/* Module parameters (trunkguard_mod.c). */
+extern char *tg_wasm_param;
+extern char *tg_config_param;
+extern str tg_htable_name;
+extern char *tg_alert_url;
+extern char *tg_alert_token_file;
+extern char *tg_spool_dir;
+extern int tg_refusal_log_rate;
+extern int tg_timer_interval;
+
+/* The publication in force, in shared memory: `trunkguard.publish` writes it, every
+ * process applies it when `rev` moved (tg_sync). */
+typedef struct tg_pub {
+	gen_lock_t lock;
+	int rev;
+	int64_t generation; /* the last generation a process reported in force */
+	char wasm[PATH_MAX];
+	char config[PATH_MAX];
+} tg_pub_t;
+extern tg_pub_t *tg_pub;
+
+/* This process's policy. */
+typedef struct tg_proc {
+	tg_policy *policy;
+	int rev;                 /* the publication applied (0: none yet) */
+	char wasm[PATH_MAX];     /* the .wasm in force here */
+	tg_refusal_log *rlog;
+	unsigned int alert_seq;
+} tg_proc_t;
+extern tg_proc_t tg_proc;
+
+/* Statistics (stats.get_statistics trunkguard:). */
+extern stat_var *tg_st_judged, *tg_st_allowed, *tg_st_routed, *tg_st_challenged,
+		*tg_st_accepted, *tg_st_refused_auth, *tg_st_refused_address,
+		*tg_st_refused_other, *tg_st_alerts_spooled, *tg_st_alerts_sent,
+		*tg_st_alerts_rejected, *tg_st_policy_errors;
+extern stat_export_t tg_stats[];
+
+/* trunkguard_mod.c */
+int tg_sync(void);
+tg_store tg_store_of(void);
+int tg_store_get_str(str *key, char *out, int out_len);
+uint64_t tg_now_ms(void);
+int tg_read_file(const char *path, char **out, size_t *len);
+int tg_htable_bind(void);
+
+/* tg_functions.c */
+extern cmd_export_t tg_cmds[];
+extern pv_export_t tg_pvs[];
+int tg_kemi_register(void);
+int tg_functions_init(void);
+
+/* tg_rpc.c */
+extern rpc_export_t tg_rpc_cmds[];
+
+/* tg_timer.c */
+int tg_spool(const tg_str *alert);
+int tg_spool_count(void);
+void tg_timer(unsigned int ticks, void *param);
+
+#endif

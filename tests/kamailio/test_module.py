@@ -1,0 +1,533 @@
+"""End to end: the native module trunkguard.so (crates/kamailio-module, built by
+crates/kamailio-module/build) in a foreign, operator-style kamailio.cfg: its own
+request_route with sanity checks, then trunkguard_judge() and a switch on what it
+returns, trunkguard_reply(), trunkguard_apply() and t_relay() to the core. No Python
+in Kamailio, no host-shims/kamailio/run: Debian's kamailio started here with -DD -E.
+
+  127.0.0.2  the PBX of hq-pbx1 (registers, then calls)
+  127.0.0.3  an intruder with the right credentials
+  127.0.0.1:5160  the edge (this test's Kamailio), its core-facing listener :5174
+  127.0.0.1:5172  the core trunk calls are relayed to (a UDP socket of the test)
+  127.0.0.9  the core calling in (core_networks) to hq-pbx2, whose PBX registers from
+             127.0.0.7:5176 and whose failover is 127.0.0.5:5094
+
+The trunk configuration and credentials are the ones tests/kamailio/test_kamailio.py
+uses (imported from it). Skipped when target/kamailio-module/trunkguard.so is missing.
+The tests run in order on one Kamailio, each bounded in time.
+"""
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import unittest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import sip_client as sip  # noqa: E402
+import trap_module  # noqa: E402
+from test_kamailio import CORE as CORE_IP  # noqa: E402
+from test_kamailio import (ALERT_WINDOW_S, FAILOVER, FAILOVER_PORT, HQ, INTRUDER, MODULE, PBX, REALM, TARGET, Webhook,  # noqa: E402
+                           WebhookHandler, _alive, trunk_config, wait_for)
+
+SO = os.path.join(TARGET, "kamailio-module", "trunkguard.so")
+KAMAILIO_BIN = "/usr/sbin/kamailio"
+KAMCMD = "/usr/sbin/kamcmd"
+EDGE = ("127.0.0.1", 5160)
+CORE = ("127.0.0.1", 5172)
+CORE_LISTEN = ("127.0.0.1", 5174)
+HQ2 = ("hq2", "other")
+HQ2_DID = "+15552220000"
+HQ2_PBX = ("127.0.0.7", 5176)
+NO_ANSWER_S = 1.0
+CALLED = "+15559876543"
+
+# An operator's own configuration: their checks and routing, with trunkguard's
+# functions where the decision is made. Filled in by setUpClass.
+CFG = r"""#!KAMAILIO
+debug=2
+log_stderror=yes
+children=2
+auto_aliases=no
+listen=udp:{edge_ip}:{edge_port}
+listen=udp:{core_listen_ip}:{core_listen_port}
+
+loadmodule "kex.so"
+loadmodule "tm.so"
+loadmodule "sl.so"
+loadmodule "rr.so"
+loadmodule "pv.so"
+loadmodule "maxfwd.so"
+loadmodule "sanity.so"
+loadmodule "xlog.so"
+loadmodule "textops.so"
+loadmodule "htable.so"
+loadmodule "ctl.so"
+loadmodule "{so}"
+
+modparam("ctl", "binrpc", "unix:{ctl}")
+modparam("htable", "htable", "tg=>size=10;")
+modparam("tm", "fr_timer", 5000)
+modparam("trunkguard", "wasm", "{wasm}")
+modparam("trunkguard", "config", "{config}")
+modparam("trunkguard", "spool_dir", "{spool}")
+modparam("trunkguard", "alert_url", "{alert_url}")
+modparam("trunkguard", "alert_token_file", "{token_file}")
+
+request_route {{
+    if (!mf_process_maxfwd_header("10")) {{
+        sl_send_reply("483", "Too Many Hops");
+        exit;
+    }}
+    if (!sanity_check("17895", "7")) {{
+        xlog("L_WARN", "operator: malformed request from $si:$sp\n");
+        exit;
+    }}
+    trunkguard_judge();
+    switch ($rc) {{
+        case 1:
+            route(ALLOWED);
+            break;
+        case 5:
+            route(INBOUND);
+            break;
+        case 2:
+        case 3:
+        case 4:
+            trunkguard_reply();
+            exit;
+        default:
+            # No verdict: fail closed.
+            if (!is_method("ACK")) sl_send_reply("500", "Server Internal Error");
+            exit;
+    }}
+    exit;
+}}
+
+route[ALLOWED] {{
+    if ($tg(cause) == "trunk") {{
+        trunkguard_apply();
+        record_route();
+        $du = "sip:{core_ip}:{core_port}";
+        if (!t_relay()) sl_reply_error();
+        exit;
+    }}
+    if ($tg(cause) == "in_dialog") {{
+        if (loose_route()) {{
+            trunkguard_apply();
+            t_relay();
+            exit;
+        }}
+        sl_send_reply("404", "Not Here");
+        exit;
+    }}
+    if ($tg(cause) == "pass_through") {{
+        if (is_method("ACK|CANCEL") && t_check_trans()) t_relay();
+        if (is_method("OPTIONS")) sl_send_reply("200", "OK");
+        exit;
+    }}
+    sl_send_reply("503", "Service Unavailable");
+    exit;
+}}
+
+route[INBOUND] {{
+    $ru = $tg(target);
+    if ($tg(next_hop) != $null) $du = $tg(next_hop);
+    t_on_failure("FAILOVER");
+    trunkguard_apply();
+    record_route();
+    if (!t_relay()) sl_reply_error();
+    exit;
+}}
+
+failure_route[FAILOVER] {{
+    if (trunkguard_failover()) {{
+        t_relay();
+    }}
+}}
+"""
+
+
+class AnsweringWebhook(WebhookHandler):
+    """test_kamailio's receiver, answering `server.status` instead when it is set, and
+    401 to a request without `server.token` as its bearer token when that is set."""
+
+    def do_POST(self):
+        status = getattr(self.server, "status", None)
+        token = getattr(self.server, "token", None)
+        if status is None and token and self.headers.get("Authorization") != "Bearer " + token:
+            status = 401
+        if status is None:
+            return super().do_POST()
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.send_response(status)
+        self.end_headers()
+
+
+def invite(party, creds, called=CALLED, timeout=3.0, wait=True):
+    """An INVITE from `party` to the edge answered with credentials after the 407.
+    Returns (Call-ID, the final answer to the authenticated INVITE: None when nothing
+    came, or when not `wait`ing for it)."""
+    call_id = "call-%s@%s" % (os.urandom(6).hex(), party.ip)
+    ruri = "sip:%s@%s" % (called, REALM)
+
+    def request(cseq, extra=()):
+        return sip.request("INVITE", ruri, from_user=creds[0], to_user=called, call_id=call_id, cseq=cseq,
+                           via_ip=party.ip, via_port=party.port,
+                           extra=[("Contact", "<sip:%s@%s:%d>" % (creds[0], party.ip, party.port))] + list(extra))
+
+    party.send(request(1), EDGE)
+    challenge, _ = party.recv(timeout, lambda m: of_call(m, call_id) and sip.status(m) >= 200)
+    if sip.status(challenge) != 407:
+        return call_id, challenge
+    auth = sip.authorization(sip.headers(challenge, "Proxy-Authenticate")[-1], "INVITE", ruri, creds[0], creds[1],
+                             "Proxy-Authorization")
+    party.send(request(2, [auth]), EDGE)
+    if not wait:
+        return call_id, None
+    answer, _ = party.recv(timeout, lambda m: of_call(m, call_id) and sip.status(m) >= 200)
+    return call_id, answer
+
+
+def of_call(message, call_id):
+    return (sip.headers(message, "Call-ID", "i") or [None])[0] == call_id
+
+
+class NativeModule(unittest.TestCase):
+    proc = None
+
+    @classmethod
+    def setUpClass(cls):
+        if not os.path.exists(SO):
+            raise unittest.SkipTest("%s is missing: build it with crates/kamailio-module/build "
+                                    "(after cargo builds libtrunkguard_kamailio.a)" % SO)
+        if not os.path.exists(MODULE):
+            raise unittest.SkipTest("%s is missing: scripts/build makes it" % MODULE)
+        cls.workdir = tempfile.mkdtemp(prefix="tg-module-")
+        cls.config = os.path.join(cls.workdir, "config.json")
+        config = trunk_config()
+        config["core_sockets"] = ["%s:%d" % CORE_LISTEN]
+        config["inbound"] = {"no_answer_ms": int(NO_ANSWER_S * 1000)}
+        with open(cls.config, "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2)
+        cls.ctl = os.path.join(cls.workdir, "ctl")
+        cls.spool = os.path.join(cls.workdir, "spool")
+        cls.token_file = os.path.join(cls.workdir, "alert-token")
+        cls.write_token("first-token")
+        cls.webhook = Webhook()
+        cls.webhook.RequestHandlerClass = AnsweringWebhook
+        threading.Thread(target=cls.webhook.serve_forever, daemon=True).start()
+        cfg = os.path.join(cls.workdir, "kamailio.cfg")
+        with open(cfg, "w", encoding="utf-8") as f:
+            f.write(CFG.format(edge_ip=EDGE[0], edge_port=EDGE[1], core_listen_ip=CORE_LISTEN[0],
+                               core_listen_port=CORE_LISTEN[1], core_ip=CORE[0], core_port=CORE[1], so=SO,
+                               ctl=cls.ctl, wasm=MODULE, config=cls.config, spool=cls.spool,
+                               alert_url=cls.webhook.url, token_file=cls.token_file))
+        cls.log_path = os.path.join(cls.workdir, "kamailio.log")
+        cls.log = open(cls.log_path, "wb")
+        # Kamailio's own check first: the module loads (its version and flags match
+        # the core's) and the operator's cfg parses with its functions and $tg().
+        check = subprocess.run([KAMAILIO_BIN, "-f", cfg, "-c"], capture_output=True, text=True, timeout=30)
+        if check.returncode != 0:
+            cls.tearDownClass()
+            raise AssertionError("kamailio -c refused the cfg:\n" + check.stdout + check.stderr)
+        cls.proc = subprocess.Popen([KAMAILIO_BIN, "-f", cfg, "-DD", "-E", "-w", cls.workdir, "-Y", cls.workdir],
+                                    stdout=cls.log, stderr=subprocess.STDOUT, cwd=cls.workdir)
+        try:
+            wait_for("the module's RPC", lambda: cls.kamcmd("trunkguard.status").returncode == 0, timeout=30)
+        except AssertionError:
+            cls.tearDownClass()
+            raise
+
+    @classmethod
+    def tearDownClass(cls):
+        if cls.proc is not None and cls.proc.poll() is None:
+            cls.proc.send_signal(signal.SIGTERM)
+            try:
+                cls.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                cls.proc.kill()
+                cls.proc.wait(timeout=15)
+        cls.webhook.shutdown()
+        cls.webhook.server_close()
+        cls.log.close()
+        if os.environ.get("KEEP_KAMAILIO_TEST_DIR") != "1":
+            shutil.rmtree(cls.workdir, ignore_errors=True)
+
+    @classmethod
+    def write_token(cls, token):
+        # A new file renamed over the old one, as an operator's tooling would.
+        tmp = cls.token_file + ".new"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(token + "\n")
+        os.chmod(tmp, 0o600)
+        os.rename(tmp, cls.token_file)
+
+    @classmethod
+    def kamcmd(cls, *args):
+        return subprocess.run([KAMCMD, "-s", "unix:" + cls.ctl, *args], capture_output=True, text=True, timeout=30)
+
+    def kamailio_log(self):
+        with open(self.log_path, encoding="latin-1") as f:
+            return f.read()
+
+    def setUp(self):
+        self.assertTrue(_alive(self.proc.pid), "kamailio died:\n" + self.kamailio_log()[-4000:])
+
+    def party(self, ip, port=0):
+        p = sip.Party(ip, port)
+        self.addCleanup(p.close)
+        return p
+
+    def register(self, ip=PBX):
+        pbx = sip.Endpoint(ip, server=EDGE)
+        self.addCleanup(pbx.close)
+        return sip.register(pbx, HQ[0], HQ[1], 3600)
+
+    def stats(self):
+        out = self.kamcmd("stats.get_statistics", "trunkguard:")
+        self.assertEqual(out.returncode, 0, out.stdout + out.stderr)
+        return {k: int(v) for k, v in re.findall(r"trunkguard:(\w+) = (\d+)", out.stdout)}
+
+    def assert_call_reaches_the_core(self):
+        """A call of the registered PBX: the INVITE reaches the core, whose answer
+        (486, ending the transaction) reaches the PBX. The INVITE as the core got it."""
+        pbx, core = self.party(PBX), self.party(*CORE)
+        call_id, _ = invite(pbx, HQ, wait=False)
+        got, hop = core.recv(3.0, lambda m: sip.method(m) == "INVITE" and of_call(m, call_id))
+        self.assertIsNotNone(got, "the authenticated INVITE never reached the core\n" + self.kamailio_log()[-3000:])
+        core.send(sip.response(got, 486, "Busy Here", to_tag="core"), hop)
+        answer, _ = pbx.recv(3.0, lambda m: of_call(m, call_id) and sip.status(m) >= 200)
+        self.assertEqual(sip.status(answer), 486, answer)
+        return got
+
+    # --- the scenarios, in order ----------------------------------------------------
+
+    def test_01_register_gets_401_then_200_with_the_right_credentials(self):
+        pbx = sip.Endpoint(PBX, server=EDGE)
+        self.addCleanup(pbx.close)
+        first = pbx.final(sip.request("REGISTER", "sip:" + REALM, from_user=HQ[0], via_ip=PBX, via_port=pbx.port,
+                                      extra=[("Contact", "<sip:%s@%s:%d>" % (HQ[0], PBX, pbx.port))]))
+        self.assertEqual(sip.status(first), 401, first)
+        self.assertRegex(sip.header(first, "WWW-Authenticate") or "", r"^Digest .*realm=\"%s\"" % re.escape(REALM))
+        wrong = sip.Endpoint(PBX, server=EDGE)
+        self.addCleanup(wrong.close)
+        self.assertEqual(sip.status(sip.register(wrong, HQ[0], "not-the-password", 3600)), 403)
+        ok = self.register()
+        self.assertEqual(sip.status(ok), 200, ok)
+        out = self.kamcmd("trunkguard.binding", "hq-pbx1")
+        self.assertEqual(out.returncode, 0, out.stdout + out.stderr)
+        self.assertIn(PBX, out.stdout)
+
+    def test_02_an_invite_from_the_registered_ip_reaches_the_core_with_the_inserted_headers(self):
+        got = self.assert_call_reaches_the_core()
+        self.assertEqual(sip.headers(got, "X-Trunkguard-Trunk-Group"), ["hq-pbx1"], got)
+        self.assertEqual(sip.headers(got, "P-Asserted-Identity"), ["<sip:+15551230000@%s>" % REALM], got)
+        self.assertEqual(sip.headers(got, "Proxy-Authorization"), [], got)
+        self.assertTrue(sip.headers(got, "Record-Route"), got)
+
+    def test_03_the_same_credentials_from_another_ip_get_403_logged_and_alerted(self):
+        intruder, core = self.party(INTRUDER), self.party(*CORE)
+        call_id, answer = invite(intruder, HQ)
+        self.assertEqual(sip.status(answer), 403, answer)
+        got, _ = core.recv(1.0, lambda m: of_call(m, call_id))
+        self.assertIsNone(got, "a refused call reached the core")
+        line = wait_for("the refusal line", lambda: [
+            json.loads(m) for m in re.findall(r"trunkguard-refusal (\{.*\})", self.kamailio_log())
+            if json.loads(m).get("call_id") == call_id])[0]
+        self.assertEqual(line["cause"], "not_registered_address", line)
+        self.assertEqual(line["code"], 403, line)
+        alert = wait_for("the blocked_call alert", lambda: [
+            a for a in self.webhook.snapshot() if a.get("kind") == "blocked_call"])[0]
+        self.assertEqual(alert["trunk_group"], "hq-pbx1")
+        self.assertTrue(alert["source"].startswith(INTRUDER + ":"), alert)
+
+    def test_04_a_bad_config_published_is_refused_and_the_old_one_keeps_working(self):
+        before = self.kamcmd("trunkguard.status")
+        bad = os.path.join(self.workdir, "bad.json")
+        with open(bad, "w", encoding="utf-8") as f:
+            json.dump(trunk_config(acl="not-a-cidr"), f)
+        out = self.kamcmd("trunkguard.publish", bad)
+        # kamcmd exits 0 on an RPC fault too: its output says it.
+        self.assertRegex(out.stdout + out.stderr, r"^error: 400 - config \S+bad\.json refused: locations\[1\]\.trunk_groups\[0\]\.acl\[0\]")
+        self.assertEqual(self.kamcmd("trunkguard.status").stdout, before.stdout)
+        self.assert_call_reaches_the_core()
+        # A good one is taken: the revision moves, and every worker applies it at its
+        # next message (here: another trunk-group header on relayed calls).
+        with open(self.config, encoding="utf-8") as f:
+            config = json.load(f)
+        config["relay"] = {"trunk_group_header": "X-Edge-Trunk"}
+        good = os.path.join(self.workdir, "good.json")
+        with open(good, "w", encoding="utf-8") as f:
+            json.dump(config, f)
+        out = self.kamcmd("trunkguard.publish", good)
+        self.assertEqual(out.returncode, 0, out.stdout + out.stderr)
+        self.assertNotIn("error", out.stdout + out.stderr)
+        status = self.kamcmd("trunkguard.status").stdout
+        self.assertRegex(status, r"revision: 2\b", status)
+        self.assertIn("good.json", status)
+        for _ in range(3):
+            got = self.assert_call_reaches_the_core()
+            self.assertEqual(sip.headers(got, "X-Edge-Trunk"), ["hq-pbx1"], got)
+            self.assertEqual(sip.headers(got, "X-Trunkguard-Trunk-Group"), [], got)
+        out = self.kamcmd("trunkguard.publish", self.config)
+        self.assertNotIn("error", out.stdout + out.stderr)
+
+    def test_05_statistics_count_verdicts_and_alerts(self):
+        stats = self.stats()
+        self.assertGreaterEqual(stats.get("judged", 0), 8, stats)
+        self.assertGreaterEqual(stats.get("challenged", 0), 4, stats)
+        self.assertGreaterEqual(stats.get("accepted", 0), 1, stats)
+        self.assertGreaterEqual(stats.get("allowed", 0), 3, stats)
+        self.assertGreaterEqual(stats.get("refused_auth", 0), 1, stats)
+        self.assertGreaterEqual(stats.get("refused_address", 0), 1, stats)
+        self.assertEqual(stats.get("policy_errors", 0), 0, stats)
+        self.assertGreaterEqual(stats.get("alerts_spooled", 0), 1, stats)
+        wait_for("alerts_sent", lambda: self.stats().get("alerts_sent", 0) >= 1)
+
+    # --- inbound calls and their failover (docs/policy.md, "Inbound calls") --------
+
+    def inbound(self, code=None, headers=()):
+        """The core calls hq-pbx2's DID; its registered PBX answers `code` (None:
+        nothing at all) and the failover, if the call reaches it, 486. Returns (the
+        INVITE as the failover got it or None, the core's final answer, seconds from
+        the PBX's INVITE to the failover's)."""
+        reg = sip.Endpoint(HQ2_PBX[0], server=EDGE, port=HQ2_PBX[1])
+        try:
+            self.assertEqual(sip.status(sip.register(reg, HQ2[0], HQ2[1], 3600)), 200)
+        finally:
+            reg.close()
+        pbx, failover, core = self.party(*HQ2_PBX), self.party(FAILOVER, FAILOVER_PORT), self.party(CORE_IP)
+        call_id = "in-%s@%s" % (os.urandom(6).hex(), CORE_IP)
+        core.send(sip.request("INVITE", "sip:%s@%s" % (HQ2_DID, REALM), from_user="+15550001111", to_user=HQ2_DID,
+                              call_id=call_id, via_ip=CORE_IP, via_port=core.port), CORE_LISTEN)
+        got, hop = pbx.recv(3.0, lambda m: sip.method(m) == "INVITE" and of_call(m, call_id))
+        self.assertIsNotNone(got, "the inbound call never reached the registered PBX\n" + self.kamailio_log()[-3000:])
+        start = time.monotonic()
+        if code is not None:
+            pbx.send(sip.response(got, code, "Whatever", to_tag="pbx", extra=headers), hop)
+        fo, fo_hop = failover.recv(NO_ANSWER_S + 3.0, lambda m: sip.method(m) == "INVITE" and of_call(m, call_id))
+        took = time.monotonic() - start
+        if fo is not None:
+            failover.send(sip.response(fo, 486, "Busy Here", to_tag="fo"), fo_hop)
+        final, _ = core.recv(NO_ANSWER_S + 5.0, lambda m: of_call(m, call_id) and sip.status(m) >= 200)
+        return fo, final, took
+
+    def test_06_a_503_without_retry_after_from_the_pbx_fails_over_at_once(self):
+        fo, final, took = self.inbound(503)
+        self.assertIsNotNone(fo, "the call never reached the failover\n" + self.kamailio_log()[-3000:])
+        self.assertTrue(fo.startswith("INVITE sip:%s@%s:%d SIP/2.0" % (HQ2_DID, FAILOVER, FAILOVER_PORT)), fo)
+        self.assertLess(took, NO_ANSWER_S, "a 503 fails over at once")
+        self.assertEqual(sip.status(final), 486, final)
+
+    def test_07_a_silent_pbx_fails_over_after_no_answer_ms(self):
+        fo, final, took = self.inbound(None)
+        self.assertIsNotNone(fo, "the call never reached the failover\n" + self.kamailio_log()[-3000:])
+        self.assertGreaterEqual(took, NO_ANSWER_S - 0.2)
+        self.assertLess(took, NO_ANSWER_S + 2.0, "tm's first-reply timer is the verdict's failover_after_ms")
+        self.assertEqual(sip.status(final), 486, final)
+
+    def test_08_busy_and_a_503_with_retry_after_reach_the_core_and_not_the_failover(self):
+        for code, headers in ((486, ()), (503, [("Retry-After", "30")])):
+            fo, final, _ = self.inbound(code, headers)
+            self.assertIsNone(fo, "a %d %s reached the failover" % (code, headers))
+            # tm passes a 503 on as 500 (RFC 3261 16.7 step 6).
+            self.assertEqual(sip.status(final), 500 if code == 503 else code, final)
+
+
+    # --- alert delivery (docs/alerts.md) ----------------------------------------------
+
+    def blocked_call_alert(self, ip):
+        """A call with hq-pbx1's credentials from `ip`: refused, and its blocked_call
+        alert spooled."""
+        spooled = self.stats().get("alerts_spooled", 0)
+        _, answer = invite(self.party(ip), HQ)
+        self.assertEqual(sip.status(answer), 403, answer)
+        wait_for("the alert spooled", lambda: self.stats().get("alerts_spooled", 0) > spooled)
+
+    def spooled(self, sub=""):
+        path = os.path.join(self.spool, sub)
+        return sorted(n for n in os.listdir(path) if n.endswith(".json")) if os.path.isdir(path) else []
+
+    def test_09_an_alert_refused_401_is_set_aside_and_one_waits_while_the_receiver_is_down(self):
+        try:
+            self.webhook.status = 401
+            rejected = self.stats().get("alerts_rejected", 0)
+            self.blocked_call_alert("127.0.0.14")
+            wait_for("the alert set aside", lambda: self.spooled("rejected"))
+            self.assertGreater(self.stats()["alerts_rejected"], rejected)
+            self.assertRegex(self.kamailio_log(), r"alert refused by \S+ with 401, kept in \S+/rejected")
+            self.webhook.status = 503
+            self.blocked_call_alert("127.0.0.15")
+            time.sleep(2.5)
+            self.assertTrue(self.spooled(), "an alert the receiver could not take left the spool")
+            self.assertRegex(self.kamcmd("trunkguard.status").stdout, r"spool: [1-9]")
+        finally:
+            self.webhook.status = None
+        wait_for("the spool delivered", lambda: not self.spooled(), timeout=15)
+        sources = [a.get("source", "") for a in self.webhook.snapshot() if a.get("kind") == "blocked_call"]
+        self.assertTrue(any(s.startswith("127.0.0.15:") for s in sources), sources)
+        self.assertFalse(any(s.startswith("127.0.0.14:") for s in sources), sources)
+
+
+    def test_10_a_trap_in_the_module_fails_closed_and_the_good_module_recovers(self):
+        trap = os.path.join(self.workdir, "trap.wasm")
+        with open(trap, "wb") as f:
+            f.write(trap_module.trapping_module())
+        errors = self.stats().get("policy_errors", 0)
+        out = self.kamcmd("trunkguard.publish", self.config, trap)
+        self.assertNotIn("error", out.stdout + out.stderr)
+        try:
+            pbx = sip.Endpoint(PBX, server=EDGE)
+            self.addCleanup(pbx.close)
+            answer = pbx.final(sip.request("INVITE", "sip:%s@%s" % (CALLED, REALM), from_user=HQ[0], to_user=CALLED,
+                                           via_ip=PBX, via_port=pbx.port))
+            # The operator's cfg refuses what gets no verdict (its `default:` case).
+            self.assertEqual(sip.status(answer), 500, answer)
+            self.assertRegex(self.kamailio_log(), r"no verdict for INVITE from 127\.0\.0\.2:\d+: ")
+            self.assertGreater(self.stats()["policy_errors"], errors)
+        finally:
+            out = self.kamcmd("trunkguard.publish", self.config, MODULE)
+            self.assertNotIn("error", out.stdout + out.stderr)
+        self.assert_call_reaches_the_core()
+
+
+    def test_11_repeats_inside_the_alert_window_come_as_one_summary_from_the_timer(self):
+        ip = "127.0.0.16"
+        self.blocked_call_alert(ip)
+        for _ in range(2):
+            self.assertEqual(sip.status(invite(self.party(ip), HQ)[1]), 403)
+        blocked = lambda **m: [a for a in self.webhook.snapshot() if a.get("kind") == "blocked_call"  # noqa: E731
+                               and a.get("source", "").startswith(ip + ":")
+                               and all(a.get(k) == v for k, v in m.items())]
+        wait_for("the first blocked_call", lambda: blocked(count=1))
+        # The timer process closes the window (tg_policy_tick) and spools the summary.
+        summary = wait_for("the end-of-window summary", lambda: blocked(summary=True), timeout=ALERT_WINDOW_S + 10)
+        self.assertEqual(summary[0]["count"], 2, summary)
+        self.assertEqual(len(blocked()), 2, "one alert, one summary: %s" % blocked())
+
+
+    def test_12_a_changed_token_file_is_read_again_without_restart(self):
+        try:
+            self.webhook.token = "second-token"
+            rejected = len(self.spooled("rejected"))
+            self.blocked_call_alert("127.0.0.17")
+            wait_for("the alert refused with the old token", lambda: len(self.spooled("rejected")) > rejected)
+            self.write_token("second-token")
+            self.blocked_call_alert("127.0.0.18")
+            wait_for("the alert taken with the new token", lambda: [
+                a for a in self.webhook.snapshot() if a.get("source", "").startswith("127.0.0.18:")])
+            self.assertRegex(self.kamailio_log(), r"alert token \S+ changed: read again")
+        finally:
+            self.webhook.token = None
+
+
+if __name__ == "__main__":
+    unittest.main()
