@@ -48,6 +48,8 @@ import urllib.error
 import urllib.request
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+from e2e import wait_for  # noqa: E402
 RUN = os.path.join(ROOT, "host-shims", "envoy", "run")
 PUBLISH = os.path.join(ROOT, "host-shims", "envoy", "publish")
 KAMAILIO_CFG = os.path.join(ROOT, "host-shims", "envoy", "upstream-kamailio.cfg")
@@ -145,16 +147,6 @@ class Webhook(http.server.BaseHTTPRequestHandler):
 
     def log_message(self, *args):
         pass
-
-
-def wait_for(what, check, timeout=15):
-    until = time.time() + timeout
-    while time.time() < until:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 class UnixHTTPConnection(http.client.HTTPConnection):

@@ -50,6 +50,8 @@ import urllib.request
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+from e2e import wait_for  # noqa: E402,F401 (test_module and test_refusal_log take it from here too)
 
 import sip_client as sip  # noqa: E402
 import trap_module  # noqa: E402
@@ -213,16 +215,6 @@ def stream_outcome(sock, timeout):
         if not chunk:
             return "closed" if not data else data.decode("latin-1")
         data += chunk
-
-
-def wait_for(what, check, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError("timed out waiting for " + what)
 
 
 class Sipp:

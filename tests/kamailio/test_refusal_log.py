@@ -33,6 +33,8 @@ import unittest
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+from e2e import wait_for  # noqa: E402
 
 import sip_client as sip  # noqa: E402
 
@@ -73,16 +75,6 @@ def trunk_config():
              "acl": ["127.0.0.5/32"], "dids": ["+15557770000"]},
         ]}],
     }
-
-
-def wait_for(what, check, timeout=15.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError("timed out waiting for " + what)
 
 
 def register_request(endpoint, user, call_id, cseq=1, auth=None):

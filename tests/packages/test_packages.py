@@ -45,6 +45,7 @@ import signal
 import stat
 import subprocess
 import tempfile
+import sys
 import time
 import unittest
 import urllib.error
@@ -52,6 +53,8 @@ import urllib.request
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+from e2e import wait_for  # noqa: E402
 TARGET = os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
 PACKAGE_SCRIPT = os.path.join(ROOT, "scripts", "package")
 DEB_DIR = os.path.join(TARGET, "deb")
@@ -100,16 +103,6 @@ def trunk_config(password):
 
 def run(cmd, timeout=60, **kw):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
-
-
-def wait_for(what, check, timeout=15.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError("timed out waiting for " + what)
 
 
 def dpkg_status(pkg):
