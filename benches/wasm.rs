@@ -9,38 +9,38 @@ mod common;
 mod module;
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
-use trunkguard_host::{KvBackend, MemoryKv, Policy, Transport};
+use trunkguard_host::{KvBackend, MemoryKv, PolicyInstance, StoreError, Transport};
 
 /// [`MemoryKv`] that does not keep the replay set (see common::FORGOTTEN).
 struct BenchKv(MemoryKv);
 
 impl KvBackend for BenchKv {
-    fn get(&mut self, key: &str) -> Result<Option<Vec<u8>>, String> {
+    fn get(&mut self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
         self.0.get(key)
     }
-    fn set(&mut self, key: &str, value: &[u8]) -> Result<(), String> {
+    fn set(&mut self, key: &str, value: &[u8]) -> Result<(), StoreError> {
         if key.starts_with(common::FORGOTTEN) {
             return Ok(());
         }
         self.0.set(key, value)
     }
-    fn delete(&mut self, key: &str) -> Result<(), String> {
+    fn delete(&mut self, key: &str) -> Result<(), StoreError> {
         self.0.delete(key)
     }
 }
 
-fn policy(trunks: usize, acl: usize) -> Policy {
+fn policy(trunks: usize, acl: usize) -> PolicyInstance {
     let mut kv = MemoryKv::default();
     let _ = kv.set(
         trunkguard::store::keys::NONCE_SECRET,
         common::SECRET_HEX.as_bytes(),
     );
-    let mut p = match Policy::new(&module::module(), Box::new(BenchKv(kv))) {
+    let mut p = match PolicyInstance::new(&module::module(), Box::new(BenchKv(kv))) {
         Ok(p) => p,
         Err(e) => unreachable!("instantiate: {e}"),
     };
     match p.configure(common::config(trunks, acl).as_bytes()) {
-        Ok(Ok(_)) => p,
+        Ok(_) => p,
         other => unreachable!("bench config: {other:?}"),
     }
 }
@@ -95,7 +95,7 @@ fn config_load(c: &mut Criterion) {
     let mut g = c.benchmark_group("wasm/config_load");
     g.sample_size(10);
     g.bench_function("trunks=100000", |b| {
-        b.iter(|| p.configure(json.as_bytes()).map(|r| r.is_ok()))
+        b.iter(|| p.configure(json.as_bytes()).is_ok())
     });
     g.finish();
 }

@@ -7,7 +7,9 @@
 #[path = "common/module.rs"]
 mod common;
 
-use trunkguard_host::{Action, Fault, HostError, MemoryKv, Policy, PolicyModule, Transport};
+use trunkguard_host::{
+    Action, Fault, HostError, MemoryKv, PolicyInstance, PolicyModule, Transport,
+};
 
 const CONFIG: &str = r#"{"realm": "trunks.example.net", "locations": [{"id": "hq", "contacts": ["noc@example.com"],
   "trunk_groups": [{"id": "hq-pbx1", "username": "hq1", "password": "pw", "require_registration": false}]}]}"#;
@@ -16,10 +18,10 @@ fn invite() -> Vec<u8> {
     b"INVITE sip:+15559876543@trunks.example.net SIP/2.0\r\nVia: SIP/2.0/UDP 203.0.113.7:5060;branch=z9hG4bK-1\r\nMax-Forwards: 70\r\nFrom: <sip:hq1@trunks.example.net>;tag=a\r\nTo: <sip:+15559876543@trunks.example.net>\r\nCall-ID: c1\r\nCSeq: 1 INVITE\r\nContent-Length: 0\r\n\r\n".to_vec()
 }
 
-fn policy() -> (Policy, MemoryKv) {
+fn policy() -> (PolicyInstance, MemoryKv) {
     let kv = MemoryKv::default();
-    let mut p = Policy::new(&common::module(), Box::new(kv.clone())).unwrap();
-    p.configure(CONFIG.as_bytes()).unwrap().unwrap();
+    let mut p = PolicyInstance::new(&common::module(), Box::new(kv.clone())).unwrap();
+    p.configure(CONFIG.as_bytes()).unwrap();
     (p, kv)
 }
 
@@ -119,10 +121,11 @@ fn a_trap_is_a_host_error_and_the_next_call_has_config_and_state_back() {
 #[test]
 fn a_refused_config_keeps_the_last_good_one() {
     let (mut p, _) = policy();
-    let refused = p
-        .configure(br#"{"realm": "x", "locations": [], "oops": true}"#)
-        .unwrap()
-        .unwrap_err();
+    let Err(trunkguard_host::ConfigureError::Refused(refused)) =
+        p.configure(br#"{"realm": "x", "locations": [], "oops": true}"#)
+    else {
+        panic!("the module must refuse it")
+    };
     assert_eq!(refused.path, "oops");
     let j = p
         .judge(
@@ -168,7 +171,7 @@ fn a_corrupt_or_foreign_module_is_a_clear_load_error() {
     assert!(matches!(err, HostError::Load(_)), "{err}");
     // A valid module that is not trunkguard (no exports, no ABI): refused at instantiation.
     let empty = PolicyModule::from_bytes(b"\0asm\x01\0\0\0").unwrap();
-    let err = Policy::new(&empty, Box::new(MemoryKv::default()))
+    let err = PolicyInstance::new(&empty, Box::new(MemoryKv::default()))
         .err()
         .expect("refused");
     assert!(err.to_string().contains("tg_abi_version"), "{err}");
@@ -210,7 +213,7 @@ fn register(user: &str, password: &str, source: &str, nonce: Option<&str>) -> Ve
 /// `fault` set just before the answer is judged; returns that verdict and the alerts
 /// it raised.
 fn register_with(
-    p: &mut Policy,
+    p: &mut PolicyInstance,
     (user, password, _trunk): (&str, &str, &str),
     source: &str,
     at: u64,
@@ -244,12 +247,12 @@ const HQ2: (&str, &str, &str) = ("hq2", "pw2", "hq-pbx2");
 
 /// A fresh instance with trunk group hq-pbx2 (registered mode) registered from
 /// 203.0.113.7, and its store.
-fn registered_hq2() -> (Policy, MemoryKv) {
+fn registered_hq2() -> (PolicyInstance, MemoryKv) {
     const CONFIG: &str = r#"{"realm": "trunks.example.net", "locations": [{"id": "hq", "contacts": ["noc@example.com"],
       "trunk_groups": [{"id": "hq-pbx2", "username": "hq2", "password": "pw2"}]}]}"#;
     let kv = MemoryKv::default();
-    let mut p = Policy::new(&common::module(), Box::new(kv.clone())).unwrap();
-    p.configure(CONFIG.as_bytes()).unwrap().unwrap();
+    let mut p = PolicyInstance::new(&common::module(), Box::new(kv.clone())).unwrap();
+    p.configure(CONFIG.as_bytes()).unwrap();
     let (v, _) = register_with(&mut p, HQ2, "203.0.113.7:5060", 1_000, None);
     assert_eq!(v.action, Action::Accept, "{v:?}");
     (p, kv)

@@ -12,18 +12,20 @@ use std::net::SocketAddr;
 
 use harness::Subject;
 use serde_json::Value;
-use trunkguard_host::{MemoryKv, Policy};
+use trunkguard_host::{MemoryKv, PolicyInstance};
 
 struct Wasm {
-    workers: Vec<Policy>,
+    workers: Vec<PolicyInstance>,
 }
 
 impl Subject for Wasm {
     fn configure(&mut self, json: &str) -> Result<(), (String, String)> {
         for w in &mut self.workers {
-            w.configure(json.as_bytes())
-                .expect("host error")
-                .map_err(|r| (r.path, r.reason))?;
+            match w.configure(json.as_bytes()) {
+                Ok(_) => {}
+                Err(trunkguard_host::ConfigureError::Refused(r)) => return Err((r.path, r.reason)),
+                Err(e) => panic!("host error: {e}"),
+            }
         }
         Ok(())
     }
@@ -75,7 +77,7 @@ fn scenario_table_passes_inside_the_wasm_module() {
     harness::run_all(&mut || {
         let kv = MemoryKv::default();
         let workers = (0..2)
-            .map(|_| Policy::new(&module, Box::new(kv.clone())).expect("instantiate"))
+            .map(|_| PolicyInstance::new(&module, Box::new(kv.clone())).expect("instantiate"))
             .collect();
         Box::new(Wasm { workers })
     });

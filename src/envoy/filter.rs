@@ -36,7 +36,7 @@ struct VmOptions {
 }
 
 /// What a filter root shares with its connections.
-pub(super) struct Policy {
+pub(super) struct Worker {
     pub(super) engine: Engine,
     /// The shared generation of the configuration the engine holds.
     generation: u64,
@@ -44,9 +44,9 @@ pub(super) struct Policy {
     alert_queue: Option<u32>,
 }
 
-impl Policy {
-    fn new() -> Policy {
-        Policy {
+impl Worker {
+    fn new() -> Worker {
+        Worker {
             engine: Engine::new(),
             generation: 0,
             vm_id: shared::DEFAULT_VM_ID.to_owned(),
@@ -110,7 +110,7 @@ impl Policy {
 }
 
 pub struct Root {
-    policy: Rc<RefCell<Policy>>,
+    policy: Rc<RefCell<Worker>>,
     on_refusal: OnRefusal,
     singleton: Option<Singleton>,
 }
@@ -118,7 +118,7 @@ pub struct Root {
 impl Root {
     pub fn new() -> Root {
         Root {
-            policy: Rc::new(RefCell::new(Policy::new())),
+            policy: Rc::new(RefCell::new(Worker::new())),
             on_refusal: OnRefusal::default(),
             singleton: None,
         }

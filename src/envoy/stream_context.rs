@@ -10,7 +10,7 @@ use proxy_wasm::traits::{Context, StreamContext};
 use proxy_wasm::types::{Action, PeerType};
 
 use super::conn::{Conn, Judge, OnRefusal, Outcome};
-use super::filter::Policy;
+use super::filter::Worker;
 use super::host::{self, Buffer, Level};
 use super::metrics;
 use super::shared::{self, EnvoyBackend};
@@ -22,7 +22,7 @@ use crate::verdict::{Cause, Verdict};
 
 /// The stream context of one client connection.
 pub(super) struct Connection {
-    policy: Rc<RefCell<Policy>>,
+    policy: Rc<RefCell<Worker>>,
     conn: Conn,
     source: Option<SocketAddr>,
     /// The Envoy listener's address: core trust needs a core-facing one.
@@ -34,7 +34,7 @@ pub(super) struct Connection {
 
 /// The policy judging one connection's messages.
 struct Judging<'a> {
-    policy: &'a mut Policy,
+    policy: &'a mut Worker,
     source: Option<SocketAddr>,
     local: Option<SocketAddr>,
     transport: Transport,
@@ -151,7 +151,7 @@ fn count_verdict(v: &Verdict) {
 }
 
 impl Connection {
-    pub(super) fn new(policy: Rc<RefCell<Policy>>, on_refusal: OnRefusal) -> Connection {
+    pub(super) fn new(policy: Rc<RefCell<Worker>>, on_refusal: OnRefusal) -> Connection {
         Connection {
             policy,
             conn: Conn::new(on_refusal),

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use trunkguard_host::{HostError, MemoryKv, Policy, PolicyModule, default_module_path};
+use trunkguard_host::{HostError, MemoryKv, PolicyInstance, PolicyModule, default_module_path};
 
 #[derive(Parser)]
 #[command(
@@ -110,14 +110,14 @@ fn main() -> ExitCode {
 }
 
 /// The module at `module_path`, instantiated over `kv`.
-fn load(module_path: &Path, kv: MemoryKv) -> Result<Policy, String> {
+fn load(module_path: &Path, kv: MemoryKv) -> Result<PolicyInstance, String> {
     let module = PolicyModule::from_file(module_path).map_err(|e| match e {
         HostError::ModuleFile { .. } => {
             format!("{e} (build it with scripts/build, or pass --module PATH)")
         }
         other => other.to_string(),
     })?;
-    Policy::new(&module, Box::new(kv)).map_err(|e| e.to_string())
+    PolicyInstance::new(&module, Box::new(kv)).map_err(|e| e.to_string())
 }
 
 fn read_config(path: &Path) -> Result<Vec<u8>, String> {

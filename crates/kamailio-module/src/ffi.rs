@@ -9,7 +9,9 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::Path;
 use std::time::Duration;
 
-use trunkguard_host::{HostError, MemoryKv, Policy, PolicyModule, Transport};
+use trunkguard_host::{
+    ConfigureError, HostError, MemoryKv, PolicyInstance, PolicyModule, Transport,
+};
 
 use crate::post::{Posted, post_alert};
 use crate::store::{CKv, CStore, Sink};
@@ -17,7 +19,7 @@ use crate::verdict::{Held, Lines, TgStr, TgVerdict};
 
 /// `tg_policy`: one per Kamailio process.
 pub struct TgPolicy {
-    inner: Policy,
+    inner: PolicyInstance,
     held: Option<Held>,
     tick_alerts: Lines,
 }
@@ -118,7 +120,7 @@ pub unsafe extern "C" fn tg_policy_new(
             write_err(err, err_len, "store callbacks missing");
             return std::ptr::null_mut();
         };
-        match module_at(path).and_then(|m| Policy::new(&m, Box::new(kv))) {
+        match module_at(path).and_then(|m| PolicyInstance::new(&m, Box::new(kv))) {
             Ok(inner) => Box::into_raw(Box::new(TgPolicy {
                 inner,
                 held: None,
@@ -143,18 +145,14 @@ pub unsafe extern "C" fn tg_policy_free(p: *mut TgPolicy) {
 }
 
 /// The answer of a configuration push: generation, 0 refused, -1 failed.
-fn configured(
-    out: Result<Result<u64, trunkguard_host::ConfigRefused>, HostError>,
-    err: *mut c_char,
-    err_len: usize,
-) -> i64 {
+fn configured(out: Result<u64, ConfigureError>, err: *mut c_char, err_len: usize) -> i64 {
     match out {
-        Ok(Ok(generation)) => i64::try_from(generation).unwrap_or(i64::MAX),
-        Ok(Err(refused)) => {
-            write_err(err, err_len, &refused.to_string());
+        Ok(generation) => i64::try_from(generation).unwrap_or(i64::MAX),
+        Err(e @ ConfigureError::Refused(_)) => {
+            write_err(err, err_len, &e.to_string());
             0
         }
-        Err(e) => {
+        Err(e @ ConfigureError::Host(_)) => {
             write_err(err, err_len, &e.to_string());
             -1
         }
@@ -334,7 +332,8 @@ pub unsafe extern "C" fn tg_check(
             return -1;
         };
         // A private store: validating a publication must not touch live state.
-        let policy = module_at(path).and_then(|m| Policy::new(&m, Box::new(MemoryKv::default())));
+        let policy =
+            module_at(path).and_then(|m| PolicyInstance::new(&m, Box::new(MemoryKv::default())));
         match policy {
             Ok(mut policy) => configured(policy.configure(json), err, err_len),
             Err(e) => {

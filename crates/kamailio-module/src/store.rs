@@ -1,7 +1,7 @@
 //! The policy's store, answered by the C module through Kamailio's htable API (so DMQ
 //! replication and the write-through the module does keep working).
 
-use trunkguard_host::KvBackend;
+use trunkguard_host::{KvBackend, StoreError};
 
 /// The store callbacks of `tg_store` in include/trunkguard.h.
 pub type GetFn = unsafe extern "C" fn(
@@ -54,9 +54,9 @@ impl CKv {
 }
 
 impl KvBackend for CKv {
-    fn get(&mut self, key: &str) -> Result<Option<Vec<u8>>, String> {
+    fn get(&mut self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
         let Some(get) = self.store.get else {
-            return Err("store has no get".into());
+            return Err(StoreError("store has no get".into()));
         };
         let mut sink = Sink::default();
         // SAFETY: the callback gets the context it was registered with, a key valid
@@ -76,16 +76,18 @@ impl KvBackend for CKv {
                 // empty; trunkguard's store holds no empty value.
                 Some(v) if v.is_empty() => Ok(None),
                 Some(v) => Ok(Some(v)),
-                None => Err(format!("store found {key} but handed over no value")),
+                None => Err(StoreError(format!(
+                    "store found {key} but handed over no value"
+                ))),
             },
             0 => Ok(None),
-            code => Err(format!("store failed reading {key} ({code})")),
+            code => Err(StoreError(format!("store failed reading {key} ({code})"))),
         }
     }
 
-    fn set(&mut self, key: &str, value: &[u8]) -> Result<(), String> {
+    fn set(&mut self, key: &str, value: &[u8]) -> Result<(), StoreError> {
         let Some(set) = self.store.set else {
-            return Err("store has no set".into());
+            return Err(StoreError("store has no set".into()));
         };
         // SAFETY: as for get; both buffers are valid for the call.
         let code = unsafe {
@@ -99,21 +101,21 @@ impl KvBackend for CKv {
         };
         // A binding that was not stored must not be reported as registered.
         if code < 0 {
-            return Err(format!("store refused {key} ({code})"));
+            return Err(StoreError(format!("store refused {key} ({code})")));
         }
         Ok(())
     }
 
-    fn delete(&mut self, key: &str) -> Result<(), String> {
+    fn delete(&mut self, key: &str) -> Result<(), StoreError> {
         let Some(del) = self.store.del else {
-            return Err("store has no delete".into());
+            return Err(StoreError("store has no delete".into()));
         };
         // SAFETY: as for get.
         let code = unsafe { del(self.store.ctx, key.as_ptr(), key.len()) };
         // A refused delete reported as done would answer an un-REGISTER with 200
         // while the binding stays.
         if code < 0 {
-            return Err(format!("store refused deleting {key} ({code})"));
+            return Err(StoreError(format!("store refused deleting {key} ({code})")));
         }
         Ok(())
     }

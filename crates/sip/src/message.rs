@@ -39,7 +39,7 @@ pub struct Message<'a> {
     /// The header fields' text (after the start line, through the empty line).
     text: &'a str,
     entries: Entries,
-    index: Index,
+    index: HeaderIndex,
     body: &'a [u8],
     content_length: Option<usize>,
     framing: Framing,
@@ -143,7 +143,7 @@ impl std::fmt::Debug for Entries {
 /// lookup is one array access instead of a walk over every field, and whether it
 /// repeats, so single-valued headers are checked without counting.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct Index {
+struct HeaderIndex {
     /// Bit [`HeaderName::id`] set: the header is present.
     present: u64,
     /// Bit [`HeaderName::id`] set: the header occurs more than once.
@@ -157,9 +157,9 @@ struct Index {
 const _: () = assert!(KNOWN_HEADERS.len() <= 64);
 const _: () = assert!(MAX_HEADERS <= 256);
 
-impl Index {
+impl HeaderIndex {
     fn new() -> Self {
-        Index {
+        HeaderIndex {
             present: 0,
             repeated: 0,
             first: [0; KNOWN_HEADERS.len()],
@@ -231,7 +231,7 @@ pub(crate) fn parse_with(
 
     let fields_start = line_end + 2;
     let mut entries = Entries::new();
-    let mut index = Index::new();
+    let mut index = HeaderIndex::new();
     let fast = if fast {
         read_fields_fast(buf, &scanner, fields_start, &mut entries, &mut index)
     } else {
@@ -245,7 +245,7 @@ pub(crate) fn parse_with(
         None => {
             // Start over on the exact path, which also finds the right error.
             entries = Entries::new();
-            index = Index::new();
+            index = HeaderIndex::new();
             read_fields(buf, &mut scanner, fields_start, &mut entries, &mut index)
                 .map_err(unterminated)?
         }
@@ -303,7 +303,7 @@ fn read_fields_fast(
     scanner: &Scanner<'_>,
     fields_start: usize,
     entries: &mut Entries,
-    index: &mut Index,
+    index: &mut HeaderIndex,
 ) -> Option<(usize, Option<usize>, bool)> {
     let (mut pos, limit) = scanner.window();
     let mut content_length = None;
@@ -383,7 +383,7 @@ fn read_fields(
     scanner: &mut Scanner<'_>,
     fields_start: usize,
     entries: &mut Entries,
-    index: &mut Index,
+    index: &mut HeaderIndex,
 ) -> Result<(Option<usize>, bool), ParseError> {
     let mut content_length = None;
     let mut conflicting = false;

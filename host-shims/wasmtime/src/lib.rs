@@ -1,6 +1,6 @@
 //! The reference wasmtime host for trunkguard's message ABI (docs/abi.md).
 //!
-//! One [`PolicyModule`] is compiled once per process; each worker owns a [`Policy`]
+//! One [`PolicyModule`] is compiled once per process; each worker owns a [`PolicyInstance`]
 //! (one instance). Instances share state through a [`KvBackend`], so a REGISTER judged
 //! by one worker is seen by an INVITE judged by another, and a trap or a reload that
 //! replaces an instance loses no binding.
@@ -12,7 +12,7 @@ use wasmtime::{Caller, Config, Engine, Instance, Linker, Memory, Module, Store, 
 
 pub mod kv;
 
-pub use kv::{KvBackend, MemoryKv};
+pub use kv::{KvBackend, MemoryKv, StoreError};
 
 // The wire types are the guest's own (`trunkguard::wire`): one definition on both
 // sides of the ABI.
@@ -39,6 +39,18 @@ pub enum HostError {
     Module(String),
     #[error("bad input: {0}")]
     BadInput(String),
+}
+
+/// Why a configuration push did not take.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigureError {
+    /// The module refused the configuration (where and why); the previous one stays
+    /// in force.
+    #[error(transparent)]
+    Refused(ConfigRefused),
+    /// No answer from the module (a trap, a broken `.wasm`).
+    #[error(transparent)]
+    Host(#[from] HostError),
 }
 
 /// One judged message: the verdict, its raw JSON line, and the alerts it raised.
@@ -261,7 +273,7 @@ impl Exports {
 }
 
 /// One policy instance (one per worker thread).
-pub struct Policy {
+pub struct PolicyInstance {
     module: PolicyModule,
     store: Store<HostState>,
     exports: Option<Exports>,
@@ -269,8 +281,8 @@ pub struct Policy {
     last_good: Option<Vec<u8>>,
 }
 
-impl Policy {
-    pub fn new(module: &PolicyModule, kv: Box<dyn KvBackend>) -> Result<Policy, HostError> {
+impl PolicyInstance {
+    pub fn new(module: &PolicyModule, kv: Box<dyn KvBackend>) -> Result<PolicyInstance, HostError> {
         let store = Store::new(
             &module.engine,
             HostState {
@@ -281,7 +293,7 @@ impl Policy {
                 writes: 0,
             },
         );
-        let mut policy = Policy {
+        let mut policy = PolicyInstance {
             module: module.clone(),
             store,
             exports: None,
@@ -329,12 +341,16 @@ impl Policy {
             judge: typed(&instance, &mut self.store, "tg_judge")?,
             tick: typed(&instance, &mut self.store, "tg_tick")?,
         });
-        if let Some(cfg) = self.last_good.clone()
-            && let Err(refused) = self.push(&cfg)?
-        {
-            return Err(HostError::Module(format!(
-                "last good config refused after reload: {refused}"
-            )));
+        if let Some(cfg) = self.last_good.clone() {
+            match self.push(&cfg) {
+                Ok(_) => {}
+                Err(ConfigureError::Host(e)) => return Err(e),
+                Err(ConfigureError::Refused(refused)) => {
+                    return Err(HostError::Module(format!(
+                        "last good config refused after reload: {refused}"
+                    )));
+                }
+            }
         }
         Ok(())
     }
@@ -385,17 +401,15 @@ impl Policy {
         }
     }
 
-    /// Pushes a configuration. Outer error: the host failed; inner: the module refused
-    /// it (the previous configuration stays in force).
-    pub fn configure(&mut self, json: &[u8]) -> Result<Result<u64, ConfigRefused>, HostError> {
-        let out = self.push(json)?;
-        if out.is_ok() {
-            self.last_good = Some(json.to_vec());
-        }
-        Ok(out)
+    /// Pushes a configuration: the generation now in force, or why not (the module
+    /// refused it and the previous one stays in force, or the host failed).
+    pub fn configure(&mut self, json: &[u8]) -> Result<u64, ConfigureError> {
+        let generation = self.push(json)?;
+        self.last_good = Some(json.to_vec());
+        Ok(generation)
     }
 
-    fn push(&mut self, json: &[u8]) -> Result<Result<u64, ConfigRefused>, HostError> {
+    fn push(&mut self, json: &[u8]) -> Result<u64, ConfigureError> {
         let raw = self.call(|ex, store| {
             let len = len32(json.len())?;
             let ptr = ex.input_buffer(store, len)?;
@@ -405,7 +419,7 @@ impl Policy {
         })?;
         let o: trunkguard::wire::Configured =
             serde_json::from_str(&raw).map_err(|e| HostError::Module(format!("{e}: {raw}")))?;
-        Ok(o.outcome())
+        o.outcome().map_err(ConfigureError::Refused)
     }
 
     /// Judges one message. An error means no verdict: the caller must refuse the

@@ -106,12 +106,13 @@ pub fn run(
         kv.set(
             trunkguard::store::keys::NONCE_SECRET,
             secret.to_ascii_lowercase().as_bytes(),
-        )?;
+        )
+        .map_err(|e| e.to_string())?;
     }
     let mut policy = load(module_path, kv)?;
-    if let Err(refused) = policy.configure(&json).map_err(|e| e.to_string())? {
-        return Err(format!("{}: {refused}", config.display()));
-    }
+    policy
+        .configure(&json)
+        .map_err(|e| format!("{}: {e}", config.display()))?;
     let stdout = std::io::stdout();
     let mut out = BufWriter::new(stdout.lock());
     let mut table = Summary::default();

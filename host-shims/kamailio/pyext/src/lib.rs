@@ -15,7 +15,7 @@ use pyo3::create_exception;
 use pyo3::exceptions::PyException;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyString};
-use trunkguard_host::{HostError, KvBackend, PolicyModule, Transport};
+use trunkguard_host::{ConfigureError, HostError, KvBackend, PolicyModule, StoreError, Transport};
 
 create_exception!(
     trunkguard_kamailio,
@@ -57,30 +57,30 @@ impl PyKv {
         }
     }
 
-    fn decode(text: &str) -> Result<Vec<u8>, String> {
+    fn decode(text: &str) -> Result<Vec<u8>, StoreError> {
         match text.strip_prefix(BINARY_PREFIX) {
             Some(b64) => base64::engine::general_purpose::STANDARD
                 .decode(b64)
-                .map_err(|e| format!("stored value is not valid base64: {e}")),
+                .map_err(|e| StoreError(format!("stored value is not valid base64: {e}"))),
             None => Ok(text.as_bytes().to_vec()),
         }
     }
 }
 
 impl KvBackend for PyKv {
-    fn get(&mut self, key: &str) -> Result<Option<Vec<u8>>, String> {
+    fn get(&mut self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
         Python::attach(|py| {
             let out = match &self.table {
                 Some(t) => self.get.call1(py, (t.clone_ref(py), key)),
                 None => self.get.call1(py, (key,)),
             }
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| StoreError(e.to_string()))?;
             let out = out.bind(py);
             if out.is_none() {
                 return Ok(None);
             }
             if let Ok(text) = out.cast::<PyString>() {
-                let text = text.to_str().map_err(|e| e.to_string())?;
+                let text = text.to_str().map_err(|e| StoreError(e.to_string()))?;
                 // An htable answers an empty string for an item that was deleted by
                 // setting it empty; there is no empty value in trunkguard's store.
                 if text.is_empty() {
@@ -93,40 +93,42 @@ impl KvBackend for PyKv {
             }
             // An integer (e.g. `kamcmd htable.seti` by mistake) is not a trunkguard
             // value: report it, the module fails closed for this message.
-            Err(format!("store value for {key} is not a string"))
+            Err(StoreError(format!("store value for {key} is not a string")))
         })
     }
 
-    fn set(&mut self, key: &str, value: &[u8]) -> Result<(), String> {
+    fn set(&mut self, key: &str, value: &[u8]) -> Result<(), StoreError> {
         let text = PyKv::encode(value);
         Python::attach(|py| {
             let out = match &self.table {
                 Some(t) => self.set.call1(py, (t.clone_ref(py), key, text)),
                 None => self.set.call1(py, (key, text)),
             }
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| StoreError(e.to_string()))?;
             // Kamailio's sht_sets answers a negative number instead of raising (out of
             // shared memory, say): a binding that was not stored must not be reported
             // as registered.
             match out.extract::<i64>(py) {
-                Ok(code) if code < 0 => Err(format!("store refused {key} ({code})")),
+                Ok(code) if code < 0 => Err(StoreError(format!("store refused {key} ({code})"))),
                 _ => Ok(()),
             }
         })
     }
 
-    fn delete(&mut self, key: &str) -> Result<(), String> {
+    fn delete(&mut self, key: &str) -> Result<(), StoreError> {
         Python::attach(|py| {
             let out = match &self.table {
                 Some(t) => self.delete.call1(py, (t.clone_ref(py), key)),
                 None => self.delete.call1(py, (key,)),
             }
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| StoreError(e.to_string()))?;
             // As for `set`: a delete Kamailio refuses (sht_rm answers -1; removing an
             // absent key is not refused) must not be reported as done, or an
             // un-REGISTER would answer 200 with the binding still in place.
             match out.extract::<i64>(py) {
-                Ok(code) if code < 0 => Err(format!("store refused deleting {key} ({code})")),
+                Ok(code) if code < 0 => {
+                    Err(StoreError(format!("store refused deleting {key} ({code})")))
+                }
                 _ => Ok(()),
             }
         })
@@ -135,6 +137,13 @@ impl KvBackend for PyKv {
 
 fn policy_error(e: HostError) -> PyErr {
     PolicyError::new_err(e.to_string())
+}
+
+fn configure_error(e: ConfigureError) -> PyErr {
+    match e {
+        ConfigureError::Refused(refused) => ConfigRefused::new_err((refused.path, refused.reason)),
+        ConfigureError::Host(e) => policy_error(e),
+    }
 }
 
 /// What a routed call does when the PBX does not answer: (failover URI, ms without
@@ -162,15 +171,15 @@ type VerdictTuple = (
 
 /// A compiled module plus one instance: one per Kamailio process, created after the
 /// fork (wasmtime must not compile before Kamailio forks its workers, docs/kamailio.md).
-#[pyclass(unsendable, module = "trunkguard_kamailio")]
-struct Policy {
+#[pyclass(unsendable, name = "Policy", module = "trunkguard_kamailio")]
+struct PyPolicy {
     module_path: PathBuf,
-    inner: trunkguard_host::Policy,
+    inner: trunkguard_host::PolicyInstance,
     generation: u64,
 }
 
 #[pymethods]
-impl Policy {
+impl PyPolicy {
     /// Compiles the module at `module_path` and instantiates it with the store
     /// callables `kv_get(key) -> str | None`, `kv_set(key, str)`, `kv_delete(key)`;
     /// with `kv_table`, they are called as `kv_get(kv_table, key)` and so on (Kamailio's
@@ -183,7 +192,7 @@ impl Policy {
         kv_set: Py<PyAny>,
         kv_delete: Py<PyAny>,
         kv_table: Option<Py<PyString>>,
-    ) -> PyResult<Policy> {
+    ) -> PyResult<PyPolicy> {
         let module = PolicyModule::from_file_cached(&module_path).map_err(policy_error)?;
         let kv = PyKv {
             get: kv_get,
@@ -191,8 +200,9 @@ impl Policy {
             delete: kv_delete,
             table: kv_table,
         };
-        let inner = trunkguard_host::Policy::new(&module, Box::new(kv)).map_err(policy_error)?;
-        Ok(Policy {
+        let inner =
+            trunkguard_host::PolicyInstance::new(&module, Box::new(kv)).map_err(policy_error)?;
+        Ok(PyPolicy {
             module_path,
             inner,
             generation: 0,
@@ -202,13 +212,9 @@ impl Policy {
     /// Pushes a configuration (JSON bytes). Returns the module's generation number;
     /// raises ConfigRefused(path, reason) and keeps the previous one otherwise.
     fn configure(&mut self, json: &[u8]) -> PyResult<u64> {
-        match self.inner.configure(json).map_err(policy_error)? {
-            Ok(generation) => {
-                self.generation = generation;
-                Ok(generation)
-            }
-            Err(refused) => Err(ConfigRefused::new_err((refused.path, refused.reason))),
-        }
+        let generation = self.inner.configure(json).map_err(configure_error)?;
+        self.generation = generation;
+        Ok(generation)
     }
 
     /// Judges one SIP message. `source` is `ip:port` (IPv6 in brackets), `local` the
@@ -400,18 +406,17 @@ fn alert_delivery(status: Option<u16>) -> &'static str {
 #[pyfunction]
 fn check(module_path: PathBuf, config: &[u8]) -> PyResult<u64> {
     let module = PolicyModule::from_file_cached(&module_path).map_err(policy_error)?;
-    let mut policy =
-        trunkguard_host::Policy::new(&module, Box::new(trunkguard_host::MemoryKv::default()))
-            .map_err(policy_error)?;
-    match policy.configure(config).map_err(policy_error)? {
-        Ok(generation) => Ok(generation),
-        Err(refused) => Err(ConfigRefused::new_err((refused.path, refused.reason))),
-    }
+    let mut policy = trunkguard_host::PolicyInstance::new(
+        &module,
+        Box::new(trunkguard_host::MemoryKv::default()),
+    )
+    .map_err(policy_error)?;
+    policy.configure(config).map_err(configure_error)
 }
 
 #[pymodule]
 fn trunkguard_kamailio(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    m.add_class::<Policy>()?;
+    m.add_class::<PyPolicy>()?;
     m.add_class::<RefusalLog>()?;
     m.add_function(wrap_pyfunction!(check, m)?)?;
     m.add_function(wrap_pyfunction!(fails_over, m)?)?;
