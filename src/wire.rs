@@ -1,6 +1,6 @@
 //! The message ABI's wire types (docs/abi.md), defined once for both sides of it: the
 //! guest front (`abi`, inside the `.wasm`) writes them and the hosts (the wasmtime
-//! host in host-shims/wasmtime, and through it Kamailio's module and extension and
+//! host in crates/host, and through it Kamailio's module and extension and
 //! the CLI) read them, as proxy-wasm's `types.rs` serves both sides of its hostcalls.
 //! The verdict itself is [`Verdict`]: its causes are part of the ABI version, so a
 //! module with a cause its host does not know is refused (no verdict: fail closed).

@@ -1,5 +1,5 @@
 //! The Rust half of Kamailio's `trunkguard.so` (docs/kamailio.md): the reference
-//! wasmtime host (host-shims/wasmtime) behind the C interface of
+//! wasmtime host (crates/host) behind the C interface of
 //! `include/trunkguard.h`, which the C module (`c/`) calls from Kamailio's workers.
 //!
 //! Every `unsafe` of the crate is in [`ffi`]; the rest is safe Rust that owns the

@@ -1,4 +1,4 @@
-//! `trunkguard_kamailio`: the reference wasmtime host (host-shims/wasmtime) as a Python
+//! `trunkguard_kamailio`: the reference wasmtime host (crates/host) as a Python
 //! extension, so Kamailio's KEMI script calls the policy directly instead of through
 //! wasmtime-py's generic call path (50–100 µs per call, docs/kamailio.md). Kamailio, the CLI and
 //! the tests share one host implementation: trap recovery, last-good configuration and
