@@ -214,6 +214,19 @@ def scratch_tree(workdir):
         #!/bin/sh
         echo "build (stub)" >&2
         """)
+    # The native module's build (crates/kamailio-module/build, after cargo builds its
+    # static library): stubbed too, with a cargo that only says what it was asked.
+    module_build = os.path.join(tree, "crates", "kamailio-module", "build")
+    os.makedirs(os.path.dirname(module_build))
+    write_exec(module_build, """\
+        #!/bin/sh
+        echo "module build (stub)" >&2
+        """)
+    os.makedirs(os.path.join(tree, "bin"))
+    write_exec(os.path.join(tree, "bin", "cargo"), """\
+        #!/bin/sh
+        echo "cargo $* (stub)" >&2
+        """)
     maturin = os.path.join(tree, "target", "py-build", "bin", "maturin")
     os.makedirs(os.path.dirname(maturin))
     # `maturin build ... --out DIR`: a wheel is a zip; this one holds a placeholder.
@@ -252,9 +265,11 @@ class InstallLeavesServicesAlone(unittest.TestCase):
         fakes = Fakes(self.case, ["kamailio", "kamailio-python3-modules", "sip-tester"])
         tree = scratch_tree(self.case)
         target = os.path.join(tree, "target")
+        env = fakes.env(CARGO_TARGET_DIR=target)
+        env["PATH"] = os.path.join(tree, "bin") + os.pathsep + env["PATH"]
         out = subprocess.run(
             [os.path.join(tree, "host-shims", "kamailio", "install")],
-            env=fakes.env(CARGO_TARGET_DIR=target), capture_output=True, text=True, timeout=120,
+            env=env, capture_output=True, text=True, timeout=120,
         )
         self.assertEqual(out.returncode, 0, out.stderr)
         self.assertEqual(out.stdout.strip().splitlines()[-1], os.path.join(target, "kamailio-py"))
