@@ -2,6 +2,7 @@
  * trunkguard.so: what the module's files share. One job per file:
  *   trunkguard_mod.c  module exports, parameters, init, the per-process policy,
  *                     the store (htable API) and applying publications
+ *   tg_db.c           the store written through to a database; the nonce secret file
  *   tg_functions.c    the cfg/KEMI functions and $tg(name)
  *   tg_rpc.c          the RPC commands (kamcmd trunkguard.*)
  *   tg_timer.c        the timer process: alert windows, the alert spool, delivery
@@ -19,6 +20,7 @@
 #include "../../core/rpc.h"
 #include "../../core/pvar.h"
 #include "../../core/parser/msg_parser.h"
+#include "../htable/ht_api.h"
 
 #include "trunkguard.h"
 
@@ -59,7 +61,7 @@ extern tg_proc_t tg_proc;
 extern stat_var *tg_st_judged, *tg_st_allowed, *tg_st_routed, *tg_st_challenged,
 		*tg_st_accepted, *tg_st_refused_auth, *tg_st_refused_address,
 		*tg_st_refused_other, *tg_st_alerts_spooled, *tg_st_alerts_sent,
-		*tg_st_alerts_rejected, *tg_st_policy_errors;
+		*tg_st_alerts_rejected, *tg_st_policy_errors, *tg_st_store_refused;
 extern stat_export_t tg_stats[];
 
 /* trunkguard_mod.c */
@@ -69,6 +71,20 @@ int tg_store_get_str(str *key, char *out, int out_len);
 uint64_t tg_now_ms(void);
 int tg_read_file(const char *path, char **out, size_t *len);
 int tg_htable_bind(void);
+ht_cell_t *tg_htable_clone(str *key);
+int tg_store_set_str(str *key, str *value);
+
+/* tg_db.c */
+extern str tg_db_url;
+extern str tg_db_table;
+extern char *tg_nonce_secret_file;
+int tg_db_enabled(void);
+int tg_db_init(void);
+int tg_db_open(void);
+void tg_db_close(void);
+int tg_db_write(str *key, str *value, int (*table_write)(str *key, str *value),
+		int (*table_restore)(str *key, ht_cell_t *old));
+int tg_nonce_secret_init(int (*store_set)(str *key, str *value));
 
 /* tg_functions.c */
 extern cmd_export_t tg_cmds[];

@@ -1,7 +1,8 @@
 /*
  * trunkguard.so: the trunkguard policy (the .wasm, docs/abi.md) as a native Kamailio
  * module. This file: exports, parameters, init, the per-process policy, the store
- * (Kamailio's htable through its API) and applying publications.
+ * (Kamailio's htable through its API, written through to a database by tg_db.c) and
+ * applying publications.
  *
  * The policy runs under wasmtime inside libtrunkguard_kamailio.a (trunkguard.h). One
  * tg_policy per process, created after the fork: wasmtime must not compile in the
@@ -48,7 +49,7 @@ static int tg_htb_bound = 0;
 stat_var *tg_st_judged, *tg_st_allowed, *tg_st_routed, *tg_st_challenged,
 		*tg_st_accepted, *tg_st_refused_auth, *tg_st_refused_address,
 		*tg_st_refused_other, *tg_st_alerts_spooled, *tg_st_alerts_sent,
-		*tg_st_alerts_rejected, *tg_st_policy_errors;
+		*tg_st_alerts_rejected, *tg_st_policy_errors, *tg_st_store_refused;
 
 /* Refusals are counted by the group of their cause (src/verdict.rs `Cause`):
  * credentials, the address a request came from, and the rest. */
@@ -65,6 +66,7 @@ stat_export_t tg_stats[] = {
 	{"alerts_sent", 0, &tg_st_alerts_sent},
 	{"alerts_rejected", 0, &tg_st_alerts_rejected},
 	{"policy_errors", 0, &tg_st_policy_errors},
+	{"store_refused", 0, &tg_st_store_refused},
 	{0, 0, 0}
 };
 
@@ -77,6 +79,9 @@ static param_export_t params[] = {
 	{"spool_dir", PARAM_STRING, &tg_spool_dir},
 	{"refusal_log_rate", PARAM_INT, &tg_refusal_log_rate},
 	{"timer_interval", PARAM_INT, &tg_timer_interval},
+	{"db_url", PARAM_STR, &tg_db_url},
+	{"db_table", PARAM_STR, &tg_db_table},
+	{"nonce_secret_file", PARAM_STRING, &tg_nonce_secret_file},
 	{0, 0, 0}
 };
 
@@ -157,6 +162,8 @@ static int mod_init(void)
 	}
 	if(tg_functions_init() < 0)
 		return -1;
+	if(tg_db_init() < 0)
+		return -1;
 	if(stat(tg_spool_dir, &st) != 0) {
 		if(mkdir(tg_spool_dir, 0700) != 0) {
 			LM_ERR("cannot make the alert spool %s: %s\n", tg_spool_dir,
@@ -193,6 +200,10 @@ static int mod_init(void)
 	}
 
 	memset(&tg_proc, 0, sizeof(tg_proc));
+	/* After htable's mod_init loaded the table from its database: the configured
+	 * secret wins over the one kept there. */
+	if(tg_nonce_secret_init(tg_store_set_str) < 0)
+		return -1;
 	register_basic_timers(1);
 	if(tg_alert_url == NULL)
 		LM_WARN("no alert_url: alerts are kept in %s and delivered to nobody\n",
@@ -215,6 +226,9 @@ static int child_init(int rank)
 	/* PROC_INIT, the timers, RPC, TCP main: they never judge a message. */
 	if(rank <= 0)
 		return 0;
+	/* Each worker its own database connection, after the fork; a failure is not
+	 * fatal: the first write retries, and is refused if it fails again. */
+	tg_db_open();
 	/* A SIP worker (UDP, TCP, SCTP): load the policy now rather than on the first
 	 * message (a compile takes about a second); a failure is not fatal, the first
 	 * message retries and fails closed. */
@@ -226,6 +240,7 @@ static int child_init(int rank)
 
 static void mod_destroy(void)
 {
+	tg_db_close();
 	if(tg_proc.policy != NULL) {
 		tg_policy_free(tg_proc.policy);
 		tg_proc.policy = NULL;
@@ -266,18 +281,59 @@ static int tg_store_get(void *ctx, const char *key, size_t key_len, void *sink)
 	return 1;
 }
 
+/* htable's own writes (tg_db_write calls them inside its transaction). */
+static int tg_table_write(str *key, str *value)
+{
+	int_str v;
+
+	if(value == NULL) {
+		/* rm answers -1 only when the table is missing; an absent key is deleted. */
+		return tg_htb.rm(&tg_htable_name, key) == 0 ? 0 : -1;
+	}
+	v.s = *value;
+	/* mode 1: as sht_sets does it (the table's own expiry applies). */
+	return tg_htb.set(&tg_htable_name, key, AVP_VAL_STR, &v, 1) == 0 ? 0 : -1;
+}
+
+/* The item as it was before a write the database then did not keep. */
+static int tg_table_restore(str *key, ht_cell_t *old)
+{
+	int_str v;
+
+	if(old == NULL)
+		return tg_htb.rm(&tg_htable_name, key) == 0 ? 0 : -1;
+	if(old->flags & AVP_VAL_STR)
+		v.s = old->value.s;
+	else
+		v.n = old->value.n;
+	return tg_htb.set(&tg_htable_name, key, old->flags & AVP_VAL_STR, &v, 1) == 0
+				   ? 0
+				   : -1;
+}
+
+/* A pkg copy of the item (pkg_free it), NULL when absent. */
+ht_cell_t *tg_htable_clone(str *key)
+{
+	if(tg_htable_bind() < 0)
+		return NULL;
+	return tg_htb.get_clone(&tg_htable_name, key);
+}
+
+int tg_store_set_str(str *key, str *value)
+{
+	return tg_db_write(key, value, tg_table_write, tg_table_restore);
+}
+
 static int tg_store_set(void *ctx, const char *key, size_t key_len,
 		const char *value, size_t value_len)
 {
-	str k;
-	int_str v;
+	str k, v;
 
 	k.s = (char *)key;
 	k.len = (int)key_len;
-	v.s.s = (char *)value;
-	v.s.len = (int)value_len;
-	/* mode 1: as sht_sets does it (the table's own expiry applies). */
-	return tg_htb.set(&tg_htable_name, &k, AVP_VAL_STR, &v, 1) == 0 ? 0 : -1;
+	v.s = (char *)value;
+	v.len = (int)value_len;
+	return tg_store_set_str(&k, &v);
 }
 
 static int tg_store_del(void *ctx, const char *key, size_t key_len)
@@ -286,8 +342,7 @@ static int tg_store_del(void *ctx, const char *key, size_t key_len)
 
 	k.s = (char *)key;
 	k.len = (int)key_len;
-	/* rm answers -1 only when the table is missing; an absent key is deleted. */
-	return tg_htb.rm(&tg_htable_name, &k) == 0 ? 0 : -1;
+	return tg_db_write(&k, NULL, tg_table_write, tg_table_restore);
 }
 
 tg_store tg_store_of(void)

@@ -1,0 +1,289 @@
+/*
+ * trunkguard.so: the state table written through to a database, and the nonce secret
+ * file.
+ *
+ * htable is shared memory: a restart (upgrade, crash, kill -9) forgets every binding,
+ * last registration IP, the nonce secret and the alert windows. With
+ * modparam("trunkguard", "db_url", ...) every write the policy makes goes to the
+ * database before it counts as done, in htable's own schema (the `htable` table of
+ * Debian's /usr/share/kamailio/<db>/htable-create.sql: key_name, key_type, value_type,
+ * key_value, expires), so that htable's own db_url and `dbtable=` load it back at
+ * start: the rows the KEMI shim's SqliteState writes (docs/kamailio.md, "Upgrade and
+ * restart"), one per key, a string (key_type 0, value_type 0) that never expires.
+ *
+ * One write: the node's write lock; BEGIN; delete the key's row; insert the new one
+ * (none for a delete); htable's own write; COMMIT. The database refusing any step
+ * rolls back before the table is touched; htable refusing rolls back; a COMMIT that
+ * fails puts the table's item back. So the store refuses (the policy fails closed:
+ * 500 store_unavailable) and nothing is half-kept. The lock orders the file and the
+ * table the same way when two processes write one key, and keeps Kamailio's own
+ * processes from meeting as SQLite writers (db_sqlite sets no busy timeout: a second
+ * writer would be refused at once).
+ *
+ * Delete and insert rather than an upsert: Debian's table has no unique key_name,
+ * and db_sqlite implements neither insert_update nor replace; the transaction makes
+ * the pair one change. BEGIN/COMMIT go as raw queries (db_sqlite has no
+ * start_transaction); a driver without raw queries writes the pair unwrapped.
+ *
+ * DMQ: htable's API (htable_api_t set/rm, api.c ht_api_set_cell/ht_api_del_cell in
+ * 5.6.3) replicates to the peers itself when the table has dmqreplicate=1, as the
+ * cfg's sht_sets does, so nothing more is needed here. A peer applies a replicated
+ * write to its table only: each node's database keeps the writes made on that node
+ * (as the shim's), and a node that restarts gets the rest with htable's
+ * dmq_init_sync.
+ */
+#include <ctype.h>
+#include <errno.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "../../core/dprint.h"
+#include "../../core/mem/mem.h"
+#include "../../core/mem/shm_mem.h"
+#include "../../lib/srdb1/db.h"
+
+#include "tg_mod.h"
+
+str tg_db_url = STR_NULL;
+str tg_db_table = str_init("htable");
+char *tg_nonce_secret_file = NULL;
+
+static str tg_col_name = str_init("key_name");
+static str tg_col_ktype = str_init("key_type");
+static str tg_col_vtype = str_init("value_type");
+static str tg_col_value = str_init("key_value");
+static str tg_col_expires = str_init("expires");
+
+static db_func_t tg_dbf;
+static db1_con_t *tg_db_con = NULL;
+static int tg_db_pid = 0; /* the process tg_db_con was opened in */
+static gen_lock_t *tg_db_lock = NULL;
+
+int tg_db_enabled(void)
+{
+	return tg_db_url.s != NULL && tg_db_url.len > 0;
+}
+
+/* mod_init: binds the driver and checks it can do what a write needs. */
+int tg_db_init(void)
+{
+	if(!tg_db_enabled())
+		return 0;
+	if(db_bind_mod(&tg_db_url, &tg_dbf) < 0) {
+		LM_ERR("db_url %.*s: no database module for it (loadmodule \"db_sqlite.so\" "
+			   "before trunkguard)\n",
+				tg_db_url.len, tg_db_url.s);
+		return -1;
+	}
+	if(!DB_CAPABILITY(tg_dbf, DB_CAP_INSERT | DB_CAP_DELETE)) {
+		LM_ERR("db_url %.*s: the database module cannot insert and delete\n",
+				tg_db_url.len, tg_db_url.s);
+		return -1;
+	}
+	tg_db_lock = lock_alloc();
+	if(tg_db_lock == NULL || lock_init(tg_db_lock) == NULL) {
+		LM_ERR("cannot make the store's write lock\n");
+		return -1;
+	}
+	return 0;
+}
+
+/* This process's connection, opened in the process that uses it: a database
+ * connection must not cross a fork (child_init opens the workers'; the timer and RPC
+ * processes open theirs at their first write). */
+int tg_db_open(void)
+{
+	if(!tg_db_enabled())
+		return 0;
+	if(tg_db_con != NULL && tg_db_pid == getpid())
+		return 0;
+	tg_db_con = tg_dbf.init(&tg_db_url);
+	if(tg_db_con == NULL) {
+		LM_ERR("cannot connect to %.*s\n", tg_db_url.len, tg_db_url.s);
+		return -1;
+	}
+	tg_db_pid = getpid();
+	return 0;
+}
+
+void tg_db_close(void)
+{
+	if(tg_db_con != NULL && tg_db_pid == getpid())
+		tg_dbf.close(tg_db_con);
+	tg_db_con = NULL;
+	tg_db_pid = 0;
+}
+
+static int tg_db_raw(const char *sql)
+{
+	str q;
+	db1_res_t *res = NULL;
+	int rc;
+
+	if(tg_dbf.raw_query == NULL)
+		return 0;
+	q.s = (char *)sql;
+	q.len = strlen(sql);
+	/* A result to store: db_sqlite runs the statement only when it fetches. */
+	rc = tg_dbf.raw_query(tg_db_con, &q, &res);
+	if(res != NULL)
+		tg_dbf.free_result(tg_db_con, res);
+	return rc < 0 ? -1 : 0;
+}
+
+/* The key's row as `value` (NULL: no row), inside the open transaction. */
+static int tg_db_put(str *key, str *value)
+{
+	db_key_t kd[1], ki[5];
+	db_val_t vd[1], vi[5];
+
+	if(tg_dbf.use_table(tg_db_con, &tg_db_table) < 0)
+		return -1;
+	kd[0] = &tg_col_name;
+	memset(vd, 0, sizeof(vd));
+	vd[0].type = DB1_STR;
+	vd[0].val.str_val = *key;
+	if(tg_dbf.delete(tg_db_con, kd, 0, vd, 1) < 0)
+		return -1;
+	if(value == NULL)
+		return 0;
+	ki[0] = &tg_col_name;
+	ki[1] = &tg_col_ktype;
+	ki[2] = &tg_col_vtype;
+	ki[3] = &tg_col_value;
+	ki[4] = &tg_col_expires;
+	memset(vi, 0, sizeof(vi));
+	vi[0].type = DB1_STR;
+	vi[0].val.str_val = *key;
+	vi[1].type = DB1_INT;
+	vi[1].val.int_val = 0;
+	vi[2].type = DB1_INT;
+	vi[2].val.int_val = 0;
+	vi[3].type = DB1_STR;
+	vi[3].val.str_val = *value;
+	vi[4].type = DB1_INT;
+	vi[4].val.int_val = 0;
+	return tg_dbf.insert(tg_db_con, ki, vi, 5) < 0 ? -1 : 0;
+}
+
+/* One store write (value NULL: a delete): the database first, then `table_write`
+ * (htable's own), one change or none. 0: done; -1: refused, nothing changed. */
+int tg_db_write(str *key, str *value, int (*table_write)(str *key, str *value),
+		int (*table_restore)(str *key, ht_cell_t *old))
+{
+	ht_cell_t *old;
+	int in_tx = 0;
+
+	if(!tg_db_enabled())
+		return table_write(key, value);
+	lock_get(tg_db_lock);
+	if(tg_db_open() < 0)
+		goto refused;
+	in_tx = tg_dbf.raw_query != NULL;
+	if(in_tx && tg_db_raw("BEGIN") < 0)
+		goto refused;
+	if(tg_db_put(key, value) < 0)
+		goto rollback;
+	old = tg_htable_clone(key);
+	if(table_write(key, value) < 0) {
+		if(old != NULL)
+			pkg_free(old);
+		LM_ERR("the htable refused %.*s\n", key->len, key->s);
+		goto rollback;
+	}
+	if(in_tx && tg_db_raw("COMMIT") < 0) {
+		/* The table's item as it was: the database did not keep the write. */
+		table_restore(key, old);
+		if(old != NULL)
+			pkg_free(old);
+		goto rollback;
+	}
+	if(old != NULL)
+		pkg_free(old);
+	lock_release(tg_db_lock);
+	return 0;
+
+rollback:
+	if(in_tx)
+		tg_db_raw("ROLLBACK");
+refused:
+	lock_release(tg_db_lock);
+	LM_ERR("store: cannot write %.*s to %.*s; refused\n", key->len, key->s,
+			tg_db_url.len, tg_db_url.s);
+	update_stat(tg_st_store_refused, 1);
+	return -1;
+}
+
+/* --- the nonce secret file ------------------------------------------------------ */
+
+/* The key the policy keeps its nonce secret at (src/store.rs keys::NONCE_SECRET): 64
+ * hex digits, the 32 bytes nonces are signed with (RFC 7616 3.3 leaves the nonce's
+ * form to the server). */
+static str tg_nonce_key = str_init("tg/nonce_secret");
+
+/* mod_init, before the fork and before any policy reads it: the file's secret into
+ * the table (and the database), so that every node given the same file verifies the
+ * others' nonces: a challenge from one node is answered at another. The file must be
+ * 64 hex digits that neither group nor others may read or write: whoever reads it can
+ * mint nonces for any address, whoever replaces it hands the nodes theirs. Anything
+ * else stops Kamailio (as the shim's _read_nonce_secret does). */
+int tg_nonce_secret_init(int (*store_set)(str *key, str *value))
+{
+	struct stat st;
+	char *text = NULL;
+	size_t len = 0, i, n = 0;
+	char hex[65];
+	char cur[80];
+	str v;
+	int rc;
+
+	if(tg_nonce_secret_file == NULL || *tg_nonce_secret_file == '\0')
+		return 0;
+	if(stat(tg_nonce_secret_file, &st) != 0
+			|| tg_read_file(tg_nonce_secret_file, &text, &len) < 0) {
+		LM_ERR("cannot read the nonce secret file %s: %s\n", tg_nonce_secret_file,
+				strerror(errno));
+		return -1;
+	}
+	if(st.st_mode & 077) {
+		LM_ERR("the nonce secret file %s is open to group or others (mode %04o): "
+			   "chmod 600 it; not starting\n",
+				tg_nonce_secret_file, (unsigned)(st.st_mode & 07777));
+		pkg_free(text);
+		return -1;
+	}
+	for(i = 0; i < len; i++) {
+		if(isspace((unsigned char)text[i]))
+			continue;
+		if(!isxdigit((unsigned char)text[i]) || n >= 64) {
+			n = 65;
+			break;
+		}
+		hex[n++] = (char)tolower((unsigned char)text[i]);
+	}
+	pkg_free(text);
+	if(n != 64) {
+		LM_ERR("the nonce secret file %s must hold 64 hex digits (32 bytes, e.g. "
+			   "`openssl rand -hex 32`); not starting\n",
+				tg_nonce_secret_file);
+		return -1;
+	}
+	hex[64] = '\0';
+	/* Written only when the table (loaded from the database) holds another. */
+	if(tg_store_get_str(&tg_nonce_key, cur, sizeof(cur)) == 64
+			&& memcmp(cur, hex, 64) == 0)
+		return 0;
+	v.s = hex;
+	v.len = 64;
+	rc = store_set(&tg_nonce_key, &v);
+	/* The main process's connection goes before Kamailio forks. */
+	tg_db_close();
+	if(rc < 0) {
+		LM_ERR("cannot store the nonce secret of %s\n", tg_nonce_secret_file);
+		return -1;
+	}
+	LM_INFO("nonce secret from %s in force\n", tg_nonce_secret_file);
+	return 0;
+}
