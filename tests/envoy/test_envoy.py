@@ -53,7 +53,7 @@ from e2e import wait_for  # noqa: E402
 RUN = os.path.join(ROOT, "host-shims", "envoy", "run")
 PUBLISH = os.path.join(ROOT, "host-shims", "envoy", "publish")
 KAMAILIO_CFG = os.path.join(ROOT, "host-shims", "envoy", "upstream-kamailio.cfg")
-NODE_SIPP = os.path.join(ROOT, "tests", "node", "sipp")
+SCENARIOS = os.path.join(ROOT, "tests", "sipp")
 WASM = os.path.join(ROOT, "target", "wasm32-unknown-unknown", "wasm-envoy", "trunkguard.wasm")
 RELAY = os.path.join(ROOT, "target", "release", "trunkguard")
 SMTP_SINK = os.path.join(ROOT, "tests", "alert_relay", "smtp_sink.py")
@@ -392,7 +392,7 @@ def far_end(name, calls=1):
     """The far end behind Kamailio (sipp UAS over UDP)."""
     # It answers without a 180: Kamailio's workers may relay a 180 after the 200,
     # which sipp counts as a failed call.
-    run = Sipp(name, os.path.join(ROOT, "tests", "envoy", "sipp", "uas-answer.xml"),
+    run = Sipp(name, os.path.join(ROOT, "tests", "sipp", "uas-answer.xml"),
                ["-i", FAR_END[0], "-p", str(FAR_END[1]), "-m", str(calls)], transport="u1")
     time.sleep(0.3)
     return run
@@ -406,12 +406,12 @@ def pbx(name, scenario, ip, creds, calls=1, transport="t1", rate=None, service=C
         args += ["-key", "user", creds[0], "-au", creds[0], "-ap", creds[1], "-auth_uri", f"{service}@{REALM}"]
     if rate:
         args += ["-r", str(rate)]
-    path = scenario if os.path.isabs(scenario) else os.path.join(NODE_SIPP, scenario)
+    path = scenario if os.path.isabs(scenario) else os.path.join(SCENARIOS, scenario)
     return Sipp(name, path, [*args, *extra, f"{listen[0]}:{listen[1]}"], transport=transport)
 
 
 def register(name, ip, listen=LISTEN):
-    return Sipp(name, os.path.join(NODE_SIPP, "register.xml"),
+    return Sipp(name, os.path.join(SCENARIOS, "register.xml"),
                 ["-i", ip, "-s", HQ[0], "-au", HQ[0], "-ap", HQ[1], "-auth_uri", REALM, "-m", "1",
                  f"{listen[0]}:{listen[1]}"]).result()
 
@@ -867,13 +867,13 @@ class EnvoyFront(unittest.TestCase):
 
     def legit_dialog(self, name):
         """A registered PBX's call with re-INVITEs and the BYE from both sides
-        (tests/envoy/sipp/pbx-dialog.xml, uas-dialog.xml); returns what each saw."""
+        (tests/sipp/pbx-dialog.xml, uas-dialog.xml); returns what each saw."""
         # Registered from .2 again: test_12 registered hq1 from .5.
         self.assertPassed(register(f"{name}-register", "127.0.0.2"), "register from .2")
-        far = Sipp(f"{name}-far", os.path.join(ROOT, "tests", "envoy", "sipp", "uas-dialog.xml"),
+        far = Sipp(f"{name}-far", os.path.join(ROOT, "tests", "sipp", "uas-dialog.xml"),
                    ["-i", FAR_END[0], "-p", str(FAR_END[1]), "-m", "1"], transport="u1")
         time.sleep(0.3)
-        caller = pbx(name, os.path.join(ROOT, "tests", "envoy", "sipp", "pbx-dialog.xml"), "127.0.0.2", HQ)
+        caller = pbx(name, os.path.join(ROOT, "tests", "sipp", "pbx-dialog.xml"), "127.0.0.2", HQ)
         pbx_saw = self.assertPassed(caller.result(), f"{name}: PBX")
         far_saw = self.assertPassed(far.result(), f"{name}: carrier")
         return pbx_saw, far_saw
@@ -2186,8 +2186,8 @@ class EnvoyInbound(unittest.TestCase):
         self.assertEqual((binding["group"], binding["expires"], binding["dids"]),
                          ("in-a", "300", "15551240000,15551240001"), binding)
         self.assertEqual(binding["failover"], f"sip:{DID_A}@{FAILOVER_A[0]}:{FAILOVER_A[1]}")
-        # The carrier is sipp (tests/node/sipp/inbound.xml): INVITE, 200, ACK, its BYE.
-        carrier = Sipp("inbound-carrier", os.path.join(NODE_SIPP, "inbound.xml"),
+        # The carrier is sipp (tests/sipp/inbound.xml): INVITE, 200, ACK, its BYE.
+        carrier = Sipp("inbound-carrier", os.path.join(SCENARIOS, "inbound.xml"),
                        ["-i", CARRIER[0], "-p", str(CARRIER[1]), "-s", DID_A2, "-m", "1",
                         f"{UPSTREAM[0]}:{UPSTREAM[1]}"], transport="u1")
         invite = pbx.expect("INVITE")

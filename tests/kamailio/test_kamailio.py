@@ -65,7 +65,7 @@ SMTP_SINK = os.path.join(ROOT, "tests", "alert_relay", "smtp_sink.py")
 SMTP_PYTHON = os.environ.get("TRUNKGUARD_PYTHON") or os.path.join(ROOT, "target", "py", "bin", "python")
 RUN = os.path.join(ROOT, "host-shims", "kamailio", "run")
 TGCTL = os.path.join(ROOT, "host-shims", "kamailio", "tgctl")
-SCENARIOS = os.path.join(ROOT, "tests", "node", "sipp")
+SCENARIOS = os.path.join(ROOT, "tests", "sipp")
 MODULE = os.path.join(TARGET, "wasm32-unknown-unknown", "wasm", "trunkguard.wasm")
 # The Python of the venv holding sipvicious (PyPI), installed by scripts/test-kamailio.
 SIPVICIOUS_PYTHON = (os.environ.get("TRUNKGUARD_SIPVICIOUS_PYTHON")
@@ -218,7 +218,7 @@ def stream_outcome(sock, timeout):
 
 
 class Sipp:
-    """One sipp run (a scenario of tests/node/sipp), with its message trace."""
+    """One sipp run (a scenario of tests/sipp), with its message trace."""
 
     # Every run still going, so a test that fails half way does not leave a far end
     # holding its port for the next test (tearDown ends them).

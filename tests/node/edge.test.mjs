@@ -162,7 +162,7 @@ async function launch(edge) {
 function sipp(edge, name, scenario, args) {
   const messages = join(edge.dir, `${name}.messages.log`);
   const errors = join(edge.dir, `${name}.errors.log`);
-  const child = start(SIPP, ['-sf', join(root, 'tests/node/sipp', scenario), '-m', '1', '-nostdin', '-bind_local',
+  const child = start(SIPP, ['-sf', join(root, 'tests/sipp', scenario), '-m', '1', '-nostdin', '-bind_local',
     '-timeout', '20s', '-timeout_error', '-trace_msg', '-message_file', messages, '-trace_err', '-error_file', errors, ...args],
   { cwd: edge.dir });
   let out = '';

@@ -58,7 +58,7 @@ from e2e import wait_for  # noqa: E402
 TARGET = os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
 PACKAGE_SCRIPT = os.path.join(ROOT, "scripts", "package")
 DEB_DIR = os.path.join(TARGET, "deb")
-SCENARIOS = os.path.join(ROOT, "tests", "node", "sipp")
+SCENARIOS = os.path.join(ROOT, "tests", "sipp")
 
 PACKAGES = ["trunkguard", "trunkguard-kamailio", "trunkguard-envoy"]
 UNIT_DIR = "/lib/systemd/system"
@@ -416,7 +416,7 @@ def systemd_is_pid_1():
 # --- sipp ---------------------------------------------------------------------------
 
 class Sipp:
-    """One sipp run of a scenario of tests/node/sipp, with its message trace."""
+    """One sipp run of a scenario of tests/sipp, with its message trace."""
 
     def __init__(self, workdir, name, scenario, args):
         self.name = name
