@@ -98,7 +98,7 @@ fn main() -> ExitCode {
         } => ha1::run(&username, &realm, algorithm.as_deref()),
         Command::Alerts {
             command: AlertsCommand::Serve(args),
-        } => trunkguard_relay::serve(*args),
+        } => trunkguard_relay::serve(*args).map_err(|e| e.to_string()),
     };
     match result {
         Ok(code) => code,

@@ -108,15 +108,32 @@ impl Held {
 
     /// The C view; valid while `self` is held unchanged.
     pub fn view(&self) -> TgVerdict {
-        let v = &self.judged.verdict;
+        // Every field of the core's verdict named, none with `..`: a field added to
+        // `trunkguard::Verdict` (the one wire definition, src/wire.rs) fails to
+        // compile here until the C view (include/trunkguard.h) carries it.
+        let trunkguard::Verdict {
+            action,
+            code,
+            reason,
+            cause,
+            trunk_group,
+            target,
+            next_hop,
+            headers: _,
+            failover,
+            failover_after_ms,
+            failover_on_6xx,
+            strip: _,
+            insert: _,
+        } = &self.judged.verdict;
         TgVerdict {
-            action: action_code(v.action),
-            code: v.code.unwrap_or(0),
-            reason: TgStr::of_opt(v.reason.as_ref()),
-            cause: v.cause.map_or(TgStr::EMPTY, |c| TgStr::of(c.as_str())),
-            trunk_group: TgStr::of_opt(v.trunk_group.as_ref()),
-            target: TgStr::of_opt(v.target.as_ref()),
-            next_hop: TgStr::of_opt(v.next_hop.as_ref()),
+            action: action_code(*action),
+            code: code.unwrap_or(0),
+            reason: TgStr::of_opt(reason.as_ref()),
+            cause: cause.map_or(TgStr::EMPTY, |c| TgStr::of(c.as_str())),
+            trunk_group: TgStr::of_opt(trunk_group.as_ref()),
+            target: TgStr::of_opt(target.as_ref()),
+            next_hop: TgStr::of_opt(next_hop.as_ref()),
             headers: self.headers.as_ptr(),
             headers_len: self.headers.len(),
             strip: self.strip.as_ptr(),
@@ -125,9 +142,9 @@ impl Held {
             insert_len: self.insert.len(),
             alerts: self.alerts.as_ptr(),
             alerts_len: self.alerts.len(),
-            failover: TgStr::of_opt(v.failover.as_ref()),
-            failover_after_ms: v.failover_after_ms.unwrap_or(0),
-            failover_on_6xx: i32::from(v.failover_on_6xx),
+            failover: TgStr::of_opt(failover.as_ref()),
+            failover_after_ms: failover_after_ms.unwrap_or(0),
+            failover_on_6xx: i32::from(*failover_on_6xx),
         }
     }
 }

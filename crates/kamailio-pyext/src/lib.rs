@@ -247,21 +247,37 @@ impl PyPolicy {
             .inner
             .judge(message, source, local, transport, now_ms)
             .map_err(policy_error)?;
-        let v = judged.verdict;
+        // Every field of the core's verdict named, none with `..`: a field added to
+        // `trunkguard::Verdict` (the one wire definition, src/wire.rs) fails to
+        // compile here until the tuple (and the KEMI script) carries it.
+        let trunkguard::Verdict {
+            action,
+            code,
+            reason,
+            cause,
+            trunk_group,
+            target,
+            next_hop,
+            headers,
+            failover,
+            failover_after_ms,
+            failover_on_6xx,
+            strip,
+            insert,
+        } = judged.verdict;
         Ok((
-            v.action.as_str(),
-            v.code.unwrap_or(0),
-            v.reason.unwrap_or_default(),
-            v.cause.map(|c| c.as_str().to_owned()),
-            v.trunk_group,
-            v.target,
-            v.next_hop,
-            v.headers,
-            v.strip,
-            v.insert,
+            action.as_str(),
+            code.unwrap_or(0),
+            reason.unwrap_or_default(),
+            cause.map(|c| c.as_str().to_owned()),
+            trunk_group,
+            target,
+            next_hop,
+            headers,
+            strip,
+            insert,
             judged.alerts,
-            v.failover
-                .map(|uri| (uri, v.failover_after_ms.unwrap_or(0), v.failover_on_6xx)),
+            failover.map(|uri| (uri, failover_after_ms.unwrap_or(0), failover_on_6xx)),
         ))
     }
 

@@ -274,8 +274,8 @@ fn plan(args: &ServeArgs) -> Result<Plan, RelayError> {
 
 /// Runs the relay until it is killed (every accepted event is already on disk, so
 /// stopping it any time loses nothing).
-pub fn serve(args: ServeArgs) -> Result<ExitCode, String> {
-    run(&args).map_err(|e| e.to_string())
+pub fn serve(args: ServeArgs) -> Result<ExitCode, RelayError> {
+    run(&args)
 }
 
 fn run(args: &ServeArgs) -> Result<ExitCode, RelayError> {
