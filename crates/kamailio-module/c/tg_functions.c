@@ -380,6 +380,16 @@ static int ki_trunkguard_apply(sip_msg_t *msg)
 	for(i = 0; i < v->strip_len; i++)
 		if(tg_strip(msg, &v->strip[i]) < 0)
 			return -1;
+	/* Every insert must be one header line of its own (a token name, a value
+	 * without a line break), as the shim checks them: a value that could end the
+	 * line would let a header be smuggled past the carrier's trust in this edge's.
+	 * Checked before anything is inserted: all or nothing, fail closed. */
+	for(i = 0; i < v->insert_len; i++) {
+		if(!tg_header_ok(&v->insert[i])) {
+			LM_ERR("the verdict's insert %zu is not one header line; not relayed\n", i);
+			return -1;
+		}
+	}
 	for(i = 0; i < v->insert_len; i++) {
 		/* Before the body, after every header (textops append_hf). */
 		anchor = anchor_lump(msg, msg->unparsed - msg->buf, 0, 0);
