@@ -282,6 +282,25 @@ static int ki_trunkguard_judge(sip_msg_t *msg)
 	return v->action;
 }
 
+/* "Name: value\r\n" of one verdict header in a new pkg buffer (its length in
+ * *len), or NULL when out of memory. */
+static char *tg_header_line(const tg_header *h, size_t *len)
+{
+	char *s;
+
+	*len = h->name.len + 2 + h->value.len + 2;
+	s = pkg_malloc(*len);
+	if(s == NULL) {
+		PKG_MEM_ERROR;
+		return NULL;
+	}
+	memcpy(s, h->name.s, h->name.len);
+	memcpy(s + h->name.len, ": ", 2);
+	memcpy(s + h->name.len + 2, h->value.s, h->value.len);
+	memcpy(s + *len - 2, "\r\n", 2);
+	return s;
+}
+
 static int ki_trunkguard_reply(sip_msg_t *msg)
 {
 	tg_verdict *v = tg_verdict_of(msg);
@@ -299,17 +318,9 @@ static int ki_trunkguard_reply(sip_msg_t *msg)
 			|| msg->first_line.u.request.method_value == METHOD_ACK)
 		return -1;
 	for(i = 0; i < v->headers_len; i++) {
-		len = v->headers[i].name.len + 2 + v->headers[i].value.len + 2;
-		hdr = pkg_malloc(len);
-		if(hdr == NULL) {
-			PKG_MEM_ERROR;
+		hdr = tg_header_line(&v->headers[i], &len);
+		if(hdr == NULL)
 			return -1;
-		}
-		memcpy(hdr, v->headers[i].name.s, v->headers[i].name.len);
-		memcpy(hdr + v->headers[i].name.len, ": ", 2);
-		memcpy(hdr + v->headers[i].name.len + 2, v->headers[i].value.s,
-				v->headers[i].value.len);
-		memcpy(hdr + len - 2, "\r\n", 2);
 		/* add_lump_rpl copies it. */
 		if(add_lump_rpl(msg, hdr, (int)len, LUMP_RPL_HDR) == 0) {
 			pkg_free(hdr);
@@ -380,16 +391,8 @@ static int ki_trunkguard_apply(sip_msg_t *msg)
 	for(i = 0; i < v->strip_len; i++)
 		if(tg_strip(msg, &v->strip[i]) < 0)
 			return -1;
-	/* Every insert must be one header line of its own (a token name, a value
-	 * without a line break), as the shim checks them: a value that could end the
-	 * line would let a header be smuggled past the carrier's trust in this edge's.
-	 * Checked before anything is inserted: all or nothing, fail closed. */
-	for(i = 0; i < v->insert_len; i++) {
-		if(!tg_header_ok(&v->insert[i])) {
-			LM_ERR("the verdict's insert %zu is not one header line; not relayed\n", i);
-			return -1;
-		}
-	}
+	/* The inserts were checked to be one header line each when the message was
+	 * judged (ki_trunkguard_judge fails closed otherwise). */
 	for(i = 0; i < v->insert_len; i++) {
 		/* Before the body, after every header (textops append_hf). */
 		anchor = anchor_lump(msg, msg->unparsed - msg->buf, 0, 0);
@@ -397,17 +400,9 @@ static int ki_trunkguard_apply(sip_msg_t *msg)
 			LM_ERR("cannot get an anchor for the insert\n");
 			return -1;
 		}
-		len = v->insert[i].name.len + 2 + v->insert[i].value.len + 2;
-		s = pkg_malloc(len);
-		if(s == NULL) {
-			PKG_MEM_ERROR;
+		s = tg_header_line(&v->insert[i], &len);
+		if(s == NULL)
 			return -1;
-		}
-		memcpy(s, v->insert[i].name.s, v->insert[i].name.len);
-		memcpy(s + v->insert[i].name.len, ": ", 2);
-		memcpy(s + v->insert[i].name.len + 2, v->insert[i].value.s,
-				v->insert[i].value.len);
-		memcpy(s + len - 2, "\r\n", 2);
 		/* The lump owns s from here. */
 		if(insert_new_lump_before(anchor, s, (int)len, 0) == 0) {
 			pkg_free(s);
