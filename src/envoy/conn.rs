@@ -211,7 +211,7 @@ fn on_request(
     }
     // An accepted REGISTER's verdict carries the binding announcement in `insert`
     // (the only verdict answered here that has any): it goes upstream on the probe.
-    let Some(probe) = probe::build_with(raw, &verdict.insert) else {
+    let Some(probe) = probe::build(raw, &verdict.insert) else {
         return Step::Close("a refused request without readable transaction headers");
     };
     let tag = judge.to_tag();

@@ -65,16 +65,13 @@ const FALLBACK_URI: &str = "sip:trunkguard.invalid";
 /// Works from the raw lines, so that a request the parser refused still gets its
 /// 400 when its transaction headers are readable. `None`: no usable request line or
 /// transaction headers (a response, garbage), so no answer can be delivered.
-pub fn build(raw: &[u8]) -> Option<Probe> {
-    build_with(raw, &[])
-}
-
-/// [`build`], carrying `announce` too: the verdict's `insert` of an accepted
+///
+/// `announce` goes on the probe too: the verdict's `insert` of an accepted
 /// REGISTER, the binding the proxy behind needs to route the PBX's inbound calls
 /// (docs/envoy.md, "Inbound calls"). A header that would not be one line of its own
 /// (a name that is not a token, a value with a line break) is left out: the PBX's
 /// Contact is its own text.
-pub fn build_with(raw: &[u8], announce: &[(String, String)]) -> Option<Probe> {
+pub fn build(raw: &[u8], announce: &[(String, String)]) -> Option<Probe> {
     let text = std::str::from_utf8(raw).ok()?;
     let text = text.trim_start_matches("\r\n");
     let head = text.get(..text.find("\r\n\r\n")?)?;
@@ -183,7 +180,7 @@ Content-Length: 4\r\n\r\nbody";
             ),
             ("Bad Name".to_string(), "x".to_string()),
         ];
-        let p = build_with(INVITE.as_bytes(), &announce).unwrap();
+        let p = build(INVITE.as_bytes(), &announce).unwrap();
         let t = text(&p);
         assert!(
             t.contains(
@@ -192,12 +189,12 @@ Content-Length: 4\r\n\r\nbody";
             "{t}"
         );
         assert!(!t.contains("X-Evil") && !t.contains("Bad Name"), "{t}");
-        assert_eq!(p.key, build(INVITE.as_bytes()).unwrap().key);
+        assert_eq!(p.key, build(INVITE.as_bytes(), &[]).unwrap().key);
     }
 
     #[test]
     fn keeps_only_the_transaction_and_refuses_every_hop() {
-        let p = build(format!("\r\n\r\n{INVITE}").as_bytes()).unwrap();
+        let p = build(format!("\r\n\r\n{INVITE}").as_bytes(), &[]).unwrap();
         assert_eq!(
             text(&p),
             "INVITE sip:+15559876543@trunks.example.net SIP/2.0\r\n\
@@ -225,7 +222,7 @@ Content-Length: 0\r\n\r\n"
     fn folded_and_compact_fields_are_kept_and_a_bad_uri_is_replaced() {
         let req = "REGISTER sip:[bad SIP/2.0\r\nv: SIP/2.0/TCP h;branch=z9hG4bK-2\r\nf: <sip:a@b>;tag=1\r\n\
 t: <sip:a@b>\r\ni: x\r\nCSeq:\r\n 7 REGISTER\r\nX: y\r\n z\r\nl: 0\r\n\r\n";
-        let p = build(req.as_bytes()).unwrap();
+        let p = build(req.as_bytes(), &[]).unwrap();
         assert!(text(&p).starts_with("REGISTER sip:trunkguard.invalid SIP/2.0\r\n"));
         assert!(text(&p).contains("CSeq:\r\n 7 REGISTER\r\nMax-Forwards: 0\r\n"));
         assert!(!text(&p).contains("X: y"));
@@ -236,7 +233,7 @@ t: <sip:a@b>\r\ni: x\r\nCSeq:\r\n 7 REGISTER\r\nX: y\r\n z\r\nl: 0\r\n\r\n";
     fn a_second_to_from_call_id_or_cseq_stays_out_of_the_probe() {
         let req = "INVITE sip:x@t SIP/2.0\r\nVia: SIP/2.0/TCP h;branch=z9hG4bK-3\r\nVia: SIP/2.0/TCP g;branch=z9hG4bK-0\r\n\
 From: <sip:a@t>;tag=1\r\nTo: <sip:x@t>\r\nt: <sip:x@t>;tag=a\r\n ;tag=b\r\nCall-ID: c\r\ni: d\r\nCSeq: 1 INVITE\r\nCSeq: 2 INVITE\r\nl: 0\r\n\r\n";
-        let p = build(req.as_bytes()).unwrap();
+        let p = build(req.as_bytes(), &[]).unwrap();
         let t = text(&p);
         assert_eq!(t.matches("Via:").count(), 2, "{t}");
         assert!(!t.contains("t: ") && !t.contains("tag=b"), "{t}");
@@ -246,17 +243,17 @@ From: <sip:a@t>;tag=1\r\nTo: <sip:x@t>\r\nt: <sip:x@t>;tag=a\r\n ;tag=b\r\nCall-
 
     #[test]
     fn responses_garbage_and_missing_transaction_headers_give_no_probe() {
-        assert_eq!(build(b"SIP/2.0 200 OK\r\nl: 0\r\n\r\n"), None);
-        assert_eq!(build(b"\x00\xff\r\n\r\n"), None);
+        assert_eq!(build(b"SIP/2.0 200 OK\r\nl: 0\r\n\r\n", &[]), None);
+        assert_eq!(build(b"\x00\xff\r\n\r\n", &[]), None);
         let no_cseq = INVITE.replace("CSeq: 2 INVITE\r\n", "");
-        assert_eq!(build(no_cseq.as_bytes()), None);
+        assert_eq!(build(no_cseq.as_bytes(), &[]), None);
         let bad_method = INVITE.replace("INVITE sip:", "INV@TE sip:");
-        assert_eq!(build(bad_method.as_bytes()), None);
+        assert_eq!(build(bad_method.as_bytes(), &[]), None);
     }
 
     #[test]
     fn an_ack_matches_the_invite_it_acknowledges() {
-        let invite = build(INVITE.as_bytes()).unwrap().key;
+        let invite = build(INVITE.as_bytes(), &[]).unwrap().key;
         let mut ack = invite.clone();
         ack.method = "ACK".into();
         assert!(invite.acked_by(&ack));
