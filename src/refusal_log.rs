@@ -28,6 +28,24 @@ pub fn is_logged(v: &Verdict) -> bool {
         .is_some_and(|cause| logs(cause, v.action == Action::Allow))
 }
 
+/// What the refusal log needs of a message, from a host that holds the source and
+/// transport as text (the Kamailio extension and module); `None` for text that does
+/// not parse, and the line is then left out (never the request refused for it).
+pub fn input_of<'m>(
+    message: &'m [u8],
+    source: &str,
+    transport: &str,
+    now_ms: u64,
+) -> Option<Input<'m>> {
+    Some(Input {
+        message,
+        source: source.parse().ok()?,
+        transport: transport.parse().ok()?,
+        local: None,
+        now_ms,
+    })
+}
+
 /// [`is_logged`] for a verdict held as the message ABI reports it: whether a verdict
 /// with this cause (allowed or not) gets a line. Hosts ask it before they parse
 /// anything else of the message.

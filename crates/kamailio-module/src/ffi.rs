@@ -371,21 +371,6 @@ fn hand_over(log: &mut TgRefusalLog, lines: Vec<String>, out: Option<&mut *const
     log.lines.len()
 }
 
-fn log_input<'m>(
-    message: &'m [u8],
-    source: Option<&str>,
-    transport: Option<&str>,
-    now_ms: u64,
-) -> Option<trunkguard::Input<'m>> {
-    Some(trunkguard::Input {
-        message,
-        source: source?.parse().ok()?,
-        transport: transport?.parse().ok()?,
-        local: None,
-        now_ms,
-    })
-}
-
 /// # Safety
 /// `l` live; `msg` valid for `msg_len`; strings NUL-terminated; `v` a verdict the
 /// last `tg_policy_judge` filled (its views still valid); `lines` writable.
@@ -432,7 +417,10 @@ pub unsafe extern "C" fn tg_refusal_log_record(
         if !trunkguard::refusal_log::logs_reported(cause, allowed) {
             return 0;
         }
-        let Some(input) = log_input(message, source, transport, now_ms) else {
+        let Some(input) = source
+            .zip(transport)
+            .and_then(|(s, t)| trunkguard::refusal_log::input_of(message, s, t, now_ms))
+        else {
             return 0;
         };
         let group = (!group.is_empty()).then_some(group);
@@ -473,7 +461,10 @@ pub unsafe extern "C" fn tg_refusal_log_record_host(
         let (Some(log), Some(cause)) = (log, cause) else {
             return 0;
         };
-        let Some(input) = log_input(message, source, transport, now_ms) else {
+        let Some(input) = source
+            .zip(transport)
+            .and_then(|(s, t)| trunkguard::refusal_log::input_of(message, s, t, now_ms))
+        else {
             return 0;
         };
         let out = log.inner.record_host(&input, code, cause);

@@ -102,10 +102,6 @@ impl Held {
         }
     }
 
-    pub fn judged(&self) -> &Judged {
-        &self.judged
-    }
-
     /// The C view; valid while `self` is held unchanged.
     pub fn view(&self) -> TgVerdict {
         // Every field of the core's verdict named, none with `..`: a field added to

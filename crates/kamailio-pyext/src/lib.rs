@@ -309,24 +309,6 @@ impl PyPolicy {
     }
 }
 
-/// What the refusal log needs of a message, from the shim's strings; `None` for a
-/// source or transport that does not parse (the line is then left out, never the
-/// request refused for it).
-fn log_input<'m>(
-    message: &'m [u8],
-    source: &str,
-    transport: &str,
-    now_ms: u64,
-) -> Option<trunkguard::Input<'m>> {
-    Some(trunkguard::Input {
-        message,
-        source: source.parse().ok()?,
-        transport: transport.parse().ok()?,
-        local: None,
-        now_ms,
-    })
-}
-
 /// The refusal log (docs/policy.md, "The refusal log"): the core renders the lines
 /// and keeps the rate, so that the shim only writes them.
 #[pyclass(unsendable, module = "trunkguard_kamailio")]
@@ -367,7 +349,7 @@ impl RefusalLog {
         if !trunkguard::refusal_log::logs_reported(cause, allowed) {
             return Vec::new();
         }
-        match log_input(message, source, transport, now_ms) {
+        match trunkguard::refusal_log::input_of(message, source, transport, now_ms) {
             Some(input) => {
                 self.inner
                     .record_reported(&input, allowed, code, cause, trunk_group.as_deref())
@@ -387,7 +369,7 @@ impl RefusalLog {
         code: u16,
         cause: &str,
     ) -> Vec<String> {
-        match log_input(message, source, transport, now_ms) {
+        match trunkguard::refusal_log::input_of(message, source, transport, now_ms) {
             Some(input) => self.inner.record_host(&input, code, cause),
             None => Vec::new(),
         }
