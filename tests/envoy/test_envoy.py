@@ -49,7 +49,7 @@ import urllib.request
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
-from e2e import wait_for  # noqa: E402
+from e2e import UdpListener, wait_for  # noqa: E402
 RUN = os.path.join(ROOT, "host-shims", "envoy", "run")
 PUBLISH = os.path.join(ROOT, "host-shims", "envoy", "publish")
 KAMAILIO_CFG = os.path.join(ROOT, "host-shims", "envoy", "upstream-kamailio.cfg")
@@ -431,38 +431,12 @@ def alert_where(hook=Webhook, **fields):
     return wait_for(f"an alert with {fields}", match)
 
 
-class FarEnd:
+class FarEnd(UdpListener):
     """The carrier stand-in for the attack tests: a UDP socket at FAR_END that records
-    every datagram, so a test can assert that nothing reached the carrier."""
+    every datagram (in `got`), so a test can assert that nothing reached the carrier."""
 
     def __init__(self):
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(FAR_END)
-        self.sock.settimeout(0.2)
-        self.got = []
-        self.running = True
-        self.thread = threading.Thread(target=self.loop, daemon=True)
-        self.thread.start()
-
-    def loop(self):
-        while self.running:
-            try:
-                data, _ = self.sock.recvfrom(65536)
-            except (socket.timeout, OSError):
-                continue
-            self.got.append(data.decode("latin-1"))
-
-    def close(self):
-        self.running = False
-        self.thread.join(2)
-        self.sock.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
+        super().__init__(FAR_END, reuse=True)
 
 
 ATTACKER = "127.0.0.7"
@@ -817,7 +791,7 @@ class EnvoyFront(unittest.TestCase):
 
     def assertNothingReached(self, far, *call_ids, settle=1.0):
         time.sleep(settle)
-        leaked = [m for m in far.got if not call_ids or any(c in m for c in call_ids)]
+        leaked = [m for _, m in far.got if not call_ids or any(c in m for c in call_ids)]
         self.assertEqual(leaked, [], "reached the carrier")
 
     def test_14_ambiguous_to_tag_is_answered_400_and_never_reaches_the_carrier(self):
@@ -1928,41 +1902,29 @@ class EnvoyKeepsState(OwnEnvoy, unittest.TestCase):
         self.assertCallPasses(home, "keep-gone-call")
 
 
-class UdpParty:
+class UdpParty(UdpListener):
     """A party on the upstream's carrier side, over UDP: the carrier calling in, or a
-    trunk group's failover. Records every message with its arrival time; answers an
-    INVITE with `answer` (a status code; None stays silent), BYE and other requests
-    but ACK with 200."""
+    trunk group's failover. Records every message with its arrival time (in `got`);
+    answers an INVITE with `answer` (a status code; None stays silent), BYE and other
+    requests but ACK with 200."""
 
     SDP = "v=0\r\no=udp 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio 40002 RTP/AVP 0\r\n"
 
     def __init__(self, addr, answer=200):
-        self.addr, self.answer = addr, answer
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind(addr)
-        self.sock.settimeout(0.1)
-        self.got = []
-        self.running = True
-        self.thread = threading.Thread(target=self.loop, daemon=True)
-        self.thread.start()
+        self.answer = answer  # before the listener's thread starts answering
+        super().__init__(addr)
 
-    def loop(self):
-        while self.running:
-            try:
-                data, _ = self.sock.recvfrom(65536)
-            except (socket.timeout, OSError):
-                continue
-            text = data.decode("latin-1")
-            self.got.append((time.time(), text))
-            method = re.match(r"([A-Z]+) ", text)
-            if not method or method.group(1) == "ACK":
-                continue
-            if method.group(1) == "INVITE":
-                if self.answer is not None:
-                    self.send(reply_to(text, self.answer, tag="udp", contact=f"sip:udp@{self.addr[0]}:{self.addr[1]}",
-                                       body=self.SDP if self.answer == 200 else ""))
-            else:
-                self.send(reply_to(text, 200, tag="udp"))
+    def received(self, text, sender):
+        super().received(text, sender)
+        method = re.match(r"([A-Z]+) ", text)
+        if not method or method.group(1) == "ACK":
+            return
+        if method.group(1) == "INVITE":
+            if self.answer is not None:
+                self.send(reply_to(text, self.answer, tag="udp", contact=f"sip:udp@{self.addr[0]}:{self.addr[1]}",
+                                   body=self.SDP if self.answer == 200 else ""))
+        else:
+            self.send(reply_to(text, 200, tag="udp"))
 
     def send(self, text, to=UPSTREAM):
         self.sock.sendto(text.encode() if isinstance(text, str) else text, to)
@@ -1984,17 +1946,6 @@ class UdpParty:
                     return (t, m)
             return None
         return wait_for(f"a final response to {call_id}", done, timeout)
-
-    def close(self):
-        self.running = False
-        self.thread.join(2)
-        self.sock.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 def reply_to(request, code, reason=None, tag="t", contact=None, extra="", body=""):

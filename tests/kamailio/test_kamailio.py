@@ -55,6 +55,7 @@ from e2e import wait_for  # noqa: E402,F401 (test_module and test_refusal_log ta
 
 import sip_client as sip  # noqa: E402
 import trap_module  # noqa: E402
+from kamailio_dmq import wait_peers_active, write_secret  # noqa: E402
 
 TARGET = os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
 # The alert relay (built by host-shims/kamailio/install through scripts/build) and the
@@ -1816,7 +1817,7 @@ class DmqPair(unittest.TestCase):
         cls.config = os.path.join(cls.workdir, "config.json")
         KamailioEdge.write_config(trunk_config(), cls.config)
         cls.secret = os.urandom(32).hex()
-        cls.secret_file = cls.write_secret("nonce-secret", cls.secret, 0o600)
+        cls.secret_file = write_secret(cls.workdir, "nonce-secret", cls.secret, 0o600)
         cls.started = []
         # Both at once: without the shared file, each node makes its own nonce secret
         # before the other's can arrive, and keeps it (docs/kamailio.md, DMQ).
@@ -1844,29 +1845,11 @@ class DmqPair(unittest.TestCase):
                         other.communicate()
                 cls.tearDownClass()
                 raise RuntimeError("node %s: %s" % (name, out))
-        # Kamailio 5.6's dmq marks a peer not active when the notification it sent
-        # while the peer was still down times out (tm fr_timer, 5 s in kamailio.cfg),
-        # even if the peer has announced itself since; it is active again at the next
-        # ping (dmq ping_interval, 10 s in kamailio.cfg), and writes replicate to
-        # active peers only. So: both peers seen active once that timeout is past.
-        time.sleep(6.0)
         try:
-            for name in cls.NODES:
-                ctl = "unix:" + os.path.join(cls.workdir, name, "ctl.sock")
-                wait_for("node %s to see its peer" % name, lambda: subprocess.run(
-                    ["kamcmd", "-s", ctl, "dmq.list_nodes"], capture_output=True, text=True,
-                    timeout=10).stdout.count("status: active") >= 2, timeout=25)
+            wait_peers_active({name: os.path.join(cls.workdir, name, "ctl.sock") for name in cls.NODES})
         except AssertionError:
             cls.tearDownClass()
             raise
-
-    @classmethod
-    def write_secret(cls, name, text, mode):
-        path = os.path.join(cls.workdir, name)
-        with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode), "w") as f:
-            f.write(text + "\n")
-        os.chmod(path, mode)  # whatever the umask
-        return path
 
     @classmethod
     def tearDownClass(cls):
@@ -1963,7 +1946,7 @@ class DmqPair(unittest.TestCase):
         # Whoever reads the secret can mint nonces for any address; whoever can
         # replace it hands every node theirs. Such a file: the node does not start,
         # and says why.
-        loose = self.write_secret("nonce-secret-loose", os.urandom(32).hex(), 0o640)
+        loose = write_secret(self.workdir, "nonce-secret-loose", os.urandom(32).hex(), 0o640)
         state = os.path.join(self.workdir, "loose")
         try:
             out = subprocess.run([RUN, "--no-install", "--daemon", "--config", self.config, "--listen", "127.0.0.1:5068",

@@ -45,6 +45,7 @@ sys.path.insert(0, HERE)
 
 import sip_client as sip  # noqa: E402
 import trap_module  # noqa: E402
+from kamailio_dmq import wait_peers_active, write_secret  # noqa: E402
 from test_kamailio import CORE as CORE_IP  # noqa: E402
 from test_kamailio import (ALERT_WINDOW_S, EXP, EXP_PBX, FAILOVER, FAILOVER_PORT, HQ, INTRUDER, MODULE, PBX, REALM,  # noqa: E402
                            ROOT, TARGET, Webhook, WebhookHandler, _alive, trunk_config, wait_for)
@@ -598,6 +599,47 @@ class NativeModule(unittest.TestCase):
         self.addCleanup(other.close)
         self.assert_call_refused_over(other, EXP)
 
+    # --- a verdict header that is not one line (RFC 3261 7.3.1) ----------------------
+
+    def register_without_contact(self):
+        """An authenticated REGISTER of hq-pbx1 from PBX without Contact: it asks for
+        the current binding, echoed as the 200's Contact (RFC 3261 10.2.3)."""
+        pbx = sip.Endpoint(PBX, server=EDGE)
+        self.addCleanup(pbx.close)
+        uri, call_id = "sip:" + REALM, "reg-%s@%s" % (os.urandom(6).hex(), PBX)
+        base = dict(from_user=HQ[0], via_ip=PBX, via_port=pbx.port, call_id=call_id)
+        first = pbx.final(sip.request("REGISTER", uri, **base))
+        self.assertEqual(sip.status(first), 401, first)
+        auth = sip.authorization(sip.header(first, "WWW-Authenticate"), "REGISTER", uri, HQ[0], HQ[1],
+                                 "Authorization")
+        return pbx.final(sip.request("REGISTER", uri, cseq=2, extra=[auth], **base))
+
+    def test_15_a_reply_header_with_a_line_break_is_never_sent_500_instead(self):
+        # The SIP parser never keeps a line break in a Contact URI, but the store is
+        # written by more than the policy (DMQ replication, the database, htable.sets):
+        # a binding whose Contact holds CR LF must not become a second header of the
+        # 200 that echoes it. The module fails closed (docs/kamailio.md).
+        self.assertEqual(sip.status(self.register()), 200)
+        out = self.kamcmd("trunkguard.binding", "hq-pbx1")
+        binding = json.loads(re.search(r"binding: (\{.*\})", out.stdout).group(1))
+        echoed = self.register_without_contact()
+        self.assertEqual(sip.status(echoed), 200, echoed)
+        self.assertRegex(sip.header(echoed, "Contact") or "", r"^<%s>;expires=\d+$" % re.escape(binding["contact"]))
+        errors = self.stats().get("policy_errors", 0)
+        broken = dict(binding, contact=binding["contact"] + "\r\nX-Injected: yes")
+        out = self.kamcmd("htable.sets", "tg", "tg/binding/hq-pbx1", json.dumps(broken))
+        self.assertNotIn("error", out.stdout + out.stderr)
+        try:
+            answer = self.register_without_contact()
+            self.assertEqual(sip.status(answer), 500, answer)
+            self.assertEqual(sip.headers(answer, "X-Injected"), [], answer)
+            self.assertEqual(self.stats().get("policy_errors", 0), errors + 1)
+            why = re.findall(r"no verdict for REGISTER from 127\.0\.0\.2:\d+: the verdict's reply has a header",
+                             self.kamailio_log())
+            self.assertEqual(len(why), 1, "one error line for the message")
+        finally:
+            self.assertEqual(sip.status(self.register()), 200)
+
 
 EDGE6 = "::1"
 HQ2 = ("hq2", "other")
@@ -918,7 +960,7 @@ class NativeModuleDmq(NodeTestCase):
         config = node_config(cls.workdir, [v[1] for v in cls.NODES.values()] + [5189])
         cls.config = config
         cls.secret = os.urandom(32).hex()
-        cls.secret_file = cls.write_secret("nonce-secret", cls.secret, 0o600)
+        cls.secret_file = write_secret(cls.workdir, "nonce-secret", cls.secret, 0o600)
         cls.by_name = {}
         for name, (edge, core, own, peer) in cls.NODES.items():
             node = Node(cls.workdir, name, edge, core, config, dmq=(own, peer), secret_file=cls.secret_file)
@@ -929,25 +971,10 @@ class NativeModuleDmq(NodeTestCase):
                 node.start(wait=False)
             for node in cls.nodes:
                 wait_for("the module's RPC at %s" % node.dir, node.alive_rpc, timeout=30)
-            # Kamailio 5.6's dmq marks a peer not active when the notification it sent
-            # while the peer was still down times out (tm fr_timer, 5 s here); it is
-            # active again at the next ping (ping_interval 10 s), and htable replicates
-            # to active peers only (as test_kamailio.py's DmqPair waits).
-            time.sleep(6.0)
-            for node in cls.nodes:
-                wait_for("%s to see its peer" % node.dir,
-                         lambda: node.kamcmd("dmq.list_nodes").stdout.count("status: active") >= 2, timeout=25)
+            wait_peers_active({node.dir: node.ctl for node in cls.nodes}, KAMCMD)
         except AssertionError:
             cls.tearDownClass()
             raise
-
-    @classmethod
-    def write_secret(cls, name, text, mode):
-        path = os.path.join(cls.workdir, name)
-        with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode), "w") as f:
-            f.write(text + "\n")
-        os.chmod(path, mode)  # whatever the umask
-        return path
 
     def test_1_a_registration_at_a_is_enforced_at_b(self):
         a, b = self.by_name["a"], self.by_name["b"]
@@ -975,7 +1002,7 @@ class NativeModuleDmq(NodeTestCase):
         self.assertEqual(sip.status(answer), 200, "A's challenge answered at B: %s" % answer)
 
     def test_3_a_nonce_secret_file_others_may_read_stops_the_node(self):
-        loose = self.write_secret("nonce-secret-loose", os.urandom(32).hex(), 0o640)
+        loose = write_secret(self.workdir, "nonce-secret-loose", os.urandom(32).hex(), 0o640)
         node = Node(self.workdir, "loose", 5188, 5189, self.config, secret_file=loose)
         self.nodes.append(node)
         node.start(wait=False)

@@ -154,9 +154,18 @@ def kamailio_pids():
     return pids
 
 
+def kamailio_modules():
+    """Kamailio's module directory, as the installed package has it (its tm.so)."""
+    found = [os.path.dirname(p) for p in run(["dpkg", "-L", "kamailio"]).stdout.split() if p.endswith("/tm.so")]
+    return found[0] if len(found) == 1 else None
+
+
 def machine_snapshot():
     """What installing and purging must leave as it was."""
     snap = {}
+    if kamailio_modules():
+        native = os.path.join(kamailio_modules(), "trunkguard.so")
+        snap[native] = os.path.lexists(native)
     for path in (ETC, VAR, "/usr/lib/trunkguard", "/usr/share/doc/trunkguard", "/usr/sbin/tgctl",
                  "/usr/bin/trunkguard", POLICY_RC_D):
         snap[path] = os.path.lexists(path)
@@ -642,6 +651,33 @@ class InstalledPackages(unittest.TestCase):
         out = run(["lintian", "--tag-display-limit", "0"] + self.debs, timeout=300)
         tags = [line for line in out.stdout.splitlines() if re.match(r"[EW]: ", line)]
         self.assertEqual(tags, [], out.stdout + out.stderr)
+
+    # The native module trunkguard.so (crates/kamailio-module) is built from the source
+    # of the installed kamailio; Kamailio refuses a module built for another version.
+
+    def test_01c_the_native_module_is_in_kamailios_module_directory(self):
+        modules = kamailio_modules()
+        self.assertTrue(modules, "no tm.so in dpkg -L kamailio")
+        path = os.path.join(modules, "trunkguard.so")
+        self.assert_mode(path, 0o644, "root", "root")
+        self.assertEqual(run(["dpkg", "-S", path]).stdout.strip(), "trunkguard-kamailio: " + path)
+
+    def test_01d_trunkguard_kamailio_depends_on_the_kamailio_it_was_built_for(self):
+        built_for = run(["dpkg-query", "-W", "-f", "${Version}", "kamailio"]).stdout.strip()
+        self.assertTrue(built_for)
+        depends = run(["dpkg-query", "-W", "-f", "${Depends}", "trunkguard-kamailio"]).stdout
+        kamailio = [d.strip() for d in depends.split(",") if re.match(r"\s*kamailio\b(?![-\w])", d)]
+        self.assertEqual(kamailio, ["kamailio (= %s)" % built_for], depends)
+
+    def test_01e_kamailio_loads_the_installed_native_module_by_its_name(self):
+        # As crates/kamailio-module/build checks the built module, with the name alone:
+        # Kamailio finds it in its own module directory (its default mpath).
+        cfg = os.path.join(self.workdir, "native-check.cfg")
+        with open(cfg, "w", encoding="utf-8") as f:
+            f.write('#!KAMAILIO\nlisten=udp:127.0.0.1:5060\nloadmodule "trunkguard.so"\n'
+                    'request_route { drop; }\n')
+        out = run(["kamailio", "-f", cfg, "-c"], timeout=30)
+        self.assertEqual(out.returncode, 0, out.stdout + out.stderr)
 
     def test_02_user_directories_and_modes(self):
         user = pwd.getpwnam(USER)

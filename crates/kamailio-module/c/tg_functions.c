@@ -156,7 +156,22 @@ static int tg_log_lines(const tg_str *lines, size_t n)
 	return refusal;
 }
 
-/* A header name the policy asks to insert: an RFC 3261 token; its value one line. */
+/* Text that stays on its line: no CR, LF or NUL. A line break in a header value or
+ * the reason phrase would end it there and make the rest another header (RFC 3261
+ * 7.3.1), text the policy never meant to send. */
+static int tg_one_line(const tg_str *s)
+{
+	size_t i;
+	for(i = 0; i < s->len; i++)
+		if(s->s[i] == '\r' || s->s[i] == '\n' || s->s[i] == '\0')
+			return 0;
+	return 1;
+}
+
+/* A header of the verdict (a reply header or an insert): its name an RFC 3261
+ * token, its value one line. The one check for both lists, made when the message is
+ * judged (ki_trunkguard_judge fails closed), so neither trunkguard_reply() nor
+ * trunkguard_apply() ever writes a header that is not one line. */
 static int tg_header_ok(const tg_header *h)
 {
 	size_t i;
@@ -169,8 +184,14 @@ static int tg_header_ok(const tg_header *h)
 				|| c == '\0')
 			return 0;
 	}
-	for(i = 0; i < h->value.len; i++)
-		if(h->value.s[i] == '\r' || h->value.s[i] == '\n' || h->value.s[i] == '\0')
+	return tg_one_line(&h->value);
+}
+
+static int tg_headers_ok(const tg_header *h, size_t n)
+{
+	size_t i;
+	for(i = 0; i < n; i++)
+		if(!tg_header_ok(&h[i]))
 			return 0;
 	return 1;
 }
@@ -252,10 +273,15 @@ static int ki_trunkguard_judge(sip_msg_t *msg)
 		return tg_fail_closed(msg, source, transport, now, err);
 	if(v->action < TG_ALLOW || v->action > TG_ROUTE)
 		return tg_fail_closed(msg, source, transport, now, "unknown action");
-	for(i = 0; i < v->insert_len; i++)
-		if(!tg_header_ok(&v->insert[i]))
-			return tg_fail_closed(
-					msg, source, transport, now, "the verdict inserts a header that is not one line");
+	/* A reply or a relayed request with a broken header is never sent: no verdict,
+	 * so the cfg answers 500 (its `default:` case), counted in policy_errors and
+	 * logged once for the message (tg_fail_closed). */
+	if(!tg_headers_ok(v->headers, v->headers_len) || !tg_one_line(&v->reason))
+		return tg_fail_closed(msg, source, transport, now,
+				"the verdict's reply has a header or reason that is not one line");
+	if(!tg_headers_ok(v->insert, v->insert_len))
+		return tg_fail_closed(
+				msg, source, transport, now, "the verdict inserts a header that is not one line");
 	tg_count(v);
 	/* Every verdict goes to the refusal log, which keeps the ones it logs; a
 	 * pending summary of a past second comes out with this process's next message. */
@@ -317,6 +343,8 @@ static int ki_trunkguard_reply(sip_msg_t *msg)
 	if(msg->first_line.type != SIP_REQUEST
 			|| msg->first_line.u.request.method_value == METHOD_ACK)
 		return -1;
+	/* The headers and the reason were checked to be one line each when the message
+	 * was judged (ki_trunkguard_judge fails closed otherwise). */
 	for(i = 0; i < v->headers_len; i++) {
 		hdr = tg_header_line(&v->headers[i], &len);
 		if(hdr == NULL)
