@@ -147,7 +147,8 @@ fn checked_hex(text: &str, len: usize, field: &str) -> Result<String, (String, S
     }
 }
 
-pub(crate) fn hex(bytes: &[u8]) -> String {
+/// Lower-case hex of `bytes`, as digest responses and the fronts' keys write it.
+pub fn hex(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut out = String::with_capacity(bytes.len() * 2);
     for &b in bytes {

@@ -1,9 +1,10 @@
 //! trunkguard: a SIP-trunk access policy for proxies at a carrier's edge.
 //!
-//! The core (everything but the fronts `abi`, `js` and `envoy`) is host-agnostic: it
-//! parses SIP, compiles the pushed configuration, verifies digest credentials and
-//! decides what to do with each message. Hosts reach it through one of the fronts,
-//! each behind a cargo feature (docs/architecture.md).
+//! The core is host-agnostic: it parses SIP, compiles the pushed configuration,
+//! verifies digest credentials and decides what to do with each message. Hosts reach
+//! it through one of the fronts, each a crate of its own: `trunkguard-abi`
+//! (crates/abi), `trunkguard-envoy` (crates/envoy) and `trunkguard-js` (crates/js);
+//! docs/architecture.md.
 
 pub mod acl;
 pub mod alert;
@@ -22,13 +23,6 @@ pub use trunkguard_sip as sip;
 pub mod store;
 pub mod verdict;
 pub mod wire;
-
-#[cfg(all(feature = "abi", target_arch = "wasm32"))]
-pub mod abi;
-#[cfg(feature = "envoy")]
-pub mod envoy;
-#[cfg(all(feature = "js", target_arch = "wasm32"))]
-pub mod js;
 
 pub use engine::{Engine, Host};
 pub use policy::Input;

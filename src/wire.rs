@@ -127,11 +127,11 @@ mod tests {
         assert!(read.is_err());
     }
 
-    /// The TypeScript types of the wasm-bindgen front (src/verdict.d.ts) name every
+    /// The TypeScript types of the wasm-bindgen front (crates/js/src/verdict.d.ts) name every
     /// action, cause and verdict field there is.
     #[test]
     fn the_typescript_verdict_matches_the_rust_one() {
-        let ts = include_str!("verdict.d.ts");
+        let ts = include_str!("../crates/js/src/verdict.d.ts");
         for a in Action::ALL {
             assert!(ts.contains(&format!("\"{}\"", a.as_str())), "action {a:?}");
         }

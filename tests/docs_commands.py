@@ -179,7 +179,7 @@ def check_file(doc):
 def main():
     docs = [os.path.abspath(a) for a in sys.argv[1:]] or documents()
     needed = [os.path.join(TARGET, "release", "trunkguard"),
-              os.path.join(TARGET, "wasm32-unknown-unknown", "wasm", "trunkguard.wasm")]
+              os.path.join(TARGET, "wasm32-unknown-unknown", "wasm", "trunkguard_abi.wasm")]
     absent = [p for p in needed if not os.path.exists(p)]
     if absent:
         print("docs-commands: missing %s: run scripts/build first" % ", ".join(absent))

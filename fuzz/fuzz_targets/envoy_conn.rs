@@ -1,11 +1,11 @@
 #![no_main]
-//! The Envoy filter's connection logic (src/envoy/conn.rs) on arbitrary TCP bytes in
+//! The Envoy filter's connection logic (crates/envoy/src/conn.rs) on arbitrary TCP bytes in
 //! both directions, cut into chunks of a fuzzer-chosen size, with the real policy
 //! judging each reassembled message: reassembly, probes, answers and edits must
 //! return, never panic, whatever the client or the upstream sends.
 
 use libfuzzer_sys::fuzz_target;
-use trunkguard::envoy::conn::{Conn, Judge, OnRefusal};
+use trunkguard_envoy::conn::{Conn, Judge, OnRefusal};
 use trunkguard::sip::Transport;
 use trunkguard::{Engine, Input, Verdict};
 

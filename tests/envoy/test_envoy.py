@@ -54,7 +54,7 @@ RUN = os.path.join(ROOT, "host-shims", "envoy", "run")
 PUBLISH = os.path.join(ROOT, "host-shims", "envoy", "publish")
 KAMAILIO_CFG = os.path.join(ROOT, "host-shims", "envoy", "upstream-kamailio.cfg")
 SCENARIOS = os.path.join(ROOT, "tests", "sipp")
-WASM = os.path.join(ROOT, "target", "wasm32-unknown-unknown", "wasm-envoy", "trunkguard.wasm")
+WASM = os.path.join(ROOT, "target", "wasm32-unknown-unknown", "wasm", "trunkguard_envoy.wasm")
 RELAY = os.path.join(ROOT, "target", "release", "trunkguard")
 SMTP_SINK = os.path.join(ROOT, "tests", "alert_relay", "smtp_sink.py")
 SMTP_PYTHON = os.environ.get("TRUNKGUARD_PYTHON") or os.path.join(ROOT, "target", "py", "bin", "python")
@@ -1332,7 +1332,7 @@ class EnvoyAlertRelay(OwnEnvoy, unittest.TestCase):
             self.assertEqual((alert["kind"], alert["cause"], alert["trunk_group"], alert["call_id"]),
                              ("blocked_call", "not_registered_address", "hq-pbx1", call_id), alert)
             self.assertTrue(alert["source"].startswith(intruder + ":"), alert)
-            # Counted, in /stats and /stats/prometheus (src/envoy/metrics.rs names).
+            # Counted, in /stats and /stats/prometheus (crates/envoy/src/metrics.rs names).
             values = wait_for("alerts.rejected", lambda: (lambda s: self.counter("rejected", s) and s)(self.stats()))
             self.assertEqual(self.counter("rejected", values), 1)
             self.assertRegex(prometheus(self.STATS), r"(?m)^trunkguard_alerts_rejected\{\} 1$")

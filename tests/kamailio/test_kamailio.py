@@ -67,7 +67,7 @@ SMTP_PYTHON = os.environ.get("TRUNKGUARD_PYTHON") or os.path.join(ROOT, "target"
 RUN = os.path.join(ROOT, "host-shims", "kamailio", "run")
 TGCTL = os.path.join(ROOT, "host-shims", "kamailio", "tgctl")
 SCENARIOS = os.path.join(ROOT, "tests", "sipp")
-MODULE = os.path.join(TARGET, "wasm32-unknown-unknown", "wasm", "trunkguard.wasm")
+MODULE = os.path.join(TARGET, "wasm32-unknown-unknown", "wasm", "trunkguard_abi.wasm")
 # The Python of the venv holding sipvicious (PyPI), installed by scripts/test-kamailio.
 SIPVICIOUS_PYTHON = (os.environ.get("TRUNKGUARD_SIPVICIOUS_PYTHON")
                      or os.path.join(TARGET, "py-sipvicious", "bin", "python"))

@@ -7,17 +7,19 @@
 //! point, and reads back a JSON result whose address and length come packed in the
 //! returned `u64` (`ptr << 32 | len`), valid until the next call.
 
+#![cfg(target_arch = "wasm32")]
+
 use std::cell::RefCell;
 use std::net::SocketAddr;
 
-use crate::alert::Alert;
-use crate::engine::{Engine, Host};
-use crate::policy::Input;
-use crate::store::{Store, StoreError};
-use crate::verdict::Verdict;
+use trunkguard::alert::Alert;
+use trunkguard::engine::{Engine, Host};
+use trunkguard::policy::Input;
+use trunkguard::store::{Store, StoreError};
+use trunkguard::verdict::Verdict;
 
-pub use crate::wire::ABI_VERSION;
-use crate::wire::{Configured, Judgement, Ticked};
+pub use trunkguard::wire::ABI_VERSION;
+use trunkguard::wire::{Configured, Judgement, Ticked};
 
 #[link(wasm_import_module = "trunkguard_host")]
 unsafe extern "C" {
@@ -248,7 +250,7 @@ pub extern "C" fn tg_judge(
                 }
             }
         };
-        let Some(transport) = crate::wire::transport_of_code(transport) else {
+        let Some(transport) = trunkguard::wire::transport_of_code(transport) else {
             return no_verdict(output, format!("bad transport code {transport}"));
         };
         let input = Input {

@@ -9,9 +9,9 @@ use std::collections::VecDeque;
 
 use super::probe::{self, Key};
 use super::stream::{Item, Reassembler};
-use crate::answer;
-use crate::sip::{Framing, parse};
-use crate::verdict::Verdict;
+use trunkguard::answer;
+use trunkguard::sip::{Framing, parse};
+use trunkguard::verdict::Verdict;
 
 /// What the filter does with a request the policy answers itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
@@ -291,7 +291,7 @@ fn is_response(raw: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::verdict::{Action, Cause};
+    use trunkguard::verdict::{Action, Cause};
 
     /// Refuses INVITEs from "intruder", challenges INVITEs without credentials,
     /// allows the rest.

@@ -15,7 +15,7 @@ use super::shared::{self, ALERT_QUEUE, EnvoyBackend};
 use super::singleton::Singleton;
 use super::stream_context::Connection;
 use super::txn::Txn;
-use crate::engine::Engine;
+use trunkguard::engine::Engine;
 
 /// `root_id` of the alert singleton (`envoy.bootstrap.wasm`); any other root is a
 /// filter.

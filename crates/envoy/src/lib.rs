@@ -1,4 +1,4 @@
-//! The proxy-wasm front for Envoy (cargo feature `envoy`): a network filter in front
+//! The proxy-wasm front for Envoy: a network filter in front
 //! of `tcp_proxy` for SIP over TCP (and TLS terminated by Envoy), and an alert
 //! singleton (`envoy.bootstrap.wasm`). `docs/envoy.md` describes its deployment.
 //!
@@ -11,8 +11,8 @@
 //!   contexts), `stream_context` (a connection's stream context), `singleton`: the
 //!   glue, built for wasm32 only.
 //!
-//! The pure modules build on any target so that `cargo test --features envoy` runs
-//! their tests natively.
+//! The pure modules build on any target so that `cargo test` runs their tests
+//! natively.
 
 pub mod conn;
 pub mod keeper;

@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
-use crate::alert::Delivery;
+use trunkguard::alert::Delivery;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
@@ -118,7 +118,7 @@ impl Outbox {
     pub fn finished(&mut self, token: u32, status: Option<u32>, now_ms: u64) -> Option<Outcome> {
         let entry = self.in_flight.remove(&token)?;
         let status = status.map(|s| u16::try_from(s).unwrap_or(u16::MAX));
-        Some(match crate::alert::delivery(status) {
+        Some(match trunkguard::alert::delivery(status) {
             Delivery::Sent => Outcome::Sent,
             Delivery::Refused => Outcome::Rejected(entry.body),
             Delivery::Retry => self.retry(entry, now_ms),

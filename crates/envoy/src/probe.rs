@@ -6,7 +6,7 @@
 //! body, which a proxy refuses at once with 483 (RFC 3261 §16.3 step 2). Nothing
 //! else of the request goes upstream: no credentials, no Contact, no SDP.
 
-use crate::sip::{Framing, Message, parse};
+use trunkguard::sip::{Framing, Message, parse};
 
 /// Identifies a transaction in both directions: what the upstream's response to a
 /// probe repeats of it (RFC 3261 §8.2.6: Via, Call-ID and CSeq are copied).

@@ -5,8 +5,8 @@ use sha2::{Digest, Sha256};
 
 use super::host::{self, HostError};
 use super::txn::Backend;
-use crate::digest::hex;
-use crate::store::StoreError;
+use trunkguard::digest::hex;
+use trunkguard::store::StoreError;
 
 /// The queue the workers put alerts on and the singleton delivers from.
 pub const ALERT_QUEUE: &str = "trunkguard.alerts";

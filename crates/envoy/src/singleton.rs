@@ -9,7 +9,7 @@ use super::metrics;
 use super::outbox::{Limits, Outbox, Outcome};
 use super::shared::{ALERT_QUEUE, EnvoyBackend, RESTORED_KEY, STATE_QUEUE};
 use super::txn;
-use crate::engine::Engine;
+use trunkguard::engine::Engine;
 
 /// The singleton's plugin configuration.
 #[derive(Debug, serde::Deserialize)]

@@ -2,7 +2,7 @@
 //! bytes as they arrive, so a message may be split over several chunks and one
 //! chunk may hold several messages (pipelining).
 
-use crate::sip::{Frame, ParseError, frame_stream};
+use trunkguard::sip::{Frame, ParseError, frame_stream};
 
 /// One framed piece of the stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -15,10 +15,10 @@ use super::host::{self, Buffer, Level};
 use super::metrics;
 use super::shared::{self, EnvoyBackend};
 use super::txn;
-use crate::policy::Input;
-use crate::refusal_log::{self, RefusalLog};
-use crate::sip::Transport;
-use crate::verdict::{Cause, Verdict};
+use trunkguard::policy::Input;
+use trunkguard::refusal_log::{self, RefusalLog};
+use trunkguard::sip::Transport;
+use trunkguard::verdict::{Cause, Verdict};
 
 /// The stream context of one client connection.
 pub(super) struct Connection {

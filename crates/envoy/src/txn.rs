@@ -11,9 +11,9 @@
 
 use std::collections::BTreeMap;
 
-use crate::alert::Alert;
-use crate::engine::Host;
-use crate::store::{Store, StoreError, keys};
+use trunkguard::alert::Alert;
+use trunkguard::engine::Host;
+use trunkguard::store::{Store, StoreError, keys};
 
 /// Envoy's shared data and entropy, as the store needs them.
 pub trait Backend {

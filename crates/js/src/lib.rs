@@ -1,19 +1,21 @@
-//! The wasm-bindgen front (cargo feature `js`): a `TrunkPolicy` class for Node.js and
+//! The wasm-bindgen front: a `TrunkPolicy` class for Node.js and
 //! browsers. The same engine as every other host; state lives in a JavaScript store
 //! object (a `Map` by default) so a Node.js host can share it between instances or
 //! back it with Redis.
+
+#![cfg(target_arch = "wasm32")]
 
 use std::net::SocketAddr;
 
 use js_sys::{Function, Reflect, Uint8Array};
 use wasm_bindgen::prelude::*;
 
-use crate::alert::Alert;
-use crate::engine::{Engine, Host};
-use crate::policy::Input;
-use crate::refusal_log::{self, RefusalLog};
-use crate::sip::Transport;
-use crate::store::{Store, StoreError};
+use trunkguard::alert::Alert;
+use trunkguard::engine::{Engine, Host};
+use trunkguard::policy::Input;
+use trunkguard::refusal_log::{self, RefusalLog};
+use trunkguard::sip::Transport;
+use trunkguard::store::{Store, StoreError};
 
 // The TypeScript types of the verdict, kept in one file that the core's tests check
 // against the Rust types (src/wire.rs).
@@ -106,7 +108,7 @@ impl Host for JsHost<'_> {
 /// the verdict's `failover` (docs/policy.md, "Inbound calls"): the core's rule.
 #[wasm_bindgen(js_name = failsOver)]
 pub fn fails_over(code: u16, retry_after: bool, on_6xx: bool) -> bool {
-    crate::verdict::fails_over(code, retry_after, on_6xx)
+    trunkguard::verdict::fails_over(code, retry_after, on_6xx)
 }
 
 /// What to do with an alert after one POST to the relay that answered `status`
@@ -114,7 +116,7 @@ pub fn fails_over(code: u16, retry_after: bool, on_6xx: bool) -> bool {
 /// operator). The core's rule (docs/alerts.md, "Posting from a host").
 #[wasm_bindgen(js_name = alertDelivery)]
 pub fn alert_delivery(status: Option<u16>) -> String {
-    crate::alert::delivery(status).as_str().to_string()
+    trunkguard::alert::delivery(status).as_str().to_string()
 }
 
 /// The response to `request` (the request's bytes, as the host will have it
@@ -131,8 +133,8 @@ pub fn render_reply(
     to_tag: &str,
 ) -> Option<Vec<u8>> {
     let headers: Vec<(String, String)> = serde_json::from_str(headers_json).ok()?;
-    let msg = crate::sip::parse(request, crate::sip::Framing::Datagram).ok()?;
-    Some(crate::answer::render_status(
+    let msg = trunkguard::sip::parse(request, trunkguard::sip::Framing::Datagram).ok()?;
+    Some(trunkguard::answer::render_status(
         &msg, code, reason, &headers, to_tag,
     ))
 }
