@@ -64,7 +64,7 @@ pub struct Judged {
 }
 
 /// Where the default build puts the message-ABI module, relative to the target dir.
-pub const MODULE_RELATIVE_PATH: &str = "wasm32-unknown-unknown/wasm/trunkguard.wasm";
+pub const MODULE_RELATIVE_PATH: &str = "wasm32-unknown-unknown/wasm/trunkguard_abi.wasm";
 
 /// Finds the module `scripts/build` produced: `$TRUNKGUARD_MODULE`, else beside the
 /// running executable's target directory, else `target/` under the current directory.
