@@ -27,18 +27,15 @@ pub fn module_path() -> PathBuf {
             .args([
                 "build",
                 "-p",
-                "trunkguard",
-                "--lib",
+                "trunkguard-abi",
                 "--target",
                 "wasm32-unknown-unknown",
                 "--profile",
                 "wasm",
-                "--features",
-                "abi",
             ])
             .status()
             .expect("run cargo to build the .wasm");
-        assert!(status.success(), "building trunkguard.wasm failed");
+        assert!(status.success(), "building trunkguard_abi.wasm failed");
         let target = std::env::var_os("CARGO_TARGET_DIR")
             .map(PathBuf::from)
             .unwrap_or_else(|| root.join("target"));
@@ -50,6 +47,6 @@ pub fn module_path() -> PathBuf {
 pub fn module() -> PolicyModule {
     static MODULE: OnceLock<PolicyModule> = OnceLock::new();
     MODULE
-        .get_or_init(|| PolicyModule::from_file(&module_path()).expect("load trunkguard.wasm"))
+        .get_or_init(|| PolicyModule::from_file(&module_path()).expect("load trunkguard_abi.wasm"))
         .clone()
 }

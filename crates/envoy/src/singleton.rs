@@ -76,11 +76,20 @@ pub struct Singleton {
     keeper: Option<(Keeper, u32)>,
 }
 
+/// Why the alert singleton did not start: Envoy logs it and refuses the plugin.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{0}")]
+    Config(#[from] serde_json::Error),
+    #[error(transparent)]
+    Host(#[from] host::HostError),
+}
+
 impl Singleton {
-    pub fn start(raw: &[u8]) -> Result<Singleton, String> {
-        let config: AlertsConfig = serde_json::from_slice(raw).map_err(|e| e.to_string())?;
-        let queue = host::register_queue(ALERT_QUEUE).map_err(|e| e.to_string())?;
-        host::set_tick_period_ms(TICK_MS).map_err(|e| e.to_string())?;
+    pub fn start(raw: &[u8]) -> Result<Singleton, StartError> {
+        let config: AlertsConfig = serde_json::from_slice(raw)?;
+        let queue = host::register_queue(ALERT_QUEUE)?;
+        host::set_tick_period_ms(TICK_MS)?;
         host::log(
             Level::Info,
             &format!(
@@ -94,7 +103,7 @@ impl Singleton {
         });
         let keeper = match &config.state_path {
             Some(path) => {
-                let queue = host::register_queue(STATE_QUEUE).map_err(|e| e.to_string())?;
+                let queue = host::register_queue(STATE_QUEUE)?;
                 let restored = matches!(host::shared_get(RESTORED_KEY), Ok((Some(_), _)));
                 host::log(
                     Level::Info,

@@ -355,3 +355,121 @@ fn an_alert_is_posted_with_its_token_and_the_status_comes_back() {
     );
     assert!(request.starts_with("POST /v1/alerts "), "{request}");
 }
+
+/// The structs and action numbers of include/trunkguard.h, as a C compiler lays them
+/// out, are the Rust side's `#[repr(C)]` ones: a field added, moved or retyped on one
+/// side only would have the module read the verdict at the wrong offsets.
+#[test]
+fn the_c_header_lays_out_what_the_rust_side_writes() {
+    use std::mem::{offset_of, size_of};
+    use trunkguard_kamailio::verdict::{TgHeader, action_code};
+
+    let dir = std::env::temp_dir().join(format!("tg-layout-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let include = concat!(env!("CARGO_MANIFEST_DIR"), "/include");
+    let fields: &[(&str, &str, usize)] = &[
+        ("tg_str", "s", offset_of!(TgStr, s)),
+        ("tg_str", "len", offset_of!(TgStr, len)),
+        ("tg_header", "name", offset_of!(TgHeader, name)),
+        ("tg_header", "value", offset_of!(TgHeader, value)),
+        ("tg_store", "ctx", offset_of!(CStore, ctx)),
+        ("tg_store", "get", offset_of!(CStore, get)),
+        ("tg_store", "set", offset_of!(CStore, set)),
+        ("tg_store", "del", offset_of!(CStore, del)),
+        ("tg_verdict", "action", offset_of!(TgVerdict, action)),
+        ("tg_verdict", "code", offset_of!(TgVerdict, code)),
+        ("tg_verdict", "reason", offset_of!(TgVerdict, reason)),
+        ("tg_verdict", "cause", offset_of!(TgVerdict, cause)),
+        (
+            "tg_verdict",
+            "trunk_group",
+            offset_of!(TgVerdict, trunk_group),
+        ),
+        ("tg_verdict", "target", offset_of!(TgVerdict, target)),
+        ("tg_verdict", "next_hop", offset_of!(TgVerdict, next_hop)),
+        ("tg_verdict", "headers", offset_of!(TgVerdict, headers)),
+        (
+            "tg_verdict",
+            "headers_len",
+            offset_of!(TgVerdict, headers_len),
+        ),
+        ("tg_verdict", "strip", offset_of!(TgVerdict, strip)),
+        ("tg_verdict", "strip_len", offset_of!(TgVerdict, strip_len)),
+        ("tg_verdict", "insert", offset_of!(TgVerdict, insert)),
+        (
+            "tg_verdict",
+            "insert_len",
+            offset_of!(TgVerdict, insert_len),
+        ),
+        ("tg_verdict", "alerts", offset_of!(TgVerdict, alerts)),
+        (
+            "tg_verdict",
+            "alerts_len",
+            offset_of!(TgVerdict, alerts_len),
+        ),
+        ("tg_verdict", "failover", offset_of!(TgVerdict, failover)),
+        (
+            "tg_verdict",
+            "failover_after_ms",
+            offset_of!(TgVerdict, failover_after_ms),
+        ),
+        (
+            "tg_verdict",
+            "failover_on_6xx",
+            offset_of!(TgVerdict, failover_on_6xx),
+        ),
+    ];
+    let sizes: &[(&str, usize)] = &[
+        ("tg_str", size_of::<TgStr>()),
+        ("tg_header", size_of::<TgHeader>()),
+        ("tg_store", size_of::<CStore>()),
+        ("tg_verdict", size_of::<TgVerdict>()),
+    ];
+    let actions: Vec<(String, i32)> = trunkguard::Action::ALL
+        .iter()
+        .map(|a| {
+            (
+                format!("TG_{}", a.as_str().to_ascii_uppercase()),
+                action_code(*a),
+            )
+        })
+        .collect();
+
+    let mut program =
+        String::from("#include <stdio.h>\n#include \"trunkguard.h\"\nint main(void) {\n");
+    let mut expected = String::new();
+    for (ty, field, off) in fields {
+        program += &format!("printf(\"{ty}.{field} %zu\\n\", offsetof({ty}, {field}));\n");
+        expected += &format!("{ty}.{field} {off}\n");
+    }
+    for (ty, size) in sizes {
+        program += &format!("printf(\"sizeof {ty} %zu\\n\", sizeof({ty}));\n");
+        expected += &format!("sizeof {ty} {size}\n");
+    }
+    for (name, code) in &actions {
+        program += &format!("printf(\"{name} %d\\n\", (int){name});\n");
+        expected += &format!("{name} {code}\n");
+    }
+    program += "return 0;\n}\n";
+    let source = dir.join("layout.c");
+    let binary = dir.join("layout");
+    std::fs::write(&source, program).unwrap();
+    let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
+    let built = std::process::Command::new(&cc)
+        .arg("-I")
+        .arg(include)
+        .arg("-o")
+        .arg(&binary)
+        .arg(&source)
+        .output()
+        .unwrap_or_else(|e| panic!("{cc} (the C compiler the module build uses): {e}"));
+    assert!(
+        built.status.success(),
+        "{}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    let ran = std::process::Command::new(&binary).output().unwrap();
+    assert!(ran.status.success());
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(String::from_utf8(ran.stdout).unwrap(), expected);
+}

@@ -32,23 +32,23 @@ pub fn parse(body: &[u8]) -> Result<Event, EventError> {
     if !raw.is_object() {
         return Err(EventError::Schema("expected a JSON object".into()));
     }
-    let alert = alert_of(&raw).map_err(EventError::Schema)?;
+    let alert = alert_of(&raw)?;
     if !id_is_usable(&alert.id) {
         return Err(EventError::BadId(alert.id));
     }
     Ok(Event { alert, raw })
 }
 
-pub fn alert_of(raw: &serde_json::Value) -> Result<Alert, String> {
+pub fn alert_of(raw: &serde_json::Value) -> Result<Alert, EventError> {
     // serde_path_to_error names the offending field (`recipients[1]: invalid type…`),
     // which is what a host developer needs in the 400.
     serde_path_to_error::deserialize(raw).map_err(|e| {
         let path = e.path().to_string();
-        if path == "." {
+        EventError::Schema(if path == "." {
             e.inner().to_string()
         } else {
             format!("{path}: {}", e.inner())
-        }
+        })
     })
 }
 
