@@ -8,10 +8,13 @@
 use serde::{Deserialize, Serialize};
 
 use crate::sip::Transport;
+
+pub mod binary;
 use crate::verdict::Verdict;
 
-/// 2: `tg_judge` takes the receiving socket too (core trust, docs/abi.md).
-pub const ABI_VERSION: u32 = 2;
+/// 3: `tg_judge` answers a binary verdict record ([`binary`]) instead of JSON.
+/// (2: `tg_judge` takes the receiving socket too, core trust; docs/abi.md.)
+pub const ABI_VERSION: u32 = 3;
 
 /// The transport code `tg_judge` takes.
 pub fn transport_code(t: Transport) -> u32 {
@@ -67,9 +70,10 @@ pub struct ConfigRefused {
     pub reason: String,
 }
 
-/// What `tg_judge` answers: a verdict, or why there is none (the host then refuses
-/// the message). `V` is `&Verdict` where the guest writes it, [`Verdict`] where a
-/// host reads it.
+/// A judged message as a JSON line (`trunkguard replay`'s output, README): a
+/// verdict, or why there is none (the message is then refused). `V` is `&Verdict`
+/// where it is written, [`Verdict`] where it is read. `tg_judge` itself answers the
+/// same in bytes ([`binary`]).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Judgement<V = Verdict> {
     // No `default` here: serde reads a missing Option as None without asking V.

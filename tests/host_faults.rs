@@ -315,3 +315,101 @@ fn a_write_failing_in_the_alert_throttle_after_a_registration_still_sends_the_al
         assert!(p.state_mut().fault.is_none(), "write {nth} was never made");
     }
 }
+
+/// A module that calls `kv_get` from `tg_abi_version`, which the host calls while it
+/// sets an instance up (the first time, after a trap, on a reload), and otherwise
+/// answers nothing useful. Raw bytes: the test needs no WebAssembly toolchain.
+fn module_calling_the_store_on_setup() -> Vec<u8> {
+    fn section(id: u8, items: &[Vec<u8>]) -> Vec<u8> {
+        let mut body = vec![u8::try_from(items.len()).unwrap()];
+        for i in items {
+            body.extend_from_slice(i);
+        }
+        let mut out = vec![id, u8::try_from(body.len()).unwrap()];
+        out.extend(body);
+        out
+    }
+    fn name(n: &str) -> Vec<u8> {
+        let mut out = vec![u8::try_from(n.len()).unwrap()];
+        out.extend_from_slice(n.as_bytes());
+        out
+    }
+    fn code(instructions: &[u8]) -> Vec<u8> {
+        let mut body = vec![0]; // no locals
+        body.extend_from_slice(instructions);
+        body.push(0x0b);
+        let mut out = vec![u8::try_from(body.len()).unwrap()];
+        out.extend(body);
+        out
+    }
+    let (i32_, i64_) = (0x7f, 0x7e);
+    let functype = |params: &[u8], results: &[u8]| {
+        let mut t = vec![0x60, u8::try_from(params.len()).unwrap()];
+        t.extend_from_slice(params);
+        t.push(u8::try_from(results.len()).unwrap());
+        t.extend_from_slice(results);
+        t
+    };
+    let types = [
+        functype(&[i32_; 4], &[i64_]),                      // kv_get
+        functype(&[], &[i32_]),                             // tg_abi_version
+        functype(&[i32_], &[i32_]),                         // tg_buffer
+        functype(&[i32_], &[i64_]),                         // tg_configure
+        functype(&[i32_, i32_, i32_, i32_, i64_], &[i64_]), // tg_judge
+        functype(&[i64_], &[i64_]),                         // tg_tick
+    ];
+    let mut import = name("trunkguard_host");
+    import.extend(name("kv_get"));
+    import.extend([0, 0]); // a function of type 0: function index 0
+    let exports: Vec<Vec<u8>> = [
+        "memory",
+        "tg_abi_version",
+        "tg_buffer",
+        "tg_configure",
+        "tg_judge",
+        "tg_tick",
+    ]
+    .iter()
+    .enumerate()
+    .map(|(i, n)| {
+        let mut e = name(n);
+        e.extend(if i == 0 {
+            [2, 0]
+        } else {
+            [0, u8::try_from(i).unwrap()]
+        });
+        e
+    })
+    .collect();
+    let version = u8::try_from(trunkguard_host::ABI_VERSION).unwrap();
+    let bodies = [
+        // kv_get(0, 0, 0, 0), dropped; then the ABI version.
+        code(&[
+            0x41, 0, 0x41, 0, 0x41, 0, 0x41, 0, 0x10, 0, 0x1a, 0x41, version,
+        ]),
+        code(&[0x41, 0x80, 0x08]), // the buffer at 1024
+        code(&[0x42, 0]),
+        code(&[0x42, 0]),
+        code(&[0x42, 0]),
+    ];
+    let mut m = b"\0asm\x01\0\0\0".to_vec();
+    m.extend(section(1, &types));
+    m.extend(section(2, &[import]));
+    m.extend(section(3, &[vec![1], vec![2], vec![3], vec![4], vec![5]]));
+    m.extend(section(5, &[vec![0, 1]]));
+    m.extend(section(7, &exports));
+    m.extend(section(10, &bodies));
+    m
+}
+
+/// Every instance gets a store of its own, and the memory the imports read must be
+/// that store's: an import called while an instance is set up again (after a trap,
+/// on a reload or a new `.wasm`) gets an error answer, never the previous
+/// instance's memory (which wasmtime refuses with a panic: a crashed proxy worker).
+#[test]
+fn a_store_call_while_an_instance_is_set_up_again_is_answered_not_a_crash() {
+    let module = PolicyModule::from_bytes(&module_calling_the_store_on_setup()).unwrap();
+    let mut p = PolicyInstance::new(&module, Box::new(MemoryKv::default())).unwrap();
+    p.reload().unwrap();
+    p.replace_module(&module).unwrap();
+}

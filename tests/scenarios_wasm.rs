@@ -48,13 +48,13 @@ impl Subject for Wasm {
                 now_ms,
             )
             .expect("judge");
-        let raw: Value = serde_json::from_str(&judged.raw).expect("verdict JSON");
+        let verdict = serde_json::to_value(&judged.verdict).expect("verdict JSON");
         let alerts = judged
             .alerts
             .iter()
             .map(|a| serde_json::from_str(a).expect("alert JSON"))
             .collect();
-        (raw["verdict"].clone(), alerts)
+        (verdict, alerts)
     }
 
     fn tick(&mut self, worker: usize, now_ms: u64) -> Vec<Value> {

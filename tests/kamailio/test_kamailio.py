@@ -736,11 +736,12 @@ class KamailioEdge(unittest.TestCase):
     def test_19_an_allow_with_a_cause_the_host_does_not_know_fails_closed(self):
         far = self.far_end()
         try:
-            for verdict in ({"action": "allow", "cause": "teleport"}, {"action": "allow"},
-                            {"action": "allow", "cause": "response"}):
-                module = os.path.join(self.workdir, "verdict-%s.wasm" % verdict.get("cause", "none"))
+            # A cause number no version defines, no cause, and a cause no request has.
+            for name, cause in (("teleport", 200), ("none", None), ("response", trap_module.CAUSE_CODES["response"])):
+                verdict = name
+                module = os.path.join(self.workdir, "verdict-%s.wasm" % name)
                 with open(module, "wb") as f:
-                    f.write(trap_module.fixed_verdict_module(verdict))
+                    f.write(trap_module.fixed_verdict_module(trap_module.allow_record(cause)))
                 out = self.tgctl("publish-module", module)
                 self.assertEqual(out.returncode, 0, out.stdout + out.stderr)
                 intruder = sip.Endpoint(INTRUDER)

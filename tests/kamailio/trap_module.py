@@ -58,13 +58,29 @@ def trapping_module():
     return _module(b"\x00")  # unreachable
 
 
-def fixed_verdict_module(verdict):
-    """A module whose tg_judge answers `verdict` (a dict) to every message: a verdict
-    the real policy never gives, to see what the host does with it."""
-    import json
+# Numbers of docs/abi.md's verdict record: the allow action and, by cause name, the
+# causes the tests use.
+ALLOW = 0
+CAUSE_CODES = {"response": 23}
+NO_CAUSE = 255
 
-    judged = json.dumps({"verdict": verdict}).encode()
-    return _module(b"\x42" + _sleb((JUDGED_AT << 32) | len(judged)), [(JUDGED_AT, judged)])
+
+def allow_record(cause):
+    """docs/abi.md's verdict record of an allow for `cause`: a code (an int, e.g. one
+    no version defines) or None; no code, texts or lists."""
+    import struct
+
+    code = NO_CAUSE if cause is None else cause
+    absent = struct.pack("<I", 0xFFFFFFFF)
+    return (bytes([1, ALLOW, code, 0]) + struct.pack("<HQ", 0, 0) + absent * 5
+            + struct.pack("<III", 0, 0, 0))
+
+
+def fixed_verdict_module(record):
+    """A module whose tg_judge answers `record` (docs/abi.md's verdict record) to
+    every message: a verdict the real policy never gives, to see what the host does
+    with it."""
+    return _module(b"\x42" + _sleb((JUDGED_AT << 32) | len(record)), [(JUDGED_AT, record)])
 
 
 JUDGED_AT = 128
@@ -75,7 +91,7 @@ def _module(judge_body, extra_data=()):
         _functype([], [I32]),  # tg_abi_version
         _functype([I32], [I32]),  # tg_buffer
         _functype([I32], [I64]),  # tg_configure
-        _functype([I32, I32, I32, I32, I64], [I64]),  # tg_judge (ABI 2: with the local socket)
+        _functype([I32, I32, I32, I32, I64], [I64]),  # tg_judge (since ABI 2: with the local socket)
         _functype([I64], [I64]),  # tg_tick
     ]
     exports = [(b"memory", 2, 0)] + [
@@ -83,7 +99,7 @@ def _module(judge_body, extra_data=()):
         for i, name in enumerate(["tg_abi_version", "tg_buffer", "tg_configure", "tg_judge", "tg_tick"])
     ]
     bodies = [
-        b"\x41" + _sleb(2),  # i32.const 2: ABI version 2 (docs/abi.md)
+        b"\x41" + _sleb(3),  # i32.const 3: ABI version 3 (docs/abi.md)
         b"\x41" + _sleb(1024),  # the input buffer lives at 1024
         b"\x42" + _sleb(len(CONFIGURED)),  # (ptr 0 << 32) | len
         judge_body,

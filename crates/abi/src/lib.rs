@@ -1,11 +1,12 @@
-//! The message-level C ABI (version 1) for hosts that hand over whole SIP messages:
-//! the Kamailio shim and the wasmtime reference host. `docs/abi.md` is its contract;
-//! every unsafe host call of this front is in this file.
+//! The message-level C ABI for hosts that hand over whole SIP messages: the wasmtime
+//! reference host and through it Kamailio's module and extension. `docs/abi.md` is
+//! its contract; every unsafe host call of this front is in this file.
 //!
 //! Calls are synchronous and the module is single-threaded: one instance per worker.
 //! The host writes its input into the guest's buffer (`tg_buffer`), calls an entry
-//! point, and reads back a JSON result whose address and length come packed in the
-//! returned `u64` (`ptr << 32 | len`), valid until the next call.
+//! point, and reads back a result (a verdict record for `tg_judge`, JSON for the
+//! others) whose address and length come packed in the returned `u64`
+//! (`ptr << 32 | len`), valid until the next call.
 
 #![cfg(target_arch = "wasm32")]
 
@@ -16,10 +17,10 @@ use trunkguard::alert::Alert;
 use trunkguard::engine::{Engine, Host};
 use trunkguard::policy::Input;
 use trunkguard::store::{Store, StoreError};
-use trunkguard::verdict::Verdict;
 
 pub use trunkguard::wire::ABI_VERSION;
-use trunkguard::wire::{Configured, Judgement, Ticked};
+use trunkguard::wire::binary;
+use trunkguard::wire::{Configured, Ticked};
 
 #[link(wasm_import_module = "trunkguard_host")]
 unsafe extern "C" {
@@ -122,25 +123,25 @@ thread_local! {
     static STATE: RefCell<State> = RefCell::new(State::default());
 }
 
-/// Stores `value` as the call's result and packs its address and length.
+/// Stores `value` as the call's JSON result and packs its address and length.
 fn result(output: &mut Vec<u8>, value: &impl serde::Serialize) -> u64 {
     output.clear();
     if serde_json::to_writer(&mut *output, value).is_err() {
         output.clear();
         output.extend_from_slice(br#"{"error":"result serialisation failed"}"#);
     }
+    packed(output)
+}
+
+/// The address and length of the call's result, as the exports return them.
+fn packed(output: &[u8]) -> u64 {
     ((output.as_ptr() as u64) << 32) | output.len() as u64
 }
 
 /// `tg_judge`'s answer when there is no verdict: the host refuses the message.
 fn no_verdict(output: &mut Vec<u8>, error: String) -> u64 {
-    result(
-        output,
-        &Judgement::<&Verdict> {
-            verdict: None,
-            error: Some(error),
-        },
-    )
+    binary::write_no_verdict(output, &error);
+    packed(output)
 }
 
 fn with_state(f: impl FnOnce(&mut State) -> u64) -> u64 {
@@ -199,8 +200,8 @@ pub extern "C" fn tg_configure(len: u32) -> u64 {
 
 /// Judges one message. The buffer holds the message (`msg_len` bytes) followed by the
 /// source `ip:port` (`src_len` bytes, IPv6 in brackets). `transport`: 0 udp, 1 tcp,
-/// 2 tls, 3 ws, 4 wss, 5 sctp. Result: `{"verdict":{…}}` or `{"error":"…"}` (the host
-/// must then refuse the message: an error is never an allow).
+/// 2 tls, 3 ws, 4 wss, 5 sctp. Result: a verdict record, or a no-verdict record (the
+/// host must then refuse the message: an error is never an allow); `wire::binary`.
 #[unsafe(no_mangle)]
 pub extern "C" fn tg_judge(
     msg_len: u32,
@@ -261,13 +262,8 @@ pub extern "C" fn tg_judge(
             now_ms,
         };
         let verdict = engine.judge(&input, &mut AbiHost);
-        result(
-            output,
-            &Judgement {
-                verdict: Some(&verdict),
-                error: None,
-            },
-        )
+        binary::write_verdict(output, &verdict);
+        packed(output)
     })
 }
 

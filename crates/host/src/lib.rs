@@ -53,12 +53,10 @@ pub enum ConfigureError {
     Host(#[from] HostError),
 }
 
-/// One judged message: the verdict, its raw JSON line, and the alerts it raised.
+/// One judged message: the verdict and the alerts it raised.
 #[derive(Debug, Clone)]
 pub struct Judged {
     pub verdict: Verdict,
-    /// `{"verdict":{…}}` exactly as the module wrote it.
-    pub raw: String,
     /// Alert events (JSON) raised while judging, in order.
     pub alerts: Vec<String>,
 }
@@ -206,6 +204,9 @@ pub struct HostState {
     pub fault: Option<Fault>,
     /// Writes seen since `fault` was last checked for `FailWrite`.
     writes: u32,
+    /// The instance's memory, for the imports: looking the export up by name on every
+    /// store call cost a string-pool probe each (docs/performance.md, "Kamailio").
+    memory: Option<Memory>,
 }
 
 impl HostState {
@@ -291,6 +292,7 @@ impl PolicyInstance {
                 rng: rand_core_fallback::Rng::new(),
                 fault: None,
                 writes: 0,
+                memory: None,
             },
         );
         let mut policy = PolicyInstance {
@@ -319,8 +321,15 @@ impl PolicyInstance {
                 rng: rand_core_fallback::Rng::new(),
                 fault: None,
                 writes: 0,
+                memory: None,
             },
         );
+        // The old instance's memory belongs to the old store: wasmtime refuses (panics
+        // on) a memory used with another store, so none until this instance's is known.
+        let data = HostState {
+            memory: None,
+            ..data
+        };
         self.store = Store::new(&self.module.engine, data);
         let instance = linker
             .instantiate(&mut self.store, &self.module.module)
@@ -333,6 +342,7 @@ impl PolicyInstance {
         let memory = instance
             .get_memory(&mut self.store, "memory")
             .ok_or_else(|| HostError::Load("module exports no memory".into()))?;
+        self.store.data_mut().memory = Some(memory);
         self.exports = Some(Exports {
             memory,
             buffer: typed(&instance, &mut self.store, "tg_buffer")?,
@@ -441,7 +451,7 @@ impl PolicyInstance {
             None => 0,
         };
         let local = &local_buf[..local_len_usize];
-        let raw = self.call(|ex, store| {
+        let verdict = self.call(|ex, store| {
             let msg_len = len32(message.len())?;
             let src_len = len32(src.len())?;
             let local_len = len32(local.len())?;
@@ -470,21 +480,14 @@ impl PolicyInstance {
                     ),
                 )
                 .map_err(trap)?;
-            read_result(ex.memory, store, packed)
+            let record = result_bytes(ex.memory, store, packed)?;
+            trunkguard::wire::binary::read(record).map_err(|e| HostError::Module(e.to_string()))
         });
         let alerts = std::mem::take(&mut self.store.data_mut().alerts);
-        let raw = raw?;
-        let out: trunkguard::wire::Judgement =
-            serde_json::from_str(&raw).map_err(|e| HostError::Module(format!("{e}: {raw}")))?;
-        match (out.verdict, out.error) {
-            (Some(verdict), _) => Ok(Judged {
-                verdict,
-                raw,
-                alerts,
-            }),
-            (None, Some(e)) => Err(HostError::Module(e)),
-            (None, None) => Err(HostError::Module(format!("no verdict in {raw}"))),
-        }
+        Ok(Judged {
+            verdict: verdict?,
+            alerts,
+        })
     }
 
     /// Closes expired alert windows; returns the summary alerts (JSON).
@@ -574,11 +577,18 @@ fn write(
         .map_err(|e| HostError::Module(format!("buffer out of bounds: {e}")))
 }
 
+/// A JSON result (`tg_configure`, `tg_tick`), as text.
 fn read_result(
     memory: Memory,
     store: &mut Store<HostState>,
     packed: u64,
 ) -> Result<String, HostError> {
+    let bytes = result_bytes(memory, store, packed)?;
+    String::from_utf8(bytes.to_vec()).map_err(|_| HostError::Module("result is not UTF-8".into()))
+}
+
+/// The bytes a packed result addresses, read in place (valid until the next call).
+fn result_bytes(memory: Memory, store: &Store<HostState>, packed: u64) -> Result<&[u8], HostError> {
     if packed == 0 {
         return Err(HostError::Module(
             "module was busy (re-entrant call)".into(),
@@ -586,16 +596,15 @@ fn read_result(
     }
     let ptr = (packed >> 32) as usize;
     let len = (packed & 0xffff_ffff) as usize;
-    let data = memory.data(&*store);
-    let bytes = data
+    memory
+        .data(store)
         .get(ptr..ptr.saturating_add(len))
-        .ok_or_else(|| HostError::Module("result out of bounds".into()))?;
-    String::from_utf8(bytes.to_vec()).map_err(|_| HostError::Module("result is not UTF-8".into()))
+        .ok_or_else(|| HostError::Module("result out of bounds".into()))
 }
 
 /// Reads guest memory `[ptr, ptr+len)` inside an import.
 fn guest_bytes(caller: &mut Caller<'_, HostState>, ptr: u32, len: u32) -> Option<Vec<u8>> {
-    let memory = caller.get_export("memory")?.into_memory()?;
+    let memory = caller.data().memory?;
     memory
         .data(&*caller)
         .get(ptr as usize..(ptr as usize).checked_add(len as usize)?)
@@ -632,7 +641,7 @@ fn link_imports(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
                 Err(_) => return Ok(-2),
             };
             if value.len() <= cap as usize {
-                let Some(memory) = caller.get_export("memory").and_then(|e| e.into_memory()) else {
+                let Some(memory) = caller.data().memory else {
                     return Ok(-2);
                 };
                 if memory.write(&mut caller, out as usize, &value).is_err() {
@@ -699,7 +708,7 @@ fn link_imports(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
         |mut caller: Caller<'_, HostState>, p: u32, l: u32| {
             let mut buf = vec![0u8; l as usize];
             caller.data_mut().rng.fill(&mut buf);
-            if let Some(memory) = caller.get_export("memory").and_then(|e| e.into_memory()) {
+            if let Some(memory) = caller.data().memory {
                 let _ = memory.write(&mut caller, p as usize, &buf);
             }
         },

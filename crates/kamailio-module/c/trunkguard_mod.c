@@ -143,6 +143,12 @@ static int mod_init(void)
 	struct stat st;
 
 	/* Checks only: no policy before the fork (trunkguard.h). */
+	if(tg_interface_version() != TG_INTERFACE_VERSION) {
+		LM_ERR("libtrunkguard_kamailio speaks interface %u, this module %d: "
+			   "rebuild both from one tree (crates/kamailio-module/build)\n",
+				tg_interface_version(), TG_INTERFACE_VERSION);
+		return -1;
+	}
 	if(tg_file_readable("wasm", tg_wasm_param) < 0
 			|| tg_file_readable("config", tg_config_param) < 0)
 		return -1;

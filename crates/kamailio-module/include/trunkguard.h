@@ -20,7 +20,12 @@
 extern "C" {
 #endif
 
-#define TG_ABI_VERSION 2
+/* The version of this interface (the structures and functions below). The module
+ * refuses a library that answers another one from tg_interface_version(), so a
+ * header and a library from different builds never meet. */
+#define TG_INTERFACE_VERSION 2
+
+uint32_t tg_interface_version(void);
 
 typedef struct tg_policy tg_policy;
 

@@ -80,6 +80,15 @@ unsafe fn bytes<'a>(p: *const u8, len: usize) -> &'a [u8] {
     unsafe { std::slice::from_raw_parts(p, len) }
 }
 
+/// `TG_INTERFACE_VERSION` of include/trunkguard.h: the structures and functions of
+/// this file as the C side sees them. mod_init refuses a library of another version.
+pub const INTERFACE_VERSION: u32 = 2;
+
+#[unsafe(no_mangle)]
+pub extern "C" fn tg_interface_version() -> u32 {
+    INTERFACE_VERSION
+}
+
 /// Hands a found value to the store call in progress (`tg_sink_put`).
 ///
 /// # Safety

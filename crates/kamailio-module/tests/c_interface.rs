@@ -450,6 +450,11 @@ fn the_c_header_lays_out_what_the_rust_side_writes() {
         program += &format!("printf(\"{name} %d\\n\", (int){name});\n");
         expected += &format!("{name} {code}\n");
     }
+    program += "printf(\"TG_INTERFACE_VERSION %d\\n\", TG_INTERFACE_VERSION);\n";
+    expected += &format!(
+        "TG_INTERFACE_VERSION {}\n",
+        trunkguard_kamailio::ffi::INTERFACE_VERSION
+    );
     program += "return 0;\n}\n";
     let source = dir.join("layout.c");
     let binary = dir.join("layout");

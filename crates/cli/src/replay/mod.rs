@@ -136,7 +136,11 @@ pub fn run(
                     writeln!(out, "{{\"alert\":{a}}}")?;
                 }
                 table.add(&item, &judged.verdict);
-                writeln!(out, "{}", judged.raw)?;
+                let line = serde_json::to_string(&trunkguard::wire::Judgement {
+                    verdict: Some(&judged.verdict),
+                    error: None,
+                })?;
+                writeln!(out, "{line}")?;
                 out.flush()?;
                 Ok(false)
             }
