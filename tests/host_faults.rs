@@ -28,7 +28,7 @@ fn policy() -> (PolicyInstance, MemoryKv) {
 #[test]
 fn a_failing_store_refuses_with_500_never_allows() {
     let (mut p, _) = policy();
-    p.state_mut().fault = Some(Fault::StoreFailure);
+    p.set_fault(Some(Fault::StoreFailure));
     let j = p
         .judge(
             &invite(),
@@ -43,7 +43,7 @@ fn a_failing_store_refuses_with_500_never_allows() {
     assert_eq!(j.verdict.cause, Some(trunkguard::Cause::StoreUnavailable));
     // A call the policy would allow (peer-to-peer, no access list, the right
     // password), answered on a nonce issued before the store failed: refused too.
-    p.state_mut().fault = None;
+    p.set_fault(None);
     let src = "203.0.113.7:5060".parse().unwrap();
     let challenge = p
         .judge(&invite(), src, None, Transport::Udp, 2_000)
@@ -65,13 +65,13 @@ fn a_failing_store_refuses_with_500_never_allows() {
         "Content-Length: 0",
         &format!("Proxy-Authorization: Digest username=\"hq1\", realm=\"trunks.example.net\", nonce=\"{nonce}\", uri=\"{uri}\", response=\"{response}\", algorithm=MD5, qop=auth, nc=00000001, cnonce=\"c0ffee\"\r\nContent-Length: 0"),
     );
-    p.state_mut().fault = Some(Fault::StoreFailure);
+    p.set_fault(Some(Fault::StoreFailure));
     let j = p
         .judge(answered.as_bytes(), src, None, Transport::Udp, 2_010)
         .unwrap();
     assert_eq!(j.verdict.code, Some(500), "{:?}", j.verdict);
     // The same answer with the store back is allowed: the refusal was the store's.
-    p.state_mut().fault = None;
+    p.set_fault(None);
     let j = p
         .judge(answered.as_bytes(), src, None, Transport::Udp, 2_020)
         .unwrap();
@@ -85,7 +85,7 @@ fn a_trap_is_a_host_error_and_the_next_call_has_config_and_state_back() {
     // State another worker wrote: it must survive this instance's trap.
     trunkguard_host::KvBackend::set(&mut kv, "tg/last_reg_ip/hq-pbx1", b"203.0.113.7").unwrap();
     // The first judged message reads the nonce secret from the store: trap there.
-    p.state_mut().fault = Some(Fault::TrapOnce);
+    p.set_fault(Some(Fault::TrapOnce));
     match p.judge(&invite(), src, None, Transport::Udp, 1_000) {
         Err(HostError::Trap(msg)) => assert!(msg.contains("injected trap"), "{msg}"),
         other => panic!("expected a trap, got {other:?}"),
@@ -230,7 +230,7 @@ fn register_with(
         )
         .unwrap();
     let nonce = nonce_of(&challenge.verdict);
-    p.state_mut().fault = fault;
+    p.set_fault(fault);
     let j = p
         .judge(
             &register(user, password, source, Some(&nonce)),
@@ -312,7 +312,7 @@ fn a_write_failing_in_the_alert_throttle_after_a_registration_still_sends_the_al
             alerts.iter().any(|a| a.contains("\"reg_ip_change\"")),
             "write {nth}: {alerts:?}"
         );
-        assert!(p.state_mut().fault.is_none(), "write {nth} was never made");
+        assert!(p.fault().is_none(), "write {nth} was never made");
     }
 }
 

@@ -23,8 +23,9 @@
 //! ```
 //!
 //! Every byte is accounted for: a record with bytes left over, a bit or code this
-//! side does not know, or text that is not UTF-8 is no verdict (fail closed), as a
-//! cause unknown to the host is under the ABI version (`wire`).
+//! side does not know, a non-zero `code` or `failover_after_ms` without its flag, or
+//! text that is not UTF-8 is no verdict (fail closed), as a cause unknown to the host
+//! is under the ABI version (`wire`). So no record reads two ways.
 
 use crate::verdict::{Action, Cause, Verdict};
 
@@ -36,6 +37,12 @@ const HAS_CODE: u8 = 1;
 const HAS_FAILOVER_AFTER: u8 = 1 << 1;
 const FAILOVER_ON_6XX: u8 = 1 << 2;
 const KNOWN_FLAGS: u8 = HAS_CODE | HAS_FAILOVER_AFTER | FAILOVER_ON_6XX;
+/// What the writer puts for an action or cause missing from its `ALL` table (a
+/// variant added to the enum and not to the table): a number the reader refuses, so
+/// the omission fails closed instead of reading as `allow` or `malformed`.
+const UNLISTED: u8 = NO_CAUSE - 1;
+/// The longest no-verdict reason a host takes; the rest is cut (it goes to logs).
+const MAX_REASON: usize = 1024;
 
 /// Why a record is no verdict.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -109,9 +116,15 @@ pub fn read(bytes: &[u8]) -> Result<Verdict, ReadError> {
                 Err(ReadError::Malformed("bytes after the verdict"))
             }
         }
-        KIND_ERROR => Err(ReadError::NoVerdict(
-            String::from_utf8_lossy(rest).into_owned(),
-        )),
+        KIND_ERROR => {
+            let reason =
+                std::str::from_utf8(rest).map_err(|_| ReadError::Malformed("text is not UTF-8"))?;
+            let mut end = reason.len().min(MAX_REASON);
+            while !reason.is_char_boundary(end) {
+                end -= 1;
+            }
+            Err(ReadError::NoVerdict(reason[..end].to_owned()))
+        }
         _ => Err(ReadError::Malformed("unknown kind")),
     }
 }
@@ -124,10 +137,12 @@ fn cause_index(cause: Cause) -> u8 {
     index_in(&Cause::ALL, cause)
 }
 
-/// Position in a table of fewer than 255 entries (the tables above; the tests pin
-/// their lengths), so the cast is exact.
+/// Position in a table of fewer than 254 entries (the tables above; the tests pin
+/// their lengths), so the cast is exact; [`UNLISTED`] for an item not in it.
 fn index_in<T: PartialEq + Copy>(all: &[T], item: T) -> u8 {
-    all.iter().position(|a| *a == item).unwrap_or(0) as u8
+    all.iter()
+        .position(|a| *a == item)
+        .map_or(UNLISTED, |i| i as u8)
 }
 
 fn put_count(out: &mut Vec<u8>, n: usize) {
@@ -148,6 +163,9 @@ fn put_pairs(out: &mut Vec<u8>, pairs: &[(String, String)]) {
 }
 
 struct Reader<'a>(&'a [u8]);
+
+/// Items reserved ahead in a list being read.
+const RESERVE: usize = 8;
 
 impl<'a> Reader<'a> {
     fn take(&mut self, n: usize) -> Result<&'a [u8], ReadError> {
@@ -188,19 +206,20 @@ impl<'a> Reader<'a> {
             .ok_or(ReadError::Malformed("absent text in a list"))
     }
 
-    /// A list's count, bounded by the bytes left (each item takes at least four), so
-    /// a forged count cannot make the reader reserve more than the record holds.
-    fn count(&mut self) -> Result<usize, ReadError> {
+    /// A list's count, bounded by the bytes left (each item takes at least
+    /// `item_bytes`: its texts' lengths), so a forged count is refused at once.
+    fn count(&mut self, item_bytes: usize) -> Result<usize, ReadError> {
         let n = self.u32()? as usize;
-        if n > self.0.len() / 4 {
+        if n > self.0.len() / item_bytes {
             return Err(ReadError::Malformed("list longer than the record"));
         }
         Ok(n)
     }
 
     fn pairs(&mut self) -> Result<Vec<(String, String)>, ReadError> {
-        let n = self.count()?;
-        let mut out = Vec::with_capacity(n);
+        let n = self.count(8)?;
+        // Reserved up to a few items only: the items themselves prove the rest.
+        let mut out = Vec::with_capacity(n.min(RESERVE));
         for _ in 0..n {
             out.push((self.required_text()?, self.required_text()?));
         }
@@ -225,14 +244,19 @@ impl<'a> Reader<'a> {
         }
         let code = u16::from_le_bytes(self.array()?);
         let failover_after_ms = u64::from_le_bytes(self.array()?);
+        if (flags & HAS_CODE == 0 && code != 0)
+            || (flags & HAS_FAILOVER_AFTER == 0 && failover_after_ms != 0)
+        {
+            return Err(ReadError::Malformed("a value without its flag"));
+        }
         let reason = self.text()?;
         let trunk_group = self.text()?;
         let target = self.text()?;
         let next_hop = self.text()?;
         let failover = self.text()?;
         let headers = self.pairs()?;
-        let n = self.count()?;
-        let mut strip = Vec::with_capacity(n);
+        let n = self.count(4)?;
+        let mut strip = Vec::with_capacity(n.min(RESERVE));
         for _ in 0..n {
             strip.push(self.required_text()?);
         }
@@ -315,6 +339,13 @@ mod tests {
             read(&out),
             Err(ReadError::NoVerdict("bad source address \"x\"".into()))
         );
+        write_no_verdict(&mut out, &"\u{e9}".repeat(MAX_REASON));
+        let Err(ReadError::NoVerdict(cut)) = read(&out) else {
+            panic!("no verdict")
+        };
+        assert_eq!(cut, "\u{e9}".repeat(MAX_REASON / 2));
+        out.push(0xFF);
+        assert_eq!(read(&out), Err(ReadError::Malformed("text is not UTF-8")));
     }
 
     #[test]
@@ -392,6 +423,10 @@ mod tests {
             (2, 24, "unknown cause"),
             (2, 254, "unknown cause"),
             (3, 1 << 3, "unknown flags"),
+            (4, 1, "a value without its flag"),
+            (13, 1, "a value without its flag"),
+            (1, UNLISTED, "unknown action"),
+            (2, UNLISTED, "unknown cause"),
         ] {
             let mut b = base.clone();
             b[at] = value;

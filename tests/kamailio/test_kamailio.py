@@ -736,10 +736,14 @@ class KamailioEdge(unittest.TestCase):
     def test_19_an_allow_with_a_cause_the_host_does_not_know_fails_closed(self):
         far = self.far_end()
         try:
-            # A cause number no version defines, no cause, and a cause no request has.
-            for name, cause in (("teleport", 200), ("none", None), ("response", trap_module.CAUSE_CODES["response"])):
-                verdict = name
-                module = os.path.join(self.workdir, "verdict-%s.wasm" % name)
+            # A cause number no version defines (no verdict: the record is refused),
+            # no cause, and a cause no request has (a verdict this script does not
+            # route). The reason phrase tells the two refusals apart, so a record the
+            # host cannot read never passes for the routing check.
+            for verdict, cause, why in (("teleport", 200, "policy error"),
+                                        ("none", None, "unroutable verdict"),
+                                        ("response", trap_module.CAUSE_CODES["response"], "unroutable verdict")):
+                module = os.path.join(self.workdir, "verdict-%s.wasm" % verdict)
                 with open(module, "wb") as f:
                     f.write(trap_module.fixed_verdict_module(trap_module.allow_record(cause)))
                 out = self.tgctl("publish-module", module)
@@ -752,6 +756,7 @@ class KamailioEdge(unittest.TestCase):
                                              via_port=intruder.port, to_tag=to_tag)
                         answer = intruder.final(invite, timeout=2.0)
                         self.assertEqual(sip.status(answer), 503, (verdict, to_tag, answer))
+                        self.assertIn("(%s)" % why, answer.split("\r\n", 1)[0], (verdict, to_tag, answer))
                     ack = sip.request("ACK", "sip:+19005550100@127.0.0.1:%d" % CARRIER_PORT, from_user="x",
                                       to_user="+19005550100", via_ip=INTRUDER, via_port=intruder.port, to_tag="t1")
                     self.assertIsNone(intruder.final(ack, timeout=1.0), "an ACK is dropped, never answered")

@@ -67,7 +67,8 @@ NO_CAUSE = 255
 
 def allow_record(cause):
     """docs/abi.md's verdict record of an allow for `cause`: a code (an int, e.g. one
-    no version defines) or None; no code, texts or lists."""
+    no version defines) or None; no code, texts or lists. allow_record(23) is the
+    example docs/abi.md gives, the bytes src/wire/binary.rs's golden test pins."""
     import struct
 
     code = NO_CAUSE if cause is None else cause

@@ -201,7 +201,7 @@ pub struct HostState {
     alerts: Vec<String>,
     rng: rand_core_fallback::Rng,
     /// Fault injection for tests and drills: proves the module fails closed.
-    pub fault: Option<Fault>,
+    fault: Option<Fault>,
     /// Writes seen since `fault` was last checked for `FailWrite`.
     writes: u32,
     /// The instance's memory, for the imports: looking the export up by name on every
@@ -305,8 +305,16 @@ impl PolicyInstance {
         Ok(policy)
     }
 
-    pub fn state_mut(&mut self) -> &mut HostState {
-        self.store.data_mut()
+    /// Injects a fault into this instance's store imports (tests and drills); `None`
+    /// clears it. Only the fault: the state itself (its memory belongs to this store)
+    /// never moves between instances.
+    pub fn set_fault(&mut self, fault: Option<Fault>) {
+        self.store.data_mut().fault = fault;
+    }
+
+    /// The fault still armed (a `FailWrite` or `TrapOnce` clears itself when it fires).
+    pub fn fault(&self) -> Option<Fault> {
+        self.store.data().fault
     }
 
     fn instantiate(&mut self) -> Result<(), HostError> {
@@ -705,12 +713,17 @@ fn link_imports(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
     linker.func_wrap(
         M,
         "random",
-        |mut caller: Caller<'_, HostState>, p: u32, l: u32| {
+        |mut caller: Caller<'_, HostState>, p: u32, l: u32| -> wasmtime::Result<()> {
             let mut buf = vec![0u8; l as usize];
             caller.data_mut().rng.fill(&mut buf);
-            if let Some(memory) = caller.data().memory {
-                let _ = memory.write(&mut caller, p as usize, &buf);
-            }
+            // Bytes the guest takes for random but that never arrived (no memory yet,
+            // out of bounds) would be a predictable nonce secret: trap instead.
+            let Some(memory) = caller.data().memory else {
+                return Err(wasmtime::Error::msg("random before the instance is set up"));
+            };
+            memory
+                .write(&mut caller, p as usize, &buf)
+                .map_err(|e| wasmtime::Error::msg(format!("random out of bounds: {e}")))
         },
     )?;
     Ok(())
