@@ -204,8 +204,8 @@ pub struct HostState {
     fault: Option<Fault>,
     /// Writes seen since `fault` was last checked for `FailWrite`.
     writes: u32,
-    /// The instance's memory, for the imports: looking the export up by name on every
-    /// store call cost a string-pool probe each (docs/performance.md, "Kamailio").
+    /// The instance's memory, for the imports, so a store call does not look the
+    /// export up by name each time.
     memory: Option<Memory>,
 }
 
