@@ -85,10 +85,15 @@ loadmodule "sanity.so"
 loadmodule "xlog.so"
 loadmodule "textops.so"
 loadmodule "htable.so"
+loadmodule "dialog.so"
 loadmodule "ctl.so"
 loadmodule "{so}"
 
 modparam("ctl", "binrpc", "unix:{ctl}")
+# In-dialog requests only within dialogs this edge created (trunkguard_dialog_open):
+# matched by this edge's Record-Route cookie and the dialog's Call-ID and tags.
+modparam("dialog", "rr_param", "did")
+modparam("dialog", "dlg_match_mode", 0)
 modparam("htable", "htable", "tg=>size=10;")
 modparam("tm", "fr_timer", 5000)
 modparam("trunkguard", "wasm", "{wasm}")
@@ -130,15 +135,27 @@ request_route {{
 route[ALLOWED] {{
     if ($tg(cause) == "trunk") {{
         trunkguard_apply();
-        record_route();
         $du = "sip:{core_ip}:{core_port}";
+        if (!trunkguard_dialog_open()) {{
+            sl_send_reply("500", "Server Internal Error");
+            exit;
+        }}
+        record_route();
         if (!t_relay()) sl_reply_error();
         exit;
     }}
     if ($tg(cause) == "in_dialog") {{
-        if (loose_route()) {{
+        # A retransmission of what was relayed: tm answers it, and the script ends.
+        t_check_trans();
+        # loose_route() within a dialog this edge opened, to the other party's hop.
+        if (trunkguard_dialog_route()) {{
             trunkguard_apply();
             t_relay();
+            exit;
+        }}
+        # The ACK of a non-2xx answer goes hop by hop, within its transaction.
+        if (is_method("ACK")) {{
+            if (t_check_trans()) t_relay();
             exit;
         }}
         sl_send_reply("404", "Not Here");
@@ -158,6 +175,10 @@ route[INBOUND] {{
     if ($tg(next_hop) != $null) $du = $tg(next_hop);
     t_on_failure("FAILOVER");
     trunkguard_apply();
+    if (!trunkguard_dialog_open()) {{
+        sl_send_reply("500", "Server Internal Error");
+        exit;
+    }}
     record_route();
     if (!t_relay()) sl_reply_error();
     exit;
@@ -423,7 +444,8 @@ class NativeModule(unittest.TestCase):
         pbx, failover, core = self.party(*HQ2_PBX), self.party(FAILOVER, FAILOVER_PORT), self.party(CORE_IP)
         call_id = "in-%s@%s" % (os.urandom(6).hex(), CORE_IP)
         core.send(sip.request("INVITE", "sip:%s@%s" % (HQ2_DID, REALM), from_user="+15550001111", to_user=HQ2_DID,
-                              call_id=call_id, via_ip=CORE_IP, via_port=core.port), CORE_LISTEN)
+                              call_id=call_id, via_ip=CORE_IP, via_port=core.port,
+                              extra=[("Contact", "<sip:core@%s:%d>" % (CORE_IP, core.port))]), CORE_LISTEN)
         got, hop = pbx.recv(3.0, lambda m: sip.method(m) == "INVITE" and of_call(m, call_id))
         self.assertIsNotNone(got, "the inbound call never reached the registered PBX\n" + self.kamailio_log()[-3000:])
         start = time.monotonic()
@@ -639,6 +661,110 @@ class NativeModule(unittest.TestCase):
             self.assertEqual(len(why), 1, "one error line for the message")
         finally:
             self.assertEqual(sip.status(self.register()), 200)
+
+    # --- in-dialog requests: only within a dialog this edge created (docs/kamailio.md) --
+
+    def register_hq2(self):
+        # test_14 moved hq-pbx2's binding to [::1]: its PBX registers from HQ2_PBX again.
+        reg = sip.Endpoint(HQ2_PBX[0], server=EDGE, port=HQ2_PBX[1])
+        try:
+            self.assertEqual(sip.status(sip.register(reg, HQ2[0], HQ2[1], 3600)), 200)
+        finally:
+            reg.close()
+
+    def test_16_a_real_call_works_in_both_directions_outbound_and_inbound(self):
+        pbx, core = self.party(PBX), self.party(*CORE)
+        pbx_side, core_side, _ = sip.place_call(pbx, core, EDGE, HQ, CALLED)
+        # re-INVITE both ways; the trunk-group header a PBX writes never leaves the edge.
+        reinvite = sip.in_dialog_round(pbx_side, core_side, "INVITE",
+                                       extra=[("X-Trunkguard-Trunk-Group", "branch-p2p")])
+        self.assertEqual(sip.headers(reinvite, "X-Trunkguard-Trunk-Group"), [], reinvite)
+        sip.in_dialog_round(core_side, pbx_side, "INVITE")
+        sip.in_dialog_round(core_side, pbx_side, "BYE")
+        pbx_side, core_side, _ = sip.place_call(pbx, core, EDGE, HQ, CALLED)
+        sip.in_dialog_round(pbx_side, core_side, "BYE")
+        # The core's call to hq-pbx2's DID, through the core-facing listener.
+        self.register_hq2()
+        caller, callee = self.party(CORE_IP), self.party(*HQ2_PBX)
+        core_side, pbx_side, _ = sip.place_inbound(caller, callee, CORE_LISTEN, HQ2_DID)
+        sip.in_dialog_round(pbx_side, core_side, "INVITE")
+        sip.in_dialog_round(core_side, pbx_side, "INVITE")
+        sip.in_dialog_round(pbx_side, core_side, "BYE")
+
+    def test_17_a_lifted_record_route_or_forged_dialog_relays_nothing(self):
+        pbx, core = self.party(PBX), self.party(*CORE)
+        live, _, _ = sip.place_call(pbx, core, EDGE, HQ, CALLED)
+        ended, ended_core, _ = sip.place_call(pbx, core, EDGE, HQ, CALLED)
+        sip.in_dialog_round(ended, ended_core, "BYE")
+        core.close()
+        # From here on, anything sent to the core's address is an attack that got through.
+        far = sip.FarEnd(*CORE)
+        self.addCleanup(far.close)
+        intruder = self.party(INTRUDER)
+        target = "sip:+19005550100@%s:%d" % CORE
+        refused = self.stats().get("in_dialog_refused", 0)
+
+        def forged(dialog, party, **changes):
+            d = sip.Dialog(party, dialog.call_id, dialog.local_uri, dialog.local_tag, dialog.remote_uri,
+                           dialog.remote_tag, dialog.route, target, dialog.cseq + 10)
+            for k, v in changes.items():
+                setattr(d, k, v)
+            return d
+
+        attempts = [
+            ("the ended call's own dialog, from the PBX", forged(ended, pbx)),
+            ("the ended call's own dialog, from elsewhere", forged(ended, intruder)),
+            ("the live call's Call-ID with new tags", forged(live, intruder, local_tag="new1", remote_tag="new2")),
+            ("the live call's Route set, a new Call-ID",
+             forged(live, intruder, call_id="lifted-%s" % os.urandom(4).hex())),
+            ("the ended call's Route set, a new Call-ID",
+             forged(ended, pbx, call_id="lifted-%s" % os.urandom(4).hex(), local_tag="x1", remote_tag="x2")),
+            ("no Route at all", forged(live, intruder, route=[], call_id="bare-%s" % os.urandom(4).hex())),
+            ("a made-up dialog cookie", forged(live, intruder, route=["<sip:%s:%d;lr;did=123.456>" % EDGE],
+                                               call_id="cookie-%s" % os.urandom(4).hex())),
+            ("a Route to the core itself", forged(live, intruder, route=["<sip:%s:%d;lr>" % CORE],
+                                                  call_id="direct-%s" % os.urandom(4).hex())),
+        ]
+        outcomes = []
+        for name, dialog in attempts:
+            for method in ("INVITE", "BYE"):
+                # To the edge, whatever the Route says.
+                dialog.party.send(dialog.build(method), EDGE)
+                answer, _ = dialog.party.final(2.0)
+                outcomes.append((name, method, sip.status(answer)))
+        self.assertEqual([o for o in outcomes if o[2] != 404], [], "every forged in-dialog request refused 404")
+        got = far.received()
+        self.assertEqual(got, [], "a forged in-dialog request reached the core:\n%s" % "\n".join(g[:300] for g in got))
+        self.assertGreaterEqual(self.stats().get("in_dialog_refused", 0) - refused, len(outcomes), self.stats())
+
+    def test_18_after_a_failover_the_dialog_is_the_failovers(self):
+        self.register_hq2()
+        pbx, failover, core = self.party(*HQ2_PBX), self.party(FAILOVER, FAILOVER_PORT), self.party(CORE_IP)
+        call_id = "in-%s@%s" % (os.urandom(6).hex(), CORE_IP)
+        ruri = "sip:%s@%s" % (HQ2_DID, REALM)
+        core.send(sip.request("INVITE", ruri, from_user="+15550001111", to_user=HQ2_DID, call_id=call_id,
+                              via_ip=CORE_IP, via_port=core.port,
+                              extra=[("Contact", "<sip:core@%s:%d>" % (CORE_IP, core.port))]), CORE_LISTEN)
+        got, hop = pbx.recv(3.0, lambda m: sip.method(m) == "INVITE" and of_call(m, call_id))
+        self.assertIsNotNone(got, "the inbound call never reached the registered PBX")
+        pbx.send(sip.response(got, 503, "Service Unavailable", to_tag="pbx"), hop)
+        fo, fo_hop = failover.recv(3.0, lambda m: sip.method(m) == "INVITE" and of_call(m, call_id))
+        self.assertIsNotNone(fo, "the call never reached the failover\n" + self.kamailio_log()[-3000:])
+        failover.send(sip.response(fo, 200, "OK", to_tag="fo",
+                                   contact="<sip:hq2@%s:%d>" % (FAILOVER, FAILOVER_PORT)), fo_hop)
+        ok, _ = core.recv(3.0, lambda m: of_call(m, call_id) and sip.status(m) >= 200)
+        self.assertEqual(sip.status(ok), 200, ok)
+        core_side = sip.Dialog(core, call_id, "sip:+15550001111@carrier.example.net", sip.tag_of(sip.headers(fo, "From")[0]),
+                               ruri, "fo", list(reversed(sip.headers(ok, "Record-Route"))),
+                               re.sub(r"^<|>$", "", sip.headers(ok, "Contact")[0]), 1)
+        failover_side = sip.Dialog(failover, call_id, ruri, "fo", "sip:+15550001111@carrier.example.net",
+                                   core_side.local_tag, sip.headers(fo, "Record-Route"),
+                                   re.sub(r"^<|>.*$", "", sip.headers(fo, "Contact")[0]), 0)
+        core_side.send("ACK", cseq=1)
+        self.assertIsNotNone(failover.recv(3.0, lambda m: of_call(m, call_id) and sip.method(m) == "ACK")[0])
+        # The BYE goes to the failover, which answered, and never to the PBX.
+        sip.in_dialog_round(core_side, failover_side, "BYE")
+        self.assertIsNone(pbx.recv(1.0, lambda m: of_call(m, call_id) and sip.method(m) == "BYE")[0])
 
 
 EDGE6 = "::1"

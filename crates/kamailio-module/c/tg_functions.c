@@ -7,6 +7,7 @@
  *   trunkguard_apply()     the verdict's strip and insert on what is relayed
  *   trunkguard_failover()  failure_route: the failover URI to $ru when the PBX's
  *                          answer sends the call there (docs/policy.md "Inbound calls")
+ *   trunkguard_dialog_open(), trunkguard_dialog_route(): tg_dialog.c
  *
  * The verdict is kept in this process for the message it was judged for; the
  * failover URI goes with the transaction in the xavp tg_failover (the failure route
@@ -62,7 +63,7 @@ int tg_functions_init(void)
 	return 0;
 }
 
-static tg_verdict *tg_verdict_of(sip_msg_t *msg)
+tg_verdict *tg_verdict_of(sip_msg_t *msg)
 {
 	if(!tg_cur.valid || tg_cur.msg_id != msg->id || tg_cur.msg_pid != msg->pid)
 		return NULL;
@@ -70,7 +71,7 @@ static tg_verdict *tg_verdict_of(sip_msg_t *msg)
 }
 
 /* "ip:port", IPv6 in brackets, as the policy reads addresses. */
-static void tg_addr(char *out, size_t len, struct ip_addr *ip, unsigned short port)
+void tg_addr(char *out, size_t len, struct ip_addr *ip, unsigned short port)
 {
 	char *a = ip_addr2a(ip);
 	if(ip->af == AF_INET6)
@@ -79,7 +80,7 @@ static void tg_addr(char *out, size_t len, struct ip_addr *ip, unsigned short po
 		snprintf(out, len, "%s:%u", a, (unsigned)port);
 }
 
-static const char *tg_transport(int proto)
+const char *tg_transport(int proto)
 {
 	switch(proto) {
 		case PROTO_UDP:
@@ -98,7 +99,7 @@ static const char *tg_transport(int proto)
 	return "udp";
 }
 
-static int tg_str_is(const tg_str *s, const char *lit)
+int tg_str_is(const tg_str *s, const char *lit)
 {
 	size_t n = strlen(lit);
 	return s->len == n && memcmp(s->s, lit, n) == 0;
@@ -515,6 +516,7 @@ static int ki_trunkguard_failover(sip_msg_t *msg)
 		return -1;
 	}
 	reset_dst_uri(msg);
+	tg_dialog_failed_over(msg, &ruri);
 	/* One failover per call. */
 	xavp_rm_by_name(&tg_fo_xavp, 1, NULL);
 	return 1;
@@ -542,6 +544,16 @@ static int w_trunkguard_failover(sip_msg_t *msg, char *p1, char *p2)
 	return ki_trunkguard_failover(msg);
 }
 
+static int w_trunkguard_dialog_open(sip_msg_t *msg, char *p1, char *p2)
+{
+	return ki_trunkguard_dialog_open(msg);
+}
+
+static int w_trunkguard_dialog_route(sip_msg_t *msg, char *p1, char *p2)
+{
+	return ki_trunkguard_dialog_route(msg);
+}
+
 cmd_export_t tg_cmds[] = {
 	{"trunkguard_judge", (cmd_function)w_trunkguard_judge, 0, 0, 0, REQUEST_ROUTE},
 	{"trunkguard_reply", (cmd_function)w_trunkguard_reply, 0, 0, 0, REQUEST_ROUTE},
@@ -549,6 +561,10 @@ cmd_export_t tg_cmds[] = {
 			REQUEST_ROUTE | BRANCH_ROUTE},
 	{"trunkguard_failover", (cmd_function)w_trunkguard_failover, 0, 0, 0,
 			FAILURE_ROUTE},
+	{"trunkguard_dialog_open", (cmd_function)w_trunkguard_dialog_open, 0,
+			tg_dialog_fixup, 0, REQUEST_ROUTE},
+	{"trunkguard_dialog_route", (cmd_function)w_trunkguard_dialog_route, 0,
+			tg_dialog_fixup, 0, REQUEST_ROUTE},
 	{0, 0, 0, 0, 0, 0}
 };
 
@@ -571,6 +587,16 @@ static sr_kemi_t sr_kemi_trunkguard_exports[] = {
 	},
 	{ str_init("trunkguard"), str_init("failover"),
 		SR_KEMIP_INT, ki_trunkguard_failover,
+		{ SR_KEMIP_NONE, SR_KEMIP_NONE, SR_KEMIP_NONE,
+			SR_KEMIP_NONE, SR_KEMIP_NONE, SR_KEMIP_NONE }
+	},
+	{ str_init("trunkguard"), str_init("dialog_open"),
+		SR_KEMIP_INT, ki_trunkguard_dialog_open,
+		{ SR_KEMIP_NONE, SR_KEMIP_NONE, SR_KEMIP_NONE,
+			SR_KEMIP_NONE, SR_KEMIP_NONE, SR_KEMIP_NONE }
+	},
+	{ str_init("trunkguard"), str_init("dialog_route"),
+		SR_KEMIP_INT, ki_trunkguard_dialog_route,
 		{ SR_KEMIP_NONE, SR_KEMIP_NONE, SR_KEMIP_NONE,
 			SR_KEMIP_NONE, SR_KEMIP_NONE, SR_KEMIP_NONE }
 	},

@@ -4,6 +4,7 @@
  *                     the store (htable API) and applying publications
  *   tg_db.c           the store written through to a database; the nonce secret file
  *   tg_functions.c    the cfg/KEMI functions and $tg(name)
+ *   tg_dialog.c       in-dialog requests bound to the dialogs this edge created
  *   tg_rpc.c          the RPC commands (kamcmd trunkguard.*)
  *   tg_timer.c        the timer process: alert windows, the alert spool, delivery
  */
@@ -61,7 +62,8 @@ extern tg_proc_t tg_proc;
 extern stat_var *tg_st_judged, *tg_st_allowed, *tg_st_routed, *tg_st_challenged,
 		*tg_st_accepted, *tg_st_refused_auth, *tg_st_refused_address,
 		*tg_st_refused_other, *tg_st_alerts_spooled, *tg_st_alerts_sent,
-		*tg_st_alerts_rejected, *tg_st_policy_errors, *tg_st_store_refused;
+		*tg_st_alerts_rejected, *tg_st_policy_errors, *tg_st_store_refused,
+		*tg_st_in_dialog_refused;
 extern stat_export_t tg_stats[];
 
 /* trunkguard_mod.c */
@@ -91,6 +93,17 @@ extern cmd_export_t tg_cmds[];
 extern pv_export_t tg_pvs[];
 int tg_kemi_register(void);
 int tg_functions_init(void);
+tg_verdict *tg_verdict_of(sip_msg_t *msg);
+void tg_addr(char *out, size_t len, struct ip_addr *ip, unsigned short port);
+const char *tg_transport(int proto);
+int tg_str_is(const tg_str *s, const char *lit);
+
+/* tg_dialog.c */
+int tg_dialog_bind(void);
+int tg_dialog_fixup(void **param, int param_no);
+int ki_trunkguard_dialog_open(sip_msg_t *msg);
+int ki_trunkguard_dialog_route(sip_msg_t *msg);
+void tg_dialog_failed_over(sip_msg_t *msg, str *uri);
 
 /* tg_rpc.c */
 extern rpc_export_t tg_rpc_cmds[];
