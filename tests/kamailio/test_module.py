@@ -15,8 +15,9 @@ The same edge also listens on TCP and on [::1] (UDP and TCP): registrations and 
 over each (exp-pbx from 127.0.0.6 over TCP, hq-pbx2 from [::1]).
 
 NativeModuleRestart: one node whose state is written through to SQLite (db_url) and
-loaded back by htable at start: killed with SIGKILL and started again, it keeps the
-binding; a database that refuses writes makes the REGISTER fail (500) and keeps nothing.
+loaded back by htable at start, its dialogs kept in SQLite by the dialog module:
+killed with SIGKILL and started again, it keeps the binding and ends the call set up
+before; a database that refuses writes makes the REGISTER fail (500) and keeps nothing.
 NativeModuleDmq: two nodes replicating the state table with DMQ and sharing a nonce
 secret file: a PBX registered at A calls through B; A's challenge is answered at B; a
 secret file others may read stops a node.
@@ -47,7 +48,7 @@ import sip_client as sip  # noqa: E402
 import trap_module  # noqa: E402
 from kamailio_dmq import wait_peers_active, write_secret  # noqa: E402
 from test_kamailio import CORE as CORE_IP  # noqa: E402
-from test_kamailio import (ALERT_WINDOW_S, EXP, EXP_PBX, FAILOVER, FAILOVER_PORT, HQ, INTRUDER, MODULE, PBX, REALM,  # noqa: E402
+from test_kamailio import (ALERT_WINDOW_S, AMBIGUOUS_TO, EXP, EXP_PBX, FAILOVER, FAILOVER_PORT, HQ, INTRUDER, MODULE, PBX, REALM,  # noqa: E402
                            ROOT, TARGET, Webhook, WebhookHandler, _alive, trunk_config, wait_for)
 
 SO = os.path.join(TARGET, "kamailio-module", "trunkguard.so")
@@ -766,6 +767,77 @@ class NativeModule(unittest.TestCase):
         sip.in_dialog_round(core_side, failover_side, "BYE")
         self.assertIsNone(pbx.recv(1.0, lambda m: of_call(m, call_id) and sip.method(m) == "BYE")[0])
 
+    # --- one message, one reading: the policy's and Kamailio's (docs/policy.md) -------
+
+    def far_end(self, addr):
+        far = sip.FarEnd(*addr)
+        self.addCleanup(far.close)
+        return far
+
+    def assert_nothing_reached(self, far, what):
+        got = far.received()
+        self.assertEqual(got, [], "%s reached the far end:\n%s" % (what, "\n".join(g[:300] for g in got)))
+
+    def test_19_ambiguous_to_tags_get_400_and_reach_nobody_over_udp_and_tcp(self):
+        far = self.far_end(CORE)
+        outcomes = []
+        for transport in ("udp", "tcp"):
+            for name, to in AMBIGUOUS_TO:
+                intruder = sip.Endpoint(INTRUDER, transport, EDGE)
+                try:
+                    invite = ("INVITE sip:+19005550100@%s:%d SIP/2.0\r\n"
+                              "Via: SIP/2.0/%s %s:%d;branch=z9hG4bK%s;rport\r\n"
+                              "Max-Forwards: 70\r\n"
+                              "From: <sip:intruder@%s>;tag=%s\r\n"
+                              "%s\r\n"
+                              "Call-ID: ambiguous-%s@%s\r\n"
+                              "CSeq: 1 INVITE\r\n"
+                              "Contact: <sip:intruder@%s:%d>\r\n"
+                              "Content-Length: 0\r\n\r\n"
+                              % (CORE[0], CORE[1], transport.upper(), INTRUDER, intruder.port, os.urandom(8).hex(),
+                                 REALM, os.urandom(4).hex(), to, os.urandom(6).hex(), INTRUDER, INTRUDER,
+                                 intruder.port))
+                    outcomes.append((transport, name, sip.status(intruder.final(invite.encode(), timeout=2.0))))
+                finally:
+                    intruder.close()
+        # Kamailio's own parser drops a request with two To header fields before the
+        # cfg sees it: no answer, as good as a 400 here. Every other form is the
+        # policy's 400.
+        dropped_by_kamailio = {name for name, to in AMBIGUOUS_TO if "\r\nt:" in to}
+        self.assertEqual([o for o in outcomes if o[2] != 400 and not (o[1] in dropped_by_kamailio and o[2] == 0)],
+                         [], "every ambiguous To answered 400")
+        self.assert_nothing_reached(far, "an INVITE with an ambiguous To tag")
+
+    def test_20_a_core_address_on_the_public_listener_is_access_side(self):
+        # hq-pbx2 is registered from HQ2_PBX (test_16): the core's INVITE for its DID
+        # would be routed there; on the public listener it is a stranger's, challenged.
+        pbx, core = self.far_end(HQ2_PBX), self.far_end(CORE)
+        outcomes = []
+        for transport in ("udp", "tcp"):
+            for method, ruri in (("INVITE", "sip:%s@%s" % (HQ2_DID, REALM)),
+                                 ("MESSAGE", "sip:+19005550100@%s:%d" % CORE)):
+                ep = sip.Endpoint(CORE_IP, transport, EDGE)
+                try:
+                    request = sip.request(method, ruri, from_user="+15550001111", to_user=HQ2_DID, via_ip=CORE_IP,
+                                          via_port=ep.port, transport=transport.upper(),
+                                          extra=[("Contact", "<sip:core@%s:%d>" % (CORE_IP, ep.port))])
+                    outcomes.append((transport, method, sip.status(ep.final(request, timeout=2.0))))
+                finally:
+                    ep.close()
+        # The core-facing listener alone makes nobody the core either.
+        stranger = sip.Endpoint(INTRUDER, "udp", CORE_LISTEN)
+        try:
+            request = sip.request("INVITE", "sip:%s@%s" % (HQ2_DID, REALM), from_user="+15550001111",
+                                  to_user=HQ2_DID, via_ip=INTRUDER, via_port=stranger.port,
+                                  extra=[("Contact", "<sip:x@%s:%d>" % (INTRUDER, stranger.port))])
+            outcomes.append(("udp", "INVITE on the core listener from elsewhere",
+                             sip.status(stranger.final(request, timeout=2.0))))
+        finally:
+            stranger.close()
+        self.assertEqual([o for o in outcomes if o[2] != 407], [], outcomes)
+        self.assert_nothing_reached(pbx, "the core's request on the public listener")
+        self.assert_nothing_reached(core, "the core's request on the public listener")
+
 
 EDGE6 = "::1"
 HQ2 = ("hq2", "other")
@@ -833,7 +905,8 @@ class Node:
     written through to SQLite, DMQ, a nonce secret file. Started in its own process
     group, so that kill9() takes every process of it and nothing else."""
 
-    def __init__(self, workdir, name, edge_port, core_listen_port, config, db=None, dmq=None, secret_file=None):
+    def __init__(self, workdir, name, edge_port, core_listen_port, config, db=None, dmq=None, secret_file=None,
+                 dialog_db=None):
         self.dir = os.path.join(workdir, name)
         os.makedirs(self.dir, exist_ok=True)
         self.edge = ("127.0.0.1", edge_port)
@@ -858,6 +931,12 @@ class Node:
             params += ('modparam("htable", "db_url", "sqlite:///%s")\n'
                        'modparam("trunkguard", "db_url", "sqlite:///%s")\n' % (db, db))
             table += "dbtable=htable;"
+        if dialog_db:
+            # Every change of a dialog (its variables name both parties' hops) written
+            # as it happens and loaded at start: a call set up before a restart is
+            # still routed (its hash entry and id, the `did` of its Route set, kept).
+            params += ('modparam("dialog", "db_url", "sqlite:///%s")\n'
+                       'modparam("dialog", "db_mode", 1)\n' % dialog_db)
         if dmq:
             own, peer = dmq
             modules += 'loadmodule "dmq.so"\n'
@@ -1000,12 +1079,13 @@ class NativeModuleRestart(NodeTestCase):
 
         umask = os.umask(0o077)
         try:
-            run_helpers.init_sqlite(SQLITE_SCHEMA, cls.workdir, ["htable"])
+            run_helpers.init_sqlite(SQLITE_SCHEMA, cls.workdir, ["htable", "dialog"])
         finally:
             os.umask(umask)
         cls.db = os.path.join(cls.workdir, run_helpers.FILES["htable"])
         config = node_config(cls.workdir, [cls.CORE_PORT])
-        cls.node = Node(cls.workdir, "solo", cls.EDGE_PORT, cls.CORE_PORT, config, db=cls.db)
+        cls.node = Node(cls.workdir, "solo", cls.EDGE_PORT, cls.CORE_PORT, config, db=cls.db,
+                        dialog_db=os.path.join(cls.workdir, run_helpers.FILES["dialog"]))
         cls.nodes = [cls.node]
         try:
             cls.node.start()
@@ -1023,16 +1103,21 @@ class NativeModuleRestart(NodeTestCase):
         self.assertLessEqual(len(found), 1, found)
         return found[0] if found else None
 
-    def test_1_a_registration_survives_kill_9(self):
+    def test_1_a_registration_and_a_call_survive_kill_9(self):
         self.assertEqual(sip.status(self.register(self.node)), 200)
         row = self.row("tg/binding/hq-pbx1")
         self.assertIsNotNone(row, "the binding was not written through to the database")
         self.assertEqual(row[:2], (0, 0), row)  # a string key holding a string, as htable loads it
         self.assertIn(PBX, row[2], row)
+        pbx, core = self.party(PBX), self.party(*CORE)
+        pbx_side, core_side, _ = sip.place_call(pbx, core, self.node.edge, HQ, CALLED)
         self.node.kill9()
         self.node.start()
         out = self.node.kamcmd("trunkguard.binding", "hq-pbx1")
         self.assertIn(PBX, out.stdout, "the binding did not survive the restart: " + out.stdout + out.stderr)
+        # The call set up before the restart is ended through the edge: its dialog
+        # and the hops in its variables were kept.
+        sip.in_dialog_round(core_side, pbx_side, "BYE")
         # No REGISTER since the restart: the call from the registered address passes,
         # the same credentials from elsewhere are refused.
         self.assert_call_reaches_the_core(self.node)
