@@ -134,6 +134,12 @@ request_route {{
 }}
 
 route[ALLOWED] {{
+    # The policy answers every REGISTER it serves; one it lets through is the core's,
+    # which this edge does not serve.
+    if (is_method("REGISTER")) {{
+        sl_send_reply("405", "Method Not Allowed");
+        exit;
+    }}
     if ($tg(cause) == "trunk") {{
         trunkguard_apply();
         $du = "sip:{core_ip}:{core_port}";
@@ -160,6 +166,16 @@ route[ALLOWED] {{
             exit;
         }}
         sl_send_reply("404", "Not Here");
+        exit;
+    }}
+    if ($tg(cause) == "core" && !is_method("INVITE")) {{
+        # The core's own request goes by its Request-URI, never into this edge.
+        if (uri == myself) {{
+            sl_send_reply("482", "Loop Detected");
+            exit;
+        }}
+        record_route();
+        if (!t_relay()) sl_reply_error();
         exit;
     }}
     if ($tg(cause) == "pass_through") {{
@@ -837,6 +853,34 @@ class NativeModule(unittest.TestCase):
         self.assertEqual([o for o in outcomes if o[2] != 407], [], outcomes)
         self.assert_nothing_reached(pbx, "the core's request on the public listener")
         self.assert_nothing_reached(core, "the core's request on the public listener")
+
+    def test_21_the_cores_own_request_goes_by_its_request_uri_never_into_the_edge(self):
+        core = sip.Endpoint(CORE_IP, server=CORE_LISTEN)
+        self.addCleanup(core.close)
+        far = self.party(*HQ2_PBX)
+        ruri = "sip:+15551230000@%s:%d" % HQ2_PBX
+        message = sip.request("MESSAGE", ruri, from_user="+15550002222", to_user="+15551230000", via_ip=CORE_IP,
+                              via_port=core.port)
+        core.send(message)
+        got, hop = far.recv(3.0, lambda m: sip.method(m) == "MESSAGE")
+        self.assertIsNotNone(got, "the core's MESSAGE never reached its Request-URI\n" + self.kamailio_log()[-3000:])
+        self.assertTrue(got.startswith("MESSAGE %s SIP/2.0" % ruri), got)
+        far.send(sip.response(got, 200, "OK"), hop)
+        self.assertEqual(sip.status(core.recv(3.0)), 200)
+        # Addressed to the edge itself (either listener; here neither is on the default
+        # port): refused at once, never sent round through the edge again.
+        for target in ("sip:+15550001111@%s:%d" % EDGE, "sip:+15550001111@%s:%d" % CORE_LISTEN,
+                       "sip:+15550001111@[::1]:%d;transport=tcp" % EDGE[1]):
+            started = time.monotonic()
+            answer = core.final(sip.request("MESSAGE", target, from_user="+15550002222", to_user="+15550001111",
+                                            via_ip=CORE_IP, via_port=core.port), timeout=3.0)
+            self.assertIn(sip.status(answer), (404, 482), (target, answer))
+            self.assertLess(time.monotonic() - started, 1.0, target)
+            self.assertEqual(len(sip.headers(answer, "Via")), 1, answer)
+        # A REGISTER the policy lets through (the core's) is not served by this edge.
+        register = sip.request("REGISTER", "sip:" + REALM, from_user="core", via_ip=CORE_IP, via_port=core.port,
+                               extra=[("Contact", "<sip:core@%s:%d>" % (CORE_IP, core.port))])
+        self.assertEqual(sip.status(core.final(register)), 405)
 
 
 EDGE6 = "::1"
