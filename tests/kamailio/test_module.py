@@ -1,8 +1,9 @@
 """End to end: the native module trunkguard.so (crates/kamailio-module, built by
-crates/kamailio-module/build) in a foreign, operator-style kamailio.cfg: its own
-request_route with sanity checks, then trunkguard_judge() and a switch on what it
-returns, trunkguard_reply(), trunkguard_apply() and t_relay() to the core. No Python
-in Kamailio, no host-shims/kamailio/run: Debian's kamailio started here with -DD -E.
+crates/kamailio-module/build) in host-shims/kamailio/module.cfg, the native cfg this
+repository ships: its own request_route with sanity checks, then trunkguard_judge()
+and a switch on what it returns, trunkguard_reply(), trunkguard_apply(), the dialog
+functions and t_relay(). No Python in Kamailio, no host-shims/kamailio/run: Debian's
+kamailio started here with -DD -E and the cfg's defines.
 
   127.0.0.2  the PBX of hq-pbx1 (registers, then calls)
   127.0.0.3  an intruder with the right credentials
@@ -21,6 +22,7 @@ before; a database that refuses writes makes the REGISTER fail (500) and keeps n
 NativeModuleDmq: two nodes replicating the state table with DMQ and sharing a nonce
 secret file: a PBX registered at A calls through B; A's challenge is answered at B; a
 secret file others may read stops a node.
+ForeignCfg: the module in a short configuration of an operator's own (FOREIGN_CFG).
 
 The trunk configuration and credentials are the ones tests/kamailio/test_kamailio.py
 uses (imported from it). Skipped when target/kamailio-module/trunkguard.so is missing.
@@ -63,150 +65,27 @@ HQ2_PBX = ("127.0.0.7", 5176)
 NO_ANSWER_S = 1.0
 CALLED = "+15559876543"
 
-# An operator's own configuration: their checks and routing, with trunkguard's
-# functions where the decision is made. Filled in by setUpClass.
-CFG = r"""#!KAMAILIO
-debug=2
-log_stderror=yes
-children=2
-auto_aliases=no
-listen=udp:{edge_ip}:{edge_port}
-listen=tcp:{edge_ip}:{edge_port}
-listen=udp:[::1]:{edge_port}
-listen=tcp:[::1]:{edge_port}
-listen=udp:{core_listen_ip}:{core_listen_port}
+# The native cfg this repository ships for the module: its checks and routing, with
+# trunkguard's functions where the decision is made (docs/kamailio.md).
+MODULE_CFG = os.path.join(ROOT, "host-shims", "kamailio", "module.cfg")
 
-loadmodule "kex.so"
-loadmodule "tm.so"
-loadmodule "sl.so"
-loadmodule "rr.so"
-loadmodule "pv.so"
-loadmodule "maxfwd.so"
-loadmodule "sanity.so"
-loadmodule "xlog.so"
-loadmodule "textops.so"
-loadmodule "htable.so"
-loadmodule "dialog.so"
-loadmodule "ctl.so"
-loadmodule "{so}"
 
-modparam("ctl", "binrpc", "unix:{ctl}")
-# In-dialog requests only within dialogs this edge created (trunkguard_dialog_open):
-# matched by this edge's Record-Route cookie and the dialog's Call-ID and tags.
-modparam("dialog", "rr_param", "did")
-modparam("dialog", "dlg_match_mode", 0)
-modparam("htable", "htable", "tg=>size=10;")
-modparam("tm", "fr_timer", 5000)
-modparam("trunkguard", "wasm", "{wasm}")
-modparam("trunkguard", "config", "{config}")
-modparam("trunkguard", "spool_dir", "{spool}")
-modparam("trunkguard", "alert_url", "{alert_url}")
-modparam("trunkguard", "alert_token_file", "{token_file}")
+def cfg_args(listens, **defines):
+    """kamailio's arguments for MODULE_CFG: the listeners, and its defines (TG_ and the
+    name upper-cased; a string quoted, a number as it is, None left out)."""
+    args = ["-f", MODULE_CFG]
+    for listen in listens:
+        args += ["-l", listen]
+    for name, value in defines.items():
+        if value is not None:
+            args += ["-A", "TG_%s=%s" % (name.upper(), value if isinstance(value, int) else '"%s"' % value)]
+    return args
 
-request_route {{
-    if (!mf_process_maxfwd_header("10")) {{
-        sl_send_reply("483", "Too Many Hops");
-        exit;
-    }}
-    if (!sanity_check("17895", "7")) {{
-        xlog("L_WARN", "operator: malformed request from $si:$sp\n");
-        exit;
-    }}
-    trunkguard_judge();
-    switch ($rc) {{
-        case 1:
-            route(ALLOWED);
-            break;
-        case 5:
-            route(INBOUND);
-            break;
-        case 2:
-        case 3:
-        case 4:
-            trunkguard_reply();
-            exit;
-        default:
-            # No verdict: fail closed.
-            if (!is_method("ACK")) sl_send_reply("500", "Server Internal Error");
-            exit;
-    }}
-    exit;
-}}
 
-route[ALLOWED] {{
-    # The policy answers every REGISTER it serves; one it lets through is the core's,
-    # which this edge does not serve.
-    if (is_method("REGISTER")) {{
-        sl_send_reply("405", "Method Not Allowed");
-        exit;
-    }}
-    if ($tg(cause) == "trunk") {{
-        trunkguard_apply();
-        $du = "sip:{core_ip}:{core_port}";
-        if (!trunkguard_dialog_open()) {{
-            sl_send_reply("500", "Server Internal Error");
-            exit;
-        }}
-        record_route();
-        if (!t_relay()) sl_reply_error();
-        exit;
-    }}
-    if ($tg(cause) == "in_dialog") {{
-        # A retransmission of what was relayed: tm answers it, and the script ends.
-        t_check_trans();
-        # loose_route() within a dialog this edge opened, to the other party's hop.
-        if (trunkguard_dialog_route()) {{
-            trunkguard_apply();
-            t_relay();
-            exit;
-        }}
-        # The ACK of a non-2xx answer goes hop by hop, within its transaction.
-        if (is_method("ACK")) {{
-            if (t_check_trans()) t_relay();
-            exit;
-        }}
-        sl_send_reply("404", "Not Here");
-        exit;
-    }}
-    if ($tg(cause) == "core" && !is_method("INVITE")) {{
-        # The core's own request goes by its Request-URI, never into this edge.
-        if (uri == myself) {{
-            sl_send_reply("482", "Loop Detected");
-            exit;
-        }}
-        record_route();
-        if (!t_relay()) sl_reply_error();
-        exit;
-    }}
-    if ($tg(cause) == "pass_through") {{
-        if (is_method("ACK|CANCEL") && t_check_trans()) t_relay();
-        if (is_method("OPTIONS")) sl_send_reply("200", "OK");
-        exit;
-    }}
-    sl_send_reply("503", "Service Unavailable");
-    exit;
-}}
-
-route[INBOUND] {{
-    $ru = $tg(target);
-    if ($tg(next_hop) != $null) $du = $tg(next_hop);
-    t_on_failure("FAILOVER");
-    trunkguard_apply();
-    if (!trunkguard_dialog_open()) {{
-        sl_send_reply("500", "Server Internal Error");
-        exit;
-    }}
-    record_route();
-    if (!t_relay()) sl_reply_error();
-    exit;
-}}
-
-failure_route[FAILOVER] {{
-    if (trunkguard_failover()) {{
-        t_relay();
-    }}
-}}
-"""
+def edge_listens(edge_port, core_port):
+    """The access side on UDP and TCP, IPv4 and IPv6; the core side on UDP."""
+    return ["udp:127.0.0.1:%d" % edge_port, "tcp:127.0.0.1:%d" % edge_port, "udp:[::1]:%d" % edge_port,
+            "tcp:[::1]:%d" % edge_port, "udp:127.0.0.1:%d" % core_port]
 
 
 class AnsweringWebhook(WebhookHandler):
@@ -278,21 +157,18 @@ class NativeModule(unittest.TestCase):
         cls.webhook = Webhook()
         cls.webhook.RequestHandlerClass = AnsweringWebhook
         threading.Thread(target=cls.webhook.serve_forever, daemon=True).start()
-        cfg = os.path.join(cls.workdir, "kamailio.cfg")
-        with open(cfg, "w", encoding="utf-8") as f:
-            f.write(CFG.format(edge_ip=EDGE[0], edge_port=EDGE[1], core_listen_ip=CORE_LISTEN[0],
-                               core_listen_port=CORE_LISTEN[1], core_ip=CORE[0], core_port=CORE[1], so=SO,
-                               ctl=cls.ctl, wasm=MODULE, config=cls.config, spool=cls.spool,
-                               alert_url=cls.webhook.url, token_file=cls.token_file))
+        args = cfg_args(edge_listens(EDGE[1], CORE_LISTEN[1]), so=SO, wasm=MODULE, config=cls.config,
+                        carrier="sip:%s:%d" % CORE, ctl="unix:" + cls.ctl, spool=cls.spool,
+                        alert_url=cls.webhook.url, alert_token_file=cls.token_file, children=2)
         cls.log_path = os.path.join(cls.workdir, "kamailio.log")
         cls.log = open(cls.log_path, "wb")
         # Kamailio's own check first: the module loads (its version and flags match
-        # the core's) and the operator's cfg parses with its functions and $tg().
-        check = subprocess.run([KAMAILIO_BIN, "-f", cfg, "-c"], capture_output=True, text=True, timeout=30)
+        # the core's) and the cfg parses with its functions and $tg().
+        check = subprocess.run([KAMAILIO_BIN, *args, "-c"], capture_output=True, text=True, timeout=30)
         if check.returncode != 0:
             cls.tearDownClass()
             raise AssertionError("kamailio -c refused the cfg:\n" + check.stdout + check.stderr)
-        cls.proc = subprocess.Popen([KAMAILIO_BIN, "-f", cfg, "-DD", "-E", "-w", cls.workdir, "-Y", cls.workdir],
+        cls.proc = subprocess.Popen([KAMAILIO_BIN, *args, "-DD", "-E", "-w", cls.workdir, "-Y", cls.workdir],
                                     stdout=cls.log, stderr=subprocess.STDOUT, cwd=cls.workdir)
         try:
             wait_for("the module's RPC", lambda: cls.kamcmd("trunkguard.status").returncode == 0, timeout=30)
@@ -741,6 +617,13 @@ class NativeModule(unittest.TestCase):
                                                call_id="cookie-%s" % os.urandom(4).hex())),
             ("a Route to the core itself", forged(live, intruder, route=["<sip:%s:%d;lr>" % CORE],
                                                   call_id="direct-%s" % os.urandom(4).hex())),
+            # The live call's own Call-ID and tags, without this edge's cookie for it:
+            # the dialog module would still find the call by its identifiers alone.
+            ("the live call's identifiers, no Route", forged(live, intruder, route=[])),
+            ("the live call's identifiers, a made-up cookie",
+             forged(live, intruder, route=["<sip:%s:%d;lr;did=123.456>" % EDGE])),
+            ("the live call's identifiers, the ended call's cookie", forged(live, intruder, route=ended.route)),
+            ("the live call's identifiers, a Route to the core", forged(live, intruder, route=["<sip:%s:%d;lr>" % CORE])),
         ]
         outcomes = []
         for name, dialog in attempts:
@@ -782,6 +665,55 @@ class NativeModule(unittest.TestCase):
         # The BYE goes to the failover, which answered, and never to the PBX.
         sip.in_dialog_round(core_side, failover_side, "BYE")
         self.assertIsNone(pbx.recv(1.0, lambda m: of_call(m, call_id) and sip.method(m) == "BYE")[0])
+
+    def authenticated_invite(self, party, creds, call_id, ftag):
+        """An INVITE of `creds` from `party` with this Call-ID and From tag, sent again
+        with credentials after the 407."""
+        ruri = "sip:%s@%s" % (CALLED, REALM)
+
+        def request(cseq, extra=()):
+            data = sip.request("INVITE", ruri, from_user=creds[0], to_user=CALLED, call_id=call_id, cseq=cseq,
+                               via_ip=party.ip, via_port=party.port,
+                               extra=[("Contact", "<sip:%s@%s:%d>" % (creds[0], party.ip, party.port))] + list(extra))
+            return re.sub(rb"(\r\nFrom: [^\r]*;tag=)[0-9a-f]+", lambda m: m.group(1) + ftag.encode(), data, count=1)
+
+        party.send(request(1), EDGE)
+        challenge, _ = party.recv(3.0, lambda m: of_call(m, call_id) and sip.status(m) >= 200)
+        self.assertEqual(sip.status(challenge), 407, challenge)
+        auth = sip.authorization(sip.headers(challenge, "Proxy-Authenticate")[-1], "INVITE", ruri, creds[0], creds[1],
+                                 "Proxy-Authorization")
+        party.send(request(2, [auth]), EDGE)
+
+    def test_22_another_trunk_reusing_a_ringing_calls_identifiers_gets_482_and_not_the_call(self):
+        # hq-pbx2 is registered from 127.0.0.7 (test_16): a customer of its own, who has
+        # seen hq-pbx1's INVITE (its Call-ID and From tag) while the call rings.
+        self.register_hq2()
+        victim, thief, core = self.party(PBX), self.party(HQ2_PBX[0]), self.party(*CORE)
+        call_id, ftag = "ring-%s@%s" % (os.urandom(6).hex(), PBX), os.urandom(4).hex()
+        self.authenticated_invite(victim, HQ, call_id, ftag)
+        got, hop = core.recv(3.0, lambda m: sip.method(m) == "INVITE" and of_call(m, call_id))
+        self.assertIsNotNone(got, "the victim's call never reached the core")
+        core.send(sip.response(got, 180, "Ringing", to_tag="core"), hop)
+        self.authenticated_invite(thief, HQ2, call_id, ftag)
+        answer, _ = thief.recv(3.0, lambda m: of_call(m, call_id) and sip.status(m) >= 200)
+        self.assertEqual(sip.status(answer), 482, answer)
+        second, _ = core.recv(1.0, lambda m: sip.method(m) == "INVITE" and of_call(m, call_id))
+        self.assertIsNone(second, "the second INVITE reached the core")
+        # The call is still the victim's: answered, and the core's BYE reaches its PBX.
+        core_contact = "<sip:%s@%s:%d>" % (CALLED, core.ip, core.port)
+        core.send(sip.response(got, 200, "OK", to_tag="core", contact=core_contact), hop)
+        ok, _ = victim.recv(3.0, lambda m: of_call(m, call_id) and sip.status(m) >= 200)
+        self.assertEqual(sip.status(ok), 200, ok)
+        local_uri, ruri = "sip:%s@%s" % (HQ[0], REALM), "sip:%s@%s" % (CALLED, REALM)
+        victim_side = sip.Dialog(victim, call_id, local_uri, ftag, ruri, "core",
+                                 list(reversed(sip.headers(ok, "Record-Route"))),
+                                 re.sub(r"^<|>$", "", sip.headers(ok, "Contact")[0]), 2)
+        core_side = sip.Dialog(core, call_id, ruri, "core", local_uri, ftag, sip.headers(got, "Record-Route"),
+                               re.sub(r"^<|>.*$", "", sip.headers(got, "Contact")[0]), 0)
+        victim_side.send("ACK", cseq=2)
+        self.assertIsNotNone(core.recv(3.0, lambda m: of_call(m, call_id) and sip.method(m) == "ACK")[0])
+        sip.in_dialog_round(core_side, victim_side, "BYE")
+        self.assertIsNone(thief.recv(0.5, lambda m: of_call(m, call_id) and sip.method(m) == "BYE")[0])
 
     # --- one message, one reading: the policy's and Kamailio's (docs/policy.md) -------
 
@@ -945,9 +877,9 @@ SQLITE_SCHEMA = "/usr/share/kamailio/db_sqlite"
 
 
 class Node:
-    """One Kamailio with the operator's cfg (CFG) and what this node adds: the state
-    written through to SQLite, DMQ, a nonce secret file. Started in its own process
-    group, so that kill9() takes every process of it and nothing else."""
+    """One Kamailio with the shipped module cfg (MODULE_CFG) and what this node adds:
+    the state written through to SQLite, DMQ, a nonce secret file. Started in its own
+    process group, so that kill9() takes every process of it and nothing else."""
 
     def __init__(self, workdir, name, edge_port, core_listen_port, config, db=None, dmq=None, secret_file=None,
                  dialog_db=None):
@@ -956,66 +888,27 @@ class Node:
         self.edge = ("127.0.0.1", edge_port)
         self.ctl = os.path.join(self.dir, "ctl")
         self.log_path = os.path.join(self.dir, "kamailio.log")
-        self.cfg = os.path.join(self.dir, "kamailio.cfg")
         self.proc = None
-        text = CFG.format(edge_ip=self.edge[0], edge_port=edge_port, core_listen_ip="127.0.0.1",
-                          core_listen_port=core_listen_port, core_ip=CORE[0], core_port=CORE[1], so=SO,
-                          ctl=self.ctl, wasm=MODULE, config=config, spool=os.path.join(self.dir, "spool"),
-                          alert_url="", token_file="")
-        # No alert receiver here: alerts stay in the spool.
-        text = "".join(line for line in text.splitlines(True) if '"alert_url"' not in line
-                       and '"alert_token_file"' not in line)
-        table = "tg=>size=10;"
-        modules, params = "", ""
-        if db:
-            # htable loads the table from the file at start; the module writes every
-            # change through to it (docs/kamailio.md, "The native module"). The URL's
-            # database part follows the third slash: an absolute path makes four.
-            modules += 'loadmodule "db_sqlite.so"\n'
-            params += ('modparam("htable", "db_url", "sqlite:///%s")\n'
-                       'modparam("trunkguard", "db_url", "sqlite:///%s")\n' % (db, db))
-            table += "dbtable=htable;"
-        if dialog_db:
-            # Every change of a dialog (its variables name both parties' hops) written
-            # as it happens and loaded at start: a call set up before a restart is
-            # still routed (its hash entry and id, the `did` of its Route set, kept).
-            params += ('modparam("dialog", "db_url", "sqlite:///%s")\n'
-                       'modparam("dialog", "db_mode", 1)\n' % dialog_db)
+        listens = edge_listens(edge_port, core_listen_port)
+        own = peer = None
         if dmq:
             own, peer = dmq
-            modules += 'loadmodule "dmq.so"\n'
-            params += ('modparam("dmq", "server_address", "sip:127.0.0.1:%d")\n'
-                       'modparam("dmq", "notification_address", "sip:127.0.0.1:%d")\n'
-                       'modparam("dmq", "multi_notify", 1)\n'
-                       'modparam("dmq", "num_workers", 1)\n'
-                       'modparam("dmq", "ping_interval", 10)\n'
-                       'modparam("htable", "enable_dmq", 1)\n'
-                       'modparam("htable", "dmq_init_sync", 1)\n' % (own, peer))
-            table += "dmqreplicate=1;"
-            text = text.replace("listen=udp:127.0.0.1:%d\n" % core_listen_port,
-                                "listen=udp:127.0.0.1:%d\nlisten=udp:127.0.0.1:%d\n" % (core_listen_port, own))
-            # KDMQ only on the DMQ socket and only from a node of the peer list: a
-            # replicated write can rewrite any binding.
-            text = text.replace("request_route {\n", "request_route {\n"
-                                "    if ($Rp == %d) {\n"
-                                "        if (is_method(\"KDMQ\") && dmq_is_from_node()) dmq_handle_message();\n"
-                                "        else sl_send_reply(\"403\", \"Forbidden\");\n"
-                                "        exit;\n"
-                                "    }\n" % own, 1)
-        if secret_file:
-            params += 'modparam("trunkguard", "nonce_secret_file", "%s")\n' % secret_file
-        text = text.replace('loadmodule "htable.so"\n', modules + 'loadmodule "htable.so"\n')
-        text = text.replace('modparam("htable", "htable", "tg=>size=10;")\n',
-                            'modparam("htable", "htable", "%s")\n' % table + params)
-        with open(self.cfg, "w", encoding="utf-8") as f:
-            f.write(text)
+            listens.append("udp:127.0.0.1:%d" % own)
+        # No alert receiver here: alerts stay in the spool. A database URL's part
+        # after the third slash is the file: an absolute path makes four.
+        self.args = cfg_args(
+            listens, so=SO, wasm=MODULE, config=config, carrier="sip:%s:%d" % CORE, ctl="unix:" + self.ctl,
+            spool=os.path.join(self.dir, "spool"), children=2,
+            state_db=db and "sqlite:///" + db, dialog_db=dialog_db and "sqlite:///" + dialog_db,
+            dmq=own and "sip:127.0.0.1:%d" % own, dmq_peer=peer and "sip:127.0.0.1:%d" % peer, dmq_port=own,
+            nonce_secret_file=secret_file)
 
     def start(self, wait=True):
         if os.path.exists(self.ctl):
             os.unlink(self.ctl)
         log = open(self.log_path, "ab")
         try:
-            self.proc = subprocess.Popen([KAMAILIO_BIN, "-f", self.cfg, "-DD", "-E", "-w", self.dir, "-Y", self.dir],
+            self.proc = subprocess.Popen([KAMAILIO_BIN, *self.args, "-DD", "-E", "-w", self.dir, "-Y", self.dir],
                                          stdout=log, stderr=subprocess.STDOUT, cwd=self.dir, start_new_session=True)
         finally:
             log.close()
@@ -1268,6 +1161,145 @@ class NativeModuleDmq(NodeTestCase):
         self.assertNotEqual(node.proc.returncode, 0)
         self.assertRegex(node.log(), r"the nonce secret file %s is open to group or others \(mode 0640\): "
                          r"chmod 600 it" % re.escape(loose))
+
+
+# An operator's own configuration, as short as it gets: their routing, with trunkguard's
+# functions where the decision is made and where in-dialog requests are routed
+# (docs/kamailio.md, "The configuration"). Filled in by ForeignCfg.
+FOREIGN_CFG = r"""#!KAMAILIO
+children=2
+auto_aliases=no
+listen=udp:127.0.0.1:{port}
+
+loadmodule "tm.so"
+loadmodule "sl.so"
+loadmodule "rr.so"
+loadmodule "pv.so"
+loadmodule "textops.so"
+loadmodule "htable.so"
+loadmodule "dialog.so"
+loadmodule "ctl.so"
+loadmodule "{so}"
+
+modparam("ctl", "binrpc", "unix:{ctl}")
+modparam("htable", "htable", "tg=>size=8;")
+modparam("dialog", "rr_param", "did")
+modparam("dialog", "dlg_match_mode", 0)
+modparam("trunkguard", "wasm", "{wasm}")
+modparam("trunkguard", "config", "{config}")
+modparam("trunkguard", "spool_dir", "{spool}")
+
+request_route {{
+    # The operator's own keepalive answer comes first.
+    if (is_method("OPTIONS") && uri == myself) {{
+        sl_send_reply("200", "Keepalive");
+        exit;
+    }}
+    trunkguard_judge();
+    if ($rc == 2 || $rc == 3 || $rc == 4) {{
+        trunkguard_reply();
+        exit;
+    }}
+    if ($rc == 1 && $tg(cause) == "trunk") {{
+        trunkguard_apply();
+        $du = "sip:{core_ip}:{core_port}";
+        t_check_trans();
+        if (!trunkguard_dialog_open()) {{
+            sl_send_reply("500", "No Dialog");
+            exit;
+        }}
+        record_route();
+        t_relay();
+        exit;
+    }}
+    if ($rc == 1 && $tg(cause) == "in_dialog") {{
+        t_check_trans();
+        if (trunkguard_dialog_route()) {{
+            t_relay();
+            exit;
+        }}
+        if (!is_method("ACK")) sl_send_reply("404", "Not Here");
+        exit;
+    }}
+    if (!is_method("ACK")) sl_send_reply("403", "Not Here");
+    exit;
+}}
+"""
+
+
+class ForeignCfg(unittest.TestCase):
+    """trunkguard.so in FOREIGN_CFG: a PBX registers, calls, and hangs up through it;
+    a lifted Route set relays nothing."""
+
+    PORT = 5196
+
+    @classmethod
+    def setUpClass(cls):
+        if not os.path.exists(SO):
+            raise unittest.SkipTest("%s is missing: build it with crates/kamailio-module/build" % SO)
+        if not os.path.exists(MODULE):
+            raise unittest.SkipTest("%s is missing: scripts/build makes it" % MODULE)
+        cls.workdir = tempfile.mkdtemp(prefix="tg-module-foreign-")
+        cls.ctl = os.path.join(cls.workdir, "ctl")
+        cls.edge = ("127.0.0.1", cls.PORT)
+        cfg = os.path.join(cls.workdir, "kamailio.cfg")
+        # The trunk configuration names a core socket (core_networks needs one); this
+        # edge has no core side, so it names one it does not listen on.
+        with open(cfg, "w", encoding="utf-8") as f:
+            f.write(FOREIGN_CFG.format(port=cls.PORT, so=SO, ctl=cls.ctl, wasm=MODULE,
+                                       config=node_config(cls.workdir, [cls.PORT + 1]), spool=os.path.join(cls.workdir, "spool"),
+                                       core_ip=CORE[0], core_port=CORE[1]))
+        cls.proc = None
+        check = subprocess.run([KAMAILIO_BIN, "-f", cfg, "-c"], capture_output=True, text=True, timeout=30)
+        if check.returncode != 0:
+            cls.tearDownClass()
+            raise AssertionError("kamailio -c refused the operator's cfg:\n" + check.stdout + check.stderr)
+        cls.log_path = os.path.join(cls.workdir, "kamailio.log")
+        with open(cls.log_path, "wb") as log:
+            cls.proc = subprocess.Popen([KAMAILIO_BIN, "-f", cfg, "-DD", "-E", "-w", cls.workdir, "-Y", cls.workdir],
+                                        stdout=log, stderr=subprocess.STDOUT, cwd=cls.workdir)
+        try:
+            wait_for("the module's RPC", lambda: subprocess.run(
+                [KAMCMD, "-s", "unix:" + cls.ctl, "trunkguard.status"], capture_output=True, timeout=10).returncode == 0,
+                timeout=30)
+        except AssertionError:
+            cls.tearDownClass()
+            raise
+
+    @classmethod
+    def tearDownClass(cls):
+        if cls.proc is not None and cls.proc.poll() is None:
+            cls.proc.send_signal(signal.SIGTERM)
+            try:
+                cls.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                cls.proc.kill()
+                cls.proc.wait(timeout=15)
+        if os.environ.get("KEEP_KAMAILIO_TEST_DIR") != "1":
+            shutil.rmtree(cls.workdir, ignore_errors=True)
+
+    def party(self, ip, port=0):
+        p = sip.Party(ip, port)
+        self.addCleanup(p.close)
+        return p
+
+    def test_a_pbx_registers_calls_and_hangs_up_and_a_lifted_route_set_relays_nothing(self):
+        ep = sip.Endpoint(PBX, server=self.edge)
+        self.addCleanup(ep.close)
+        self.assertEqual(sip.status(sip.register(ep, HQ[0], HQ[1], 3600)), 200)
+        pbx, core = self.party(PBX), self.party(*CORE)
+        pbx_side, core_side, got = sip.place_call(pbx, core, self.edge, HQ, CALLED)
+        self.assertEqual(sip.headers(got, "X-Trunkguard-Trunk-Group"), ["hq-pbx1"], got)
+        sip.in_dialog_round(core_side, pbx_side, "INVITE")
+        sip.in_dialog_round(pbx_side, core_side, "BYE")
+        # The ended call's Route set, a new Call-ID, from elsewhere.
+        intruder = self.party(INTRUDER)
+        lifted = sip.Dialog(intruder, "lifted-%s" % os.urandom(4).hex(), pbx_side.local_uri, "x1",
+                            pbx_side.remote_uri, "x2", pbx_side.route, "sip:+19005550100@%s:%d" % CORE, 10)
+        intruder.send(lifted.build("INVITE"), self.edge)
+        answer, _ = intruder.final(2.0)
+        self.assertEqual(sip.status(answer), 404, answer)
+        self.assertIsNone(core.recv(1.0, lambda m: sip.method(m) == "INVITE")[0], "the lifted INVITE reached the core")
 
 
 if __name__ == "__main__":

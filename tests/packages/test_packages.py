@@ -679,6 +679,16 @@ class InstalledPackages(unittest.TestCase):
         out = run(["kamailio", "-f", cfg, "-c"], timeout=30)
         self.assertEqual(out.returncode, 0, out.stdout + out.stderr)
 
+    def test_01f_the_installed_module_cfg_loads_the_installed_module_and_policy(self):
+        # host-shims/kamailio/module.cfg as installed, with its defaults (trunkguard.so
+        # by name) and the installed policy and example trunks: Kamailio parses it and
+        # fixes up the module's functions (the dialog functions bind to dialog.so).
+        out = run(["kamailio", "-c", "-f", "/usr/lib/trunkguard/kamailio/module.cfg",
+                   "-l", "udp:127.0.0.1:5060", "-A", 'TG_WASM="/usr/lib/trunkguard/trunkguard.wasm"',
+                   "-A", 'TG_CONFIG="/usr/share/doc/trunkguard/examples/kamailio-trunks.json"',
+                   "-A", 'TG_CARRIER="sip:127.0.0.1:5090"'], timeout=30)
+        self.assertEqual(out.returncode, 0, out.stdout + out.stderr)
+
     def test_02_user_directories_and_modes(self):
         user = pwd.getpwnam(USER)
         self.assertLess(user.pw_uid, 1000, "a system user")
@@ -697,6 +707,7 @@ class InstalledPackages(unittest.TestCase):
                            ("/usr/lib/trunkguard/envoy/trunkguard.wasm", 0o644),
                            ("/usr/lib/trunkguard/kamailio/run", 0o755), ("/usr/lib/trunkguard/kamailio/tgctl", 0o755),
                            ("/usr/lib/trunkguard/kamailio/kamailio.cfg", 0o644),
+                           ("/usr/lib/trunkguard/kamailio/module.cfg", 0o644),
                            ("/usr/lib/trunkguard/kamailio/trunkguard_kemi.py", 0o644),
                            ("/usr/lib/trunkguard/python/trunkguard_kamailio/__init__.py", 0o644),
                            ("/usr/sbin/tgctl", 0o755), ("/usr/lib/trunkguard/envoy/run", 0o755),

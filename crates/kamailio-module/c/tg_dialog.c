@@ -9,17 +9,24 @@
  *   trunkguard_dialog_open()   on a dialog-creating INVITE the verdict relays (an
  *                              `allow` for a trunk, a `route`), once $du/$ru/$fs
  *                              say where it goes: the dialog module's dlg_manage(),
- *                              and the dialog remembers both parties' hops
+ *                              and the new dialog remembers both parties' hops; -2
+ *                              when the INVITE belongs to a dialog that exists
+ *                              already or goes back into this edge (the cfg answers
+ *                              482), -1 when no dialog could be opened (500)
  *   trunkguard_dialog_route()  on an `in_dialog` allow: rr's loose_route(), then 1
  *                              with $du (and $fs) the *other* party's recorded hop
  *                              when the request is within a live dialog this edge
  *                              opened, -1 otherwise (the cfg refuses it 404)
  *   tg_dialog_failed_over()    trunkguard_failover(): the failover is the callee now
  *
- * The dialog is found by the dialog module (Call-ID, both tags and, through
- * loose_route(), the edge's own Record-Route cookie); its variables and state are
- * read and written through the module's own pseudo-variables ($dlg_var, $dlg), with
- * the names the KEMI shim uses (host-shims/kamailio/trunkguard_kemi.py).
+ * The dialog is the one the dialog module matched, and it must be matched twice
+ * over: by the edge's own Record-Route cookie (the `did` Route parameter that
+ * loose_route() took off, naming the dialog's hash entry and id) and by its Call-ID
+ * and both tags. Either alone is not enough: the module falls back to Call-ID and
+ * tags when the cookie is missing or wrong, and a cookie lifted from one call says
+ * nothing about another call's identifiers. Its variables and state are read and
+ * written through the module's own pseudo-variables ($dlg_var, $dlg), with the names
+ * the KEMI shim uses (host-shims/kamailio/trunkguard_kemi.py).
  */
 #include <stdio.h>
 #include <string.h>
@@ -28,8 +35,11 @@
 #include "../../core/ip_addr.h"
 #include "../../core/dset.h"
 #include "../../core/lvalue.h"
+#include "../../core/forward.h"
+#include "../../core/ut.h"
 #include "../../core/parser/parse_from.h"
 #include "../../core/parser/parse_to.h"
+#include "../../core/parser/parse_uri.h"
 #include "../rr/api.h"
 
 #include "tg_mod.h"
@@ -37,17 +47,28 @@
 /* $dlg(state): 2 early, 3 confirmed without the ACK yet, 4 confirmed; 1 (no
  * answer yet) and 5 (ended) are not dialogs a request can be within
  * (modules/dialog/dlg_hash.h). */
+#define TG_DLG_UNCONFIRMED 1
 #define TG_DLG_EARLY 2
 #define TG_DLG_CONFIRMED 4
 #define TG_DLG_DELETED 5
 
+/* The longest From tag and hop a dialog records: a longer one is refused when the
+ * dialog would be opened, never cut (a cut one would match nothing later). */
+#define TG_TAG_LEN 128
 #define TG_HOP_LEN 512
+
+/* tg_callee_sock after a failover whose branch has no socket of its own: a value,
+ * not an unset variable (a deleted dialog variable is never deleted in the dialog
+ * database, so the PBX's socket would come back after a restart). */
+#define TG_NO_SOCKET "-"
 
 static int tg_dlg_bound = 0;
 static cmd_function tg_dlg_manage;
 static rr_api_t tg_rrb;
 
 static pv_spec_t *tg_pv_state;       /* $dlg(state) */
+static pv_spec_t *tg_pv_h_entry;     /* $dlg(h_entry), $dlg(h_id): the cookie's two numbers */
+static pv_spec_t *tg_pv_h_id;
 static pv_spec_t *tg_pv_ftag;        /* the caller's From tag: the direction */
 static pv_spec_t *tg_pv_caller;      /* the caller's hop, as a SIP URI */
 static pv_spec_t *tg_pv_caller_sock; /* the socket the caller's INVITE came in on */
@@ -94,6 +115,8 @@ int tg_dialog_bind(void)
 		return -1;
 	}
 	if((tg_pv_state = tg_pv("$dlg(state)")) == NULL
+			|| (tg_pv_h_entry = tg_pv("$dlg(h_entry)")) == NULL
+			|| (tg_pv_h_id = tg_pv("$dlg(h_id)")) == NULL
 			|| (tg_pv_ftag = tg_pv("$dlg_var(tg_ftag)")) == NULL
 			|| (tg_pv_caller = tg_pv("$dlg_var(tg_caller)")) == NULL
 			|| (tg_pv_caller_sock = tg_pv("$dlg_var(tg_caller_sock)")) == NULL
@@ -146,19 +169,60 @@ static int tg_pv_set(sip_msg_t *msg, pv_spec_t *sp, const char *s, int len)
 	return pv_set_spec_value(msg, sp, EQ_T, &v);
 }
 
+/* The number `sp` holds, or -1 when it holds none (no dialog). */
+static long long tg_pv_int(sip_msg_t *msg, pv_spec_t *sp)
+{
+	pv_value_t v;
+	long long n = -1;
+
+	memset(&v, 0, sizeof(v));
+	if(pv_get_spec_value(msg, sp, &v) != 0)
+		return -1;
+	if(!(v.flags & PV_VAL_NULL) && (v.flags & PV_TYPE_INT))
+		n = (long long)(unsigned int)v.ri;
+	pv_value_destroy(&v);
+	return n;
+}
+
 /* $dlg(state) of the dialog this message belongs to, or 0 when it belongs to none. */
 static int tg_dialog_state(sip_msg_t *msg)
 {
-	pv_value_t v;
-	int state = 0;
+	long long state = tg_pv_int(msg, tg_pv_state);
+	return state > 0 && state <= TG_DLG_DELETED ? (int)state : 0;
+}
 
-	memset(&v, 0, sizeof(v));
-	if(pv_get_spec_value(msg, tg_pv_state, &v) != 0)
+/* Whether the `did` Route parameter loose_route() took off names the dialog the
+ * dialog module matched: "<h_entry>.<h_id>", each in reversed hex
+ * (modules/dialog/dlg_handlers.c, add_dlg_rr_param). */
+static int tg_cookie_matches(sip_msg_t *msg)
+{
+	str name = str_init("did"), val;
+	char *dot;
+	unsigned int entry, id;
+	int elen, ilen;
+
+	if(tg_rrb.get_route_param(msg, &name, &val) != 0 || val.s == NULL)
 		return 0;
-	if(!(v.flags & PV_VAL_NULL) && (v.flags & PV_TYPE_INT))
-		state = (int)v.ri;
-	pv_value_destroy(&v);
-	return state;
+	dot = memchr(val.s, '.', val.len);
+	if(dot == NULL)
+		return 0;
+	elen = (int)(dot - val.s);
+	ilen = val.len - elen - 1;
+	if(elen < 1 || elen > 8 || ilen < 1 || ilen > 8 || reverse_hex2int(val.s, elen, &entry) < 0
+			|| reverse_hex2int(dot + 1, ilen, &id) < 0)
+		return 0;
+	return tg_pv_int(msg, tg_pv_h_entry) == (long long)entry
+		   && tg_pv_int(msg, tg_pv_h_id) == (long long)id;
+}
+
+/* Whether a hop is this edge itself: relayed there, a request would come round again. */
+static int tg_is_self(str *hop)
+{
+	struct sip_uri puri;
+
+	if(parse_uri(hop->s, hop->len, &puri) < 0)
+		return 0; /* not a URI: tm refuses to relay to it */
+	return check_self(&puri.host, GET_URI_PORT(&puri), puri.proto) == 1;
 }
 
 static int tg_is_method(sip_msg_t *msg, int method)
@@ -170,7 +234,7 @@ static int tg_is_method(sip_msg_t *msg, int method)
 int ki_trunkguard_dialog_open(sip_msg_t *msg)
 {
 	tg_verdict *v = tg_verdict_of(msg);
-	char source[80], local[80], hop[TG_HOP_LEN];
+	char source[80], local[80], hop[TG_HOP_LEN], recorded[TG_TAG_LEN];
 	const char *proto;
 	str ftag, callee;
 	int n;
@@ -184,15 +248,40 @@ int ki_trunkguard_dialog_open(sip_msg_t *msg)
 		return 1; /* a MESSAGE, an OPTIONS to the carrier: no dialog to open */
 	if(tg_dialog_bind() < 0)
 		return -1;
-	if(parse_from_header(msg) < 0) {
-		LM_ERR("cannot parse the From header\n");
+	if(parse_headers(msg, HDR_TO_F, 0) < 0 || msg->to == NULL || parse_from_header(msg) < 0) {
+		LM_ERR("cannot parse the From and To headers\n");
 		return -1;
 	}
-	if(tg_dlg_manage(msg, NULL, NULL) < 0 || tg_dialog_state(msg) == 0) {
+	/* An INVITE with a To tag is within a dialog (dlg_manage would look it up, not
+	 * open one); the policy never relays it as new. */
+	if(get_to(msg)->tag_value.len != 0)
+		return -1;
+	ftag = get_from(msg)->tag_value;
+	/* Where the INVITE goes: its next hop when the cfg set one, else its R-URI. */
+	callee = msg->dst_uri.len > 0 ? msg->dst_uri : *GET_RURI(msg);
+	if(ftag.len <= 0 || ftag.len >= TG_TAG_LEN || callee.len <= 0 || callee.len >= TG_HOP_LEN) {
+		LM_ERR("a From tag or next hop this edge cannot record (empty or too long)\n");
+		return -1;
+	}
+	if(tg_is_self(&callee)) {
+		LM_ERR("the next hop %.*s is this edge: refused, not looped\n", callee.len, callee.s);
+		return -2;
+	}
+	if(tg_dlg_manage(msg, NULL, NULL) < 0) {
 		LM_ERR("the dialog module opened no dialog for this INVITE\n");
 		return -1;
 	}
-	ftag = get_from(msg)->tag_value;
+	/* A new dialog starts unconfirmed, with no variables. A dialog in another state,
+	 * or one that has them, exists already: dlg_manage() takes an INVITE with its
+	 * Call-ID and From tag for a spiral and hands that dialog back. Whether a real
+	 * spiral or someone else's ringing call reused, its parties stay as recorded
+	 * (written over, the other party's requests would go to the newcomer). */
+	if(tg_dialog_state(msg) != TG_DLG_UNCONFIRMED
+			|| tg_pv_copy(msg, tg_pv_ftag, recorded, sizeof(recorded)) >= 0) {
+		LM_ERR("INVITE with the Call-ID and From tag of a dialog this edge has already: "
+			   "refused\n");
+		return -2;
+	}
 	proto = tg_transport(msg->rcv.proto);
 	tg_addr(source, sizeof(source), &msg->rcv.src_ip, msg->rcv.src_port);
 	tg_addr(local, sizeof(local), &msg->rcv.dst_ip, msg->rcv.dst_port);
@@ -204,9 +293,7 @@ int ki_trunkguard_dialog_open(sip_msg_t *msg)
 	n = snprintf(hop, sizeof(hop), "%s:%s", proto, local);
 	if(n <= 0 || n >= (int)sizeof(hop) || tg_pv_set(msg, tg_pv_caller_sock, hop, n) < 0)
 		goto error;
-	/* Where the INVITE goes: its next hop when the cfg set one, else its R-URI. */
-	callee = msg->dst_uri.len > 0 ? msg->dst_uri : *GET_RURI(msg);
-	if(callee.len <= 0 || tg_pv_set(msg, tg_pv_callee, callee.s, callee.len) < 0)
+	if(tg_pv_set(msg, tg_pv_callee, callee.s, callee.len) < 0)
 		goto error;
 	if(msg->force_send_socket != NULL
 			&& tg_pv_set(msg, tg_pv_callee_sock, msg->force_send_socket->sock_str.s,
@@ -262,9 +349,15 @@ int ki_trunkguard_dialog_route(sip_msg_t *msg)
 	/* This edge's Route entries off, and the dialog module (called back from rr)
 	 * matches the request to its dialog by the cookie and moves the dialog's state
 	 * (a BYE ends it). Without a Route there is no dialog of this edge. */
-	if(tg_rrb.loose_route(msg) <= 0 || !tg_dialog_lives(msg))
+	if(tg_rrb.loose_route(msg) <= 0 || !tg_cookie_matches(msg) || !tg_dialog_lives(msg))
 		return tg_no_dialog(msg);
 	if(parse_headers(msg, HDR_TO_F, 0) < 0 || msg->to == NULL || parse_from_header(msg) < 0)
+		return tg_no_dialog(msg);
+	/* Both tags alike would read as either direction. */
+	if(get_from(msg)->tag_value.len == get_to(msg)->tag_value.len
+			&& memcmp(get_from(msg)->tag_value.s, get_to(msg)->tag_value.s,
+					   get_to(msg)->tag_value.len)
+					   == 0)
 		return tg_no_dialog(msg);
 	/* The direction: from the caller (its From tag) or from the callee (the caller's
 	 * tag in To). A request whose tags are neither is no party's. */
@@ -288,17 +381,28 @@ int ki_trunkguard_dialog_route(sip_msg_t *msg)
 	}
 	/* The socket of the party's side, so that the Record-Route it was told stays
 	 * true; Kamailio's choice when it is gone (a listener removed since). */
-	if(slen > 0 && tg_pv_set(msg, tg_pv_fs, sock, slen) < 0)
+	if(slen > 0 && strcmp(sock, TG_NO_SOCKET) != 0 && tg_pv_set(msg, tg_pv_fs, sock, slen) < 0)
 		LM_WARN("cannot send from %s; Kamailio chooses the socket\n", sock);
 	return 1;
 }
 
-/* The failover answers for the PBX from here on: its in-dialog requests go to it. */
+/* The failover answers for the PBX from here on: its in-dialog requests go to it.
+ * The dialog module sets this failure route's dialog (tm's failure callback); a
+ * call opened without trunkguard_dialog_open() has no tg_ftag and is left alone. */
 void tg_dialog_failed_over(sip_msg_t *msg, str *uri)
 {
-	if(!tg_dlg_bound)
-		return; /* no dialog functions in this cfg */
-	if(tg_pv_set(msg, tg_pv_callee, uri->s, uri->len) < 0
-			|| tg_pv_set(msg, tg_pv_callee_sock, "", 0) < 0)
+	char recorded[TG_TAG_LEN];
+	str sock = str_init(TG_NO_SOCKET);
+
+	/* With KEMI no fixup binds: whichever process runs the failure route (tm's
+	 * timer for a silent PBX) binds here. */
+	if(!module_loaded("dialog") || tg_dialog_bind() < 0)
+		return;
+	if(tg_pv_copy(msg, tg_pv_ftag, recorded, sizeof(recorded)) < 0)
+		return;
+	if(msg->force_send_socket != NULL)
+		sock = msg->force_send_socket->sock_str;
+	if(uri->len >= TG_HOP_LEN || tg_pv_set(msg, tg_pv_callee, uri->s, uri->len) < 0
+			|| tg_pv_set(msg, tg_pv_callee_sock, sock.s, sock.len) < 0)
 		LM_ERR("cannot record the failover %.*s as the dialog's callee\n", uri->len, uri->s);
 }
