@@ -845,7 +845,7 @@ class Shim:
         # (called back from it) matches the request to a dialog and applies it to
         # the dialog's state.
         routed = KSR.rr.loose_route() > 0
-        if routed and KSR.dialog.is_known_dlg() > 0 and self._dialog_lives():
+        if routed and KSR.dialog.is_known_dlg() > 0 and self._cookie_matches() and self._dialog_lives():
             ftag = KSR.pv.get("$dlg_var(%s)" % DLG_FTAG)
             if ftag and KSR.pv.get("$ft") == ftag:
                 hop, sock = DLG_CALLEE, DLG_CALLEE_SOCKET
@@ -872,6 +872,19 @@ class Shim:
         _refusals().host(404, "no_dialog")
         _count("in_dialog.refused")
         return self._refuse(404, "Not Here")
+
+    def _cookie_matches(self):
+        """Whether the Route entry of this edge that loose_route() took off carries
+        the cookie of the very dialog matched: `did=<h_entry>.<h_id>`, each in reversed
+        hex (the dialog module's add_dlg_rr_param). The dialog module falls back to
+        Call-ID and tags when the cookie is missing or names another dialog; a request
+        that only knows a call's identifiers is not within it (docs/kamailio.md)."""
+        entry, hid = KSR.pv.get("$dlg(h_entry)"), KSR.pv.get("$dlg(h_id)")
+        try:
+            cookie = "%s.%s" % (format(int(entry), "x")[::-1], format(int(hid), "x")[::-1])
+        except (TypeError, ValueError):
+            return False
+        return KSR.rr.check_route_param("(^|;)did=%s(;|$)" % re.escape(cookie)) > 0
 
     def _dialog_lives(self):
         """Whether the matched dialog is one a request can be within. An ended dialog
@@ -994,7 +1007,25 @@ class Shim:
             if self._is_ours(hop):
                 # Checked before the dialog exists: a refused request leaves none.
                 return self._refuse(482, "Loop Detected")
-            KSR.dialog.dlg_manage()
+            if KSR.tm.t_check_trans() == 0:
+                # A retransmission of an INVITE already relayed: tm answered it again.
+                return -255
+            if KSR.dialog.dlg_manage() < 0:
+                # No dialog, so its in-dialog requests could go nowhere (the dialog
+                # module logs why: an INVITE without Contact, RFC 3261 8.1.1.8).
+                KSR.err("trunkguard: no dialog for the INVITE from %s; refused\n" % (_source(),))
+                return self._refuse(500, "Server Internal Error (no dialog)")
+            if str(KSR.pv.get("$dlg(state)")) != "1" or KSR.pv.get("$dlg_var(%s)" % DLG_FTAG):
+                # A new dialog starts unconfirmed, with no variables. Anything else
+                # exists already: dlg_manage() takes an INVITE with a dialog's Call-ID
+                # and From tag for a spiral and hands that dialog back. A real spiral
+                # or another trunk reusing a ringing call's identifiers, its parties
+                # stay as recorded (written over, the far end's requests would go to
+                # the newcomer).
+                KSR.err("trunkguard: INVITE from %s with the Call-ID and From tag of a dialog this edge "
+                        "has already; refused\n" % (_source(),))
+                _count("dialog.reused")
+                return self._refuse(482, "Loop Detected")
             KSR.pv.sets("$dlg_var(%s)" % DLG_FTAG, KSR.pv.get("$ft") or "")
             KSR.pv.sets("$dlg_var(%s)" % DLG_CALLER, "sip:%s;transport=%s" % (_source(), KSR.pv.get("$pr")))
             KSR.pv.sets("$dlg_var(%s)" % DLG_CALLER_SOCKET, "%s:%s" % (KSR.pv.get("$pr"), _local()))

@@ -343,6 +343,42 @@ def place_call(pbx, carrier, edge, creds, called, extra=(), timeout=3.0):
     return pbx_side, carrier_side, got
 
 
+def authenticated_invite(party, edge, creds, called, call_id, ftag, timeout=3.0):
+    """An INVITE of `creds` from `party` to `edge` with this Call-ID and From tag, sent
+    again with credentials after the 407 (not waited for). The 407 is checked."""
+    ruri = "sip:%s@%s" % (called, REALM)
+
+    def invite(cseq, extra=()):
+        data = request("INVITE", ruri, from_user=creds[0], to_user=called, call_id=call_id, cseq=cseq,
+                       via_ip=party.ip, via_port=party.port,
+                       extra=[("Contact", "<sip:%s@%s:%d>" % (creds[0], party.ip, party.port))] + list(extra))
+        return re.sub(rb"(\r\nFrom: [^\r]*;tag=)[0-9a-f]+", lambda m: m.group(1) + ftag.encode(), data, count=1)
+
+    party.send(invite(1), edge)
+    challenge, _ = party.recv(timeout, lambda m: (headers(m, "Call-ID", "i") or [None])[0] == call_id
+                              and status(m) >= 200)
+    if status(challenge) != 407:
+        raise AssertionError("expected 407, got %r" % challenge)
+    auth = authorization(headers(challenge, "Proxy-Authenticate")[-1], "INVITE", ruri, creds[0], creds[1],
+                         "Proxy-Authorization")
+    party.send(invite(2, [auth]), edge)
+
+
+def answered_dialogs(caller, callee, got, hop, ok_from_edge, call_id, ftag, local_uri, ruri, callee_tag):
+    """(caller dialog, callee dialog) of a call the callee answered 200 with tag
+    `callee_tag` (`got`, `hop`: the INVITE as it got it; `ok_from_edge`: the 200 as the
+    caller got it), after the caller's ACK reached the callee."""
+    caller_side = Dialog(caller, call_id, local_uri, ftag, ruri, callee_tag,
+                         list(reversed(headers(ok_from_edge, "Record-Route"))),
+                         re.sub(r"^<|>$", "", headers(ok_from_edge, "Contact")[0]), 2)
+    callee_side = Dialog(callee, call_id, ruri, callee_tag, local_uri, ftag, headers(got, "Record-Route"),
+                         re.sub(r"^<|>.*$", "", headers(got, "Contact")[0]), 0)
+    caller_side.send("ACK", cseq=2)
+    if callee.recv(3.0, lambda m: (headers(m, "Call-ID", "i") or [None])[0] == call_id and method(m) == "ACK")[0] is None:
+        raise AssertionError("the ACK of the 200 never reached the callee")
+    return caller_side, callee_side
+
+
 def in_dialog_round(sender, receiver, name, timeout=3.0, extra=()):
     """`sender` sends `name` within its dialog; `receiver` must get it and answer 200,
     which must come back to `sender` (ACKed when it answers an INVITE). Returns the

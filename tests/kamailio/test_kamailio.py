@@ -267,6 +267,33 @@ def _read(path, mode="r"):
         return f.read()
 
 
+def assert_a_ringing_call_stays_its_callers(test, edge, victim, thief, far):
+    """A call of `victim` (party, credentials) to `far` rings; `thief`, a trunk of its
+    own, sends an authenticated INVITE with the call's Call-ID and From tag (as seen on
+    the wire): refused 482, never relayed; the call, answered, stays the victim's (the
+    far end's BYE reaches the victim's PBX, not the thief). Shared by the shim's suite
+    and the native module's (test_module.py)."""
+    (caller, creds), (other, other_creds) = victim, thief
+    call_id, ftag = "ring-%s@%s" % (os.urandom(6).hex(), caller.ip), os.urandom(4).hex()
+    ours = lambda m: (sip.headers(m, "Call-ID", "i") or [None])[0] == call_id  # noqa: E731
+    sip.authenticated_invite(caller, edge, creds, CALLED, call_id, ftag)
+    got, hop = far.recv(3.0, lambda m: sip.method(m) == "INVITE" and ours(m))
+    test.assertIsNotNone(got, "the victim's call never reached the far end")
+    far.send(sip.response(got, 180, "Ringing", to_tag="far"), hop)
+    sip.authenticated_invite(other, edge, other_creds, CALLED, call_id, ftag)
+    answer, _ = other.recv(3.0, lambda m: ours(m) and sip.status(m) >= 200)
+    test.assertEqual(sip.status(answer), 482, answer)
+    test.assertIsNone(far.recv(1.0, lambda m: sip.method(m) == "INVITE" and ours(m))[0],
+                      "the second INVITE reached the far end")
+    far.send(sip.response(got, 200, "OK", to_tag="far", contact="<sip:%s@%s:%d>" % (CALLED, far.ip, far.port)), hop)
+    ok, _ = caller.recv(3.0, lambda m: ours(m) and sip.status(m) >= 200)
+    test.assertEqual(sip.status(ok), 200, ok)
+    caller_side, far_side = sip.answered_dialogs(caller, far, got, hop, ok, call_id, ftag,
+                                                 "sip:%s@%s" % (creds[0], REALM), "sip:%s@%s" % (CALLED, REALM), "far")
+    sip.in_dialog_round(far_side, caller_side, "BYE")
+    test.assertIsNone(other.recv(0.5, lambda m: ours(m) and sip.method(m) == "BYE")[0], "the BYE reached the thief")
+
+
 # A To header field whose tag two parsers may read two ways (docs/policy.md, "Threat
 # model"): an unauthenticated INVITE written so is in-dialog to one reading and new
 # to another. test_module replays them against the native module too.
@@ -624,7 +651,8 @@ class KamailioEdge(unittest.TestCase):
             core = sip.Endpoint(CORE, server=CORE_SOCKET)
             try:
                 core.send(sip.request("INVITE", "sip:+15556660000@%s" % REALM, from_user="+15550001111",
-                                      to_user="+15556660000", via_ip=CORE, via_port=core.port))
+                                      to_user="+15556660000", via_ip=CORE, via_port=core.port,
+                                      extra=[("Contact", "<sip:core@%s:%d>" % (CORE, core.port))]))
                 routed = pbx_listen.recv(3.0)
                 self.assertIsNotNone(routed, "the INVITE reaches the registered PBX")
                 self.assertTrue(routed.startswith("INVITE sip:exp1@127.0.0.6:%d" % pbx.port), routed)
@@ -823,11 +851,20 @@ class KamailioEdge(unittest.TestCase):
             ("the live call's Route set, a new Call-ID", forged(live, intruder, call_id="lifted-%s" % os.urandom(4).hex())),
             ("the ended call's Route set, a new Call-ID",
              forged(ended, pbx, call_id="lifted-%s" % os.urandom(4).hex(), local_tag="x1", remote_tag="x2")),
+            # The live call's own Call-ID and tags, without this edge's cookie for it:
+            # the dialog module would still find the call by its identifiers alone.
+            ("the live call's identifiers, no Route", forged(live, intruder, route=[])),
+            ("the live call's identifiers, a made-up cookie",
+             forged(live, intruder, route=["<sip:%s;lr;did=123.456>" % KAMAILIO_ADDR])),
+            ("the live call's identifiers, the ended call's cookie", forged(live, intruder, route=ended.route)),
+            ("the live call's identifiers, a Route to the carrier",
+             forged(live, intruder, route=["<sip:127.0.0.1:%d;lr>" % CARRIER_PORT])),
         ]
         outcomes = []
         for name, dialog in attempts:
             for method in ("INVITE", "BYE"):
-                dialog.send(method)
+                # To the edge, whatever the Route says.
+                dialog.party.send(dialog.build(method), KAMAILIO)
                 answer, _ = dialog.party.final(2.0)
                 outcomes.append((name, method, sip.status(answer)))
         self.assertEqual([o for o in outcomes if o[2] != 404], [], "every lifted route refused 404")
@@ -1054,6 +1091,13 @@ class KamailioEdge(unittest.TestCase):
         finally:
             out = self.tgctl("publish-config", self.config)
             self.assertEqual(out.returncode, 0, out.stdout + out.stderr)
+
+    def test_28_another_trunk_reusing_a_ringing_calls_identifiers_gets_482_and_not_the_call(self):
+        # branch-p2p (no registration, its access list 127.0.0.2/32) has seen hq-pbx1's
+        # INVITE (its Call-ID and From tag) while the call rings.
+        victim, thief = self.party(PBX), self.party(PBX)
+        carrier = self.party("127.0.0.1", CARRIER_PORT)
+        assert_a_ringing_call_stays_its_callers(self, KAMAILIO, (victim, HQ), (thief, P2P), carrier)
 
 
 def sipp_times(log, direction, first_line):

@@ -51,7 +51,8 @@ import trap_module  # noqa: E402
 from kamailio_dmq import wait_peers_active, write_secret  # noqa: E402
 from test_kamailio import CORE as CORE_IP  # noqa: E402
 from test_kamailio import (ALERT_WINDOW_S, AMBIGUOUS_TO, EXP, EXP_PBX, FAILOVER, FAILOVER_PORT, HQ, INTRUDER, MODULE, PBX, REALM,  # noqa: E402
-                           ROOT, TARGET, Webhook, WebhookHandler, _alive, trunk_config, wait_for)
+                           ROOT, TARGET, Webhook, WebhookHandler, _alive, assert_a_ringing_call_stays_its_callers,
+                           trunk_config, wait_for)
 
 SO = os.path.join(TARGET, "kamailio-module", "trunkguard.so")
 KAMAILIO_BIN = "/usr/sbin/kamailio"
@@ -666,54 +667,12 @@ class NativeModule(unittest.TestCase):
         sip.in_dialog_round(core_side, failover_side, "BYE")
         self.assertIsNone(pbx.recv(1.0, lambda m: of_call(m, call_id) and sip.method(m) == "BYE")[0])
 
-    def authenticated_invite(self, party, creds, call_id, ftag):
-        """An INVITE of `creds` from `party` with this Call-ID and From tag, sent again
-        with credentials after the 407."""
-        ruri = "sip:%s@%s" % (CALLED, REALM)
-
-        def request(cseq, extra=()):
-            data = sip.request("INVITE", ruri, from_user=creds[0], to_user=CALLED, call_id=call_id, cseq=cseq,
-                               via_ip=party.ip, via_port=party.port,
-                               extra=[("Contact", "<sip:%s@%s:%d>" % (creds[0], party.ip, party.port))] + list(extra))
-            return re.sub(rb"(\r\nFrom: [^\r]*;tag=)[0-9a-f]+", lambda m: m.group(1) + ftag.encode(), data, count=1)
-
-        party.send(request(1), EDGE)
-        challenge, _ = party.recv(3.0, lambda m: of_call(m, call_id) and sip.status(m) >= 200)
-        self.assertEqual(sip.status(challenge), 407, challenge)
-        auth = sip.authorization(sip.headers(challenge, "Proxy-Authenticate")[-1], "INVITE", ruri, creds[0], creds[1],
-                                 "Proxy-Authorization")
-        party.send(request(2, [auth]), EDGE)
-
     def test_22_another_trunk_reusing_a_ringing_calls_identifiers_gets_482_and_not_the_call(self):
         # hq-pbx2 is registered from 127.0.0.7 (test_16): a customer of its own, who has
         # seen hq-pbx1's INVITE (its Call-ID and From tag) while the call rings.
         self.register_hq2()
         victim, thief, core = self.party(PBX), self.party(HQ2_PBX[0]), self.party(*CORE)
-        call_id, ftag = "ring-%s@%s" % (os.urandom(6).hex(), PBX), os.urandom(4).hex()
-        self.authenticated_invite(victim, HQ, call_id, ftag)
-        got, hop = core.recv(3.0, lambda m: sip.method(m) == "INVITE" and of_call(m, call_id))
-        self.assertIsNotNone(got, "the victim's call never reached the core")
-        core.send(sip.response(got, 180, "Ringing", to_tag="core"), hop)
-        self.authenticated_invite(thief, HQ2, call_id, ftag)
-        answer, _ = thief.recv(3.0, lambda m: of_call(m, call_id) and sip.status(m) >= 200)
-        self.assertEqual(sip.status(answer), 482, answer)
-        second, _ = core.recv(1.0, lambda m: sip.method(m) == "INVITE" and of_call(m, call_id))
-        self.assertIsNone(second, "the second INVITE reached the core")
-        # The call is still the victim's: answered, and the core's BYE reaches its PBX.
-        core_contact = "<sip:%s@%s:%d>" % (CALLED, core.ip, core.port)
-        core.send(sip.response(got, 200, "OK", to_tag="core", contact=core_contact), hop)
-        ok, _ = victim.recv(3.0, lambda m: of_call(m, call_id) and sip.status(m) >= 200)
-        self.assertEqual(sip.status(ok), 200, ok)
-        local_uri, ruri = "sip:%s@%s" % (HQ[0], REALM), "sip:%s@%s" % (CALLED, REALM)
-        victim_side = sip.Dialog(victim, call_id, local_uri, ftag, ruri, "core",
-                                 list(reversed(sip.headers(ok, "Record-Route"))),
-                                 re.sub(r"^<|>$", "", sip.headers(ok, "Contact")[0]), 2)
-        core_side = sip.Dialog(core, call_id, ruri, "core", local_uri, ftag, sip.headers(got, "Record-Route"),
-                               re.sub(r"^<|>.*$", "", sip.headers(got, "Contact")[0]), 0)
-        victim_side.send("ACK", cseq=2)
-        self.assertIsNotNone(core.recv(3.0, lambda m: of_call(m, call_id) and sip.method(m) == "ACK")[0])
-        sip.in_dialog_round(core_side, victim_side, "BYE")
-        self.assertIsNone(thief.recv(0.5, lambda m: of_call(m, call_id) and sip.method(m) == "BYE")[0])
+        assert_a_ringing_call_stays_its_callers(self, EDGE, (victim, HQ), (thief, HQ2), core)
 
     # --- one message, one reading: the policy's and Kamailio's (docs/policy.md) -------
 
