@@ -267,6 +267,25 @@ def _read(path, mode="r"):
         return f.read()
 
 
+def svcrack(test, workdir, name, ip, user, passwords, edge_addr, timeout=90):
+    """sipvicious's svcrack from `ip` against `edge_addr` ("IP:PORT", the public
+    listener) over UDP, with `passwords` as its dictionary, in order. `-n` guesses on
+    the one nonce of its first challenge (its fast mode: a source banned gets no new
+    challenge, and this way every entry is still tried); `-t 0.1` paces the guesses
+    one at a time. After its last guess it listens for 10 s for a late answer. Returns
+    (exit status, what it printed): 40 when it found a password."""
+    if subprocess.run([SIPVICIOUS_PYTHON, "-c", "import sipvicious.svcrack"], capture_output=True).returncode:
+        test.fail("no sipvicious for %s: scripts/test-kamailio installs it (PyPI sipvicious)" % SIPVICIOUS_PYTHON)
+    dictionary = os.path.join(workdir, name + ".dictionary")
+    with open(dictionary, "w", encoding="utf-8") as f:
+        f.write("\n".join(passwords) + "\n")
+    cmd = [SIPVICIOUS_PYTHON, "-c", SVCRACK_BOUND, "-u", user, "-d", dictionary, "-n", "-t", "0.1",
+           "--maximumtime", "5", "-b", ip, "-P", "5062", "--domain", REALM, "udp://%s" % edge_addr]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=workdir,
+                         env=dict(os.environ, HOME=workdir))
+    return out.returncode, out.stdout + out.stderr
+
+
 def assert_a_ringing_call_stays_its_callers(test, edge, victim, thief, far):
     """A call of `victim` (party, credentials) to `far` rings; `thief`, a trunk of its
     own, sends an authenticated INVITE with the call's Call-ID and From tag (as seen on
@@ -933,22 +952,7 @@ class KamailioEdge(unittest.TestCase):
     # --- credentials: password guessing (docs/policy.md). -----------------------------
 
     def svcrack(self, name, ip, user, passwords, timeout=90):
-        """sipvicious's svcrack from `ip` against the edge's public listener over UDP,
-        with `passwords` as its dictionary, in order. `-n` guesses on the one nonce of
-        its first challenge (its fast mode: a source banned gets no new challenge, and
-        this way every entry is still tried); `-t 0.1` paces the guesses one at a time.
-        After its last guess it listens for 10 s for a late answer. Returns (exit
-        status, what it printed): 40 when it found a password."""
-        if subprocess.run([SIPVICIOUS_PYTHON, "-c", "import sipvicious.svcrack"], capture_output=True).returncode:
-            self.fail("no sipvicious for %s: scripts/test-kamailio installs it (PyPI sipvicious)" % SIPVICIOUS_PYTHON)
-        dictionary = os.path.join(self.workdir, name + ".dictionary")
-        with open(dictionary, "w", encoding="utf-8") as f:
-            f.write("\n".join(passwords) + "\n")
-        cmd = [SIPVICIOUS_PYTHON, "-c", SVCRACK_BOUND, "-u", user, "-d", dictionary, "-n", "-t", "0.1",
-               "--maximumtime", "5", "-b", ip, "-P", "5062", "--domain", REALM, "udp://%s" % KAMAILIO_ADDR]
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=self.workdir,
-                             env=dict(os.environ, HOME=self.workdir))
-        return out.returncode, out.stdout + out.stderr
+        return svcrack(self, self.workdir, name, ip, user, passwords, KAMAILIO_ADDR, timeout)
 
     def counters(self):
         out = self.tgctl("stats")

@@ -50,9 +50,10 @@ import sip_client as sip  # noqa: E402
 import trap_module  # noqa: E402
 from kamailio_dmq import wait_peers_active, write_secret  # noqa: E402
 from test_kamailio import CORE as CORE_IP  # noqa: E402
-from test_kamailio import (ALERT_WINDOW_S, AMBIGUOUS_TO, EXP, EXP_PBX, FAILOVER, FAILOVER_PORT, HQ, INTRUDER, MODULE, PBX, REALM,  # noqa: E402
-                           ROOT, TARGET, Webhook, WebhookHandler, _alive, assert_a_ringing_call_stays_its_callers,
-                           trunk_config, wait_for)
+from test_kamailio import (ALERT_WINDOW_S, AMBIGUOUS_TO, EXP, EXP_PBX, FAILOVER, FAILOVER_PORT, GUESSER,  # noqa: E402
+                           GUESSER_CONTROL, HQ, INTRUDER, INTRUDER_TCP, MODULE, P2P, PBX, REALM, ROOT, TARGET, Webhook,
+                           WebhookHandler, _alive, assert_a_ringing_call_stays_its_callers, svcrack, trunk_config,
+                           wait_for)
 
 SO = os.path.join(TARGET, "kamailio-module", "trunkguard.so")
 KAMAILIO_BIN = "/usr/sbin/kamailio"
@@ -673,6 +674,81 @@ class NativeModule(unittest.TestCase):
         self.register_hq2()
         victim, thief, core = self.party(PBX), self.party(HQ2_PBX[0]), self.party(*CORE)
         assert_a_ringing_call_stays_its_callers(self, EDGE, (victim, HQ), (thief, HQ2), core)
+
+    # --- credentials and access lists (docs/policy.md) --------------------------------
+
+    def test_23_svcrack_never_learns_a_password_and_its_source_is_banned(self):
+        before = self.stats()
+        edge = "%s:%d" % EDGE
+        # Control: the same svcrack command, given a dictionary whose second entry is
+        # right, finds it here: its digest answers are good, so every refusal below is
+        # the lockout's doing.
+        code, out = svcrack(self, self.workdir, "control", GUESSER_CONTROL, EXP[0], ["wrong-1", EXP[1]], edge)
+        self.assertEqual(code, 40, "svcrack's control run should crack exp1:\n" + out)
+        # 40 wrong passwords, the right one 16th: the source is banned after the 10th
+        # wrong answer (digest.lockout: 10 in 300 s), before the right one comes.
+        passwords = ["guess-%02d" % i for i in range(1, 16)] + [HQ[1]] + ["guess-%02d" % i for i in range(16, 41)]
+        code, out = svcrack(self, self.workdir, "attack", GUESSER, HQ[0], passwords, edge)
+        self.assertNotEqual(code, 40, "svcrack cracked hq1:\n" + out)
+        self.assertIn("found nothing", out)
+        self.assertNotIn(HQ[1], out)
+        # Banned: even the right credentials get a plain 403, with no challenge first.
+        banned = self.party(GUESSER)
+        _, answer = invite(banned, HQ)
+        self.assertEqual((answer or "").split("\r\n", 1)[0], "SIP/2.0 403 Forbidden", answer)
+        alert = wait_for("the password_guessing alert", lambda: [
+            a for a in self.webhook.snapshot() if a.get("kind") == "password_guessing"
+            and a.get("trunk_group") == "hq-pbx1"])[0]
+        self.assertTrue(alert["source"].startswith(GUESSER + ":"), alert)
+        self.assertNotIn(GUESSER, self.kamcmd("trunkguard.binding", "hq-pbx1").stdout)
+        # The trunk group itself is not locked: its PBX registers and calls.
+        self.assertEqual(sip.status(self.register()), 200)
+        self.assert_call_reaches_the_core()
+        # 1 wrong answer of the control and 10 of the attack refused as such; the
+        # attack's other 31 answers and the INVITE above as source_banned.
+        after = self.stats()
+        self.assertGreaterEqual(after["refused_auth"] - before.get("refused_auth", 0), 11, (before, after))
+        self.assertGreaterEqual(after["refused_address"] - before.get("refused_address", 0), 32, (before, after))
+        self.assertRegex(self.kamailio_log(), r'trunkguard-refusal \{[^\n]*"source":"%s:5062"[^\n]*"cause":'
+                         r'"source_banned"' % re.escape(GUESSER))
+
+    def test_24_a_p2p_trunk_outside_its_access_list_is_refused_over_udp_and_tcp(self):
+        # branch-p2p's access list is 127.0.0.2/32: its credentials from elsewhere get
+        # 403 and one not_in_access_list alert per source, over either transport.
+        for transport, ip in (("udp", INTRUDER), ("tcp", INTRUDER_TCP)):
+            ep = sip.Endpoint(ip, transport, EDGE)
+            self.addCleanup(ep.close)
+            self.assert_call_refused_over(ep, P2P)
+            alerts = wait_for("the not_in_access_list alert over %s" % transport, lambda: [
+                a for a in self.webhook.snapshot() if a.get("kind") == "blocked_call"
+                and a.get("cause") == "not_in_access_list" and a.get("source", "").startswith(ip + ":")])
+            self.assertEqual(len(alerts), 1, alerts)
+            self.assertEqual((alerts[0]["trunk_group"], alerts[0]["acl"]), ("branch-p2p", ["127.0.0.2/32"]))
+        # From inside it, the trunk's call reaches the core.
+        ep = sip.Endpoint(PBX, "udp", EDGE)
+        self.addCleanup(ep.close)
+        self.assert_call_over(ep, P2P)
+
+    def test_25_no_rpc_or_statistics_output_shows_a_password_or_ha1(self):
+        # Kamailio's operations view is its RPC (kamcmd over the ctl socket): what the
+        # module's commands, the statistics and the state table show names no secret.
+        with open(self.config, encoding="utf-8") as f:
+            config = json.load(f)
+        secrets = {v for loc in config["locations"] for tg in loc["trunk_groups"]
+                   for k, v in tg.items() if k in ("ha1", "ha1_sha256", "password")}
+        # The passwords too (hq-pbx2's, "other", is a word the statistics' names hold).
+        secrets |= {HQ[1], EXP[1], P2P[1]}
+        self.assertTrue(secrets)
+        shown = []
+        for args in (["trunkguard.status"], ["trunkguard.counters"], ["trunkguard.binding", "hq-pbx1"],
+                     ["stats.get_statistics", "all"], ["htable.dump", "tg"], ["core.ps"]):
+            out = self.kamcmd(*args)
+            self.assertEqual(out.returncode, 0, out.stdout + out.stderr)
+            self.assertNotRegex(out.stdout, r"^error", args)
+            shown.append(out.stdout)
+        # The commands ran: the binding and the state table are there.
+        self.assertIn("tg/binding/hq-pbx1", "".join(shown))
+        self.assertEqual([secret for secret in secrets if secret in "".join(shown)], [], "secrets shown")
 
     # --- one message, one reading: the policy's and Kamailio's (docs/policy.md) -------
 
