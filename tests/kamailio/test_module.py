@@ -52,8 +52,8 @@ from kamailio_dmq import wait_peers_active, write_secret  # noqa: E402
 from test_kamailio import CORE as CORE_IP  # noqa: E402
 from test_kamailio import (ALERT_WINDOW_S, AMBIGUOUS_TO, EXP, EXP_PBX, FAILOVER, FAILOVER_PORT, GUESSER,  # noqa: E402
                            GUESSER_CONTROL, HQ, INTRUDER, INTRUDER_TCP, MODULE, P2P, PBX, REALM, ROOT, TARGET, Webhook,
-                           WebhookHandler, _alive, assert_a_ringing_call_stays_its_callers, svcrack, trunk_config,
-                           wait_for)
+                           WebhookHandler, _alive, assert_a_ringing_call_stays_its_callers, stream_outcome, svcrack,
+                           trunk_config, wait_for)
 
 SO = os.path.join(TARGET, "kamailio-module", "trunkguard.so")
 KAMAILIO_BIN = "/usr/sbin/kamailio"
@@ -749,6 +749,83 @@ class NativeModule(unittest.TestCase):
         # The commands ran: the binding and the state table are there.
         self.assertIn("tg/binding/hq-pbx1", "".join(shown))
         self.assertEqual([secret for secret in secrets if secret in "".join(shown)], [], "secrets shown")
+
+    # --- inbound calls and registrations (docs/policy.md) -------------------------------
+
+    def invite_from_core(self, did):
+        core = sip.Endpoint(CORE_IP, server=CORE_LISTEN)
+        try:
+            return core.final(sip.request("INVITE", "sip:%s@%s" % (did, REALM), from_user="+15550001111", to_user=did,
+                                          via_ip=CORE_IP, via_port=core.port,
+                                          extra=[("Contact", "<sip:core@%s:%d>" % (CORE_IP, core.port))]))
+        finally:
+            core.close()
+
+    def test_26_an_inbound_call_for_a_did_without_registration_gets_480_and_an_unknown_did_404(self):
+        # branch-p2p has neither a registration nor a failover; the last DID is nobody's.
+        self.assertEqual(sip.status(self.invite_from_core("+15557770000")), 480)
+        self.assertEqual(sip.status(self.invite_from_core("+15550000000")), 404)
+
+    def test_27_a_registration_ip_change_is_alerted_once_with_the_repeat_count(self):
+        # A flapping registration: the intruder's and the PBX's turns alternate.
+        for ip in [INTRUDER, PBX, INTRUDER, PBX, INTRUDER, PBX]:
+            self.assertEqual(sip.status(self.register(ip)), 200)
+        changes = lambda **m: [a for a in self.webhook.snapshot() if a.get("kind") == "reg_ip_change"  # noqa: E731
+                               and a.get("trunk_group") == "hq-pbx1" and all(a.get(k) == v for k, v in m.items())]
+        first = wait_for("the first reg_ip_change", lambda: changes(new_ip=INTRUDER, count=1))
+        self.assertEqual(first[0]["old_ip"], PBX)
+        summary = wait_for("the end-of-window summary", lambda: changes(new_ip=INTRUDER, summary=True),
+                           timeout=ALERT_WINDOW_S + 10)
+        self.assertEqual(summary[0]["count"], 2, summary)
+        self.assertEqual(len(changes(new_ip=INTRUDER)), 2, "one alert, one summary: %s" % changes(new_ip=INTRUDER))
+        self.assertIn('"source":"%s:' % PBX, self.kamcmd("trunkguard.binding", "hq-pbx1").stdout)
+
+    def test_28_a_registration_expires(self):
+        pbx = sip.Endpoint(EXP_PBX, server=EDGE)
+        self.addCleanup(pbx.close)
+        answer = sip.register(pbx, *EXP, expires=2)
+        self.assertEqual(sip.status(answer), 200, answer)
+        self.assertRegex(sip.header(answer, "Contact"), r";expires=2$")
+        # While registered, the core's call for its DID goes to it.
+        core = sip.Endpoint(CORE_IP, server=CORE_LISTEN)
+        self.addCleanup(core.close)
+        core.send(sip.request("INVITE", "sip:+15556660000@%s" % REALM, from_user="+15550001111",
+                              to_user="+15556660000", via_ip=CORE_IP, via_port=core.port,
+                              extra=[("Contact", "<sip:core@%s:%d>" % (CORE_IP, core.port))]))
+        routed = pbx.recv(3.0)
+        self.assertIsNotNone(routed, "the INVITE reaches the registered PBX")
+        self.assertTrue(routed.startswith("INVITE sip:exp1@%s:%d" % (EXP_PBX, pbx.port)), routed)
+        time.sleep(2.5)
+        self.assertEqual(sip.status(self.invite_from_core("+15556660000")), 480)
+        self.assertNotIn("source", self.kamcmd("trunkguard.binding", "exp-pbx").stdout)
+
+    def test_29_binary_and_malformed_messages_get_an_answer_and_harm_nothing(self):
+        udp = sip.Endpoint(PBX, server=EDGE)
+        self.addCleanup(udp.close)
+        # A body that is not UTF-8: judged on its bytes like any other INVITE.
+        invite = sip.request("INVITE", "sip:%s@%s" % (CALLED, REALM), from_user=HQ[0], to_user=CALLED,
+                             via_ip=PBX, via_port=udp.port, extra=[("Content-Type", "application/octet-stream")],
+                             body=b"\xff\xfe\x00\x01binary\x80")
+        self.assertEqual(sip.status(udp.final(invite)), 407)
+        # Headers that are not SIP: refused 400 (by the cfg's sanity check or the policy).
+        self.assertEqual(sip.status(udp.final(invite.replace(b"CSeq: 1 INVITE", b"CSeq: one INVITE"))), 400)
+        # Noise Kamailio's own parser drops before the cfg: nothing to answer.
+        udp.send(os.urandom(300))
+        udp.send(b"\x00" * 64)
+        self.assertIsNone(udp.recv(0.5), "noise is not answered")
+        # Garbage on a stream: refused (400) or the connection closed, never silence.
+        tcp = sip.Endpoint(PBX, "tcp", EDGE)
+        self.addCleanup(tcp.close)
+        tcp.send(b"INVITE sip:x@y SIP/2.0\r\n\xff\xff\r\n\r\n")
+        outcome = stream_outcome(tcp.sock, 3.0)
+        self.assertTrue(outcome == "closed" or sip.status(outcome) == 400, outcome)
+        # Still serving, every worker: the next messages are answered.
+        for _ in range(6):
+            probe = sip.Endpoint(PBX, server=EDGE)
+            self.addCleanup(probe.close)
+            options = sip.request("OPTIONS", "sip:%s:%d" % EDGE, from_user="probe", via_ip=PBX, via_port=probe.port)
+            self.assertEqual(sip.status(probe.final(options)), 200)
+        self.assertTrue(_alive(self.proc.pid))
 
     # --- one message, one reading: the policy's and Kamailio's (docs/policy.md) -------
 
