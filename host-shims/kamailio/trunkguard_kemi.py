@@ -642,6 +642,17 @@ class Shim:
             else:
                 KSR.sl.sl_send_reply(403, "Forbidden")
             return -255
+        if not KSR.is_ACK():
+            # A retransmission is tm's to answer, before the policy sees it again (a
+            # retransmitted authenticated INVITE would read as a replayed nonce and
+            # count as a call of its own): being handled by another worker (the
+            # Kamailio default cfg's pattern), or answered already (0: tm resent the
+            # last reply).
+            if KSR.tmx.t_precheck_trans() > 0:
+                KSR.tm.t_check_trans()
+                return -255
+            if KSR.tm.t_check_trans() == 0:
+                return -255
         # Any exception from here on (PolicyError: a trap, a broken .wasm, a store
         # failure; or a bug) is answered by ksr_request_route's fail-closed 503.
         self._sync()
@@ -847,6 +858,9 @@ class Shim:
         routed = KSR.rr.loose_route() > 0
         if routed and KSR.dialog.is_known_dlg() > 0 and self._cookie_matches() and self._dialog_lives():
             ftag = KSR.pv.get("$dlg_var(%s)" % DLG_FTAG)
+            if KSR.pv.get("$ft") == KSR.pv.get("$tt"):
+                # Both tags alike would read as either direction.
+                ftag = None
             if ftag and KSR.pv.get("$ft") == ftag:
                 hop, sock = DLG_CALLEE, DLG_CALLEE_SOCKET
             elif ftag and KSR.pv.get("$tt") == ftag:
@@ -878,13 +892,19 @@ class Shim:
         the cookie of the very dialog matched: `did=<h_entry>.<h_id>`, each in reversed
         hex (the dialog module's add_dlg_rr_param). The dialog module falls back to
         Call-ID and tags when the cookie is missing or names another dialog; a request
-        that only knows a call's identifiers is not within it (docs/kamailio.md)."""
+        that only knows a call's identifiers is not within it (docs/kamailio.md). The
+        first `did` parameter, its name as written, as the dialog module reads it
+        (rr's get_route_param): a second one, or `DID`, never stands in for it."""
         entry, hid = KSR.pv.get("$dlg(h_entry)"), KSR.pv.get("$dlg(h_id)")
         try:
             cookie = "%s.%s" % (format(int(entry), "x")[::-1], format(int(hid), "x")[::-1])
         except (TypeError, ValueError):
             return False
-        return KSR.rr.check_route_param("(^|;)did=%s(;|$)" % re.escape(cookie)) > 0
+        for param in (KSR.pv.get("$route_uri") or "").split(";")[1:]:
+            name, _, value = param.partition("=")
+            if name.strip() == "did":
+                return value.strip() == cookie
+        return False
 
     def _dialog_lives(self):
         """Whether the matched dialog is one a request can be within. An ended dialog

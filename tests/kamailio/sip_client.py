@@ -345,7 +345,8 @@ def place_call(pbx, carrier, edge, creds, called, extra=(), timeout=3.0):
 
 def authenticated_invite(party, edge, creds, called, call_id, ftag, timeout=3.0):
     """An INVITE of `creds` from `party` to `edge` with this Call-ID and From tag, sent
-    again with credentials after the 407 (not waited for). The 407 is checked."""
+    again with credentials after the 407 (not waited for). The 407 is checked. Returns
+    the bytes of the INVITE with credentials (to send again as a retransmission)."""
     ruri = "sip:%s@%s" % (called, REALM)
 
     def invite(cseq, extra=()):
@@ -361,7 +362,9 @@ def authenticated_invite(party, edge, creds, called, call_id, ftag, timeout=3.0)
         raise AssertionError("expected 407, got %r" % challenge)
     auth = authorization(headers(challenge, "Proxy-Authenticate")[-1], "INVITE", ruri, creds[0], creds[1],
                          "Proxy-Authorization")
-    party.send(invite(2, [auth]), edge)
+    data = invite(2, [auth])
+    party.send(data, edge)
+    return data
 
 
 def answered_dialogs(caller, callee, got, hop, ok_from_edge, call_id, ftag, local_uri, ruri, callee_tag):

@@ -286,6 +286,28 @@ def svcrack(test, workdir, name, ip, user, passwords, edge_addr, timeout=90):
     return out.returncode, out.stdout + out.stderr
 
 
+def assert_a_retransmitted_invite_is_absorbed(test, edge, caller, creds, far):
+    """`caller`'s authenticated INVITE, sent twice (UDP: its 100 Trying late or lost),
+    reaches `far` once; the retransmission gets no answer of its own (the policy never
+    judges it again, where it would read as a replayed nonce), and the call is
+    answered. Shared by the shim's suite and the native module's."""
+    call_id, ftag = "rexmit-%s@%s" % (os.urandom(6).hex(), caller.ip), os.urandom(4).hex()
+    ours = lambda m: (sip.headers(m, "Call-ID", "i") or [None])[0] == call_id  # noqa: E731
+    invite = sip.authenticated_invite(caller, edge, creds, CALLED, call_id, ftag)
+    got, hop = far.recv(3.0, lambda m: sip.method(m) == "INVITE" and ours(m))
+    test.assertIsNotNone(got, "the INVITE never reached the far end")
+    # Trying at once, so that tm does not send the INVITE to the far end again itself.
+    far.send(sip.response(got, 100, "Trying"), hop)
+    caller.send(invite, edge)
+    test.assertIsNone(caller.recv(1.0, lambda m: ours(m) and sip.status(m) >= 200)[0],
+                      "the retransmission got an answer of its own")
+    test.assertIsNone(far.recv(0.5, lambda m: sip.method(m) == "INVITE" and ours(m))[0],
+                      "the retransmission reached the far end")
+    far.send(sip.response(got, 486, "Busy Here", to_tag="far"), hop)
+    answer, _ = caller.recv(3.0, lambda m: ours(m) and sip.status(m) >= 200)
+    test.assertEqual(sip.status(answer), 486, answer)
+
+
 def assert_a_ringing_call_stays_its_callers(test, edge, victim, thief, far):
     """A call of `victim` (party, credentials) to `far` rings; `thief`, a trunk of its
     own, sends an authenticated INVITE with the call's Call-ID and From tag (as seen on
@@ -876,6 +898,12 @@ class KamailioEdge(unittest.TestCase):
             ("the live call's identifiers, a made-up cookie",
              forged(live, intruder, route=["<sip:%s;lr;did=123.456>" % KAMAILIO_ADDR])),
             ("the live call's identifiers, the ended call's cookie", forged(live, intruder, route=ended.route)),
+            # Its own cookie, but not as the first `did` of the Route (the dialog module
+            # reads the first, by its exact name): the dialog would not see the request.
+            ("the live call's identifiers, a made-up cookie before its own",
+             forged(live, intruder, route=[r.replace(";did=", ";did=0.0;did=", 1) for r in live.route])),
+            ("the live call's identifiers, its cookie as DID",
+             forged(live, intruder, route=[r.replace(";did=", ";DID=", 1) for r in live.route])),
             ("the live call's identifiers, a Route to the carrier",
              forged(live, intruder, route=["<sip:127.0.0.1:%d;lr>" % CARRIER_PORT])),
         ]
@@ -1102,6 +1130,10 @@ class KamailioEdge(unittest.TestCase):
         victim, thief = self.party(PBX), self.party(PBX)
         carrier = self.party("127.0.0.1", CARRIER_PORT)
         assert_a_ringing_call_stays_its_callers(self, KAMAILIO, (victim, HQ), (thief, P2P), carrier)
+
+    def test_29_a_retransmitted_invite_is_absorbed_not_judged_again(self):
+        caller, carrier = self.party(PBX), self.party("127.0.0.1", CARRIER_PORT)
+        assert_a_retransmitted_invite_is_absorbed(self, KAMAILIO, caller, HQ, carrier)
 
 
 def sipp_times(log, direction, first_line):

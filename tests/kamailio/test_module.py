@@ -52,7 +52,8 @@ from kamailio_dmq import wait_peers_active, write_secret  # noqa: E402
 from test_kamailio import CORE as CORE_IP  # noqa: E402
 from test_kamailio import (ALERT_WINDOW_S, AMBIGUOUS_TO, EXP, EXP_PBX, FAILOVER, FAILOVER_PORT, GUESSER,  # noqa: E402
                            GUESSER_CONTROL, HQ, INTRUDER, INTRUDER_TCP, MODULE, P2P, PBX, REALM, ROOT, TARGET, Webhook,
-                           WebhookHandler, _alive, assert_a_ringing_call_stays_its_callers, stream_outcome, svcrack,
+                           WebhookHandler, _alive, assert_a_retransmitted_invite_is_absorbed,
+                           assert_a_ringing_call_stays_its_callers, stream_outcome, svcrack,
                            trunk_config, wait_for)
 
 SO = os.path.join(TARGET, "kamailio-module", "trunkguard.so")
@@ -625,6 +626,12 @@ class NativeModule(unittest.TestCase):
             ("the live call's identifiers, a made-up cookie",
              forged(live, intruder, route=["<sip:%s:%d;lr;did=123.456>" % EDGE])),
             ("the live call's identifiers, the ended call's cookie", forged(live, intruder, route=ended.route)),
+            # Its own cookie, but not as the first `did` of the Route (the dialog module
+            # reads the first, by its exact name): the dialog would not see the request.
+            ("the live call's identifiers, a made-up cookie before its own",
+             forged(live, intruder, route=[r.replace(";did=", ";did=0.0;did=", 1) for r in live.route])),
+            ("the live call's identifiers, its cookie as DID",
+             forged(live, intruder, route=[r.replace(";did=", ";DID=", 1) for r in live.route])),
             ("the live call's identifiers, a Route to the core", forged(live, intruder, route=["<sip:%s:%d;lr>" % CORE])),
         ]
         outcomes = []
@@ -826,6 +833,10 @@ class NativeModule(unittest.TestCase):
             options = sip.request("OPTIONS", "sip:%s:%d" % EDGE, from_user="probe", via_ip=PBX, via_port=probe.port)
             self.assertEqual(sip.status(probe.final(options)), 200)
         self.assertTrue(_alive(self.proc.pid))
+
+    def test_30_a_retransmitted_invite_is_absorbed_not_judged_again(self):
+        caller, core = self.party(PBX), self.party(*CORE)
+        assert_a_retransmitted_invite_is_absorbed(self, EDGE, caller, HQ, core)
 
     # --- one message, one reading: the policy's and Kamailio's (docs/policy.md) -------
 

@@ -280,6 +280,7 @@ int ki_trunkguard_dialog_open(sip_msg_t *msg)
 			|| tg_pv_copy(msg, tg_pv_ftag, recorded, sizeof(recorded)) >= 0) {
 		LM_ERR("INVITE with the Call-ID and From tag of a dialog this edge has already: "
 			   "refused\n");
+		update_stat(tg_st_dialog_reused, 1);
 		return -2;
 	}
 	proto = tg_transport(msg->rcv.proto);

@@ -63,7 +63,7 @@ extern stat_var *tg_st_judged, *tg_st_allowed, *tg_st_routed, *tg_st_challenged,
 		*tg_st_accepted, *tg_st_refused_auth, *tg_st_refused_address,
 		*tg_st_refused_other, *tg_st_alerts_spooled, *tg_st_alerts_sent,
 		*tg_st_alerts_rejected, *tg_st_policy_errors, *tg_st_store_refused,
-		*tg_st_in_dialog_refused;
+		*tg_st_in_dialog_refused, *tg_st_dialog_reused;
 extern stat_export_t tg_stats[];
 
 /* trunkguard_mod.c */

@@ -50,7 +50,7 @@ stat_var *tg_st_judged, *tg_st_allowed, *tg_st_routed, *tg_st_challenged,
 		*tg_st_accepted, *tg_st_refused_auth, *tg_st_refused_address,
 		*tg_st_refused_other, *tg_st_alerts_spooled, *tg_st_alerts_sent,
 		*tg_st_alerts_rejected, *tg_st_policy_errors, *tg_st_store_refused,
-		*tg_st_in_dialog_refused;
+		*tg_st_in_dialog_refused, *tg_st_dialog_reused;
 
 /* Refusals are counted by the group of their cause (src/verdict.rs `Cause`):
  * credentials, the address a request came from, and the rest. */
@@ -69,6 +69,7 @@ stat_export_t tg_stats[] = {
 	{"policy_errors", 0, &tg_st_policy_errors},
 	{"store_refused", 0, &tg_st_store_refused},
 	{"in_dialog_refused", 0, &tg_st_in_dialog_refused},
+	{"dialog_reused", 0, &tg_st_dialog_reused},
 	{0, 0, 0}
 };
 
