@@ -404,6 +404,18 @@ class Edge {
           return this.send(side, known.answer, known.to);
         }
       }
+      // A retransmission of an INVITE this edge forwarded (the same bytes, same
+      // transaction): sent again as it went, on its branch (a stateless proxy,
+      // RFC 3261 §16.11), never judged again: its credentials would read as a
+      // replayed nonce (407 stale), ending the caller's call while the first INVITE
+      // went on. An inbound call that failed over goes where its call is now.
+      const fwd = known?.forward;
+      if (fwd?.bytes && method === known.method && known.digest === req.digest && this.sameSender(known, req)) {
+        const call = this.failovers.get(req.key);
+        if (call?.state === 'failover') return this.toFailover(call);
+        this.trace(`${source} ${method} retransmitted: forwarded again`);
+        return this.send(fwd.out, fwd.bytes, fwd.dest);
+      }
 
       // The socket it came in on goes along: the policy trusts core_networks sources
       // only on the sockets its configuration lists in core_sockets (docs/policy.md,
@@ -721,11 +733,15 @@ class Edge {
       setList(msg, 'record-route', 'Record-Route', [...rr, ...list(msg, 'record-route')]);
     }
     setList(msg, 'via', 'Via', [`SIP/2.0/UDP ${out.hostport};branch=${req.branch};rport`, ...list(msg, 'via')]);
+    const bytes = serialize(msg);
     if (method === 'INVITE') {
-      this.remember(req.key, { method, forward: { dest, ruri, out, branch: req.branch, from: { side, host: rinfo.address, port: rinfo.port } } });
+      this.remember(req.key, {
+        method, digest: req.digest,
+        forward: { dest, ruri, out, branch: req.branch, bytes, from: { side, host: rinfo.address, port: rinfo.port } },
+      });
     }
     if (dialog) this.dialogs.create(req.callId, tagOf(header(msg, 'from')), req.cseq, dialog.caller, dialog.callee);
-    this.send(out, serialize(msg), dest);
+    this.send(out, bytes, dest);
   }
 
   // Answers a request, except an ACK, which is never answered (RFC 3261 §17.2.3).

@@ -230,6 +230,26 @@ function uac(edge, name, scenario, ip, { creds, service = CALLED, to = edge.addr
   return sipp(edge, name, scenario, [...args, to]);
 }
 
+// The peer-to-peer trunk's INVITE from `pbx` (a socket on 127.0.0.2 whose messages
+// `got` collects), answered with credentials after the 407. Resolves with the
+// authenticated INVITE as sent (to send again as a retransmission).
+async function authenticatedInvite(edge, pbx, got, callId) {
+  const [host, port] = edge.address.split(':');
+  const ruri = `sip:${CALLED}@trunks.example.net`;
+  const invite = (cseq, auth = '') => ['INVITE ' + ruri + ' SIP/2.0',
+    `Via: SIP/2.0/UDP 127.0.0.2:${pbx.address().port};branch=z9hG4bK-hand-${cseq};rport`, 'Max-Forwards: 70',
+    `From: <sip:${P2P.user}@trunks.example.net>;tag=pbx-tag`, `To: <${ruri}>`, `Call-ID: ${callId}`, `CSeq: ${cseq} INVITE`,
+    `Contact: <sip:${P2P.user}@127.0.0.2:${pbx.address().port}>`, ...(auth ? [auth] : []), 'Content-Length: 0', '', ''].join('\r\n');
+  pbx.send(invite(1), Number(port), host);
+  const challenge = await waitFor('the 407', () => got.find((m) => /^SIP\/2\.0 407 /.test(m) && m.includes(callId)));
+  const nonce = /nonce="([^"]+)"/.exec(challenge)[1];
+  const md5 = (x) => createHash('md5').update(x).digest('hex');
+  const response = md5(`${ha1(P2P)}:${nonce}:00000001:0a4f113b:auth:${md5(`INVITE:${ruri}`)}`);
+  const authed = invite(2, `Proxy-Authorization: Digest username="${P2P.user}", realm="${REALM}", nonce="${nonce}", uri="${ruri}", response="${response}", algorithm=MD5, qop=auth, nc=00000001, cnonce="0a4f113b"`);
+  pbx.send(authed, Number(port), host);
+  return authed;
+}
+
 // A call set up by hand, for attacks inside a live dialog: the PBX (a socket on
 // 127.0.0.2) calls with the peer-to-peer trunk's credentials, answering the 407; the
 // carrier (a socket on the upstream port) answers 200 with the edge's Record-Route
@@ -247,19 +267,9 @@ async function handCall(edge) {
   const pbx = await udpSocket('127.0.0.2');
   const got = [];
   pbx.on('message', (m) => got.push(m.toString('latin1')));
-  const [host, port] = edge.address.split(':');
-  const ruri = `sip:${CALLED}@trunks.example.net`;
   const callId = `hand-${Date.now()}@127.0.0.2`;
-  const invite = (cseq, auth = '') => ['INVITE ' + ruri + ' SIP/2.0',
-    `Via: SIP/2.0/UDP 127.0.0.2:${pbx.address().port};branch=z9hG4bK-hand-${cseq};rport`, 'Max-Forwards: 70',
-    `From: <sip:${P2P.user}@trunks.example.net>;tag=pbx-tag`, `To: <${ruri}>`, `Call-ID: ${callId}`, `CSeq: ${cseq} INVITE`,
-    `Contact: <sip:${P2P.user}@127.0.0.2:${pbx.address().port}>`, ...(auth ? [auth] : []), 'Content-Length: 0', '', ''].join('\r\n');
-  pbx.send(invite(1), Number(port), host);
-  const challenge = await waitFor('the 407', () => got.find((m) => /^SIP\/2\.0 407 /.test(m)));
-  const nonce = /nonce="([^"]+)"/.exec(challenge)[1];
-  const md5 = (x) => createHash('md5').update(x).digest('hex');
-  const response = md5(`${ha1(P2P)}:${nonce}:00000001:0a4f113b:auth:${md5(`INVITE:${ruri}`)}`);
-  pbx.send(invite(2, `Proxy-Authorization: Digest username="${P2P.user}", realm="${REALM}", nonce="${nonce}", uri="${ruri}", response="${response}", algorithm=MD5, qop=auth, nc=00000001, cnonce="0a4f113b"`), Number(port), host);
+  const ruri = `sip:${CALLED}@trunks.example.net`;
+  await authenticatedInvite(edge, pbx, got, callId);
   const ok = await waitFor('the 200 through the edge', () => got.find((m) => /^SIP\/2\.0 200 /.test(m)));
   const recordRoute = [...ok.matchAll(/^Record-Route: (.*?)\r?$/gmi)].flatMap((m) => m[1].split(/,\s*(?=<)/));
   return {
@@ -374,6 +384,34 @@ for (const coreListen of [false, true]) {
       const branches = [...got.matchAll(/^(?:INVITE|CANCEL|ACK) [^\n]*\n(?:[^\n]*\n)*?Via: SIP\/2\.0\/UDP [^;]+;branch=(\w+)/gm)].map((m) => m[1]);
       assert.equal(branches.length, 3, got);
       assert.equal(new Set(branches).size, 1, `INVITE, CANCEL and ACK must share the edge's branch: ${branches}`);
+    });
+
+    test('a retransmitted authenticated INVITE is forwarded again on its branch, never judged again', TIMEOUT, async () => {
+      // UDP: the PBX sends its INVITE again when no answer came in time. Judged again,
+      // its credentials would read as a replayed nonce (407 stale), ending its call
+      // while the first INVITE went on to the carrier.
+      const carrier = await watch('127.0.0.1', edge.upstreamPort);
+      const pbx = await udpSocket('127.0.0.2');
+      const got = [];
+      pbx.on('message', (m) => got.push(m.toString('latin1')));
+      try {
+        const callId = `rexmit-${Date.now()}@127.0.0.2`;
+        const invites = () => carrier.seen.filter((m) => m.startsWith('INVITE ') && m.includes(callId));
+        const authed = await authenticatedInvite(edge, pbx, got, callId);
+        await waitFor('the INVITE at the carrier', () => invites().length === 1);
+        const [host, port] = edge.address.split(':');
+        pbx.send(authed, Number(port), host);
+        await waitFor('the retransmission at the carrier', () => invites().length === 2);
+        await new Promise((resolve) => setTimeout(resolve, 300));
+        assert.deepEqual(got.filter((m) => /^SIP\/2\.0 [2-6]\d\d /.test(m) && /CSeq: 2 INVITE/.test(m)), [],
+          'the retransmission got an answer of its own');
+        const branch = (m) => /^Via: SIP\/2\.0\/UDP [^;]+;branch=([^;\r\n]+)/m.exec(m)[1];
+        assert.equal(branch(invites()[0]), branch(invites()[1]), 'a retransmission keeps its branch (RFC 3261 §16.11)');
+        assert.match(edge.log, /INVITE retransmitted: forwarded again/);
+      } finally {
+        pbx.close();
+        await carrier.close();
+      }
     });
 
     test('the same call with the same credentials from 127.0.0.3 is refused 403, with an alert', TIMEOUT, async () => {
