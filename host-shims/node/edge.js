@@ -454,10 +454,22 @@ class Edge {
     }
   }
 
+  // A new call (an INVITE of another transaction: its CSeq differs) with the Call-ID
+  // and From tag of a dialog that lives never takes that dialog's parties over:
+  // written over, the far end's requests would go to the newcomer. The same refusal
+  // as the Kamailio edges' (docs/kamailio.md, "Limits"); a retransmission, or the
+  // retry after a failure (which ended the dialog), is not one.
+  reusesDialog(req) {
+    if (req.method !== 'INVITE') return false;
+    const open = this.dialogs.get(req.callId, tagOf(header(req.msg, 'from')));
+    return Boolean(open && open.cseq !== req.cseq);
+  }
+
   // An authenticated trunk's request: to the carrier only, never where its
   // Request-URI or Route points.
   toCarrier(req, verdict) {
     if (!verdict.trunk_group) throw new Error('allow for a trunk without trunk_group');
+    if (this.reusesDialog(req)) return this.refuse(req, 482, 'Loop Detected', [], 'the Call-ID and From tag of a live dialog');
     this.popOurRoutes(req.msg);
     const opts = { recordRoute: req.method === 'INVITE', verdict };
     if (req.method === 'INVITE') {
@@ -468,6 +480,7 @@ class Edge {
 
   // The core's call to a DID: to the registered PBX (next_hop) or the failover (target).
   inbound(req, verdict) {
+    if (this.reusesDialog(req)) return this.refuse(req, 482, 'Loop Detected', [], 'the Call-ID and From tag of a live dialog');
     const dest = uriHostPort(verdict.next_hop ?? verdict.target);
     this.popOurRoutes(req.msg);
     const opts = { ruri: verdict.target, recordRoute: true, verdict };

@@ -957,6 +957,39 @@ class EnvoyFront(unittest.TestCase):
         for what, secret in secrets().items():
             self.assertNotIn(secret, text, f"{what} in /stats/prometheus")
 
+    def test_24_another_trunk_reusing_a_ringing_calls_identifiers_gets_482_and_not_the_call(self):
+        # hq-pbx1 rings the carrier; branch-p2p (its own credentials, its access list
+        # 127.0.0.2/32) has seen the INVITE's Call-ID and From tag. The upstream's
+        # dialog module takes its INVITE for a spiral of the ringing call: it must not
+        # rewrite the call's parties (the carrier's BYE would go to the newcomer).
+        self.assertPassed(register("register-ring", "127.0.0.2"), "register from .2")
+        call_id, ftag = f"ring-{os.urandom(6).hex()}", os.urandom(4).hex()
+        victim, thief = SipClient(LISTEN, "127.0.0.2"), SipClient(LISTEN, "127.0.0.2")
+        self.addCleanup(victim.close)
+        self.addCleanup(thief.close)
+        with AnsweringFarEnd() as far:
+            invites = lambda: [(m, a) for m, a in far.senders if m.startswith("INVITE ") and call_id in m]  # noqa: E731
+            authenticated_invite(victim, "127.0.0.2", HQ, call_id, ftag, 1)
+            (first, upstream), = wait_for("the INVITE at the carrier", invites)
+            far.sock.sendto(far_answer(first, 180, "Ringing", "far"), upstream)
+            authenticated_invite(thief, "127.0.0.2", P2P, call_id, ftag, 11)
+            refused = thief.next(lambda t: (status_of(t) or 0) >= 200 and "CSeq: 12 INVITE" in t)
+            self.assertEqual(status_of(refused), 482, refused)
+            time.sleep(0.5)
+            self.assertEqual(len(invites()), 1, "the second INVITE reached the carrier")
+            # The call is still the victim's: answered, and the carrier's BYE reaches it.
+            far.sock.sendto(far_answer(first, 200, "OK", "far", f"<sip:{CALLED}@{FAR_END[0]}:{FAR_END[1]}>"), upstream)
+            ok = victim.next(lambda t: status_of(t) == 200 and "CSeq: 2 INVITE" in t)
+            self.assertTrue(ok, "the 200 never reached the victim")
+            routes = ", ".join(header_values(first, "Record-Route"))
+            frm, to = header_values(first, "From")[0], header_values(first, "To")[0]
+            contact = re.search(r"(?m)^Contact: <([^>]+)>", first).group(1)
+            far.sock.sendto((f"BYE {contact} SIP/2.0\r\nVia: SIP/2.0/UDP {FAR_END[0]}:{FAR_END[1]};branch=z9hG4bK-ring-bye\r\n"
+                             f"Route: {routes}\r\nMax-Forwards: 70\r\nFrom: {to};tag=far\r\nTo: {frm}\r\n"
+                             f"Call-ID: {call_id}\r\nCSeq: 1 BYE\r\nContent-Length: 0\r\n\r\n").encode(), upstream)
+            self.assertTrue(victim.next(lambda t: t.startswith("BYE "), wait=3), "the BYE never reached the victim")
+            self.assertEqual(thief.next(lambda t: t.startswith("BYE "), wait=1), "", "the BYE reached the thief")
+
     def test_23_envoy_holds_hashes_only_and_its_files_are_0600(self):
         vault = vault_ha1s()
         # The ECDS resource: the vault trunk group's HA1s in place of its password, no
@@ -991,6 +1024,50 @@ class EnvoyFront(unittest.TestCase):
         log = envoy_log()
         for what, secret in secrets().items():
             self.assertNotIn(secret, log, f"{what} in envoy.log")
+
+
+class AnsweringFarEnd(FarEnd):
+    """FarEnd that keeps who sent each datagram (`senders`), so a test can answer."""
+
+    def __init__(self):
+        self.senders = []
+        super().__init__()
+
+    def received(self, text, sender):
+        self.senders.append((text, sender))
+        super().received(text, sender)
+
+
+def far_answer(request, code, reason, to_tag, contact=""):
+    """The far end's answer to `request` (its Via, From, To with `to_tag`, Call-ID,
+    CSeq and Record-Route copied, RFC 3261 §8.2.6, §12.1.1)."""
+    keep = [line for line in request.split("\r\n") if re.match(r"(?i)(Via|From|Call-ID|CSeq|Record-Route):", line)]
+    to = re.search(r"(?mi)^To: (.*?)\r?$", request).group(1)
+    lines = [f"SIP/2.0 {code} {reason}", *keep, f"To: {to};tag={to_tag}"]
+    if contact:
+        lines.append(f"Contact: {contact}")
+    return ("\r\n".join(lines + ["Content-Length: 0", "", ""])).encode()
+
+
+def authenticated_invite(client, source, creds, call_id, ftag, cseq):
+    """`creds`' INVITE over `client` (a SipClient from `source`) with this Call-ID and
+    From tag, sent again with credentials after the 407 (its answer not waited for)."""
+    ruri = f"sip:{CALLED}@{REALM}"
+
+    def invite(n, extra=""):
+        branch = f"z9hG4bK-{md5_hex(call_id)[:12]}-{creds[0]}-{n}"
+        return (f"INVITE {ruri} SIP/2.0\r\nVia: SIP/2.0/TCP {source}:5060;branch={branch}\r\n"
+                f"Max-Forwards: 70\r\nFrom: <sip:{creds[0]}@{REALM}>;tag={ftag}\r\nTo: <{ruri}>\r\n"
+                f"Call-ID: {call_id}\r\nCSeq: {n} INVITE\r\n"
+                f"Contact: <sip:{creds[0]}@{source}:5060;transport=tcp>\r\n{extra}Content-Length: 0\r\n\r\n").encode()
+
+    challenge = client.exchange(invite(cseq))
+    assert status_of(challenge) == 407, challenge
+    nonce, cnonce = re.search(r'nonce="([^"]+)"', challenge).group(1), os.urandom(4).hex()
+    response = md5_hex(f"{ha1(*creds)}:{nonce}:00000001:{cnonce}:auth:{md5_hex(f'INVITE:{ruri}')}")
+    client.sock.sendall(invite(cseq + 1, f'Proxy-Authorization: Digest username="{creds[0]}", realm="{REALM}", '
+                                         f'nonce="{nonce}", uri="{ruri}", response="{response}", algorithm=MD5, '
+                                         f'qop=auth, nc=00000001, cnonce="{cnonce}"\r\n'))
 
 
 def vault_ha1s():
@@ -1053,13 +1130,18 @@ class SipClient:
         was closed (then `closed` is set) or nothing came within `wait` seconds. The
         answers the filter writes have no body."""
         self.sock.sendall(message)
+        return self.next(lambda text: (status_of(text) or 0) >= 200, wait)
+
+    def next(self, want, wait=5):
+        """The next message (without a body) for which `want(text)` holds, the others
+        dropped: "" when the connection was closed or nothing came within `wait`."""
         until = time.time() + wait
         while True:
             head, sep, rest = self.buffer.partition(b"\r\n\r\n")
             if sep:
                 self.buffer = rest
                 text = (head + sep).decode("latin-1")
-                if (status_of(text) or 0) >= 200:
+                if want(text):
                     return text
                 continue
             if self.closed or time.time() > until:

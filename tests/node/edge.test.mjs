@@ -233,19 +233,19 @@ function uac(edge, name, scenario, ip, { creds, service = CALLED, to = edge.addr
 // The peer-to-peer trunk's INVITE from `pbx` (a socket on 127.0.0.2 whose messages
 // `got` collects), answered with credentials after the 407. Resolves with the
 // authenticated INVITE as sent (to send again as a retransmission).
-async function authenticatedInvite(edge, pbx, got, callId) {
+async function authenticatedInvite(edge, pbx, got, callId, { creds = P2P, cseq = 1 } = {}) {
   const [host, port] = edge.address.split(':');
   const ruri = `sip:${CALLED}@trunks.example.net`;
-  const invite = (cseq, auth = '') => ['INVITE ' + ruri + ' SIP/2.0',
-    `Via: SIP/2.0/UDP 127.0.0.2:${pbx.address().port};branch=z9hG4bK-hand-${cseq};rport`, 'Max-Forwards: 70',
-    `From: <sip:${P2P.user}@trunks.example.net>;tag=pbx-tag`, `To: <${ruri}>`, `Call-ID: ${callId}`, `CSeq: ${cseq} INVITE`,
-    `Contact: <sip:${P2P.user}@127.0.0.2:${pbx.address().port}>`, ...(auth ? [auth] : []), 'Content-Length: 0', '', ''].join('\r\n');
-  pbx.send(invite(1), Number(port), host);
+  const invite = (n, auth = '') => ['INVITE ' + ruri + ' SIP/2.0',
+    `Via: SIP/2.0/UDP 127.0.0.2:${pbx.address().port};branch=z9hG4bK-hand-${n};rport`, 'Max-Forwards: 70',
+    `From: <sip:${creds.user}@trunks.example.net>;tag=pbx-tag`, `To: <${ruri}>`, `Call-ID: ${callId}`, `CSeq: ${n} INVITE`,
+    `Contact: <sip:${creds.user}@127.0.0.2:${pbx.address().port}>`, ...(auth ? [auth] : []), 'Content-Length: 0', '', ''].join('\r\n');
+  pbx.send(invite(cseq), Number(port), host);
   const challenge = await waitFor('the 407', () => got.find((m) => /^SIP\/2\.0 407 /.test(m) && m.includes(callId)));
   const nonce = /nonce="([^"]+)"/.exec(challenge)[1];
   const md5 = (x) => createHash('md5').update(x).digest('hex');
-  const response = md5(`${ha1(P2P)}:${nonce}:00000001:0a4f113b:auth:${md5(`INVITE:${ruri}`)}`);
-  const authed = invite(2, `Proxy-Authorization: Digest username="${P2P.user}", realm="${REALM}", nonce="${nonce}", uri="${ruri}", response="${response}", algorithm=MD5, qop=auth, nc=00000001, cnonce="0a4f113b"`);
+  const response = md5(`${ha1(creds)}:${nonce}:00000001:0a4f113b:auth:${md5(`INVITE:${ruri}`)}`);
+  const authed = invite(cseq + 1, `Proxy-Authorization: Digest username="${creds.user}", realm="${REALM}", nonce="${nonce}", uri="${ruri}", response="${response}", algorithm=MD5, qop=auth, nc=00000001, cnonce="0a4f113b"`);
   pbx.send(authed, Number(port), host);
   return authed;
 }
@@ -410,6 +410,46 @@ for (const coreListen of [false, true]) {
         assert.match(edge.log, /INVITE retransmitted: forwarded again/);
       } finally {
         pbx.close();
+        await carrier.close();
+      }
+    });
+
+    test('attack: another trunk reusing a ringing call\'s Call-ID and From tag gets 482, and the call stays its caller\'s', TIMEOUT, async () => {
+      // hq-pbx1 (registered from 127.0.0.2 by the first test) has seen branch-p2p's
+      // INVITE on the wire while it rings.
+      const carrier = await watch('127.0.0.1', edge.upstreamPort);
+      const victim = await udpSocket('127.0.0.2');
+      const thief = await udpSocket('127.0.0.2');
+      const [victimGot, thiefGot] = [[], []];
+      victim.on('message', (m) => victimGot.push(m.toString('latin1')));
+      thief.on('message', (m) => thiefGot.push(m.toString('latin1')));
+      try {
+        const callId = `ring-${Date.now()}@127.0.0.2`;
+        const invites = () => carrier.seen.filter((m) => m.startsWith('INVITE ') && m.includes(callId));
+        await authenticatedInvite(edge, victim, victimGot, callId);
+        await waitFor('the INVITE at the carrier', () => invites().length === 1);
+        await authenticatedInvite(edge, thief, thiefGot, callId, { creds: HQ, cseq: 11 });
+        const refused = await waitFor('the answer to the second INVITE', () => thiefGot.find((m) => /^SIP\/2\.0 [2-6]\d\d /.test(m) && /CSeq: 12 INVITE/.test(m)));
+        assert.match(refused, /^SIP\/2\.0 482 /);
+        await new Promise((resolve) => setTimeout(resolve, 300));
+        assert.equal(invites().length, 1, 'the second INVITE reached the carrier');
+        // The carrier answers the first INVITE and hangs up: its BYE reaches the victim.
+        const first = invites()[0];
+        const keep = first.split('\r\n').filter((l) => /^(Via|From|Call-ID|CSeq|Record-Route):/i.test(l));
+        const to = /^To: (.*)$/mi.exec(first)[1];
+        const [host, port] = edge.coreAddress.split(':');
+        carrier.sock.send(['SIP/2.0 200 OK', ...keep, `To: ${to};tag=carrier-tag`, `Contact: <sip:carrier@127.0.0.1:${edge.upstreamPort}>`, 'Content-Length: 0', '', ''].join('\r\n'), Number(port), host);
+        await waitFor('the 200 at the victim', () => victimGot.find((m) => /^SIP\/2\.0 200 /.test(m)));
+        const routes = [...first.matchAll(/^Record-Route: (.*?)\r?$/gmi)].flatMap((m) => m[1].split(/,\s*(?=<)/));
+        const from = /^From: (.*)$/mi.exec(first)[1];
+        carrier.sock.send([`BYE sip:${P2P.user}@127.0.0.2:${victim.address().port} SIP/2.0`,
+          `Via: SIP/2.0/UDP 127.0.0.1:${edge.upstreamPort};branch=z9hG4bK-ring-bye;rport`, `Route: ${routes.join(', ')}`,
+          'Max-Forwards: 70', `From: ${to};tag=carrier-tag`, `To: ${from}`, `Call-ID: ${callId}`, 'CSeq: 1 BYE', 'Content-Length: 0', '', ''].join('\r\n'), Number(port), host);
+        await waitFor('the BYE at the victim', () => victimGot.find((m) => m.startsWith('BYE ')));
+        assert.equal(thiefGot.filter((m) => m.startsWith('BYE ')).length, 0, 'the BYE reached the thief');
+      } finally {
+        victim.close();
+        thief.close();
         await carrier.close();
       }
     });
