@@ -900,7 +900,12 @@ class Shim:
             cookie = "%s.%s" % (format(int(entry), "x")[::-1], format(int(hid), "x")[::-1])
         except (TypeError, ValueError):
             return False
-        for param in (KSR.pv.get("$route_uri") or "").split(";")[1:]:
+        # The top Route, which loose_route() took off as this edge's: its URI
+        # parameters (a user part may hold ';' too).
+        route = KSR.pv.get("$route_uri") or ""
+        if not route or KSR.is_myself(route) <= 0:
+            return False
+        for param in (KSR.pv.get("$(route_uri{uri.params})") or "").split(";"):
             name, _, value = param.partition("=")
             if name.strip() == "did":
                 return value.strip() == cookie

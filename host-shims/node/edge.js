@@ -168,6 +168,10 @@ function logWriter(file) {
 const TXN_MAX = 10000;
 // An INVITE may ring for minutes before its CANCEL; answered requests need 32 s.
 const TXN_TTL_MS = 5 * 60 * 1000;
+// How long, and how often, a forwarded INVITE's retransmission is forwarded again
+// unjudged: Timer B, 64*T1 (RFC 3261 §17.1.1.2), and T1, 2T1, 4T1 ... fit in it 7 times.
+const RETRANSMIT_WINDOW_MS = 64 * 500;
+const RETRANSMIT_MAX = 10;
 // Dialogs this edge set up: at most this many (the least recently used go first), an
 // unanswered one kept as long as an INVITE may ring, an answered one --dialog-ttl
 // after its last in-dialog request.
@@ -409,8 +413,11 @@ class Edge {
       // RFC 3261 §16.11), never judged again: its credentials would read as a
       // replayed nonce (407 stale), ending the caller's call while the first INVITE
       // went on. An inbound call that failed over goes where its call is now.
+      // Only while the caller may still retransmit (64*T1, RFC 3261 §17.1.1.2) and
+      // a few times: later, the same bytes are a replay, judged (and refused) as one.
       const fwd = known?.forward;
-      if (fwd?.bytes && method === known.method && known.digest === req.digest && this.sameSender(known, req)) {
+      if (fwd?.bytes && method === known.method && known.digest === req.digest && this.sameSender(known, req)
+          && Date.now() - fwd.firstAt <= RETRANSMIT_WINDOW_MS && (fwd.resent = (fwd.resent ?? 0) + 1) <= RETRANSMIT_MAX) {
         const call = this.failovers.get(req.key);
         if (call?.state === 'failover') return this.toFailover(call);
         this.trace(`${source} ${method} retransmitted: forwarded again`);
@@ -454,15 +461,21 @@ class Edge {
     }
   }
 
-  // A new call (an INVITE of another transaction: its CSeq differs) with the Call-ID
-  // and From tag of a dialog that lives never takes that dialog's parties over:
+  // A new call (an INVITE of another transaction: its CSeq differs, or it comes from
+  // another sender) with the Call-ID and From tag of a dialog that lives never takes
+  // that dialog's parties over:
   // written over, the far end's requests would go to the newcomer. The same refusal
   // as the Kamailio edges' (docs/kamailio.md, "Limits"); a retransmission, or the
   // retry after a failure (which ended the dialog), is not one.
   reusesDialog(req) {
     if (req.method !== 'INVITE') return false;
     const open = this.dialogs.get(req.callId, tagOf(header(req.msg, 'from')));
-    return Boolean(open && open.cseq !== req.cseq);
+    if (!open) return false;
+    // The same transaction again (its CSeq, from its caller) is a retransmission; the
+    // same CSeq from anyone else is not (the far end's answers to it would be taken
+    // for the dialog's own).
+    const { side, hop } = open.caller;
+    return open.cseq !== req.cseq || side !== req.side || hop.host !== req.rinfo.address || hop.port !== req.rinfo.port;
   }
 
   // An authenticated trunk's request: to the carrier only, never where its
@@ -748,9 +761,11 @@ class Edge {
     setList(msg, 'via', 'Via', [`SIP/2.0/UDP ${out.hostport};branch=${req.branch};rport`, ...list(msg, 'via')]);
     const bytes = serialize(msg);
     if (method === 'INVITE') {
+      // A failover forwards the same transaction again: its window runs from the first.
+      const firstAt = this.lookup(req.key)?.forward?.firstAt ?? Date.now();
       this.remember(req.key, {
         method, digest: req.digest,
-        forward: { dest, ruri, out, branch: req.branch, bytes, from: { side, host: rinfo.address, port: rinfo.port } },
+        forward: { dest, ruri, out, branch: req.branch, bytes, firstAt, from: { side, host: rinfo.address, port: rinfo.port } },
       });
     }
     if (dialog) this.dialogs.create(req.callId, tagOf(header(msg, 'from')), req.cseq, dialog.caller, dialog.callee);

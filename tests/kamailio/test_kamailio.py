@@ -267,6 +267,88 @@ def _read(path, mode="r"):
         return f.read()
 
 
+def forged_in_dialog_outcomes(live, ended, pbx, intruder, edge, far):
+    """The in-dialog requests an attacker forges from a real call's Route set and
+    identifiers (`live`, `ended`: sip.Dialog of the PBX's side of a call up and of one
+    hung up), from `pbx` or `intruder` (sip.Party), for `far` (ip, port), each sent as
+    INVITE and BYE to `edge` whatever its Route says: [(what, method, status)]. Each
+    must be refused 404 with nothing reaching `far`. Shared by the shim's suite
+    (test_21) and the native module's (test_17)."""
+    target = "sip:+19005550100@%s:%d" % far
+
+    def forged(dialog, party, **changes):
+        d = sip.Dialog(party, dialog.call_id, dialog.local_uri, dialog.local_tag, dialog.remote_uri,
+                       dialog.remote_tag, dialog.route, target, dialog.cseq + 10)
+        for k, v in changes.items():
+            setattr(d, k, v)
+        return d
+
+    def fresh(prefix):
+        return "%s-%s" % (prefix, os.urandom(4).hex())
+
+    made_up_cookie, to_far = "<sip:%s:%d;lr;did=123.456>" % edge, "<sip:%s:%d;lr>" % far
+    attempts = [
+        ("the ended call's own dialog, from the PBX", forged(ended, pbx)),
+        ("the ended call's own dialog, from elsewhere", forged(ended, intruder)),
+        ("the live call's Call-ID with new tags", forged(live, intruder, local_tag="new1", remote_tag="new2")),
+        ("the live call's Route set, a new Call-ID", forged(live, intruder, call_id=fresh("lifted"))),
+        ("the ended call's Route set, a new Call-ID",
+         forged(ended, pbx, call_id=fresh("lifted"), local_tag="x1", remote_tag="x2")),
+        ("no Route at all", forged(live, intruder, route=[], call_id=fresh("bare"))),
+        ("a made-up dialog cookie", forged(live, intruder, route=[made_up_cookie], call_id=fresh("cookie"))),
+        ("a Route to the far end itself", forged(live, intruder, route=[to_far], call_id=fresh("direct"))),
+        # The live call's own Call-ID and tags, without this edge's cookie for it: the
+        # dialog module would still find the call by its identifiers alone.
+        ("the live call's identifiers, no Route", forged(live, intruder, route=[])),
+        ("the live call's identifiers, a made-up cookie", forged(live, intruder, route=[made_up_cookie])),
+        ("the live call's identifiers, the ended call's cookie", forged(live, intruder, route=ended.route)),
+        # Its own cookie, but not as the first `did` of the Route (the dialog module
+        # reads the first, by its exact name): the dialog would not see the request.
+        ("the live call's identifiers, a made-up cookie before its own",
+         forged(live, intruder, route=[r.replace(";did=", ";did=0.0;did=", 1) for r in live.route])),
+        ("the live call's identifiers, its cookie as DID",
+         forged(live, intruder, route=[r.replace(";did=", ";DID=", 1) for r in live.route])),
+        ("the live call's identifiers, a Route to the far end", forged(live, intruder, route=[to_far])),
+    ]
+    outcomes = []
+    for what, dialog in attempts:
+        for method in ("INVITE", "BYE"):
+            dialog.party.send(dialog.build(method), edge)
+            answer, _ = dialog.party.final(2.0)
+            outcomes.append((what, method, sip.status(answer)))
+    return outcomes
+
+
+def ambiguous_to_refusals(edge, target):
+    """An unauthenticated INVITE for `target` (ip, port) with each AMBIGUOUS_TO, over
+    UDP and TCP, from INTRUDER to `edge`: the outcomes that were not a 400, as
+    (transport, name, status). Kamailio's own parser drops a request with two To
+    header fields before the script sees it ("duplicate To header field" in its log):
+    no answer, as good as a 400 here. Every other form must be the policy's 400.
+    Shared by the shim's suite and the native module's."""
+    outcomes = []
+    for transport in ("udp", "tcp"):
+        for name, to in AMBIGUOUS_TO:
+            intruder = sip.Endpoint(INTRUDER, transport, edge)
+            try:
+                invite = ("INVITE sip:+19005550100@%s:%d SIP/2.0\r\n"
+                          "Via: SIP/2.0/%s %s:%d;branch=z9hG4bK%s;rport\r\n"
+                          "Max-Forwards: 70\r\n"
+                          "From: <sip:intruder@%s>;tag=%s\r\n"
+                          "%s\r\n"
+                          "Call-ID: ambiguous-%s@%s\r\n"
+                          "CSeq: 1 INVITE\r\n"
+                          "Contact: <sip:intruder@%s:%d>\r\n"
+                          "Content-Length: 0\r\n\r\n"
+                          % (target[0], target[1], transport.upper(), INTRUDER, intruder.port, os.urandom(8).hex(),
+                             REALM, os.urandom(4).hex(), to, os.urandom(6).hex(), INTRUDER, INTRUDER, intruder.port))
+                outcomes.append((transport, name, sip.status(intruder.final(invite.encode(), timeout=2.0))))
+            finally:
+                intruder.close()
+    dropped_by_kamailio = {name for name, to in AMBIGUOUS_TO if "\r\nt:" in to}
+    return [o for o in outcomes if o[2] != 400 and not (o[1] in dropped_by_kamailio and o[2] == 0)]
+
+
 def svcrack(test, workdir, name, ip, user, passwords, edge_addr, timeout=90):
     """sipvicious's svcrack from `ip` against `edge_addr` ("IP:PORT", the public
     listener) over UDP, with `passwords` as its dictionary, in order. `-n` guesses on
@@ -778,33 +860,8 @@ class KamailioEdge(unittest.TestCase):
 
     def test_18_ambiguous_to_tags_get_400_and_reach_nobody_over_udp_and_tcp(self):
         far = self.far_end()
-        outcomes = []
-        for transport in ("udp", "tcp"):
-            for name, to in AMBIGUOUS_TO:
-                intruder = sip.Endpoint(INTRUDER, transport, KAMAILIO)
-                try:
-                    invite = ("INVITE sip:+19005550100@127.0.0.1:%d SIP/2.0\r\n"
-                              "Via: SIP/2.0/%s %s:%d;branch=z9hG4bK%s;rport\r\n"
-                              "Max-Forwards: 70\r\n"
-                              "From: <sip:intruder@%s>;tag=%s\r\n"
-                              "%s\r\n"
-                              "Call-ID: ambiguous-%s@%s\r\n"
-                              "CSeq: 1 INVITE\r\n"
-                              "Contact: <sip:intruder@%s:%d>\r\n"
-                              "Content-Length: 0\r\n\r\n"
-                              % (CARRIER_PORT, transport.upper(), INTRUDER, intruder.port, os.urandom(8).hex(),
-                                 REALM, os.urandom(4).hex(), to, os.urandom(6).hex(), INTRUDER, INTRUDER,
-                                 intruder.port))
-                    answer = intruder.final(invite.encode(), timeout=2.0)
-                    outcomes.append((transport, name, sip.status(answer)))
-                finally:
-                    intruder.close()
-        # Kamailio's own parser drops a request with two To header fields before the
-        # script sees it ("duplicate To header field" in its log): no answer, which
-        # is as good as a 400 here. Every other form is the policy's 400.
-        dropped_by_kamailio = {name for name, to in AMBIGUOUS_TO if "\r\nt:" in to}
-        self.assertEqual([o for o in outcomes if o[2] != 400 and not (o[1] in dropped_by_kamailio and o[2] == 0)],
-                         [], "every ambiguous To answered 400")
+        self.assertEqual(ambiguous_to_refusals(KAMAILIO, ("127.0.0.1", CARRIER_PORT)), [],
+                         "every ambiguous To answered 400")
         self.assert_nothing_reached(far, "an INVITE with an ambiguous To tag")
 
     def test_19_an_allow_with_a_cause_the_host_does_not_know_fails_closed(self):
@@ -876,44 +933,7 @@ class KamailioEdge(unittest.TestCase):
         carrier.close()
         far = self.far_end()
         intruder = self.party(INTRUDER)
-        target = "sip:+19005550100@127.0.0.1:%d" % CARRIER_PORT
-
-        def forged(dialog, party, **changes):
-            d = sip.Dialog(party, dialog.call_id, dialog.local_uri, dialog.local_tag, dialog.remote_uri,
-                           dialog.remote_tag, dialog.route, target, dialog.cseq + 10)
-            for k, v in changes.items():
-                setattr(d, k, v)
-            return d
-
-        attempts = [
-            ("the ended call's own dialog, from the PBX", forged(ended, pbx)),
-            ("the ended call's own dialog, from elsewhere", forged(ended, intruder)),
-            ("the live call's Call-ID with new tags", forged(live, intruder, local_tag="new1", remote_tag="new2")),
-            ("the live call's Route set, a new Call-ID", forged(live, intruder, call_id="lifted-%s" % os.urandom(4).hex())),
-            ("the ended call's Route set, a new Call-ID",
-             forged(ended, pbx, call_id="lifted-%s" % os.urandom(4).hex(), local_tag="x1", remote_tag="x2")),
-            # The live call's own Call-ID and tags, without this edge's cookie for it:
-            # the dialog module would still find the call by its identifiers alone.
-            ("the live call's identifiers, no Route", forged(live, intruder, route=[])),
-            ("the live call's identifiers, a made-up cookie",
-             forged(live, intruder, route=["<sip:%s;lr;did=123.456>" % KAMAILIO_ADDR])),
-            ("the live call's identifiers, the ended call's cookie", forged(live, intruder, route=ended.route)),
-            # Its own cookie, but not as the first `did` of the Route (the dialog module
-            # reads the first, by its exact name): the dialog would not see the request.
-            ("the live call's identifiers, a made-up cookie before its own",
-             forged(live, intruder, route=[r.replace(";did=", ";did=0.0;did=", 1) for r in live.route])),
-            ("the live call's identifiers, its cookie as DID",
-             forged(live, intruder, route=[r.replace(";did=", ";DID=", 1) for r in live.route])),
-            ("the live call's identifiers, a Route to the carrier",
-             forged(live, intruder, route=["<sip:127.0.0.1:%d;lr>" % CARRIER_PORT])),
-        ]
-        outcomes = []
-        for name, dialog in attempts:
-            for method in ("INVITE", "BYE"):
-                # To the edge, whatever the Route says.
-                dialog.party.send(dialog.build(method), KAMAILIO)
-                answer, _ = dialog.party.final(2.0)
-                outcomes.append((name, method, sip.status(answer)))
+        outcomes = forged_in_dialog_outcomes(live, ended, pbx, intruder, KAMAILIO, ("127.0.0.1", CARRIER_PORT))
         self.assertEqual([o for o in outcomes if o[2] != 404], [], "every lifted route refused 404")
         self.assert_nothing_reached(far, "a request on a lifted Record-Route")
 

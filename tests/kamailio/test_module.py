@@ -50,9 +50,10 @@ import sip_client as sip  # noqa: E402
 import trap_module  # noqa: E402
 from kamailio_dmq import wait_peers_active, write_secret  # noqa: E402
 from test_kamailio import CORE as CORE_IP  # noqa: E402
-from test_kamailio import (ALERT_WINDOW_S, AMBIGUOUS_TO, EXP, EXP_PBX, FAILOVER, FAILOVER_PORT, GUESSER,  # noqa: E402
+from test_kamailio import (ALERT_WINDOW_S, EXP, EXP_PBX, FAILOVER, FAILOVER_PORT, GUESSER,  # noqa: E402
                            GUESSER_CONTROL, HQ, INTRUDER, INTRUDER_TCP, MODULE, P2P, PBX, REALM, ROOT, TARGET, Webhook,
-                           WebhookHandler, _alive, assert_a_retransmitted_invite_is_absorbed,
+                           WebhookHandler, _alive, ambiguous_to_refusals, assert_a_retransmitted_invite_is_absorbed,
+                           forged_in_dialog_outcomes,
                            assert_a_ringing_call_stays_its_callers, stream_outcome, svcrack,
                            trunk_config, wait_for)
 
@@ -89,6 +90,48 @@ def edge_listens(edge_port, core_port):
     """The access side on UDP and TCP, IPv4 and IPv6; the core side on UDP."""
     return ["udp:127.0.0.1:%d" % edge_port, "tcp:127.0.0.1:%d" % edge_port, "udp:[::1]:%d" % edge_port,
             "tcp:[::1]:%d" % edge_port, "udp:127.0.0.1:%d" % core_port]
+
+
+def skip_unless_built():
+    """Skips the test class when trunkguard.so or the policy .wasm is not built."""
+    if not os.path.exists(SO):
+        raise unittest.SkipTest("%s is missing: build it with crates/kamailio-module/build "
+                                "(after cargo builds libtrunkguard_kamailio.a)" % SO)
+    if not os.path.exists(MODULE):
+        raise unittest.SkipTest("%s is missing: scripts/build makes it" % MODULE)
+
+
+def start_kamailio(args, workdir, log, ctl):
+    """`kamailio -c` on `args` first (the module loads: its version and flags match the
+    core's; the cfg parses with its functions and $tg()), then Kamailio in the
+    foreground with them, its output to `log` (a file open for writing). Returns the
+    process once the module's RPC answers on `ctl`; raises AssertionError otherwise
+    (the process stopped)."""
+    check = subprocess.run([KAMAILIO_BIN, *args, "-c"], capture_output=True, text=True, timeout=30)
+    if check.returncode != 0:
+        raise AssertionError("kamailio -c refused the cfg:\n" + check.stdout + check.stderr)
+    proc = subprocess.Popen([KAMAILIO_BIN, *args, "-DD", "-E", "-w", workdir, "-Y", workdir],
+                            stdout=log, stderr=subprocess.STDOUT, cwd=workdir)
+    try:
+        wait_for("the module's RPC", lambda: subprocess.run(
+            [KAMCMD, "-s", "unix:" + ctl, "trunkguard.status"], capture_output=True, timeout=10).returncode == 0,
+            timeout=30)
+    except AssertionError:
+        stop_kamailio(proc)
+        raise
+    return proc
+
+
+def stop_kamailio(proc):
+    """SIGTERM to a Kamailio this suite started, SIGKILL when it has not stopped
+    within 15 s."""
+    if proc is not None and proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=15)
 
 
 class AnsweringWebhook(WebhookHandler):
@@ -141,11 +184,7 @@ class NativeModule(unittest.TestCase):
 
     @classmethod
     def setUpClass(cls):
-        if not os.path.exists(SO):
-            raise unittest.SkipTest("%s is missing: build it with crates/kamailio-module/build "
-                                    "(after cargo builds libtrunkguard_kamailio.a)" % SO)
-        if not os.path.exists(MODULE):
-            raise unittest.SkipTest("%s is missing: scripts/build makes it" % MODULE)
+        skip_unless_built()
         cls.workdir = tempfile.mkdtemp(prefix="tg-module-")
         cls.config = os.path.join(cls.workdir, "config.json")
         config = trunk_config()
@@ -165,29 +204,15 @@ class NativeModule(unittest.TestCase):
                         alert_url=cls.webhook.url, alert_token_file=cls.token_file, children=2)
         cls.log_path = os.path.join(cls.workdir, "kamailio.log")
         cls.log = open(cls.log_path, "wb")
-        # Kamailio's own check first: the module loads (its version and flags match
-        # the core's) and the cfg parses with its functions and $tg().
-        check = subprocess.run([KAMAILIO_BIN, *args, "-c"], capture_output=True, text=True, timeout=30)
-        if check.returncode != 0:
-            cls.tearDownClass()
-            raise AssertionError("kamailio -c refused the cfg:\n" + check.stdout + check.stderr)
-        cls.proc = subprocess.Popen([KAMAILIO_BIN, *args, "-DD", "-E", "-w", cls.workdir, "-Y", cls.workdir],
-                                    stdout=cls.log, stderr=subprocess.STDOUT, cwd=cls.workdir)
         try:
-            wait_for("the module's RPC", lambda: cls.kamcmd("trunkguard.status").returncode == 0, timeout=30)
+            cls.proc = start_kamailio(args, cls.workdir, cls.log, cls.ctl)
         except AssertionError:
             cls.tearDownClass()
             raise
 
     @classmethod
     def tearDownClass(cls):
-        if cls.proc is not None and cls.proc.poll() is None:
-            cls.proc.send_signal(signal.SIGTERM)
-            try:
-                cls.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                cls.proc.kill()
-                cls.proc.wait(timeout=15)
+        stop_kamailio(cls.proc)
         cls.webhook.shutdown()
         cls.webhook.server_close()
         cls.log.close()
@@ -597,50 +622,8 @@ class NativeModule(unittest.TestCase):
         far = sip.FarEnd(*CORE)
         self.addCleanup(far.close)
         intruder = self.party(INTRUDER)
-        target = "sip:+19005550100@%s:%d" % CORE
         refused = self.stats().get("in_dialog_refused", 0)
-
-        def forged(dialog, party, **changes):
-            d = sip.Dialog(party, dialog.call_id, dialog.local_uri, dialog.local_tag, dialog.remote_uri,
-                           dialog.remote_tag, dialog.route, target, dialog.cseq + 10)
-            for k, v in changes.items():
-                setattr(d, k, v)
-            return d
-
-        attempts = [
-            ("the ended call's own dialog, from the PBX", forged(ended, pbx)),
-            ("the ended call's own dialog, from elsewhere", forged(ended, intruder)),
-            ("the live call's Call-ID with new tags", forged(live, intruder, local_tag="new1", remote_tag="new2")),
-            ("the live call's Route set, a new Call-ID",
-             forged(live, intruder, call_id="lifted-%s" % os.urandom(4).hex())),
-            ("the ended call's Route set, a new Call-ID",
-             forged(ended, pbx, call_id="lifted-%s" % os.urandom(4).hex(), local_tag="x1", remote_tag="x2")),
-            ("no Route at all", forged(live, intruder, route=[], call_id="bare-%s" % os.urandom(4).hex())),
-            ("a made-up dialog cookie", forged(live, intruder, route=["<sip:%s:%d;lr;did=123.456>" % EDGE],
-                                               call_id="cookie-%s" % os.urandom(4).hex())),
-            ("a Route to the core itself", forged(live, intruder, route=["<sip:%s:%d;lr>" % CORE],
-                                                  call_id="direct-%s" % os.urandom(4).hex())),
-            # The live call's own Call-ID and tags, without this edge's cookie for it:
-            # the dialog module would still find the call by its identifiers alone.
-            ("the live call's identifiers, no Route", forged(live, intruder, route=[])),
-            ("the live call's identifiers, a made-up cookie",
-             forged(live, intruder, route=["<sip:%s:%d;lr;did=123.456>" % EDGE])),
-            ("the live call's identifiers, the ended call's cookie", forged(live, intruder, route=ended.route)),
-            # Its own cookie, but not as the first `did` of the Route (the dialog module
-            # reads the first, by its exact name): the dialog would not see the request.
-            ("the live call's identifiers, a made-up cookie before its own",
-             forged(live, intruder, route=[r.replace(";did=", ";did=0.0;did=", 1) for r in live.route])),
-            ("the live call's identifiers, its cookie as DID",
-             forged(live, intruder, route=[r.replace(";did=", ";DID=", 1) for r in live.route])),
-            ("the live call's identifiers, a Route to the core", forged(live, intruder, route=["<sip:%s:%d;lr>" % CORE])),
-        ]
-        outcomes = []
-        for name, dialog in attempts:
-            for method in ("INVITE", "BYE"):
-                # To the edge, whatever the Route says.
-                dialog.party.send(dialog.build(method), EDGE)
-                answer, _ = dialog.party.final(2.0)
-                outcomes.append((name, method, sip.status(answer)))
+        outcomes = forged_in_dialog_outcomes(live, ended, pbx, intruder, EDGE, CORE)
         self.assertEqual([o for o in outcomes if o[2] != 404], [], "every forged in-dialog request refused 404")
         got = far.received()
         self.assertEqual(got, [], "a forged in-dialog request reached the core:\n%s" % "\n".join(g[:300] for g in got))
@@ -851,32 +834,7 @@ class NativeModule(unittest.TestCase):
 
     def test_19_ambiguous_to_tags_get_400_and_reach_nobody_over_udp_and_tcp(self):
         far = self.far_end(CORE)
-        outcomes = []
-        for transport in ("udp", "tcp"):
-            for name, to in AMBIGUOUS_TO:
-                intruder = sip.Endpoint(INTRUDER, transport, EDGE)
-                try:
-                    invite = ("INVITE sip:+19005550100@%s:%d SIP/2.0\r\n"
-                              "Via: SIP/2.0/%s %s:%d;branch=z9hG4bK%s;rport\r\n"
-                              "Max-Forwards: 70\r\n"
-                              "From: <sip:intruder@%s>;tag=%s\r\n"
-                              "%s\r\n"
-                              "Call-ID: ambiguous-%s@%s\r\n"
-                              "CSeq: 1 INVITE\r\n"
-                              "Contact: <sip:intruder@%s:%d>\r\n"
-                              "Content-Length: 0\r\n\r\n"
-                              % (CORE[0], CORE[1], transport.upper(), INTRUDER, intruder.port, os.urandom(8).hex(),
-                                 REALM, os.urandom(4).hex(), to, os.urandom(6).hex(), INTRUDER, INTRUDER,
-                                 intruder.port))
-                    outcomes.append((transport, name, sip.status(intruder.final(invite.encode(), timeout=2.0))))
-                finally:
-                    intruder.close()
-        # Kamailio's own parser drops a request with two To header fields before the
-        # cfg sees it: no answer, as good as a 400 here. Every other form is the
-        # policy's 400.
-        dropped_by_kamailio = {name for name, to in AMBIGUOUS_TO if "\r\nt:" in to}
-        self.assertEqual([o for o in outcomes if o[2] != 400 and not (o[1] in dropped_by_kamailio and o[2] == 0)],
-                         [], "every ambiguous To answered 400")
+        self.assertEqual(ambiguous_to_refusals(EDGE, CORE), [], "every ambiguous To answered 400")
         self.assert_nothing_reached(far, "an INVITE with an ambiguous To tag")
 
     def test_20_a_core_address_on_the_public_listener_is_access_side(self):
@@ -1084,10 +1042,7 @@ class NodeTestCase(unittest.TestCase):
 
     @classmethod
     def setUpClass(cls):
-        if not os.path.exists(SO):
-            raise unittest.SkipTest("%s is missing: build it with crates/kamailio-module/build" % SO)
-        if not os.path.exists(MODULE):
-            raise unittest.SkipTest("%s is missing: scripts/build makes it" % MODULE)
+        skip_unless_built()
         cls.workdir = tempfile.mkdtemp(prefix="tg-module-nodes-")
         cls.nodes = []
 
@@ -1358,10 +1313,7 @@ class ForeignCfg(unittest.TestCase):
 
     @classmethod
     def setUpClass(cls):
-        if not os.path.exists(SO):
-            raise unittest.SkipTest("%s is missing: build it with crates/kamailio-module/build" % SO)
-        if not os.path.exists(MODULE):
-            raise unittest.SkipTest("%s is missing: scripts/build makes it" % MODULE)
+        skip_unless_built()
         cls.workdir = tempfile.mkdtemp(prefix="tg-module-foreign-")
         cls.ctl = os.path.join(cls.workdir, "ctl")
         cls.edge = ("127.0.0.1", cls.PORT)
@@ -1373,31 +1325,16 @@ class ForeignCfg(unittest.TestCase):
                                        config=node_config(cls.workdir, [cls.PORT + 1]), spool=os.path.join(cls.workdir, "spool"),
                                        core_ip=CORE[0], core_port=CORE[1]))
         cls.proc = None
-        check = subprocess.run([KAMAILIO_BIN, "-f", cfg, "-c"], capture_output=True, text=True, timeout=30)
-        if check.returncode != 0:
-            cls.tearDownClass()
-            raise AssertionError("kamailio -c refused the operator's cfg:\n" + check.stdout + check.stderr)
-        cls.log_path = os.path.join(cls.workdir, "kamailio.log")
-        with open(cls.log_path, "wb") as log:
-            cls.proc = subprocess.Popen([KAMAILIO_BIN, "-f", cfg, "-DD", "-E", "-w", cls.workdir, "-Y", cls.workdir],
-                                        stdout=log, stderr=subprocess.STDOUT, cwd=cls.workdir)
         try:
-            wait_for("the module's RPC", lambda: subprocess.run(
-                [KAMCMD, "-s", "unix:" + cls.ctl, "trunkguard.status"], capture_output=True, timeout=10).returncode == 0,
-                timeout=30)
+            with open(os.path.join(cls.workdir, "kamailio.log"), "wb") as log:
+                cls.proc = start_kamailio(["-f", cfg], cls.workdir, log, cls.ctl)
         except AssertionError:
             cls.tearDownClass()
             raise
 
     @classmethod
     def tearDownClass(cls):
-        if cls.proc is not None and cls.proc.poll() is None:
-            cls.proc.send_signal(signal.SIGTERM)
-            try:
-                cls.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                cls.proc.kill()
-                cls.proc.wait(timeout=15)
+        stop_kamailio(cls.proc)
         if os.environ.get("KEEP_KAMAILIO_TEST_DIR") != "1":
             shutil.rmtree(cls.workdir, ignore_errors=True)
 

@@ -241,7 +241,8 @@ async function authenticatedInvite(edge, pbx, got, callId, { creds = P2P, cseq =
     `From: <sip:${creds.user}@trunks.example.net>;tag=pbx-tag`, `To: <${ruri}>`, `Call-ID: ${callId}`, `CSeq: ${n} INVITE`,
     `Contact: <sip:${creds.user}@127.0.0.2:${pbx.address().port}>`, ...(auth ? [auth] : []), 'Content-Length: 0', '', ''].join('\r\n');
   pbx.send(invite(cseq), Number(port), host);
-  const challenge = await waitFor('the 407', () => got.find((m) => /^SIP\/2\.0 407 /.test(m) && m.includes(callId)));
+  const challenge = await waitFor('the 407', () => got.find((m) => /^SIP\/2\.0 407 /.test(m) && m.includes(callId)
+    && m.includes(`CSeq: ${cseq} INVITE`)));
   const nonce = /nonce="([^"]+)"/.exec(challenge)[1];
   const md5 = (x) => createHash('md5').update(x).digest('hex');
   const response = md5(`${ha1(creds)}:${nonce}:00000001:0a4f113b:auth:${md5(`INVITE:${ruri}`)}`);
@@ -428,9 +429,13 @@ for (const coreListen of [false, true]) {
         const invites = () => carrier.seen.filter((m) => m.startsWith('INVITE ') && m.includes(callId));
         await authenticatedInvite(edge, victim, victimGot, callId);
         await waitFor('the INVITE at the carrier', () => invites().length === 1);
-        await authenticatedInvite(edge, thief, thiefGot, callId, { creds: HQ, cseq: 11 });
-        const refused = await waitFor('the answer to the second INVITE', () => thiefGot.find((m) => /^SIP\/2\.0 [2-6]\d\d /.test(m) && /CSeq: 12 INVITE/.test(m)));
-        assert.match(refused, /^SIP\/2\.0 482 /);
+        // Another CSeq, and the very CSeq of the ringing INVITE (its answers would pass
+        // for the call's own): both refused.
+        for (const cseq of [11, 1]) {
+          await authenticatedInvite(edge, thief, thiefGot, callId, { creds: HQ, cseq });
+          const refused = await waitFor(`the answer to the INVITE with CSeq ${cseq + 1}`, () => thiefGot.find((m) => /^SIP\/2\.0 [2-6]\d\d /.test(m) && m.includes(`CSeq: ${cseq + 1} INVITE`)));
+          assert.match(refused, /^SIP\/2\.0 482 /);
+        }
         await new Promise((resolve) => setTimeout(resolve, 300));
         assert.equal(invites().length, 1, 'the second INVITE reached the carrier');
         // The carrier answers the first INVITE and hangs up: its BYE reaches the victim.
