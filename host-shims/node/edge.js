@@ -786,7 +786,12 @@ class Edge {
     if (!rendered) return this.log(`cannot answer ${req.method} from ${req.source}: its headers do not parse`);
     const bytes = Buffer.from(rendered);
     const to = viaDestination(parseVia(list(req.msg, 'via')[0]));
-    if (remember && req.key !== undefined) this.remember(req.key, { method: req.method, code, answer: bytes, to, digest: req.digest });
+    // Not a CANCEL's answer: a CANCEL shares its INVITE's key (RFC 3261 §9.1), and
+    // anyone's CANCEL answered here (481 to a stranger) would replace the INVITE's
+    // entry, so that the caller's own CANCEL no longer followed its INVITE.
+    if (remember && req.key !== undefined && req.method !== 'CANCEL') {
+      this.remember(req.key, { method: req.method, code, answer: bytes, to, digest: req.digest });
+    }
     this.send(req.side, bytes, to);
   }
 
@@ -826,7 +831,15 @@ class Edge {
   remember(key, entry) {
     this.txns.delete(key);
     this.txns.set(key, { ...entry, at: Date.now() });
-    if (this.txns.size > TXN_MAX) this.txns.delete(this.txns.keys().next().value);
+    if (this.txns.size <= TXN_MAX) return;
+    // Full: the oldest answer goes first, a forwarded INVITE only when nothing else is
+    // left. Answers go to anyone (a scanner's flood of them), forwarded INVITEs only
+    // to callers the policy let through, and evicting one would leave its CANCEL and
+    // retransmissions nothing to follow.
+    for (const [k, e] of this.txns) {
+      if (!e.forward) return void this.txns.delete(k);
+    }
+    this.txns.delete(this.txns.keys().next().value);
   }
 
   lookup(key) {

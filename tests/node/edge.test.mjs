@@ -459,6 +459,32 @@ for (const coreListen of [false, true]) {
       }
     });
 
+    test('attack: a CANCEL from elsewhere with a ringing INVITE\'s transaction is refused, and the caller\'s own CANCEL still reaches the carrier', TIMEOUT, async () => {
+      const carrier = await watch('127.0.0.1', edge.upstreamPort);
+      const pbx = await udpSocket('127.0.0.2');
+      const got = [];
+      pbx.on('message', (m) => got.push(m.toString('latin1')));
+      try {
+        const callId = `cancel-${Date.now()}@127.0.0.2`;
+        const invite = await authenticatedInvite(edge, pbx, got, callId);
+        await waitFor('the INVITE at the carrier', () => carrier.seen.find((m) => m.startsWith('INVITE ') && m.includes(callId)));
+        // The INVITE's CANCEL (RFC 3261 §9.1: its Request-URI, Call-ID, From, To,
+        // CSeq number and top Via), from the PBX or, spoofed, from 127.0.0.3.
+        const cancel = invite.replace(/^INVITE /, 'CANCEL ').replace(/CSeq: (\d+) INVITE/, 'CSeq: $1 CANCEL')
+          .replace(/\r\nProxy-Authorization: [^\r]*/, '').replace(/\r\nContact: [^\r]*/, '');
+        const spoofed = await exchange('127.0.0.3', edge.address, cancel.replaceAll('\r\n', '\n'));
+        assert.match(spoofed ?? '', /^SIP\/2\.0 481 /);
+        const [host, port] = edge.address.split(':');
+        pbx.send(cancel, Number(port), host);
+        await waitFor('the PBX\'s CANCEL at the carrier', () => carrier.seen.find((m) => m.startsWith('CANCEL ') && m.includes(callId)));
+        assert.equal(got.filter((m) => /^SIP\/2\.0 200 /.test(m) && /CSeq: \d+ CANCEL/.test(m)).length, 0,
+          'the edge answered the PBX\'s CANCEL itself instead of passing it on');
+      } finally {
+        pbx.close();
+        await carrier.close();
+      }
+    });
+
     test('the same call with the same credentials from 127.0.0.3 is refused 403, with an alert', TIMEOUT, async () => {
       const upstream = await watchUpstream(edge);
       try {
