@@ -73,7 +73,7 @@ static pv_spec_t *tg_pv_ftag;        /* the caller's From tag: the direction */
 static pv_spec_t *tg_pv_caller;      /* the caller's hop, as a SIP URI */
 static pv_spec_t *tg_pv_caller_sock; /* the socket the caller's INVITE came in on */
 static pv_spec_t *tg_pv_callee;      /* the callee's hop: $du, else the R-URI */
-static pv_spec_t *tg_pv_callee_sock; /* the socket toward the callee ($fs), or "" */
+static pv_spec_t *tg_pv_callee_sock; /* the socket toward the callee ($fs): unset, or "-" */
 static pv_spec_t *tg_pv_bye;         /* set once the dialog's BYE was relayed */
 static pv_spec_t *tg_pv_du, *tg_pv_fs;
 
