@@ -463,10 +463,9 @@ class Edge {
 
   // A new call (an INVITE of another transaction: its CSeq differs, or it comes from
   // another sender) with the Call-ID and From tag of a dialog that lives never takes
-  // that dialog's parties over:
-  // written over, the far end's requests would go to the newcomer. The same refusal
-  // as the Kamailio edges' (docs/kamailio.md, "Limits"); a retransmission, or the
-  // retry after a failure (which ended the dialog), is not one.
+  // that dialog's parties over: written over, the far end's requests would go to the
+  // newcomer. The same refusal as the Kamailio edges' (docs/kamailio.md, "Limits"); a
+  // retransmission, or the retry after a failure (which ended the dialog), is not one.
   reusesDialog(req) {
     if (req.method !== 'INVITE') return false;
     const open = this.dialogs.get(req.callId, tagOf(header(req.msg, 'from')));

@@ -339,7 +339,7 @@ static int tg_no_dialog(sip_msg_t *msg)
 int ki_trunkguard_dialog_route(sip_msg_t *msg)
 {
 	tg_verdict *v = tg_verdict_of(msg);
-	char ftag[128], hop[TG_HOP_LEN], sock[TG_HOP_LEN];
+	char ftag[TG_TAG_LEN], hop[TG_HOP_LEN], sock[TG_HOP_LEN];
 	pv_spec_t *hop_pv, *sock_pv;
 	int flen, hlen, slen;
 
@@ -355,10 +355,7 @@ int ki_trunkguard_dialog_route(sip_msg_t *msg)
 	if(parse_headers(msg, HDR_TO_F, 0) < 0 || msg->to == NULL || parse_from_header(msg) < 0)
 		return tg_no_dialog(msg);
 	/* Both tags alike would read as either direction. */
-	if(get_from(msg)->tag_value.len == get_to(msg)->tag_value.len
-			&& memcmp(get_from(msg)->tag_value.s, get_to(msg)->tag_value.s,
-					   get_to(msg)->tag_value.len)
-					   == 0)
+	if(tg_same(get_from(msg)->tag_value.s, get_from(msg)->tag_value.len, &get_to(msg)->tag_value))
 		return tg_no_dialog(msg);
 	/* The direction: from the caller (its From tag) or from the callee (the caller's
 	 * tag in To). A request whose tags are neither is no party's. */
