@@ -1362,5 +1362,224 @@ class ForeignCfg(unittest.TestCase):
         self.assertIsNone(core.recv(1.0, lambda m: sip.method(m) == "INVITE")[0], "the lifted INVITE reached the core")
 
 
+RUN = os.path.join(ROOT, "host-shims", "kamailio", "run")
+TGCTL = os.path.join(ROOT, "host-shims", "kamailio", "tgctl")
+
+
+def process_group(leader):
+    """The pids of the processes in `leader`'s process group (run --daemon starts
+    Kamailio as a session leader, and every process it forks stays in its group)."""
+    pids = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open("/proc/%s/stat" % name, encoding="latin-1") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if fields[2] == str(leader):
+                pids.append(int(name))
+    return pids
+
+
+class RunEngineModule(unittest.TestCase):
+    """host-shims/kamailio/run --engine module --daemon (module.cfg, trunkguard.so) and
+    tgctl operating it: no Python in Kamailio, requests to the carrier leave from the
+    core-facing listener, publications checked by the module and refused with their
+    reason."""
+
+    PORT = 5210
+    CORE_PORT = 5212
+    CARRIER = ("127.0.0.1", 5214)
+
+    @classmethod
+    def setUpClass(cls):
+        skip_unless_built()
+        cls.workdir = tempfile.mkdtemp(prefix="tg-run-module-")
+        cls.state = os.path.join(cls.workdir, "state")
+        cls.edge = ("127.0.0.1", cls.PORT)
+        cls.config = os.path.join(cls.workdir, "trunks.json")
+        config = trunk_config()
+        config["core_sockets"] = ["127.0.0.1:%d" % cls.CORE_PORT]
+        with open(cls.config, "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2)
+        cls.started = cls.run_script("--config", cls.config, "--engine", "module", "--state", cls.state,
+                                     "--listen", "127.0.0.1:%d" % cls.PORT, "--listen", "[::1]:%d" % cls.PORT,
+                                     "--core-listen",
+                                     "127.0.0.1:%d" % cls.CORE_PORT, "--carrier", "sip:%s:%d" % cls.CARRIER,
+                                     "--workers", "2", "--allocator", "tlsf", "--daemon", timeout=90)
+        if cls.started.returncode != 0:
+            log = os.path.join(cls.state, "kamailio.log")
+            tail = open(log, encoding="latin-1").read()[-3000:] if os.path.exists(log) else ""
+            cls.tearDownClass()
+            raise AssertionError("run --engine module did not start:\n%s%s\n%s" % (
+                cls.started.stdout, cls.started.stderr, tail))
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.run_script("stop", "--state", cls.state, timeout=30)
+        if os.environ.get("KEEP_KAMAILIO_TEST_DIR") != "1":
+            shutil.rmtree(cls.workdir, ignore_errors=True)
+
+    @staticmethod
+    def run_script(*args, timeout=60):
+        return subprocess.run([RUN, "--no-install", *args] if args[0] != "stop" else [RUN, *args],
+                              capture_output=True, text=True, timeout=timeout)
+
+    def tgctl(self, *args):
+        return subprocess.run([TGCTL, "--state", self.state, *args], capture_output=True, text=True, timeout=60)
+
+    def pid(self):
+        with open(os.path.join(self.state, "kamailio.pid"), encoding="utf-8") as f:
+            return int(f.read().strip())
+
+    def party(self, ip, port=0):
+        p = sip.Party(ip, port)
+        self.addCleanup(p.close)
+        return p
+
+    def write_config(self, name, change):
+        config = trunk_config()
+        config["core_sockets"] = ["127.0.0.1:%d" % self.CORE_PORT]
+        change(config)
+        path = os.path.join(self.workdir, name)
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2)
+        return path
+
+    def test_1_every_kamailio_process_has_the_module_and_none_has_python(self):
+        self.assertRegex(self.started.stdout, r"^kamailio \d+ on 127\.0\.0\.1:%d \[::1\]:%d core 127\.0\.0\.1:%d \(udp\+tcp\): "
+                         r"ok: config \S+/published/config-[0-9a-f]{16}\.json" % (self.PORT, self.PORT, self.CORE_PORT))
+        pids = process_group(self.pid())
+        self.assertGreater(len(pids), 4, pids)
+        for pid in pids:
+            with open("/proc/%d/maps" % pid, encoding="latin-1") as f:
+                maps = f.read()
+            self.assertIn("/trunkguard.so", maps, "process %d has no trunkguard.so" % pid)
+            self.assertNotIn("libpython", maps, "process %d loaded Python" % pid)
+            self.assertNotIn("app_python3", maps, "process %d loaded app_python3" % pid)
+
+    def test_2_a_pbx_registers_and_calls_and_the_carrier_is_reached_from_the_core_listener(self):
+        ep = sip.Endpoint(PBX, server=self.edge)
+        self.addCleanup(ep.close)
+        self.assertEqual(sip.status(sip.register(ep, HQ[0], HQ[1], 3600)), 200)
+        pbx, carrier = self.party(PBX), self.party(*self.CARRIER)
+        pbx_side, carrier_side, got = sip.place_call(pbx, carrier, self.edge, HQ, CALLED)
+        self.assertEqual(sip.headers(got, "X-Trunkguard-Trunk-Group"), ["hq-pbx1"], got)
+        # Sent from the core-facing listener (run's --core-listen, module.cfg's
+        # TG_CORE_SOCKET), which the carrier's in-dialog requests then come back to.
+        self.assertRegex(sip.headers(got, "Via", "v")[0], r"^SIP/2\.0/UDP 127\.0\.0\.1:%d;" % self.CORE_PORT, got)
+        self.assertIn(":%d;" % self.CORE_PORT, sip.headers(got, "Record-Route")[0], got)
+        sip.in_dialog_round(carrier_side, pbx_side, "INVITE")
+        sip.in_dialog_round(pbx_side, carrier_side, "BYE")
+        out = self.tgctl("binding", "hq-pbx1")
+        self.assertEqual(out.returncode, 0, out.stderr)
+        self.assertEqual(json.loads(out.stdout)["binding"]["source"].rsplit(":", 1)[0], PBX, out.stdout)
+
+    def test_3_a_bad_config_published_is_refused_with_its_path_and_a_good_one_takes_effect(self):
+        before = self.tgctl("status", "--short")
+        self.assertEqual(before.returncode, 0, before.stderr)
+        bad = self.write_config("bad.json", lambda c: c["locations"][1]["trunk_groups"][0].update(acl=["10.0.0.0/33"]))
+        out = self.tgctl("publish-config", bad)
+        self.assertEqual(out.returncode, 1, out.stdout + out.stderr)
+        self.assertRegex(out.stdout, r"^refused: .*acl", out.stdout)
+        self.assertEqual(self.tgctl("status", "--short").stdout, before.stdout)
+        # A trunk group of its own added: its PBX registers once the config is in force;
+        # the registration made before is kept.
+        good = self.write_config("good.json", lambda c: c["locations"][0]["trunk_groups"].append(
+            {"id": "new-pbx", "username": "newpbx", "password": "n3w-secret", "require_registration": True,
+             "dids": ["+15554440000"]}))
+        out = self.tgctl("publish-config", good)
+        self.assertEqual(out.returncode, 0, out.stdout + out.stderr)
+        self.assertRegex(out.stdout, r"^ok: config \S+/published/config-[0-9a-f]{16}\.json", out.stdout)
+        ep = sip.Endpoint(PBX, server=self.edge)
+        self.addCleanup(ep.close)
+        wait_for("the new trunk group's registration",
+                 lambda: sip.status(sip.register(ep, "newpbx", "n3w-secret", 3600)) == 200, timeout=5)
+        self.assertNotEqual(self.tgctl("status", "--short").stdout, before.stdout)
+        self.assertIn(PBX, self.tgctl("binding", "hq-pbx1").stdout)
+
+    def test_4_a_module_that_is_not_one_is_refused_and_the_policy_goes_on(self):
+        junk = os.path.join(self.workdir, "junk.wasm")
+        with open(junk, "wb") as f:
+            f.write(b"\0asm\x01\0\0\0not a module")
+        before = self.tgctl("status", "--short").stdout
+        out = self.tgctl("publish-module", junk)
+        self.assertEqual(out.returncode, 1, out.stdout + out.stderr)
+        self.assertRegex(out.stdout, r"^refused: module ", out.stdout)
+        self.assertEqual(self.tgctl("status", "--short").stdout, before)
+        out = self.tgctl("publish-module", MODULE)
+        self.assertEqual(out.returncode, 0, out.stdout + out.stderr)
+        ep = sip.Endpoint(PBX, server=self.edge)
+        self.addCleanup(ep.close)
+        self.assertEqual(sip.status(sip.register(ep, HQ[0], HQ[1], 3600)), 200)
+
+    def test_5_status_and_stats_show_the_modules_counters(self):
+        out = self.tgctl("status")
+        self.assertEqual(out.returncode, 0, out.stderr)
+        self.assertRegex(out.stdout, r"(?m)^status: ok: config ")
+        self.assertRegex(out.stdout, r"(?m)^alerts: none: alerts stay in the spool \(\d+ in the spool\)$")
+        stats = dict(line.split() for line in self.tgctl("stats").stdout.splitlines())
+        self.assertGreaterEqual(int(stats["accepted"]), 2, stats)
+        self.assertGreaterEqual(int(stats["challenged"]), 2, stats)
+        self.assertGreaterEqual(int(stats["judged"]), int(stats["accepted"]), stats)
+
+    def test_6_run_refuses_what_the_module_cannot_do_before_starting_anything(self):
+        state = os.path.join(self.workdir, "refused")
+        common = ["--engine", "module", "--state", state, "--listen", "127.0.0.1:%d" % (self.PORT + 10)]
+        out = self.run_script("--config", self.config, *common, "--carrier", "sip:127.0.0.1:5999",
+                              "--store", "redis://127.0.0.1:6379/0")
+        self.assertEqual(out.returncode, 2, out.stdout + out.stderr)
+        self.assertIn("--engine module keeps its state in sqlite or memory", out.stderr)
+        out = self.run_script("--config", self.config, *common)
+        self.assertEqual(out.returncode, 2, out.stdout + out.stderr)
+        self.assertIn("--engine module needs --carrier", out.stderr)
+        bad = self.write_config("bad-start.json", lambda c: c.update(realm=""))
+        out = self.run_script("--config", bad, *common, "--carrier", "sip:127.0.0.1:5999", "--daemon")
+        self.assertEqual(out.returncode, 1, out.stdout + out.stderr)
+        self.assertRegex(out.stderr, r"run: configuration refused: \S+: .*realm", out.stderr)
+        self.assertFalse(os.path.exists(os.path.join(state, "kamailio.pid")))
+
+    def test_7_the_cores_calls_reach_pbxs_from_the_public_listener_over_ipv4_and_ipv6(self):
+        # hq-pbx2 registered from 127.0.0.7: the core's call leaves from the first
+        # --listen (TG_PUBLIC_SOCKET) and the PBX's in-dialog requests come back there.
+        reg = sip.Endpoint(HQ2_PBX[0], server=self.edge, port=HQ2_PBX[1])
+        try:
+            self.assertEqual(sip.status(sip.register(reg, HQ2[0], HQ2[1], 3600)), 200)
+        finally:
+            reg.close()
+        core, pbx = self.party(CORE_IP), self.party(*HQ2_PBX)
+        core_side, pbx_side, got = sip.place_inbound(core, pbx, ("127.0.0.1", self.CORE_PORT), HQ2_DID)
+        self.assertRegex(sip.headers(got, "Via", "v")[0], r"^SIP/2\.0/UDP 127\.0\.0\.1:%d;" % self.PORT, got)
+        sip.in_dialog_round(pbx_side, core_side, "BYE")
+        # Registered from [::1]: the IPv4 listener cannot send there, so the call
+        # leaves from the IPv6 one Kamailio picks.
+        ep = Endpoint6("udp", server=(EDGE6, self.PORT))
+        self.addCleanup(ep.close)
+        self.assertEqual(sip.status(sip.register(ep, HQ2[0], HQ2[1], 3600)), 200)
+        call_id = "inbound6-%s" % os.urandom(6).hex()
+        ruri = "sip:%s@%s" % (HQ2_DID, REALM)
+        core.send(sip.request("INVITE", ruri, from_user="+15550001111", to_user=HQ2_DID, call_id=call_id,
+                              via_ip=core.ip, via_port=core.port,
+                              extra=[("Contact", "<sip:core@%s:%d>" % (core.ip, core.port))]),
+                  ("127.0.0.1", self.CORE_PORT))
+        got = None
+        deadline = time.monotonic() + 3
+        while got is None and time.monotonic() < deadline:
+            m = ep.recv(deadline - time.monotonic())
+            if m is None:
+                break
+            if of_call(m, call_id) and sip.method(m) == "INVITE":
+                got = m
+        self.assertIsNotNone(got, "the core's call never reached the PBX registered from [::1]")
+        self.assertRegex(sip.headers(got, "Via", "v")[0], r"^SIP/2\.0/UDP \[::1\]:%d;" % self.PORT, got)
+
+    def test_9_run_stop_stops_every_process(self):
+        pids = process_group(self.pid())
+        out = self.run_script("stop", "--state", self.state, timeout=30)
+        self.assertEqual(out.returncode, 0, out.stderr)
+        self.assertEqual([p for p in pids if _alive(p)], [])
+
+
 if __name__ == "__main__":
     unittest.main()
