@@ -7,6 +7,10 @@
   run_helpers.py check MODULE CONFIG
       refuses a configuration or module the policy would refuse, with the named
       error (the extension from $TRUNKGUARD_PYTHONPATH), before Kamailio starts
+  run_helpers.py redis-rows URL
+      carries the items the KEMI shim kept in a Redis (the hash trunkguard:tg) over to
+      the rows the native module reads and writes through db_redis
+      (htable:entry::<key>), each item whose row is missing; prints how many
 """
 
 import os
@@ -64,11 +68,45 @@ def check(module, config):
         sys.exit("run: module refused: %s" % e)
 
 
+# The shim's layout (trunkguard_kemi.py, RedisState.HASH) and the module's: db_redis's
+# row of htable's schema keyed by key_name (host-shims/kamailio/module.cfg).
+SHIM_HASH = "trunkguard:tg"
+ROW_PREFIX = "htable:entry::"
+
+
+# Made whole or left alone, in one step on the server: an item a module node wrote
+# meanwhile is newer than the shim's and stays, and no node reads half a row.
+ROW_IF_ABSENT = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'key_name', ARGV[1], 'key_type', 0, 'value_type', 0,
+           'key_value', ARGV[2], 'expires', 0)
+return 1
+"""
+
+
+def redis_rows(url):
+    import redis  # Debian's python3-redis
+
+    client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+    try:
+        row_if_absent = client.register_script(ROW_IF_ABSENT)
+        carried = 0
+        for key, value in client.hgetall(SHIM_HASH).items():
+            carried += row_if_absent(keys=[ROW_PREFIX.encode() + key], args=[key, value])
+        print(carried)
+    except redis.RedisError as e:  # its text names the host and port, never a password
+        sys.exit("run: --store's Redis: %s" % e)
+    finally:
+        client.close()
+
+
 def main(argv):
     if len(argv) >= 3 and argv[0] == "init-sqlite":
         init_sqlite(argv[1], argv[2], argv[3:])
     elif len(argv) == 3 and argv[0] == "check":
         check(argv[1], argv[2])
+    elif len(argv) == 2 and argv[0] == "redis-rows":
+        redis_rows(argv[1])
     else:
         sys.exit(__doc__)
 

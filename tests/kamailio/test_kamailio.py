@@ -2302,6 +2302,8 @@ class RedisRestart(unittest.TestCase):
 
     NODES = {"a": (5146, 5147, 5149), "b": (5148, 5149, 5147)}
     CARRIER = ("127.0.0.1", 5150)
+    # run --engine: test_module.py's RedisRestartModule runs these tests on the module.
+    ENGINE = "shim"
 
     @classmethod
     def setUpClass(cls):
@@ -2341,7 +2343,8 @@ class RedisRestart(unittest.TestCase):
     def start(cls, name):
         sip_port, dmq_port, peer_port = cls.NODES[name]
         out = subprocess.run(
-            [RUN, "--no-install", "--daemon", "--config", cls.config, "--listen", "127.0.0.1:%d" % sip_port,
+            [RUN, "--no-install", "--daemon", "--engine", cls.ENGINE, "--config", cls.config,
+             "--listen", "127.0.0.1:%d" % sip_port,
              "--dmq", "127.0.0.1:%d" % dmq_port, "--dmq-peer", "127.0.0.1:%d" % peer_port, "--dmq-transport", "tcp",
              "--carrier", "sip:%s:%d" % cls.CARRIER, "--state", cls.state(name), "--workers", "2"] + cls.store(),
             capture_output=True, text=True, timeout=60)

@@ -2,8 +2,8 @@
 crates/kamailio-module/build) in host-shims/kamailio/module.cfg, the native cfg this
 repository ships: its own request_route with sanity checks, then trunkguard_judge()
 and a switch on what it returns, trunkguard_reply(), trunkguard_apply(), the dialog
-functions and t_relay(). No Python in Kamailio, no host-shims/kamailio/run: Debian's
-kamailio started here with -DD -E and the cfg's defines.
+functions and t_relay(). No Python in Kamailio: Debian's kamailio started here with
+-DD -E and the cfg's defines (and, in two classes, by host-shims/kamailio/run).
 
   127.0.0.2  the PBX of hq-pbx1 (registers, then calls)
   127.0.0.3  an intruder with the right credentials
@@ -23,6 +23,9 @@ NativeModuleDmq: two nodes replicating the state table with DMQ and sharing a no
 secret file: a PBX registered at A calls through B; A's challenge is answered at B; a
 secret file others may read stops a node.
 ForeignCfg: the module in a short configuration of an operator's own (FOREIGN_CFG).
+RunEngineModule: host-shims/kamailio/run --engine module --daemon and tgctl, as the
+systemd unit runs them. RedisRestartModule: test_kamailio.py's RedisRestart with the
+module's Redis store (db_redis), the shim's items carried over, Redis down and back.
 
 The trunk configuration and credentials are the ones tests/kamailio/test_kamailio.py
 uses (imported from it). Skipped when target/kamailio-module/trunkguard.so is missing.
@@ -47,6 +50,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import sip_client as sip  # noqa: E402
+import test_kamailio  # noqa: E402
 import trap_module  # noqa: E402
 from kamailio_dmq import wait_peers_active, write_secret  # noqa: E402
 from test_kamailio import CORE as CORE_IP  # noqa: E402
@@ -1524,13 +1528,9 @@ class RunEngineModule(unittest.TestCase):
         self.assertGreaterEqual(int(stats["challenged"]), 2, stats)
         self.assertGreaterEqual(int(stats["judged"]), int(stats["accepted"]), stats)
 
-    def test_6_run_refuses_what_the_module_cannot_do_before_starting_anything(self):
+    def test_6_run_refuses_a_missing_carrier_and_a_bad_config_before_starting_anything(self):
         state = os.path.join(self.workdir, "refused")
         common = ["--engine", "module", "--state", state, "--listen", "127.0.0.1:%d" % (self.PORT + 10)]
-        out = self.run_script("--config", self.config, *common, "--carrier", "sip:127.0.0.1:5999",
-                              "--store", "redis://127.0.0.1:6379/0")
-        self.assertEqual(out.returncode, 2, out.stdout + out.stderr)
-        self.assertIn("--engine module keeps its state in sqlite or memory", out.stderr)
         out = self.run_script("--config", self.config, *common)
         self.assertEqual(out.returncode, 2, out.stdout + out.stderr)
         self.assertIn("--engine module needs --carrier", out.stderr)
@@ -1579,6 +1579,82 @@ class RunEngineModule(unittest.TestCase):
         out = self.run_script("stop", "--state", self.state, timeout=30)
         self.assertEqual(out.returncode, 0, out.stderr)
         self.assertEqual([p for p in pids if _alive(p)], [])
+
+
+class RedisRestartModule(test_kamailio.RedisRestart):
+    """test_kamailio.py's RedisRestart on the module: two nodes with DMQ sharing one
+    Redis (run --engine module --store redis://, Kamailio's db_redis); B killed and
+    started again, then the whole site, each comes back with the binding from Redis.
+    With --store memory the test fails (the class's store())."""
+
+    ENGINE = "module"
+    NODES = {"a": (5230, 5231, 5233), "b": (5232, 5233, 5231)}
+    CARRIER = ("127.0.0.1", 5234)
+
+    @classmethod
+    def setUpClass(cls):
+        skip_unless_built()
+        super().setUpClass()
+
+    def redis_cmd(self, *args):
+        """One command to the test's Redis, database 2 (the store's): its reply, a
+        bulk string decoded or an integer (RESP, the replies these tests get)."""
+        with socket.create_connection(("127.0.0.1", self.redis_port), timeout=2) as s:
+            f = s.makefile("rb")
+            for command in (("SELECT", "2"), args):
+                data = b"*%d\r\n" % len(command)
+                for a in command:
+                    a = a.encode() if isinstance(a, str) else a
+                    data += b"$%d\r\n%s\r\n" % (len(a), a)
+                s.sendall(data)
+                line = f.readline()
+                if line.startswith(b"-"):
+                    raise AssertionError("redis: %r" % line)
+            if line.startswith(b":"):
+                return int(line[1:])
+            if line.startswith(b"$"):
+                n = int(line[1:])
+                return None if n < 0 else f.read(n + 2)[:-2].decode()
+            return line.strip().decode()
+
+    def test_b_each_item_is_a_db_redis_row_of_its_own(self):
+        self.assertRegex(self.redis_cmd("HGET", "htable:entry::tg/nonce_secret", "key_value"), r"^[0-9a-f]{64}$")
+        self.assertEqual(self.redis_cmd("HGET", "htable:entry::tg/nonce_secret", "key_name"), "tg/nonce_secret")
+
+    def test_b2_what_the_shim_kept_in_redis_is_carried_over_and_never_over_the_modules(self):
+        # The shim's layout (one hash, a field per item): an item the module lacks, and
+        # a stale nonce secret where the module has its own.
+        secret = self.redis_cmd("HGET", "htable:entry::tg/nonce_secret", "key_value")
+        self.redis_cmd("HSET", "trunkguard:tg", "tg/carried/probe", "from-the-shim")
+        self.redis_cmd("HSET", "trunkguard:tg", "tg/nonce_secret", "0" * 64)
+        test_kamailio.kill_9(self.state("b"))
+        self.start("b")
+        self.assertEqual(self.redis_cmd("HGET", "htable:entry::tg/carried/probe", "key_value"), "from-the-shim")
+        self.assertEqual(self.redis_cmd("HGET", "htable:entry::tg/nonce_secret", "key_value"), secret)
+        ctl = "unix:" + os.path.join(self.state("b"), "ctl.sock")
+        got = subprocess.run([KAMCMD, "-s", ctl, "htable.get", "tg", "tg/carried/probe"], capture_output=True,
+                             text=True, timeout=10).stdout
+        self.assertIn("from-the-shim", got)
+        self.redis_cmd("DEL", "trunkguard:tg", "htable:entry::tg/carried/probe")
+        self.assert_call_allowed("b")
+
+    def test_c_with_redis_down_a_registration_is_refused_and_taken_again_once_it_is_back(self):
+        def register():
+            endpoint = sip.Endpoint(EXP_PBX, server=("127.0.0.1", self.NODES["a"][0]))
+            try:
+                return sip.status(sip.register(endpoint, *EXP, expires=300))
+            finally:
+                endpoint.close()
+        self.redis.kill()
+        self.redis.wait(timeout=10)
+        # Fail closed: the binding cannot be kept, so it is not taken (500).
+        self.assertEqual(register(), 500)
+        self.redis = subprocess.Popen(
+            ["redis-server", "--port", str(self.redis_port), "--bind", "127.0.0.1", "--dir", self.workdir,
+             "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        type(self).redis = self.redis
+        wait_for("redis-server again", self.redis_ping, timeout=10)
+        wait_for("a registration kept in Redis again", lambda: register() == 200, timeout=10)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,12 @@
  * the pair one change. BEGIN/COMMIT go as raw queries (db_sqlite has no
  * start_transaction); a driver without raw queries writes the pair unwrapped.
  *
+ * Redis (a db_url redis://..., Kamailio's db_redis with the key "htable=entry:key_name",
+ * host-shims/kamailio/module.cfg): there the row is the hash htable:entry::<key_name>
+ * and an insert is one HMSET of it, an upsert in one command. So a value is written
+ * by the insert alone: db_redis has no transactions, and a delete first would leave
+ * the key without its row if the insert then failed.
+ *
  * DMQ: htable's API (htable_api_t set/rm, api.c ht_api_set_cell/ht_api_del_cell in
  * 5.6.3) replicates to the peers itself when the table has dmqreplicate=1, as the
  * cfg's sht_sets does, so nothing more is needed here. A peer applies a replicated
@@ -36,6 +42,7 @@
 #include <errno.h>
 #include <stdio.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -57,6 +64,9 @@ static str tg_col_value = str_init("key_value");
 static str tg_col_expires = str_init("expires");
 
 static db_func_t tg_dbf;
+static int tg_db_upsert = 0; /* the driver's insert replaces the row (db_redis) */
+/* db_url for the log: without the user and password a Redis URL may carry. */
+static char tg_db_shown[256] = "";
 static db1_con_t *tg_db_con = NULL;
 static int tg_db_pid = 0; /* the process tg_db_con was opened in */
 static gen_lock_t *tg_db_lock = NULL;
@@ -66,22 +76,42 @@ int tg_db_enabled(void)
 	return tg_db_url.s != NULL && tg_db_url.len > 0;
 }
 
+/* scheme://[userinfo@]rest -> scheme://rest, for the log. */
+static void tg_db_show(void)
+{
+	const char *s = tg_db_url.s, *end = tg_db_url.s + tg_db_url.len;
+	const char *rest = memchr(s, ':', tg_db_url.len), *at = NULL, *p;
+
+	if(rest == NULL || end - rest < 3 || memcmp(rest, "://", 3) != 0) {
+		snprintf(tg_db_shown, sizeof(tg_db_shown), "%.*s", tg_db_url.len, s);
+		return;
+	}
+	rest += 3;
+	for(p = rest; p < end && *p != '/'; p++)
+		if(*p == '@')
+			at = p;
+	snprintf(tg_db_shown, sizeof(tg_db_shown), "%.*s%.*s", (int)(rest - s), s,
+			(int)(end - (at != NULL ? at + 1 : rest)), at != NULL ? at + 1 : rest);
+}
+
 /* mod_init: binds the driver and checks it can do what a write needs. */
 int tg_db_init(void)
 {
 	if(!tg_db_enabled())
 		return 0;
+	tg_db_show();
 	if(db_bind_mod(&tg_db_url, &tg_dbf) < 0) {
-		LM_ERR("db_url %.*s: no database module for it (loadmodule \"db_sqlite.so\" "
-			   "before trunkguard)\n",
-				tg_db_url.len, tg_db_url.s);
+		LM_ERR("db_url %s: no database module for it (loadmodule \"db_sqlite.so\" "
+			   "or \"db_redis.so\" before trunkguard)\n",
+				tg_db_shown);
 		return -1;
 	}
 	if(!DB_CAPABILITY(tg_dbf, DB_CAP_INSERT | DB_CAP_DELETE)) {
-		LM_ERR("db_url %.*s: the database module cannot insert and delete\n",
-				tg_db_url.len, tg_db_url.s);
+		LM_ERR("db_url %s: the database module cannot insert and delete\n",
+				tg_db_shown);
 		return -1;
 	}
+	tg_db_upsert = tg_db_url.len > 8 && strncasecmp(tg_db_url.s, "redis://", 8) == 0;
 	tg_db_lock = lock_alloc();
 	if(tg_db_lock == NULL || lock_init(tg_db_lock) == NULL) {
 		LM_ERR("cannot make the store's write lock\n");
@@ -101,7 +131,7 @@ int tg_db_open(void)
 		return 0;
 	tg_db_con = tg_dbf.init(&tg_db_url);
 	if(tg_db_con == NULL) {
-		LM_ERR("cannot connect to %.*s\n", tg_db_url.len, tg_db_url.s);
+		LM_ERR("cannot connect to %s\n", tg_db_shown);
 		return -1;
 	}
 	tg_db_pid = getpid();
@@ -145,8 +175,10 @@ static int tg_db_put(str *key, str *value)
 	memset(vd, 0, sizeof(vd));
 	vd[0].type = DB1_STR;
 	vd[0].val.str_val = *key;
-	if(tg_dbf.delete(tg_db_con, kd, 0, vd, 1) < 0)
-		return -1;
+	if(value == NULL || !tg_db_upsert) {
+		if(tg_dbf.delete(tg_db_con, kd, 0, vd, 1) < 0)
+			return -1;
+	}
 	if(value == NULL)
 		return 0;
 	ki[0] = &tg_col_name;
@@ -210,8 +242,8 @@ rollback:
 		tg_db_raw("ROLLBACK");
 refused:
 	lock_release(tg_db_lock);
-	LM_ERR("store: cannot write %.*s to %.*s; refused\n", key->len, key->s,
-			tg_db_url.len, tg_db_url.s);
+	LM_ERR("store: cannot write %.*s to %s; refused\n", key->len, key->s,
+			tg_db_shown);
 	update_stat(tg_st_store_refused, 1);
 	return -1;
 }
