@@ -1642,6 +1642,8 @@ class StoreWriteDrill(unittest.TestCase):
     A, B = PBX, "127.0.0.21"  # the PBX's address, and the address it moves to
     TRUNK = "hq-pbx1"
     WINDOW_S = 1  # alert windows close quickly: each round starts with none open
+    # run --engine: test_module.py's StoreWriteDrillModule runs these on the module.
+    ENGINE = "shim"
 
     kamailio_log = KamailioEdge.kamailio_log
 
@@ -1656,7 +1658,8 @@ class StoreWriteDrill(unittest.TestCase):
         config["core_sockets"] = [cls.CORE_LISTEN]
         path = KamailioEdge.write_config(config, os.path.join(cls.workdir, "config.json"))
         out = subprocess.run(
-            [RUN, "--no-install", "--daemon", "--config", path, "--listen", "%s:%d" % cls.LISTEN,
+            [RUN, "--no-install", "--daemon", "--engine", cls.ENGINE, "--config", path,
+             "--listen", "%s:%d" % cls.LISTEN,
              "--core-listen", cls.CORE_LISTEN, "--carrier", "sip:%s:%d" % cls.CARRIER,
              "--alert-url", cls.webhook.url, "--state", cls.state, "--workers", "2"],
             capture_output=True, text=True, timeout=60, env=dict(os.environ, TRUNKGUARD_DRILLS="1"))

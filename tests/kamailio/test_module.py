@@ -1581,6 +1581,23 @@ class RunEngineModule(unittest.TestCase):
         self.assertEqual([p for p in pids if _alive(p)], [])
 
 
+class StoreWriteDrillModule(test_kamailio.StoreWriteDrill):
+    """test_kamailio.py's StoreWriteDrill on the module (run --engine module with
+    TRUNKGUARD_DRILLS=1: module.cfg's TG_DRILLS, crates/kamailio-module/c/tg_drill.c):
+    each write of a registration, of an alert window and of a window's closing
+    refused in turn, nothing half-kept, no alert lost."""
+
+    ENGINE = "module"
+    LISTEN = ("127.0.0.1", 5240)
+    CORE_LISTEN = "127.0.0.1:5242"
+    CARRIER = ("127.0.0.1", 5244)
+
+    @classmethod
+    def setUpClass(cls):
+        skip_unless_built()
+        super().setUpClass()
+
+
 class RedisRestartModule(test_kamailio.RedisRestart):
     """test_kamailio.py's RedisRestart on the module: two nodes with DMQ sharing one
     Redis (run --engine module --store redis://, Kamailio's db_redis); B killed and

@@ -7,6 +7,7 @@
  *   tg_dialog.c       in-dialog requests bound to the dialogs this edge created
  *   tg_rpc.c          the RPC commands (kamcmd trunkguard.*)
  *   tg_timer.c        the timer process: alert windows, the alert spool, delivery
+ *   tg_drill.c        store-write fault drills (tests and fire drills only)
  */
 #ifndef TG_MOD_H
 #define TG_MOD_H
@@ -81,6 +82,11 @@ extern str tg_db_url;
 extern str tg_db_table;
 extern char *tg_nonce_secret_file;
 int tg_db_enabled(void);
+/* tg_drill.c */
+extern int tg_drills;
+int tg_drill_init(void);
+int tg_drill_refuses(str *key);
+
 int tg_db_init(void);
 int tg_db_open(void);
 void tg_db_close(void);

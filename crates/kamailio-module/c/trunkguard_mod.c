@@ -85,6 +85,7 @@ static param_export_t params[] = {
 	{"db_url", PARAM_STR, &tg_db_url},
 	{"db_table", PARAM_STR, &tg_db_table},
 	{"nonce_secret_file", PARAM_STRING, &tg_nonce_secret_file},
+	{"drills", PARAM_INT, &tg_drills},
 	{0, 0, 0}
 };
 
@@ -172,6 +173,8 @@ static int mod_init(void)
 	if(tg_functions_init() < 0)
 		return -1;
 	if(tg_db_init() < 0)
+		return -1;
+	if(tg_drill_init() < 0)
 		return -1;
 	if(stat(tg_spool_dir, &st) != 0) {
 		if(mkdir(tg_spool_dir, 0700) != 0) {
@@ -342,6 +345,8 @@ static int tg_store_set(void *ctx, const char *key, size_t key_len,
 	k.len = (int)key_len;
 	v.s = (char *)value;
 	v.len = (int)value_len;
+	if(tg_drill_refuses(&k))
+		return -1;
 	return tg_store_set_str(&k, &v);
 }
 
@@ -351,6 +356,8 @@ static int tg_store_del(void *ctx, const char *key, size_t key_len)
 
 	k.s = (char *)key;
 	k.len = (int)key_len;
+	if(tg_drill_refuses(&k))
+		return -1;
 	return tg_db_write(&k, NULL, tg_table_write, tg_table_restore);
 }
 
