@@ -1184,6 +1184,7 @@ class InboundFailover(unittest.TestCase):
     FO, NF = ("fo1", "fo-s3cret"), ("nf1", "nf-s3cret")
     FO_DID, NF_DID = "+15553330000", "+15554440000"
     NO_ANSWER_S = 1.5
+    ENGINE = "shim"  # run --engine (test_module.py runs this class on the module)
 
     kamailio_log = KamailioEdge.kamailio_log
     assert_passed = KamailioEdge.assert_passed
@@ -1209,8 +1210,9 @@ class InboundFailover(unittest.TestCase):
         }
         path = KamailioEdge.write_config(config, os.path.join(cls.workdir, "config.json"))
         out = subprocess.run(
-            [RUN, "--no-install", "--daemon", "--config", path, "--listen", "%s:%d" % cls.LISTEN,
-             "--core-listen", "%s:%d" % cls.CORE_LISTEN, "--carrier", "sip:127.0.0.1:5119",
+            [RUN, "--no-install", "--daemon", "--engine", cls.ENGINE, "--config", path,
+             "--listen", "%s:%d" % cls.LISTEN,
+             "--core-listen", "%s:%d" % cls.CORE_LISTEN, "--carrier", "sip:127.0.0.1:%d" % (cls.LISTEN[1] + 9),
              "--state", cls.state, "--workers", "2"],
             capture_output=True, text=True, timeout=60)
         if out.returncode != 0:
@@ -1381,6 +1383,7 @@ class AlertRelayChain(unittest.TestCase):
     CORE_LISTEN = "127.0.0.1:5078"
     FROM = "trunkguard <alerts@relay.test>"
     SUBJECT = "[trunkguard] Blocked call on branch-p2p (branch) from %s: outside the access list"
+    ENGINE = "shim"  # run --engine (test_module.py runs this class on the module)
 
     # The suite's helpers: tgctl, its counters, Kamailio's log.
     tgctl = KamailioEdge.tgctl
@@ -1416,7 +1419,8 @@ class AlertRelayChain(unittest.TestCase):
             config = trunk_config()
             config["core_sockets"] = [cls.CORE_LISTEN]
             path = KamailioEdge.write_config(config, os.path.join(cls.workdir, "config.json"))
-            cls.run_cmd = [RUN, "--no-install", "--daemon", "--config", path, "--listen", cls.LISTEN,
+            cls.run_cmd = [RUN, "--no-install", "--daemon", "--engine", cls.ENGINE, "--config", path,
+                           "--listen", cls.LISTEN,
                            "--core-listen", cls.CORE_LISTEN, "--carrier", "sip:127.0.0.1:%d" % CARRIER_PORT,
                            "--alert-url", cls.url, "--alert-token-file", cls.token, "--state", cls.state,
                            "--workers", "2"]
@@ -2127,6 +2131,9 @@ class RestartKeepsState(unittest.TestCase):
     TRUNK = "hq-pbx1"
     STORE = []  # run's default; ["--store", "memory"] must fail every test
     WINDOW_S = 1
+    ENGINE = "shim"  # run --engine (test_module.py runs this class on the module)
+    # What the engine logs when the store refuses a write.
+    STORE_REFUSED = r"trunkguard: store: cannot write tg/\S+ to sqlite:\S+: database is locked; refused"
 
     kamailio_log = KamailioEdge.kamailio_log
     kamcmd = StoreWriteDrill.kamcmd
@@ -2158,7 +2165,8 @@ class RestartKeepsState(unittest.TestCase):
     def start(cls):
         # Drills on (docs/kamailio.md, "Drills"): test_3 refuses the table's writes.
         out = subprocess.run(
-            [RUN, "--no-install", "--daemon", "--config", cls.config, "--listen", "%s:%d" % cls.LISTEN,
+            [RUN, "--no-install", "--daemon", "--engine", cls.ENGINE, "--config", cls.config,
+             "--listen", "%s:%d" % cls.LISTEN,
              "--core-listen", cls.CORE_LISTEN, "--carrier", "sip:%s:%d" % cls.CARRIER,
              "--alert-url", cls.webhook.url, "--state", cls.state, "--workers", "2"] + cls.STORE,
             capture_output=True, text=True, timeout=60, env=dict(os.environ, TRUNKGUARD_DRILLS="1"))
@@ -2280,8 +2288,7 @@ class RestartKeepsState(unittest.TestCase):
             locker.close()
         self.assertEqual(sip.status(answer), 500, answer)
         self.assertRegex(answer.split("\r\n", 1)[0], r"^SIP/2\.0 500 .*state store", answer)
-        self.assertRegex(self.kamailio_log(), r"trunkguard: store: cannot write tg/\S+ to sqlite:\S+: "
-                         r"database is locked; refused")
+        self.assertRegex(self.kamailio_log(), self.STORE_REFUSED)
         self.assertEqual(self.registered(), (PBX, PBX))
         self.restart("stop")
         self.assertEqual(self.registered(), (PBX, PBX))

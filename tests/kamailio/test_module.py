@@ -1522,7 +1522,8 @@ class RunEngineModule(unittest.TestCase):
         out = self.tgctl("status")
         self.assertEqual(out.returncode, 0, out.stderr)
         self.assertRegex(out.stdout, r"(?m)^status: ok: config ")
-        self.assertRegex(out.stdout, r"(?m)^alerts: none: alerts stay in the spool \(\d+ in the spool\)$")
+        self.assertRegex(out.stdout, r"(?m)^alerts: no alert URL: kept in %s, delivered to nobody \(\d+ in the spool\)$"
+                         % re.escape(os.path.join(self.state, "spool")))
         stats = dict(line.split() for line in self.tgctl("stats").stdout.splitlines())
         self.assertGreaterEqual(int(stats["accepted"]), 2, stats)
         self.assertGreaterEqual(int(stats["challenged"]), 2, stats)
@@ -1579,6 +1580,55 @@ class RunEngineModule(unittest.TestCase):
         out = self.run_script("stop", "--state", self.state, timeout=30)
         self.assertEqual(out.returncode, 0, out.stderr)
         self.assertEqual([p for p in pids if _alive(p)], [])
+
+
+class InboundFailoverModule(test_kamailio.InboundFailover):
+    """test_kamailio.py's InboundFailover on the module (run --engine module)."""
+
+    ENGINE = "module"
+    LISTEN = ("127.0.0.1", 5250)
+    CORE_LISTEN = ("127.0.0.1", 5252)
+
+    @classmethod
+    def setUpClass(cls):
+        skip_unless_built()
+        super().setUpClass()
+
+
+class AlertRelayChainModule(test_kamailio.AlertRelayChain):
+    """test_kamailio.py's AlertRelayChain on the module (run --engine module): the
+    module's alert to the real relay, mailed through a real SMTP server."""
+
+    ENGINE = "module"
+    LISTEN = "127.0.0.1:5260"
+    CORE_LISTEN = "127.0.0.1:5262"
+    # The module's statistics, by the shim's names the tests read.
+    NAMES = {"alerts_sent": "alerts.sent", "alerts_rejected": "alerts.rejected",
+             "alerts_spooled": "alerts.spooled"}
+
+    def counters(self):
+        return {self.NAMES.get(k, k): v for k, v in super().counters().items()}
+
+    @classmethod
+    def setUpClass(cls):
+        skip_unless_built()
+        super().setUpClass()
+
+
+class RestartKeepsStateModule(test_kamailio.RestartKeepsState):
+    """test_kamailio.py's RestartKeepsState on the module (run --engine module)."""
+
+    ENGINE = "module"
+    LISTEN = ("127.0.0.1", 5270)
+    CORE_LISTEN = "127.0.0.1:5272"
+    CARRIER = ("127.0.0.1", 5274)
+    # db_sqlite logs its own reason on a line of its own.
+    STORE_REFUSED = r"store: cannot write tg/\S+ to sqlite:\S+; refused"
+
+    @classmethod
+    def setUpClass(cls):
+        skip_unless_built()
+        super().setUpClass()
 
 
 class StoreWriteDrillModule(test_kamailio.StoreWriteDrill):

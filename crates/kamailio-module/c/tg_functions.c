@@ -7,6 +7,8 @@
  *   trunkguard_apply()     the verdict's strip and insert on what is relayed
  *   trunkguard_failover()  failure_route: the failover URI to $ru when the PBX's
  *                          answer sends the call there (docs/policy.md "Inbound calls")
+ *   trunkguard_failed_over()  the failover's failure_route: the caller gets the PBX's
+ *                          failure, not the failover's (a 503 as 500)
  *   trunkguard_dialog_open(), trunkguard_dialog_route(): tg_dialog.c
  *
  * The verdict is kept in this process for the message it was judged for; the
@@ -40,6 +42,10 @@ static int tg_tm_ok = 0;
 static str tg_fo_xavp = str_init("tg_failover");
 static str tg_fo_uri = str_init("uri");
 static str tg_fo_on6xx = str_init("on_6xx");
+/* The PBX's failure, kept with the transaction once the call went to the failover. */
+static str tg_fd_xavp = str_init("tg_failed_over");
+static str tg_fd_code = str_init("code");
+static str tg_fd_reason = str_init("reason");
 
 /* The verdict of the message being routed, valid for that message only. */
 static struct {
@@ -473,6 +479,8 @@ static int tg_has_retry_after(sip_msg_t *rpl)
 	return 0;
 }
 
+static void tg_keep_pbx_failure(struct cell *t, int branch, int code, int timeout);
+
 static int ki_trunkguard_failover(sip_msg_t *msg)
 {
 	sr_xavp_t *uri, *on6;
@@ -519,7 +527,66 @@ static int ki_trunkguard_failover(sip_msg_t *msg)
 	tg_dialog_failed_over(msg, &ruri);
 	/* One failover per call. */
 	xavp_rm_by_name(&tg_fo_xavp, 1, NULL);
+	tg_keep_pbx_failure(t, branch, code, (msg->msg_flags & FL_TIMEOUT) != 0);
 	return 1;
+}
+
+/* The PBX's answer, for trunkguard_failed_over() should the failover fail too. */
+static void tg_keep_pbx_failure(struct cell *t, int branch, int code, int timeout)
+{
+	sr_xval_t val;
+	sr_xavp_t *root;
+	struct sip_msg *reply = t->uac[branch].reply;
+
+	xavp_rm_by_name(&tg_fd_xavp, 1, NULL);
+	memset(&val, 0, sizeof(val));
+	val.type = SR_XTYPE_INT;
+	val.v.i = code;
+	root = xavp_add_xavp_value(&tg_fd_xavp, &tg_fd_code, &val, NULL);
+	if(root == NULL)
+		return;
+	memset(&val, 0, sizeof(val));
+	val.type = SR_XTYPE_STR;
+	if(!timeout && reply != NULL && reply != FAKED_REPLY
+			&& reply->first_line.type == SIP_REPLY)
+		val.v.s = reply->first_line.u.reply.reason;
+	else
+		val.v.s = (str)str_init("Request Timeout");
+	xavp_add_value(&tg_fd_reason, &val, &root->val.v.xavp);
+}
+
+/* The failover's failure route: its failure stays unsaid, the caller gets the PBX's
+ * (docs/policy.md "Inbound calls"); a 503 as 500, as tm relays one (RFC 3261 16.7
+ * step 6). 1: replied; -1: nothing kept, or the caller cancelled (tm relays the best
+ * answer it has). */
+static int ki_trunkguard_failed_over(sip_msg_t *msg)
+{
+	sr_xavp_t *code, *reason;
+	struct cell *t;
+	char text[128];
+	int c;
+
+	if(!tg_tm_ok || get_route_type() != FAILURE_ROUTE)
+		return -1;
+	t = tg_tmb.t_gett();
+	if(t == NULL || t == T_UNDEFINED || (t->flags & T_CANCELED))
+		return -1;
+	code = xavp_get_child_with_ival(&tg_fd_xavp, &tg_fd_code);
+	reason = xavp_get_child_with_sval(&tg_fd_xavp, &tg_fd_reason);
+	if(code == NULL)
+		return -1;
+	c = (int)code->val.v.i;
+	if(c < 300 || c > 699)
+		return -1;
+	if(c == 503) {
+		c = 500;
+		snprintf(text, sizeof(text), "Server Internal Error");
+	} else if(reason != NULL && reason->val.v.s.len > 0) {
+		snprintf(text, sizeof(text), "%.*s", reason->val.v.s.len, reason->val.v.s.s);
+	} else {
+		snprintf(text, sizeof(text), "Failed");
+	}
+	return tg_tmb.t_reply(msg, (unsigned int)c, text) < 0 ? -1 : 1;
 }
 
 /* --- cfg wrappers -------------------------------------------------------------------- */
@@ -544,6 +611,11 @@ static int w_trunkguard_failover(sip_msg_t *msg, char *p1, char *p2)
 	return ki_trunkguard_failover(msg);
 }
 
+static int w_trunkguard_failed_over(sip_msg_t *msg, char *p1, char *p2)
+{
+	return ki_trunkguard_failed_over(msg);
+}
+
 static int w_trunkguard_dialog_open(sip_msg_t *msg, char *p1, char *p2)
 {
 	return ki_trunkguard_dialog_open(msg);
@@ -560,6 +632,8 @@ cmd_export_t tg_cmds[] = {
 	{"trunkguard_apply", (cmd_function)w_trunkguard_apply, 0, 0, 0,
 			REQUEST_ROUTE | BRANCH_ROUTE},
 	{"trunkguard_failover", (cmd_function)w_trunkguard_failover, 0, 0, 0,
+			FAILURE_ROUTE},
+	{"trunkguard_failed_over", (cmd_function)w_trunkguard_failed_over, 0, 0, 0,
 			FAILURE_ROUTE},
 	{"trunkguard_dialog_open", (cmd_function)w_trunkguard_dialog_open, 0,
 			tg_dialog_fixup, 0, REQUEST_ROUTE},
@@ -587,6 +661,11 @@ static sr_kemi_t sr_kemi_trunkguard_exports[] = {
 	},
 	{ str_init("trunkguard"), str_init("failover"),
 		SR_KEMIP_INT, ki_trunkguard_failover,
+		{ SR_KEMIP_NONE, SR_KEMIP_NONE, SR_KEMIP_NONE,
+			SR_KEMIP_NONE, SR_KEMIP_NONE, SR_KEMIP_NONE }
+	},
+	{ str_init("trunkguard"), str_init("failed_over"),
+		SR_KEMIP_INT, ki_trunkguard_failed_over,
 		{ SR_KEMIP_NONE, SR_KEMIP_NONE, SR_KEMIP_NONE,
 			SR_KEMIP_NONE, SR_KEMIP_NONE, SR_KEMIP_NONE }
 	},

@@ -120,7 +120,9 @@ static void tg_rpc_status(rpc_t *rpc, void *ctx)
 	if(tg_alert_url != NULL)
 		snprintf(alerts, sizeof(alerts), "%s", tg_alert_url);
 	else
-		snprintf(alerts, sizeof(alerts), "none: alerts stay in the spool");
+		/* The shim's words (trunkguard_kemi.py), so tgctl says the same of either. */
+		snprintf(alerts, sizeof(alerts),
+				"no alert URL: kept in %s, delivered to nobody", tg_spool_dir);
 	if(rpc->add(ctx, "{", &th) < 0)
 		return;
 	rpc->struct_add(th, "ddsssd", "revision", rev, "generation", gen > 0 ? (int)gen : 0,

@@ -147,7 +147,7 @@ static void tg_read_token(void)
 	tg_token[b - a] = '\0';
 	pkg_free(text);
 	if(tg_token_read)
-		LM_INFO("alert token %s changed: read again\n", tg_alert_token_file);
+		LM_INFO("trunkguard: alert token %s changed: read again\n", tg_alert_token_file);
 	tg_token_read = 1;
 	tg_token_seen = st;
 }
@@ -236,7 +236,7 @@ static void tg_deliver(void)
 		} else if(delivery < 0) {
 			/* The receiver will never take this one (a bad token, malformed for
 			 * it): kept aside for the operator instead of retried forever. */
-			LM_ERR("alert refused by %s with %d, kept in %s/rejected\n", tg_alert_url,
+			LM_ERR("trunkguard: alert refused by %s with %d, kept in %s/rejected\n", tg_alert_url,
 					status, tg_spool_dir);
 			tg_set_aside(names[i]);
 		} else {

@@ -218,7 +218,8 @@ static int mod_init(void)
 		return -1;
 	register_basic_timers(1);
 	if(tg_alert_url == NULL)
-		LM_WARN("no alert_url: alerts are kept in %s and delivered to nobody\n",
+		LM_WARN("trunkguard: no alert URL (modparam alert_url): alerts are kept in %s "
+				"and delivered to nobody\n",
 				tg_spool_dir);
 	return 0;
 }
