@@ -7,10 +7,11 @@
   run_helpers.py check MODULE CONFIG
       refuses a configuration or module the policy would refuse, with the named
       error (the extension from $TRUNKGUARD_PYTHONPATH), before Kamailio starts
-  run_helpers.py redis-rows URL
-      carries the items the KEMI shim kept in a Redis (the hash trunkguard:tg) over to
-      the rows the native module reads and writes through db_redis
-      (htable:entry::<key>), each item whose row is missing; prints how many
+  run_helpers.py redis-rows
+      carries the items the KEMI shim kept in the Redis of $TRUNKGUARD_STATE_DB (the
+      hash trunkguard:tg) over to the rows the native module reads and writes through
+      db_redis (htable:entry::<key>), each item whose row is missing, and renames the
+      hash aside (trunkguard:tg:carried:<time>); prints how many
 """
 
 import os
@@ -74,26 +75,37 @@ SHIM_HASH = "trunkguard:tg"
 ROW_PREFIX = "htable:entry::"
 
 
-# Made whole or left alone, in one step on the server: an item a module node wrote
-# meanwhile is newer than the shim's and stays, and no node reads half a row.
-ROW_IF_ABSENT = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-redis.call('HSET', KEYS[1], 'key_name', ARGV[1], 'key_type', 0, 'value_type', 0,
-           'key_value', ARGV[2], 'expires', 0)
-return 1
+# One step on the server: every item of the shim's hash whose row is missing becomes
+# a whole row (an item a module node wrote meanwhile is newer and stays, and no node
+# reads half a row), then the hash is renamed aside, so that it is carried once: a
+# row the module deletes later (an unregistered binding, a trunk group removed) is
+# never brought back from it.
+CARRY_ONCE = """
+local items = redis.call('HGETALL', KEYS[1])
+local carried = 0
+for i = 1, #items, 2 do
+  local row = ARGV[1] .. items[i]
+  if redis.call('EXISTS', row) == 0 then
+    redis.call('HSET', row, 'key_name', items[i], 'key_type', 0, 'value_type', 0,
+               'key_value', items[i + 1], 'expires', 0)
+    carried = carried + 1
+  end
+end
+if #items > 0 then redis.call('RENAME', KEYS[1], KEYS[2]) end
+return carried
 """
 
 
-def redis_rows(url):
+def redis_rows():
+    import time
+
     import redis  # Debian's python3-redis
 
-    client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+    # From the environment: the URL may hold a password (run exports it).
+    client = redis.Redis.from_url(os.environ["TRUNKGUARD_STATE_DB"], socket_timeout=5, socket_connect_timeout=5)
     try:
-        row_if_absent = client.register_script(ROW_IF_ABSENT)
-        carried = 0
-        for key, value in client.hgetall(SHIM_HASH).items():
-            carried += row_if_absent(keys=[ROW_PREFIX.encode() + key], args=[key, value])
-        print(carried)
+        aside = "%s:carried:%d" % (SHIM_HASH, time.time())
+        print(client.eval(CARRY_ONCE, 2, SHIM_HASH, aside, ROW_PREFIX))
     except redis.RedisError as e:  # its text names the host and port, never a password
         sys.exit("run: --store's Redis: %s" % e)
     finally:
@@ -105,8 +117,8 @@ def main(argv):
         init_sqlite(argv[1], argv[2], argv[3:])
     elif len(argv) == 3 and argv[0] == "check":
         check(argv[1], argv[2])
-    elif len(argv) == 2 and argv[0] == "redis-rows":
-        redis_rows(argv[1])
+    elif argv == ["redis-rows"]:
+        redis_rows()
     else:
         sys.exit(__doc__)
 

@@ -435,6 +435,7 @@ AMBIGUOUS_TO = [
 
 class KamailioEdge(unittest.TestCase):
     workdir = None
+    ENGINE = "shim"  # run --engine (test_module.py runs this class on the module)
 
     @classmethod
     def setUpClass(cls):
@@ -445,8 +446,8 @@ class KamailioEdge(unittest.TestCase):
         cls.webhook = Webhook()
         threading.Thread(target=cls.webhook.serve_forever, daemon=True).start()
         out = subprocess.run(
-            [RUN, "--no-install", "--daemon", "--config", cls.config, "--listen", KAMAILIO_ADDR,
-             "--core-listen", CORE_SOCKET_ADDR,
+            [RUN, "--no-install", "--daemon", "--engine", cls.ENGINE, "--config", cls.config,
+             "--listen", KAMAILIO_ADDR, "--core-listen", CORE_SOCKET_ADDR,
              "--carrier", "sip:127.0.0.1:%d" % CARRIER_PORT, "--alert-url", cls.webhook.url,
              "--state", cls.state, "--workers", "2"],
             capture_output=True, text=True, timeout=60)
@@ -2314,6 +2315,7 @@ class RedisRestart(unittest.TestCase):
     CARRIER = ("127.0.0.1", 5150)
     # run --engine: test_module.py's RedisRestartModule runs these tests on the module.
     ENGINE = "shim"
+    ENV = {}  # more of run's environment
 
     @classmethod
     def setUpClass(cls):
@@ -2357,7 +2359,7 @@ class RedisRestart(unittest.TestCase):
              "--listen", "127.0.0.1:%d" % sip_port,
              "--dmq", "127.0.0.1:%d" % dmq_port, "--dmq-peer", "127.0.0.1:%d" % peer_port, "--dmq-transport", "tcp",
              "--carrier", "sip:%s:%d" % cls.CARRIER, "--state", cls.state(name), "--workers", "2"] + cls.store(),
-            capture_output=True, text=True, timeout=60)
+            capture_output=True, text=True, timeout=60, env=dict(os.environ, **cls.ENV))
         if out.returncode != 0:
             raise RuntimeError("node %s: %s%s" % (name, out.stdout, out.stderr))
 

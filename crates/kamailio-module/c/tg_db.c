@@ -175,6 +175,8 @@ static int tg_db_put(str *key, str *value)
 	memset(vd, 0, sizeof(vd));
 	vd[0].type = DB1_STR;
 	vd[0].val.str_val = *key;
+	/* db_redis deletes a row only with a mapping besides its key (module.cfg's
+	 * keytype; redis_dbase.c, db_redis_perform_delete). */
 	if(value == NULL || !tg_db_upsert) {
 		if(tg_dbf.delete(tg_db_con, kd, 0, vd, 1) < 0)
 			return -1;
@@ -200,12 +202,36 @@ static int tg_db_put(str *key, str *value)
 	return tg_dbf.insert(tg_db_con, ki, vi, 5) < 0 ? -1 : 0;
 }
 
+/* The key's row put back as the table has it (old NULL: no item, no row), for a
+ * driver without transactions whose write the table then refused, or whose answer
+ * was lost after it may have been applied: Redis and the table stay one. Best effort:
+ * logged when it fails too. */
+static void tg_db_restore(str *key, ht_cell_t *old)
+{
+	char num[24];
+	str v;
+
+	if(old == NULL) {
+		v.s = NULL;
+		v.len = 0;
+	} else if(old->flags & AVP_VAL_STR) {
+		v = old->value.s;
+	} else {
+		v.len = snprintf(num, sizeof(num), "%ld", (long)old->value.n);
+		v.s = num;
+	}
+	if(tg_db_put(key, old == NULL ? NULL : &v) < 0)
+		LM_ERR("store: %s keeps %.*s, which the table refused: put it right by hand "
+			   "(or restart this node once the database answers)\n",
+				tg_db_shown, key->len, key->s);
+}
+
 /* One store write (value NULL: a delete): the database first, then `table_write`
  * (htable's own), one change or none. 0: done; -1: refused, nothing changed. */
 int tg_db_write(str *key, str *value, int (*table_write)(str *key, str *value),
 		int (*table_restore)(str *key, ht_cell_t *old))
 {
-	ht_cell_t *old;
+	ht_cell_t *old = NULL;
 	int in_tx = 0;
 
 	if(!tg_db_enabled())
@@ -216,20 +242,16 @@ int tg_db_write(str *key, str *value, int (*table_write)(str *key, str *value),
 	in_tx = tg_dbf.raw_query != NULL;
 	if(in_tx && tg_db_raw("BEGIN") < 0)
 		goto refused;
+	old = tg_htable_clone(key);
 	if(tg_db_put(key, value) < 0)
 		goto rollback;
-	old = tg_htable_clone(key);
 	if(table_write(key, value) < 0) {
-		if(old != NULL)
-			pkg_free(old);
 		LM_ERR("the htable refused %.*s\n", key->len, key->s);
 		goto rollback;
 	}
 	if(in_tx && tg_db_raw("COMMIT") < 0) {
 		/* The table's item as it was: the database did not keep the write. */
 		table_restore(key, old);
-		if(old != NULL)
-			pkg_free(old);
 		goto rollback;
 	}
 	if(old != NULL)
@@ -240,6 +262,10 @@ int tg_db_write(str *key, str *value, int (*table_write)(str *key, str *value),
 rollback:
 	if(in_tx)
 		tg_db_raw("ROLLBACK");
+	else
+		tg_db_restore(key, old);
+	if(old != NULL)
+		pkg_free(old);
 refused:
 	lock_release(tg_db_lock);
 	LM_ERR("store: cannot write %.*s to %s; refused\n", key->len, key->s,

@@ -2,9 +2,10 @@
  * trunkguard.so: store-write fault drills (docs/kamailio.md, "Drills").
  *
  * With modparam("trunkguard", "drills", 1) and an htable `tgctl` (module.cfg's
- * TG_DRILLS), `kamcmd htable.seti tgctl fail_write N` makes the policy's N-th store
- * write from then on, in whichever process makes it, fail as Kamailio fails one (-1,
- * nothing written): the KEMI shim's drill (trunkguard_kemi.py, _drilled), so that
+ * TG_DRILLS), `kamcmd htable.seti tgctl fail_write N` makes the N-th write of the
+ * state table from then on, in whichever process makes it, fail as Kamailio fails one
+ * (-1, nothing written; the database's write before it rolled back or put back): the
+ * KEMI shim's drill (trunkguard_kemi.py, _drilled, around sht_sets), so that
  * tests/kamailio/test_kamailio.py's StoreWriteDrill runs against either. htable's API
  * has no atomic decrement (ht_api.h), so a lock of the module orders the drill's own
  * read and write of the count across processes. Off, the default, no drill code runs.

@@ -113,6 +113,7 @@ int tg_str_is(const tg_str *s, const char *lit)
 
 static void tg_count(const tg_verdict *v)
 {
+	tg_count_cause(&v->cause);
 	switch(v->action) {
 		case TG_ALLOW:
 			update_stat(tg_st_allowed, 1);
@@ -243,16 +244,16 @@ static int tg_fail_closed(sip_msg_t *msg, const char *source, const char *transp
 	update_stat(tg_st_policy_errors, 1);
 	if(tg_rlog() != NULL) {
 		n = tg_refusal_log_record_host(tg_rlog(), msg->buf, msg->len, source,
-				transport, now, 500, "policy_error", &lines);
+				transport, now, 503, "policy_error", &lines);
 		said = tg_log_lines(lines, n);
 	}
 	/* Under the log's rate, so a broken module under a flood cannot fill the disk. */
 	if(said && msg->first_line.type == SIP_REQUEST)
-		LM_ERR("no verdict for %.*s from %s: %s\n",
+		LM_ERR("trunkguard: no verdict for %.*s from %s: %s\n",
 				msg->first_line.u.request.method.len,
 				msg->first_line.u.request.method.s, source, why);
 	else if(said)
-		LM_ERR("no verdict for a response from %s: %s\n", source, why);
+		LM_ERR("trunkguard: no verdict for a response from %s: %s\n", source, why);
 	return -1;
 }
 
@@ -516,6 +517,7 @@ static int ki_trunkguard_failover(sip_msg_t *msg)
 	if(!tg_fails_over((uint16_t)code, retry_after, on_6xx))
 		return -1; /* busy, a decline, a 503 that says when to come back: final */
 	ruri = uri->val.v.s;
+	update_stat(tg_st_inbound_failover, 1);
 	LM_INFO("inbound call: the PBX %s %d; relayed to the failover %.*s\n",
 			(msg->msg_flags & FL_TIMEOUT) ? "is silent," : "answered", code,
 			ruri.len, ruri.s);

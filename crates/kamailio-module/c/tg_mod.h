@@ -44,6 +44,7 @@ typedef struct tg_pub {
 	gen_lock_t lock;
 	int rev;
 	int64_t generation; /* the last generation a process reported in force */
+	int applied;        /* the revision that generation is of */
 	char wasm[PATH_MAX];
 	char config[PATH_MAX];
 } tg_pub_t;
@@ -64,8 +65,16 @@ extern stat_var *tg_st_judged, *tg_st_allowed, *tg_st_routed, *tg_st_challenged,
 		*tg_st_accepted, *tg_st_refused_auth, *tg_st_refused_address,
 		*tg_st_refused_other, *tg_st_alerts_spooled, *tg_st_alerts_sent,
 		*tg_st_alerts_rejected, *tg_st_policy_errors, *tg_st_store_refused,
-		*tg_st_in_dialog_refused, *tg_st_dialog_reused;
+		*tg_st_in_dialog_refused, *tg_st_dialog_reused, *tg_st_alerts_retried,
+		*tg_st_alerts_dropped, *tg_st_config_refused, *tg_st_inbound_failover;
 extern stat_export_t tg_stats[];
+/* One statistic per verdict cause, cause_<name> (tg_cause_name's list, src/verdict.rs):
+ * tg_cause_stats[i] counts tg_cause_names[i]; tg_cause_count of them. */
+#define TG_CAUSES_MAX 64
+extern stat_var *tg_cause_stats[TG_CAUSES_MAX];
+extern const char *tg_cause_names[TG_CAUSES_MAX];
+extern int tg_cause_count;
+void tg_count_cause(const tg_str *cause);
 
 /* trunkguard_mod.c */
 int tg_sync(void);

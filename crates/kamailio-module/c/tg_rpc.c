@@ -70,6 +70,8 @@ static void tg_rpc_publish(rpc_t *rpc, void *ctx)
 	err[0] = '\0';
 	gen = tg_check(wasm_abs, json, len, err, sizeof(err));
 	pkg_free(json);
+	if(gen <= 0)
+		update_stat(tg_st_config_refused, 1);
 	if(gen == 0) {
 		LM_ERR("publication refused: config %s: %s (the previous one stays in "
 			   "force)\n",
@@ -103,7 +105,7 @@ static const char *tg_rpc_status_doc[2] = {
 static void tg_rpc_status(rpc_t *rpc, void *ctx)
 {
 	char wasm[PATH_MAX], config[PATH_MAX], alerts[PATH_MAX + 64];
-	int rev;
+	int rev, applied;
 	long long gen;
 	void *th;
 
@@ -113,6 +115,7 @@ static void tg_rpc_status(rpc_t *rpc, void *ctx)
 	}
 	lock_get(&tg_pub->lock);
 	rev = tg_pub->rev;
+	applied = tg_pub->applied;
 	gen = (long long)tg_pub->generation;
 	memcpy(wasm, tg_pub->wasm, sizeof(wasm));
 	memcpy(config, tg_pub->config, sizeof(config));
@@ -129,6 +132,8 @@ static void tg_rpc_status(rpc_t *rpc, void *ctx)
 			"wasm", wasm, "config", config, "alert_url", alerts, "spool",
 			tg_spool_count());
 	rpc->struct_add(th, "s", "spool_dir", tg_spool_dir);
+	/* The last revision a process put in force: tgctl waits for its own. */
+	rpc->struct_add(th, "d", "applied", applied);
 }
 
 static const char *tg_rpc_binding_doc[2] = {
@@ -181,6 +186,9 @@ static void tg_rpc_counters(rpc_t *rpc, void *ctx)
 	for(i = 0; tg_stats[i].name != NULL; i++)
 		rpc->struct_add(th, "d", tg_stats[i].name,
 				(int)get_stat_val(*tg_stats[i].stat_pointer));
+	for(i = 0; i < tg_cause_count; i++)
+		rpc->struct_add(th, "d", get_stat_name(tg_cause_stats[i]),
+				(int)get_stat_val(tg_cause_stats[i]));
 }
 
 rpc_export_t tg_rpc_cmds[] = {

@@ -65,6 +65,7 @@ int tg_spool(const tg_str *alert)
 	update_stat(tg_st_alerts_spooled, 1);
 	return 0;
 lost:
+	update_stat(tg_st_alerts_dropped, 1);
 	LM_ERR("alert lost, cannot spool it in %s: %s: %.*s\n", tg_spool_dir,
 			strerror(errno), (int)alert->len, alert->s);
 	return -1;
@@ -241,6 +242,7 @@ static void tg_deliver(void)
 			tg_set_aside(names[i]);
 		} else {
 			/* Keep it, and everything after it, for the next attempt. */
+			update_stat(tg_st_alerts_retried, 1);
 			if(status < 0)
 				LM_WARN("alert delivery to %s failed: %s\n", tg_alert_url, err);
 			else

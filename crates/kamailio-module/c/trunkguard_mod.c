@@ -50,7 +50,8 @@ stat_var *tg_st_judged, *tg_st_allowed, *tg_st_routed, *tg_st_challenged,
 		*tg_st_accepted, *tg_st_refused_auth, *tg_st_refused_address,
 		*tg_st_refused_other, *tg_st_alerts_spooled, *tg_st_alerts_sent,
 		*tg_st_alerts_rejected, *tg_st_policy_errors, *tg_st_store_refused,
-		*tg_st_in_dialog_refused, *tg_st_dialog_reused;
+		*tg_st_in_dialog_refused, *tg_st_dialog_reused, *tg_st_alerts_retried,
+		*tg_st_alerts_dropped, *tg_st_config_refused, *tg_st_inbound_failover;
 
 /* Refusals are counted by the group of their cause (src/verdict.rs `Cause`):
  * credentials, the address a request came from, and the rest. */
@@ -70,6 +71,10 @@ stat_export_t tg_stats[] = {
 	{"store_refused", 0, &tg_st_store_refused},
 	{"in_dialog_refused", 0, &tg_st_in_dialog_refused},
 	{"dialog_reused", 0, &tg_st_dialog_reused},
+	{"alerts_retried", 0, &tg_st_alerts_retried},
+	{"alerts_dropped", 0, &tg_st_alerts_dropped},
+	{"config_refused", 0, &tg_st_config_refused},
+	{"inbound_failover", 0, &tg_st_inbound_failover},
 	{0, 0, 0}
 };
 
@@ -142,6 +147,47 @@ int tg_htable_bind(void)
 	return 0;
 }
 
+stat_var *tg_cause_stats[TG_CAUSES_MAX];
+const char *tg_cause_names[TG_CAUSES_MAX];
+int tg_cause_count = 0;
+
+/* cause_<name> for every cause the policy has, before the fork (the counters live in
+ * shared memory). The names stay for the process's life: the statistics keep them. */
+static int tg_register_cause_stats(void)
+{
+	const char *cause;
+	char *name;
+	size_t n;
+
+	for(tg_cause_count = 0; tg_cause_count < TG_CAUSES_MAX; tg_cause_count++) {
+		cause = tg_cause_name((uint32_t)tg_cause_count);
+		if(cause == NULL)
+			break;
+		n = strlen(cause) + sizeof("cause_");
+		name = pkg_malloc(n);
+		if(name == NULL) {
+			PKG_MEM_ERROR;
+			return -1;
+		}
+		snprintf(name, n, "cause_%s", cause);
+		if(register_stat(exports.name, name, &tg_cause_stats[tg_cause_count], 0) != 0)
+			return -1;
+		tg_cause_names[tg_cause_count] = cause;
+	}
+	return 0;
+}
+
+void tg_count_cause(const tg_str *cause)
+{
+	int i;
+
+	for(i = 0; i < tg_cause_count; i++)
+		if(tg_str_is(cause, tg_cause_names[i])) {
+			update_stat(tg_cause_stats[i], 1);
+			return;
+		}
+}
+
 static int mod_init(void)
 {
 	struct stat st;
@@ -186,7 +232,8 @@ static int mod_init(void)
 		LM_ERR("spool_dir %s is not a directory\n", tg_spool_dir);
 		return -1;
 	}
-	if(register_module_stats(exports.name, tg_stats) != 0) {
+	if(register_module_stats(exports.name, tg_stats) != 0
+			|| tg_register_cause_stats() < 0) {
 		LM_ERR("cannot register the statistics\n");
 		return -1;
 	}
@@ -299,6 +346,11 @@ static int tg_table_write(str *key, str *value)
 {
 	int_str v;
 
+	/* A drill refuses the table's write, as Kamailio refuses one: after the
+	 * database's, which is then rolled back (or, for Redis, put back). */
+	if(tg_drill_refuses(key))
+		return -1;
+
 	if(value == NULL) {
 		/* rm answers -1 only when the table is missing; an absent key is deleted. */
 		return tg_htb.rm(&tg_htable_name, key) == 0 ? 0 : -1;
@@ -346,8 +398,6 @@ static int tg_store_set(void *ctx, const char *key, size_t key_len,
 	k.len = (int)key_len;
 	v.s = (char *)value;
 	v.len = (int)value_len;
-	if(tg_drill_refuses(&k))
-		return -1;
 	return tg_store_set_str(&k, &v);
 }
 
@@ -357,8 +407,6 @@ static int tg_store_del(void *ctx, const char *key, size_t key_len)
 
 	k.s = (char *)key;
 	k.len = (int)key_len;
-	if(tg_drill_refuses(&k))
-		return -1;
 	return tg_db_write(&k, NULL, tg_table_write, tg_table_restore);
 }
 
@@ -496,13 +544,15 @@ int tg_sync(void)
 		LM_INFO("config %s in force (generation %lld)\n", config,
 				(long long)gen);
 		lock_get(&tg_pub->lock);
-		if(tg_pub->rev == rev)
+		if(tg_pub->rev == rev) {
 			tg_pub->generation = gen;
+			tg_pub->applied = rev;
+		}
 		lock_release(&tg_pub->lock);
 	} else {
 		LM_ERR("config %s refused: %s (the previous one stays in force)\n",
 				config, err);
-		update_stat(tg_st_policy_errors, 1);
+		update_stat(tg_st_config_refused, 1);
 	}
 	tg_proc.rev = rev;
 	return 0;

@@ -124,6 +124,10 @@ size_t tg_refusal_log_record_host(tg_refusal_log *l, const char *msg, size_t msg
 /* The summary of a past second, once (0 or 1 line). */
 size_t tg_refusal_log_flush(tg_refusal_log *l, uint64_t now_ms, const tg_str **lines);
 
+/* The name of cause `index` (src/verdict.rs Cause::ALL order), static and
+ * NUL-terminated; NULL past the last. */
+const char *tg_cause_name(uint32_t index);
+
 /* Whether a final response from a registered PBX sends the call to the failover. */
 int tg_fails_over(uint16_t code, int retry_after, int on_6xx);
 

@@ -3,12 +3,14 @@
 //! Rust values. No panic crosses into Kamailio: each entry point catches one and
 //! answers its failure value (a worker that aborted would drop every call it holds).
 
-use std::ffi::{CStr, c_char, c_int, c_void};
+use std::ffi::{CStr, CString, c_char, c_int, c_void};
 use std::net::SocketAddr;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::Path;
+use std::sync::OnceLock;
 use std::time::Duration;
 
+use trunkguard::verdict::Cause;
 use trunkguard_host::{
     ConfigureError, HostError, MemoryKv, PolicyInstance, PolicyModule, Transport,
 };
@@ -498,6 +500,25 @@ pub unsafe extern "C" fn tg_refusal_log_flush(
         }
         None => 0,
     })
+}
+
+/// The name of cause `index` in `Cause::ALL`'s order (src/verdict.rs), NUL-terminated
+/// and alive for the process; NULL past the last. trunkguard_mod.c registers a
+/// statistic `cause_<name>` for each before Kamailio forks, so the list is the core's
+/// own and a new cause gets its counter without a change to the C.
+#[unsafe(no_mangle)]
+pub extern "C" fn tg_cause_name(index: u32) -> *const c_char {
+    static NAMES: OnceLock<Vec<CString>> = OnceLock::new();
+    let names = NAMES.get_or_init(|| {
+        Cause::ALL
+            .iter()
+            .filter_map(|c| CString::new(c.as_str()).ok())
+            .collect()
+    });
+    usize::try_from(index)
+        .ok()
+        .and_then(|i| names.get(i))
+        .map_or(std::ptr::null(), |n| n.as_ptr())
 }
 
 #[unsafe(no_mangle)]

@@ -285,6 +285,19 @@ fn the_refusal_log_writes_a_line_for_a_logged_refusal_only() {
 }
 
 #[test]
+fn cause_names_are_the_cores_in_order_and_end_with_null() {
+    let all = trunkguard::verdict::Cause::ALL;
+    for (i, cause) in all.iter().enumerate() {
+        let name = tg_cause_name(u32::try_from(i).unwrap());
+        assert!(!name.is_null(), "{i}");
+        let name = unsafe { std::ffi::CStr::from_ptr(name) };
+        assert_eq!(name.to_str().unwrap(), cause.as_str());
+    }
+    assert!(tg_cause_name(u32::try_from(all.len()).unwrap()).is_null());
+    assert!(tg_cause_name(u32::MAX).is_null());
+}
+
+#[test]
 fn failover_rule_is_the_cores() {
     for (code, retry_after, on_6xx) in [
         (408, 0, 0),
