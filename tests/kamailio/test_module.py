@@ -1236,6 +1236,29 @@ class NativeModuleDmq(NodeTestCase):
         answer = pbx.final(sip.request("REGISTER", uri, cseq=2, extra=[contact, auth], **base))
         self.assertEqual(sip.status(answer), 200, "A's challenge answered at B: %s" % answer)
 
+    def test_2b_a_kdmq_on_a_sip_listener_changes_nothing(self):
+        # From a DMQ peer's address (127.0.0.1), but to node A's SIP listener:
+        # replication is taken only on the DMQ socket (module.cfg's TG_DMQ_PORT); on a
+        # SIP listener the policy judges it as any request, and it is never applied.
+        a = self.by_name["a"]
+        key = "tg/binding/exp-pbx"
+        before = a.htable_get(key)
+        body = json.dumps({"action": 1, "htname": "tg", "cname": key, "type": 2, "mode": 0,
+                           "strval": json.dumps({"source": "127.0.0.3:5060", "transport": "udp",
+                                                 "contact": "sip:exp@127.0.0.3:5060", "expires_at_ms": 1 << 50})})
+        for transport in ("udp", "tcp"):
+            peer = sip.Endpoint("127.0.0.1", transport, ("127.0.0.1", self.NODES["a"][0]))
+            try:
+                kdmq = sip.request("KDMQ", "sip:htable@127.0.0.1:%d" % self.NODES["a"][0], from_user="htable",
+                                   via_ip="127.0.0.1", via_port=peer.port, transport=transport.upper(),
+                                   extra=[("Content-Type", "application/json")], body=body.encode())
+                answer = peer.final(kdmq, timeout=2.0)
+                self.assertNotEqual(sip.status(answer), 200, answer)
+            finally:
+                peer.close()
+        time.sleep(0.3)
+        self.assertEqual(a.htable_get(key), before, "the forged replication changed nothing")
+
     def test_3_a_nonce_secret_file_others_may_read_stops_the_node(self):
         loose = write_secret(self.workdir, "nonce-secret-loose", os.urandom(32).hex(), 0o640)
         node = Node(self.workdir, "loose", 5188, 5189, self.config, secret_file=loose)
