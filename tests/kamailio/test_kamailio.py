@@ -1945,7 +1945,8 @@ class DmqPair(unittest.TestCase):
             state = os.path.join(cls.workdir, name)
             cls.started.append(state)
             runs[name] = subprocess.Popen(
-                [RUN, "--no-install", "--daemon", "--config", cls.config, "--listen", "127.0.0.1:%d" % sip_port,
+                [RUN, "--no-install", "--daemon", "--engine", "shim", "--config", cls.config,
+                 "--listen", "127.0.0.1:%d" % sip_port,
                  "--dmq", "127.0.0.1:%d" % dmq_port, "--dmq-peer", "127.0.0.1:%d" % peer_port,
                  # Over TCP, as docs/kamailio.md advises between nodes.
                  "--dmq-transport", "tcp", "--nonce-secret-file", cls.secret_file,
@@ -2068,7 +2069,8 @@ class DmqPair(unittest.TestCase):
         loose = write_secret(self.workdir, "nonce-secret-loose", os.urandom(32).hex(), 0o640)
         state = os.path.join(self.workdir, "loose")
         try:
-            out = subprocess.run([RUN, "--no-install", "--daemon", "--config", self.config, "--listen", "127.0.0.1:5068",
+            out = subprocess.run([RUN, "--no-install", "--daemon", "--engine", "shim", "--config", self.config,
+                                  "--listen", "127.0.0.1:5068",
                                   "--nonce-secret-file", loose, "--state", state, "--workers", "1"],
                                  capture_output=True, text=True, timeout=90)
         finally:

@@ -110,7 +110,8 @@ class SecretFiles(unittest.TestCase):
         return out
 
     def kamailio_run(self, state, *extra):
-        return self.run_tool(KAMAILIO_RUN, "--no-install", "--state", state,
+        # The shim's: these tests read what run hands the KEMI script.
+        return self.run_tool(KAMAILIO_RUN, "--no-install", "--engine", "shim", "--state", state,
                              "--module", ABI_WASM, *extra)
 
     def test_kamailio_run_and_tgctl_write_configurations_0600(self):
@@ -167,7 +168,7 @@ class SecretFiles(unittest.TestCase):
         ])
         self.assertEqual(env["TRUNKGUARD_PUBLIC_SOCKETS"], "127.0.0.1:5999,[::1]:5999")
         self.assertEqual(env["TRUNKGUARD_CORE_SOCKETS"], "127.0.0.1:5998")
-        bad = subprocess.run([KAMAILIO_RUN, "--no-install", "--state", state, "--config", config,
+        bad = subprocess.run([KAMAILIO_RUN, "--no-install", "--engine", "shim", "--state", state, "--config", config,
                               "--listen", "127.0.0.1:5999/"],
                              env=self.env, capture_output=True, text=True, timeout=60)
         self.assertEqual(bad.returncode, 2, bad.stderr)

@@ -152,7 +152,7 @@ const char *tg_cause_names[TG_CAUSES_MAX];
 int tg_cause_count = 0;
 
 /* cause_<name> for every cause the policy has, before the fork (the counters live in
- * shared memory). The names stay for the process's life: the statistics keep them. */
+ * shared memory; counter_register copies the name). */
 static int tg_register_cause_stats(void)
 {
 	const char *cause;
@@ -170,8 +170,11 @@ static int tg_register_cause_stats(void)
 			return -1;
 		}
 		snprintf(name, n, "cause_%s", cause);
-		if(register_stat(exports.name, name, &tg_cause_stats[tg_cause_count], 0) != 0)
+		if(register_stat(exports.name, name, &tg_cause_stats[tg_cause_count], 0) != 0) {
+			pkg_free(name);
 			return -1;
+		}
+		pkg_free(name);
 		tg_cause_names[tg_cause_count] = cause;
 	}
 	return 0;
@@ -499,6 +502,7 @@ int tg_sync(void)
 	char *json = NULL;
 	size_t json_len = 0;
 	int64_t gen;
+	int module_refused = 0;
 
 	if(tg_pub == NULL)
 		return -1;
@@ -527,6 +531,8 @@ int tg_sync(void)
 		} else {
 			LM_ERR("module %s refused: %s (the previous one stays in force)\n",
 					wasm, err);
+			update_stat(tg_st_config_refused, 1);
+			module_refused = 1;
 		}
 	}
 	if(tg_read_file(config, &json, &json_len) < 0) {
@@ -544,7 +550,8 @@ int tg_sync(void)
 		LM_INFO("config %s in force (generation %lld)\n", config,
 				(long long)gen);
 		lock_get(&tg_pub->lock);
-		if(tg_pub->rev == rev) {
+		/* The publication is in force only with its module: tgctl waits for this. */
+		if(tg_pub->rev == rev && !module_refused) {
 			tg_pub->generation = gen;
 			tg_pub->applied = rev;
 		}
