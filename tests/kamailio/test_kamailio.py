@@ -2084,21 +2084,31 @@ class DmqPair(unittest.TestCase):
         # replication is taken only on the DMQ socket.
         key = "tg/binding/hq-pbx1"
         before = self._htable_get("a", key)
-        body = json.dumps({"action": 1, "htname": "tg", "cname": key, "type": 2, "mode": 0,
-                           "strval": json.dumps({"source": "127.0.0.3:5060", "transport": "udp",
-                                                 "contact": "sip:hq1@127.0.0.3:5060", "expires_at_ms": 1 << 50})})
-        for transport in ("udp", "tcp"):
-            peer = sip.Endpoint("127.0.0.1", transport, ("127.0.0.1", self.NODES["a"][0]))
-            try:
-                kdmq = sip.request("KDMQ", "sip:htable@127.0.0.1:%d" % self.NODES["a"][0], from_user="htable",
-                                   via_ip="127.0.0.1", via_port=peer.port, transport=transport.upper(),
-                                   extra=[("Content-Type", "application/json")], body=body.encode())
-                answer = peer.final(kdmq, timeout=2.0)
-                self.assertNotEqual(sip.status(answer), 200, answer)
-            finally:
-                peer.close()
+        for transport, answer in forged_kdmq_answers(self.NODES["a"][0], key):
+            self.assertIsNotNone(answer, "no answer over %s" % transport)
+            self.assertGreaterEqual(sip.status(answer), 400, answer)
         time.sleep(0.3)
         self.assertEqual(self._htable_get("a", key), before, "the forged replication changed nothing")
+
+
+def forged_kdmq_answers(sip_port, key):
+    """[(transport, the answer or None)] to a KDMQ replicating `key` as a binding from
+    127.0.0.3, sent from a DMQ peer's address (127.0.0.1) to the SIP listener on
+    `sip_port`, over UDP and TCP."""
+    body = json.dumps({"action": 1, "htname": "tg", "cname": key, "type": 2, "mode": 0,
+                       "strval": json.dumps({"source": "127.0.0.3:5060", "transport": "udp",
+                                             "contact": "sip:x@127.0.0.3:5060", "expires_at_ms": 1 << 50})})
+    answers = []
+    for transport in ("udp", "tcp"):
+        peer = sip.Endpoint("127.0.0.1", transport, ("127.0.0.1", sip_port))
+        try:
+            kdmq = sip.request("KDMQ", "sip:htable@127.0.0.1:%d" % sip_port, from_user="htable",
+                               via_ip="127.0.0.1", via_port=peer.port, transport=transport.upper(),
+                               extra=[("Content-Type", "application/json")], body=body.encode())
+            answers.append((transport, peer.final(kdmq, timeout=2.0)))
+        finally:
+            peer.close()
+    return answers
 
 
 def kill_9(state):

@@ -1243,20 +1243,9 @@ class NativeModuleDmq(NodeTestCase):
         a = self.by_name["a"]
         key = "tg/binding/exp-pbx"
         before = a.htable_get(key)
-        body = json.dumps({"action": 1, "htname": "tg", "cname": key, "type": 2, "mode": 0,
-                           "strval": json.dumps({"source": "127.0.0.3:5060", "transport": "udp",
-                                                 "contact": "sip:exp@127.0.0.3:5060", "expires_at_ms": 1 << 50})})
-        for transport in ("udp", "tcp"):
-            peer = sip.Endpoint("127.0.0.1", transport, ("127.0.0.1", self.NODES["a"][0]))
-            try:
-                kdmq = sip.request("KDMQ", "sip:htable@127.0.0.1:%d" % self.NODES["a"][0], from_user="htable",
-                                   via_ip="127.0.0.1", via_port=peer.port, transport=transport.upper(),
-                                   extra=[("Content-Type", "application/json")], body=body.encode())
-                answer = peer.final(kdmq, timeout=2.0)
-                self.assertIsNotNone(answer, "no answer over %s" % transport)
-                self.assertGreaterEqual(sip.status(answer), 400, answer)
-            finally:
-                peer.close()
+        for transport, answer in test_kamailio.forged_kdmq_answers(self.NODES["a"][0], key):
+            self.assertIsNotNone(answer, "no answer over %s" % transport)
+            self.assertGreaterEqual(sip.status(answer), 400, answer)
         time.sleep(0.3)
         self.assertEqual(a.htable_get(key), before, "the forged replication changed nothing")
 
