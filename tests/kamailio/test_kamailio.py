@@ -723,17 +723,28 @@ class KamailioEdge(unittest.TestCase):
             f.write(trap_module.trapping_module())
         out = self.tgctl("publish-module", trap)
         self.assertEqual(out.returncode, 0, out.stdout + out.stderr)
-        for transport in ("udp", "tcp"):
-            endpoint = sip.Endpoint(PBX, transport, KAMAILIO)
-            try:
-                invite = sip.request("INVITE", "sip:%s@%s" % (CALLED, REALM), from_user=HQ[0], to_user=CALLED,
-                                     via_ip=PBX, via_port=endpoint.port, transport=transport.upper())
-                answer = endpoint.final(invite)
-                self.assertEqual(sip.status(answer), 503, answer)
-                self.assertIn("policy error", answer)
-            finally:
-                endpoint.close()
-        self.assertRegex(self.kamailio_log(), r"trunkguard: no verdict for INVITE from 127\.0\.0\.2:\d+: module trapped")
+        try:
+            for transport in ("udp", "tcp"):
+                endpoint = sip.Endpoint(PBX, transport, KAMAILIO)
+                try:
+                    invite = sip.request("INVITE", "sip:%s@%s" % (CALLED, REALM), from_user=HQ[0], to_user=CALLED,
+                                         via_ip=PBX, via_port=endpoint.port, transport=transport.upper())
+                    answer = endpoint.final(invite)
+                    self.assertEqual(sip.status(answer), 503, answer)
+                    self.assertIn("policy error", answer)
+                finally:
+                    endpoint.close()
+            self.assertRegex(self.kamailio_log(),
+                             r"trunkguard: no verdict for INVITE from 127\.0\.0\.2:\d+: module trapped")
+            self.a_missing_module_set_behind_tgctl_is_refused()
+        finally:
+            out = self.tgctl("publish-module", MODULE)
+        self.assertEqual(out.returncode, 0, out.stdout + out.stderr)
+        carrier = self.carrier("carrier-after-trap")
+        self.assert_passed(self.uac("call-after-trap", "call.xml", PBX, HQ), carrier)
+        self.assertEqual(self.binding("hq-pbx1")["binding"]["source"], "%s:%d" % (PBX, PBX_PORT))
+
+    def a_missing_module_set_behind_tgctl_is_refused(self):
         # A module path that does not exist, set behind tgctl's back: workers keep the one they run.
         ctl = "unix:" + os.path.join(self.state, "ctl.sock")
         subprocess.run(["kamcmd", "-s", ctl, "htable.sets", "tgctl", "module", "/nonexistent/trunkguard.wasm"],
@@ -741,11 +752,6 @@ class KamailioEdge(unittest.TestCase):
         subprocess.run(["kamcmd", "-s", ctl, "htable.sets", "tgctl", "rev", "missing-%d" % time.time_ns()],
                        check=True, timeout=10, capture_output=True)
         wait_for("the missing module to be refused", lambda: "/nonexistent/trunkguard.wasm refused" in self._raw_status())
-        out = self.tgctl("publish-module", MODULE)
-        self.assertEqual(out.returncode, 0, out.stdout + out.stderr)
-        carrier = self.carrier("carrier-after-trap")
-        self.assert_passed(self.uac("call-after-trap", "call.xml", PBX, HQ), carrier)
-        self.assertEqual(self.binding("hq-pbx1")["binding"]["source"], "%s:%d" % (PBX, PBX_PORT))
 
     def test_13_alerts_wait_in_the_spool_while_the_receiver_is_down(self):
         before = len(self.alerts(kind="blocked_call", cause="not_in_access_list"))
