@@ -28,16 +28,16 @@
 #                          fire drills only, docs/kamailio.md "Drills")
 #   TRUNKGUARD_STORE       where every write to `tg` goes through before it counts as
 #                          done, so a restart keeps it: sqlite:PATH (htable loads PATH at
-#                          start, kamailio.cfg TG_STATE_DB), redis://HOST:PORT/DB (loaded
+#                          start, kemi-shim.cfg TG_STATE_DB), redis://HOST:PORT/DB (loaded
 #                          by mod_init), memory or unset (nothing kept; docs/kamailio.md
 #                          "Upgrade and restart")
-#   TRUNKGUARD_DMQ         the DMQ listener (ip:port) when kamailio.cfg replicates the
+#   TRUNKGUARD_DMQ         the DMQ listener (ip:port) when kemi-shim.cfg replicates the
 #                          htables with DMQ; KDMQ is taken on that socket only
 #   TRUNKGUARD_PUBLIC_SOCKETS / TRUNKGUARD_CORE_SOCKETS
 #                          the access-facing and core-facing listeners (ip:port, comma
 #                          separated): relayed requests leave by the side they go to
 #
-# Shared state lives in htables (kamailio.cfg): `tg` holds what the module stores
+# Shared state lives in htables (kemi-shim.cfg): `tg` holds what the module stores
 # (bindings, last registration IPs, nonce secret, alert throttles), `tgctl` the published
 # config/module and their status, `tgstats` counters. Every UDP and TCP worker and the
 # timer process see the same tables, and they outlive `app_python.reload`.
@@ -252,7 +252,7 @@ def _put_back(table, key, old):
 
 class SqliteState:
     """`tg` written through to SQLite (run --store sqlite, the default): the file
-    htable loads at start (kamailio.cfg TG_STATE_DB; Debian's htable schema, which run
+    htable loads at start (kemi-shim.cfg TG_STATE_DB; Debian's htable schema, which run
     gives a unique key_name). A write: BEGIN IMMEDIATE, one upsert (prepared once per
     process, sqlite3's statement cache), Kamailio's own write, COMMIT. The write lock
     held across both keeps the file and the table in one order when two processes
@@ -693,7 +693,7 @@ class Shim:
     def ksr_onsend_route(self, msg):
         return 1
 
-    # rtimer (kamailio.cfg): alert windows, alert delivery, applying publications.
+    # rtimer (kemi-shim.cfg): alert windows, alert delivery, applying publications.
     def ksr_trunkguard_timer(self, msg, evname=None):
         try:
             self._sync(force=True)

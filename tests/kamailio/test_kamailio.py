@@ -1,4 +1,4 @@
-"""End to end: Debian's Kamailio running host-shims/kamailio (kamailio.cfg, the KEMI
+"""End to end: Debian's Kamailio running host-shims/kamailio (kemi-shim.cfg, the KEMI
 script, the trunkguard_kamailio extension, the .wasm), driven by sipp and a small SIP
 client from distinct loopback sources:
 
@@ -1352,7 +1352,7 @@ class InboundFailover(unittest.TestCase):
     def test_5_a_silent_pbx_without_failover_gets_the_timeout(self):
         pbx = self.silent(self.NF_PBX)
         final, elapsed = self.core_invite(self.NF_DID, timeout=10.0)
-        # tm's own 408 after its fr_timer (kamailio.cfg: 5 s): no_answer_ms is for
+        # tm's own 408 after its fr_timer (kemi-shim.cfg: 5 s): no_answer_ms is for
         # trunk groups with a failover.
         self.assertEqual(sip.status(final), 408, final)
         self.assertGreater(elapsed, 4.0)

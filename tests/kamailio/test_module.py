@@ -1,5 +1,5 @@
 """End to end: the native module trunkguard.so (crates/kamailio-module, built by
-crates/kamailio-module/build) in host-shims/kamailio/module.cfg, the native cfg this
+crates/kamailio-module/build) in host-shims/kamailio/kamailio.cfg, the native cfg this
 repository ships: its own request_route with sanity checks, then trunkguard_judge()
 and a switch on what it returns, trunkguard_reply(), trunkguard_apply(), the dialog
 functions and t_relay(). No Python in Kamailio: Debian's kamailio started here with
@@ -75,7 +75,7 @@ CALLED = "+15559876543"
 
 # The native cfg this repository ships for the module: its checks and routing, with
 # trunkguard's functions where the decision is made (docs/kamailio.md).
-MODULE_CFG = os.path.join(ROOT, "host-shims", "kamailio", "module.cfg")
+MODULE_CFG = os.path.join(ROOT, "host-shims", "kamailio", "kamailio.cfg")
 
 
 def cfg_args(listens, **defines):
@@ -1238,7 +1238,7 @@ class NativeModuleDmq(NodeTestCase):
 
     def test_2b_a_kdmq_on_a_sip_listener_changes_nothing(self):
         # From a DMQ peer's address (127.0.0.1), but to node A's SIP listener:
-        # replication is taken only on the DMQ socket (module.cfg's TG_DMQ_PORT); on a
+        # replication is taken only on the DMQ socket (kamailio.cfg's TG_DMQ_PORT); on a
         # SIP listener the policy judges it as any request, and it is never applied.
         a = self.by_name["a"]
         key = "tg/binding/exp-pbx"
@@ -1261,6 +1261,75 @@ class NativeModuleDmq(NodeTestCase):
         self.assertNotEqual(node.proc.returncode, 0)
         self.assertRegex(node.log(), r"the nonce secret file %s is open to group or others \(mode 0640\): "
                          r"chmod 600 it" % re.escape(loose))
+
+
+class NativeModuleDmqSqlite(NodeTestCase):
+    """Two DMQ nodes, each with its state in its own SQLite file (run --store sqlite
+    --dmq): what a peer replicated to a node reaches that node's database when it
+    stops, so it comes back with the node even when no peer is left to ask."""
+
+    # name: (edge, core listener, own DMQ port, the peer's DMQ port)
+    NODES = {"a": (5220, 5221, 5222, 5225), "b": (5223, 5224, 5225, 5222)}
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        if not os.path.exists(os.path.join(SQLITE_SCHEMA, "htable-create.sql")):
+            raise unittest.SkipTest("Debian's kamailio-sqlite-modules is not installed")
+        sys.path.insert(0, os.path.join(ROOT, "host-shims", "kamailio"))
+        import run_helpers
+
+        config = node_config(cls.workdir, [v[1] for v in cls.NODES.values()])
+        secret_file = write_secret(cls.workdir, "nonce-secret", os.urandom(32).hex(), 0o600)
+        cls.by_name, cls.db = {}, {}
+        for name, (edge, core, own, peer) in cls.NODES.items():
+            own_dir = os.path.join(cls.workdir, "db-" + name)
+            os.makedirs(own_dir)
+            umask = os.umask(0o077)
+            try:
+                run_helpers.init_sqlite(SQLITE_SCHEMA, own_dir, ["htable"])
+            finally:
+                os.umask(umask)
+            cls.db[name] = os.path.join(own_dir, run_helpers.FILES["htable"])
+            node = Node(cls.workdir, name, edge, core, config, db=cls.db[name], dmq=(own, peer),
+                        secret_file=secret_file)
+            cls.by_name[name] = node
+            cls.nodes.append(node)
+        try:
+            for node in cls.nodes:
+                node.start(wait=False)
+            for node in cls.nodes:
+                wait_for("the module's RPC at %s" % node.dir, node.alive_rpc, timeout=30)
+            wait_peers_active({node.dir: node.ctl for node in cls.nodes}, KAMCMD)
+        except AssertionError:
+            cls.tearDownClass()
+            raise
+
+    def binding_row(self, name):
+        db = sqlite3.connect(self.db[name], timeout=5)
+        try:
+            return db.execute("SELECT key_value FROM htable WHERE key_name = 'tg/binding/hq-pbx1'").fetchall()
+        finally:
+            db.close()
+
+    def test_a_replicated_registration_outlives_both_nodes_stopping(self):
+        a, b = self.by_name["a"], self.by_name["b"]
+        self.assertEqual(sip.status(self.register(a)), 200)
+        self.assertEqual(len(self.binding_row("a")), 1, "written through at the node that took it")
+        wait_for("the binding to reach node b",
+                 lambda: PBX in b.kamcmd("trunkguard.binding", "hq-pbx1").stdout, timeout=5)
+        # B stops (an upgrade, a reboot): what A replicated to it is in its database.
+        b.stop()
+        rows = self.binding_row("b")
+        self.assertEqual(len(rows), 1, "node b's database lacks the binding a replicated to it")
+        self.assertIn(PBX, rows[0][0])
+        # A is gone for good; B comes back with no peer to ask, from its own file.
+        a.kill9()
+        b.start()
+        out = b.kamcmd("trunkguard.binding", "hq-pbx1")
+        self.assertIn(PBX, out.stdout, "node b came back without the binding: " + out.stdout + out.stderr)
+        self.assert_call_reaches_the_core(b)
+        self.assert_call_refused(b)
 
 
 # An operator's own configuration, as short as it gets: their routing, with trunkguard's
@@ -1327,11 +1396,48 @@ request_route {{
 """
 
 
+# The same edge with its routing in a KEMI script instead: the repository's example,
+# examples/kamailio/trunkguard.js, run by app_jsdt (docs/kamailio.md, "From a KEMI
+# script"). Filled in by KemiJavaScript.
+KEMI_CFG = r"""#!KAMAILIO
+#!define TG_CARRIER "sip:{core_ip}:{core_port}"
+children=2
+auto_aliases=no
+listen=udp:127.0.0.1:{port}
+
+loadmodule "tm.so"
+loadmodule "sl.so"
+loadmodule "rr.so"
+loadmodule "pv.so"
+loadmodule "maxfwd.so"
+loadmodule "htable.so"
+loadmodule "dialog.so"
+loadmodule "ctl.so"
+loadmodule "kemix.so"
+loadmodule "app_jsdt.so"
+loadmodule "{so}"
+
+modparam("ctl", "binrpc", "unix:{ctl}")
+modparam("htable", "htable", "tg=>size=8;")
+modparam("dialog", "rr_param", "did")
+modparam("dialog", "dlg_match_mode", 0)
+modparam("trunkguard", "wasm", "{wasm}")
+modparam("trunkguard", "config", "{config}")
+modparam("trunkguard", "spool_dir", "{spool}")
+modparam("app_jsdt", "load", "{script}")
+
+cfgengine "jsdt"
+"""
+
+KEMI_SCRIPT = os.path.join(ROOT, "examples", "kamailio", "trunkguard.js")
+
+
 class ForeignCfg(unittest.TestCase):
     """trunkguard.so in FOREIGN_CFG: a PBX registers, calls, and hangs up through it;
     a lifted Route set relays nothing."""
 
     PORT = 5196
+    CFG = FOREIGN_CFG
 
     @classmethod
     def setUpClass(cls):
@@ -1343,9 +1449,9 @@ class ForeignCfg(unittest.TestCase):
         # The trunk configuration names a core socket (core_networks needs one); this
         # edge has no core side, so it names one it does not listen on.
         with open(cfg, "w", encoding="utf-8") as f:
-            f.write(FOREIGN_CFG.format(port=cls.PORT, so=SO, ctl=cls.ctl, wasm=MODULE,
-                                       config=node_config(cls.workdir, [cls.PORT + 1]), spool=os.path.join(cls.workdir, "spool"),
-                                       core_ip=CORE[0], core_port=CORE[1]))
+            f.write(cls.CFG.format(port=cls.PORT, so=SO, ctl=cls.ctl, wasm=MODULE, script=KEMI_SCRIPT,
+                                   config=node_config(cls.workdir, [cls.PORT + 1]), spool=os.path.join(cls.workdir, "spool"),
+                                   core_ip=CORE[0], core_port=CORE[1]))
         cls.proc = None
         try:
             with open(os.path.join(cls.workdir, "kamailio.log"), "wb") as log:
@@ -1384,6 +1490,31 @@ class ForeignCfg(unittest.TestCase):
         self.assertIsNone(core.recv(1.0, lambda m: sip.method(m) == "INVITE")[0], "the lifted INVITE reached the core")
 
 
+class KemiJavaScript(ForeignCfg):
+    """trunkguard.so called from a KEMI script (examples/kamailio/trunkguard.js under
+    app_jsdt, KEMI_CFG): the same flows as ForeignCfg, and the answers the script
+    writes itself."""
+
+    PORT = 5198
+    CFG = KEMI_CFG
+
+    def test_the_script_answers_keepalives_and_refuses_what_the_policy_does_not_route(self):
+        pbx = self.party(PBX)
+        pbx.send(sip.request("OPTIONS", "sip:%s:%d" % self.edge, from_user=HQ[0], via_ip=pbx.ip, via_port=pbx.port),
+                 self.edge)
+        answer, _ = pbx.final(2.0)
+        self.assertEqual(sip.status(answer), 200, answer)
+        # An in-dialog request of no dialog this edge opened: 404, nothing relayed.
+        core = self.party(*CORE)
+        stray = sip.Dialog(pbx, "stray-%s" % os.urandom(4).hex(), "sip:%s@%s" % (HQ[0], PBX), "s1",
+                           "sip:%s@%s:%d" % (CALLED, CORE[0], CORE[1]), "s2", [],
+                           "sip:%s@%s:%d" % (CALLED, CORE[0], CORE[1]), 10)
+        pbx.send(stray.build("BYE"), self.edge)
+        answer, _ = pbx.final(2.0)
+        self.assertEqual(sip.status(answer), 404, answer)
+        self.assertIsNone(core.recv(1.0, lambda m: sip.method(m) == "BYE")[0], "the stray BYE reached the core")
+
+
 RUN = os.path.join(ROOT, "host-shims", "kamailio", "run")
 TGCTL = os.path.join(ROOT, "host-shims", "kamailio", "tgctl")
 
@@ -1405,7 +1536,7 @@ def process_group(leader):
 
 
 class RunEngineModule(unittest.TestCase):
-    """host-shims/kamailio/run --engine module --daemon (module.cfg, trunkguard.so) and
+    """host-shims/kamailio/run --engine module --daemon (kamailio.cfg, trunkguard.so) and
     tgctl operating it: no Python in Kamailio, requests to the carrier leave from the
     core-facing listener, publications checked by the module and refused with their
     reason."""
@@ -1490,7 +1621,7 @@ class RunEngineModule(unittest.TestCase):
         self.assertEqual(sip.headers(got, "X-Trunkguard-Trunk-Group"), ["hq-pbx1"], got)
         # One hop less (route[MAXFWD]), so a loop through the edge ends.
         self.assertEqual(sip.headers(got, "Max-Forwards"), ["69"], got)
-        # Sent from the core-facing listener (run's --core-listen, module.cfg's
+        # Sent from the core-facing listener (run's --core-listen, kamailio.cfg's
         # TG_CORE_SOCKET), which the carrier's in-dialog requests then come back to.
         self.assertRegex(sip.headers(got, "Via", "v")[0], r"^SIP/2\.0/UDP 127\.0\.0\.1:%d;" % self.CORE_PORT, got)
         self.assertIn(":%d;" % self.CORE_PORT, sip.headers(got, "Record-Route")[0], got)
@@ -1686,7 +1817,7 @@ class RestartKeepsStateModule(test_kamailio.RestartKeepsState):
 
 class StoreWriteDrillModule(test_kamailio.StoreWriteDrill):
     """test_kamailio.py's StoreWriteDrill on the module (run --engine module with
-    TRUNKGUARD_DRILLS=1: module.cfg's TG_DRILLS, crates/kamailio-module/c/tg_drill.c):
+    TRUNKGUARD_DRILLS=1: kamailio.cfg's TG_DRILLS, crates/kamailio-module/c/tg_drill.c):
     each write of a registration, of an alert window and of a window's closing
     refused in turn, nothing half-kept, no alert lost."""
 
@@ -1805,7 +1936,7 @@ class RedisRestartModule(test_kamailio.RedisRestart):
     def test_b4_an_unregistered_binding_leaves_redis(self):
         # A delete through db_redis (Expires: 0): the row goes, so no restart brings
         # the binding back. db_redis 5.6 refused every delete by key before
-        # module.cfg's keytype mapping (this test failed).
+        # kamailio.cfg's keytype mapping (this test failed).
         endpoint = sip.Endpoint(EXP_PBX, server=("127.0.0.1", self.NODES["a"][0]))
         try:
             self.assertEqual(sip.status(sip.register(endpoint, *EXP, expires=300)), 200)

@@ -637,7 +637,7 @@ class InstalledPackages(unittest.TestCase):
         depends = run(["dpkg-query", "-W", "-f", "${Depends}", "trunkguard-kamailio"]).stdout
         for dep in ("trunkguard (= %s)" % version, "kamailio ", "kamailio-python3-modules", "python3"):
             self.assertIn(dep, depends)
-        # The package the Depends name is the one that has app_python3 (kamailio.cfg).
+        # The package the Depends name is the one that has app_python3 (kemi-shim.cfg).
         self.assertIn("kamailio-python3-modules:", run(["dpkg", "-S", "*/app_python3.so"]).stdout)
         conffiles = run(["dpkg-query", "-W", "-f", "${Conffiles}\n"] + PACKAGES).stdout
         for path in ("alerts.env", "kamailio.env", "envoy.env"):
@@ -680,10 +680,10 @@ class InstalledPackages(unittest.TestCase):
         self.assertEqual(out.returncode, 0, out.stdout + out.stderr)
 
     def test_01f_the_installed_module_cfg_loads_the_installed_module_and_policy(self):
-        # host-shims/kamailio/module.cfg as installed, with its defaults (trunkguard.so
+        # host-shims/kamailio/kamailio.cfg as installed, with its defaults (trunkguard.so
         # by name) and the installed policy and example trunks: Kamailio parses it and
         # fixes up the module's functions (the dialog functions bind to dialog.so).
-        out = run(["kamailio", "-c", "-f", "/usr/lib/trunkguard/kamailio/module.cfg",
+        out = run(["kamailio", "-c", "-f", "/usr/lib/trunkguard/kamailio/kamailio.cfg",
                    "-l", "udp:127.0.0.1:5060", "-A", 'TG_WASM="/usr/lib/trunkguard/trunkguard.wasm"',
                    "-A", 'TG_CONFIG="/usr/share/doc/trunkguard/examples/kamailio-trunks.json"',
                    "-A", 'TG_CARRIER="sip:127.0.0.1:5090"'], timeout=30)
@@ -706,8 +706,9 @@ class InstalledPackages(unittest.TestCase):
                            ("/usr/lib/trunkguard/trunkguard.wasm", 0o644),
                            ("/usr/lib/trunkguard/envoy/trunkguard.wasm", 0o644),
                            ("/usr/lib/trunkguard/kamailio/run", 0o755), ("/usr/lib/trunkguard/kamailio/tgctl", 0o755),
+                           ("/usr/lib/trunkguard/kamailio/kemi-shim.cfg", 0o644),
                            ("/usr/lib/trunkguard/kamailio/kamailio.cfg", 0o644),
-                           ("/usr/lib/trunkguard/kamailio/module.cfg", 0o644),
+                           ("/usr/share/doc/trunkguard/examples/kamailio-trunkguard.js", 0o644),
                            ("/usr/lib/trunkguard/kamailio/trunkguard_kemi.py", 0o644),
                            ("/usr/lib/trunkguard/python/trunkguard_kamailio/__init__.py", 0o644),
                            ("/usr/sbin/tgctl", 0o755), ("/usr/lib/trunkguard/envoy/run", 0o755),

@@ -26,7 +26,7 @@
  * start_transaction); a driver without raw queries writes the pair unwrapped.
  *
  * Redis (a db_url redis://..., Kamailio's db_redis with the key "htable=entry:key_name",
- * host-shims/kamailio/module.cfg): there the row is the hash htable:entry::<key_name>
+ * host-shims/kamailio/kamailio.cfg): there the row is the hash htable:entry::<key_name>
  * and an insert is one HMSET of it, an upsert in one command. So a value is written
  * by the insert alone: db_redis has no transactions, and a delete first would leave
  * the key without its row if the insert then failed.
@@ -175,7 +175,7 @@ static int tg_db_put(str *key, str *value)
 	memset(vd, 0, sizeof(vd));
 	vd[0].type = DB1_STR;
 	vd[0].val.str_val = *key;
-	/* db_redis deletes a row only with a mapping besides its key (module.cfg's
+	/* db_redis deletes a row only with a mapping besides its key (kamailio.cfg's
 	 * keytype; redis_dbase.c, db_redis_perform_delete). */
 	if(value == NULL || !tg_db_upsert) {
 		if(tg_dbf.delete(tg_db_con, kd, 0, vd, 1) < 0)

@@ -1,7 +1,7 @@
 /*
  * trunkguard.so: store-write fault drills (docs/kamailio.md, "Drills").
  *
- * With modparam("trunkguard", "drills", 1) and an htable `tgctl` (module.cfg's
+ * With modparam("trunkguard", "drills", 1) and an htable `tgctl` (kamailio.cfg's
  * TG_DRILLS), `kamcmd htable.seti tgctl fail_write N` makes the N-th write of the
  * state table from then on, in whichever process makes it, fail as Kamailio fails one
  * (-1, nothing written; the database's write before it rolled back or put back): the
