@@ -1335,7 +1335,7 @@ class NativeModuleDmqSqlite(NodeTestCase):
 # An operator's own configuration, as short as it gets: their routing, with trunkguard's
 # functions where the decision is made and where in-dialog requests are routed
 # (docs/kamailio.md, "The configuration"). Filled in by ForeignCfg.
-FOREIGN_CFG = r"""#!KAMAILIO
+FOREIGN_HEAD = r"""#!KAMAILIO
 children=2
 auto_aliases=no
 listen=udp:127.0.0.1:{port}
@@ -1358,7 +1358,8 @@ modparam("trunkguard", "wasm", "{wasm}")
 modparam("trunkguard", "config", "{config}")
 modparam("trunkguard", "spool_dir", "{spool}")
 
-request_route {{
+"""
+FOREIGN_CFG = FOREIGN_HEAD + r"""request_route {{
     # The operator's own keepalive answer comes first.
     if (is_method("OPTIONS") && uri == myself) {{
         sl_send_reply("200", "Keepalive");
@@ -1399,31 +1400,10 @@ request_route {{
 # The same edge with its routing in a KEMI script instead: the repository's example,
 # examples/kamailio/trunkguard.js, run by app_jsdt (docs/kamailio.md, "From a KEMI
 # script"). Filled in by KemiJavaScript.
-KEMI_CFG = r"""#!KAMAILIO
-#!define TG_CARRIER "sip:{core_ip}:{core_port}"
-children=2
-auto_aliases=no
-listen=udp:127.0.0.1:{port}
-
-loadmodule "tm.so"
-loadmodule "sl.so"
-loadmodule "rr.so"
-loadmodule "pv.so"
+KEMI_CFG = FOREIGN_HEAD + r"""#!define TG_CARRIER "sip:{core_ip}:{core_port}"
 loadmodule "maxfwd.so"
-loadmodule "htable.so"
-loadmodule "dialog.so"
-loadmodule "ctl.so"
 loadmodule "kemix.so"
 loadmodule "app_jsdt.so"
-loadmodule "{so}"
-
-modparam("ctl", "binrpc", "unix:{ctl}")
-modparam("htable", "htable", "tg=>size=8;")
-modparam("dialog", "rr_param", "did")
-modparam("dialog", "dlg_match_mode", 0)
-modparam("trunkguard", "wasm", "{wasm}")
-modparam("trunkguard", "config", "{config}")
-modparam("trunkguard", "spool_dir", "{spool}")
 modparam("app_jsdt", "load", "{script}")
 
 cfgengine "jsdt"
