@@ -1062,6 +1062,19 @@ class NodeTestCase(unittest.TestCase):
         if os.environ.get("KEEP_KAMAILIO_TEST_DIR") != "1":
             shutil.rmtree(cls.workdir, ignore_errors=True)
 
+    @classmethod
+    def start_dmq_nodes(cls):
+        """Starts every node together and waits until each holds the others active."""
+        try:
+            for node in cls.nodes:
+                node.start(wait=False)
+            for node in cls.nodes:
+                wait_for("the module's RPC at %s" % node.dir, node.alive_rpc, timeout=30)
+            wait_peers_active({node.dir: node.ctl for node in cls.nodes}, KAMCMD)
+        except AssertionError:
+            cls.tearDownClass()
+            raise
+
     def party(self, ip, port=0):
         p = sip.Party(ip, port)
         self.addCleanup(p.close)
@@ -1201,15 +1214,7 @@ class NativeModuleDmq(NodeTestCase):
             node = Node(cls.workdir, name, edge, core, config, dmq=(own, peer), secret_file=cls.secret_file)
             cls.by_name[name] = node
             cls.nodes.append(node)
-        try:
-            for node in cls.nodes:
-                node.start(wait=False)
-            for node in cls.nodes:
-                wait_for("the module's RPC at %s" % node.dir, node.alive_rpc, timeout=30)
-            wait_peers_active({node.dir: node.ctl for node in cls.nodes}, KAMCMD)
-        except AssertionError:
-            cls.tearDownClass()
-            raise
+        cls.start_dmq_nodes()
 
     def test_1_a_registration_at_a_is_enforced_at_b(self):
         a, b = self.by_name["a"], self.by_name["b"]
@@ -1295,15 +1300,7 @@ class NativeModuleDmqSqlite(NodeTestCase):
                         secret_file=secret_file)
             cls.by_name[name] = node
             cls.nodes.append(node)
-        try:
-            for node in cls.nodes:
-                node.start(wait=False)
-            for node in cls.nodes:
-                wait_for("the module's RPC at %s" % node.dir, node.alive_rpc, timeout=30)
-            wait_peers_active({node.dir: node.ctl for node in cls.nodes}, KAMCMD)
-        except AssertionError:
-            cls.tearDownClass()
-            raise
+        cls.start_dmq_nodes()
 
     def binding_row(self, name):
         db = sqlite3.connect(self.db[name], timeout=5)
