@@ -1046,6 +1046,22 @@ def node_config(workdir, core_ports):
     return path
 
 
+def init_sqlite(directory, tables):
+    """The state files in `directory` as host-shims/kamailio/run makes them (Debian's
+    schema); returns run_helpers. Skips the class without kamailio-sqlite-modules."""
+    if not os.path.exists(os.path.join(SQLITE_SCHEMA, "htable-create.sql")):
+        raise unittest.SkipTest("Debian's kamailio-sqlite-modules is not installed")
+    sys.path.insert(0, os.path.join(ROOT, "host-shims", "kamailio"))
+    import run_helpers
+
+    umask = os.umask(0o077)
+    try:
+        run_helpers.init_sqlite(SQLITE_SCHEMA, directory, tables)
+    finally:
+        os.umask(umask)
+    return run_helpers
+
+
 class NodeTestCase(unittest.TestCase):
     nodes = ()
 
@@ -1108,17 +1124,7 @@ class NativeModuleRestart(NodeTestCase):
     @classmethod
     def setUpClass(cls):
         super().setUpClass()
-        if not os.path.exists(os.path.join(SQLITE_SCHEMA, "htable-create.sql")):
-            raise unittest.SkipTest("Debian's kamailio-sqlite-modules is not installed")
-        # The file as host-shims/kamailio/run makes it for the shim (Debian's schema).
-        sys.path.insert(0, os.path.join(ROOT, "host-shims", "kamailio"))
-        import run_helpers
-
-        umask = os.umask(0o077)
-        try:
-            run_helpers.init_sqlite(SQLITE_SCHEMA, cls.workdir, ["htable", "dialog"])
-        finally:
-            os.umask(umask)
+        run_helpers = init_sqlite(cls.workdir, ["htable", "dialog"])
         cls.db = os.path.join(cls.workdir, run_helpers.FILES["htable"])
         config = node_config(cls.workdir, [cls.CORE_PORT])
         cls.node = Node(cls.workdir, "solo", cls.EDGE_PORT, cls.CORE_PORT, config, db=cls.db,
@@ -1279,22 +1285,13 @@ class NativeModuleDmqSqlite(NodeTestCase):
     @classmethod
     def setUpClass(cls):
         super().setUpClass()
-        if not os.path.exists(os.path.join(SQLITE_SCHEMA, "htable-create.sql")):
-            raise unittest.SkipTest("Debian's kamailio-sqlite-modules is not installed")
-        sys.path.insert(0, os.path.join(ROOT, "host-shims", "kamailio"))
-        import run_helpers
-
         config = node_config(cls.workdir, [v[1] for v in cls.NODES.values()])
         secret_file = write_secret(cls.workdir, "nonce-secret", os.urandom(32).hex(), 0o600)
         cls.by_name, cls.db = {}, {}
         for name, (edge, core, own, peer) in cls.NODES.items():
             own_dir = os.path.join(cls.workdir, "db-" + name)
             os.makedirs(own_dir)
-            umask = os.umask(0o077)
-            try:
-                run_helpers.init_sqlite(SQLITE_SCHEMA, own_dir, ["htable"])
-            finally:
-                os.umask(umask)
+            run_helpers = init_sqlite(own_dir, ["htable"])
             cls.db[name] = os.path.join(own_dir, run_helpers.FILES["htable"])
             node = Node(cls.workdir, name, edge, core, config, db=cls.db[name], dmq=(own, peer),
                         secret_file=secret_file)
