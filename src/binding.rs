@@ -11,6 +11,7 @@ use crate::store::{Store, StoreError, keys};
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Binding {
     /// Transport peer address the REGISTER came from (never a header's claim).
+    #[serde(serialize_with = "serialize_source")]
     pub source: SocketAddr,
     pub transport: String,
     /// The Contact URI the PBX registered.
@@ -18,6 +19,22 @@ pub struct Binding {
     pub expires_at_ms: u64,
     pub registered_at_ms: u64,
     pub call_id: String,
+}
+
+/// The source as serde writes a `SocketAddr` (its Display, `ip:port`), with an IPv4
+/// address written without core::fmt: every REGISTER saves a binding, and
+/// `Ipv4Addr`'s Display cost more than the rest of the record.
+fn serialize_source<S: serde::Serializer>(source: &SocketAddr, s: S) -> Result<S::Ok, S::Error> {
+    match source {
+        SocketAddr::V4(v4) => {
+            let mut text = String::with_capacity(21);
+            crate::acl::push_ipv4(&mut text, *v4.ip());
+            text.push(':');
+            text.push_str(itoa::Buffer::new().format(v4.port()));
+            s.serialize_str(&text)
+        }
+        SocketAddr::V6(_) => source.serialize(s),
+    }
 }
 
 impl Binding {
@@ -77,4 +94,34 @@ pub fn last_reg_ip(store: &mut dyn Store, trunk: &str) -> Result<Option<IpAddr>,
 
 pub fn set_last_reg_ip(store: &mut dyn Store, trunk: &str, ip: IpAddr) -> Result<(), StoreError> {
     store.set(&keys::last_reg_ip(trunk), ip.to_string().as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_binding_is_written_as_serde_writes_its_source_and_reads_back() {
+        for source in [
+            "203.0.113.7:5060",
+            "0.0.0.0:0",
+            "255.255.255.255:65535",
+            "[2001:db8::1]:5060",
+            "[::ffff:192.0.2.1]:5062",
+        ] {
+            let source: SocketAddr = source.parse().unwrap();
+            let b = Binding {
+                source,
+                transport: "udp".into(),
+                contact: "sip:pbx@192.0.2.1".into(),
+                expires_at_ms: 2,
+                registered_at_ms: 1,
+                call_id: "c@pbx".into(),
+            };
+            let text = serde_json::to_string(&b).unwrap();
+            let expected = serde_json::to_string(&source).unwrap();
+            assert!(text.contains(&format!("\"source\":{expected}")), "{text}");
+            assert_eq!(serde_json::from_str::<Binding>(&text).unwrap(), b);
+        }
+    }
 }

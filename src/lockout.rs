@@ -19,7 +19,11 @@ pub const PER_SLOT: usize = 4;
 /// The unit a source is counted as: an IPv4 address, or an IPv6 /64.
 pub fn source_unit(ip: IpAddr) -> String {
     match crate::acl::canonical_ip(ip) {
-        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V4(v4) => {
+            let mut unit = String::with_capacity(15);
+            crate::acl::push_ipv4(&mut unit, v4);
+            unit
+        }
         IpAddr::V6(v6) => {
             let s = v6.segments();
             format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])

@@ -171,22 +171,32 @@ impl<'r, 'a> Request<'r, 'a> {
         contact: Option<&str>,
     ) -> Vec<(String, String)> {
         let [binding, contact_header, failover_header] = &self.index.binding_headers;
-        let dids: Vec<String> = trunk
+        let inbound = &self.index.inbound;
+        // `ID;expires=N;dids=A,B;no-answer-ms=N;failover-6xx=0|1`, written without
+        // core::fmt: every REGISTER announces its binding (src/store.rs, keys).
+        let mut digits = itoa::Buffer::new();
+        let mut value = String::with_capacity(96 + trunk.id.len());
+        value.push_str(&trunk.id);
+        value.push_str(";expires=");
+        value.push_str(digits.format(expires));
+        value.push_str(";dids=");
+        let mut first = true;
+        for did in trunk
             .dids
             .iter()
             .filter_map(|d| crate::index::normalize_did(d))
-            .collect();
-        let inbound = &self.index.inbound;
-        let mut out = vec![(
-            binding.clone(),
-            format!(
-                "{};expires={expires};dids={};no-answer-ms={};failover-6xx={}",
-                trunk.id,
-                dids.join(","),
-                inbound.no_answer_ms,
-                u8::from(inbound.failover_on_6xx)
-            ),
-        )];
+        {
+            if !first {
+                value.push(',');
+            }
+            first = false;
+            value.push_str(&did);
+        }
+        value.push_str(";no-answer-ms=");
+        value.push_str(digits.format(inbound.no_answer_ms));
+        value.push_str(";failover-6xx=");
+        value.push(if inbound.failover_on_6xx { '1' } else { '0' });
+        let mut out = vec![(binding.clone(), value)];
         if let Some(c) = contact {
             out.push((contact_header.clone(), c.to_string()));
         }
@@ -591,7 +601,13 @@ impl<'r, 'a> Request<'r, 'a> {
                 alerts.push(self.alert(trunk, AlertKind::RegIpChange, None, Some(old)));
             }
         }
-        let header = format!("<{}>;expires={expires}", b.contact);
+        let header = [
+            "<",
+            b.contact.as_str(),
+            ">;expires=",
+            itoa::Buffer::new().format(expires),
+        ]
+        .concat();
         let mut d = accepted(trunk, Cause::Registered, Some(header));
         d.verdict.insert = self.announce(trunk, expires, Some(&b.contact));
         d.alerts = alerts;

@@ -131,18 +131,30 @@ pub fn claim(
             });
         }
     }
-    let mut parts: Vec<String> = Vec::with_capacity(records.len() + 1);
-    if watermark > 0 {
-        parts.push(format!("w={watermark}"));
-    }
-    parts.extend(
-        records
-            .iter()
-            .map(|r| format!("{} {} {}", r.issued_ms, r.nonce, r.nc)),
-    );
-    let value = parts.join(";");
-    store.set(&key, value.as_bytes())?;
+    store.set(&key, render(watermark, &records).as_bytes())?;
     Ok(Claim::Fresh)
+}
+
+/// The slot's text, as `parse` reads it; written without core::fmt, as it is for
+/// every authenticated request (src/store.rs, keys).
+fn render(watermark: u64, records: &[Record<'_>]) -> String {
+    let mut value = String::with_capacity(8 + records.len() * 80);
+    let mut digits = itoa::Buffer::new();
+    if watermark > 0 {
+        value.push_str("w=");
+        value.push_str(digits.format(watermark));
+    }
+    for r in records {
+        if !value.is_empty() {
+            value.push(';');
+        }
+        value.push_str(digits.format(r.issued_ms));
+        value.push(' ');
+        value.push_str(r.nonce);
+        value.push(' ');
+        value.push_str(digits.format(r.nc));
+    }
+    value
 }
 
 #[cfg(test)]
@@ -213,6 +225,34 @@ mod tests {
         assert_eq!(
             claim(&mut s, 1, "late", 2 * TTL, 1, 2 * TTL, TTL),
             Ok(Claim::Fresh)
+        );
+    }
+
+    #[test]
+    fn a_slot_is_written_as_it_is_read() {
+        let records = [
+            Record {
+                issued_ms: 1,
+                nonce: "n1",
+                nc: 1,
+            },
+            Record {
+                issued_ms: 20,
+                nonce: "n2",
+                nc: 4_294_967_295,
+            },
+        ];
+        assert_eq!(render(0, &records), "1 n1 1;20 n2 4294967295");
+        assert_eq!(render(7, &records[..1]), "w=7;1 n1 1");
+        assert_eq!(render(7, &[]), "w=7");
+        let text = render(7, &records);
+        let (watermark, back) = parse(&text);
+        assert_eq!(watermark, 7);
+        assert_eq!(
+            back.iter()
+                .map(|r| (r.issued_ms, r.nonce, r.nc))
+                .collect::<Vec<_>>(),
+            [(1, "n1", 1), (20, "n2", 4_294_967_295)]
         );
     }
 
