@@ -21,10 +21,6 @@ import sys
 FILES = {"dialog": "dialogs.sqlite", "htable": "trunkguard.sqlite"}
 
 
-# The row every state file holds (init_sqlite).
-STORE_MARKER = "tg/store"
-
-
 def init_sqlite(schema, state, tables):
     """A missing file is made in a temporary file renamed into place, so a start never
     finds half a schema; 0600 like every file of the state dir that holds secrets (the
@@ -51,12 +47,6 @@ def init_sqlite(schema, state, tables):
             # The shim writes each item with one upsert by name (trunkguard_kemi.py,
             # SqliteState); Debian's table has no unique name of its own.
             db.execute("CREATE UNIQUE INDEX IF NOT EXISTS htable_key_name_idx ON htable (key_name)")
-            # kamailio.cfg has htable save the whole table at a clean stop when DMQ
-            # replicates it (dbmode=1), but Kamailio's htable saves only a table it
-            # loaded rows from at start: a file that is never empty, by this row,
-            # which the policy never reads (src/store.rs keys are its own).
-            db.execute("INSERT OR IGNORE INTO htable (key_name, key_type, value_type, key_value, expires) "
-                       "VALUES (?, 0, 0, ?, 0)", (STORE_MARKER, "trunkguard state"))
         db.execute("PRAGMA journal_mode=WAL")
         db.commit()
         db.close()

@@ -1,5 +1,5 @@
 """What the two-node DMQ tests share: DmqPair in test_kamailio.py (nodes started by
-host-shims/kamailio/run --dmq, whose kamailio.cfg sets the dmq modparams) and
+host-shims/kamailio/run --engine shim --dmq, whose kemi-shim.cfg sets the dmq modparams) and
 NativeModuleDmq in test_module.py (nodes of the native module's own cfg, which its
 Node writes). Both give the nodes one nonce secret file and wait until each node
 sees its peer active before testing replication; how a node is configured and

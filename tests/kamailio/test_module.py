@@ -1146,6 +1146,17 @@ class NativeModuleRestart(NodeTestCase):
         self.assertLessEqual(len(found), 1, found)
         return found[0] if found else None
 
+    def test_0_a_node_with_no_secret_anywhere_makes_one_before_its_workers_start(self):
+        # No nonce secret file, an empty database: the secret is made in mod_init,
+        # before the fork. Made by the workers at their first messages, two of them
+        # could each make one, and the one whose secret the store did not keep would
+        # sign nonces every other worker refuses (a REGISTER answered 401 for ever).
+        out = self.node.htable_get("tg/nonce_secret")
+        self.assertRegex(out, r"value: [0-9a-f]{64}\n", out)
+        secret = re.search(r"value: ([0-9a-f]{64})", out).group(1)
+        self.assertEqual(self.row("tg/nonce_secret")[2], secret, "not written through to the database")
+        self.assertIn("a new nonce secret in force", self.node.log())
+
     def test_1_a_registration_and_a_call_survive_kill_9(self):
         self.assertEqual(sip.status(self.register(self.node)), 200)
         row = self.row("tg/binding/hq-pbx1")
@@ -1274,58 +1285,6 @@ class NativeModuleDmq(NodeTestCase):
                          r"chmod 600 it" % re.escape(loose))
 
 
-class NativeModuleDmqSqlite(NodeTestCase):
-    """Two DMQ nodes, each with its state in its own SQLite file (run --store sqlite
-    --dmq): what a peer replicated to a node reaches that node's database when it
-    stops, so it comes back with the node even when no peer is left to ask."""
-
-    # name: (edge, core listener, own DMQ port, the peer's DMQ port)
-    NODES = {"a": (5220, 5221, 5222, 5225), "b": (5223, 5224, 5225, 5222)}
-
-    @classmethod
-    def setUpClass(cls):
-        super().setUpClass()
-        config = node_config(cls.workdir, [v[1] for v in cls.NODES.values()])
-        secret_file = write_secret(cls.workdir, "nonce-secret", os.urandom(32).hex(), 0o600)
-        cls.by_name, cls.db = {}, {}
-        for name, (edge, core, own, peer) in cls.NODES.items():
-            own_dir = os.path.join(cls.workdir, "db-" + name)
-            os.makedirs(own_dir)
-            run_helpers = init_sqlite(own_dir, ["htable"])
-            cls.db[name] = os.path.join(own_dir, run_helpers.FILES["htable"])
-            node = Node(cls.workdir, name, edge, core, config, db=cls.db[name], dmq=(own, peer),
-                        secret_file=secret_file)
-            cls.by_name[name] = node
-            cls.nodes.append(node)
-        cls.start_dmq_nodes()
-
-    def binding_row(self, name):
-        db = sqlite3.connect(self.db[name], timeout=5)
-        try:
-            return db.execute("SELECT key_value FROM htable WHERE key_name = 'tg/binding/hq-pbx1'").fetchall()
-        finally:
-            db.close()
-
-    def test_a_replicated_registration_outlives_both_nodes_stopping(self):
-        a, b = self.by_name["a"], self.by_name["b"]
-        self.assertEqual(sip.status(self.register(a)), 200)
-        self.assertEqual(len(self.binding_row("a")), 1, "written through at the node that took it")
-        wait_for("the binding to reach node b",
-                 lambda: PBX in b.kamcmd("trunkguard.binding", "hq-pbx1").stdout, timeout=5)
-        # B stops (an upgrade, a reboot): what A replicated to it is in its database.
-        b.stop()
-        rows = self.binding_row("b")
-        self.assertEqual(len(rows), 1, "node b's database lacks the binding a replicated to it")
-        self.assertIn(PBX, rows[0][0])
-        # A is gone for good; B comes back with no peer to ask, from its own file.
-        a.kill9()
-        b.start()
-        out = b.kamcmd("trunkguard.binding", "hq-pbx1")
-        self.assertIn(PBX, out.stdout, "node b came back without the binding: " + out.stdout + out.stderr)
-        self.assert_call_reaches_the_core(b)
-        self.assert_call_refused(b)
-
-
 # An operator's own configuration, as short as it gets: their routing, with trunkguard's
 # functions where the decision is made and where in-dialog requests are routed
 # (docs/kamailio.md, "The configuration"). Filled in by ForeignCfg.
@@ -1335,10 +1294,12 @@ auto_aliases=no
 listen=udp:127.0.0.1:{port}
 
 loadmodule "tm.so"
+loadmodule "tmx.so"
 loadmodule "sl.so"
 loadmodule "rr.so"
 loadmodule "pv.so"
 loadmodule "textops.so"
+loadmodule "sanity.so"
 loadmodule "htable.so"
 loadmodule "dialog.so"
 loadmodule "ctl.so"
@@ -1354,6 +1315,16 @@ modparam("trunkguard", "spool_dir", "{spool}")
 
 """
 FOREIGN_CFG = FOREIGN_HEAD + r"""request_route {{
+    # A retransmission is tm's to answer (as in Kamailio's default cfg), before the
+    # policy judges it again.
+    if (!is_method("ACK")) {{
+        if (t_precheck_trans()) {{
+            t_check_trans();
+            exit;
+        }}
+        t_check_trans();
+    }}
+    if (!sanity_check("17895", "7")) exit;
     # The operator's own keepalive answer comes first.
     if (is_method("OPTIONS") && uri == myself) {{
         sl_send_reply("200", "Keepalive");
@@ -1387,6 +1358,11 @@ FOREIGN_CFG = FOREIGN_HEAD + r"""request_route {{
     }}
     if (!is_method("ACK")) sl_send_reply("403", "Not Here");
     exit;
+}}
+
+# A response of no transaction would go on by its second Via, wherever that points.
+reply_route {{
+    if (!t_check_trans()) drop;
 }}
 """
 
@@ -1462,6 +1438,21 @@ class ForeignCfg(unittest.TestCase):
         answer, _ = intruder.final(2.0)
         self.assertEqual(sip.status(answer), 404, answer)
         self.assertIsNone(core.recv(1.0, lambda m: sip.method(m) == "INVITE")[0], "the lifted INVITE reached the core")
+
+    def test_b_a_retransmitted_invite_is_absorbed_not_judged_again(self):
+        caller, core = self.party(PBX), self.party(*CORE)
+        assert_a_retransmitted_invite_is_absorbed(self, self.edge, caller, HQ, core)
+
+    def test_c_a_response_of_no_transaction_is_sent_on_to_nobody(self):
+        core, intruder = self.party(*CORE), self.party(INTRUDER)
+        intruder.send(("SIP/2.0 200 OK\r\n"
+                       "Via: SIP/2.0/UDP %s:%d;branch=z9hG4bKstray%s\r\n"
+                       "Via: SIP/2.0/UDP %s:%d;branch=z9hG4bKvictim\r\n"
+                       "From: <sip:a@b>;tag=1\r\nTo: <sip:c@d>;tag=2\r\nCall-ID: stray-%s@x\r\n"
+                       "CSeq: 1 INVITE\r\nContent-Length: 0\r\n\r\n"
+                       % (self.edge[0], self.edge[1], os.urandom(4).hex(), CORE[0], CORE[1],
+                          os.urandom(4).hex())).encode(), self.edge)
+        self.assertIsNone(core.recv(1.0)[0], "a stray response was sent on to the core")
 
 
 class KemiJavaScript(ForeignCfg):

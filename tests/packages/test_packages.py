@@ -679,7 +679,7 @@ class InstalledPackages(unittest.TestCase):
         out = run(["kamailio", "-f", cfg, "-c"], timeout=30)
         self.assertEqual(out.returncode, 0, out.stdout + out.stderr)
 
-    def test_01f_the_installed_module_cfg_loads_the_installed_module_and_policy(self):
+    def test_01f_the_installed_native_cfg_loads_the_installed_module_and_policy(self):
         # host-shims/kamailio/kamailio.cfg as installed, with its defaults (trunkguard.so
         # by name) and the installed policy and example trunks: Kamailio parses it and
         # fixes up the module's functions (the dialog functions bind to dialog.so).
@@ -708,7 +708,7 @@ class InstalledPackages(unittest.TestCase):
                            ("/usr/lib/trunkguard/kamailio/run", 0o755), ("/usr/lib/trunkguard/kamailio/tgctl", 0o755),
                            ("/usr/lib/trunkguard/kamailio/kemi-shim.cfg", 0o644),
                            ("/usr/lib/trunkguard/kamailio/kamailio.cfg", 0o644),
-                           ("/usr/share/doc/trunkguard/examples/kamailio-trunkguard.js", 0o644),
+                           ("/usr/lib/trunkguard/kamailio/trunkguard.js", 0o644),
                            ("/usr/lib/trunkguard/kamailio/trunkguard_kemi.py", 0o644),
                            ("/usr/lib/trunkguard/python/trunkguard_kamailio/__init__.py", 0o644),
                            ("/usr/sbin/tgctl", 0o755), ("/usr/lib/trunkguard/envoy/run", 0o755),

@@ -44,6 +44,7 @@
 #include <string.h>
 #include <strings.h>
 #include <sys/stat.h>
+#include <sys/random.h>
 #include <unistd.h>
 
 #include "../../core/dprint.h"
@@ -281,6 +282,53 @@ refused:
  * form to the server). */
 static str tg_nonce_key = str_init("tg/nonce_secret");
 
+/* Without a file: the table's secret (loaded from the database), else a new one made
+ * here, before the fork. Left to the workers, two of them could each make one at
+ * their first message: the store keeps the last write (htable has no
+ * compare-and-swap), and the worker whose secret lost would go on signing nonces
+ * every other worker refuses. */
+static int tg_nonce_secret_make(int (*store_set)(str *key, str *value))
+{
+	static const char digits[] = "0123456789abcdef";
+	unsigned char raw[32];
+	char cur[80], hex[65];
+	size_t got = 0;
+	ssize_t n;
+	str v;
+	int i, rc;
+
+	if(tg_store_get_str(&tg_nonce_key, cur, sizeof(cur)) == 64)
+		return 0;
+	while(got < sizeof(raw)) {
+		n = getrandom(raw + got, sizeof(raw) - got, 0);
+		if(n < 0) {
+			if(errno == EINTR)
+				continue;
+			LM_ERR("cannot make a nonce secret: getrandom: %s\n", strerror(errno));
+			return -1;
+		}
+		got += (size_t)n;
+	}
+	for(i = 0; i < 32; i++) {
+		hex[2 * i] = digits[raw[i] >> 4];
+		hex[2 * i + 1] = digits[raw[i] & 0x0f];
+	}
+	hex[64] = '\0';
+	memset(raw, 0, sizeof(raw));
+	v.s = hex;
+	v.len = 64;
+	rc = store_set(&tg_nonce_key, &v);
+	memset(hex, 0, sizeof(hex));
+	/* The main process's connection goes before Kamailio forks. */
+	tg_db_close();
+	if(rc < 0) {
+		LM_ERR("cannot store a new nonce secret\n");
+		return -1;
+	}
+	LM_INFO("a new nonce secret in force (no nonce_secret_file, none in the table)\n");
+	return 0;
+}
+
 /* mod_init, before the fork and before any policy reads it: the file's secret into
  * the table (and the database), so that every node given the same file verifies the
  * others' nonces: a challenge from one node is answered at another. The file must be
@@ -298,7 +346,7 @@ int tg_nonce_secret_init(int (*store_set)(str *key, str *value))
 	int rc;
 
 	if(tg_nonce_secret_file == NULL || *tg_nonce_secret_file == '\0')
-		return 0;
+		return tg_nonce_secret_make(store_set);
 	if(stat(tg_nonce_secret_file, &st) != 0
 			|| tg_read_file(tg_nonce_secret_file, &text, &len) < 0) {
 		LM_ERR("cannot read the nonce secret file %s: %s\n", tg_nonce_secret_file,
