@@ -36,6 +36,16 @@ pub fn parse_entry(text: &str) -> Result<IpNet, AclError> {
 
 /// IPv4-mapped IPv6 addresses (::ffff:a.b.c.d, what dual-stack sockets report) are
 /// the IPv4 address: compare and match them as such.
+pub fn canonical_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => ip,
+        },
+        IpAddr::V4(_) => ip,
+    }
+}
+
 /// Appends `ip` as its Display writes it (dotted decimal), without core::fmt: store
 /// keys and records name a source on every authenticated request, and `Ipv4Addr`'s
 /// Display costs more than the rest of such a key (docs/performance.md).
@@ -46,16 +56,6 @@ pub fn push_ipv4(out: &mut String, ip: std::net::Ipv4Addr) {
             out.push('.');
         }
         out.push_str(digits.format(*octet));
-    }
-}
-
-pub fn canonical_ip(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => ip,
-        },
-        IpAddr::V4(_) => ip,
     }
 }
 
@@ -186,23 +186,6 @@ impl Acl {
 
 #[cfg(test)]
 mod tests {
-
-    #[test]
-    fn push_ipv4_writes_what_display_writes() {
-        for ip in [
-            "0.0.0.0",
-            "1.2.3.4",
-            "10.0.0.255",
-            "192.0.2.10",
-            "255.255.255.255",
-        ] {
-            let ip: std::net::Ipv4Addr = ip.parse().unwrap();
-            let mut out = String::from("x");
-            push_ipv4(&mut out, ip);
-            assert_eq!(out, format!("x{ip}"));
-        }
-    }
-
     use super::*;
 
     fn acl(entries: &[&str]) -> Acl {
@@ -277,5 +260,21 @@ mod tests {
         let list = acl(&["0.0.0.0/0"]);
         assert!(!list.admits("2001:db8::1".parse().unwrap()));
         assert!(list.admits("192.0.2.1".parse().unwrap()));
+    }
+
+    #[test]
+    fn push_ipv4_writes_what_display_writes() {
+        for ip in [
+            "0.0.0.0",
+            "1.2.3.4",
+            "10.0.0.255",
+            "192.0.2.10",
+            "255.255.255.255",
+        ] {
+            let ip: std::net::Ipv4Addr = ip.parse().unwrap();
+            let mut out = String::from("x");
+            push_ipv4(&mut out, ip);
+            assert_eq!(out, format!("x{ip}"));
+        }
     }
 }

@@ -1046,22 +1046,6 @@ def node_config(workdir, core_ports):
     return path
 
 
-def init_sqlite(directory, tables):
-    """The state files in `directory` as host-shims/kamailio/run makes them (Debian's
-    schema); returns run_helpers. Skips the class without kamailio-sqlite-modules."""
-    if not os.path.exists(os.path.join(SQLITE_SCHEMA, "htable-create.sql")):
-        raise unittest.SkipTest("Debian's kamailio-sqlite-modules is not installed")
-    sys.path.insert(0, os.path.join(ROOT, "host-shims", "kamailio"))
-    import run_helpers
-
-    umask = os.umask(0o077)
-    try:
-        run_helpers.init_sqlite(SQLITE_SCHEMA, directory, tables)
-    finally:
-        os.umask(umask)
-    return run_helpers
-
-
 class NodeTestCase(unittest.TestCase):
     nodes = ()
 
@@ -1077,19 +1061,6 @@ class NodeTestCase(unittest.TestCase):
             node.stop()
         if os.environ.get("KEEP_KAMAILIO_TEST_DIR") != "1":
             shutil.rmtree(cls.workdir, ignore_errors=True)
-
-    @classmethod
-    def start_dmq_nodes(cls):
-        """Starts every node together and waits until each holds the others active."""
-        try:
-            for node in cls.nodes:
-                node.start(wait=False)
-            for node in cls.nodes:
-                wait_for("the module's RPC at %s" % node.dir, node.alive_rpc, timeout=30)
-            wait_peers_active({node.dir: node.ctl for node in cls.nodes}, KAMCMD)
-        except AssertionError:
-            cls.tearDownClass()
-            raise
 
     def party(self, ip, port=0):
         p = sip.Party(ip, port)
@@ -1124,7 +1095,17 @@ class NativeModuleRestart(NodeTestCase):
     @classmethod
     def setUpClass(cls):
         super().setUpClass()
-        run_helpers = init_sqlite(cls.workdir, ["htable", "dialog"])
+        if not os.path.exists(os.path.join(SQLITE_SCHEMA, "htable-create.sql")):
+            raise unittest.SkipTest("Debian's kamailio-sqlite-modules is not installed")
+        # The file as host-shims/kamailio/run makes it for the shim (Debian's schema).
+        sys.path.insert(0, os.path.join(ROOT, "host-shims", "kamailio"))
+        import run_helpers
+
+        umask = os.umask(0o077)
+        try:
+            run_helpers.init_sqlite(SQLITE_SCHEMA, cls.workdir, ["htable", "dialog"])
+        finally:
+            os.umask(umask)
         cls.db = os.path.join(cls.workdir, run_helpers.FILES["htable"])
         config = node_config(cls.workdir, [cls.CORE_PORT])
         cls.node = Node(cls.workdir, "solo", cls.EDGE_PORT, cls.CORE_PORT, config, db=cls.db,
@@ -1231,7 +1212,15 @@ class NativeModuleDmq(NodeTestCase):
             node = Node(cls.workdir, name, edge, core, config, dmq=(own, peer), secret_file=cls.secret_file)
             cls.by_name[name] = node
             cls.nodes.append(node)
-        cls.start_dmq_nodes()
+        try:
+            for node in cls.nodes:
+                node.start(wait=False)
+            for node in cls.nodes:
+                wait_for("the module's RPC at %s" % node.dir, node.alive_rpc, timeout=30)
+            wait_peers_active({node.dir: node.ctl for node in cls.nodes}, KAMCMD)
+        except AssertionError:
+            cls.tearDownClass()
+            raise
 
     def test_1_a_registration_at_a_is_enforced_at_b(self):
         a, b = self.by_name["a"], self.by_name["b"]
