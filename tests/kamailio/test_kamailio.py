@@ -2339,6 +2339,8 @@ class RedisRestart(unittest.TestCase):
     def setUpClass(cls):
         cls.workdir = tempfile.mkdtemp(prefix="tg-kamailio-redis-")
         cls.config = KamailioEdge.write_config(trunk_config(), os.path.join(cls.workdir, "config.json"))
+        # Every DMQ node the same file (run refuses --dmq without one).
+        cls.secret_file = write_secret(cls.workdir, "nonce-secret", os.urandom(32).hex(), 0o600)
         cls.carrier = sip.Party(*cls.CARRIER)
         cls.redis_port = _free_port()
         cls.redis = subprocess.Popen(
@@ -2346,7 +2348,7 @@ class RedisRestart(unittest.TestCase):
              "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             wait_for("redis-server on %d" % cls.redis_port, cls.redis_ping, timeout=10)
-            for name in ("a", "b"):  # one after the other: B finds A's nonce secret in Redis
+            for name in ("a", "b"):
                 cls.start(name)
         except Exception:
             cls.tearDownClass()
@@ -2376,7 +2378,7 @@ class RedisRestart(unittest.TestCase):
             [RUN, "--no-install", "--daemon", "--engine", cls.ENGINE, "--config", cls.config,
              "--listen", "127.0.0.1:%d" % sip_port,
              "--dmq", "127.0.0.1:%d" % dmq_port, "--dmq-peer", "127.0.0.1:%d" % peer_port, "--dmq-transport", "tcp",
-             "--carrier", "sip:%s:%d" % cls.CARRIER, "--state", cls.state(name), "--workers", "2"] + cls.store(),
+             "--nonce-secret-file", cls.secret_file, "--carrier", "sip:%s:%d" % cls.CARRIER, "--state", cls.state(name), "--workers", "2"] + cls.store(),
             capture_output=True, text=True, timeout=60, env=dict(os.environ, **cls.ENV))
         if out.returncode != 0:
             raise RuntimeError("node %s: %s%s" % (name, out.stdout, out.stderr))

@@ -1273,6 +1273,22 @@ class NativeModuleDmq(NodeTestCase):
         self.assertRegex(node.log(), r"the nonce secret file %s is open to group or others \(mode 0640\): "
                          r"chmod 600 it" % re.escape(loose))
 
+    def test_3b_a_dmq_node_without_a_nonce_secret_file_does_not_start(self):
+        # Without the file it made a secret of its own whenever its table had none (a
+        # first start, a Redis emptied under a running peer), and htable's initial
+        # sync replaced it seconds later: the nonces it issued in between were refused
+        # (RedisRestartModule test_d got a 407 for a right answer).
+        node = Node(self.workdir, "no-secret", 5188, 5189, self.config, dmq=(5190, self.NODES["a"][2]))
+        self.nodes.append(node)
+        node.start(wait=False)
+        try:
+            node.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.fail("a DMQ node without a nonce secret file started:\n" + node.log()[-3000:])
+        self.assertNotEqual(node.proc.returncode, 0)
+        self.assertIn("htable replicates over DMQ (enable_dmq) but there is no nonce_secret_file", node.log())
+        self.assertNotIn("a new nonce secret in force", node.log())
+
 
 # An operator's own configuration, as short as it gets: their routing, with trunkguard's
 # functions where the decision is made and where in-dialog requests are routed
@@ -1642,6 +1658,11 @@ class RunEngineModule(unittest.TestCase):
                               "--carrier", 'sip:127.0.0.1:5999"\nrequest_route { forward("127.0.0.9"); }')
         self.assertEqual(out.returncode, 2, out.stdout + out.stderr)
         self.assertIn("--carrier cannot hold a quote", out.stderr)
+        # DMQ nodes each making a nonce secret of their own (test_3b of NativeModuleDmq).
+        out = self.run_script("--config", self.config, *common, "--carrier", "sip:127.0.0.1:5999",
+                              "--dmq", "127.0.0.1:%d" % (self.PORT + 11), "--dmq-peer", "127.0.0.1:%d" % (self.PORT + 12))
+        self.assertEqual(out.returncode, 2, out.stdout + out.stderr)
+        self.assertIn("run: --dmq needs --nonce-secret-file", out.stderr)
         bad = self.write_config("bad-start.json", lambda c: c.update(realm=""))
         out = self.run_script("--config", bad, *common, "--carrier", "sip:127.0.0.1:5999", "--daemon")
         self.assertEqual(out.returncode, 1, out.stdout + out.stderr)

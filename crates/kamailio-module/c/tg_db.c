@@ -50,6 +50,7 @@
 #include "../../core/dprint.h"
 #include "../../core/mem/mem.h"
 #include "../../core/mem/shm_mem.h"
+#include "../../core/sr_module.h"
 #include "../../lib/srdb1/db.h"
 
 #include "tg_mod.h"
@@ -329,6 +330,21 @@ static int tg_nonce_secret_make(int (*store_set)(str *key, str *value))
 	return 0;
 }
 
+/* Whether htable replicates its tables over DMQ (its modparam enable_dmq, set before
+ * any mod_init). Then a node without a secret file makes one of its own whenever its
+ * table has none (a first start, a store emptied), and htable's initial sync replaces
+ * it seconds later with the peer's: every nonce the node issued in between is refused,
+ * and its database keeps a secret no other node holds. */
+static int tg_htable_replicates(void)
+{
+	modparam_t type;
+	int *on;
+
+	on = find_param_export(
+			find_module_by_name("htable"), "enable_dmq", INT_PARAM, &type);
+	return on != NULL && *on > 0;
+}
+
 /* mod_init, before the fork and before any policy reads it: the file's secret into
  * the table (and the database), so that every node given the same file verifies the
  * others' nonces: a challenge from one node is answered at another. The file must be
@@ -345,8 +361,15 @@ int tg_nonce_secret_init(int (*store_set)(str *key, str *value))
 	str v;
 	int rc;
 
-	if(tg_nonce_secret_file == NULL || *tg_nonce_secret_file == '\0')
+	if(tg_nonce_secret_file == NULL || *tg_nonce_secret_file == '\0') {
+		if(tg_htable_replicates()) {
+			LM_ERR("trunkguard: htable replicates over DMQ (enable_dmq) but there is no "
+				   "nonce_secret_file: give every node the same one (docs/kamailio.md, "
+				   "\"Replication across nodes (DMQ)\"); not starting\n");
+			return -1;
+		}
 		return tg_nonce_secret_make(store_set);
+	}
 	if(stat(tg_nonce_secret_file, &st) != 0
 			|| tg_read_file(tg_nonce_secret_file, &text, &len) < 0) {
 		LM_ERR("cannot read the nonce secret file %s: %s\n", tg_nonce_secret_file,
