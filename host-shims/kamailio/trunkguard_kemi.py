@@ -67,7 +67,8 @@ ALERT_URL = os.environ.get("TRUNKGUARD_ALERT_URL", "")
 ALERT_TOKEN_FILE = os.environ.get("TRUNKGUARD_ALERT_TOKEN_FILE", "")
 # The DMQ listener ("ip:port"); empty: no DMQ, KDMQ is an unknown method like any other.
 DMQ = os.environ.get("TRUNKGUARD_DMQ", "")
-# A nonce secret file shared by the nodes (read by mod_init; empty: each node makes one).
+# A nonce secret file shared by the nodes (read by mod_init; required with DMQ;
+# empty without: the node makes one).
 NONCE_SECRET_FILE = os.environ.get("TRUNKGUARD_NONCE_SECRET_FILE", "")
 # Fire drills (docs/kamailio.md, "Drills"), read once when the script loads: without
 # TRUNKGUARD_DRILLS=1 the policy gets Kamailio's own htable functions and no drill
@@ -1231,6 +1232,12 @@ def mod_init():
         # Raising here stops Kamailio before it forks: a node that would issue nonces
         # its peers refuse (or that trusts a secret others can read) does not start.
         NONCE_SECRET = _read_nonce_secret(NONCE_SECRET_FILE)
+    elif DMQ:
+        # A DMQ node making its own secret whenever its table has none would have it
+        # replaced by the peer's initial sync seconds later, refusing the nonces it
+        # issued in between (docs/kamailio.md, "Replication across nodes (DMQ)").
+        raise RuntimeError("trunkguard: TRUNKGUARD_DMQ is set but TRUNKGUARD_NONCE_SECRET_FILE is not: "
+                           "give every node the same nonce secret file; not starting")
     if DRILLS:
         KSR.warn("trunkguard: drills enabled (TRUNKGUARD_DRILLS=1): tgctl %s refuses store writes\n"
                  % (DRILL_FAIL_WRITE,))
