@@ -1260,16 +1260,20 @@ class NativeModuleDmq(NodeTestCase):
         time.sleep(0.3)
         self.assertEqual(a.htable_get(key), before, "the forged replication changed nothing")
 
-    def test_3_a_nonce_secret_file_others_may_read_stops_the_node(self):
-        loose = write_secret(self.workdir, "nonce-secret-loose", os.urandom(32).hex(), 0o640)
-        node = Node(self.workdir, "loose", 5188, 5189, self.config, secret_file=loose)
+    def assert_does_not_start(self, node, what):
+        """`node` (`what`, for the failure) exits on its own, non-zero, within 20 s."""
         self.nodes.append(node)
         node.start(wait=False)
         try:
             node.proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
-            self.fail("a node with a nonce secret file open to others started:\n" + node.log()[-3000:])
+            self.fail("%s started:\n%s" % (what, node.log()[-3000:]))
         self.assertNotEqual(node.proc.returncode, 0)
+
+    def test_3_a_nonce_secret_file_others_may_read_stops_the_node(self):
+        loose = write_secret(self.workdir, "nonce-secret-loose", os.urandom(32).hex(), 0o640)
+        node = Node(self.workdir, "loose", 5188, 5189, self.config, secret_file=loose)
+        self.assert_does_not_start(node, "a node with a nonce secret file open to others")
         self.assertRegex(node.log(), r"the nonce secret file %s is open to group or others \(mode 0640\): "
                          r"chmod 600 it" % re.escape(loose))
 
@@ -1279,13 +1283,7 @@ class NativeModuleDmq(NodeTestCase):
         # sync replaced it seconds later: the nonces it issued in between were refused
         # (RedisRestartModule test_d got a 407 for a right answer).
         node = Node(self.workdir, "no-secret", 5188, 5189, self.config, dmq=(5190, self.NODES["a"][2]))
-        self.nodes.append(node)
-        node.start(wait=False)
-        try:
-            node.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.fail("a DMQ node without a nonce secret file started:\n" + node.log()[-3000:])
-        self.assertNotEqual(node.proc.returncode, 0)
+        self.assert_does_not_start(node, "a DMQ node without a nonce secret file")
         self.assertIn("htable replicates over DMQ (enable_dmq) but there is no nonce_secret_file", node.log())
         self.assertNotIn("a new nonce secret in force", node.log())
 
