@@ -64,6 +64,15 @@ pub fn in_dialog_bye() -> Vec<u8> {
     b"BYE sip:+15559876543@198.51.100.20:5060 SIP/2.0\r\nVia: SIP/2.0/UDP 203.0.113.7:5060;branch=z9hG4bK-bye1\r\nMax-Forwards: 70\r\nFrom: <sip:user0@trunks.example.net>;tag=from-1\r\nTo: <sip:+15559876543@trunks.example.net>;tag=to-1\r\nCall-ID: call-1@pbx\r\nCSeq: 3 BYE\r\nContent-Length: 0\r\n\r\n".to_vec()
 }
 
+/// The REGISTER a PBX sends first, without credentials: the half of a registration
+/// that earns the 401 (a nonce made and signed, the challenge written).
+pub fn register_challenge() -> Vec<u8> {
+    format!(
+        "REGISTER sip:{REALM} SIP/2.0\r\nVia: SIP/2.0/UDP 203.0.113.7:5060;branch=z9hG4bK-reg1\r\nMax-Forwards: 70\r\nFrom: <sip:user0@{REALM}>;tag=from-1\r\nTo: <sip:user0@{REALM}>\r\nCall-ID: REGISTER-1@pbx\r\nCSeq: 1 REGISTER\r\nContact: <sip:user0@203.0.113.7:5060>\r\nExpires: 600\r\nContent-Length: 0\r\n\r\n"
+    )
+    .into_bytes()
+}
+
 fn authorized(method: &str, ruri: &str, header: &str, extra: &str) -> Vec<u8> {
     authorized_from(source(), method, ruri, header, extra)
 }

@@ -64,12 +64,14 @@ fn input(message: &[u8], source: std::net::SocketAddr) -> Input<'_> {
 
 fn messages(c: &mut Criterion) {
     let (mut e, mut host) = engine(10, 1);
-    // Each workload is what its name says, on every iteration (not a challenge).
+    // Each workload is what its name says, on every iteration (an authorized request
+    // is never answered with a challenge instead).
     for (msg, want) in [
         (common::options(), "allow"),
         (common::in_dialog_bye(), "allow"),
         (common::digest_invite(), "allow"),
         (common::digest_register(), "accept"),
+        (common::register_challenge(), "challenge"),
     ] {
         for _ in 0..2 {
             let input = input(&msg, common::source());
@@ -83,6 +85,7 @@ fn messages(c: &mut Criterion) {
         ("in_dialog_bye", common::in_dialog_bye()),
         ("digest_invite", common::digest_invite()),
         ("digest_register", common::digest_register()),
+        ("register_challenge", common::register_challenge()),
     ] {
         g.bench_function(name, |b| {
             b.iter(|| {

@@ -53,6 +53,7 @@ fn messages(c: &mut Criterion) {
         ("in_dialog_bye", common::in_dialog_bye()),
         ("digest_invite", common::digest_invite()),
         ("digest_register", common::digest_register()),
+        ("register_challenge", common::register_challenge()),
     ] {
         g.bench_function(name, |b| {
             b.iter(|| {

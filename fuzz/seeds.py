@@ -3,15 +3,15 @@
 that carry digest answers valid for the target's fixed nonce secret, clock and
 sources, so that the fuzzer starts on the authenticated paths (registration, the
 call lock, the access list, the replay set, un-REGISTER) instead of stopping at the
-nonce check. The nonce format is src/digest.rs's: hex(issued || HMAC-SHA-256(secret,
-issued || source IP octets || realm)[:16]), issued being 8 bytes big endian: the
-milliseconds shifted left by 16, and a 16-bit counter.
+nonce check. The nonce format is src/digest.rs's: hex(issued || BLAKE2s-128(key =
+secret; issued || source IP octets || realm)), keyed BLAKE2s as RFC 7693 and Python's
+hashlib define it, issued being 8 bytes big endian: the milliseconds shifted left by
+16, and a 16-bit counter.
 
   python3 fuzz/seeds.py     # rewrites fuzz/corpus/judge/
 """
 
 import hashlib
-import hmac
 import ipaddress
 import os
 
@@ -25,8 +25,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def nonce(ip):
     # 48 bits of milliseconds, 16 bits of counter (0 here).
     issued = (NOW_MS << 16).to_bytes(8, "big")
-    mac = hmac.new(SECRET, issued + ipaddress.ip_address(ip).packed + REALM.encode(), hashlib.sha256)
-    return (issued + mac.digest()[:16]).hex()
+    mac = hashlib.blake2s(issued + ipaddress.ip_address(ip).packed + REALM.encode(), key=SECRET, digest_size=16)
+    return (issued + mac.digest()).hex()
 
 
 def h(alg, text):

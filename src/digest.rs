@@ -1,13 +1,15 @@
 //! HTTP Digest for SIP (RFC 3261 §22, RFC 7616, RFC 8760): MD5 and SHA-256, qop=auth.
 //!
-//! Nonces are stateless: `hex(issued ‖ HMAC-SHA-256(secret, issued ‖ source IP ‖
-//! realm)[..16])`, `issued` being 8 bytes: the time in milliseconds (48 bits) and a
+//! Nonces are stateless: `hex(issued ‖ BLAKE2s-128(key = secret; issued ‖ source IP
+//! ‖ realm))` (keyed BLAKE2s, RFC 7693 §2.5), `issued` being 8 bytes: the time in milliseconds (48 bits) and a
 //! 16-bit counter that keeps two nonces of one millisecond apart. Any worker (or any node sharing the secret through the host store)
 //! can verify a nonce another one issued, without a nonce table to replicate, and a
 //! nonce captured on the wire is useless from another IP address.
 
 use std::net::IpAddr;
 
+use blake2::Blake2sVarCore;
+use blake2::digest::block_api::{Block, Buffer, UpdateCore, VariableOutputCore};
 use hmac::{Hmac, KeyInit, Mac};
 use md5::Md5;
 use sha2::{Digest, Sha256};
@@ -174,19 +176,33 @@ pub(crate) fn unhex<const N: usize>(text: &str) -> Option<[u8; N]> {
 
 /// Server secret that keys nonces; shared by every worker through the host store.
 ///
-/// Kept with the HMAC already keyed: keying is two of the four SHA-256 compressions of
-/// every nonce MAC, and the secret changes only when the store loses it.
+/// Kept with the MAC already keyed, the secret changing only when the store loses
+/// it: keyed BLAKE2s compresses the key block first, so what is left per nonce is one
+/// compression for any realm under 41 bytes.
 #[derive(Clone)]
 pub struct NonceSecret {
-    /// `None` only if HMAC refused the key, which it never does for 32 bytes; a missing
-    /// key yields an all-zero MAC, which never verifies.
-    keyed: Option<Hmac<Sha256>>,
+    /// BLAKE2s with 16-byte output and a 32-byte key, the padded key block already
+    /// compressed (RFC 7693 §2.5; the message is never empty, so that block is never
+    /// the last).
+    keyed: Blake2sVarCore,
+    /// The MAC of nonces issued before 2026-12-01 (HMAC-SHA-256, truncated to 16
+    /// bytes), recognised so that a PBX holding one across an upgrade is asked for a
+    /// fresh nonce (stale) rather than challenged as if its answer were forged.
+    /// `None` only if HMAC refused the key, which it never does for 32 bytes.
+    legacy: Option<Hmac<Sha256>>,
 }
 
 impl NonceSecret {
     pub fn new(bytes: &[u8; 32]) -> NonceSecret {
+        let mut keyed = Blake2sVarCore::new_with_params(&[], &[], bytes.len(), NONCE_MAC_LEN);
+        let mut block = Block::<Blake2sVarCore>::default();
+        for (b, k) in block.iter_mut().zip(bytes) {
+            *b = *k;
+        }
+        keyed.update_blocks(std::slice::from_ref(&block));
         NonceSecret {
-            keyed: <Hmac<Sha256> as KeyInit>::new_from_slice(bytes).ok(),
+            keyed,
+            legacy: <Hmac<Sha256> as KeyInit>::new_from_slice(bytes).ok(),
         }
     }
 }
@@ -210,8 +226,33 @@ pub enum NonceState {
 const NONCE_MAC_LEN: usize = 16;
 
 fn nonce_mac(secret: &NonceSecret, issued: [u8; 8], source: IpAddr, realm: &str) -> [u8; 16] {
+    let mut core = secret.keyed.clone();
+    let mut buffer = Buffer::<Blake2sVarCore>::default();
+    let mut absorb = |data: &[u8]| buffer.digest_blocks(data, |blocks| core.update_blocks(blocks));
+    absorb(&issued);
+    match crate::acl::canonical_ip(source) {
+        IpAddr::V4(v4) => absorb(&v4.octets()),
+        IpAddr::V6(v6) => absorb(&v6.octets()),
+    }
+    absorb(realm.as_bytes());
+    let mut full = blake2::digest::Output::<Blake2sVarCore>::default();
+    core.finalize_variable_core(&mut buffer, &mut full);
     let mut out = [0u8; NONCE_MAC_LEN];
-    if let Some(mut mac) = secret.keyed.clone() {
+    for (o, t) in out.iter_mut().zip(full.iter()) {
+        *o = *t;
+    }
+    out
+}
+
+/// The MAC of a nonce issued before keyed BLAKE2s (see [`NonceSecret::legacy`]).
+fn legacy_nonce_mac(
+    secret: &NonceSecret,
+    issued: [u8; 8],
+    source: IpAddr,
+    realm: &str,
+) -> [u8; 16] {
+    let mut out = [0u8; NONCE_MAC_LEN];
+    if let Some(mut mac) = secret.legacy.clone() {
         mac.update(&issued);
         match crate::acl::canonical_ip(source) {
             IpAddr::V4(v4) => mac.update(&v4.octets()),
@@ -271,13 +312,19 @@ pub fn check_nonce(
     let mut issued = [0u8; 8];
     issued.copy_from_slice(&raw[..8]);
     let expected = nonce_mac(secret, issued, source, realm);
-    if !bool::from(expected.ct_eq(&raw[8..])) {
-        return NonceState::Invalid;
+    // Only what fails the current MAC pays for the legacy one, as every nonce did
+    // before: a forgery costs no more than it did.
+    let legacy = !bool::from(expected.ct_eq(&raw[8..]));
+    if legacy {
+        let expected = legacy_nonce_mac(secret, issued, source, realm);
+        if !bool::from(expected.ct_eq(&raw[8..])) {
+            return NonceState::Invalid;
+        }
     }
     let issued_ms = u64::from_be_bytes(issued) >> 16;
     if issued_ms > now_ms.saturating_add(FUTURE_SKEW_MS) {
         NonceState::Invalid
-    } else if now_ms.saturating_sub(issued_ms) > ttl_ms {
+    } else if legacy || now_ms.saturating_sub(issued_ms) > ttl_ms {
         NonceState::Stale
     } else {
         NonceState::Fresh
@@ -291,14 +338,26 @@ pub fn challenge_values(
     stale: bool,
     algorithms: &[Algorithm],
 ) -> Vec<String> {
+    // Concatenated rather than format!: every first request of every PBX is
+    // challenged, and core::fmt was a ninth of a challenge's instructions
+    // (docs/performance.md).
     algorithms
         .iter()
         .map(|alg| {
-            format!(
-                "Digest realm=\"{realm}\", nonce=\"{nonce}\", algorithm={}, qop=\"auth\"{}",
+            let mut value = String::with_capacity(realm.len() + nonce.len() + 80);
+            for part in [
+                "Digest realm=\"",
+                realm,
+                "\", nonce=\"",
+                nonce,
+                "\", algorithm=",
                 alg.name(),
-                if stale { ", stale=true" } else { "" }
-            )
+                ", qop=\"auth\"",
+                if stale { ", stale=true" } else { "" },
+            ] {
+                value.push_str(part);
+            }
+            value
         })
         .collect()
 }
@@ -577,6 +636,75 @@ mod tests {
     }
 
     #[test]
+    fn the_nonce_mac_is_keyed_blake2s_128_for_every_realm_length_and_address_family() {
+        use blake2::digest::Mac as _;
+        let key = [7u8; 32];
+        let issued = 0x0123_4567_89ab_cdefu64.to_be_bytes();
+        for source in [ip("203.0.113.7"), ip("2001:db8::7")] {
+            let octets = match source {
+                IpAddr::V4(v4) => v4.octets().to_vec(),
+                IpAddr::V6(v6) => v6.octets().to_vec(),
+            };
+            // Across one, two and three blocks, and each block boundary.
+            for len in 0..=150 {
+                let realm = "r".repeat(len);
+                let mut reference =
+                    <blake2::Blake2sMac<blake2::digest::consts::U16> as KeyInit>::new_from_slice(
+                        &key,
+                    )
+                    .unwrap();
+                reference.update(&issued);
+                reference.update(&octets);
+                reference.update(realm.as_bytes());
+                let want = reference.finalize().into_bytes();
+                assert_eq!(
+                    nonce_mac(&secret(), issued, source, &realm)[..],
+                    want[..],
+                    "{source} realm of {len}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_nonce_of_the_hmac_form_issued_before_blake2s_is_stale_never_fresh() {
+        // A PBX that holds a nonce across the upgrade gets stale=true (a new nonce,
+        // no password prompt) for a right answer; a forged one stays invalid.
+        let src = ip("203.0.113.7");
+        let issued = ((10_000u64 << 16) | 7).to_be_bytes();
+        let mut raw = [0u8; 24];
+        raw[..8].copy_from_slice(&issued);
+        raw[8..].copy_from_slice(&legacy_nonce_mac(&secret(), issued, src, REALM));
+        let legacy = hex(&raw);
+        assert_ne!(legacy, make_nonce(&secret(), 10_000, 7, src, REALM));
+        let cases: &[(&str, &str, u64, IpAddr, NonceState)] = &[
+            ("within its ttl", &legacy, 10_000, src, NonceState::Stale),
+            ("after its ttl", &legacy, 310_001, src, NonceState::Stale),
+            (
+                "from another address",
+                &legacy,
+                10_000,
+                ip("203.0.113.8"),
+                NonceState::Invalid,
+            ),
+            ("from the future", &legacy, 0, src, NonceState::Invalid),
+        ];
+        for (what, nonce, now, source, want) in cases {
+            assert_eq!(
+                check_nonce(&secret(), nonce, *now, *source, REALM, 300_000),
+                *want,
+                "{what}"
+            );
+        }
+        let mut forged = raw;
+        forged[23] ^= 1;
+        assert_eq!(
+            check_nonce(&secret(), &hex(&forged), 10_000, src, REALM, 300_000),
+            NonceState::Invalid
+        );
+    }
+
+    #[test]
     fn challenge_values_keep_the_order_they_are_given_and_mark_stale() {
         // The order itself is the configuration's (digest.algorithms, src/index.rs),
         // pinned by the scenario table's `algorithms` expectations.
@@ -585,6 +713,19 @@ mod tests {
         assert!(values[0].contains("algorithm=SHA-256") && values[0].ends_with("stale=true"));
         assert!(values[1].contains("algorithm=MD5"));
         assert!(values[1].contains("qop=\"auth\""));
+        // RFC 7616 3.3's challenge, to the byte.
+        assert_eq!(
+            values[1],
+            format!(
+                "Digest realm=\"{REALM}\", nonce=\"abc\", algorithm=MD5, qop=\"auth\", stale=true"
+            )
+        );
+        assert_eq!(
+            challenge_values(REALM, "abc", false, &[Algorithm::Md5]),
+            [format!(
+                "Digest realm=\"{REALM}\", nonce=\"abc\", algorithm=MD5, qop=\"auth\""
+            )]
+        );
     }
 
     #[test]
