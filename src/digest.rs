@@ -217,7 +217,8 @@ impl std::fmt::Debug for NonceSecret {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NonceState {
     Fresh,
-    /// Ours, but older than the TTL: a correct response earns `stale=true`.
+    /// Ours, but older than the TTL or signed with the MAC of before keyed BLAKE2s
+    /// ([`NonceSecret`]): a correct response earns `stale=true`.
     Stale,
     /// Not issued by us for this source (forged, from another IP, garbled, future).
     Invalid,
@@ -312,8 +313,9 @@ pub fn check_nonce(
     let mut issued = [0u8; 8];
     issued.copy_from_slice(&raw[..8]);
     let expected = nonce_mac(secret, issued, source, realm);
-    // Only what fails the current MAC pays for the legacy one, as every nonce did
-    // before: a forgery costs no more than it did.
+    // Only what fails the current MAC pays for the legacy one too: a forged nonce
+    // costs one BLAKE2s compression more than before this MAC, and the challenge it
+    // earns two SHA-256 compressions less.
     let legacy = !bool::from(expected.ct_eq(&raw[8..]));
     if legacy {
         let expected = legacy_nonce_mac(secret, issued, source, realm);

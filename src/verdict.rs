@@ -55,7 +55,8 @@ pub enum Cause {
     TrunkUnavailable,
     /// First challenge: the request carried no usable credentials.
     AuthRequired,
-    /// Correct response on an expired nonce: challenged again with stale=true.
+    /// Correct response on an expired nonce (or one of the MAC before keyed BLAKE2s,
+    /// src/digest.rs): challenged again with stale=true.
     StaleNonce,
     /// Correct response, but this (nonce, nc) was used before (a replay), or the
     /// replay set has no room for the nonce: challenged again with stale=true.
@@ -193,7 +194,7 @@ impl Cause {
             Cause::UnknownDid => "the dialled number belongs to no trunk group",
             Cause::TrunkUnavailable => "the trunk group is not registered and has no failover",
             Cause::AuthRequired => "credentials are required",
-            Cause::StaleNonce => "the nonce expired",
+            Cause::StaleNonce => "the nonce expired (or predates the current nonce form)",
             Cause::SourceBanned => {
                 "the source sent too many wrong passwords and is refused for a while"
             }
