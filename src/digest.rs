@@ -1,10 +1,11 @@
 //! HTTP Digest for SIP (RFC 3261 §22, RFC 7616, RFC 8760): MD5 and SHA-256, qop=auth.
 //!
 //! Nonces are stateless: `hex(issued ‖ BLAKE2s-128(key = secret; issued ‖ source IP
-//! ‖ realm))` (keyed BLAKE2s, RFC 7693 §2.5), `issued` being 8 bytes: the time in milliseconds (48 bits) and a
-//! 16-bit counter that keeps two nonces of one millisecond apart. Any worker (or any node sharing the secret through the host store)
-//! can verify a nonce another one issued, without a nonce table to replicate, and a
-//! nonce captured on the wire is useless from another IP address.
+//! ‖ realm))` (keyed BLAKE2s, RFC 7693 §2.5), `issued` being 8 bytes: the time in
+//! milliseconds (48 bits) and a 16-bit counter that keeps two nonces of one
+//! millisecond apart. Any worker (or any node sharing the secret through the host
+//! store) can verify a nonce another one issued, without a nonce table to replicate,
+//! and a nonce captured on the wire is useless from another IP address.
 
 use std::net::IpAddr;
 
@@ -178,7 +179,8 @@ pub(crate) fn unhex<const N: usize>(text: &str) -> Option<[u8; N]> {
 ///
 /// Kept with the MAC already keyed, the secret changing only when the store loses
 /// it: keyed BLAKE2s compresses the key block first, so what is left per nonce is one
-/// compression for any realm under 41 bytes.
+/// compression for any realm of up to 40 bytes (the 64-byte block holds the 8 bytes
+/// of `issued`, an IPv6 address's 16 and the realm).
 #[derive(Clone)]
 pub struct NonceSecret {
     /// BLAKE2s with 16-byte output and a 32-byte key, the padded key block already
@@ -341,8 +343,8 @@ pub fn challenge_values(
     algorithms: &[Algorithm],
 ) -> Vec<String> {
     // Concatenated rather than format!: every first request of every PBX is
-    // challenged, and core::fmt was a ninth of a challenge's instructions
-    // (docs/performance.md).
+    // challenged, and format! was about a ninth of a challenge's native instructions
+    // (docs/performance.md, "The policy, per message").
     algorithms
         .iter()
         .map(|alg| {

@@ -50,8 +50,9 @@ pub struct Message<'a> {
 
 /// The header values both `validate` and the policy read, parsed once: the second
 /// reader gets the first one's result (and the same reading of the message) rather
-/// than parsing the text again. Credentials and name-addrs were about a seventh of a
-/// digest REGISTER's instructions read twice (docs/performance.md).
+/// than parsing the text again. Reading the credentials and name-addrs twice was
+/// about an eighth of a digest REGISTER's native instructions (docs/performance.md,
+/// "The policy, per message").
 #[derive(Clone, Default)]
 struct Parsed<'a> {
     from: OnceCell<Result<NameAddr<'a>, ParseError>>,
