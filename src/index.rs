@@ -98,18 +98,15 @@ impl Index {
             ));
         }
         let trunk_group_header = config.relay.trunk_group_header.trim().to_string();
-        if trunk_group_header.is_empty() || !crate::sip::is_token(&trunk_group_header) {
+        if !is_header_name(&trunk_group_header) {
             return Err(ConfigError::new(
                 "relay.trunk_group_header",
-                "must be a header name (a SIP token)",
+                HEADER_NAME_RULE,
             ));
         }
         let binding_header = config.relay.binding_header.trim().to_string();
-        if binding_header.is_empty() || !crate::sip::is_token(&binding_header) {
-            return Err(ConfigError::new(
-                "relay.binding_header",
-                "must be a header name (a SIP token)",
-            ));
+        if !is_header_name(&binding_header) {
+            return Err(ConfigError::new("relay.binding_header", HEADER_NAME_RULE));
         }
         let binding_headers = [
             binding_header.clone(),
@@ -529,6 +526,17 @@ pub fn normalize_did(text: &str) -> Option<String> {
     (!digits.is_empty() && digits.len() <= 20).then_some(digits)
 }
 
+/// The longest header name the configuration takes. Hosts strip these names (and
+/// `NAME-Contact`, `NAME-Failover`) from every relayed request with their own header
+/// functions, and Kamailio's KEMI `hdr.remove` refuses a name over 124 bytes: a copy
+/// a sender wrote under a longer name would go on.
+const MAX_HEADER_NAME: usize = 64;
+const HEADER_NAME_RULE: &str = "must be a header name (a SIP token) of at most 64 characters";
+
+fn is_header_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= MAX_HEADER_NAME && crate::sip::is_token(name)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -709,6 +717,12 @@ mod tests {
                 "\"core_sockets\"",
                 "\"relay\": {\"trunk_group_header\": \"X Bad: 1\"}, \"core_sockets\"",
                 "relay.trunk_group_header",
+            ),
+            (
+                "a binding header name over 64 characters",
+                "\"core_sockets\"",
+                "\"relay\": {\"binding_header\": \"X-bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb\"}, \"core_sockets\"",
+                "relay.binding_header",
             ),
             (
                 "unknown digest algorithm",

@@ -51,7 +51,11 @@ function toCarrier() {
 	if (!maxForwardsLeft()) {
 		return;
 	}
-	KSR.trunkguard.apply();
+	// The verdict's edits, or nothing is relayed.
+	if (KSR.trunkguard.apply() < 0) {
+		reply(500, "Server Internal Error");
+		return;
+	}
 	// The carrier, whatever the Request-URI says; never the R-URI if this fails.
 	if (KSR.setdsturi(carrierUri()) < 0) {
 		reply(500, "Server Internal Error");
@@ -85,7 +89,10 @@ function withinDialog() {
 		if (!maxForwardsLeft()) {
 			return;
 		}
-		KSR.trunkguard.apply();
+		if (KSR.trunkguard.apply() < 0) {
+			reply(500, "Server Internal Error");
+			return;
+		}
 		KSR.tm.t_relay();
 		return;
 	}

@@ -267,6 +267,47 @@ def _read(path, mode="r"):
         return f.read()
 
 
+# Headers a PBX folds over lines that start with SP or HT (RFC 3261 §7.3.1): a parser
+# that does not unfold, as sip.headers here, reads each continuation line as a header
+# of its own, a forged trunk group, identity or Route.
+FOLDED_FORGERIES = [
+    ("Subject", "hello\r\n X-Trunkguard-Trunk-Group: branch-p2p"),
+    ("X-Note", "a\r\n\tP-Asserted-Identity: <sip:+19005550100@evil.example>\r\n  b"),
+    # A fold right after the colon: in no header's value as Kamailio reads it.
+    ("X-Empty", "\r\n X-Trunkguard-Trunk-Group: branch-p2p"),
+    # A folded header the policy strips goes whole, folds and all.
+    ("P-Preferred-Identity", "<sip:+19005550100@evil.example>\r\n Route: <sip:evil.example;lr>"),
+]
+
+
+def assert_unfolded(test, got):
+    """`got`, a request as a far end got it, has no continuation line, and the folded
+    values of FOLDED_FORGERIES that stay went on with each fold one SP."""
+    head = got.split("\r\n\r\n", 1)[0].split("\r\n")
+    test.assertEqual([line for line in head if line[:1] in (" ", "\t")], [], got)
+    test.assertEqual(sip.headers(got, "Subject"), ["hello X-Trunkguard-Trunk-Group: branch-p2p"], got)
+    test.assertEqual(sip.headers(got, "X-Note"), ["a P-Asserted-Identity: <sip:+19005550100@evil.example> b"],
+                     got)
+    test.assertEqual(sip.headers(got, "X-Empty"), ["X-Trunkguard-Trunk-Group: branch-p2p"], got)
+
+
+def assert_folds_reach_nobody(test, pbx, far, edge, creds, called, trunk, asserted):
+    """A call of `creds` through `edge` to `far` with FOLDED_FORGERIES, then a re-INVITE
+    with them each way and a BYE: every request arrives unfolded, with the edge's
+    trunk group and asserted identity alone on the call's INVITE."""
+    pbx_side, far_side, got = sip.place_call(pbx, far, edge, creds, called, FOLDED_FORGERIES)
+    assert_unfolded(test, got)
+    test.assertEqual(sip.headers(got, "X-Trunkguard-Trunk-Group"), [trunk], got)
+    test.assertEqual(sip.headers(got, "P-Asserted-Identity"), [asserted], got)
+    test.assertEqual(sip.headers(got, "P-Preferred-Identity"), [], got)
+    test.assertEqual(sip.headers(got, "Route"), [], got)
+    for sender, receiver in ((pbx_side, far_side), (far_side, pbx_side)):
+        got = sip.in_dialog_round(sender, receiver, "INVITE", extra=FOLDED_FORGERIES[:3])
+        assert_unfolded(test, got)
+        test.assertEqual(sip.headers(got, "X-Trunkguard-Trunk-Group"), [], got)
+    sip.in_dialog_round(pbx_side, far_side, "BYE")
+
+
 def forged_in_dialog_outcomes(live, ended, pbx, intruder, edge, far):
     """The in-dialog requests an attacker forges from a real call's Route set and
     identifiers (`live`, `ended`: sip.Dialog of the PBX's side of a call up and of one
@@ -1161,6 +1202,12 @@ class KamailioEdge(unittest.TestCase):
     def test_29_a_retransmitted_invite_is_absorbed_not_judged_again(self):
         caller, carrier = self.party(PBX), self.party("127.0.0.1", CARRIER_PORT)
         assert_a_retransmitted_invite_is_absorbed(self, KAMAILIO, caller, HQ, carrier)
+
+    def test_30_folded_headers_reach_the_carrier_and_the_pbx_unfolded(self):
+        self.register_pbx()
+        pbx, carrier = self.party(PBX), self.party("127.0.0.1", CARRIER_PORT)
+        assert_folds_reach_nobody(self, pbx, carrier, KAMAILIO, HQ, CALLED, "hq-pbx1",
+                                  "<sip:+15551230000@%s>" % REALM)
 
 
 def sipp_times(log, direction, first_line):

@@ -841,6 +841,12 @@ class NativeModule(unittest.TestCase):
         got = far.received()
         self.assertEqual(got, [], "%s reached the far end:\n%s" % (what, "\n".join(g[:300] for g in got)))
 
+    def test_31_folded_headers_reach_the_core_and_the_pbx_unfolded(self):
+        self.assertEqual(sip.status(self.register()), 200)
+        pbx, core = self.party(PBX), self.party(*CORE)
+        test_kamailio.assert_folds_reach_nobody(self, pbx, core, EDGE, HQ, CALLED, "hq-pbx1",
+                                                "<sip:+15551230000@%s>" % REALM)
+
     def test_19_ambiguous_to_tags_get_400_and_reach_nobody_over_udp_and_tcp(self):
         far = self.far_end(CORE)
         self.assertEqual(ambiguous_to_refusals(EDGE, CORE), [], "every ambiguous To answered 400")
@@ -1339,7 +1345,10 @@ FOREIGN_CFG = FOREIGN_HEAD + r"""request_route {{
         exit;
     }}
     if ($rc == 1 && $tg(cause) == "trunk") {{
-        trunkguard_apply();
+        if (!trunkguard_apply()) {{
+            sl_send_reply("500", "Server Internal Error");
+            exit;
+        }}
         $du = "sip:{core_ip}:{core_port}";
         t_check_trans();
         if (!trunkguard_dialog_open()) {{

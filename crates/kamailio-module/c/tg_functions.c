@@ -15,6 +15,7 @@
  * failover URI goes with the transaction in the xavp tg_failover (the failure route
  * runs later, in whichever process gets the reply or the timeout).
  */
+#include <limits.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -378,34 +379,108 @@ static int ki_trunkguard_reply(sip_msg_t *msg)
 	return 1;
 }
 
-/* Removes every header called `name` (a known header by its type, so its compact
- * form too, as textops remove_hf does). */
-static int tg_strip(sip_msg_t *msg, const tg_str *name)
+/* A strip name as Kamailio reads header names: `want` gets its type, so that a known
+ * header is matched by type (its compact form too, as textops remove_hf does) and any
+ * other by its name. Only a name read whole is known by its type: a name whose
+ * first characters happen to be a compact form ("f.x") is not From. */
+static int tg_hname(const tg_str *s, str *name, hdr_field_t *want)
 {
-	char buf[128];
-	str hname;
-	hdr_field_t hfm, *hf;
+	if(s->len == 0 || s->len > INT_MAX)
+		return -1;
+	name->s = (char *)s->s;
+	name->len = (int)s->len;
+	memset(want, 0, sizeof(*want));
+	parse_hname2_str(name, want);
+	if(want->name.len != name->len)
+		want->type = HDR_OTHER_T;
+	return 0;
+}
 
-	if(name->len == 0 || name->len >= sizeof(buf))
-		return 0;
-	memcpy(buf, name->s, name->len);
-	buf[name->len] = '\0';
-	hname.s = buf;
-	hname.len = (int)name->len;
-	memset(&hfm, 0, sizeof(hfm));
-	parse_hname2_str(&hname, &hfm);
+static int tg_hf_is(const hdr_field_t *hf, const hdr_field_t *want, const str *name)
+{
+	if(want->type != HDR_OTHER_T && want->type != HDR_ERROR_T)
+		return want->type == hf->type;
+	return hf->name.len == name->len && strncasecmp(hf->name.s, name->s, name->len) == 0;
+}
+
+/* Removes every header called `s`. */
+static int tg_strip(sip_msg_t *msg, const tg_str *s)
+{
+	str name;
+	hdr_field_t want, *hf;
+
+	if(tg_hname(s, &name, &want) < 0) {
+		LM_ERR("a header to strip has no name\n");
+		return -1;
+	}
 	for(hf = msg->headers; hf; hf = hf->next) {
-		if(hfm.type != HDR_OTHER_T && hfm.type != HDR_ERROR_T) {
-			if(hfm.type != hf->type)
-				continue;
-		} else {
-			if(hf->name.len != hname.len
-					|| strncasecmp(hf->name.s, hname.s, hname.len) != 0)
-				continue;
-		}
+		if(!tg_hf_is(hf, &want, &name))
+			continue;
 		if(del_lump(msg, hf->name.s - msg->buf, hf->len, 0) == 0) {
-			LM_ERR("cannot remove %.*s\n", hname.len, hname.s);
+			LM_ERR("cannot remove %.*s\n", name.len, name.s);
 			return -1;
+		}
+	}
+	return 0;
+}
+
+/* The first fold in [p, end): a CRLF with SP or HT after it. A field's own CRLF
+ * ends at `end`, so it is never one. */
+static char *tg_fold(char *p, const char *end)
+{
+	for(; p + 2 < end; p++)
+		if(p[0] == '\r' && p[1] == '\n' && (p[2] == ' ' || p[2] == '\t'))
+			return p;
+	return NULL;
+}
+
+/* RFC 3261 §7.3.1 lets a header value go on over lines that start with SP or HT.
+ * Relayed as it came, such a line would read as a header of its own to a parser that
+ * does not unfold: a forged trunk-group header or identity before the edge's own.
+ * Every fold of a header that stays (a stripped one goes whole) becomes one SP, the
+ * continuation line's leading white space with it, as hosts that relay bytes write
+ * it (Message::edited, docs/policy.md). */
+static int tg_unfold(sip_msg_t *msg, const tg_verdict *v)
+{
+	hdr_field_t want, *hf;
+	struct lump *l;
+	char *p, *q = NULL, *end, *sp;
+	str name;
+	size_t i;
+	int stripped;
+
+	for(hf = msg->headers; hf; hf = hf->next) {
+		end = hf->name.s + hf->len;
+		p = tg_fold(hf->name.s, end);
+		if(p == NULL)
+			continue;
+		stripped = 0;
+		for(i = 0; i < v->strip_len && !stripped; i++) {
+			if(tg_hname(&v->strip[i], &name, &want) < 0)
+				return -1;
+			stripped = tg_hf_is(hf, &want, &name);
+		}
+		for(; p != NULL && !stripped; p = tg_fold(q, end)) {
+			q = p + 2;
+			while(q < end && (*q == ' ' || *q == '\t'))
+				q++;
+			l = del_lump(msg, p - msg->buf, q - p, 0);
+			if(l == NULL) {
+				LM_ERR("cannot unfold %.*s\n", hf->name.len, hf->name.s);
+				return -1;
+			}
+			sp = pkg_malloc(1);
+			if(sp == NULL) {
+				PKG_MEM_ERROR;
+				return -1;
+			}
+			*sp = ' ';
+			/* The lump owns sp from here. */
+			if(insert_new_lump_after(l, sp, 1, 0) == 0) {
+				pkg_free(sp);
+				LM_ERR("cannot unfold %.*s\n", hf->name.len, hf->name.s);
+				return -1;
+			}
 		}
 	}
 	return 0;
@@ -427,6 +502,8 @@ static int ki_trunkguard_apply(sip_msg_t *msg)
 	for(i = 0; i < v->strip_len; i++)
 		if(tg_strip(msg, &v->strip[i]) < 0)
 			return -1;
+	if(tg_unfold(msg, v) < 0)
+		return -1;
 	/* The inserts were checked to be one header line each when the message was
 	 * judged (ki_trunkguard_judge fails closed otherwise). */
 	for(i = 0; i < v->insert_len; i++) {
