@@ -207,8 +207,10 @@ impl<'r, 'a> Request<'r, 'a> {
     }
 
     /// An authenticated trunk group's request, as it leaves for the carrier: the
-    /// PBX's credentials for this edge, its Route set and its own asserted identity
-    /// stop here, and the edge names the trunk group and asserts the identity.
+    /// PBX's credentials for this edge, its Route set, the identity it asserts
+    /// (P-Asserted-Identity, P-Preferred-Identity, or the older Remote-Party-ID) and
+    /// the number it would have a carrier bill (P-Charge-Info) stop here, and the edge
+    /// names the trunk group and asserts the identity.
     fn allow_trunk(&self, trunk: &Trunk) -> Verdict {
         let mut v = self.allow(Cause::Trunk).with_trunk(&trunk.id);
         for name in [
@@ -217,6 +219,8 @@ impl<'r, 'a> Request<'r, 'a> {
             "Route",
             "P-Asserted-Identity",
             "P-Preferred-Identity",
+            "Remote-Party-ID",
+            "P-Charge-Info",
         ] {
             v.strip.push(name.to_string());
         }

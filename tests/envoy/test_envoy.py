@@ -864,11 +864,13 @@ class EnvoyFront(unittest.TestCase):
 
     def test_17_what_leaves_the_edge(self):
         # Item 6: the carrier gets neither the PBX's credentials, nor the identity it
-        # asserts or prefers, nor its preloaded Route, nor a trunk-group header of its
+        # asserts or prefers (or claims in Remote-Party-ID), nor the number it would
+        # have billed (P-Charge-Info), nor its preloaded Route, nor a trunk-group header of its
         # making; it gets the edge's identity and trunk group instead.
         _, far_saw = self.legit_dialog("leaves")
         invite = re.search(r"(?s)INVITE sip:\S+ SIP/2\.0\r?\n.*?\r?\n\r?\n", far_saw).group(0)
-        for name in ("Proxy-Authorization", "Authorization", "P-Preferred-Identity", "Route"):
+        for name in ("Proxy-Authorization", "Authorization", "P-Preferred-Identity", "Remote-Party-ID",
+                     "P-Charge-Info", "Route"):
             self.assertEqual(header_values(invite, name), [], f"{name} left the edge:\n{invite}")
         # hq1 is not one of the trunk's DIDs: the edge asserts the trunk's first DID.
         self.assertEqual(header_values(invite, "P-Asserted-Identity"), [f"<sip:+15551230000@{REALM}>"], invite)

@@ -951,6 +951,10 @@ class KamailioEdge(unittest.TestCase):
     # model").
     PBX_CLAIMS = [("P-Asserted-Identity", "<sip:+19005550100@evil.example>"),
                   ("P-Preferred-Identity", "<sip:+19005550101@evil.example>"),
+                  # An older identity header, and the number a carrier that honours it
+                  # bills: another customer's, the PBX would like.
+                  ("Remote-Party-ID", "<sip:+19005550102@evil.example>;party=calling;screen=yes"),
+                  ("P-Charge-Info", "<sip:+15557770000@%s>" % REALM),
                   ("Route", "<sip:127.0.0.4:5099;lr>"),
                   ("X-Trunkguard-Trunk-Group", "branch-p2p")]
 
@@ -960,6 +964,8 @@ class KamailioEdge(unittest.TestCase):
         self.assertEqual(sip.headers(got, "Proxy-Authorization"), [], got)
         self.assertEqual(sip.headers(got, "Route"), [], got)
         self.assertEqual(sip.headers(got, "P-Preferred-Identity"), [], got)
+        self.assertEqual(sip.headers(got, "Remote-Party-ID"), [], got)
+        self.assertEqual(sip.headers(got, "P-Charge-Info"), [], got)
         # hq1 is none of hq-pbx1's DIDs: the edge asserts the trunk's first DID.
         self.assertEqual(sip.headers(got, "P-Asserted-Identity"), ["<sip:+15551230000@%s>" % REALM], got)
         self.assertEqual(sip.headers(got, "X-Trunkguard-Trunk-Group"), ["hq-pbx1"], got)
