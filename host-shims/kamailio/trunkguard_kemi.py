@@ -78,19 +78,8 @@ DRILLS = os.environ.get("TRUNKGUARD_DRILLS", "") == "1"
 STORE = os.environ.get("TRUNKGUARD_STORE", "") or "memory"
 
 
-# The compact forms Kamailio 5.6 knows (core/parser/parse_hname2.c): KSR.hdr.remove
-# matches a known header by its type, so a stripped name covers its compact form.
-_COMPACT = {"a": "accept-contact", "b": "referred-by", "c": "content-type", "d": "request-disposition",
-            "e": "content-encoding", "f": "from", "i": "call-id", "j": "reject-contact", "k": "supported",
-            "l": "content-length", "m": "contact", "o": "event", "r": "refer-to", "s": "subject", "t": "to",
-            "u": "allow-events", "v": "via", "x": "session-expires", "y": "identity"}
 # A fold: CRLF and the white space that starts the continuation line (RFC 3261 §7.3.1).
-_FOLD = re.compile(r"\r\n[ \t]+")
-
-
-def _canonical(name):
-    name = name.strip().lower()
-    return _COMPACT.get(name, name)
+_FOLD = re.compile(r"\r\n[ \t]")
 
 
 def _sockets(name):
@@ -1101,67 +1090,31 @@ class Shim:
     def _rewrite(self, strip, insert):
         """The verdict's edits to the relayed request: every instance of each
         `strip` name removed (KSR.hdr.remove matches a known header by its type, so
-        the compact form too), every other folded header unfolded, each `insert`
-        pair appended. False when an edit could not be made: nothing is relayed."""
+        the compact form too), each `insert` pair appended. False when an edit could
+        not be made: nothing is relayed."""
         for name in strip:
             if KSR.hdr.remove(name) < 0:
                 KSR.err("trunkguard: cannot remove %s\n" % name)
                 return False
-        if not self._unfold({_canonical(name) for name in strip}):
-            return False
         for name, value in insert:
             KSR.hdr.append("%s: %s\r\n" % (name, value))
         return True
 
-    def _unfold(self, stripped):
-        """RFC 3261 §7.3.1 lets a header value go on over lines that start with SP
-        or HT. Relayed as it came, such a line would read as a header of its own to a
-        parser that does not unfold: a forged trunk-group header or identity before
-        the edge's own. Each folded header that stays (a stripped one goes whole) is
-        written again in its place with each fold (CRLF and the white space after it)
-        one SP, as the module and Message::edited relay it (docs/policy.md).
-
-        The folds are read from the header block as received (a fold right after the
-        colon is in no header body); Kamailio's header iterator, which walks the same
-        fields in the same order, removes and rewrites them. Any disagreement between
-        the two readings relays nothing."""
+    @staticmethod
+    def _folded():
+        """Whether a header of the request goes on over a line that starts with SP or
+        HT (RFC 3261 §7.3.1), or the header block cannot be read. Relayed as it came,
+        such a line would read as a header of its own to a parser that does not
+        unfold: a forged trunk-group header or identity before the edge's own. The
+        module unfolds them in place (trunkguard_apply()); KEMI has no in-place edit
+        of a byte range, and removing a header to write it again unfolded would move
+        what Kamailio itself writes into it later (Content-Length, the Via's
+        received), so the shim relays no folded request."""
         try:
             block = KSR.pv.get("$msg(hdrs)")
         except UnicodeDecodeError:
-            block = None
-        if block is None:
-            KSR.err("trunkguard: cannot read the header block to unfold it\n")
-            return False
-        fields = []
-        for line in block.split("\r\n"):
-            if line[:1] in (" ", "\t") and fields:
-                fields[-1] += "\r\n" + line
-            else:
-                fields.append(line)
-        if not any("\r\n" in field for field in fields):
             return True
-        it = "tgfold"
-        if KSR.textopsx.hf_iterator_start(it) < 0:
-            KSR.err("trunkguard: cannot read the headers to unfold them\n")
-            return False
-        try:
-            for field in fields:
-                if KSR.textopsx.hf_iterator_next(it) < 0:
-                    KSR.err("trunkguard: the header block has more fields than Kamailio read\n")
-                    return False
-                name = KSR.textopsx.hf_iterator_hname(it) or ""
-                if _canonical(name) != _canonical(field.split(":", 1)[0]):
-                    KSR.err("trunkguard: header %s read as %s\n" % (field.split(":", 1)[0], name))
-                    return False
-                if "\r\n" not in field or _canonical(name) in stripped:
-                    continue
-                line = _FOLD.sub(" ", field) + "\r\n"
-                if KSR.textopsx.hf_iterator_rm(it) < 0 or KSR.textopsx.hf_iterator_append(it, line) < 0:
-                    KSR.err("trunkguard: cannot unfold %s\n" % name)
-                    return False
-        finally:
-            KSR.textopsx.hf_iterator_end(it)
-        return True
+        return block is None or _FOLD.search(block) is not None
 
     def _relay(self, strip=(), insert=(), within_transaction=False):
         # Wherever it goes ($du, else the Request-URI), never back into this edge:
@@ -1173,6 +1126,8 @@ class Shim:
         # it arrives at 0, this keeps a loop through the edge from going round forever.
         if KSR.maxfwd.process_maxfwd(70) < 0:
             return self._refuse(483, "Too Many Hops")
+        if self._folded():
+            return self._refuse(400, "Bad Request (folded header)")
         if not self._rewrite(strip, insert):
             return self._refuse(500, "Server Internal Error (policy edits)")
         if KSR.tm.t_relay() < 0:

@@ -343,16 +343,19 @@ def place_call(pbx, carrier, edge, creds, called, extra=(), timeout=3.0):
     return pbx_side, carrier_side, got
 
 
-def authenticated_invite(party, edge, creds, called, call_id, ftag, timeout=3.0):
-    """An INVITE of `creds` from `party` to `edge` with this Call-ID and From tag, sent
-    again with credentials after the 407 (not waited for). The 407 is checked. Returns
-    the bytes of the INVITE with credentials (to send again as a retransmission)."""
+def authenticated_invite(party, edge, creds, called, call_id, ftag, timeout=3.0, extra=()):
+    """An INVITE of `creds` from `party` to `edge` with this Call-ID and From tag (and
+    the `extra` headers), sent again with credentials after the 407 (not waited for).
+    The 407 is checked. Returns the bytes of the INVITE with credentials (to send again
+    as a retransmission)."""
     ruri = "sip:%s@%s" % (called, REALM)
+    more = list(extra)
 
-    def invite(cseq, extra=()):
+    def invite(cseq, auth=()):
         data = request("INVITE", ruri, from_user=creds[0], to_user=called, call_id=call_id, cseq=cseq,
                        via_ip=party.ip, via_port=party.port,
-                       extra=[("Contact", "<sip:%s@%s:%d>" % (creds[0], party.ip, party.port))] + list(extra))
+                       extra=[("Contact", "<sip:%s@%s:%d>" % (creds[0], party.ip, party.port))] + more
+                       + list(auth))
         return re.sub(rb"(\r\nFrom: [^\r]*;tag=)[0-9a-f]+", lambda m: m.group(1) + ftag.encode(), data, count=1)
 
     party.send(invite(1), edge)

@@ -434,36 +434,40 @@ static char *tg_fold(char *p, const char *end)
 	return NULL;
 }
 
+/* Whether [start, end) lies inside a part of the message already removed (a stripped
+ * header; the edge's own Route, which loose_route() took off an in-dialog request):
+ * unfolding there would leave the SP alone where the removed part ended, at the head
+ * of the next line, a fold of its own. */
+static int tg_removed(sip_msg_t *msg, int start, int end)
+{
+	struct lump *l;
+
+	for(l = msg->add_rm; l; l = l->next)
+		if(l->op == LUMP_DEL && l->u.offset <= start && l->u.offset + l->len >= end)
+			return 1;
+	return 0;
+}
+
 /* RFC 3261 §7.3.1 lets a header value go on over lines that start with SP or HT.
  * Relayed as it came, such a line would read as a header of its own to a parser that
  * does not unfold: a forged trunk-group header or identity before the edge's own.
- * Every fold of a header that stays (a stripped one goes whole) becomes one SP, the
- * continuation line's leading white space with it, as hosts that relay bytes write
- * it (Message::edited, docs/policy.md). */
-static int tg_unfold(sip_msg_t *msg, const tg_verdict *v)
+ * Every fold still in the message (not in a header stripped or a Route taken off)
+ * becomes one SP, the continuation line's leading white space with it, as hosts that
+ * relay bytes write it (Message::edited, docs/policy.md). */
+static int tg_unfold(sip_msg_t *msg)
 {
-	hdr_field_t want, *hf;
+	hdr_field_t *hf;
 	struct lump *l;
 	char *p, *q = NULL, *end, *sp;
-	str name;
-	size_t i;
-	int stripped;
 
 	for(hf = msg->headers; hf; hf = hf->next) {
 		end = hf->name.s + hf->len;
-		p = tg_fold(hf->name.s, end);
-		if(p == NULL)
-			continue;
-		stripped = 0;
-		for(i = 0; i < v->strip_len && !stripped; i++) {
-			if(tg_hname(&v->strip[i], &name, &want) < 0)
-				return -1;
-			stripped = tg_hf_is(hf, &want, &name);
-		}
-		for(; p != NULL && !stripped; p = tg_fold(q, end)) {
+		for(p = tg_fold(hf->name.s, end); p != NULL; p = tg_fold(q, end)) {
 			q = p + 2;
 			while(q < end && (*q == ' ' || *q == '\t'))
 				q++;
+			if(tg_removed(msg, p - msg->buf, q - msg->buf))
+				continue;
 			l = del_lump(msg, p - msg->buf, q - p, 0);
 			if(l == NULL) {
 				LM_ERR("cannot unfold %.*s\n", hf->name.len, hf->name.s);
@@ -502,7 +506,7 @@ static int ki_trunkguard_apply(sip_msg_t *msg)
 	for(i = 0; i < v->strip_len; i++)
 		if(tg_strip(msg, &v->strip[i]) < 0)
 			return -1;
-	if(tg_unfold(msg, v) < 0)
+	if(tg_unfold(msg) < 0)
 		return -1;
 	/* The inserts were checked to be one header line each when the message was
 	 * judged (ki_trunkguard_judge fails closed otherwise). */
