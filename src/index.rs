@@ -528,7 +528,7 @@ pub fn normalize_did(text: &str) -> Option<String> {
 
 /// The header names the configuration takes. Hosts strip these names (and
 /// `NAME-Contact`, `NAME-Failover`) from every relayed request with their own header
-/// functions, and Kamailio's refuse some that are SIP tokens: KEMI's `hdr.remove`
+/// functions, and Kamailio's functions refuse some SIP tokens: KEMI's `hdr.remove`
 /// any name over 124 bytes, its header parser any character but letters, digits and
 /// `-._+~`. A host that could not strip a name would have to refuse every request.
 const MAX_HEADER_NAME: usize = 64;

@@ -292,9 +292,10 @@ def assert_unfolded(test, got):
 
 
 def assert_folds_reach_nobody(test, pbx, far, edge, creds, called, trunk, asserted):
-    """A call of `creds` through `edge` to `far` with FOLDED_FORGERIES, then a re-INVITE
-    with them each way and a BYE: every request arrives unfolded, with the edge's
-    trunk group and asserted identity alone on the call's INVITE."""
+    """A call of `creds` through `edge` to `far` with FOLDED_FORGERIES, a re-INVITE
+    with them each way, one whose Route to the edge is folded, and a BYE: every
+    request arrives unfolded, with the edge's trunk group and asserted identity alone
+    on the call's INVITE."""
     pbx_side, far_side, got = sip.place_call(pbx, far, edge, creds, called, FOLDED_FORGERIES)
     assert_unfolded(test, got)
     test.assertEqual(sip.headers(got, "X-Trunkguard-Trunk-Group"), [trunk], got)
