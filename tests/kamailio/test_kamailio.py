@@ -291,7 +291,7 @@ def assert_unfolded(test, got):
     test.assertEqual(sip.headers(got, "X-Empty"), ["X-Trunkguard-Trunk-Group: branch-p2p"], got)
 
 
-def assert_folds_reach_nobody(test, pbx, far, edge, creds, called, trunk, asserted):
+def assert_folds_arrive_unfolded(test, pbx, far, edge, creds, called, trunk, asserted):
     """A call of `creds` through `edge` to `far` with FOLDED_FORGERIES, a re-INVITE
     with them each way, one whose Route to the edge is folded, and a BYE: every
     request arrives unfolded, with the edge's trunk group and asserted identity alone
@@ -303,6 +303,7 @@ def assert_folds_reach_nobody(test, pbx, far, edge, creds, called, trunk, assert
     test.assertEqual(sip.headers(got, "P-Preferred-Identity"), [], got)
     test.assertEqual(sip.headers(got, "Route"), [], got)
     for sender, receiver in ((pbx_side, far_side), (far_side, pbx_side)):
+        # All but the stripped one: an in-dialog request keeps P-Preferred-Identity.
         got = sip.in_dialog_round(sender, receiver, "INVITE", extra=FOLDED_FORGERIES[:3])
         assert_unfolded(test, got)
         test.assertEqual(sip.headers(got, "X-Trunkguard-Trunk-Group"), [], got)
@@ -1231,8 +1232,8 @@ class KamailioEdge(unittest.TestCase):
         if self.ENGINE == "module":
             # The module unfolds them in place (trunkguard_apply()).
             pbx, carrier = self.party(PBX), self.party("127.0.0.1", CARRIER_PORT)
-            assert_folds_reach_nobody(self, pbx, carrier, KAMAILIO, HQ, CALLED, "hq-pbx1",
-                                      "<sip:+15551230000@%s>" % REALM)
+            assert_folds_arrive_unfolded(self, pbx, carrier, KAMAILIO, HQ, CALLED, "hq-pbx1",
+                                         "<sip:+15551230000@%s>" % REALM)
             return
         # The shim relays no folded request (trunkguard_kemi.py, _folded): 400.
         far = self.far_end()
