@@ -154,6 +154,9 @@ DLG_FTAG = "tg_ftag"  # the caller's From tag: tells the direction of a later re
 DLG_CALLER, DLG_CALLER_SOCKET = "tg_caller", "tg_caller_sock"
 DLG_CALLEE, DLG_CALLEE_SOCKET = "tg_callee", "tg_callee_sock"
 DLG_BYE = "tg_bye"  # set when the dialog's BYE was relayed: nothing after it is
+# The callee's route set from its latest 1xx, and that 1xx's To tag: the dialog module
+# records the callee's route set only from its 2xx (the module's names, tg_dialog.c).
+DLG_EARLY_RS, DLG_EARLY_TAG = "tg_early_rs", "tg_early_tag"
 # $dlg(state): 2 early, 3 confirmed (2xx not yet ACKed), 4 confirmed; 1 (no answer
 # yet) and 5 (ended) are not dialogs a request can be within.
 DLG_LIVE_STATES = (2, 3, 4, "2", "3", "4")
@@ -524,6 +527,79 @@ def _flush_counts():
 REFUSAL_FLUSH_S = 1.0
 
 
+def _name_addrs(value):
+    """The entries of a Route or Record-Route list, as rr's parser splits it: at each
+    comma outside a quoted display name and outside <...>."""
+    entries, start, quoted, angle, i = [], 0, False, False, 0
+    while i < len(value):
+        c = value[i]
+        if quoted:
+            if c == "\\":
+                i += 1
+            elif c == '"':
+                quoted = False
+        elif c == '"':
+            quoted = True
+        elif c == "<":
+            angle = True
+        elif c == ">":
+            angle = False
+        elif c == "," and not angle:
+            entries.append(value[start:i].strip())
+            start = i + 1
+        i += 1
+    entries.append(value[start:].strip())
+    return [e for e in entries if e]
+
+
+def _uri_of(entry):
+    """The URI of a name-addr (between its < and >, past a quoted display name), or of
+    an addr-spec (up to its header parameters)."""
+    rest = entry
+    if rest.startswith('"'):
+        i = 1
+        while i < len(rest) and rest[i] != '"':
+            i += 2 if rest[i] == "\\" else 1
+        rest = rest[i + 1:]
+    if "<" in rest:
+        return rest[rest.index("<") + 1:].split(">", 1)[0].strip()
+    return rest.split(";", 1)[0].strip()
+
+
+def _uri_params(params):
+    out = {}
+    for param in (params or "").split(";"):
+        name, _, value = param.partition("=")
+        if name.strip():
+            out[name.strip().lower()] = value.strip().lower()
+    return out
+
+
+def _hop(uri):
+    """Where a Route URI sends a request, read by Kamailio's own URI parser (the
+    module compares with the same, tg_dialog.c): scheme, user, password, host, port,
+    transport and maddr; and its parameters. None when it does not parse."""
+    KSR.pv.sets("$var(tg_hop)", uri)
+    parts = []
+    for name in ("scheme", "user", "passwd", "host", "port", "transport", "maddr", "params"):
+        value = KSR.pv.get("$(var(tg_hop){uri.%s})" % name)
+        if value is None and name in ("scheme", "host"):
+            return None
+        parts.append("" if value is None else str(value))
+    scheme, user, passwd, host, port, transport, maddr, params = parts
+    return (scheme.lower(), user, passwd, host.lower(), port, transport.lower(), maddr.lower()), _uri_params(params)
+
+
+def _same_hop(a, b):
+    """Two Route URIs name the same hop: alike in every part that says where a request
+    goes, and in each parameter both write (RFC 3261 §19.1.4); a parameter only one
+    writes (a UA that renders URIs again) is not a different hop."""
+    ha, hb = _hop(a), _hop(b)
+    if ha is None or hb is None or ha[0] != hb[0]:
+        return False
+    return all(ha[1][k] == hb[1][k] for k in ha[1].keys() & hb[1].keys())
+
+
 def _refusal_log_rate():
     try:
         return max(0, int(os.environ.get("TRUNKGUARD_REFUSAL_LOG_RATE", "20")))
@@ -693,6 +769,29 @@ class Shim:
         if KSR.tm.t_check_trans() < 0:
             KSR.set_drop()
             return -255
+        return 1
+
+    def ksr_onreply_early(self, msg):
+        """tm's reply route of a dialog-creating INVITE (the dialog module has made its
+        dialog current): a 1xx with a To tag records the callee's route set for the
+        caller's requests within that early dialog (PRACK, UPDATE): the Record-Route
+        entries above this edge's own, taken in reverse order (RFC 3261 §12.1.2). One
+        that cannot be recorded (no entry of this edge) leaves no early dialog to be
+        within."""
+        code, tag = KSR.pv.get("$rs"), KSR.pv.get("$tt")
+        if not tag or not 100 < int(code or 0) < 200:
+            return 1
+        theirs = []
+        for entry in _name_addrs(KSR.pv.get("$(hdr(Record-Route)[*])") or ""):
+            if KSR.is_myself(_uri_of(entry)) > 0:
+                break
+            theirs.append(entry)
+        else:
+            KSR.warn("trunkguard: a 1xx whose route set this edge cannot record: the caller's requests "
+                     "within its early dialog will be refused\n")
+            theirs, tag = [], ""
+        KSR.pv.sets("$dlg_var(%s)" % DLG_EARLY_RS, ",".join(reversed(theirs)))
+        KSR.pv.sets("$dlg_var(%s)" % DLG_EARLY_TAG, tag)
         return 1
 
     def ksr_onsend_route(self, msg):
@@ -873,6 +972,10 @@ class Shim:
             else:
                 hop = sock = None
             hop_uri = hop and KSR.pv.get("$dlg_var(%s)" % hop)
+            if hop_uri and not self._route_set_kept(hop == DLG_CALLEE):
+                _refusals().host(404, "route_set")
+                _count("in_dialog.refused")
+                return self._refuse(404, "Not Here")
             if hop_uri:
                 KSR.pv.sets("$du", hop_uri)
                 self._send_socket(KSR.pv.get("$dlg_var(%s)" % sock) or "")
@@ -891,6 +994,31 @@ class Shim:
         _refusals().host(404, "no_dialog")
         _count("in_dialog.refused")
         return self._refuse(404, "Not Here")
+
+    def _route_set_kept(self, to_callee):
+        """Whether the Route entries the request leaves with (all but those loose_route()
+        took off: the first, and the second when the first says r2) are the route set
+        the other party's side gave when the dialog was made (RFC 3261 §12.1.2), one
+        for one and in order: the callee's from its 2xx ($dlg(to_rs)) or, while early,
+        from the latest 1xx for that 1xx's To tag (ksr_onreply_early); the caller's
+        from its INVITE ($dlg(from_rs)). A PBX within a live call would otherwise
+        steer its requests through the carrier's loose routers (docs/kamailio.md)."""
+        if not to_callee:
+            recorded = KSR.pv.get("$dlg(from_rs)")
+        elif str(KSR.pv.get("$dlg(state)")) == "2":
+            tag = KSR.pv.get("$dlg_var(%s)" % DLG_EARLY_TAG)
+            if not tag or tag != KSR.pv.get("$tt"):
+                return False
+            recorded = KSR.pv.get("$dlg_var(%s)" % DLG_EARLY_RS)
+        else:
+            recorded = KSR.pv.get("$dlg(to_rs)")
+        routes = [_uri_of(e) for e in _name_addrs(KSR.pv.get("$(hdr(Route)[*])") or "")]
+        if not routes:
+            return False
+        first = _hop(routes[0])
+        left = routes[2:] if first is not None and "r2" in first[1] else routes[1:]
+        want = [_uri_of(e) for e in _name_addrs(recorded or "")]
+        return len(left) == len(want) and all(_same_hop(a, b) for a, b in zip(left, want))
 
     def _cookie_matches(self):
         """Whether the Route entry of this edge that loose_route() took off carries
@@ -1061,6 +1189,7 @@ class Shim:
             KSR.pv.sets("$dlg_var(%s)" % DLG_CALLER_SOCKET, "%s:%s" % (KSR.pv.get("$pr"), _local()))
             KSR.pv.sets("$dlg_var(%s)" % DLG_CALLEE, hop)
             KSR.pv.sets("$dlg_var(%s)" % DLG_CALLEE_SOCKET, KSR.pv.get("$fs") or "")
+            KSR.tm.t_on_reply("ksr_onreply_early")
         KSR.rr.record_route()
         return self._relay(strip, insert)
 

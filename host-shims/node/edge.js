@@ -212,11 +212,23 @@ class Dialogs {
     if (this.map.size > this.max) this.map.delete(this.map.keys().next().value);
   }
 
-  // When the initial INVITE is relayed. Its retransmissions keep what was learnt.
-  create(callId, callerTag, cseq, caller, callee) {
+  // When the initial INVITE is relayed, with the caller's route set (the Record-Route
+  // entries it came with). Its retransmissions keep what was learnt.
+  create(callId, callerTag, cseq, caller, callee, callerRoutes) {
     const known = this.get(callId, callerTag);
     if (known && known.cseq === cseq) return this.touch(known, known.confirmed ? this.ttlMs : EARLY_TTL_MS);
-    this.touch({ callId, callerTag, cseq, caller, callee, early: new Set(), calleeTag: undefined, confirmed: false, bye: undefined }, EARLY_TTL_MS);
+    this.touch({
+      callId, callerTag, cseq, caller, callee, early: new Set(), calleeTag: undefined, confirmed: false, bye: undefined,
+      callerRoutes, calleeRoutes: [], earlyRoutes: new Map(),
+    }, EARLY_TTL_MS);
+  }
+
+  // The route set the party a request goes to gave when the dialog was made (RFC 3261
+  // §12.1.2): the caller's from its INVITE; the callee's from its 2xx, or while early
+  // from the 1xx of the early dialog the request's To tag names.
+  routeSet(entry, toCallee, toTag) {
+    if (!toCallee) return entry.callerRoutes ?? [];
+    return (entry.confirmed ? entry.calleeRoutes : entry.earlyRoutes?.get(toTag)) ?? [];
   }
 
   // An inbound call that went to its failover: the failover is the callee now, and
@@ -224,7 +236,7 @@ class Dialogs {
   retarget(callId, callerTag, callee) {
     const entry = this.get(callId, callerTag);
     if (!entry || entry.confirmed) return;
-    Object.assign(entry, { callee, early: new Set() });
+    Object.assign(entry, { callee, early: new Set(), earlyRoutes: new Map() });
     this.changed = true;
   }
 
@@ -233,7 +245,7 @@ class Dialogs {
     const now = Date.now();
     const party = (p) => ({ side: p.side.letter, hop: p.hop, customer: p.customer });
     return [...this.map.values()].filter((e) => e.expires > now)
-      .map((e) => ({ ...e, caller: party(e.caller), callee: party(e.callee), early: [...e.early] }));
+      .map((e) => ({ ...e, caller: party(e.caller), callee: party(e.callee), early: [...e.early], earlyRoutes: [...(e.earlyRoutes ?? [])] }));
   }
 
   load(entries, sideOf) {
@@ -241,7 +253,9 @@ class Dialogs {
     const party = (p) => ({ side: sideOf(p.side), hop: { host: p.hop.host, port: p.hop.port }, customer: Boolean(p.customer) });
     for (const e of entries ?? []) {
       if (!(e.expires > now)) continue;
-      this.map.set(Dialogs.key(e.callId, e.callerTag), { ...e, caller: party(e.caller), callee: party(e.callee), early: new Set(e.early ?? []) });
+      this.map.set(Dialogs.key(e.callId, e.callerTag), {
+        ...e, caller: party(e.caller), callee: party(e.callee), early: new Set(e.early ?? []), earlyRoutes: new Map(e.earlyRoutes ?? []),
+      });
     }
   }
 
@@ -256,11 +270,12 @@ class Dialogs {
     return undefined;
   }
 
-  // Responses this edge relays (their branch verified): the callee's tag from the
-  // answers to the initial INVITE (early dialogs from 1xx, the dialog from the 2xx,
-  // RFC 3261 §12.1), no dialog after a failure, and the end of it with the final
-  // answer to a BYE.
-  learn(msg) {
+  // Responses this edge relays (their branch verified): the callee's tag and route set
+  // (`calleeRoutes`: the Record-Route entries above the edge's own, in the order the
+  // caller's Route lists them) from the answers to the initial INVITE (early dialogs
+  // from 1xx, the dialog from the 2xx, RFC 3261 §12.1), no dialog after a failure, and
+  // the end of it with the final answer to a BYE.
+  learn(msg, calleeRoutes = []) {
     const status = Number(msg.start.split(' ')[1]);
     const [cseq, method] = (header(msg, 'cseq') ?? '').trim().split(/\s+/);
     const callId = header(msg, 'call-id');
@@ -278,10 +293,12 @@ class Dialogs {
       this.map.delete(Dialogs.key(callId, fromTag));
       this.changed = true;
     } else if (status >= 200 && toTag) {
-      Object.assign(entry, { calleeTag: toTag, confirmed: true });
+      Object.assign(entry, { calleeTag: toTag, confirmed: true, calleeRoutes });
       this.touch(entry, this.ttlMs);
     } else if (status > 100 && toTag && !entry.early.has(toTag)) {
       entry.early.add(toTag);
+      entry.earlyRoutes ??= new Map();
+      entry.earlyRoutes.set(toTag, calleeRoutes);
       this.changed = true;
     }
   }
@@ -661,7 +678,10 @@ class Edge {
     }
     if (method === 'BYE') entry.bye = req.key;
     this.dialogs.touch(entry, entry.confirmed ? this.dialogs.ttlMs : EARLY_TTL_MS);
-    this.popOurRoutes(msg);
+    // The Route entries after the edge's own are the sender's to write too, and a
+    // loose router of the other party's side follows them (RFC 3261 §16.12): the
+    // request leaves with the route set that side gave, whatever the sender wrote.
+    setList(msg, 'route', 'Route', this.dialogs.routeSet(entry, peer === entry.callee, tagOf(header(msg, 'to'))));
     return this.forward(req, peer.side, peer.hop, { verdict });
   }
 
@@ -722,6 +742,14 @@ class Edge {
     setList(msg, 'route', 'Route', routes);
   }
 
+  // The route set a response to an INVITE gives the caller: the Record-Route entries
+  // the callee's side added above the edge's own, taken in reverse (RFC 3261 §12.1.2).
+  calleeRoutes(msg) {
+    const rr = list(msg, 'record-route');
+    const ours = rr.findIndex((r) => { try { return this.ourRoute(r); } catch { return false; } });
+    return ours < 0 ? [] : rr.slice(0, ours).reverse();
+  }
+
   // The side whose address a Route entry names, if it names one of ours.
   ourRoute(route) {
     if (!route) return undefined;
@@ -751,6 +779,7 @@ class Edge {
     if (mfHeader) mfHeader.value = hops;
     else msg.headers.push({ name: 'Max-Forwards', value: hops });
     if (ruri) msg.start = `${method} ${oneLine(ruri)} SIP/2.0`;
+    const callerRoutes = list(msg, 'record-route');
     if (recordRoute) {
       // Two entries when the request crosses from one socket to the other (RFC 5658),
       // so each side's in-dialog requests come back to the socket facing it.
@@ -767,7 +796,7 @@ class Edge {
         forward: { dest, ruri, out, branch: req.branch, bytes, firstAt, from: { side, host: rinfo.address, port: rinfo.port } },
       });
     }
-    if (dialog) this.dialogs.create(req.callId, tagOf(header(msg, 'from')), req.cseq, dialog.caller, dialog.callee);
+    if (dialog) this.dialogs.create(req.callId, tagOf(header(msg, 'from')), req.cseq, dialog.caller, dialog.callee, callerRoutes);
     this.send(out, bytes, dest);
   }
 
@@ -812,7 +841,7 @@ class Edge {
     }
     const call = this.failovers.get(`${callId}\n${cseq}\n${clientBranch}`);
     if (call && this.failoverResponse(call, msg, attempt)) return;
-    this.dialogs.learn(msg);
+    this.dialogs.learn(msg, this.calleeRoutes(msg));
     setList(msg, 'via', 'Via', vias.slice(1));
     relayable(msg);
     this.send(side, serialize(msg), dest);

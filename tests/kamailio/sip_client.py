@@ -181,10 +181,11 @@ def tag_of(value):
     return m.group(1) if m else None
 
 
-def response(req, code, reason, *, to_tag=None, contact=None, extra=(), body=b""):
+def response(req, code, reason, *, to_tag=None, contact=None, extra=(), body=b"", record_route=()):
     """A response to `req` (text) as a UAS writes it (RFC 3261 §8.2.6): Via, From, To
     (with our tag), Call-ID, CSeq copied; Record-Route copied into a 2xx/1xx of a
-    dialog-creating request (§12.1.1)."""
+    dialog-creating request (§12.1.1), below `record_route`: the entries the proxies
+    of the UAS's side added on the way (§16.6, step 4)."""
     lines = ["SIP/2.0 %d %s" % (code, reason)]
     lines += ["Via: " + v for v in headers(req, "Via", "v")]
     lines.append("From: " + headers(req, "From", "f")[0])
@@ -195,7 +196,7 @@ def response(req, code, reason, *, to_tag=None, contact=None, extra=(), body=b""
     lines.append("Call-ID: " + headers(req, "Call-ID", "i")[0])
     lines.append("CSeq: " + headers(req, "CSeq")[0])
     if 100 < code < 300:
-        lines += ["Record-Route: " + r for r in headers(req, "Record-Route")]
+        lines += ["Record-Route: " + r for r in list(record_route) + headers(req, "Record-Route")]
     if contact:
         lines.append("Contact: " + contact)
     lines += ["%s: %s" % h for h in extra]
@@ -284,11 +285,11 @@ class Dialog:
         return data
 
 
-def place_call(pbx, carrier, edge, creds, called, extra=(), timeout=3.0):
+def place_call(pbx, carrier, edge, creds, called, extra=(), timeout=3.0, carrier_rr=()):
     """A PBX's call through the edge to the carrier, both ends played here: INVITE,
     407, ACK, INVITE with credentials, the carrier's 200 (its Contact, the edge's
-    Record-Route), the PBX's ACK. Returns (pbx dialog, carrier dialog, the INVITE as
-    the carrier got it)."""
+    Record-Route below `carrier_rr`, the carrier's proxies' own), the PBX's ACK.
+    Returns (pbx dialog, carrier dialog, the INVITE as the carrier got it)."""
     call_id = "call-%s@%s" % (os.urandom(6).hex(), pbx.ip)
     ftag = os.urandom(4).hex()
     ruri = "sip:%s@%s" % (called, REALM)
@@ -328,7 +329,8 @@ def place_call(pbx, carrier, edge, creds, called, extra=(), timeout=3.0):
                              % "\n".join(m.split("\r\n", 1)[0] for m in pbx.seen[-6:]))
     carrier_tag = os.urandom(4).hex()
     carrier_contact = "<sip:%s@%s:%d>" % (called, carrier.ip, carrier.port)
-    carrier.send(response(got, 200, "OK", to_tag=carrier_tag, contact=carrier_contact), hop)
+    carrier.send(response(got, 200, "OK", to_tag=carrier_tag, contact=carrier_contact, record_route=carrier_rr),
+                 hop)
     ok, _ = pbx.recv(timeout, lambda m: ours(m) and status(m) >= 200)
     if status(ok) != 200:
         raise AssertionError("expected 200 at the PBX, got %r" % ok)

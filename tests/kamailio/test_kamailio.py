@@ -378,6 +378,98 @@ def forged_in_dialog_outcomes(live, ended, pbx, intruder, edge, far):
     return outcomes
 
 
+# The carrier proxy that record-routes a call the edge sends it (its address is never
+# sent to: the edge relays to the carrier's hop it recorded, with this Route entry on
+# it), and one somewhere else inside the carrier that a PBX would like to reach.
+CARRIER_PROXY_RR = "<sip:127.0.0.1:5199;lr;tg=carrier>"
+ELSEWHERE_RR = "<sip:127.0.0.99:5199;lr>"
+
+
+def route_set_forgeries(edge_entries):
+    """(what, Route entries) a PBX within a live call could send its in-dialog requests
+    with, the edge's own entries `edge_entries` first: each names another hop than the
+    carrier proxy's record-route, or leaves it out."""
+    proxy, elsewhere = CARRIER_PROXY_RR, ELSEWHERE_RR
+    return [
+        ("another hop instead of the carrier proxy", edge_entries + [elsewhere]),
+        ("another hop after the carrier proxy", edge_entries + [proxy, elsewhere]),
+        ("another hop before the carrier proxy", edge_entries + [elsewhere, proxy]),
+        ("the carrier proxy twice", edge_entries + [proxy, proxy]),
+        ("the carrier proxy left out", list(edge_entries)),
+        ("the carrier proxy with an maddr", edge_entries + [proxy.replace(";lr", ";lr;maddr=127.0.0.99")]),
+        ("the carrier proxy over another transport", edge_entries + [proxy.replace(";lr", ";transport=tcp;lr")]),
+        ("the carrier proxy on another port", edge_entries + [proxy.replace(":5199", ":5198")]),
+        ("the carrier proxy with a user part", edge_entries + [proxy.replace("sip:", "sip:+19005550100@")]),
+        ("the carrier proxy's own parameter changed", edge_entries + [proxy.replace("tg=carrier", "tg=other")]),
+        ("another hop in the edge's own Route header", [", ".join(edge_entries + [proxy, elsewhere])]),
+    ]
+
+
+def assert_in_dialog_requests_keep_the_recorded_route_sets(test, pbx, far, edge, creds, called):
+    """A call of `creds` through `edge` to `far` (a sip.Party standing for the carrier)
+    that a carrier proxy record-routes, answered early (a reliable 183, PRACKed) and
+    then 200: the PBX's in-dialog requests reach the carrier with the carrier proxy's
+    Route entry alone (written as the carrier wrote it or with its parameters
+    reordered, as a UA that renders URIs again writes it), the carrier's reach the PBX
+    with none; every other route set (route_set_forgeries, and one more hop from the
+    carrier's side) is refused 404, early or confirmed, and nothing of it arrives."""
+    ours = lambda m: (sip.headers(m, "Call-ID", "i") or [None])[0] == call_id  # noqa: E731
+
+    def refused(dialog, route, method):
+        forged = sip.Dialog(dialog.party, dialog.call_id, dialog.local_uri, dialog.local_tag, dialog.remote_uri,
+                            dialog.remote_tag, route, dialog.target, dialog.cseq)
+        dialog.party.send(forged.build(method, extra=extra.get(method, ())), edge)
+        dialog.cseq = forged.cseq
+        answer, _ = dialog.party.recv(2.0, lambda m: ours(m) and sip.status(m) >= 200)
+        return sip.status(answer)
+
+    def outcomes(dialog, forgeries, method, receiver):
+        got = [(what, method, refused(dialog, route, method)) for what, route in forgeries]
+        arrived = [m.split("\r\n", 1)[0] for m in iter(lambda: receiver.recv(0.3, ours)[0], None)]
+        return [o for o in got if o[2] != 404], arrived
+
+    # Early: the carrier proxy's 183 (100rel) with its Record-Route, the PBX's PRACK.
+    call_id, ftag = "route-set-%s@%s" % (os.urandom(6).hex(), pbx.ip), os.urandom(4).hex()
+    sip.authenticated_invite(pbx, edge, creds, called, call_id, ftag)
+    invite, hop = far.recv(3.0, lambda m: ours(m) and sip.method(m) == "INVITE")
+    test.assertIsNotNone(invite, "the authenticated INVITE never reached the carrier")
+    far_tag, far_contact = os.urandom(4).hex(), "sip:%s@%s:%d" % (called, far.ip, far.port)
+    far.send(sip.response(invite, 183, "Session Progress", to_tag=far_tag, contact="<%s>" % far_contact,
+                          record_route=[CARRIER_PROXY_RR], extra=[("Require", "100rel"), ("RSeq", "1")]), hop)
+    early, _ = pbx.recv(3.0, lambda m: ours(m) and sip.status(m) == 183)
+    test.assertIsNotNone(early, "the 183 never reached the PBX")
+    route = list(reversed(sip.headers(early, "Record-Route")))
+    test.assertEqual(route[-1], CARRIER_PROXY_RR, early)
+    local_uri, ruri = "sip:%s@%s" % (creds[0], REALM), "sip:%s@%s" % (called, REALM)
+    pbx_side = sip.Dialog(pbx, call_id, local_uri, ftag, ruri, far_tag, route, far_contact, 2)
+    far_side = sip.Dialog(far, call_id, ruri, far_tag, local_uri, ftag, sip.headers(invite, "Record-Route"),
+                          re.sub(r"^<|>.*$", "", sip.headers(invite, "Contact")[0]), 0)
+    extra = {"PRACK": [("RAck", "1 2 INVITE")]}
+    got = sip.in_dialog_round(pbx_side, far_side, "PRACK", extra=extra["PRACK"])
+    test.assertEqual(sip.headers(got, "Route"), [CARRIER_PROXY_RR], got)
+    edge_entries = route[:-1]
+    test.assertEqual(outcomes(pbx_side, route_set_forgeries(edge_entries), "UPDATE", far), ([], []))
+    # Answered: the dialog module's route set from the 200, the same here.
+    far.send(sip.response(invite, 200, "OK", to_tag=far_tag, contact="<%s>" % far_contact,
+                          record_route=[CARRIER_PROXY_RR]), hop)
+    ok, _ = pbx.recv(3.0, lambda m: ours(m) and sip.status(m) == 200 and "INVITE" in sip.headers(m, "CSeq")[0])
+    test.assertEqual(sip.headers(ok, "Record-Route"), sip.headers(early, "Record-Route"), ok)
+    pbx_side.send("ACK", cseq=2)
+    test.assertIsNotNone(far.recv(3.0, lambda m: ours(m) and sip.method(m) == "ACK")[0], "the ACK never arrived")
+    got = sip.in_dialog_round(pbx_side, far_side, "INVITE")
+    test.assertEqual(sip.headers(got, "Route"), [CARRIER_PROXY_RR], got)
+    test.assertEqual(outcomes(pbx_side, route_set_forgeries(edge_entries), "INFO", far), ([], []))
+    # A UA that renders the carrier proxy's URI again, its parameters reordered.
+    pbx_side.route = edge_entries + [CARRIER_PROXY_RR.replace(";lr;tg=carrier", ";tg=carrier;lr")]
+    got = sip.in_dialog_round(pbx_side, far_side, "INFO")
+    test.assertEqual(len(sip.headers(got, "Route")), 1, got)
+    # The carrier's requests: the PBX's INVITE brought no Record-Route, so none is left.
+    test.assertEqual(outcomes(far_side, [("one more hop", far_side.route + [ELSEWHERE_RR])], "INFO", pbx), ([], []))
+    got = sip.in_dialog_round(far_side, pbx_side, "INFO")
+    test.assertEqual(sip.headers(got, "Route"), [], got)
+    sip.in_dialog_round(pbx_side, far_side, "BYE")
+
+
 def ambiguous_to_refusals(edge, target):
     """An unauthenticated INVITE for `target` (ip, port) with each AMBIGUOUS_TO, over
     UDP and TCP, from INTRUDER to `edge`: the outcomes that were not a 400, as
@@ -1245,6 +1337,11 @@ class KamailioEdge(unittest.TestCase):
                                  and sip.status(m) >= 200)
             self.assertEqual(sip.status(answer), 400, "%s: %s" % (forged[0], answer))
         self.assert_nothing_reached(far, "a folded request")
+
+    def test_31_in_dialog_requests_keep_the_route_set_the_carrier_recorded_early_and_answered(self):
+        self.register_pbx()
+        pbx, carrier = self.party(PBX), self.party("127.0.0.1", CARRIER_PORT)
+        assert_in_dialog_requests_keep_the_recorded_route_sets(self, pbx, carrier, KAMAILIO, HQ, CALLED)
 
 
 def sipp_times(log, direction, first_line):

@@ -57,7 +57,7 @@ from test_kamailio import CORE as CORE_IP  # noqa: E402
 from test_kamailio import (ALERT_WINDOW_S, EXP, EXP_PBX, FAILOVER, FAILOVER_PORT, GUESSER,  # noqa: E402
                            GUESSER_CONTROL, HQ, INTRUDER, INTRUDER_TCP, MODULE, P2P, PBX, REALM, ROOT, TARGET, Webhook,
                            WebhookHandler, _alive, ambiguous_to_refusals, assert_a_retransmitted_invite_is_absorbed,
-                           forged_in_dialog_outcomes,
+                           forged_in_dialog_outcomes, assert_in_dialog_requests_keep_the_recorded_route_sets,
                            assert_a_ringing_call_stays_its_callers, stream_outcome, svcrack,
                            trunk_config, wait_for)
 
@@ -846,6 +846,15 @@ class NativeModule(unittest.TestCase):
         pbx, core = self.party(PBX), self.party(*CORE)
         test_kamailio.assert_folds_arrive_unfolded(self, pbx, core, EDGE, HQ, CALLED, "hq-pbx1",
                                                    "<sip:+15551230000@%s>" % REALM)
+
+    def test_32_in_dialog_requests_keep_the_route_set_the_carrier_recorded_early_and_answered(self):
+        self.assertEqual(sip.status(self.register()), 200)
+        before = self.stats().get("in_dialog_refused", 0)
+        assert_in_dialog_requests_keep_the_recorded_route_sets(self, self.party(PBX), self.party(*CORE), EDGE, HQ,
+                                                               CALLED)
+        # 11 forgeries early, 11 answered, 1 of the carrier's.
+        self.assertEqual(self.stats().get("in_dialog_refused", 0) - before, 23, self.stats())
+        self.assertIn('"cause":"route_set"', self.kamailio_log())
 
     def test_19_ambiguous_to_tags_get_400_and_reach_nobody_over_udp_and_tcp(self):
         far = self.far_end(CORE)

@@ -253,16 +253,20 @@ async function authenticatedInvite(edge, pbx, got, callId, { creds = P2P, cseq =
 
 // A call set up by hand, for attacks inside a live dialog: the PBX (a socket on
 // 127.0.0.2) calls with the peer-to-peer trunk's credentials, answering the 407; the
-// carrier (a socket on the upstream port) answers 200 with the edge's Record-Route
-// and records everything it gets. Resolves with the dialog as the PBX sees it.
-async function handCall(edge) {
+// carrier (a socket on the upstream port) answers 200 (or `status`: 183, reliable, an
+// early dialog) with the edge's Record-Route (below `carrierProxy`'s, a carrier
+// proxy's that record-routes, when given) and records everything it gets. Resolves
+// with the dialog as the PBX sees it.
+async function handCall(edge, carrierProxy, status = 200) {
   const carrier = await watch('127.0.0.1', edge.upstreamPort);
   carrier.sock.on('message', (m, rinfo) => {
     const text = m.toString('latin1');
     if (!/^INVITE /.test(text) || /^To:.*;tag=/mi.test(text)) return;
     const keep = text.split('\r\n').filter((l) => /^(Via|From|Call-ID|CSeq|Record-Route):/i.test(l));
     const to = /^To: (.*)$/mi.exec(text)[1];
-    const answer = ['SIP/2.0 200 OK', ...keep, `To: ${to};tag=carrier-tag`, `Contact: <sip:carrier@127.0.0.1:${edge.upstreamPort}>`, 'Content-Length: 0', '', ''];
+    const proxied = carrierProxy ? [`Record-Route: ${carrierProxy}`] : [];
+    const early = status === 183 ? ['Require: 100rel', 'RSeq: 1'] : [];
+    const answer = [status === 183 ? 'SIP/2.0 183 Session Progress' : 'SIP/2.0 200 OK', ...proxied, ...early, ...keep, `To: ${to};tag=carrier-tag`, `Contact: <sip:carrier@127.0.0.1:${edge.upstreamPort}>`, 'Content-Length: 0', '', ''];
     carrier.sock.send(answer.join('\r\n'), rinfo.port, rinfo.address);
   });
   const pbx = await udpSocket('127.0.0.2');
@@ -271,12 +275,12 @@ async function handCall(edge) {
   const callId = `hand-${Date.now()}@127.0.0.2`;
   const ruri = `sip:${CALLED}@trunks.example.net`;
   await authenticatedInvite(edge, pbx, got, callId);
-  const ok = await waitFor('the 200 through the edge', () => got.find((m) => /^SIP\/2\.0 200 /.test(m)));
+  const ok = await waitFor(`the ${status} through the edge`, () => got.find((m) => m.startsWith(`SIP/2.0 ${status} `)));
   const recordRoute = [...ok.matchAll(/^Record-Route: (.*?)\r?$/gmi)].flatMap((m) => m[1].split(/,\s*(?=<)/));
   return {
     carrier, pbx, callId,
     from: `<sip:${P2P.user}@trunks.example.net>;tag=pbx-tag`, to: `<${ruri}>;tag=carrier-tag`,
-    routes: `Route: ${recordRoute.reverse().join(', ')}\n`,
+    routes: `Route: ${recordRoute.reverse().join(', ')}\n`, routeSet: recordRoute, got,
     close: async () => { pbx.close(); await carrier.close(); },
   };
 }
@@ -731,6 +735,42 @@ Content-Length: 0
       } finally {
         await call.close();
         await third.close();
+      }
+    });
+
+    // A loose router of the carrier's follows the Route entries after the edge's: a
+    // PBX within its call must not choose them (docs/policy.md, threat model).
+    for (const [when, status, method] of [['answered', 200, 'INFO'], ['ringing (an early dialog)', 183, 'PRACK']]) test(`attack: in a live call ${when}, the Route entries after the edge's are the carrier's route set, whatever the PBX writes`, TIMEOUT, async () => {
+      const proxy = '<sip:127.0.0.1:5199;lr;tg=carrier>';
+      const elsewhere = '<sip:127.0.0.99:5199;lr>';
+      const call = await handCall(edge, proxy, status);
+      const routesOf = (m) => [...m.matchAll(/^Route: (.*?)\r?$/gmi)].flatMap((r) => r[1].split(/,\s*(?=<)/));
+      try {
+        assert.equal(call.routeSet.at(-1), proxy, 'the PBX learnt the carrier proxy\'s Record-Route');
+        const ours = call.routeSet.slice(0, -1);
+        const sets = [[...ours, proxy], [...ours, elsewhere], [...ours, proxy, elsewhere], [...ours, elsewhere, proxy], ours,
+          [...ours, proxy.replace(';lr', ';lr;maddr=127.0.0.99')]];
+        for (const [n, set] of sets.entries()) {
+          const before = call.carrier.seen.length;
+          const info = inDialogRequest({ ...call, routes: `Route: ${set.join(', ')}\n` }, method,
+            `sip:carrier@127.0.0.1:${edge.upstreamPort}`, '127.0.0.2', 20 + n);
+          call.pbx.send(info.replaceAll('\n', '\r\n'), Number(edge.address.split(':')[1]), '127.0.0.1');
+          await waitFor(`${method} ${n} at the carrier`, () => call.carrier.seen.length === before + 1);
+          assert.deepEqual(routesOf(call.carrier.seen.at(-1)), [proxy], `sent with ${set.join(', ')}`);
+        }
+        // The carrier's own request: the PBX's INVITE brought no Record-Route, so none.
+        const fromCarrier = [`INFO sip:pbx@127.0.0.2:${call.pbx.address().port} SIP/2.0`,
+          `Via: SIP/2.0/UDP 127.0.0.1:${edge.upstreamPort};branch=z9hG4bK-carrier-info;rport`, 'Max-Forwards: 70',
+          `Route: ${[...call.routeSet.slice(0, -1)].reverse().concat(elsewhere).join(', ')}`,
+          `From: ${call.to}`, `To: ${call.from}`, `Call-ID: ${call.callId}`, 'CSeq: 50 INFO', 'Content-Length: 0', '', ''];
+        const before = call.got.length;
+        // To the edge's entry facing the carrier (the last of the PBX's route set but the proxy's).
+        const [, host, port] = /<sip:([\d.]+):(\d+)/.exec(ours.at(-1));
+        call.carrier.sock.send(fromCarrier.join('\r\n'), Number(port), host);
+        const info = await waitFor('the carrier\'s INFO at the PBX', () => call.got.slice(before).find((m) => /^INFO /.test(m)));
+        assert.deepEqual(routesOf(info), []);
+      } finally {
+        await call.close();
       }
     });
 

@@ -16,7 +16,9 @@
  *   trunkguard_dialog_route()  on an `in_dialog` allow: rr's loose_route(), then 1
  *                              with $du (and $fs) the *other* party's recorded hop
  *                              when the request is within a live dialog this edge
- *                              opened, -1 otherwise (the cfg refuses it 404)
+ *                              opened and the Route entries it would leave with are
+ *                              the route set recorded for that party, -1 otherwise
+ *                              (the cfg refuses it 404)
  *   tg_dialog_failed_over()    trunkguard_failover(): the failover is the callee now
  *
  * The dialog is the one the dialog module matched, and it must be matched twice
@@ -27,9 +29,22 @@
  * nothing about another call's identifiers. Its variables and state are read and
  * written through the module's own pseudo-variables ($dlg_var, $dlg), with the names
  * the KEMI shim uses (host-shims/kamailio/trunkguard_kemi.py).
+ *
+ * The Route entries after the edge's own are the sender's to write too, and a proxy
+ * of the other party's side that routes loosely follows them (RFC 3261 §16.12): a
+ * PBX within a live call could steer its in-dialog requests anywhere inside the
+ * carrier. They must be the route set the other party's side gave when the dialog
+ * was made (RFC 3261 §12.1.2, §12.2.1.1), which no target refresh changes: the
+ * Record-Route entries the callee's 2xx added beyond this edge's ($dlg(to_rs), the
+ * dialog module's), the caller's INVITE brought ($dlg(from_rs)), or, while the
+ * callee's answer is provisional, its latest reliable or not 1xx with a To tag added
+ * (tg_early_rs, recorded here from the dialog module's early callback). Compared as
+ * URIs (RFC 3261 §19.1.4) and stricter where a hop is named: scheme, user, password,
+ * host, port, transport and maddr all alike; a parameter written in both alike.
  */
 #include <stdio.h>
 #include <string.h>
+#include <strings.h>
 
 #include "../../core/dprint.h"
 #include "../../core/ip_addr.h"
@@ -40,7 +55,10 @@
 #include "../../core/parser/parse_from.h"
 #include "../../core/parser/parse_to.h"
 #include "../../core/parser/parse_uri.h"
+#include "../../core/strutils.h"
+#include "../../core/parser/parse_rr.h"
 #include "../rr/api.h"
+#include "../dialog/dlg_load.h"
 
 #include "tg_mod.h"
 
@@ -56,6 +74,11 @@
  * dialog would be opened, never cut (a cut one would match nothing later). */
 #define TG_TAG_LEN 128
 #define TG_HOP_LEN 512
+/* The longest route set compared, and the most entries: a longer one is refused, and
+ * an early one not recorded (its in-dialog requests are refused). The dialog module's
+ * own $dlg(to_rs) is bounded by the pv buffer (pv_buffer_size, 8192 by default). */
+#define TG_RS_LEN 8192
+#define TG_RS_MAX 32
 
 /* tg_callee_sock after a failover whose branch has no socket of its own: a value,
  * not an unset variable (a deleted dialog variable is never deleted in the dialog
@@ -65,6 +88,9 @@
 static int tg_dlg_bound = 0;
 static cmd_function tg_dlg_manage;
 static rr_api_t tg_rrb;
+static struct dlg_binds tg_dlgb;
+static str tg_early_rs_key = str_init("tg_early_rs");
+static str tg_early_tag_key = str_init("tg_early_tag");
 
 static pv_spec_t *tg_pv_state;       /* $dlg(state) */
 static pv_spec_t *tg_pv_h_entry;     /* $dlg(h_entry), $dlg(h_id): the cookie's two numbers */
@@ -76,6 +102,10 @@ static pv_spec_t *tg_pv_callee;      /* the callee's hop: $du, else the R-URI */
 static pv_spec_t *tg_pv_callee_sock; /* the socket toward the callee ($fs): unset, or "-" */
 static pv_spec_t *tg_pv_bye;         /* set once the dialog's BYE was relayed */
 static pv_spec_t *tg_pv_du, *tg_pv_fs;
+static pv_spec_t *tg_pv_to_rs;     /* the callee's route set, from its 2xx */
+static pv_spec_t *tg_pv_from_rs;   /* the caller's route set, from its INVITE */
+static pv_spec_t *tg_pv_early_rs;  /* the callee's route set, from its latest 1xx */
+static pv_spec_t *tg_pv_early_tag; /* that 1xx's To tag */
 
 static pv_spec_t *tg_pv(const char *name)
 {
@@ -110,6 +140,10 @@ int tg_dialog_bind(void)
 		return -1;
 	}
 	tg_dlg_manage = cmd->function;
+	if(load_dlg_api(&tg_dlgb) < 0) {
+		LM_ERR("cannot bind the dialog module's API\n");
+		return -1;
+	}
 	if(!module_loaded("rr") || load_rr_api(&tg_rrb) < 0) {
 		LM_ERR("trunkguard_dialog_route() needs the rr module: loadmodule \"rr.so\"\n");
 		return -1;
@@ -123,6 +157,10 @@ int tg_dialog_bind(void)
 			|| (tg_pv_callee = tg_pv("$dlg_var(tg_callee)")) == NULL
 			|| (tg_pv_callee_sock = tg_pv("$dlg_var(tg_callee_sock)")) == NULL
 			|| (tg_pv_bye = tg_pv("$dlg_var(tg_bye)")) == NULL
+			|| (tg_pv_to_rs = tg_pv("$dlg(to_rs)")) == NULL
+			|| (tg_pv_from_rs = tg_pv("$dlg(from_rs)")) == NULL
+			|| (tg_pv_early_rs = tg_pv("$dlg_var(tg_early_rs)")) == NULL
+			|| (tg_pv_early_tag = tg_pv("$dlg_var(tg_early_tag)")) == NULL
 			|| (tg_pv_du = tg_pv("$du")) == NULL || (tg_pv_fs = tg_pv("$fs")) == NULL)
 		return -1;
 	tg_dlg_bound = 1;
@@ -231,11 +269,182 @@ static int tg_is_method(sip_msg_t *msg, int method)
 		   && msg->first_line.u.request.method_value == method;
 }
 
+static int tg_same(const char *a, int alen, str *b)
+{
+	return alen > 0 && b->len == alen && memcmp(a, b->s, alen) == 0;
+}
+
+/* Whether two Route URIs name the same hop: alike as RFC 3261 §19.1.4 compares them
+ * (cmp_uri_str: a parameter both write, alike), and alike in every part that says where
+ * a request goes, written or not: scheme, user, password, host, port, transport
+ * (cmp_uri_light_str) and maddr, which §19.1.4 lets one URI leave out while a loose
+ * router sends to it (§16.5, §19.1.1). A parameter only one of them writes (a UA
+ * that reorders or drops `lr`'s neighbours) is not a different hop. */
+static int tg_same_hop(str *a, str *b)
+{
+	struct sip_uri ua, ub;
+
+	if(cmp_uri_light_str(a, b) != 0 || cmp_uri_str(a, b) != 0)
+		return 0;
+	if(parse_uri(a->s, a->len, &ua) < 0 || parse_uri(b->s, b->len, &ub) < 0)
+		return 0;
+	return ua.maddr_val.len == ub.maddr_val.len
+		   && (ua.maddr_val.len == 0
+				   || strncasecmp(ua.maddr_val.s, ub.maddr_val.s, ua.maddr_val.len) == 0);
+}
+
+/* The URIs of the Route entries `msg` would leave with: every entry of its Route
+ * headers but those loose_route() took off (inside a part already removed). Their
+ * number, or -1 when a Route header does not parse or there are more than `max`. */
+static int tg_routes_left(sip_msg_t *msg, str *uris, int max)
+{
+	hdr_field_t *hf;
+	rr_t *rt;
+	int n = 0, start;
+
+	if(parse_headers(msg, HDR_EOH_F, 0) < 0)
+		return -1;
+	for(hf = msg->route; hf; hf = next_sibling_hdr(hf)) {
+		if(parse_rr(hf) < 0)
+			return -1;
+		for(rt = (rr_t *)hf->parsed; rt; rt = rt->next) {
+			start = (int)(rt->nameaddr.name.s - msg->buf);
+			if(tg_removed(msg, start, start + rt->len))
+				continue;
+			if(n == max)
+				return -1;
+			uris[n++] = rt->nameaddr.uri;
+		}
+	}
+	return n;
+}
+
+/* Whether the Route entries `msg` would leave with are the route set `rs` (`len`
+ * bytes of name-addrs, comma-separated, as the dialog module records them; len <= 0:
+ * no entry), one for one and in order. */
+static int tg_routes_are(sip_msg_t *msg, char *rs, int len)
+{
+	str left[TG_RS_MAX];
+	rr_t *head = NULL, *rt;
+	int n, i = 0, same = 1;
+
+	n = tg_routes_left(msg, left, TG_RS_MAX);
+	if(n < 0)
+		return 0;
+	if(len <= 0)
+		return n == 0;
+	if(parse_rr_body(rs, len, &head) < 0) {
+		free_rr(&head);
+		return 0;
+	}
+	for(rt = head; rt != NULL && same; rt = rt->next, i++)
+		same = i < n && tg_same_hop(&left[i], &rt->nameaddr.uri);
+	free_rr(&head);
+	return same && i == n;
+}
+
+/* The route set a 1xx gives the caller's requests: the Record-Route entries the
+ * callee's side added, above this edge's own, taken in reverse order (RFC 3261
+ * §12.1.2), written into out as the dialog module writes its own (name-addrs,
+ * comma-separated). Its length, or -1 when the 1xx has no entry of this edge (not
+ * a reply to what it record-routed), too many, or too long. */
+static int tg_callee_route_set(sip_msg_t *rpl, char *out, int size)
+{
+	str entries[TG_RS_MAX];
+	struct sip_uri puri;
+	hdr_field_t *hf;
+	rr_t *rt;
+	int n = 0, len = 0, i, mine = 0;
+
+	for(hf = rpl->record_route; hf != NULL && !mine; hf = next_sibling_hdr(hf)) {
+		if(parse_rr(hf) < 0)
+			return -1;
+		for(rt = (rr_t *)hf->parsed; rt != NULL; rt = rt->next) {
+			if(parse_uri(rt->nameaddr.uri.s, rt->nameaddr.uri.len, &puri) < 0)
+				return -1;
+			if(check_self(&puri.host, GET_URI_PORT(&puri), puri.proto) == 1) {
+				mine = 1;
+				break;
+			}
+			if(n == TG_RS_MAX)
+				return -1;
+			entries[n].s = rt->nameaddr.name.s;
+			entries[n].len = rt->len;
+			n++;
+		}
+	}
+	if(!mine)
+		return -1;
+	for(i = n - 1; i >= 0; i--) {
+		if(len + entries[i].len + 1 >= size)
+			return -1;
+		if(len > 0)
+			out[len++] = ',';
+		memcpy(out + len, entries[i].s, entries[i].len);
+		len += entries[i].len;
+	}
+	out[len] = '\0';
+	return len;
+}
+
+/* The dialog module's early callback, on each 1xx of the dialog's INVITE before it
+ * is relayed: the callee's route set for the caller's requests within the early
+ * dialog (PRACK, UPDATE), with the To tag of that early dialog. The dialog module
+ * records the callee's route set only from its 2xx. A 1xx whose route set cannot be
+ * recorded leaves no early dialog to be within. */
+static void tg_early_reply(struct dlg_cell *dlg, int type, struct dlg_cb_params *params)
+{
+	sip_msg_t *rpl = params->rpl;
+	char rs[TG_RS_LEN];
+	str tag, val;
+	int n;
+
+	if(rpl == NULL || rpl == FAKED_REPLY || parse_headers(rpl, HDR_EOH_F, 0) < 0 || rpl->to == NULL)
+		return;
+	tag = get_to(rpl)->tag_value;
+	if(tag.len <= 0)
+		return; /* no early dialog */
+	n = tag.len < TG_TAG_LEN ? tg_callee_route_set(rpl, rs, sizeof(rs)) : -1;
+	if(n < 0) {
+		LM_WARN("a 1xx whose route set this edge cannot record: the caller's requests "
+				"within its early dialog will be refused\n");
+		tag.len = 0;
+		n = 0;
+	}
+	val.s = rs;
+	val.len = n;
+	if(tg_dlgb.set_dlg_var(dlg, &tg_early_rs_key, &val) != 0
+			|| tg_dlgb.set_dlg_var(dlg, &tg_early_tag_key, &tag) != 0)
+		LM_ERR("cannot record an early dialog's route set\n");
+}
+
+/* Whether the request leaves with the route set recorded for the party it goes to:
+ * the callee's (its 2xx's; while early, the latest 1xx's, for that 1xx's To tag
+ * only: another fork's early requests are refused) or the caller's. */
+static int tg_route_set_kept(sip_msg_t *msg, int to_callee)
+{
+	char rs[TG_RS_LEN], tag[TG_TAG_LEN];
+	int n;
+
+	if(!to_callee) {
+		n = tg_pv_copy(msg, tg_pv_from_rs, rs, sizeof(rs));
+	} else if(tg_dialog_state(msg) == TG_DLG_EARLY) {
+		n = tg_pv_copy(msg, tg_pv_early_tag, tag, sizeof(tag));
+		if(!tg_same(tag, n, &get_to(msg)->tag_value))
+			return 0;
+		n = tg_pv_copy(msg, tg_pv_early_rs, rs, sizeof(rs));
+	} else {
+		n = tg_pv_copy(msg, tg_pv_to_rs, rs, sizeof(rs));
+	}
+	return tg_routes_are(msg, rs, n);
+}
+
 int ki_trunkguard_dialog_open(sip_msg_t *msg)
 {
 	tg_verdict *v = tg_verdict_of(msg);
 	char source[80], local[80], hop[TG_HOP_LEN], recorded[TG_TAG_LEN];
 	const char *proto;
+	struct dlg_cell *dlg;
 	str ftag, callee;
 	int n;
 
@@ -301,6 +510,14 @@ int ki_trunkguard_dialog_open(sip_msg_t *msg)
 					   msg->force_send_socket->sock_str.len)
 					   < 0)
 		goto error;
+	/* The callee's early route set, from each of its 1xx (tg_early_reply). */
+	dlg = tg_dlgb.get_dlg(msg);
+	if(dlg == NULL)
+		goto error;
+	n = tg_dlgb.register_dlgcb(dlg, DLGCB_EARLY, tg_early_reply, NULL, NULL);
+	tg_dlgb.release_dlg(dlg);
+	if(n != 0)
+		goto error;
 	return 1;
 error:
 	LM_ERR("cannot record the dialog's parties\n");
@@ -322,11 +539,6 @@ static int tg_dialog_lives(sip_msg_t *msg)
 			&& tg_pv_copy(msg, tg_pv_bye, bye, sizeof(bye)) < 0)
 		return tg_pv_set(msg, tg_pv_bye, "1", 1) == 0;
 	return 0;
-}
-
-static int tg_same(const char *a, int alen, str *b)
-{
-	return alen > 0 && b->len == alen && memcmp(a, b->s, alen) == 0;
 }
 
 static int tg_no_dialog(sip_msg_t *msg)
@@ -372,6 +584,10 @@ int ki_trunkguard_dialog_route(sip_msg_t *msg)
 	hlen = tg_pv_copy(msg, hop_pv, hop, sizeof(hop));
 	if(hlen <= 0)
 		return tg_no_dialog(msg);
+	if(!tg_route_set_kept(msg, hop_pv == tg_pv_callee)) {
+		tg_log_host_refusal(msg, 404, "route_set");
+		return tg_no_dialog(msg);
+	}
 	slen = tg_pv_copy(msg, sock_pv, sock, sizeof(sock));
 	if(tg_pv_set(msg, tg_pv_du, hop, hlen) < 0) {
 		LM_ERR("cannot set the in-dialog hop %s\n", hop);

@@ -165,6 +165,23 @@ static int tg_log_lines(const tg_str *lines, size_t n)
 	return refusal;
 }
 
+/* A refusal the module makes itself after the policy's allow (an in-dialog request
+ * with another route set: `route_set`), in the refusal log with the policy's own and
+ * under its rate: the sender chooses how many. */
+void tg_log_host_refusal(sip_msg_t *msg, int code, const char *cause)
+{
+	const tg_str *lines = NULL;
+	char source[80];
+	size_t n;
+
+	if(tg_rlog() == NULL)
+		return;
+	tg_addr(source, sizeof(source), &msg->rcv.src_ip, msg->rcv.src_port);
+	n = tg_refusal_log_record_host(tg_rlog(), msg->buf, msg->len, source,
+			tg_transport(msg->rcv.proto), tg_now_ms(), code, cause, &lines);
+	tg_log_lines(lines, n);
+}
+
 /* Text that stays on its line: no CR, LF or NUL. A line break in a header value or
  * the reason phrase would end it there and make the rest another header (RFC 3261
  * 7.3.1), text the policy never meant to send. */
@@ -438,7 +455,7 @@ static char *tg_fold(char *p, const char *end)
  * header; the edge's own Route, which loose_route() took off an in-dialog request):
  * unfolding there would leave the SP alone where the removed part ended, at the head
  * of the next line, a fold of its own. */
-static int tg_removed(sip_msg_t *msg, int start, int end)
+int tg_removed(sip_msg_t *msg, int start, int end)
 {
 	struct lump *l;
 
