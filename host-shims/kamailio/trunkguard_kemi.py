@@ -154,9 +154,10 @@ DLG_FTAG = "tg_ftag"  # the caller's From tag: tells the direction of a later re
 DLG_CALLER, DLG_CALLER_SOCKET = "tg_caller", "tg_caller_sock"
 DLG_CALLEE, DLG_CALLEE_SOCKET = "tg_callee", "tg_callee_sock"
 DLG_BYE = "tg_bye"  # set when the dialog's BYE was relayed: nothing after it is
-# The callee's route set from its latest 1xx, and that 1xx's To tag: the dialog module
-# records the callee's route set only from its 2xx (the module's names, tg_dialog.c).
-DLG_EARLY_RS, DLG_EARLY_TAG = "tg_early_rs", "tg_early_tag"
+# The callee's early route sets, one line "<To tag> <route set>" per early dialog (its
+# 1xx's To tag), the most EARLY_MAX, oldest first: the dialog module records the
+# callee's route set only from its 2xx (the module's name and format, tg_dialog.c).
+DLG_EARLY_RS, EARLY_MAX = "tg_early_rs", 4
 # $dlg(state): 2 early, 3 confirmed (2xx not yet ACKed), 4 confirmed; 1 (no answer
 # yet) and 5 (ended) are not dialogs a request can be within.
 DLG_LIVE_STATES = (2, 3, 4, "2", "3", "4")
@@ -566,38 +567,13 @@ def _uri_of(entry):
     return rest.split(";", 1)[0].strip()
 
 
-def _uri_params(params):
-    out = {}
-    for param in (params or "").split(";"):
-        name, _, value = param.partition("=")
-        if name.strip():
-            out[name.strip().lower()] = value.strip().lower()
-    return out
-
-
-def _hop(uri):
-    """Where a Route URI sends a request, read by Kamailio's own URI parser (the
-    module compares with the same, tg_dialog.c): scheme, user, password, host, port,
-    transport and maddr; and its parameters. None when it does not parse."""
-    KSR.pv.sets("$var(tg_hop)", uri)
-    parts = []
-    for name in ("scheme", "user", "passwd", "host", "port", "transport", "maddr", "params"):
-        value = KSR.pv.get("$(var(tg_hop){uri.%s})" % name)
-        if value is None and name in ("scheme", "host"):
-            return None
-        parts.append("" if value is None else str(value))
-    scheme, user, passwd, host, port, transport, maddr, params = parts
-    return (scheme.lower(), user, passwd, host.lower(), port, transport.lower(), maddr.lower()), _uri_params(params)
-
-
-def _same_hop(a, b):
-    """Two Route URIs name the same hop: alike in every part that says where a request
-    goes, and in each parameter both write (RFC 3261 §19.1.4); a parameter only one
-    writes (a UA that renders URIs again) is not a different hop."""
-    ha, hb = _hop(a), _hop(b)
-    if ha is None or hb is None or ha[0] != hb[0]:
-        return False
-    return all(ha[1][k] == hb[1][k] for k in ha[1].keys() & hb[1].keys())
+def _early_route_set(lines, tag):
+    """The route set of the early dialog `tag` in DLG_EARLY_RS's `lines`, or None."""
+    for line in (lines or "").split("\n"):
+        name, sep, route_set = line.partition(" ")
+        if sep and name == tag:
+            return route_set
+    return None
 
 
 def _refusal_log_rate():
@@ -775,11 +751,11 @@ class Shim:
         """tm's reply route of a dialog-creating INVITE (the dialog module has made its
         dialog current): a 1xx with a To tag records the callee's route set for the
         caller's requests within that early dialog (PRACK, UPDATE): the Record-Route
-        entries above this edge's own, taken in reverse order (RFC 3261 §12.1.2). One
-        that cannot be recorded (no entry of this edge) leaves no early dialog to be
-        within."""
+        entries above this edge's own, taken in reverse order (RFC 3261 §12.1.2), in
+        DLG_EARLY_RS by its To tag. One that cannot be recorded (no entry of this
+        edge) leaves no early dialog to be within."""
         code, tag = KSR.pv.get("$rs"), KSR.pv.get("$tt")
-        if not tag or not 100 < int(code or 0) < 200:
+        if not tag or " " in tag or "\n" in tag or not 100 < int(code or 0) < 200:
             return 1
         theirs = []
         for entry in _name_addrs(KSR.pv.get("$(hdr(Record-Route)[*])") or ""):
@@ -789,9 +765,13 @@ class Shim:
         else:
             KSR.warn("trunkguard: a 1xx whose route set this edge cannot record: the caller's requests "
                      "within its early dialog will be refused\n")
-            theirs, tag = [], ""
-        KSR.pv.sets("$dlg_var(%s)" % DLG_EARLY_RS, ",".join(reversed(theirs)))
-        KSR.pv.sets("$dlg_var(%s)" % DLG_EARLY_TAG, tag)
+            return 1
+        route_set = re.sub(r"[\r\n]", " ", ",".join(reversed(theirs)))
+        lines = [line for line in (KSR.pv.get("$dlg_var(%s)" % DLG_EARLY_RS) or "").split("\n")
+                 if line and line.partition(" ")[0] != tag]
+        if _early_route_set(KSR.pv.get("$dlg_var(%s)" % DLG_EARLY_RS), tag) != route_set:
+            KSR.pv.sets("$dlg_var(%s)" % DLG_EARLY_RS,
+                        "\n".join(lines[-(EARLY_MAX - 1):] + ["%s %s" % (tag, route_set)]))
         return 1
 
     def ksr_onsend_route(self, msg):
@@ -959,8 +939,17 @@ class Shim:
         # loose_route() strips this edge's Route entries, and the dialog module
         # (called back from it) matches the request to a dialog and applies it to
         # the dialog's state.
+        ruri = KSR.pv.get("$ru")
         routed = KSR.rr.loose_route() > 0
-        if routed and KSR.dialog.is_known_dlg() > 0 and self._cookie_matches() and self._dialog_lives():
+        if routed and KSR.pv.get("$ru") != ruri:
+            # Strict routing (RFC 3261 §16.4: an entry after the edge's without `lr`,
+            # or the edge as Request-URI): the Request-URI and the Route loose_route()
+            # adds are the sender's. Every proxy since RFC 3261 routes loosely.
+            _refusals().host(404, "route_set")
+            _count("in_dialog.refused")
+            return self._refuse(404, "Not Here")
+        lives = routed and KSR.dialog.is_known_dlg() > 0 and self._cookie_matches() and self._dialog_lives()
+        if lives:
             ftag = KSR.pv.get("$dlg_var(%s)" % DLG_FTAG)
             if KSR.pv.get("$ft") == KSR.pv.get("$tt"):
                 # Both tags alike would read as either direction.
@@ -972,11 +961,16 @@ class Shim:
             else:
                 hop = sock = None
             hop_uri = hop and KSR.pv.get("$dlg_var(%s)" % hop)
-            if hop_uri and not self._route_set_kept(hop == DLG_CALLEE):
+            route_set = self._route_set_of(hop == DLG_CALLEE) if hop_uri else None
+            if hop_uri and route_set is None:
                 _refusals().host(404, "route_set")
                 _count("in_dialog.refused")
                 return self._refuse(404, "Not Here")
             if hop_uri:
+                self._write_route_set(route_set)
+                if lives == "bye":
+                    # The ended dialog's first BYE, marked once it goes.
+                    KSR.pv.sets("$dlg_var(%s)" % DLG_BYE, "1")
                 KSR.pv.sets("$du", hop_uri)
                 self._send_socket(KSR.pv.get("$dlg_var(%s)" % sock) or "")
                 return self._relay(strip, insert)
@@ -995,30 +989,28 @@ class Shim:
         _count("in_dialog.refused")
         return self._refuse(404, "Not Here")
 
-    def _route_set_kept(self, to_callee):
-        """Whether the Route entries the request leaves with (all but those loose_route()
-        took off: the first, and the second when the first says r2) are the route set
-        the other party's side gave when the dialog was made (RFC 3261 §12.1.2), one
-        for one and in order: the callee's from its 2xx ($dlg(to_rs)) or, while early,
-        from the latest 1xx for that 1xx's To tag (ksr_onreply_early); the caller's
-        from its INVITE ($dlg(from_rs)). A PBX within a live call would otherwise
-        steer its requests through the carrier's loose routers (docs/kamailio.md)."""
+    def _route_set_of(self, to_callee):
+        """The route set recorded for the party the request goes to (RFC 3261 §12.1.2):
+        the callee's from its 2xx ($dlg(to_rs)) or, while early, from the 1xx of the
+        early dialog the request's To tag names (ksr_onreply_early); the caller's from
+        its INVITE ($dlg(from_rs)). "" for none; None when the request is within no
+        early dialog a 1xx recorded."""
         if not to_callee:
-            recorded = KSR.pv.get("$dlg(from_rs)")
-        elif str(KSR.pv.get("$dlg(state)")) == "2":
-            tag = KSR.pv.get("$dlg_var(%s)" % DLG_EARLY_TAG)
-            if not tag or tag != KSR.pv.get("$tt"):
-                return False
-            recorded = KSR.pv.get("$dlg_var(%s)" % DLG_EARLY_RS)
-        else:
-            recorded = KSR.pv.get("$dlg(to_rs)")
-        routes = [_uri_of(e) for e in _name_addrs(KSR.pv.get("$(hdr(Route)[*])") or "")]
-        if not routes:
-            return False
-        first = _hop(routes[0])
-        left = routes[2:] if first is not None and "r2" in first[1] else routes[1:]
-        want = [_uri_of(e) for e in _name_addrs(recorded or "")]
-        return len(left) == len(want) and all(_same_hop(a, b) for a, b in zip(left, want))
+            return KSR.pv.get("$dlg(from_rs)") or ""
+        if str(KSR.pv.get("$dlg(state)")) == "2":
+            return _early_route_set(KSR.pv.get("$dlg_var(%s)" % DLG_EARLY_RS), KSR.pv.get("$tt"))
+        return KSR.pv.get("$dlg(to_rs)") or ""
+
+    def _write_route_set(self, route_set):
+        """Every Route header off (a whole header covers the part loose_route() took
+        off: the core skips an overlapping removal) and the recorded route set on:
+        a PBX within its call writes its own Route entries after the edge's, which a
+        loose router of the carrier's would follow (RFC 3261 §16.12). Written, not
+        compared with what the sender wrote, which the carrier may parse otherwise
+        (docs/kamailio.md, "The route set")."""
+        KSR.hdr.remove("Route")
+        if route_set:
+            KSR.hdr.append("Route: %s\r\n" % re.sub(r"[\r\n]", " ", route_set))
 
     def _cookie_matches(self):
         """Whether the Route entry of this edge that loose_route() took off carries
@@ -1054,8 +1046,7 @@ class Shim:
         if state in DLG_LIVE_STATES:
             return True
         if KSR.is_BYE() and state in (5, "5") and not KSR.pv.get("$dlg_var(%s)" % DLG_BYE):
-            KSR.pv.sets("$dlg_var(%s)" % DLG_BYE, "1")
-            return True
+            return "bye"  # marked once it goes
         return False
 
     def _route_inbound(self, target, next_hop, strip, insert, failover=None):

@@ -226,8 +226,10 @@ class Dialogs {
   // The route set the party a request goes to gave when the dialog was made (RFC 3261
   // §12.1.2): the caller's from its INVITE; the callee's from its 2xx, or while early
   // from the 1xx of the early dialog the request's To tag names.
+  // undefined for a dialog from a state file of a version that recorded none.
   routeSet(entry, toCallee, toTag) {
-    if (!toCallee) return entry.callerRoutes ?? [];
+    if (entry.callerRoutes === undefined) return undefined;
+    if (!toCallee) return entry.callerRoutes;
     return (entry.confirmed ? entry.calleeRoutes : entry.earlyRoutes?.get(toTag)) ?? [];
   }
 
@@ -681,7 +683,9 @@ class Edge {
     // The Route entries after the edge's own are the sender's to write too, and a
     // loose router of the other party's side follows them (RFC 3261 §16.12): the
     // request leaves with the route set that side gave, whatever the sender wrote.
-    setList(msg, 'route', 'Route', this.dialogs.routeSet(entry, peer === entry.callee, tagOf(header(msg, 'to'))));
+    const routes = this.dialogs.routeSet(entry, peer === entry.callee, tagOf(header(msg, 'to')));
+    if (routes === undefined) this.popOurRoutes(msg); // a call set up before an upgrade: as it went before
+    else setList(msg, 'route', 'Route', routes);
     return this.forward(req, peer.side, peer.hop, { verdict });
   }
 

@@ -16,9 +16,9 @@
  *   trunkguard_dialog_route()  on an `in_dialog` allow: rr's loose_route(), then 1
  *                              with $du (and $fs) the *other* party's recorded hop
  *                              when the request is within a live dialog this edge
- *                              opened and the Route entries it would leave with are
- *                              the route set recorded for that party, -1 otherwise
- *                              (the cfg refuses it 404)
+ *                              opened, its Route headers replaced by the route set
+ *                              recorded for that party; -1 otherwise (the cfg
+ *                              refuses it 404)
  *   tg_dialog_failed_over()    trunkguard_failover(): the failover is the callee now
  *
  * The dialog is the one the dialog module matched, and it must be matched twice
@@ -33,18 +33,19 @@
  * The Route entries after the edge's own are the sender's to write too, and a proxy
  * of the other party's side that routes loosely follows them (RFC 3261 §16.12): a
  * PBX within a live call could steer its in-dialog requests anywhere inside the
- * carrier. They must be the route set the other party's side gave when the dialog
- * was made (RFC 3261 §12.1.2, §12.2.1.1), which no target refresh changes: the
- * Record-Route entries the callee's 2xx added beyond this edge's ($dlg(to_rs), the
- * dialog module's), the caller's INVITE brought ($dlg(from_rs)), or, while the
- * callee's answer is provisional, its latest reliable or not 1xx with a To tag added
- * (tg_early_rs, recorded here from the dialog module's early callback). Compared as
- * URIs (RFC 3261 §19.1.4) and stricter where a hop is named: scheme, user, password,
- * host, port, transport and maddr all alike; a parameter written in both alike.
+ * carrier. So whatever the sender wrote is removed, and the request leaves with the
+ * route set the other party's side gave when the dialog was made (RFC 3261 §12.1.2,
+ * §12.2.1.1), which no target refresh changes: the Record-Route entries the callee's
+ * 2xx added beyond this edge's ($dlg(to_rs), the dialog module's), those the
+ * caller's INVITE came with ($dlg(from_rs)), or, while the callee has answered only
+ * provisionally, those the 1xx of the early dialog the request names added
+ * (tg_early_rs, recorded here from the dialog module's early callback). Written, not
+ * compared: a comparison would read the sender's entries one way, and the carrier's
+ * parser perhaps another (quotes in rr-params, escapes), with the bytes relayed as
+ * they came.
  */
 #include <stdio.h>
 #include <string.h>
-#include <strings.h>
 
 #include "../../core/dprint.h"
 #include "../../core/ip_addr.h"
@@ -55,7 +56,8 @@
 #include "../../core/parser/parse_from.h"
 #include "../../core/parser/parse_to.h"
 #include "../../core/parser/parse_uri.h"
-#include "../../core/strutils.h"
+#include "../../core/data_lump.h"
+#include "../../core/mem/mem.h"
 #include "../../core/parser/parse_rr.h"
 #include "../rr/api.h"
 #include "../dialog/dlg_load.h"
@@ -74,11 +76,14 @@
  * dialog would be opened, never cut (a cut one would match nothing later). */
 #define TG_TAG_LEN 128
 #define TG_HOP_LEN 512
-/* The longest route set compared, and the most entries: a longer one is refused, and
- * an early one not recorded (its in-dialog requests are refused). The dialog module's
- * own $dlg(to_rs) is bounded by the pv buffer (pv_buffer_size, 8192 by default). */
+/* The longest route set written (the early ones of a dialog together), and the most
+ * entries of a 1xx's: a longer one is not recorded (the early dialog's requests are
+ * refused). The dialog module's own $dlg(to_rs) is bounded by the pv buffer
+ * (pv_buffer_size, 8192 by default), and reads as none beyond it. */
 #define TG_RS_LEN 8192
 #define TG_RS_MAX 32
+/* The most early dialogs (1xx To tags) a dialog keeps a route set for. */
+#define TG_EARLY_MAX 4
 
 /* tg_callee_sock after a failover whose branch has no socket of its own: a value,
  * not an unset variable (a deleted dialog variable is never deleted in the dialog
@@ -90,7 +95,6 @@ static cmd_function tg_dlg_manage;
 static rr_api_t tg_rrb;
 static struct dlg_binds tg_dlgb;
 static str tg_early_rs_key = str_init("tg_early_rs");
-static str tg_early_tag_key = str_init("tg_early_tag");
 
 static pv_spec_t *tg_pv_state;       /* $dlg(state) */
 static pv_spec_t *tg_pv_h_entry;     /* $dlg(h_entry), $dlg(h_id): the cookie's two numbers */
@@ -104,8 +108,7 @@ static pv_spec_t *tg_pv_bye;         /* set once the dialog's BYE was relayed */
 static pv_spec_t *tg_pv_du, *tg_pv_fs;
 static pv_spec_t *tg_pv_to_rs;     /* the callee's route set, from its 2xx */
 static pv_spec_t *tg_pv_from_rs;   /* the caller's route set, from its INVITE */
-static pv_spec_t *tg_pv_early_rs;  /* the callee's route set, from its latest 1xx */
-static pv_spec_t *tg_pv_early_tag; /* that 1xx's To tag */
+static pv_spec_t *tg_pv_early_rs;  /* the callee's early route sets, by 1xx To tag */
 
 static pv_spec_t *tg_pv(const char *name)
 {
@@ -160,7 +163,6 @@ int tg_dialog_bind(void)
 			|| (tg_pv_to_rs = tg_pv("$dlg(to_rs)")) == NULL
 			|| (tg_pv_from_rs = tg_pv("$dlg(from_rs)")) == NULL
 			|| (tg_pv_early_rs = tg_pv("$dlg_var(tg_early_rs)")) == NULL
-			|| (tg_pv_early_tag = tg_pv("$dlg_var(tg_early_tag)")) == NULL
 			|| (tg_pv_du = tg_pv("$du")) == NULL || (tg_pv_fs = tg_pv("$fs")) == NULL)
 		return -1;
 	tg_dlg_bound = 1;
@@ -274,75 +276,6 @@ static int tg_same(const char *a, int alen, str *b)
 	return alen > 0 && b->len == alen && memcmp(a, b->s, alen) == 0;
 }
 
-/* Whether two Route URIs name the same hop: alike as RFC 3261 §19.1.4 compares them
- * (cmp_uri_str: a parameter both write, alike), and alike in every part that says where
- * a request goes, written or not: scheme, user, password, host, port, transport
- * (cmp_uri_light_str) and maddr, which §19.1.4 lets one URI leave out while a loose
- * router sends to it (§16.5, §19.1.1). A parameter only one of them writes (a UA
- * that reorders or drops `lr`'s neighbours) is not a different hop. */
-static int tg_same_hop(str *a, str *b)
-{
-	struct sip_uri ua, ub;
-
-	if(cmp_uri_light_str(a, b) != 0 || cmp_uri_str(a, b) != 0)
-		return 0;
-	if(parse_uri(a->s, a->len, &ua) < 0 || parse_uri(b->s, b->len, &ub) < 0)
-		return 0;
-	return ua.maddr_val.len == ub.maddr_val.len
-		   && (ua.maddr_val.len == 0
-				   || strncasecmp(ua.maddr_val.s, ub.maddr_val.s, ua.maddr_val.len) == 0);
-}
-
-/* The URIs of the Route entries `msg` would leave with: every entry of its Route
- * headers but those loose_route() took off (inside a part already removed). Their
- * number, or -1 when a Route header does not parse or there are more than `max`. */
-static int tg_routes_left(sip_msg_t *msg, str *uris, int max)
-{
-	hdr_field_t *hf;
-	rr_t *rt;
-	int n = 0, start;
-
-	if(parse_headers(msg, HDR_EOH_F, 0) < 0)
-		return -1;
-	for(hf = msg->route; hf; hf = next_sibling_hdr(hf)) {
-		if(parse_rr(hf) < 0)
-			return -1;
-		for(rt = (rr_t *)hf->parsed; rt; rt = rt->next) {
-			start = (int)(rt->nameaddr.name.s - msg->buf);
-			if(tg_removed(msg, start, start + rt->len))
-				continue;
-			if(n == max)
-				return -1;
-			uris[n++] = rt->nameaddr.uri;
-		}
-	}
-	return n;
-}
-
-/* Whether the Route entries `msg` would leave with are the route set `rs` (`len`
- * bytes of name-addrs, comma-separated, as the dialog module records them; len <= 0:
- * no entry), one for one and in order. */
-static int tg_routes_are(sip_msg_t *msg, char *rs, int len)
-{
-	str left[TG_RS_MAX];
-	rr_t *head = NULL, *rt;
-	int n, i = 0, same = 1;
-
-	n = tg_routes_left(msg, left, TG_RS_MAX);
-	if(n < 0)
-		return 0;
-	if(len <= 0)
-		return n == 0;
-	if(parse_rr_body(rs, len, &head) < 0) {
-		free_rr(&head);
-		return 0;
-	}
-	for(rt = head; rt != NULL && same; rt = rt->next, i++)
-		same = i < n && tg_same_hop(&left[i], &rt->nameaddr.uri);
-	free_rr(&head);
-	return same && i == n;
-}
-
 /* The route set a 1xx gives the caller's requests: the Record-Route entries the
  * callee's side added, above this edge's own, taken in reverse order (RFC 3261
  * §12.1.2), written into out as the dialog module writes its own (name-addrs,
@@ -387,56 +320,158 @@ static int tg_callee_route_set(sip_msg_t *rpl, char *out, int size)
 	return len;
 }
 
+/* The early route sets: one line "<To tag> <route set>" per early dialog, the most
+ * TG_EARLY_MAX (a callee's side that sends 1xx with ever new tags would otherwise
+ * grow the dialog without bound; the oldest goes first). The route set of `tag` in
+ * `lines` (its length; 0: none, or not an early dialog of the list: -1). */
+static int tg_early_find(char *lines, int len, str *tag, char **rs)
+{
+	char *p = lines, *end = lines + len, *eol;
+
+	while(p < end) {
+		eol = memchr(p, '\n', end - p);
+		if(eol == NULL)
+			eol = end;
+		if(eol - p > tag->len && p[tag->len] == ' ' && memcmp(p, tag->s, tag->len) == 0) {
+			*rs = p + tag->len + 1;
+			return (int)(eol - *rs);
+		}
+		p = eol + 1;
+	}
+	return -1;
+}
+
 /* The dialog module's early callback, on each 1xx of the dialog's INVITE before it
- * is relayed: the callee's route set for the caller's requests within the early
- * dialog (PRACK, UPDATE), with the To tag of that early dialog. The dialog module
- * records the callee's route set only from its 2xx. A 1xx whose route set cannot be
- * recorded leaves no early dialog to be within. */
+ * is relayed: the callee's route set for the caller's requests within that early
+ * dialog (PRACK, UPDATE), by the 1xx's To tag. The dialog module records the
+ * callee's route set only from its 2xx. A 1xx whose route set cannot be recorded
+ * leaves no early dialog to be within (its requests are refused). */
 static void tg_early_reply(struct dlg_cell *dlg, int type, struct dlg_cb_params *params)
 {
 	sip_msg_t *rpl = params->rpl;
-	char rs[TG_RS_LEN];
-	str tag, val;
-	int n;
+	char rs[TG_RS_LEN], lines[TG_RS_LEN], *p, *end, *eol, *known;
+	str tag, old = STR_NULL, val, others[TG_EARLY_MAX];
+	int n, i, len = 0, count = 0;
 
 	if(rpl == NULL || rpl == FAKED_REPLY || parse_headers(rpl, HDR_EOH_F, 0) < 0 || rpl->to == NULL)
 		return;
 	tag = get_to(rpl)->tag_value;
-	if(tag.len <= 0)
-		return; /* no early dialog */
-	n = tag.len < TG_TAG_LEN ? tg_callee_route_set(rpl, rs, sizeof(rs)) : -1;
+	if(tag.len <= 0 || tag.len >= TG_TAG_LEN || memchr(tag.s, ' ', tag.len) != NULL
+			|| memchr(tag.s, '\n', tag.len) != NULL)
+		return;
+	n = tg_callee_route_set(rpl, rs, sizeof(rs));
 	if(n < 0) {
 		LM_WARN("a 1xx whose route set this edge cannot record: the caller's requests "
 				"within its early dialog will be refused\n");
-		tag.len = 0;
-		n = 0;
+		return;
 	}
-	val.s = rs;
-	val.len = n;
-	if(tg_dlgb.set_dlg_var(dlg, &tg_early_rs_key, &val) != 0
-			|| tg_dlgb.set_dlg_var(dlg, &tg_early_tag_key, &tag) != 0)
+	if(tg_dlgb.get_dlg_vardup(dlg, &tg_early_rs_key, &old) == 0 && old.s != NULL) {
+		if(tg_early_find(old.s, old.len, &tag, &known) == n && memcmp(known, rs, n) == 0) {
+			pkg_free(old.s); /* a retransmission, or another 1xx of the same early dialog */
+			return;
+		}
+		/* The other early dialogs, the newest TG_EARLY_MAX - 1 (oldest first). */
+		for(p = old.s, end = old.s + old.len; p < end; p = eol + 1) {
+			eol = memchr(p, '\n', end - p);
+			if(eol == NULL)
+				eol = end;
+			if(eol - p > tag.len && p[tag.len] == ' ' && memcmp(p, tag.s, tag.len) == 0)
+				continue;
+			if(count == TG_EARLY_MAX - 1) {
+				memmove(others, others + 1, (TG_EARLY_MAX - 2) * sizeof(str));
+				count--;
+			}
+			others[count].s = p;
+			others[count].len = (int)(eol - p);
+			count++;
+		}
+		for(i = 0; i < count && len + others[i].len + 1 < (int)sizeof(lines); i++) {
+			memcpy(lines + len, others[i].s, others[i].len);
+			len += others[i].len;
+			lines[len++] = '\n';
+		}
+		pkg_free(old.s);
+	}
+	if(len + tag.len + 1 + n >= (int)sizeof(lines)) {
+		LM_WARN("an early route set too long to record: the caller's requests within "
+				"its early dialog will be refused\n");
+		return;
+	}
+	memcpy(lines + len, tag.s, tag.len);
+	len += tag.len;
+	lines[len++] = ' ';
+	memcpy(lines + len, rs, n);
+	len += n;
+	val.s = lines;
+	val.len = len;
+	if(tg_dlgb.set_dlg_var(dlg, &tg_early_rs_key, &val) != 0)
 		LM_ERR("cannot record an early dialog's route set\n");
 }
 
-/* Whether the request leaves with the route set recorded for the party it goes to:
- * the callee's (its 2xx's; while early, the latest 1xx's, for that 1xx's To tag
- * only: another fork's early requests are refused) or the caller's. */
-static int tg_route_set_kept(sip_msg_t *msg, int to_callee)
+/* The route set recorded for the party the request goes to, into rs: the caller's
+ * (its INVITE's Record-Route), or the callee's (its 2xx's; while early, the 1xx's of
+ * the early dialog the request's To tag names). Its length (0: none), or -1 when
+ * there is none to be within (an early dialog no 1xx recorded). */
+static int tg_route_set_of(sip_msg_t *msg, int to_callee, char *rs, int size)
 {
-	char rs[TG_RS_LEN], tag[TG_TAG_LEN];
+	char *found;
 	int n;
 
-	if(!to_callee) {
-		n = tg_pv_copy(msg, tg_pv_from_rs, rs, sizeof(rs));
-	} else if(tg_dialog_state(msg) == TG_DLG_EARLY) {
-		n = tg_pv_copy(msg, tg_pv_early_tag, tag, sizeof(tag));
-		if(!tg_same(tag, n, &get_to(msg)->tag_value))
-			return 0;
-		n = tg_pv_copy(msg, tg_pv_early_rs, rs, sizeof(rs));
-	} else {
-		n = tg_pv_copy(msg, tg_pv_to_rs, rs, sizeof(rs));
+	if(!to_callee)
+		n = tg_pv_copy(msg, tg_pv_from_rs, rs, size);
+	else if(tg_dialog_state(msg) != TG_DLG_EARLY)
+		n = tg_pv_copy(msg, tg_pv_to_rs, rs, size);
+	else {
+		n = tg_pv_copy(msg, tg_pv_early_rs, rs, size);
+		n = n > 0 ? tg_early_find(rs, n, &get_to(msg)->tag_value, &found) : -1;
+		if(n < 0)
+			return -1;
+		memmove(rs, found, n);
 	}
-	return tg_routes_are(msg, rs, n);
+	return n > 0 ? n : 0;
+}
+
+/* The request's Route headers replaced by the route set `rs` (`len` bytes, 0: none):
+ * every Route header not already taken off is removed whole (a whole-header removal
+ * covers the part of it loose_route() took off, which the core then skips: the
+ * first removal of an overlap wins, core/msg_translator.c), and one Route header
+ * with the recorded entries goes at the end of the header (a header's place among
+ * the others has no meaning, RFC 3261 §7.3.1). */
+static int tg_route_set_write(sip_msg_t *msg, const char *rs, int len)
+{
+	hdr_field_t *hf;
+	struct lump *anchor;
+	char *line;
+	int start, i;
+
+	if(parse_headers(msg, HDR_EOH_F, 0) < 0)
+		return -1;
+	for(hf = msg->route; hf != NULL; hf = next_sibling_hdr(hf)) {
+		start = (int)(hf->name.s - msg->buf);
+		if(tg_removed(msg, start, start + hf->len))
+			continue;
+		if(del_lump(msg, start, hf->len, HDR_ROUTE_T) == NULL)
+			return -1;
+	}
+	if(len <= 0)
+		return 0;
+	line = pkg_malloc(len + 9);
+	if(line == NULL) {
+		PKG_MEM_ERROR;
+		return -1;
+	}
+	memcpy(line, "Route: ", 7);
+	/* A fold in a recorded entry (a quoted parameter over two lines) stays on one. */
+	for(i = 0; i < len; i++)
+		line[7 + i] = (rs[i] == '\r' || rs[i] == '\n') ? ' ' : rs[i];
+	memcpy(line + 7 + len, "\r\n", 2);
+	anchor = anchor_lump(msg, msg->unparsed - msg->buf, 0, 0);
+	/* The lump owns line from here. */
+	if(anchor == NULL || insert_new_lump_before(anchor, line, len + 9, HDR_ROUTE_T) == NULL) {
+		pkg_free(line);
+		return -1;
+	}
+	return 0;
 }
 
 int ki_trunkguard_dialog_open(sip_msg_t *msg)
@@ -527,7 +562,8 @@ error:
 /* Whether the dialog is one a request can be within. An ended dialog (BYE, a
  * refused INVITE, a timeout) stays in the dialog module until its last transaction
  * is freed, in state 5; the module moves a BYE's own dialog there before the cfg sees
- * the BYE, so the first BYE is let through and marked, and nothing after it is. */
+ * the BYE, so the first BYE is let through and marked (2: the caller marks it once
+ * it goes), and nothing after it is. */
 static int tg_dialog_lives(sip_msg_t *msg)
 {
 	char bye[8];
@@ -537,7 +573,7 @@ static int tg_dialog_lives(sip_msg_t *msg)
 		return 1;
 	if(state == TG_DLG_DELETED && tg_is_method(msg, METHOD_BYE)
 			&& tg_pv_copy(msg, tg_pv_bye, bye, sizeof(bye)) < 0)
-		return tg_pv_set(msg, tg_pv_bye, "1", 1) == 0;
+		return 2; /* the first BYE: marked once it goes */
 	return 0;
 }
 
@@ -551,9 +587,10 @@ static int tg_no_dialog(sip_msg_t *msg)
 int ki_trunkguard_dialog_route(sip_msg_t *msg)
 {
 	tg_verdict *v = tg_verdict_of(msg);
-	char ftag[TG_TAG_LEN], hop[TG_HOP_LEN], sock[TG_HOP_LEN];
+	char ftag[TG_TAG_LEN], hop[TG_HOP_LEN], sock[TG_HOP_LEN], rs[TG_RS_LEN];
 	pv_spec_t *hop_pv, *sock_pv;
-	int flen, hlen, slen;
+	str ruri;
+	int flen, hlen, slen, rslen, lives;
 
 	if(v == NULL || v->action != TG_ALLOW || !tg_str_is(&v->cause, "in_dialog"))
 		return tg_no_dialog(msg);
@@ -562,7 +599,19 @@ int ki_trunkguard_dialog_route(sip_msg_t *msg)
 	/* This edge's Route entries off, and the dialog module (called back from rr)
 	 * matches the request to its dialog by the cookie and moves the dialog's state
 	 * (a BYE ends it). Without a Route there is no dialog of this edge. */
-	if(tg_rrb.loose_route(msg) <= 0 || !tg_cookie_matches(msg) || !tg_dialog_lives(msg))
+	ruri = msg->new_uri;
+	if(tg_rrb.loose_route(msg) <= 0 || !tg_cookie_matches(msg))
+		return tg_no_dialog(msg);
+	/* loose_route() rewrote the Request-URI: strict routing (RFC 3261 §16.4, an entry
+	 * after the edge's without `lr`, or the edge itself as Request-URI), whose
+	 * Request-URI and added Route are the sender's. Every proxy since RFC 3261 routes
+	 * loosely. */
+	if(msg->new_uri.s != ruri.s || msg->new_uri.len != ruri.len) {
+		tg_log_host_refusal(msg, 404, "route_set");
+		return tg_no_dialog(msg);
+	}
+	lives = tg_dialog_lives(msg);
+	if(!lives)
 		return tg_no_dialog(msg);
 	if(parse_headers(msg, HDR_TO_F, 0) < 0 || msg->to == NULL || parse_from_header(msg) < 0)
 		return tg_no_dialog(msg);
@@ -584,8 +633,13 @@ int ki_trunkguard_dialog_route(sip_msg_t *msg)
 	hlen = tg_pv_copy(msg, hop_pv, hop, sizeof(hop));
 	if(hlen <= 0)
 		return tg_no_dialog(msg);
-	if(!tg_route_set_kept(msg, hop_pv == tg_pv_callee)) {
+	rslen = tg_route_set_of(msg, hop_pv == tg_pv_callee, rs, sizeof(rs));
+	if(rslen < 0) {
 		tg_log_host_refusal(msg, 404, "route_set");
+		return tg_no_dialog(msg);
+	}
+	if(tg_route_set_write(msg, rs, rslen) < 0) {
+		LM_ERR("cannot give an in-dialog request its route set\n");
 		return tg_no_dialog(msg);
 	}
 	slen = tg_pv_copy(msg, sock_pv, sock, sizeof(sock));
@@ -597,6 +651,10 @@ int ki_trunkguard_dialog_route(sip_msg_t *msg)
 	 * true; Kamailio's choice when it is gone (a listener removed since). */
 	if(slen > 0 && strcmp(sock, TG_NO_SOCKET) != 0 && tg_pv_set(msg, tg_pv_fs, sock, slen) < 0)
 		LM_WARN("cannot send from %s; Kamailio chooses the socket\n", sock);
+	/* The ended dialog's first BYE, marked only once it goes: one refused above
+	 * leaves the way for the party's own. */
+	if(lives == 2 && tg_pv_set(msg, tg_pv_bye, "1", 1) != 0)
+		return tg_no_dialog(msg);
 	return 1;
 }
 
