@@ -158,6 +158,9 @@ DLG_BYE = "tg_bye"  # set when the dialog's BYE was relayed: nothing after it is
 # 1xx's To tag), the most EARLY_MAX, oldest first: the dialog module records the
 # callee's route set only from its 2xx (the module's name and format, tg_dialog.c).
 DLG_EARLY_RS, EARLY_MAX = "tg_early_rs", 4
+# The callee's route set from the 2xx that confirmed the dialog ("-": none), taken as
+# the early ones are: $dlg(to_rs) counts entries from the bottom (tg_dialog.c).
+DLG_CALLEE_RS = "tg_callee_rs"
 # $dlg(state): 2 early, 3 confirmed (2xx not yet ACKed), 4 confirmed; 1 (no answer
 # yet) and 5 (ended) are not dialogs a request can be within.
 DLG_LIVE_STATES = (2, 3, 4, "2", "3", "4")
@@ -749,24 +752,31 @@ class Shim:
 
     def ksr_onreply_early(self, msg):
         """tm's reply route of a dialog-creating INVITE (the dialog module has made its
-        dialog current): a 1xx with a To tag records the callee's route set for the
-        caller's requests within that early dialog (PRACK, UPDATE): the Record-Route
-        entries above this edge's own, taken in reverse order (RFC 3261 §12.1.2), in
-        DLG_EARLY_RS by its To tag. One that cannot be recorded (no entry of this
-        edge) leaves no early dialog to be within."""
+        dialog current): the callee's route set for the caller's requests, the
+        Record-Route entries above this edge's own, taken in reverse order (RFC 3261
+        §12.1.2): from the first 2xx, DLG_CALLEE_RS; from a 1xx with a To tag, for the
+        requests within that early dialog (PRACK, UPDATE), in DLG_EARLY_RS by its To
+        tag. One that cannot be recorded (no entry of this edge) leaves no early
+        dialog to be within, or $dlg(to_rs) in force."""
         code, tag = KSR.pv.get("$rs"), KSR.pv.get("$tt")
-        if not tag or " " in tag or "\n" in tag or not 100 < int(code or 0) < 200:
+        code = int(code or 0)
+        if not tag or " " in tag or "\n" in tag or not 100 < code < 300:
             return 1
+        if code >= 200 and KSR.pv.get("$dlg_var(%s)" % DLG_CALLEE_RS):
+            return 1  # the dialog was confirmed by an earlier 2xx, whose route set stays
         theirs = []
         for entry in _name_addrs(KSR.pv.get("$(hdr(Record-Route)[*])") or ""):
             if KSR.is_myself(_uri_of(entry)) > 0:
                 break
             theirs.append(entry)
         else:
-            KSR.warn("trunkguard: a 1xx whose route set this edge cannot record: the caller's requests "
-                     "within its early dialog will be refused\n")
+            KSR.warn("trunkguard: a %d whose route set this edge cannot record: the caller's requests "
+                     "within its dialog will be refused or go with $dlg(to_rs)\n" % code)
             return 1
         route_set = re.sub(r"[\r\n]", " ", ",".join(reversed(theirs)))
+        if code >= 200:
+            KSR.pv.sets("$dlg_var(%s)" % DLG_CALLEE_RS, route_set or "-")
+            return 1
         lines = [line for line in (KSR.pv.get("$dlg_var(%s)" % DLG_EARLY_RS) or "").split("\n")
                  if line and line.partition(" ")[0] != tag]
         if _early_route_set(KSR.pv.get("$dlg_var(%s)" % DLG_EARLY_RS), tag) != route_set:
@@ -939,15 +949,17 @@ class Shim:
         # loose_route() strips this edge's Route entries, and the dialog module
         # (called back from it) matches the request to a dialog and applies it to
         # the dialog's state.
+        # Strict routing (RFC 3261 §16.4), which every proxy since RFC 3261 leaves for
+        # loose routing, is not followed: loose_route() would take the Request-URI
+        # from the sender's Route (the edge as Request-URI), or take an entry after
+        # the edge's without `lr` for the Request-URI and add the sender's Request-URI
+        # as a Route of its own (seen in _write_route_set).
         ruri = KSR.pv.get("$ru")
+        if KSR.is_myself_ruri() > 0:
+            return self._strict()
         routed = KSR.rr.loose_route() > 0
         if routed and KSR.pv.get("$ru") != ruri:
-            # Strict routing (RFC 3261 §16.4: an entry after the edge's without `lr`,
-            # or the edge as Request-URI): the Request-URI and the Route loose_route()
-            # adds are the sender's. Every proxy since RFC 3261 routes loosely.
-            _refusals().host(404, "route_set")
-            _count("in_dialog.refused")
-            return self._refuse(404, "Not Here")
+            return self._strict()
         lives = routed and KSR.dialog.is_known_dlg() > 0 and self._cookie_matches() and self._dialog_lives()
         if lives:
             ftag = KSR.pv.get("$dlg_var(%s)" % DLG_FTAG)
@@ -967,7 +979,8 @@ class Shim:
                 _count("in_dialog.refused")
                 return self._refuse(404, "Not Here")
             if hop_uri:
-                self._write_route_set(route_set)
+                if not self._write_route_set(route_set):
+                    return self._strict()
                 if lives == "bye":
                     # The ended dialog's first BYE, marked once it goes.
                     KSR.pv.sets("$dlg_var(%s)" % DLG_BYE, "1")
@@ -989,16 +1002,25 @@ class Shim:
         _count("in_dialog.refused")
         return self._refuse(404, "Not Here")
 
+    def _strict(self):
+        _refusals().host(404, "route_set")
+        _count("in_dialog.refused")
+        return self._refuse(404, "Not Here")
+
     def _route_set_of(self, to_callee):
         """The route set recorded for the party the request goes to (RFC 3261 §12.1.2):
-        the callee's from its 2xx ($dlg(to_rs)) or, while early, from the 1xx of the
-        early dialog the request's To tag names (ksr_onreply_early); the caller's from
-        its INVITE ($dlg(from_rs)). "" for none; None when the request is within no
-        early dialog a 1xx recorded."""
+        the callee's from its 2xx (DLG_CALLEE_RS; $dlg(to_rs) for a dialog confirmed
+        before it was recorded) or, while early, from the 1xx of the early dialog the
+        request's To tag names (ksr_onreply_early); the caller's from its INVITE
+        ($dlg(from_rs)). "" for none; None when the request is within no early dialog
+        a 1xx recorded."""
         if not to_callee:
             return KSR.pv.get("$dlg(from_rs)") or ""
         if str(KSR.pv.get("$dlg(state)")) == "2":
             return _early_route_set(KSR.pv.get("$dlg_var(%s)" % DLG_EARLY_RS), KSR.pv.get("$tt"))
+        recorded = KSR.pv.get("$dlg_var(%s)" % DLG_CALLEE_RS)
+        if recorded:
+            return "" if recorded == "-" else recorded
         return KSR.pv.get("$dlg(to_rs)") or ""
 
     def _write_route_set(self, route_set):
@@ -1007,10 +1029,21 @@ class Shim:
         a PBX within its call writes its own Route entries after the edge's, which a
         loose router of the carrier's would follow (RFC 3261 §16.12). Written, not
         compared with what the sender wrote, which the carrier may parse otherwise
-        (docs/kamailio.md, "The route set")."""
-        KSR.hdr.remove("Route")
-        if route_set:
-            KSR.hdr.append("Route: %s\r\n" % re.sub(r"[\r\n]", " ", route_set))
+        (docs/kamailio.md, "The route set"). What loose_route() did is applied to the
+        message first (textopsx), so that a Route it added for a strict router after
+        the edge's entries, which no header removal reaches as a change not yet made,
+        shows: loose_route() sets no next hop then, yet a Route is left. False: not
+        relayed."""
+        loose_hop = KSR.pv.get("$du")
+        if KSR.textopsx.msg_apply_changes() < 0:
+            return False
+        if not loose_hop and int(KSR.pv.get("$hdrc(Route)") or 0) > 0:
+            return False
+        if KSR.hdr.remove("Route") < 0:
+            return False
+        if route_set and KSR.hdr.append("Route: %s\r\n" % re.sub(r"[\r\n]", " ", route_set)) < 0:
+            return False
+        return True
 
     def _cookie_matches(self):
         """Whether the Route entry of this edge that loose_route() took off carries

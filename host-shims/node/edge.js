@@ -177,6 +177,8 @@ const RETRANSMIT_MAX = 10;
 // after its last in-dialog request.
 const DIALOG_MAX = 50000;
 const EARLY_TTL_MS = TXN_TTL_MS;
+// Early dialogs (1xx To tags) of one call whose route sets are kept.
+const EARLY_ROUTES_MAX = 4;
 const DIALOG_TTL_S = 12 * 3600;
 const sha256 = (data) => crypto.createHash('sha256').update(data).digest('hex');
 
@@ -300,6 +302,9 @@ class Dialogs {
     } else if (status > 100 && toTag && !entry.early.has(toTag)) {
       entry.early.add(toTag);
       entry.earlyRoutes ??= new Map();
+      // The latest EARLY_ROUTES_MAX early dialogs' (a callee's side that sent 1xx with
+      // ever new tags would grow the entry without bound), as the Kamailio edge keeps.
+      if (entry.earlyRoutes.size >= EARLY_ROUTES_MAX) entry.earlyRoutes.delete(entry.earlyRoutes.keys().next().value);
       entry.earlyRoutes.set(toTag, calleeRoutes);
       this.changed = true;
     }

@@ -385,12 +385,13 @@ CARRIER_PROXY_RR = "<sip:127.0.0.1:5199;lr;tg=carrier>"
 ELSEWHERE_RR = "<sip:127.0.0.99:5199;lr>"
 
 
-def route_set_forgeries(edge_entries):
-    """(what, Route entries, refused) a PBX within a live call could send its in-dialog
-    requests with, the edge's own entries `edge_entries` first: each names another hop
-    than the carrier proxy's record-route, or leaves it out. `refused`: the edge
-    refuses it 404 (strict routing, whose Request-URI the sender wrote); False: it
-    must leave with the recorded route set alone."""
+def route_set_forgeries(edge_entries, target, edge):
+    """(what, Route entries, refused, Request-URI) a PBX within a live call could send
+    its in-dialog requests with, the edge's own entries `edge_entries` first: each names
+    another hop than the carrier proxy's record-route, or leaves it out. `refused`: the
+    edge refuses it 404 (strict routing, whose Request-URI and added Route the sender
+    wrote); False: it must leave with the recorded route set alone. Request-URI: the
+    dialog's remote `target` unless said."""
     proxy, elsewhere = CARRIER_PROXY_RR, ELSEWHERE_RR
     one_header = lambda entries: [", ".join(entries)]  # noqa: E731
     return [
@@ -413,6 +414,8 @@ def route_set_forgeries(edge_entries):
          one_header(edge_entries[:-1] + [edge_entries[-1] + ';x="a\\"', elsewhere + ';y="', proxy + ";z=\";w='\";q='"]),
          False),
         ("the carrier proxy without lr (strict routing)", edge_entries + [proxy.replace(";lr", "")], True),
+        ("a strict router that is the Request-URI itself", edge_entries + ["<%s>" % target, proxy], True),
+        ("the edge as Request-URI (strict routing)", edge_entries + [proxy], True, "sip:%s:%d" % edge),
     ]
 
 
@@ -427,11 +430,11 @@ def assert_in_dialog_requests_keep_the_recorded_route_sets(test, pbx, far, edge,
     ours = lambda m: (sip.headers(m, "Call-ID", "i") or [None])[0] == call_id  # noqa: E731
     refusals = []
 
-    def sent_with(dialog, route, method, receiver):
+    def sent_with(dialog, route, method, receiver, target=None):
         """(the sender's final status, the Route headers the request arrived with, or
         None when it did not arrive)."""
         forged = sip.Dialog(dialog.party, dialog.call_id, dialog.local_uri, dialog.local_tag, dialog.remote_uri,
-                            dialog.remote_tag, route, dialog.target, dialog.cseq)
+                            dialog.remote_tag, route, target or dialog.target, dialog.cseq)
         dialog.party.send(forged.build(method, extra=extra.get(method, ())), edge)
         dialog.cseq = forged.cseq
         got, hop = receiver.party.recv(1.0, lambda m: ours(m) and sip.method(m) == method)
@@ -442,8 +445,8 @@ def assert_in_dialog_requests_keep_the_recorded_route_sets(test, pbx, far, edge,
 
     def wrong(dialog, forgeries, method, receiver, recorded):
         out = []
-        for what, route, refused in forgeries:
-            outcome = sent_with(dialog, route, method, receiver)
+        for what, route, refused, *target in forgeries:
+            outcome = sent_with(dialog, route, method, receiver, *target)
             if outcome != ((404, None) if refused else (200, recorded)):
                 out.append((what, method) + outcome)
             refusals.append(outcome[0] == 404)
@@ -469,7 +472,7 @@ def assert_in_dialog_requests_keep_the_recorded_route_sets(test, pbx, far, edge,
     got = sip.in_dialog_round(pbx_side, far_side, "PRACK", extra=extra["PRACK"])
     test.assertEqual(sip.headers(got, "Route"), [CARRIER_PROXY_RR], got)
     edge_entries = route[:-1]
-    forgeries = route_set_forgeries(edge_entries)
+    forgeries = route_set_forgeries(edge_entries, pbx_side.target, edge)
     test.assertEqual(wrong(pbx_side, forgeries, "UPDATE", far_side, [CARRIER_PROXY_RR]), [])
     # Answered: the dialog module's route set from the 200, the same here.
     far.send(sip.response(invite, 200, "OK", to_tag=far_tag, contact="<%s>" % far_contact,

@@ -95,6 +95,7 @@ static cmd_function tg_dlg_manage;
 static rr_api_t tg_rrb;
 static struct dlg_binds tg_dlgb;
 static str tg_early_rs_key = str_init("tg_early_rs");
+static str tg_callee_rs_key = str_init("tg_callee_rs");
 
 static pv_spec_t *tg_pv_state;       /* $dlg(state) */
 static pv_spec_t *tg_pv_h_entry;     /* $dlg(h_entry), $dlg(h_id): the cookie's two numbers */
@@ -109,6 +110,7 @@ static pv_spec_t *tg_pv_du, *tg_pv_fs;
 static pv_spec_t *tg_pv_to_rs;     /* the callee's route set, from its 2xx */
 static pv_spec_t *tg_pv_from_rs;   /* the caller's route set, from its INVITE */
 static pv_spec_t *tg_pv_early_rs;  /* the callee's early route sets, by 1xx To tag */
+static pv_spec_t *tg_pv_callee_rs; /* the callee's route set, from its 2xx ("-": none) */
 
 static pv_spec_t *tg_pv(const char *name)
 {
@@ -163,6 +165,7 @@ int tg_dialog_bind(void)
 			|| (tg_pv_to_rs = tg_pv("$dlg(to_rs)")) == NULL
 			|| (tg_pv_from_rs = tg_pv("$dlg(from_rs)")) == NULL
 			|| (tg_pv_early_rs = tg_pv("$dlg_var(tg_early_rs)")) == NULL
+			|| (tg_pv_callee_rs = tg_pv("$dlg_var(tg_callee_rs)")) == NULL
 			|| (tg_pv_du = tg_pv("$du")) == NULL || (tg_pv_fs = tg_pv("$fs")) == NULL)
 		return -1;
 	tg_dlg_bound = 1;
@@ -287,7 +290,7 @@ static int tg_callee_route_set(sip_msg_t *rpl, char *out, int size)
 	struct sip_uri puri;
 	hdr_field_t *hf;
 	rr_t *rt;
-	int n = 0, len = 0, i, mine = 0;
+	int n = 0, len = 0, i, j, mine = 0;
 
 	for(hf = rpl->record_route; hf != NULL && !mine; hf = next_sibling_hdr(hf)) {
 		if(parse_rr(hf) < 0)
@@ -313,8 +316,11 @@ static int tg_callee_route_set(sip_msg_t *rpl, char *out, int size)
 			return -1;
 		if(len > 0)
 			out[len++] = ',';
-		memcpy(out + len, entries[i].s, entries[i].len);
-		len += entries[i].len;
+		/* A fold in an entry (a quoted parameter over two lines) stays on one line:
+		 * the early list is one line per early dialog, and the Route written is one
+		 * header line. */
+		for(j = 0; j < entries[i].len; j++)
+			out[len++] = (entries[i].s[j] == '\r' || entries[i].s[j] == '\n') ? ' ' : entries[i].s[j];
 	}
 	out[len] = '\0';
 	return len;
@@ -341,11 +347,16 @@ static int tg_early_find(char *lines, int len, str *tag, char **rs)
 	return -1;
 }
 
-/* The dialog module's early callback, on each 1xx of the dialog's INVITE before it
- * is relayed: the callee's route set for the caller's requests within that early
- * dialog (PRACK, UPDATE), by the 1xx's To tag. The dialog module records the
- * callee's route set only from its 2xx. A 1xx whose route set cannot be recorded
- * leaves no early dialog to be within (its requests are refused). */
+/* The dialog module's callbacks on the replies of the dialog's INVITE, before they
+ * are relayed. The 2xx that confirms the dialog (DLGCB_CONFIRMED_NA): the callee's
+ * route set, tg_callee_rs ("-": none), taken from the entries above the edge's own
+ * as for a 1xx; the dialog module's $dlg(to_rs) counts entries from the bottom
+ * instead (the caller's INVITE's and the edge's), and a callee's side that renders
+ * the caller's entries again, split otherwise, would shift them into it. Each 1xx
+ * (DLGCB_EARLY): the callee's route set for the caller's requests within that early
+ * dialog (PRACK, UPDATE), by the 1xx's To tag. A reply whose route set cannot be
+ * recorded leaves the early dialog out (its requests are refused), or the dialog
+ * module's $dlg(to_rs) in force. */
 static void tg_early_reply(struct dlg_cell *dlg, int type, struct dlg_cb_params *params)
 {
 	sip_msg_t *rpl = params->rpl;
@@ -360,6 +371,16 @@ static void tg_early_reply(struct dlg_cell *dlg, int type, struct dlg_cb_params 
 			|| memchr(tag.s, '\n', tag.len) != NULL)
 		return;
 	n = tg_callee_route_set(rpl, rs, sizeof(rs));
+	if(type == DLGCB_CONFIRMED_NA) {
+		val.s = n > 0 ? rs : "-";
+		val.len = n > 0 ? n : 1;
+		if(n < 0)
+			LM_WARN("a 2xx whose route set this edge cannot read: the dialog module's "
+					"$dlg(to_rs) goes with the caller's requests\n");
+		else if(tg_dlgb.set_dlg_var(dlg, &tg_callee_rs_key, &val) != 0)
+			LM_ERR("cannot record a dialog's route set\n");
+		return;
+	}
 	if(n < 0) {
 		LM_WARN("a 1xx whose route set this edge cannot record: the caller's requests "
 				"within its early dialog will be refused\n");
@@ -409,8 +430,8 @@ static void tg_early_reply(struct dlg_cell *dlg, int type, struct dlg_cb_params 
 }
 
 /* The route set recorded for the party the request goes to, into rs: the caller's
- * (its INVITE's Record-Route), or the callee's (its 2xx's; while early, the 1xx's of
- * the early dialog the request's To tag names). Its length (0: none), or -1 when
+ * (its INVITE's Record-Route), or the callee's (its 2xx's, tg_callee_rs; while
+ * early, the 1xx's of the early dialog the request's To tag names). Its length (0: none), or -1 when
  * there is none to be within (an early dialog no 1xx recorded). */
 static int tg_route_set_of(sip_msg_t *msg, int to_callee, char *rs, int size)
 {
@@ -419,9 +440,15 @@ static int tg_route_set_of(sip_msg_t *msg, int to_callee, char *rs, int size)
 
 	if(!to_callee)
 		n = tg_pv_copy(msg, tg_pv_from_rs, rs, size);
-	else if(tg_dialog_state(msg) != TG_DLG_EARLY)
-		n = tg_pv_copy(msg, tg_pv_to_rs, rs, size);
-	else {
+	else if(tg_dialog_state(msg) != TG_DLG_EARLY) {
+		n = tg_pv_copy(msg, tg_pv_callee_rs, rs, size);
+		if(n == 1 && rs[0] == '-')
+			return 0;
+		/* A dialog confirmed before this version recorded tg_callee_rs (one
+		 * restored from the dialog database): the dialog module's. */
+		if(n < 0)
+			n = tg_pv_copy(msg, tg_pv_to_rs, rs, size);
+	} else {
 		n = tg_pv_copy(msg, tg_pv_early_rs, rs, size);
 		n = n > 0 ? tg_early_find(rs, n, &get_to(msg)->tag_value, &found) : -1;
 		if(n < 0)
@@ -545,11 +572,11 @@ int ki_trunkguard_dialog_open(sip_msg_t *msg)
 					   msg->force_send_socket->sock_str.len)
 					   < 0)
 		goto error;
-	/* The callee's early route set, from each of its 1xx (tg_early_reply). */
+	/* The callee's route sets, from each of its 1xx and its 2xx (tg_early_reply). */
 	dlg = tg_dlgb.get_dlg(msg);
 	if(dlg == NULL)
 		goto error;
-	n = tg_dlgb.register_dlgcb(dlg, DLGCB_EARLY, tg_early_reply, NULL, NULL);
+	n = tg_dlgb.register_dlgcb(dlg, DLGCB_EARLY | DLGCB_CONFIRMED_NA, tg_early_reply, NULL, NULL);
 	tg_dlgb.release_dlg(dlg);
 	if(n != 0)
 		goto error;
@@ -577,6 +604,27 @@ static int tg_dialog_lives(sip_msg_t *msg)
 	return 0;
 }
 
+/* How many lumps add something to the message (anchors with text before or after). */
+static int tg_added(sip_msg_t *msg)
+{
+	struct lump *l;
+	int n = 0;
+
+	for(l = msg->add_rm; l != NULL; l = l->next)
+		if(l->op == LUMP_ADD || l->before != NULL || l->after != NULL)
+			n++;
+	return n;
+}
+
+static int tg_no_dialog(sip_msg_t *msg);
+
+/* An in-dialog request that would be strict-routed: refused 404, in the refusal log. */
+static int tg_strict(sip_msg_t *msg)
+{
+	tg_log_host_refusal(msg, 404, "route_set");
+	return tg_no_dialog(msg);
+}
+
 static int tg_no_dialog(sip_msg_t *msg)
 {
 	if(!tg_is_method(msg, METHOD_ACK))
@@ -587,10 +635,10 @@ static int tg_no_dialog(sip_msg_t *msg)
 int ki_trunkguard_dialog_route(sip_msg_t *msg)
 {
 	tg_verdict *v = tg_verdict_of(msg);
-	char ftag[TG_TAG_LEN], hop[TG_HOP_LEN], sock[TG_HOP_LEN], rs[TG_RS_LEN];
+	char ftag[TG_TAG_LEN], hop[TG_HOP_LEN], sock[TG_HOP_LEN], rs[TG_RS_LEN], uri[TG_HOP_LEN];
 	pv_spec_t *hop_pv, *sock_pv;
 	str ruri;
-	int flen, hlen, slen, rslen, lives;
+	int flen, hlen, slen, rslen, lives, adds;
 
 	if(v == NULL || v->action != TG_ALLOW || !tg_str_is(&v->cause, "in_dialog"))
 		return tg_no_dialog(msg);
@@ -599,17 +647,25 @@ int ki_trunkguard_dialog_route(sip_msg_t *msg)
 	/* This edge's Route entries off, and the dialog module (called back from rr)
 	 * matches the request to its dialog by the cookie and moves the dialog's state
 	 * (a BYE ends it). Without a Route there is no dialog of this edge. */
-	ruri = msg->new_uri;
+	/* Strict routing (RFC 3261 §16.4), which every proxy since RFC 3261 leaves for
+	 * loose routing, is not followed: loose_route() would take the Request-URI from
+	 * the sender's Route (the edge itself as Request-URI), or an entry after the
+	 * edge's without `lr` for the Request-URI and add the sender's Request-URI as a
+	 * Route of its own, which the route set written below would not replace. Seen
+	 * as the Request-URI it changes or the lump it adds. */
+	ruri = *GET_RURI(msg);
+	if(ruri.len <= 0 || ruri.len >= (int)sizeof(uri) || parse_sip_msg_uri(msg) < 0
+			|| check_self(&msg->parsed_uri.host, GET_URI_PORT(&msg->parsed_uri),
+					   msg->parsed_uri.proto)
+					   == 1)
+		return tg_strict(msg);
+	memcpy(uri, ruri.s, ruri.len);
+	adds = tg_added(msg);
 	if(tg_rrb.loose_route(msg) <= 0 || !tg_cookie_matches(msg))
 		return tg_no_dialog(msg);
-	/* loose_route() rewrote the Request-URI: strict routing (RFC 3261 §16.4, an entry
-	 * after the edge's without `lr`, or the edge itself as Request-URI), whose
-	 * Request-URI and added Route are the sender's. Every proxy since RFC 3261 routes
-	 * loosely. */
-	if(msg->new_uri.s != ruri.s || msg->new_uri.len != ruri.len) {
-		tg_log_host_refusal(msg, 404, "route_set");
-		return tg_no_dialog(msg);
-	}
+	if(GET_RURI(msg)->len != ruri.len || memcmp(GET_RURI(msg)->s, uri, ruri.len) != 0
+			|| tg_added(msg) != adds)
+		return tg_strict(msg);
 	lives = tg_dialog_lives(msg);
 	if(!lives)
 		return tg_no_dialog(msg);
