@@ -364,6 +364,10 @@ static void tg_early_reply(struct dlg_cell *dlg, int type, struct dlg_cb_params 
 	str tag, old = STR_NULL, val, others[TG_EARLY_MAX];
 	int n, i, len = 0, count = 0;
 
+	/* The reply may reach a process that never bound (with KEMI no fixup binds in
+	 * the main process before the fork). */
+	if(tg_dialog_bind() < 0)
+		return;
 	if(rpl == NULL || rpl == FAKED_REPLY || parse_headers(rpl, HDR_EOH_F, 0) < 0 || rpl->to == NULL)
 		return;
 	tag = get_to(rpl)->tag_value;
