@@ -82,6 +82,9 @@
  * (pv_buffer_size, 8192 by default), and reads as none beyond it. */
 #define TG_RS_LEN 8192
 #define TG_RS_MAX 32
+/* The longest Request-URI of an in-dialog request (a remote target, which carriers'
+ * topology hiding may make long); a longer one is refused. */
+#define TG_RURI_LEN 4096
 /* The most early dialogs (1xx To tags) a dialog keeps a route set for. */
 #define TG_EARLY_MAX 4
 
@@ -435,8 +438,8 @@ static void tg_early_reply(struct dlg_cell *dlg, int type, struct dlg_cb_params 
 
 /* The route set recorded for the party the request goes to, into rs: the caller's
  * (its INVITE's Record-Route), or the callee's (its 2xx's, tg_callee_rs; while
- * early, the 1xx's of the early dialog the request's To tag names). Its length (0: none), or -1 when
- * there is none to be within (an early dialog no 1xx recorded). */
+ * early, the 1xx's of the early dialog the request's To tag names). Its length (0:
+ * none), or -1 when there is none to be within (an early dialog no 1xx recorded). */
 static int tg_route_set_of(sip_msg_t *msg, int to_callee, char *rs, int size)
 {
 	char *found;
@@ -639,7 +642,7 @@ static int tg_no_dialog(sip_msg_t *msg)
 int ki_trunkguard_dialog_route(sip_msg_t *msg)
 {
 	tg_verdict *v = tg_verdict_of(msg);
-	char ftag[TG_TAG_LEN], hop[TG_HOP_LEN], sock[TG_HOP_LEN], rs[TG_RS_LEN], uri[TG_HOP_LEN];
+	char ftag[TG_TAG_LEN], hop[TG_HOP_LEN], sock[TG_HOP_LEN], rs[TG_RS_LEN], uri[TG_RURI_LEN];
 	pv_spec_t *hop_pv, *sock_pv;
 	str ruri;
 	int flen, hlen, slen, rslen, lives, adds;
@@ -648,9 +651,6 @@ int ki_trunkguard_dialog_route(sip_msg_t *msg)
 		return tg_no_dialog(msg);
 	if(tg_dialog_bind() < 0)
 		return tg_no_dialog(msg);
-	/* This edge's Route entries off, and the dialog module (called back from rr)
-	 * matches the request to its dialog by the cookie and moves the dialog's state
-	 * (a BYE ends it). Without a Route there is no dialog of this edge. */
 	/* Strict routing (RFC 3261 §16.4), which every proxy since RFC 3261 leaves for
 	 * loose routing, is not followed: loose_route() would take the Request-URI from
 	 * the sender's Route (the edge itself as Request-URI), or an entry after the
@@ -665,6 +665,9 @@ int ki_trunkguard_dialog_route(sip_msg_t *msg)
 		return tg_strict(msg);
 	memcpy(uri, ruri.s, ruri.len);
 	adds = tg_added(msg);
+	/* This edge's Route entries off, and the dialog module (called back from rr)
+	 * matches the request to its dialog by the cookie and moves the dialog's state
+	 * (a BYE ends it). Without a Route there is no dialog of this edge. */
 	if(tg_rrb.loose_route(msg) <= 0 || !tg_cookie_matches(msg))
 		return tg_no_dialog(msg);
 	if(GET_RURI(msg)->len != ruri.len || memcmp(GET_RURI(msg)->s, uri, ruri.len) != 0
