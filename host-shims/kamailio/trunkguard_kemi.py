@@ -532,8 +532,10 @@ REFUSAL_FLUSH_S = 1.0
 
 
 def _name_addrs(value):
-    """The entries of a Route or Record-Route list, as rr's parser splits it: at each
-    comma outside a quoted display name and outside <...>."""
+    """The entries of a Record-Route list, split as RFC 3261 reads it: at each comma
+    outside a quoted string (with its escapes) and outside <...>. Kamailio's own
+    parser also takes ' for a quote; this split serves only the callee's own
+    Record-Route (ksr_onreply_early), whose entries go back towards it alone."""
     entries, start, quoted, angle, i = [], 0, False, False, 0
     while i < len(value):
         c = value[i]
@@ -945,10 +947,9 @@ class Shim:
         only within a dialog this edge created (Kamailio's `dialog` module matched it:
         Call-ID, both tags and the edge's own Record-Route cookie, while the dialog
         lives), and only to the other party's hop recorded when the dialog was
-        created. A lifted Record-Route, forged tags, a dialog that ended: 404."""
-        # loose_route() strips this edge's Route entries, and the dialog module
-        # (called back from it) matches the request to a dialog and applies it to
-        # the dialog's state.
+        created, with the route set that party's side gave in place of the sender's
+        Route entries (_write_route_set). A lifted Record-Route, forged tags, a dialog
+        that ended, strict routing: 404."""
         # Strict routing (RFC 3261 §16.4), which every proxy since RFC 3261 leaves for
         # loose routing, is not followed: loose_route() would take the Request-URI
         # from the sender's Route (the edge as Request-URI), or take an entry after
@@ -957,6 +958,9 @@ class Shim:
         ruri = KSR.pv.get("$ru")
         if KSR.is_myself_ruri() > 0:
             return self._strict()
+        # loose_route() strips this edge's Route entries, and the dialog module
+        # (called back from it) matches the request to a dialog and applies it to
+        # the dialog's state.
         routed = KSR.rr.loose_route() > 0
         if routed and KSR.pv.get("$ru") != ruri:
             return self._strict()

@@ -861,6 +861,18 @@ class EnvoyFront(unittest.TestCase):
         self.assertRegex(pbx_saw, r"(?m)^CSeq: 101 INVITE")
         self.assertRegex(pbx_saw, r"(?m)^CSeq: 101 ACK")
         self.assertRegex(pbx_saw, r"(?m)^CSeq: 102 BYE")
+        # Each in-dialog request left with the route set the other side gave, never
+        # with the sender's own Route entries: the carrier proxy's entry alone towards
+        # the carrier (the PBX's re-INVITE named a hop of its own after it), none
+        # towards the PBX (its INVITE brought no Record-Route).
+        for saw, cseqs, route in ((far_saw, ("3 INVITE", "3 ACK"), ["<sip:127.0.0.1:5199;lr;tg=carrier>"]),
+                                  (pbx_saw, ("101 INVITE", "101 ACK", "102 BYE"), [])):
+            for cseq in cseqs:
+                request = re.search(r"(?s)\n(?:INVITE|ACK|BYE) sip:[^\n]*\n(?:(?!\r?\n\r?\n).)*?CSeq: %s\r?\n.*?\r?\n\r?\n"
+                                    % cseq, "\n" + saw)
+                self.assertIsNotNone(request, f"no {cseq} in:\n{saw}")
+                self.assertEqual([v.strip() for h in header_values(request.group(0), "Route") for v in h.split(",")],
+                                 route, request.group(0))
 
     def test_17_what_leaves_the_edge(self):
         # Item 6: the carrier gets neither the PBX's credentials, nor the identity it
