@@ -1244,7 +1244,15 @@ class OwnEnvoy:
 
     def assertCallPasses(self, ip, name):
         far = far_end(f"{name}-far")
-        self.assertPassed(pbx(name, "call.xml", ip, HQ, listen=self.LISTEN).result(), f"call from {ip}")
+        code, _, errors = pbx(name, "call.xml", ip, HQ, listen=self.LISTEN).result()
+        if code != 0:
+            # What the far end and the upstream saw, for a failure seen once in a while
+            # after a SIGKILL restart (the call got the upstream's 100 and nothing else).
+            stop(far.proc)
+            far_code, far_saw, far_errors = far.result(timeout=1)
+            self.fail(f"sipp call from {ip} exited {code}\n{errors}\n--- far end (exit {far_code}):\n"
+                      f"{far_saw[-3000:]}\n{far_errors[-1500:]}\n--- upstream log tail:\n"
+                      f"{read(Env.kamailio_log)[-3000:]}\n--- envoy log tail:\n{self.log()[-2000:]}")
         self.assertPassed(far.result(), f"far end of the call from {ip}")
 
     def assertCallRefused(self, ip, name):
