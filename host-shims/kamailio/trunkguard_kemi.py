@@ -779,9 +779,9 @@ class Shim:
         if code >= 200:
             KSR.pv.sets("$dlg_var(%s)" % DLG_CALLEE_RS, route_set or "-")
             return 1
-        lines = [line for line in (KSR.pv.get("$dlg_var(%s)" % DLG_EARLY_RS) or "").split("\n")
-                 if line and line.partition(" ")[0] != tag]
-        if _early_route_set(KSR.pv.get("$dlg_var(%s)" % DLG_EARLY_RS), tag) != route_set:
+        recorded = KSR.pv.get("$dlg_var(%s)" % DLG_EARLY_RS) or ""
+        lines = [line for line in recorded.split("\n") if line and line.partition(" ")[0] != tag]
+        if _early_route_set(recorded, tag) != route_set:
             KSR.pv.sets("$dlg_var(%s)" % DLG_EARLY_RS,
                         "\n".join(lines[-(EARLY_MAX - 1):] + ["%s %s" % (tag, route_set)]))
         return 1
@@ -957,13 +957,13 @@ class Shim:
         # as a Route of its own (seen in _write_route_set).
         ruri = KSR.pv.get("$ru")
         if KSR.is_myself_ruri() > 0:
-            return self._strict()
+            return self._refuse_route_set()
         # loose_route() strips this edge's Route entries, and the dialog module
         # (called back from it) matches the request to a dialog and applies it to
         # the dialog's state.
         routed = KSR.rr.loose_route() > 0
         if routed and KSR.pv.get("$ru") != ruri:
-            return self._strict()
+            return self._refuse_route_set()
         lives = routed and KSR.dialog.is_known_dlg() > 0 and self._cookie_matches() and self._dialog_lives()
         if lives:
             ftag = KSR.pv.get("$dlg_var(%s)" % DLG_FTAG)
@@ -979,12 +979,10 @@ class Shim:
             hop_uri = hop and KSR.pv.get("$dlg_var(%s)" % hop)
             route_set = self._route_set_of(hop == DLG_CALLEE) if hop_uri else None
             if hop_uri and route_set is None:
-                _refusals().host(404, "route_set")
-                _count("in_dialog.refused")
-                return self._refuse(404, "Not Here")
+                return self._refuse_route_set()
             if hop_uri:
                 if not self._write_route_set(route_set):
-                    return self._strict()
+                    return self._refuse_route_set()
                 if lives == "bye":
                     # The ended dialog's first BYE, marked once it goes.
                     KSR.pv.sets("$dlg_var(%s)" % DLG_BYE, "1")
@@ -1006,7 +1004,9 @@ class Shim:
         _count("in_dialog.refused")
         return self._refuse(404, "Not Here")
 
-    def _strict(self):
+    def _refuse_route_set(self):
+        """An in-dialog request this edge will not route as written (strict routing;
+        an early dialog no 1xx gave; a route set it could not write): 404."""
         _refusals().host(404, "route_set")
         _count("in_dialog.refused")
         return self._refuse(404, "Not Here")

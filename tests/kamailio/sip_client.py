@@ -285,11 +285,11 @@ class Dialog:
         return data
 
 
-def place_call(pbx, carrier, edge, creds, called, extra=(), timeout=3.0, carrier_rr=()):
+def place_call(pbx, carrier, edge, creds, called, extra=(), timeout=3.0):
     """A PBX's call through the edge to the carrier, both ends played here: INVITE,
     407, ACK, INVITE with credentials, the carrier's 200 (its Contact, the edge's
-    Record-Route below `carrier_rr`, the carrier's proxies' own), the PBX's ACK.
-    Returns (pbx dialog, carrier dialog, the INVITE as the carrier got it)."""
+    Record-Route), the PBX's ACK. Returns (pbx dialog, carrier dialog, the INVITE as
+    the carrier got it)."""
     call_id = "call-%s@%s" % (os.urandom(6).hex(), pbx.ip)
     ftag = os.urandom(4).hex()
     ruri = "sip:%s@%s" % (called, REALM)
@@ -329,8 +329,7 @@ def place_call(pbx, carrier, edge, creds, called, extra=(), timeout=3.0, carrier
                              % "\n".join(m.split("\r\n", 1)[0] for m in pbx.seen[-6:]))
     carrier_tag = os.urandom(4).hex()
     carrier_contact = "<sip:%s@%s:%d>" % (called, carrier.ip, carrier.port)
-    carrier.send(response(got, 200, "OK", to_tag=carrier_tag, contact=carrier_contact, record_route=carrier_rr),
-                 hop)
+    carrier.send(response(got, 200, "OK", to_tag=carrier_tag, contact=carrier_contact), hop)
     ok, _ = pbx.recv(timeout, lambda m: ours(m) and status(m) >= 200)
     if status(ok) != 200:
         raise AssertionError("expected 200 at the PBX, got %r" % ok)

@@ -625,8 +625,9 @@ static int tg_added(sip_msg_t *msg)
 
 static int tg_no_dialog(sip_msg_t *msg);
 
-/* An in-dialog request that would be strict-routed: refused 404, in the refusal log. */
-static int tg_strict(sip_msg_t *msg)
+/* An in-dialog request this edge will not route as written (strict routing; an early
+ * dialog no 1xx gave): refused 404, in the refusal log. */
+static int tg_route_set_refused(sip_msg_t *msg)
 {
 	tg_log_host_refusal(msg, 404, "route_set");
 	return tg_no_dialog(msg);
@@ -662,7 +663,7 @@ int ki_trunkguard_dialog_route(sip_msg_t *msg)
 			|| check_self(&msg->parsed_uri.host, GET_URI_PORT(&msg->parsed_uri),
 					   msg->parsed_uri.proto)
 					   == 1)
-		return tg_strict(msg);
+		return tg_route_set_refused(msg);
 	memcpy(uri, ruri.s, ruri.len);
 	adds = tg_added(msg);
 	/* This edge's Route entries off, and the dialog module (called back from rr)
@@ -672,7 +673,7 @@ int ki_trunkguard_dialog_route(sip_msg_t *msg)
 		return tg_no_dialog(msg);
 	if(GET_RURI(msg)->len != ruri.len || memcmp(GET_RURI(msg)->s, uri, ruri.len) != 0
 			|| tg_added(msg) != adds)
-		return tg_strict(msg);
+		return tg_route_set_refused(msg);
 	lives = tg_dialog_lives(msg);
 	if(!lives)
 		return tg_no_dialog(msg);
@@ -697,10 +698,8 @@ int ki_trunkguard_dialog_route(sip_msg_t *msg)
 	if(hlen <= 0)
 		return tg_no_dialog(msg);
 	rslen = tg_route_set_of(msg, hop_pv == tg_pv_callee, rs, sizeof(rs));
-	if(rslen < 0) {
-		tg_log_host_refusal(msg, 404, "route_set");
-		return tg_no_dialog(msg);
-	}
+	if(rslen < 0)
+		return tg_route_set_refused(msg);
 	if(tg_route_set_write(msg, rs, rslen) < 0) {
 		LM_ERR("cannot give an in-dialog request its route set\n");
 		return tg_no_dialog(msg);

@@ -165,21 +165,22 @@ static int tg_log_lines(const tg_str *lines, size_t n)
 	return refusal;
 }
 
-/* A refusal the module makes itself after the policy's allow (an in-dialog request
- * with another route set: `route_set`), in the refusal log with the policy's own and
- * under its rate: the sender chooses how many. */
-void tg_log_host_refusal(sip_msg_t *msg, int code, const char *cause)
+/* A refusal the module makes itself (no verdict: `policy_error`; an in-dialog request
+ * it will not route as written: `route_set`), in the refusal log with the policy's
+ * own and under its rate: the sender chooses how many. 1: a refusal line was written
+ * (or there is no log to rate it). */
+int tg_log_host_refusal(sip_msg_t *msg, int code, const char *cause)
 {
 	const tg_str *lines = NULL;
 	char source[80];
 	size_t n;
 
 	if(tg_rlog() == NULL)
-		return;
+		return 1;
 	tg_addr(source, sizeof(source), &msg->rcv.src_ip, msg->rcv.src_port);
 	n = tg_refusal_log_record_host(tg_rlog(), msg->buf, msg->len, source,
 			tg_transport(msg->rcv.proto), tg_now_ms(), code, cause, &lines);
-	tg_log_lines(lines, n);
+	return tg_log_lines(lines, n);
 }
 
 /* Text that stays on its line: no CR, LF or NUL. A line break in a header value or
@@ -252,19 +253,12 @@ static void tg_arm_failover(sip_msg_t *msg, const tg_verdict *v)
 		LM_ERR("cannot set the failover timer (%u ms)\n", after);
 }
 
-static int tg_fail_closed(sip_msg_t *msg, const char *source, const char *transport,
-		uint64_t now, const char *why)
+static int tg_fail_closed(sip_msg_t *msg, const char *source, const char *why)
 {
-	const tg_str *lines = NULL;
-	size_t n;
-	int said = 1;
+	int said;
 
 	update_stat(tg_st_policy_errors, 1);
-	if(tg_rlog() != NULL) {
-		n = tg_refusal_log_record_host(tg_rlog(), msg->buf, msg->len, source,
-				transport, now, 503, "policy_error", &lines);
-		said = tg_log_lines(lines, n);
-	}
+	said = tg_log_host_refusal(msg, 503, "policy_error");
 	/* Under the log's rate, so a broken module under a flood cannot fill the disk. */
 	if(said && msg->first_line.type == SIP_REQUEST)
 		LM_ERR("trunkguard: no verdict for %.*s from %s: %s\n",
@@ -291,23 +285,23 @@ static int ki_trunkguard_judge(sip_msg_t *msg)
 	transport = tg_transport(msg->rcv.proto);
 	now = tg_now_ms();
 	if(tg_sync() < 0)
-		return tg_fail_closed(msg, source, transport, now, "no policy loaded");
+		return tg_fail_closed(msg, source, "no policy loaded");
 	err[0] = '\0';
 	if(tg_policy_judge(tg_proc.policy, msg->buf, msg->len, source, local, transport,
 			   now, v, err, sizeof(err))
 			< 0)
-		return tg_fail_closed(msg, source, transport, now, err);
+		return tg_fail_closed(msg, source, err);
 	if(v->action < TG_ALLOW || v->action > TG_ROUTE)
-		return tg_fail_closed(msg, source, transport, now, "unknown action");
+		return tg_fail_closed(msg, source, "unknown action");
 	/* A reply or a relayed request with a broken header is never sent: no verdict,
 	 * so the cfg answers 500 (its `default:` case), counted in policy_errors and
 	 * logged once for the message (tg_fail_closed). */
 	if(!tg_headers_ok(v->headers, v->headers_len) || !tg_one_line(&v->reason))
-		return tg_fail_closed(msg, source, transport, now,
+		return tg_fail_closed(msg, source,
 				"the verdict's reply has a header or reason that is not one line");
 	if(!tg_headers_ok(v->insert, v->insert_len))
 		return tg_fail_closed(
-				msg, source, transport, now, "the verdict inserts a header that is not one line");
+				msg, source, "the verdict inserts a header that is not one line");
 	tg_count(v);
 	/* Every verdict goes to the refusal log, which keeps the ones it logs; a
 	 * pending summary of a past second comes out with this process's next message. */

@@ -113,7 +113,7 @@ void tg_addr(char *out, size_t len, struct ip_addr *ip, unsigned short port);
 const char *tg_transport(int proto);
 int tg_str_is(const tg_str *s, const char *lit);
 int tg_removed(sip_msg_t *msg, int start, int end);
-void tg_log_host_refusal(sip_msg_t *msg, int code, const char *cause);
+int tg_log_host_refusal(sip_msg_t *msg, int code, const char *cause);
 
 /* tg_dialog.c */
 int tg_dialog_bind(void);
