@@ -1367,6 +1367,7 @@ FOREIGN_CFG = FOREIGN_HEAD + r"""request_route {{
             exit;
         }}
         record_route();
+        t_on_branch("MANAGE_BRANCH");
         t_relay();
         exit;
     }}
@@ -1381,6 +1382,12 @@ FOREIGN_CFG = FOREIGN_HEAD + r"""request_route {{
     }}
     if (!is_method("ACK")) sl_send_reply("403", "Not Here");
     exit;
+}}
+
+# Kamailio's default cfg has a branch route; an operator may apply the verdict's
+# edits there too, and each branch still carries them once.
+branch_route[MANAGE_BRANCH] {{
+    trunkguard_apply();
 }}
 
 # A response of no transaction would go on by its second Via, wherever that points.

@@ -501,6 +501,21 @@ static int tg_unfold(sip_msg_t *msg)
 	return 0;
 }
 
+/* Whether the message already carries `len` bytes `s` as an addition: the inserts of
+ * a trunkguard_apply() before this one. A branch_route runs on a copy of the
+ * request_route's lumps (modules/tm/t_fwd.c, prepare_new_uac), so an operator's cfg
+ * that applies the verdict in both would send every insert twice otherwise. */
+static int tg_inserted(sip_msg_t *msg, const char *s, size_t len)
+{
+	struct lump *l, *a;
+
+	for(l = msg->add_rm; l; l = l->next)
+		for(a = l->before; a; a = a->before)
+			if(a->op == LUMP_ADD && a->len == (int)len && memcmp(a->u.value, s, len) == 0)
+				return 1;
+	return 0;
+}
+
 static int ki_trunkguard_apply(sip_msg_t *msg)
 {
 	tg_verdict *v = tg_verdict_of(msg);
@@ -522,15 +537,20 @@ static int ki_trunkguard_apply(sip_msg_t *msg)
 	/* The inserts were checked to be one header line each when the message was
 	 * judged (ki_trunkguard_judge fails closed otherwise). */
 	for(i = 0; i < v->insert_len; i++) {
-		/* Before the body, after every header (textops append_hf). */
-		anchor = anchor_lump(msg, msg->unparsed - msg->buf, 0, 0);
-		if(anchor == NULL) {
-			LM_ERR("cannot get an anchor for the insert\n");
-			return -1;
-		}
 		s = tg_header_line(&v->insert[i], &len);
 		if(s == NULL)
 			return -1;
+		if(tg_inserted(msg, s, len)) {
+			pkg_free(s);
+			continue;
+		}
+		/* Before the body, after every header (textops append_hf). */
+		anchor = anchor_lump(msg, msg->unparsed - msg->buf, 0, 0);
+		if(anchor == NULL) {
+			pkg_free(s);
+			LM_ERR("cannot get an anchor for the insert\n");
+			return -1;
+		}
 		/* The lump owns s from here. */
 		if(insert_new_lump_before(anchor, s, (int)len, 0) == 0) {
 			pkg_free(s);
