@@ -1001,8 +1001,61 @@ class EnvoyFront(unittest.TestCase):
             far.sock.sendto((f"BYE {contact} SIP/2.0\r\nVia: SIP/2.0/UDP {FAR_END[0]}:{FAR_END[1]};branch=z9hG4bK-ring-bye\r\n"
                              f"Route: {routes}\r\nMax-Forwards: 70\r\nFrom: {to};tag=far\r\nTo: {frm}\r\n"
                              f"Call-ID: {call_id}\r\nCSeq: 1 BYE\r\nContent-Length: 0\r\n\r\n").encode(), upstream)
-            self.assertTrue(victim.next(lambda t: t.startswith("BYE "), wait=3), "the BYE never reached the victim")
+            bye = victim.next(lambda t: t.startswith("BYE "), wait=3)
+            self.assertTrue(bye, "the BYE never reached the victim")
             self.assertEqual(thief.next(lambda t: t.startswith("BYE "), wait=1), "", "the BYE reached the thief")
+            # Answered, so that the upstream's BYE transaction ends now: left to time
+            # out, its 408 reached the far end's port half a minute later, where a later
+            # test's sipp far end took it for a failed call (EnvoyKeepsState test_2).
+            victim.sock.sendall(reply_to(bye, 200).encode())
+            wait_for("the BYE's 200 at the carrier", lambda: any(
+                m.startswith("SIP/2.0 200") and "CSeq: 1 BYE" in m and call_id in m for m, _ in far.senders))
+
+    def test_25_a_message_the_upstream_would_frame_otherwise_smuggles_nothing(self):
+        # Kamailio's TCP reader (core/tcp_read.c) takes the first line that reads as
+        # Content-Length, `Content_Length` and continuation lines included; the filter
+        # frames by the Content-Length fields it parses. Each carrier below hides an
+        # INVITE the filter never judged, marked as a trunk group's, in what the
+        # filter takes for a body; the upstream would read it as a message of its own
+        # and relay it to the carrier (docs/envoy.md, "Framing").
+        def smuggled(call_id):
+            return (f"INVITE sip:+19005550100@carrier.example.net SIP/2.0\r\n"
+                    f"Via: SIP/2.0/TCP {ATTACKER}:5060;branch=z9hG4bK-{call_id}\r\nMax-Forwards: 70\r\n"
+                    f"From: <sip:attacker@{ATTACKER}>;tag=s1\r\nTo: <sip:+19005550100@carrier.example.net>\r\n"
+                    f"Call-ID: {call_id}\r\nCSeq: 1 INVITE\r\nContact: <sip:attacker@{ATTACKER};transport=tcp>\r\n"
+                    f"X-Trunkguard-Trunk-Group: hq-pbx1\r\nContent-Length: 0\r\n\r\n")
+
+        def options(call_id, fields, body=""):
+            return (f"OPTIONS sip:{REALM} SIP/2.0\r\nVia: SIP/2.0/TCP {ATTACKER}:5060;branch=z9hG4bK-{call_id}\r\n"
+                    f"Max-Forwards: 70\r\nFrom: <sip:attacker@{ATTACKER}>;tag=o1\r\nTo: <sip:{REALM}>\r\n"
+                    f"Call-ID: {call_id}\r\nCSeq: 1 OPTIONS\r\n{fields}Content-Length: {len(body)}\r\n\r\n{body}")
+
+        ringing = smuggled("smug-response")
+        # The probe of a refused INVITE keeps its To; the OPTIONS after it must be
+        # exactly as long as the Content-Length the probe's folded line states.
+        head = options("smug-probe-options", "", smuggled("smug-probe"))
+        head_len = head.index("\r\n\r\n") + 4
+        cases = {
+            "underscore": options("smug-underscore-options", "Content_Length: 0\r\n", smuggled("smug-underscore")),
+            "folded-response": (f"SIP/2.0 180 Ringing\r\nVia: SIP/2.0/TCP {ATTACKER}:5060;branch=z9hG4bK-r1\r\n"
+                                f"From: <sip:a@{REALM}>;tag=1\r\nTo: <sip:b@{REALM}>;tag=2\r\nCall-ID: smug-r\r\n"
+                                f"CSeq: 1 INVITE\r\nSubject: hi\r\n l: 0 x\r\nContent-Length: {len(ringing)}\r\n\r\n"
+                                f"{ringing}"),
+            "folded-request": options("smug-folded-options", "Subject: hi\r\n l: 0 x\r\n", smuggled("smug-folded")),
+            "probe": forged("INVITE", "smug-probe-invite",
+                            f'To: "a\r\n l: {head_len:04d} x" <sip:+19005550100@carrier.example.net>\r\n') + head,
+        }
+        with FarEnd() as far:
+            for message in cases.values():
+                attack(message, wait=1.0)
+            self.assertNothingReached(far, "smug-")
+        seen = upstream_saw()[0]
+        self.assertEqual([x for x in seen if x["call_id"].startswith("smug-") and x["method"] == "INVITE"
+                          and x["call_id"] != "smug-probe-invite"], [], "the upstream read a smuggled INVITE")
+        # A PBX that folds a header (RFC 3261 §7.3.1) is still served: the filter
+        # unfolds what it passes on.
+        reply = attack(options("fold-ok", "Subject: a\r\n b\r\n"))
+        self.assertEqual(status_of(reply), 200, reply)
 
     def test_23_envoy_holds_hashes_only_and_its_files_are_0600(self):
         vault = vault_ha1s()

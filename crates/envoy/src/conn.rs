@@ -10,7 +10,7 @@ use std::collections::VecDeque;
 use super::probe::{self, Key};
 use super::stream::{Item, Reassembler};
 use trunkguard::answer;
-use trunkguard::sip::{Framing, parse};
+use trunkguard::sip::{Framing, frames_alike, parse};
 use trunkguard::verdict::Verdict;
 
 /// What the filter does with a request the policy answers itself.
@@ -115,7 +115,10 @@ impl Conn {
                 out.extend_from_slice(item.bytes());
                 return;
             };
-            match on_request(raw, *mode, pending, answered, judge, &mut o) {
+            match upstream_reads_alike(
+                raw,
+                on_request(raw, *mode, pending, answered, judge, &mut o),
+            ) {
                 Step::Pass => out.extend_from_slice(raw),
                 Step::Replace(bytes) => {
                     changed = true;
@@ -260,6 +263,24 @@ fn relayed(raw: &[u8], verdict: &Verdict) -> Step {
     match parse(raw, Framing::Stream) {
         Ok(m) => Step::Replace(m.edited(&verdict.strip, &verdict.insert)),
         Err(_) => Step::Close("an allowed message that cannot be edited"),
+    }
+}
+
+/// What goes upstream must be the message the policy judged to the upstream's own
+/// stream reader too (`frames_alike`, crates/sip/src/framing.rs): otherwise what the
+/// filter took for one message's body could be a request of its own to the upstream,
+/// one nobody judged (docs/envoy.md, "Framing"). A message passed as received that
+/// folds a header goes unfolded, as an edited one does; anything else that could
+/// be cut otherwise closes the connection, whose framing is then in doubt.
+fn upstream_reads_alike(raw: &[u8], step: Step) -> Step {
+    const OTHERWISE: &str = "a message the upstream could frame otherwise";
+    match step {
+        Step::Pass if !frames_alike(raw) => match parse(raw, Framing::Stream) {
+            Ok(m) => upstream_reads_alike(raw, Step::Replace(m.edited(&[], &[]))),
+            Err(_) => Step::Close(OTHERWISE),
+        },
+        Step::Replace(bytes) if !frames_alike(&bytes) => Step::Close(OTHERWISE),
+        step => step,
     }
 }
 
@@ -540,6 +561,43 @@ From: <sip:hq1@t>;tag=f\r\nTo: <sip:+1555@t>;tag=tg1\r\nCall-ID: z9hG4bK-b@pbx\r
         let o = c.downstream(b"OPTIONS sip:x SIP/2.0\r\nVia: x\r\n\r\n", &mut j);
         assert_eq!((o.data, o.judged), (Some(Vec::new()), 0));
         assert!(o.close.is_some());
+    }
+
+    #[test]
+    fn what_goes_upstream_is_cut_where_the_filter_cut_it() {
+        let hidden = invite("x", "z9hG4bK-hidden", "X-Trunkguard-Trunk-Group: hq\r\n");
+        // Allowed as received, but Kamailio's TCP reader takes `Content_Length: 0`
+        // and reads the body as an INVITE of its own: nothing of it goes.
+        let mut c = Conn::new(OnRefusal::Answer);
+        let mut j = Fake(0);
+        let underscore = format!(
+            "OPTIONS sip:t SIP/2.0\r\nVia: SIP/2.0/TCP h;branch=z9hG4bK-o\r\nFrom: <sip:a@t>;tag=1\r\n\
+To: <sip:t>\r\nCall-ID: o\r\nCSeq: 1 OPTIONS\r\nContent_Length: 0\r\nContent-Length: {}\r\n\r\n{hidden}",
+            hidden.len()
+        );
+        let o = c.downstream(underscore.as_bytes(), &mut j);
+        assert_eq!(o.data, Some(Vec::new()));
+        assert!(o.close.is_some());
+        // A folded line that reads as Content-Length on its own: passed unfolded.
+        let mut c = Conn::new(OnRefusal::Answer);
+        let folded = format!(
+            "SIP/2.0 180 Ringing\r\nVia: SIP/2.0/TCP h;branch=z9hG4bK-r\r\nFrom: <sip:a@t>;tag=1\r\n\
+To: <sip:b@t>;tag=2\r\nCall-ID: r\r\nCSeq: 1 INVITE\r\nSubject: hi\r\n l: 0 x\r\nContent-Length: {}\r\n\r\n{hidden}",
+            hidden.len()
+        );
+        let o = c.downstream(folded.as_bytes(), &mut j);
+        let out = o.data.expect("unfolded");
+        assert!(o.close.is_none());
+        assert!(frames_alike(&out), "{}", String::from_utf8_lossy(&out));
+        assert!(String::from_utf8_lossy(&out).contains("Subject: hi l: 0 x\r\n"));
+        // The probe of a refused INVITE whose To folds such a line: joined too.
+        let mut c = Conn::new(OnRefusal::Answer);
+        let req = invite("hq1", "z9hG4bK-p", "")
+            .replace("To: <sip:+1555@t>", "To: \"a\r\n l: 0170 x\" <sip:+1555@t>");
+        let o = c.downstream(req.as_bytes(), &mut j);
+        let out = o.data.expect("a probe");
+        assert_eq!((o.probes, o.close), (1, None));
+        assert!(frames_alike(&out), "{}", String::from_utf8_lossy(&out));
     }
 
     #[test]

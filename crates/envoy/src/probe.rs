@@ -99,8 +99,10 @@ pub fn build(raw: &[u8], announce: &[(String, String)]) -> Option<Probe> {
     })
 }
 
-/// The Via fields and the first From, To, Call-ID and CSeq, folded lines kept, each
-/// ending in CRLF; `None` unless all five are there.
+/// The Via fields and the first From, To, Call-ID and CSeq, each on one line ending
+/// in CRLF (a folded one joined by one SP, as RFC 3261 §7.3.1 reads it: a
+/// continuation line could read as a header of its own upstream, a Content-Length
+/// among them); `None` unless all five are there.
 fn transaction_fields<'a>(lines: impl Iterator<Item = &'a str>) -> Option<String> {
     let mut out = String::new();
     let mut seen = [false; 5];
@@ -108,7 +110,9 @@ fn transaction_fields<'a>(lines: impl Iterator<Item = &'a str>) -> Option<String
     for line in lines {
         if line.starts_with([' ', '\t']) {
             if keep {
-                out.push_str(line);
+                out.truncate(out.len().saturating_sub(2));
+                out.push(' ');
+                out.push_str(line.trim_start_matches([' ', '\t']));
                 out.push_str("\r\n");
             }
             continue;
@@ -219,12 +223,13 @@ Content-Length: 0\r\n\r\n"
     }
 
     #[test]
-    fn folded_and_compact_fields_are_kept_and_a_bad_uri_is_replaced() {
+    fn folded_fields_are_joined_compact_ones_kept_and_a_bad_uri_replaced() {
         let req = "REGISTER sip:[bad SIP/2.0\r\nv: SIP/2.0/TCP h;branch=z9hG4bK-2\r\nf: <sip:a@b>;tag=1\r\n\
 t: <sip:a@b>\r\ni: x\r\nCSeq:\r\n 7 REGISTER\r\nX: y\r\n z\r\nl: 0\r\n\r\n";
         let p = build(req.as_bytes(), &[]).unwrap();
         assert!(text(&p).starts_with("REGISTER sip:trunkguard.invalid SIP/2.0\r\n"));
-        assert!(text(&p).contains("CSeq:\r\n 7 REGISTER\r\nMax-Forwards: 0\r\n"));
+        assert!(text(&p).contains("CSeq: 7 REGISTER\r\nMax-Forwards: 0\r\n"));
+        assert!(trunkguard::sip::frames_alike(&p.bytes), "{}", text(&p));
         assert!(!text(&p).contains("X: y"));
         assert_eq!(p.key.cseq, 7);
     }

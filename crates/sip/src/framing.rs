@@ -268,6 +268,60 @@ fn frame_message(buf: &[u8], start: usize) -> Result<Frame, ParseError> {
     })
 }
 
+/// Whether every SIP stream reader cuts `unit` (one message as [`frame_stream`] framed
+/// it, keep-alive CRLFs before it allowed) where this framing does, so that a host
+/// relaying it onto a stream hands its next hop the very message the policy judged.
+///
+/// Readers differ on what counts as Content-Length. Kamailio's TCP reader
+/// (core/tcp_read.c) takes the first line that reads as one, a continuation line
+/// included, spells the name with `-` or `_`, and stops at the first SP after the
+/// digits; this framing takes only the fields it parses, folded lines joined. Held to
+/// the form on which every reader agrees, none is left to choose: CRLF line ends only,
+/// no continuation line (RFC 3261 §7.3.1 allows them; hosts unfold what they relay,
+/// [`Message::edited`](super::Message::edited)), and every line whose name reads as
+/// Content-Length to any of them spelled `Content-Length` or `l` with the body's
+/// length in digits alone.
+pub fn frames_alike(unit: &[u8]) -> bool {
+    let start = keepalive_len(unit);
+    let rest = unit.get(start..).unwrap_or(&[]);
+    let Some(head_len) = rest.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return false;
+    };
+    let (head, body) = (
+        rest.get(..head_len).unwrap_or(&[]),
+        rest.get(head_len + 4..).unwrap_or(&[]),
+    );
+    let mut lengths = 0;
+    let mut lines = head.split(|&b| b == b'\n').peekable();
+    while let Some(line) = lines.next() {
+        // Each line ends in CR before its LF (the last one before the empty line's
+        // CRLF CRLF); a CR anywhere else, or an LF without its CR, is a line end to
+        // some reader and not to another.
+        let line = match (lines.peek().is_some(), line.split_last()) {
+            (true, Some((b'\r', line))) => line,
+            (false, _) => line,
+            _ => return false,
+        };
+        if line.contains(&b'\r') || matches!(line.first(), Some(b' ' | b'\t') | None) {
+            return false;
+        }
+        let Some(colon) = line.iter().position(|&b| b == b':') else {
+            continue;
+        };
+        let name = trim_name(line.get(..colon).unwrap_or(&[]));
+        if name.eq_ignore_ascii_case(b"content_length") {
+            return false;
+        }
+        if is_content_length_name(name) {
+            match content_length_value(line.get(colon + 1..).unwrap_or(&[])) {
+                Ok(n) if n == body.len() => lengths += 1,
+                _ => return false,
+            }
+        }
+    }
+    lengths > 0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -302,6 +356,57 @@ mod tests {
                 "input {:?}",
                 String::from_utf8_lossy(input)
             );
+        }
+    }
+
+    #[test]
+    fn frames_alike_only_what_every_stream_reader_cuts_in_the_same_place() {
+        let alike: [&[u8]; 4] = [
+            OPTIONS,
+            b"\r\n\r\nX x SIP/2.0\r\nl: 0\r\n\r\n",
+            b"X x SIP/2.0\r\nContent-Length :\t2 \r\nL: 02\r\n\r\nab",
+            b"X x SIP/2.0\r\nLength: 9\r\nlx: 9\r\nContent-Lengthy: 9\r\nl: 0\r\n\r\n",
+        ];
+        for unit in alike {
+            assert!(frames_alike(unit), "{:?}", String::from_utf8_lossy(unit));
+        }
+        // Each of these is one message to this framing (or none), and to Kamailio's
+        // TCP reader, where it says, another.
+        let otherwise: [(&str, &[u8]); 10] = [
+            (
+                "`_` in the name: 0",
+                b"X x SIP/2.0\r\nContent_Length: 0\r\nContent-Length: 2\r\n\r\nab",
+            ),
+            (
+                "a continuation line: 0",
+                b"X x SIP/2.0\r\nSubject: a\r\n l: 0 x\r\nContent-Length: 2\r\n\r\nab",
+            ),
+            (
+                "a folded value: none",
+                b"X x SIP/2.0\r\nContent-Length:\r\n 2\r\n\r\nab",
+            ),
+            (
+                "an LF alone: 0",
+                b"X x SIP/2.0\nl: 0\r\nContent-Length: 2\r\n\r\nab",
+            ),
+            (
+                "a CR alone",
+                b"X x SIP/2.0\r\nA: b\rl: 0\r\nContent-Length: 2\r\n\r\nab",
+            ),
+            (
+                "a CR before the empty line",
+                b"X x SIP/2.0\r\nContent-Length: 2\r\r\n\r\nab",
+            ),
+            ("digits and more: 2", b"X x SIP/2.0\r\nl: 2 x\r\n\r\nab"),
+            (
+                "not the body's length",
+                b"X x SIP/2.0\r\nContent-Length: 1\r\n\r\nab",
+            ),
+            ("no length", b"X x SIP/2.0\r\nA: b\r\n\r\n"),
+            ("no empty line", b"X x SIP/2.0\r\nContent-Length: 0\r\n"),
+        ];
+        for (why, unit) in otherwise {
+            assert!(!frames_alike(unit), "{why}");
         }
     }
 

@@ -30,7 +30,7 @@ mod via;
 
 pub use auth::{AuthHeader, DigestCredentials};
 pub use error::ParseError;
-pub use framing::{Frame, MAX_BODY_LEN, MAX_HEAD_LEN, MAX_HEADERS, frame_stream};
+pub use framing::{Frame, MAX_BODY_LEN, MAX_HEAD_LEN, MAX_HEADERS, frame_stream, frames_alike};
 pub use header::{Header, HeaderName, KNOWN_HEADERS, unfold};
 pub use message::{CSeq, Message, StartLine, parse};
 pub use method::Method;

@@ -290,6 +290,15 @@ pub(crate) fn parse_with(
     let start_line = parse_start_line(head.get(..line_end - line_start).unwrap_or(""))?;
     let text = head.get(fields_start - line_start..).unwrap_or("");
 
+    // Kamailio's TCP reader (core/tcp_read.c) takes a `Content_Length` field for
+    // Content-Length, this parser does not: relayed onto a stream, such a message
+    // would end where this parser reads on (docs/policy.md, "Threat model").
+    if entries
+        .iter()
+        .any(|e| e.known.is_none() && e.header(text).name.eq_ignore_ascii_case("content_length"))
+    {
+        return Err(ParseError::BadContentLength);
+    }
     let available = buf.get(body_start..).unwrap_or(&[]);
     let body = match framing {
         Framing::Datagram => match content_length {
@@ -1280,6 +1289,12 @@ mod tests {
                 [b"\r\n\r\n".as_slice(), &with(&["l: 0"], "")].concat(),
                 Framing::Stream,
                 Ok(b""),
+            ),
+            (
+                "a Content_Length field, Content-Length to Kamailio's TCP reader",
+                with(&["CONTENT_length: 0", "l: 2"], "ab"),
+                Framing::Datagram,
+                Err(ParseError::BadContentLength),
             ),
         ];
         for (name, buf, framing, want) in cases {
