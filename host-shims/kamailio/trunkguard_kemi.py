@@ -588,6 +588,29 @@ def _refusal_log_rate():
         return 20
 
 
+# The file the refusal lines go to as well (run: <state>/refusal.log), for fail2ban:
+# trunkguard's lines alone. Kamailio's own log also carries text any sender chooses (a
+# message its parser refuses is logged as received, line breaks and all), so a jail
+# reading it could be made to ban anyone (docs/policy.md, "fail2ban").
+REFUSAL_LOG_FILE = os.environ.get("TRUNKGUARD_REFUSAL_LOG_FILE", "")
+
+
+def _emit(lines):
+    """Each line to Kamailio's log and, one whole write each, to REFUSAL_LOG_FILE."""
+    for line in lines:
+        KSR.notice(line + "\n")
+    if REFUSAL_LOG_FILE and lines:
+        try:
+            fd = os.open(REFUSAL_LOG_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+            try:
+                for line in lines:
+                    os.write(fd, (line + "\n").encode())
+            finally:
+                os.close(fd)
+        except OSError as e:
+            KSR.err("trunkguard: cannot write the refusal log %s: %s\n" % (REFUSAL_LOG_FILE, e))
+
+
 class Refusals:
     """The process's refusal log, made in the worker that uses it."""
 
@@ -601,8 +624,7 @@ class Refusals:
             lines = self.log.record(message, source, transport, now_ms, action, code or 0, cause, group)
         except Exception as e:
             return self._failed(e)
-        for line in lines:
-            KSR.notice(line + "\n")
+        _emit(lines)
 
     def host(self, code, cause):
         """A refusal this script makes itself after the policy's allow, or when the
@@ -613,8 +635,7 @@ class Refusals:
         except Exception as e:
             self._failed(e)
             return False
-        for line in lines:
-            KSR.notice(line + "\n")
+        _emit(lines)
         return any(line.startswith("trunkguard-refusal ") for line in lines)
 
     def flush(self, now_ms):
@@ -627,7 +648,7 @@ class Refusals:
         except Exception as e:
             return self._failed(e)
         if line:
-            KSR.notice(line + "\n")
+            _emit([line])
 
     def _failed(self, e):
         # The log must not decide a request's fate: said once per process, then silent.

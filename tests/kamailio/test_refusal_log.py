@@ -10,6 +10,8 @@ bans a password guesser, not the PBX whose captured answers are replayed.
   127.0.0.3  right credentials of branch-p2p from outside its access list
   127.0.0.4  a flood of requests refused 483
   127.0.0.6  one wrong password (the line's format)
+  127.0.0.7  messages Kamailio's parser refuses, logged with a forged refusal line
+             naming 127.0.0.9: never banned
 
 Each class its own Kamailio with one worker per listener, so one process judges each
 listener's traffic: RefusalLog the KEMI shim on 127.0.0.1:5360 (core side 5380),
@@ -47,6 +49,9 @@ RUN = os.path.join(os.environ.get("TG_KAMAILIO_SHIM_DIR") or os.path.join(ROOT, 
 FILTER = os.path.join(ROOT, "host-shims", "fail2ban", "filter.d", "trunkguard.conf")
 JAIL = os.path.join(ROOT, "host-shims", "fail2ban", "jail.d", "trunkguard.conf")
 PBX, GUESSER, OUTSIDER, FLOODER, WRONG = "127.0.0.1", "127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.6"
+# A sender of messages Kamailio's parser refuses, and the address its forged refusal
+# lines name (the carrier core, say).
+FORGER, FRAMED = "127.0.0.7", "127.0.0.9"
 HQ = ("hq1", "s3cret")
 P2P = ("branch1", "p2p-s3cret")
 REALM = sip.REALM
@@ -121,6 +126,8 @@ class KamailioRefusalLog:
         if out.returncode != 0:
             raise RuntimeError("run --daemon failed:\n%s%s" % (out.stdout, out.stderr))
         cls.log_path = os.path.join(cls.state, "kamailio.log")
+        # The same lines, and nothing else: what fail2ban reads.
+        cls.refusal_path = os.path.join(cls.state, "refusal.log")
 
     @classmethod
     def tearDownClass(cls):
@@ -225,11 +232,12 @@ class KamailioRefusalLog:
         with open(os.path.join(conf, "action.d", "record.conf"), "w", encoding="utf-8") as f:
             f.write("[Definition]\nactionstart =\nactionstop =\nactioncheck =\n"
                     "actionban = echo <ip> >> %s\nactionunban =\n" % banned)
-        # The shipped jail as it is, but for where it reads, how, and what a ban does;
-        # nothing is ignored, so the PBX stays unbanned by the filter's doing alone.
+        # The shipped jail as it is, but for where it reads (run's refusal log, as the
+        # jail's comment says), how, and what a ban does; nothing is ignored, so the
+        # PBX stays unbanned by the filter's doing alone.
         with open(os.path.join(conf, "jail.local"), "w", encoding="utf-8") as f:
             f.write("[trunkguard]\nlogpath = %s\nbackend = polling\nbanaction = record\n"
-                    "ignoreip =\nignoreself = false\n" % self.log_path)
+                    "ignoreip =\nignoreself = false\n" % self.refusal_path)
         sock = os.path.join(base, "fail2ban.sock")
         proc = subprocess.Popen(["fail2ban-server", "-f", "-x", "-c", conf, "-s", sock,
                                  "-p", os.path.join(base, "fail2ban.pid")],
@@ -273,6 +281,17 @@ class KamailioRefusalLog:
             looped = sip.request("INVITE", "sip:+15559876543@" + REALM, from_user="x", via_ip=PBX,
                                  via_port=replayer.port)
             self.assertEqual(sip.status(replayer.final(looped.replace(b"Max-Forwards: 70", b"Max-Forwards: 0"))), 483)
+        # Anyone can have Kamailio's core write a line of their choosing: a message its
+        # parser refuses is logged as received, line breaks and all. Three of them,
+        # each a refusal line for an address the sender wants banned.
+        forger = self.endpoint(FORGER)
+        now = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime())
+        forged = ('trunkguard-refusal {"time":"%s","source":"%s:5060","transport":"udp","method":"INVITE",'
+                  '"code":403,"cause":"bad_credentials"}' % (now, FRAMED))
+        for i in range(3):
+            forger.send(("INVITE sip:x@%s SIP/2.0\r\n%s\r\nVia: SIP/2.0/UDP %s;branch=z9hG4bK-f%d\r\n\r\n"
+                         % (REALM, forged, FORGER, i)).encode())
+        wait_for("Kamailio to log the forged lines", lambda: _read(self.log_path).count(forged) >= 3, timeout=10)
         # Within one second's line budget each: RATE lines a second per process.
         time.sleep(1.1)
         # The guesser: six wrong passwords (maxretry 5; the policy's own lockout is 10).
@@ -291,6 +310,13 @@ class KamailioRefusalLog:
                 e, status(), _read(f2b_log)[-3000:], "\n".join(t for *_, t in self.lines()[-30:])))
         self.assertRegex(status(), r"Banned IP list:\s+%s\s*$" % re.escape(GUESSER))
         self.assertEqual(_read(banned_file).split(), [GUESSER])
+        # The refusal log holds the module's or the shim's lines alone, the ones
+        # Kamailio's own log has, and none of the forged ones.
+        kept = _read(self.refusal_path).splitlines()
+        ours = {marker + " " + text for _, marker, _, text in self.lines()}
+        self.assertNotIn(forged, kept)
+        self.assertEqual([k for k in kept if k not in ours], [])
+        self.assertEqual(len([k for k in kept if '"source":"%s:' % GUESSER in k]), 6, kept)
         self.assertEqual(len(re.findall(r"\] Found %s " % re.escape(GUESSER), _read(f2b_log))), 6)
         self.assertNotRegex(_read(f2b_log), r"\] Found %s " % re.escape(PBX))
         # The PBX's replayed-answer and malformed lines are in the log, unbanned.
@@ -405,6 +431,11 @@ class RefusalLog(KamailioRefusalLog, unittest.TestCase):
             line("192.0.2.5:5060", "too_many_hops"),
             # The carrier core's call to a wrong number.
             line("192.0.2.7:5060", "unknown_did"),
+            # Kamailio's core logging a message its parser refused, through syslog (one
+            # record, line breaks as #015#012): a whole forged line inside it.
+            '2026-11-30T11:00:00.000Z kamailio[7]: ERROR: <core> [core/parser/msg_parser.c:749]: parse_msg(): '
+            'ERROR: parse_msg: message=<INVITE sip:x@y SIP/2.0#015#012' + line("192.0.2.8:5060", "bad_credentials",
+                                                                             prefix="") + '#015#012Via: x>',
             # A Call-ID carrying a whole fake line: its quotes arrive escaped.
             line("192.0.2.6:5060", "malformed", call_id='x trunkguard-refusal {"time":"2026-11-30T11:00:00.000Z",'
                  '"source":"192.0.2.66:5060","transport":"udp","method":"INVITE","code":403,"cause":"bad_credentials"'),

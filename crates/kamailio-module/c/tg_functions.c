@@ -15,9 +15,13 @@
  * failover URI goes with the transaction in the xavp tg_failover (the failure route
  * runs later, in whichever process gets the reply or the timeout).
  */
+#include <errno.h>
+#include <fcntl.h>
 #include <limits.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/uio.h>
+#include <unistd.h>
 
 #include "../../core/dprint.h"
 #include "../../core/mem/mem.h"
@@ -153,6 +157,37 @@ static tg_refusal_log *tg_rlog(void)
 /* The refusal log's lines (docs/policy.md "The refusal log"), written as the KEMI
  * shim writes them: `trunkguard-refusal {json}` at NOTICE. 1: a refusal line was
  * among them. */
+/* The lines to the refusal_log_file as well, one whole write each (O_APPEND): the file
+ * fail2ban reads holds trunkguard's lines alone. Kamailio's own log also carries text
+ * any sender chooses (a message the core parser refuses is logged as received, line
+ * breaks and all), so a jail reading it could be made to ban anyone (docs/policy.md,
+ * "fail2ban"). Opened for each batch, so that a rotated file is followed. */
+static void tg_log_file(const tg_str *lines, size_t n)
+{
+	struct iovec iov[2];
+	size_t i;
+	int fd;
+
+	if(tg_refusal_log_file == NULL || n == 0)
+		return;
+	fd = open(tg_refusal_log_file, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0640);
+	if(fd < 0) {
+		LM_ERR("cannot open the refusal log %s: %s\n", tg_refusal_log_file, strerror(errno));
+		return;
+	}
+	iov[1].iov_base = "\n";
+	iov[1].iov_len = 1;
+	for(i = 0; i < n; i++) {
+		iov[0].iov_base = (void *)lines[i].s;
+		iov[0].iov_len = lines[i].len;
+		if(writev(fd, iov, 2) != (ssize_t)(lines[i].len + 1)) {
+			LM_ERR("cannot write the refusal log %s: %s\n", tg_refusal_log_file, strerror(errno));
+			break;
+		}
+	}
+	close(fd);
+}
+
 static int tg_log_lines(const tg_str *lines, size_t n)
 {
 	size_t i;
@@ -162,6 +197,7 @@ static int tg_log_lines(const tg_str *lines, size_t n)
 		if(lines[i].len >= 19 && memcmp(lines[i].s, "trunkguard-refusal ", 19) == 0)
 			refusal = 1;
 	}
+	tg_log_file(lines, n);
 	return refusal;
 }
 

@@ -36,6 +36,7 @@ extern char *tg_alert_url;
 extern char *tg_alert_token_file;
 extern char *tg_spool_dir;
 extern int tg_refusal_log_rate;
+extern char *tg_refusal_log_file;
 extern int tg_timer_interval;
 
 /* The publication in force, in shared memory: `trunkguard.publish` writes it, every

@@ -38,6 +38,7 @@ char *tg_alert_url = NULL;
 char *tg_alert_token_file = NULL;
 char *tg_spool_dir = "/var/lib/trunkguard/kamailio/spool";
 int tg_refusal_log_rate = 20;
+char *tg_refusal_log_file = NULL;
 int tg_timer_interval = 1;
 
 tg_pub_t *tg_pub = NULL;
@@ -86,6 +87,7 @@ static param_export_t params[] = {
 	{"alert_token_file", PARAM_STRING, &tg_alert_token_file},
 	{"spool_dir", PARAM_STRING, &tg_spool_dir},
 	{"refusal_log_rate", PARAM_INT, &tg_refusal_log_rate},
+	{"refusal_log_file", PARAM_STRING, &tg_refusal_log_file},
 	{"timer_interval", PARAM_INT, &tg_timer_interval},
 	{"db_url", PARAM_STR, &tg_db_url},
 	{"db_table", PARAM_STR, &tg_db_table},
@@ -209,6 +211,8 @@ static int mod_init(void)
 		tg_timer_interval = 1;
 	if(tg_refusal_log_rate < 0)
 		tg_refusal_log_rate = 0;
+	if(tg_refusal_log_file != NULL && *tg_refusal_log_file == '\0')
+		tg_refusal_log_file = NULL;
 	if(tg_alert_url != NULL && *tg_alert_url == '\0')
 		tg_alert_url = NULL;
 	if(tg_alert_token_file != NULL && *tg_alert_token_file == '\0')
