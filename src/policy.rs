@@ -77,7 +77,7 @@ pub fn decide(
     match msg.dialog_to_tag() {
         Err(e) => return Ok(malformed(&e).into()),
         Ok(Some(_)) if method != Method::Register => {
-            return Ok(req.allow(Cause::InDialog).into());
+            return Ok(req.allow_in_dialog(core).into());
         }
         Ok(_) => {}
     }
@@ -138,6 +138,19 @@ struct Request<'r, 'a> {
     /// Keeps apart the nonces of challenges issued in one millisecond.
     nonce_unique: u16,
 }
+
+/// What a PBX says of itself that the edge never passes on from the access side: its
+/// credentials for this edge, the identity it asserts (P-Asserted-Identity,
+/// P-Preferred-Identity, or the older Remote-Party-ID) and the number it would have a
+/// carrier bill (P-Charge-Info).
+const ASSERTED: [&str; 6] = [
+    "Authorization",
+    "Proxy-Authorization",
+    "P-Asserted-Identity",
+    "P-Preferred-Identity",
+    "Remote-Party-ID",
+    "P-Charge-Info",
+];
 
 /// Methods that pass without credentials: keep-alives, and the two that RFC 3261
 /// forbids challenging (ACK for a non-2xx is hop-by-hop; CANCEL cannot be challenged
@@ -206,24 +219,28 @@ impl<'r, 'a> Request<'r, 'a> {
         out
     }
 
-    /// An authenticated trunk group's request, as it leaves for the carrier: the
-    /// PBX's credentials for this edge, its Route set, the identity it asserts
-    /// (P-Asserted-Identity, P-Preferred-Identity, or the older Remote-Party-ID) and
-    /// the number it would have a carrier bill (P-Charge-Info) stop here, and the edge
-    /// names the trunk group and asserts the identity.
+    /// A request within a dialog: unauthenticated, so from the access side whatever
+    /// it says of who calls or who pays stops here, as on the dialog's INVITE
+    /// ([`ASSERTED`]): a PBX inside its own call must not name another caller or
+    /// payer to the carrier (an UPDATE or re-INVITE carrying P-Charge-Info). The
+    /// core side's requests keep theirs (the carrier's, for the PBX).
+    fn allow_in_dialog(&self, core: bool) -> Verdict {
+        let mut v = self.allow(Cause::InDialog);
+        if !core {
+            v.strip.extend(ASSERTED.iter().map(|s| s.to_string()));
+        }
+        v
+    }
+
+    /// An authenticated trunk group's request, as it leaves for the carrier: its
+    /// Route set and what [`ASSERTED`] names stop here, and the edge names the trunk
+    /// group and asserts the identity.
     fn allow_trunk(&self, trunk: &Trunk) -> Verdict {
         let mut v = self.allow(Cause::Trunk).with_trunk(&trunk.id);
-        for name in [
-            "Authorization",
-            "Proxy-Authorization",
-            "Route",
-            "P-Asserted-Identity",
-            "P-Preferred-Identity",
-            "Remote-Party-ID",
-            "P-Charge-Info",
-        ] {
-            v.strip.push(name.to_string());
-        }
+        let (credentials, identity) = ASSERTED.split_at(2);
+        v.strip.extend(credentials.iter().map(|s| s.to_string()));
+        v.strip.push("Route".to_string());
+        v.strip.extend(identity.iter().map(|s| s.to_string()));
         if self.index.asserted_identity {
             // The number comes from the configuration, never the sender's text: the
             // From user only selects which of the trunk group's DIDs is asserted

@@ -1102,11 +1102,16 @@ class KamailioEdge(unittest.TestCase):
         # hq1 is none of hq-pbx1's DIDs: the edge asserts the trunk's first DID.
         self.assertEqual(sip.headers(got, "P-Asserted-Identity"), ["<sip:+15551230000@%s>" % REALM], got)
         self.assertEqual(sip.headers(got, "X-Trunkguard-Trunk-Group"), ["hq-pbx1"], got)
-        # re-INVITE both ways, then the carrier hangs up.
-        reinvite = sip.in_dialog_round(pbx_side, carrier_side, "INVITE",
-                                       extra=[("X-Trunkguard-Trunk-Group", "branch-p2p")])
-        self.assertEqual(sip.headers(reinvite, "X-Trunkguard-Trunk-Group"), [], reinvite)
-        sip.in_dialog_round(carrier_side, pbx_side, "INVITE")
+        # re-INVITE both ways, then the carrier hangs up. Within its call the PBX is
+        # not authenticated: its claims stop at the edge there too (an UPDATE or
+        # re-INVITE naming another customer's number to bill), the carrier's pass.
+        claims = [c for c in self.PBX_CLAIMS if c[0] != "Route"] + [("Proxy-Authorization", 'Digest username="hq1"')]
+        reinvite = sip.in_dialog_round(pbx_side, carrier_side, "INVITE", extra=claims)
+        for name, _ in claims:
+            self.assertEqual(sip.headers(reinvite, name), [], reinvite)
+        carrier_pai = ("P-Asserted-Identity", "<sip:+15559876543@carrier.example.net>")
+        back = sip.in_dialog_round(carrier_side, pbx_side, "INVITE", extra=[carrier_pai])
+        self.assertEqual(sip.headers(back, "P-Asserted-Identity"), [carrier_pai[1]], back)
         sip.in_dialog_round(carrier_side, pbx_side, "BYE")
         # A second call, hung up by the PBX.
         pbx_side, carrier_side, _ = sip.place_call(pbx, carrier, KAMAILIO, HQ, CALLED)
