@@ -409,8 +409,12 @@ class Edge {
       if (!vias.length) throw new Error('no Via');
       const top = parseVia(vias[0]);
       // The server transport's part (RFC 3261 §18.2.1, RFC 3581): note where it came from.
+      // A `received` the sender wrote itself is overwritten, never followed: answers go
+      // where the request came from, not where its sender would reflect them.
       const rport = param(top, 'rport') !== undefined;
-      if (rport || hostPort(top.sentBy).host !== rinfo.address) setParam(top, 'received', rinfo.address);
+      if (rport || hostPort(top.sentBy).host !== rinfo.address || param(top, 'received') !== undefined) {
+        setParam(top, 'received', rinfo.address);
+      }
       if (rport) setParam(top, 'rport', String(rinfo.port));
       vias[0] = formatVia(top);
       setList(msg, 'via', 'Via', vias);

@@ -876,6 +876,37 @@ Content-Length: 0
 });
 
 // Threat model: a dialog's entry expires (--dialog-ttl after its last request).
+// RFC 3261 §18.2.1: `received` is the server's to write. One the sender wrote itself,
+// with a sent-by that is its own address (so the edge has no reason to add one), must
+// not send the edge's answers elsewhere: a reflector with a larger answer (a 407 with
+// two challenges) than the request.
+test('attack: a received parameter the sender wrote does not choose where the answer goes', TIMEOUT, async () => {
+  const edge = await startEdge(false);
+  const victim = await watch('127.0.0.98', 0);
+  let sock;
+  try {
+    sock = await udpSocket('127.0.0.2', victim.port);
+    const answer = new Promise((resolve) => {
+      sock.on('message', (m) => resolve(m.toString('latin1')));
+      setTimeout(resolve, 1000);
+    });
+    const invite = [`INVITE sip:${CALLED}@trunks.example.net SIP/2.0`,
+      `Via: SIP/2.0/UDP 127.0.0.2:${victim.port};branch=z9hG4bK-recv-1;received=127.0.0.98`, 'Max-Forwards: 70',
+      'From: <sip:hq1@trunks.example.net>;tag=r1', `To: <sip:${CALLED}@trunks.example.net>`, 'Call-ID: recv-1@x',
+      'CSeq: 1 INVITE', `Contact: <sip:hq1@127.0.0.2:${victim.port}>`, 'Content-Length: 0', '', ''].join('\r\n');
+    const [host, port] = edge.address.split(':');
+    sock.send(invite, Number(port), host);
+    assert.match(await answer ?? 'no answer', /^SIP\/2\.0 407 /);
+    await new Promise((resolve) => setTimeout(resolve, 300));
+    assert.deepEqual(victim.seen, [], 'the answer went to the received= address');
+  } finally {
+    sock?.close();
+    await victim.close();
+    edge.proc.kill('SIGTERM');
+    rmSync(edge.dir, { recursive: true, force: true });
+  }
+});
+
 test('attack: an in-dialog request after the dialog expired is refused 404', TIMEOUT, async () => {
   const edge = await startEdge(false, {}, ['--dialog-ttl', '1']);
   let call;
