@@ -2306,18 +2306,18 @@ class DmqPair(unittest.TestCase):
         self.assertEqual(self._htable_get("a", key), before, "the forged replication changed nothing")
 
 
-def forged_kdmq_answers(sip_port, key):
+def forged_kdmq_answers(sip_port, key, sip_ip="127.0.0.1"):
     """[(transport, the answer or None)] to a KDMQ replicating `key` as a binding from
     127.0.0.3, sent from a DMQ peer's address (127.0.0.1) to the SIP listener on
-    `sip_port`, over UDP and TCP."""
+    `sip_ip`:`sip_port`, over UDP and TCP."""
     body = json.dumps({"action": 1, "htname": "tg", "cname": key, "type": 2, "mode": 0,
                        "strval": json.dumps({"source": "127.0.0.3:5060", "transport": "udp",
                                              "contact": "sip:x@127.0.0.3:5060", "expires_at_ms": 1 << 50})})
     answers = []
     for transport in ("udp", "tcp"):
-        peer = sip.Endpoint("127.0.0.1", transport, ("127.0.0.1", sip_port))
+        peer = sip.Endpoint("127.0.0.1", transport, (sip_ip, sip_port))
         try:
-            kdmq = sip.request("KDMQ", "sip:htable@127.0.0.1:%d" % sip_port, from_user="htable",
+            kdmq = sip.request("KDMQ", "sip:htable@%s:%d" % (sip_ip, sip_port), from_user="htable",
                                via_ip="127.0.0.1", via_port=peer.port, transport=transport.upper(),
                                extra=[("Content-Type", "application/json")], body=body.encode())
             answers.append((transport, peer.final(kdmq, timeout=2.0)))

@@ -989,14 +989,14 @@ class Node:
     process group, so that kill9() takes every process of it and nothing else."""
 
     def __init__(self, workdir, name, edge_port, core_listen_port, config, db=None, dmq=None, secret_file=None,
-                 dialog_db=None):
+                 dialog_db=None, extra_listens=()):
         self.dir = os.path.join(workdir, name)
         os.makedirs(self.dir, exist_ok=True)
         self.edge = ("127.0.0.1", edge_port)
         self.ctl = os.path.join(self.dir, "ctl")
         self.log_path = os.path.join(self.dir, "kamailio.log")
         self.proc = None
-        listens = edge_listens(edge_port, core_listen_port)
+        listens = edge_listens(edge_port, core_listen_port) + list(extra_listens)
         own = peer = None
         if dmq:
             own, peer = dmq
@@ -1008,6 +1008,7 @@ class Node:
             spool=os.path.join(self.dir, "spool"), children=2,
             state_db=db and "sqlite:///" + db, dialog_db=dialog_db and "sqlite:///" + dialog_db,
             dmq=own and "sip:127.0.0.1:%d" % own, dmq_peer=peer and "sip:127.0.0.1:%d" % peer, dmq_port=own,
+            dmq_ip=own and "127.0.0.1",
             nonce_secret_file=secret_file)
 
     def start(self, wait=True):
@@ -1216,6 +1217,9 @@ class NativeModuleDmq(NodeTestCase):
 
     # name: (edge, core listener, own DMQ port, the peer's DMQ port)
     NODES = {"a": (5180, 5181, 5182, 5185), "b": (5183, 5184, 5185, 5182)}
+    # Node A also takes SIP on another address with its DMQ listener's port, as an
+    # edge with DMQ on 10.0.0.10:5060 and SIP on 203.0.113.10:5060 would.
+    SAME_PORT = "127.0.0.4"
 
     @classmethod
     def setUpClass(cls):
@@ -1226,7 +1230,9 @@ class NativeModuleDmq(NodeTestCase):
         cls.secret_file = write_secret(cls.workdir, "nonce-secret", cls.secret, 0o600)
         cls.by_name = {}
         for name, (edge, core, own, peer) in cls.NODES.items():
-            node = Node(cls.workdir, name, edge, core, config, dmq=(own, peer), secret_file=cls.secret_file)
+            extra = ["udp:%s:%d" % (cls.SAME_PORT, own), "tcp:%s:%d" % (cls.SAME_PORT, own)] if name == "a" else []
+            node = Node(cls.workdir, name, edge, core, config, dmq=(own, peer), secret_file=cls.secret_file,
+                        extra_listens=extra)
             cls.by_name[name] = node
             cls.nodes.append(node)
         try:
@@ -1272,6 +1278,19 @@ class NativeModuleDmq(NodeTestCase):
         key = "tg/binding/exp-pbx"
         before = a.htable_get(key)
         for transport, answer in test_kamailio.forged_kdmq_answers(self.NODES["a"][0], key):
+            self.assertIsNotNone(answer, "no answer over %s" % transport)
+            self.assertGreaterEqual(sip.status(answer), 400, answer)
+        time.sleep(0.3)
+        self.assertEqual(a.htable_get(key), before, "the forged replication changed nothing")
+
+    def test_2c_a_kdmq_on_a_sip_listener_with_the_dmq_port_changes_nothing(self):
+        # The DMQ listener is its address and port: the port alone would take a KDMQ
+        # on any SIP listener that shares it, from a source address a UDP sender
+        # chooses (a peer's).
+        a = self.by_name["a"]
+        key = "tg/binding/exp-pbx"
+        before = a.htable_get(key)
+        for transport, answer in test_kamailio.forged_kdmq_answers(self.NODES["a"][2], key, self.SAME_PORT):
             self.assertIsNotNone(answer, "no answer over %s" % transport)
             self.assertGreaterEqual(sip.status(answer), 400, answer)
         time.sleep(0.3)
