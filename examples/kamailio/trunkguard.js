@@ -159,8 +159,10 @@ function ksr_request_route() {
 // Without this, Kamailio forwards a response that matches no transaction by its
 // second Via, wherever that points: anyone could have the edge send responses to the
 // carrier or a PBX.
+// And a response, its sender's text, leaves with no folded line and no Content_Length
+// field, which would end it early at a next hop that reads a stream as Kamailio does.
 function ksr_reply_route() {
-	if (KSR.tm.t_check_trans() < 0) {
+	if (KSR.tm.t_check_trans() < 0 || KSR.trunkguard.unfold() < 0) {
 		KSR.x.drop();
 	}
 }

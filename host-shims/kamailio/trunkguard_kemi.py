@@ -128,6 +128,18 @@ def _local():
     return _ip_port("$Ri", "$Rp")
 
 
+def _reads_otherwise(message):
+    """Whether a stream reader could end `message` elsewhere than where it ends: a
+    continuation line in its header block, or a Content_Length field."""
+    head = message.split(b"\r\n\r\n", 1)[0]
+    for line in head.split(b"\r\n")[1:]:
+        if line[:1] in (b" ", b"\t"):
+            return True
+        if line.split(b":", 1)[0].rstrip(b" \t").lower() == b"content_length":
+            return True
+    return False
+
+
 def _message_bytes():
     # $mb decodes as UTF-8 and raises on anything else; the hex form keeps every byte
     # (NULs included), so binary bodies and garbage reach the parser as received.
@@ -769,6 +781,14 @@ class Shim:
         # A response that matches no transaction of this proxy is dropped, not
         # forwarded by its Via: no reflection towards the carrier or a PBX.
         if KSR.tm.t_check_trans() < 0:
+            KSR.set_drop()
+            return -255
+        # A response is its sender's text, which the policy does not judge. Relayed
+        # onto a stream as it came, a folded line or a Content_Length field could end
+        # it early at the next hop (Kamailio's TCP reader takes either for
+        # Content-Length), and its body would be a request from this edge there. The
+        # shim cannot unfold in place through KEMI (as for requests, _folded): dropped.
+        if _reads_otherwise(_message_bytes()):
             KSR.set_drop()
             return -255
         return 1

@@ -1371,6 +1371,36 @@ class KamailioEdge(unittest.TestCase):
         pbx, carrier = self.party(PBX), self.party("127.0.0.1", CARRIER_PORT)
         assert_in_dialog_requests_keep_the_recorded_route_sets(self, pbx, carrier, KAMAILIO, HQ, CALLED)
 
+    def test_32_a_pbx_response_goes_to_the_carrier_as_every_stream_reader_reads_it(self):
+        # A response is the PBX's to write and passes the policy unjudged. Relayed to a
+        # carrier over TCP as it came, a continuation line reading as Content-Length
+        # (Kamailio's TCP reader takes the first line that does, folded or not) or a
+        # Content_Length field would cut it early there, and its body would be a
+        # request from the edge (docs/kamailio.md, "Responses").
+        self.register_pbx()
+        pbx, carrier = self.party(PBX), self.party("127.0.0.1", CARRIER_PORT)
+        pbx_side, carrier_side, _ = sip.place_call(pbx, carrier, KAMAILIO, HQ, CALLED)
+        ours = lambda m: (sip.headers(m, "Call-ID", "i") or [None])[0] == carrier_side.call_id  # noqa: E731
+        # (what the PBX adds to its 200, whether the carrier gets the 200)
+        cases = [("folded", [("Subject", "hi\r\n l: 0 x")], self.ENGINE == "module"),
+                 ("underscore", [("Content_Length", "0")], False),
+                 ("plain", [("Subject", "hi")], True)]
+        for name, extra, arrives in cases:
+            cseq = sip.headers(carrier_side.send("INFO").decode("latin-1"), "CSeq")[0]
+            this = lambda m: ours(m) and (sip.headers(m, "CSeq") or [None])[0] == cseq  # noqa: E731
+            got, hop = pbx.recv(3.0, lambda m: this(m) and sip.method(m) == "INFO")
+            self.assertIsNotNone(got, "%s: the INFO never reached the PBX" % name)
+            pbx.send(sip.response(got, 200, "OK", extra=extra), hop)
+            back, _ = carrier.recv(1.5, lambda m: this(m) and sip.status(m) == 200)
+            if not arrives:
+                self.assertIsNone(back, "%s: reached the carrier:\n%s" % (name, back))
+                continue
+            self.assertIsNotNone(back, "%s: the 200 never reached the carrier" % name)
+            head = back.split("\r\n\r\n", 1)[0]
+            self.assertNotRegex(head, r"\r\n[ \t]", "%s: a continuation line reached the carrier" % name)
+            self.assertIn("Subject: hi", head, name)
+        sip.in_dialog_round(pbx_side, carrier_side, "BYE")
+
 
 def sipp_times(log, direction, first_line):
     """The times (epoch seconds) of the messages of a sipp message trace that went

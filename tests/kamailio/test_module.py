@@ -1412,6 +1412,7 @@ branch_route[MANAGE_BRANCH] {{
 # A response of no transaction would go on by its second Via, wherever that points.
 reply_route {{
     if (!t_check_trans()) drop;
+    if (!trunkguard_unfold()) drop;
 }}
 """
 

@@ -5,6 +5,7 @@
  *                          when there is no verdict (the cfg refuses: fail closed)
  *   trunkguard_reply()     sends the verdict's reply statelessly (sl)
  *   trunkguard_apply()     the verdict's strip and insert on what is relayed
+ *   trunkguard_unfold()    a message (a response) made safe to relay onto a stream
  *   trunkguard_failover()  failure_route: the failover URI to $ru when the PBX's
  *                          answer sends the call there (docs/policy.md "Inbound calls")
  *   trunkguard_failed_over()  the failover's failure_route: the caller gets the PBX's
@@ -597,6 +598,31 @@ static int ki_trunkguard_apply(sip_msg_t *msg)
 	return 1;
 }
 
+/* What is relayed onto a stream must end where Kamailio read it to end. Kamailio's TCP
+ * reader (core/tcp_read.c), at a carrier's proxy or anywhere further on, takes the
+ * first line that reads as Content-Length, a continuation line or a `Content_Length`
+ * field included: either would cut the message there, and what followed would be a
+ * request of its own from this edge (docs/kamailio.md, "Responses"). Every fold
+ * becomes one SP (as trunkguard_apply() does for requests); a Content_Length field
+ * makes it -1: the cfg drops the message. For responses, which the policy never
+ * judges, and any request a cfg relays without trunkguard_apply(). */
+static int ki_trunkguard_unfold(sip_msg_t *msg)
+{
+	hdr_field_t *hf;
+
+	if(parse_headers(msg, HDR_EOH_F, 0) < 0) {
+		LM_ERR("cannot parse the headers\n");
+		return -1;
+	}
+	for(hf = msg->headers; hf; hf = hf->next) {
+		if(hf->name.len == 14 && strncasecmp(hf->name.s, "content_length", 14) == 0) {
+			LM_NOTICE("a message with a Content_Length field: not relayed\n");
+			return -1;
+		}
+	}
+	return tg_unfold(msg) < 0 ? -1 : 1;
+}
+
 /* Whether a reply (tm's shm copy of it) carries a Retry-After header. */
 static int tg_has_retry_after(sip_msg_t *rpl)
 {
@@ -756,6 +782,11 @@ static int w_trunkguard_apply(sip_msg_t *msg, char *p1, char *p2)
 	return ki_trunkguard_apply(msg);
 }
 
+static int w_trunkguard_unfold(sip_msg_t *msg, char *p1, char *p2)
+{
+	return ki_trunkguard_unfold(msg);
+}
+
 static int w_trunkguard_failover(sip_msg_t *msg, char *p1, char *p2)
 {
 	return ki_trunkguard_failover(msg);
@@ -781,6 +812,8 @@ cmd_export_t tg_cmds[] = {
 	{"trunkguard_reply", (cmd_function)w_trunkguard_reply, 0, 0, 0, REQUEST_ROUTE},
 	{"trunkguard_apply", (cmd_function)w_trunkguard_apply, 0, 0, 0,
 			REQUEST_ROUTE | BRANCH_ROUTE},
+	{"trunkguard_unfold", (cmd_function)w_trunkguard_unfold, 0, 0, 0,
+			REQUEST_ROUTE | BRANCH_ROUTE | ONREPLY_ROUTE},
 	{"trunkguard_failover", (cmd_function)w_trunkguard_failover, 0, 0, 0,
 			FAILURE_ROUTE},
 	{"trunkguard_failed_over", (cmd_function)w_trunkguard_failed_over, 0, 0, 0,
@@ -806,6 +839,11 @@ static sr_kemi_t sr_kemi_trunkguard_exports[] = {
 	},
 	{ str_init("trunkguard"), str_init("apply"),
 		SR_KEMIP_INT, ki_trunkguard_apply,
+		{ SR_KEMIP_NONE, SR_KEMIP_NONE, SR_KEMIP_NONE,
+			SR_KEMIP_NONE, SR_KEMIP_NONE, SR_KEMIP_NONE }
+	},
+	{ str_init("trunkguard"), str_init("unfold"),
+		SR_KEMIP_INT, ki_trunkguard_unfold,
 		{ SR_KEMIP_NONE, SR_KEMIP_NONE, SR_KEMIP_NONE,
 			SR_KEMIP_NONE, SR_KEMIP_NONE, SR_KEMIP_NONE }
 	},
