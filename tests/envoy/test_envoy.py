@@ -1046,6 +1046,12 @@ class EnvoyFront(unittest.TestCase):
             "folded-request": options("smug-folded-options", "Subject: hi\r\n l: 0 x\r\n", smuggled("smug-folded")),
             "probe": probe.replace("Call-ID: smug-probe-invite\r\n",
                                    f"Call-ID: smug-probe-invite\r\n l: {head_len:04d} x\r\n") + head,
+            # A message that starts `MSRP ` is an MSRP frame to Kamailio's reader, which
+            # a line of dashes and its transaction id ends, Content-Length or not.
+            "msrp": (f"MSRP sip:x SIP/2.0\r\nVia: SIP/2.0/TCP {ATTACKER}:5060;branch=z9hG4bK-m\r\n"
+                     f"From: <sip:a@{REALM}>;tag=1\r\nTo: <sip:x@{REALM}>;tag=2\r\nCall-ID: smug-msrp-frame\r\n"
+                     f"CSeq: 1 MSRP\r\nContent-Length: {len(smuggled('smug-msrp'))}\r\n-------sip:x$\r\n\r\n"
+                     f"{smuggled('smug-msrp')}"),
         }
         with FarEnd() as far:
             for message in cases.values():

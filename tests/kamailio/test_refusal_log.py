@@ -126,8 +126,11 @@ class KamailioRefusalLog:
         if out.returncode != 0:
             raise RuntimeError("run --daemon failed:\n%s%s" % (out.stdout, out.stderr))
         cls.log_path = os.path.join(cls.state, "kamailio.log")
-        # The same lines, and nothing else: what fail2ban reads.
+        # The same lines, and nothing else: what fail2ban reads. There from the start,
+        # or a jail pointing at it would not start.
         cls.refusal_path = os.path.join(cls.state, "refusal.log")
+        if not os.path.exists(cls.refusal_path):
+            raise AssertionError("run left no %s before the first refusal" % cls.refusal_path)
 
     @classmethod
     def tearDownClass(cls):

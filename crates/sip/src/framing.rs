@@ -278,9 +278,10 @@ fn frame_message(buf: &[u8], start: usize) -> Result<Frame, ParseError> {
 /// digits; this framing takes only the fields it parses, folded lines joined. Held to
 /// the form on which every reader agrees, none is left to choose: CRLF line ends only,
 /// no continuation line (RFC 3261 §7.3.1 allows them; hosts unfold what they relay,
-/// [`Message::edited`](super::Message::edited)), and every line whose name reads as
+/// [`Message::edited`](super::Message::edited)), every line whose name reads as
 /// Content-Length to any of them spelled `Content-Length` or `l` with the body's
-/// length in digits alone.
+/// length in digits alone, and nothing Kamailio's reader takes for an MSRP frame
+/// (a message that starts `MSRP `, which a line of dashes ends).
 pub fn frames_alike(unit: &[u8]) -> bool {
     let start = keepalive_len(unit);
     let rest = unit.get(start..).unwrap_or(&[]);
@@ -291,6 +292,14 @@ pub fn frames_alike(unit: &[u8]) -> bool {
         rest.get(..head_len).unwrap_or(&[]),
         rest.get(head_len + 4..).unwrap_or(&[]),
     );
+    // Kamailio's reader takes a message that starts `MSRP ` for an MSRP frame, which
+    // ends at a line of dashes (`-------<transaction id>`), not by Content-Length.
+    if head
+        .get(..5)
+        .is_some_and(|m| m.eq_ignore_ascii_case(b"MSRP "))
+    {
+        return false;
+    }
     let mut lengths = 0;
     let mut lines = head.split(|&b| b == b'\n').peekable();
     while let Some(line) = lines.next() {
@@ -302,7 +311,7 @@ pub fn frames_alike(unit: &[u8]) -> bool {
             (false, _) => line,
             _ => return false,
         };
-        if line.contains(&b'\r') || matches!(line.first(), Some(b' ' | b'\t') | None) {
+        if line.contains(&b'\r') || matches!(line.first(), Some(b' ' | b'\t' | b'-') | None) {
             return false;
         }
         let Some(colon) = line.iter().position(|&b| b == b':') else {
@@ -372,7 +381,15 @@ mod tests {
         }
         // Each of these is one message to this framing (or none), and to Kamailio's
         // TCP reader, where it says, another.
-        let otherwise: [(&str, &[u8]); 10] = [
+        let otherwise: [(&str, &[u8]); 12] = [
+            (
+                "an MSRP frame, ended by its dashes",
+                b"MSRP sip:x SIP/2.0\r\nl: 2\r\n\r\nab",
+            ),
+            (
+                "a line of dashes",
+                b"X x SIP/2.0\r\n-------x$: 1\r\nl: 2\r\n\r\nab",
+            ),
             (
                 "`_` in the name: 0",
                 b"X x SIP/2.0\r\nContent_Length: 0\r\nContent-Length: 2\r\n\r\nab",

@@ -290,9 +290,21 @@ pub(crate) fn parse_with(
     let start_line = parse_start_line(head.get(..line_end - line_start).unwrap_or(""))?;
     let text = head.get(fields_start - line_start..).unwrap_or("");
 
-    // Kamailio's TCP reader (core/tcp_read.c) takes a `Content_Length` field for
-    // Content-Length, this parser does not: relayed onto a stream, such a message
-    // would end where this parser reads on (docs/policy.md, "Threat model").
+    // Kamailio's TCP reader (core/tcp_read.c) reads a message that starts `MSRP ` as
+    // an MSRP frame, which ends at a line of dashes whatever its Content-Length says:
+    // relayed onto a stream, a SIP request of that method would end where this parser
+    // reads on. No SIP request has it.
+    if let StartLine::Request {
+        method: Method::Other(m),
+        ..
+    } = start_line
+        && m.eq_ignore_ascii_case("MSRP")
+    {
+        return Err(ParseError::BadStartLine);
+    }
+    // Kamailio's TCP reader takes a `Content_Length` field for Content-Length, this
+    // parser does not: relayed onto a stream, such a message would end where this
+    // parser reads on (docs/policy.md, "Threat model").
     if entries
         .iter()
         .any(|e| e.known.is_none() && e.header(text).name.eq_ignore_ascii_case("content_length"))
@@ -1295,6 +1307,12 @@ mod tests {
                 with(&["CONTENT_length: 0", "l: 2"], "ab"),
                 Framing::Datagram,
                 Err(ParseError::BadContentLength),
+            ),
+            (
+                "an MSRP request, an MSRP frame to Kamailio's TCP reader",
+                [b"MSRP".as_slice(), &with(&["l: 0"], "")[b"OPTIONS".len()..]].concat(),
+                Framing::Stream,
+                Err(ParseError::BadStartLine),
             ),
         ];
         for (name, buf, framing, want) in cases {
