@@ -130,8 +130,13 @@ def _local():
 
 def _reads_otherwise(message):
     """Whether a stream reader could end `message` elsewhere than where it ends: a
-    continuation line in its header block, or a Content_Length field."""
-    head = message.split(b"\r\n\r\n", 1)[0]
+    continuation line in its header block, a Content_Length field, or a CR or an LF
+    that is not one of a CRLF pair (Kamailio's parser reads an LF alone before SP as a
+    fold, and ends the header block at a line that starts with a CR alone)."""
+    head, sep, _ = message.partition(b"\r\n\r\n")
+    pairs_out = head.replace(b"\r\n", b"")
+    if not sep or b"\r" in pairs_out or b"\n" in pairs_out:
+        return True
     for line in head.split(b"\r\n")[1:]:
         if line[:1] in (b" ", b"\t"):
             return True
@@ -789,6 +794,8 @@ class Shim:
         # Content-Length), and its body would be a request from this edge there. The
         # shim cannot unfold in place through KEMI (as for requests, _folded): dropped.
         if _reads_otherwise(_message_bytes()):
+            KSR.notice("trunkguard: a response with a folded line, a Content_Length field or a bare "
+                       "CR or LF in its header: not relayed\n")
             KSR.set_drop()
             return -255
         return 1

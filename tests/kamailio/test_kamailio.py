@@ -1384,6 +1384,10 @@ class KamailioEdge(unittest.TestCase):
         # (what the PBX adds to its 200, whether the carrier gets the 200)
         cases = [("folded", [("Subject", "hi\r\n l: 0 x")], self.ENGINE == "module"),
                  ("underscore", [("Content_Length", "0")], False),
+                 # Kamailio's parser takes an LF alone before SP for a fold too, and
+                 # ends the header block at a line that starts with a CR alone.
+                 ("folded with an LF alone", [("Subject", "hi\n l: 0 x")], False),
+                 ("a line starting with a CR alone", [("Subject", "hi\r\n\rX: y")], False),
                  ("plain", [("Subject", "hi")], True)]
         for name, extra, arrives in cases:
             cseq = sip.headers(carrier_side.send("INFO").decode("latin-1"), "CSeq")[0]

@@ -604,14 +604,49 @@ static int ki_trunkguard_apply(sip_msg_t *msg)
  * field included: either would cut the message there, and what followed would be a
  * request of its own from this edge (docs/kamailio.md, "Responses"). Every fold
  * becomes one SP (as trunkguard_apply() does for requests); a Content_Length field
- * makes it -1: the cfg drops the message. For responses, which the policy never
- * judges, and any request a cfg relays without trunkguard_apply(). */
+ * makes it -1, as does a CR or an LF alone in the header block: the cfg drops the
+ * message. For responses, which the policy never judges, and any request a cfg
+ * relays without trunkguard_apply(). */
+/* Whether the header block, up to its first CRLF CRLF, holds a CR or an LF that is
+ * not one of a CRLF pair (or has no end). Kamailio's parser reads an LF alone before
+ * SP or HT as a fold, which the unfolding below does not see, and ends the header
+ * block at a line that starts with a CR alone, where a stream reader reads on: either
+ * would reach the next hop as written. */
+static int tg_bare_line_end(sip_msg_t *msg)
+{
+	char *p = msg->buf, *end = msg->buf + msg->len;
+
+	for(; p < end; p++) {
+		if(*p == '\n')
+			return 1;
+		if(*p != '\r')
+			continue;
+		if(p + 1 >= end || p[1] != '\n')
+			return 1;
+		if(p + 3 < end && p[2] == '\r' && p[3] == '\n')
+			return 0;
+		p++;
+	}
+	return 1;
+}
+
 static int ki_trunkguard_unfold(sip_msg_t *msg)
 {
 	hdr_field_t *hf;
 
 	if(parse_headers(msg, HDR_EOH_F, 0) < 0) {
 		LM_ERR("cannot parse the headers\n");
+		return -1;
+	}
+	if(tg_bare_line_end(msg)) {
+		LM_NOTICE("a message with a CR or an LF alone in its header: not relayed\n");
+		return -1;
+	}
+	/* tm takes this edge's own Via off a response, a fold in it with it: the SP the
+	 * unfolding would put there would start the next line. Nobody folds it. */
+	if(msg->first_line.type == SIP_REPLY && msg->h_via1 != NULL
+			&& tg_fold(msg->h_via1->name.s, msg->h_via1->name.s + msg->h_via1->len) != NULL) {
+		LM_NOTICE("a response whose top Via is folded: not relayed\n");
 		return -1;
 	}
 	for(hf = msg->headers; hf; hf = hf->next) {

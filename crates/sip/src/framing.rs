@@ -281,7 +281,8 @@ fn frame_message(buf: &[u8], start: usize) -> Result<Frame, ParseError> {
 /// [`Message::edited`](super::Message::edited)), every line whose name reads as
 /// Content-Length to any of them spelled `Content-Length` or `l` with the body's
 /// length in digits alone, and nothing Kamailio's reader takes for an MSRP frame
-/// (a message that starts `MSRP `, which a line of dashes ends).
+/// (a message that starts `MSRP `, which a line of dashes ends) or a HEP packet (one
+/// that starts `HEP3`).
 pub fn frames_alike(unit: &[u8]) -> bool {
     let start = keepalive_len(unit);
     let rest = unit.get(start..).unwrap_or(&[]);
@@ -293,10 +294,14 @@ pub fn frames_alike(unit: &[u8]) -> bool {
         rest.get(head_len + 4..).unwrap_or(&[]),
     );
     // Kamailio's reader takes a message that starts `MSRP ` for an MSRP frame, which
-    // ends at a line of dashes (`-------<transaction id>`), not by Content-Length.
+    // ends at a line of dashes (`-------<transaction id>`), not by Content-Length, and
+    // where it takes HEP, one that starts `HEP3` for a HEP packet.
     if head
         .get(..5)
         .is_some_and(|m| m.eq_ignore_ascii_case(b"MSRP "))
+        || head
+            .get(..4)
+            .is_some_and(|m| m.eq_ignore_ascii_case(b"HEP3"))
     {
         return false;
     }
@@ -381,10 +386,14 @@ mod tests {
         }
         // Each of these is one message to this framing (or none), and to Kamailio's
         // TCP reader, where it says, another.
-        let otherwise: [(&str, &[u8]); 12] = [
+        let otherwise: [(&str, &[u8]); 13] = [
             (
                 "an MSRP frame, ended by its dashes",
                 b"MSRP sip:x SIP/2.0\r\nl: 2\r\n\r\nab",
+            ),
+            (
+                "a HEP packet, measured by its next two bytes",
+                b"HEP3s sip:x SIP/2.0\r\nl: 2\r\n\r\nab",
             ),
             (
                 "a line of dashes",

@@ -291,14 +291,16 @@ pub(crate) fn parse_with(
     let text = head.get(fields_start - line_start..).unwrap_or("");
 
     // Kamailio's TCP reader (core/tcp_read.c) reads a message that starts `MSRP ` as
-    // an MSRP frame, which ends at a line of dashes whatever its Content-Length says:
-    // relayed onto a stream, a SIP request of that method would end where this parser
-    // reads on. No SIP request has it.
+    // an MSRP frame, which ends at a line of dashes whatever its Content-Length says,
+    // and, where HEP is taken (tcp_accept_hep3), one that starts `HEP3` as a HEP
+    // packet, which its next two bytes measure: relayed onto a stream, a SIP request
+    // of such a method would end where this parser reads on. No SIP request has one.
     if let StartLine::Request {
         method: Method::Other(m),
         ..
     } = start_line
-        && m.eq_ignore_ascii_case("MSRP")
+        && (m.eq_ignore_ascii_case("MSRP")
+            || m.get(..4).is_some_and(|h| h.eq_ignore_ascii_case("HEP3")))
     {
         return Err(ParseError::BadStartLine);
     }
@@ -1307,6 +1309,16 @@ mod tests {
                 with(&["CONTENT_length: 0", "l: 2"], "ab"),
                 Framing::Datagram,
                 Err(ParseError::BadContentLength),
+            ),
+            (
+                "a HEP3 request, a HEP packet to a Kamailio that takes HEP",
+                [
+                    b"HEP3s".as_slice(),
+                    &with(&["l: 0"], "")[b"OPTIONS".len()..],
+                ]
+                .concat(),
+                Framing::Stream,
+                Err(ParseError::BadStartLine),
             ),
             (
                 "an MSRP request, an MSRP frame to Kamailio's TCP reader",
