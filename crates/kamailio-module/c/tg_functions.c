@@ -598,15 +598,6 @@ static int ki_trunkguard_apply(sip_msg_t *msg)
 	return 1;
 }
 
-/* What is relayed onto a stream must end where Kamailio read it to end. Kamailio's TCP
- * reader (core/tcp_read.c), at a carrier's proxy or anywhere further on, takes the
- * first line that reads as Content-Length, a continuation line or a `Content_Length`
- * field included: either would cut the message there, and what followed would be a
- * request of its own from this edge (docs/kamailio.md, "Responses"). Every fold
- * becomes one SP (as trunkguard_apply() does for requests); a Content_Length field
- * makes it -1, as does a CR or an LF alone in the header block: the cfg drops the
- * message. For responses, which the policy never judges, and any request a cfg
- * relays without trunkguard_apply(). */
 /* Whether the header block, up to its first CRLF CRLF, holds a CR or an LF that is
  * not one of a CRLF pair (or has no end). Kamailio's parser reads an LF alone before
  * SP or HT as a fold, which the unfolding below does not see, and ends the header
@@ -630,6 +621,15 @@ static int tg_bare_line_end(sip_msg_t *msg)
 	return 1;
 }
 
+/* What is relayed onto a stream must end where Kamailio read it to end. Kamailio's TCP
+ * reader (core/tcp_read.c), at a carrier's proxy or anywhere further on, takes the
+ * first line that reads as Content-Length, a continuation line or a `Content_Length`
+ * field included: either would cut the message there, and what followed would be a
+ * request of its own from this edge (docs/kamailio.md, "Responses"). Every fold
+ * becomes one SP (as trunkguard_apply() does for requests); a Content_Length field
+ * makes it -1, as does a CR or an LF alone in the header block: the cfg drops the
+ * message. For responses, which the policy never judges, and any request a cfg
+ * relays without trunkguard_apply(). */
 static int ki_trunkguard_unfold(sip_msg_t *msg)
 {
 	hdr_field_t *hf;
