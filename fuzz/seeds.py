@@ -22,9 +22,9 @@ REALM = "trunks.example.net"
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def nonce(ip):
-    # 48 bits of milliseconds, 16 bits of counter (0 here).
-    issued = (NOW_MS << 16).to_bytes(8, "big")
+def nonce(ip, counter=0):
+    # 48 bits of milliseconds, 16 bits of counter.
+    issued = ((NOW_MS << 16) | counter).to_bytes(8, "big")
     mac = hashlib.blake2s(issued + ipaddress.ip_address(ip).packed + REALM.encode(), key=SECRET, digest_size=16)
     return (issued + mac.digest()).hex()
 
@@ -34,7 +34,7 @@ def h(alg, text):
 
 
 def request(method, ruri, ip, user=None, password=None, alg="MD5", nc="00000001",
-            extra="", to_tag=""):
+            extra="", to_tag="", counter=0):
     lines = [
         "%s %s SIP/2.0" % (method, ruri),
         "Via: SIP/2.0/UDP %s:5060;branch=z9hG4bK-seed" % ip,
@@ -48,7 +48,7 @@ def request(method, ruri, ip, user=None, password=None, alg="MD5", nc="00000001"
     if extra:
         lines.append(extra)
     if user:
-        n = nonce(ip)
+        n = nonce(ip, counter)
         ha1 = h(alg, "%s:%s:%s" % (user, REALM, password))
         ha2 = h(alg, "%s:%s" % (method, ruri))
         resp = h(alg, "%s:%s:%s:c0ffee:auth:%s" % (ha1, n, nc, ha2))
@@ -61,7 +61,9 @@ def request(method, ruri, ip, user=None, password=None, alg="MD5", nc="00000001"
 
 
 # One nonce per source (fixed clock): each seed of a source counts nc up, as a PBX
-# reusing a nonce does, so that none is a replay of another.
+# reusing a nonce does, so that none is a replay of another. The wrong password has a
+# nonce of its own: a wrong answer on a nonce already used is not a guess to count
+# (src/policy.rs, wrong_answer), and the seed is there to reach that count.
 HQ = ("hq1", "correct horse battery staple")
 BRANCH = ("branch1", "branch-secret")
 SEEDS = {
@@ -71,7 +73,7 @@ SEEDS = {
     "invite-hq": request("INVITE", "sip:+15559876543@" + REALM, "203.0.113.7", *HQ, nc="00000002"),
     "invite-branch": request("INVITE", "sip:+15559876543@" + REALM, "192.0.2.10", *BRANCH, alg="SHA-256"),
     "invite-branch-nc2": request("INVITE", "sip:+15559876543@" + REALM, "192.0.2.10", *BRANCH, alg="SHA-256", nc="00000002"),
-    "invite-wrong-password": request("INVITE", "sip:+15559876543@" + REALM, "203.0.113.7", "hq1", "guess", nc="00000004"),
+    "invite-wrong-password": request("INVITE", "sip:+15559876543@" + REALM, "203.0.113.7", "hq1", "guess", counter=1),
     "invite-core": request("INVITE", "sip:+15551230000@edge.example.net", "10.0.0.5"),
     "bye-in-dialog": request("BYE", "sip:+15559876543@198.51.100.20", "203.0.113.7", to_tag=";tag=t1"),
     "options": request("OPTIONS", "sip:" + REALM, "203.0.113.7"),

@@ -192,7 +192,13 @@ pub struct NonceSecret {
     /// fresh nonce (stale) rather than challenged as if its answer were forged.
     /// `None` only if HMAC refused the key, which it never does for 32 bytes.
     legacy: Option<Hmac<Sha256>>,
+    /// The key of the lockout's slots (src/lockout.rs), derived once per secret.
+    lockout_slots: crate::lockout::SlotKey,
 }
+
+/// What the lockout's slot key is the MAC of. Read as a nonce's input, its first 8
+/// bytes would be a time thousands of years ahead, so no nonce is ever the MAC of it.
+const LOCKOUT_SLOTS_LABEL: &[u8] = b"trunkguard:lockout-slots";
 
 impl NonceSecret {
     pub fn new(bytes: &[u8; 32]) -> NonceSecret {
@@ -202,10 +208,21 @@ impl NonceSecret {
             *b = *k;
         }
         keyed.update_blocks(std::slice::from_ref(&block));
+        let mac = keyed_mac(&keyed, &[LOCKOUT_SLOTS_LABEL]);
+        let half = |range: std::ops::Range<usize>| {
+            let mut word = [0u8; 8];
+            word.copy_from_slice(mac.get(range).unwrap_or(&[0; 8]));
+            u64::from_le_bytes(word)
+        };
         NonceSecret {
             keyed,
             legacy: <Hmac<Sha256> as KeyInit>::new_from_slice(bytes).ok(),
+            lockout_slots: crate::lockout::SlotKey([half(0..8), half(8..16)]),
         }
+    }
+
+    pub fn lockout_slot_key(&self) -> crate::lockout::SlotKey {
+        self.lockout_slots
     }
 }
 
@@ -229,15 +246,19 @@ pub enum NonceState {
 const NONCE_MAC_LEN: usize = 16;
 
 fn nonce_mac(secret: &NonceSecret, issued: [u8; 8], source: IpAddr, realm: &str) -> [u8; 16] {
-    let mut core = secret.keyed.clone();
-    let mut buffer = Buffer::<Blake2sVarCore>::default();
-    let mut absorb = |data: &[u8]| buffer.digest_blocks(data, |blocks| core.update_blocks(blocks));
-    absorb(&issued);
     match crate::acl::canonical_ip(source) {
-        IpAddr::V4(v4) => absorb(&v4.octets()),
-        IpAddr::V6(v6) => absorb(&v6.octets()),
+        IpAddr::V4(v4) => keyed_mac(&secret.keyed, &[&issued, &v4.octets(), realm.as_bytes()]),
+        IpAddr::V6(v6) => keyed_mac(&secret.keyed, &[&issued, &v6.octets(), realm.as_bytes()]),
     }
-    absorb(realm.as_bytes());
+}
+
+/// Keyed BLAKE2s-128 of the concatenation of `parts`, from the compressed key block.
+fn keyed_mac(keyed: &Blake2sVarCore, parts: &[&[u8]]) -> [u8; 16] {
+    let mut core = keyed.clone();
+    let mut buffer = Buffer::<Blake2sVarCore>::default();
+    for part in parts {
+        buffer.digest_blocks(part, |blocks| core.update_blocks(blocks));
+    }
     let mut full = blake2::digest::Output::<Blake2sVarCore>::default();
     core.finalize_variable_core(&mut buffer, &mut full);
     let mut out = [0u8; NONCE_MAC_LEN];

@@ -7,7 +7,11 @@
 //!
 //! Source records sit in a fixed number of slots ([`SLOTS`], [`PER_SLOT`] records
 //! each), so a guesser with many addresses cannot grow the store: a full slot
-//! forgets its oldest record that is not banned.
+//! forgets its oldest record that is not banned. Which slot a unit lands in is keyed
+//! from the nonce secret ([`SlotKey`]): a slot whose records are all bans in force
+//! counts no newcomer, and with a public spread a guesser holding a few addresses
+//! (an IPv6 /48 has 65,536 units) could work out offline which of them share a slot,
+//! have four banned there, and guess from the others uncounted.
 
 use std::net::IpAddr;
 
@@ -75,20 +79,30 @@ fn render(records: &[Record]) -> String {
         .join(";")
 }
 
-/// FNV-1a: a stable spread of units over the slots (not a secret; collisions only
-/// share a slot's room, never a count).
-fn slot_of(unit: &str) -> u32 {
-    let mut h: u32 = 0x811c_9dc5;
-    for b in unit.bytes() {
-        h ^= u32::from(b);
-        h = h.wrapping_mul(0x0100_0193);
-    }
-    h % SLOTS
+/// The key of the spread of units over the slots, the same on every worker and node
+/// that shares the nonce secret ([`crate::digest::NonceSecret::lockout_slot_key`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SlotKey(pub [u64; 2]);
+
+/// SipHash-2-4 under `key`: a spread nobody without the secret can predict
+/// (collisions only share a slot's room, never a count). `SipHasher` is the standard
+/// library's own SipHash-2-4, deprecated only as a general-purpose hasher.
+#[allow(deprecated)]
+fn slot_of(unit: &str, key: SlotKey) -> u32 {
+    use std::hash::Hasher as _;
+    let mut h = std::hash::SipHasher::new_with_keys(key.0[0], key.0[1]);
+    h.write(unit.as_bytes());
+    (h.finish() % u64::from(SLOTS)) as u32
 }
 
 /// Whether `unit` is banned at `now_ms`.
-pub fn banned(store: &mut dyn Store, unit: &str, now_ms: u64) -> Result<bool, StoreError> {
-    let key = crate::store::keys::lockout_source(slot_of(unit));
+pub fn banned(
+    store: &mut dyn Store,
+    unit: &str,
+    slots: SlotKey,
+    now_ms: u64,
+) -> Result<bool, StoreError> {
+    let key = crate::store::keys::lockout_source(slot_of(unit, slots));
     let Some(raw) = store.get(&key)? else {
         return Ok(false);
     };
@@ -101,10 +115,11 @@ pub fn banned(store: &mut dyn Store, unit: &str, now_ms: u64) -> Result<bool, St
 pub fn source_failed(
     store: &mut dyn Store,
     unit: &str,
+    slots: SlotKey,
     now_ms: u64,
     limits: Limits,
 ) -> Result<bool, StoreError> {
-    let key = crate::store::keys::lockout_source(slot_of(unit));
+    let key = crate::store::keys::lockout_source(slot_of(unit, slots));
     let raw = store.get(&key)?.unwrap_or_default();
     let mut records = parse(&String::from_utf8_lossy(&raw));
     // Forget what no longer counts: windows that ended without a ban, bans served.
@@ -189,6 +204,8 @@ mod tests {
     use super::*;
     use crate::store::MemoryStore;
 
+    const K: SlotKey = SlotKey([1, 2]);
+
     const LIMITS: Limits = Limits {
         failures: 3,
         window_ms: 60_000,
@@ -199,28 +216,28 @@ mod tests {
     fn a_source_is_banned_at_the_threshold_and_freed_after_the_ban() {
         let mut s = MemoryStore::default();
         assert_eq!(
-            source_failed(&mut s, "198.51.100.9", 1_000, LIMITS),
+            source_failed(&mut s, "198.51.100.9", K, 1_000, LIMITS),
             Ok(false)
         );
         assert_eq!(
-            source_failed(&mut s, "198.51.100.9", 2_000, LIMITS),
+            source_failed(&mut s, "198.51.100.9", K, 2_000, LIMITS),
             Ok(false)
         );
-        assert_eq!(banned(&mut s, "198.51.100.9", 2_500), Ok(false));
+        assert_eq!(banned(&mut s, "198.51.100.9", K, 2_500), Ok(false));
         assert_eq!(
-            source_failed(&mut s, "198.51.100.9", 3_000, LIMITS),
+            source_failed(&mut s, "198.51.100.9", K, 3_000, LIMITS),
             Ok(true)
         );
-        assert_eq!(banned(&mut s, "198.51.100.9", 3_001), Ok(true));
-        assert_eq!(banned(&mut s, "198.51.100.10", 3_001), Ok(false));
-        assert_eq!(banned(&mut s, "198.51.100.9", 603_001), Ok(false));
+        assert_eq!(banned(&mut s, "198.51.100.9", K, 3_001), Ok(true));
+        assert_eq!(banned(&mut s, "198.51.100.10", K, 3_001), Ok(false));
+        assert_eq!(banned(&mut s, "198.51.100.9", K, 603_001), Ok(false));
     }
 
     #[test]
     fn failures_spread_beyond_the_window_do_not_ban() {
         let mut s = MemoryStore::default();
         for i in 0..10u64 {
-            let banned = source_failed(&mut s, "198.51.100.9", i * 61_000, LIMITS);
+            let banned = source_failed(&mut s, "198.51.100.9", K, i * 61_000, LIMITS);
             assert_eq!(banned, Ok(false), "failure {i}");
         }
     }
@@ -243,11 +260,20 @@ mod tests {
         let mut s = MemoryStore::default();
         for i in 0..20_000u32 {
             let unit = format!("10.{}.{}.{}", i >> 16, (i >> 8) & 255, i & 255);
-            source_failed(&mut s, &unit, 1_000, LIMITS).unwrap();
+            source_failed(&mut s, &unit, K, 1_000, LIMITS).unwrap();
         }
         assert!(s.entries.len() <= SLOTS as usize);
         let longest = s.entries.values().map(Vec::len).max().unwrap_or(0);
         assert!(longest < 200, "a slot holds {longest} bytes");
+    }
+
+    #[test]
+    fn the_slots_units_share_depend_on_the_key() {
+        let units: Vec<String> = (0..64u32).map(|i| format!("10.0.0.{i}")).collect();
+        let spread = |k| units.iter().map(|u| slot_of(u, k)).collect::<Vec<_>>();
+        assert_eq!(spread(K), spread(SlotKey([1, 2])));
+        assert_ne!(spread(K), spread(SlotKey([1, 3])));
+        assert!(spread(K).iter().all(|&slot| slot < SLOTS));
     }
 
     #[test]

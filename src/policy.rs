@@ -112,6 +112,13 @@ fn malformed(e: &ParseError) -> Verdict {
     Verdict::reject(400, reason, Cause::Malformed)
 }
 
+/// Credentials proven: the trunk group, and the nonce they answered (spent whole if
+/// the request is refused all the same).
+struct Authenticated<'r, 'a> {
+    trunk: &'r Trunk,
+    nonce: std::borrow::Cow<'a, str>,
+}
+
 /// Why `authenticate` did not find a trunk group.
 enum Refusal<'r> {
     /// Answer with this (a challenge, a 400).
@@ -317,13 +324,14 @@ impl<'r, 'a> Request<'r, 'a> {
     fn access_side(&self, store: &mut dyn Store) -> Result<Decision, StoreError> {
         let lockout = self.index.lockout;
         let unit = lockout::source_unit(self.source_ip);
-        if lockout.is_some() && lockout::banned(store, &unit, self.input.now_ms)? {
+        let slots = self.secret.lockout_slot_key();
+        if lockout.is_some() && lockout::banned(store, &unit, slots, self.input.now_ms)? {
             // Refused without a look at its credentials; on the wire, the same 403 as
             // a wrong password.
             return Ok(Verdict::reject(403, "Forbidden", Cause::SourceBanned).into());
         }
-        let trunk = match self.authenticate(store) {
-            Ok(trunk) => trunk,
+        let Authenticated { trunk, nonce } = match self.authenticate(store) {
+            Ok(authenticated) => authenticated,
             Err(Refusal::Answer(verdict)) => return Ok(verdict.into()),
             Err(Refusal::Store(e)) => return Err(e),
             Err(Refusal::BadCredentials(trunk)) => {
@@ -331,7 +339,7 @@ impl<'r, 'a> Request<'r, 'a> {
                 let mut alerts = Vec::new();
                 if let Some(limits) = lockout {
                     let now = self.input.now_ms;
-                    lockout::source_failed(store, &unit, now, limits)?;
+                    lockout::source_failed(store, &unit, slots, now, limits)?;
                     if let Some(t) = trunk
                         && lockout::trunk_failed(store, &t.id, now, limits)?
                         && t.alerts.blocked_calls
@@ -347,11 +355,18 @@ impl<'r, 'a> Request<'r, 'a> {
                 return Ok(Decision { verdict, alerts });
             }
         };
-        if self.method == Method::Register {
-            self.register(trunk, store)
+        let decision = if self.method == Method::Register {
+            self.register(trunk, store)?
         } else {
-            self.call(trunk, store)
+            self.call(trunk, store)?
+        };
+        // Right credentials refused (the access list, the registered address): the
+        // nonce is spent whole, so that a higher nc on it, whose right answer would
+        // otherwise be told apart from a wrong one, gets what a wrong one gets.
+        if decision.verdict.action == Action::Reject {
+            self.spend_nonce(store, &nonce)?;
         }
+        Ok(decision)
     }
 
     /// RFC 3261 §22: REGISTER is authenticated by the registrar (401), everything else
@@ -399,7 +414,7 @@ impl<'r, 'a> Request<'r, 'a> {
     /// that answers it (challenge, 403, 400). The large error is the common case on
     /// this path, not an exceptional one, so it is not boxed.
     #[allow(clippy::result_large_err)]
-    fn authenticate(&self, store: &mut dyn Store) -> Result<&'r Trunk, Refusal<'r>> {
+    fn authenticate(&self, store: &mut dyn Store) -> Result<Authenticated<'r, 'a>, Refusal<'r>> {
         // PBXs answer a 407 with Proxy-Authorization and a 401 with Authorization,
         // and some send either: take the first credentials for our realm from both.
         let preferred = if self.method == Method::Register {
@@ -453,15 +468,23 @@ impl<'r, 'a> Request<'r, 'a> {
             // new secret, a forgery): ask again rather than judge the password.
             return Err(self.challenge(false).into());
         }
+        // An expired nonce proves nothing about the source today: one captured
+        // any time since the secret was made (a trace, a pcap) would let a spoofer
+        // have the PBX's own address banned. Asked again (RFC 7616 §3.3, stale=true)
+        // without a look at the password, so a right and a wrong answer read alike.
+        if nonce_state == NonceState::Stale {
+            return Err(self.challenge(true).into());
+        }
         // Unknown user, unknown algorithm and wrong response all get this same answer,
         // so the 403 tells a scanner nothing about which usernames exist.
-        let forbidden = || Refusal::BadCredentials(None);
+        let forbidden =
+            |store: &mut dyn Store, trunk| self.wrong_answer(store, &creds.nonce, trunk);
         let Some(algorithm) = Algorithm::from_param(creds.algorithm) else {
-            return Err(forbidden());
+            return Err(forbidden(store, None));
         };
         // RFC 2069 answers (no qop) carry no nc to tell a replay from a reuse.
         if creds.qop.is_none() && !self.index.allow_rfc2069 {
-            return Err(forbidden());
+            return Err(forbidden(store, None));
         }
         // Without qop the response does not cover nc (RFC 2617 §3.2.2): whatever nc
         // such an answer carries, it counts as the first, so it is accepted once.
@@ -471,14 +494,13 @@ impl<'r, 'a> Request<'r, 'a> {
             crate::replay::nc_value(creds.nc)
         };
         let Some(nc) = nc else {
-            return Err(forbidden());
+            return Err(forbidden(store, None));
         };
-        let trunk = self
-            .index
-            .trunk_by_username(&creds.username)
-            .ok_or_else(forbidden)?;
+        let Some(trunk) = self.index.trunk_by_username(&creds.username) else {
+            return Err(forbidden(store, None));
+        };
         if !trunk.algorithms.contains(&algorithm) {
-            return Err(Refusal::BadCredentials(Some(trunk)));
+            return Err(forbidden(store, Some(trunk)));
         }
         let response = digest::Response {
             username: &creds.username,
@@ -491,34 +513,72 @@ impl<'r, 'a> Request<'r, 'a> {
             cnonce: creds.cnonce.as_deref(),
         };
         if !digest::verify(&trunk.ha1, self.method.as_str(), &response) {
-            return Err(Refusal::BadCredentials(Some(trunk)));
-        }
-        if nonce_state == NonceState::Stale {
-            return Err(self.challenge(true).into());
+            return Err(forbidden(store, Some(trunk)));
         }
         // A correct answer is accepted once per (nonce, nc): a captured one replayed
         // (from the same IP's other port, a NAT neighbour, a spoofed UDP source) is
         // asked to authenticate afresh, which it cannot.
-        let issued_ms = digest::nonce_issued_ms(&creds.nonce).unwrap_or(0);
         let claim = crate::replay::claim(
             store,
             self.index.replay_slots,
             &creds.nonce,
-            issued_ms,
+            digest::nonce_issued_ms(&creds.nonce).unwrap_or(0),
             nc,
             self.input.now_ms,
-            // Kept past the nonce's life by the clock skew a nonce is allowed, and
-            // a minute more: a worker whose clock runs late must not find a record
-            // gone that a worker running early has already dropped.
-            self.index
-                .nonce_ttl_ms
-                .saturating_add(digest::FUTURE_SKEW_MS + 60_000),
+            self.replay_ttl_ms(),
         )
         .map_err(Refusal::Store)?;
         if claim != crate::replay::Claim::Fresh {
             return Err(self.challenge_for(Cause::ReplayedNonce).into());
         }
-        Ok(trunk)
+        Ok(Authenticated {
+            trunk,
+            nonce: creds.nonce,
+        })
+    }
+
+    /// How long the replay set keeps a record: past the nonce's life by the clock
+    /// skew a nonce is allowed, and a minute more, so a worker whose clock runs late
+    /// never finds a record gone that a worker running early has already dropped.
+    fn replay_ttl_ms(&self) -> u64 {
+        self.index
+            .nonce_ttl_ms
+            .saturating_add(digest::FUTURE_SKEW_MS + 60_000)
+    }
+
+    /// An answer on a live nonce that let nothing through spends the whole nonce
+    /// (src/replay.rs, `spend`). Only its first such answer is a guess to count (the
+    /// 403): every later one, and a wrong answer on a nonce the PBX already used,
+    /// gets the `stale=true` challenge a replayed right answer gets. So a nonce
+    /// captured off the wire earns a spoofer at most one counted failure against the
+    /// PBX's address, and resending an answer refused by the access list tells a
+    /// guesser nothing about whether its password was right.
+    fn wrong_answer(
+        &self,
+        store: &mut dyn Store,
+        nonce: &str,
+        trunk: Option<&'r Trunk>,
+    ) -> Refusal<'r> {
+        match self.spend_nonce(store, nonce) {
+            Ok(crate::replay::Claim::Fresh) => Refusal::BadCredentials(trunk),
+            Ok(_) => self.challenge_for(Cause::ReplayedNonce).into(),
+            Err(e) => Refusal::Store(e),
+        }
+    }
+
+    fn spend_nonce(
+        &self,
+        store: &mut dyn Store,
+        nonce: &str,
+    ) -> Result<crate::replay::Claim, StoreError> {
+        crate::replay::spend(
+            store,
+            self.index.replay_slots,
+            nonce,
+            digest::nonce_issued_ms(nonce).unwrap_or(0),
+            self.input.now_ms,
+            self.replay_ttl_ms(),
+        )
     }
 
     fn register(&self, trunk: &Trunk, store: &mut dyn Store) -> Result<Decision, StoreError> {

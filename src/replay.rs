@@ -76,8 +76,26 @@ pub fn nc_value(nc: Option<&str>) -> Option<u32> {
     }
 }
 
+/// Spends every nc of a nonce whose answer let nothing through (a wrong answer, or
+/// a right one refused for where it came from): `Fresh` only when the nonce had not
+/// been used before. A nonce is thus worth at most one counted guess, whoever holds
+/// it, and every later answer on it, right or wrong, gets the same `stale=true`
+/// challenge (docs/policy.md, "Password guessing").
+pub fn spend(
+    store: &mut dyn Store,
+    slots: u32,
+    nonce: &str,
+    issued_ms: u64,
+    now_ms: u64,
+    ttl_ms: u64,
+) -> Result<Claim, StoreError> {
+    claim(store, slots, nonce, issued_ms, u32::MAX, now_ms, ttl_ms)
+}
+
 /// Records (nonce, nc), issued at `issued_ms`, as used at `now_ms`; records of
-/// nonces older than `ttl_ms` are dropped on the way (they are refused anyway).
+/// nonces older than `ttl_ms` are dropped on the way (they are refused anyway). An
+/// nc of `u32::MAX`, above every one a PBX counts to, spends the whole nonce
+/// ([`spend`]): `Fresh` only for a nonce not used before.
 pub fn claim(
     store: &mut dyn Store,
     slots: u32,
@@ -103,9 +121,16 @@ pub fn claim(
         return Ok(Claim::Forgotten);
     }
     let live = records.len();
-    match records.iter_mut().find(|r| r.nonce == nonce) {
+    let outcome = match records.iter_mut().find(|r| r.nonce == nonce) {
         Some(r) if nc <= r.nc => return Ok(Claim::Replayed),
-        Some(r) => r.nc = nc,
+        Some(r) => {
+            r.nc = nc;
+            if nc == u32::MAX {
+                Claim::Replayed
+            } else {
+                Claim::Fresh
+            }
+        }
         None => {
             if live >= PER_SLOT {
                 // Room for the newcomer: forget the oldest record, and with it every
@@ -129,10 +154,11 @@ pub fn claim(
                 nonce,
                 nc,
             });
+            Claim::Fresh
         }
-    }
+    };
     store.set(&key, render(watermark, &records).as_bytes())?;
-    Ok(Claim::Fresh)
+    Ok(outcome)
 }
 
 /// The slot's text, as `parse` reads it; written without core::fmt, as it is for
@@ -173,6 +199,24 @@ mod tests {
         assert_eq!(claim(&mut s, 16, n, 0, 2, 30, TTL), Ok(Claim::Fresh));
         assert_eq!(claim(&mut s, 16, n, 0, 2, 40, TTL), Ok(Claim::Replayed));
         assert_eq!(claim(&mut s, 16, n, 0, 1, 50, TTL), Ok(Claim::Replayed));
+    }
+
+    #[test]
+    fn a_spent_nonce_counts_once_and_takes_no_answer_after() {
+        let mut s = MemoryStore::default();
+        let unused = "00000001aaaaaaaabbbbbbbbccccccccdddddddd00000001";
+        assert_eq!(spend(&mut s, 16, unused, 0, 10, TTL), Ok(Claim::Fresh));
+        assert_eq!(spend(&mut s, 16, unused, 0, 20, TTL), Ok(Claim::Replayed));
+        assert_eq!(
+            claim(&mut s, 16, unused, 0, 2, 30, TTL),
+            Ok(Claim::Replayed)
+        );
+        // A nonce a PBX already answered with is not fresh to spend, and once spent
+        // takes no higher nc either.
+        let used = "00000001aaaaaaaabbbbbbbbccccccccdddddddd00000002";
+        assert_eq!(claim(&mut s, 16, used, 0, 1, 40, TTL), Ok(Claim::Fresh));
+        assert_eq!(spend(&mut s, 16, used, 0, 50, TTL), Ok(Claim::Replayed));
+        assert_eq!(claim(&mut s, 16, used, 0, 2, 60, TTL), Ok(Claim::Replayed));
     }
 
     #[test]

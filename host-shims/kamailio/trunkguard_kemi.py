@@ -958,6 +958,13 @@ class Shim:
                     return self._relay(strip, insert, within_transaction=True)
                 return -255
         elif cause == "core":
+            if KSR.is_CANCEL():
+                # Where its INVITE went, whatever its Request-URI: a carrier's
+                # INVITE is often addressed to the edge itself (sip:DID@edge), and
+                # its CANCEL copies that. Within no transaction: dropped.
+                if KSR.tm.t_check_trans() > 0:
+                    return self._relay(strip, insert, within_transaction=True)
+                return -255
             # The core's own request (core_networks, on a core socket): routed by its
             # Request-URI, never back into this edge (_relay refuses that).
             if KSR.is_INVITE():
@@ -1199,8 +1206,12 @@ class Shim:
         KSR.resetdsturi()
         self._send_socket(self._socket_for(self._side_of(uri), uri))
         # The dialog's callee is the failover now: its in-dialog requests go there.
+        # The PBX's early dialogs end, their route sets with them ("-" names no To
+        # tag): otherwise the PBX, naming its own early dialog, would reach the
+        # failover with the Route entries its 1xx recorded.
         KSR.pv.sets("$dlg_var(%s)" % DLG_CALLEE, uri)
         KSR.pv.sets("$dlg_var(%s)" % DLG_CALLEE_SOCKET, KSR.pv.get("$fs") or "")
+        KSR.pv.sets("$dlg_var(%s)" % DLG_EARLY_RS, "-")
         # What the caller gets should the failover fail too (docs/policy.md).
         KSR.pv.seti("$xavp(%s[0]=>code)" % FAILOVER_XAVP, code)
         KSR.pv.sets("$xavp(%s[0]=>reason)" % FAILOVER_XAVP, reason or "Failed")

@@ -542,6 +542,30 @@ def svcrack(test, workdir, name, ip, user, passwords, edge_addr, timeout=90):
     return out.returncode, out.stdout + out.stderr
 
 
+def guess_on_fresh_nonces(ip, user, passwords, edge):
+    """A guesser that svcrack's default mode is: for each password a bare REGISTER
+    from `ip` to `edge` ((IP, port)), then an answer to its 401. Returns each guess's
+    final status: the answer's, or the bare REGISTER's when no challenge came (403: the
+    source is banned and is never asked)."""
+    uri = "sip:" + REALM
+    ep = sip.Endpoint(ip, "udp", edge)
+    statuses = []
+    try:
+        base = dict(from_user=user, via_ip=ip, via_port=ep.port)
+        for password in passwords:
+            first = ep.final(sip.request("REGISTER", uri, extra=[("Expires", "60")], **base))
+            if sip.status(first) != 401:
+                statuses.append(sip.status(first))
+                continue
+            auth = sip.authorization(sip.header(first, "WWW-Authenticate"), "REGISTER", uri, user, password,
+                                     "Authorization")
+            statuses.append(sip.status(ep.final(sip.request("REGISTER", uri, cseq=2,
+                                                            extra=[("Expires", "60"), auth], **base))))
+    finally:
+        ep.close()
+    return statuses
+
+
 def assert_a_retransmitted_invite_is_absorbed(test, edge, caller, creds, far):
     """`caller`'s authenticated INVITE, sent twice (UDP: its 100 Trying late or lost),
     reaches `far` once; the retransmission gets no answer of its own (the policy never
@@ -1223,15 +1247,17 @@ class KamailioEdge(unittest.TestCase):
 
     def test_25_svcrack_never_learns_a_password_and_its_source_is_banned(self):
         before = self.settled_counters()
-        # Control: the same svcrack command, given a dictionary whose second entry is
-        # right, finds it here (and registers exp-pbx, unused after test_14): its
-        # digest answers are good, so every refusal below is the lockout's doing.
-        code, out = self.svcrack("control", GUESSER_CONTROL, EXP[0], ["wrong-1", EXP[1]])
+        # Control: the same svcrack command, given the right password first, finds it
+        # here (and registers exp-pbx, unused after test_14): its digest answers are
+        # good, so every refusal below is the policy's doing.
+        code, out = self.svcrack("control", GUESSER_CONTROL, EXP[0], [EXP[1]])
         self.assertEqual(code, 40, "svcrack's control run should crack exp1:\n" + out)
         self.assertIn(EXP[1], out)
         self.assertEqual(self.binding("exp-pbx")["binding"]["source"], GUESSER_CONTROL + ":5062")
-        # 40 wrong passwords, the right one 16th: the source is banned after the 10th
-        # wrong answer (digest.lockout: 10 in 300 s), before the right one comes.
+        # svcrack guesses on the one nonce of its first challenge (-n): a nonce is
+        # worth one guess (docs/policy.md, "Password guessing"), so the first wrong
+        # answer is counted and all 40 after it, the right one 16th included, are
+        # challenged again as spent.
         passwords = ["guess-%02d" % i for i in range(1, 16)] + [HQ[1]] + ["guess-%02d" % i for i in range(16, 41)]
         started = time.monotonic()
         code, out = self.svcrack("attack", GUESSER, HQ[0], passwords)
@@ -1239,6 +1265,12 @@ class KamailioEdge(unittest.TestCase):
         self.assertNotEqual(code, 40, "svcrack cracked hq1:\n" + out)
         self.assertIn("found nothing", out)
         self.assertNotIn(HQ[1], out)
+        # Guessing on a fresh nonce each time: the source is banned after its 10th
+        # wrong answer (digest.lockout: 10 in 300 s; the one above and 9 here), and
+        # is never challenged again, so the right password, 13th, is never asked for.
+        statuses = guess_on_fresh_nonces(GUESSER, HQ[0], ["guess-%02d" % i for i in range(41, 53)] + [HQ[1]],
+                                         KAMAILIO)
+        self.assertEqual(statuses, [403] * 13, statuses)
         # Banned: even the right credentials get a plain 403, with no challenge first.
         banned = sip.Endpoint(GUESSER)
         try:
@@ -1253,7 +1285,7 @@ class KamailioEdge(unittest.TestCase):
         self.assertEqual(alert["recipients"], ["noc@example.com"])
         self.assertEqual(alert.get("method"), "REGISTER", alert)
         self.assertEqual(self.alerts(kind="password_guessing", trunk_group="exp-pbx"), [],
-                         "one wrong answer alerts nobody")
+                         "the control's right answer alerts nobody")
         binding = self.binding("hq-pbx1")["binding"]
         self.assertFalse(binding and binding["source"].startswith(GUESSER + ":"), binding)
         # The trunk group itself is not locked: its PBX registers and calls.
@@ -1261,12 +1293,12 @@ class KamailioEdge(unittest.TestCase):
         self.assertEqual(self.binding("hq-pbx1")["binding"]["source"], "%s:%d" % (PBX, PBX_PORT))
         carrier = self.carrier("carrier-after-guessing")
         self.assert_passed(self.uac("call-after-guessing", "call.xml", PBX, HQ), carrier)
-        # Counted: 1 wrong answer of the control and 10 of the attack; the attack's
-        # other 31 answers and the INVITE above refused as source_banned.
+        # Counted: 1 wrong answer of svcrack's and 9 of the fresh-nonce guesser's; its
+        # last 4 REGISTERs and the INVITE above refused as source_banned.
         delta = lambda c, name: c.get(name, 0) - before.get(name, 0)  # noqa: E731
-        after = self.settled_counters(lambda c: delta(c, "cause.source_banned") >= 32
-                                      and delta(c, "cause.bad_credentials") >= 11)
-        self.assertEqual((delta(after, "cause.bad_credentials"), delta(after, "cause.source_banned")), (11, 32),
+        after = self.settled_counters(lambda c: delta(c, "cause.source_banned") >= 5
+                                      and delta(c, "cause.bad_credentials") >= 10)
+        self.assertEqual((delta(after, "cause.bad_credentials"), delta(after, "cause.source_banned")), (10, 5),
                          (before, after))
 
     def test_26_an_md5_only_pbx_answering_the_first_challenge_works_with_a_password_trunk(self):
@@ -1405,6 +1437,76 @@ class KamailioEdge(unittest.TestCase):
             self.assertIn("Subject: hi", head, name)
         sip.in_dialog_round(pbx_side, carrier_side, "BYE")
 
+    def test_33_a_captured_nonce_gets_nobody_banned_and_a_resent_answer_tells_no_password(self):
+        # A spoofer holding a nonce its PBX was sent (one sniffed 401; here the same
+        # IP on another port, as a forged UDP source would be) answers it wrong, again
+        # and again: before, each counted as a guess against the PBX's address, and
+        # the tenth had trunkguard, then fail2ban, ban the PBX (docs/policy.md,
+        # "Password guessing").
+        before = self.settled_counters()
+        pbx = sip.Endpoint(PBX)
+        spoofer = sip.Endpoint(PBX)
+        try:
+            uri = "sip:" + REALM
+            base = dict(from_user=HQ[0], via_ip=PBX, via_port=pbx.port)
+            contact = ("Contact", "<sip:%s@%s:%d>" % (HQ[0], PBX, pbx.port))
+            first = pbx.final(sip.request("REGISTER", uri, extra=[contact, ("Expires", "60")], **base))
+            self.assertEqual(sip.status(first), 401, first)
+            captured = sip.header(first, "WWW-Authenticate")
+            auth = sip.authorization(captured, "REGISTER", uri, HQ[0], HQ[1], "Authorization")
+            ok = pbx.final(sip.request("REGISTER", uri, cseq=2, extra=[contact, ("Expires", "60"), auth], **base))
+            self.assertEqual(sip.status(ok), 200, ok)
+            ruri = "sip:%s@%s" % (CALLED, REALM)
+            for i in range(12):
+                guess = sip.authorization(captured, "INVITE", ruri, HQ[0], "guess-%d" % i, "Proxy-Authorization")
+                answer = spoofer.final(sip.request("INVITE", ruri, from_user=HQ[0], to_user=CALLED, via_ip=PBX,
+                                                   via_port=spoofer.port, extra=[guess]))
+                self.assertEqual(sip.status(answer), 407, "guess %d on the captured nonce:\n%s" % (i, answer))
+                self.assertIn("stale=true", answer)
+            # The PBX itself is not banned: it registers and calls.
+            self.assertEqual(sip.status(sip.register(pbx, HQ[0], HQ[1], 60)), 200)
+        finally:
+            pbx.close()
+            spoofer.close()
+        self.register_pbx(name="register-after-spoofing")
+        carrier = self.carrier("carrier-after-spoofing")
+        self.assert_passed(self.uac("call-after-spoofing", "call.xml", PBX, HQ), carrier)
+        with open(os.path.join(self.state, "refusal.log"), encoding="utf-8") as f:
+            named = [line for line in f if '"source":"%s:' % PBX in line]
+        self.assertEqual([line for line in named if re.search(r'"cause":"(bad_credentials|source_banned)"', line)],
+                         [], "refusal lines fail2ban would count against the PBX")
+        # A guesser outside an access list: its right password is refused 403, the
+        # same as a wrong one. Its answer sent again, the right one was then
+        # challenged as a replay and the wrong one refused 403 (and counted) again:
+        # an oracle. Now a refused answer spends its nonce, and whatever comes on it
+        # after, the same message or the next nc, gets the same stale challenge.
+        outsider = "127.0.0.19"
+        ruri = "sip:%s@%s" % (CALLED, REALM)
+        seen = {}
+        for label, password in (("right", P2P[1]), ("wrong", "not-it")):
+            guesser = sip.Endpoint(outsider)
+            try:
+                req = lambda *extra: sip.request("INVITE", ruri, from_user=P2P[0], to_user=CALLED,  # noqa: E731
+                                                 via_ip=outsider, via_port=guesser.port, extra=list(extra))
+                challenge = guesser.final(req())
+                self.assertEqual(sip.status(challenge), 407, challenge)
+                value = sip.header(challenge, "Proxy-Authenticate")
+                auth = sip.authorization(value, "INVITE", ruri, P2P[0], password, "Proxy-Authorization")
+                # The same answer twice, in two requests (a retransmission of one
+                # would be the proxy's to answer, not the policy's).
+                statuses = [sip.status(guesser.final(req(auth))), sip.status(guesser.final(req(auth)))]
+                auth = sip.authorization(value, "INVITE", ruri, P2P[0], password, "Proxy-Authorization")
+                statuses.append(sip.status(guesser.final(req(auth))))
+                seen[label] = statuses
+            finally:
+                guesser.close()
+        self.assertEqual(seen, {"right": [403, 407, 407], "wrong": [403, 407, 407]})
+        delta = lambda c, name: c.get(name, 0) - before.get(name, 0)  # noqa: E731
+        after = self.settled_counters(lambda c: delta(c, "cause.not_in_access_list") >= 1
+                                      and delta(c, "cause.bad_credentials") >= 1)
+        self.assertEqual((delta(after, "cause.bad_credentials"), delta(after, "cause.source_banned")), (1, 0),
+                         (before, after))
+
 
 def sipp_times(log, direction, first_line):
     """The times (epoch seconds) of the messages of a sipp message trace that went
@@ -1502,14 +1604,15 @@ class InboundFailover(unittest.TestCase):
         """The core's whole call (inbound.xml: INVITE, 200, ACK, BYE) for `did`."""
         return self.sipp(name, "inbound.xml", ["-i", CORE, "-s", did, "%s:%d" % self.CORE_LISTEN])
 
-    def core_invite(self, did, timeout=4.0, cancel_after=None):
+    def core_invite(self, did, timeout=4.0, cancel_after=None, ruri_host=REALM):
         """The core's INVITE for `did`: (its final response, seconds until it came),
         the final ACKed when it is a failure. With `cancel_after`, the call is
-        cancelled that long after the first 180."""
+        cancelled that long after the first 180. `ruri_host`: the Request-URI's host
+        (the CANCEL copies it, RFC 3261 §9.1)."""
         core = sip.Party(CORE)
         self.addCleanup(core.close)
         call_id = "fo-%s@%s" % (os.urandom(6).hex(), CORE)
-        ruri = "sip:%s@%s" % (did, REALM)
+        ruri = "sip:%s@%s" % (did, ruri_host)
         via = "SIP/2.0/UDP %s:%d;branch=z9hG4bK%s;rport" % (core.ip, core.port, os.urandom(8).hex())
         ftag = os.urandom(4).hex()
 
@@ -1609,6 +1712,18 @@ class InboundFailover(unittest.TestCase):
         self.assert_passed(pbx)
         self.assert_nothing_reached(failover, "a call the PBX rang for")
 
+    def test_6b_the_cores_cancel_of_a_call_addressed_to_the_edge_itself_reaches_the_pbx(self):
+        # A carrier addresses its INVITE to the edge (sip:DID@edge), and its CANCEL
+        # copies that Request-URI: the edge must cancel the INVITE's branch, not
+        # refuse the CANCEL as a request for itself (482), which left the PBX ringing
+        # after the caller hung up.
+        pbx = self.uas("pbx-cancelled-at-edge", "uas-cancel.xml", self.PBX)
+        failover = self.silent(self.FAILOVER)
+        final, _ = self.core_invite(self.FO_DID, cancel_after=0.3, ruri_host="%s:%d" % self.CORE_LISTEN)
+        self.assertEqual(sip.status(final), 487, final)
+        self.assert_passed(pbx)
+        self.assert_nothing_reached(failover, "a call the core cancelled")
+
     def test_7_without_an_alert_url_the_spool_is_named_at_start_and_in_status(self):
         spool = os.path.join(self.state, "spool")
         lines = [l for l in self.kamailio_log().splitlines() if "no alert URL" in l]
@@ -1618,6 +1733,53 @@ class InboundFailover(unittest.TestCase):
         self.assertEqual(out.returncode, 0, out.stderr)
         self.assertRegex(out.stdout, r"(?m)^alerts: no alert URL: kept in %s, delivered to nobody \(\d+ in the spool\)$"
                          % re.escape(spool))
+
+
+    def test_8_the_pbx_a_call_failed_over_from_has_no_early_dialog_left_to_the_failover(self):
+        # fo-pbx rings with a Record-Route entry of its own above the edge's, then
+        # fails: the call goes to the failover, which rings. The PBX, posing as the
+        # caller within its own early dialog (the carrier's From tag, its To tag),
+        # sends an INFO: before, the edge sent it to the failover with the PBX's
+        # recorded entry as its Route, to be followed by a failover that is a proxy.
+        core, pbx, failover = sip.Party(CORE), sip.Party(*self.PBX), sip.Party(*self.FAILOVER)
+        for party in (core, pbx, failover):
+            self.addCleanup(party.close)
+        call_id, ftag = "fo-early-%s@%s" % (os.urandom(6).hex(), CORE), os.urandom(4).hex()
+        ruri = "sip:%s@%s" % (self.FO_DID, REALM)
+        via = "SIP/2.0/UDP %s:%d;branch=z9hG4bK%s;rport" % (core.ip, core.port, os.urandom(8).hex())
+        caller = "<sip:+15550001111@carrier.example.net>;tag=%s" % ftag
+        core.send(("INVITE %s SIP/2.0\r\nVia: %s\r\nMax-Forwards: 70\r\nFrom: %s\r\nTo: <%s>\r\n"
+                   "Call-ID: %s\r\nCSeq: 1 INVITE\r\nContact: <sip:core@%s:%d>\r\nContent-Length: 0\r\n\r\n"
+                   % (ruri, via, caller, ruri, call_id, core.ip, core.port)).encode("latin-1"), self.CORE_LISTEN)
+        got, hop = pbx.request("INVITE")
+        self.assertIsNotNone(got, "the core's INVITE never reached the PBX")
+        planted = "<sip:127.0.0.99:5199;lr>"
+        pbx.send(sip.response(got, 180, "Ringing", to_tag="b1", contact="<sip:fo1@%s:%d>" % self.PBX,
+                              record_route=[planted]), hop)
+        self.assertIsNotNone(core.recv(3.0, lambda m: sip.status(m) == 180)[0], "the 180 never reached the core")
+        pbx.send(sip.response(got, 500, "Server Internal Error", to_tag="b1"), hop)
+        offered, fo_hop = failover.request("INVITE")
+        self.assertIsNotNone(offered, "the call never failed over")
+        failover.send(sip.response(offered, 180, "Ringing", to_tag="f1",
+                                   contact="<sip:fo@%s:%d>" % self.FAILOVER), fo_hop)
+        route = ", ".join(sip.headers(got, "Record-Route"))
+        pbx.send(("INFO sip:x@127.0.0.99:5199 SIP/2.0\r\nVia: SIP/2.0/UDP %s:%d;branch=z9hG4bK%s;rport\r\n"
+                  "Max-Forwards: 70\r\nRoute: %s\r\nFrom: %s\r\nTo: <%s>;tag=b1\r\nCall-ID: %s\r\n"
+                  "CSeq: 9 INFO\r\nContent-Length: 0\r\n\r\n"
+                  % (pbx.ip, pbx.port, os.urandom(8).hex(), route, caller, ruri, call_id)).encode("latin-1"),
+                 self.LISTEN)
+        answer, _ = pbx.recv(3.0, lambda m: (sip.headers(m, "CSeq") or [""])[0] == "9 INFO" and sip.status(m) >= 200)
+        leaked, _ = failover.recv(1.0, lambda m: sip.method(m) == "INFO")
+        self.assertIsNone(leaked, "the PBX's INFO reached the failover:\n%s" % leaked)
+        self.assertEqual(sip.status(answer), 404, answer)
+        # The call itself is the failover's: the core's CANCEL ends it there.
+        core.send(("CANCEL %s SIP/2.0\r\nVia: %s\r\nMax-Forwards: 70\r\nFrom: %s\r\nTo: <%s>\r\n"
+                   "Call-ID: %s\r\nCSeq: 1 CANCEL\r\nContent-Length: 0\r\n\r\n"
+                   % (ruri, via, caller, ruri, call_id)).encode("latin-1"), self.CORE_LISTEN)
+        cancel, fo_hop = failover.request("CANCEL")
+        self.assertIsNotNone(cancel, "the core's CANCEL never reached the failover")
+        failover.send(sip.response(cancel, 200, "OK"), fo_hop)
+        failover.send(sip.response(offered, 487, "Request Terminated", to_tag="f1"), fo_hop)
 
 
 class AlertRelayChain(unittest.TestCase):

@@ -58,7 +58,7 @@ from test_kamailio import (ALERT_WINDOW_S, EXP, EXP_PBX, FAILOVER, FAILOVER_PORT
                            GUESSER_CONTROL, HQ, INTRUDER, INTRUDER_TCP, MODULE, P2P, PBX, REALM, ROOT, TARGET, Webhook,
                            WebhookHandler, _alive, ambiguous_to_refusals, assert_a_retransmitted_invite_is_absorbed,
                            forged_in_dialog_outcomes, assert_in_dialog_requests_keep_the_recorded_route_sets,
-                           assert_a_ringing_call_stays_its_callers, stream_outcome, svcrack,
+                           assert_a_ringing_call_stays_its_callers, guess_on_fresh_nonces, stream_outcome, svcrack,
                            trunk_config, wait_for)
 
 SO = os.path.join(TARGET, "kamailio-module", "trunkguard.so")
@@ -679,18 +679,22 @@ class NativeModule(unittest.TestCase):
     def test_23_svcrack_never_learns_a_password_and_its_source_is_banned(self):
         before = self.stats()
         edge = "%s:%d" % EDGE
-        # Control: the same svcrack command, given a dictionary whose second entry is
-        # right, finds it here: its digest answers are good, so every refusal below is
-        # the lockout's doing.
-        code, out = svcrack(self, self.workdir, "control", GUESSER_CONTROL, EXP[0], ["wrong-1", EXP[1]], edge)
+        # Control: the same svcrack command, given the right password first, finds it
+        # here: its digest answers are good, so every refusal below is the policy's.
+        code, out = svcrack(self, self.workdir, "control", GUESSER_CONTROL, EXP[0], [EXP[1]], edge)
         self.assertEqual(code, 40, "svcrack's control run should crack exp1:\n" + out)
-        # 40 wrong passwords, the right one 16th: the source is banned after the 10th
-        # wrong answer (digest.lockout: 10 in 300 s), before the right one comes.
+        # svcrack -n guesses on one nonce, which is worth one guess: the first wrong
+        # answer is counted, the other 40 (the right one 16th) challenged as spent.
         passwords = ["guess-%02d" % i for i in range(1, 16)] + [HQ[1]] + ["guess-%02d" % i for i in range(16, 41)]
         code, out = svcrack(self, self.workdir, "attack", GUESSER, HQ[0], passwords, edge)
         self.assertNotEqual(code, 40, "svcrack cracked hq1:\n" + out)
         self.assertIn("found nothing", out)
         self.assertNotIn(HQ[1], out)
+        # On a fresh nonce each time: banned after the 10th wrong answer (digest.lockout:
+        # 10 in 300 s, the one above and 9 here), never asked again, so the right
+        # password, 13th, never gets an answer in.
+        statuses = guess_on_fresh_nonces(GUESSER, HQ[0], ["guess-%02d" % i for i in range(41, 53)] + [HQ[1]], EDGE)
+        self.assertEqual(statuses, [403] * 13, statuses)
         # Banned: even the right credentials get a plain 403, with no challenge first.
         banned = self.party(GUESSER)
         _, answer = invite(banned, HQ)
@@ -703,12 +707,12 @@ class NativeModule(unittest.TestCase):
         # The trunk group itself is not locked: its PBX registers and calls.
         self.assertEqual(sip.status(self.register()), 200)
         self.assert_call_reaches_the_core()
-        # 1 wrong answer of the control and 10 of the attack refused as such; the
-        # attack's other 31 answers and the INVITE above as source_banned.
+        # 1 wrong answer of svcrack's and 9 of the fresh-nonce guesser's refused as
+        # such; its last 4 REGISTERs and the INVITE above as source_banned.
         after = self.stats()
-        self.assertGreaterEqual(after["refused_auth"] - before.get("refused_auth", 0), 11, (before, after))
-        self.assertGreaterEqual(after["refused_address"] - before.get("refused_address", 0), 32, (before, after))
-        self.assertRegex(self.kamailio_log(), r'trunkguard-refusal \{[^\n]*"source":"%s:5062"[^\n]*"cause":'
+        self.assertEqual(after["refused_auth"] - before.get("refused_auth", 0), 10, (before, after))
+        self.assertGreaterEqual(after["refused_address"] - before.get("refused_address", 0), 5, (before, after))
+        self.assertRegex(self.kamailio_log(), r'trunkguard-refusal \{[^\n]*"source":"%s:\d+"[^\n]*"cause":'
                          r'"source_banned"' % re.escape(GUESSER))
 
     def test_24_a_p2p_trunk_outside_its_access_list_is_refused_over_udp_and_tcp(self):

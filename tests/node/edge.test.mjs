@@ -1004,20 +1004,23 @@ ${auth}Content-Length: 0
     send(register('wrong@127.0.0.6', 2));
     const challenge = await answer(2);
     assert.match(challenge, /^SIP\/2\.0 401 /);
-    const nonce = /nonce="([^"]+)"/.exec(challenge)[1];
+    const nonceOf = (c) => /nonce="([^"]+)"/.exec(c)[1];
     const md5 = (x) => createHash('md5').update(x).digest('hex');
-    const digest = (password) => {
+    const digest = (password, nonce) => {
       const h1 = md5(`${HQ.user}:${REALM}:${password}`);
       const response = md5(`${h1}:${nonce}:00000001:0a4f113b:auth:${md5(`REGISTER:sip:${REALM}`)}`);
       return `Authorization: Digest username="${HQ.user}", realm="${REALM}", nonce="${nonce}", uri="sip:${REALM}", response="${response}", algorithm=MD5, qop=auth, nc=00000001, cnonce="0a4f113b"\n`;
     };
-    send(register('wrong@127.0.0.6', 3, digest('not-it')));
+    send(register('wrong@127.0.0.6', 3, digest('not-it', nonceOf(challenge))));
     assert.match(await answer(3), /^SIP\/2\.0 403 /);
-    // The right answer taken, then replayed (same nonce and nc): challenged again, a line.
-    send(register('right@127.0.0.6', 4, digest(HQ.password)));
-    assert.match(await answer(4), /^SIP\/2\.0 200 /);
-    send(register('right@127.0.0.6', 5, digest(HQ.password)));
-    assert.match(await answer(5), /^SIP\/2\.0 401 /);
+    // The right answer, on a challenge of its own (the wrong one spent its nonce),
+    // taken, then replayed (same nonce and nc): challenged again, a line.
+    send(register('right@127.0.0.6', 4));
+    const fresh = nonceOf(await answer(4));
+    send(register('right@127.0.0.6', 5, digest(HQ.password, fresh)));
+    assert.match(await answer(5), /^SIP\/2\.0 200 /);
+    send(register('right@127.0.0.6', 6, digest(HQ.password, fresh)));
+    assert.match(await answer(6), /^SIP\/2\.0 401 /);
     sock.close();
     const lines = await waitFor('three refusal lines', () => { const l = refusalLines(file); return l.length >= 3 && l; });
     await new Promise((resolve) => setTimeout(resolve, 300));

@@ -148,6 +148,7 @@ export function runScenario(subject, configs, sc) {
   const configName = sc.config ?? 'base';
   if (configName !== 'none') subject.configure(JSON.stringify(configs[configName]));
   let lastNonce;
+  let keptNonce;
   sc.steps.forEach((step, i) => {
     const at = step.at ?? 1000 + i * 1000;
     const worker = step.worker ?? 0;
@@ -184,9 +185,13 @@ export function runScenario(subject, configs, sc) {
           lastNonce = nonce;
         } else if (mode === 'previous') {
           nonce = lastNonce;
+        } else if (mode === 'kept') {
+          if (keptNonce === undefined) throw new Error('no kept nonce');
+          nonce = keptNonce;
         } else {
           nonce = mode;
         }
+        if (send.auth.keep === true) keptNonce = nonce;
       }
       const msg = send.raw !== undefined ? send.raw.replaceAll('\\r\\n', '\r\n') : buildMessage(send, source, transport, nonce);
       const [verdict, alerts] = subject.judge(worker, msg, source, transport, at, local);

@@ -2,7 +2,9 @@
 //! the compiled `.wasm` under wasmtime run the very same table. Each step is sent the
 //! way a PBX would: a request that needs credentials is first sent bare, must be
 //! challenged, and is then re-sent with a digest response computed from that
-//! challenge's nonce.
+//! challenge's nonce. `auth.nonce` says otherwise: "previous" (the last nonce a
+//! step used or was challenged with), "kept" (the nonce of the last step that said
+//! `auth.keep: true`, as an attacker keeps one captured off the wire), or a literal.
 
 #![allow(dead_code)]
 
@@ -72,6 +74,7 @@ fn run_one(subject: &mut dyn Subject, configs: &Value, sc: &Value) -> Result<(),
             .map_err(|(p, r)| format!("config {config_name} refused: {p}: {r}"))?;
     }
     let mut last_nonce: Option<String> = None;
+    let mut kept_nonce: Option<String> = None;
     for (i, step) in sc["steps"].as_array().ok_or("steps")?.iter().enumerate() {
         let at = step["at"].as_u64().unwrap_or(1_000 + i as u64 * 1_000);
         let worker = step["worker"].as_u64().unwrap_or(0) as usize;
@@ -141,8 +144,14 @@ fn run_one(subject: &mut dyn Subject, configs: &Value, sc: &Value) -> Result<(),
                 "previous" => last_nonce
                     .clone()
                     .ok_or_else(|| ctx("no previous nonce".into()))?,
+                "kept" => kept_nonce
+                    .clone()
+                    .ok_or_else(|| ctx("no kept nonce".into()))?,
                 literal => literal.to_string(),
             };
+            if auth["keep"].as_bool() == Some(true) {
+                kept_nonce = Some(nonce.clone());
+            }
             credentials = Some(nonce);
         }
         let msg = match send["raw"].as_str() {

@@ -721,8 +721,12 @@ int ki_trunkguard_dialog_route(sip_msg_t *msg)
 }
 
 /* The failover answers for the PBX from here on: its in-dialog requests go to it.
- * The dialog module sets this failure route's dialog (tm's failure callback); a
- * call opened without trunkguard_dialog_open() has no tg_ftag and is left alone. */
+ * The PBX's early dialogs end here, their route sets with them ("-": a line no To
+ * tag names; a deleted dialog variable is not deleted in the dialog database):
+ * otherwise the PBX that failed, naming its own early dialog's To tag, would reach
+ * the failover with the Route entries its 1xx recorded. The dialog module sets this
+ * failure route's dialog (tm's failure callback); a call opened without
+ * trunkguard_dialog_open() has no tg_ftag and is left alone. */
 void tg_dialog_failed_over(sip_msg_t *msg, str *uri)
 {
 	char recorded[TG_TAG_LEN];
@@ -737,6 +741,7 @@ void tg_dialog_failed_over(sip_msg_t *msg, str *uri)
 	if(msg->force_send_socket != NULL)
 		sock = msg->force_send_socket->sock_str;
 	if(uri->len >= TG_HOP_LEN || tg_pv_set(msg, tg_pv_callee, uri->s, uri->len) < 0
-			|| tg_pv_set(msg, tg_pv_callee_sock, sock.s, sock.len) < 0)
+			|| tg_pv_set(msg, tg_pv_callee_sock, sock.s, sock.len) < 0
+			|| tg_pv_set(msg, tg_pv_early_rs, "-", 1) < 0)
 		LM_ERR("cannot record the failover %.*s as the dialog's callee\n", uri->len, uri->s);
 }
