@@ -193,6 +193,16 @@ pub fn render(a: &Alert) -> Rendered {
              internet connection or failed over, nothing needs doing. Otherwise someone \
              with {leaked}; then register your PBX again."
         ),
+        // Wrong passwords are no leak: the advice for a leak (change it now) would
+        // have every customer whose trunk a stranger scans change a good password.
+        (AlertKind::PasswordGuessing, _) => format!(
+            "Every guess counted here was wrong: on its own this does not mean the \
+             password has leaked. {from_ip} is refused for a while, its answers unread, \
+             and the PBX keeps working. Make sure the trunk group's password is long \
+             and random (not a word, a name or a number). If the guessing goes on from \
+             many addresses, an access list (\"acl\") for the trunk group keeps even a \
+             guessed password from being used anywhere else."
+        ),
         (_, Some(Cause::NotRegisteredAddress)) => format!(
             "Valid credentials of this trunk group were used from {from_ip}, which is \
              not the registered PBX{}. If {from_ip} is not one of your systems, {leaked}. \
@@ -572,6 +582,19 @@ mod tests {
                 ],
             ),
             (
+                Alert {
+                    method: Some("REGISTER".into()),
+                    ..base(AlertKind::PasswordGuessing, Some(Cause::BadCredentials))
+                },
+                "[trunkguard] Password-guessing alert on hq-pbx1 (hq) from 198.51.100.9: wrong credentials",
+                vec![
+                    "Somebody is guessing the password of trunk group hq-pbx1",
+                    "Every guess counted here was wrong",
+                    "198.51.100.9 is refused for a while",
+                    "long and random",
+                ],
+            ),
+            (
                 base(AlertKind::BlockedCall, Some(Cause::RegistrationRequired)),
                 "[trunkguard] Blocked call on hq-pbx1 (hq) from 198.51.100.9: trunk group not registered",
                 vec!["check why", "none is registered"],
@@ -593,6 +616,9 @@ mod tests {
         for (alert, subject, phrases) in cases {
             let r = render(&alert);
             assert_eq!(r.subject, subject);
+            if alert.kind == AlertKind::PasswordGuessing {
+                assert!(!r.body.contains("leaked:"), "{}", r.body);
+            }
             let flat = r.body.split_whitespace().collect::<Vec<_>>().join(" ");
             for p in phrases {
                 assert!(
