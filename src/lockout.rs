@@ -1,5 +1,6 @@
-//! Password guessing: failed digest answers are counted per source (an IPv6 source
-//! per /64, the unit one subscriber gets) and per trunk group; a source past
+//! Password guessing: failed digest answers (and right ones from outside the trunk
+//! group's access list, src/policy.rs) are counted per source (an IPv6 source per
+//! /64, the unit one subscriber gets) and, the failed ones, per trunk group; a source past
 //! `digest.lockout.failures` inside `window_s` is refused for `ban_s` without its
 //! credentials being checked, and a trunk group past the same threshold raises an
 //! alert to its contacts. A trunk group is never locked itself: its own PBX keeps
@@ -81,8 +82,15 @@ fn render(records: &[Record]) -> String {
 
 /// The key of the spread of units over the slots, the same on every worker and node
 /// that shares the nonce secret ([`crate::digest::NonceSecret::lockout_slot_key`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub struct SlotKey(pub [u64; 2]);
+
+/// Never the key itself: it is derived from the nonce secret.
+impl std::fmt::Debug for SlotKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SlotKey(..)")
+    }
+}
 
 /// SipHash-2-4 under `key`: a spread nobody without the secret can predict
 /// (collisions only share a slot's room, never a count). `SipHasher` is the standard

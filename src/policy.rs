@@ -360,11 +360,25 @@ impl<'r, 'a> Request<'r, 'a> {
         } else {
             self.call(trunk, store)?
         };
-        // Right credentials refused (the access list, the registered address): the
-        // nonce is spent whole, so that a higher nc on it, whose right answer would
-        // otherwise be told apart from a wrong one, gets what a wrong one gets.
-        if decision.verdict.action == Action::Reject {
-            self.spend_nonce(store, &nonce)?;
+        if decision.verdict.action != Action::Reject {
+            return Ok(decision);
+        }
+        // Right credentials refused all the same (the access list, the registered
+        // address, a 400 or 423 of the registration): the nonce is spent whole, so
+        // that a higher nc on it, whose right answer would otherwise be told apart
+        // from a wrong one, gets what a wrong one gets. A store that refuses the
+        // write leaves the refusal as it is: it is closed already, and its alert and
+        // refusal line still go.
+        let _ = self.spend_nonce(store, &nonce);
+        // From outside the trunk group's access list, a right password counts like
+        // a wrong one: a ban is visible from outside (403 to a bare request instead
+        // of a challenge), and if only wrong answers counted, a guesser there could
+        // tell from not being banned that one of its guesses was right. The trunk
+        // group's own PBX is never outside its list, so this bans none of its own.
+        if let Some(limits) = self.index.lockout
+            && !trunk.acl.admits(self.source_ip)
+        {
+            lockout::source_failed(store, &unit, slots, self.input.now_ms, limits)?;
         }
         Ok(decision)
     }

@@ -80,7 +80,7 @@ pub fn nc_value(nc: Option<&str>) -> Option<u32> {
 /// a right one refused for where it came from): `Fresh` only when the nonce had not
 /// been used before. A nonce is thus worth at most one counted guess, whoever holds
 /// it, and every later answer on it, right or wrong, gets the same `stale=true`
-/// challenge (docs/policy.md, "Password guessing").
+/// challenge (docs/policy.md, "A nonce is worth one guess").
 pub fn spend(
     store: &mut dyn Store,
     slots: u32,

@@ -1255,9 +1255,9 @@ class KamailioEdge(unittest.TestCase):
         self.assertIn(EXP[1], out)
         self.assertEqual(self.binding("exp-pbx")["binding"]["source"], GUESSER_CONTROL + ":5062")
         # svcrack guesses on the one nonce of its first challenge (-n): a nonce is
-        # worth one guess (docs/policy.md, "Password guessing"), so the first wrong
-        # answer is counted and all 40 after it, the right one 16th included, are
-        # challenged again as spent.
+        # worth one guess (docs/policy.md, "A nonce is worth one guess"), so the
+        # first wrong answer is counted and all 40 after it, the right one 16th
+        # included, are challenged again as spent.
         passwords = ["guess-%02d" % i for i in range(1, 16)] + [HQ[1]] + ["guess-%02d" % i for i in range(16, 41)]
         started = time.monotonic()
         code, out = self.svcrack("attack", GUESSER, HQ[0], passwords)
@@ -1441,8 +1441,8 @@ class KamailioEdge(unittest.TestCase):
         # A spoofer holding a nonce its PBX was sent (one sniffed 401; here the same
         # IP on another port, as a forged UDP source would be) answers it wrong, again
         # and again: before, each counted as a guess against the PBX's address, and
-        # the tenth had trunkguard, then fail2ban, ban the PBX (docs/policy.md,
-        # "Password guessing").
+        # the tenth had trunkguard, then fail2ban, ban the PBX (docs/policy.md, "A
+        # nonce is worth one guess").
         before = self.settled_counters()
         pbx = sip.Endpoint(PBX)
         spoofer = sip.Endpoint(PBX)

@@ -740,8 +740,10 @@ void tg_dialog_failed_over(sip_msg_t *msg, str *uri)
 		return;
 	if(msg->force_send_socket != NULL)
 		sock = msg->force_send_socket->sock_str;
+	/* The early dialogs end first, whatever fails after. */
+	if(tg_pv_set(msg, tg_pv_early_rs, "-", 1) < 0)
+		LM_ERR("cannot end the PBX's early dialogs after a failover\n");
 	if(uri->len >= TG_HOP_LEN || tg_pv_set(msg, tg_pv_callee, uri->s, uri->len) < 0
-			|| tg_pv_set(msg, tg_pv_callee_sock, sock.s, sock.len) < 0
-			|| tg_pv_set(msg, tg_pv_early_rs, "-", 1) < 0)
+			|| tg_pv_set(msg, tg_pv_callee_sock, sock.s, sock.len) < 0)
 		LM_ERR("cannot record the failover %.*s as the dialog's callee\n", uri->len, uri->s);
 }

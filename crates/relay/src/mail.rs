@@ -197,11 +197,12 @@ pub fn render(a: &Alert) -> Rendered {
         // have every customer whose trunk a stranger scans change a good password.
         (AlertKind::PasswordGuessing, _) => format!(
             "Every guess counted here was wrong: on its own this does not mean the \
-             password has leaked. {from_ip} is refused for a while, its answers unread, \
-             and the PBX keeps working. Make sure the trunk group's password is long \
-             and random (not a word, a name or a number). If the guessing goes on from \
-             many addresses, an access list (\"acl\") for the trunk group keeps even a \
-             guessed password from being used anywhere else."
+             password has leaked. Any address that goes on guessing ({from_ip} among \
+             them) is refused for a while, its answers unread, and the PBX keeps \
+             working. Make sure the trunk group's password is long and random (not a \
+             word, a name or a number). If the guessing goes on from many addresses, \
+             an access list (\"acl\") for the trunk group keeps even a guessed \
+             password from being used anywhere else."
         ),
         (_, Some(Cause::NotRegisteredAddress)) => format!(
             "Valid credentials of this trunk group were used from {from_ip}, which is \
@@ -590,7 +591,7 @@ mod tests {
                 vec![
                     "Somebody is guessing the password of trunk group hq-pbx1",
                     "Every guess counted here was wrong",
-                    "198.51.100.9 is refused for a while",
+                    "Any address that goes on guessing (198.51.100.9 among them) is refused",
                     "long and random",
                 ],
             ),
