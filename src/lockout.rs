@@ -1,10 +1,10 @@
 //! Password guessing: failed digest answers (and right ones from outside the trunk
 //! group's access list, src/policy.rs) are counted per source (an IPv6 source per
-//! /64, the unit one subscriber gets) and, the failed ones, per trunk group; a source past
-//! `digest.lockout.failures` inside `window_s` is refused for `ban_s` without its
-//! credentials being checked, and a trunk group past the same threshold raises an
-//! alert to its contacts. A trunk group is never locked itself: its own PBX keeps
-//! working while somebody elsewhere guesses its password.
+//! /64, the unit one subscriber gets) and, the failed ones, per trunk group; a
+//! source past `digest.lockout.failures` inside `window_s` is refused for `ban_s`
+//! without its credentials being checked, and a trunk group past the same threshold
+//! raises an alert to its contacts. A trunk group is never locked itself: its own
+//! PBX keeps working while somebody elsewhere guesses its password.
 //!
 //! Source records sit in a fixed number of slots ([`SLOTS`], [`PER_SLOT`] records
 //! each), so a guesser with many addresses cannot grow the store: a full slot

@@ -543,27 +543,15 @@ def svcrack(test, workdir, name, ip, user, passwords, edge_addr, timeout=90):
 
 
 def guess_on_fresh_nonces(ip, user, passwords, edge):
-    """A guesser that svcrack's default mode is: for each password a bare REGISTER
-    from `ip` to `edge` ((IP, port)), then an answer to its 401. Returns each guess's
-    final status: the answer's, or the bare REGISTER's when no challenge came (403: the
-    source is banned and is never asked)."""
-    uri = "sip:" + REALM
+    """A guesser that svcrack's default mode is: for each password, sip_client's
+    REGISTER from `ip` to `edge` ((IP, port)), answering its own 401. Returns each
+    guess's final status: the answer's, or the bare REGISTER's when no challenge came
+    (403: the source is banned and is never asked)."""
     ep = sip.Endpoint(ip, "udp", edge)
-    statuses = []
     try:
-        base = dict(from_user=user, via_ip=ip, via_port=ep.port)
-        for password in passwords:
-            first = ep.final(sip.request("REGISTER", uri, extra=[("Expires", "60")], **base))
-            if sip.status(first) != 401:
-                statuses.append(sip.status(first))
-                continue
-            auth = sip.authorization(sip.header(first, "WWW-Authenticate"), "REGISTER", uri, user, password,
-                                     "Authorization")
-            statuses.append(sip.status(ep.final(sip.request("REGISTER", uri, cseq=2,
-                                                            extra=[("Expires", "60"), auth], **base))))
+        return [sip.status(sip.register(ep, user, password, 60)) for password in passwords]
     finally:
         ep.close()
-    return statuses
 
 
 def assert_a_retransmitted_invite_is_absorbed(test, edge, caller, creds, far):
