@@ -330,6 +330,13 @@ pub fn check_nonce(
     realm: &str,
     ttl_ms: u64,
 ) -> NonceState {
+    // Only the spelling the edge sent: hex reads either case, so every other
+    // spelling of a used nonce would be a new one to the replay set, each worth a
+    // counted guess to whoever sniffed it (docs/policy.md, "A nonce is worth one
+    // guess"). A UA echoes a nonce as it came (RFC 7616 §3.4).
+    if nonce.bytes().any(|b| b.is_ascii_uppercase()) {
+        return NonceState::Invalid;
+    }
     let Some(raw) = unhex::<{ 8 + NONCE_MAC_LEN }>(nonce) else {
         return NonceState::Invalid;
     };
@@ -652,7 +659,11 @@ mod tests {
                 "{what}"
             );
         }
-        for garbage in ["", "zz", &nonce[..46], &format!("{nonce}00")] {
+        // The nonce in another spelling: the same bytes to hex, another nonce to the
+        // replay set, so never taken.
+        let shouted = nonce.to_ascii_uppercase();
+        assert_ne!(shouted, nonce, "a nonce without a letter a-f");
+        for garbage in ["", "zz", &nonce[..46], &format!("{nonce}00"), &shouted] {
             assert_eq!(
                 check_nonce(&secret(), garbage, 10_000, src, REALM, 300_000),
                 NonceState::Invalid

@@ -44,8 +44,10 @@
 
 import fcntl
 import http.client
+import ipaddress
 import os
 import re
+import socket
 import sqlite3
 import sys
 import time
@@ -128,6 +130,31 @@ def _local():
     return _ip_port("$Ri", "$Rp")
 
 
+def _hop_is_source(hop):
+    """Whether the message's source address is the host of the recorded hop (a SIP
+    URI): an address as written, or a name as the resolver gives it."""
+    m = re.match(r"(?i)\s*<?sips?:([^>]*)", hop)
+    if not m:
+        return False
+    hostport = m.group(1).rsplit("@", 1)[-1]
+    m = re.match(r"\[([^\]]*)\]|([^:;?]+)", hostport)
+    if not m:
+        return False
+    host = m.group(1) or m.group(2)
+    try:
+        source = ipaddress.ip_address(KSR.pv.get("$si"))
+    except ValueError:
+        return False
+    try:
+        return ipaddress.ip_address(host) == source
+    except ValueError:
+        pass
+    try:
+        return any(ipaddress.ip_address(a[4][0]) == source for a in socket.getaddrinfo(host, None))
+    except (OSError, ValueError):
+        return False
+
+
 def _reads_otherwise(message):
     """Whether a stream reader could end `message` elsewhere than where it ends: a
     continuation line in its header block, a Content_Length field, or a CR or an LF
@@ -170,6 +197,10 @@ NONCE_SECRET_KEY = "tg/nonce_secret"  # the module's key (src/store.rs), 32 byte
 DLG_FTAG = "tg_ftag"  # the caller's From tag: tells the direction of a later request
 DLG_CALLER, DLG_CALLER_SOCKET = "tg_caller", "tg_caller_sock"
 DLG_CALLEE, DLG_CALLEE_SOCKET = "tg_callee", "tg_callee_sock"
+# The trunk group's party, "caller" or "callee": held to its address (_party_sent).
+DLG_CUSTOMER = "tg_customer"
+# A socket variable the module sets after a failover whose branch had none.
+NO_SOCKET = "-"
 DLG_BYE = "tg_bye"  # set when the dialog's BYE was relayed: nothing after it is
 # The callee's early route sets, one line "<To tag> <route set>" per early dialog (its
 # 1xx's To tag), the most EARLY_MAX, oldest first: the dialog module records the
@@ -980,7 +1011,7 @@ class Shim:
                 KSR.err("trunkguard: TRUNKGUARD_CARRIER is not set; refusing %s\n" % (KSR.pv.get("$rm"),))
                 return self._refuse(503, "Service Unavailable (no carrier configured)")
             KSR.pv.sets("$du", CARRIER)
-            return self._relay_new(CARRIER, strip, insert)
+            return self._relay_new(CARRIER, strip, insert, customer="caller")
         return self._unroutable(cause)
 
     def _unroutable(self, cause):
@@ -1013,6 +1044,12 @@ class Shim:
         ruri = KSR.pv.get("$ru")
         if KSR.is_myself_ruri() > 0:
             return self._refuse_route_set()
+        # Who sent it is settled before loose_route(), which has the dialog module act
+        # on the request (a BYE ends the dialog there, relayed or refused after): in
+        # the dialog its Call-ID and tags name, which $dlg_var reads by them until then.
+        from_caller = self._sender_is_caller()
+        if from_caller is not None and not self._party_sent(from_caller):
+            return self._refuse_party()
         # loose_route() strips this edge's Route entries, and the dialog module
         # (called back from it) matches the request to a dialog and applies it to
         # the dialog's state.
@@ -1021,16 +1058,14 @@ class Shim:
             return self._refuse_route_set()
         lives = routed and KSR.dialog.is_known_dlg() > 0 and self._cookie_matches() and self._dialog_lives()
         if lives:
-            ftag = KSR.pv.get("$dlg_var(%s)" % DLG_FTAG)
-            if KSR.pv.get("$ft") == KSR.pv.get("$tt"):
-                # Both tags alike would read as either direction.
-                ftag = None
-            if ftag and KSR.pv.get("$ft") == ftag:
-                hop, sock = DLG_CALLEE, DLG_CALLEE_SOCKET
-            elif ftag and KSR.pv.get("$tt") == ftag:
-                hop, sock = DLG_CALLER, DLG_CALLER_SOCKET
-            else:
+            # The direction again, in the dialog the cookie named: to the other party.
+            from_caller = self._sender_is_caller()
+            if from_caller is not None and not self._party_sent(from_caller):
+                return self._refuse_party()
+            if from_caller is None:
                 hop = sock = None
+            else:
+                hop, sock = (DLG_CALLEE, DLG_CALLEE_SOCKET) if from_caller else (DLG_CALLER, DLG_CALLER_SOCKET)
             hop_uri = hop and KSR.pv.get("$dlg_var(%s)" % hop)
             route_set = self._route_set_of(hop == DLG_CALLEE) if hop_uri else None
             if hop_uri and route_set is None:
@@ -1058,6 +1093,49 @@ class Shim:
         _refusals().host(404, "no_dialog")
         _count("in_dialog.refused")
         return self._refuse(404, "Not Here")
+
+    def _sender_is_caller(self):
+        """Who sent an in-dialog request, by its tags: True the caller (its From tag),
+        False the callee (the caller's tag in To), None neither (no party's, no
+        dialog, or both tags alike, which would read as either direction)."""
+        ftag = KSR.pv.get("$dlg_var(%s)" % DLG_FTAG)
+        if not ftag or KSR.pv.get("$ft") == KSR.pv.get("$tt"):
+            return None
+        if KSR.pv.get("$ft") == ftag:
+            return True
+        if KSR.pv.get("$tt") == ftag:
+            return False
+        return None
+
+    def _refuse_party(self):
+        """A request not from the party its tags name, or not where that party is."""
+        _refusals().host(404, "dialog_party")
+        _count("in_dialog.refused")
+        return self._refuse(404, "Not Here")
+
+    def _party_sent(self, from_caller):
+        """Whether the request comes from the party its tags name, where that party
+        is. The tags and the cookie are in every message of the dialog: whoever saw
+        one, or was once a party (the PBX a call failed over from, within its early
+        dialog), could write them. So the request must arrive on the listener that
+        faces its sender's side, and the trunk group's party (a PBX, a peer trunk, a
+        failover) must send from its recorded address, as must everyone when one
+        listener faces both sides or the side's is not known. The carrier is held to
+        its side only: its in-dialog requests may come from any of its proxies. A
+        dialog recorded before DLG_CUSTOMER was keeps the side check alone. The
+        module does the same (tg_dialog.c, tg_party_sent); docs/kamailio.md."""
+        mine, other = (DLG_CALLER_SOCKET, DLG_CALLEE_SOCKET) if from_caller else (DLG_CALLEE_SOCKET, DLG_CALLER_SOCKET)
+        sock = KSR.pv.get("$dlg_var(%s)" % mine) or ""
+        other = KSR.pv.get("$dlg_var(%s)" % other) or ""
+        known = sock not in ("", NO_SOCKET)
+        if known and ("%s:%s" % (KSR.pv.get("$pr"), _local())).lower() != sock.lower():
+            return False
+        customer = KSR.pv.get("$dlg_var(%s)" % DLG_CUSTOMER)
+        if not customer:
+            return True
+        if customer != ("caller" if from_caller else "callee") and known and sock.lower() != other.lower():
+            return True
+        return _hop_is_source(KSR.pv.get("$dlg_var(%s)" % (DLG_CALLER if from_caller else DLG_CALLEE)) or "")
 
     def _refuse_route_set(self):
         """An in-dialog request this edge will not route as written (strict routing;
@@ -1150,7 +1228,7 @@ class Shim:
             KSR.pv.sets("$du", next_hop)
         if failover and KSR.is_INVITE():
             self._arm_failover(*failover)
-        return self._relay_new(next_hop or target, strip, insert)
+        return self._relay_new(next_hop or target, strip, insert, customer="callee")
 
     # --- inbound failover (docs/policy.md, "Inbound calls") -------------------------
 
@@ -1242,7 +1320,7 @@ class Shim:
             KSR.err("trunkguard: inbound failover: %s; the caller gets the failover's answer\n" % (e,))
         return 1
 
-    def _relay_new(self, hop, strip, insert):
+    def _relay_new(self, hop, strip, insert, customer):
         """A dialog-creating request to `hop` (the carrier, a PBX): record-routed,
         and for an INVITE a dialog is created whose variables remember both parties'
         hops, so that its in-dialog requests can be sent on (_route_in_dialog)."""
@@ -1276,6 +1354,7 @@ class Shim:
             KSR.pv.sets("$dlg_var(%s)" % DLG_CALLER_SOCKET, "%s:%s" % (KSR.pv.get("$pr"), _local()))
             KSR.pv.sets("$dlg_var(%s)" % DLG_CALLEE, hop)
             KSR.pv.sets("$dlg_var(%s)" % DLG_CALLEE_SOCKET, KSR.pv.get("$fs") or "")
+            KSR.pv.sets("$dlg_var(%s)" % DLG_CUSTOMER, customer)
             KSR.tm.t_on_reply("ksr_onreply_early")
         KSR.rr.record_route()
         return self._relay(strip, insert)

@@ -435,7 +435,9 @@ def assert_in_dialog_requests_keep_the_recorded_route_sets(test, pbx, far, edge,
         None when it did not arrive)."""
         forged = sip.Dialog(dialog.party, dialog.call_id, dialog.local_uri, dialog.local_tag, dialog.remote_uri,
                             dialog.remote_tag, route, target or dialog.target, dialog.cseq)
-        dialog.party.send(forged.build(method, extra=extra.get(method, ())), edge)
+        # The carrier sends to its route set's first hop, the edge's listener of its side.
+        dialog.party.send(forged.build(method, extra=extra.get(method, ())), edge if dialog.party is pbx else
+                          sip.uri_addr(dialog.route[0]))
         dialog.cseq = forged.cseq
         got, hop = receiver.party.recv(1.0, lambda m: ours(m) and sip.method(m) == method)
         if got is not None:
@@ -1445,12 +1447,23 @@ class KamailioEdge(unittest.TestCase):
             ok = pbx.final(sip.request("REGISTER", uri, cseq=2, extra=[contact, ("Expires", "60"), auth], **base))
             self.assertEqual(sip.status(ok), 200, ok)
             ruri = "sip:%s@%s" % (CALLED, REALM)
+            # Every other answer on the nonce with one more of its letters in upper
+            # case: hex reads either way, and before, each such spelling was a nonce
+            # never used, worth a counted guess (a UA echoes a nonce as it came).
+            nonce = re.search(r'nonce="([0-9a-f]+)"', captured).group(1)
+            letters = [k for k, c in enumerate(nonce) if c in "abcdef"]
+            self.assertGreaterEqual(len(letters), 6, nonce)
             for i in range(12):
-                guess = sip.authorization(captured, "INVITE", ruri, HQ[0], "guess-%d" % i, "Proxy-Authorization")
+                spelt = nonce
+                if i % 2:
+                    spelt = "".join(c.upper() if k in letters[:i // 2 + 1] else c for k, c in enumerate(nonce))
+                guess = sip.authorization(captured.replace(nonce, spelt), "INVITE", ruri, HQ[0], "guess-%d" % i,
+                                          "Proxy-Authorization")
                 answer = spoofer.final(sip.request("INVITE", ruri, from_user=HQ[0], to_user=CALLED, via_ip=PBX,
                                                    via_port=spoofer.port, extra=[guess]))
-                self.assertEqual(sip.status(answer), 407, "guess %d on the captured nonce:\n%s" % (i, answer))
-                self.assertIn("stale=true", answer)
+                self.assertEqual(sip.status(answer), 407, "guess %d on the captured nonce (%s):\n%s" % (i, spelt, answer))
+                if not i % 2:
+                    self.assertIn("stale=true", answer)
             # The PBX itself is not banned: it registers and calls.
             self.assertEqual(sip.status(sip.register(pbx, HQ[0], HQ[1], 60)), 200)
         finally:
@@ -1494,6 +1507,80 @@ class KamailioEdge(unittest.TestCase):
                                       and delta(c, "cause.bad_credentials") >= 1)
         self.assertEqual((delta(after, "cause.bad_credentials"), delta(after, "cause.source_banned")), (1, 0),
                          (before, after))
+
+    def test_34_a_live_calls_requests_are_taken_only_from_its_parties_each_on_its_own_side(self):
+        # A call's Call-ID, tags and the edge's cookie are in every message of it:
+        # whoever saw one (on the path, in a trace) can write them. Before, the edge
+        # relayed what carried them from anywhere: a stranger's BYE or re-INVITE
+        # (media elsewhere) reached the carrier as the PBX's, or the PBX as the
+        # carrier's (docs/kamailio.md, "In-dialog requests").
+        self.register_pbx()
+        pbx, carrier, core = self.party(PBX, PBX_PORT), self.party("127.0.0.1", CARRIER_PORT), self.party(CORE)
+        intruder = self.party(INTRUDER)
+        out_pbx, out_carrier, _ = sip.place_call(pbx, carrier, KAMAILIO, HQ, CALLED)
+        in_core, in_pbx, _ = sip.place_inbound(core, pbx, CORE_SOCKET, "+15551230000")
+
+        posed = []
+
+        def posing(dialog, party):
+            # Each its own CSeq numbers: what arrives is told apart by them.
+            posed.append(dialog)
+            return sip.Dialog(party, dialog.call_id, dialog.local_uri, dialog.local_tag, dialog.remote_uri,
+                              dialog.remote_tag, dialog.route, dialog.target, dialog.cseq + 10 * len(posed))
+
+        attempts = [
+            ("the PBX's call, from another address", posing(out_pbx, intruder), KAMAILIO, carrier),
+            ("the PBX's call, from its address to the core listener", posing(out_pbx, pbx), CORE_SOCKET, carrier),
+            ("the carrier's side of the PBX's call, on the public listener", posing(out_carrier, intruder), KAMAILIO,
+             pbx),
+            ("the PBX's side of the core's call, from another address", posing(in_pbx, intruder), KAMAILIO, core),
+            ("the core's side of its call, on the public listener", posing(in_core, intruder), KAMAILIO, pbx),
+        ]
+        # INFOs first, then BYEs: a BYE let through would end the call for the rest.
+        outcomes = []
+        for name in ("INFO", "BYE"):
+            for what, dialog, edge, party in attempts:
+                request = dialog.build(name)
+                cseq = sip.headers(request.decode("latin-1"), "CSeq")
+                dialog.party.send(request, edge)
+                answer, _ = dialog.party.final(2.0)
+                leaked, _ = party.recv(0.5, lambda m, c=cseq: sip.method(m) is not None and sip.headers(m, "CSeq") == c)
+                outcomes.append((what, name, sip.status(answer), leaked is not None))
+        self.assertEqual([o for o in outcomes if o[2:] != (404, False)], [],
+                         "each refused 404, nothing reaching the other party")
+        # The parties themselves, each from where it is: both calls go on, and end.
+        for sender, receiver in ((out_pbx, out_carrier), (out_carrier, out_pbx), (in_pbx, in_core), (in_core, in_pbx)):
+            sip.in_dialog_round(sender, receiver, "INVITE")
+        sip.in_dialog_round(out_pbx, out_carrier, "BYE")
+        sip.in_dialog_round(in_pbx, in_core, "BYE")
+
+
+    def test_35_a_request_with_two_content_lengths_is_dropped_even_within_a_call(self):
+        # Within its call, the PBX's INFO over UDP says its body is a smuggled INVITE
+        # by one Content-Length and empty by a second. Relayed onto a carrier's TCP
+        # leg, a reader taking the last value would read the INVITE as a request of
+        # its own, with a trunk group the PBX wrote. Kamailio's parser drops it
+        # ("duplicate Content-Length header field": sanity cannot even build its
+        # 400), before the policy, which refuses it 400 for hosts that do not
+        # (docs/policy.md). Nothing reaches the carrier, and the call goes on.
+        self.register_pbx()
+        pbx, carrier = self.party(PBX, PBX_PORT), self.party("127.0.0.1", CARRIER_PORT)
+        pbx_side, carrier_side, _ = sip.place_call(pbx, carrier, KAMAILIO, HQ, CALLED)
+        smuggled = ("INVITE sip:+19005550100@127.0.0.1:%d SIP/2.0\r\nVia: SIP/2.0/TCP 127.0.0.1;branch=z9hG4bKsm\r\n"
+                    "From: <sip:x@x>;tag=s\r\nTo: <sip:+19005550100@x>\r\nCall-ID: smuggled\r\nCSeq: 1 INVITE\r\n"
+                    "X-Trunkguard-Trunk-Group: branch-p2p\r\nContent-Length: 0\r\n\r\n" % CARRIER_PORT).encode("latin-1")
+        for second in ("l: 0", "Content-Length: 0"):
+            info = pbx_side.build("INFO", extra=[("Content-Type", "message/sipfrag")], body=smuggled)
+            info = info.replace(b"\r\nContent-Length: %d\r\n" % len(smuggled),
+                                b"\r\nContent-Length: %d\r\n%s\r\n" % (len(smuggled), second.encode()))
+            pbx.send(info, KAMAILIO)
+            answer, _ = pbx.final(2.0)
+            leaked, _ = carrier.recv(1.0, lambda m: sip.method(m) == "INFO")
+            self.assertIsNone(leaked, "%s: the INFO reached the carrier:\n%s" % (second, leaked))
+            self.assertIsNone(answer, "%s: Kamailio answered it" % second)
+        # The call itself goes on, and ends.
+        sip.in_dialog_round(pbx_side, carrier_side, "INFO")
+        sip.in_dialog_round(pbx_side, carrier_side, "BYE")
 
 
 def sipp_times(log, direction, first_line):
@@ -1723,7 +1810,7 @@ class InboundFailover(unittest.TestCase):
                          % re.escape(spool))
 
 
-    def test_8_the_pbx_a_call_failed_over_from_has_no_early_dialog_left_to_the_failover(self):
+    def test_8_the_pbx_a_call_failed_over_from_is_no_party_to_it_any_more(self):
         # fo-pbx rings with a Record-Route entry of its own above the edge's, then
         # fails: the call goes to the failover, which rings. The PBX, posing as the
         # caller within its own early dialog (the carrier's From tag, its To tag),
@@ -1759,6 +1846,18 @@ class InboundFailover(unittest.TestCase):
         answer, _ = pbx.recv(3.0, lambda m: (sip.headers(m, "CSeq") or [""])[0] == "9 INFO" and sip.status(m) >= 200)
         leaked, _ = failover.recv(1.0, lambda m: sip.method(m) == "INFO")
         self.assertIsNone(leaked, "the PBX's INFO reached the failover:\n%s" % leaked)
+        self.assertEqual(sip.status(answer), 404, answer)
+        # Nor is it the callee any more: its INFO as itself within its early dialog
+        # (its To tag in From, the carrier's in To), before relayed to the carrier,
+        # is refused (the failover is the callee, and the PBX is not at its address).
+        pbx.send(("INFO %s SIP/2.0\r\nVia: SIP/2.0/UDP %s:%d;branch=z9hG4bK%s;rport\r\n"
+                  "Max-Forwards: 70\r\nRoute: %s\r\nFrom: <%s>;tag=b1\r\nTo: %s\r\nCall-ID: %s\r\n"
+                  "CSeq: 10 INFO\r\nContent-Length: 0\r\n\r\n"
+                  % ("sip:core@%s:%d" % (core.ip, core.port), pbx.ip, pbx.port, os.urandom(8).hex(), route, ruri,
+                     caller, call_id)).encode("latin-1"), self.LISTEN)
+        answer, _ = pbx.recv(3.0, lambda m: (sip.headers(m, "CSeq") or [""])[0] == "10 INFO" and sip.status(m) >= 200)
+        leaked, _ = core.recv(1.0, lambda m: sip.method(m) == "INFO")
+        self.assertIsNone(leaked, "the PBX's INFO reached the core:\n%s" % leaked)
         self.assertEqual(sip.status(answer), 404, answer)
         # The call itself is the failover's: the core's CANCEL ends it there.
         core.send(("CANCEL %s SIP/2.0\r\nVia: %s\r\nMax-Forwards: 70\r\nFrom: %s\r\nTo: <%s>\r\n"

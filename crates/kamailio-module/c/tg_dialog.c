@@ -53,6 +53,7 @@
 #include "../../core/lvalue.h"
 #include "../../core/forward.h"
 #include "../../core/ut.h"
+#include "../../core/resolve.h"
 #include "../../core/parser/parse_from.h"
 #include "../../core/parser/parse_to.h"
 #include "../../core/parser/parse_uri.h"
@@ -108,6 +109,7 @@ static pv_spec_t *tg_pv_caller;      /* the caller's hop, as a SIP URI */
 static pv_spec_t *tg_pv_caller_sock; /* the socket the caller's INVITE came in on */
 static pv_spec_t *tg_pv_callee;      /* the callee's hop: $du, else the R-URI */
 static pv_spec_t *tg_pv_callee_sock; /* the socket toward the callee ($fs): unset, or "-" */
+static pv_spec_t *tg_pv_customer;    /* the trunk group's party: "caller" or "callee" */
 static pv_spec_t *tg_pv_bye;         /* set once the dialog's BYE was relayed */
 static pv_spec_t *tg_pv_du, *tg_pv_fs;
 static pv_spec_t *tg_pv_to_rs;     /* the callee's route set, from its 2xx */
@@ -164,6 +166,7 @@ int tg_dialog_bind(void)
 			|| (tg_pv_caller_sock = tg_pv("$dlg_var(tg_caller_sock)")) == NULL
 			|| (tg_pv_callee = tg_pv("$dlg_var(tg_callee)")) == NULL
 			|| (tg_pv_callee_sock = tg_pv("$dlg_var(tg_callee_sock)")) == NULL
+			|| (tg_pv_customer = tg_pv("$dlg_var(tg_customer)")) == NULL
 			|| (tg_pv_bye = tg_pv("$dlg_var(tg_bye)")) == NULL
 			|| (tg_pv_to_rs = tg_pv("$dlg(to_rs)")) == NULL
 			|| (tg_pv_from_rs = tg_pv("$dlg(from_rs)")) == NULL
@@ -569,10 +572,21 @@ int ki_trunkguard_dialog_open(sip_msg_t *msg)
 	n = snprintf(hop, sizeof(hop), "sip:%s;transport=%s", source, proto);
 	if(n <= 0 || n >= (int)sizeof(hop) || tg_pv_set(msg, tg_pv_caller, hop, n) < 0)
 		goto error;
-	n = snprintf(hop, sizeof(hop), "%s:%s", proto, local);
+	/* The listener the INVITE came in on, as $fs names it (the KEMI shim's $Ras): a
+	 * TCP connection this edge opened has a port of its own, which is no listener. */
+	if(msg->rcv.bind_address != NULL && msg->rcv.bind_address->sock_str.len > 0)
+		n = snprintf(hop, sizeof(hop), "%.*s", msg->rcv.bind_address->sock_str.len,
+				msg->rcv.bind_address->sock_str.s);
+	else
+		n = snprintf(hop, sizeof(hop), "%s:%s", proto, local);
 	if(n <= 0 || n >= (int)sizeof(hop) || tg_pv_set(msg, tg_pv_caller_sock, hop, n) < 0)
 		goto error;
 	if(tg_pv_set(msg, tg_pv_callee, callee.s, callee.len) < 0)
+		goto error;
+	/* The trunk group's side: the PBX that called (an allowed trunk's call), or the
+	 * PBX or failover the core's call goes to (a route). */
+	if(v->action == TG_ROUTE ? tg_pv_set(msg, tg_pv_customer, "callee", 6) < 0
+							 : tg_pv_set(msg, tg_pv_customer, "caller", 6) < 0)
 		goto error;
 	if(msg->force_send_socket != NULL
 			&& tg_pv_set(msg, tg_pv_callee_sock, msg->force_send_socket->sock_str.s,
@@ -640,13 +654,95 @@ static int tg_no_dialog(sip_msg_t *msg)
 	return -1;
 }
 
+/* Whether the source address is the host of the recorded hop (a SIP URI): an
+ * address as written, or a name as Kamailio's resolver (its DNS cache) gives it. */
+static int tg_hop_is_source(sip_msg_t *msg, const char *hop, int len)
+{
+	struct sip_uri uri;
+	ip_addr_t ip;
+	struct hostent *he;
+	char name[TG_HOP_LEN];
+	int i;
+
+	if(parse_uri((char *)hop, len, &uri) < 0 || uri.host.len <= 0 || uri.host.len >= (int)sizeof(name))
+		return 0;
+	if(str2ipxbuf(&uri.host, &ip) == 0)
+		return ip_addr_cmp(&ip, &msg->rcv.src_ip);
+	memcpy(name, uri.host.s, uri.host.len);
+	name[uri.host.len] = '\0';
+	he = resolvehost(name);
+	for(i = 0; he != NULL && he->h_addr_list[i] != NULL; i++) {
+		hostent2ip_addr(&ip, he, i);
+		if(ip_addr_cmp(&ip, &msg->rcv.src_ip))
+			return 1;
+	}
+	return 0;
+}
+
+/* Whether the request comes from the party its tags name, where that party is. The
+ * tags and the cookie are in every message of the dialog: whoever saw one (on the
+ * path, in a trace) or was once a party (the PBX a call failed over from, within
+ * its early dialog) could write them. So the request must arrive on the socket that
+ * faces its sender's side, and the trunk group's party (a PBX, a peer trunk, a
+ * failover) must send from its recorded address, as must everyone when one socket
+ * faces both sides or the side's socket is not known. The carrier is held to its
+ * side only: its in-dialog requests may come from any of its proxies. A dialog
+ * recorded before the trunk group's party was (tg_customer) keeps the side check
+ * alone. docs/kamailio.md, "In-dialog requests"; the Node edge does the same. */
+static int tg_party_sent(sip_msg_t *msg, int from_caller)
+{
+	char sock[TG_HOP_LEN], other[TG_HOP_LEN], hop[TG_HOP_LEN], who[8];
+	struct socket_info *arrival = msg->rcv.bind_address;
+	int slen, olen, hlen, clen, known, held;
+
+	slen = tg_pv_copy(msg, from_caller ? tg_pv_caller_sock : tg_pv_callee_sock, sock, sizeof(sock));
+	olen = tg_pv_copy(msg, from_caller ? tg_pv_callee_sock : tg_pv_caller_sock, other, sizeof(other));
+	known = slen > 0 && strcmp(sock, TG_NO_SOCKET) != 0;
+	/* The listener it arrived on, as $fs names one (a TCP connection this edge
+	 * opened counts as its listener's, whatever its own port). */
+	if(known
+			&& (arrival == NULL || arrival->sock_str.len != slen
+					|| strncasecmp(arrival->sock_str.s, sock, slen) != 0))
+		return 0;
+	clen = tg_pv_copy(msg, tg_pv_customer, who, sizeof(who));
+	if(clen < 0)
+		return 1;
+	held = strcmp(who, from_caller ? "caller" : "callee") == 0 || !known
+		   || (olen > 0 && strcasecmp(sock, other) == 0);
+	if(!held)
+		return 1;
+	hlen = tg_pv_copy(msg, from_caller ? tg_pv_caller : tg_pv_callee, hop, sizeof(hop));
+	return hlen > 0 && tg_hop_is_source(msg, hop, hlen);
+}
+
+/* Who sent an in-dialog request, by its tags: 1 the caller (its From tag), 0 the
+ * callee (the caller's tag in To), -1 neither (no party's, or no dialog). */
+static int tg_sender_is_caller(sip_msg_t *msg)
+{
+	char ftag[TG_TAG_LEN];
+	int flen = tg_pv_copy(msg, tg_pv_ftag, ftag, sizeof(ftag));
+
+	if(tg_same(ftag, flen, &get_from(msg)->tag_value))
+		return 1;
+	if(tg_same(ftag, flen, &get_to(msg)->tag_value))
+		return 0;
+	return -1;
+}
+
+/* A request not from the party its tags name, or not where that party is. */
+static int tg_party_refused(sip_msg_t *msg)
+{
+	tg_log_host_refusal(msg, 404, "dialog_party");
+	return tg_no_dialog(msg);
+}
+
 int ki_trunkguard_dialog_route(sip_msg_t *msg)
 {
 	tg_verdict *v = tg_verdict_of(msg);
-	char ftag[TG_TAG_LEN], hop[TG_HOP_LEN], sock[TG_HOP_LEN], rs[TG_RS_LEN], uri[TG_RURI_LEN];
+	char hop[TG_HOP_LEN], sock[TG_HOP_LEN], rs[TG_RS_LEN], uri[TG_RURI_LEN];
 	pv_spec_t *hop_pv, *sock_pv;
 	str ruri;
-	int flen, hlen, slen, rslen, lives, adds;
+	int hlen, slen, rslen, lives, adds, from_caller;
 
 	if(v == NULL || v->action != TG_ALLOW || !tg_str_is(&v->cause, "in_dialog"))
 		return tg_no_dialog(msg);
@@ -666,6 +762,17 @@ int ki_trunkguard_dialog_route(sip_msg_t *msg)
 		return tg_route_set_refused(msg);
 	memcpy(uri, ruri.s, ruri.len);
 	adds = tg_added(msg);
+	if(parse_headers(msg, HDR_TO_F, 0) < 0 || msg->to == NULL || parse_from_header(msg) < 0)
+		return tg_no_dialog(msg);
+	/* Both tags alike would read as either direction. */
+	if(tg_same(get_from(msg)->tag_value.s, get_from(msg)->tag_value.len, &get_to(msg)->tag_value))
+		return tg_no_dialog(msg);
+	/* Who sent it is settled before loose_route(), which has the dialog module act on
+	 * the request (a BYE ends the dialog there, relayed or refused after): in the
+	 * dialog its Call-ID and tags name, which $dlg_var reads by them until then. */
+	from_caller = tg_sender_is_caller(msg);
+	if(from_caller >= 0 && !tg_party_sent(msg, from_caller))
+		return tg_party_refused(msg);
 	/* This edge's Route entries off, and the dialog module (called back from rr)
 	 * matches the request to its dialog by the cookie and moves the dialog's state
 	 * (a BYE ends it). Without a Route there is no dialog of this edge. */
@@ -677,23 +784,14 @@ int ki_trunkguard_dialog_route(sip_msg_t *msg)
 	lives = tg_dialog_lives(msg);
 	if(!lives)
 		return tg_no_dialog(msg);
-	if(parse_headers(msg, HDR_TO_F, 0) < 0 || msg->to == NULL || parse_from_header(msg) < 0)
+	/* The direction again, in the dialog the cookie named: to the other party. */
+	from_caller = tg_sender_is_caller(msg);
+	if(from_caller < 0)
 		return tg_no_dialog(msg);
-	/* Both tags alike would read as either direction. */
-	if(tg_same(get_from(msg)->tag_value.s, get_from(msg)->tag_value.len, &get_to(msg)->tag_value))
-		return tg_no_dialog(msg);
-	/* The direction: from the caller (its From tag) or from the callee (the caller's
-	 * tag in To). A request whose tags are neither is no party's. */
-	flen = tg_pv_copy(msg, tg_pv_ftag, ftag, sizeof(ftag));
-	if(tg_same(ftag, flen, &get_from(msg)->tag_value)) {
-		hop_pv = tg_pv_callee;
-		sock_pv = tg_pv_callee_sock;
-	} else if(tg_same(ftag, flen, &get_to(msg)->tag_value)) {
-		hop_pv = tg_pv_caller;
-		sock_pv = tg_pv_caller_sock;
-	} else {
-		return tg_no_dialog(msg);
-	}
+	if(!tg_party_sent(msg, from_caller))
+		return tg_party_refused(msg);
+	hop_pv = from_caller ? tg_pv_callee : tg_pv_caller;
+	sock_pv = from_caller ? tg_pv_callee_sock : tg_pv_caller_sock;
 	hlen = tg_pv_copy(msg, hop_pv, hop, sizeof(hop));
 	if(hlen <= 0)
 		return tg_no_dialog(msg);

@@ -313,6 +313,13 @@ pub(crate) fn parse_with(
     {
         return Err(ParseError::BadContentLength);
     }
+    // Two Content-Length values are refused whatever the transport: a datagram is
+    // relayed onto a stream too (a carrier over TCP), where a reader that takes the
+    // last value would end it elsewhere than Kamailio, which fixes only the first
+    // when it relays, and read the rest as a request of its own.
+    if conflicting {
+        return Err(ParseError::BadContentLength);
+    }
     let available = buf.get(body_start..).unwrap_or(&[]);
     let body = match framing {
         Framing::Datagram => match content_length {
@@ -322,9 +329,6 @@ pub(crate) fn parse_with(
             None => available,
         },
         Framing::Stream => {
-            if conflicting {
-                return Err(ParseError::BadContentLength);
-            }
             let n = content_length.ok_or(ParseError::MissingHeader("Content-Length"))?;
             let body = available.get(..n).ok_or(ParseError::Incomplete)?;
             let after = available.get(n..).unwrap_or(&[]);
@@ -1293,10 +1297,10 @@ mod tests {
                 Err(ParseError::BadContentLength),
             ),
             (
-                "conflicting CL over datagram uses the first",
+                "conflicting CL over datagram too",
                 with(&["l: 1", "l: 2"], "ab"),
                 Framing::Datagram,
-                Ok(b"a"),
+                Err(ParseError::BadContentLength),
             ),
             (
                 "leading keep-alives are skipped",
