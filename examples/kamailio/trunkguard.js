@@ -162,7 +162,7 @@ function ksr_request_route() {
 // And a response, its sender's text, leaves with no folded line and no Content_Length
 // field, which would end it early at a next hop that reads a stream as Kamailio does.
 function ksr_reply_route() {
-	if (KSR.tm.t_check_trans() < 0 || KSR.trunkguard.unfold() < 0) {
+	if (KSR.tm.t_check_trans() < 0 || KSR.trunkguard.unfold() < 0 || KSR.trunkguard.reply_route_set() < 0) {
 		KSR.x.drop();
 	}
 }

@@ -201,6 +201,11 @@ DLG_CALLEE, DLG_CALLEE_SOCKET = "tg_callee", "tg_callee_sock"
 DLG_CUSTOMER = "tg_customer"
 # A socket variable the module sets after a failover whose branch had none.
 NO_SOCKET = "-"
+# A Record-Route entry as rr writes this edge's: a host and port, and only the
+# parameters rr puts there (RFC 5658's r2, lr, the dialog module's did, rr's ftag,
+# the transport), none after the >.
+RR_ENTRY = re.compile(r"<sip:(\[[0-9A-Fa-f:.]+\]|[0-9A-Za-z.-]+)(:\d+)?"
+                      r"(;(lr|lr=on|r2=on|ftag=[0-9A-Za-z._~+-]+|did=[0-9a-f]+\.[0-9a-f]+|transport=[A-Za-z]+))*>")
 DLG_BYE = "tg_bye"  # set when the dialog's BYE was relayed: nothing after it is
 # The callee's early route sets, one line "<To tag> <route set>" per early dialog (its
 # 1xx's To tag), the most EARLY_MAX, oldest first: the dialog module records the
@@ -829,7 +834,57 @@ class Shim:
                        "CR or LF in its header: not relayed\n")
             KSR.set_drop()
             return -255
+        if not self._reply_route_set():
+            KSR.set_drop()
+            return -255
         return 1
+
+    def _reply_route_set(self):
+        """The Record-Route of an answer that makes a dialog tells the caller its route
+        set (RFC 3261 §12.1.2): this edge's entries, then those the caller's INVITE
+        came with. The far end writes the answer: a PBX answering the core's call
+        with an entry of its own below the edge's would have the carrier's in-dialog
+        requests go first to a host it chose inside the carrier; one without the
+        edge's, straight to its Contact; an maddr on its copy of them, wherever that
+        names. So the caller is given the edge's entries (the far end's copy: at most
+        two, each as rr writes one, RR_ENTRY) and, after them, the INVITE's as this
+        edge received it; the far end's own entries above the edge's go (the edge
+        keeps them for that side: ksr_onreply_early), as they could open a quote one
+        parser reads and another does not over the entries after them. False: not
+        relayed (no entry of this edge, or one not as rr writes it). The module writes
+        the INVITE's Record-Route as tm sent it instead, which KEMI does not reach
+        (tg_reply_rr.c); docs/kamailio.md, "Responses"."""
+        code = int(KSR.pv.get("$rs") or 0)
+        if not 100 < code < 300 or KSR.pv.get("$rm") != "INVITE" or (code < 200 and not KSR.pv.get("$tt")):
+            return True
+        if KSR.pv.get("$T_req($tt)"):
+            return True  # a re-INVITE's answer changes no route set (RFC 3261 §12.2.1.2)
+        got = _name_addrs(KSR.pv.get("$(hdr(Record-Route)[*])") or "")
+        first = next((i for i, e in enumerate(got) if KSR.is_myself(_uri_of(e)) > 0), None)
+        if first is None:
+            KSR.notice("trunkguard: a %d to an INVITE without this edge's Record-Route: not relayed\n" % code)
+            return False
+        ours = []
+        for entry in got[first:]:
+            if KSR.is_myself(_uri_of(entry)) <= 0:
+                break
+            ours.append(entry)
+        # Not a parameter rr does not write (an maddr would send the caller's requests
+        # where it names), nor more entries than its two.
+        if len(ours) > 2 or not all(RR_ENTRY.fullmatch(e) for e in ours):
+            KSR.notice("trunkguard: a %d whose copy of this edge's Record-Route is not as written: "
+                       "not relayed\n" % code)
+            return False
+        theirs = _name_addrs(KSR.pv.get("$T_req($(hdr(Record-Route)[*]))") or "")
+        if got == ours + theirs:
+            return True
+        if got[first + len(ours):] != theirs:
+            KSR.notice("trunkguard: a %d with Record-Route entries below this edge's that its INVITE did not "
+                       "bring: written as the INVITE came\n" % code)
+        if KSR.hdr.remove("Record-Route") < 0 or KSR.hdr.append(
+                "Record-Route: %s\r\n" % re.sub(r"[\r\n]", " ", ", ".join(ours + theirs))) < 0:
+            return False
+        return True
 
     def ksr_onreply_early(self, msg):
         """tm's reply route of a dialog-creating INVITE (the dialog module has made its
@@ -1047,6 +1102,13 @@ class Shim:
         # Who sent it is settled before loose_route(), which has the dialog module act
         # on the request (a BYE ends the dialog there, relayed or refused after): in
         # the dialog its Call-ID and tags name, which $dlg_var reads by them until then.
+        if KSR.pv.get("$ft") == KSR.pv.get("$tt"):
+            # Both tags alike would read as either direction: no party's.
+            if KSR.is_ACK():
+                return -255
+            _refusals().host(404, "no_dialog")
+            _count("in_dialog.refused")
+            return self._refuse(404, "Not Here")
         from_caller = self._sender_is_caller()
         if from_caller is not None and not self._party_sent(from_caller):
             return self._refuse_party()
@@ -1128,7 +1190,12 @@ class Shim:
         sock = KSR.pv.get("$dlg_var(%s)" % mine) or ""
         other = KSR.pv.get("$dlg_var(%s)" % other) or ""
         known = sock not in ("", NO_SOCKET)
-        if known and ("%s:%s" % (KSR.pv.get("$pr"), _local())).lower() != sock.lower():
+        arrival, recorded = ("%s:%s" % (KSR.pv.get("$pr"), _local())).lower(), sock.lower()
+        if KSR.pv.get("$pr") != "udp":
+            # A TCP or TLS connection this edge opened is credited to the first listener
+            # of its address whatever its port (Kamailio's find_si): address alone.
+            arrival, recorded = arrival.rpartition(":")[0], recorded.rpartition(":")[0]
+        if known and arrival != recorded:
             return False
         customer = KSR.pv.get("$dlg_var(%s)" % DLG_CUSTOMER)
         if not customer:

@@ -763,6 +763,27 @@ class Edge {
     return ours < 0 ? [] : rr.slice(0, ours).reverse();
   }
 
+  // The Record-Route an answer that makes a dialog gives the caller (RFC 3261
+  // §12.1.2): the edge's own entries as it wrote them on the INVITE, then those the
+  // INVITE came with. The far end writes the answer: a PBX's own entry below the
+  // edge's would have the carrier's in-dialog requests go first to a host it chose
+  // inside the carrier; none of the edge's, straight to its Contact; an maddr on its
+  // copy of them, wherever that names. So nothing of its is kept: its entries above
+  // the edge's go too (the edge keeps them for that side: calleeRoutes), as they could
+  // open a quote one parser reads and another does not over the entries after them.
+  // A re-INVITE's answer changes no route set (§12.2.1.2) and stays as it is.
+  // docs/kamailio.md, "Responses".
+  callerRecordRoute(msg) {
+    const status = Number(msg.start.split(' ')[1]);
+    const [cseq, method] = (header(msg, 'cseq') ?? '').trim().split(/\s+/);
+    if (method !== 'INVITE' || !(status > 100 && status < 300) || (status < 200 && !tagOf(header(msg, 'to')))) return;
+    const entry = this.dialogs.get(header(msg, 'call-id'), tagOf(header(msg, 'from')));
+    if (!entry || entry.cseq !== cseq) return;
+    // As forward() wrote them: the socket facing the callee, then the caller's.
+    const ours = [...new Set([entry.callee.side, entry.caller.side])].map((s) => `<sip:${s.hostport};lr>`);
+    setList(msg, 'record-route', 'Record-Route', [...ours, ...(entry.callerRoutes ?? [])]);
+  }
+
   // The side whose address a Route entry names, if it names one of ours.
   ourRoute(route) {
     if (!route) return undefined;
@@ -855,6 +876,7 @@ class Edge {
     const call = this.failovers.get(`${callId}\n${cseq}\n${clientBranch}`);
     if (call && this.failoverResponse(call, msg, attempt)) return;
     this.dialogs.learn(msg, this.calleeRoutes(msg));
+    this.callerRecordRoute(msg);
     setList(msg, 'via', 'Via', vias.slice(1));
     relayable(msg);
     this.send(side, serialize(msg), dest);

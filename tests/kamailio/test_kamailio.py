@@ -419,6 +419,12 @@ def route_set_forgeries(edge_entries, target, edge):
     ]
 
 
+def record_route_entries(message):
+    """The Record-Route entries of `message`, one by one, however many headers hold
+    them (the edge writes one header for several)."""
+    return [e.strip() for h in sip.headers(message, "Record-Route") for e in re.split(r",\s*(?=<)", h)]
+
+
 def assert_in_dialog_requests_keep_the_recorded_route_sets(test, pbx, far, edge, creds, called):
     """A call of `creds` through `edge` to `far` (a sip.Party standing for the carrier)
     that a carrier proxy record-routes, answered early (a reliable 183, PRACKed) and
@@ -464,8 +470,10 @@ def assert_in_dialog_requests_keep_the_recorded_route_sets(test, pbx, far, edge,
                           record_route=[CARRIER_PROXY_RR], extra=[("Require", "100rel"), ("RSeq", "1")]), hop)
     early, _ = pbx.recv(3.0, lambda m: ours(m) and sip.status(m) == 183)
     test.assertIsNotNone(early, "the 183 never reached the PBX")
-    route = list(reversed(sip.headers(early, "Record-Route")))
-    test.assertEqual(route[-1], CARRIER_PROXY_RR, early)
+    # The carrier proxy's entry, above the edge's, stays at the edge, which writes it
+    # on the PBX's requests (docs/kamailio.md, "Responses"): the PBX gets the edge's.
+    route = list(reversed(record_route_entries(early)))
+    test.assertNotIn(CARRIER_PROXY_RR, route, early)
     local_uri, ruri = "sip:%s@%s" % (creds[0], REALM), "sip:%s@%s" % (called, REALM)
     pbx_side = sip.Dialog(pbx, call_id, local_uri, ftag, ruri, far_tag, route, far_contact, 2)
     far_side = sip.Dialog(far, call_id, ruri, far_tag, local_uri, ftag, sip.headers(invite, "Record-Route"),
@@ -473,7 +481,7 @@ def assert_in_dialog_requests_keep_the_recorded_route_sets(test, pbx, far, edge,
     extra = {"PRACK": [("RAck", "1 2 INVITE")]}
     got = sip.in_dialog_round(pbx_side, far_side, "PRACK", extra=extra["PRACK"])
     test.assertEqual(sip.headers(got, "Route"), [CARRIER_PROXY_RR], got)
-    edge_entries = route[:-1]
+    edge_entries = route
     forgeries = route_set_forgeries(edge_entries, pbx_side.target, edge)
     test.assertEqual(wrong(pbx_side, forgeries, "UPDATE", far_side, [CARRIER_PROXY_RR]), [])
     # Answered: the dialog module's route set from the 200, the same here.
@@ -1581,6 +1589,69 @@ class KamailioEdge(unittest.TestCase):
         # The call itself goes on, and ends.
         sip.in_dialog_round(pbx_side, carrier_side, "INFO")
         sip.in_dialog_round(pbx_side, carrier_side, "BYE")
+
+
+    def test_36_a_pbxs_answer_gives_the_core_the_edges_route_and_no_hop_of_its_own(self):
+        # The core takes the route of its in-dialog requests from the Record-Route of
+        # the PBX's answer (RFC 3261 §12.1.2). Before, the PBX's entries reached the
+        # core as written: one below the edge's had the carrier's ACK and BYE go
+        # first to a host the PBX chose inside the carrier; without the edge's,
+        # they went straight to its Contact.
+        self.register_pbx()
+        core, pbx = self.party(CORE), self.party(PBX, PBX_PORT)
+        call_id, ftag = "rr-%s@%s" % (os.urandom(6).hex(), CORE), os.urandom(4).hex()
+        ruri, caller = "sip:+15551230000@%s" % REALM, "sip:+15550001111@carrier.example.net"
+        core.send(("INVITE %s SIP/2.0\r\nVia: SIP/2.0/UDP %s:%d;branch=z9hG4bK%s;rport\r\nMax-Forwards: 70\r\n"
+                   "From: <%s>;tag=%s\r\nTo: <%s>\r\nCall-ID: %s\r\nCSeq: 1 INVITE\r\n"
+                   "Contact: <sip:core@%s:%d>\r\nContent-Length: 0\r\n\r\n"
+                   % (ruri, core.ip, core.port, os.urandom(8).hex(), caller, ftag, ruri, call_id, core.ip,
+                      core.port)).encode("latin-1"), CORE_SOCKET)
+        got, hop = pbx.request("INVITE")
+        self.assertIsNotNone(got, "the core's INVITE never reached the PBX")
+        edge = record_route_entries(got)
+        contact = "<sip:hq1@%s:%d>" % (PBX, PBX_PORT)
+
+        def answer(code, reason, tag, entries):
+            head, _, body = sip.response(got, code, reason, to_tag=tag, contact=contact).partition(b"\r\n\r\n")
+            lines = [line for line in head.split(b"\r\n") if not line.lower().startswith(b"record-route:")]
+            lines[1:1] = [("Record-Route: " + e).encode("latin-1") for e in entries]
+            return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
+        # Each answer reaches the core with the edge's entries alone, as the edge sent
+        # them, or not at all (None): the module writes them from what tm sent, the
+        # shim keeps the PBX's copy only when it is as rr writes it.
+        quote_above, quote_below = "<sip:127.0.0.2:5082;lr>;x='a", "<sip:127.0.0.99:5199;lr>;y='"
+        cases = [
+            ("an entry below the edge's", 183, "p1", edge + [ELSEWHERE_RR], [edge]),
+            ("none of the edge's", 180, "p2", [ELSEWHERE_RR], [edge, None]),
+            ("a quote opened above the edge's, closed below", 180, "p3", [quote_above] + edge + [quote_below],
+             [edge, None]),
+            ("a quote after the edge's own entry", 180, "p4", [edge[0] + ";x='"] + edge[1:] + [quote_below],
+             [edge, None]),
+            ("an maddr on the edge's own entry", 180, "p6", [edge[0][:-1] + ";maddr=127.0.0.99>"] + edge[1:],
+             [edge, None]),
+            ("one more entry naming the edge", 180, "p7", edge + [edge[-1]], [edge, None]),
+        ]
+        outcomes = []
+        for what, code, tag, written, allowed in cases:
+            pbx.send(answer(code, "Ringing", tag, written), hop)
+            at_core, _ = core.recv(2.0, lambda m, t=tag: sip.status(m) == code and ("tag=%s" % t) in sip.header(m, "To"))
+            outcome = None if at_core is None else record_route_entries(at_core)
+            if outcome not in allowed:
+                outcomes.append((what, outcome))
+        self.assertEqual(outcomes, [], "the edge's Record-Route alone, or nothing, at the core")
+        # The 200, below a proxy of the PBX's own (above the edge's) and with one more
+        # entry below: the core gets the edge's, and the call works through them.
+        pbx.send(answer(200, "OK", "p5", ["<sip:127.0.0.2:5082;lr;pbx=proxy>"] + edge + [ELSEWHERE_RR]), hop)
+        ok, _ = core.recv(3.0, lambda m: sip.status(m) == 200)
+        self.assertIsNotNone(ok, "the 200 never reached the core")
+        self.assertEqual(record_route_entries(ok), edge, ok)
+        core_side = sip.Dialog(core, call_id, caller, ftag, ruri, "p5", list(reversed(record_route_entries(ok))),
+                               "sip:hq1@%s:%d" % (PBX, PBX_PORT), 1)
+        core_side.send("ACK", cseq=1)
+        self.assertIsNotNone(pbx.request("ACK")[0], "the core's ACK never reached the PBX")
+        pbx_side = sip.Dialog(pbx, call_id, ruri, "p5", caller, ftag, edge, "sip:core@%s:%d" % (core.ip, core.port), 0)
+        sip.in_dialog_round(core_side, pbx_side, "BYE")
 
 
 def sipp_times(log, direction, first_line):

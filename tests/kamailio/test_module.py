@@ -1417,6 +1417,7 @@ branch_route[MANAGE_BRANCH] {{
 reply_route {{
     if (!t_check_trans()) drop;
     if (!trunkguard_unfold()) drop;
+    if (!trunkguard_reply_route_set()) drop;
 }}
 """
 

@@ -679,6 +679,21 @@ static int tg_hop_is_source(sip_msg_t *msg, const char *hop, int len)
 	return 0;
 }
 
+/* Whether a listener's "proto:address:port" is the recorded one; with_port 0: the
+ * same but for the port. */
+static int tg_same_listener(str *a, const char *b, int blen, int with_port)
+{
+	int alen = a->len;
+
+	if(!with_port) {
+		while(alen > 0 && a->s[alen - 1] != ':')
+			alen--;
+		while(blen > 0 && b[blen - 1] != ':')
+			blen--;
+	}
+	return alen > 0 && alen == blen && strncasecmp(a->s, b, alen) == 0;
+}
+
 /* Whether the request comes from the party its tags name, where that party is. The
  * tags and the cookie are in every message of the dialog: whoever saw one (on the
  * path, in a trace) or was once a party (the PBX a call failed over from, within
@@ -698,11 +713,11 @@ static int tg_party_sent(sip_msg_t *msg, int from_caller)
 	slen = tg_pv_copy(msg, from_caller ? tg_pv_caller_sock : tg_pv_callee_sock, sock, sizeof(sock));
 	olen = tg_pv_copy(msg, from_caller ? tg_pv_callee_sock : tg_pv_caller_sock, other, sizeof(other));
 	known = slen > 0 && strcmp(sock, TG_NO_SOCKET) != 0;
-	/* The listener it arrived on, as $fs names one (a TCP connection this edge
-	 * opened counts as its listener's, whatever its own port). */
-	if(known
-			&& (arrival == NULL || arrival->sock_str.len != slen
-					|| strncasecmp(arrival->sock_str.s, sock, slen) != 0))
+	/* The listener it arrived on, as $fs names one. A TCP or TLS connection this
+	 * edge opened is credited to the first listener of its address whatever its port
+	 * (core/tcp_main.c, find_si): over those, the address and transport alone. */
+	if(known && (arrival == NULL || !tg_same_listener(&arrival->sock_str, sock, slen,
+										   arrival->proto == PROTO_UDP)))
 		return 0;
 	clen = tg_pv_copy(msg, tg_pv_customer, who, sizeof(who));
 	if(clen < 0)

@@ -5,6 +5,7 @@
  *   tg_db.c           the store written through to a database; the nonce secret file
  *   tg_functions.c    the cfg/KEMI functions and $tg(name)
  *   tg_dialog.c       in-dialog requests bound to the dialogs this edge created
+ *   tg_reply_rr.c     the route set a response gives the caller
  *   tg_rpc.c          the RPC commands (kamcmd trunkguard.*)
  *   tg_timer.c        the timer process: alert windows, the alert spool, delivery
  *   tg_drill.c        store-write fault drills (tests and fire drills only)
@@ -121,6 +122,8 @@ int tg_dialog_bind(void);
 int tg_dialog_fixup(void **param, int param_no);
 int ki_trunkguard_dialog_open(sip_msg_t *msg);
 int ki_trunkguard_dialog_route(sip_msg_t *msg);
+/* tg_reply_rr.c */
+int ki_trunkguard_reply_route_set(sip_msg_t *msg);
 void tg_dialog_failed_over(sip_msg_t *msg, str *uri);
 
 /* tg_rpc.c */
