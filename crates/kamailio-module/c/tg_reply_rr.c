@@ -188,13 +188,13 @@ int ki_trunkguard_reply_route_set(sip_msg_t *msg)
 		LM_NOTICE("a %d whose INVITE's Record-Route as sent is not known: not relayed\n", code);
 		return -1;
 	}
+	/* Every header looked at for a fold, an unreadable one included: each is removed
+	 * whole if the Record-Route is written. */
 	for(hf = msg->record_route; hf != NULL; hf = next_sibling_hdr(hf)) {
 		if(memchr(hf->body.s, '\n', hf->body.len) != NULL)
 			folded = 1;
-		if(tg_rr_collect(&hf->body, &got) < 0)
+		if(got.n >= 0 && tg_rr_collect(&hf->body, &got) < 0)
 			got.n = -1; /* unreadable: written over */
-		if(got.n < 0)
-			break;
 	}
 	/* As it was sent: nothing to write (the common case). */
 	same = got.n == want.n;
