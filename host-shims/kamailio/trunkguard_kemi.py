@@ -1109,8 +1109,8 @@ class Shim:
             _refusals().host(404, "no_dialog")
             _count("in_dialog.refused")
             return self._refuse(404, "Not Here")
-        from_caller = self._sender_is_caller()
-        if from_caller is not None and not self._party_sent(from_caller):
+        checked = self._sender_is_caller()
+        if checked is not None and not self._party_sent(checked):
             return self._refuse_party()
         # loose_route() strips this edge's Route entries, and the dialog module
         # (called back from it) matches the request to a dialog and applies it to
@@ -1121,8 +1121,10 @@ class Shim:
         lives = routed and KSR.dialog.is_known_dlg() > 0 and self._cookie_matches() and self._dialog_lives()
         if lives:
             # The direction again, in the dialog the cookie named: to the other party.
+            # Its sender is checked here only when the look by the tags found no
+            # dialog above (the same tags give the same dialog: one resolution).
             from_caller = self._sender_is_caller()
-            if from_caller is not None and not self._party_sent(from_caller):
+            if from_caller is not None and from_caller != checked and not self._party_sent(from_caller):
                 return self._refuse_party()
             if from_caller is None:
                 hop = sock = None

@@ -757,7 +757,7 @@ int ki_trunkguard_dialog_route(sip_msg_t *msg)
 	char hop[TG_HOP_LEN], sock[TG_HOP_LEN], rs[TG_RS_LEN], uri[TG_RURI_LEN];
 	pv_spec_t *hop_pv, *sock_pv;
 	str ruri;
-	int hlen, slen, rslen, lives, adds, from_caller;
+	int hlen, slen, rslen, lives, adds, from_caller, checked;
 
 	if(v == NULL || v->action != TG_ALLOW || !tg_str_is(&v->cause, "in_dialog"))
 		return tg_no_dialog(msg);
@@ -785,8 +785,8 @@ int ki_trunkguard_dialog_route(sip_msg_t *msg)
 	/* Who sent it is settled before loose_route(), which has the dialog module act on
 	 * the request (a BYE ends the dialog there, relayed or refused after): in the
 	 * dialog its Call-ID and tags name, which $dlg_var reads by them until then. */
-	from_caller = tg_sender_is_caller(msg);
-	if(from_caller >= 0 && !tg_party_sent(msg, from_caller))
+	checked = tg_sender_is_caller(msg);
+	if(checked >= 0 && !tg_party_sent(msg, checked))
 		return tg_party_refused(msg);
 	/* This edge's Route entries off, and the dialog module (called back from rr)
 	 * matches the request to its dialog by the cookie and moves the dialog's state
@@ -799,11 +799,13 @@ int ki_trunkguard_dialog_route(sip_msg_t *msg)
 	lives = tg_dialog_lives(msg);
 	if(!lives)
 		return tg_no_dialog(msg);
-	/* The direction again, in the dialog the cookie named: to the other party. */
+	/* The direction again, in the dialog the cookie named: to the other party. Its
+	 * sender is checked here only when the look by the tags found no dialog above
+	 * (the same tags give the same dialog: the party, a resolved name, once). */
 	from_caller = tg_sender_is_caller(msg);
 	if(from_caller < 0)
 		return tg_no_dialog(msg);
-	if(!tg_party_sent(msg, from_caller))
+	if(from_caller != checked && !tg_party_sent(msg, from_caller))
 		return tg_party_refused(msg);
 	hop_pv = from_caller ? tg_pv_callee : tg_pv_caller;
 	sock_pv = from_caller ? tg_pv_callee_sock : tg_pv_caller_sock;
