@@ -423,9 +423,14 @@ class RefusalLog(KamailioRefusalLog, unittest.TestCase):
             # The Node.js edge's prefix, and Envoy's.
             line("203.0.113.7:5060", "not_registered_address", trunk_group="hq-pbx1",
                  prefix="2026-11-30T11:00:00.000Z "),
-            line("[::1]:5070", "source_banned", method='IN"VITE', call_id=None,
+            line("[::1]:5070", "bad_credentials", method='IN"VITE', call_id=None,
                  prefix="[2026-11-30 11:00:02.000][info][wasm] wasm log trunkguard trunkguard: "),
             line("198.51.100.9:5060", "not_in_access_list", trunk_group="branch-p2p"),
+            # The policy's lockout holds an IPv6 /64: a PBX beside a guesser gets it on
+            # requests that guessed nothing (the guesser is banned on its own
+            # bad_credentials). The filter counted it until 2026-12-02.
+            line("[2001:db8:0:1::5]:5060", "source_banned", trunk_group="hq-pbx1"),
+            line("192.0.2.9:5060", "source_banned", method="INVITE"),
             # Causes a forged source or a working PBX can earn: never counted.
             line("192.0.2.1:5060", "malformed"),
             line("192.0.2.2:5060", "replayed_nonce"),
