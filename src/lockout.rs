@@ -6,6 +6,16 @@
 //! raises an alert to its contacts. A trunk group is never locked itself: its own
 //! PBX keeps working while somebody elsewhere guesses its password.
 //!
+//! Guessing spread over many sources (a botnet, an IPv6 /48: each source under the
+//! threshold) is what the per-source count cannot bound, so a trunk group past the
+//! threshold with wrong answers from more than one unit in the window is also
+//! *guarded* for `ban_s`, renewed by each such answer at or past the threshold:
+//! while it is, src/policy.rs takes its REGISTER only from the unit of its last
+//! registration, and a right password from anywhere else reads like a wrong one.
+//! One source alone (a PBX left with an old password) never guards it: its own ban
+//! bounds it. Its PBX keeps its address and its calls; only moving it waits for the
+//! attack to stop (docs/policy.md, "Password guessing").
+//!
 //! Source records sit in a fixed number of slots ([`SLOTS`], [`PER_SLOT`] records
 //! each), so a guesser with many addresses cannot grow the store: a full slot
 //! forgets its oldest record that is not banned. Which slot a unit lands in is keyed
@@ -177,34 +187,82 @@ pub fn source_failed(
     Ok(now_banned)
 }
 
-/// Counts one failure against trunk group `trunk`; true when this one reaches the
-/// threshold (once per window: the moment to alert its contacts).
+/// A trunk group's record: `window_start_ms count guarded_until_ms first_unit
+/// spread` (the window's first failing unit, and 1 once another unit failed in it).
+/// A record of an older version lacks the last three fields: not guarded.
+#[derive(Default)]
+struct TrunkRecord {
+    window_start_ms: u64,
+    count: u32,
+    guarded_until_ms: u64,
+    first_unit: String,
+    spread: bool,
+}
+
+fn trunk_record(store: &mut dyn Store, key: &str) -> Result<TrunkRecord, StoreError> {
+    let raw = store.get(key)?.unwrap_or_default();
+    let text = String::from_utf8_lossy(&raw);
+    let mut parts = text.split(' ');
+    let mut number = || parts.next().and_then(|s| s.parse::<u64>().ok());
+    let window_start_ms = number().unwrap_or(0);
+    let count = number().and_then(|c| u32::try_from(c).ok()).unwrap_or(0);
+    let guarded_until_ms = number().unwrap_or(0);
+    Ok(TrunkRecord {
+        window_start_ms,
+        count,
+        guarded_until_ms,
+        first_unit: parts.next().unwrap_or_default().to_string(),
+        spread: parts.next() == Some("1"),
+    })
+}
+
+/// Counts one failure of source `unit` against trunk group `trunk`; true when this
+/// one reaches the threshold (once per window: the moment to alert its contacts).
+/// At or past the threshold, with failures from more than one unit in the window,
+/// it guards the trunk group for `ban_ms` from now ([`trunk_guarded`]).
 pub fn trunk_failed(
     store: &mut dyn Store,
     trunk: &str,
+    unit: &str,
     now_ms: u64,
     limits: Limits,
 ) -> Result<bool, StoreError> {
     let key = crate::store::keys::lockout_trunk(trunk);
-    let raw = store.get(&key)?.unwrap_or_default();
-    let text = String::from_utf8_lossy(&raw);
-    let mut parts = text.split(' ');
-    let (mut start, mut count) = match (
-        parts.next().and_then(|s| s.parse::<u64>().ok()),
-        parts.next().and_then(|s| s.parse::<u32>().ok()),
-    ) {
-        (Some(s), Some(c)) if now_ms.saturating_sub(s) <= limits.window_ms => (s, c),
-        _ => (now_ms, 0),
-    };
-    count = count.saturating_add(1);
-    let reached = count == limits.failures;
-    if count >= limits.failures.saturating_mul(2) {
-        // A long attack: a new window, so the contacts hear of it again.
-        start = now_ms;
-        count = 0;
+    let mut r = trunk_record(store, &key)?;
+    if r.count == 0 || now_ms.saturating_sub(r.window_start_ms) > limits.window_ms {
+        r.window_start_ms = now_ms;
+        r.count = 0;
+        r.first_unit = unit.to_string();
+        r.spread = false;
     }
-    store.set(&key, format!("{start} {count}").as_bytes())?;
+    r.spread |= r.first_unit != unit;
+    r.count = r.count.saturating_add(1);
+    let reached = r.count == limits.failures;
+    if r.count >= limits.failures && r.spread {
+        // Every such answer renews the guard, so it holds as long as the attack
+        // goes on at that pace.
+        r.guarded_until_ms = r.guarded_until_ms.max(now_ms.saturating_add(limits.ban_ms));
+    }
+    if r.count >= limits.failures.saturating_mul(2) {
+        // A long attack: a new window, so the contacts hear of it again.
+        r.window_start_ms = now_ms;
+        r.count = 0;
+    }
+    let mut text = String::with_capacity(64);
+    for n in [r.window_start_ms, u64::from(r.count), r.guarded_until_ms] {
+        text.push_str(itoa::Buffer::new().format(n));
+        text.push(' ');
+    }
+    text.push_str(&r.first_unit);
+    text.push_str(if r.spread { " 1" } else { " 0" });
+    store.set(&key, text.as_bytes())?;
     Ok(reached)
+}
+
+/// Whether trunk group `trunk` is guarded at `now_ms` ([`trunk_failed`]).
+pub fn trunk_guarded(store: &mut dyn Store, trunk: &str, now_ms: u64) -> Result<bool, StoreError> {
+    let key = crate::store::keys::lockout_trunk(trunk);
+    Ok(trunk_record(store, &key)?.guarded_until_ms > now_ms)
 }
 
 #[cfg(test)]
@@ -288,8 +346,57 @@ mod tests {
     fn a_trunk_group_alert_fires_once_per_window() {
         let mut s = MemoryStore::default();
         let fired: Vec<bool> = (0..7u64)
-            .map(|i| trunk_failed(&mut s, "hq", 1_000 + i, LIMITS).unwrap())
+            .map(|i| trunk_failed(&mut s, "hq", "198.51.100.9", 1_000 + i, LIMITS).unwrap())
             .collect();
         assert_eq!(fired, [false, false, true, false, false, false, false]);
+    }
+
+    #[test]
+    fn a_trunk_group_is_guarded_from_the_threshold_for_ban_s_renewed_while_guessing_goes_on() {
+        let mut s = MemoryStore::default();
+        trunk_failed(&mut s, "hq", "198.51.100.1", 1_000, LIMITS).unwrap();
+        trunk_failed(&mut s, "hq", "198.51.100.2", 2_000, LIMITS).unwrap();
+        assert_eq!(trunk_guarded(&mut s, "hq", 2_001), Ok(false));
+        trunk_failed(&mut s, "hq", "198.51.100.3", 3_000, LIMITS).unwrap();
+        assert_eq!(trunk_guarded(&mut s, "hq", 3_001), Ok(true));
+        assert_eq!(trunk_guarded(&mut s, "branch", 3_001), Ok(false));
+        assert_eq!(trunk_guarded(&mut s, "hq", 603_000), Ok(false));
+        // A fourth failure in the same window renews it.
+        trunk_failed(&mut s, "hq", "198.51.100.1", 50_000, LIMITS).unwrap();
+        assert_eq!(trunk_guarded(&mut s, "hq", 603_000), Ok(true));
+        assert_eq!(trunk_guarded(&mut s, "hq", 650_000), Ok(false));
+        // Failures spread beyond the window never guard it.
+        let mut s = MemoryStore::default();
+        for i in 0..10u64 {
+            let unit = format!("198.51.100.{i}");
+            trunk_failed(&mut s, "hq", &unit, i * 61_000, LIMITS).unwrap();
+            assert_eq!(trunk_guarded(&mut s, "hq", i * 61_000 + 1), Ok(false));
+        }
+        // A record of the version before (two fields) is not guarded, and counts on.
+        let mut s = MemoryStore::default();
+        s.set(&crate::store::keys::lockout_trunk("hq"), b"1000 2")
+            .unwrap();
+        assert_eq!(trunk_guarded(&mut s, "hq", 1_500), Ok(false));
+        assert_eq!(
+            trunk_failed(&mut s, "hq", "198.51.100.1", 2_000, LIMITS),
+            Ok(true)
+        );
+        assert_eq!(trunk_guarded(&mut s, "hq", 2_001), Ok(true));
+    }
+
+    #[test]
+    fn one_source_alone_alerts_but_never_guards_the_trunk_group() {
+        let mut s = MemoryStore::default();
+        let fired: Vec<bool> = (0..6u64)
+            .map(|i| trunk_failed(&mut s, "hq", "2001:db8:1:2::/64", 1_000 + i, LIMITS).unwrap())
+            .collect();
+        assert_eq!(fired, [false, false, true, false, false, false]);
+        assert_eq!(trunk_guarded(&mut s, "hq", 1_010), Ok(false));
+        // A second unit in the same window does.
+        let mut s = MemoryStore::default();
+        trunk_failed(&mut s, "hq", "198.51.100.7", 1_020, LIMITS).unwrap();
+        trunk_failed(&mut s, "hq", "198.51.100.7", 1_030, LIMITS).unwrap();
+        trunk_failed(&mut s, "hq", "198.51.100.8", 1_040, LIMITS).unwrap();
+        assert_eq!(trunk_guarded(&mut s, "hq", 1_041), Ok(true));
     }
 }

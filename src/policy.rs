@@ -341,7 +341,7 @@ impl<'r, 'a> Request<'r, 'a> {
                     let now = self.input.now_ms;
                     lockout::source_failed(store, &unit, slots, now, limits)?;
                     if let Some(t) = trunk
-                        && lockout::trunk_failed(store, &t.id, now, limits)?
+                        && lockout::trunk_failed(store, &t.id, &unit, now, limits)?
                         && t.alerts.blocked_calls
                     {
                         alerts.push(self.alert(
@@ -356,7 +356,10 @@ impl<'r, 'a> Request<'r, 'a> {
             }
         };
         let decision = if self.method == Method::Register {
-            self.register(trunk, store)?
+            match self.guarded_register(trunk, store)? {
+                Some(refused) => refused,
+                None => self.register(trunk, store)?,
+            }
         } else {
             self.call(trunk, store)?
         };
@@ -370,17 +373,96 @@ impl<'r, 'a> Request<'r, 'a> {
         // write leaves the refusal as it is: it is closed already, and its alert and
         // refusal line still go.
         let _ = self.spend_nonce(store, &nonce);
-        // From outside the trunk group's access list, a right password counts like
-        // a wrong one: a ban is visible from outside (403 to a bare request instead
-        // of a challenge), and if only wrong answers counted, a guesser there could
-        // tell from not being banned that one of its guesses was right. The trunk
-        // group's own PBX is never outside its list, so this bans none of its own.
+        // Refused for where it came from, a right password counts like a wrong one:
+        // a ban is visible from outside (403 to a bare request instead of a
+        // challenge), and if only wrong answers counted, a guesser there could tell
+        // from not being banned that one of its guesses was right.
         if let Some(limits) = self.index.lockout
-            && !trunk.acl.admits(self.source_ip)
+            && self.counts_as_guess(trunk, decision.verdict.cause, store)?
         {
             lockout::source_failed(store, &unit, slots, self.input.now_ms, limits)?;
         }
         Ok(decision)
+    }
+
+    /// Whether right credentials refused with `cause` count against their source as
+    /// a wrong answer would: from outside the access list; held for guessing (step
+    /// 7); and, while the trunk group is guarded, refused for not being its
+    /// registered address or for its having none, from anywhere but the unit of its
+    /// last registration. Outside a guard a REGISTER from anywhere tells the
+    /// password anyway (it is taken), so counting refused calls would hide nothing
+    /// and only ban a PBX that moved and calls before it registers again. Never the
+    /// trunk group's own PBX: it is inside its list, and at its registration's unit.
+    fn counts_as_guess(
+        &self,
+        trunk: &Trunk,
+        cause: Option<Cause>,
+        store: &mut dyn Store,
+    ) -> Result<bool, StoreError> {
+        if !trunk.acl.admits(self.source_ip) || cause == Some(Cause::HeldForGuessing) {
+            return Ok(true);
+        }
+        if !matches!(
+            cause,
+            Some(Cause::NotRegisteredAddress | Cause::RegistrationRequired)
+        ) || !lockout::trunk_guarded(store, &trunk.id, self.input.now_ms)?
+        {
+            return Ok(false);
+        }
+        self.elsewhere_than_last_registration(trunk, store)
+    }
+
+    /// Whether the source is outside the unit of T's last registration (an IPv4
+    /// address, an IPv6 /64: the lockout's unit, src/lockout.rs, so that a PBX
+    /// moving inside its /64 is never held or counted); false when T never
+    /// registered.
+    fn elsewhere_than_last_registration(
+        &self,
+        trunk: &Trunk,
+        store: &mut dyn Store,
+    ) -> Result<bool, StoreError> {
+        Ok(binding::last_reg_ip(store, &trunk.id)?
+            .is_some_and(|ip| lockout::source_unit(ip) != lockout::source_unit(self.source_ip)))
+    }
+
+    /// A trunk group whose wrong answers, from more than one source, reached the
+    /// lockout's threshold is guarded (src/lockout.rs): guessing spread over more
+    /// sources than the per-source count can bound. While it is, a REGISTER with its
+    /// right password is taken only from the unit of its last registration, so the
+    /// guess that finds the password reads like every other (403, counted against
+    /// its source) and moves no binding: its PBX keeps registering and calling from
+    /// where it is, and one that moves waits for the attack to stop (docs/policy.md,
+    /// "Password guessing"). Not for a trunk group with an access list (a right
+    /// password from outside it is refused and counted already, and moves inside it
+    /// are its own), nor for one that never registered (no address to hold it to:
+    /// its first registration must be able to happen). Judged before anything of the
+    /// REGISTER is looked at: a query, a short Expires or a `Contact: *` would
+    /// otherwise still confirm the password.
+    fn guarded_register(
+        &self,
+        trunk: &Trunk,
+        store: &mut dyn Store,
+    ) -> Result<Option<Decision>, StoreError> {
+        let now = self.input.now_ms;
+        if self.index.lockout.is_none()
+            || !trunk.acl.is_empty()
+            || !lockout::trunk_guarded(store, &trunk.id, now)?
+            || !self.elsewhere_than_last_registration(trunk, store)?
+        {
+            return Ok(None);
+        }
+        let cause = Cause::HeldForGuessing;
+        let verdict = Verdict::reject(403, "Forbidden", cause).with_trunk(&trunk.id);
+        let mut alerts = Vec::new();
+        if trunk.alerts.blocked_calls {
+            let mut a = self.alert(trunk, AlertKind::BlockedRegistration, Some(cause), None);
+            a.registered = match binding::current(store, trunk, now)? {
+                Some(b) => Some(b.source.to_string()),
+                None => binding::last_reg_ip(store, &trunk.id)?.map(|ip| ip.to_string()),
+            };
+            alerts.push(a);
+        }
+        Ok(Some(Decision { verdict, alerts }))
     }
 
     /// RFC 3261 §22: REGISTER is authenticated by the registrar (401), everything else

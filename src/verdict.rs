@@ -91,6 +91,10 @@ pub enum Cause {
     PassThrough,
     /// A response: relayed only within a transaction of the host.
     Response,
+    /// Right credentials on a REGISTER from an address other than the trunk group's
+    /// last registration's, while password guessing spread over several sources
+    /// holds it there (src/lockout.rs, docs/policy.md step 6).
+    HeldForGuessing,
 }
 
 /// Whether a final response `code` from a registered PBX sends the call to its
@@ -122,7 +126,7 @@ impl std::str::FromStr for Cause {
 impl Cause {
     /// Every cause, in declaration order: what the generated types of other languages
     /// are checked against (`wire`'s tests). A new cause goes here too.
-    pub const ALL: [Cause; 24] = [
+    pub const ALL: [Cause; 25] = [
         Cause::Malformed,
         Cause::BadCredentials,
         Cause::NotInAccessList,
@@ -147,6 +151,7 @@ impl Cause {
         Cause::Trunk,
         Cause::PassThrough,
         Cause::Response,
+        Cause::HeldForGuessing,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -175,6 +180,7 @@ impl Cause {
             Cause::Trunk => "trunk",
             Cause::PassThrough => "pass_through",
             Cause::Response => "response",
+            Cause::HeldForGuessing => "held_for_guessing",
         }
     }
 
@@ -211,6 +217,9 @@ impl Cause {
             Cause::Trunk => "an authenticated trunk group's request",
             Cause::PassThrough => "a keep-alive, ACK or CANCEL",
             Cause::Response => "a response",
+            Cause::HeldForGuessing => {
+                "a registration from elsewhere while password guessing holds the trunk group"
+            }
         }
     }
 }

@@ -420,7 +420,7 @@ mod tests {
             (0, 0, "unknown kind"),
             (0, 3, "unknown kind"),
             (1, 5, "unknown action"),
-            (2, 24, "unknown cause"),
+            (2, Cause::ALL.len() as u8, "unknown cause"),
             (2, 254, "unknown cause"),
             (3, 1 << 3, "unknown flags"),
             (4, 1, "a value without its flag"),

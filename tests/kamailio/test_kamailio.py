@@ -706,6 +706,14 @@ class KamailioEdge(unittest.TestCase):
     def alerts(self, **match):
         return [a for a in self.webhook.snapshot() if all(a.get(k) == v for k, v in match.items())]
 
+    def lift_guard(self, group):
+        """What an operator does once a guessing attack is over, or to let its PBX
+        move during one: the trunk group's guessing record removed from the state
+        table (docs/kamailio.md, "Password guessing")."""
+        out = subprocess.run(["kamcmd", "-s", "unix:" + os.path.join(self.state, "ctl.sock"), "htable.delete", "tg",
+                              "tg/lockout/tg/" + group], capture_output=True, text=True, timeout=30)
+        self.assertEqual(out.returncode, 0, out.stdout + out.stderr)
+
     def register_pbx(self, ip=PBX, name="register"):
         run = self.sipp(name, "register.xml", ["-i", ip, "-p", str(PBX_PORT), "-s", HQ[0], "-au", HQ[0],
                                               "-ap", HQ[1], "-auth_uri", REALM, KAMAILIO_ADDR])
@@ -1298,6 +1306,9 @@ class KamailioEdge(unittest.TestCase):
                                       and delta(c, "cause.bad_credentials") >= 10)
         self.assertEqual((delta(after, "cause.bad_credentials"), delta(after, "cause.source_banned")), (10, 5),
                          (before, after))
+        # Its ten wrong answers guard hq-pbx1 for ban_s (test_37): lifted, as an
+        # operator would once the attack is over.
+        self.lift_guard("hq-pbx1")
 
     def test_26_an_md5_only_pbx_answering_the_first_challenge_works_with_a_password_trunk(self):
         # sipp 3.6 reads only the first challenge and knows only MD5. pw-pbx has a plain
@@ -1652,6 +1663,54 @@ class KamailioEdge(unittest.TestCase):
         self.assertIsNotNone(pbx.request("ACK")[0], "the core's ACK never reached the PBX")
         pbx_side = sip.Dialog(pbx, call_id, ruri, "p5", caller, ftag, edge, "sip:core@%s:%d" % (core.ip, core.port), 0)
         sip.in_dialog_round(core_side, pbx_side, "BYE")
+
+    def test_37_guessing_spread_over_many_sources_cannot_register_elsewhere_with_the_password_it_finds(self):
+        # Ten guessers, one wrong answer each: no source comes near its own lockout
+        # (10 in 300 s), so until 2026-12-02 the eleventh, holding the right
+        # password, registered from its address (a 200: the password confirmed, the
+        # binding, and with it the trunk group's calls and inbound DIDs, moved to it).
+        self.register_pbx(name="register-before-spread")
+        before = self.settled_counters()
+        guessers = ["127.0.0.%d" % i for i in range(70, 80)]
+        for ip in guessers:
+            self.assertEqual(guess_on_fresh_nonces(ip, HQ[0], ["spread-%s" % ip], KAMAILIO), [403], ip)
+        wait_for("the password_guessing alert of the spread",
+                 lambda: [a for a in self.alerts(kind="password_guessing", trunk_group="hq-pbx1")
+                          if a["source"].rsplit(":", 1)[0] in guessers])
+        finder = "127.0.0.80"
+        self.assertEqual(guess_on_fresh_nonces(finder, HQ[0], [HQ[1]], KAMAILIO), [403])
+        # Nor does a query (no Contact), which lists nothing and moves nothing but
+        # would confirm the password with its 200.
+        ep = sip.Endpoint(finder, "udp", KAMAILIO)
+        try:
+            uri, base = "sip:" + REALM, dict(from_user=HQ[0], via_ip=finder, via_port=ep.port)
+            first = ep.final(sip.request("REGISTER", uri, call_id="query@" + finder, **base))
+            self.assertEqual(sip.status(first), 401, first)
+            auth = sip.authorization(sip.header(first, "WWW-Authenticate"), "REGISTER", uri, *HQ, "Authorization")
+            query = ep.final(sip.request("REGISTER", uri, call_id="query@" + finder, cseq=2, extra=[auth], **base))
+            self.assertEqual((query or "").split("\r\n", 1)[0], "SIP/2.0 403 Forbidden", query)
+        finally:
+            ep.close()
+        self.assertEqual(self.binding("hq-pbx1")["binding"]["source"], "%s:%d" % (PBX, PBX_PORT))
+        alert = wait_for("the blocked_registration alert", lambda: [
+            a for a in self.alerts(kind="blocked_registration", trunk_group="hq-pbx1")
+            if a["source"].startswith(finder + ":")])[0]
+        self.assertEqual((alert["cause"], alert["registered"]), ("held_for_guessing", "%s:%d" % (PBX, PBX_PORT)))
+        self.assertEqual(self.alerts(kind="reg_ip_change", new_ip=finder), [])
+        # The PBX, at its registration's address, registers and calls.
+        self.register_pbx(name="register-during-spread")
+        carrier = self.carrier("carrier-during-spread")
+        self.assert_passed(self.uac("call-during-spread", "call.xml", PBX, HQ), carrier)
+        delta = lambda c, name: c.get(name, 0) - before.get(name, 0)  # noqa: E731
+        after = self.settled_counters(lambda c: delta(c, "cause.held_for_guessing") >= 2)
+        self.assertEqual((delta(after, "cause.bad_credentials"), delta(after, "cause.held_for_guessing")),
+                         (10, 2), (before, after))
+        # The operator lifts the guard (docs/kamailio.md, "Password guessing"): a
+        # PBX that moved registers from its new address.
+        self.lift_guard("hq-pbx1")
+        self.assertEqual(guess_on_fresh_nonces(finder, HQ[0], [HQ[1]], KAMAILIO), [200])
+        self.register_pbx(name="register-after-spread")
+        self.assertEqual(self.binding("hq-pbx1")["binding"]["source"], "%s:%d" % (PBX, PBX_PORT))
 
 
 def sipp_times(log, direction, first_line):

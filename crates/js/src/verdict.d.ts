@@ -29,7 +29,8 @@ export type Cause =
   | "core"
   | "trunk"
   | "pass_through"
-  | "response";
+  | "response"
+  | "held_for_guessing";
 /** A verdict (docs/abi.md): the same type the Rust core writes (src/verdict.rs),
  * checked against it by the core's tests (src/wire.rs). */
 export interface Verdict {

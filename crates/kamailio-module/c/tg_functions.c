@@ -142,7 +142,8 @@ static void tg_count(const tg_verdict *v)
 	else if(tg_str_is(&v->cause, "not_in_access_list")
 			|| tg_str_is(&v->cause, "not_registered_address")
 			|| tg_str_is(&v->cause, "registration_required")
-			|| tg_str_is(&v->cause, "source_banned"))
+			|| tg_str_is(&v->cause, "source_banned")
+			|| tg_str_is(&v->cause, "held_for_guessing"))
 		update_stat(tg_st_refused_address, 1);
 	else
 		update_stat(tg_st_refused_other, 1);

@@ -42,6 +42,7 @@ fn cause_short(cause: Option<Cause>) -> &'static str {
         Some(Cause::RegistrationRequired) => "trunk group not registered",
         Some(Cause::NotInAccessList) => "outside the access list",
         Some(Cause::BadCredentials) => "wrong credentials",
+        Some(Cause::HeldForGuessing) => "held during password guessing",
         Some(c) => c.as_str(),
         None => "refused",
     }
@@ -199,10 +200,25 @@ pub fn render(a: &Alert) -> Rendered {
             "Every guess counted here was wrong: on its own this does not mean the \
              password has leaked. Any address that goes on guessing ({from_ip} among \
              them) is refused for a while, its answers unread, and the PBX keeps \
-             working. Make sure the trunk group's password is long and random (not a \
+             working from where it is (while the guessing comes from several addresses, \
+             registrations are taken only from the address the PBX last registered \
+             from). Make sure the trunk group's password is long and random (not a \
              word, a name or a number). If the guessing goes on from many addresses, \
              an access list (\"acl\") for the trunk group keeps even a guessed \
              password from being used anywhere else."
+        ),
+        (_, Some(Cause::HeldForGuessing)) => format!(
+            "Someone is guessing this trunk group's password from several addresses \
+             (the password_guessing alert), and while they do, registrations are taken \
+             only from the address the PBX last registered from{}. This one, from \
+             {from_ip}, had the right password. If {from_ip} is not one of your \
+             systems, {leaked}. If it is your PBX, moved, it registers once the \
+             guessing stops (some PBXs stop trying after a refusal: restart its \
+             registration then), or ask your provider to lift the hold.",
+            a.registered
+                .as_deref()
+                .map(|r| format!(" ({})", ip_of(r)))
+                .unwrap_or_default()
         ),
         (_, Some(Cause::NotRegisteredAddress)) => format!(
             "Valid credentials of this trunk group were used from {from_ip}, which is \
@@ -593,6 +609,20 @@ mod tests {
                     "Every guess counted here was wrong",
                     "Any address that goes on guessing (198.51.100.9 among them) is refused",
                     "long and random",
+                ],
+            ),
+            (
+                Alert {
+                    method: Some("REGISTER".into()),
+                    registered: Some("203.0.113.7:5060".into()),
+                    ..base(AlertKind::BlockedRegistration, Some(Cause::HeldForGuessing))
+                },
+                "[trunkguard] Blocked registration on hq-pbx1 (hq) from 198.51.100.9: held during password guessing",
+                vec![
+                    "guessing this trunk group's password from several addresses",
+                    "taken only from the address the PBX last registered from (203.0.113.7)",
+                    "This one, from 198.51.100.9, had the right password. If 198.51.100.9 is not one of your systems, the trunk group's credentials have leaked",
+                    "it registers once the guessing stops",
                 ],
             ),
             (
