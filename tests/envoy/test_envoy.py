@@ -882,7 +882,7 @@ class EnvoyFront(unittest.TestCase):
         _, far_saw = self.legit_dialog("leaves")
         invite = re.search(r"(?s)INVITE sip:\S+ SIP/2\.0\r?\n.*?\r?\n\r?\n", far_saw).group(0)
         for name in ("Proxy-Authorization", "Authorization", "P-Preferred-Identity", "Remote-Party-ID",
-                     "P-Charge-Info", "Route"):
+                     "P-Charge-Info", "Route", "X-Trunkguard-Source"):
             self.assertEqual(header_values(invite, name), [], f"{name} left the edge:\n{invite}")
         # hq1 is not one of the trunk's DIDs: the edge asserts the trunk's first DID.
         self.assertEqual(header_values(invite, "P-Asserted-Identity"), [f"<sip:+15551230000@{REALM}>"], invite)
@@ -2340,6 +2340,52 @@ class EnvoyInbound(unittest.TestCase):
         pbx.bye(invite)
         bye = carrier.wait("BYE", "in-bye-pbx")[1]
         self.assertTrue(bye.startswith("BYE sip:carrier@"), bye)
+        reply = pbx.next_message()
+        self.assertRegex(reply, r"^SIP/2\.0 200 [\s\S]*CSeq: 1 BYE")
+
+    def test_2b_the_pbxs_side_of_a_call_from_another_address_reaches_nobody(self):
+        # The PBX's in-dialog requests come from its own address. Until 2026-12-02
+        # the upstream asked only that they came over TCP, which every connection
+        # through Envoy does (in-dialog requests need no credentials): anyone
+        # holding a call's Call-ID and tags could end it or move its media.
+        pbx = self.registered(self.A, INBOUND_A)
+        carrier = self.party(CARRIER)
+        call_id = "in-party"
+        invite_sent = carrier_invite(carrier, DID_A, call_id)
+        invite = pbx.expect("INVITE")
+        self.assertTrue(invite, "the PBX got no INVITE")
+        self.assertEqual(header_values(invite, "X-Trunkguard-Source"), [], invite)
+        pbx.answer(invite, 200)
+        _, answer = carrier.final(call_id)
+        self.assertEqual(status_of(answer), 200, answer)
+        carrier_in_dialog(carrier, invite_sent, answer, "ACK", 1, "ack")
+        self.assertTrue(pbx.expect("ACK"))
+        target = re.search(r"<([^>]+)>", header_values(invite, "Contact")[0]).group(1)
+        rr = [v.strip() for h in header_values(invite, "Record-Route") for v in h.split(",")]
+
+        def in_pbxs_name(method, n, extra=""):
+            return (f"{method} {target} SIP/2.0\r\nVia: SIP/2.0/TCP {ATTACKER}:5060;branch=z9hG4bK-{call_id}-x{n}\r\n"
+                    + (f"Route: {', '.join(rr)}\r\n" if rr else "")
+                    + f"Max-Forwards: 70\r\nFrom: {header_values(invite, 'To')[0]};tag=pbx\r\n"
+                    f"To: {header_values(invite, 'From')[0]}\r\nCall-ID: {call_id}\r\nCSeq: {10 + n} {method}\r\n"
+                    f"{extra}Content-Length: 0\r\n\r\n")
+        # The PBX's IP claimed in the header the filter writes: replaced by the
+        # sender's own.
+        claim = f"X-Trunkguard-Source: {self.A}\r\n"
+        results = {}
+        for n, (method, extra) in enumerate((("INFO", ""), ("INFO", claim), ("BYE", ""), ("BYE", claim))):
+            results[f"{method}{' claiming the PBX' if extra else ''}"] = status_of(
+                attack(in_pbxs_name(method, n, extra)))
+        self.assertEqual(results, {k: 404 for k in results})
+        time.sleep(0.5)
+        self.assertEqual([m for _, m in carrier.got if header_values(m, "Call-ID") == [call_id]
+                          and re.match(r"(INFO|BYE) ", m)], [],
+                         "the PBX's side of the call came from another address")
+        # From its own address the PBX ends the call; the header stays upstream.
+        pbx.bye(invite)
+        bye = carrier.wait("BYE", call_id)[1]
+        self.assertTrue(bye.startswith("BYE sip:carrier@"), bye)
+        self.assertEqual(header_values(bye, "X-Trunkguard-Source"), [], bye)
         reply = pbx.next_message()
         self.assertRegex(reply, r"^SIP/2\.0 200 [\s\S]*CSeq: 1 BYE")
 

@@ -6,12 +6,13 @@
 //! and applies the outcome, so all of it is tested natively.
 
 use std::collections::VecDeque;
+use std::net::SocketAddr;
 
 use super::probe::{self, Key};
 use super::stream::{Item, Reassembler};
 use trunkguard::answer;
 use trunkguard::sip::{Framing, frames_alike, parse};
-use trunkguard::verdict::Verdict;
+use trunkguard::verdict::{Cause, Verdict};
 
 /// What the filter does with a request the policy answers itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
@@ -241,6 +242,26 @@ fn on_request(
     Step::Replace(probe.bytes)
 }
 
+/// The header the upstream reads a request's sender from (docs/envoy.md, "What the
+/// upstream must do"): every connection through Envoy comes from Envoy's own
+/// address, so without it the upstream cannot tell one PBX from another, nor hold
+/// a call's in-dialog requests to its PBX.
+pub const SOURCE_HEADER: &str = "X-Trunkguard-Source";
+
+/// `verdict` with the sender's IP written on the request as it goes upstream (or on
+/// its probe), after whatever the sender wrote in that header is removed; a
+/// response goes as it came.
+pub fn with_source(mut verdict: Verdict, source: SocketAddr) -> Verdict {
+    if verdict.cause != Some(Cause::Response) {
+        verdict.strip.push(SOURCE_HEADER.to_string());
+        let ip = trunkguard::acl::canonical_ip(source.ip());
+        verdict
+            .insert
+            .push((SOURCE_HEADER.to_string(), ip.to_string()));
+    }
+    verdict
+}
+
 /// For a response to a probe: `Some(None)` drops it (a provisional one),
 /// `Some(Some(answer))` replaces it. `None`: not a probe's, pass it on.
 fn answer_for(raw: &[u8], pending: &mut VecDeque<Pending>) -> Option<Option<Vec<u8>>> {
@@ -312,7 +333,7 @@ fn is_response(raw: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use trunkguard::verdict::{Action, Cause};
+    use trunkguard::verdict::Action;
 
     /// Refuses INVITEs from "intruder", challenges INVITEs without credentials,
     /// allows the rest.
@@ -622,6 +643,34 @@ To: <sip:b@t>;tag=2\r\nCall-ID: r\r\nCSeq: 1 INVITE\r\nSubject: hi\r\n l: 0 x\r\
             (o.data, o.close, o.dropped, o.probes),
             (Some(Vec::new()), None, 1, 0)
         );
+    }
+
+    #[test]
+    fn a_request_goes_upstream_with_its_senders_ip_in_place_of_any_it_wrote_and_a_response_as_it_came()
+     {
+        let source: SocketAddr = "[::ffff:203.0.113.7]:5060".parse().unwrap();
+        let v = with_source(Verdict::allow_as(Cause::InDialog), source);
+        assert_eq!(v.strip, vec![SOURCE_HEADER.to_string()]);
+        assert_eq!(
+            v.insert,
+            vec![(SOURCE_HEADER.to_string(), "203.0.113.7".to_string())]
+        );
+        let forged = format!(
+            "BYE sip:x@y SIP/2.0\r\nVia: SIP/2.0/TCP 203.0.113.7;branch=z9hG4bK-1\r\n{SOURCE_HEADER}: 198.51.100.1\r\nFrom: <sip:a@y>;tag=1\r\nTo: <sip:b@y>;tag=2\r\nCall-ID: c\r\nCSeq: 1 BYE\r\nContent-Length: 0\r\n\r\n"
+        );
+        let Step::Replace(out) = relayed(forged.as_bytes(), &v) else {
+            panic!("not edited")
+        };
+        let out = String::from_utf8(out).unwrap();
+        assert!(!out.contains("198.51.100.1"), "{out}");
+        assert_eq!(
+            out.matches(&format!("{SOURCE_HEADER}: 203.0.113.7\r\n"))
+                .count(),
+            1,
+            "{out}"
+        );
+        let response = with_source(Verdict::allow_as(Cause::Response), source);
+        assert!(response.strip.is_empty() && response.insert.is_empty());
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::rc::Rc;
 use proxy_wasm::traits::{Context, StreamContext};
 use proxy_wasm::types::{Action, PeerType};
 
-use super::conn::{Conn, Judge, OnRefusal, Outcome};
+use super::conn::{Conn, Judge, OnRefusal, Outcome, with_source};
 use super::filter::Worker;
 use super::host::{self, Buffer, Level};
 use super::metrics;
@@ -91,7 +91,7 @@ impl Judge for Judging<'_> {
         };
         count_verdict(&verdict);
         log_refusal(&input, &verdict);
-        verdict
+        with_source(verdict, source)
     }
 
     fn to_tag(&mut self) -> String {
