@@ -4,7 +4,7 @@
 //! source past `digest.lockout.failures` inside `window_s` is refused for `ban_s`
 //! without its credentials being checked, and a trunk group past the same threshold
 //! raises an alert to its contacts. A trunk group is never locked itself: its own
-//! PBX keeps working while somebody elsewhere guesses its password.
+//! PBX keeps working from where it is while somebody elsewhere guesses its password.
 //!
 //! Guessing spread over many sources (a botnet, an IPv6 /48: each source under the
 //! threshold) is what the per-source count cannot bound, so a trunk group past the
@@ -229,7 +229,11 @@ pub fn trunk_failed(
 ) -> Result<bool, StoreError> {
     let key = crate::store::keys::lockout_trunk(trunk);
     let mut r = trunk_record(store, &key)?;
-    if r.count == 0 || now_ms.saturating_sub(r.window_start_ms) > limits.window_ms {
+    // A record of the version before has no first unit: its window starts here.
+    if r.count == 0
+        || r.first_unit.is_empty()
+        || now_ms.saturating_sub(r.window_start_ms) > limits.window_ms
+    {
         r.window_start_ms = now_ms;
         r.count = 0;
         r.first_unit = unit.to_string();
@@ -372,16 +376,16 @@ mod tests {
             trunk_failed(&mut s, "hq", &unit, i * 61_000, LIMITS).unwrap();
             assert_eq!(trunk_guarded(&mut s, "hq", i * 61_000 + 1), Ok(false));
         }
-        // A record of the version before (two fields) is not guarded, and counts on.
+        // A record of the version before (two fields) is not guarded, and starts a
+        // window of its own: one source after it guards nothing.
         let mut s = MemoryStore::default();
         s.set(&crate::store::keys::lockout_trunk("hq"), b"1000 2")
             .unwrap();
         assert_eq!(trunk_guarded(&mut s, "hq", 1_500), Ok(false));
-        assert_eq!(
-            trunk_failed(&mut s, "hq", "198.51.100.1", 2_000, LIMITS),
-            Ok(true)
-        );
-        assert_eq!(trunk_guarded(&mut s, "hq", 2_001), Ok(true));
+        for at in [2_000, 2_001, 2_002] {
+            trunk_failed(&mut s, "hq", "198.51.100.1", at, LIMITS).unwrap();
+        }
+        assert_eq!(trunk_guarded(&mut s, "hq", 2_003), Ok(false));
     }
 
     #[test]

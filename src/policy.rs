@@ -389,7 +389,8 @@ impl<'r, 'a> Request<'r, 'a> {
     /// a wrong answer would: from outside the access list; held for guessing (step
     /// 7); and, while the trunk group is guarded, refused for not being its
     /// registered address or for its having none, from anywhere but the unit of its
-    /// last registration. Outside a guard a REGISTER from anywhere tells the
+    /// last registration (not for a trunk group with an access list, which is
+    /// never held). Outside a guard a REGISTER from anywhere tells the
     /// password anyway (it is taken), so counting refused calls would hide nothing
     /// and only ban a PBX that moved and calls before it registers again. Never the
     /// trunk group's own PBX: it is inside its list, and at its registration's unit.
@@ -402,10 +403,14 @@ impl<'r, 'a> Request<'r, 'a> {
         if !trunk.acl.admits(self.source_ip) || cause == Some(Cause::HeldForGuessing) {
             return Ok(true);
         }
-        if !matches!(
-            cause,
-            Some(Cause::NotRegisteredAddress | Cause::RegistrationRequired)
-        ) || !lockout::trunk_guarded(store, &trunk.id, self.input.now_ms)?
+        // A trunk group with an access list is never held (guarded_register): a PBX
+        // moving inside its list is its own.
+        if !trunk.acl.is_empty()
+            || !matches!(
+                cause,
+                Some(Cause::NotRegisteredAddress | Cause::RegistrationRequired)
+            )
+            || !lockout::trunk_guarded(store, &trunk.id, self.input.now_ms)?
         {
             return Ok(false);
         }

@@ -213,8 +213,9 @@ fn on_request(
     if mode == OnRefusal::Close {
         return Step::Close("a refused request (on_refusal: close)");
     }
-    // An accepted REGISTER's verdict carries the binding announcement in `insert`
-    // (the only verdict answered here that has any): it goes upstream on the probe.
+    // An accepted REGISTER's verdict carries the binding announcement in `insert`,
+    // and every request's the sender's IP (`with_source`): they go upstream on the
+    // probe.
     let Some(probe) = probe::build(raw, &verdict.insert) else {
         return Step::Close("a refused request without readable transaction headers");
     };

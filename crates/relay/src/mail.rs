@@ -201,8 +201,8 @@ pub fn render(a: &Alert) -> Rendered {
              password has leaked. Any address that goes on guessing ({from_ip} among \
              them) is refused for a while, its answers unread, and the PBX keeps \
              working from where it is (while the guessing comes from several addresses, \
-             registrations are taken only from the address the PBX last registered \
-             from). Make sure the trunk group's password is long and random (not a \
+             a trunk group without an access list takes registrations only from the \
+             address the PBX last registered from). Make sure the trunk group's password is long and random (not a \
              word, a name or a number). If the guessing goes on from many addresses, \
              an access list (\"acl\") for the trunk group keeps even a guessed \
              password from being used anywhere else."
