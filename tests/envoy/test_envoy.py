@@ -1761,6 +1761,18 @@ class HandCall:
 
     def setup(self):
         """Up to the ACK of the 200; returns the 200."""
+        answer = self.conn.final(self.invite())
+        assert status_of(answer) == 200, answer
+        self.to = header_values(answer, "To")[0]
+        self.contact = re.search(r"<([^>]+)>", header_values(answer, "Contact")[0]).group(1)
+        # The route set (RFC 3261 §12.1.2: the Record-Route of the 2xx, reversed).
+        rr = [v.strip() for h in header_values(answer, "Record-Route") for v in h.split(",")]
+        self.route = f"Route: {', '.join(reversed(rr))}\r\n" if rr else ""
+        self.conn.send(self.request("ACK", self.contact, 2, "ack2", self.to, extra=self.route))
+        return answer
+
+    def invite(self):
+        """The INVITE, its 407 and ACK; returns the INVITE with credentials, to send."""
         to = f"<{self.ruri}>"
         body = self.SDP.format(ip=self.source)
         challenge = self.conn.final(self.request("INVITE", self.ruri, 1, "inv1", to, body=body))
@@ -1777,15 +1789,12 @@ class HandCall:
             response, qop = md5_hex(f"{ha1(*HQ)}:{params['nonce']}:{a2}"), ""
         auth = (f'Proxy-Authorization: Digest username="{HQ[0]}", realm="{REALM}", nonce="{params["nonce"]}", '
                 f'uri="{self.ruri}", response="{response}", algorithm=MD5{qop}\r\n')
-        answer = self.conn.final(self.request("INVITE", self.ruri, 2, "inv2", to, extra=auth, body=body))
-        assert status_of(answer) == 200, answer
-        self.to = header_values(answer, "To")[0]
-        self.contact = re.search(r"<([^>]+)>", header_values(answer, "Contact")[0]).group(1)
-        # The route set (RFC 3261 §12.1.2: the Record-Route of the 2xx, reversed).
-        rr = [v.strip() for h in header_values(answer, "Record-Route") for v in h.split(",")]
-        self.route = f"Route: {', '.join(reversed(rr))}\r\n" if rr else ""
-        self.conn.send(self.request("ACK", self.contact, 2, "ack2", self.to, extra=self.route))
-        return answer
+        return self.request("INVITE", self.ruri, 2, "inv2", to, extra=auth, body=body)
+
+    def cancel(self):
+        """The CANCEL of the INVITE with credentials (RFC 3261 §9.1: its branch,
+        Call-ID, From, To and CSeq number)."""
+        return self.request("CANCEL", self.ruri, 2, "inv2", f"<{self.ruri}>")
 
     def bye(self):
         """The BYE over a new connection; returns the final answer."""
@@ -2388,6 +2397,31 @@ class EnvoyInbound(unittest.TestCase):
         self.assertEqual(header_values(bye, "X-Trunkguard-Source"), [], bye)
         reply = pbx.next_message()
         self.assertRegex(reply, r"^SIP/2\.0 200 [\s\S]*CSeq: 1 BYE")
+
+    def test_2c_a_cancel_of_a_pbxs_ringing_call_from_another_address_reaches_nobody(self):
+        # A CANCEL matches its INVITE by identifiers anyone who saw the INVITE holds
+        # (RFC 3261 §9.2). Until 2026-12-02 one through any connection to Envoy ended
+        # a PBX's ringing call at the carrier.
+        pbx = InboundPbx(self.A, HQ)
+        self.closing.append(pbx)
+        answer, _ = pbx.register()
+        self.assertEqual(status_of(answer), 200, answer)
+        # Ringing (tm sends a CANCEL on only once the branch has a provisional
+        # answer, RFC 3261 §9.1).
+        far = self.party(FAR_END, answer=180)
+        call = HandCall(LISTEN, self.A, "out-cancel")
+        self.closing.append(call)
+        call.conn.send(call.invite())
+        far.wait("INVITE", "out-cancel")
+        time.sleep(0.3)
+        forged = call.cancel().decode().replace(f"Contact: <sip:{HQ[0]}@{self.A}:5060;transport=tcp>\r\n", "")
+        self.assertEqual(status_of(attack(forged)), 481)
+        time.sleep(0.5)
+        self.assertEqual(far.messages("CANCEL", "out-cancel"), [], "a stranger's CANCEL reached the carrier")
+        # The PBX's own, over its connection, does.
+        own = call.conn.final(call.cancel())
+        self.assertEqual(status_of(own), 200, own)
+        far.wait("CANCEL", "out-cancel")
 
     def test_3_a_silent_pbx_fails_over_after_no_answer_ms(self):
         pbx = self.registered(self.A, INBOUND_A)
