@@ -144,9 +144,15 @@ function ksr_request_route() {
 		withinDialog();
 	} else if (cause == "pass_through") {
 		// Keepalives are answered here; ACK and CANCEL go on only within a
-		// transaction this edge relayed.
+		// transaction this edge relayed, a CANCEL only from where its INVITE came
+		// ($T_inv, tmx): it matches the INVITE by identifiers anyone who saw the
+		// INVITE holds (RFC 3261 9.2).
 		if ((KSR.is_CANCEL() || KSR.is_ACK()) && KSR.tm.t_check_trans() > 0) {
-			KSR.tm.t_relay();
+			if (KSR.is_CANCEL() && KSR.pv.get("$T_inv($si)") != KSR.pv.get("$si")) {
+				reply(481, "Call/Transaction Does Not Exist");
+			} else {
+				KSR.tm.t_relay();
+			}
 		} else if (KSR.is_OPTIONS()) {
 			reply(200, "OK");
 		}

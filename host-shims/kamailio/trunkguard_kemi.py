@@ -1041,6 +1041,8 @@ class Shim:
                 # Only within a transaction this proxy relayed (the ACK of a non-2xx
                 # answer, a CANCEL); anything else is dropped, never relayed.
                 if KSR.tm.t_check_trans() > 0:
+                    if not self._cancel_from_caller():
+                        return self._refuse(481, "Call/Transaction Does Not Exist")
                     return self._relay(strip, insert, within_transaction=True)
                 return -255
         elif cause == "core":
@@ -1049,6 +1051,8 @@ class Shim:
                 # INVITE is often addressed to the edge itself (sip:DID@edge), and
                 # its CANCEL copies that. Within no transaction: dropped.
                 if KSR.tm.t_check_trans() > 0:
+                    if not self._cancel_from_caller():
+                        return self._refuse(481, "Call/Transaction Does Not Exist")
                     return self._relay(strip, insert, within_transaction=True)
                 return -255
             # The core's own request (core_networks, on a core socket): routed by its
@@ -1076,6 +1080,17 @@ class Shim:
                 % (KSR.pv.get("$rm"), _source(), cause))
         _count("allow.unroutable")
         return self._refuse(503, "Service Unavailable (unroutable verdict)")
+
+    @staticmethod
+    def _cancel_from_caller():
+        """Whether a request that is not a CANCEL, or a CANCEL from the address its
+        INVITE came from ($T_inv: the INVITE's transaction, tmx): a CANCEL is matched
+        to its INVITE by identifiers anyone who saw the INVITE holds (RFC 3261 §9.2),
+        and a stranger's would end the call at the callee."""
+        if not KSR.is_CANCEL():
+            return True
+        invite_source = KSR.pv.get("$T_inv($si)")
+        return invite_source is not None and invite_source == KSR.pv.get("$si")
 
     def _refuse(self, code, reason):
         if KSR.is_ACK():

@@ -1712,6 +1712,59 @@ class KamailioEdge(unittest.TestCase):
         self.register_pbx(name="register-after-spread")
         self.assertEqual(self.binding("hq-pbx1")["binding"]["source"], "%s:%d" % (PBX, PBX_PORT))
 
+    def test_38_a_ringing_calls_cancel_is_taken_only_from_where_its_invite_came(self):
+        # A CANCEL matches its INVITE by identifiers anyone who saw the INVITE holds
+        # (RFC 3261 §9.2): until 2026-12-02 a stranger's ended the PBX's ringing call
+        # at the carrier, or the core's at the PBX.
+        self.register_pbx()
+        pbx, carrier, core = self.party(PBX, PBX_PORT), self.party("127.0.0.1", CARRIER_PORT), self.party(CORE)
+        intruder = self.party(INTRUDER)
+
+        def ringing(caller, send, far):
+            got, hop = far.recv(3.0, lambda m: sip.method(m) == "INVITE")
+            self.assertIsNotNone(got, "the INVITE never reached the far end")
+            far.send(sip.response(got, 180, "Ringing", to_tag="far"), hop)
+            self.assertIsNotNone(caller.recv(3.0, lambda m: sip.status(m) == 180)[0], "no 180 at the caller")
+            return got, hop
+
+        def cancel_of(invite):
+            # The INVITE's Request-URI, top Via, From, To, Call-ID and CSeq number.
+            head = invite.decode("latin-1").split("\r\n\r\n", 1)[0].split("\r\n")
+            keep = [h for h in head[1:] if h.split(":", 1)[0].lower() in ("via", "from", "to", "call-id",
+                                                                          "max-forwards")]
+            cseq = sip.headers(invite.decode("latin-1"), "CSeq")[0].split()[0]
+            return ("CANCEL %s SIP/2.0\r\n%s\r\nCSeq: %s CANCEL\r\nContent-Length: 0\r\n\r\n"
+                    % (head[0].split()[1], "\r\n".join(keep), cseq)).encode("latin-1")
+
+        outcomes = []
+        # The PBX's call to the carrier; the core's to the PBX.
+        call_id = "cancel-%s@%s" % (os.urandom(6).hex(), PBX)
+        out_invite = sip.authenticated_invite(pbx, KAMAILIO, HQ, CALLED, call_id, os.urandom(4).hex())
+        ringing(pbx, out_invite, carrier)
+        in_id = "cancel-in-%s@%s" % (os.urandom(6).hex(), CORE)
+        did = "sip:+15551230000@" + REALM
+        in_invite = ("INVITE %s SIP/2.0\r\nVia: SIP/2.0/UDP %s:%d;branch=z9hG4bK%s;rport\r\nMax-Forwards: 70\r\n"
+                     "From: <sip:+15550001111@carrier.example.net>;tag=%s\r\nTo: <%s>\r\nCall-ID: %s\r\n"
+                     "CSeq: 1 INVITE\r\nContact: <sip:core@%s:%d>\r\nContent-Length: 0\r\n\r\n"
+                     % (did, core.ip, core.port, os.urandom(8).hex(), os.urandom(4).hex(), did, in_id, core.ip,
+                        core.port)).encode("latin-1")
+        core.send(in_invite, CORE_SOCKET)
+        ringing(core, in_invite, pbx)
+        for what, cancel, edge, far in (("the PBX's call", cancel_of(out_invite), KAMAILIO, carrier),
+                                        ("the core's call", cancel_of(in_invite), KAMAILIO, pbx)):
+            intruder.send(cancel, edge)
+            answer, _ = intruder.final(2.0)
+            leaked, _ = far.recv(0.5, lambda m: sip.method(m) == "CANCEL")
+            outcomes.append((what, sip.status(answer), leaked is not None))
+        self.assertEqual(outcomes, [("the PBX's call", 481, False), ("the core's call", 481, False)])
+        # Each caller's own CANCEL ends its call.
+        for caller, cancel, edge, far in ((pbx, cancel_of(out_invite), KAMAILIO, carrier),
+                                          (core, cancel_of(in_invite), CORE_SOCKET, pbx)):
+            caller.send(cancel, edge)
+            got, hop = far.recv(3.0, lambda m: sip.method(m) == "CANCEL")
+            self.assertIsNotNone(got, "the caller's own CANCEL never arrived")
+            far.send(sip.response(got, 200, "OK"), hop)
+
 
 def sipp_times(log, direction, first_line):
     """The times (epoch seconds) of the messages of a sipp message trace that went
