@@ -2423,6 +2423,58 @@ class EnvoyInbound(unittest.TestCase):
         self.assertEqual(status_of(own), 200, own)
         far.wait("CANCEL", "out-cancel")
 
+    def test_2d_the_pbxs_answer_gives_the_carrier_the_upstreams_route_and_no_hop_of_its_own(self):
+        # The carrier takes the route of its in-dialog requests from the Record-Route
+        # of the PBX's answer (RFC 3261 §12.1.2). Until 2026-12-02 it got it as the
+        # PBX wrote it: a hop of the PBX's choosing below the upstream's (the
+        # carrier's ACK and BYE went there first), an maddr on the upstream's, or
+        # none of the upstream's (they went straight to the PBX's Contact).
+        pbx = self.registered(self.A, INBOUND_A)
+        carrier = self.party(CARRIER)
+        evil = "<sip:127.0.0.99:5099;lr>"
+        outcomes = []
+        for n, rewrite in enumerate((
+                lambda rr: rr + [evil],
+                lambda rr: [e.replace(";lr", ";lr;maddr=127.0.0.99") for e in rr],
+                lambda rr: [],
+                lambda rr: [evil] + rr)):
+            call_id = f"in-rr-{n}"
+            sent = carrier_invite(carrier, DID_A, call_id)
+            invite = pbx.expect("INVITE")
+            self.assertTrue(invite, "the PBX got no INVITE")
+            rr = [v.strip() for h in header_values(invite, "Record-Route") for v in h.split(",")]
+            self.assertEqual(len(rr), 2, invite)
+            answer = reply_to(invite, 200, tag="pbx", contact=pbx.contact, body=UdpParty.SDP)
+            head, body = answer.split("\r\n\r\n", 1)
+            head = "\r\n".join(h for h in head.split("\r\n") if not h.lower().startswith("record-route:"))
+            written = rewrite(rr)
+            if written:
+                head += "\r\nRecord-Route: " + ", ".join(written)
+            pbx.send((head + "\r\n\r\n" + body).encode())
+            _, ok = carrier.final(call_id)
+            got = [v.strip() for h in header_values(ok, "Record-Route") for v in h.split(",")]
+            outcomes.append((n, got == rr))
+            carrier_in_dialog(carrier, sent, ok, "ACK", 1, "ack")
+            self.assertTrue(pbx.expect("ACK"), f"case {n}: the carrier's ACK never reached the PBX")
+            carrier_in_dialog(carrier, sent, ok, "BYE", 2, "bye")
+            bye = pbx.expect("BYE")
+            self.assertTrue(bye, f"case {n}: the carrier's BYE never reached the PBX")
+            pbx.send(reply_to(bye, 200, tag="pbx").encode())
+        self.assertEqual(outcomes, [(n, True) for n in range(4)])
+        # A carrier's INVITE whose first header is one the upstream removes (its
+        # preloaded Route), where rr anchors the upstream's Record-Route: it still
+        # leaves with it (onsend_route would not send it otherwise).
+        call_id = "in-rr-route-first"
+        first_line, rest = sent.split("\r\n", 1)
+        carrier.send(f"{first_line}\r\nRoute: <sip:{UPSTREAM[0]}:{UPSTREAM[1]};lr>\r\n"
+                     + rest.replace(header_values(sent, "Call-ID")[0], call_id))
+        invite = pbx.expect("INVITE")
+        self.assertTrue(invite, "the PBX got no INVITE")
+        rr = [v.strip() for h in header_values(invite, "Record-Route") for v in h.split(",")]
+        self.assertEqual(len(rr), 2, invite)
+        pbx.answer(invite, 486)
+        carrier.final(call_id)
+
     def test_3_a_silent_pbx_fails_over_after_no_answer_ms(self):
         pbx = self.registered(self.A, INBOUND_A)
         carrier, failover = self.party(CARRIER), self.party(FAILOVER_A)
