@@ -17,6 +17,7 @@ pub mod index;
 pub mod lockout;
 pub mod policy;
 pub mod refusal_log;
+pub mod registration;
 pub mod replay;
 /// The SIP parser, its own crate (crates/sip) without `unsafe`.
 pub use trunkguard_sip as sip;

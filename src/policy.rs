@@ -9,7 +9,8 @@ use crate::binding::{self, Binding};
 use crate::digest::{self, Algorithm, NonceSecret, NonceState};
 use crate::index::{Index, Trunk};
 use crate::lockout;
-use crate::sip::{self, AuthHeader, Contacts, Message, Method, ParseError, Transport};
+use crate::registration::{self, Request as Registration};
+use crate::sip::{self, AuthHeader, Message, Method, ParseError, Transport};
 use crate::store::{Store, StoreError};
 use crate::verdict::{Action, Cause, Verdict};
 
@@ -330,6 +331,16 @@ impl<'r, 'a> Request<'r, 'a> {
             // a wrong password.
             return Ok(Verdict::reject(403, "Forbidden", Cause::SourceBanned).into());
         }
+        // A REGISTER's shape is judged before its credentials, so that its 400 or
+        // 423 answers a wrong password as it answers the right one.
+        let registration = if self.method == Method::Register {
+            match registration::request(self.msg, &self.index.registration) {
+                Ok(r) => Some(r),
+                Err(refused) => return Ok((*refused).into()),
+            }
+        } else {
+            None
+        };
         let Authenticated { trunk, nonce } = match self.authenticate(store) {
             Ok(authenticated) => authenticated,
             Err(Refusal::Answer(verdict)) => return Ok(verdict.into()),
@@ -355,21 +366,20 @@ impl<'r, 'a> Request<'r, 'a> {
                 return Ok(Decision { verdict, alerts });
             }
         };
-        let decision = if self.method == Method::Register {
-            match self.guarded_register(trunk, store)? {
+        let decision = match registration {
+            Some(request) => match self.guarded_register(trunk, store)? {
                 Some(refused) => refused,
-                None => self.register(trunk, store)?,
-            }
-        } else {
-            self.call(trunk, store)?
+                None => self.register(trunk, request, store)?,
+            },
+            None => self.call(trunk, store)?,
         };
         if decision.verdict.action != Action::Reject {
             return Ok(decision);
         }
         // Right credentials refused all the same (the access list, the registered
-        // address, a 400 or 423 of the registration): the nonce is spent whole, so
-        // that a higher nc on it, whose right answer would otherwise be told apart
-        // from a wrong one, gets what a wrong one gets. A store that refuses the
+        // address): the nonce is spent whole, so that a higher nc on it, whose
+        // right answer would otherwise be told apart from a wrong one, gets what a
+        // wrong one gets. A store that refuses the
         // write leaves the refusal as it is: it is closed already, and its alert and
         // refusal line still go.
         let _ = self.spend_nonce(store, &nonce);
@@ -387,20 +397,25 @@ impl<'r, 'a> Request<'r, 'a> {
 
     /// Whether right credentials refused with `cause` count against their source as
     /// a wrong answer would: from outside the access list; held for guessing (step
-    /// 7); and, while the trunk group is guarded, refused for not being its
-    /// registered address or for its having none, from anywhere but the unit of its
-    /// last registration (not for a trunk group with an access list, which is
-    /// never held). Outside a guard a REGISTER from anywhere tells the
-    /// password anyway (it is taken), so counting refused calls would hide nothing
-    /// and only ban a PBX that moved and calls before it registers again. Never the
-    /// trunk group's own PBX: it is inside its list, and at its registration's unit.
+    /// 7); a REGISTER refused for where it came from (a query, an un-REGISTER:
+    /// `registered_elsewhere`); and, while the trunk group is guarded, a call
+    /// refused for not coming from its registered address or for its having none,
+    /// from anywhere but the unit of its last registration (not for a trunk group
+    /// with an access list, which is never held). Outside a guard a REGISTER that
+    /// binds is taken from anywhere, and alerted, so counting refused calls would
+    /// hide nothing and only ban a PBX that moved and calls before it registers
+    /// again. Never the trunk group's own PBX: it is inside its list, and at its
+    /// registration's unit.
     fn counts_as_guess(
         &self,
         trunk: &Trunk,
         cause: Option<Cause>,
         store: &mut dyn Store,
     ) -> Result<bool, StoreError> {
-        if !trunk.acl.admits(self.source_ip) || cause == Some(Cause::HeldForGuessing) {
+        if !trunk.acl.admits(self.source_ip)
+            || cause == Some(Cause::HeldForGuessing)
+            || (self.method == Method::Register && cause == Some(Cause::NotRegisteredAddress))
+        {
             return Ok(true);
         }
         // A trunk group with an access list is never held (guarded_register): a PBX
@@ -414,20 +429,28 @@ impl<'r, 'a> Request<'r, 'a> {
         {
             return Ok(false);
         }
-        self.elsewhere_than_last_registration(trunk, store)
+        Ok(self.registered_elsewhere(trunk, store)?.is_some())
     }
 
-    /// Whether the source is outside the unit of T's last registration (an IPv4
+    /// Where T's PBX is (its current binding's `ip:port`, else its last
+    /// registration's IP), when the source is outside that address's unit (an IPv4
     /// address, an IPv6 /64: the lockout's unit, src/lockout.rs, so that a PBX
-    /// moving inside its /64 is never held or counted); false when T never
-    /// registered.
-    fn elsewhere_than_last_registration(
+    /// moving inside its /64 is its own); `None` from inside it, and for a trunk
+    /// group that never registered (its first registration is taken from anywhere).
+    fn registered_elsewhere(
         &self,
         trunk: &Trunk,
         store: &mut dyn Store,
-    ) -> Result<bool, StoreError> {
-        Ok(binding::last_reg_ip(store, &trunk.id)?
-            .is_some_and(|ip| lockout::source_unit(ip) != lockout::source_unit(self.source_ip)))
+    ) -> Result<Option<String>, StoreError> {
+        let (ip, shown) = match binding::current(store, trunk, self.input.now_ms)? {
+            Some(b) => (b.ip(), b.source.to_string()),
+            None => match binding::last_reg_ip(store, &trunk.id)? {
+                Some(ip) => (ip, ip.to_string()),
+                None => return Ok(None),
+            },
+        };
+        let elsewhere = lockout::source_unit(ip) != lockout::source_unit(self.source_ip);
+        Ok(elsewhere.then_some(shown))
     }
 
     /// A trunk group whose wrong answers, from more than one source, reached the
@@ -440,34 +463,35 @@ impl<'r, 'a> Request<'r, 'a> {
     /// "Password guessing"). Not for a trunk group with an access list (a right
     /// password from outside it is refused and counted already, and moves inside it
     /// are its own), nor for one that never registered (no address to hold it to:
-    /// its first registration must be able to happen). Judged before anything of the
-    /// REGISTER is looked at: a query, a short Expires or a `Contact: *` would
-    /// otherwise still confirm the password.
+    /// its first registration must be able to happen).
     fn guarded_register(
         &self,
         trunk: &Trunk,
         store: &mut dyn Store,
     ) -> Result<Option<Decision>, StoreError> {
-        let now = self.input.now_ms;
         if self.index.lockout.is_none()
             || !trunk.acl.is_empty()
-            || !lockout::trunk_guarded(store, &trunk.id, now)?
-            || !self.elsewhere_than_last_registration(trunk, store)?
+            || !lockout::trunk_guarded(store, &trunk.id, self.input.now_ms)?
         {
             return Ok(None);
         }
-        let cause = Cause::HeldForGuessing;
+        Ok(self
+            .registered_elsewhere(trunk, store)?
+            .map(|registered| self.refused_registration(trunk, Cause::HeldForGuessing, registered)))
+    }
+
+    /// A REGISTER with T's right password refused for where it came from: the 403 of
+    /// a wrong password, and (under T's `blocked_calls` switch) a
+    /// `blocked_registration` alert naming `registered`, where T's PBX is.
+    fn refused_registration(&self, trunk: &Trunk, cause: Cause, registered: String) -> Decision {
         let verdict = Verdict::reject(403, "Forbidden", cause).with_trunk(&trunk.id);
         let mut alerts = Vec::new();
         if trunk.alerts.blocked_calls {
             let mut a = self.alert(trunk, AlertKind::BlockedRegistration, Some(cause), None);
-            a.registered = match binding::current(store, trunk, now)? {
-                Some(b) => Some(b.source.to_string()),
-                None => binding::last_reg_ip(store, &trunk.id)?.map(|ip| ip.to_string()),
-            };
+            a.registered = Some(registered);
             alerts.push(a);
         }
-        Ok(Some(Decision { verdict, alerts }))
+        Decision { verdict, alerts }
     }
 
     /// RFC 3261 §22: REGISTER is authenticated by the registrar (401), everything else
@@ -682,7 +706,12 @@ impl<'r, 'a> Request<'r, 'a> {
         )
     }
 
-    fn register(&self, trunk: &Trunk, store: &mut dyn Store) -> Result<Decision, StoreError> {
+    fn register(
+        &self,
+        trunk: &Trunk,
+        request: Registration<'_>,
+        store: &mut dyn Store,
+    ) -> Result<Decision, StoreError> {
         let now = self.input.now_ms;
         if !trunk.acl.admits(self.source_ip) {
             // Every refusal of a request with good credentials reads like a wrong
@@ -702,60 +731,15 @@ impl<'r, 'a> Request<'r, 'a> {
             };
             return Ok(Decision { verdict, alerts });
         }
-        let reg = &self.index.registration;
-        let header_expires = match self.msg.expires() {
-            Ok(e) => e,
-            Err(e) => return Ok(malformed(&e).into()),
+        let (contact, expires) = match request {
+            Registration::Bind { contact, expires } => (contact, expires),
+            Registration::Query => return self.query(trunk, store),
+            Registration::Remove => return self.unregister(trunk, store),
         };
-        let contacts = match self.msg.contacts() {
-            Ok(c) => c,
-            Err(e) => return Ok(malformed(&e).into()),
-        };
-        let contact = match contacts {
-            Contacts::Star => {
-                // RFC 3261 §10.3 step 6: "*" is only valid with Expires: 0.
-                if header_expires != Some(0) {
-                    return Ok(Verdict::reject(
-                        400,
-                        "Bad Request (Contact * needs Expires: 0)",
-                        Cause::Malformed,
-                    )
-                    .into());
-                }
-                return self.unregister(trunk, None, store);
-            }
-            Contacts::List(list) => list.into_iter().next(),
-        };
-        let Some(contact) = contact else {
-            // A REGISTER without Contact asks for the current bindings (§10.2.3).
-            // Listed only to the binding's own address: elsewhere it would hand out
-            // the Contact that an un-REGISTER from anywhere may name (below).
-            let current = binding::current(store, trunk, now)?.filter(|b| b.ip() == self.source_ip);
-            let header = current
-                .as_ref()
-                .map(|b| format!("<{}>;expires={}", b.contact, b.remaining_s(now)));
-            return Ok(accepted(trunk, Cause::Registered, header));
-        };
-        let requested = contact
-            .expires
-            .or(header_expires)
-            .unwrap_or(reg.default_expires);
-        if requested == 0 {
-            return self.unregister(trunk, Some(contact.addr.uri.raw), store);
-        }
-        if requested < reg.min_expires {
-            return Ok(
-                Verdict::reject(423, "Interval Too Brief", Cause::IntervalTooBrief)
-                    .with_trunk(&trunk.id)
-                    .with_header("Min-Expires", reg.min_expires.to_string())
-                    .into(),
-            );
-        }
-        let expires = requested.min(reg.max_expires);
         let b = Binding {
             source: self.input.source,
             transport: self.input.transport.as_str().to_string(),
-            contact: contact.addr.uri.raw.to_string(),
+            contact: contact.to_string(),
             expires_at_ms: now.saturating_add(u64::from(expires) * 1000),
             registered_at_ms: now,
             call_id: self.msg.call_id().unwrap_or_default().to_string(),
@@ -796,29 +780,42 @@ impl<'r, 'a> Request<'r, 'a> {
         Ok(d)
     }
 
-    /// Removes T's binding, but only for its own PBX: a request from the binding's
-    /// address, or one naming the binding's Contact (RFC 3261 §10.3). From anywhere
-    /// else it would be a silent outage, and on a peer-to-peer trunk it would lift
-    /// "only the registered address may call": refused and alerted instead.
-    fn unregister(
+    /// A REGISTER that moves no binding here (a query, an un-REGISTER) from outside
+    /// the unit of where T's PBX is (`registered_elsewhere`): its 200 would confirm
+    /// the password silently, where a REGISTER that binds is alerted
+    /// (`reg_ip_change`), and an un-REGISTER would take a registered trunk down
+    /// (on a peer-to-peer trunk, lift "only the registered address may call").
+    /// Refused and alerted instead, and counted as a guess (`counts_as_guess`).
+    fn refused_elsewhere(
         &self,
         trunk: &Trunk,
-        contact: Option<&str>,
         store: &mut dyn Store,
-    ) -> Result<Decision, StoreError> {
-        if let Some(b) = binding::current(store, trunk, self.input.now_ms)?
-            && b.ip() != self.source_ip
-            && contact != Some(b.contact.as_str())
-        {
-            let cause = Cause::NotRegisteredAddress;
-            let verdict = Verdict::reject(403, "Forbidden", cause).with_trunk(&trunk.id);
-            let mut alerts = Vec::new();
-            if trunk.alerts.blocked_calls {
-                let mut a = self.alert(trunk, AlertKind::BlockedRegistration, Some(cause), None);
-                a.registered = Some(b.source.to_string());
-                alerts.push(a);
-            }
-            return Ok(Decision { verdict, alerts });
+    ) -> Result<Option<Decision>, StoreError> {
+        Ok(self.registered_elsewhere(trunk, store)?.map(|registered| {
+            self.refused_registration(trunk, Cause::NotRegisteredAddress, registered)
+        }))
+    }
+
+    /// A REGISTER without Contact asks for the current bindings (RFC 3261 §10.3
+    /// step 6): listed only to the binding's own address, the one place its Contact
+    /// is no news.
+    fn query(&self, trunk: &Trunk, store: &mut dyn Store) -> Result<Decision, StoreError> {
+        if let Some(refused) = self.refused_elsewhere(trunk, store)? {
+            return Ok(refused);
+        }
+        let now = self.input.now_ms;
+        let current = binding::current(store, trunk, now)?.filter(|b| b.ip() == self.source_ip);
+        let header = current
+            .as_ref()
+            .map(|b| format!("<{}>;expires={}", b.contact, b.remaining_s(now)));
+        Ok(accepted(trunk, Cause::Registered, header))
+    }
+
+    /// Removes T's binding (a trunk group has one, so whichever Contact the
+    /// un-REGISTER names), for its own PBX only.
+    fn unregister(&self, trunk: &Trunk, store: &mut dyn Store) -> Result<Decision, StoreError> {
+        if let Some(refused) = self.refused_elsewhere(trunk, store)? {
+            return Ok(refused);
         }
         binding::remove(store, &trunk.id)?;
         let mut d = accepted(trunk, Cause::Unregistered, None);

@@ -1766,6 +1766,63 @@ class KamailioEdge(unittest.TestCase):
             far.send(sip.response(got, 200, "OK"), hop)
 
 
+    def test_39_a_register_from_elsewhere_that_binds_nothing_answers_a_right_password_as_a_wrong_one(self):
+        # Outside a guard (test_37), a REGISTER with the right password from an
+        # address other than the registration's that moved no binding still told
+        # the password apart until 2026-12-02, with no alert: a query got 200, a
+        # short Expires 423 and `Contact: *` without `Expires: 0` 400, where a wrong
+        # password gets 403; an un-REGISTER naming the binding's Contact removed it
+        # (200). The shape's refusals now come before the credentials are looked
+        # at, and a query or an un-REGISTER from elsewhere is refused and alerted.
+        self.register_pbx(name="register-before-confirm")
+        finder, uri = "127.0.0.81", "sip:" + REALM
+
+        def answer(password, extra):
+            ep = sip.Endpoint(finder, "udp", KAMAILIO)
+            try:
+                call_id = "confirm-%s@%s" % (os.urandom(6).hex(), finder)
+                base = dict(from_user=HQ[0], via_ip=finder, via_port=ep.port, call_id=call_id, extra=extra)
+                first = ep.final(sip.request("REGISTER", uri, **base))
+                if sip.status(first) != 401:
+                    return (first or "").split("\r\n", 1)[0]
+                auth = sip.authorization(sip.header(first, "WWW-Authenticate"), "REGISTER", uri, HQ[0], password,
+                                         "Authorization")
+                final = ep.final(sip.request("REGISTER", uri, cseq=2, **dict(base, extra=extra + [auth])))
+                return (final or "").split("\r\n", 1)[0]
+            finally:
+                ep.close()
+
+        # (This edge's `min_expires` is 1, so no Expires is short here: the 423 is
+        # pinned by the scenario table, natively and in the .wasm.)
+        bound = self.binding("hq-pbx1")["binding"]["contact"]
+        shapes = (("a query", [], "SIP/2.0 403 Forbidden"),
+                  ("Contact * without Expires 0", [("Contact", "*"), ("Expires", "300")], "SIP/2.0 400 Bad Request"),
+                  ("an un-REGISTER naming the binding's Contact", [("Contact", "<%s>" % bound), ("Expires", "0")],
+                   "SIP/2.0 403 Forbidden"))
+        outcomes = [(what, answer(HQ[1], extra), answer("not-" + HQ[1], extra)) for what, extra, _ in shapes]
+        self.assertEqual([(what, right.startswith(want), wrong.startswith(want)) for (what, right, wrong), (_, _, want)
+                          in zip(outcomes, shapes)],
+                         [(what, True, True) for what, _, _ in shapes], outcomes)
+        alert = wait_for("the query's blocked_registration alert", lambda: [
+            a for a in self.alerts(kind="blocked_registration", trunk_group="hq-pbx1")
+            if a["source"].startswith(finder + ":")])[0]
+        self.assertEqual((alert["cause"], alert["registered"]), ("not_registered_address", "%s:%d" % (PBX, PBX_PORT)))
+        self.assertEqual(self.binding("hq-pbx1")["binding"]["source"], "%s:%d" % (PBX, PBX_PORT))
+        # The PBX's own query lists its binding, and it registers again.
+        ep = sip.Endpoint(PBX, "udp", KAMAILIO)
+        try:
+            base = dict(from_user=HQ[0], via_ip=PBX, via_port=ep.port)
+            first = ep.final(sip.request("REGISTER", uri, call_id="own-query@" + PBX, **base))
+            auth = sip.authorization(sip.header(first, "WWW-Authenticate"), "REGISTER", uri, *HQ, "Authorization")
+            listed = ep.final(sip.request("REGISTER", uri, call_id="own-query@" + PBX, cseq=2, extra=[auth], **base))
+            self.assertEqual(sip.status(listed), 200, listed)
+            self.assertIn("<sip:%s@%s:%d" % (HQ[0], PBX, PBX_PORT), sip.header(listed, "Contact") or "", listed)
+        finally:
+            ep.close()
+        self.register_pbx(name="register-after-confirm")
+        self.lift_guard("hq-pbx1")
+
+
 def sipp_times(log, direction, first_line):
     """The times (epoch seconds) of the messages of a sipp message trace that went
     `direction` ("sent" or "received") and whose first line matches `first_line`."""
