@@ -22,6 +22,11 @@ const failsOver = require(process.env.TRUNKGUARD_JS ?? BUILT).failsOver ?? requi
 const alertDelivery = require(process.env.TRUNKGUARD_JS ?? BUILT).alertDelivery ?? require(BUILT).alertDelivery;
 // The core renders every answer the edge gives (RFC 3261 §8.2.6), lent the same way.
 const renderReply = require(process.env.TRUNKGUARD_JS ?? BUILT).renderReply ?? require(BUILT).renderReply;
+// Every message's Call-ID, tags and CSeq as the policy reads them (and its length, by
+// its Content-Length), lent the same way: the edge matches transactions and dialogs by
+// these alone, so that it never reads a message one way and the policy, or the next
+// hop, another (a `;tag=` inside a quoted parameter, a `>` in one, `CSeq: 1 invite`).
+const dialogIds = require(process.env.TRUNKGUARD_JS ?? BUILT).dialogIds ?? require(BUILT).dialogIds;
 
 const USAGE = `usage: node edge.js --config FILE --listen IP:PORT --upstream HOST:PORT
          [--core-listen IP:PORT] [--state FILE] [--dialog-ttl SECONDS]
@@ -131,13 +136,13 @@ function uriHostPort(uri) {
   return { host: m[1].replace(/^\[|\]$/g, ''), port: m[2] ? Number(m[2]) : 5060 };
 }
 
-// The header parameters of a name-addr (after its '>'); of an addr-spec, everything
-// (RFC 3261 §20.10: without angle brackets, the parameters are the header's).
-const headerParams = (value) => (value.includes('>') ? value.slice(value.lastIndexOf('>')) : value);
-// The tag of a To or From value. The policy has already refused (400) any request
-// whose To or From has more than one tag, an empty or non-token one, or that has more
-// than one To, From or Call-ID (docs/policy.md), so the first match is the only one.
-const tagOf = (value) => /;\s*tag\s*=\s*([^;,\s]+)/i.exec(headerParams(value ?? ''))?.[1];
+// What of a message's `dialogIds` its transaction's branch signs (Edge.branch): a
+// CANCEL and the ACK of a failure share their INVITE's branch (RFC 3261 §9.1,
+// §17.1.1.3), so they, and the answers to a CANCEL, count as the INVITE's.
+const txnIds = (ids) => {
+  const method = ids?.method === 'CANCEL' || ids?.method === 'ACK' ? 'INVITE' : ids?.method ?? '';
+  return [ids?.callId ?? '', String(ids?.cseq ?? ''), ids?.fromTag ?? '', method];
+};
 const TOKEN = /^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$/;
 
 // ---------------------------------------------------------------- the refusal log
@@ -279,12 +284,9 @@ class Dialogs {
   // caller's Route lists them) from the answers to the initial INVITE (early dialogs
   // from 1xx, the dialog from the 2xx, RFC 3261 §12.1), no dialog after a failure, and
   // the end of it with the final answer to a BYE.
-  learn(msg, calleeRoutes = []) {
-    const status = Number(msg.start.split(' ')[1]);
-    const [cseq, method] = (header(msg, 'cseq') ?? '').trim().split(/\s+/);
-    const callId = header(msg, 'call-id');
-    const fromTag = tagOf(header(msg, 'from'));
-    const toTag = tagOf(header(msg, 'to'));
+  learn(status, ids, calleeRoutes = []) {
+    const { callId, fromTag, toTag, method } = ids;
+    const cseq = String(ids.cseq);
     if (method === 'BYE' && status >= 200) {
       const found = this.find(callId, fromTag, toTag);
       if (found) this.map.delete(Dialogs.key(found.entry.callId, found.entry.callerTag));
@@ -300,10 +302,12 @@ class Dialogs {
       Object.assign(entry, { calleeTag: toTag, confirmed: true, calleeRoutes });
       this.touch(entry, this.ttlMs);
     } else if (status > 100 && toTag && !entry.early.has(toTag)) {
+      // The latest EARLY_ROUTES_MAX early dialogs (a callee's side that sent 1xx with
+      // ever new tags would grow the entry, and the state file written for each,
+      // without bound), as the Kamailio edge keeps their route sets.
+      if (entry.early.size >= EARLY_ROUTES_MAX) entry.early.delete(entry.early.values().next().value);
       entry.early.add(toTag);
       entry.earlyRoutes ??= new Map();
-      // The latest EARLY_ROUTES_MAX early dialogs' (a callee's side that sent 1xx with
-      // ever new tags would grow the entry without bound), as the Kamailio edge keeps.
       if (entry.earlyRoutes.size >= EARLY_ROUTES_MAX) entry.earlyRoutes.delete(entry.earlyRoutes.keys().next().value);
       entry.earlyRoutes.set(toTag, calleeRoutes);
       this.changed = true;
@@ -378,6 +382,9 @@ class Edge {
 
   take(side, buf, rinfo) {
     let msg;
+    const ids = dialogIds(buf);
+    // What follows the Content-Length is no part of the message the policy read.
+    if (ids) buf = buf.subarray(0, ids.length);
     try {
       msg = parse(buf);
     } catch (e) {
@@ -385,18 +392,22 @@ class Edge {
       this.log(`dropped ${buf.length} bytes from ${fmtHostPort(rinfo.address, rinfo.port)}: ${e.message}`);
       return;
     }
-    if (msg.start.startsWith('SIP/2.0 ')) this.response(msg);
-    else this.request({ side, msg, buf, rinfo, source: fmtHostPort(rinfo.address, rinfo.port), method: msg.start.split(' ')[0] });
+    if (msg.start.startsWith('SIP/2.0 ')) this.response(msg, ids);
+    else this.request({ side, msg, buf, ids, rinfo, source: fmtHostPort(rinfo.address, rinfo.port), method: msg.start.split(' ')[0] });
   }
 
   // A stateless proxy's branch (RFC 3261 §16.11): the same for retransmissions and for
   // the CANCEL and non-2xx ACK of an INVITE, different for any other request. It
   // names the socket the request came in on (its responses go back out there) and
-  // signs where they go.
+  // signs where they go, and the transaction a response must belong to: its Call-ID,
+  // CSeq, From tag and method (`txnIds`), each as the policy reads it. A response
+  // that names another From tag or method than its request's fails it: the edge
+  // finds the dialog it makes by these, and a far end writing its own would choose
+  // which dialog's route set it rewrites, or none.
   // `attempt` 1: the failover's branch, a new client transaction (RFC 3261 §16.6)
   // after the PBX's.
-  branch(letter, back, callId, cseq, clientBranch, attempt = 0) {
-    const parts = [letter, fmtHostPort(back.host, back.port), callId, cseq, clientBranch];
+  branch(letter, back, ids, clientBranch, attempt = 0) {
+    const parts = [letter, fmtHostPort(back.host, back.port), ...txnIds(ids), clientBranch];
     if (attempt) parts.push(`attempt ${attempt}`);
     const mac = crypto.createHmac('sha256', this.secret).update(parts.join('\n'));
     return `z9hG4bK${letter}${mac.digest('hex').slice(0, 24)}`;
@@ -419,12 +430,14 @@ class Edge {
       vias[0] = formatVia(top);
       setList(msg, 'via', 'Via', vias);
 
-      req.callId = header(msg, 'call-id') ?? '';
-      req.cseq = (header(msg, 'cseq') ?? '').trim().split(/\s+/)[0];
+      // A request whose identifiers the policy cannot read one way is refused by it
+      // (400), or, within a dialog, here (below): it is never forwarded.
+      req.callId = req.ids?.callId ?? '';
+      req.cseq = req.ids ? String(req.ids.cseq) : '';
       const clientBranch = param(top, 'branch') ?? '';
       req.key = `${req.callId}\n${req.cseq}\n${clientBranch}`;
       Object.assign(req, { back: viaDestination(top), clientBranch });
-      req.branch = this.branch(side.letter, req.back, req.callId, req.cseq, clientBranch);
+      req.branch = this.branch(side.letter, req.back, req.ids, clientBranch);
       req.digest = sha256(buf);
 
       const known = this.lookup(req.key);
@@ -464,9 +477,9 @@ class Edge {
         case 'accept':
           return this.reply(req, verdict.code ?? 200, verdict.reason ?? 'OK', verdict.headers ?? []);
         case 'route':
-          return this.inbound(req, verdict);
         case 'allow':
-          return this.allow(req, verdict, known);
+          if (!req.ids) return this.refuse(req, 400, 'Bad Request', [], 'its Call-ID, tags or CSeq read more than one way');
+          return verdict.action === 'route' ? this.inbound(req, verdict) : this.allow(req, verdict, known);
         default:
           throw new Error(`unknown verdict action ${verdict.action}`);
       }
@@ -496,7 +509,7 @@ class Edge {
   // retransmission, or the retry after a failure (which ended the dialog), is not one.
   reusesDialog(req) {
     if (req.method !== 'INVITE') return false;
-    const open = this.dialogs.get(req.callId, tagOf(header(req.msg, 'from')));
+    const open = this.dialogs.get(req.callId, req.ids.fromTag);
     if (!open) return false;
     // The same transaction again (its CSeq, from its caller) is a retransmission; the
     // same CSeq from anyone else is not (the far end's answers to it would be taken
@@ -547,7 +560,7 @@ class Edge {
     const call = {
       key: req.key, verdict, state: 'pbx', replied: false, cancelled: false, original: undefined,
       req: { ...req, msg: copyMessage(req.msg) },
-      branches: [req.branch, this.branch(req.side.letter, req.back, req.callId, req.cseq, req.clientBranch, 1)],
+      branches: [req.branch, this.branch(req.side.letter, req.back, req.ids, req.clientBranch, 1)],
       dests: [uriHostPort(verdict.next_hop ?? verdict.target), uriHostPort(verdict.failover)],
       ruris: [verdict.target, verdict.failover],
     };
@@ -573,7 +586,7 @@ class Edge {
       call.state = 'failover';
       call.failedOver = true;
       this.log(`inbound ${req.callId}: ${why}; to the failover ${call.verdict.failover}`);
-      this.dialogs.retarget(req.callId, tagOf(header(req.msg, 'from')), callee);
+      this.dialogs.retarget(req.callId, req.ids.fromTag, callee);
     }
     return this.forward(req, this.access, call.dests[1], {
       ruri: call.verdict.failover, recordRoute: true, verdict: call.verdict,
@@ -583,9 +596,9 @@ class Edge {
 
   // A response to a watched INVITE transaction (either branch): true when the edge
   // takes it instead of relaying it.
-  failoverResponse(call, msg, attempt) {
+  failoverResponse(call, msg, ids, attempt) {
     const status = Number(msg.start.split(' ')[1]);
-    const method = (header(msg, 'cseq') ?? '').trim().split(/\s+/)[1];
+    const { method } = ids;
     if (attempt === 0 && call.failedOver) {
       // The PBX's branch, given up: nothing of it reaches the caller.
       if (method !== 'INVITE') return true; // the answer to the edge's CANCEL
@@ -624,7 +637,7 @@ class Edge {
     }
     // The failover failed too: the caller gets the PBX's failure (docs/policy.md).
     this.ack(call, msg, 1);
-    this.dialogs.learn(msg);
+    this.dialogs.learn(status, ids);
     call.state = 'answered';
     this.answerOriginal(call);
     return true;
@@ -674,7 +687,7 @@ class Edge {
     // The ACK of a non-2xx answer, and a CANCEL, of an INVITE this edge relayed
     // (same branch, RFC 3261 §17.1.1.3 and §9.1) follow that INVITE.
     if ((method === 'ACK' || method === 'CANCEL') && this.sameSender(known, req)) return this.alongTransaction(req, verdict, known);
-    const found = this.dialogs.find(req.callId, tagOf(header(msg, 'from')), tagOf(header(msg, 'to')));
+    const found = this.dialogs.find(req.callId, req.ids.fromTag, req.ids.toTag);
     const { entry, sender, peer } = found ?? {};
     let why;
     if (!found) why = 'no such dialog';
@@ -692,7 +705,7 @@ class Edge {
     // The Route entries after the edge's own are the sender's to write too, and a
     // loose router of the other party's side follows them (RFC 3261 §16.12): the
     // request leaves with the route set that side gave, whatever the sender wrote.
-    const routes = this.dialogs.routeSet(entry, peer === entry.callee, tagOf(header(msg, 'to')));
+    const routes = this.dialogs.routeSet(entry, peer === entry.callee, req.ids.toTag);
     if (routes === undefined) this.popOurRoutes(msg); // a call set up before an upgrade: as it went before
     else setList(msg, 'route', 'Route', routes);
     return this.forward(req, peer.side, peer.hop, { verdict });
@@ -773,12 +786,11 @@ class Edge {
   // open a quote one parser reads and another does not over the entries after them.
   // A re-INVITE's answer changes no route set (§12.2.1.2) and stays as it is.
   // docs/kamailio.md, "Responses".
-  callerRecordRoute(msg) {
+  callerRecordRoute(msg, ids) {
     const status = Number(msg.start.split(' ')[1]);
-    const [cseq, method] = (header(msg, 'cseq') ?? '').trim().split(/\s+/);
-    if (method !== 'INVITE' || !(status > 100 && status < 300) || (status < 200 && !tagOf(header(msg, 'to')))) return;
-    const entry = this.dialogs.get(header(msg, 'call-id'), tagOf(header(msg, 'from')));
-    if (!entry || entry.cseq !== cseq) return;
+    if (ids.method !== 'INVITE' || !(status > 100 && status < 300) || (status < 200 && !ids.toTag)) return;
+    const entry = this.dialogs.get(ids.callId, ids.fromTag);
+    if (!entry || entry.cseq !== String(ids.cseq)) return;
     // As forward() wrote them: the socket facing the callee, then the caller's.
     const ours = [...new Set([entry.callee.side, entry.caller.side])].map((s) => `<sip:${s.hostport};lr>`);
     setList(msg, 'record-route', 'Record-Route', [...ours, ...(entry.callerRoutes ?? [])]);
@@ -830,7 +842,7 @@ class Edge {
         forward: { dest, ruri, out, branch: req.branch, bytes, firstAt, from: { side, host: rinfo.address, port: rinfo.port } },
       });
     }
-    if (dialog) this.dialogs.create(req.callId, tagOf(header(msg, 'from')), req.cseq, dialog.caller, dialog.callee, callerRoutes);
+    if (dialog) this.dialogs.create(req.callId, req.ids.fromTag, req.cseq, dialog.caller, dialog.callee, callerRoutes);
     this.send(out, bytes, dest);
   }
 
@@ -850,14 +862,21 @@ class Edge {
     const to = viaDestination(parseVia(list(req.msg, 'via')[0]));
     // Not a CANCEL's answer: a CANCEL shares its INVITE's key (RFC 3261 §9.1), and
     // anyone's CANCEL answered here (481 to a stranger) would replace the INVITE's
-    // entry, so that the caller's own CANCEL no longer followed its INVITE.
-    if (remember && req.key !== undefined && req.method !== 'CANCEL') {
+    // entry, so that the caller's own CANCEL no longer followed its INVITE. Nor any
+    // answer over a forwarded INVITE's entry: a stranger's OPTIONS with that
+    // INVITE's Call-ID, CSeq number and branch would have the caller's CANCEL
+    // answered here, and never reach the callee.
+    if (remember && req.key !== undefined && req.method !== 'CANCEL' && !this.lookup(req.key)?.forward) {
       this.remember(req.key, { method: req.method, code, answer: bytes, to, digest: req.digest });
     }
     this.send(req.side, bytes, to);
   }
 
-  response(msg) {
+  response(msg, ids) {
+    // Identifiers the policy cannot read one way (or a line a CR or LF alone ends,
+    // which one reader ends a header at and another does not): the edge never relays
+    // what it cannot match by the policy's reading.
+    if (!ids) return this.trace(`dropped a response whose identifiers do not parse: ${msg.start}`);
     const vias = list(msg, 'via');
     const ours = vias.length >= 2 ? parseVia(vias[0]) : undefined;
     const next = ours && parseVia(vias[1]);
@@ -865,18 +884,16 @@ class Edge {
     // Sent from one socket (the Via's), answered out of the one the request came in on (the branch's).
     const side = this.sides.find((s) => s.letter === branch[7]);
     const dest = next && viaDestination(next);
-    const cseq = (header(msg, 'cseq') ?? '').trim().split(/\s+/)[0];
-    const callId = header(msg, 'call-id') ?? '';
     const clientBranch = (next && param(next, 'branch')) ?? '';
     const attempt = side && this.sides.some((s) => s.hostport === ours.sentBy)
-      ? [0, 1].find((a) => branch === this.branch(side.letter, dest, callId, cseq, clientBranch, a)) : undefined;
+      ? [0, 1].find((a) => branch === this.branch(side.letter, dest, ids, clientBranch, a)) : undefined;
     if (attempt === undefined) {
       return this.trace(`dropped a response that is not for us: ${msg.start} (top Via ${vias[0] ?? 'none'})`);
     }
-    const call = this.failovers.get(`${callId}\n${cseq}\n${clientBranch}`);
-    if (call && this.failoverResponse(call, msg, attempt)) return;
-    this.dialogs.learn(msg, this.calleeRoutes(msg));
-    this.callerRecordRoute(msg);
+    const call = this.failovers.get(`${ids.callId}\n${ids.cseq}\n${clientBranch}`);
+    if (call && this.failoverResponse(call, msg, ids, attempt)) return;
+    this.dialogs.learn(Number(msg.start.split(' ')[1]), ids, this.calleeRoutes(msg));
+    this.callerRecordRoute(msg, ids);
     setList(msg, 'via', 'Via', vias.slice(1));
     relayable(msg);
     this.send(side, serialize(msg), dest);

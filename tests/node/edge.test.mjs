@@ -233,12 +233,12 @@ function uac(edge, name, scenario, ip, { creds, service = CALLED, to = edge.addr
 // The peer-to-peer trunk's INVITE from `pbx` (a socket on 127.0.0.2 whose messages
 // `got` collects), answered with credentials after the 407. Resolves with the
 // authenticated INVITE as sent (to send again as a retransmission).
-async function authenticatedInvite(edge, pbx, got, callId, { creds = P2P, cseq = 1 } = {}) {
+async function authenticatedInvite(edge, pbx, got, callId, { creds = P2P, cseq = 1, fromTag = 'pbx-tag', trailer = '' } = {}) {
   const [host, port] = edge.address.split(':');
   const ruri = `sip:${CALLED}@trunks.example.net`;
   const invite = (n, auth = '') => ['INVITE ' + ruri + ' SIP/2.0',
     `Via: SIP/2.0/UDP 127.0.0.2:${pbx.address().port};branch=z9hG4bK-hand-${n};rport`, 'Max-Forwards: 70',
-    `From: <sip:${creds.user}@trunks.example.net>;tag=pbx-tag`, `To: <${ruri}>`, `Call-ID: ${callId}`, `CSeq: ${n} INVITE`,
+    `From: <sip:${creds.user}@trunks.example.net>;tag=${fromTag}`, `To: <${ruri}>`, `Call-ID: ${callId}`, `CSeq: ${n} INVITE`,
     `Contact: <sip:${creds.user}@127.0.0.2:${pbx.address().port}>`, ...(auth ? [auth] : []), 'Content-Length: 0', '', ''].join('\r\n');
   pbx.send(invite(cseq), Number(port), host);
   const challenge = await waitFor('the 407', () => got.find((m) => /^SIP\/2\.0 407 /.test(m) && m.includes(callId)
@@ -247,7 +247,7 @@ async function authenticatedInvite(edge, pbx, got, callId, { creds = P2P, cseq =
   const md5 = (x) => createHash('md5').update(x).digest('hex');
   const response = md5(`${ha1(creds)}:${nonce}:00000001:0a4f113b:auth:${md5(`INVITE:${ruri}`)}`);
   const authed = invite(cseq + 1, `Proxy-Authorization: Digest username="${creds.user}", realm="${REALM}", nonce="${nonce}", uri="${ruri}", response="${response}", algorithm=MD5, qop=auth, nc=00000001, cnonce="0a4f113b"`);
-  pbx.send(authed, Number(port), host);
+  pbx.send(authed + trailer, Number(port), host);
   return authed;
 }
 
@@ -478,11 +478,38 @@ for (const coreListen of [false, true]) {
           .replace(/\r\nProxy-Authorization: [^\r]*/, '').replace(/\r\nContact: [^\r]*/, '');
         const spoofed = await exchange('127.0.0.3', edge.address, cancel.replaceAll('\r\n', '\n'));
         assert.match(spoofed ?? '', /^SIP\/2\.0 481 /);
+        // An OPTIONS from elsewhere with the INVITE's Call-ID, CSeq number and branch
+        // is answered, and does not take the INVITE's place: until 2026-12-02 its 200
+        // did, and the edge then answered the PBX's CANCEL itself.
+        const options = cancel.replace(/^CANCEL /, 'OPTIONS ').replace(/CSeq: (\d+) CANCEL/, 'CSeq: $1 OPTIONS');
+        assert.match(await exchange('127.0.0.3', edge.address, options.replaceAll('\r\n', '\n')) ?? '', /^SIP\/2\.0 200 /);
         const [host, port] = edge.address.split(':');
         pbx.send(cancel, Number(port), host);
         await waitFor('the PBX\'s CANCEL at the carrier', () => carrier.seen.find((m) => m.startsWith('CANCEL ') && m.includes(callId)));
         assert.equal(got.filter((m) => /^SIP\/2\.0 200 /.test(m) && /CSeq: \d+ CANCEL/.test(m)).length, 0,
           'the edge answered the PBX\'s CANCEL itself instead of passing it on');
+      } finally {
+        pbx.close();
+        await carrier.close();
+      }
+    });
+
+    test('attack: what follows an authenticated INVITE\'s Content-Length does not reach the carrier', TIMEOUT, async () => {
+      // The policy reads a datagram up to its Content-Length (RFC 3261 §18.3); until
+      // 2026-12-02 the edge relayed the rest with it, a second message nobody judged
+      // for any hop that puts the datagram on a stream.
+      const carrier = await watch('127.0.0.1', edge.upstreamPort);
+      const pbx = await udpSocket('127.0.0.2');
+      const got = [];
+      pbx.on('message', (m) => got.push(m.toString('latin1')));
+      try {
+        const callId = `trailer-${Date.now()}@127.0.0.2`;
+        const smuggled = `INVITE sip:+19005550100@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/TCP 127.0.0.1;branch=z9hG4bKsm\r\n`
+          + 'From: <sip:x@x>;tag=s\r\nTo: <sip:+19005550100@x>\r\nCall-ID: smuggled\r\nCSeq: 1 INVITE\r\nContent-Length: 0\r\n\r\n';
+        await authenticatedInvite(edge, pbx, got, callId, { trailer: smuggled });
+        const invite = await waitFor('the INVITE at the carrier', () => carrier.seen.find((m) => m.startsWith('INVITE ') && m.includes(callId)));
+        assert.doesNotMatch(invite, /smuggled|\+19005550100/, 'the bytes after its Content-Length went on with it');
+        assert.match(invite, /\r\n\r\n$/);
       } finally {
         pbx.close();
         await carrier.close();
@@ -1325,7 +1352,7 @@ describe('inbound failover', () => {
 // played here: INVITE, 200 with the edge's Record-Route (and `recordRouteBelow`, an
 // entry of the PBX's own below it), ACK along the route set. Resolves with the 200 as
 // the core got it and `bye()`, which hangs it up from the core and checks the PBX got it.
-async function inboundHandCall(edge, pbxPort, name, { recordRouteBelow } = {}) {
+async function inboundHandCall(edge, pbxPort, name, { recordRouteBelow, rewrite = (answer) => answer } = {}) {
   const core = await udpSocket('127.0.0.9');
   const pbx = await udpSocket('127.0.0.2', pbxPort);
   const atCore = [];
@@ -1338,8 +1365,8 @@ async function inboundHandCall(edge, pbxPort, name, { recordRouteBelow } = {}) {
     const keep = text.split('\r\n').filter((l) => /^(Via|From|Call-ID|CSeq|Record-Route):/i.test(l));
     if (recordRouteBelow) keep.push(`Record-Route: ${recordRouteBelow}`);
     const to = /^To: (.*?)\r?$/mi.exec(text)[1];
-    pbx.send([`SIP/2.0 200 OK`, ...keep, `To: ${to}${/tag=/.test(to) ? '' : ';tag=pbx-tag'}`,
-      `Contact: <sip:hq1@127.0.0.2:${pbxPort}>`, 'Content-Length: 0', '', ''].join('\r\n'), rinfo.port, rinfo.address);
+    pbx.send(rewrite([`SIP/2.0 200 OK`, ...keep, `To: ${to}${/tag=/.test(to) ? '' : ';tag=pbx-tag'}`,
+      `Contact: <sip:hq1@127.0.0.2:${pbxPort}>`, 'Content-Length: 0', '', ''].join('\r\n')), rinfo.port, rinfo.address);
   });
   const me = `127.0.0.9:${core.address().port}`;
   const callId = `${name}@127.0.0.9`;
@@ -1389,6 +1416,126 @@ test('attack: a PBX\'s Record-Route entry below the edge\'s never reaches the co
   } finally {
     call?.close();
     await elsewhere.close();
+    edge.proc.kill('SIGTERM');
+    rmSync(edge.dir, { recursive: true, force: true });
+  }
+});
+
+// The edge found the dialog an answer makes by the From tag and CSeq method the
+// answer wrote, read its own way (the text after the last `>`, the first `;tag=`
+// there): a `>` or a `;tag=` inside a quoted parameter, or `CSeq: 1 invite`, hid the
+// dialog from it while the core read the INVITE's, so the PBX's own Record-Route
+// reached the core as written (until 2026-12-02). It now reads them as the policy
+// does, and its branch signs them: an answer naming another From tag or method than
+// its INVITE's is not relayed.
+test('attack: a PBX\'s answer that hides its From tag or CSeq method from a reader of its own never gives the core its Record-Route', TIMEOUT, async () => {
+  const edge = await startEdge(true);
+  const pbxPort = await freePort('127.0.0.2');
+  const elsewhere = await watch('127.0.0.99');
+  const entry = `Record-Route: <sip:127.0.0.99:${elsewhere.port};lr>`;
+  const calls = [];
+  try {
+    assertPassed(edge, await sipp(edge, 'register', 'register.xml',
+      ['-i', '127.0.0.2', '-p', String(pbxPort), '-s', HQ.user, '-au', HQ.user, '-ap', HQ.password, '-auth_uri', 'trunks.example.net', edge.address]));
+    const onlyEntry = (answer) => answer.replace(/^Record-Route: [^\r\n]*/mi, entry);
+    for (const [name, rewrite] of [
+      ['a `>` quoted after the tag', (a) => onlyEntry(a).replace(/^(From: .*;tag=core)(?=\r?$)/mi, '$1;x=">"')],
+      ['a `;tag=` quoted before the tag', (a) => onlyEntry(a).replace(/^From: (.*);tag=core(?=\r?$)/mi, 'From: $1;x="a;tag=zz;";tag=core')],
+    ]) {
+      const call = await inboundHandCall(edge, pbxPort, `hidden-${name.length}`, { rewrite });
+      calls.push(call);
+      assert.doesNotMatch(call.ok, /127\.0\.0\.99/, `${name}: the PBX's entry reached the core`);
+      await call.bye();
+      calls.pop().close();
+    }
+    // `CSeq: 1 invite` is another method: the answer is no INVITE's, and goes nowhere.
+    // The DID's call goes to the binding, whose port now answers this way.
+    const core = await watch('127.0.0.9');
+    const pbx = await udpSocket('127.0.0.2', pbxPort);
+    let invited = false;
+    try {
+      pbx.on('message', (m, rinfo) => {
+        const text = m.toString('latin1');
+        if (!/^INVITE /.test(text)) return;
+        invited = true;
+        const keep = text.split('\r\n').filter((l) => /^(Via|From|Call-ID):/i.test(l));
+        pbx.send([`SIP/2.0 200 OK`, ...keep, entry, 'CSeq: 1 invite', `To: ${/^To: (.*?)\r?$/mi.exec(text)[1]};tag=pbx-tag`,
+          `Contact: <sip:hq1@127.0.0.2:${pbxPort}>`, 'Content-Length: 0', '', ''].join('\r\n'), rinfo.port, rinfo.address);
+      });
+      const [host, port] = edge.coreAddress.split(':');
+      core.sock.send([`INVITE sip:+15551230000@${REALM} SIP/2.0`, `Via: SIP/2.0/UDP 127.0.0.9:${core.port};branch=z9hG4bK-lower;rport`,
+        'Max-Forwards: 70', 'From: <sip:+15550001111@carrier.example.net>;tag=core', `To: <sip:+15551230000@${REALM}>`,
+        'Call-ID: lower@127.0.0.9', 'CSeq: 1 INVITE', `Contact: <sip:core@127.0.0.9:${core.port}>`, 'Content-Length: 0', '', ''].join('\r\n'), Number(port), host);
+      await waitFor('the INVITE at the PBX', () => invited);
+      await new Promise((resolve) => setTimeout(resolve, 1000));
+      assert.deepEqual(core.seen.filter((m) => /127\.0\.0\.99/.test(m)), [], 'the lower-case answer reached the core with the PBX\'s entry');
+    } finally {
+      pbx.close();
+      await core.close();
+    }
+    assert.deepEqual(elsewhere.seen, [], 'something reached the PBX\'s entry');
+  } finally {
+    for (const call of calls) call.close();
+    await elsewhere.close();
+    edge.proc.kill('SIGTERM');
+    rmSync(edge.dir, { recursive: true, force: true });
+  }
+});
+
+// The edge matched in-dialog requests by tags it read its own way (the first `;tag=`
+// after the URI, even inside a quoted parameter), the carrier by RFC 3261's: a
+// customer with a call of its own under a victim's Call-ID wrote its own tags in
+// quoted parameters and the victim's as the real ones, and the edge relayed its BYE to
+// the carrier as the victim's (until 2026-12-02).
+test('attack: a BYE whose quoted parameters carry the sender\'s own tags and whose tags are another call\'s never reaches the carrier', TIMEOUT, async () => {
+  const edge = await startEdge(true);
+  const carrier = await watch('127.0.0.1', edge.upstreamPort);
+  const victim = await udpSocket('127.0.0.2');
+  const thief = await udpSocket('127.0.0.4');
+  const [victimGot, thiefGot] = [[], []];
+  victim.on('message', (m) => victimGot.push(m.toString('latin1')));
+  thief.on('message', (m) => thiefGot.push(m.toString('latin1')));
+  // The carrier answers each INVITE 200, with a To tag of its own per caller.
+  carrier.sock.on('message', (m, rinfo) => {
+    const text = m.toString('latin1');
+    if (!/^INVITE /.test(text)) return;
+    const keep = text.split('\r\n').filter((l) => /^(Via|From|Call-ID|CSeq|Record-Route):/i.test(l));
+    const tag = /;tag=thief-tag/.test(/^From: .*$/mi.exec(text)[0]) ? 'thief-carrier' : 'carrier-tag';
+    carrier.sock.send(['SIP/2.0 200 OK', ...keep, `To: ${/^To: (.*?)\r?$/mi.exec(text)[1]};tag=${tag}`,
+      `Contact: <sip:carrier@127.0.0.1:${edge.upstreamPort}>`, 'Content-Length: 0', '', ''].join('\r\n'), rinfo.port, rinfo.address);
+  });
+  try {
+    // hq-pbx1 registered from 127.0.0.4: the thief, a customer of its own.
+    assertPassed(edge, await sipp(edge, 'register-thief', 'register.xml',
+      ['-i', '127.0.0.4', '-s', HQ.user, '-au', HQ.user, '-ap', HQ.password, '-auth_uri', 'trunks.example.net', edge.address]));
+    const callId = `twice-${Date.now()}@127.0.0.2`;
+    await authenticatedInvite(edge, victim, victimGot, callId);
+    await waitFor('the 200 at the victim', () => victimGot.find((m) => /^SIP\/2\.0 200 /.test(m)));
+    await authenticatedInvite(edge, thief, thiefGot, callId, { creds: HQ, fromTag: 'thief-tag' });
+    const ok = await waitFor('the 200 at the thief', () => thiefGot.find((m) => /^SIP\/2\.0 200 /.test(m)));
+    const routes = [...ok.matchAll(/^Record-Route: (.*?)\r?$/gmi)].flatMap((m) => m[1].split(/,\s*(?=<)/)).reverse();
+    const ruri = `sip:${CALLED}@trunks.example.net`;
+    const [host, port] = edge.address.split(':');
+    const before = carrier.seen.length;
+    thief.send([`BYE sip:carrier@127.0.0.1:${edge.upstreamPort} SIP/2.0`,
+      `Via: SIP/2.0/UDP 127.0.0.4:${thief.address().port};branch=z9hG4bK-twice-bye;rport`, `Route: ${routes.join(', ')}`,
+      'Max-Forwards: 70', `From: <sip:${HQ.user}@trunks.example.net>;x="q;tag=thief-tag;";tag=pbx-tag`,
+      `To: <${ruri}>;x="q;tag=thief-carrier;";tag=carrier-tag`, `Call-ID: ${callId}`, 'CSeq: 9 BYE', 'Content-Length: 0', '', ''].join('\r\n'),
+    Number(port), host);
+    const answer = await waitFor('the answer to the BYE', () => thiefGot.find((m) => /^SIP\/2\.0 [2-6]\d\d /.test(m) && /CSeq: 9 BYE/.test(m)));
+    await new Promise((resolve) => setTimeout(resolve, 300));
+    assert.deepEqual(carrier.seen.slice(before).filter((m) => m.startsWith('BYE ')), [], 'the thief\'s BYE reached the carrier');
+    assert.match(answer, /^SIP\/2\.0 404 /);
+    // The victim's own BYE still ends its call at the carrier.
+    victim.send([`BYE sip:carrier@127.0.0.1:${edge.upstreamPort} SIP/2.0`,
+      `Via: SIP/2.0/UDP 127.0.0.2:${victim.address().port};branch=z9hG4bK-twice-vbye;rport`, `Route: ${routes.join(', ')}`,
+      'Max-Forwards: 70', `From: <sip:${P2P.user}@trunks.example.net>;tag=pbx-tag`, `To: <${ruri}>;tag=carrier-tag`,
+      `Call-ID: ${callId}`, 'CSeq: 3 BYE', 'Content-Length: 0', '', ''].join('\r\n'), Number(port), host);
+    await waitFor('the victim\'s BYE at the carrier', () => carrier.seen.slice(before).find((m) => m.startsWith('BYE ') && /CSeq: 3 BYE/.test(m)));
+  } finally {
+    victim.close();
+    thief.close();
+    await carrier.close();
     edge.proc.kill('SIGTERM');
     rmSync(edge.dir, { recursive: true, force: true });
   }

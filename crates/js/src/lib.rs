@@ -139,6 +139,36 @@ pub fn render_reply(
     ))
 }
 
+/// A datagram's dialog identifiers and CSeq as the policy reads them (RFC 3261 §12,
+/// one reading only: `Message::dialog_ids`): `{callId, fromTag, toTag, cseq,
+/// method, length}`, tags `undefined` when absent, `length` the bytes the message
+/// takes (what follows its Content-Length is no part of it). `undefined` when the
+/// message does not parse, or they cannot be read one way. A host matches its
+/// transactions and dialogs by these, never by a reading of its own: a second
+/// reading is a second message (docs/policy.md, "Threat model").
+#[wasm_bindgen(js_name = dialogIds)]
+pub fn dialog_ids(message: &[u8]) -> JsValue {
+    let Ok(msg) = trunkguard::sip::parse(message, trunkguard::sip::Framing::Datagram) else {
+        return JsValue::UNDEFINED;
+    };
+    let Ok(ids) = msg.dialog_ids() else {
+        return JsValue::UNDEFINED;
+    };
+    let out = js_sys::Object::new();
+    let tag = |t: Option<&str>| t.map_or(JsValue::UNDEFINED, JsValue::from_str);
+    for (key, value) in [
+        ("callId", JsValue::from_str(ids.call_id)),
+        ("fromTag", tag(ids.from_tag)),
+        ("toTag", tag(ids.to_tag)),
+        ("cseq", JsValue::from(ids.cseq.seq)),
+        ("method", JsValue::from_str(ids.cseq.method.as_str())),
+        ("length", JsValue::from(msg.wire_len() as u32)),
+    ] {
+        let _ = Reflect::set(&out, &JsValue::from_str(key), &value);
+    }
+    out.into()
+}
+
 /// A trunk access policy instance.
 #[wasm_bindgen]
 pub struct TrunkPolicy {

@@ -32,7 +32,7 @@ pub use auth::{AuthHeader, DigestCredentials};
 pub use error::ParseError;
 pub use framing::{Frame, MAX_BODY_LEN, MAX_HEAD_LEN, MAX_HEADERS, frame_stream, frames_alike};
 pub use header::{Header, HeaderName, KNOWN_HEADERS, unfold};
-pub use message::{CSeq, Message, StartLine, parse};
+pub use message::{CSeq, DialogIds, Message, StartLine, parse};
 pub use method::Method;
 pub use name_addr::{Contact, Contacts, NameAddr};
 pub use transport::{Framing, Transport};

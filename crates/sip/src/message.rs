@@ -32,6 +32,15 @@ pub struct CSeq<'a> {
     pub method: Method<'a>,
 }
 
+/// A message's dialog identifiers and CSeq ([`Message::dialog_ids`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DialogIds<'a> {
+    pub call_id: &'a str,
+    pub from_tag: Option<&'a str>,
+    pub to_tag: Option<&'a str>,
+    pub cseq: CSeq<'a>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Message<'a> {
     start: StartLine<'a>,
@@ -870,6 +879,23 @@ impl<'a> Message<'a> {
         Ok(self.to()?.tag)
     }
 
+    /// The dialog identifiers (RFC 3261 §12) and CSeq of a request or a response,
+    /// read only one way ([`Message::dialog_to_tag`]'s checks, one CSeq field): what
+    /// a host matches transactions and dialogs by must be what the policy and the
+    /// next hop read, never a reading of its own.
+    pub fn dialog_ids(&self) -> Result<DialogIds<'a>, ParseError> {
+        let to_tag = self.dialog_to_tag()?;
+        if self.repeated(HeaderName::CSeq) {
+            return Err(ParseError::DuplicateHeader(HeaderName::CSeq.as_str()));
+        }
+        Ok(DialogIds {
+            call_id: self.call_id().unwrap_or_default(),
+            from_tag: self.from()?.tag,
+            to_tag,
+            cseq: self.cseq()?,
+        })
+    }
+
     pub fn from(&self) -> Result<NameAddr<'a>, ParseError> {
         *self
             .parsed
@@ -1226,6 +1252,69 @@ mod tests {
         for (input, want) in cases {
             let got = parse_cseq(input).map(|c| (c.seq, c.method));
             assert_eq!(got, *want, "{input:?}");
+        }
+    }
+
+    #[test]
+    fn dialog_ids_read_tags_past_quoted_parameters_and_refuse_a_second_cseq() {
+        let response = |from: &str, cseq: &[&str]| {
+            let mut lines = vec![
+                "SIP/2.0 200 OK",
+                "Via: SIP/2.0/UDP h;branch=z9hG4bK1",
+                from,
+                "To: <sip:b@x>;tag=tt",
+                "Call-ID: c@h",
+            ];
+            lines.extend_from_slice(cseq);
+            msg(&lines, "")
+        };
+        type Row<'t> = (
+            &'t str,
+            &'t [&'t str],
+            Result<(Option<&'t str>, &'t str), ()>,
+        );
+        let table: [Row<'_>; 5] = [
+            (
+                "From: <sip:a@x>;tag=ft",
+                &["CSeq: 1 INVITE"],
+                Ok((Some("ft"), "INVITE")),
+            ),
+            // A `>` or a `;tag=` inside a quoted parameter is the parameter's.
+            (
+                "From: <sip:a@x>;tag=ft;x=\">\"",
+                &["CSeq: 1 INVITE"],
+                Ok((Some("ft"), "INVITE")),
+            ),
+            (
+                "From: <sip:a@x>;x=\"q;tag=zz;\";tag=ft",
+                &["CSeq: 1 INVITE"],
+                Ok((Some("ft"), "INVITE")),
+            ),
+            (
+                "From: <sip:a@x>;tag=ft",
+                &["CSeq: 1 invite"],
+                Ok((Some("ft"), "invite")),
+            ),
+            (
+                "From: <sip:a@x>;tag=ft",
+                &["CSeq: 1 INVITE", "CSeq: 1 BYE"],
+                Err(()),
+            ),
+        ];
+        for (from, cseq, want) in table {
+            let raw = response(from, cseq);
+            let m = parse(&raw, Framing::Datagram).unwrap();
+            let got = m
+                .dialog_ids()
+                .map(|ids| {
+                    assert_eq!(
+                        (ids.call_id, ids.to_tag, ids.cseq.seq),
+                        ("c@h", Some("tt"), 1)
+                    );
+                    (ids.from_tag, ids.cseq.method.as_str())
+                })
+                .map_err(|_| ());
+            assert_eq!(got, want, "{from} {cseq:?}");
         }
     }
 
