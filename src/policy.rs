@@ -379,9 +379,8 @@ impl<'r, 'a> Request<'r, 'a> {
         // Right credentials refused all the same (the access list, the registered
         // address): the nonce is spent whole, so that a higher nc on it, whose
         // right answer would otherwise be told apart from a wrong one, gets what a
-        // wrong one gets. A store that refuses the
-        // write leaves the refusal as it is: it is closed already, and its alert and
-        // refusal line still go.
+        // wrong one gets. A store that refuses the write leaves the refusal as it
+        // is: it is closed already, and its alert and refusal line still go.
         let _ = self.spend_nonce(store, &nonce);
         // Refused for where it came from, a right password counts like a wrong one:
         // a ban is visible from outside (403 to a bare request instead of a
