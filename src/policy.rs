@@ -105,7 +105,8 @@ pub fn decide(
     req.access_side(store)
 }
 
-fn malformed(e: &ParseError) -> Verdict {
+/// The 400 of a message that does not parse, or whose header `e` names is unusable.
+pub(crate) fn malformed(e: &ParseError) -> Verdict {
     let reason = match e {
         ParseError::Incomplete => "Bad Request (incomplete message)".to_string(),
         other => format!("Bad Request ({other})"),

@@ -25,13 +25,7 @@ pub enum Request<'a> {
 /// `423` with `Min-Expires` for a non-zero expiry below `reg.min_expires` (step 7).
 /// Only the first Contact counts: a trunk group has one binding.
 pub fn request<'a>(msg: &Message<'a>, reg: &Registration) -> Result<Request<'a>, Box<Verdict>> {
-    let malformed = |e: crate::sip::ParseError| {
-        Box::new(Verdict::reject(
-            400,
-            format!("Bad Request ({e})"),
-            Cause::Malformed,
-        ))
-    };
+    let malformed = |e: crate::sip::ParseError| Box::new(crate::policy::malformed(&e));
     let header_expires = msg.expires().map_err(malformed)?;
     let contact = match msg.contacts().map_err(malformed)? {
         Contacts::Star if header_expires == Some(0) => return Ok(Request::Remove),
