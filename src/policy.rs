@@ -74,10 +74,14 @@ pub fn decide(
     // The dialog identifiers are checked before anything else: whether a request
     // is "in dialog" must read the same in the policy and in the proxy. A REGISTER
     // is never inside a dialog (RFC 3261 §10.2): with a To tag it is judged like
-    // any other, credentials and all.
+    // any other, credentials and all. Nor is a CANCEL, which names no dialog but a
+    // transaction (§9.1: the proxy finds the INVITE by its Via, whatever its tags,
+    // §9.2): with a To tag it goes where one without goes, to the proxy's check that
+    // it comes from where that INVITE came from. As in-dialog, it passed on the
+    // sender's own dialog and cancelled the INVITE its Via named, anyone's.
     match msg.dialog_to_tag() {
         Err(e) => return Ok(malformed(&e).into()),
-        Ok(Some(_)) if method != Method::Register => {
+        Ok(Some(_)) if method != Method::Register && method != Method::Cancel => {
             return Ok(req.allow_in_dialog(core).into());
         }
         Ok(_) => {}

@@ -1745,17 +1745,19 @@ class HandCall:
 
     SDP = "v=0\r\no=pbx 1 1 IN IP4 {ip}\r\ns=-\r\nc=IN IP4 {ip}\r\nt=0 0\r\nm=audio 40000 RTP/AVP 0\r\n"
 
-    def __init__(self, listen, source, call_id):
-        self.listen, self.source, self.call_id = listen, source, call_id
-        self.from_ = f"From: <sip:{HQ[0]}@{REALM}>;tag=f-{call_id}\r\n"
+    def __init__(self, listen, source, call_id, creds=HQ, ftag=None, key=None):
+        self.listen, self.source, self.call_id, self.creds = listen, source, call_id, creds
+        # `key`: what the Via branches are made of (the Call-ID by default).
+        self.key = key or call_id
+        self.from_ = f"From: <sip:{creds[0]}@{REALM}>;tag={ftag or f'f-{call_id}'}\r\n"
         self.ruri = f"sip:{CALLED}@{REALM}"
         self.conn = SipStream(listen, source)
 
     def request(self, method, ruri, cseq, branch, to, extra="", body=""):
         return (f"{method} {ruri} SIP/2.0\r\n"
-                f"Via: SIP/2.0/TCP {self.source}:5060;branch=z9hG4bK-{self.call_id}-{branch};rport\r\n"
+                f"Via: SIP/2.0/TCP {self.source}:5060;branch=z9hG4bK-{self.key}-{branch};rport\r\n"
                 f"Max-Forwards: 70\r\n{self.from_}To: {to}\r\nCall-ID: {self.call_id}\r\n"
-                f"CSeq: {cseq} {method}\r\nContact: <sip:{HQ[0]}@{self.source}:5060;transport=tcp>\r\n{extra}"
+                f"CSeq: {cseq} {method}\r\nContact: <sip:{self.creds[0]}@{self.source}:5060;transport=tcp>\r\n{extra}"
                 + (f"Content-Type: application/sdp\r\n" if body else "")
                 + f"Content-Length: {len(body)}\r\n\r\n{body}").encode()
 
@@ -1783,11 +1785,11 @@ class HandCall:
         cnonce = os.urandom(4).hex()
         a2 = md5_hex(f"INVITE:{self.ruri}")
         if "qop" in params:
-            response = md5_hex(f"{ha1(*HQ)}:{params['nonce']}:00000001:{cnonce}:auth:{a2}")
+            response = md5_hex(f"{ha1(*self.creds)}:{params['nonce']}:00000001:{cnonce}:auth:{a2}")
             qop = f', qop=auth, nc=00000001, cnonce="{cnonce}"'
         else:
-            response, qop = md5_hex(f"{ha1(*HQ)}:{params['nonce']}:{a2}"), ""
-        auth = (f'Proxy-Authorization: Digest username="{HQ[0]}", realm="{REALM}", nonce="{params["nonce"]}", '
+            response, qop = md5_hex(f"{ha1(*self.creds)}:{params['nonce']}:{a2}"), ""
+        auth = (f'Proxy-Authorization: Digest username="{self.creds[0]}", realm="{REALM}", nonce="{params["nonce"]}", '
                 f'uri="{self.ruri}", response="{response}", algorithm=MD5{qop}\r\n')
         return self.request("INVITE", self.ruri, 2, "inv2", to, extra=auth, body=body)
 
@@ -2184,8 +2186,8 @@ class InboundPbx(SipStream):
     hand, as digest_register) and keeps that connection, over which the upstream
     sends it the carrier's calls; it answers them as each test says."""
 
-    def __init__(self, source, creds):
-        super().__init__(LISTEN, source)
+    def __init__(self, source, creds, listen=LISTEN):
+        super().__init__(listen, source)
         self.source, self.creds = source, creds
         self.contact = f"sip:{creds[0]}@{source}:5060;transport=tcp"
 
@@ -2423,6 +2425,56 @@ class EnvoyInbound(unittest.TestCase):
         self.assertEqual(status_of(own), 200, own)
         far.wait("CANCEL", "out-cancel")
 
+    def test_2e_a_customers_cancel_naming_anothers_invite_reaches_nobody(self):
+        # tm finds the INVITE a CANCEL cancels by the CANCEL's top Via alone (RFC
+        # 3261 §9.1, §9.2), whatever its tags. Until 2026-12-02 the upstream asked
+        # only that the CANCEL's own Call-ID and From tag were a call its sender
+        # made, which a customer's call under another's Call-ID is; and a CANCEL with
+        # a To tag went in dialog, past that. Either, with the other's Via copied,
+        # ended the other's ringing call at the carrier.
+        for source, creds in ((self.A, HQ), (self.B, INBOUND_B)):
+            pbx = InboundPbx(source, creds)
+            self.closing.append(pbx)
+            answer, _ = pbx.register()
+            self.assertEqual(status_of(answer), 200, answer)
+        far = self.party(FAR_END, answer=180)
+        call_id = "out-cancel-other"
+        victim = HandCall(LISTEN, self.A, call_id)
+        own = HandCall(LISTEN, self.B, call_id, creds=INBOUND_B, ftag="f-own", key=f"{call_id}-own")
+        self.closing += [victim, own]
+        victim.conn.send(victim.invite())
+        far.wait("INVITE", call_id)
+        own.conn.send(own.invite())
+        at_far = wait_for("the customer's own INVITE at the carrier", lambda: [
+            m for _, m in far.messages("INVITE", call_id) if ";tag=f-own" in header_values(m, "From")[0]])[0]
+
+        def naming_victims_invite(to, extra=""):
+            # The victim's Via (branch and sent-by), over the customer's own connection.
+            return own.request("CANCEL", own.ruri, 2, "inv2", to, extra=extra).replace(
+                f"Via: SIP/2.0/TCP {self.B}:5060;branch=z9hG4bK-{own.key}-inv2".encode(),
+                f"Via: SIP/2.0/TCP {self.A}:5060;branch=z9hG4bK-{call_id}-inv2".encode())
+        results = {"without a To tag": status_of(own.conn.final(naming_victims_invite(f"<{own.ruri}>")))}
+        # The customer's own call answered and acknowledged: a dialog of its own.
+        far.send(reply_to(at_far, 200, tag="udp-own", contact=f"sip:udp@{FAR_END[0]}:{FAR_END[1]}", body=UdpParty.SDP))
+        ok = own.conn.final(b"")
+        self.assertEqual(status_of(ok), 200, ok)
+        own.to = header_values(ok, "To")[0]
+        own.contact = re.search(r"<([^>]+)>", header_values(ok, "Contact")[0]).group(1)
+        rr = [v.strip() for h in header_values(ok, "Record-Route") for v in h.split(",")]
+        own.route = f"Route: {', '.join(reversed(rr))}\r\n" if rr else ""
+        own.conn.send(own.request("ACK", own.contact, 2, "ack2", own.to, extra=own.route))
+        time.sleep(0.3)
+        results["with its dialog's To tag"] = status_of(own.conn.final(
+            naming_victims_invite(own.to, own.route)))
+        time.sleep(0.5)
+        self.assertEqual((results, far.messages("CANCEL", call_id)),
+                         ({"without a To tag": 481, "with its dialog's To tag": 481}, []),
+                         "another customer's CANCEL reached the carrier")
+        # The victim's own, over its connection, does.
+        answer = victim.conn.final(victim.cancel())
+        self.assertEqual(status_of(answer), 200, answer)
+        far.wait("CANCEL", call_id)
+
     def test_2d_the_pbxs_answer_gives_the_carrier_the_upstreams_route_and_no_hop_of_its_own(self):
         # The carrier takes the route of its in-dialog requests from the Record-Route
         # of the PBX's answer (RFC 3261 §12.1.2). Until 2026-12-02 it got it as the
@@ -2601,6 +2653,68 @@ class EnvoyInbound(unittest.TestCase):
         self.assertLess(at - sent, NO_ANSWER_MS / 1000 - 0.5, "waited for no_answer_ms")
         _, answer = carrier.final("in-gone")
         self.assertEqual(status_of(answer), 200, answer)
+
+    def test_7b_a_strangers_connection_from_a_gone_pbxs_port_gets_none_of_its_calls(self):
+        # The upstream reaches a PBX over the connection Envoy made for it, which it
+        # finds by address: Envoy's IP and that connection's source port. Until
+        # 2026-12-02, once the PBX's connection was gone, the next connection from
+        # that port, anyone's, got its calls (and could answer them) until the
+        # registration expired: the kernel hands source ports out again. Here an
+        # Envoy of its own makes every upstream connection from one port, so the
+        # next connection after the PBX's, a stranger's, has that port at once.
+        listen, stats_at, port = ("127.0.0.1", 5190), ("127.0.0.1", 5191), 5192
+        wrapper = os.path.join(Env.dir, "envoy-one-source-port")
+        with open(wrapper, "w", encoding="utf-8") as f:
+            f.write("\n".join((
+                f"#!{sys.executable}",
+                "# Envoy whose upstream connections all come from one source port (the",
+                "# test's stand-in for a port the kernel hands out again).",
+                "import os, sys",
+                "path = sys.argv[sys.argv.index('-c') + 1]",
+                "text = open(path, encoding='utf-8').read()",
+                "anchor = '  - name: sip_upstream\\n    connect_timeout: 2s\\n'",
+                "assert anchor in text",
+                "text = text.replace(anchor, anchor + '    upstream_bind_config:\\n'",
+                f"    '      source_address: {{ address: 127.0.0.1, port_value: {port} }}\\n'",
+                "    '      socket_options: [{ level: 1, name: 2, int_value: 1, state: STATE_PREBIND }]\\n')",
+                "open(path, 'w', encoding='utf-8').write(text)",
+                f"envoy = {os.path.join(ROOT, 'target', 'py-envoy', 'bin', 'envoy')!r}",
+                "os.execv(envoy, [envoy] + sys.argv[1:])", "")))
+        os.chmod(wrapper, 0o755)
+        state = start_envoy("one-port-envoy", listen, stats_at, f"http://{WEBHOOK[0]}:{WEBHOOK[1]}/v1/alerts",
+                            concurrency=1, extra=["--envoy", wrapper])
+        self.addCleanup(stop_envoy, state)
+        # (run waited until it serves; any connection before the PBX's would hold the
+        # one port until its TIME_WAIT may be reused, a second on loopback.)
+        pbx = InboundPbx(self.B, INBOUND_B, listen=listen)
+        self.closing.append(pbx)
+        answer, call_id = pbx.register()
+        self.assertEqual(status_of(answer), 200, answer)
+        binding = wait_for("the binding at the upstream",
+                           lambda: [b for b in upstream_bindings() if b["call_id"] == call_id])[0]
+        self.assertEqual(binding["via"], f"127.0.0.1:{port}", binding)
+        pbx.close()
+        time.sleep(1.5)  # the upstream sees the connection go; the port is free again
+        stranger = SipStream(listen, ATTACKER)
+        self.closing.append(stranger)
+        options_id = f"one-port-{os.urandom(4).hex()}"
+        stranger.send((f"OPTIONS sip:{REALM} SIP/2.0\r\nVia: SIP/2.0/TCP {ATTACKER}:5060;branch=z9hG4bK-{options_id}\r\n"
+                       f"Max-Forwards: 70\r\nFrom: <sip:x@{ATTACKER}>;tag=x\r\nTo: <sip:{REALM}>\r\n"
+                       f"Call-ID: {options_id}\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n").encode())
+        wait_for("the stranger's OPTIONS at the upstream from the PBX's old port", lambda: re.search(
+            rf"upstream: OPTIONS \S+ from 127\.0\.0\.1:{port} call-id={options_id} ", read(Env.kamailio_log)))
+        carrier, failover = self.party(CARRIER), self.party(FAILOVER_B)
+        carrier_invite(carrier, DID_B, "in-stale-port")
+        sent = time.time()
+        at, _ = failover.wait("INVITE", "in-stale-port", timeout=NO_ANSWER_MS / 1000 + 3)
+        got = b""
+        stranger.sock.settimeout(0.5)
+        try:
+            got = stranger.sock.recv(65536)
+        except OSError:
+            pass
+        self.assertNotIn(b"INVITE ", got, "the PBX's call reached a stranger's connection")
+        self.assertLess(at - sent, NO_ANSWER_MS / 1000 - 0.5, "waited for no_answer_ms")
 
     def test_8_forged_binding_headers_never_reach_or_count(self):
         b_pbx = self.registered(self.B, INBOUND_B)

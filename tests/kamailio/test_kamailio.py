@@ -1766,6 +1766,60 @@ class KamailioEdge(unittest.TestCase):
             far.send(sip.response(got, 200, "OK"), hop)
 
 
+    def test_38b_a_cancel_with_a_to_tag_is_taken_only_from_where_its_invite_came(self):
+        # A CANCEL names a transaction, not a dialog: tm finds the INVITE it cancels
+        # by the CANCEL's top Via, Call-ID and CSeq number, whatever its tags (RFC
+        # 3261 §9.1, §9.2). Until 2026-12-02 the policy judged a CANCEL with a To
+        # tag in-dialog: a customer with a call of its own under the victim's
+        # Call-ID had it routed within that call's early dialog, past test_38's
+        # check, and tm cancelled the INVITE its Via named, the victim's, at the
+        # carrier.
+        self.register_pbx()
+        attacker_ip = "127.0.0.82"
+        reg = sip.Endpoint(attacker_ip)
+        try:
+            answer = sip.register(reg, "hq2", "other", expires=10)
+            self.assertEqual(sip.status(answer), 200, answer)
+        finally:
+            reg.close()
+        pbx, carrier = self.party(PBX, PBX_PORT), self.party("127.0.0.1", CARRIER_PORT)
+        attacker = self.party(attacker_ip)
+        call_id = "cancel-tag-%s@%s" % (os.urandom(6).hex(), PBX)
+
+        def ringing(caller, creds, ftag, to_tag):
+            sent = sip.authenticated_invite(caller, KAMAILIO, creds, CALLED, call_id, ftag)
+            got, hop = carrier.recv(3.0, lambda m: sip.method(m) == "INVITE"
+                                    and sip.tag_of(sip.headers(m, "From", "f")[0]) == ftag)
+            self.assertIsNotNone(got, "the INVITE from %s never reached the carrier" % caller.ip)
+            carrier.send(sip.response(got, 180, "Ringing", to_tag=to_tag), hop)
+            answer, _ = caller.recv(3.0, lambda m: sip.status(m) == 180)
+            self.assertIsNotNone(answer, "no 180 at %s" % caller.ip)
+            return sent.decode("latin-1"), answer
+
+        victim_invite, _ = ringing(pbx, HQ, "victim", "far")
+        _, own_180 = ringing(attacker, ("hq2", "other"), "attacker", "far2")
+        self.assertTrue(sip.headers(own_180, "Record-Route"), own_180)
+
+        def cancel(via, early, routes):
+            return ("CANCEL sip:%s@%s SIP/2.0\r\nVia: %s\r\n%sMax-Forwards: 70\r\nFrom: %s\r\nTo: %s\r\n"
+                    "Call-ID: %s\r\nCSeq: %s CANCEL\r\nContent-Length: 0\r\n\r\n"
+                    % (CALLED, REALM, via, "".join("Route: %s\r\n" % r for r in routes),
+                       sip.headers(early, "From", "f")[0], sip.headers(early, "To", "t")[0], call_id,
+                       sip.headers(victim_invite, "CSeq")[0].split()[0])).encode("latin-1")
+        # The victim's INVITE's top Via, Call-ID and CSeq number; the attacker's own
+        # early dialog (its tags, its 180's route set): from its registered address.
+        attacker.send(cancel(sip.headers(victim_invite, "Via", "v")[0], own_180,
+                             list(reversed(sip.headers(own_180, "Record-Route")))), KAMAILIO)
+        answer, _ = attacker.final(2.0)
+        leaked, _ = carrier.recv(0.5, lambda m: sip.method(m) == "CANCEL")
+        self.assertEqual((sip.status(answer), leaked), (481, None),
+                         "a CANCEL with a To tag from another customer reached the carrier")
+        # The victim's own CANCEL ends its call.
+        pbx.send(cancel(sip.headers(victim_invite, "Via", "v")[0], victim_invite, []), KAMAILIO)
+        got, hop = carrier.recv(3.0, lambda m: sip.method(m) == "CANCEL")
+        self.assertIsNotNone(got, "the caller's own CANCEL never arrived")
+        carrier.send(sip.response(got, 200, "OK"), hop)
+
     def test_39_a_register_from_elsewhere_that_binds_nothing_answers_a_right_password_as_a_wrong_one(self):
         # Outside a guard (test_37), a REGISTER with the right password from an
         # address other than the registration's that moved no binding still told
