@@ -639,7 +639,19 @@ class EnvoyFront(unittest.TestCase):
             publish("--config", write_config("push1.json", trunk_config(extra_trunks=1)))
             time.sleep(0.8)
             refused = write_config("refused.json", trunk_config(acl="127.0.0.300/32"))
-            publish("--config", refused)
+            # publish checks it with the policy's own code first and publishes
+            # nothing: until 2026-12-02 it published it (exit 0, `systemctl reload`
+            # succeeded), the plugin refused it, and the next start of Envoy read the
+            # refused resource and had no configuration at all.
+            ecds = os.path.join(Env.dir, "state", "ecds", "trunkguard.json")
+            in_force = read(ecds)
+            out = subprocess.run([PUBLISH, "--state", os.path.join(Env.dir, "state"), "--config", refused],
+                                 capture_output=True, text=True)
+            self.assertEqual(out.returncode, 1, out.stdout + out.stderr)
+            self.assertRegex(out.stderr, r"refused: .*locations\[1\]\.trunk_groups\[0\]\.acl\[0\].*nothing published")
+            self.assertEqual(read(ecds), in_force)
+            # Unchecked (a drill of the plugin's own refusal), the plugin refuses it.
+            publish("--no-check", "--config", refused)
             time.sleep(0.8)
             publish("--config", write_config("push2.json", trunk_config(extra_trunks=2)))
             time.sleep(0.8)
@@ -1983,7 +1995,9 @@ class EnvoyKeepsState(OwnEnvoy, unittest.TestCase):
         self.register_at(home, f"{tag}-register")
         kept = self.wait_kept(home)
         self.assertRegex(kept.get("tg/nonce_secret", ""), r"^[0-9a-f]{64}$", kept)
-        self.assertGreaterEqual(self.counter("state.saved"), 2)
+        # (The relay keeps the state before its answer reaches Envoy, which counts
+        # the save then.)
+        wait_for("two saves counted", lambda: self.counter("state.saved") >= 2, timeout=5)
         # A challenge before the restart, answered after it.
         nonce = challenge_nonce(self.LISTEN, moved, f"{tag}-moved")
         # A call set up before the restart.

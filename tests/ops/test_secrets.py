@@ -11,6 +11,7 @@ docs/deployment.md, "Paths".
 """
 
 import glob
+import hashlib
 import json
 import os
 import shutil
@@ -45,6 +46,11 @@ def mode(path):
 
 def umask_022():
     os.umask(0o022)
+
+
+def chown_tree(top, uid):
+    for path in [top] + [os.path.join(d, n) for d, dirs, files in os.walk(top) for n in dirs + files]:
+        os.lchown(path, uid, uid)
 
 
 class SecretFiles(unittest.TestCase):
@@ -95,6 +101,12 @@ class SecretFiles(unittest.TestCase):
         self.env = dict(os.environ)
         self.env["PATH"] = self.bin + os.pathsep + self.env["PATH"]
         self.env["TRUNKGUARD_PYTHONPATH"] = EXTENSION
+        if os.geteuid() == 0:
+            # Run as root, tgctl and publish become the state directory's owner
+            # (NOBODY in the tests below), who must reach it, and the fake kamcmd's
+            # table beside it.
+            os.chmod(self.work, 0o755)
+            os.chmod(self.bin, 0o777)
 
     def config_copy(self, source, name):
         """A copy of an example configuration, mode 0644 as a user's file would be."""
@@ -148,6 +160,20 @@ class SecretFiles(unittest.TestCase):
         self.run_tool(TGCTL, "--state", state, "publish-config", second, "--wait", "5")
         self.assertEqual(mode(published), 0o600)
 
+    def test_kamailio_run_writes_again_a_published_copy_that_lost_its_bytes(self):
+        # The copies are named by their content's hash. Until 2026-12-02 run took an
+        # existing name for the right bytes: a copy a crash had left empty made every
+        # later start fail on it, the configuration in /etc being fine.
+        state = os.path.join(self.work, "kamailio")
+        config = self.config_copy(KAMAILIO_TRUNKS, "trunks.json")
+        self.kamailio_run(state, "--config", config)
+        (copy,) = glob.glob(os.path.join(state, "published", "config-*.json"))
+        open(copy, "w").close()
+        self.kamailio_run(state, "--config", config)
+        with open(copy, "rb") as f, open(config, "rb") as g:
+            self.assertEqual(f.read(), g.read())
+        self.assertEqual(mode(copy), 0o600)
+
     def test_kamailio_run_passes_the_advertised_address_and_the_local_sockets(self):
         state = os.path.join(self.work, "kamailio")
         config = self.config_copy(KAMAILIO_TRUNKS, "trunks.json")
@@ -179,7 +205,7 @@ class SecretFiles(unittest.TestCase):
         state = os.path.join(self.work, "kamailio")
         config = self.config_copy(KAMAILIO_TRUNKS, "trunks.json")
         self.kamailio_run(state, "--config", config)
-        os.chown(state, NOBODY, NOBODY)
+        chown_tree(state, NOBODY)  # as run leaves it when it runs as its own user
         with open(config, encoding="utf-8") as f:
             doc = json.load(f)
         doc["registration"]["max_expires"] = 1200
@@ -216,6 +242,48 @@ class SecretFiles(unittest.TestCase):
         for path in [os.path.join(state, "ecds", "trunkguard.json")] + glob.glob(os.path.join(state, "wasm", "*.wasm")):
             st = os.stat(path)
             self.assertEqual((st.st_uid, st.st_gid), (NOBODY, NOBODY), path)
+
+    @unittest.skipUnless(os.geteuid() == 0, "needs root: chown")
+    def test_envoy_publish_as_root_follows_no_link_the_state_owner_planted(self):
+        # The state directory's owner is the user Envoy runs as: it can replace
+        # `tmp` with a link. Until 2026-12-02 publish, run as root, chowned what the
+        # link named to that user (/etc, say) before anything could fail.
+        state = os.path.join(self.work, "envoy")
+        os.makedirs(state)
+        os.chown(state, NOBODY, NOBODY)
+        scratch = os.path.join(self.work, "roots")
+        os.makedirs(scratch, mode=0o700)
+        os.symlink(scratch, os.path.join(state, "tmp"))
+        config = self.config_copy(ENVOY_TRUNKS, "config.json")
+        subprocess.run([ENVOY_PUBLISH, "--state", state, "--config", config, "--wasm", ABI_WASM],
+                       env=self.env, capture_output=True, text=True, timeout=120)
+        st = os.stat(scratch)
+        self.assertEqual((st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode), os.listdir(scratch)), (0, 0, 0o700, []))
+
+    @unittest.skipUnless(os.geteuid() == 0, "needs root: chown")
+    def test_tgctl_as_root_follows_no_link_the_state_owner_planted(self):
+        # The state directory's owner is the user Kamailio runs as: it can plant a
+        # link named like the copy of the module root will publish (its hash is
+        # the module's). Until 2026-12-02 tgctl, run as root, took the link for that
+        # copy and chmodded what it named 0644 (/etc/shadow, say).
+        state = os.path.join(self.work, "kamailio")
+        published = os.path.join(state, "published")
+        os.makedirs(published)
+        with open(os.path.join(state, "engine"), "w", encoding="utf-8") as f:
+            f.write("module\n")
+        chown_tree(state, NOBODY)
+        secret = os.path.join(self.work, "shadow")
+        with open(secret, "w", encoding="utf-8") as f:
+            f.write("root:x:1:\n")
+        os.chmod(secret, 0o600)
+        with open(ABI_WASM, "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()[:16]
+        os.symlink(secret, os.path.join(published, "trunkguard-%s.wasm" % digest))
+        subprocess.run([TGCTL, "--state", state, "--ctl", "unix:" + os.path.join(self.work, "no.sock"),
+                        "publish-module", ABI_WASM, "--wait", "1"],
+                       env=self.env, capture_output=True, text=True, timeout=60)
+        st = os.stat(secret)
+        self.assertEqual((st.st_uid, stat.S_IMODE(st.st_mode)), (0, 0o600))
 
     def test_envoy_run_writes_the_bootstrap_with_the_token_0600(self):
         state = os.path.join(self.work, "envoy")
