@@ -839,11 +839,33 @@ impl Hook {
 #[test]
 #[ignore = "needs aiosmtpd: run by scripts/test-alerts"]
 fn events_are_forwarded_to_webhooks_until_accepted() {
-    let scratch = Scratch::new("webhook");
+    // The URL on the command line (--webhook), and read from a file (--webhook-file),
+    // which keeps it out of the command line every local user can read.
+    for by_file in [false, true] {
+        forwarded_to_a_webhook_until_accepted(by_file);
+    }
+}
+
+fn forwarded_to_a_webhook_until_accepted(by_file: bool) {
+    let scratch = Scratch::new(if by_file { "webhook-file" } else { "webhook" });
     let sink = Sink::start(&scratch, 0, &[]);
     let hook = Hook::start(1);
-    let url = format!("chat=http://{}/hooks/secret-path", hook.addr);
-    let relay = Relay::start(&scratch, "queue", sink.port, &["--webhook", &url]);
+    let url = format!("http://{}/hooks/secret-path", hook.addr);
+    let (flag, value) = if by_file {
+        let file = scratch.path("chat-url");
+        std::fs::write(&file, format!("{url}\n")).unwrap();
+        ("--webhook-file", format!("chat={}", file.display()))
+    } else {
+        ("--webhook", format!("chat={url}"))
+    };
+    let relay = Relay::start(&scratch, "queue", sink.port, &[flag, &value]);
+    if by_file {
+        let cmdline = std::fs::read(format!("/proc/{}/cmdline", relay.child.id())).unwrap();
+        assert!(
+            !String::from_utf8_lossy(&cmdline).contains("secret-path"),
+            "the webhook URL is on the relay's command line"
+        );
+    }
     let ev = blocked_call("w-1", &["noc@example.com"]);
     assert_eq!(relay.post(&ev).0, 202);
     sink.wait_for(1);

@@ -126,6 +126,11 @@ pub struct ServeArgs {
     /// /v1/health instead of the URL, which often holds a secret); repeatable.
     #[arg(long = "webhook")]
     pub webhooks: Vec<String>,
+    /// Forward every event to a webhook, as NAME=FILE, FILE holding the URL (its first
+    /// line): a URL given with --webhook stays in the relay's command line, which every
+    /// local user can read (ps, /proc/PID/cmdline); repeatable.
+    #[arg(long = "webhook-file")]
+    pub webhook_files: Vec<String>,
     /// Longest wait for a webhook's answer.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub webhook_timeout: Duration,
@@ -179,14 +184,36 @@ fn parse_webhook(text: &str) -> Result<Webhook, RelayError> {
         ))
     };
     let (name, url) = text.split_once('=').ok_or_else(bad)?;
+    webhook(name, url).ok_or_else(bad)
+}
+
+/// `--webhook-file NAME=FILE`: the URL read from FILE's first line. Its errors name the
+/// file, never the URL (the secret the file keeps off the command line).
+fn parse_webhook_file(text: &str) -> Result<Webhook, RelayError> {
+    let (name, file) = text.split_once('=').ok_or_else(|| {
+        RelayError::Config(format!(
+            "--webhook-file {text:?}: expected NAME=FILE, FILE holding the URL"
+        ))
+    })?;
+    let path = PathBuf::from(file);
+    let url = secret(Some(&path), "")?.unwrap_or_default();
+    webhook(name, &url).ok_or_else(|| {
+        RelayError::Config(format!(
+            "--webhook-file {text:?}: expected a NAME of letters, digits, '-', '_' or '.', \
+             and an http:// or https:// URL on the file's first line"
+        ))
+    })
+}
+
+fn webhook(name: &str, url: &str) -> Option<Webhook> {
     let name_ok = !name.is_empty()
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
     if !name_ok || !(url.starts_with("http://") || url.starts_with("https://")) {
-        return Err(bad());
+        return None;
     }
-    Ok(Webhook {
+    Some(Webhook {
         name: name.to_string(),
         url: url.to_string(),
     })
@@ -228,6 +255,7 @@ fn plan(args: &ServeArgs) -> Result<Plan, RelayError> {
         .webhooks
         .iter()
         .map(|w| parse_webhook(w))
+        .chain(args.webhook_files.iter().map(|w| parse_webhook_file(w)))
         .collect::<Result<Vec<_>, _>>()?;
     for (i, w) in webhooks.iter().enumerate() {
         if webhooks[..i].iter().any(|o| o.name == w.name) {
@@ -443,6 +471,34 @@ mod tests {
             });
             assert_eq!(got, want, "{text}");
         }
+    }
+
+    #[test]
+    fn webhook_file_flags_read_the_url_and_never_show_it() {
+        let dir = std::env::temp_dir().join(format!("tg-relay-webhook-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let good = dir.join("chat");
+        std::fs::write(&good, "https://chat.example/hooks/T0K3N\n").unwrap();
+        let bad = dir.join("bad");
+        std::fs::write(&bad, "ftp://chat.example/hooks/S3CR3T\n").unwrap();
+        let got = parse_webhook_file(&format!("chat={}", good.display())).unwrap();
+        assert_eq!(
+            got,
+            Webhook {
+                name: "chat".into(),
+                url: "https://chat.example/hooks/T0K3N".into()
+            }
+        );
+        for text in [
+            format!("chat={}", bad.display()),
+            format!("a b={}", good.display()),
+            format!("chat={}", dir.join("missing").display()),
+            good.display().to_string(),
+        ] {
+            let e = parse_webhook_file(&text).unwrap_err().to_string();
+            assert!(!e.contains("S3CR3T") && !e.contains("T0K3N"), "{e}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
