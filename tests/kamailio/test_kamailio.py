@@ -2906,17 +2906,26 @@ def forged_kdmq_answers(sip_port, key, sip_ip="127.0.0.1"):
 def kill_9(state):
     """kill -9 of the Kamailio of `state`, every process of it (run --daemon starts it
     in a session of its own, so its pid is its process group's), as a crash or the
-    OOM killer would: nothing is flushed. Returns once the main process is gone."""
+    OOM killer would: nothing is flushed. Returns once every process of it is gone:
+    a worker still dying holds its sockets, and a node started again on the same
+    ports could have its first requests go to it (seen once: a restarted node that
+    answered nothing)."""
     pid = int(_read(os.path.join(state, "kamailio.pid")).strip())
     os.killpg(pid, signal.SIGKILL)
 
     def gone():
         # A zombie (killed, its parent gone, not reaped yet) holds no socket: gone.
-        try:
-            with open("/proc/%d/stat" % pid, encoding="latin-1") as f:
-                return f.read().rsplit(") ", 1)[1].startswith("Z")
-        except (OSError, IndexError):
-            return True
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open("/proc/%s/stat" % entry, encoding="latin-1") as f:
+                    fields = f.read().rsplit(") ", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if len(fields) > 2 and fields[2] == str(pid) and not fields[0].startswith("Z"):
+                return False
+        return True
 
     wait_for("kamailio %d to be gone after kill -9" % pid, gone, timeout=20)
 
