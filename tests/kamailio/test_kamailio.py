@@ -1794,10 +1794,10 @@ class KamailioEdge(unittest.TestCase):
             carrier.send(sip.response(got, 180, "Ringing", to_tag=to_tag), hop)
             answer, _ = caller.recv(3.0, lambda m: sip.status(m) == 180)
             self.assertIsNotNone(answer, "no 180 at %s" % caller.ip)
-            return sent.decode("latin-1"), answer
+            return sent.decode("latin-1"), answer, (got, hop)
 
-        victim_invite, _ = ringing(pbx, HQ, "victim", "far")
-        _, own_180 = ringing(attacker, ("hq2", "other"), "attacker", "far2")
+        victim_invite, _, _ = ringing(pbx, HQ, "victim", "far")
+        _, own_180, own_at_carrier = ringing(attacker, ("hq2", "other"), "attacker", "far2")
         self.assertTrue(sip.headers(own_180, "Record-Route"), own_180)
 
         def cancel(via, early, routes):
@@ -1819,6 +1819,13 @@ class KamailioEdge(unittest.TestCase):
         got, hop = carrier.recv(3.0, lambda m: sip.method(m) == "CANCEL")
         self.assertIsNotNone(got, "the caller's own CANCEL never arrived")
         carrier.send(sip.response(got, 200, "OK"), hop)
+        # Nothing left for later tests: the other call ends, hq-pbx2 unregisters.
+        carrier.send(sip.response(own_at_carrier[0], 486, "Busy Here", to_tag="far2"), own_at_carrier[1])
+        reg = sip.Endpoint(attacker_ip)
+        try:
+            self.assertEqual(sip.status(sip.register(reg, "hq2", "other", expires=0)), 200)
+        finally:
+            reg.close()
 
     def test_39_a_register_from_elsewhere_that_binds_nothing_answers_a_right_password_as_a_wrong_one(self):
         # Outside a guard (test_37), a REGISTER with the right password from an

@@ -255,8 +255,12 @@ class SecretFiles(unittest.TestCase):
         os.makedirs(scratch, mode=0o700)
         os.symlink(scratch, os.path.join(state, "tmp"))
         config = self.config_copy(ENVOY_TRUNKS, "config.json")
-        subprocess.run([ENVOY_PUBLISH, "--state", state, "--config", config, "--wasm", ABI_WASM],
-                       env=self.env, capture_output=True, text=True, timeout=120)
+        out = subprocess.run([ENVOY_PUBLISH, "--state", state, "--config", config, "--wasm", ABI_WASM],
+                             env=self.env, capture_output=True, text=True, timeout=120)
+        # It got past the check and became the owner, who may not write there.
+        self.assertNotEqual(out.returncode, 0, out.stdout + out.stderr)
+        self.assertIn("Permission denied", out.stderr)
+        self.assertTrue(os.path.isdir(os.path.join(state, "wasm")), out.stderr)
         st = os.stat(scratch)
         self.assertEqual((st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode), os.listdir(scratch)), (0, 0, 0o700, []))
 
@@ -278,12 +282,19 @@ class SecretFiles(unittest.TestCase):
         os.chmod(secret, 0o600)
         with open(ABI_WASM, "rb") as f:
             digest = hashlib.sha256(f.read()).hexdigest()[:16]
-        os.symlink(secret, os.path.join(published, "trunkguard-%s.wasm" % digest))
-        subprocess.run([TGCTL, "--state", state, "--ctl", "unix:" + os.path.join(self.work, "no.sock"),
-                        "publish-module", ABI_WASM, "--wait", "1"],
-                       env=self.env, capture_output=True, text=True, timeout=60)
+        copy = os.path.join(published, "trunkguard-%s.wasm" % digest)
+        os.symlink(secret, copy)
+        # (The engine the state names, the module, whose RPC the fake kamcmd lacks.)
+        out = subprocess.run([TGCTL, "--state", state, "publish-module", ABI_WASM, "--wait", "1"],
+                             env=self.env, capture_output=True, text=True, timeout=60)
         st = os.stat(secret)
         self.assertEqual((st.st_uid, stat.S_IMODE(st.st_mode)), (0, 0o600))
+        # The copy was made (there is no Kamailio to take it): the module's bytes in
+        # a file of the owner's, in the link's place.
+        with open(ABI_WASM, "rb") as f, open(copy, "rb") as g:
+            self.assertEqual(f.read(), g.read(), out.stdout + out.stderr)
+        self.assertFalse(os.path.islink(copy))
+        self.assertEqual(os.lstat(copy).st_uid, NOBODY)
 
     def test_envoy_run_writes_the_bootstrap_with_the_token_0600(self):
         state = os.path.join(self.work, "envoy")
