@@ -2261,16 +2261,21 @@ class InboundPbx(SipStream):
                            body=UdpParty.SDP if code == 200 and request.startswith("INVITE") else "").encode())
 
     def bye(self, invite, answer_tag="pbx"):
-        """The PBX's BYE of the call `invite` brought (it is the callee: the route set
-        is the INVITE's Record-Route in order, RFC 3261 §12.1.1)."""
+        """The PBX's BYE of the call `invite` brought."""
+        self.send(self.in_dialog(invite, "BYE", 1, "pbx-bye", answer_tag))
+
+    def in_dialog(self, invite, method, cseq, branch, answer_tag="pbx"):
+        """The PBX's `method` within the call `invite` brought, which it answered with
+        To tag `answer_tag` (it is the callee: the route set is the INVITE's
+        Record-Route in order, RFC 3261 §12.1.1)."""
         call_id = header_values(invite, "Call-ID")[0]
         target = re.search(r"<([^>]+)>", header_values(invite, "Contact")[0]).group(1)
         rr = [v.strip() for h in header_values(invite, "Record-Route") for v in h.split(",")]
         route = f"Route: {', '.join(rr)}\r\n" if rr else ""
         to_ = header_values(invite, "To")[0] + f";tag={answer_tag}"
-        self.send((f"BYE {target} SIP/2.0\r\nVia: SIP/2.0/TCP {self.source}:5060;branch=z9hG4bK-{call_id}-pbx-bye\r\n"
-                   f"{route}Max-Forwards: 70\r\nFrom: {to_}\r\nTo: {header_values(invite, 'From')[0]}\r\n"
-                   f"Call-ID: {call_id}\r\nCSeq: 1 BYE\r\nContent-Length: 0\r\n\r\n").encode())
+        return (f"{method} {target} SIP/2.0\r\nVia: SIP/2.0/TCP {self.source}:5060;branch=z9hG4bK-{call_id}-{branch}\r\n"
+                f"{route}Max-Forwards: 70\r\nFrom: {to_}\r\nTo: {header_values(invite, 'From')[0]}\r\n"
+                f"Call-ID: {call_id}\r\nCSeq: {cseq} {method}\r\nContent-Length: 0\r\n\r\n").encode()
 
 
 def upstream_bindings():
@@ -2505,19 +2510,10 @@ class EnvoyInbound(unittest.TestCase):
         carrier_in_dialog(carrier, invite_sent, answer, "ACK", 1, "ack")
         self.assertTrue(pbx.expect("ACK"))
         carrier.answer = 180  # the carrier's side rings on the PBX's re-INVITE
-        target = re.search(r"<([^>]+)>", header_values(invite, "Contact")[0]).group(1)
-        rr = [v.strip() for h in header_values(invite, "Record-Route") for v in h.split(",")]
-
-        def in_pbxs_dialog(method):
-            return (f"{method} {target} SIP/2.0\r\nVia: SIP/2.0/TCP {self.A}:5060;branch=z9hG4bK-{call_id}-re\r\n"
-                    + (f"Route: {', '.join(rr)}\r\n" if rr else "")
-                    + f"Max-Forwards: 70\r\nFrom: {header_values(invite, 'To')[0]};tag=pbx\r\n"
-                    f"To: {header_values(invite, 'From')[0]}\r\nCall-ID: {call_id}\r\nCSeq: 2 {method}\r\n"
-                    "Content-Length: 0\r\n\r\n").encode()
-        pbx.send(in_pbxs_dialog("INVITE"))
+        pbx.send(pbx.in_dialog(invite, "INVITE", 2, "re"))
         wait_for("the PBX's re-INVITE at the carrier", lambda: carrier.messages("INVITE", call_id))
         wait_for("the 180 of the re-INVITE at the PBX", lambda: status_of(pbx.next_message(wait=1) or "") == 180)
-        pbx.send(in_pbxs_dialog("CANCEL"))
+        pbx.send(pbx.in_dialog(invite, "CANCEL", 2, "re"))
         carrier.wait("CANCEL", call_id)
         reply = wait_for("the answer to the CANCEL", lambda: (lambda m: m if re.search(
             r"(?m)^CSeq: 2 CANCEL", m) else None)(pbx.next_message(wait=1)))
