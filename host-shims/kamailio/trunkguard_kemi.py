@@ -66,6 +66,20 @@ STATE_DIR = os.environ.get("TRUNKGUARD_STATE_DIR", "/var/lib/trunkguard/kamailio
 SPOOL_DIR = os.path.join(STATE_DIR, "spool")
 CARRIER = os.environ.get("TRUNKGUARD_CARRIER", "")
 ALERT_URL = os.environ.get("TRUNKGUARD_ALERT_URL", "")
+
+
+def _url_shown(url):
+    """An alert URL as the logs and `tgctl status` show it: scheme, host and port
+    only (a webhook's secret is often its path, its query or its userinfo), as the
+    module's tg_url_shown."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return "(an alert URL without a scheme)"
+    authority = re.split(r"[/?#]", rest, maxsplit=1)[0]
+    return scheme + "://" + authority.rpartition("@")[2] + ("/..." if len(authority) < len(rest) else "")
+
+
+ALERT_URL_SHOWN = _url_shown(ALERT_URL) if ALERT_URL else ""
 ALERT_TOKEN_FILE = os.environ.get("TRUNKGUARD_ALERT_TOKEN_FILE", "")
 # The DMQ listener ("ip:port"); empty: no DMQ, KDMQ is an unknown method like any other.
 DMQ = os.environ.get("TRUNKGUARD_DMQ", "")
@@ -94,6 +108,10 @@ CORE_SOCKETS = _sockets("TRUNKGUARD_CORE_SOCKETS")
 KV_TABLE = "tg"
 CTL_TABLE = "tgctl"
 STATS_TABLE = "tgstats"
+# The connection each PBX registered over TCP or TLS on, by trunk group
+# (_pbx_connection_gone): a connection id is this node's own, so the table is neither
+# replicated nor stored (kemi-shim.cfg).
+CONN_TABLE = "tgconn"
 
 # How long the timer process keeps trying one delivery before moving to the next
 # file: short, so one dead receiver cannot hold the spool for long.
@@ -807,10 +825,12 @@ class Shim:
         if action == "allow":
             return self._route_allowed(cause, group, strip, insert)
         if action == "route":
-            return self._route_inbound(target, next_hop, strip, insert, failover)
+            return self._route_inbound(target, next_hop, strip, insert, failover, group)
         # challenge, reject, accept: the module's answer, as it wrote it.
         if KSR.is_ACK():
             return -255
+        if action == "accept" and KSR.is_REGISTER() and group:
+            self._keep_pbx_connection(group)
         if not 300 <= code <= 699 and not (action == "accept" and 200 <= code <= 299):
             raise RuntimeError("verdict %s without a usable status code (%r)" % (action, code))
         for name, value in headers:
@@ -945,7 +965,7 @@ class Shim:
         # up in the spool. Written by the timer process, once.
         if getattr(self, "alerts_said", False):
             return
-        text = ("delivered to %s" % ALERT_URL) if ALERT_URL else ("no alert URL: kept in %s, delivered to nobody" % SPOOL_DIR)
+        text = ("delivered to %s" % ALERT_URL_SHOWN) if ALERT_URL else ("no alert URL: kept in %s, delivered to nobody" % SPOOL_DIR)
         if KSR.htable.sht_sets(CTL_TABLE, "alerts", text) >= 0:
             self.alerts_said = True
 
@@ -1303,16 +1323,53 @@ class Shim:
             return "bye"  # marked once it goes
         return False
 
-    def _route_inbound(self, target, next_hop, strip, insert, failover=None):
+    def _route_inbound(self, target, next_hop, strip, insert, failover=None, group=None):
         _check_inserts(insert)
         if not target:
             return self._refuse(500, "Server Internal Error (route without target)")
+        if self._pbx_connection_gone(next_hop or target, group):
+            # As if the PBX were not registered: to the failover (with tm's ordinary
+            # timers, and no failover of its own), or 480.
+            if not failover:
+                return self._refuse(480, "Temporarily Unavailable")
+            KSR.pv.sets("$ru", failover[0])
+            KSR.pv.unset("$du")
+            return self._relay_new(failover[0], strip, insert, customer="callee")
         KSR.pv.sets("$ru", target)
         if next_hop:
             KSR.pv.sets("$du", next_hop)
         if failover and KSR.is_INVITE():
             self._arm_failover(*failover)
         return self._relay_new(next_hop or target, strip, insert, customer="callee")
+
+    # --- a PBX registered over TCP or TLS: its own connection (docs/kamailio.md) ------
+
+    @staticmethod
+    def _keep_pbx_connection(group):
+        """The connection a PBX's registration came on, for its calls; over UDP there
+        is none."""
+        if KSR.pv.get("$pr") in ("tcp", "tls"):
+            KSR.htable.sht_seti(CONN_TABLE, group, KSR.pv.get("$conid") or 0)
+        else:
+            KSR.htable.sht_rm(CONN_TABLE, group)
+
+    @staticmethod
+    def _pbx_connection_gone(hop, group):
+        """Whether a PBX registered over TCP or TLS lost the connection it registered
+        on. Kamailio sends to a TCP hop over whichever connection has that address
+        now: once the PBX's is gone (a NAT's idle timeout, a reboot) the next one from
+        its address and port may be anyone's behind its NAT, who would get its calls
+        and could answer them. While the connection the PBX registered on lives, no
+        other has its address (TCP's four-tuple), so that one is used. KEMI has no
+        tcp_get_conid, which the native cfg asks instead."""
+        if re.search(r"(?i);transport=(tcp|tls)(;|$)", hop) is None:
+            return False
+        kept = KSR.htable.sht_get(CONN_TABLE, group or "")
+        alive = isinstance(kept, int) and kept > 0 and KSR.tcpops.tcp_conid_alive(kept) == 1
+        if not alive:
+            KSR.notice("trunkguard: the connection %s registered on to %s is gone; call-id=%s\n"
+                       % (group, hop, KSR.pv.get("$ci")))
+        return not alive
 
     # --- inbound failover (docs/policy.md, "Inbound calls") -------------------------
 
@@ -1588,9 +1645,9 @@ class Shim:
             status, detail = None, str(e)
         outcome = tg.alert_delivery(status)
         if outcome == "refused":
-            KSR.err("trunkguard: alert refused by %s with %d, kept in %s/rejected\n" % (ALERT_URL, status, SPOOL_DIR))
+            KSR.err("trunkguard: alert refused by %s with %d, kept in %s/rejected\n" % (ALERT_URL_SHOWN, status, SPOOL_DIR))
         elif outcome == "retry":
-            KSR.warn("trunkguard: alert delivery to %s failed: %s\n" % (ALERT_URL, detail or status))
+            KSR.warn("trunkguard: alert delivery to %s failed: %s\n" % (ALERT_URL_SHOWN, detail or status))
         return outcome
 
     def _read_token(self):

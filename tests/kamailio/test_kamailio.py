@@ -39,12 +39,14 @@ import signal
 import socket
 import sqlite3
 import stat
+import struct
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 import unittest
+import urllib.parse
 import urllib.request
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -1882,6 +1884,100 @@ class KamailioEdge(unittest.TestCase):
             ep.close()
         self.register_pbx(name="register-after-confirm")
         self.lift_guard("hq-pbx1")
+
+    def test_40_a_tcp_pbxs_calls_go_over_its_own_connection_never_a_strangers_from_its_port(self):
+        # A PBX registered over TCP is reached over the connection it registered on.
+        # Until 2026-12-02 it was reached at its address: once its connection was
+        # gone (a NAT's idle timeout, a reboot) while the registration lived, the
+        # next connection from that address and port, anyone's behind the same NAT,
+        # got its calls and could answer them. Here the stranger takes the port at
+        # once (the PBX's connection was reset, so no TIME_WAIT holds it).
+        # hq-pbx2's failover is 127.0.0.5:5094; a busy PBX's 486 is the caller's.
+        did, port = "+15552220000", 5187
+        core, failover = self.party(CORE), self.party(FAILOVER, FAILOVER_PORT)
+
+        def tcp():
+            ep = sip.Endpoint(PBX, "tcp", KAMAILIO, port=port)
+            self.addCleanup(ep.close)
+            return ep
+
+        def call():
+            call_id = "tcp-pbx-%s@%s" % (os.urandom(6).hex(), CORE)
+            invite = sip.request("INVITE", "sip:%s@%s" % (did, REALM), from_user="+15550001111", to_user=did,
+                                 call_id=call_id, via_ip=CORE, via_port=core.port,
+                                 extra=[("Contact", "<sip:core@%s:%d>" % (CORE, core.port))])
+            core.send(invite, CORE_SOCKET)
+            return call_id
+
+        def final_at_core(call_id):
+            return core.recv(5.0, lambda m: sip.headers(m, "Call-ID", "i") == [call_id] and sip.status(m) >= 200)[0]
+
+        pbx = tcp()
+        self.assertEqual(sip.status(sip.register(pbx, "hq2", "other", 300)), 200)
+        # Its own connection alive: the call reaches it there, and its 486 the core.
+        call_id = call()
+        got = pbx.recv(3.0)
+        self.assertEqual((sip.method(got), sip.headers(got, "Call-ID", "i")), ("INVITE", [call_id]), got)
+        pbx.send(sip.response(got, 486, "Busy Here", to_tag="pbx"))
+        self.assertEqual(sip.status(final_at_core(call_id)), 486)
+        # Gone, and a stranger's connection from the same address and port.
+        pbx.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        pbx.close()
+        time.sleep(0.3)
+        stranger = tcp()
+        keepalive = stranger.final(sip.request("OPTIONS", "sip:%s:%d" % KAMAILIO, from_user="stranger", via_ip=PBX,
+                                               via_port=port, transport="TCP"))
+        self.assertEqual(sip.status(keepalive), 200, keepalive)
+        call_id = call()
+        self.assertIsNone(stranger.recv(1.0), "the stranger's connection got the PBX's call")
+        reached, hop = failover.request("INVITE", 3.0)
+        self.assertIsNotNone(reached, "the call went nowhere (not to the failover)")
+        self.assertEqual(sip.headers(reached, "Call-ID", "i"), [call_id], reached)
+        failover.send(sip.response(reached, 486, "Busy Here", to_tag="fo"), hop)
+        self.assertEqual(sip.status(final_at_core(call_id)), 486)
+        # The PBX comes back on a connection of its own: its calls go there again.
+        stranger.close()
+        time.sleep(0.3)
+        pbx = tcp()
+        self.assertEqual(sip.status(sip.register(pbx, "hq2", "other", 300)), 200)
+        call_id = call()
+        got = pbx.recv(3.0)
+        self.assertEqual(sip.headers(got, "Call-ID", "i"), [call_id], got)
+        pbx.send(sip.response(got, 486, "Busy Here", to_tag="pbx"))
+        self.assertEqual(sip.status(final_at_core(call_id)), 486)
+        self.assertEqual(sip.status(sip.register(pbx, "hq2", "other", 0)), 200)
+
+    def test_41_the_alert_url_is_on_no_command_line_and_in_no_log_or_status(self):
+        # A webhook's URL is often its secret (in its path, its query). Until
+        # 2026-12-02 the module's edge had it on Kamailio's command line, which every
+        # local user reads (ps), and both engines wrote it whole into their log lines
+        # and `tgctl status`: now the scheme, host and port only.
+        path = urllib.parse.urlsplit(self.webhook.url).path
+        shown = "http://127.0.0.1:%d/..." % self.webhook.server_address[1]
+        self.webhook.down = True
+        try:
+            refused = self.webhook.refused
+            # A source of its own, so the blocked call's alert is sent, not counted.
+            self.assert_passed(self.uac("p2p-url-secret", "call-refused.xml", "127.0.0.97", P2P))
+            wait_for("a refused delivery", lambda: self.webhook.refused > refused)
+            wait_for("the failed delivery's log line",
+                     lambda: "alert delivery to %s failed" % shown in self.kamailio_log())
+        finally:
+            self.webhook.down = False
+        status = self.tgctl("status")
+        self.assertIn(shown, status.stdout, status.stdout + status.stderr)
+        cmdlines = []
+        for entry in os.listdir("/proc"):
+            try:
+                with open("/proc/%s/cmdline" % entry, "rb") as f:
+                    cmdline = f.read().decode("latin-1")
+            except OSError:
+                continue
+            if "kamailio" in cmdline and self.state in cmdline:
+                cmdlines.append(cmdline)
+        self.assertTrue(cmdlines, "no Kamailio process of this edge found")
+        for text in cmdlines + [status.stdout, self.kamailio_log()]:
+            self.assertNotIn(path, text)
 
 
 def sipp_times(log, direction, first_line):

@@ -132,6 +132,9 @@ extern rpc_export_t tg_rpc_cmds[];
 /* tg_timer.c */
 int tg_spool(const tg_str *alert);
 int tg_spool_count(void);
+/* The alert URL as logs and the RPC show it: scheme, host and port only (a webhook's
+ * secret is often its path, its query or its userinfo). */
+void tg_url_shown(const char *url, char *out, size_t size);
 void tg_timer(unsigned int ticks, void *param);
 
 #endif

@@ -121,7 +121,7 @@ static void tg_rpc_status(rpc_t *rpc, void *ctx)
 	memcpy(config, tg_pub->config, sizeof(config));
 	lock_release(&tg_pub->lock);
 	if(tg_alert_url != NULL)
-		snprintf(alerts, sizeof(alerts), "%s", tg_alert_url);
+		tg_url_shown(tg_alert_url, alerts, sizeof(alerts));
 	else
 		/* The shim's words (trunkguard_kemi.py), so tgctl says the same of either. */
 		snprintf(alerts, sizeof(alerts),

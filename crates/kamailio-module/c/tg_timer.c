@@ -177,7 +177,7 @@ static void tg_deliver(void)
 	DIR *d;
 	struct dirent *e;
 	char *names[TG_DELIVERY_BATCH];
-	char path[PATH_MAX], err[TG_ERR_LEN];
+	char path[PATH_MAX], err[TG_ERR_LEN], shown[256];
 	int count = 0, i, status, delivery;
 	uint64_t now, deadline;
 	char *body;
@@ -218,6 +218,7 @@ static void tg_deliver(void)
 	closedir(d);
 	qsort(names, count, sizeof(char *), tg_name_cmp);
 	deadline = now + 2 * TG_DELIVERY_TIMEOUT_MS;
+	tg_url_shown(tg_alert_url, shown, sizeof(shown));
 	tg_read_token();
 	for(i = 0; i < count; i++) {
 		if(tg_now_ms() > deadline)
@@ -237,16 +238,16 @@ static void tg_deliver(void)
 		} else if(delivery < 0) {
 			/* The receiver will never take this one (a bad token, malformed for
 			 * it): kept aside for the operator instead of retried forever. */
-			LM_ERR("trunkguard: alert refused by %s with %d, kept in %s/rejected\n", tg_alert_url,
+			LM_ERR("trunkguard: alert refused by %s with %d, kept in %s/rejected\n", shown,
 					status, tg_spool_dir);
 			tg_set_aside(names[i]);
 		} else {
 			/* Keep it, and everything after it, for the next attempt. */
 			update_stat(tg_st_alerts_retried, 1);
 			if(status < 0)
-				LM_WARN("alert delivery to %s failed: %s\n", tg_alert_url, err);
+				LM_WARN("alert delivery to %s failed: %s\n", shown, err);
 			else
-				LM_WARN("alert delivery to %s failed: HTTP %d\n", tg_alert_url, status);
+				LM_WARN("alert delivery to %s failed: HTTP %d\n", shown, status);
 			tg_next_delivery = tg_now_ms() + tg_backoff;
 			tg_backoff = tg_backoff * 2 > TG_RETRY_MAX_MS ? TG_RETRY_MAX_MS : tg_backoff * 2;
 			break;
@@ -284,4 +285,28 @@ void tg_timer(unsigned int ticks, void *param)
 			LM_NOTICE("%.*s\n", (int)lines[i].len, lines[i].s);
 	}
 	tg_deliver();
+}
+
+void tg_url_shown(const char *url, char *out, size_t size)
+{
+	const char *scheme_end, *host, *end, *at;
+
+	if(size == 0)
+		return;
+	out[0] = '\0';
+	if(url == NULL)
+		return;
+	scheme_end = strstr(url, "://");
+	if(scheme_end == NULL) {
+		snprintf(out, size, "(an alert URL without a scheme)");
+		return;
+	}
+	host = scheme_end + 3;
+	end = host + strcspn(host, "/?#");
+	/* userinfo@host: only what follows the authority's last '@' */
+	for(at = host; at < end; at++)
+		if(*at == '@')
+			host = at + 1;
+	snprintf(out, size, "%.*s%.*s%s", (int)(scheme_end + 3 - url), url, (int)(end - host),
+			host, *end != '\0' ? "/..." : "");
 }
