@@ -72,14 +72,31 @@ def _url_shown(url):
     """An alert URL as the logs and `tgctl status` show it: scheme, host and port
     only (a webhook's secret is often its path, its query or its userinfo), as the
     module's tg_url_shown."""
-    scheme, sep, rest = url.partition("://")
-    if not sep:
+    scheme = re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", url)
+    if scheme is None:
         return "(an alert URL without a scheme)"
+    rest = url[scheme.end():]
     authority = re.split(r"[/?#]", rest, maxsplit=1)[0]
-    return scheme + "://" + authority.rpartition("@")[2] + ("/..." if len(authority) < len(rest) else "")
+    if "@" in rest[len(authority):]:
+        # A password with an unencoded "/" would leave part of it for the host.
+        return scheme.group(0) + "..."
+    return scheme.group(0) + authority.rpartition("@")[2] + ("/..." if len(authority) < len(rest) else "")
 
 
 ALERT_URL_SHOWN = _url_shown(ALERT_URL) if ALERT_URL else ""
+
+
+def _connection_of(hop):
+    """The id of the connection Kamailio would send to `hop` over (tcpops'
+    tcp_get_conid, through KSR.x.modf: KSR.tcpops lacks it), 0 when none has its
+    address; None when `hop` names neither TCP nor TLS."""
+    m = re.match(r"(?i)sips?:(?:[^@;>]*@)?(\[[0-9a-f:.]+\]|[^:;>]+)(?::(\d+))?[^>]*?;transport=(tcp|tls)(?:;|$)", hop)
+    if m is None:
+        return None
+    port = m.group(2) or ("5061" if m.group(3).lower() == "tls" else "5060")
+    KSR.pv.seti("$var(tg_conid_now)", 0)
+    KSR.x.modf("tcp_get_conid", "%s:%s" % (m.group(1), port), "$var(tg_conid_now)")
+    return KSR.pv.get("$var(tg_conid_now)") or 0
 ALERT_TOKEN_FILE = os.environ.get("TRUNKGUARD_ALERT_TOKEN_FILE", "")
 # The DMQ listener ("ip:port"); empty: no DMQ, KDMQ is an unknown method like any other.
 DMQ = os.environ.get("TRUNKGUARD_DMQ", "")
@@ -217,6 +234,9 @@ DLG_CALLER, DLG_CALLER_SOCKET = "tg_caller", "tg_caller_sock"
 DLG_CALLEE, DLG_CALLEE_SOCKET = "tg_callee", "tg_callee_sock"
 # The trunk group's party, "caller" or "callee": held to its address (_party_sent).
 DLG_CUSTOMER = "tg_customer"
+# The PBX's hop over TCP or TLS and the connection its call began on
+# (_pbx_connection_held), as kamailio.cfg's route[PBX_CONNECTION_HELD].
+DLG_PBX_HOP, DLG_PBX_CONID = "tg_pbx_hop", "tg_pbx_conid"
 # A socket variable the module sets after a failover whose branch had none.
 NO_SOCKET = "-"
 # A Record-Route entry as rr writes this edge's: a host and port, and only the
@@ -1090,7 +1110,10 @@ class Shim:
                 KSR.err("trunkguard: TRUNKGUARD_CARRIER is not set; refusing %s\n" % (KSR.pv.get("$rm"),))
                 return self._refuse(503, "Service Unavailable (no carrier configured)")
             KSR.pv.sets("$du", CARRIER)
-            return self._relay_new(CARRIER, strip, insert, customer="caller")
+            # The PBX calls: over TCP or TLS, its call's requests go back on this
+            # connection.
+            conid = (KSR.pv.get("$conid") or 0) if KSR.pv.get("$pr") in ("tcp", "tls") else 0
+            return self._relay_new(CARRIER, strip, insert, customer="caller", pbx_conid=conid)
         return self._unroutable(cause)
 
     def _unroutable(self, cause):
@@ -1169,6 +1192,8 @@ class Shim:
             route_set = self._route_set_of(hop == DLG_CALLEE) if hop_uri else None
             if hop_uri and route_set is None:
                 return self._refuse_route_set()
+            if hop_uri and not self._pbx_connection_held(hop_uri):
+                return self._refuse(480, "Temporarily Unavailable")
             if hop_uri:
                 if not self._write_route_set(route_set):
                     return self._refuse_route_set()
@@ -1327,7 +1352,11 @@ class Shim:
         _check_inserts(insert)
         if not target:
             return self._refuse(500, "Server Internal Error (route without target)")
-        if self._pbx_connection_gone(next_hop or target, group):
+        # A registration's call has the binding's address for its next hop; without
+        # one the target is a failover or a configured hop, which registered on
+        # nothing.
+        conid = self._pbx_connection(next_hop, group) if next_hop else None
+        if conid == 0:
             # As if the PBX were not registered: to the failover (with tm's ordinary
             # timers, and no failover of its own), or 480.
             if not failover:
@@ -1340,36 +1369,53 @@ class Shim:
             KSR.pv.sets("$du", next_hop)
         if failover and KSR.is_INVITE():
             self._arm_failover(*failover)
-        return self._relay_new(next_hop or target, strip, insert, customer="callee")
+        return self._relay_new(next_hop or target, strip, insert, customer="callee", pbx_conid=conid or 0)
 
     # --- a PBX registered over TCP or TLS: its own connection (docs/kamailio.md) ------
 
     @staticmethod
     def _keep_pbx_connection(group):
-        """The connection a PBX's registration came on, for its calls; over UDP there
-        is none."""
-        if KSR.pv.get("$pr") in ("tcp", "tls"):
+        """The connection a PBX's registration came on, for its calls. Over UDP there
+        is none, and what a registration over TCP kept is never asked for a UDP hop."""
+        # A query (no Contact) binds nothing: from another connection it would move
+        # the PBX's calls off the one its binding names.
+        if KSR.pv.get("$pr") in ("tcp", "tls") and KSR.hdr.is_present("Contact") > 0:
             KSR.htable.sht_seti(CONN_TABLE, group, KSR.pv.get("$conid") or 0)
-        else:
-            KSR.htable.sht_rm(CONN_TABLE, group)
 
     @staticmethod
-    def _pbx_connection_gone(hop, group):
-        """Whether a PBX registered over TCP or TLS lost the connection it registered
-        on. Kamailio sends to a TCP hop over whichever connection has that address
-        now: once the PBX's is gone (a NAT's idle timeout, a reboot) the next one from
-        its address and port may be anyone's behind its NAT, who would get its calls
-        and could answer them. While the connection the PBX registered on lives, no
-        other has its address (TCP's four-tuple), so that one is used. KEMI has no
-        tcp_get_conid, which the native cfg asks instead."""
-        if re.search(r"(?i);transport=(tcp|tls)(;|$)", hop) is None:
-            return False
+    def _pbx_connection(hop, group):
+        """The connection a PBX registered over TCP or TLS on, while it is the one
+        with the PBX's address; 0 once it is not; None for a hop over UDP. Kamailio
+        sends to a TCP hop over whichever connection has that address now, the newest
+        first, whatever listener it came in on: once the PBX's is gone (a NAT's idle
+        timeout, a reboot), or while a stale one lingers, the next one from its
+        address and port may be anyone's behind its NAT, who would get its calls and
+        could answer them."""
         kept = KSR.htable.sht_get(CONN_TABLE, group or "")
-        alive = isinstance(kept, int) and kept > 0 and KSR.tcpops.tcp_conid_alive(kept) == 1
-        if not alive:
-            KSR.notice("trunkguard: the connection %s registered on to %s is gone; call-id=%s\n"
-                       % (group, hop, KSR.pv.get("$ci")))
-        return not alive
+        now = _connection_of(hop)
+        if now is None:
+            return None
+        if isinstance(kept, int) and kept > 0 and now == kept:
+            return kept
+        KSR.notice("trunkguard: the connection %s registered on to %s is gone; call-id=%s\n"
+                   % (group, hop, KSR.pv.get("$ci")))
+        return 0
+
+    @staticmethod
+    def _pbx_connection_held(hop):
+        """Whether an in-dialog request for `hop` may go: any hop but the PBX's over
+        TCP or TLS, and that one while the connection its call began on (its
+        INVITE's, or the one it registered on for the core's call) is the one with
+        its address."""
+        if not hop or hop != KSR.pv.get("$dlg_var(%s)" % DLG_PBX_HOP):
+            return True
+        conid = KSR.pv.get("$dlg_var(%s)" % DLG_PBX_CONID) or ""
+        now = _connection_of(hop)
+        if now is None or (conid.isdigit() and int(conid) > 0 and now == int(conid)):
+            return True
+        KSR.notice("trunkguard: the connection of the call's PBX to %s is gone; %s call-id=%s\n"
+                   % (hop, KSR.pv.get("$rm"), KSR.pv.get("$ci")))
+        return False
 
     # --- inbound failover (docs/policy.md, "Inbound calls") -------------------------
 
@@ -1461,7 +1507,7 @@ class Shim:
             KSR.err("trunkguard: inbound failover: %s; the caller gets the failover's answer\n" % (e,))
         return 1
 
-    def _relay_new(self, hop, strip, insert, customer):
+    def _relay_new(self, hop, strip, insert, customer, pbx_conid=0):
         """A dialog-creating request to `hop` (the carrier, a PBX): record-routed,
         and for an INVITE a dialog is created whose variables remember both parties'
         hops, so that its in-dialog requests can be sent on (_route_in_dialog)."""
@@ -1496,6 +1542,10 @@ class Shim:
             KSR.pv.sets("$dlg_var(%s)" % DLG_CALLEE, hop)
             KSR.pv.sets("$dlg_var(%s)" % DLG_CALLEE_SOCKET, KSR.pv.get("$fs") or "")
             KSR.pv.sets("$dlg_var(%s)" % DLG_CUSTOMER, customer)
+            if pbx_conid:
+                pbx_hop = KSR.pv.get("$dlg_var(%s)" % (DLG_CALLER if customer == "caller" else DLG_CALLEE))
+                KSR.pv.sets("$dlg_var(%s)" % DLG_PBX_HOP, pbx_hop or "")
+                KSR.pv.sets("$dlg_var(%s)" % DLG_PBX_CONID, str(pbx_conid))
             KSR.tm.t_on_reply("ksr_onreply_early")
         KSR.rr.record_route()
         return self._relay(strip, insert)
@@ -1647,7 +1697,8 @@ class Shim:
         if outcome == "refused":
             KSR.err("trunkguard: alert refused by %s with %d, kept in %s/rejected\n" % (ALERT_URL_SHOWN, status, SPOOL_DIR))
         elif outcome == "retry":
-            KSR.warn("trunkguard: alert delivery to %s failed: %s\n" % (ALERT_URL_SHOWN, detail or status))
+            KSR.warn("trunkguard: alert delivery to %s failed: %s\n"
+                     % (ALERT_URL_SHOWN, str(detail or status).replace(ALERT_URL, ALERT_URL_SHOWN)))
         return outcome
 
     def _read_token(self):

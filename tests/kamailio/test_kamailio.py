@@ -29,6 +29,7 @@ Run by scripts/test-kamailio, which installs Kamailio, sipp and the extension fi
 The tests run in order (one Kamailio, one shared state), each bounded in time.
 """
 
+import fcntl
 import hashlib
 import http.server
 import json
@@ -1885,67 +1886,216 @@ class KamailioEdge(unittest.TestCase):
         self.register_pbx(name="register-after-confirm")
         self.lift_guard("hq-pbx1")
 
+    # --- a PBX registered over TCP: its own connection (docs/kamailio.md) -------------
+
+    TCP_PBX_PORT = 5187
+
+    def tcp_pbx(self):
+        """hq-pbx2's TCP connection from 127.0.0.2:5187 (a stranger's, once the PBX's
+        is gone: the port is taken again at once). Closed, it is reset: no TIME_WAIT
+        holds the port (for the next test's, too)."""
+        ep = sip.Endpoint(PBX, "tcp", KAMAILIO, port=self.TCP_PBX_PORT)
+        ep.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.addCleanup(ep.close)
+        return ep
+
+    @staticmethod
+    def reset(ep):
+        """The connection gone, as a NAT that forgot it or a PBX that rebooted
+        leaves it."""
+        ep.close()
+        time.sleep(0.3)
+
+    def stranger_on_the_pbxs_port(self):
+        stranger = self.tcp_pbx()
+        keepalive = stranger.final(sip.request("OPTIONS", "sip:%s:%d" % KAMAILIO, from_user="stranger", via_ip=PBX,
+                                               via_port=self.TCP_PBX_PORT, transport="TCP"))
+        self.assertEqual(sip.status(keepalive), 200, keepalive)
+        return stranger
+
+    @staticmethod
+    def core_invite(core, did):
+        """The core's INVITE for `did`, sent; returns it."""
+        call_id = "tcp-pbx-%s@%s" % (os.urandom(6).hex(), CORE)
+        invite = sip.request("INVITE", "sip:%s@%s" % (did, REALM), from_user="+15550001111", to_user=did,
+                             call_id=call_id, via_ip=CORE, via_port=core.port,
+                             extra=[("Contact", "<sip:core@%s:%d>" % (CORE, core.port))])
+        core.send(invite, CORE_SOCKET)
+        return invite.decode("latin-1")
+
+    @staticmethod
+    def final_for(party, request):
+        call_id = sip.headers(request, "Call-ID", "i")
+        return party.recv(5.0, lambda m: sip.headers(m, "Call-ID", "i") == call_id and sip.status(m) >= 200)[0]
+
     def test_40_a_tcp_pbxs_calls_go_over_its_own_connection_never_a_strangers_from_its_port(self):
         # A PBX registered over TCP is reached over the connection it registered on.
         # Until 2026-12-02 it was reached at its address: once its connection was
         # gone (a NAT's idle timeout, a reboot) while the registration lived, the
         # next connection from that address and port, anyone's behind the same NAT,
-        # got its calls and could answer them. Here the stranger takes the port at
-        # once (the PBX's connection was reset, so no TIME_WAIT holds it).
-        # hq-pbx2's failover is 127.0.0.5:5094; a busy PBX's 486 is the caller's.
-        did, port = "+15552220000", 5187
+        # got its calls and could answer them. hq-pbx2's failover is 127.0.0.5:5094;
+        # a busy PBX's 486 is the caller's.
+        did = "+15552220000"
         core, failover = self.party(CORE), self.party(FAILOVER, FAILOVER_PORT)
-
-        def tcp():
-            ep = sip.Endpoint(PBX, "tcp", KAMAILIO, port=port)
-            self.addCleanup(ep.close)
-            return ep
-
-        def call():
-            call_id = "tcp-pbx-%s@%s" % (os.urandom(6).hex(), CORE)
-            invite = sip.request("INVITE", "sip:%s@%s" % (did, REALM), from_user="+15550001111", to_user=did,
-                                 call_id=call_id, via_ip=CORE, via_port=core.port,
-                                 extra=[("Contact", "<sip:core@%s:%d>" % (CORE, core.port))])
-            core.send(invite, CORE_SOCKET)
-            return call_id
-
-        def final_at_core(call_id):
-            return core.recv(5.0, lambda m: sip.headers(m, "Call-ID", "i") == [call_id] and sip.status(m) >= 200)[0]
-
-        pbx = tcp()
+        pbx = self.tcp_pbx()
         self.assertEqual(sip.status(sip.register(pbx, "hq2", "other", 300)), 200)
         # Its own connection alive: the call reaches it there, and its 486 the core.
-        call_id = call()
+        invite = self.core_invite(core, did)
         got = pbx.recv(3.0)
-        self.assertEqual((sip.method(got), sip.headers(got, "Call-ID", "i")), ("INVITE", [call_id]), got)
+        self.assertEqual((sip.method(got), sip.headers(got, "Call-ID", "i")),
+                         ("INVITE", sip.headers(invite, "Call-ID", "i")), got)
         pbx.send(sip.response(got, 486, "Busy Here", to_tag="pbx"))
-        self.assertEqual(sip.status(final_at_core(call_id)), 486)
+        self.assertEqual(sip.status(self.final_for(core, invite)), 486)
         # Gone, and a stranger's connection from the same address and port.
-        pbx.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        pbx.close()
-        time.sleep(0.3)
-        stranger = tcp()
-        keepalive = stranger.final(sip.request("OPTIONS", "sip:%s:%d" % KAMAILIO, from_user="stranger", via_ip=PBX,
-                                               via_port=port, transport="TCP"))
-        self.assertEqual(sip.status(keepalive), 200, keepalive)
-        call_id = call()
+        self.reset(pbx)
+        stranger = self.stranger_on_the_pbxs_port()
+        invite = self.core_invite(core, did)
         self.assertIsNone(stranger.recv(1.0), "the stranger's connection got the PBX's call")
         reached, hop = failover.request("INVITE", 3.0)
         self.assertIsNotNone(reached, "the call went nowhere (not to the failover)")
-        self.assertEqual(sip.headers(reached, "Call-ID", "i"), [call_id], reached)
+        self.assertEqual(sip.headers(reached, "Call-ID", "i"), sip.headers(invite, "Call-ID", "i"), reached)
         failover.send(sip.response(reached, 486, "Busy Here", to_tag="fo"), hop)
-        self.assertEqual(sip.status(final_at_core(call_id)), 486)
+        self.assertEqual(sip.status(self.final_for(core, invite)), 486)
         # The PBX comes back on a connection of its own: its calls go there again.
-        stranger.close()
-        time.sleep(0.3)
-        pbx = tcp()
+        self.reset(stranger)
+        pbx = self.tcp_pbx()
         self.assertEqual(sip.status(sip.register(pbx, "hq2", "other", 300)), 200)
-        call_id = call()
+        invite = self.core_invite(core, did)
         got = pbx.recv(3.0)
-        self.assertEqual(sip.headers(got, "Call-ID", "i"), [call_id], got)
+        self.assertEqual(sip.headers(got, "Call-ID", "i"), sip.headers(invite, "Call-ID", "i"), got)
         pbx.send(sip.response(got, 486, "Busy Here", to_tag="pbx"))
-        self.assertEqual(sip.status(final_at_core(call_id)), 486)
+        self.assertEqual(sip.status(self.final_for(core, invite)), 486)
         self.assertEqual(sip.status(sip.register(pbx, "hq2", "other", 0)), 200)
+
+    def test_40b_a_tcp_pbxs_calls_requests_go_over_the_calls_connection_never_a_strangers(self):
+        # As test_40, within a call: the core's call to the PBX, and the PBX's own
+        # call to the carrier, each answered; the PBX's connection reset and a
+        # stranger's from its port. Until 2026-12-02 the far end's in-dialog
+        # requests (an INFO, a re-INVITE with its SDP, the BYE) went to the stranger.
+        core, carrier = self.party(CORE), self.party("127.0.0.1", CARRIER_PORT)
+        pbx = self.tcp_pbx()
+        self.assertEqual(sip.status(sip.register(pbx, "hq2", "other", 300)), 200)
+        dialogs = []
+        # The core's call, answered by the PBX.
+        invite = self.core_invite(core, "+15552220000")
+        got = pbx.recv(3.0)
+        self.assertEqual(sip.method(got), "INVITE", got)
+        pbx.send(sip.response(got, 200, "OK", to_tag="pbx-in", contact="<sip:hq2@%s:%d;transport=tcp>"
+                              % (PBX, self.TCP_PBX_PORT)))
+        ok = self.final_for(core, invite)
+        self.assertEqual(sip.status(ok), 200, ok)
+        dialogs.append(sip.Dialog(core, sip.headers(invite, "Call-ID", "i")[0],
+                                  "sip:+15550001111@%s" % REALM, sip.tag_of(sip.headers(invite, "From")[0]),
+                                  "sip:+15552220000@%s" % REALM, "pbx-in",
+                                  list(reversed(sip.headers(ok, "Record-Route"))),
+                                  re.sub(r"^<|>.*$", "", sip.headers(ok, "Contact")[0]), 1))
+        # The PBX's call to the carrier, with its credentials, answered there.
+        ruri = "sip:+15553330000@%s" % REALM
+        call_id, ftag = "tcp-out-%s@%s" % (os.urandom(6).hex(), PBX), os.urandom(4).hex()
+
+        def pbx_invite(cseq, auth=()):
+            data = sip.request("INVITE", ruri, from_user="hq2", to_user="+15553330000", call_id=call_id, cseq=cseq,
+                               via_ip=PBX, via_port=self.TCP_PBX_PORT, transport="TCP",
+                               extra=[("Contact", "<sip:hq2@%s:%d;transport=tcp>" % (PBX, self.TCP_PBX_PORT))]
+                               + list(auth))
+            return re.sub(rb"(\r\nFrom: [^\r]*;tag=)[0-9a-f]+", lambda m: m.group(1) + ftag.encode(), data, count=1)
+
+        challenge = pbx.final(pbx_invite(1))
+        self.assertEqual(sip.status(challenge), 407, challenge)
+        pbx.send(pbx_invite(2, [sip.authorization(sip.header(challenge, "Proxy-Authenticate"), "INVITE", ruri,
+                                                  "hq2", "other", "Proxy-Authorization")]))
+        out, hop = carrier.request("INVITE", 3.0)
+        self.assertIsNotNone(out, "the PBX's call never reached the carrier")
+        carrier.send(sip.response(out, 200, "OK", to_tag="carrier", contact="<sip:carrier@127.0.0.1:%d>"
+                                  % CARRIER_PORT), hop)
+        answered = pbx.recv(3.0)
+        while sip.status(answered) == 100:
+            answered = pbx.recv(3.0)
+        self.assertEqual(sip.status(answered), 200, answered)
+        dialogs.append(sip.Dialog(carrier, call_id, "sip:+15553330000@%s" % REALM, "carrier",
+                                  "sip:hq2@%s" % REALM, ftag, list(sip.headers(out, "Record-Route")),
+                                  "sip:hq2@%s:%d;transport=tcp" % (PBX, self.TCP_PBX_PORT), 0))
+        # Both calls' requests reach the PBX over its connection while it lives.
+        for far in dialogs:
+            far.send("INFO")
+            got = pbx.recv(3.0)
+            self.assertEqual((sip.method(got), sip.headers(got, "Call-ID", "i")), ("INFO", [far.call_id]), got)
+            pbx.send(sip.response(got, 200, "OK"))
+            answer, _ = far.party.final()
+            self.assertEqual(sip.status(answer), 200, answer)
+        self.reset(pbx)
+        stranger = self.stranger_on_the_pbxs_port()
+        for far in dialogs:
+            for name in ("INFO", "BYE"):
+                far.send(name)
+                self.assertIsNone(stranger.recv(1.0), "the stranger got the %s of %s" % (name, far.call_id))
+                answer, _ = far.party.final()
+                self.assertEqual(sip.status(answer), 480, answer)
+        self.reset(stranger)
+        pbx = self.tcp_pbx()
+        self.assertEqual(sip.status(sip.register(pbx, "hq2", "other", 0)), 200)
+
+    def test_40c_a_tcp_failover_is_called_and_without_a_failover_a_gone_pbx_gets_480(self):
+        # The connection check is a registration's: a failover over TCP, called when
+        # the PBX's connection is gone and when nothing is registered (the verdict's
+        # target is the failover itself then), is called over whatever connection
+        # reaches it. Without a failover, the gone PBX's call gets 480.
+        did, core = "+15552220000", self.party(CORE)
+        config = trunk_config()
+        (group,) = [g for loc in config["locations"] for g in loc["trunk_groups"] if g["id"] == "hq-pbx2"]
+        group["failover"] = "sip:%s@%s:%d;transport=tcp" % (did, FAILOVER, FAILOVER_PORT)
+        self.addCleanup(self.tgctl, "publish-config", self.config)
+        out = self.tgctl("publish-config", self.write_config(config, os.path.join(self.workdir, "tcp-failover.json")))
+        self.assertEqual(out.returncode, 0, out.stdout + out.stderr)
+        far = self.far_end(FAILOVER, FAILOVER_PORT)
+
+        def reached_failover(invite):
+            call_id = sip.headers(invite, "Call-ID", "i")[0]
+            return wait_for("the INVITE at the failover over TCP",
+                            lambda: [m for m in far.received(0.1) if call_id in m and m.startswith("INVITE ")])
+
+        pbx = self.tcp_pbx()
+        self.assertEqual(sip.status(sip.register(pbx, "hq2", "other", 300)), 200)
+        self.reset(pbx)
+        reached_failover(self.core_invite(core, did))
+        pbx = self.tcp_pbx()
+        self.assertEqual(sip.status(sip.register(pbx, "hq2", "other", 0)), 200)
+        self.reset(pbx)
+        reached_failover(self.core_invite(core, did))
+        del group["failover"]
+        out = self.tgctl("publish-config", self.write_config(config, os.path.join(self.workdir, "no-failover.json")))
+        self.assertEqual(out.returncode, 0, out.stdout + out.stderr)
+        pbx = self.tcp_pbx()
+        self.assertEqual(sip.status(sip.register(pbx, "hq2", "other", 300)), 200)
+        self.reset(pbx)
+        self.assertEqual(sip.status(self.final_for(core, self.core_invite(core, did))), 480)
+        pbx = self.tcp_pbx()
+        self.assertEqual(sip.status(sip.register(pbx, "hq2", "other", 0)), 200)
+
+    def test_42_a_publication_waits_for_the_one_in_progress(self):
+        # Two publications at once could lose one while both said "ok" (with the
+        # module, a new .wasm went with the configuration in force as tgctl had read
+        # it). A publication now waits for the one in progress: here one that holds
+        # the lock for three seconds, in which the new configuration is not in force.
+        config = trunk_config(window_s=ALERT_WINDOW_S + 1)
+        path = self.write_config(config, os.path.join(self.workdir, "config-waits.json"))
+        with open(path, "rb") as f:
+            name = "config-%s.json" % hashlib.sha256(f.read()).hexdigest()[:16]
+        self.addCleanup(self.tgctl, "publish-config", self.config)
+        with open(os.path.join(self.state, "publish.lock"), "a", encoding="utf-8") as held:
+            fcntl.flock(held, fcntl.LOCK_EX)
+            waiting = subprocess.Popen([TGCTL, "--state", self.state, "publish-config", path],
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            try:
+                time.sleep(3)
+                self.assertNotIn(name, self.tgctl("status").stdout, "published while another publication was on")
+            finally:
+                fcntl.flock(held, fcntl.LOCK_UN)
+        out, err = waiting.communicate(timeout=30)
+        self.assertEqual(waiting.returncode, 0, out + err)
+        self.assertIn("waiting for another publication to end", err)
+        self.assertIn(name, out)
+        self.assertIn(name, self.tgctl("status").stdout)
 
     def test_41_the_alert_url_is_on_no_command_line_and_in_no_log_or_status(self):
         # A webhook's URL is often its secret (in its path, its query). Until
@@ -2454,8 +2604,9 @@ class AlertRelayChain(unittest.TestCase):
         self.assertEqual((alert["kind"], alert["cause"], alert["trunk_group"]),
                          ("blocked_call", "not_in_access_list", "branch-p2p"), alert)
         self.assertTrue(alert["source"].startswith(intruder + ":"), alert)
-        self.assertRegex(self.kamailio_log(), r"trunkguard: alert refused by %s with 401, kept in \S+/spool/rejected"
-                         % re.escape(self.url))
+        # The URL as logs show it: scheme, host and port (test_41).
+        self.assertRegex(self.kamailio_log(), r"trunkguard: alert refused by %s/\.\.\. with 401, kept in "
+                         r"\S+/spool/rejected" % re.escape(self.url.split("/v1/")[0]))
         counters = wait_for("alerts.rejected", lambda: (lambda c: c.get("alerts.rejected") and c)(self.counters()))
         self.assertEqual(counters["alerts.rejected"], 1, counters)
         # Set aside once, not retried: after a few timer ticks, the same one file, the

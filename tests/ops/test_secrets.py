@@ -10,6 +10,7 @@ docs/deployment.md, "Paths".
     python3 -m unittest -v tests/ops/test_secrets.py
 """
 
+import fcntl
 import glob
 import hashlib
 import json
@@ -19,6 +20,7 @@ import stat
 import subprocess
 import tempfile
 import textwrap
+import time
 import unittest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -231,6 +233,33 @@ class SecretFiles(unittest.TestCase):
         self.run_tool(ENVOY_PUBLISH, "--state", state, "--on-refusal", "close")
         self.assertEqual(mode(ecds), 0o600)
         self.assertEqual([n for n in os.listdir(os.path.join(state, "tmp"))], [])
+
+    def test_envoy_publish_waits_for_the_one_in_progress(self):
+        # A publication reads the resource in force and writes it back with what it
+        # changes (a new .wasm keeps the configuration): two at once could lose one
+        # while both said "published". One at a time, under STATE/publish.lock: here
+        # a publication in progress holds it for a second and a half.
+        state = os.path.join(self.work, "envoy")
+        config = self.config_copy(ENVOY_TRUNKS, "config.json")
+        self.run_tool(ENVOY_PUBLISH, "--state", state, "--config", config, "--wasm", ABI_WASM)
+        ecds = os.path.join(state, "ecds", "trunkguard.json")
+        with open(ecds, encoding="utf-8") as f:
+            before = f.read()
+        with open(os.path.join(state, "publish.lock"), "a", encoding="utf-8") as held:
+            fcntl.flock(held, fcntl.LOCK_EX)
+            waiting = subprocess.Popen([ENVOY_PUBLISH, "--state", state, "--on-refusal", "close"],
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            try:
+                time.sleep(1.5)
+                with open(ecds, encoding="utf-8") as f:
+                    self.assertEqual(f.read(), before, "published while another publication was on")
+            finally:
+                fcntl.flock(held, fcntl.LOCK_UN)
+        out, err = waiting.communicate(timeout=60)
+        self.assertEqual(waiting.returncode, 0, out + err)
+        self.assertIn("waiting for another publication to end", err)
+        with open(ecds, encoding="utf-8") as f:
+            self.assertRegex(f.read(), r'on_refusal\\*": \\*"close')
 
     @unittest.skipUnless(os.geteuid() == 0, "needs root: chown")
     def test_envoy_publish_as_root_gives_the_files_to_the_state_owner(self):

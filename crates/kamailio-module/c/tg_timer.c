@@ -12,6 +12,7 @@
  * blindly); retry (unreachable, 5xx, ...), kept, with a backoff doubling from 1 s
  * to 60 s.
  */
+#include <ctype.h>
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -245,7 +246,10 @@ static void tg_deliver(void)
 			/* Keep it, and everything after it, for the next attempt. */
 			update_stat(tg_st_alerts_retried, 1);
 			if(status < 0)
-				LM_WARN("alert delivery to %s failed: %s\n", shown, err);
+				/* The HTTP client's error may quote the URL whole (a URL it
+				 * cannot parse). */
+				LM_WARN("alert delivery to %s failed: %s\n", shown,
+						strstr(err, tg_alert_url) != NULL ? "(its error names the URL)" : err);
 			else
 				LM_WARN("alert delivery to %s failed: HTTP %d\n", shown, status);
 			tg_next_delivery = tg_now_ms() + tg_backoff;
@@ -289,24 +293,34 @@ void tg_timer(unsigned int ticks, void *param)
 
 void tg_url_shown(const char *url, char *out, size_t size)
 {
-	const char *scheme_end, *host, *end, *at;
+	size_t scheme = 0, host, end, k;
 
 	if(size == 0)
 		return;
 	out[0] = '\0';
 	if(url == NULL)
 		return;
-	scheme_end = strstr(url, "://");
-	if(scheme_end == NULL) {
+	/* RFC 3986 3.1: ALPHA *( ALPHA / DIGIT / "+" / "-" / "." ), then "://" */
+	if(isalpha((unsigned char)url[0]))
+		while(isalnum((unsigned char)url[scheme]) || url[scheme] == '+' || url[scheme] == '-'
+				|| url[scheme] == '.')
+			scheme++;
+	if(scheme == 0 || strncmp(url + scheme, "://", 3) != 0) {
 		snprintf(out, size, "(an alert URL without a scheme)");
 		return;
 	}
-	host = scheme_end + 3;
-	end = host + strcspn(host, "/?#");
+	host = scheme + 3;
+	end = host + strcspn(url + host, "/?#");
+	/* An '@' past the authority (a password with an unencoded '/') would leave part
+	 * of the userinfo for the host: the scheme alone then. */
+	if(strchr(url + end, '@') != NULL) {
+		snprintf(out, size, "%.*s...", (int)host, url);
+		return;
+	}
 	/* userinfo@host: only what follows the authority's last '@' */
-	for(at = host; at < end; at++)
-		if(*at == '@')
-			host = at + 1;
-	snprintf(out, size, "%.*s%.*s%s", (int)(scheme_end + 3 - url), url, (int)(end - host),
-			host, *end != '\0' ? "/..." : "");
+	for(k = host; k < end; k++)
+		if(url[k] == '@')
+			host = k + 1;
+	snprintf(out, size, "%.*s%.*s%s", (int)(scheme + 3), url, (int)(end - host), url + host,
+			url[end] != '\0' ? "/..." : "");
 }
