@@ -86,16 +86,31 @@ def _url_shown(url):
 ALERT_URL_SHOWN = _url_shown(ALERT_URL) if ALERT_URL else ""
 
 
-def _connection_of(hop):
+def _error_shown(error):
+    """An HTTP client's error, unless it may quote the URL (in whatever form)."""
+    text = str(error)
+    return "(its error names the URL)" if "://" in text or "@" in text else text
+
+
+def _conid_here(conid):
+    """A connection id as a dialog keeps it: with this Kamailio's start time ($Tb),
+    as the dialog database keeps a call across a restart and ids count again from 1
+    after it (a stranger could open connections until one had the kept number)."""
+    return "%s:%s" % (KSR.pv.get("$Tb"), conid)
+
+
+def _connection_of(msg, hop):
     """The id of the connection Kamailio would send to `hop` over (tcpops'
-    tcp_get_conid, through KSR.x.modf: KSR.tcpops lacks it), 0 when none has its
-    address; None when `hop` names neither TCP nor TLS."""
-    m = re.match(r"(?i)sips?:(?:[^@;>]*@)?(\[[0-9a-f:.]+\]|[^:;>]+)(?::(\d+))?[^>]*?;transport=(tcp|tls)(?:;|$)", hop)
+    tcp_get_conid, which KSR.tcpops lacks, called on the message itself:
+    KSR.x.modf would hand it no message), 0 when none has its address; None when
+    `hop` names neither TCP nor TLS."""
+    m = re.match(r"(?i)sips?:(?:[^@;>]*@)?(\[[0-9a-f:.]+(?:%[0-9a-z]+)?\]|[^:;>$]+)(?::(\d+))?[^>]*?"
+                 r";transport=(tcp|tls)(?:;|$)", hop)
     if m is None:
         return None
     port = m.group(2) or ("5061" if m.group(3).lower() == "tls" else "5060")
     KSR.pv.seti("$var(tg_conid_now)", 0)
-    KSR.x.modf("tcp_get_conid", "%s:%s" % (m.group(1), port), "$var(tg_conid_now)")
+    msg.call_function("tcp_get_conid", "%s:%s" % (m.group(1), port), "$var(tg_conid_now)")
     return KSR.pv.get("$var(tg_conid_now)") or 0
 ALERT_TOKEN_FILE = os.environ.get("TRUNKGUARD_ALERT_TOKEN_FILE", "")
 # The DMQ listener ("ip:port"); empty: no DMQ, KDMQ is an unknown method like any other.
@@ -797,6 +812,8 @@ class Shim:
         return 0
 
     def ksr_request_route(self, msg):
+        # The message, for the module functions KEMI lacks (_connection_of).
+        self.msg = msg
         try:
             return self._request_route()
         except BaseException as e:  # noqa: B036 - a Rust panic arrives as a BaseException
@@ -1382,8 +1399,7 @@ class Shim:
         if KSR.pv.get("$pr") in ("tcp", "tls") and KSR.hdr.is_present("Contact") > 0:
             KSR.htable.sht_seti(CONN_TABLE, group, KSR.pv.get("$conid") or 0)
 
-    @staticmethod
-    def _pbx_connection(hop, group):
+    def _pbx_connection(self, hop, group):
         """The connection a PBX registered over TCP or TLS on, while it is the one
         with the PBX's address; 0 once it is not; None for a hop over UDP. Kamailio
         sends to a TCP hop over whichever connection has that address now, the newest
@@ -1392,7 +1408,7 @@ class Shim:
         address and port may be anyone's behind its NAT, who would get its calls and
         could answer them."""
         kept = KSR.htable.sht_get(CONN_TABLE, group or "")
-        now = _connection_of(hop)
+        now = _connection_of(self.msg, hop)
         if now is None:
             return None
         if isinstance(kept, int) and kept > 0 and now == kept:
@@ -1401,17 +1417,15 @@ class Shim:
                    % (group, hop, KSR.pv.get("$ci")))
         return 0
 
-    @staticmethod
-    def _pbx_connection_held(hop):
+    def _pbx_connection_held(self, hop):
         """Whether an in-dialog request for `hop` may go: any hop but the PBX's over
         TCP or TLS, and that one while the connection its call began on (its
         INVITE's, or the one it registered on for the core's call) is the one with
         its address."""
         if not hop or hop != KSR.pv.get("$dlg_var(%s)" % DLG_PBX_HOP):
             return True
-        conid = KSR.pv.get("$dlg_var(%s)" % DLG_PBX_CONID) or ""
-        now = _connection_of(hop)
-        if now is None or (conid.isdigit() and int(conid) > 0 and now == int(conid)):
+        now = _connection_of(self.msg, hop)
+        if now is None or (now > 0 and KSR.pv.get("$dlg_var(%s)" % DLG_PBX_CONID) == _conid_here(now)):
             return True
         KSR.notice("trunkguard: the connection of the call's PBX to %s is gone; %s call-id=%s\n"
                    % (hop, KSR.pv.get("$rm"), KSR.pv.get("$ci")))
@@ -1545,7 +1559,7 @@ class Shim:
             if pbx_conid:
                 pbx_hop = KSR.pv.get("$dlg_var(%s)" % (DLG_CALLER if customer == "caller" else DLG_CALLEE))
                 KSR.pv.sets("$dlg_var(%s)" % DLG_PBX_HOP, pbx_hop or "")
-                KSR.pv.sets("$dlg_var(%s)" % DLG_PBX_CONID, str(pbx_conid))
+                KSR.pv.sets("$dlg_var(%s)" % DLG_PBX_CONID, _conid_here(pbx_conid))
             KSR.tm.t_on_reply("ksr_onreply_early")
         KSR.rr.record_route()
         return self._relay(strip, insert)
@@ -1698,7 +1712,7 @@ class Shim:
             KSR.err("trunkguard: alert refused by %s with %d, kept in %s/rejected\n" % (ALERT_URL_SHOWN, status, SPOOL_DIR))
         elif outcome == "retry":
             KSR.warn("trunkguard: alert delivery to %s failed: %s\n"
-                     % (ALERT_URL_SHOWN, str(detail or status).replace(ALERT_URL, ALERT_URL_SHOWN)))
+                     % (ALERT_URL_SHOWN, _error_shown(detail or status)))
         return outcome
 
     def _read_token(self):

@@ -246,10 +246,12 @@ static void tg_deliver(void)
 			/* Keep it, and everything after it, for the next attempt. */
 			update_stat(tg_st_alerts_retried, 1);
 			if(status < 0)
-				/* The HTTP client's error may quote the URL whole (a URL it
-				 * cannot parse). */
+				/* The HTTP client's error may quote the URL (one it cannot
+				 * parse, in its own normal form). */
 				LM_WARN("alert delivery to %s failed: %s\n", shown,
-						strstr(err, tg_alert_url) != NULL ? "(its error names the URL)" : err);
+						strstr(err, "://") != NULL || strchr(err, '@') != NULL
+								? "(its error names the URL)"
+								: err);
 			else
 				LM_WARN("alert delivery to %s failed: HTTP %d\n", shown, status);
 			tg_next_delivery = tg_now_ms() + tg_backoff;
