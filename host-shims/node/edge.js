@@ -42,6 +42,9 @@ const COMPACT = {
   o: 'event', r: 'refer-to', s: 'subject', t: 'to', u: 'allow-events', v: 'via', x: 'session-expires', y: 'identity',
 };
 const canon = (name) => COMPACT[name.toLowerCase()] ?? name.toLowerCase();
+// What of a CANCEL, or of the ACK of a failure, goes on along its INVITE's
+// transaction (alongTransaction): what names the transaction and the hops.
+const ALONG = new Set(['via', 'from', 'to', 'call-id', 'cseq', 'max-forwards', 'content-length']);
 // Reasons and header values from elsewhere never get to start a new header line.
 const oneLine = (s) => String(s).replace(/[\r\n]+/g, ' ');
 
@@ -745,9 +748,15 @@ class Edge {
   }
 
   alongTransaction(req, verdict, known) {
-    const { dest, ruri, out, branch } = known.forward;
+    const { dest, ruri, out, branch, routes } = known.forward;
     // After a failover, the failover's branch.
     if (branch) req.branch = branch;
+    // As a stateful proxy writes them itself (RFC 3261 §9.1, §16.10, §17.1.1.3): the
+    // request's Via, From, To, Call-ID and CSeq, and the INVITE's Route as this edge
+    // sent it. Nothing else of the sender's goes on: its credentials, a claim of
+    // identity, a Route of its own (Kamailio's tm builds its CANCEL so too).
+    req.msg.headers = req.msg.headers.filter((h) => ALONG.has(canon(h.name)));
+    setList(req.msg, 'route', 'Route', routes ?? []);
     const call = req.method === 'CANCEL' && this.failovers.get(req.key);
     if (call) {
       // The caller gave up: no failover from now on.
@@ -839,7 +848,10 @@ class Edge {
       const firstAt = this.lookup(req.key)?.forward?.firstAt ?? Date.now();
       this.remember(req.key, {
         method, digest: req.digest,
-        forward: { dest, ruri, out, branch: req.branch, bytes, firstAt, from: { side, host: rinfo.address, port: rinfo.port } },
+        forward: {
+          dest, ruri, out, branch: req.branch, bytes, firstAt, routes: list(msg, 'route'),
+          from: { side, host: rinfo.address, port: rinfo.port },
+        },
       });
     }
     if (dialog) this.dialogs.create(req.callId, req.ids.fromTag, req.cseq, dialog.caller, dialog.callee, callerRoutes);

@@ -494,6 +494,41 @@ for (const coreListen of [false, true]) {
       }
     });
 
+    test('attack: a PBX\'s CANCEL reaches the carrier with nothing of its own but what names the transaction', TIMEOUT, async () => {
+      // Until 2026-12-02 the PBX's CANCEL went on as it came, with the edge's Via on
+      // top: its Proxy-Authorization, an asserted identity, a Route of its own and
+      // a trunk-group header reached the carrier, which the INVITE's verdict had
+      // stripped. Now it is what Kamailio's tm would send: the INVITE's transaction
+      // and the INVITE's Route as the edge sent it (none here).
+      const carrier = await watch('127.0.0.1', edge.upstreamPort);
+      const pbx = await udpSocket('127.0.0.2');
+      const got = [];
+      pbx.on('message', (m) => got.push(m.toString('latin1')));
+      try {
+        const callId = `cancel-claims-${Date.now()}@127.0.0.2`;
+        const invite = await authenticatedInvite(edge, pbx, got, callId);
+        await waitFor('the INVITE at the carrier', () => carrier.seen.find((m) => m.startsWith('INVITE ') && m.includes(callId)));
+        const cancel = invite.replace(/^INVITE /, 'CANCEL ').replace(/CSeq: (\d+) INVITE/, 'CSeq: $1 CANCEL')
+          .replace(/\r\nContact: [^\r]*/, '')
+          .replace(/\r\nCall-ID: /, '\r\nP-Asserted-Identity: <sip:+19005550100@carrier.example.net>'
+            + '\r\nRoute: <sip:127.0.0.1:5999;lr>\r\nX-Trunkguard-Trunk-Group: victim\r\nCall-ID: ');
+        assert.match(cancel, /\r\nProxy-Authorization: /);
+        const [host, port] = edge.address.split(':');
+        pbx.send(cancel, Number(port), host);
+        const relayed = await waitFor('the PBX\'s CANCEL at the carrier',
+          () => carrier.seen.find((m) => m.startsWith('CANCEL ') && m.includes(callId)));
+        for (const name of ['Proxy-Authorization', 'P-Asserted-Identity', 'Route', 'X-Trunkguard-Trunk-Group']) {
+          assert.doesNotMatch(relayed, new RegExp(`\r\n${name}:`, 'i'), `${name} reached the carrier:\n${relayed}`);
+        }
+        for (const name of ['Via', 'From', 'To', 'Call-ID', 'CSeq', 'Max-Forwards']) {
+          assert.match(relayed, new RegExp(`\r\n${name}:`, 'i'), `${name} missing:\n${relayed}`);
+        }
+      } finally {
+        pbx.close();
+        await carrier.close();
+      }
+    });
+
     test('attack: what follows an authenticated INVITE\'s Content-Length does not reach the carrier', TIMEOUT, async () => {
       // The policy reads a datagram up to its Content-Length (RFC 3261 §18.3); until
       // 2026-12-02 the edge relayed the rest with it, a second message nobody judged
