@@ -66,6 +66,38 @@ STATE_DIR = os.environ.get("TRUNKGUARD_STATE_DIR", "/var/lib/trunkguard/kamailio
 SPOOL_DIR = os.path.join(STATE_DIR, "spool")
 CARRIER = os.environ.get("TRUNKGUARD_CARRIER", "")
 ALERT_URL = os.environ.get("TRUNKGUARD_ALERT_URL", "")
+ALERT_TOKEN_FILE = os.environ.get("TRUNKGUARD_ALERT_TOKEN_FILE", "")
+# The DMQ listener ("ip:port"); empty: no DMQ, KDMQ is an unknown method like any other.
+DMQ = os.environ.get("TRUNKGUARD_DMQ", "")
+# A nonce secret file shared by the nodes (read by mod_init; required with DMQ;
+# empty without: the node makes one).
+NONCE_SECRET_FILE = os.environ.get("TRUNKGUARD_NONCE_SECRET_FILE", "")
+# Fire drills (docs/kamailio.md, "Drills"), read once when the script loads: without
+# TRUNKGUARD_DRILLS=1 the policy gets Kamailio's own htable functions and no drill
+# code runs on any path.
+DRILLS = os.environ.get("TRUNKGUARD_DRILLS", "") == "1"
+# The durable copy of `tg` (docs/kamailio.md, "Upgrade and restart"; run --store).
+STORE = os.environ.get("TRUNKGUARD_STORE", "") or "memory"
+
+
+# A fold: CRLF and the white space that starts the continuation line (RFC 3261 §7.3.1).
+_FOLD = re.compile(r"\r\n[ \t]")
+
+
+def _sockets(name):
+    return [s.strip() for s in os.environ.get(name, "").split(",") if s.strip()]
+
+
+PUBLIC_SOCKETS = _sockets("TRUNKGUARD_PUBLIC_SOCKETS")
+CORE_SOCKETS = _sockets("TRUNKGUARD_CORE_SOCKETS")
+
+KV_TABLE = "tg"
+CTL_TABLE = "tgctl"
+STATS_TABLE = "tgstats"
+# The connection each PBX registered over TCP or TLS on, by trunk group
+# (_pbx_connection): a connection id is this node's own, so the table is neither
+# replicated nor stored (kemi-shim.cfg).
+CONN_TABLE = "tgconn"
 
 
 def _url_shown(url):
@@ -112,38 +144,6 @@ def _connection_of(msg, hop):
     KSR.pv.seti("$var(tg_conid_now)", 0)
     msg.call_function("tcp_get_conid", "%s:%s" % (m.group(1), port), "$var(tg_conid_now)")
     return KSR.pv.get("$var(tg_conid_now)") or 0
-ALERT_TOKEN_FILE = os.environ.get("TRUNKGUARD_ALERT_TOKEN_FILE", "")
-# The DMQ listener ("ip:port"); empty: no DMQ, KDMQ is an unknown method like any other.
-DMQ = os.environ.get("TRUNKGUARD_DMQ", "")
-# A nonce secret file shared by the nodes (read by mod_init; required with DMQ;
-# empty without: the node makes one).
-NONCE_SECRET_FILE = os.environ.get("TRUNKGUARD_NONCE_SECRET_FILE", "")
-# Fire drills (docs/kamailio.md, "Drills"), read once when the script loads: without
-# TRUNKGUARD_DRILLS=1 the policy gets Kamailio's own htable functions and no drill
-# code runs on any path.
-DRILLS = os.environ.get("TRUNKGUARD_DRILLS", "") == "1"
-# The durable copy of `tg` (docs/kamailio.md, "Upgrade and restart"; run --store).
-STORE = os.environ.get("TRUNKGUARD_STORE", "") or "memory"
-
-
-# A fold: CRLF and the white space that starts the continuation line (RFC 3261 §7.3.1).
-_FOLD = re.compile(r"\r\n[ \t]")
-
-
-def _sockets(name):
-    return [s.strip() for s in os.environ.get(name, "").split(",") if s.strip()]
-
-
-PUBLIC_SOCKETS = _sockets("TRUNKGUARD_PUBLIC_SOCKETS")
-CORE_SOCKETS = _sockets("TRUNKGUARD_CORE_SOCKETS")
-
-KV_TABLE = "tg"
-CTL_TABLE = "tgctl"
-STATS_TABLE = "tgstats"
-# The connection each PBX registered over TCP or TLS on, by trunk group
-# (_pbx_connection_gone): a connection id is this node's own, so the table is neither
-# replicated nor stored (kemi-shim.cfg).
-CONN_TABLE = "tgconn"
 
 # How long the timer process keeps trying one delivery before moving to the next
 # file: short, so one dead receiver cannot hold the spool for long.
