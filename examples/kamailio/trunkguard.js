@@ -167,8 +167,11 @@ function ksr_request_route() {
 // carrier or a PBX.
 // And a response, its sender's text, leaves with no folded line and no Content_Length
 // field, which would end it early at a next hop that reads a stream as Kamailio does.
+// An answer to a request over TCP or TLS goes back over that request's connection or
+// not at all: once it is gone, Kamailio would take any connection with its address.
 function ksr_reply_route() {
-	if (KSR.tm.t_check_trans() < 0 || KSR.trunkguard.unfold() < 0 || KSR.trunkguard.reply_route_set() < 0) {
+	if (KSR.tm.t_check_trans() < 0 || KSR.trunkguard.reply_connection() < 0 || KSR.trunkguard.unfold() < 0
+			|| KSR.trunkguard.reply_route_set() < 0) {
 		KSR.x.drop();
 	}
 }

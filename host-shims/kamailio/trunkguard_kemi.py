@@ -131,6 +131,20 @@ def _conid_here(conid):
     return "%s:%s" % (KSR.pv.get("$Tb"), conid)
 
 
+def _reply_connection_lives():
+    """An answer to a request that came over a stream goes back over that connection
+    or not at all (RFC 3261 §18.2.2): once it is gone, Kamailio would send the answer
+    over whichever connection has the request's address now, behind a NAT anyone's.
+    As the module's trunkguard_reply_connection (tg_reply_conn.c); `$T_req($conid)`
+    is null once the request's connection is gone."""
+    if KSR.pv.get("$T_req($pr)") not in ("tcp", "tls", "ws", "wss"):
+        return True
+    if KSR.pv.get("$T_req($conid)") is not None:
+        return True
+    KSR.notice("trunkguard: a %s to a request whose connection is gone: not relayed\n" % KSR.pv.get("$rs"))
+    return False
+
+
 def _connection_of(msg, hop):
     """The id of the connection Kamailio would send to `hop` over (tcpops'
     tcp_get_conid, which KSR.tcpops lacks, called on the message itself:
@@ -878,7 +892,7 @@ class Shim:
     def ksr_reply_route(self, msg):
         # A response that matches no transaction of this proxy is dropped, not
         # forwarded by its Via: no reflection towards the carrier or a PBX.
-        if KSR.tm.t_check_trans() < 0:
+        if KSR.tm.t_check_trans() < 0 or not _reply_connection_lives():
             KSR.set_drop()
             return -255
         # A response is its sender's text, which the policy does not judge. Relayed

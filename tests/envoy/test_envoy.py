@@ -1757,13 +1757,14 @@ class HandCall:
 
     SDP = "v=0\r\no=pbx 1 1 IN IP4 {ip}\r\ns=-\r\nc=IN IP4 {ip}\r\nt=0 0\r\nm=audio 40000 RTP/AVP 0\r\n"
 
-    def __init__(self, listen, source, call_id, creds=HQ, ftag=None, key=None):
+    def __init__(self, listen, source, call_id, creds=HQ, ftag=None, key=None, conn=None):
         self.listen, self.source, self.call_id, self.creds = listen, source, call_id, creds
         # `key`: what the Via branches are made of (the Call-ID by default).
         self.key = key or call_id
         self.from_ = f"From: <sip:{creds[0]}@{REALM}>;tag={ftag or f'f-{call_id}'}\r\n"
         self.ruri = f"sip:{CALLED}@{REALM}"
-        self.conn = SipStream(listen, source)
+        # `conn`: a connection of the PBX's already open (its registration's).
+        self.conn = conn or SipStream(listen, source)
 
     def request(self, method, ruri, cseq, branch, to, extra="", body=""):
         return (f"{method} {ruri} SIP/2.0\r\n"
@@ -2698,15 +2699,13 @@ class EnvoyInbound(unittest.TestCase):
         _, answer = carrier.final("in-gone")
         self.assertEqual(status_of(answer), 200, answer)
 
-    def test_7b_a_strangers_connection_from_a_gone_pbxs_port_gets_none_of_its_calls(self):
-        # The upstream reaches a PBX over the connection Envoy made for it, which it
-        # finds by address: Envoy's IP and that connection's source port. Until
-        # 2026-12-02, once the PBX's connection was gone, the next connection from
-        # that port, anyone's, got its calls (and could answer them) until the
-        # registration expired: the kernel hands source ports out again. Here an
-        # Envoy of its own makes every upstream connection from one port, so the
-        # next connection after the PBX's, a stranger's, has that port at once.
-        listen, stats_at, port = ("127.0.0.1", 5190), ("127.0.0.1", 5191), 5192
+    ONE_PORT = 5192
+
+    def one_port_envoy(self):
+        """An Envoy of its own whose upstream connections all come from one port
+        (ONE_PORT), so that the next connection after a PBX's, a stranger's, has that
+        port at once (the kernel hands source ports out again); its listener."""
+        listen, stats_at, port = ("127.0.0.1", 5190), ("127.0.0.1", 5191), self.ONE_PORT
         wrapper = os.path.join(Env.dir, "envoy-one-source-port")
         with open(wrapper, "w", encoding="utf-8") as f:
             f.write("\n".join((
@@ -2730,15 +2729,23 @@ class EnvoyInbound(unittest.TestCase):
         self.addCleanup(stop_envoy, state)
         # (run waited until it serves; any connection before the PBX's would hold the
         # one port until its TIME_WAIT may be reused, a second on loopback.)
+        return listen
+
+    def one_port_pbx(self, listen):
+        """in-b's PBX registered through the one-port Envoy (over the one port)."""
         pbx = InboundPbx(self.B, INBOUND_B, listen=listen)
         self.closing.append(pbx)
         answer, call_id = pbx.register()
         self.assertEqual(status_of(answer), 200, answer)
         binding = wait_for("the binding at the upstream",
                            lambda: [b for b in upstream_bindings() if b["call_id"] == call_id])[0]
-        self.assertEqual(binding["via"], f"127.0.0.1:{port}", binding)
-        pbx.close()
-        time.sleep(1.5)  # the upstream sees the connection go; the port is free again
+        self.assertEqual(binding["via"], f"127.0.0.1:{self.ONE_PORT}", binding)
+        return pbx
+
+    def stranger_on_the_one_port(self, listen):
+        """A stranger's connection through the one-port Envoy, once the upstream has
+        seen it from the one port."""
+        time.sleep(1.5)  # the upstream sees the PBX's connection go; the port is free again
         stranger = SipStream(listen, ATTACKER)
         self.closing.append(stranger)
         options_id = f"one-port-{os.urandom(4).hex()}"
@@ -2746,12 +2753,13 @@ class EnvoyInbound(unittest.TestCase):
                        f"Max-Forwards: 70\r\nFrom: <sip:x@{ATTACKER}>;tag=x\r\nTo: <sip:{REALM}>\r\n"
                        f"Call-ID: {options_id}\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n").encode())
         wait_for("the stranger's OPTIONS at the upstream from the PBX's old port", lambda: re.search(
-            rf"upstream: OPTIONS \S+ from 127\.0\.0\.1:{port} call-id={options_id} ", read(Env.kamailio_log)))
-        carrier, failover = self.party(CARRIER), self.party(FAILOVER_B)
-        carrier_invite(carrier, DID_B, "in-stale-port")
-        sent = time.time()
-        at, _ = failover.wait("INVITE", "in-stale-port", timeout=NO_ANSWER_MS / 1000 + 3)
-        got, until = b"", time.time() + 1
+            rf"upstream: OPTIONS \S+ from 127\.0\.0\.1:{self.ONE_PORT} call-id={options_id} ", read(Env.kamailio_log)))
+        return stranger
+
+    @staticmethod
+    def received_for(stranger, seconds):
+        """What came over `stranger`'s connection in `seconds`."""
+        got, until = b"", time.time() + seconds
         while time.time() < until:
             try:
                 data = stranger.sock.recv(65536)
@@ -2762,8 +2770,49 @@ class EnvoyInbound(unittest.TestCase):
             if not data:
                 break
             got += data
-        self.assertNotIn(b"INVITE ", got, "the PBX's call reached a stranger's connection")
+        return got
+
+    def test_7b_a_strangers_connection_from_a_gone_pbxs_port_gets_none_of_its_calls(self):
+        # The upstream reaches a PBX over the connection Envoy made for it, which it
+        # finds by address: Envoy's IP and that connection's source port. Until
+        # 2026-12-02, once the PBX's connection was gone, the next connection from
+        # that port, anyone's, got its calls (and could answer them) until the
+        # registration expired: the kernel hands source ports out again.
+        listen = self.one_port_envoy()
+        pbx = self.one_port_pbx(listen)
+        pbx.close()
+        stranger = self.stranger_on_the_one_port(listen)
+        carrier, failover = self.party(CARRIER), self.party(FAILOVER_B)
+        carrier_invite(carrier, DID_B, "in-stale-port")
+        sent = time.time()
+        at, _ = failover.wait("INVITE", "in-stale-port", timeout=NO_ANSWER_MS / 1000 + 3)
+        self.assertNotIn(b"INVITE ", self.received_for(stranger, 1), "the PBX's call reached a stranger's connection")
         self.assertLess(at - sent, NO_ANSWER_MS / 1000 - 0.5, "waited for no_answer_ms")
+
+    def test_7c_the_answers_to_a_gone_pbxs_call_reach_no_strangers_connection(self):
+        # As test_7b, the other way: tm sends an answer over the connection its
+        # request came in on, and once that is gone, over whichever connection has
+        # the request's address (Kamailio's tcp_send). Until 2026-12-02 the carrier's
+        # 200 to a call whose PBX's connection was gone went to a stranger's
+        # connection from its port, which then held a call the PBX's trunk group pays
+        # for, with the carrier's SDP and the dialog's tags.
+        listen = self.one_port_envoy()
+        pbx = self.one_port_pbx(listen)
+        far = self.party(FAR_END, answer=180)
+        call = HandCall(listen, self.B, "out-gone-port", creds=INBOUND_B, conn=pbx)
+        pbx.send(call.invite())
+        _, invite = far.wait("INVITE", "out-gone-port")
+        # While its connection lives, the answers reach the PBX.
+        ringing = pbx.next_message()
+        while status_of(ringing) == 100:
+            ringing = pbx.next_message()
+        self.assertEqual(status_of(ringing), 180, ringing)
+        pbx.close()
+        stranger = self.stranger_on_the_one_port(listen)
+        far.send(reply_to(invite, 200, tag="udp", contact=f"sip:udp@{FAR_END[0]}:{FAR_END[1]}", body=UdpParty.SDP))
+        got = self.received_for(stranger, 1.5)
+        self.assertNotIn(b"out-gone-port", got, "the carrier's 200 to the PBX's call reached a stranger's connection")
+        self.assertRegex(read(Env.kamailio_log), r"upstream: a 200 to a request whose connection is gone: not relayed")
 
     def test_8_forged_binding_headers_never_reach_or_count(self):
         b_pbx = self.registered(self.B, INBOUND_B)

@@ -1928,6 +1928,27 @@ class KamailioEdge(unittest.TestCase):
         call_id = sip.headers(request, "Call-ID", "i")
         return party.recv(5.0, lambda m: sip.headers(m, "Call-ID", "i") == call_id and sip.status(m) >= 200)[0]
 
+    def tcp_pbx_call(self, pbx, carrier):
+        """hq-pbx2's call to the carrier over `pbx`, with its credentials: the INVITE
+        the carrier got, where from, its Call-ID and From tag."""
+        ruri = "sip:+15553330000@%s" % REALM
+        call_id, ftag = "tcp-out-%s@%s" % (os.urandom(6).hex(), PBX), os.urandom(4).hex()
+
+        def pbx_invite(cseq, auth=()):
+            data = sip.request("INVITE", ruri, from_user="hq2", to_user="+15553330000", call_id=call_id, cseq=cseq,
+                               via_ip=PBX, via_port=self.TCP_PBX_PORT, transport="TCP",
+                               extra=[("Contact", "<sip:hq2@%s:%d;transport=tcp>" % (PBX, self.TCP_PBX_PORT))]
+                               + list(auth))
+            return re.sub(rb"(\r\nFrom: [^\r]*;tag=)[0-9a-f]+", lambda m: m.group(1) + ftag.encode(), data, count=1)
+
+        challenge = pbx.final(pbx_invite(1))
+        self.assertEqual(sip.status(challenge), 407, challenge)
+        pbx.send(pbx_invite(2, [sip.authorization(sip.header(challenge, "Proxy-Authenticate"), "INVITE", ruri,
+                                                  "hq2", "other", "Proxy-Authorization")]))
+        out, hop = carrier.request("INVITE", 3.0)
+        self.assertIsNotNone(out, "the PBX's call never reached the carrier")
+        return out, hop, call_id, ftag
+
     def test_40_a_tcp_pbxs_calls_go_over_its_own_connection_never_a_strangers_from_its_port(self):
         # A PBX registered over TCP is reached over the connection it registered on.
         # Until 2026-12-02 it was reached at its address: once its connection was
@@ -1989,23 +2010,8 @@ class KamailioEdge(unittest.TestCase):
                                   "sip:+15552220000@%s" % REALM, "pbx-in",
                                   list(reversed(sip.headers(ok, "Record-Route"))),
                                   re.sub(r"^<|>.*$", "", sip.headers(ok, "Contact")[0]), 1))
-        # The PBX's call to the carrier, with its credentials, answered there.
-        ruri = "sip:+15553330000@%s" % REALM
-        call_id, ftag = "tcp-out-%s@%s" % (os.urandom(6).hex(), PBX), os.urandom(4).hex()
-
-        def pbx_invite(cseq, auth=()):
-            data = sip.request("INVITE", ruri, from_user="hq2", to_user="+15553330000", call_id=call_id, cseq=cseq,
-                               via_ip=PBX, via_port=self.TCP_PBX_PORT, transport="TCP",
-                               extra=[("Contact", "<sip:hq2@%s:%d;transport=tcp>" % (PBX, self.TCP_PBX_PORT))]
-                               + list(auth))
-            return re.sub(rb"(\r\nFrom: [^\r]*;tag=)[0-9a-f]+", lambda m: m.group(1) + ftag.encode(), data, count=1)
-
-        challenge = pbx.final(pbx_invite(1))
-        self.assertEqual(sip.status(challenge), 407, challenge)
-        pbx.send(pbx_invite(2, [sip.authorization(sip.header(challenge, "Proxy-Authenticate"), "INVITE", ruri,
-                                                  "hq2", "other", "Proxy-Authorization")]))
-        out, hop = carrier.request("INVITE", 3.0)
-        self.assertIsNotNone(out, "the PBX's call never reached the carrier")
+        # The PBX's call to the carrier, answered there.
+        out, hop, call_id, ftag = self.tcp_pbx_call(pbx, carrier)
         carrier.send(sip.response(out, 200, "OK", to_tag="carrier", contact="<sip:carrier@127.0.0.1:%d>"
                                   % CARRIER_PORT), hop)
         answered = pbx.recv(3.0)
@@ -2031,6 +2037,34 @@ class KamailioEdge(unittest.TestCase):
                 self.assertIsNone(stranger.recv(1.0), "the stranger got the %s of %s" % (name, far.call_id))
                 answer, _ = far.party.final()
                 self.assertEqual(sip.status(answer), 480, answer)
+        self.reset(stranger)
+        pbx = self.tcp_pbx()
+        self.assertEqual(sip.status(sip.register(pbx, "hq2", "other", 0)), 200)
+
+    def test_40d_the_answers_to_a_tcp_pbxs_call_go_over_its_connection_never_a_strangers(self):
+        # As test_40b, the other way: the answers to the PBX's own call. tm sends an
+        # answer over the connection its request came in on, and once that is gone,
+        # over whichever connection has the request's address (Kamailio's tcp_send).
+        # Until 2026-12-02 the carrier's 200 to a call whose PBX's connection was gone
+        # went to a stranger's connection from its port, which then held a call the
+        # PBX's trunk group pays for, with the carrier's SDP and the dialog's tags.
+        carrier = self.party("127.0.0.1", CARRIER_PORT)
+        pbx = self.tcp_pbx()
+        self.assertEqual(sip.status(sip.register(pbx, "hq2", "other", 300)), 200)
+        out, hop, call_id, _ = self.tcp_pbx_call(pbx, carrier)
+        # While its connection lives, the answers reach the PBX.
+        carrier.send(sip.response(out, 180, "Ringing", to_tag="carrier-40d"), hop)
+        ringing = pbx.recv(3.0)
+        while sip.status(ringing) == 100:
+            ringing = pbx.recv(3.0)
+        self.assertEqual((sip.status(ringing), sip.headers(ringing, "Call-ID", "i")), (180, [call_id]), ringing)
+        self.reset(pbx)
+        stranger = self.stranger_on_the_pbxs_port()
+        for code, reason in ((183, "Session Progress"), (200, "OK")):
+            carrier.send(sip.response(out, code, reason, to_tag="carrier-40d", contact="<sip:carrier@127.0.0.1:%d>"
+                                      % CARRIER_PORT), hop)
+            self.assertIsNone(stranger.recv(1.0), "the stranger got the carrier's %d to the PBX's call" % code)
+        self.assertRegex(self.kamailio_log(), r"a 200 to a request whose connection is gone: not relayed")
         self.reset(stranger)
         pbx = self.tcp_pbx()
         self.assertEqual(sip.status(sip.register(pbx, "hq2", "other", 0)), 200)

@@ -848,6 +848,11 @@ static int w_trunkguard_reply_route_set(sip_msg_t *msg, char *p1, char *p2)
 	return ki_trunkguard_reply_route_set(msg);
 }
 
+static int w_trunkguard_reply_connection(sip_msg_t *msg, char *p1, char *p2)
+{
+	return ki_trunkguard_reply_connection(msg);
+}
+
 cmd_export_t tg_cmds[] = {
 	{"trunkguard_judge", (cmd_function)w_trunkguard_judge, 0, 0, 0, REQUEST_ROUTE},
 	{"trunkguard_reply", (cmd_function)w_trunkguard_reply, 0, 0, 0, REQUEST_ROUTE},
@@ -856,6 +861,8 @@ cmd_export_t tg_cmds[] = {
 	{"trunkguard_unfold", (cmd_function)w_trunkguard_unfold, 0, 0, 0,
 			REQUEST_ROUTE | BRANCH_ROUTE | ONREPLY_ROUTE},
 	{"trunkguard_reply_route_set", (cmd_function)w_trunkguard_reply_route_set, 0, 0, 0,
+			ONREPLY_ROUTE},
+	{"trunkguard_reply_connection", (cmd_function)w_trunkguard_reply_connection, 0, 0, 0,
 			ONREPLY_ROUTE},
 	{"trunkguard_failover", (cmd_function)w_trunkguard_failover, 0, 0, 0,
 			FAILURE_ROUTE},
@@ -892,6 +899,11 @@ static sr_kemi_t sr_kemi_trunkguard_exports[] = {
 	},
 	{ str_init("trunkguard"), str_init("reply_route_set"),
 		SR_KEMIP_INT, ki_trunkguard_reply_route_set,
+		{ SR_KEMIP_NONE, SR_KEMIP_NONE, SR_KEMIP_NONE,
+			SR_KEMIP_NONE, SR_KEMIP_NONE, SR_KEMIP_NONE }
+	},
+	{ str_init("trunkguard"), str_init("reply_connection"),
+		SR_KEMIP_INT, ki_trunkguard_reply_connection,
 		{ SR_KEMIP_NONE, SR_KEMIP_NONE, SR_KEMIP_NONE,
 			SR_KEMIP_NONE, SR_KEMIP_NONE, SR_KEMIP_NONE }
 	},

@@ -124,6 +124,11 @@ int ki_trunkguard_dialog_open(sip_msg_t *msg);
 int ki_trunkguard_dialog_route(sip_msg_t *msg);
 /* tg_reply_rr.c */
 int ki_trunkguard_reply_route_set(sip_msg_t *msg);
+/* tm's API, bound on first use; NULL without tm. */
+struct tm_binds;
+struct tm_binds *tg_reply_tm(void);
+/* tg_reply_conn.c */
+int ki_trunkguard_reply_connection(sip_msg_t *msg);
 void tg_dialog_failed_over(sip_msg_t *msg, str *uri);
 
 /* tg_rpc.c */

@@ -54,6 +54,11 @@ static int tg_rr_bind(void)
 	return tg_rr_tm;
 }
 
+struct tm_binds *tg_reply_tm(void)
+{
+	return tg_rr_bind() > 0 ? &tg_rr_tmb : NULL;
+}
+
 /* The entries of one Record-Route header body appended to out: -1 when it does not
  * parse or out is full. The entries point into body. */
 static int tg_rr_collect(str *body, tg_rr_list *out)
