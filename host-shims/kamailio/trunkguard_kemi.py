@@ -135,8 +135,10 @@ def _reply_connection_lives():
     """An answer to a request that came over a stream goes back over that connection
     or not at all (RFC 3261 §18.2.2): once it is gone, Kamailio would send the answer
     over whichever connection has the request's address now, behind a NAT anyone's.
-    As the module's trunkguard_reply_connection (tg_reply_conn.c); `$T_req($conid)`
-    is null once the request's connection is gone."""
+    Python cannot reach tm's transaction, so such an answer is dropped before tm
+    sees it (the module's trunkguard_reply_connection, tg_reply_conn.c, holds tm's
+    answers to the connection instead); `$T_req($conid)` is null once the request's
+    connection is gone."""
     if KSR.pv.get("$T_req($pr)") not in ("tcp", "tls", "ws", "wss"):
         return True
     if KSR.pv.get("$T_req($conid)") is not None:
