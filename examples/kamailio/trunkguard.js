@@ -77,7 +77,10 @@ function toCarrier() {
 	KSR.rr.record_route();
 	if (KSR.tm.t_relay() < 0) {
 		KSR.sl.sl_reply_error();
+		return;
 	}
+	// Its answers, tm's own 408 included, over the request's connection or nowhere.
+	KSR.trunkguard.reply_connection();
 }
 
 function withinDialog() {
@@ -93,7 +96,9 @@ function withinDialog() {
 			reply(500, "Server Internal Error");
 			return;
 		}
-		KSR.tm.t_relay();
+		if (KSR.tm.t_relay() > 0) {
+			KSR.trunkguard.reply_connection();
+		}
 		return;
 	}
 	reply(404, "Not Here");

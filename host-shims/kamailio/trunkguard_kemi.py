@@ -98,6 +98,10 @@ STATS_TABLE = "tgstats"
 # (_pbx_connection): a connection id is this node's own, so the table is neither
 # replicated nor stored (kemi-shim.cfg).
 CONN_TABLE = "tgconn"
+# By the Via branch a core's call left with for a PBX over TCP or TLS, the id of the
+# PBX's connection it went over (ksr_onsend_route): an answer to that branch comes
+# over that connection or is not the callee's (_answered_on_its_connection).
+BRANCH_TABLE = "tgbranch"
 
 
 def _url_shown(url):
@@ -144,6 +148,29 @@ def _reply_connection_lives():
     if KSR.pv.get("$T_req($conid)") is not None:
         return True
     KSR.notice("trunkguard: a %s to a request whose connection is gone: not relayed\n" % KSR.pv.get("$rs"))
+    return False
+
+
+def _via_branch(via):
+    """The branch parameter of the first Via value in `via`, or ""."""
+    m = re.search(r";\s*branch\s*=\s*([^;,\s]+)", (via or "").split(",", 1)[0], re.I)
+    return m.group(1) if m else ""
+
+
+def _answered_on_its_connection():
+    """An answer to a core's call sent to a PBX over its connection comes over that
+    connection, or it is not the callee's: tm matches an answer to a branch by its Via
+    branch alone, from any connection, and sends its own CANCEL of the call by
+    address, branch and all, to whoever has the PBX's address once its connection is
+    gone (docs/kamailio.md, "A PBX registered over TCP")."""
+    if KSR.pv.get("$rm") != "INVITE":
+        return True
+    branch = _via_branch(KSR.pv.get("$(hdr(Via)[0])"))
+    kept = KSR.htable.sht_get(BRANCH_TABLE, branch) if branch else None
+    if not isinstance(kept, int) or kept == 0 or kept == (KSR.pv.get("$conid") or 0):
+        return True
+    KSR.notice("trunkguard: a %s to a branch from another connection than the branch's: not relayed\n"
+               % KSR.pv.get("$rs"))
     return False
 
 
@@ -830,6 +857,8 @@ class Shim:
     def ksr_request_route(self, msg):
         # The message, for the module functions KEMI lacks (_connection_of).
         self.msg = msg
+        # Set only for the relay of a core's call to a PBX (_relay_new).
+        self.branch_conid = 0
         try:
             return self._request_route()
         except BaseException as e:  # noqa: B036 - a Rust panic arrives as a BaseException
@@ -894,7 +923,7 @@ class Shim:
     def ksr_reply_route(self, msg):
         # A response that matches no transaction of this proxy is dropped, not
         # forwarded by its Via: no reflection towards the carrier or a PBX.
-        if KSR.tm.t_check_trans() < 0 or not _reply_connection_lives():
+        if KSR.tm.t_check_trans() < 0 or not _reply_connection_lives() or not _answered_on_its_connection():
             KSR.set_drop()
             return -255
         # A response is its sender's text, which the policy does not judge. Relayed
@@ -994,6 +1023,13 @@ class Shim:
         return 1
 
     def ksr_onsend_route(self, msg):
+        # The core's call leaving for its PBX over the PBX's connection (_relay_new):
+        # that connection's id, by the branch of the Via tm wrote.
+        conid, self.branch_conid = getattr(self, "branch_conid", 0), 0
+        if conid and KSR.pv.get("$rm") == "INVITE":
+            branch = _via_branch((KSR.pv.get("$(snd(buf){line.sw,Via: SIP/2.0/})") or "").partition(":")[2])
+            if branch:
+                KSR.htable.sht_seti(BRANCH_TABLE, branch, conid)
         return 1
 
     # rtimer (kemi-shim.cfg): alert windows, alert delivery, applying publications.
@@ -1466,6 +1502,7 @@ class Shim:
         """tm's failure route of an inbound call with a failover: the PBX's branch
         ended without a 2xx. Returning without a new branch leaves tm to relay the
         PBX's answer."""
+        self.branch_conid = 0
         try:
             self._fail_over()
         except BaseException as e:  # noqa: B036 - a Rust panic arrives as a BaseException
@@ -1577,6 +1614,10 @@ class Shim:
                 KSR.pv.sets("$dlg_var(%s)" % DLG_PBX_HOP, pbx_hop or "")
                 KSR.pv.sets("$dlg_var(%s)" % DLG_PBX_CONID, _conid_here(pbx_conid))
             KSR.tm.t_on_reply("ksr_onreply_early")
+            # The core's call, to the PBX over its connection: ksr_onsend_route keeps
+            # the connection by the branch it leaves with.
+            if pbx_conid and customer == "callee":
+                self.branch_conid = pbx_conid
         KSR.rr.record_route()
         return self._relay(strip, insert)
 

@@ -2814,6 +2814,31 @@ class EnvoyInbound(unittest.TestCase):
         self.assertNotIn(b"out-gone-port", got, "the carrier's 200 to the PBX's call reached a stranger's connection")
         self.assertRegex(read(Env.kamailio_log), r"upstream: a 200 to a request whose connection is gone: not relayed")
 
+    def test_7d_a_strangers_answer_to_a_gone_pbxs_ringing_call_is_not_the_callees(self):
+        # The carrier's call rings at a PBX whose connection then goes, and a stranger
+        # has its port. tm matches an answer to the call's branch by the Via branch
+        # alone, from any connection, and its own CANCEL of the call goes by address
+        # with that branch, to the stranger. Until 2026-12-03 a 200 with the branch
+        # from the stranger's connection went to the carrier as the callee's answer.
+        listen = self.one_port_envoy()
+        pbx = self.one_port_pbx(listen)
+        carrier = self.party(CARRIER)
+        carrier_invite(carrier, DID_B, "in-forged-answer")
+        invite = pbx.expect("INVITE")
+        self.assertTrue(invite, "the PBX did not get its call")
+        # Over its own connection, its answer is the callee's.
+        pbx.answer(invite, 180)
+        carrier.wait("SIP/2.0 180", "in-forged-answer")
+        pbx.close()
+        stranger = self.stranger_on_the_one_port(listen)
+        stranger.send(reply_to(invite, 200, tag="pbx", contact=f"sip:stranger@{ATTACKER}:5060;transport=tcp",
+                               body=UdpParty.SDP).encode())
+        time.sleep(1.5)
+        self.assertEqual(carrier.messages("SIP/2.0 200", "in-forged-answer"), [],
+                         "a stranger's 200 reached the carrier as the callee's")
+        self.assertRegex(read(Env.kamailio_log),
+                         r"upstream: a 200 to a branch from another connection than the branch's: not relayed")
+
     def test_8_forged_binding_headers_never_reach_or_count(self):
         b_pbx = self.registered(self.B, INBOUND_B)
         # In-a's PBX names in-b's DID as its own in every way it can.

@@ -2069,6 +2069,67 @@ class KamailioEdge(unittest.TestCase):
         pbx = self.tcp_pbx()
         self.assertEqual(sip.status(sip.register(pbx, "hq2", "other", 0)), 200)
 
+    @staticmethod
+    def next_request(ep, method, timeout):
+        """The next request `method` over `ep` within `timeout` (others skipped), or None."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            got = ep.recv(deadline - time.monotonic())
+            if got is not None and sip.method(got) == method:
+                return got
+        return None
+
+    def core_call_ringing_at(self, core, pbx, tag):
+        """The core's call to hq-pbx2's DID, ringing at `pbx` (its 180, To tag `tag`,
+        at the core): the core's INVITE and the INVITE the PBX got."""
+        invite = self.core_invite(core, "+15552220000")
+        call_id = sip.headers(invite, "Call-ID", "i")
+        # (tm's ACK of an earlier call's failure may come first.)
+        got = self.next_request(pbx, "INVITE", 3.0)
+        self.assertIsNotNone(got, "the PBX did not get the core's call")
+        self.assertEqual(sip.headers(got, "Call-ID", "i"), call_id, got)
+        pbx.send(sip.response(got, 180, "Ringing", to_tag=tag))
+        rang, _ = core.recv(3.0, lambda m: sip.headers(m, "Call-ID", "i") == call_id and sip.status(m) == 180)
+        self.assertIsNotNone(rang, "no 180 at the core")
+        return invite, got
+
+    @staticmethod
+    def cancel_of(invite):
+        """The CANCEL of the core's INVITE (text): its Request-URI, Via, From, To,
+        Call-ID and CSeq number (RFC 3261 §9.1)."""
+        head = invite.split("\r\n\r\n", 1)[0].split("\r\n")
+        keep = [h for h in head[1:] if h.split(":", 1)[0].lower() in ("via", "from", "to", "call-id")]
+        cseq = sip.headers(invite, "CSeq")[0].split()[0]
+        return ("CANCEL %s SIP/2.0\r\n%s\r\nMax-Forwards: 70\r\nCSeq: %s CANCEL\r\nContent-Length: 0\r\n\r\n"
+                % (head[0].split()[1], "\r\n".join(keep), cseq)).encode("latin-1")
+
+    def test_40g_a_strangers_answer_to_a_tcp_pbxs_ringing_call_is_not_the_callees(self):
+        # The core's call rings at a PBX registered over TCP; its connection goes and
+        # a stranger connects from its address and port. tm matches an answer to the
+        # call's branch by its Via branch alone, from any connection, and its own
+        # CANCEL of the call goes by address, branch and all (test_40f): until
+        # 2026-12-03 a 200 with that branch from the stranger's connection reached the
+        # carrier as the callee's answer, with the stranger's SDP.
+        core = self.party(CORE)
+        pbx = self.tcp_pbx()
+        self.assertEqual(sip.status(sip.register(pbx, "hq2", "other", 300)), 200)
+        # Over its own connection, the PBX's answers are the callee's (its 180).
+        invite, at_pbx = self.core_call_ringing_at(core, pbx, "pbx-40g")
+        call_id = sip.headers(invite, "Call-ID", "i")
+        self.reset(pbx)
+        stranger = self.stranger_on_the_pbxs_port()
+        body = b"v=0\r\no=- 1 1 IN IP4 127.0.0.2\r\ns=-\r\nc=IN IP4 127.0.0.2\r\nt=0 0\r\nm=audio 4000 RTP/AVP 0\r\n"
+        stranger.send(sip.response(at_pbx, 200, "OK", to_tag="pbx-40g", body=body,
+                                   contact="<sip:callee@%s:%d;transport=tcp>" % (PBX, self.TCP_PBX_PORT),
+                                   extra=[("Content-Type", "application/sdp")]))
+        answered, _ = core.recv(1.5, lambda m: sip.headers(m, "Call-ID", "i") == call_id and sip.status(m) == 200)
+        self.assertIsNone(answered, "the stranger answered the PBX's call")
+        self.assertRegex(self.kamailio_log(), r"a 200 to a branch from another connection than the branch's: not relayed")
+        core.send(self.cancel_of(invite), CORE_SOCKET)
+        self.reset(stranger)
+        pbx = self.tcp_pbx()
+        self.assertEqual(sip.status(sip.register(pbx, "hq2", "other", 0)), 200)
+
     def test_40c_a_tcp_failover_is_called_and_without_a_failover_a_gone_pbx_gets_480(self):
         # The connection check is a registration's: a failover over TCP, called when
         # the PBX's connection is gone and when nothing is registered (the verdict's

@@ -1801,6 +1801,71 @@ class KamailioEdgeModule(test_kamailio.KamailioEdge):
         """test_12's second half pokes the shim's publication table; trunkguard.publish
         checks a module's path itself (NativeModule test_10)."""
 
+    def test_40e_tms_own_408_to_a_tcp_pbxs_call_goes_over_its_connection_never_a_strangers(self):
+        # As test_40d, for the answer tm writes itself: a carrier silent for tm's
+        # fr_timer (5 s in kamailio.cfg) gets the PBX a 408. Until 2026-12-03 the
+        # module held a transaction's answers to its connection from the first answer
+        # relayed, so this 408, with the call's Via branch, Call-ID, tags and dialed
+        # number, went by address: to a stranger's connection from the gone PBX's
+        # port. The module's only: the shim's Python cannot reach tm's transaction
+        # (docs/kamailio.md, "A PBX registered over TCP").
+        carrier = self.party("127.0.0.1", test_kamailio.CARRIER_PORT)
+        pbx = self.tcp_pbx()
+        self.assertEqual(sip.status(sip.register(pbx, "hq2", "other", 300)), 200)
+
+        def timeout_for(endpoint, call_id):
+            deadline = time.monotonic() + 9.0
+            while time.monotonic() < deadline:
+                got = endpoint.recv(deadline - time.monotonic())
+                if got is not None and sip.headers(got, "Call-ID", "i") == [call_id] and sip.status(got) >= 200:
+                    return got
+            return None
+
+        # While the PBX's connection lives, tm's 408 reaches it.
+        _, _, call_id, _ = self.tcp_pbx_call(pbx, carrier)
+        self.assertEqual(sip.status(timeout_for(pbx, call_id)), 408)
+        # Gone, and a stranger's connection from its port: nothing.
+        _, _, call_id, _ = self.tcp_pbx_call(pbx, carrier)
+        self.reset(pbx)
+        stranger = self.stranger_on_the_pbxs_port()
+        self.assertIsNone(timeout_for(stranger, call_id), "the stranger got tm's 408 to the PBX's call")
+        self.reset(stranger)
+        pbx = self.tcp_pbx()
+        self.assertEqual(sip.status(sip.register(pbx, "hq2", "other", 0)), 200)
+
+    def test_40f_the_cores_call_to_a_tcp_pbx_is_cancelled_over_its_connection_never_a_strangers(self):
+        # The core's call rings at a PBX registered over TCP. tm sends what it writes
+        # on the PBX's branch itself (the CANCEL when the caller hangs up, the ACK of
+        # a failure) to the branch's address: until 2026-12-03, once the PBX's
+        # connection was gone, a stranger's connection from its port got the CANCEL,
+        # with the caller's number, the DID, the call's identifiers and the branch
+        # (with which it could answer the call, test_40g). The module's only: the
+        # shim's Python cannot reach tm's branches (docs/kamailio.md, "A PBX
+        # registered over TCP").
+        core = self.party(CORE_IP)
+        pbx = self.tcp_pbx()
+        self.assertEqual(sip.status(sip.register(pbx, "hq2", "other", 300)), 200)
+        # While its connection lives, the caller's CANCEL reaches the PBX.
+        invite, at_pbx = self.core_call_ringing_at(core, pbx, "pbx-40f")
+        call_id = sip.headers(invite, "Call-ID", "i")
+        core.send(self.cancel_of(invite), test_kamailio.CORE_SOCKET)
+        cancel = self.next_request(pbx, "CANCEL", 3.0)
+        self.assertIsNotNone(cancel, "the PBX got no CANCEL")
+        pbx.send(sip.response(cancel, 200, "OK", to_tag="pbx-40f"))
+        pbx.send(sip.response(at_pbx, 487, "Request Terminated", to_tag="pbx-40f"))
+        final, _ = core.recv(5.0, lambda m: sip.headers(m, "Call-ID", "i") == call_id and sip.status(m) >= 200
+                             and sip.headers(m, "CSeq")[0].endswith("INVITE"))
+        self.assertEqual(sip.status(final), 487, final)
+        # Gone, and a stranger's connection from its port: the CANCEL does not reach it.
+        invite, _ = self.core_call_ringing_at(core, pbx, "pbx-40f")
+        self.reset(pbx)
+        stranger = self.stranger_on_the_pbxs_port()
+        core.send(self.cancel_of(invite), test_kamailio.CORE_SOCKET)
+        self.assertIsNone(self.next_request(stranger, "CANCEL", 1.5), "the stranger got the CANCEL of the PBX's call")
+        self.reset(stranger)
+        pbx = self.tcp_pbx()
+        self.assertEqual(sip.status(sip.register(pbx, "hq2", "other", 0)), 200)
+
 
 class InboundFailoverModule(test_kamailio.InboundFailover):
     """test_kamailio.py's InboundFailover on the module (run --engine module)."""

@@ -863,7 +863,7 @@ cmd_export_t tg_cmds[] = {
 	{"trunkguard_reply_route_set", (cmd_function)w_trunkguard_reply_route_set, 0, 0, 0,
 			ONREPLY_ROUTE},
 	{"trunkguard_reply_connection", (cmd_function)w_trunkguard_reply_connection, 0, 0, 0,
-			ONREPLY_ROUTE},
+			REQUEST_ROUTE | ONREPLY_ROUTE},
 	{"trunkguard_failover", (cmd_function)w_trunkguard_failover, 0, 0, 0,
 			FAILURE_ROUTE},
 	{"trunkguard_failed_over", (cmd_function)w_trunkguard_failed_over, 0, 0, 0,

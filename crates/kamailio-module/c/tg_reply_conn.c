@@ -15,11 +15,28 @@
  * while tm still takes every answer (it ACKs a failure and ends the transaction as
  * usual). docs/kamailio.md, "A PBX registered over TCP".
  *
- *   trunkguard_reply_connection()  in reply_route, after t_check_trans(): 1 (the
- *                                  transaction's answers held to its request's
- *                                  connection; a request over UDP, or Kamailio's
- *                                  own, left alone), -1 (no transaction known: the
- *                                  cfg drops the answer)
+ *
+ * The other way, tm sends what it writes on a branch itself (the CANCEL when the
+ * caller hangs up, the ACK of a failure) to the branch's address, and takes an
+ * answer to the branch from any connection: once a PBX's connection is gone, a
+ * stranger's from its port would get the CANCEL, with the branch, and could answer
+ * the call in the PBX's place. So a branch sent over a connection that its far end
+ * opened (a PBX's, as only they are behind a NAT; a connection this edge opened to a
+ * server is opened again by address, as Kamailio does) keeps that connection's id
+ * and loses its address, and an answer to it from another connection is refused.
+ *
+ *   trunkguard_reply_connection()  in request_route, after t_relay(): the
+ *                                  transaction's answers held to the request's
+ *                                  connection from the start, tm's own 408 to a
+ *                                  silent callee included, and each branch to
+ *                                  the connection it went over; 1, or -1 when the
+ *                                  request has no transaction.
+ *                                  In reply_route, after t_check_trans(): the
+ *                                  answers held for a transaction relayed without
+ *                                  it; 1 (a request over UDP, or Kamailio's own,
+ *                                  left alone), -1 (no transaction known, or an
+ *                                  answer to a held branch from another
+ *                                  connection: the cfg drops the answer)
  */
 
 #include "../../core/dprint.h"
@@ -30,35 +47,109 @@
 
 #include "tg_mod.h"
 
+static int tg_stream(int proto)
+{
+	return proto == PROTO_TCP || proto == PROTO_TLS || proto == PROTO_WS
+		   || proto == PROTO_WSS;
+}
+
+/* Holds t's answers to the connection `rcv` (its request's) names: 1 when the
+ * request came over a stream, 0 over a datagram. */
+static int tg_hold_answers(struct cell *t, struct receive_info *rcv)
+{
+	struct dest_info *dst;
+
+	if(!tg_stream(rcv->proto))
+		return 0;
+	dst = &t->uas.response.dst;
+	/* Idempotent, and tm's readers see the old port or none: a send racing this
+	 * store goes by address as it did before. */
+	if(su_getport(&dst->to) != 0 && dst->id == rcv->proto_reserved1 && dst->id != 0)
+		su_setport(&dst->to, 0);
+	return 1;
+}
+
+/* Holds each branch of t sent over a connection its far end opened to that
+ * connection: the one with the branch's address now, which tcp_send took for it a
+ * moment ago in t_relay(). */
+static void tg_hold_branches(struct cell *t)
+{
+	int i, port;
+	struct dest_info *dst;
+	struct ip_addr ip;
+	struct tcp_connection *c;
+
+	for(i = 0; i < t->nr_of_outgoings; i++) {
+		dst = &t->uac[i].request.dst;
+		port = su_getport(&dst->to);
+		if(!tg_stream(dst->proto) || dst->id != 0 || port == 0)
+			continue;
+		su2ip_addr(&ip, &dst->to);
+		c = tcpconn_get(0, &ip, port, NULL, 0);
+		if(c == NULL)
+			continue;
+		if(c->flags & F_CONN_PASSIVE) {
+			dst->id = c->id;
+			su_setport(&dst->to, 0);
+		}
+		tcpconn_put(c);
+	}
+}
+
+/* 0 when the answer `msg` to t's branch came over the connection that branch is
+ * held to (or the branch is not held), -1 otherwise. */
+static int tg_branch_answered_on_its_connection(
+		tm_api_t *tmb, struct cell *t, sip_msg_t *msg)
+{
+	int branch;
+	struct dest_info *dst;
+
+	branch = tmb->t_gett_branch();
+	if(branch < 0 || branch >= t->nr_of_outgoings)
+		return 0;
+	dst = &t->uac[branch].request.dst;
+	if(!tg_stream(dst->proto) || dst->id == 0 || su_getport(&dst->to) != 0)
+		return 0;
+	if(tg_stream(msg->rcv.proto) && msg->rcv.proto_reserved1 == dst->id)
+		return 0;
+	LM_NOTICE("a %d to a branch from another connection than the branch's: not "
+			  "relayed\n",
+			(int)msg->first_line.u.reply.statuscode);
+	return -1;
+}
+
 int ki_trunkguard_reply_connection(sip_msg_t *msg)
 {
 	tm_api_t *tmb;
 	struct cell *t;
 	struct tcp_connection *c;
 	struct receive_info *rcv;
-	struct dest_info *dst;
 
-	if(msg->first_line.type != SIP_REPLY)
-		return 1;
 	tmb = tg_reply_tm();
 	t = tmb != NULL ? tmb->t_gett() : NULL;
+	if(msg->first_line.type == SIP_REQUEST) {
+		/* After t_relay(): the transaction is this request's. */
+		if(t == NULL || t == T_UNDEFINED || t->uas.request == NULL)
+			return -1;
+		tg_hold_answers(t, &msg->rcv);
+		tg_hold_branches(t);
+		return 1;
+	}
+	if(msg->first_line.type != SIP_REPLY)
+		return 1;
 	if(t == NULL || t == T_UNDEFINED) {
 		LM_NOTICE("an answer of no known transaction: not relayed\n");
 		return -1;
 	}
+	if(tg_branch_answered_on_its_connection(tmb, t, msg) < 0)
+		return -1;
 	/* A request of Kamailio's own (a uac or dispatcher ping, a dialog keepalive):
 	 * its answers end here, relayed to nobody. */
 	if(t->uas.request == NULL)
 		return 1;
 	rcv = &t->uas.request->rcv;
-	if(rcv->proto != PROTO_TCP && rcv->proto != PROTO_TLS && rcv->proto != PROTO_WS
-			&& rcv->proto != PROTO_WSS)
+	if(!tg_hold_answers(t, rcv))
 		return 1;
-	dst = &t->uas.response.dst;
-	/* Idempotent, and tm's readers see the old port or none: a send racing this
-	 * store goes by address as it did before. */
-	if(su_getport(&dst->to) != 0 && dst->id == rcv->proto_reserved1 && dst->id != 0)
-		su_setport(&dst->to, 0);
 	c = tcpconn_get(rcv->proto_reserved1, 0, 0, 0, 0);
 	if(c == NULL) {
 		LM_NOTICE("a %d to a request whose connection is gone: not relayed\n",
