@@ -45,6 +45,9 @@ pub enum ParseError {
     },
     #[error("CSeq method does not match the request method")]
     CSeqMismatch,
+    /// A known method name in another case ([`crate::method::is_another_case_of_a_known_name`]).
+    #[error("method name in another case than its own")]
+    MethodCase,
     /// Header block or declared body over the limits of this parser.
     #[error("message too large")]
     TooLarge,

@@ -313,6 +313,18 @@ pub(crate) fn parse_with(
     {
         return Err(ParseError::BadStartLine);
     }
+    // A known method spelled in another case: Kamailio (its parser, tm, the dialog
+    // module) reads it as the known method, this parser as another one (RFC 3261
+    // §7.1): a `Cancel` judged as an extension method would be relayed, and cancel
+    // a transaction, as no CANCEL is.
+    if let StartLine::Request {
+        method: Method::Other(m),
+        ..
+    } = start_line
+        && crate::method::is_another_case_of_a_known_name(m)
+    {
+        return Err(ParseError::MethodCase);
+    }
     // Kamailio's TCP reader takes a `Content_Length` field for Content-Length, this
     // parser does not: relayed onto a stream, such a message would end where this
     // parser reads on (docs/policy.md, "Threat model").

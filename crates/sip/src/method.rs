@@ -66,6 +66,40 @@ impl<'a> Method<'a> {
     }
 }
 
+/// Method names that a SIP host may read without regard to case: every name above,
+/// and the others Kamailio 5.6.3 knows (`core/parser/parse_methods.c`,
+/// docs/kamailio.md, "Facts about Kamailio 5.6.3").
+const CASE_BLIND_NAMES: [&str; 19] = [
+    "INVITE",
+    "ACK",
+    "BYE",
+    "CANCEL",
+    "REGISTER",
+    "OPTIONS",
+    "INFO",
+    "UPDATE",
+    "PRACK",
+    "SUBSCRIBE",
+    "NOTIFY",
+    "REFER",
+    "MESSAGE",
+    "PUBLISH",
+    "KDMQ",
+    "GET",
+    "POST",
+    "PUT",
+    "DELETE",
+];
+
+/// Whether `token` spells a known method name in another case (`Cancel`, `invite`).
+/// RFC 3261 §7.1 makes it another method; Kamailio's parser makes it the known one,
+/// and tm cancels a transaction for a `cancel`: the one message would be read two ways.
+pub fn is_another_case_of_a_known_name(token: &str) -> bool {
+    CASE_BLIND_NAMES
+        .iter()
+        .any(|name| token.eq_ignore_ascii_case(name) && token != *name)
+}
+
 impl fmt::Display for Method<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
@@ -89,6 +123,25 @@ mod tests {
             let m = Method::from_token(token);
             assert_eq!(m, want);
             assert_eq!(m.as_str(), token);
+        }
+    }
+
+    #[test]
+    fn only_a_known_name_in_another_case_is_another_case_of_a_known_name() {
+        let cases = [
+            ("CANCEL", false),
+            ("Cancel", true),
+            ("cancel", true),
+            ("aCK", true),
+            ("kdmq", true),
+            ("KDMQ", false),
+            ("NEWMETHOD", false),
+            ("newmethod", false),
+            ("CANCELX", false),
+            ("!interesting-Method0123456789_*+`.%indeed'~", false),
+        ];
+        for (token, want) in cases {
+            assert_eq!(is_another_case_of_a_known_name(token), want, "{token}");
         }
     }
 }
