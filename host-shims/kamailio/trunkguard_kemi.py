@@ -98,9 +98,12 @@ STATS_TABLE = "tgstats"
 # (_pbx_connection): a connection id is this node's own, so the table is neither
 # replicated nor stored (kemi-shim.cfg).
 CONN_TABLE = "tgconn"
-# By the Via branch a core's call left with for a PBX over TCP or TLS, the id of the
-# PBX's connection it went over (ksr_onsend_route): an answer to that branch comes
-# over that connection or is not the callee's (_answered_on_its_connection).
+# By the Via branch each INVITE left with (ksr_onsend_route): the transport and IP
+# it went to ("to::" + branch) and, for a core's call to a PBX over TCP or TLS, the id of the
+# PBX's connection it went over (the branch itself): an answer to that branch comes
+# over that connection, else from that IP over that transport, or it is not the
+# callee's
+# (_answered_from_its_far_end).
 BRANCH_TABLE = "tgbranch"
 
 
@@ -157,19 +160,30 @@ def _via_branch(via):
     return m.group(1) if m else ""
 
 
-def _answered_on_its_connection():
-    """An answer to a core's call sent to a PBX over its connection comes over that
-    connection, or it is not the callee's: tm matches an answer to a branch by its Via
-    branch alone, from any connection, and sends its own CANCEL of the call by
+def _answered_from_its_far_end():
+    """An answer to an INVITE comes from where the INVITE went, or it is not the
+    callee's: tm matches an answer to a branch by its Via branch alone, from any
+    address, and that branch is computed from the INVITE's own identifiers, which
+    anyone who saw the INVITE holds. A core's call sent to a PBX over its connection
+    is answered over that connection: tm also sends its own CANCEL of the call by
     address, branch and all, to whoever has the PBX's address once its connection is
     gone (docs/kamailio.md, "A PBX registered over TCP")."""
     if KSR.pv.get("$rm") != "INVITE":
         return True
     branch = _via_branch(KSR.pv.get("$(hdr(Via)[0])"))
-    kept = KSR.htable.sht_get(BRANCH_TABLE, branch) if branch else None
-    if not isinstance(kept, int) or kept == 0 or kept == (KSR.pv.get("$conid") or 0):
+    if not branch:
         return True
-    KSR.notice("trunkguard: a %s to a branch from another connection than the branch's: not relayed\n"
+    kept = KSR.htable.sht_get(BRANCH_TABLE, branch)
+    if isinstance(kept, int) and kept != 0:
+        if kept == (KSR.pv.get("$conid") or 0):
+            return True
+        KSR.notice("trunkguard: a %s to a branch from another connection than the branch's: not relayed\n"
+                   % KSR.pv.get("$rs"))
+        return False
+    went_to = KSR.htable.sht_get(BRANCH_TABLE, "to::" + branch)
+    if not isinstance(went_to, str) or went_to == "%s:%s" % (KSR.pv.get("$pr"), KSR.pv.get("$si")):
+        return True
+    KSR.notice("trunkguard: a %s to a branch from another address than the branch's: not relayed\n"
                % KSR.pv.get("$rs"))
     return False
 
@@ -923,7 +937,7 @@ class Shim:
     def ksr_reply_route(self, msg):
         # A response that matches no transaction of this proxy is dropped, not
         # forwarded by its Via: no reflection towards the carrier or a PBX.
-        if KSR.tm.t_check_trans() < 0 or not _reply_connection_lives() or not _answered_on_its_connection():
+        if KSR.tm.t_check_trans() < 0 or not _reply_connection_lives() or not _answered_from_its_far_end():
             KSR.set_drop()
             return -255
         # A response is its sender's text, which the policy does not judge. Relayed
@@ -1023,13 +1037,17 @@ class Shim:
         return 1
 
     def ksr_onsend_route(self, msg):
-        # The core's call leaving for its PBX over the PBX's connection (_relay_new):
-        # that connection's id, by the branch of the Via tm wrote.
+        # An INVITE leaving: the IP it goes to and, for the core's call leaving for
+        # its PBX over the PBX's connection (_relay_new), that connection's id, by the
+        # branch of the Via tm wrote (_answered_from_its_far_end).
         conid, self.branch_conid = getattr(self, "branch_conid", 0), 0
-        if conid and KSR.pv.get("$rm") == "INVITE":
+        if KSR.pv.get("$rm") == "INVITE":
             branch = _via_branch((KSR.pv.get("$(snd(buf){line.sw,Via: SIP/2.0/})") or "").partition(":")[2])
             if branch:
-                KSR.htable.sht_seti(BRANCH_TABLE, branch, conid)
+                KSR.htable.sht_sets(BRANCH_TABLE, "to::" + branch,
+                                    "%s:%s" % (KSR.pv.get("$snd(sproto)"), KSR.pv.get("$snd(ip)")))
+                if conid:
+                    KSR.htable.sht_seti(BRANCH_TABLE, branch, conid)
         return 1
 
     # rtimer (kemi-shim.cfg): alert windows, alert delivery, applying publications.

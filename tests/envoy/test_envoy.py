@@ -2420,21 +2420,27 @@ class EnvoyInbound(unittest.TestCase):
         reply = pbx.next_message()
         self.assertRegex(reply, r"^SIP/2\.0 200 [\s\S]*CSeq: 1 BYE")
 
-    def test_2c_a_cancel_of_a_pbxs_ringing_call_from_another_address_reaches_nobody(self):
-        # A CANCEL matches its INVITE by identifiers anyone who saw the INVITE holds
-        # (RFC 3261 §9.2). Until 2026-12-02 one through any connection to Envoy ended
-        # a PBX's ringing call at the carrier.
+    def ringing_call(self, call_id):
+        """hq1's PBX registered from A, its call `call_id` ringing at the far end
+        (which answers 180): the call, the far end, and the INVITE it got."""
         pbx = InboundPbx(self.A, HQ)
         self.closing.append(pbx)
         answer, _ = pbx.register()
         self.assertEqual(status_of(answer), 200, answer)
-        # Ringing (tm sends a CANCEL on only once the branch has a provisional
-        # answer, RFC 3261 §9.1).
         far = self.party(FAR_END, answer=180)
-        call = HandCall(LISTEN, self.A, "out-cancel")
+        call = HandCall(LISTEN, self.A, call_id)
         self.closing.append(call)
         call.conn.send(call.invite())
-        far.wait("INVITE", "out-cancel")
+        _, at_far = far.wait("INVITE", call_id)
+        return call, far, at_far
+
+    def test_2c_a_cancel_of_a_pbxs_ringing_call_from_another_address_reaches_nobody(self):
+        # A CANCEL matches its INVITE by identifiers anyone who saw the INVITE holds
+        # (RFC 3261 §9.2). Until 2026-12-02 one through any connection to Envoy ended
+        # a PBX's ringing call at the carrier.
+        # Ringing (tm sends a CANCEL on only once the branch has a provisional
+        # answer, RFC 3261 §9.1).
+        call, far, _ = self.ringing_call("out-cancel")
         time.sleep(0.3)
         forged = call.cancel().decode().replace(f"Contact: <sip:{HQ[0]}@{self.A}:5060;transport=tcp>\r\n", "")
         self.assertEqual(status_of(attack(forged)), 481)
@@ -2519,6 +2525,21 @@ class EnvoyInbound(unittest.TestCase):
         reply = wait_for("the answer to the CANCEL", lambda: (lambda m: m if re.search(
             r"(?m)^CSeq: 2 CANCEL", m) else None)(pbx.next_message(wait=1)))
         self.assertEqual(status_of(reply), 200, reply)
+
+    def test_2g_a_strangers_answer_to_a_pbxs_ringing_call_reaches_nobody(self):
+        # tm matches an answer to a branch by the Via branch the upstream wrote, from
+        # any address, and writes that branch from the relayed INVITE's own
+        # identifiers: anyone who saw the INVITE holds it. Until 2026-12-03 a 200
+        # with it, through any connection to Envoy, answered a PBX's call in the
+        # carrier's place, with the stranger's SDP.
+        call, far, at_far = self.ringing_call("out-answer")
+        attack(reply_to(at_far, 200, tag="stranger", contact=f"sip:stranger@{ATTACKER}:5060", body=UdpParty.SDP))
+        answered = call.conn.final(b"", wait=1.5)
+        self.assertEqual(answered, "", "a stranger's answer reached the PBX")
+        self.assertIn("to a branch from another address than the branch's: not relayed", read(Env.kamailio_log))
+        # The carrier's own answer does.
+        far.send(reply_to(at_far, 486, tag="udp"))
+        self.assertEqual(status_of(call.conn.final(b"")), 486)
 
     def test_2d_the_pbxs_answer_gives_the_carrier_the_upstreams_route_and_no_hop_of_its_own(self):
         # The carrier takes the route of its in-dialog requests from the Record-Route

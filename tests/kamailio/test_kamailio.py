@@ -1769,6 +1769,57 @@ class KamailioEdge(unittest.TestCase):
             far.send(sip.response(got, 200, "OK"), hop)
 
 
+    def test_38c_an_answer_to_a_ringing_call_is_taken_only_from_where_its_invite_went(self):
+        # tm matches an answer to a branch by its Via branch alone, from any address
+        # (RFC 3261 §17.1.3), and the branch it writes is computed from the relayed
+        # INVITE's own identifiers (its From tag, Call-ID, Request-URI, CSeq and top
+        # Via): anyone who saw the INVITE holds it, as test_38's stranger holds a
+        # CANCEL's. Until 2026-12-03 a stranger's 200, sent to the public listener,
+        # answered the PBX's call in the carrier's place (its SDP, its route set), and
+        # the core's call in the PBX's place.
+        self.register_pbx()
+        pbx, carrier, core = self.party(PBX, PBX_PORT), self.party("127.0.0.1", CARRIER_PORT), self.party(CORE)
+        intruder = self.party(INTRUDER)
+        body = b"v=0\r\no=- 1 1 IN IP4 127.0.0.3\r\ns=-\r\nc=IN IP4 127.0.0.3\r\nt=0 0\r\nm=audio 4000 RTP/AVP 0\r\n"
+
+        def ringing(caller, far, call_id):
+            got, hop = far.recv(3.0, lambda m: sip.method(m) == "INVITE" and sip.headers(m, "Call-ID", "i") == [call_id])
+            self.assertIsNotNone(got, "the INVITE never reached the far end")
+            far.send(sip.response(got, 180, "Ringing", to_tag="far"), hop)
+            self.assertIsNotNone(caller.recv(3.0, lambda m: sip.status(m) == 180)[0], "no 180 at the caller")
+            return got, hop
+
+        out_id = "answer-%s@%s" % (os.urandom(6).hex(), PBX)
+        sip.authenticated_invite(pbx, KAMAILIO, HQ, CALLED, out_id, os.urandom(4).hex())
+        out_at_carrier = ringing(pbx, carrier, out_id)
+        in_id = "answer-in-%s@%s" % (os.urandom(6).hex(), CORE)
+        did = "sip:+15551230000@" + REALM
+        core.send(("INVITE %s SIP/2.0\r\nVia: SIP/2.0/UDP %s:%d;branch=z9hG4bK%s;rport\r\nMax-Forwards: 70\r\n"
+                   "From: <sip:+15550001111@carrier.example.net>;tag=%s\r\nTo: <%s>\r\nCall-ID: %s\r\n"
+                   "CSeq: 1 INVITE\r\nContact: <sip:core@%s:%d>\r\nContent-Length: 0\r\n\r\n"
+                   % (did, core.ip, core.port, os.urandom(8).hex(), os.urandom(4).hex(), did, in_id, core.ip,
+                      core.port)).encode("latin-1"), CORE_SOCKET)
+        in_at_pbx = ringing(core, pbx, in_id)
+        outcomes = []
+        for what, (got, _), caller, call_id in (("the PBX's call", out_at_carrier, pbx, out_id),
+                                                ("the core's call", in_at_pbx, core, in_id)):
+            intruder.send(sip.response(got, 200, "OK", to_tag="intruder", body=body,
+                                       contact="<sip:intruder@%s:%d>" % (intruder.ip, intruder.port),
+                                       extra=[("Content-Type", "application/sdp")]), KAMAILIO)
+            answered, _ = caller.recv(1.5, lambda m: sip.headers(m, "Call-ID", "i") == [call_id]
+                                      and sip.status(m) >= 200)
+            outcomes.append((what, sip.status(answered) if answered else None))
+        self.assertEqual(outcomes, [("the PBX's call", None), ("the core's call", None)],
+                         "a stranger's answer reached the caller")
+        self.assertIn("to a branch from another address than the branch's: not relayed", self.kamailio_log())
+        # The far ends' own answers still reach their callers.
+        for (got, hop), far, caller, call_id in ((out_at_carrier, carrier, pbx, out_id),
+                                                 (in_at_pbx, pbx, core, in_id)):
+            far.send(sip.response(got, 486, "Busy Here", to_tag="far"), hop)
+            answered, _ = caller.recv(3.0, lambda m: sip.headers(m, "Call-ID", "i") == [call_id]
+                                      and sip.status(m) >= 200)
+            self.assertEqual(sip.status(answered), 486, "the far end's own answer never reached the caller")
+
     def test_38b_a_cancel_with_a_to_tag_is_taken_only_from_where_its_invite_came(self):
         # A CANCEL names a transaction, not a dialog: tm finds the INVITE it cancels
         # by the CANCEL's top Via, Call-ID and CSeq number, whatever its tags (RFC
@@ -1803,22 +1854,51 @@ class KamailioEdge(unittest.TestCase):
         _, own_180, own_at_carrier = ringing(attacker, ("hq2", "other"), "attacker", "far2")
         self.assertTrue(sip.headers(own_180, "Record-Route"), own_180)
 
-        def cancel(via, early, routes):
-            return ("CANCEL sip:%s@%s SIP/2.0\r\nVia: %s\r\n%sMax-Forwards: 70\r\nFrom: %s\r\nTo: %s\r\n"
-                    "Call-ID: %s\r\nCSeq: %s CANCEL\r\nContent-Length: 0\r\n\r\n"
-                    % (CALLED, REALM, via, "".join("Route: %s\r\n" % r for r in routes),
+        def cancel(via, early, routes, method="CANCEL", extra=()):
+            return ("%s sip:%s@%s SIP/2.0\r\nVia: %s\r\n%sMax-Forwards: 70\r\nFrom: %s\r\nTo: %s\r\n"
+                    "Call-ID: %s\r\nCSeq: %s %s\r\n%sContent-Length: 0\r\n\r\n"
+                    % (method, CALLED, REALM, via, "".join("Route: %s\r\n" % r for r in routes),
                        sip.headers(early, "From", "f")[0], sip.headers(early, "To", "t")[0], call_id,
-                       sip.headers(victim_invite, "CSeq")[0].split()[0])).encode("latin-1")
+                       sip.headers(victim_invite, "CSeq")[0].split()[0], method,
+                       "".join("%s: %s\r\n" % h for h in extra))).encode("latin-1")
+        victim_via = sip.headers(victim_invite, "Via", "v")[0]
+        own_routes = list(reversed(sip.headers(own_180, "Record-Route")))
+        # tm writes its own CANCEL; a request relayed as written keeps its spelling.
+        leaked_cancel = lambda m: m[:7].upper() == "CANCEL "
         # The victim's INVITE's top Via, Call-ID and CSeq number; the attacker's own
         # early dialog (its tags, its 180's route set): from its registered address.
-        attacker.send(cancel(sip.headers(victim_invite, "Via", "v")[0], own_180,
-                             list(reversed(sip.headers(own_180, "Record-Route")))), KAMAILIO)
+        attacker.send(cancel(victim_via, own_180, own_routes), KAMAILIO)
         answer, _ = attacker.final(2.0)
-        leaked, _ = carrier.recv(0.5, lambda m: sip.method(m) == "CANCEL")
+        leaked, _ = carrier.recv(0.5, leaked_cancel)
         self.assertEqual((sip.status(answer), leaked), (481, None),
                          "a CANCEL with a To tag from another customer reached the carrier")
+        # The method spelled in another case: Kamailio and tm read `Cancel` as CANCEL,
+        # RFC 3261 §7.1 as another method. Until 2026-12-03 the policy judged it an
+        # in-dialog request of the attacker's early dialog, and tm cancelled the
+        # victim's INVITE at the carrier.
+        attacker.send(cancel(victim_via, own_180, own_routes, "Cancel"), KAMAILIO)
+        answer, _ = attacker.final(2.0)
+        leaked, _ = carrier.recv(0.5, leaked_cancel)
+        self.assertEqual((sip.status(answer), leaked), (400, None),
+                         "a Cancel within another customer's early dialog reached the carrier")
+        # Without a To tag, with its own credentials: judged as a trunk's request (an
+        # extension method, authenticated) and relayed, until 2026-12-03, as a CANCEL.
+        no_tag = sip.headers(victim_invite, "To", "t")[0]
+        attacker.send(cancel(victim_via, own_180.replace(sip.headers(own_180, "To", "t")[0], no_tag), [],
+                             "cancel"), KAMAILIO)
+        answer, _ = attacker.final(2.0)
+        if sip.status(answer) == 407:
+            uri = "sip:%s@%s" % (CALLED, REALM)
+            creds = sip.authorization(sip.headers(answer, "Proxy-Authenticate")[0], "cancel", uri,
+                                      "hq2", "other", "Proxy-Authorization")
+            attacker.send(cancel(victim_via, own_180.replace(sip.headers(own_180, "To", "t")[0], no_tag),
+                                 [], "cancel", [creds]), KAMAILIO)
+            answer, _ = attacker.final(2.0)
+        leaked, _ = carrier.recv(0.5, leaked_cancel)
+        self.assertEqual((sip.status(answer), leaked), (400, None),
+                         "an authenticated `cancel` of another customer's call reached the carrier")
         # The victim's own CANCEL ends its call.
-        pbx.send(cancel(sip.headers(victim_invite, "Via", "v")[0], victim_invite, []), KAMAILIO)
+        pbx.send(cancel(victim_via, victim_invite, []), KAMAILIO)
         got, hop = carrier.recv(3.0, lambda m: sip.method(m) == "CANCEL")
         self.assertIsNotNone(got, "the caller's own CANCEL never arrived")
         carrier.send(sip.response(got, 200, "OK"), hop)

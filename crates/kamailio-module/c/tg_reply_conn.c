@@ -24,6 +24,10 @@
  * opened (a PBX's, as only they are behind a NAT; a connection this edge opened to a
  * server is opened again by address, as Kamailio does) keeps that connection's id
  * and loses its address, and an answer to it from another connection is refused.
+ And tm's branch (the Via branch this edge writes) is computed from the relayed
+ * request's own identifiers: anyone who saw the request holds it, and tm takes an
+ * answer that names it from any address. So an answer to any branch comes from the
+ * address the branch went to, or it is refused.
  *
  *   trunkguard_reply_connection()  in request_route, after t_relay(): the
  *                                  transaction's answers held to the request's
@@ -34,9 +38,10 @@
  *                                  In reply_route, after t_check_trans(): the
  *                                  answers held for a transaction relayed without
  *                                  it; 1 (a request over UDP, or Kamailio's own,
- *                                  left alone), -1 (no transaction known, or an
+ *                                  left alone), -1 (no transaction known, an
  *                                  answer to a held branch from another
- *                                  connection: the cfg drops the answer)
+ *                                  connection, or to any other branch from
+ *                                  another address: the cfg drops the answer)
  */
 
 #include "../../core/dprint.h"
@@ -96,23 +101,33 @@ static void tg_hold_branches(struct cell *t)
 	}
 }
 
-/* 0 when the answer `msg` to t's branch came over the connection that branch is
- * held to (or the branch is not held), -1 otherwise. */
-static int tg_branch_answered_on_its_connection(
+/* 0 when the answer `msg` to t's branch came from the branch's far end: over the
+ * connection a held branch keeps, else from the address the branch went to, over
+ * its transport; -1 otherwise. The edge asks for symmetric answers (;rport in its Via, RFC 3581 §4),
+ * so a far end answers from where it was reached. */
+static int tg_branch_answered_from_its_far_end(
 		tm_api_t *tmb, struct cell *t, sip_msg_t *msg)
 {
 	int branch;
 	struct dest_info *dst;
+	struct ip_addr to;
 
 	branch = tmb->t_gett_branch();
 	if(branch < 0 || branch >= t->nr_of_outgoings)
 		return 0;
 	dst = &t->uac[branch].request.dst;
-	if(!tg_stream(dst->proto) || dst->id == 0 || su_getport(&dst->to) != 0)
+	if(tg_stream(dst->proto) && dst->id != 0 && su_getport(&dst->to) == 0) {
+		if(tg_stream(msg->rcv.proto) && msg->rcv.proto_reserved1 == dst->id)
+			return 0;
+		LM_NOTICE("a %d to a branch from another connection than the branch's: "
+				  "not relayed\n",
+				(int)msg->first_line.u.reply.statuscode);
+		return -1;
+	}
+	su2ip_addr(&to, &dst->to);
+	if(msg->rcv.proto == dst->proto && ip_addr_cmp(&to, &msg->rcv.src_ip))
 		return 0;
-	if(tg_stream(msg->rcv.proto) && msg->rcv.proto_reserved1 == dst->id)
-		return 0;
-	LM_NOTICE("a %d to a branch from another connection than the branch's: not "
+	LM_NOTICE("a %d to a branch from another address than the branch's: not "
 			  "relayed\n",
 			(int)msg->first_line.u.reply.statuscode);
 	return -1;
@@ -141,7 +156,7 @@ int ki_trunkguard_reply_connection(sip_msg_t *msg)
 		LM_NOTICE("an answer of no known transaction: not relayed\n");
 		return -1;
 	}
-	if(tg_branch_answered_on_its_connection(tmb, t, msg) < 0)
+	if(tg_branch_answered_from_its_far_end(tmb, t, msg) < 0)
 		return -1;
 	/* A request of Kamailio's own (a uac or dispatcher ping, a dialog keepalive):
 	 * its answers end here, relayed to nobody. */
