@@ -99,11 +99,10 @@ STATS_TABLE = "tgstats"
 # replicated nor stored (kemi-shim.cfg).
 CONN_TABLE = "tgconn"
 # By the Via branch each INVITE left with (ksr_onsend_route): the transport and IP
-# it went to ("to::" + branch) and, for a core's call to a PBX over TCP or TLS, the id of the
-# PBX's connection it went over (the branch itself): an answer to that branch comes
-# over that connection, else from that IP over that transport, or it is not the
-# callee's
-# (_answered_from_its_far_end).
+# it went to ("to::" + branch) and, for a core's call to a PBX over TCP or TLS, the
+# id of the PBX's connection it went over (the branch itself): an answer to that
+# branch comes over that connection, else from that IP over that transport, or it
+# is not the callee's (_answered_from_its_far_end).
 BRANCH_TABLE = "tgbranch"
 
 

@@ -24,7 +24,7 @@
  * opened (a PBX's, as only they are behind a NAT; a connection this edge opened to a
  * server is opened again by address, as Kamailio does) keeps that connection's id
  * and loses its address, and an answer to it from another connection is refused.
- And tm's branch (the Via branch this edge writes) is computed from the relayed
+ * And tm's branch (the Via branch this edge writes) is computed from the relayed
  * request's own identifiers: anyone who saw the request holds it, and tm takes an
  * answer that names it from any address. So an answer to any branch comes from the
  * address the branch went to, or it is refused.
@@ -103,8 +103,8 @@ static void tg_hold_branches(struct cell *t)
 
 /* 0 when the answer `msg` to t's branch came from the branch's far end: over the
  * connection a held branch keeps, else from the address the branch went to, over
- * its transport; -1 otherwise. The edge asks for symmetric answers (;rport in its Via, RFC 3581 §4),
- * so a far end answers from where it was reached. */
+ * its transport; -1 otherwise. The edge asks for symmetric answers (;rport in its
+ * Via, RFC 3581 §4), so a far end answers from where it was reached. */
 static int tg_branch_answered_from_its_far_end(
 		tm_api_t *tmb, struct cell *t, sip_msg_t *msg)
 {
