@@ -934,9 +934,14 @@ class Shim:
         return -255
 
     def ksr_reply_route(self, msg):
-        # A response that matches no transaction of this proxy is dropped, not
-        # forwarded by its Via: no reflection towards the carrier or a PBX.
-        if KSR.tm.t_check_trans() < 0 or not _reply_connection_lives() or not _answered_from_its_far_end():
+        # A stranger's answer is dropped before tm looks it up: tm's lookup takes a
+        # reference on the transaction that only tm's own handling of the answer
+        # gives back, and KEMI has no call that gives it back, so every answer
+        # dropped after it keeps its transaction in memory for ever (docs/kamailio.md,
+        # "Facts about Kamailio 5.6.3"). A response that matches no transaction of
+        # this proxy is dropped, not forwarded by its Via: no reflection towards the
+        # carrier or a PBX.
+        if not _answered_from_its_far_end() or KSR.tm.t_check_trans() < 0 or not _reply_connection_lives():
             KSR.set_drop()
             return -255
         # A response is its sender's text, which the policy does not judge. Relayed

@@ -698,6 +698,15 @@ class KamailioEdge(unittest.TestCase):
         time.sleep(0.3)
         return run
 
+    def tm_holds(self, *call_ids):
+        """Whether tm still holds a transaction of any of these calls (`tm.list`):
+        one is freed when its wait timer ends, unless a reference on it was never
+        given back."""
+        out = subprocess.run(["kamcmd", "-s", "unix:" + os.path.join(self.state, "ctl.sock"), "tm.list"],
+                             capture_output=True, text=True, timeout=10)
+        self.assertEqual(out.returncode, 0, out.stderr)
+        return any(c in out.stdout for c in call_ids)
+
     def tgctl(self, *args):
         return subprocess.run([TGCTL, "--state", self.state, *args], capture_output=True, text=True, timeout=30)
 
@@ -1448,6 +1457,15 @@ class KamailioEdge(unittest.TestCase):
             self.assertNotRegex(head, r"\r\n[ \t]", "%s: a continuation line reached the carrier" % name)
             self.assertIn("Subject: hi", head, name)
         sip.in_dialog_round(pbx_side, carrier_side, "BYE")
+        if self.ENGINE == "module":
+            # tm's lookup of each dropped answer took a reference on its transaction
+            # that only tm's own handling of the answer gives back: the module gives
+            # it back when it refuses one. Until 2026-12-03 the three transactions
+            # stayed in tm's list for ever. Kamailio's Python KEMI has no call
+            # that gives it back: the shim's drops keep theirs (docs/kamailio.md,
+            # "Facts about Kamailio 5.6.3").
+            wait_for("every transaction of the call freed after tm's wait timer",
+                     lambda: not self.tm_holds(carrier_side.call_id, pbx_side.call_id), timeout=30)
 
     def test_33_a_captured_nonce_gets_nobody_banned_and_a_resent_answer_tells_no_password(self):
         # A spoofer holding a nonce its PBX was sent (one sniffed 401; here the same
@@ -1819,6 +1837,10 @@ class KamailioEdge(unittest.TestCase):
             answered, _ = caller.recv(3.0, lambda m: sip.headers(m, "Call-ID", "i") == [call_id]
                                       and sip.status(m) >= 200)
             self.assertEqual(sip.status(answered), 486, "the far end's own answer never reached the caller")
+        # Dropped without keeping their transactions: no reference of tm's lookup
+        # left on them (docs/kamailio.md, "Facts about Kamailio 5.6.3").
+        wait_for("both calls' transactions freed after tm's wait timer", lambda: not self.tm_holds(out_id, in_id),
+                 timeout=30)
 
     def test_38b_a_cancel_with_a_to_tag_is_taken_only_from_where_its_invite_came(self):
         # A CANCEL names a transaction, not a dialog: tm finds the INVITE it cancels

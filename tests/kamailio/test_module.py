@@ -1514,6 +1514,44 @@ class ForeignCfg(unittest.TestCase):
                           os.urandom(4).hex())).encode(), self.edge)
         self.assertIsNone(core.recv(1.0)[0], "a stray response was sent on to the core")
 
+    def test_d_an_answer_to_a_ringing_call_is_taken_only_from_where_its_invite_went(self):
+        # test_kamailio.py test_38c through a cfg lifted the way docs/kamailio.md
+        # says (and, in KemiJavaScript, the shipped KEMI script): tm takes an answer
+        # by its Via branch from any address, and the branch is derived from the
+        # relayed INVITE's own identifiers, so a stranger who saw the INVITE could
+        # answer the call in the far end's place.
+        ep = sip.Endpoint(PBX, server=self.edge)
+        self.addCleanup(ep.close)
+        self.assertEqual(sip.status(sip.register(ep, HQ[0], HQ[1], 3600)), 200)
+        pbx, core, intruder = self.party(PBX), self.party(*CORE), self.party(INTRUDER)
+        call_id = "answer-%s@%s" % (os.urandom(6).hex(), PBX)
+        sip.authenticated_invite(pbx, self.edge, HQ, CALLED, call_id, os.urandom(4).hex())
+        got, hop = core.recv(3.0, lambda m: sip.method(m) == "INVITE" and sip.headers(m, "Call-ID", "i") == [call_id])
+        self.assertIsNotNone(got, "the INVITE never reached the carrier")
+        core.send(sip.response(got, 180, "Ringing", to_tag="far"), hop)
+        self.assertIsNotNone(pbx.recv(3.0, lambda m: sip.status(m) == 180)[0], "no 180 at the PBX")
+
+        def final_at_pbx(timeout):
+            answer, _ = pbx.recv(timeout, lambda m: sip.headers(m, "Call-ID", "i") == [call_id]
+                                 and sip.status(m) >= 200)
+            return sip.status(answer) if answer else None
+
+        intruder.send(sip.response(got, 200, "OK", to_tag="intruder",
+                                   contact="<sip:intruder@%s:%d>" % (intruder.ip, intruder.port)), self.edge)
+        self.assertIsNone(final_at_pbx(1.5), "a stranger's answer reached the PBX")
+        core.send(sip.response(got, 486, "Busy Here", to_tag="far"), hop)
+        self.assertEqual(final_at_pbx(3.0), 486, "the carrier's own answer never reached the PBX")
+
+        # The reference tm's lookup of the dropped answer took on the transaction is
+        # given back: when tm's wait timer ends it, the transaction is freed, not
+        # kept for ever (docs/kamailio.md, "Facts about Kamailio 5.6.3").
+        def tm_holds():
+            out = subprocess.run([KAMCMD, "-s", "unix:" + self.ctl, "tm.list"], capture_output=True, text=True,
+                                 timeout=10)
+            self.assertEqual(out.returncode, 0, out.stderr)
+            return call_id in out.stdout
+        wait_for("the call's transaction freed after tm's wait timer", lambda: not tm_holds(), timeout=30)
+
 
 class KemiJavaScript(ForeignCfg):
     """trunkguard.so called from a KEMI script (examples/kamailio/trunkguard.js under

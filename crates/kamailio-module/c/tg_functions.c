@@ -631,7 +631,7 @@ static int tg_bare_line_end(sip_msg_t *msg)
  * makes it -1, as does a CR or an LF alone in the header block: the cfg drops the
  * message. For responses, which the policy never judges, and any request a cfg
  * relays without trunkguard_apply(). */
-static int ki_trunkguard_unfold(sip_msg_t *msg)
+static int tg_unfold_checked(sip_msg_t *msg)
 {
 	hdr_field_t *hf;
 
@@ -657,6 +657,11 @@ static int ki_trunkguard_unfold(sip_msg_t *msg)
 		}
 	}
 	return tg_unfold(msg) < 0 ? -1 : 1;
+}
+
+static int ki_trunkguard_unfold(sip_msg_t *msg)
+{
+	return tg_answer_refused(msg, tg_unfold_checked(msg));
 }
 
 /* Whether a reply (tm's shm copy of it) carries a Retry-After header. */

@@ -129,6 +129,14 @@ struct tm_binds;
 struct tm_binds *tg_reply_tm(void);
 /* tg_reply_conn.c */
 int ki_trunkguard_reply_connection(sip_msg_t *msg);
+int tg_reply_conn_init(void);
+/* `ret` of a function that refuses the answer `msg` in the core reply_route (< 0:
+ * the cfg drops it): tm's reference on the transaction, taken when the answer was
+ * looked up, is given back, as tm's own handling of the answer would have given it
+ * back; a dropped answer otherwise keeps its transaction in memory for ever
+ * (docs/kamailio.md, "Facts about Kamailio 5.6.3"). A cfg that relays the answer
+ * all the same loses nothing: tm looks it up again. */
+int tg_answer_refused(sip_msg_t *msg, int ret);
 void tg_dialog_failed_over(sip_msg_t *msg, str *uri);
 
 /* tg_rpc.c */

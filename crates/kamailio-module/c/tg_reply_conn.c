@@ -29,6 +29,10 @@
  * answer that names it from any address. So an answer to any branch comes from the
  * address the branch went to, or it is refused.
  *
+ * That check runs for every answer the edge receives, before reply_route and tm
+ * see it (a pre-script callback of Kamailio's core): a cfg lifted without the
+ * function below is not open to it.
+ *
  *   trunkguard_reply_connection()  in request_route, after t_relay(): the
  *                                  transaction's answers held to the request's
  *                                  connection from the start, tm's own 408 to a
@@ -38,14 +42,14 @@
  *                                  In reply_route, after t_check_trans(): the
  *                                  answers held for a transaction relayed without
  *                                  it; 1 (a request over UDP, or Kamailio's own,
- *                                  left alone), -1 (no transaction known, an
- *                                  answer to a held branch from another
- *                                  connection, or to any other branch from
- *                                  another address: the cfg drops the answer)
+ *                                  left alone), -1 (no transaction known, or an
+ *                                  answer the callback would have dropped: the
+ *                                  cfg drops the answer)
  */
 
 #include "../../core/dprint.h"
 #include "../../core/ip_addr.h"
+#include "../../core/script_cb.h"
 #include "../../core/tcp_conn.h"
 #include "../tm/tm_load.h"
 #include "../tm/h_table.h"
@@ -133,7 +137,7 @@ static int tg_branch_answered_from_its_far_end(
 	return -1;
 }
 
-int ki_trunkguard_reply_connection(sip_msg_t *msg)
+static int tg_reply_connection(sip_msg_t *msg)
 {
 	tm_api_t *tmb;
 	struct cell *t;
@@ -173,4 +177,65 @@ int ki_trunkguard_reply_connection(sip_msg_t *msg)
 	}
 	tcpconn_put(c);
 	return 1;
+}
+
+int ki_trunkguard_reply_connection(sip_msg_t *msg)
+{
+	return tg_answer_refused(msg, tg_reply_connection(msg));
+}
+
+int tg_answer_refused(sip_msg_t *msg, int ret)
+{
+	tm_api_t *tmb;
+	struct cell *t;
+
+	if(ret >= 0 || msg->first_line.type != SIP_REPLY
+			|| !is_route_type(CORE_ONREPLY_ROUTE))
+		return ret;
+	tmb = tg_reply_tm();
+	if(tmb == NULL)
+		return ret;
+	t = tmb->t_gett();
+	if(t != NULL && t != T_UNDEFINED)
+		tmb->t_unref(msg);
+	return ret;
+}
+
+/* Kamailio's core runs it for each answer it receives, before reply_route: 0 drops
+ * the answer (receive_msg), with the transaction reference t_check took released
+ * (tm's reply_received, which would release it, never runs). An answer of no
+ * transaction is the cfg's (reply_route drops it, docs/kamailio.md, "Responses"). */
+static int tg_answer_from_its_far_end(
+		sip_msg_t *msg, unsigned int flags, void *param)
+{
+	tm_api_t *tmb;
+	struct cell *t;
+	int branch = -1;
+
+	if(msg->first_line.type != SIP_REPLY)
+		return 1;
+	tmb = tg_reply_tm();
+	if(tmb == NULL || tmb->t_check(msg, &branch) != 1)
+		return 1;
+	t = tmb->t_gett();
+	if(t == NULL || t == T_UNDEFINED)
+		return 1;
+	if(tg_branch_answered_from_its_far_end(tmb, t, msg) == 0)
+		return 1;
+	tmb->t_unref(msg);
+	return 0;
+}
+
+int tg_reply_conn_init(void)
+{
+	/* Without tm there is no branch to answer. */
+	if(tg_reply_tm() == NULL)
+		return 0;
+	if(register_script_cb(
+			   tg_answer_from_its_far_end, PRE_SCRIPT_CB | ONREPLY_CB, 0)
+			< 0) {
+		LM_ERR("cannot register the answer check\n");
+		return -1;
+	}
+	return 0;
 }

@@ -150,7 +150,7 @@ static int tg_rr_sent(char *buf, int len, tg_rr_list *out)
 	return 0;
 }
 
-int ki_trunkguard_reply_route_set(sip_msg_t *msg)
+static int tg_reply_route_set(sip_msg_t *msg)
 {
 	struct cell *t;
 	hdr_field_t *hf;
@@ -228,4 +228,9 @@ int ki_trunkguard_reply_route_set(sip_msg_t *msg)
 		return -1;
 	}
 	return 1;
+}
+
+int ki_trunkguard_reply_route_set(sip_msg_t *msg)
+{
+	return tg_answer_refused(msg, tg_reply_route_set(msg));
 }

@@ -223,7 +223,7 @@ static int mod_init(void)
 				tg_htable_name.len, tg_htable_name.s);
 		return -1;
 	}
-	if(tg_functions_init() < 0)
+	if(tg_functions_init() < 0 || tg_reply_conn_init() < 0)
 		return -1;
 	if(tg_db_init() < 0)
 		return -1;
