@@ -2093,6 +2093,72 @@ class EnvoyKeepsState(OwnEnvoy, unittest.TestCase):
         self.assertCallPasses(home, "keep-gone-call")
 
 
+class EnvoyConnectionLimit(OwnEnvoy, unittest.TestCase):
+    """An Envoy of its own, one worker, `run --max-connections 4
+    --max-connections-per-source 2`. Every SIP connection holds one to the upstream,
+    so without limits a flood of idle connections reaches Kamailio's own
+    (tcp_max_connections) and every PBX's new connection fails there; and without a
+    limit per source, one address takes every slot Envoy has (docs/envoy.md,
+    "Connection limit")."""
+
+    LISTEN = ("127.0.0.1", 5193)
+    STATS = ("127.0.0.1", 5194)
+
+    @classmethod
+    def setUpClass(cls):
+        cls.state = start_envoy("limit-envoy", cls.LISTEN, cls.STATS, f"http://{WEBHOOK[0]}:{WEBHOOK[1]}/v1/alerts",
+                                concurrency=1, extra=("--max-connections", "4", "--max-connections-per-source", "2"))
+
+    @classmethod
+    def tearDownClass(cls):
+        if cls.state:
+            stop_envoy(cls.state)
+            cls.state = None
+
+    def connect(self, source, call_id):
+        """A connection from `source` and whether the filter challenged a REGISTER
+        on it (False: closed without an answer)."""
+        client = SipClient(self.LISTEN, source)
+        self.addCleanup(client.sock.close)
+        answer = client.exchange(sip_request("REGISTER", call_id, source))
+        if not answer:
+            self.assertTrue(client.closed, f"the connection from {source} was neither served nor closed")
+        return client, bool(re.match(r"SIP/2\.0 401 ", answer))
+
+    def test_a_source_holds_its_share_and_the_edge_its_limit(self):
+        served = {}
+        for source, n in (("127.0.0.2", 0), ("127.0.0.2", 1)):
+            client, ok = self.connect(source, f"limit-{n}")
+            self.assertTrue(ok, f"connection {n} from {source} was not served")
+            served[n] = client
+        # A third from the same address: closed, however many slots Envoy has left.
+        _, ok = self.connect("127.0.0.2", "limit-same-source")
+        self.assertFalse(ok, "a source held more connections than its share")
+        self.assertGreaterEqual(self.stats().get("wasmcustom.trunkguard.connections_over_source_limit", 0), 1)
+        # Others are served up to Envoy's limit, and the next is closed.
+        for n, source in enumerate(("127.0.0.3", "127.0.0.4"), 2):
+            client, ok = self.connect(source, f"limit-{n}")
+            self.assertTrue(ok, f"connection {n} from {source} was not served")
+            served[n] = client
+        _, ok = self.connect("127.0.0.5", "limit-over")
+        self.assertFalse(ok, "a connection beyond Envoy's limit was served")
+        self.assertGreaterEqual(
+            self.stats().get(f"listener.{self.LISTEN[0]}_{self.LISTEN[1]}.downstream_global_cx_overflow", 0), 1)
+        # Prometheus still scrapes at the limit.
+        with urllib.request.urlopen(f"http://{self.STATS[0]}:{self.STATS[1]}/ready", timeout=5) as r:
+            self.assertEqual(r.status, 200)
+        # A slot freed, the first source's new connection is served again.
+        served.pop(0).sock.close()
+
+        def again():
+            client = SipClient(self.LISTEN, "127.0.0.2")
+            ok = re.match(r"SIP/2\.0 401 ", client.exchange(
+                sip_request("REGISTER", f"limit-again-{os.urandom(3).hex()}", "127.0.0.2")))
+            client.sock.close()
+            return ok
+        wait_for("a new connection from 127.0.0.2 served after one of its own closed", again, timeout=10)
+
+
 class UdpParty(UdpListener):
     """A party on the upstream's carrier side, over UDP: the carrier calling in, or a
     trunk group's failover. Records every message with its arrival time (in `got`);
@@ -2605,10 +2671,13 @@ class EnvoyInbound(unittest.TestCase):
         self.assertTrue(relayed.startswith(f"INVITE sip:{DID_A}@{FAILOVER_A[0]}:{FAILOVER_A[1]} SIP/2.0"), relayed)
         _, answer = carrier.final("in-silent")
         self.assertEqual(status_of(answer), 200, answer)
-        # The dialog is the failover's now: the carrier's ACK and BYE go there.
+        # The dialog is the failover's now: the carrier's ACK and BYE go there. The
+        # BYE waits for the ACK's arrival: sent back to back over UDP, two upstream
+        # workers may take them at once, and the BYE that ends the dialog first
+        # leaves the ACK of an ended dialog nowhere to go.
         carrier_in_dialog(carrier, invite_sent, answer, "ACK", 1, "ack")
-        carrier_in_dialog(carrier, invite_sent, answer, "BYE", 2, "bye")
         failover.wait("ACK", "in-silent")
+        carrier_in_dialog(carrier, invite_sent, answer, "BYE", 2, "bye")
         failover.wait("BYE", "in-silent")
         wait_for("the 200 to the carrier's BYE", lambda: [
             m for _, m in carrier.messages("SIP/2.0 200", "in-silent") if re.search(r"(?m)^CSeq: 2 BYE", m)])

@@ -33,6 +33,10 @@ struct VmOptions {
     /// Refusal log lines a second per worker VM (docs/envoy.md); 0: summaries only.
     #[serde(default)]
     refusal_log_per_second: Option<u32>,
+    /// Connections one source holds per worker VM (docs/envoy.md, "Connection
+    /// limit"); 0: no limit.
+    #[serde(default)]
+    max_connections_per_source: Option<u32>,
 }
 
 /// What a filter root shares with its connections.
@@ -201,6 +205,9 @@ impl RootContext for Root {
                 shared::set_drill(options.drill);
                 if let Some(n) = options.refusal_log_per_second {
                     super::stream_context::set_refusal_rate(n);
+                }
+                if let Some(n) = options.max_connections_per_source {
+                    super::stream_context::set_connections_per_source(n);
                 }
                 true
             }

@@ -123,6 +123,7 @@ fn take(data: *mut u8, size: usize) -> Option<Vec<u8>> {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Level {
+    Debug = 1,
     Info = 2,
     Warn = 3,
     Error = 4,

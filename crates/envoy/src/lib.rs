@@ -5,6 +5,7 @@
 //! - `stream`, `probe`, `conn`: reassembly of SIP messages from TCP chunks, and the
 //!   delivery of the policy's answers on the upstream's refusal of a probe.
 //! - `txn`: the core's store over Envoy shared data, with CAS and retries.
+//! - `slots`: connections held per source, each worker VM counting its own.
 //! - `outbox`: the singleton's alert delivery queue; `keeper`: its keeping of the
 //!   state outside Envoy, so that a restart loses nothing.
 //! - `host` (every `unsafe` and host call), `metrics`, `shared`, `filter` (root
@@ -18,6 +19,7 @@ pub mod conn;
 pub mod keeper;
 pub mod outbox;
 pub mod probe;
+pub mod slots;
 pub mod stream;
 pub mod txn;
 

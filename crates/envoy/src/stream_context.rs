@@ -14,6 +14,7 @@ use super::filter::Worker;
 use super::host::{self, Buffer, Level};
 use super::metrics;
 use super::shared::{self, EnvoyBackend};
+use super::slots::Slots;
 use super::txn;
 use trunkguard::policy::Input;
 use trunkguard::refusal_log::{self, RefusalLog};
@@ -30,6 +31,9 @@ pub(super) struct Connection {
     transport: Transport,
     /// The filter closed the connection: nothing more passes.
     closed: bool,
+    /// The source's unit in this worker's `SLOTS`, given back when Envoy is done
+    /// with the connection.
+    slot: Option<String>,
 }
 
 /// The policy judging one connection's messages.
@@ -112,6 +116,20 @@ thread_local! {
         RefCell::new(RefusalLog::new(refusal_log::DEFAULT_PER_SECOND));
 }
 
+thread_local! {
+    /// The connections this worker VM serves, per source (`slots`).
+    static SLOTS: RefCell<Slots> = RefCell::new(Slots::default());
+}
+
+/// The VM configuration's `max_connections_per_source`.
+pub(super) fn set_connections_per_source(limit: u32) {
+    SLOTS.with(|s| {
+        if let Ok(mut s) = s.try_borrow_mut() {
+            s.set_limit(limit);
+        }
+    });
+}
+
 /// The VM configuration's `refusal_log_per_second`.
 pub(super) fn set_refusal_rate(per_second: u32) {
     REFUSALS.with(|r| {
@@ -159,6 +177,7 @@ impl Connection {
             local: None,
             transport: Transport::Tcp,
             closed: false,
+            slot: None,
         }
     }
 
@@ -224,7 +243,18 @@ impl Connection {
     }
 }
 
-impl Context for Connection {}
+impl Context for Connection {
+    fn on_done(&mut self) -> bool {
+        if let Some(unit) = self.slot.take() {
+            SLOTS.with(|s| {
+                if let Ok(mut s) = s.try_borrow_mut() {
+                    s.release(&unit);
+                }
+            });
+        }
+        true
+    }
+}
 
 impl StreamContext for Connection {
     fn on_new_connection(&mut self) -> Action {
@@ -243,6 +273,36 @@ impl StreamContext for Connection {
             .is_some_and(|v| !v.is_empty());
         if tls {
             self.transport = Transport::Tls;
+        }
+        // Without its address a connection is not counted: its messages are refused
+        // (`Judging::judge`).
+        let Some(source) = self.source else {
+            return Action::Continue;
+        };
+        let taken = SLOTS.with(|s| {
+            s.try_borrow_mut()
+                .map(|mut s| s.take(source.ip()).ok_or(s.limit()))
+        });
+        match taken {
+            Ok(Ok(unit)) => self.slot = Some(unit),
+            Ok(Err(limit)) => {
+                // Counted, and logged at debug level only: a flood of connections
+                // must not become a flood of log lines.
+                metrics::count("", "connections_over_source_limit", 1);
+                host::log(
+                    Level::Debug,
+                    &format!(
+                        "closing the connection of {source}: its source holds {limit} on this worker (max_connections_per_source)"
+                    ),
+                );
+                self.closed = true;
+                if let Err(e) = host::close_downstream() {
+                    host::log(Level::Error, &format!("{e}"));
+                }
+                // Nothing further: tcp_proxy opens no upstream connection for it.
+                return Action::Pause;
+            }
+            Err(_) => {}
         }
         Action::Continue
     }
