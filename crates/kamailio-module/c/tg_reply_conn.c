@@ -202,15 +202,20 @@ int tg_answer_refused(sip_msg_t *msg, int ret)
 }
 
 /* Kamailio's core runs it for each answer it receives, before reply_route: 0 drops
- * the answer (receive_msg), with the transaction reference t_check took released
- * (tm's reply_received, which would release it, never runs). An answer of no
- * transaction is the cfg's (reply_route drops it, docs/kamailio.md, "Responses"). */
+ * the answer (receive_msg). The reference t_check took on the transaction is given
+ * back either way, and T left undefined as it was: only tm's reply_received would
+ * give it back, and it never runs for an answer the cfg drops, before its own
+ * t_check_trans() (Kamailio's default cfg drops a response that fails sanity_check
+ * first) as well as after. The cfg's t_check_trans() and tm look the answer up
+ * afresh. An answer of no transaction is the cfg's (reply_route drops it,
+ * docs/kamailio.md, "Responses"). */
 static int tg_answer_from_its_far_end(
 		sip_msg_t *msg, unsigned int flags, void *param)
 {
 	tm_api_t *tmb;
 	struct cell *t;
 	int branch = -1;
+	int from_far_end;
 
 	if(msg->first_line.type != SIP_REPLY)
 		return 1;
@@ -220,10 +225,9 @@ static int tg_answer_from_its_far_end(
 	t = tmb->t_gett();
 	if(t == NULL || t == T_UNDEFINED)
 		return 1;
-	if(tg_branch_answered_from_its_far_end(tmb, t, msg) == 0)
-		return 1;
+	from_far_end = tg_branch_answered_from_its_far_end(tmb, t, msg) == 0;
 	tmb->t_unref(msg);
-	return 0;
+	return from_far_end ? 1 : 0;
 }
 
 int tg_reply_conn_init(void)
