@@ -632,6 +632,16 @@ AMBIGUOUS_TO = [
 ]
 
 
+def tm_holds(ctl, *call_ids):
+    """Whether the Kamailio at `ctl` (its ctl socket) still holds a transaction of any
+    of these calls (`tm.list`): one is freed when its wait timer ends, unless a
+    reference on it was never given back."""
+    out = subprocess.run(["kamcmd", "-s", "unix:" + ctl, "tm.list"], capture_output=True, text=True, timeout=10)
+    if out.returncode != 0:
+        raise AssertionError("kamcmd tm.list: " + out.stderr)
+    return any(c in out.stdout for c in call_ids)
+
+
 class KamailioEdge(unittest.TestCase):
     workdir = None
     ENGINE = "shim"  # run --engine (test_module.py runs this class on the module)
@@ -699,13 +709,7 @@ class KamailioEdge(unittest.TestCase):
         return run
 
     def tm_holds(self, *call_ids):
-        """Whether tm still holds a transaction of any of these calls (`tm.list`):
-        one is freed when its wait timer ends, unless a reference on it was never
-        given back."""
-        out = subprocess.run(["kamcmd", "-s", "unix:" + os.path.join(self.state, "ctl.sock"), "tm.list"],
-                             capture_output=True, text=True, timeout=10)
-        self.assertEqual(out.returncode, 0, out.stderr)
-        return any(c in out.stdout for c in call_ids)
+        return tm_holds(os.path.join(self.state, "ctl.sock"), *call_ids)
 
     def tgctl(self, *args):
         return subprocess.run([TGCTL, "--state", self.state, *args], capture_output=True, text=True, timeout=30)

@@ -42,8 +42,7 @@
  *                                  In reply_route, after t_check_trans(): the
  *                                  answers held for a transaction relayed without
  *                                  it; 1 (a request over UDP, or Kamailio's own,
- *                                  left alone), -1 (no transaction known, or an
- *                                  answer the callback would have dropped: the
+ *                                  left alone), -1 (no transaction known: the
  *                                  cfg drops the answer)
  */
 
@@ -160,8 +159,8 @@ static int tg_reply_connection(sip_msg_t *msg)
 		LM_NOTICE("an answer of no known transaction: not relayed\n");
 		return -1;
 	}
-	if(tg_branch_answered_from_its_far_end(tmb, t, msg) < 0)
-		return -1;
+	/* An answer to a branch from elsewhere than the branch's far end never gets
+	 * here: tg_answer_from_its_far_end dropped it before reply_route. */
 	/* A request of Kamailio's own (a uac or dispatcher ping, a dialog keepalive):
 	 * its answers end here, relayed to nobody. */
 	if(t->uas.request == NULL)
