@@ -3643,6 +3643,15 @@ class RedisRestart(unittest.TestCase):
         if os.environ.get("KEEP_KAMAILIO_TEST_DIR") != "1":
             shutil.rmtree(cls.workdir, ignore_errors=True)
 
+    def node_state(self, name):
+        """Whether node `name`'s Kamailio still runs, and its log's end: the message of
+        a failed assertion, so that a CI log says why a node answered nothing."""
+        pid = _read(os.path.join(self.state(name), "kamailio.pid")).strip()
+        alive = pid.isdigit() and os.path.exists("/proc/%s" % pid)
+        return "node %s (pid %s) %s\n--- its log:\n%s" % (
+            name, pid or "?", "runs" if alive else "is gone",
+            _read(os.path.join(self.state(name), "kamailio.log"))[-4000:])
+
     def assert_call_allowed(self, name):
         pbx = sip.Party(PBX)
         try:
@@ -3650,15 +3659,14 @@ class RedisRestart(unittest.TestCase):
                                                        HQ, CALLED)
             sip.in_dialog_round(pbx_side, carrier_side, "BYE")
         except AssertionError as e:
-            raise AssertionError("node %s: %s\n--- its log:\n%s" % (
-                name, e, _read(os.path.join(self.state(name), "kamailio.log"))[-3000:])) from None
+            raise AssertionError("%s\n%s" % (e, self.node_state(name))) from None
         finally:
             pbx.close()
 
     def test_a_node_killed_and_started_again_has_the_bindings_back_from_redis(self):
         endpoint = sip.Endpoint(PBX, server=("127.0.0.1", self.NODES["a"][0]))
         try:
-            self.assertEqual(sip.status(sip.register(endpoint, *HQ, expires=300)), 200)
+            self.assertEqual(sip.status(sip.register(endpoint, *HQ, expires=300)), 200, self.node_state("a"))
         finally:
             endpoint.close()
         kill_9(self.state("b"))

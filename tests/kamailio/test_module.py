@@ -2081,7 +2081,7 @@ class RedisRestartModule(test_kamailio.RedisRestart):
                            capture_output=True, timeout=10)
             endpoint = sip.Endpoint("127.0.0.%d" % (70 + n), server=("127.0.0.1", self.NODES["a"][0]))
             try:
-                self.assertEqual(sip.status(sip.register(endpoint, *HQ, expires=300)), 500)
+                self.assertEqual(sip.status(sip.register(endpoint, *HQ, expires=300)), 500, self.node_state("a"))
             finally:
                 endpoint.close()
             with open(log, encoding="latin-1") as f:
@@ -2101,9 +2101,9 @@ class RedisRestartModule(test_kamailio.RedisRestart):
         # kamailio.cfg's keytype mapping (this test failed).
         endpoint = sip.Endpoint(EXP_PBX, server=("127.0.0.1", self.NODES["a"][0]))
         try:
-            self.assertEqual(sip.status(sip.register(endpoint, *EXP, expires=300)), 200)
+            self.assertEqual(sip.status(sip.register(endpoint, *EXP, expires=300)), 200, self.node_state("a"))
             self.assertIsNotNone(self.redis_cmd("HGET", "htable:entry::tg/binding/exp-pbx", "key_value"))
-            self.assertEqual(sip.status(sip.register(endpoint, *EXP, expires=0)), 200)
+            self.assertEqual(sip.status(sip.register(endpoint, *EXP, expires=0)), 200, self.node_state("a"))
         finally:
             endpoint.close()
         self.assertIsNone(self.redis_cmd("HGET", "htable:entry::tg/binding/exp-pbx", "key_value"))
@@ -2115,15 +2115,18 @@ class RedisRestartModule(test_kamailio.RedisRestart):
                 return sip.status(sip.register(endpoint, *EXP, expires=300))
             finally:
                 endpoint.close()
+        def start_redis():
+            type(self).redis = subprocess.Popen(
+                ["redis-server", "--port", str(self.redis_port), "--bind", "127.0.0.1", "--dir", self.workdir,
+                 "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            wait_for("redis-server again", self.redis_ping, timeout=10)
         self.redis.kill()
         self.redis.wait(timeout=10)
+        # Redis back for test_d even when an assertion below fails.
+        self.addCleanup(lambda: self.redis_ping() or start_redis())
         # Fail closed: the binding cannot be kept, so it is not taken (500).
-        self.assertEqual(register(), 500)
-        self.redis = subprocess.Popen(
-            ["redis-server", "--port", str(self.redis_port), "--bind", "127.0.0.1", "--dir", self.workdir,
-             "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        type(self).redis = self.redis
-        wait_for("redis-server again", self.redis_ping, timeout=10)
+        self.assertEqual(register(), 500, self.node_state("a"))
+        start_redis()
         wait_for("a registration kept in Redis again", lambda: register() == 200, timeout=10)
 
     def test_d_a_redis_password_is_on_no_command_line_and_in_no_message_of_run(self):
@@ -2135,7 +2138,7 @@ class RedisRestartModule(test_kamailio.RedisRestart):
         # Registered again here: test_c's Redis started empty.
         endpoint = sip.Endpoint(PBX, server=("127.0.0.1", self.NODES["b"][0]))
         try:
-            self.assertEqual(sip.status(sip.register(endpoint, *HQ, expires=300)), 200)
+            self.assertEqual(sip.status(sip.register(endpoint, *HQ, expires=300)), 200, self.node_state("b"))
         finally:
             endpoint.close()
         self.assertIsNotNone(self.redis_cmd("HGET", "htable:entry::tg/binding/hq-pbx1", "key_value"))
