@@ -79,12 +79,23 @@ pub fn decide(
     // §9.2): with a To tag it goes where one without goes, to the proxy's check that
     // it comes from where that INVITE came from. As in-dialog, it passed on the
     // sender's own dialog and cancelled the INVITE its Via named, anyone's.
-    match msg.dialog_to_tag() {
+    let in_dialog = match msg.dialog_to_tag() {
         Err(e) => return Ok(malformed(&e).into()),
-        Ok(Some(_)) if method != Method::Register && method != Method::Cancel => {
-            return Ok(req.allow_in_dialog(core).into());
-        }
-        Ok(_) => {}
+        Ok(Some(_)) => method != Method::Register && method != Method::Cancel,
+        Ok(None) => false,
+    };
+    // A request that arrived with Max-Forwards 0 goes no further (RFC 3261 §16.3,
+    // step 3), whichever side sent it and within a dialog too: the host ends its
+    // view of a dialog on the BYE it routes (Kamailio's dialog module does while
+    // routing it, before the cfg's own Max-Forwards check answered 483), so a BYE
+    // it then did not relay left a call the edge no longer knew, up at both ends.
+    // OPTIONS may be answered (§11) and an ACK is never answered.
+    if !matches!(method, Method::Ack | Method::Options) && matches!(msg.max_forwards(), Ok(Some(0)))
+    {
+        return Ok(Verdict::reject(483, "Too Many Hops", Cause::TooManyHops).into());
+    }
+    if in_dialog {
+        return Ok(req.allow_in_dialog(core).into());
     }
     // Messages the policy lets through untouched get the structural parse above
     // (start line, header framing, Content-Length) but not the full header
@@ -99,9 +110,6 @@ pub fn decide(
     }
     if let Err(e) = msg.validate() {
         return Ok(malformed(&e).into());
-    }
-    if let Ok(Some(0)) = msg.max_forwards() {
-        return Ok(Verdict::reject(483, "Too Many Hops", Cause::TooManyHops).into());
     }
     if core {
         return req.core_side(store);

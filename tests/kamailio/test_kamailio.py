@@ -1627,6 +1627,26 @@ class KamailioEdge(unittest.TestCase):
         sip.in_dialog_round(pbx_side, carrier_side, "BYE")
 
 
+    def test_35b_a_bye_at_max_forwards_0_is_refused_483_and_the_call_still_ends_with_the_next(self):
+        # A request at Max-Forwards 0 goes no further (RFC 3261 §16.3). Until
+        # 2026-12-03 the policy let an in-dialog one through; the module routed the
+        # BYE, the dialog module ended the dialog on it, and only then the cfg's
+        # Max-Forwards check answered 483: the BYE never left, and the party's next
+        # BYE was refused 404 as of no dialog. Both ends kept the call up (billed).
+        self.register_pbx()
+        pbx, carrier = self.party(PBX), self.party("127.0.0.1", CARRIER_PORT)
+        pbx_side, carrier_side, _ = sip.place_call(pbx, carrier, KAMAILIO, HQ, CALLED)
+        call_id = pbx_side.call_id
+        of_call = lambda m: (sip.headers(m, "Call-ID", "i") or [None])[0] == call_id  # noqa: E731
+        for sender, receiver in ((pbx_side, carrier_side), (carrier_side, pbx_side)):
+            at_zero = sender.build("BYE").replace(b"Max-Forwards: 70", b"Max-Forwards: 0")
+            sender.party.send(at_zero, sender.next_hop())
+            answer, _ = sender.party.recv(3.0, lambda m: of_call(m) and sip.status(m) >= 200)
+            self.assertEqual(sip.status(answer), 483, answer)
+            self.assertIsNone(receiver.party.recv(0.5, lambda m: of_call(m) and sip.method(m) == "BYE")[0],
+                              "a BYE at Max-Forwards 0 was relayed")
+        sip.in_dialog_round(pbx_side, carrier_side, "BYE")
+
     def test_36_a_pbxs_answer_gives_the_core_the_edges_route_and_no_hop_of_its_own(self):
         # The core takes the route of its in-dialog requests from the Record-Route of
         # the PBX's answer (RFC 3261 §12.1.2). Before, the PBX's entries reached the
@@ -2272,6 +2292,49 @@ class KamailioEdge(unittest.TestCase):
         self.assertEqual(sip.status(self.final_for(core, self.core_invite(core, did))), 480)
         pbx = self.tcp_pbx()
         self.assertEqual(sip.status(sip.register(pbx, "hq2", "other", 0)), 200)
+
+    def test_40h_a_tcp_pbxs_call_failed_over_to_a_udp_failover_is_the_failovers_both_ways(self):
+        # The failover is reached from the public listener of its own transport
+        # (failure_route[FAILOVER], route(PUBLIC_SIDE)), which is not the PBX's when
+        # the PBX registered over TCP and the failover is reached over UDP. Until
+        # 2026-12-03 the module recorded the PBX's listener as the callee's: every
+        # in-dialog request of the failover that answered arrived on another one and
+        # was refused (404 dialog_party), its BYE among them, so the carrier's call
+        # stayed up; and the carrier's requests to it left from the PBX's TCP listener.
+        did, core, failover = "+15552220000", self.party(CORE), self.party(FAILOVER, FAILOVER_PORT)
+        # Unregistered at the end over a connection of its own (cleanups run last
+        # first: after this one's is closed).
+        self.addCleanup(lambda: sip.register(self.tcp_pbx(), "hq2", "other", 0))
+        pbx = self.tcp_pbx()
+        self.assertEqual(sip.status(sip.register(pbx, "hq2", "other", 300)), 200)
+        invite = self.core_invite(core, did)
+        call_id = sip.headers(invite, "Call-ID", "i")[0]
+        got = self.next_request(pbx, "INVITE", 3.0)
+        self.assertIsNotNone(got, "the PBX did not get the core's call")
+        pbx.send(sip.response(got, 503, "Service Unavailable", to_tag="pbx-40h"))
+        of_call = lambda m: (sip.headers(m, "Call-ID", "i") or [None])[0] == call_id  # noqa: E731
+        fo, fo_hop = failover.recv(3.0, lambda m: of_call(m) and sip.method(m) == "INVITE")
+        self.assertIsNotNone(fo, "the call never reached the failover\n" + self.kamailio_log()[-3000:])
+        failover.send(sip.response(fo, 200, "OK", to_tag="fo-40h",
+                                   contact="<sip:hq2@%s:%d>" % (FAILOVER, FAILOVER_PORT)), fo_hop)
+        ok, _ = core.recv(3.0, lambda m: of_call(m) and sip.status(m) >= 200)
+        self.assertEqual(sip.status(ok), 200, ok)
+        caller_uri = "sip:+15550001111@%s" % REALM
+        ftag = sip.tag_of(sip.headers(fo, "From", "f")[0])
+        core_side = sip.Dialog(core, call_id, caller_uri, ftag, "sip:%s@%s" % (did, REALM), "fo-40h",
+                               list(reversed(sip.headers(ok, "Record-Route"))),
+                               re.sub(r"^<|>$", "", sip.headers(ok, "Contact")[0]), 1)
+        failover_side = sip.Dialog(failover, call_id, "sip:%s@%s" % (did, REALM), "fo-40h", caller_uri, ftag,
+                                   sip.headers(fo, "Record-Route"),
+                                   re.sub(r"^<|>.*$", "", sip.headers(fo, "Contact")[0]), 0)
+        core_side.send("ACK", cseq=1)
+        self.assertIsNotNone(failover.recv(3.0, lambda m: of_call(m) and sip.method(m) == "ACK")[0],
+                             "the core's ACK never reached the failover\n" + self.kamailio_log()[-3000:])
+        try:
+            sip.in_dialog_round(core_side, failover_side, "INFO")
+            sip.in_dialog_round(failover_side, core_side, "BYE")
+        except AssertionError as e:
+            raise AssertionError("%s\n%s" % (e, self.kamailio_log()[-3000:])) from None
 
     def test_42_a_publication_waits_for_the_one_in_progress(self):
         # Two publications at once could lose one while both said "ok" (with the

@@ -2108,6 +2108,56 @@ class RedisRestartModule(test_kamailio.RedisRestart):
             endpoint.close()
         self.assertIsNone(self.redis_cmd("HGET", "htable:entry::tg/binding/exp-pbx", "key_value"))
 
+    def test_c2_a_redis_that_stops_answering_gets_writes_refused_and_the_rest_served(self):
+        # A Redis that accepts connections but answers nothing (stopped, hung): hiredis
+        # as db_redis uses it waits for a reply without a timeout. Until 2026-12-03 the
+        # worker whose write was under way waited, and every other worker with it, for
+        # the store's write lock: the edge answered nothing at all, a keepalive
+        # neither. Now the module's store watch finds Redis silent (a PING a second,
+        # tg_store_watch.c): writes are refused at once (500, fail closed) and what
+        # writes nothing is served; once Redis answers, registrations are taken again.
+        node = ("127.0.0.1", self.NODES["a"][0])
+        ctl = "unix:" + os.path.join(self.state("a"), "ctl.sock")
+
+        def register():
+            endpoint = sip.Endpoint(EXP_PBX, server=node)
+            try:
+                return sip.status(sip.register(endpoint, *EXP, expires=300))
+            finally:
+                endpoint.close()
+
+        def keepalive():
+            endpoint = sip.Endpoint(EXP_PBX, server=node)
+            try:
+                return sip.status(endpoint.final(sip.request("OPTIONS", "sip:%s:%d" % node, from_user="ka",
+                                                             via_ip=EXP_PBX, via_port=endpoint.port)))
+            finally:
+                endpoint.close()
+
+        def store_down():
+            out = subprocess.run([KAMCMD, "-s", ctl, "stats.get_statistics", "trunkguard:"],
+                                 capture_output=True, text=True, timeout=10).stdout
+            m = re.search(r"trunkguard:store_down = (\d+)", out)
+            return int(m.group(1)) if m else None
+
+        os.kill(self.redis.pid, signal.SIGSTOP)
+        stopped = True
+        try:
+            # The first write waits in its worker until Redis answers; the next ones
+            # are refused, within seconds, never left unanswered.
+            register()
+            wait_for("a registration refused while Redis answers nothing", lambda: register() == 500, timeout=12)
+            self.assertEqual(store_down(), 1)
+            self.assertEqual(keepalive(), 200, self.node_state("a"))
+            self.assertRegex(self.node_state("a"), r"store: Redis at 127\.0\.0\.1:%d does not answer" % self.redis_port)
+            os.kill(self.redis.pid, signal.SIGCONT)
+            stopped = False
+            wait_for("a registration taken once Redis answers", lambda: register() == 200, timeout=12)
+            self.assertEqual(store_down(), 0)
+        finally:
+            if stopped:
+                os.kill(self.redis.pid, signal.SIGCONT)
+
     def test_c_with_redis_down_a_registration_is_refused_and_taken_again_once_it_is_back(self):
         def register():
             endpoint = sip.Endpoint(EXP_PBX, server=("127.0.0.1", self.NODES["a"][0]))

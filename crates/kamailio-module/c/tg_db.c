@@ -45,6 +45,7 @@
 #include <strings.h>
 #include <sys/stat.h>
 #include <sys/random.h>
+#include <sched.h>
 #include <unistd.h>
 
 #include "../../core/dprint.h"
@@ -228,6 +229,29 @@ static void tg_db_restore(str *key, ht_cell_t *old)
 				tg_db_shown, key->len, key->s);
 }
 
+/* The write lock, or -1 as soon as the store watch finds Redis silent (a write
+ * in progress there keeps the lock until Redis answers: tg_store_watch.c). Tried
+ * rather than waited for, so a waiting worker sees the watch's word: yielding
+ * first, as the lock is held for one round trip. */
+static int tg_db_lock_unless_down(void)
+{
+	int tries = 0;
+
+	while(lock_try(tg_db_lock) != 0) {
+		if(tg_store_is_down())
+			return -1;
+		if(++tries < 64)
+			sched_yield();
+		else
+			usleep(200);
+	}
+	if(tg_store_is_down()) {
+		lock_release(tg_db_lock);
+		return -1;
+	}
+	return 0;
+}
+
 /* One store write (value NULL: a delete): the database first, then `table_write`
  * (htable's own), one change or none. 0: done; -1: refused, nothing changed. */
 int tg_db_write(str *key, str *value, int (*table_write)(str *key, str *value),
@@ -238,7 +262,11 @@ int tg_db_write(str *key, str *value, int (*table_write)(str *key, str *value),
 
 	if(!tg_db_enabled())
 		return table_write(key, value);
-	lock_get(tg_db_lock);
+	if(tg_db_lock_unless_down() < 0) {
+		LM_ERR("store: %s does not answer; %.*s refused\n", tg_db_shown, key->len, key->s);
+		update_stat(tg_st_store_refused, 1);
+		return -1;
+	}
 	if(tg_db_open() < 0)
 		goto refused;
 	in_tx = tg_dbf.raw_query != NULL;

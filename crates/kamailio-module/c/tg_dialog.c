@@ -62,6 +62,8 @@
 #include "../../core/parser/parse_rr.h"
 #include "../rr/api.h"
 #include "../dialog/dlg_load.h"
+#include "../tm/tm_load.h"
+#include "../tm/h_table.h"
 
 #include "tg_mod.h"
 
@@ -835,17 +837,46 @@ int ki_trunkguard_dialog_route(sip_msg_t *msg)
 	return 1;
 }
 
+/* The failover's branch, sent (tm's TMCB_REQUEST_OUT, in the failure route's
+ * t_relay()): the listener the cfg chose for it (route(PUBLIC_SIDE) sets $fs after
+ * trunkguard_failover(), in the failover's own transport and address family) is
+ * the callee's from now on, as trunkguard_dialog_open() records the INVITE's. The
+ * PBX's listener, which the failure route starts with, is another one when the PBX
+ * is reached over TCP and the failover over UDP, or over IPv4 and IPv6: the
+ * failover's in-dialog requests would arrive elsewhere and be refused, its BYE
+ * among them. Only the failover's first branch (`param`: its index) counts; a
+ * CANCEL tm writes (TMCB_LOCAL_F) leaves from the branch's own. */
+static void tg_failover_sent(struct cell *t, int type, struct tmcb_params *ps)
+{
+	str sock = str_init(TG_NO_SOCKET);
+	struct socket_info *forced;
+
+	if((ps->flags & TMCB_LOCAL_F) || ps->req == NULL || ps->param == NULL
+			|| ps->branch != (unsigned short)(uintptr_t)*ps->param)
+		return;
+	if(!module_loaded("dialog") || tg_dialog_bind() < 0)
+		return;
+	forced = ps->req->force_send_socket;
+	if(forced != NULL && forced->sock_str.len > 0)
+		sock = forced->sock_str;
+	if(tg_pv_set(ps->req, tg_pv_callee_sock, sock.s, sock.len) < 0)
+		LM_ERR("cannot record the failover's listener: its in-dialog requests are held "
+			   "to its address alone\n");
+}
+
 /* The failover answers for the PBX from here on: its in-dialog requests go to it.
  * The PBX's early dialogs end here, their route sets with them ("-": a line no To
  * tag names; a deleted dialog variable is not deleted in the dialog database):
  * otherwise the PBX that failed, naming its own early dialog's To tag, would reach
  * the failover with the Route entries its 1xx recorded. The dialog module sets this
  * failure route's dialog (tm's failure callback); a call opened without
- * trunkguard_dialog_open() has no tg_ftag and is left alone. */
-void tg_dialog_failed_over(sip_msg_t *msg, str *uri)
+ * trunkguard_dialog_open() has no tg_ftag and is left alone. The failover's listener
+ * is recorded once its branch goes (tg_failover_sent); until then none ("-"). */
+void tg_dialog_failed_over(sip_msg_t *msg, str *uri, struct cell *t)
 {
 	char recorded[TG_TAG_LEN];
 	str sock = str_init(TG_NO_SOCKET);
+	struct tm_binds *tmb;
 
 	/* With KEMI no fixup binds: whichever process runs the failure route (tm's
 	 * timer for a silent PBX) binds here. */
@@ -853,12 +884,19 @@ void tg_dialog_failed_over(sip_msg_t *msg, str *uri)
 		return;
 	if(tg_pv_copy(msg, tg_pv_ftag, recorded, sizeof(recorded)) < 0)
 		return;
-	if(msg->force_send_socket != NULL)
-		sock = msg->force_send_socket->sock_str;
 	/* The early dialogs end first, whatever fails after. */
 	if(tg_pv_set(msg, tg_pv_early_rs, "-", 1) < 0)
 		LM_ERR("cannot end the PBX's early dialogs after a failover\n");
 	if(uri->len >= TG_HOP_LEN || tg_pv_set(msg, tg_pv_callee, uri->s, uri->len) < 0
-			|| tg_pv_set(msg, tg_pv_callee_sock, sock.s, sock.len) < 0)
+			|| tg_pv_set(msg, tg_pv_callee_sock, sock.s, sock.len) < 0) {
 		LM_ERR("cannot record the failover %.*s as the dialog's callee\n", uri->len, uri->s);
+		return;
+	}
+	tmb = tg_reply_tm();
+	if(tmb == NULL
+			|| tmb->register_tmcb(msg, t, TMCB_REQUEST_OUT, tg_failover_sent,
+					   (void *)(uintptr_t)t->nr_of_outgoings, NULL)
+					   <= 0)
+		LM_ERR("cannot watch the failover's branch: its listener is not recorded, its "
+			   "in-dialog requests are held to its address alone\n");
 }

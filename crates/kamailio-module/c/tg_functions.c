@@ -741,7 +741,7 @@ static int ki_trunkguard_failover(sip_msg_t *msg)
 		return -1;
 	}
 	reset_dst_uri(msg);
-	tg_dialog_failed_over(msg, &ruri);
+	tg_dialog_failed_over(msg, &ruri, t);
 	/* One failover per call. */
 	xavp_rm_by_name(&tg_fo_xavp, 1, NULL);
 	tg_keep_pbx_failure(t, branch, code, (msg->msg_flags & FL_TIMEOUT) != 0);

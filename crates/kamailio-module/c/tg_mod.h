@@ -3,6 +3,8 @@
  *   trunkguard_mod.c  module exports, parameters, init, the per-process policy,
  *                     the store (htable API) and applying publications
  *   tg_db.c           the store written through to a database; the nonce secret file
+ *   tg_store_watch.c  a Redis store watched from its own process: writes refused
+ *                     at once while it does not answer
  *   tg_functions.c    the cfg/KEMI functions and $tg(name)
  *   tg_dialog.c       in-dialog requests bound to the dialogs this edge created
  *   tg_reply_rr.c     the route set a response gives the caller
@@ -137,7 +139,8 @@ int tg_reply_conn_init(void);
  * (docs/kamailio.md, "Facts about Kamailio 5.6.3"). A cfg that relays the answer
  * all the same loses nothing: tm looks it up again. */
 int tg_answer_refused(sip_msg_t *msg, int ret);
-void tg_dialog_failed_over(sip_msg_t *msg, str *uri);
+struct cell;
+void tg_dialog_failed_over(sip_msg_t *msg, str *uri, struct cell *t);
 
 /* tg_rpc.c */
 extern rpc_export_t tg_rpc_cmds[];
@@ -149,5 +152,11 @@ int tg_spool_count(void);
  * secret is often its path, its query or its userinfo). */
 void tg_url_shown(const char *url, char *out, size_t size);
 void tg_timer(unsigned int ticks, void *param);
+
+/* tg_store_watch.c */
+int tg_store_watch_init(void);
+int tg_store_is_down(void);
+void tg_store_watch(unsigned int ticks, void *param);
+unsigned long tg_stat_store_down(void);
 
 #endif

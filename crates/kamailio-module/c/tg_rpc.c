@@ -183,9 +183,12 @@ static void tg_rpc_counters(rpc_t *rpc, void *ctx)
 
 	if(rpc->add(ctx, "{", &th) < 0)
 		return;
+	/* A STAT_IS_FUNC entry holds its function, not a stat_var. */
 	for(i = 0; tg_stats[i].name != NULL; i++)
 		rpc->struct_add(th, "d", tg_stats[i].name,
-				(int)get_stat_val(*tg_stats[i].stat_pointer));
+				(tg_stats[i].flags & STAT_IS_FUNC)
+						? (int)((stat_function)tg_stats[i].stat_pointer)()
+						: (int)get_stat_val(*tg_stats[i].stat_pointer));
 	for(i = 0; i < tg_cause_count; i++)
 		rpc->struct_add(th, "d", get_stat_name(tg_cause_stats[i]),
 				(int)get_stat_val(tg_cause_stats[i]));

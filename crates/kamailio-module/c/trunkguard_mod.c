@@ -46,6 +46,7 @@ tg_proc_t tg_proc;
 
 static htable_api_t tg_htb;
 static int tg_htb_bound = 0;
+static int tg_watching = 0; /* 1: a store watch process (a Redis store) */
 
 stat_var *tg_st_judged, *tg_st_allowed, *tg_st_routed, *tg_st_challenged,
 		*tg_st_accepted, *tg_st_refused_auth, *tg_st_refused_address,
@@ -76,6 +77,8 @@ stat_export_t tg_stats[] = {
 	{"alerts_dropped", 0, &tg_st_alerts_dropped},
 	{"config_refused", 0, &tg_st_config_refused},
 	{"inbound_failover", 0, &tg_st_inbound_failover},
+	/* 1 while the Redis store does not answer (tg_store_watch.c), else 0. */
+	{"store_down", STAT_IS_FUNC | STAT_NO_RESET, (stat_var **)tg_stat_store_down},
 	{0, 0, 0}
 };
 
@@ -270,7 +273,10 @@ static int mod_init(void)
 	 * secret wins over the one kept there. */
 	if(tg_nonce_secret_init(tg_store_set_str) < 0)
 		return -1;
-	register_basic_timers(1);
+	tg_watching = tg_store_watch_init();
+	if(tg_watching < 0)
+		return -1;
+	register_basic_timers(1 + tg_watching);
 	if(tg_alert_url == NULL)
 		LM_WARN("trunkguard: no alert URL (modparam alert_url): alerts are kept in %s "
 				"and delivered to nobody\n",
@@ -286,6 +292,14 @@ static int child_init(int rank)
 				   tg_timer_interval)
 				< 0) {
 			LM_ERR("cannot start the trunkguard timer process\n");
+			return -1;
+		}
+		/* Its own process: the timer's alert deliveries may take seconds. */
+		if(tg_watching
+				&& fork_basic_timer(PROC_TIMER, "TRUNKGUARD STORE WATCH", 1,
+						   tg_store_watch, NULL, 1)
+						   < 0) {
+			LM_ERR("cannot start the trunkguard store watch process\n");
 			return -1;
 		}
 		return 0;
