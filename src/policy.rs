@@ -89,10 +89,17 @@ pub fn decide(
     // view of a dialog on the BYE it routes (Kamailio's dialog module does while
     // routing it, before the cfg's own Max-Forwards check answered 483), so a BYE
     // it then did not relay left a call the edge no longer knew, up at both ends.
-    // OPTIONS may be answered (§11) and an ACK is never answered.
-    if !matches!(method, Method::Ack | Method::Options) && matches!(msg.max_forwards(), Ok(Some(0)))
-    {
-        return Ok(Verdict::reject(483, "Too Many Hops", Cause::TooManyHops).into());
+    // OPTIONS may be answered (§11) and an ACK is never answered. A value the policy
+    // cannot read is refused too: Kamailio reads 65536 as 0 (an unsigned short) and
+    // refuses a word, after the dialog module acted on the request all the same.
+    if !matches!(method, Method::Ack | Method::Options) {
+        match msg.max_forwards() {
+            Ok(Some(0)) => {
+                return Ok(Verdict::reject(483, "Too Many Hops", Cause::TooManyHops).into());
+            }
+            Err(e) => return Ok(malformed(&e).into()),
+            Ok(_) => {}
+        }
     }
     if in_dialog {
         return Ok(req.allow_in_dialog(core).into());

@@ -1638,13 +1638,16 @@ class KamailioEdge(unittest.TestCase):
         pbx_side, carrier_side, _ = sip.place_call(pbx, carrier, KAMAILIO, HQ, CALLED)
         call_id = pbx_side.call_id
         of_call = lambda m: (sip.headers(m, "Call-ID", "i") or [None])[0] == call_id  # noqa: E731
+        # And 65536, which Kamailio reads as 0 (an unsigned short): 400, as a value
+        # the policy cannot read.
         for sender, receiver in ((pbx_side, carrier_side), (carrier_side, pbx_side)):
-            at_zero = sender.build("BYE").replace(b"Max-Forwards: 70", b"Max-Forwards: 0")
-            sender.party.send(at_zero, sender.next_hop())
-            answer, _ = sender.party.recv(3.0, lambda m: of_call(m) and sip.status(m) >= 200)
-            self.assertEqual(sip.status(answer), 483, answer)
-            self.assertIsNone(receiver.party.recv(0.5, lambda m: of_call(m) and sip.method(m) == "BYE")[0],
-                              "a BYE at Max-Forwards 0 was relayed")
+            for value, code in ((b"0", 483), (b"65536", 400)):
+                bye = sender.build("BYE").replace(b"Max-Forwards: 70", b"Max-Forwards: " + value)
+                sender.party.send(bye, sender.next_hop())
+                answer, _ = sender.party.recv(3.0, lambda m: of_call(m) and sip.status(m) >= 200)
+                self.assertEqual(sip.status(answer), code, answer)
+                self.assertIsNone(receiver.party.recv(0.5, lambda m: of_call(m) and sip.method(m) == "BYE")[0],
+                                  "a BYE at Max-Forwards %s was relayed" % value.decode())
         sip.in_dialog_round(pbx_side, carrier_side, "BYE")
 
     def test_36_a_pbxs_answer_gives_the_core_the_edges_route_and_no_hop_of_its_own(self):
@@ -2330,6 +2333,11 @@ class KamailioEdge(unittest.TestCase):
         core_side.send("ACK", cseq=1)
         self.assertIsNotNone(failover.recv(3.0, lambda m: of_call(m) and sip.method(m) == "ACK")[0],
                              "the core's ACK never reached the failover\n" + self.kamailio_log()[-3000:])
+        # The failover's listener is the dialog's callee's: the UDP one its branch left
+        # from (with the PBX's, or none, the BYE below would not tell).
+        dialogs = subprocess.run(["kamcmd", "-s", "unix:" + os.path.join(self.state, "ctl.sock"), "dlg.list"],
+                                 capture_output=True, text=True, timeout=10).stdout
+        self.assertRegex(dialogs, r"(?m)^\s*tg_callee_sock: udp:127\.0\.0\.1:5060$", dialogs[-3000:])
         try:
             sip.in_dialog_round(core_side, failover_side, "INFO")
             sip.in_dialog_round(failover_side, core_side, "BYE")

@@ -2040,6 +2040,14 @@ class RedisRestartModule(test_kamailio.RedisRestart):
                 return None if n < 0 else f.read(n + 2)[:-2].decode()
             return line.strip().decode()
 
+    def register_at_a(self):
+        """exp-pbx's registration at node A: the final answer's status, 0 for none."""
+        endpoint = sip.Endpoint(EXP_PBX, server=("127.0.0.1", self.NODES["a"][0]))
+        try:
+            return sip.status(sip.register(endpoint, *EXP, expires=300))
+        finally:
+            endpoint.close()
+
     def test_b_each_item_is_a_db_redis_row_of_its_own(self):
         self.assertRegex(self.redis_cmd("HGET", "htable:entry::tg/nonce_secret", "key_value"), r"^[0-9a-f]{64}$")
         self.assertEqual(self.redis_cmd("HGET", "htable:entry::tg/nonce_secret", "key_name"), "tg/nonce_secret")
@@ -2119,13 +2127,6 @@ class RedisRestartModule(test_kamailio.RedisRestart):
         node = ("127.0.0.1", self.NODES["a"][0])
         ctl = "unix:" + os.path.join(self.state("a"), "ctl.sock")
 
-        def register():
-            endpoint = sip.Endpoint(EXP_PBX, server=node)
-            try:
-                return sip.status(sip.register(endpoint, *EXP, expires=300))
-            finally:
-                endpoint.close()
-
         def keepalive():
             endpoint = sip.Endpoint(EXP_PBX, server=node)
             try:
@@ -2145,26 +2146,33 @@ class RedisRestartModule(test_kamailio.RedisRestart):
         try:
             # The first write waits in its worker until Redis answers; the next ones
             # are refused, within seconds, never left unanswered.
-            register()
-            wait_for("a registration refused while Redis answers nothing", lambda: register() == 500, timeout=12)
+            self.register_at_a()
+            wait_for("a registration refused while Redis answers nothing", lambda: self.register_at_a() == 500, timeout=12)
             self.assertEqual(store_down(), 1)
             self.assertEqual(keepalive(), 200, self.node_state("a"))
             self.assertRegex(self.node_state("a"), r"store: Redis at 127\.0\.0\.1:%d does not answer" % self.redis_port)
             os.kill(self.redis.pid, signal.SIGCONT)
             stopped = False
-            wait_for("a registration taken once Redis answers", lambda: register() == 200, timeout=12)
+            wait_for("a registration taken once Redis answers", lambda: self.register_at_a() == 200, timeout=12)
             self.assertEqual(store_down(), 0)
         finally:
             if stopped:
                 os.kill(self.redis.pid, signal.SIGCONT)
 
+    def test_c3_a_write_that_hangs_while_redis_answers_pings_holds_up_no_other_write(self):
+        # Redis holding writes (CLIENT PAUSE ... WRITE) still answers the store watch's
+        # PING: the write under way waits, and without a bound every worker waiting
+        # for the store's lock waited with it. A waiter now gives up once the lock has
+        # been held two seconds: 500, never silence, and the rest is served.
+        self.assertEqual(self.redis_cmd("CLIENT", "PAUSE", "10000", "WRITE"), "+OK")
+        self.addCleanup(lambda: self.redis_cmd("CLIENT", "UNPAUSE"))
+        self.register_at_a()
+        wait_for("a registration refused while a write hangs", lambda: self.register_at_a() == 500, timeout=8)
+        self.assertRegex(self.node_state("a"), r"or a write to it hangs\); tg/\S+ refused")
+        self.redis_cmd("CLIENT", "UNPAUSE")
+        wait_for("a registration taken once Redis takes writes", lambda: self.register_at_a() == 200, timeout=12)
+
     def test_c_with_redis_down_a_registration_is_refused_and_taken_again_once_it_is_back(self):
-        def register():
-            endpoint = sip.Endpoint(EXP_PBX, server=("127.0.0.1", self.NODES["a"][0]))
-            try:
-                return sip.status(sip.register(endpoint, *EXP, expires=300))
-            finally:
-                endpoint.close()
         def start_redis():
             type(self).redis = subprocess.Popen(
                 ["redis-server", "--port", str(self.redis_port), "--bind", "127.0.0.1", "--dir", self.workdir,
@@ -2175,9 +2183,9 @@ class RedisRestartModule(test_kamailio.RedisRestart):
         # Redis back for test_d even when an assertion below fails.
         self.addCleanup(lambda: self.redis_ping() or start_redis())
         # Fail closed: the binding cannot be kept, so it is not taken (500).
-        self.assertEqual(register(), 500, self.node_state("a"))
+        self.assertEqual(self.register_at_a(), 500, self.node_state("a"))
         start_redis()
-        wait_for("a registration kept in Redis again", lambda: register() == 200, timeout=10)
+        wait_for("a registration kept in Redis again", lambda: self.register_at_a() == 200, timeout=10)
 
     def test_d_a_redis_password_is_on_no_command_line_and_in_no_message_of_run(self):
         password = "pw-" + os.urandom(8).hex()

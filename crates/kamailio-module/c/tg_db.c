@@ -46,6 +46,7 @@
 #include <sys/stat.h>
 #include <sys/random.h>
 #include <sched.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "../../core/dprint.h"
@@ -73,6 +74,10 @@ static char tg_db_shown[256] = "";
 static db1_con_t *tg_db_con = NULL;
 static int tg_db_pid = 0; /* the process tg_db_con was opened in */
 static gen_lock_t *tg_db_lock = NULL;
+/* When the write lock was taken (CLOCK_MONOTONIC, ms; 0: free), shared: a waiter
+ * gives up on a holder stuck longer than TG_DB_HOLD_MAX_MS. */
+static volatile long long *tg_db_held_since = NULL;
+#define TG_DB_HOLD_MAX_MS 2000
 
 int tg_db_enabled(void)
 {
@@ -116,10 +121,12 @@ int tg_db_init(void)
 	}
 	tg_db_upsert = tg_db_url.len > 8 && strncasecmp(tg_db_url.s, "redis://", 8) == 0;
 	tg_db_lock = lock_alloc();
-	if(tg_db_lock == NULL || lock_init(tg_db_lock) == NULL) {
+	tg_db_held_since = shm_malloc(sizeof(*tg_db_held_since));
+	if(tg_db_lock == NULL || lock_init(tg_db_lock) == NULL || tg_db_held_since == NULL) {
 		LM_ERR("cannot make the store's write lock\n");
 		return -1;
 	}
+	*tg_db_held_since = 0;
 	return 0;
 }
 
@@ -229,24 +236,46 @@ static void tg_db_restore(str *key, ht_cell_t *old)
 				tg_db_shown, key->len, key->s);
 }
 
-/* The write lock, or -1 as soon as the store watch finds Redis silent (a write
- * in progress there keeps the lock until Redis answers: tg_store_watch.c). Tried
- * rather than waited for, so a waiting worker sees the watch's word: yielding
- * first, as the lock is held for one round trip. */
+static long long tg_db_mono_ms(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static void tg_db_unlock(void)
+{
+	*tg_db_held_since = 0;
+	lock_release(tg_db_lock);
+}
+
+/* The write lock, or -1 as soon as the store watch finds Redis silent
+ * (tg_store_watch.c), or once its holder has held it longer than TG_DB_HOLD_MAX_MS:
+ * a write waiting on a database that will never answer (db_redis has no read
+ * timeout) while the watch's own connection is answered, as after Redis restarted
+ * or moved behind the same address. Tried rather than waited for, so a waiting
+ * worker can give up: yielding first, as the lock is held for one round trip. */
 static int tg_db_lock_unless_down(void)
 {
 	int tries = 0;
+	long long since;
 
 	while(lock_try(tg_db_lock) != 0) {
 		if(tg_store_is_down())
 			return -1;
-		if(++tries < 64)
+		if(++tries < 64) {
 			sched_yield();
-		else
-			usleep(200);
+			continue;
+		}
+		since = *tg_db_held_since;
+		if(since != 0 && tg_db_mono_ms() - since > TG_DB_HOLD_MAX_MS)
+			return -1;
+		usleep(200);
 	}
+	*tg_db_held_since = tg_db_mono_ms();
 	if(tg_store_is_down()) {
-		lock_release(tg_db_lock);
+		tg_db_unlock();
 		return -1;
 	}
 	return 0;
@@ -263,7 +292,8 @@ int tg_db_write(str *key, str *value, int (*table_write)(str *key, str *value),
 	if(!tg_db_enabled())
 		return table_write(key, value);
 	if(tg_db_lock_unless_down() < 0) {
-		LM_ERR("store: %s does not answer; %.*s refused\n", tg_db_shown, key->len, key->s);
+		LM_ERR("store: %s does not answer (or a write to it hangs); %.*s refused\n",
+				tg_db_shown, key->len, key->s);
 		update_stat(tg_st_store_refused, 1);
 		return -1;
 	}
@@ -286,7 +316,7 @@ int tg_db_write(str *key, str *value, int (*table_write)(str *key, str *value),
 	}
 	if(old != NULL)
 		pkg_free(old);
-	lock_release(tg_db_lock);
+	tg_db_unlock();
 	return 0;
 
 rollback:
@@ -297,7 +327,7 @@ rollback:
 	if(old != NULL)
 		pkg_free(old);
 refused:
-	lock_release(tg_db_lock);
+	tg_db_unlock();
 	LM_ERR("store: cannot write %.*s to %s; refused\n", key->len, key->s,
 			tg_db_shown);
 	update_stat(tg_st_store_refused, 1);

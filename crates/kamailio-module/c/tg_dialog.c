@@ -838,27 +838,29 @@ int ki_trunkguard_dialog_route(sip_msg_t *msg)
 }
 
 /* The failover's branch, sent (tm's TMCB_REQUEST_OUT, in the failure route's
- * t_relay()): the listener the cfg chose for it (route(PUBLIC_SIDE) sets $fs after
- * trunkguard_failover(), in the failover's own transport and address family) is
- * the callee's from now on, as trunkguard_dialog_open() records the INVITE's. The
- * PBX's listener, which the failure route starts with, is another one when the PBX
- * is reached over TCP and the failover over UDP, or over IPv4 and IPv6: the
- * failover's in-dialog requests would arrive elsewhere and be refused, its BYE
- * among them. Only the failover's first branch (`param`: its index) counts; a
- * CANCEL tm writes (TMCB_LOCAL_F) leaves from the branch's own. */
+ * t_relay()): the listener it left from is the callee's from now on, as
+ * trunkguard_dialog_open() records the INVITE's. The cfg chooses it after
+ * trunkguard_failover() (route(PUBLIC_SIDE) sets $fs in the failover's own transport
+ * and address family), and Kamailio takes another when the forced one does not fit
+ * the destination (forward.c, get_send_socket2): so the listener tm used, not the one
+ * asked for. The PBX's, which the failure route starts with, is another one when the
+ * PBX is reached over TCP and the failover over UDP, or over IPv4 and IPv6: the
+ * failover's in-dialog requests would arrive elsewhere and be refused, its BYE among
+ * them. With no listener forced, none is recorded ("-"), as for the INVITE. The
+ * failover's branches only (`param`: the first one's index; a DNS failover adds the
+ * next); a CANCEL tm writes (TMCB_LOCAL_F) leaves from its branch's own. */
 static void tg_failover_sent(struct cell *t, int type, struct tmcb_params *ps)
 {
 	str sock = str_init(TG_NO_SOCKET);
-	struct socket_info *forced;
 
 	if((ps->flags & TMCB_LOCAL_F) || ps->req == NULL || ps->param == NULL
-			|| ps->branch != (unsigned short)(uintptr_t)*ps->param)
+			|| ps->branch < (unsigned short)(uintptr_t)*ps->param)
 		return;
 	if(!module_loaded("dialog") || tg_dialog_bind() < 0)
 		return;
-	forced = ps->req->force_send_socket;
-	if(forced != NULL && forced->sock_str.len > 0)
-		sock = forced->sock_str;
+	if(ps->req->force_send_socket != NULL && ps->dst != NULL
+			&& ps->dst->send_sock != NULL && ps->dst->send_sock->sock_str.len > 0)
+		sock = ps->dst->send_sock->sock_str;
 	if(tg_pv_set(ps->req, tg_pv_callee_sock, sock.s, sock.len) < 0)
 		LM_ERR("cannot record the failover's listener: its in-dialog requests are held "
 			   "to its address alone\n");

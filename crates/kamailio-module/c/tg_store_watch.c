@@ -175,7 +175,10 @@ static int tg_watch_ping(void)
 
 	if(tg_watch_fd < 0 && tg_watch_connect() < 0)
 		return -1;
-	if(send(tg_watch_fd, ping, sizeof(ping) - 1, MSG_NOSIGNAL) != (ssize_t)(sizeof(ping) - 1))
+	do {
+		n = send(tg_watch_fd, ping, sizeof(ping) - 1, MSG_NOSIGNAL);
+	} while(n < 0 && errno == EINTR);
+	if(n != (ssize_t)(sizeof(ping) - 1))
 		goto gone;
 	/* One line: "+PONG" or an error ("-NOAUTH ..."), Redis there and answering. A
 	 * reply that does not fit is not one a PING gets. */
@@ -202,7 +205,10 @@ gone:
 /* The watch process, every second (fork_basic_timer). */
 void tg_store_watch(unsigned int ticks, void *param)
 {
-	int down = tg_watch_ping() < 0;
+	int kept = tg_watch_fd >= 0;
+	/* A kept connection that failed (Redis restarted since) gets one more try on a
+	 * new one, so a quick restart does not read as silence. */
+	int down = tg_watch_ping() < 0 && (!kept || tg_watch_ping() < 0);
 
 	if(down == *tg_store_down)
 		return;
