@@ -3664,16 +3664,21 @@ class RedisRestart(unittest.TestCase):
         cls.secret_file = write_secret(cls.workdir, "nonce-secret", os.urandom(32).hex(), 0o600)
         cls.carrier = sip.Party(*cls.CARRIER)
         cls.redis_port = _free_port()
-        cls.redis = subprocess.Popen(
-            ["redis-server", "--port", str(cls.redis_port), "--bind", "127.0.0.1", "--dir", cls.workdir,
-             "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        cls.start_redis()
         try:
-            wait_for("redis-server on %d" % cls.redis_port, cls.redis_ping, timeout=10)
             for name in ("a", "b"):
                 cls.start(name)
         except Exception:
             cls.tearDownClass()
             raise
+
+    @classmethod
+    def start_redis(cls):
+        """The test's redis-server on its port (again, after a test killed it)."""
+        cls.redis = subprocess.Popen(
+            ["redis-server", "--port", str(cls.redis_port), "--bind", "127.0.0.1", "--dir", cls.workdir,
+             "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for("redis-server on %d" % cls.redis_port, cls.redis_ping, timeout=10)
 
     @classmethod
     def redis_ping(cls):
