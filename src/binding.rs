@@ -76,7 +76,13 @@ pub fn current(
 }
 
 pub fn save(store: &mut dyn Store, trunk: &str, binding: &Binding) -> Result<(), StoreError> {
-    let raw = serde_json::to_vec(binding).map_err(|e| StoreError(e.to_string()))?;
+    // Sized for the whole record (field names, the source, two numbers, the texts),
+    // so serde_json writes it without growing the buffer unless a text needs escapes:
+    // every REGISTER saves one.
+    let mut raw = Vec::with_capacity(
+        184 + binding.transport.len() + binding.contact.len() + binding.call_id.len(),
+    );
+    serde_json::to_writer(&mut raw, binding).map_err(|e| StoreError(e.to_string()))?;
     store.set(&keys::binding(trunk), &raw)
 }
 

@@ -1,6 +1,7 @@
 //! The decisions of docs/policy.md as one pure function of (message, source, transport,
 //! time, state) → verdict and alert events. Nothing here knows which host runs it.
 
+use std::borrow::Cow;
 use std::net::{IpAddr, SocketAddr};
 
 use crate::acl::canonical_ip;
@@ -194,8 +195,14 @@ impl<'r, 'a> Request<'r, 'a> {
     /// behind an edge the announcements it makes (docs/envoy.md, "Inbound calls").
     fn allow(&self, cause: Cause) -> Verdict {
         let mut v = Verdict::allow_as(cause);
-        v.strip.push(self.index.trunk_group_header.clone());
-        v.strip.extend(self.index.binding_headers.iter().cloned());
+        // Sized for the longest list (a trunk call's: these, ASSERTED and Route), so
+        // the callers' additions never grow it: every relayed request builds one, and
+        // growing it took 8 % of an in-dialog BYE's instructions (docs/performance.md).
+        v.strip = Vec::with_capacity(1 + self.index.binding_headers.len() + ASSERTED.len() + 1);
+        v.strip
+            .push(Cow::Owned(self.index.trunk_group_header.clone()));
+        v.strip
+            .extend(self.index.binding_headers.iter().cloned().map(Cow::Owned));
         v
     }
 
@@ -255,7 +262,7 @@ impl<'r, 'a> Request<'r, 'a> {
     fn allow_in_dialog(&self, core: bool) -> Verdict {
         let mut v = self.allow(Cause::InDialog);
         if !core {
-            v.strip.extend(ASSERTED.iter().map(|s| s.to_string()));
+            v.strip.extend(ASSERTED.iter().copied().map(Cow::Borrowed));
         }
         v
     }
@@ -266,9 +273,10 @@ impl<'r, 'a> Request<'r, 'a> {
     fn allow_trunk(&self, trunk: &Trunk) -> Verdict {
         let mut v = self.allow(Cause::Trunk).with_trunk(&trunk.id);
         let (credentials, identity) = ASSERTED.split_at(2);
-        v.strip.extend(credentials.iter().map(|s| s.to_string()));
-        v.strip.push("Route".to_string());
-        v.strip.extend(identity.iter().map(|s| s.to_string()));
+        v.strip
+            .extend(credentials.iter().copied().map(Cow::Borrowed));
+        v.strip.push(Cow::Borrowed("Route"));
+        v.strip.extend(identity.iter().copied().map(Cow::Borrowed));
         if self.index.asserted_identity {
             // The number comes from the configuration, never the sender's text: the
             // From user only selects which of the trunk group's DIDs is asserted

@@ -1,6 +1,7 @@
 //! What the host is told to do with one message.
 
 use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
 
 /// The five actions of the host contract (docs/abi.md); their names are part of it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -268,9 +269,10 @@ pub struct Verdict {
     #[serde(skip_serializing_if = "std::ops::Not::not", default)]
     pub failover_on_6xx: bool,
     /// Header names the host removes from the request (every field of that name,
-    /// compact forms too) before relaying it.
+    /// compact forms too) before relaying it. Most are the policy's own constant
+    /// names, borrowed rather than copied: every relayed request carries the list.
     #[serde(skip_serializing_if = "Vec::is_empty", default)]
-    pub strip: Vec<String>,
+    pub strip: Vec<Cow<'static, str>>,
     /// Headers the host appends to the request, after `strip`, before relaying it.
     #[serde(skip_serializing_if = "Vec::is_empty", default)]
     pub insert: Vec<(String, String)>,

@@ -27,6 +27,8 @@
 //! text that is not UTF-8 is no verdict (fail closed), as a cause unknown to the host
 //! is under the ABI version (`wire`). So no record reads two ways.
 
+use std::borrow::Cow;
+
 use crate::verdict::{Action, Cause, Verdict};
 
 const KIND_VERDICT: u8 = 1;
@@ -258,7 +260,7 @@ impl<'a> Reader<'a> {
         let n = self.count(4)?;
         let mut strip = Vec::with_capacity(n.min(RESERVE));
         for _ in 0..n {
-            strip.push(self.required_text()?);
+            strip.push(Cow::Owned(self.required_text()?));
         }
         let insert = self.pairs()?;
         Ok(Verdict {

@@ -254,7 +254,7 @@ pub const SOURCE_HEADER: &str = "X-Trunkguard-Source";
 /// response goes as it came.
 pub fn with_source(mut verdict: Verdict, source: SocketAddr) -> Verdict {
     if verdict.cause != Some(Cause::Response) {
-        verdict.strip.push(SOURCE_HEADER.to_string());
+        verdict.strip.push(SOURCE_HEADER.into());
         let ip = trunkguard::acl::canonical_ip(source.ip());
         verdict
             .insert
@@ -298,7 +298,7 @@ fn upstream_reads_alike(raw: &[u8], step: Step) -> Step {
     const OTHERWISE: &str = "a message the upstream could frame otherwise";
     match step {
         Step::Pass if !frames_alike(raw) => match parse(raw, Framing::Stream) {
-            Ok(m) => upstream_reads_alike(raw, Step::Replace(m.edited(&[], &[]))),
+            Ok(m) => upstream_reads_alike(raw, Step::Replace(m.edited::<&str>(&[], &[]))),
             Err(_) => Step::Close(OTHERWISE),
         },
         Step::Replace(bytes) if !frames_alike(&bytes) => Step::Close(OTHERWISE),
@@ -651,7 +651,7 @@ To: <sip:b@t>;tag=2\r\nCall-ID: r\r\nCSeq: 1 INVITE\r\nSubject: hi\r\n l: 0 x\r\
      {
         let source: SocketAddr = "[::ffff:203.0.113.7]:5060".parse().unwrap();
         let v = with_source(Verdict::allow_as(Cause::InDialog), source);
-        assert_eq!(v.strip, vec![SOURCE_HEADER.to_string()]);
+        assert_eq!(v.strip, vec![SOURCE_HEADER]);
         assert_eq!(
             v.insert,
             vec![(SOURCE_HEADER.to_string(), "203.0.113.7".to_string())]

@@ -7,6 +7,7 @@
 //! State lives where the caller says: three Python callables (get/set/delete) that the
 //! KEMI script binds to a Kamailio htable, so every worker sees the same bindings.
 
+use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -274,7 +275,10 @@ impl PyPolicy {
             target,
             next_hop,
             headers,
-            strip,
+            strip
+                .into_iter()
+                .map(Cow::into_owned)
+                .collect::<Vec<String>>(),
             insert,
             judged.alerts,
             failover.map(|uri| (uri, failover_after_ms.unwrap_or(0), failover_on_6xx)),

@@ -806,14 +806,12 @@ impl<'a> Message<'a> {
     /// or compact form, any case), the `insert` fields added after the others, the
     /// rest byte for byte as received. Hosts that relay bytes apply a verdict's
     /// `strip`/`insert` with this, so they never re-parse the message their own way.
-    pub fn edited(&self, strip: &[String], insert: &[(String, String)]) -> Vec<u8> {
+    pub fn edited<S: AsRef<str>>(&self, strip: &[S], insert: &[(String, String)]) -> Vec<u8> {
         let stripped: Vec<(Option<u8>, &str)> = strip
             .iter()
             .map(|name| {
-                (
-                    HeaderName::from_name(name).and_then(|h| h.id()),
-                    name.as_str(),
-                )
+                let name = name.as_ref();
+                (HeaderName::from_name(name).and_then(|h| h.id()), name)
             })
             .collect();
         let drop = |e: &Entry| {
@@ -1725,12 +1723,12 @@ mod tests {
         let unfolded = String::from_utf8(raw.to_vec())
             .unwrap()
             .replace(",\r\n <sip:evil", ", <sip:evil");
-        assert_eq!(m.edited(&[], &[]), unfolded.into_bytes());
+        assert_eq!(m.edited::<&str>(&[], &[]), unfolded.into_bytes());
         // A kept field's continuation lines are unfolded, so nothing in them can
         // read as a header line of its own further on.
         let folded = b"INVITE sip:x@t SIP/2.0\r\nVia: SIP/2.0/UDP p;branch=z9hG4bK1\r\nSubject: hi\r\n X-Trunkguard-Trunk-Group: victim\r\nFrom: <sip:a@t>;tag=1\r\nTo: <sip:x@t>\r\nCall-ID: c\r\nCSeq: 1 INVITE\r\nContent-Length: 0\r\n\r\n";
         let m = parse(folded, Framing::Datagram).unwrap();
-        let out = String::from_utf8(m.edited(&[], &[])).unwrap();
+        let out = String::from_utf8(m.edited::<&str>(&[], &[])).unwrap();
         assert!(
             out.contains("\r\nSubject: hi X-Trunkguard-Trunk-Group: victim\r\nFrom:"),
             "{out}"
